@@ -1,0 +1,334 @@
+// kdcore: knowledge distillation in C (float32, NCHW, OpenBLAS sgemm, OpenMP).
+//
+// This is the only public header. The Python package (python/kdcore) is a thin
+// binding over exactly these functions; C users get the same library.
+//
+// A minimal training program:
+//
+//     struct kd_net * net = kd_net_new();
+//     struct kd_layer_spec fc1 = kd_layer_default(KD_LAYER_LINEAR);
+//     fc1.name = "fc1"; fc1.inp[0] = KD_INPUT; fc1.in_ch = 784; fc1.out_ch = 256;
+//     int h = kd_net_add(net, &fc1);                  // node index, or -1 (see kd_last_error)
+//     struct kd_layer_spec act = kd_layer_default(KD_LAYER_RELU);
+//     act.name = "relu"; act.inp[0] = h;
+//     h = kd_net_add(net, &act);
+//     ...                                             // more nodes; the last one is the output
+//     kd_net_finalize(net, /*seed=*/0);               // allocates and initialises parameters
+//
+//     struct kd_optim * opt = kd_optim_new(net, &(struct kd_optim_cfg){
+//         .kind = KD_OPTIM_SGD, .lr = 0.1f, .momentum = 0.9f, .weight_decay = 5e-4f });
+//     struct kd_dataset ds = { .x = images, .x_dtype = KD_U8, .y = labels, .n = 60000,
+//                              .c = 1, .h = 28, .w = 28, .scale = 1.0f / 255 };
+//     struct kd_train_cfg cfg = kd_train_cfg_default();
+//     cfg.batch_size = 128; cfg.seed = 1;
+//     struct kd_epoch_stats st;
+//     for (int e = 0; e < 10; e++) {
+//         if (kd_train_epoch(net, opt, &ds, &cfg, e, &st) != KD_OK) {
+//             fprintf(stderr, "%s\n", kd_last_error()); break;
+//         }
+//     }
+//     kd_optim_free(opt);
+//     kd_net_free(net);
+//
+// Conventions
+// - Fallible functions return enum kd_status; on failure kd_last_error() holds a
+//   message (per thread) naming the argument and the problem. Nothing here exits,
+//   aborts or prints.
+// - Tensors are float32, C-contiguous, NCHW. Flat features are (N, C) and are treated
+//   as C channels of 1x1 pixels.
+// - Backward functions ACCUMULATE parameter gradients (+=); kd_net_zero_grad clears them.
+// - Pointers passed in are borrowed for the duration of the call only.
+// - Results are deterministic for a given seed and thread count.
+#ifndef KDCORE_H
+#define KDCORE_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#if defined(__GNUC__)
+#define KD_API __attribute__((visibility("default")))
+#else
+#define KD_API
+#endif
+
+#define KDCORE_VERSION "0.1.0"
+
+// ---------------------------------------------------------------------------------------
+// Status and errors
+
+enum kd_status {
+    KD_OK = 0,
+    KD_ERR_NOMEM,        // allocation failed
+    KD_ERR_SHAPE,        // shapes inconsistent with the network or each other
+    KD_ERR_VALUE,        // an argument is out of its domain (NaN, label out of range, ...)
+    KD_ERR_STATE,        // call not valid now (net not finalized, no forward before backward)
+    KD_ERR_NONFINITE,    // a loss or gradient became NaN/Inf during training
+    KD_ERR_IO,           // file missing, unreadable or malformed
+    KD_ERR_INTERRUPTED,  // the progress callback asked to stop
+};
+
+KD_API const char * kd_status_str(enum kd_status st);
+// Message of the last failure on the calling thread ("" if none).
+KD_API const char * kd_last_error(void);
+
+// Threads: sets OpenMP's (and so the OpenMP OpenBLAS's) thread count.
+KD_API void kd_set_num_threads(int n);
+KD_API int  kd_get_num_threads(void);
+// A one-line description of the BLAS build and OpenMP ("OpenBLAS 0.3.21 ... USE_OPENMP").
+KD_API const char * kd_blas_config(void);
+
+// ---------------------------------------------------------------------------------------
+// Networks: a list of nodes in topological order. Each node reads one input (two for
+// KD_LAYER_ADD) from an earlier node or from the network input (KD_INPUT), and writes
+// one output tensor. Every node output is a "tap": readable after forward, and a
+// gradient can be added to it before backward (feature-based distillation).
+
+#define KD_INPUT (-1)
+#define KD_MAX_NAME 96
+
+enum kd_layer_type {
+    KD_LAYER_LINEAR,          // y = x W^T + b; x must be flat (C,1,1), W (out_ch, in_ch)
+    KD_LAYER_CONV2D,          // square kernel, stride, zero padding, groups; W (OC, C/groups, K, K)
+    KD_LAYER_BATCHNORM,       // per-channel over N (and H, W); covers BatchNorm1d and 2d
+    KD_LAYER_RELU,
+    KD_LAYER_MAXPOOL2D,       // kernel, stride, padding (padding acts as -inf)
+    KD_LAYER_AVGPOOL2D,       // kernel, stride, padding (zeros counted, as PyTorch's default)
+    KD_LAYER_GLOBAL_AVGPOOL,  // (C,H,W) -> (C,1,1)
+    KD_LAYER_DROPOUT,         // inverted dropout with probability p; identity in eval mode
+    KD_LAYER_FLATTEN,         // (C,H,W) -> (C*H*W,1,1); no data movement
+    KD_LAYER_ADD,             // out = inp[0] + inp[1], same shapes (residual connections)
+    KD_LAYER_COUNT
+};
+
+enum kd_init {
+    KD_INIT_DEFAULT,          // PyTorch's default: W, b ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+    KD_INIT_KAIMING_OUT,      // W ~ N(0, 2/fan_out) (CIFAR ResNets), b = 0
+    KD_INIT_KAIMING_IN,       // W ~ N(0, 2/fan_in), b = 0
+};
+
+struct kd_layer_spec {
+    enum kd_layer_type type;
+    const char * name;        // unique within the net, < KD_MAX_NAME bytes; param keys are name.weight ...
+    int  inp[2];              // node indices (< this node) or KD_INPUT; inp[1] only for ADD
+    int  in_ch, out_ch;       // LINEAR: in/out features; CONV2D: in/out channels; BATCHNORM: in_ch
+    int  kernel, stride, padding, groups;   // CONV2D and pools (stride 0 = kernel for pools)
+    bool bias;                // LINEAR, CONV2D
+    float eps, momentum;      // BATCHNORM (PyTorch semantics: momentum 0.1, eps 1e-5)
+    float p;                  // DROPOUT probability
+    enum kd_init init;        // LINEAR, CONV2D
+};
+
+// Defaults (bias true, groups 1, stride 1, eps 1e-5, momentum 0.1, inp = {KD_INPUT, KD_INPUT}).
+KD_API struct kd_layer_spec kd_layer_default(enum kd_layer_type type);
+KD_API const char * kd_layer_type_name(enum kd_layer_type type);
+
+struct kd_net;
+
+KD_API struct kd_net * kd_net_new(void);
+KD_API void kd_net_free(struct kd_net * net);   // NULL is a no-op
+// Appends a node; returns its index, or -1 with kd_last_error() set.
+KD_API int  kd_net_add(struct kd_net * net, const struct kd_layer_spec * spec);
+// Allocates parameters, gradients and buffers and initialises them from seed. After this
+// the net's structure is frozen. The last node is the output.
+KD_API enum kd_status kd_net_finalize(struct kd_net * net, uint64_t seed);
+// Re-initialises all parameters and BN buffers from seed.
+KD_API void kd_net_init_params(struct kd_net * net, uint64_t seed);
+
+KD_API int  kd_net_num_nodes(const struct kd_net * net);
+KD_API int  kd_net_find(const struct kd_net * net, const char * name);   // -1 if absent
+KD_API const struct kd_layer_spec * kd_net_node_spec(const struct kd_net * net, int node);
+
+// Parameter tensors (trainable) and buffers (BN running stats), in node order.
+// Each tensor is a slice of one contiguous block (kd_net_params / kd_net_grads /
+// kd_net_buffers), so optimisers and checkpoints treat them as one array.
+struct kd_tensor_info {
+    char   name[KD_MAX_NAME + 24];   // "layer1.0.conv1.weight", "bn1.running_mean", ...
+    int    ndim;
+    int    shape[4];
+    size_t offset;                   // in floats, into the params or buffers block
+    size_t numel;
+    bool   is_buffer;
+    bool   decay;                    // weight decay applies (weights yes; BN and biases too
+                                     // by default, as in PyTorch; see kd_optim_cfg)
+};
+KD_API int  kd_net_num_tensors(const struct kd_net * net);   // params then buffers
+KD_API const struct kd_tensor_info * kd_net_tensor(const struct kd_net * net, int i);
+KD_API size_t  kd_net_num_params(const struct kd_net * net);
+KD_API float * kd_net_params(struct kd_net * net);
+KD_API float * kd_net_grads(struct kd_net * net);
+KD_API size_t  kd_net_num_buffers(const struct kd_net * net);
+KD_API float * kd_net_buffers(struct kd_net * net);
+// num_batches_tracked per BN node (PyTorch's int64 buffer), indexed by node.
+KD_API int64_t * kd_net_bn_batches(struct kd_net * net, int node);
+
+// Shapes: plans activations for a batch of N samples of (C,H,W). Called by forward when
+// the shape changes; call it directly to validate a shape or to learn the output size.
+KD_API enum kd_status kd_net_plan(struct kd_net * net, int N, int C, int H, int W);
+// Per-sample output shape of a node for the current plan.
+KD_API void kd_net_node_shape(const struct kd_net * net, int node, int * C, int * H, int * W);
+KD_API int  kd_net_batch(const struct kd_net * net);   // N of the current plan (0 = none)
+// Per-sample input shape of the current plan (zeros when there is none).
+KD_API void kd_net_input_shape(const struct kd_net * net, int * C, int * H, int * W);
+
+// Forward: x (N,C,H,W). training selects batch statistics for BN (and updates the
+// running stats) and active dropout. The output is kd_net_output(net, ...).
+// dropout_seed makes dropout masks reproducible (mixed with the node index).
+KD_API enum kd_status kd_net_forward(struct kd_net * net, const float * x, int N, int C, int H, int W,
+                                     bool training, uint64_t dropout_seed);
+// Output of a node after forward: pointer into the activation arena, (N, C*H*W) floats.
+// Valid until the next plan/forward. node = -1 means the last node.
+KD_API const float * kd_net_output(const struct kd_net * net, int node);
+// Adds g (N, C*H*W of that node) to the gradient of a node's output. Between forward and
+// backward; the gradient of the network output is added by kd_net_backward itself.
+KD_API enum kd_status kd_net_grad_add(struct kd_net * net, int node, const float * g, float scale);
+// Backward from dout (gradient of the output node, may be NULL if only tap gradients were
+// added). Accumulates parameter gradients into kd_net_grads. If dinp is not NULL it
+// receives (overwrites) the gradient with respect to the input x.
+KD_API enum kd_status kd_net_backward(struct kd_net * net, const float * dout, float * dinp);
+KD_API void kd_net_zero_grad(struct kd_net * net);
+
+// ---------------------------------------------------------------------------------------
+// Losses. Each returns the batch-mean loss and writes (or with accumulate, adds) the
+// gradient of `weight * loss` with respect to the logits.
+
+// Softmax cross-entropy with optional label smoothing eps: target distribution
+// (1-eps)*onehot + eps/V (PyTorch's label_smoothing). labels in [0, V).
+KD_API enum kd_status kd_cross_entropy(float * loss, float * dlogits, const float * logits,
+                                       const int64_t * labels, int N, int V,
+                                       float label_smoothing, float weight, bool accumulate);
+
+// ---------------------------------------------------------------------------------------
+// Optimisers over a net's parameter block, PyTorch semantics (torch.optim.SGD/Adam/AdamW).
+
+enum kd_optim_kind { KD_OPTIM_SGD, KD_OPTIM_ADAM, KD_OPTIM_ADAMW };
+
+struct kd_optim_cfg {
+    enum kd_optim_kind kind;
+    float lr;
+    float momentum;           // SGD
+    float dampening;          // SGD
+    bool  nesterov;           // SGD
+    float weight_decay;       // SGD/Adam: L2 added to the gradient; AdamW: decoupled
+    float beta1, beta2, eps;  // Adam/AdamW (0 means the default 0.9, 0.999, 1e-8)
+    bool  decay_bn_and_bias;  // false: no weight decay on BN params and biases
+};
+
+struct kd_optim;
+KD_API struct kd_optim * kd_optim_new(struct kd_net * net, const struct kd_optim_cfg * cfg);
+KD_API void  kd_optim_free(struct kd_optim * opt);
+// One update with lr (the schedule's current value), using the net's accumulated grads.
+KD_API enum kd_status kd_optim_step(struct kd_optim * opt, float lr);
+KD_API void  kd_optim_reset(struct kd_optim * opt);   // zero state, step count 0
+// State for checkpoints: momentum / first moment, second moment (NULL for SGD), steps.
+KD_API float *   kd_optim_state(struct kd_optim * opt, int which);   // which = 0 or 1
+KD_API int64_t * kd_optim_steps(struct kd_optim * opt);
+KD_API const struct kd_optim_cfg * kd_optim_config(const struct kd_optim * opt);
+
+// Learning-rate schedules, evaluated per step from (epoch, step within the epoch).
+enum kd_sched_kind { KD_SCHED_CONSTANT, KD_SCHED_MULTISTEP, KD_SCHED_COSINE };
+#define KD_MAX_MILESTONES 16
+struct kd_schedule {
+    enum kd_sched_kind kind;
+    float base_lr;
+    float gamma;                          // MULTISTEP factor (0.1)
+    int   milestones[KD_MAX_MILESTONES];  // MULTISTEP: epochs (0-based) at which lr *= gamma
+    int   n_milestones;
+    int   total_epochs;                   // COSINE: period (T_max), in epochs
+    float min_lr;                         // COSINE: eta_min
+    int   warmup_epochs;                  // linear warm-up from lr/steps to lr, per step
+};
+KD_API float kd_schedule_lr(const struct kd_schedule * s, int epoch, int step, int steps_per_epoch);
+
+// ---------------------------------------------------------------------------------------
+// Data: batches over caller-owned arrays.
+
+enum kd_dtype { KD_F32, KD_U8 };
+
+struct kd_dataset {
+    const void * x;           // (n, c, h, w) uint8 or float32, C-contiguous
+    enum kd_dtype x_dtype;
+    const int64_t * y;        // (n,) labels in [0, num_classes), may be NULL for predict
+    int n, c, h, w;
+    int num_classes;          // for label checks; 0 = unchecked
+    float scale;              // applied first: x * scale (1/255 for uint8 images, else 1)
+    float mean[4], std[4];    // per channel after scaling (c <= 4); std 0 means 1
+    bool normalize;
+};
+
+struct kd_augment {
+    int  crop_padding;        // random crop of the original size after zero padding (0 = off)
+    bool hflip;               // random horizontal flip with probability 1/2
+    float noise_std;          // Gaussian input noise (after normalisation), 0 = off
+};
+
+// Gathers samples idx[0..N) into out (N,c,h,w) float32: scale, normalise, augment.
+// Augmentation randomness comes from (seed, sample position in the epoch), so it does
+// not depend on the thread count.
+KD_API void kd_data_batch(float * out, const struct kd_dataset * ds, const int64_t * idx, int N,
+                          const struct kd_augment * aug, uint64_t seed);
+// A seeded permutation of 0..n-1 (Fisher-Yates on splitmix64).
+KD_API void kd_data_shuffle(int64_t * perm, int64_t n, uint64_t seed);
+// Validates a dataset (shape limits, labels in range, finite floats). Names the problem.
+KD_API enum kd_status kd_dataset_check(const struct kd_dataset * ds);
+
+// IDX files (MNIST format), plain or gzip-compressed. On success *data is malloc'd
+// (caller frees with kd_free), dims[0..*ndim) filled, *dtype is KD_U8 (only ubyte files
+// are accepted: the MNIST family).
+KD_API enum kd_status kd_idx_read(const char * path, uint8_t ** data, int * ndim, int64_t dims[4]);
+KD_API void kd_free(void * p);
+
+// ---------------------------------------------------------------------------------------
+// Training and evaluation loops (the hot path stays in C).
+
+// Progress callback, called every `callback_every` steps and at the end of the epoch.
+// Return nonzero to stop: the loop returns KD_ERR_INTERRUPTED after the current step.
+struct kd_progress {
+    int epoch, step, steps_total;
+    double loss_sum;          // sum of per-sample loss so far this epoch
+    int64_t correct, seen;
+    float lr;
+};
+typedef int (*kd_progress_fn)(void * ctx, const struct kd_progress * p);
+
+struct kd_train_cfg {
+    int batch_size;
+    int64_t max_steps;        // stop after this many steps in the epoch (0 = whole epoch)
+    bool shuffle;
+    bool drop_last;
+    uint64_t seed;            // shuffling, augmentation and dropout derive from (seed, epoch)
+    float label_smoothing;
+    struct kd_augment aug;
+    struct kd_schedule sched;
+    kd_progress_fn callback;
+    void * callback_ctx;
+    int callback_every;       // steps; 0 = only at the end
+};
+KD_API struct kd_train_cfg kd_train_cfg_default(void);
+
+struct kd_epoch_stats {
+    double loss;              // mean per-sample training loss over the epoch
+    double accuracy;          // training accuracy (on augmented batches, train mode)
+    int64_t samples;
+    int64_t steps;
+    float lr;                 // lr of the last step
+};
+
+// One epoch of supervised training with softmax cross-entropy.
+KD_API enum kd_status kd_train_epoch(struct kd_net * net, struct kd_optim * opt,
+                                     const struct kd_dataset * ds, const struct kd_train_cfg * cfg,
+                                     int epoch, struct kd_epoch_stats * out);
+
+// Eval-mode forward over a dataset in batches. logits (n, V) may be NULL; loss and
+// accuracy need labels (pass NULL pointers to skip them).
+KD_API enum kd_status kd_evaluate(struct kd_net * net, const struct kd_dataset * ds, int batch_size,
+                                  float * logits, double * loss, double * accuracy);
+
+#ifdef __cplusplus
+}
+#endif
+#endif // KDCORE_H

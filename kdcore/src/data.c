@@ -1,0 +1,321 @@
+// Data: batch gathering with normalisation and augmentation, shuffling, dataset
+// validation and IDX (MNIST-format) file reading.
+//
+// Augmentation follows torchvision's CIFAR recipe, applied to the raw image:
+//   RandomCrop(size, padding=p) -> RandomHorizontalFlip() -> ToTensor/Normalize -> noise
+//   https://pytorch.org/vision/stable/generated/torchvision.transforms.RandomCrop.html
+//   https://pytorch.org/vision/stable/generated/torchvision.transforms.RandomHorizontalFlip.html
+// Every random draw for the sample at batch position i is kd_hash(seed, 8*i + k), a pure
+// function, so batches are identical for any thread count. Callers mix the epoch and the
+// batch start into seed.
+#include "kd_internal.h"
+
+#include <errno.h>
+#include <limits.h>
+
+#include <zlib.h>
+
+// Draw slots per sample (kd_hash(seed, 8*i + k)).
+enum { DRAW_DY_ = 0, DRAW_DX_ = 1, DRAW_FLIP_ = 2, DRAW_NOISE_ = 3, DRAWS_PER_SAMPLE_ = 8 };
+
+// Uniform integer in [0, m) from the high 32 bits of h (multiply-shift; bias < m / 2^32).
+static inline int draw_int_(uint64_t h, int m) {
+    return (int)(((h >> 32) * (uint64_t)m) >> 32);
+}
+
+// ---------------------------------------------------------------------------------------
+// Batches
+
+// Assumes kd_dataset_check(ds) passed and every idx[i] is in [0, ds->n).
+void kd_data_batch(float * out, const struct kd_dataset * ds, const int64_t * idx, int N,
+                   const struct kd_augment * aug, uint64_t seed) {
+    if (!out || !ds || !ds->x || !idx || N <= 0) return;
+    const int C = ds->c, H = ds->h, W = ds->w;
+    const size_t hw = (size_t)H * (size_t)W, chw = (size_t)C * hw;
+    const float scale = ds->scale;
+    const bool is_u8 = ds->x_dtype == KD_U8;
+    const int pad = aug && aug->crop_padding > 0 ? aug->crop_padding : 0;
+    const bool hflip = aug && aug->hflip;
+    const float noise = aug && aug->noise_std > 0 ? aug->noise_std : 0.0f;
+    const bool augment = pad > 0 || hflip;
+    // Per-channel (mean, std); identity when not normalising. Only 4 channels can carry
+    // statistics (kd_dataset_check rejects normalize with c > 4).
+    float mean[4] = {0, 0, 0, 0}, stdv[4] = {1, 1, 1, 1};
+    const bool norm = ds->normalize;
+    if (norm) {
+        for (int c = 0; c < 4; c++) {
+            mean[c] = ds->mean[c];
+            stdv[c] = ds->std[c] == 0 ? 1.0f : ds->std[c];
+        }
+    }
+    KD_ASSERT(!norm || C <= 4);
+
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static)
+#endif
+    for (int i = 0; i < N; i++) {
+        KD_ASSERT(idx[i] >= 0 && idx[i] < ds->n);
+        const size_t src0 = (size_t)idx[i] * chw;
+        const uint8_t * xu = is_u8 ? (const uint8_t *)ds->x + src0 : NULL;
+        const float * xf = is_u8 ? NULL : (const float *)ds->x + src0;
+        float * o = out + (size_t)i * chw;
+        const uint64_t si = (uint64_t)i * DRAWS_PER_SAMPLE_;
+        // Crop offset in the padded image, [0, 2p] per axis, as RandomCrop.get_params.
+        const int dy = pad ? draw_int_(kd_hash(seed, si + DRAW_DY_), 2 * pad + 1) : 0;
+        const int dx = pad ? draw_int_(kd_hash(seed, si + DRAW_DX_), 2 * pad + 1) : 0;
+        const bool flip = hflip && (kd_hash(seed, si + DRAW_FLIP_) >> 63);
+        for (int c = 0; c < C; c++) {
+            const float mu = norm && c < 4 ? mean[c] : 0.0f, sd = norm && c < 4 ? stdv[c] : 1.0f;
+            const size_t cb = (size_t)c * hw;
+            if (!augment) {
+                for (size_t j = 0; j < hw; j++) {
+                    float v = (is_u8 ? (float)xu[cb + j] : xf[cb + j]) * scale;
+                    o[cb + j] = norm ? (v - mu) / sd : v;
+                }
+                continue;
+            }
+            for (int y = 0; y < H; y++) {
+                const int sy = y + dy - pad;   // source row in the unpadded image
+                for (int x = 0; x < W; x++) {
+                    // Flip acts on the cropped image: output column x reads crop column W-1-x.
+                    const int sx = (flip ? W - 1 - x : x) + dx - pad;
+                    float v = 0.0f;            // zero padding of the raw image (0 * scale)
+                    if (sy >= 0 && sy < H && sx >= 0 && sx < W) {
+                        const size_t s = cb + (size_t)sy * W + (size_t)sx;
+                        v = (is_u8 ? (float)xu[s] : xf[s]) * scale;
+                    }
+                    o[cb + (size_t)y * W + x] = norm ? (v - mu) / sd : v;
+                }
+            }
+        }
+        if (noise > 0) {
+            const uint64_t nseed = kd_hash(seed, si + DRAW_NOISE_);
+            for (size_t j = 0; j < chw; j++) o[j] += noise * kd_normal(nseed, j);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Shuffling
+
+void kd_data_shuffle(int64_t * perm, int64_t n, uint64_t seed) {
+    if (!perm || n <= 0) return;
+    for (int64_t i = 0; i < n; i++) perm[i] = i;
+    // splitmix64 stream: kd_splitmix64 adds the increment before mixing, so advancing the
+    // state by the golden gamma after each call yields the standard sequence.
+    uint64_t state = seed;
+    for (int64_t i = n - 1; i > 0; i--) {
+        // Unbiased j in [0, i] (Lemire's multiply with rejection).
+        const uint64_t range = (uint64_t)i + 1;
+        unsigned __int128 mm;
+        uint64_t lo;
+        do {
+            uint64_t r = kd_splitmix64(state);
+            state += 0x9E3779B97F4A7C15ull;
+            mm = (unsigned __int128)r * range;
+            lo = (uint64_t)mm;
+        } while (lo < (-range) % range);
+        const int64_t j = (int64_t)(mm >> 64);
+        const int64_t t = perm[i];
+        perm[i] = perm[j];
+        perm[j] = t;
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Dataset validation
+
+// Values are scanned in blocks in parallel; each block reports its first offender and the
+// minimum over blocks is the first offender overall, whatever the thread count.
+#define SCAN_BLOCK_ ((size_t)1 << 16)
+
+static size_t first_nonfinite_(const float * x, size_t n) {
+    const size_t nb = (n + SCAN_BLOCK_ - 1) / SCAN_BLOCK_;
+    size_t first = SIZE_MAX;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) reduction(min:first) if (nb > 1)
+#endif
+    for (size_t b = 0; b < nb; b++) {
+        const size_t lo = b * SCAN_BLOCK_, hi = lo + SCAN_BLOCK_ < n ? lo + SCAN_BLOCK_ : n;
+        // Branch-free exponent test first (vectorises), then locate within a bad block.
+        uint32_t bad = 0;
+        for (size_t i = lo; i < hi; i++) {
+            uint32_t u;
+            memcpy(&u, x + i, sizeof u);
+            bad |= (u & 0x7f800000u) == 0x7f800000u;
+        }
+        if (!bad) continue;
+        for (size_t i = lo; i < hi; i++) {
+            if (!isfinite(x[i])) {
+                if (i < first) first = i;
+                break;
+            }
+        }
+    }
+    return first;
+}
+
+static size_t first_bad_label_(const int64_t * y, size_t n, int64_t k) {
+    const size_t nb = (n + SCAN_BLOCK_ - 1) / SCAN_BLOCK_;
+    size_t first = SIZE_MAX;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) reduction(min:first) if (nb > 1)
+#endif
+    for (size_t b = 0; b < nb; b++) {
+        const size_t lo = b * SCAN_BLOCK_, hi = lo + SCAN_BLOCK_ < n ? lo + SCAN_BLOCK_ : n;
+        uint64_t bad = 0;   // unsigned compare also catches negative labels
+        for (size_t i = lo; i < hi; i++) bad |= (uint64_t)y[i] >= (uint64_t)k;
+        if (!bad) continue;
+        for (size_t i = lo; i < hi; i++) {
+            if ((uint64_t)y[i] >= (uint64_t)k) {
+                if (i < first) first = i;
+                break;
+            }
+        }
+    }
+    return first;
+}
+
+enum kd_status kd_dataset_check(const struct kd_dataset * ds) {
+    if (!ds) KD_FAIL(KD_ERR_VALUE, "ds is NULL");
+    if (ds->n < 1) KD_FAIL(KD_ERR_SHAPE, "n = %d must be >= 1", ds->n);
+    if (ds->c < 1) KD_FAIL(KD_ERR_SHAPE, "c = %d must be >= 1", ds->c);
+    if (ds->h < 1) KD_FAIL(KD_ERR_SHAPE, "h = %d must be >= 1", ds->h);
+    if (ds->w < 1) KD_FAIL(KD_ERR_SHAPE, "w = %d must be >= 1", ds->w);
+    if (ds->normalize && ds->c > 4)
+        KD_FAIL(KD_ERR_SHAPE, "c = %d: normalize supports at most 4 channels (mean[4], std[4])", ds->c);
+    if (!ds->x) KD_FAIL(KD_ERR_VALUE, "x is NULL");
+    size_t esize;
+    switch (ds->x_dtype) {
+    case KD_F32: esize = sizeof(float); break;
+    case KD_U8:  esize = 1; break;
+    default: KD_FAIL(KD_ERR_VALUE, "x_dtype = %d is not KD_F32 or KD_U8", (int)ds->x_dtype);
+    }
+    // Per-sample size must fit an int (net shapes are ints); the whole array a size_t.
+    size_t hw, chw, total, bytes;
+    if (!kd_mul_ok((size_t)ds->h, (size_t)ds->w, &hw) || !kd_mul_ok(hw, (size_t)ds->c, &chw) || chw > INT_MAX)
+        KD_FAIL(KD_ERR_SHAPE, "c*h*w = %d*%d*%d is too large", ds->c, ds->h, ds->w);
+    if (!kd_mul_ok(chw, (size_t)ds->n, &total) || !kd_mul_ok(total, esize, &bytes))
+        KD_FAIL(KD_ERR_SHAPE, "n*c*h*w = %d*%d*%d*%d overflows size_t", ds->n, ds->c, ds->h, ds->w);
+    if (!(isfinite(ds->scale) && ds->scale > 0))
+        KD_FAIL(KD_ERR_VALUE, "scale = %g must be finite and > 0", (double)ds->scale);
+    if (ds->normalize) {
+        for (int c = 0; c < ds->c; c++) {
+            if (!isfinite(ds->mean[c]))
+                KD_FAIL(KD_ERR_VALUE, "mean[%d] = %g must be finite", c, (double)ds->mean[c]);
+            if (!(isfinite(ds->std[c]) && ds->std[c] >= 0))
+                KD_FAIL(KD_ERR_VALUE, "std[%d] = %g must be finite and >= 0", c, (double)ds->std[c]);
+        }
+    }
+    if (ds->num_classes < 0) KD_FAIL(KD_ERR_VALUE, "num_classes = %d must be >= 0", ds->num_classes);
+    if (ds->x_dtype == KD_F32) {
+        const float * x = ds->x;
+        size_t i = first_nonfinite_(x, total);
+        if (i != SIZE_MAX)
+            KD_FAIL(KD_ERR_VALUE, "x[%zu] is %s", i, isnan(x[i]) ? "nan" : x[i] > 0 ? "inf" : "-inf");
+    }
+    if (ds->y && ds->num_classes > 0) {
+        size_t i = first_bad_label_(ds->y, (size_t)ds->n, ds->num_classes);
+        if (i != SIZE_MAX)
+            KD_FAIL(KD_ERR_VALUE, "y[%zu] = %lld is outside [0, %d)", i, (long long)ds->y[i], ds->num_classes);
+    }
+    return KD_OK;
+}
+
+// ---------------------------------------------------------------------------------------
+// IDX files: http://yann.lecun.com/exdb/mnist/ (section "FILE FORMATS FOR THE MNIST
+// DATABASE"). Header: 0x00 0x00, type byte, ndim byte, then ndim big-endian uint32 dims.
+// zlib's gz* functions read gzip and plain files alike.
+
+#define IDX_MAX_BYTES_ ((size_t)1 << 31)
+
+// Reads up to len bytes; *got is the count read. Returns false on a zlib/system error.
+static bool gz_read_all_(gzFile f, void * buf, size_t len, size_t * got) {
+    unsigned char * p = buf;
+    *got = 0;
+    while (*got < len) {
+        size_t want = len - *got;
+        if (want > ((size_t)1 << 30)) want = (size_t)1 << 30;
+        int r = gzread(f, p + *got, (unsigned)want);
+        if (r < 0) return false;
+        if (r == 0) break;
+        *got += (size_t)r;
+    }
+    return true;
+}
+
+static const char * gz_msg_(gzFile f) {
+    int errnum = Z_OK;
+    const char * m = gzerror(f, &errnum);
+    if (errnum == Z_ERRNO) return strerror(errno);
+    return (m && *m) ? m : "unknown error";
+}
+
+// Failure inside kd_idx_read: record, then clean up at `fail`.
+#define IDX_FAIL_(stc, ...) do { st = kd_set_error_((stc), "kd_idx_read", __VA_ARGS__); goto fail; } while (0)
+
+enum kd_status kd_idx_read(const char * path, uint8_t ** data, int * ndim, int64_t dims[4]) {
+    if (data) *data = NULL;
+    if (!path) KD_FAIL(KD_ERR_VALUE, "path is NULL");
+    if (!data || !ndim || !dims) KD_FAIL(KD_ERR_VALUE, "data, ndim and dims must not be NULL");
+    *ndim = 0;
+    for (int d = 0; d < 4; d++) dims[d] = 0;
+
+    enum kd_status st = KD_OK;
+    uint8_t * buf = NULL;
+    errno = 0;
+    gzFile f = gzopen(path, "rb");
+    if (!f) KD_FAIL(KD_ERR_IO, "cannot open '%s': %s", path, strerror(errno ? errno : ENOMEM));
+    gzbuffer(f, 1u << 17);
+
+    unsigned char hdr[4 + 4 * 4];
+    size_t got = 0;
+    if (!gz_read_all_(f, hdr, 4, &got)) IDX_FAIL_(KD_ERR_IO, "'%s': %s", path, gz_msg_(f));
+    if (got < 4) IDX_FAIL_(KD_ERR_IO, "'%s': truncated header (%zu of 4 bytes)", path, got);
+    if (hdr[0] != 0 || hdr[1] != 0)
+        IDX_FAIL_(KD_ERR_IO, "'%s': bad magic %02x %02x %02x %02x (not an IDX file)", path,
+                  hdr[0], hdr[1], hdr[2], hdr[3]);
+    if (hdr[2] != 0x08)
+        IDX_FAIL_(KD_ERR_IO, "'%s': unsupported IDX type 0x%02x (only 0x08, unsigned byte)", path, hdr[2]);
+    const int nd = hdr[3];
+    if (nd < 1 || nd > 4) IDX_FAIL_(KD_ERR_IO, "'%s': ndim = %d is not in 1..4", path, nd);
+    const size_t hlen = 4 * (size_t)nd;
+    if (!gz_read_all_(f, hdr + 4, hlen, &got)) IDX_FAIL_(KD_ERR_IO, "'%s': %s", path, gz_msg_(f));
+    if (got < hlen) IDX_FAIL_(KD_ERR_IO, "'%s': truncated header (%zu of %zu bytes)", path, 4 + got, 4 + hlen);
+
+    int64_t dd[4] = {0, 0, 0, 0};
+    size_t total = 1;
+    for (int d = 0; d < nd; d++) {
+        const unsigned char * b = hdr + 4 + 4 * d;
+        uint32_t v = (uint32_t)b[0] << 24 | (uint32_t)b[1] << 16 | (uint32_t)b[2] << 8 | (uint32_t)b[3];
+        if (v == 0) IDX_FAIL_(KD_ERR_IO, "'%s': dimension %d is 0", path, d);
+        dd[d] = v;
+        if (!kd_mul_ok(total, v, &total) || total > IDX_MAX_BYTES_)
+            IDX_FAIL_(KD_ERR_IO, "'%s': payload of more than 2^31 bytes (dimension %d = %u)", path, d, v);
+    }
+
+    buf = malloc(total);
+    if (!buf) IDX_FAIL_(KD_ERR_NOMEM, "'%s': cannot allocate %zu bytes", path, total);
+    if (!gz_read_all_(f, buf, total, &got))
+        IDX_FAIL_(KD_ERR_IO, "'%s': read error after %zu of %zu payload bytes: %s", path, got, total, gz_msg_(f));
+    if (got < total)
+        IDX_FAIL_(KD_ERR_IO, "'%s': truncated: %zu of %zu payload bytes", path, got, total);
+    // The payload must end the file: trailing bytes mean the header does not describe it.
+    unsigned char extra[64];
+    if (!gz_read_all_(f, extra, sizeof extra, &got))
+        IDX_FAIL_(KD_ERR_IO, "'%s': read error after the payload: %s", path, gz_msg_(f));
+    if (got > 0)
+        IDX_FAIL_(KD_ERR_IO, "'%s': trailing data after the %zu payload bytes", path, total);
+    const int zc = gzclose(f);
+    f = NULL;
+    if (zc != Z_OK) IDX_FAIL_(KD_ERR_IO, "'%s': error closing (zlib %d)", path, zc);
+
+    *data = buf;
+    *ndim = nd;
+    for (int d = 0; d < 4; d++) dims[d] = dd[d];
+    return KD_OK;
+fail:
+    if (f) gzclose(f);
+    free(buf);
+    return st;
+}

@@ -1,0 +1,71 @@
+// Internal helpers shared by the kdcore sources: error reporting, RNG, OpenMP shims.
+// Nothing here is part of the public API.
+#ifndef KD_INTERNAL_H
+#define KD_INTERNAL_H
+
+#include "kdcore.h"
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+// ---------------------------------------------------------------------------------------
+// Errors: KD_FAIL records "func: message" in a thread-local buffer and returns the status.
+
+enum kd_status kd_set_error_(enum kd_status st, const char * func, const char * fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+#define KD_FAIL(st, ...) return kd_set_error_((st), __func__, __VA_ARGS__)
+#define KD_TRY(expr) do { enum kd_status st_ = (expr); if (st_ != KD_OK) return st_; } while (0)
+
+#ifdef KD_DEBUG
+#include <stdio.h>
+#define KD_ASSERT(x) do { if (!(x)) { fprintf(stderr, "%s:%d: KD_ASSERT(%s)\n", __FILE__, __LINE__, #x); abort(); } } while (0)
+#else
+#define KD_ASSERT(x) ((void)0)
+#endif
+
+// size_t multiplication with overflow detection: returns false on overflow.
+static inline bool kd_mul_ok(size_t a, size_t b, size_t * out) {
+    return !__builtin_mul_overflow(a, b, out);
+}
+
+// ---------------------------------------------------------------------------------------
+// RNG: splitmix64 as a counter-based generator. kd_hash(seed, i) is a pure function, so
+// random draws indexed by element or sample position do not depend on thread scheduling.
+
+static inline uint64_t kd_splitmix64(uint64_t x) {
+    x += 0x9E3779B97F4A7C15ull;
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+    return x ^ (x >> 31);
+}
+static inline uint64_t kd_hash(uint64_t seed, uint64_t i) {
+    return kd_splitmix64(kd_splitmix64(seed) ^ (i * 0xD1B54A32D192ED03ull));
+}
+// Uniform in [0, 1) with 24 random bits (exactly representable in float).
+static inline float kd_uniform(uint64_t h) { return (float)(h >> 40) * (1.0f / 16777216.0f); }
+// Standard normal from two hashed uniforms (Box-Muller; u1 in (0,1]).
+static inline float kd_normal(uint64_t seed, uint64_t i) {
+    uint64_t a = kd_hash(seed, 2 * i), b = kd_hash(seed, 2 * i + 1);
+    double u1 = ((double)(a >> 11) + 1.0) * (1.0 / 9007199254740992.0);
+    double u2 = (double)(b >> 11) * (1.0 / 9007199254740992.0);
+    return (float)(sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2));
+}
+
+// ---------------------------------------------------------------------------------------
+// OpenMP shims so NO_OMP=1 builds compile unchanged.
+
+#ifdef _OPENMP
+static inline int kd_omp_threads(void) { return omp_get_max_threads(); }
+static inline int kd_omp_tid(void) { return omp_get_thread_num(); }
+#else
+static inline int kd_omp_threads(void) { return 1; }
+static inline int kd_omp_tid(void) { return 0; }
+#endif
+
+#endif // KD_INTERNAL_H

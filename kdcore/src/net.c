@@ -1,0 +1,686 @@
+// The network container: nodes in topological order, parameters in one block, activations
+// planned per input shape, forward/backward with taps.
+//
+// Memory (each one allocation, grown only when a larger plan needs it):
+//   params, grads   every trainable tensor, contiguous (optimisers and checkpoints see one array)
+//   buffers         BN running statistics
+//   acts            input copy + every node's output for the planned batch
+//   dacts           gradient of every node output (same layout as acts)
+//   cache           what backward needs besides activations: BN mean/rstd, maxpool argmax,
+//                   dropout masks
+//   work            per-thread conv scratch (im2col, dweight partials)
+// Nodes store offsets into these blocks, not pointers, so re-planning needs no fix-ups.
+#include "kd_internal.h"
+#include "layers.h"
+
+#include <stdio.h>
+
+struct kd_node {
+    struct kd_layer_spec spec;
+    char name[KD_MAX_NAME];
+    size_t w_off, b_off;      // into params/grads; SIZE_MAX when absent
+    size_t rm_off, rv_off;    // into buffers (BN)
+    int64_t bn_batches;
+    // plan
+    int c, h, w;              // per-sample output shape
+    size_t numel;             // N*c*h*w
+    size_t act_off;           // into acts and dacts
+    size_t cache_off;         // into cache
+    bool grad_live;           // dacts slice holds a gradient for the current backward
+};
+
+struct kd_net {
+    struct kd_node * nodes;
+    int n_nodes, cap_nodes;
+    bool finalized;
+
+    struct kd_tensor_info * tensors;
+    int n_tensors;
+    float * params, * grads;
+    size_t n_params;
+    float * buffers;
+    size_t n_buffers;
+
+    int N, C, H, W;           // planned input shape (N = 0: no plan)
+    size_t in_off;            // input copy in acts
+    float * acts, * dacts, * cache, * work;
+    size_t acts_cap, dacts_cap, cache_cap, work_cap, acts_used, cache_used;
+
+    bool forward_done;
+    bool forward_training;    // mode of the last forward (BN backward depends on it)
+};
+
+#define NO_OFF SIZE_MAX
+
+// ---------------------------------------------------------------------------------------
+// Building
+
+struct kd_layer_spec kd_layer_default(enum kd_layer_type type) {
+    struct kd_layer_spec s;
+    memset(&s, 0, sizeof s);
+    s.type = type;
+    s.inp[0] = KD_INPUT;
+    s.inp[1] = KD_INPUT;
+    s.stride = 1;
+    s.groups = 1;
+    s.bias = true;
+    s.eps = 1e-5f;
+    s.momentum = 0.1f;
+    s.init = KD_INIT_DEFAULT;
+    if (type == KD_LAYER_MAXPOOL2D || type == KD_LAYER_AVGPOOL2D) s.stride = 0;   // = kernel
+    return s;
+}
+
+const char * kd_layer_type_name(enum kd_layer_type type) {
+    switch (type) {
+    case KD_LAYER_LINEAR:         return "linear";
+    case KD_LAYER_CONV2D:         return "conv2d";
+    case KD_LAYER_BATCHNORM:      return "batchnorm";
+    case KD_LAYER_RELU:           return "relu";
+    case KD_LAYER_MAXPOOL2D:      return "maxpool2d";
+    case KD_LAYER_AVGPOOL2D:      return "avgpool2d";
+    case KD_LAYER_GLOBAL_AVGPOOL: return "global_avgpool";
+    case KD_LAYER_DROPOUT:        return "dropout";
+    case KD_LAYER_FLATTEN:        return "flatten";
+    case KD_LAYER_ADD:            return "add";
+    case KD_LAYER_COUNT:          break;
+    }
+    return "unknown";
+}
+
+struct kd_net * kd_net_new(void) {
+    struct kd_net * net = calloc(1, sizeof *net);
+    if (!net) kd_set_error_(KD_ERR_NOMEM, __func__, "cannot allocate a net");
+    return net;
+}
+
+void kd_net_free(struct kd_net * net) {
+    if (!net) return;
+    free(net->nodes);
+    free(net->tensors);
+    free(net->params);
+    free(net->grads);
+    free(net->buffers);
+    free(net->acts);
+    free(net->dacts);
+    free(net->cache);
+    free(net->work);
+    free(net);
+}
+
+static enum kd_status check_spec(const struct kd_net * net, const struct kd_layer_spec * s) {
+    const char * nm = s->name;
+    if (!nm || !nm[0]) KD_FAIL(KD_ERR_VALUE, "node %d: name is empty", net->n_nodes);
+    if (strlen(nm) >= KD_MAX_NAME) KD_FAIL(KD_ERR_VALUE, "name '%.40s...' is longer than %d bytes", nm, KD_MAX_NAME - 1);
+    if (kd_net_find(net, nm) >= 0) KD_FAIL(KD_ERR_VALUE, "name '%s' is used twice", nm);
+    if ((unsigned)s->type >= KD_LAYER_COUNT) KD_FAIL(KD_ERR_VALUE, "'%s': unknown layer type %d", nm, (int)s->type);
+    int n_inp = s->type == KD_LAYER_ADD ? 2 : 1;
+    for (int k = 0; k < n_inp; k++) {
+        if (s->inp[k] < KD_INPUT || s->inp[k] >= net->n_nodes)
+            KD_FAIL(KD_ERR_VALUE, "'%s': input %d refers to node %d, but only nodes -1..%d exist before it",
+                    nm, k, s->inp[k], net->n_nodes - 1);
+    }
+    switch (s->type) {
+    case KD_LAYER_LINEAR:
+        if (s->in_ch < 1 || s->out_ch < 1)
+            KD_FAIL(KD_ERR_VALUE, "'%s': in_features (%d) and out_features (%d) must be >= 1", nm, s->in_ch, s->out_ch);
+        break;
+    case KD_LAYER_CONV2D:
+        if (s->in_ch < 1 || s->out_ch < 1)
+            KD_FAIL(KD_ERR_VALUE, "'%s': in_channels (%d) and out_channels (%d) must be >= 1", nm, s->in_ch, s->out_ch);
+        if (s->kernel < 1 || s->stride < 1 || s->padding < 0)
+            KD_FAIL(KD_ERR_VALUE, "'%s': kernel_size (%d) and stride (%d) must be >= 1 and padding (%d) >= 0",
+                    nm, s->kernel, s->stride, s->padding);
+        if (s->groups < 1 || s->in_ch % s->groups || s->out_ch % s->groups)
+            KD_FAIL(KD_ERR_VALUE, "'%s': groups (%d) must divide in_channels (%d) and out_channels (%d)",
+                    nm, s->groups, s->in_ch, s->out_ch);
+        break;
+    case KD_LAYER_BATCHNORM:
+        if (s->in_ch < 1) KD_FAIL(KD_ERR_VALUE, "'%s': num_features (%d) must be >= 1", nm, s->in_ch);
+        if (!(s->eps > 0) || !isfinite(s->eps)) KD_FAIL(KD_ERR_VALUE, "'%s': eps (%g) must be > 0", nm, s->eps);
+        if (!(s->momentum >= 0 && s->momentum <= 1))
+            KD_FAIL(KD_ERR_VALUE, "'%s': momentum (%g) must be in [0, 1]", nm, s->momentum);
+        break;
+    case KD_LAYER_MAXPOOL2D:
+    case KD_LAYER_AVGPOOL2D:
+        if (s->kernel < 1 || s->stride < 0 || s->padding < 0)
+            KD_FAIL(KD_ERR_VALUE, "'%s': kernel_size (%d) must be >= 1, stride (%d) and padding (%d) >= 0",
+                    nm, s->kernel, s->stride, s->padding);
+        if (2 * s->padding > s->kernel)
+            KD_FAIL(KD_ERR_VALUE, "'%s': padding (%d) must be at most half of kernel_size (%d)", nm, s->padding, s->kernel);
+        break;
+    case KD_LAYER_DROPOUT:
+        if (!(s->p >= 0 && s->p < 1)) KD_FAIL(KD_ERR_VALUE, "'%s': dropout p (%g) must be in [0, 1)", nm, s->p);
+        break;
+    case KD_LAYER_RELU:
+    case KD_LAYER_GLOBAL_AVGPOOL:
+    case KD_LAYER_FLATTEN:
+    case KD_LAYER_ADD:
+    case KD_LAYER_COUNT:
+        break;
+    }
+    return KD_OK;
+}
+
+int kd_net_add(struct kd_net * net, const struct kd_layer_spec * spec) {
+    if (!net || !spec) { kd_set_error_(KD_ERR_VALUE, __func__, "net and spec must not be NULL"); return -1; }
+    if (net->finalized) { kd_set_error_(KD_ERR_STATE, __func__, "the net is finalized; nodes can no longer be added"); return -1; }
+    if (check_spec(net, spec) != KD_OK) return -1;
+    if (net->n_nodes == net->cap_nodes) {
+        int cap = net->cap_nodes ? 2 * net->cap_nodes : 32;
+        struct kd_node * p = realloc(net->nodes, (size_t)cap * sizeof *p);
+        if (!p) { kd_set_error_(KD_ERR_NOMEM, __func__, "cannot grow the node list"); return -1; }
+        net->nodes = p;
+        net->cap_nodes = cap;
+    }
+    struct kd_node * nd = &net->nodes[net->n_nodes];
+    memset(nd, 0, sizeof *nd);
+    nd->spec = *spec;
+    snprintf(nd->name, sizeof nd->name, "%s", spec->name);
+    nd->spec.name = nd->name;   // the caller's string is borrowed only for this call
+    if (nd->spec.type != KD_LAYER_ADD) nd->spec.inp[1] = KD_INPUT;
+    if ((nd->spec.type == KD_LAYER_MAXPOOL2D || nd->spec.type == KD_LAYER_AVGPOOL2D) && nd->spec.stride == 0)
+        nd->spec.stride = nd->spec.kernel;
+    nd->w_off = nd->b_off = nd->rm_off = nd->rv_off = NO_OFF;
+    return net->n_nodes++;
+}
+
+// Parameter layout of one node: weight shape, whether it has a bias, BN buffers.
+static int node_weight_shape(const struct kd_layer_spec * s, int shape[4]) {
+    switch (s->type) {
+    case KD_LAYER_LINEAR:
+        shape[0] = s->out_ch; shape[1] = s->in_ch;
+        return 2;
+    case KD_LAYER_CONV2D:
+        shape[0] = s->out_ch; shape[1] = s->in_ch / s->groups; shape[2] = s->kernel; shape[3] = s->kernel;
+        return 4;
+    case KD_LAYER_BATCHNORM:
+        shape[0] = s->in_ch;
+        return 1;
+    case KD_LAYER_RELU: case KD_LAYER_MAXPOOL2D: case KD_LAYER_AVGPOOL2D: case KD_LAYER_GLOBAL_AVGPOOL:
+    case KD_LAYER_DROPOUT: case KD_LAYER_FLATTEN: case KD_LAYER_ADD: case KD_LAYER_COUNT:
+        break;
+    }
+    return 0;
+}
+
+static bool node_has_bias(const struct kd_layer_spec * s) {
+    return s->type == KD_LAYER_BATCHNORM ||
+           ((s->type == KD_LAYER_LINEAR || s->type == KD_LAYER_CONV2D) && s->bias);
+}
+
+static void add_tensor(struct kd_net * net, const char * node, const char * what, int ndim,
+                       const int * shape, size_t offset, bool is_buffer) {
+    struct kd_tensor_info * t = &net->tensors[net->n_tensors++];
+    memset(t, 0, sizeof *t);
+    snprintf(t->name, sizeof t->name, "%s.%s", node, what);
+    t->ndim = ndim;
+    t->numel = 1;
+    for (int i = 0; i < ndim; i++) { t->shape[i] = shape[i]; t->numel *= (size_t)shape[i]; }
+    t->offset = offset;
+    t->is_buffer = is_buffer;
+    t->decay = !is_buffer;
+}
+
+enum kd_status kd_net_finalize(struct kd_net * net, uint64_t seed) {
+    if (!net) KD_FAIL(KD_ERR_VALUE, "net is NULL");
+    if (net->finalized) KD_FAIL(KD_ERR_STATE, "the net is already finalized");
+    if (net->n_nodes == 0) KD_FAIL(KD_ERR_STATE, "the net has no nodes");
+    // Sizes first (overflow-checked), then one allocation per block.
+    size_t np = 0, nb = 0;
+    int nt = 0;
+    for (int i = 0; i < net->n_nodes; i++) {
+        struct kd_node * nd = &net->nodes[i];
+        int shape[4];
+        int ndim = node_weight_shape(&nd->spec, shape);
+        if (ndim == 0) continue;
+        size_t numel = 1;
+        for (int k = 0; k < ndim; k++)
+            if (!kd_mul_ok(numel, (size_t)shape[k], &numel)) KD_FAIL(KD_ERR_VALUE, "'%s': weight too large", nd->name);
+        nd->w_off = np;
+        np += numel;
+        nt++;
+        if (node_has_bias(&nd->spec)) { nd->b_off = np; np += (size_t)shape[0]; nt++; }
+        if (nd->spec.type == KD_LAYER_BATCHNORM) {
+            nd->rm_off = nb; nd->rv_off = nb + (size_t)shape[0];
+            nb += 2 * (size_t)shape[0];
+            nt += 2;
+        }
+    }
+    net->tensors = calloc((size_t)nt + 1, sizeof *net->tensors);
+    net->params = calloc(np + 1, sizeof(float));
+    net->grads = calloc(np + 1, sizeof(float));
+    net->buffers = calloc(nb + 1, sizeof(float));
+    if (!net->tensors || !net->params || !net->grads || !net->buffers) {
+        free(net->tensors); free(net->params); free(net->grads); free(net->buffers);
+        net->tensors = NULL; net->params = net->grads = net->buffers = NULL;
+        KD_FAIL(KD_ERR_NOMEM, "cannot allocate %zu parameters", np);
+    }
+    net->n_params = np;
+    net->n_buffers = nb;
+    // Tensor table: all parameters first (in node order), then all buffers.
+    for (int i = 0; i < net->n_nodes; i++) {
+        struct kd_node * nd = &net->nodes[i];
+        int shape[4];
+        int ndim = node_weight_shape(&nd->spec, shape);
+        if (ndim == 0) continue;
+        add_tensor(net, nd->name, "weight", ndim, shape, nd->w_off, false);
+        if (nd->b_off != NO_OFF) add_tensor(net, nd->name, "bias", 1, shape, nd->b_off, false);
+    }
+    for (int i = 0; i < net->n_nodes; i++) {
+        struct kd_node * nd = &net->nodes[i];
+        if (nd->spec.type != KD_LAYER_BATCHNORM) continue;
+        int shape[1] = { nd->spec.in_ch };
+        add_tensor(net, nd->name, "running_mean", 1, shape, nd->rm_off, true);
+        add_tensor(net, nd->name, "running_var", 1, shape, nd->rv_off, true);
+    }
+    net->finalized = true;
+    kd_net_init_params(net, seed);
+    return KD_OK;
+}
+
+void kd_net_init_params(struct kd_net * net, uint64_t seed) {
+    if (!net || !net->finalized) return;
+    for (int i = 0; i < net->n_nodes; i++) {
+        struct kd_node * nd = &net->nodes[i];
+        const struct kd_layer_spec * s = &nd->spec;
+        uint64_t ns = kd_hash(seed, (uint64_t)i);   // per-node stream: adding a node elsewhere
+                                                     // does not reshuffle every other layer
+        int shape[4];
+        int ndim = node_weight_shape(s, shape);
+        if (ndim == 0) continue;
+        float * w = net->params + nd->w_off;
+        float * b = nd->b_off != NO_OFF ? net->params + nd->b_off : NULL;
+        if (s->type == KD_LAYER_BATCHNORM) {
+            for (int c = 0; c < s->in_ch; c++) {
+                w[c] = 1.0f; b[c] = 0.0f;
+                net->buffers[nd->rm_off + c] = 0.0f;
+                net->buffers[nd->rv_off + c] = 1.0f;
+            }
+            nd->bn_batches = 0;
+            continue;
+        }
+        size_t numel = 1;
+        for (int k = 0; k < ndim; k++) numel *= (size_t)shape[k];
+        size_t receptive = s->type == KD_LAYER_CONV2D ? (size_t)s->kernel * s->kernel : 1;
+        double fan_in = (double)shape[1] * receptive;
+        double fan_out = (double)shape[0] * receptive;
+        switch (s->init) {
+        case KD_INIT_KAIMING_OUT:
+        case KD_INIT_KAIMING_IN: {
+            double sd = sqrt(2.0 / (s->init == KD_INIT_KAIMING_OUT ? fan_out : fan_in));
+            for (size_t j = 0; j < numel; j++) w[j] = (float)(sd * kd_normal(ns, j));
+            if (b) for (int c = 0; c < shape[0]; c++) b[c] = 0.0f;
+            break;
+        }
+        case KD_INIT_DEFAULT:
+        default: {
+            // kaiming_uniform_(a=sqrt(5)) reduces to U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+            float bound = (float)(1.0 / sqrt(fan_in));
+            for (size_t j = 0; j < numel; j++) w[j] = bound * (2.0f * kd_uniform(kd_hash(ns, j)) - 1.0f);
+            if (b) for (int c = 0; c < shape[0]; c++)
+                b[c] = bound * (2.0f * kd_uniform(kd_hash(ns ^ 0xB1A5ull, (uint64_t)c)) - 1.0f);
+            break;
+        }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Accessors
+
+int kd_net_num_nodes(const struct kd_net * net) { return net ? net->n_nodes : 0; }
+
+int kd_net_find(const struct kd_net * net, const char * name) {
+    if (!net || !name) return -1;
+    for (int i = 0; i < net->n_nodes; i++)
+        if (strcmp(net->nodes[i].name, name) == 0) return i;
+    return -1;
+}
+
+const struct kd_layer_spec * kd_net_node_spec(const struct kd_net * net, int node) {
+    if (!net || node < 0 || node >= net->n_nodes) return NULL;
+    return &net->nodes[node].spec;
+}
+
+int kd_net_num_tensors(const struct kd_net * net) { return net ? net->n_tensors : 0; }
+const struct kd_tensor_info * kd_net_tensor(const struct kd_net * net, int i) {
+    if (!net || i < 0 || i >= net->n_tensors) return NULL;
+    return &net->tensors[i];
+}
+size_t  kd_net_num_params(const struct kd_net * net) { return net ? net->n_params : 0; }
+float * kd_net_params(struct kd_net * net) { return net ? net->params : NULL; }
+float * kd_net_grads(struct kd_net * net) { return net ? net->grads : NULL; }
+size_t  kd_net_num_buffers(const struct kd_net * net) { return net ? net->n_buffers : 0; }
+float * kd_net_buffers(struct kd_net * net) { return net ? net->buffers : NULL; }
+int64_t * kd_net_bn_batches(struct kd_net * net, int node) {
+    if (!net || node < 0 || node >= net->n_nodes || net->nodes[node].spec.type != KD_LAYER_BATCHNORM) return NULL;
+    return &net->nodes[node].bn_batches;
+}
+int kd_net_batch(const struct kd_net * net) { return net ? net->N : 0; }
+
+void kd_net_input_shape(const struct kd_net * net, int * C, int * H, int * W) {
+    bool ok = net && net->N > 0;
+    *C = ok ? net->C : 0; *H = ok ? net->H : 0; *W = ok ? net->W : 0;
+}
+
+void kd_net_node_shape(const struct kd_net * net, int node, int * C, int * H, int * W) {
+    if (!net || net->N == 0) { *C = *H = *W = 0; return; }
+    if (node < 0) node = net->n_nodes - 1;
+    if (node >= net->n_nodes) { *C = *H = *W = 0; return; }
+    *C = net->nodes[node].c; *H = net->nodes[node].h; *W = net->nodes[node].w;
+}
+
+void kd_net_zero_grad(struct kd_net * net) {
+    if (net && net->grads) memset(net->grads, 0, net->n_params * sizeof(float));
+}
+
+// ---------------------------------------------------------------------------------------
+// Planning: per-node output shapes and arena offsets for an input of (N, C, H, W).
+
+static void in_shape(const struct kd_net * net, int inp, int * c, int * h, int * w) {
+    if (inp == KD_INPUT) { *c = net->C; *h = net->H; *w = net->W; }
+    else { *c = net->nodes[inp].c; *h = net->nodes[inp].h; *w = net->nodes[inp].w; }
+}
+
+static enum kd_status grow(float ** p, size_t * cap, size_t need, const char * what) {
+    if (need <= *cap && *p) return KD_OK;
+    float * q = malloc((need ? need : 1) * sizeof(float));
+    if (!q) KD_FAIL(KD_ERR_NOMEM, "cannot allocate %zu MB for %s", need * sizeof(float) >> 20, what);
+    free(*p);
+    *p = q;
+    *cap = need;
+    return KD_OK;
+}
+
+enum kd_status kd_net_plan(struct kd_net * net, int N, int C, int H, int W) {
+    if (!net) KD_FAIL(KD_ERR_VALUE, "net is NULL");
+    if (!net->finalized) KD_FAIL(KD_ERR_STATE, "the net is not finalized");
+    if (N < 1 || C < 1 || H < 1 || W < 1) KD_FAIL(KD_ERR_SHAPE, "input shape (%d, %d, %d, %d) has an empty dimension", N, C, H, W);
+    if (net->N == N && net->C == C && net->H == H && net->W == W) return KD_OK;
+    net->N = 0;   // invalid until this plan succeeds
+    net->forward_done = false;
+    int sC = net->C, sH = net->H, sW = net->W;
+    net->C = C; net->H = H; net->W = W;
+    size_t acts = 0, cache = 0, per;
+    if (!kd_mul_ok((size_t)N, (size_t)C * H * W, &per)) goto too_big;
+    net->in_off = 0;
+    acts = per;
+    for (int i = 0; i < net->n_nodes; i++) {
+        struct kd_node * nd = &net->nodes[i];
+        const struct kd_layer_spec * s = &nd->spec;
+        int c, h, w;
+        in_shape(net, s->inp[0], &c, &h, &w);
+        int oc = c, oh = h, ow = w;
+        switch (s->type) {
+        case KD_LAYER_LINEAR:
+            if (h != 1 || w != 1) {
+                net->C = sC; net->H = sH; net->W = sW;
+                KD_FAIL(KD_ERR_SHAPE, "linear '%s' needs flat input features, got (%d, %d, %d): add a Flatten before it",
+                        nd->name, c, h, w);
+            }
+            if (c != s->in_ch) {
+                net->C = sC; net->H = sH; net->W = sW;
+                KD_FAIL(KD_ERR_SHAPE, "linear '%s' expects %d input features, got %d", nd->name, s->in_ch, c);
+            }
+            oc = s->out_ch;
+            break;
+        case KD_LAYER_CONV2D:
+        case KD_LAYER_MAXPOOL2D:
+        case KD_LAYER_AVGPOOL2D:
+            if (s->type == KD_LAYER_CONV2D && c != s->in_ch) {
+                net->C = sC; net->H = sH; net->W = sW;
+                KD_FAIL(KD_ERR_SHAPE, "conv2d '%s' expects %d input channels, got %d", nd->name, s->in_ch, c);
+            }
+            if (h + 2 * s->padding < s->kernel || w + 2 * s->padding < s->kernel) {
+                net->C = sC; net->H = sH; net->W = sW;
+                KD_FAIL(KD_ERR_SHAPE, "%s '%s': input %dx%d (padding %d) is smaller than kernel %d",
+                        kd_layer_type_name(s->type), nd->name, h, w, s->padding, s->kernel);
+            }
+            oh = (h + 2 * s->padding - s->kernel) / s->stride + 1;
+            ow = (w + 2 * s->padding - s->kernel) / s->stride + 1;
+            if (s->type == KD_LAYER_CONV2D) oc = s->out_ch;
+            break;
+        case KD_LAYER_BATCHNORM:
+            if (c != s->in_ch) {
+                net->C = sC; net->H = sH; net->W = sW;
+                KD_FAIL(KD_ERR_SHAPE, "batchnorm '%s' expects %d channels, got %d", nd->name, s->in_ch, c);
+            }
+            break;
+        case KD_LAYER_GLOBAL_AVGPOOL:
+            oh = ow = 1;
+            break;
+        case KD_LAYER_FLATTEN:
+            oc = c * h * w; oh = ow = 1;
+            break;
+        case KD_LAYER_ADD: {
+            int c2, h2, w2;
+            in_shape(net, s->inp[1], &c2, &h2, &w2);
+            if (c != c2 || h != h2 || w != w2) {
+                net->C = sC; net->H = sH; net->W = sW;
+                KD_FAIL(KD_ERR_SHAPE, "add '%s': inputs have shapes (%d, %d, %d) and (%d, %d, %d)",
+                        nd->name, c, h, w, c2, h2, w2);
+            }
+            break;
+        }
+        case KD_LAYER_RELU:
+        case KD_LAYER_DROPOUT:
+        case KD_LAYER_COUNT:
+            break;
+        }
+        nd->c = oc; nd->h = oh; nd->w = ow;
+        if (!kd_mul_ok((size_t)N, (size_t)oc * oh * ow, &nd->numel)) goto too_big;
+        nd->act_off = acts;
+        acts += nd->numel;
+        nd->cache_off = cache;
+        if (s->type == KD_LAYER_BATCHNORM) cache += 2 * (size_t)oc;
+        else if (s->type == KD_LAYER_MAXPOOL2D || s->type == KD_LAYER_DROPOUT) cache += nd->numel;
+        if (acts > SIZE_MAX / 8 || cache > SIZE_MAX / 8) goto too_big;
+    }
+    KD_TRY(grow(&net->acts, &net->acts_cap, acts, "activations"));
+    KD_TRY(grow(&net->dacts, &net->dacts_cap, acts, "activation gradients"));
+    KD_TRY(grow(&net->cache, &net->cache_cap, cache, "the backward cache"));
+    net->acts_used = acts;
+    net->cache_used = cache;
+    net->N = N;
+    return KD_OK;
+too_big:
+    net->C = sC; net->H = sH; net->W = sW;
+    KD_FAIL(KD_ERR_SHAPE, "activations for input (%d, %d, %d, %d) would overflow memory sizes", N, C, H, W);
+}
+
+static struct kd_conv_shape conv_shape(const struct kd_net * net, const struct kd_node * nd) {
+    int c, h, w;
+    in_shape(net, nd->spec.inp[0], &c, &h, &w);
+    struct kd_conv_shape s = { net->N, c, h, w, nd->c, nd->h, nd->w,
+                               nd->spec.kernel, nd->spec.stride, nd->spec.padding, nd->spec.groups };
+    return s;
+}
+
+// Conv scratch depends on the thread count at call time (kd_set_num_threads may change it).
+static enum kd_status ensure_work(struct kd_net * net) {
+    int nt = kd_omp_threads();
+    size_t need = 0;
+    for (int i = 0; i < net->n_nodes; i++) {
+        if (net->nodes[i].spec.type != KD_LAYER_CONV2D) continue;
+        struct kd_conv_shape s = conv_shape(net, &net->nodes[i]);
+        size_t k = kd_conv2d_workspace(&s, nt);
+        if (k > need) need = k;
+    }
+    return grow(&net->work, &net->work_cap, need, "convolution scratch");
+}
+
+// ---------------------------------------------------------------------------------------
+// Forward
+
+static const float * act_of(const struct kd_net * net, int node) {
+    return net->acts + (node == KD_INPUT ? net->in_off : net->nodes[node].act_off);
+}
+
+enum kd_status kd_net_forward(struct kd_net * net, const float * x, int N, int C, int H, int W,
+                              bool training, uint64_t dropout_seed) {
+    if (!net || !x) KD_FAIL(KD_ERR_VALUE, "net and x must not be NULL");
+    KD_TRY(kd_net_plan(net, N, C, H, W));
+    KD_TRY(ensure_work(net));
+    memcpy(net->acts + net->in_off, x, (size_t)N * C * H * W * sizeof(float));
+    for (int i = 0; i < net->n_nodes; i++) {
+        struct kd_node * nd = &net->nodes[i];
+        const struct kd_layer_spec * s = &nd->spec;
+        float * out = net->acts + nd->act_off;
+        float * cache = net->cache + nd->cache_off;
+        const float * in = act_of(net, s->inp[0]);
+        int c, h, w;
+        in_shape(net, s->inp[0], &c, &h, &w);
+        const float * wt = nd->w_off != NO_OFF ? net->params + nd->w_off : NULL;
+        const float * bs = nd->b_off != NO_OFF ? net->params + nd->b_off : NULL;
+        nd->grad_live = false;
+        switch (s->type) {
+        case KD_LAYER_LINEAR:
+            kd_linear_forward(out, in, wt, bs, N, c, nd->c);
+            break;
+        case KD_LAYER_CONV2D: {
+            struct kd_conv_shape cs = conv_shape(net, nd);
+            kd_conv2d_forward(out, in, wt, bs, &cs, net->work);
+            break;
+        }
+        case KD_LAYER_BATCHNORM:
+            if (training) {
+                kd_batchnorm_forward_train(out, cache, cache + c, net->buffers + nd->rm_off,
+                                           net->buffers + nd->rv_off, in, wt, bs, N, c, h * w,
+                                           s->eps, s->momentum);
+                nd->bn_batches++;
+            } else {
+                kd_batchnorm_forward_eval(out, cache, cache + c, in, wt, bs, net->buffers + nd->rm_off,
+                                          net->buffers + nd->rv_off, N, c, h * w, s->eps);
+            }
+            break;
+        case KD_LAYER_RELU:
+            kd_relu_forward(out, in, nd->numel);
+            break;
+        case KD_LAYER_MAXPOOL2D:
+            kd_maxpool2d_forward(out, (int32_t *)cache, in, N, c, h, w, nd->h, nd->w, s->kernel, s->stride, s->padding);
+            break;
+        case KD_LAYER_AVGPOOL2D:
+            kd_avgpool2d_forward(out, in, N, c, h, w, nd->h, nd->w, s->kernel, s->stride, s->padding);
+            break;
+        case KD_LAYER_GLOBAL_AVGPOOL:
+            kd_gap_forward(out, in, N, c, h * w);
+            break;
+        case KD_LAYER_DROPOUT:
+            if (training && s->p > 0) kd_dropout_forward(out, cache, in, nd->numel, s->p, kd_hash(dropout_seed, (uint64_t)i));
+            else memcpy(out, in, nd->numel * sizeof(float));
+            break;
+        case KD_LAYER_FLATTEN:
+            memcpy(out, in, nd->numel * sizeof(float));
+            break;
+        case KD_LAYER_ADD:
+            kd_add_forward(out, in, act_of(net, s->inp[1]), nd->numel);
+            break;
+        case KD_LAYER_COUNT:
+            break;
+        }
+    }
+    net->forward_done = true;
+    net->forward_training = training;
+    return KD_OK;
+}
+
+const float * kd_net_output(const struct kd_net * net, int node) {
+    if (!net || !net->forward_done) return NULL;
+    if (node < 0) node = net->n_nodes - 1;
+    if (node >= net->n_nodes) return NULL;
+    return net->acts + net->nodes[node].act_off;
+}
+
+// ---------------------------------------------------------------------------------------
+// Backward. Gradient buffers are zeroed lazily on first touch, so only nodes that a
+// gradient actually reaches cost a memset.
+
+static float * grad_of(struct kd_net * net, int node) {
+    struct kd_node * nd = &net->nodes[node];
+    float * g = net->dacts + nd->act_off;
+    if (!nd->grad_live) {
+        memset(g, 0, nd->numel * sizeof(float));
+        nd->grad_live = true;
+    }
+    return g;
+}
+
+enum kd_status kd_net_grad_add(struct kd_net * net, int node, const float * g, float scale) {
+    if (!net || !g) KD_FAIL(KD_ERR_VALUE, "net and g must not be NULL");
+    if (!net->forward_done) KD_FAIL(KD_ERR_STATE, "no forward pass to add a gradient to");
+    if (node < 0) node = net->n_nodes - 1;
+    if (node >= net->n_nodes) KD_FAIL(KD_ERR_VALUE, "node %d does not exist (the net has %d)", node, net->n_nodes);
+    float * d = grad_of(net, node);
+    size_t n = net->nodes[node].numel;
+    #pragma omp parallel for schedule(static) if (n > 65536)
+    for (size_t i = 0; i < n; i++) d[i] += scale * g[i];
+    return KD_OK;
+}
+
+enum kd_status kd_net_backward(struct kd_net * net, const float * dout, float * dinp) {
+    if (!net) KD_FAIL(KD_ERR_VALUE, "net is NULL");
+    if (!net->forward_done) KD_FAIL(KD_ERR_STATE, "backward needs a forward pass first");
+    if (dout) KD_TRY(kd_net_grad_add(net, net->n_nodes - 1, dout, 1.0f));
+    KD_TRY(ensure_work(net));
+    int N = net->N;
+    if (dinp) memset(dinp, 0, (size_t)N * net->C * net->H * net->W * sizeof(float));
+    for (int i = net->n_nodes - 1; i >= 0; i--) {
+        struct kd_node * nd = &net->nodes[i];
+        if (!nd->grad_live) continue;   // no gradient reached this node
+        const struct kd_layer_spec * s = &nd->spec;
+        const float * d = net->dacts + nd->act_off;
+        const float * out = net->acts + nd->act_off;
+        const float * cache = net->cache + nd->cache_off;
+        const float * in = act_of(net, s->inp[0]);
+        float * din = s->inp[0] == KD_INPUT ? dinp : grad_of(net, s->inp[0]);
+        int c, h, w;
+        in_shape(net, s->inp[0], &c, &h, &w);
+        const float * wt = nd->w_off != NO_OFF ? net->params + nd->w_off : NULL;
+        float * dw = nd->w_off != NO_OFF ? net->grads + nd->w_off : NULL;
+        float * db = nd->b_off != NO_OFF ? net->grads + nd->b_off : NULL;
+        switch (s->type) {
+        case KD_LAYER_LINEAR:
+            kd_linear_backward(din, dw, db, d, in, wt, N, c, nd->c);
+            break;
+        case KD_LAYER_CONV2D: {
+            struct kd_conv_shape cs = conv_shape(net, nd);
+            kd_conv2d_backward(din, dw, db, d, in, wt, &cs, net->work);
+            break;
+        }
+        case KD_LAYER_BATCHNORM:
+            kd_batchnorm_backward(din, dw, db, d, in, cache, cache + c, wt, N, c, h * w, net->forward_training);
+            break;
+        case KD_LAYER_RELU:
+            if (din) kd_relu_backward(din, d, out, nd->numel);
+            break;
+        case KD_LAYER_MAXPOOL2D:
+            if (din) kd_maxpool2d_backward(din, d, (const int32_t *)cache, N, c, h, w, nd->h, nd->w);
+            break;
+        case KD_LAYER_AVGPOOL2D:
+            if (din) kd_avgpool2d_backward(din, d, N, c, h, w, nd->h, nd->w, s->kernel, s->stride, s->padding);
+            break;
+        case KD_LAYER_GLOBAL_AVGPOOL:
+            if (din) kd_gap_backward(din, d, N, c, h * w);
+            break;
+        case KD_LAYER_DROPOUT:
+            if (!din) break;
+            if (net->forward_training && s->p > 0) kd_dropout_backward(din, d, cache, nd->numel);
+            else kd_add_backward(din, NULL, d, nd->numel);
+            break;
+        case KD_LAYER_FLATTEN:
+            if (din) kd_add_backward(din, NULL, d, nd->numel);
+            break;
+        case KD_LAYER_ADD: {
+            float * din2 = s->inp[1] == KD_INPUT ? dinp : grad_of(net, s->inp[1]);
+            kd_add_backward(din, din2, d, nd->numel);
+            break;
+        }
+        case KD_LAYER_COUNT:
+            break;
+        }
+    }
+    // Consumed: a second backward after the same forward starts from zero again.
+    for (int i = 0; i < net->n_nodes; i++) net->nodes[i].grad_live = false;
+    return KD_OK;
+}

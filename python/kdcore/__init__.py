@@ -1,0 +1,44 @@
+"""kdcore: knowledge distillation with a C core.
+
+    import kdcore
+    train = kdcore.datasets.fashion_mnist("train")
+    test = kdcore.datasets.fashion_mnist("test")
+    model = kdcore.models.resnet8(num_classes=10, in_channels=1)
+    hist = kdcore.fit(model, train, epochs=10, val=test)
+"""
+from __future__ import annotations
+
+import platform
+import sys
+
+import numpy as np
+
+from . import _kdcore, datasets, functional, models, nn, optim
+from .training import History, evaluate, fit, predict
+
+__version__ = _kdcore.version
+__all__ = ["nn", "models", "datasets", "functional", "optim", "fit", "evaluate", "predict", "History",
+           "set_num_threads", "get_num_threads", "show_config"]
+
+
+def set_num_threads(n):
+    """Threads for kdcore's OpenMP loops and its (OpenMP) OpenBLAS."""
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise TypeError(f"n must be an int, got {type(n).__name__}")
+    _kdcore.set_num_threads(n)
+
+
+def get_num_threads():
+    return _kdcore.get_num_threads()
+
+
+def show_config(file=None):
+    """Print the BLAS build, thread count and versions."""
+    lines = [
+        f"kdcore {__version__}",
+        f"python {platform.python_version()} ({sys.executable})",
+        f"numpy {np.__version__}",
+        f"BLAS: {_kdcore.blas_config()}",
+        f"threads: {get_num_threads()}",
+    ]
+    print("\n".join(lines), file=file)

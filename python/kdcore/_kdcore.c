@@ -1,0 +1,955 @@
+// CPython + NumPy binding for kdcore. Binding only: parse, validate (naming the argument),
+// release the GIL around the C core, map kd_status to Python exceptions. All numerics live
+// in kdcore/src.
+//
+// Recipe for each entry point (bottleneck's): convert arguments -> validate -> acquire the
+// object's busy flag -> Py_BEGIN_ALLOW_THREADS -> core call -> Py_END_ALLOW_THREADS ->
+// release -> map status. One `fail:` label releases references on every path.
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#define NPY_NO_DEPRECATED_API NPY_1_7_API_VERSION
+#include <numpy/arrayobject.h>
+
+#include <math.h>
+#include <string.h>
+
+#include "kdcore.h"
+
+// ---------------------------------------------------------------------------------------
+// Errors
+
+static PyObject * kd_raise(enum kd_status st) {
+    if (PyErr_Occurred()) return NULL;   // e.g. KeyboardInterrupt raised inside a callback
+    const char * msg = kd_last_error();
+    switch (st) {
+    case KD_ERR_NOMEM:       PyErr_SetString(PyExc_MemoryError, msg); break;
+    case KD_ERR_SHAPE:
+    case KD_ERR_VALUE:       PyErr_SetString(PyExc_ValueError, msg); break;
+    case KD_ERR_IO:          PyErr_SetString(PyExc_OSError, msg); break;
+    case KD_ERR_INTERRUPTED: PyErr_SetString(PyExc_KeyboardInterrupt, msg); break;
+    case KD_ERR_STATE:
+    case KD_ERR_NONFINITE:
+    case KD_OK:
+    default:                 PyErr_SetString(PyExc_RuntimeError, msg); break;
+    }
+    return NULL;
+}
+
+// ---------------------------------------------------------------------------------------
+// Array arguments. Strict dtypes (no silent casts); non-contiguous input is copied.
+
+static const char * dtype_name(PyArrayObject * a) {
+    static _Thread_local char buf[64];
+    PyObject * s = PyObject_Str((PyObject *)PyArray_DESCR(a));
+    if (!s) { PyErr_Clear(); return "?"; }
+    const char * u = PyUnicode_AsUTF8(s);
+    snprintf(buf, sizeof buf, "%s", u ? u : "?");
+    Py_DECREF(s);
+    return buf;
+}
+
+// Returns a new reference to a C-contiguous array of `type`, or NULL with TypeError.
+static PyArrayObject * get_array(PyObject * obj, int type, const char * name) {
+    if (!PyArray_Check(obj)) {
+        PyErr_Format(PyExc_TypeError, "%s must be a numpy.ndarray, got %s", name, Py_TYPE(obj)->tp_name);
+        return NULL;
+    }
+    PyArrayObject * a = (PyArrayObject *)obj;
+    if (PyArray_TYPE(a) != type) {
+        PyArray_Descr * want = PyArray_DescrFromType(type);
+        PyObject * ws = want ? PyObject_Str((PyObject *)want) : NULL;
+        PyErr_Format(PyExc_TypeError, "%s must have dtype %s, got %s", name,
+                     ws ? PyUnicode_AsUTF8(ws) : "?", dtype_name(a));
+        Py_XDECREF(ws);
+        Py_XDECREF(want);
+        return NULL;
+    }
+    return (PyArrayObject *)PyArray_FromArray(a, NULL, NPY_ARRAY_IN_ARRAY);
+}
+
+static int check_finite(PyArrayObject * a, const char * name) {
+    const float * p = PyArray_DATA(a);
+    npy_intp n = PyArray_SIZE(a);
+    for (npy_intp i = 0; i < n; i++) {
+        if (!isfinite(p[i])) {
+            PyErr_Format(PyExc_ValueError, "%s contains %s at flat index %zd", name,
+                         isnan(p[i]) ? "NaN" : "Inf", (Py_ssize_t)i);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+static int check_int(npy_intp v, const char * name) {
+    if (v > INT_MAX) {
+        PyErr_Format(PyExc_ValueError, "%s has a dimension of %zd, above the supported %d", name, (Py_ssize_t)v, INT_MAX);
+        return -1;
+    }
+    return 0;
+}
+
+// ---------------------------------------------------------------------------------------
+// Net
+
+typedef struct {
+    PyObject_HEAD
+    struct kd_net * net;
+    int busy;        // set under the GIL while a call runs with the GIL released
+    int training;
+} NetObject;
+
+static PyTypeObject NetType;
+
+static int net_acquire(NetObject * self) {
+    if (!self->net) { PyErr_SetString(PyExc_RuntimeError, "the model was not built"); return -1; }
+    if (self->busy) {
+        PyErr_SetString(PyExc_RuntimeError,
+                        "this model is in use by another thread; kdcore models are not shared between threads");
+        return -1;
+    }
+    self->busy = 1;
+    return 0;
+}
+static void net_release(NetObject * self) { self->busy = 0; }
+
+static void Net_dealloc(NetObject * self) {
+    kd_net_free(self->net);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+// Net(nodes, seed): nodes is a sequence of tuples
+// (type, name, inp0, inp1, in_ch, out_ch, kernel, stride, padding, groups, bias, eps, momentum, p, init)
+static int Net_init(NetObject * self, PyObject * args, PyObject * kwds) {
+    static char * kwlist[] = { "nodes", "seed", NULL };
+    PyObject * nodes;
+    unsigned long long seed = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|K", kwlist, &nodes, &seed)) return -1;
+    PyObject * seq = PySequence_Fast(nodes, "nodes must be a sequence of node tuples");
+    if (!seq) return -1;
+    struct kd_net * net = kd_net_new();
+    if (!net) { Py_DECREF(seq); kd_raise(KD_ERR_NOMEM); return -1; }
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject * t = PySequence_Fast_GET_ITEM(seq, i);
+        int type, inp0, inp1, in_ch, out_ch, kernel, stride, padding, groups, bias, init;
+        const char * name;
+        float eps, momentum, p;
+        if (!PyTuple_Check(t) ||
+            !PyArg_ParseTuple(t, "isiiiiiiiipfffi;node", &type, &name, &inp0, &inp1, &in_ch, &out_ch,
+                              &kernel, &stride, &padding, &groups, &bias, &eps, &momentum, &p, &init)) {
+            if (!PyErr_Occurred()) PyErr_Format(PyExc_TypeError, "node %zd must be a tuple", i);
+            goto fail;
+        }
+        if (type < 0 || type >= KD_LAYER_COUNT) {
+            PyErr_Format(PyExc_ValueError, "node %zd ('%s'): unknown layer type %d", i, name, type);
+            goto fail;
+        }
+        struct kd_layer_spec s = kd_layer_default((enum kd_layer_type)type);
+        s.name = name; s.inp[0] = inp0; s.inp[1] = inp1; s.in_ch = in_ch; s.out_ch = out_ch;
+        s.kernel = kernel; s.stride = stride; s.padding = padding; s.groups = groups; s.bias = bias;
+        s.eps = eps; s.momentum = momentum; s.p = p; s.init = (enum kd_init)init;
+        if (kd_net_add(net, &s) < 0) { PyErr_SetString(PyExc_ValueError, kd_last_error()); goto fail; }
+    }
+    Py_DECREF(seq);
+    enum kd_status st = kd_net_finalize(net, seed);
+    if (st != KD_OK) { kd_net_free(net); kd_raise(st); return -1; }
+    kd_net_free(self->net);
+    self->net = net;
+    return 0;
+fail:
+    Py_DECREF(seq);
+    kd_net_free(net);
+    return -1;
+}
+
+// x as (N, C, H, W): 2-D arrays are (N, D) flat features.
+static int input_dims(PyArrayObject * x, const char * name, int dims[4]) {
+    int nd = PyArray_NDIM(x);
+    if (nd != 2 && nd != 4) {
+        PyErr_Format(PyExc_ValueError, "%s must be 2-D (N, features) or 4-D (N, C, H, W), got %d-D", name, nd);
+        return -1;
+    }
+    npy_intp * sh = PyArray_DIMS(x);
+    for (int i = 0; i < nd; i++) {
+        if (sh[i] == 0) { PyErr_Format(PyExc_ValueError, "%s is empty (dimension %d is 0)", name, i); return -1; }
+        if (check_int(sh[i], name) < 0) return -1;
+    }
+    dims[0] = (int)sh[0];
+    dims[1] = (int)sh[1];
+    dims[2] = nd == 4 ? (int)sh[2] : 1;
+    dims[3] = nd == 4 ? (int)sh[3] : 1;
+    return 0;
+}
+
+// A copy of a node's output: (N, C) when the node is flat, else (N, C, H, W).
+static PyObject * node_array(struct kd_net * net, int node) {
+    int c, h, w;
+    kd_net_node_shape(net, node, &c, &h, &w);
+    npy_intp dims[4] = { kd_net_batch(net), c, h, w };
+    int nd = (h == 1 && w == 1) ? 2 : 4;
+    PyObject * out = PyArray_SimpleNew(nd, dims, NPY_FLOAT32);
+    if (!out) return NULL;
+    memcpy(PyArray_DATA((PyArrayObject *)out), kd_net_output(net, node), (size_t)dims[0] * c * h * w * sizeof(float));
+    return out;
+}
+
+static PyObject * Net_forward(NetObject * self, PyObject * args, PyObject * kwds) {
+    static char * kwlist[] = { "x", "training", "seed", NULL };
+    PyObject * xo;
+    int training = 0;
+    unsigned long long seed = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|pK", kwlist, &xo, &training, &seed)) return NULL;
+    PyArrayObject * x = get_array(xo, NPY_FLOAT32, "x");
+    PyObject * out = NULL;
+    if (!x) return NULL;
+    int d[4];
+    if (input_dims(x, "x", d) < 0 || check_finite(x, "x") < 0 || net_acquire(self) < 0) goto fail;
+    enum kd_status st;
+    Py_BEGIN_ALLOW_THREADS
+    st = kd_net_forward(self->net, PyArray_DATA(x), d[0], d[1], d[2], d[3], training, seed);
+    Py_END_ALLOW_THREADS
+    net_release(self);
+    if (st != KD_OK) { kd_raise(st); goto fail; }
+    out = node_array(self->net, -1);
+fail:
+    Py_DECREF(x);
+    return out;
+}
+
+static int node_index(NetObject * self, PyObject * arg, int * node) {
+    if (PyLong_Check(arg)) {
+        long v = PyLong_AsLong(arg);
+        if (v == -1 && PyErr_Occurred()) return -1;
+        int n = kd_net_num_nodes(self->net);
+        if (v < -n || v >= n) { PyErr_Format(PyExc_IndexError, "node index %ld out of range for %d nodes", v, n); return -1; }
+        *node = v < 0 ? (int)(n + v) : (int)v;
+        return 0;
+    }
+    if (PyUnicode_Check(arg)) {
+        int v = kd_net_find(self->net, PyUnicode_AsUTF8(arg));
+        if (v < 0) { PyErr_Format(PyExc_KeyError, "no tap named %R", arg); return -1; }
+        *node = v;
+        return 0;
+    }
+    PyErr_Format(PyExc_TypeError, "tap must be a name (str) or index (int), got %s", Py_TYPE(arg)->tp_name);
+    return -1;
+}
+
+static PyObject * Net_tap(NetObject * self, PyObject * arg) {
+    int node;
+    if (!self->net || node_index(self, arg, &node) < 0) return NULL;
+    if (!kd_net_output(self->net, node)) {
+        PyErr_SetString(PyExc_RuntimeError, "no forward pass has run yet (taps are read after forward)");
+        return NULL;
+    }
+    if (self->busy) return PyErr_Format(PyExc_RuntimeError, "this model is in use by another thread");
+    return node_array(self->net, node);
+}
+
+static PyObject * Net_grad_add(NetObject * self, PyObject * args, PyObject * kwds) {
+    static char * kwlist[] = { "tap", "grad", "scale", NULL };
+    PyObject * tap, * go;
+    float scale = 1.0f;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO|f", kwlist, &tap, &go, &scale)) return NULL;
+    int node;
+    if (!self->net || node_index(self, tap, &node) < 0) return NULL;
+    if (!kd_net_output(self->net, node)) {
+        PyErr_SetString(PyExc_RuntimeError, "no forward pass has run yet (gradients are added between forward and backward)");
+        return NULL;
+    }
+    PyArrayObject * g = get_array(go, NPY_FLOAT32, "grad");
+    if (!g) return NULL;
+    PyObject * ret = NULL;
+    int c, h, w;
+    kd_net_node_shape(self->net, node, &c, &h, &w);
+    npy_intp want = (npy_intp)kd_net_batch(self->net) * c * h * w;
+    if (PyArray_SIZE(g) != want || PyArray_DIM(g, 0) != kd_net_batch(self->net)) {
+        PyErr_Format(PyExc_ValueError, "grad must have the tap's shape (%d, %d, %d, %d) (%zd values), got %zd values",
+                     kd_net_batch(self->net), c, h, w, (Py_ssize_t)want, (Py_ssize_t)PyArray_SIZE(g));
+        goto fail;
+    }
+    if (check_finite(g, "grad") < 0 || net_acquire(self) < 0) goto fail;
+    enum kd_status st = kd_net_grad_add(self->net, node, PyArray_DATA(g), scale);
+    net_release(self);
+    if (st != KD_OK) { kd_raise(st); goto fail; }
+    ret = Py_NewRef(Py_None);
+fail:
+    Py_DECREF(g);
+    return ret;
+}
+
+static PyObject * Net_backward(NetObject * self, PyObject * args, PyObject * kwds) {
+    static char * kwlist[] = { "dout", "input_grad", NULL };
+    PyObject * dobj = Py_None;
+    int want_dinp = 1;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|Op", kwlist, &dobj, &want_dinp)) return NULL;
+    if (!self->net) return PyErr_Format(PyExc_RuntimeError, "the model was not built");
+    if (!kd_net_output(self->net, -1))
+        return PyErr_Format(PyExc_RuntimeError, "backward needs a forward pass first");
+    PyArrayObject * d = NULL;
+    PyObject * dinp = NULL;
+    int c, h, w, N = kd_net_batch(self->net);
+    if (dobj != Py_None) {
+        d = get_array(dobj, NPY_FLOAT32, "dout");
+        if (!d) return NULL;
+        kd_net_node_shape(self->net, -1, &c, &h, &w);
+        if (PyArray_NDIM(d) < 1 || PyArray_DIM(d, 0) != N || PyArray_SIZE(d) != (npy_intp)N * c * h * w) {
+            PyErr_Format(PyExc_ValueError, "dout must have the output's shape (%d, %d), got %zd values",
+                         N, c * h * w, (Py_ssize_t)PyArray_SIZE(d));
+            goto fail;
+        }
+        if (check_finite(d, "dout") < 0) goto fail;
+    }
+    int C0, H0, W0;
+    kd_net_input_shape(self->net, &C0, &H0, &W0);
+    if (want_dinp) {
+        npy_intp dims[4] = { N, C0, H0, W0 };
+        int nd = (H0 == 1 && W0 == 1) ? 2 : 4;
+        dinp = PyArray_SimpleNew(nd, dims, NPY_FLOAT32);
+        if (!dinp) goto fail;
+    }
+    if (net_acquire(self) < 0) goto fail;
+    enum kd_status st;
+    const float * dp = d ? PyArray_DATA(d) : NULL;
+    float * ip = dinp ? PyArray_DATA((PyArrayObject *)dinp) : NULL;
+    Py_BEGIN_ALLOW_THREADS
+    st = kd_net_backward(self->net, dp, ip);
+    Py_END_ALLOW_THREADS
+    net_release(self);
+    if (st != KD_OK) { kd_raise(st); goto fail; }
+    Py_XDECREF(d);
+    if (!dinp) Py_RETURN_NONE;
+    return dinp;
+fail:
+    Py_XDECREF(d);
+    Py_XDECREF(dinp);
+    return NULL;
+}
+
+static PyObject * Net_zero_grad(NetObject * self, PyObject * Py_UNUSED(ignored)) {
+    if (net_acquire(self) < 0) return NULL;
+    kd_net_zero_grad(self->net);
+    net_release(self);
+    Py_RETURN_NONE;
+}
+
+static PyObject * Net_init_params(NetObject * self, PyObject * args) {
+    unsigned long long seed;
+    if (!PyArg_ParseTuple(args, "K", &seed)) return NULL;
+    if (net_acquire(self) < 0) return NULL;
+    kd_net_init_params(self->net, seed);
+    net_release(self);
+    Py_RETURN_NONE;
+}
+
+// A 1-D float32 view of a block, kept alive by the Net.
+static PyObject * block_view(NetObject * self, float * p, size_t n) {
+    npy_intp dims[1] = { (npy_intp)n };
+    PyObject * a = PyArray_SimpleNewFromData(1, dims, NPY_FLOAT32, p);
+    if (!a) return NULL;
+    if (PyArray_SetBaseObject((PyArrayObject *)a, Py_NewRef((PyObject *)self)) < 0) { Py_DECREF(a); return NULL; }
+    return a;
+}
+
+static PyObject * Net_params(NetObject * self, PyObject * Py_UNUSED(i)) {
+    if (!self->net) return PyErr_Format(PyExc_RuntimeError, "the model was not built");
+    return block_view(self, kd_net_params(self->net), kd_net_num_params(self->net));
+}
+static PyObject * Net_grads(NetObject * self, PyObject * Py_UNUSED(i)) {
+    if (!self->net) return PyErr_Format(PyExc_RuntimeError, "the model was not built");
+    return block_view(self, kd_net_grads(self->net), kd_net_num_params(self->net));
+}
+static PyObject * Net_buffers(NetObject * self, PyObject * Py_UNUSED(i)) {
+    if (!self->net) return PyErr_Format(PyExc_RuntimeError, "the model was not built");
+    return block_view(self, kd_net_buffers(self->net), kd_net_num_buffers(self->net));
+}
+
+// tensors() -> [(name, shape, is_buffer, offset)]
+static PyObject * Net_tensors(NetObject * self, PyObject * Py_UNUSED(i)) {
+    if (!self->net) return PyErr_Format(PyExc_RuntimeError, "the model was not built");
+    int n = kd_net_num_tensors(self->net);
+    PyObject * list = PyList_New(n);
+    if (!list) return NULL;
+    for (int i = 0; i < n; i++) {
+        const struct kd_tensor_info * t = kd_net_tensor(self->net, i);
+        PyObject * shape = PyTuple_New(t->ndim);
+        if (!shape) { Py_DECREF(list); return NULL; }
+        for (int k = 0; k < t->ndim; k++) PyTuple_SET_ITEM(shape, k, PyLong_FromLong(t->shape[k]));
+        PyObject * item = Py_BuildValue("(sNOn)", t->name, shape, t->is_buffer ? Py_True : Py_False, (Py_ssize_t)t->offset);
+        if (!item) { Py_DECREF(list); return NULL; }
+        PyList_SET_ITEM(list, i, item);
+    }
+    return list;
+}
+
+static PyObject * Net_bn_batches(NetObject * self, PyObject * args) {
+    int node;
+    PyObject * value = Py_None;
+    if (!PyArg_ParseTuple(args, "i|O", &node, &value)) return NULL;
+    int64_t * p = kd_net_bn_batches(self->net, node);
+    if (!p) return PyErr_Format(PyExc_ValueError, "node %d is not a batchnorm", node);
+    if (value != Py_None) {
+        long long v = PyLong_AsLongLong(value);
+        if (v == -1 && PyErr_Occurred()) return NULL;
+        *p = v;
+    }
+    return PyLong_FromLongLong(*p);
+}
+
+// shapes(N, C, H, W) -> [(c, h, w) per node]; plans the net for that input.
+static PyObject * Net_shapes(NetObject * self, PyObject * args) {
+    int N, C, H, W;
+    if (!PyArg_ParseTuple(args, "iiii", &N, &C, &H, &W)) return NULL;
+    if (net_acquire(self) < 0) return NULL;
+    enum kd_status st = kd_net_plan(self->net, N, C, H, W);
+    net_release(self);
+    if (st != KD_OK) return kd_raise(st);
+    int n = kd_net_num_nodes(self->net);
+    PyObject * list = PyList_New(n);
+    if (!list) return NULL;
+    for (int i = 0; i < n; i++) {
+        int c, h, w;
+        kd_net_node_shape(self->net, i, &c, &h, &w);
+        PyList_SET_ITEM(list, i, Py_BuildValue("(iii)", c, h, w));
+    }
+    return list;
+}
+
+static PyMethodDef Net_methods[] = {
+    { "forward", (PyCFunction)(void (*)(void))Net_forward, METH_VARARGS | METH_KEYWORDS,
+      "forward(x, training=False, seed=0) -> output (copy)" },
+    { "tap", (PyCFunction)Net_tap, METH_O, "tap(name_or_index) -> copy of that node's output" },
+    { "grad_add", (PyCFunction)(void (*)(void))Net_grad_add, METH_VARARGS | METH_KEYWORDS,
+      "grad_add(tap, grad, scale=1.0): add to the gradient at a tap before backward" },
+    { "backward", (PyCFunction)(void (*)(void))Net_backward, METH_VARARGS | METH_KEYWORDS,
+      "backward(dout=None, input_grad=True) -> gradient w.r.t. the input, or None" },
+    { "zero_grad", (PyCFunction)Net_zero_grad, METH_NOARGS, "zero the parameter gradients" },
+    { "init_params", (PyCFunction)Net_init_params, METH_VARARGS, "init_params(seed)" },
+    { "params", (PyCFunction)Net_params, METH_NOARGS, "1-D float32 view of the parameter block" },
+    { "grads", (PyCFunction)Net_grads, METH_NOARGS, "1-D float32 view of the gradient block" },
+    { "buffers", (PyCFunction)Net_buffers, METH_NOARGS, "1-D float32 view of the buffer block" },
+    { "tensors", (PyCFunction)Net_tensors, METH_NOARGS, "[(name, shape, is_buffer, offset)]" },
+    { "bn_batches", (PyCFunction)Net_bn_batches, METH_VARARGS, "bn_batches(node[, value]) -> num_batches_tracked" },
+    { "shapes", (PyCFunction)Net_shapes, METH_VARARGS, "shapes(N, C, H, W) -> per-node (c, h, w)" },
+    { NULL, NULL, 0, NULL },
+};
+
+static PyTypeObject NetType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "kdcore._kdcore.Net",
+    .tp_basicsize = sizeof(NetObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "A kdcore network (C core). Use kdcore.nn / kdcore.models to build one.",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Net_init,
+    .tp_dealloc = (destructor)Net_dealloc,
+    .tp_methods = Net_methods,
+};
+
+// ---------------------------------------------------------------------------------------
+// Optimizer
+
+typedef struct {
+    PyObject_HEAD
+    struct kd_optim * opt;
+    NetObject * net;
+} OptimObject;
+
+static void Optim_dealloc(OptimObject * self) {
+    kd_optim_free(self->opt);
+    Py_XDECREF(self->net);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int Optim_init(OptimObject * self, PyObject * args, PyObject * kwds) {
+    static char * kwlist[] = { "net", "kind", "lr", "momentum", "dampening", "nesterov", "weight_decay",
+                               "beta1", "beta2", "eps", "decay_bn_and_bias", NULL };
+    PyObject * net;
+    struct kd_optim_cfg c;
+    memset(&c, 0, sizeof c);
+    int kind = 0, nesterov = 0, decay_all = 1;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!if|ffpffffp", kwlist, &NetType, &net, &kind, &c.lr,
+                                     &c.momentum, &c.dampening, &nesterov, &c.weight_decay, &c.beta1,
+                                     &c.beta2, &c.eps, &decay_all))
+        return -1;
+    if (kind < KD_OPTIM_SGD || kind > KD_OPTIM_ADAMW) { PyErr_Format(PyExc_ValueError, "unknown optimizer kind %d", kind); return -1; }
+    if (!((NetObject *)net)->net) { PyErr_SetString(PyExc_RuntimeError, "the model was not built"); return -1; }
+    c.kind = (enum kd_optim_kind)kind;
+    c.nesterov = nesterov;
+    c.decay_bn_and_bias = decay_all;
+    struct kd_optim * o = kd_optim_new(((NetObject *)net)->net, &c);
+    if (!o) { PyErr_SetString(PyExc_ValueError, kd_last_error()); return -1; }
+    kd_optim_free(self->opt);
+    Py_XDECREF(self->net);
+    self->opt = o;
+    self->net = (NetObject *)Py_NewRef(net);
+    return 0;
+}
+
+static PyObject * Optim_step(OptimObject * self, PyObject * args) {
+    float lr;
+    if (!PyArg_ParseTuple(args, "f", &lr)) return NULL;
+    if (!self->opt) return PyErr_Format(PyExc_RuntimeError, "optimizer not initialised");
+    if (net_acquire(self->net) < 0) return NULL;
+    enum kd_status st;
+    Py_BEGIN_ALLOW_THREADS
+    st = kd_optim_step(self->opt, lr);
+    Py_END_ALLOW_THREADS
+    net_release(self->net);
+    if (st != KD_OK) return kd_raise(st);
+    Py_RETURN_NONE;
+}
+
+static PyObject * Optim_reset(OptimObject * self, PyObject * Py_UNUSED(i)) {
+    if (!self->opt) return PyErr_Format(PyExc_RuntimeError, "optimizer not initialised");
+    kd_optim_reset(self->opt);
+    Py_RETURN_NONE;
+}
+
+static PyObject * Optim_state(OptimObject * self, PyObject * args) {
+    int which;
+    if (!PyArg_ParseTuple(args, "i", &which)) return NULL;
+    if (!self->opt) return PyErr_Format(PyExc_RuntimeError, "optimizer not initialised");
+    if (which < 0 || which > 1) return PyErr_Format(PyExc_ValueError, "which must be 0 or 1");
+    float * p = kd_optim_state(self->opt, which);
+    if (!p) Py_RETURN_NONE;
+    npy_intp dims[1] = { (npy_intp)kd_net_num_params(self->net->net) };
+    PyObject * a = PyArray_SimpleNewFromData(1, dims, NPY_FLOAT32, p);
+    if (!a) return NULL;
+    if (PyArray_SetBaseObject((PyArrayObject *)a, Py_NewRef((PyObject *)self)) < 0) { Py_DECREF(a); return NULL; }
+    return a;
+}
+
+static PyObject * Optim_steps(OptimObject * self, PyObject * args) {
+    PyObject * value = Py_None;
+    if (!PyArg_ParseTuple(args, "|O", &value)) return NULL;
+    if (!self->opt) return PyErr_Format(PyExc_RuntimeError, "optimizer not initialised");
+    int64_t * p = kd_optim_steps(self->opt);
+    if (value != Py_None) {
+        long long v = PyLong_AsLongLong(value);
+        if (v == -1 && PyErr_Occurred()) return NULL;
+        *p = v;
+    }
+    return PyLong_FromLongLong(*p);
+}
+
+static PyMethodDef Optim_methods[] = {
+    { "step", (PyCFunction)Optim_step, METH_VARARGS, "step(lr): one update from the accumulated gradients" },
+    { "reset", (PyCFunction)Optim_reset, METH_NOARGS, "zero the optimizer state" },
+    { "state", (PyCFunction)Optim_state, METH_VARARGS, "state(which) -> view of momentum/m (0) or v (1), or None" },
+    { "steps", (PyCFunction)Optim_steps, METH_VARARGS, "steps([value]) -> step count" },
+    { NULL, NULL, 0, NULL },
+};
+
+static PyTypeObject OptimType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "kdcore._kdcore.Optimizer",
+    .tp_basicsize = sizeof(OptimObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Optimizer state over a Net's parameter block (C core).",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Optim_init,
+    .tp_dealloc = (destructor)Optim_dealloc,
+    .tp_methods = Optim_methods,
+};
+
+// ---------------------------------------------------------------------------------------
+// Dataset: holds references to the caller's arrays for as long as it lives.
+
+typedef struct {
+    PyObject_HEAD
+    PyArrayObject * x;
+    PyArrayObject * y;
+    struct kd_dataset ds;
+} DatasetObject;
+
+static void Dataset_dealloc(DatasetObject * self) {
+    Py_XDECREF(self->x);
+    Py_XDECREF(self->y);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+// Dataset(x, y=None, scale=1.0, mean=(), std=(), num_classes=0)
+static int Dataset_init(DatasetObject * self, PyObject * args, PyObject * kwds) {
+    static char * kwlist[] = { "x", "y", "scale", "mean", "std", "num_classes", NULL };
+    PyObject * xo, * yo = Py_None, * mo = NULL, * so = NULL;
+    float scale = 1.0f;
+    int num_classes = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|OfOOi", kwlist, &xo, &yo, &scale, &mo, &so, &num_classes))
+        return -1;
+    if (!PyArray_Check(xo)) { PyErr_Format(PyExc_TypeError, "x must be a numpy.ndarray, got %s", Py_TYPE(xo)->tp_name); return -1; }
+    int xt = PyArray_TYPE((PyArrayObject *)xo);
+    if (xt != NPY_UINT8 && xt != NPY_FLOAT32) {
+        PyErr_Format(PyExc_TypeError, "x must have dtype uint8 or float32, got %s", dtype_name((PyArrayObject *)xo));
+        return -1;
+    }
+    PyArrayObject * x = get_array(xo, xt, "x");
+    PyArrayObject * y = NULL;
+    if (!x) return -1;
+    int d[4];
+    if (input_dims(x, "x", d) < 0) goto fail;
+    if (yo != Py_None) {
+        y = get_array(yo, NPY_INT64, "y");
+        if (!y) goto fail;
+        if (PyArray_NDIM(y) != 1 || PyArray_DIM(y, 0) != d[0]) {
+            PyErr_Format(PyExc_ValueError, "y must be 1-D with %d labels (one per sample of x), got shape of %d dims and %zd values",
+                         d[0], PyArray_NDIM(y), (Py_ssize_t)PyArray_SIZE(y));
+            goto fail;
+        }
+    }
+    struct kd_dataset ds;
+    memset(&ds, 0, sizeof ds);
+    ds.x = PyArray_DATA(x);
+    ds.x_dtype = xt == NPY_UINT8 ? KD_U8 : KD_F32;
+    ds.y = y ? PyArray_DATA(y) : NULL;
+    ds.n = d[0]; ds.c = d[1]; ds.h = d[2]; ds.w = d[3];
+    ds.num_classes = num_classes;
+    ds.scale = scale;
+    Py_ssize_t nm = 0;
+    if (mo && mo != Py_None) {
+        PyObject * ms = PySequence_Fast(mo, "mean must be a sequence of floats");
+        PyObject * ss = so && so != Py_None ? PySequence_Fast(so, "std must be a sequence of floats") : NULL;
+        if (!ms || !ss) {
+            Py_XDECREF(ms); Py_XDECREF(ss);
+            if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "mean and std must be given together");
+            goto fail;
+        }
+        nm = PySequence_Fast_GET_SIZE(ms);
+        if (nm != d[1] || PySequence_Fast_GET_SIZE(ss) != nm || nm > 4) {
+            PyErr_Format(PyExc_ValueError, "mean and std must each have one value per channel (%d, at most 4), got %zd and %zd",
+                         d[1], nm, PySequence_Fast_GET_SIZE(ss));
+            Py_DECREF(ms); Py_DECREF(ss);
+            goto fail;
+        }
+        for (Py_ssize_t i = 0; i < nm; i++) {
+            ds.mean[i] = (float)PyFloat_AsDouble(PySequence_Fast_GET_ITEM(ms, i));
+            ds.std[i] = (float)PyFloat_AsDouble(PySequence_Fast_GET_ITEM(ss, i));
+        }
+        Py_DECREF(ms); Py_DECREF(ss);
+        if (PyErr_Occurred()) goto fail;
+        ds.normalize = true;
+    }
+    enum kd_status st;
+    Py_BEGIN_ALLOW_THREADS
+    st = kd_dataset_check(&ds);
+    Py_END_ALLOW_THREADS
+    if (st != KD_OK) { kd_raise(st); goto fail; }
+    Py_XDECREF(self->x);
+    Py_XDECREF(self->y);
+    self->x = x;
+    self->y = y;
+    self->ds = ds;
+    return 0;
+fail:
+    Py_XDECREF(x);
+    Py_XDECREF(y);
+    return -1;
+}
+
+static PyObject * Dataset_len(DatasetObject * self, PyObject * Py_UNUSED(i)) { return PyLong_FromLong(self->ds.n); }
+
+// batch(indices, crop_padding=0, hflip=False, noise_std=0, seed=0) -> float32 (N, C, H, W)
+static PyObject * Dataset_batch(DatasetObject * self, PyObject * args, PyObject * kwds) {
+    static char * kwlist[] = { "indices", "crop_padding", "hflip", "noise_std", "seed", NULL };
+    PyObject * io;
+    struct kd_augment aug = { 0, false, 0.0f };
+    int hflip = 0;
+    unsigned long long seed = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|ipfK", kwlist, &io, &aug.crop_padding, &hflip, &aug.noise_std, &seed))
+        return NULL;
+    aug.hflip = hflip;
+    if (!self->x) return PyErr_Format(PyExc_RuntimeError, "dataset not initialised");
+    PyArrayObject * idx = get_array(io, NPY_INT64, "indices");
+    if (!idx) return NULL;
+    PyObject * out = NULL;
+    npy_intp n = PyArray_SIZE(idx);
+    const int64_t * ip = PyArray_DATA(idx);
+    if (PyArray_NDIM(idx) != 1 || n == 0 || check_int(n, "indices") < 0) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "indices must be a non-empty 1-D int64 array");
+        goto fail;
+    }
+    for (npy_intp i = 0; i < n; i++)
+        if (ip[i] < 0 || ip[i] >= self->ds.n) {
+            PyErr_Format(PyExc_ValueError, "indices[%zd] = %lld is outside [0, %d)", (Py_ssize_t)i, (long long)ip[i], self->ds.n);
+            goto fail;
+        }
+    if (aug.crop_padding < 0 || !(aug.noise_std >= 0) || !isfinite(aug.noise_std)) {
+        PyErr_SetString(PyExc_ValueError, "crop_padding and noise_std must be >= 0");
+        goto fail;
+    }
+    npy_intp dims[4] = { n, self->ds.c, self->ds.h, self->ds.w };
+    out = PyArray_SimpleNew(4, dims, NPY_FLOAT32);
+    if (!out) goto fail;
+    Py_BEGIN_ALLOW_THREADS
+    kd_data_batch(PyArray_DATA((PyArrayObject *)out), &self->ds, ip, (int)n, &aug, seed);
+    Py_END_ALLOW_THREADS
+fail:
+    Py_DECREF(idx);
+    return out;
+}
+
+static PyMethodDef Dataset_methods[] = {
+    { "__len__", (PyCFunction)Dataset_len, METH_NOARGS, "number of samples" },
+    { "batch", (PyCFunction)(void (*)(void))Dataset_batch, METH_VARARGS | METH_KEYWORDS,
+      "batch(indices, crop_padding=0, hflip=False, noise_std=0.0, seed=0) -> normalised float32 batch" },
+    { NULL, NULL, 0, NULL },
+};
+
+static PyTypeObject DatasetType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "kdcore._kdcore.Dataset",
+    .tp_basicsize = sizeof(DatasetObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Arrays (uint8 or float32 images / features, int64 labels) seen by the C loops.",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Dataset_init,
+    .tp_dealloc = (destructor)Dataset_dealloc,
+    .tp_methods = Dataset_methods,
+};
+
+// ---------------------------------------------------------------------------------------
+// Loops
+
+struct callback_ctx {
+    PyObject * fn;    // called as fn(epoch, step, steps_total, loss_sum, correct, seen, lr); may be None
+};
+
+// Runs with the GIL released around it: take it, check for Ctrl-C, report progress.
+static int progress_cb(void * vctx, const struct kd_progress * p) {
+    struct callback_ctx * ctx = vctx;
+    PyGILState_STATE g = PyGILState_Ensure();
+    int stop = 0;
+    if (PyErr_CheckSignals() < 0) stop = 1;
+    else if (ctx->fn && ctx->fn != Py_None) {
+        PyObject * r = PyObject_CallFunction(ctx->fn, "iiidLLf", p->epoch, p->step, p->steps_total, p->loss_sum,
+                                             (long long)p->correct, (long long)p->seen, (double)p->lr);
+        if (!r) stop = 1;
+        else { stop = PyObject_IsTrue(r) == 1; Py_DECREF(r); }
+    }
+    PyGILState_Release(g);
+    return stop;
+}
+
+static int parse_schedule(PyObject * o, struct kd_schedule * s) {
+    PyObject * ms = NULL;
+    memset(s, 0, sizeof *s);
+    int kind;
+    if (!PyArg_ParseTuple(o, "ifOifi;schedule", &kind, &s->base_lr, &ms, &s->total_epochs, &s->min_lr, &s->warmup_epochs))
+        return -1;
+    if (kind < KD_SCHED_CONSTANT || kind > KD_SCHED_COSINE) { PyErr_Format(PyExc_ValueError, "unknown schedule kind %d", kind); return -1; }
+    s->kind = (enum kd_sched_kind)kind;
+    s->gamma = 0.1f;
+    PyObject * seq = PySequence_Fast(ms, "milestones must be a sequence of ints");
+    if (!seq) return -1;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    if (n > KD_MAX_MILESTONES) { Py_DECREF(seq); PyErr_Format(PyExc_ValueError, "at most %d milestones", KD_MAX_MILESTONES); return -1; }
+    for (Py_ssize_t i = 0; i < n; i++) s->milestones[i] = (int)PyLong_AsLong(PySequence_Fast_GET_ITEM(seq, i));
+    s->n_milestones = (int)n;
+    Py_DECREF(seq);
+    return PyErr_Occurred() ? -1 : 0;
+}
+
+// train_epoch(net, opt, data, epoch, *, batch_size, schedule, gamma, seed, shuffle, drop_last,
+//             max_steps, label_smoothing, crop_padding, hflip, noise_std, callback, callback_every) -> dict
+static PyObject * py_train_epoch(PyObject * Py_UNUSED(m), PyObject * args, PyObject * kwds) {
+    static char * kwlist[] = { "net", "opt", "data", "epoch", "batch_size", "schedule", "gamma", "seed", "shuffle",
+                               "drop_last", "max_steps", "label_smoothing", "crop_padding", "hflip", "noise_std",
+                               "callback", "callback_every", NULL };
+    NetObject * net;
+    OptimObject * opt;
+    DatasetObject * data;
+    int epoch, shuffle = 1, drop_last = 0, hflip = 0;
+    PyObject * sched_o, * cb = Py_None;
+    float gamma = 0.1f;
+    struct kd_train_cfg cfg = kd_train_cfg_default();
+    unsigned long long seed = 0;
+    long long max_steps = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!O!O!iiO|fKppLfipfOi", kwlist, &NetType, &net, &OptimType, &opt,
+                                     &DatasetType, &data, &epoch, &cfg.batch_size, &sched_o, &gamma, &seed, &shuffle,
+                                     &drop_last, &max_steps, &cfg.label_smoothing, &cfg.aug.crop_padding, &hflip,
+                                     &cfg.aug.noise_std, &cb, &cfg.callback_every))
+        return NULL;
+    if (parse_schedule(sched_o, &cfg.sched) < 0) return NULL;
+    cfg.sched.gamma = gamma;
+    cfg.seed = seed; cfg.shuffle = shuffle; cfg.drop_last = drop_last; cfg.max_steps = max_steps;
+    cfg.aug.hflip = hflip;
+    if (opt->net != net) return PyErr_Format(PyExc_ValueError, "opt was created for a different model");
+    if (!data->x) return PyErr_Format(PyExc_RuntimeError, "dataset not initialised");
+    struct callback_ctx ctx = { cb };
+    cfg.callback = progress_cb;
+    cfg.callback_ctx = &ctx;
+    struct kd_epoch_stats es;
+    memset(&es, 0, sizeof es);
+    if (net_acquire(net) < 0) return NULL;
+    enum kd_status st;
+    Py_BEGIN_ALLOW_THREADS
+    st = kd_train_epoch(net->net, opt->opt, &data->ds, &cfg, epoch, &es);
+    Py_END_ALLOW_THREADS
+    net_release(net);
+    if (st != KD_OK) return kd_raise(st);
+    return Py_BuildValue("{s:d,s:d,s:L,s:L,s:f}", "loss", es.loss, "accuracy", es.accuracy, "samples",
+                         (long long)es.samples, "steps", (long long)es.steps, "lr", (double)es.lr);
+}
+
+// evaluate(net, data, batch_size=256, logits=False) -> (logits or None, loss or None, accuracy or None)
+static PyObject * py_evaluate(PyObject * Py_UNUSED(m), PyObject * args, PyObject * kwds) {
+    static char * kwlist[] = { "net", "data", "batch_size", "logits", NULL };
+    NetObject * net;
+    DatasetObject * data;
+    int batch = 256, want_logits = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!O!|ip", kwlist, &NetType, &net, &DatasetType, &data, &batch, &want_logits))
+        return NULL;
+    if (!data->x) return PyErr_Format(PyExc_RuntimeError, "dataset not initialised");
+    if (batch < 1) return PyErr_Format(PyExc_ValueError, "batch_size (%d) must be >= 1", batch);
+    PyObject * logits = NULL;
+    if (want_logits) {
+        if (!net->net) return PyErr_Format(PyExc_RuntimeError, "the model was not built");
+        if (net_acquire(net) < 0) return NULL;
+        enum kd_status st = kd_net_plan(net->net, 1, data->ds.c, data->ds.h, data->ds.w);
+        net_release(net);
+        if (st != KD_OK) return kd_raise(st);
+        int c, h, w;
+        kd_net_node_shape(net->net, -1, &c, &h, &w);
+        npy_intp dims[2] = { data->ds.n, (npy_intp)c * h * w };
+        logits = PyArray_SimpleNew(2, dims, NPY_FLOAT32);
+        if (!logits) return NULL;
+    }
+    int labels = data->y != NULL;
+    double loss = 0, acc = 0;
+    if (net_acquire(net) < 0) { Py_XDECREF(logits); return NULL; }
+    enum kd_status st;
+    float * lp = logits ? PyArray_DATA((PyArrayObject *)logits) : NULL;
+    Py_BEGIN_ALLOW_THREADS
+    st = kd_evaluate(net->net, &data->ds, batch, lp, labels ? &loss : NULL, labels ? &acc : NULL);
+    Py_END_ALLOW_THREADS
+    net_release(net);
+    if (st != KD_OK) { Py_XDECREF(logits); return kd_raise(st); }
+    if (!logits) logits = Py_NewRef(Py_None);
+    if (!labels) return Py_BuildValue("(NOO)", logits, Py_None, Py_None);
+    return Py_BuildValue("(Ndd)", logits, loss, acc);
+}
+
+// cross_entropy(logits (N, V) float32, target (N,) int64, label_smoothing=0) -> (loss, dlogits)
+static PyObject * py_cross_entropy(PyObject * Py_UNUSED(m), PyObject * args, PyObject * kwds) {
+    static char * kwlist[] = { "logits", "target", "label_smoothing", NULL };
+    PyObject * lo, * to;
+    float ls = 0.0f;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO|f", kwlist, &lo, &to, &ls)) return NULL;
+    PyArrayObject * z = get_array(lo, NPY_FLOAT32, "logits");
+    if (!z) return NULL;
+    PyArrayObject * t = NULL;
+    PyObject * d = NULL;
+    if (PyArray_NDIM(z) != 2 || PyArray_SIZE(z) == 0) {
+        PyErr_Format(PyExc_ValueError, "logits must be a non-empty 2-D array (N, classes), got %d-D", PyArray_NDIM(z));
+        goto fail;
+    }
+    if (check_int(PyArray_DIM(z, 0), "logits") < 0 || check_int(PyArray_DIM(z, 1), "logits") < 0) goto fail;
+    if (check_finite(z, "logits") < 0) goto fail;
+    t = get_array(to, NPY_INT64, "target");
+    if (!t) goto fail;
+    if (PyArray_NDIM(t) != 1 || PyArray_DIM(t, 0) != PyArray_DIM(z, 0)) {
+        PyErr_Format(PyExc_ValueError, "target must be 1-D with %zd labels, got %zd values",
+                     (Py_ssize_t)PyArray_DIM(z, 0), (Py_ssize_t)PyArray_SIZE(t));
+        goto fail;
+    }
+    int N = (int)PyArray_DIM(z, 0), V = (int)PyArray_DIM(z, 1);
+    const int64_t * tp = PyArray_DATA(t);
+    for (int i = 0; i < N; i++)
+        if (tp[i] < 0 || tp[i] >= V) {
+            PyErr_Format(PyExc_ValueError, "target[%d] = %lld is outside [0, %d)", i, (long long)tp[i], V);
+            goto fail;
+        }
+    d = PyArray_SimpleNew(2, PyArray_DIMS(z), NPY_FLOAT32);
+    if (!d) goto fail;
+    float loss;
+    enum kd_status st = kd_cross_entropy(&loss, PyArray_DATA((PyArrayObject *)d), PyArray_DATA(z), tp, N, V, ls, 1.0f, false);
+    if (st != KD_OK) { kd_raise(st); Py_CLEAR(d); goto fail; }
+    Py_DECREF(z);
+    Py_DECREF(t);
+    return Py_BuildValue("(fN)", loss, d);
+fail:
+    Py_XDECREF(z);
+    Py_XDECREF(t);
+    Py_XDECREF(d);
+    return NULL;
+}
+
+static PyObject * py_idx_read(PyObject * Py_UNUSED(m), PyObject * arg) {
+    PyObject * bytes = NULL;
+    if (!PyUnicode_FSConverter(arg, &bytes)) return NULL;
+    uint8_t * data = NULL;
+    int ndim = 0;
+    int64_t dims[4];
+    enum kd_status st;
+    const char * path = PyBytes_AS_STRING(bytes);
+    Py_BEGIN_ALLOW_THREADS
+    st = kd_idx_read(path, &data, &ndim, dims);
+    Py_END_ALLOW_THREADS
+    Py_DECREF(bytes);
+    if (st != KD_OK) return kd_raise(st);
+    npy_intp nd[4];
+    for (int i = 0; i < ndim; i++) nd[i] = (npy_intp)dims[i];
+    PyObject * a = PyArray_SimpleNew(ndim, nd, NPY_UINT8);
+    if (a) memcpy(PyArray_DATA((PyArrayObject *)a), data, (size_t)PyArray_NBYTES((PyArrayObject *)a));
+    kd_free(data);
+    return a;
+}
+
+static PyObject * py_schedule_lr(PyObject * Py_UNUSED(m), PyObject * args) {
+    PyObject * so;
+    float gamma;
+    int epoch, step, steps_per_epoch;
+    if (!PyArg_ParseTuple(args, "Ofiii", &so, &gamma, &epoch, &step, &steps_per_epoch)) return NULL;
+    struct kd_schedule s;
+    if (parse_schedule(so, &s) < 0) return NULL;
+    s.gamma = gamma;
+    return PyFloat_FromDouble(kd_schedule_lr(&s, epoch, step, steps_per_epoch));
+}
+
+static PyObject * py_set_num_threads(PyObject * Py_UNUSED(m), PyObject * arg) {
+    long n = PyLong_AsLong(arg);
+    if (n == -1 && PyErr_Occurred()) return NULL;
+    if (n < 1 || n > 1024) return PyErr_Format(PyExc_ValueError, "n must be in [1, 1024], got %ld", n);
+    kd_set_num_threads((int)n);
+    Py_RETURN_NONE;
+}
+
+static PyObject * py_get_num_threads(PyObject * Py_UNUSED(m), PyObject * Py_UNUSED(a)) {
+    return PyLong_FromLong(kd_get_num_threads());
+}
+
+static PyObject * py_blas_config(PyObject * Py_UNUSED(m), PyObject * Py_UNUSED(a)) {
+    return PyUnicode_FromString(kd_blas_config());
+}
+
+static PyMethodDef module_methods[] = {
+    { "train_epoch", (PyCFunction)(void (*)(void))py_train_epoch, METH_VARARGS | METH_KEYWORDS, "one training epoch in C" },
+    { "evaluate", (PyCFunction)(void (*)(void))py_evaluate, METH_VARARGS | METH_KEYWORDS, "batched eval-mode forward" },
+    { "cross_entropy", (PyCFunction)(void (*)(void))py_cross_entropy, METH_VARARGS | METH_KEYWORDS, "(loss, dlogits)" },
+    { "idx_read", (PyCFunction)py_idx_read, METH_O, "read an IDX (optionally gzipped) file" },
+    { "schedule_lr", (PyCFunction)py_schedule_lr, METH_VARARGS, "lr of a schedule at (epoch, step)" },
+    { "set_num_threads", (PyCFunction)py_set_num_threads, METH_O, "set OpenMP/OpenBLAS threads" },
+    { "get_num_threads", (PyCFunction)py_get_num_threads, METH_NOARGS, "OpenMP threads" },
+    { "blas_config", (PyCFunction)py_blas_config, METH_NOARGS, "BLAS build description" },
+    { NULL, NULL, 0, NULL },
+};
+
+static struct PyModuleDef moduledef = {
+    PyModuleDef_HEAD_INIT, "_kdcore", "kdcore C core binding", -1, module_methods,
+    NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__kdcore(void) {
+    import_array();
+    if (PyType_Ready(&NetType) < 0 || PyType_Ready(&OptimType) < 0 || PyType_Ready(&DatasetType) < 0) return NULL;
+    PyObject * m = PyModule_Create(&moduledef);
+    if (!m) return NULL;
+    if (PyModule_AddObjectRef(m, "Net", (PyObject *)&NetType) < 0 ||
+        PyModule_AddObjectRef(m, "Optimizer", (PyObject *)&OptimType) < 0 ||
+        PyModule_AddObjectRef(m, "Dataset", (PyObject *)&DatasetType) < 0 ||
+        PyModule_AddStringConstant(m, "version", KDCORE_VERSION) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

@@ -1,0 +1,572 @@
+"""Layers and models, PyTorch-style.
+
+A kdcore `Module` is a *description* (layer options, children) plus, once used, a compiled
+C network. Any module can be called like a model: ``kdcore.nn.Linear(3, 4)(x)`` works, as does
+``Sequential(...)(x)`` or a zoo model. The C network is built on first use from the module
+tree; parameter names follow PyTorch's state-dict keys (``features.0.weight``,
+``layer1.0.bn1.running_mean``), so a PyTorch state dict of the same architecture, converted
+to numpy arrays, loads directly.
+
+Every node output is a *tap*: after ``forward`` read it with ``model.tap(name)``; before
+``backward`` add a gradient to it with ``model.add_tap_grad(name, g)``. Names are the node
+names (``layer1.0.bn2`` is the pre-activation, ``layer1.0.relu2`` the post-activation) plus
+module aliases (``layer1`` is the output of that stage).
+"""
+from __future__ import annotations
+
+import html
+from collections import OrderedDict
+
+import numpy as np
+
+from . import _kdcore
+
+__all__ = ["Module", "Sequential", "Linear", "Conv2d", "BatchNorm1d", "BatchNorm2d", "ReLU",
+           "MaxPool2d", "AvgPool2d", "AdaptiveAvgPool2d", "Dropout", "Flatten", "Residual", "Identity"]
+
+# Must match enum kd_layer_type / enum kd_init in kdcore.h.
+_LINEAR, _CONV2D, _BATCHNORM, _RELU, _MAXPOOL, _AVGPOOL, _GAP, _DROPOUT, _FLATTEN, _ADD = range(10)
+_INITS = {"default": 0, "kaiming_normal_fan_out": 1, "kaiming_normal_fan_in": 2}
+_INPUT = -1
+_ROOT = "_root"   # C needs a non-empty node name; a bare layer used as a model gets this one
+
+
+def _check_int(name, v, lo=None):
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+    v = int(v)
+    if lo is not None and v < lo:
+        raise ValueError(f"{name} must be >= {lo}, got {v}")
+    return v
+
+
+def _check_float(name, v, lo=None, hi=None, lo_open=False, hi_open=False):
+    if isinstance(v, bool) or not isinstance(v, (int, float, np.floating, np.integer)):
+        raise TypeError(f"{name} must be a float, got {type(v).__name__}")
+    v = float(v)
+    if not np.isfinite(v):
+        raise ValueError(f"{name} must be finite, got {v}")
+    if lo is not None and (v < lo or (lo_open and v == lo)):
+        raise ValueError(f"{name} must be {'>' if lo_open else '>='} {lo}, got {v}")
+    if hi is not None and (v > hi or (hi_open and v == hi)):
+        raise ValueError(f"{name} must be {'<' if hi_open else '<='} {hi}, got {v}")
+    return v
+
+
+def _square(name, v):
+    """PyTorch accepts int or (int, int); kdcore's kernels are square."""
+    if isinstance(v, (tuple, list)):
+        if len(v) != 2 or v[0] != v[1]:
+            raise ValueError(f"{name} must be an int or a square pair (k, k), got {v!r}")
+        v = v[0]
+    return _check_int(name, v)
+
+
+class _Graph:
+    """Node list under construction: what a module tree compiles to."""
+
+    def __init__(self):
+        self.nodes = []          # tuples for _kdcore.Net
+        self.names = []
+        self.kinds = []
+        self.aliases = OrderedDict()   # module path -> node index of its output
+
+    def add(self, kind, name, inputs, in_ch=0, out_ch=0, kernel=0, stride=1, padding=0, groups=1,
+            bias=True, eps=1e-5, momentum=0.1, p=0.0, init="default"):
+        name = name or _ROOT
+        if name in self.names:
+            raise ValueError(f"two layers are both named {name!r}")
+        inp = list(inputs) + [_INPUT] * (2 - len(inputs))
+        self.nodes.append((kind, name, inp[0], inp[1], in_ch, out_ch, kernel, stride, padding, groups,
+                           bool(bias), eps, momentum, p, _INITS[init]))
+        self.names.append(name)
+        self.kinds.append(kind)
+        return len(self.nodes) - 1
+
+    def alias(self, name, node):
+        if name and name not in self.names and name not in self.aliases:
+            self.aliases[name] = node
+
+
+def _join(prefix, name):
+    return f"{prefix}.{name}" if prefix else str(name)
+
+
+class Module:
+    """Base class: a layer or a block of layers, usable as a model.
+
+    Subclasses implement ``_emit(graph, x, prefix) -> node`` which appends their nodes (named
+    under ``prefix``) reading from node ``x`` and returns the output node.
+    """
+
+    def __init__(self):
+        self._net = None
+        self._graph = None
+        self._seed = 0
+        self.training = True
+        self._step = 0
+        self._x_shape = None
+
+    # ---- structure ------------------------------------------------------------------
+    def _emit(self, g, x, prefix):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _children(self):
+        return []
+
+    def _build(self):
+        if self._net is None:
+            g = _Graph()
+            self._emit(g, _INPUT, "")
+            self._graph = g
+            self._net = _kdcore.Net(g.nodes, self._seed)
+            self._tensors = self._net.tensors()
+            self._bn_nodes = [i for i, k in enumerate(g.kinds) if k == _BATCHNORM]
+        return self._net
+
+    @property
+    def net(self):
+        """The compiled C network (built on first access)."""
+        return self._build()
+
+    def reset_parameters(self, seed=0):
+        """Re-initialise every parameter and BN buffer from ``seed``."""
+        self._seed = _check_int("seed", seed, 0)
+        self.net.init_params(self._seed)
+        for i in self._bn_nodes:
+            self._net.bn_batches(i, 0)
+        return self
+
+    # ---- modes ----------------------------------------------------------------------
+    def train(self, mode=True):
+        if not isinstance(mode, bool):
+            raise TypeError(f"mode must be a bool, got {type(mode).__name__}")
+        self.training = mode
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+    # ---- compute ----------------------------------------------------------------------
+    def forward(self, x):
+        """Forward pass; returns the output as a new numpy array ((N, classes) for classifiers).
+
+        ``x``: float32 array (N, C, H, W) or (N, features). In training mode BatchNorm uses
+        batch statistics (and updates its running statistics) and Dropout is active.
+        """
+        net = self.net
+        self._step += 1
+        out = net.forward(x, training=self.training, seed=self._seed * 1000003 + self._step)
+        self._x_shape = x.shape
+        return out
+
+    __call__ = forward
+
+    def backward(self, dout=None, input_grad=True):
+        """Backward from ``dout`` (gradient of the output, shape of the last forward's output),
+        plus any gradients added at taps. Accumulates parameter gradients (see ``zero_grad``)
+        and returns the gradient with respect to the input (or None if ``input_grad=False``)."""
+        d = self.net.backward(dout, input_grad=input_grad)
+        if d is not None and self._x_shape is not None:
+            d = d.reshape(self._x_shape)
+        return d
+
+    def zero_grad(self):
+        self.net.zero_grad()
+
+    # ---- taps -------------------------------------------------------------------------
+    def taps(self):
+        """Names of every readable intermediate output: node names, then module aliases."""
+        self._build()
+        return list(self._graph.names) + list(self._graph.aliases)
+
+    def _tap_index(self, name):
+        self._build()
+        if isinstance(name, str):
+            if name in self._graph.aliases:
+                return self._graph.aliases[name]
+            if name in self._graph.names:
+                return self._graph.names.index(name)
+            raise KeyError(f"no tap named {name!r}; model.taps() lists them")
+        raise TypeError(f"tap name must be a str, got {type(name).__name__}")
+
+    def tap(self, name):
+        """Copy of the named intermediate output from the last forward pass."""
+        return self.net.tap(self._tap_index(name))
+
+    def add_tap_grad(self, name, grad, scale=1.0):
+        """Add ``scale * grad`` to the gradient at a tap, between forward and backward."""
+        scale = _check_float("scale", scale)
+        self.net.grad_add(self._tap_index(name), grad, scale)
+
+    # ---- parameters -------------------------------------------------------------------
+    def _key(self, cname):
+        return cname[len(_ROOT) + 1:] if cname.startswith(_ROOT + ".") else cname
+
+    def named_parameters(self):
+        """(name, view) pairs; the views share memory with the C parameter block."""
+        block = self.net.params()
+        for name, shape, is_buf, off in self._tensors:
+            if not is_buf:
+                n = int(np.prod(shape))
+                yield self._key(name), block[off:off + n].reshape(shape)
+
+    def parameters(self):
+        return OrderedDict(self.named_parameters())
+
+    def grads(self):
+        """name -> gradient (views into the C gradient block; live)."""
+        block = self.net.grads()
+        out = OrderedDict()
+        for name, shape, is_buf, off in self._tensors:
+            if not is_buf:
+                out[self._key(name)] = block[off:off + int(np.prod(shape))].reshape(shape)
+        return out
+
+    def num_parameters(self):
+        return int(self.net.params().size)
+
+    def _state_items(self):
+        """(key, array view, kind) for every state-dict entry, PyTorch's order per module."""
+        params, bufs = self.net.params(), self.net.buffers()
+        per_node = OrderedDict()
+        for name, shape, is_buf, off in self._tensors:
+            node = name.rsplit(".", 1)[0]
+            block = bufs if is_buf else params
+            per_node.setdefault(node, []).append(
+                (self._key(name), block[off:off + int(np.prod(shape))].reshape(shape), "buffer" if is_buf else "param"))
+        items = []
+        g = self._graph
+        for i, name in enumerate(g.names):
+            for it in per_node.get(name, []):
+                items.append(it)
+            if g.kinds[i] == _BATCHNORM:
+                items.append((self._key(name + ".num_batches_tracked"), i, "count"))
+        return items
+
+    def state_dict(self):
+        """OrderedDict of numpy copies: parameters, BN running stats and num_batches_tracked
+        (int64), with PyTorch's key names."""
+        sd = OrderedDict()
+        for key, v, kind in self._state_items():
+            sd[key] = np.array(self.net.bn_batches(v), dtype=np.int64) if kind == "count" else v.copy()
+        return sd
+
+    def load_state_dict(self, state_dict, strict=True):
+        """Copy arrays into the model. Values may be numpy arrays or CPU torch tensors.
+
+        With ``strict`` (default), missing and unexpected keys raise KeyError; shapes must match
+        exactly (ValueError names the key). Values must be finite real numbers.
+        """
+        if not hasattr(state_dict, "items"):
+            raise TypeError(f"state_dict must be a mapping, got {type(state_dict).__name__}")
+        items = self._state_items()
+        keys = {k for k, _, _ in items}
+        given = set(state_dict.keys())
+        missing = sorted(keys - given)
+        unexpected = sorted(str(k) for k in given - keys)
+        if strict and (missing or unexpected):
+            msg = []
+            if missing:
+                msg.append(f"missing keys: {missing[:10]}{' ...' if len(missing) > 10 else ''}")
+            if unexpected:
+                msg.append(f"unexpected keys: {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}")
+            raise KeyError("load_state_dict: " + "; ".join(msg))
+        staged = []
+        for key, dst, kind in items:
+            if key not in state_dict:
+                continue
+            v = _to_numpy(state_dict[key], key)
+            if kind == "count":
+                if v.size != 1:
+                    raise ValueError(f"state_dict[{key!r}] must be a scalar, got shape {v.shape}")
+                staged.append((dst, int(v.reshape(())), kind))
+                continue
+            if v.shape != dst.shape:
+                raise ValueError(f"state_dict[{key!r}] has shape {v.shape}, the model expects {dst.shape}")
+            if not np.all(np.isfinite(v)):
+                raise ValueError(f"state_dict[{key!r}] contains NaN or Inf")
+            staged.append((dst, v, kind))
+        # Validate everything before writing anything: a failed load leaves the model as it was.
+        for dst, v, kind in staged:
+            if kind == "count":
+                self.net.bn_batches(dst, v)
+            else:
+                dst[...] = v
+        return self
+
+    # ---- display ----------------------------------------------------------------------
+    def summary(self, input_shape=None):
+        """Rows (name, type, output shape per sample, parameter count)."""
+        net = self.net
+        shapes = None
+        if input_shape is not None:
+            c, h, w = (tuple(input_shape) + (1, 1))[:3] if len(input_shape) < 3 else tuple(input_shape)
+            shapes = net.shapes(1, c, h, w)
+        counts = {}
+        for name, shape, is_buf, off in self._tensors:
+            if not is_buf:
+                node = name.rsplit(".", 1)[0]
+                counts[node] = counts.get(node, 0) + int(np.prod(shape))
+        rows = []
+        for i, name in enumerate(self._graph.names):
+            kind = _KIND_NAMES[self._graph.kinds[i]]
+            shp = shapes[i] if shapes else None
+            if shp is not None and shp[1] == 1 and shp[2] == 1:
+                shp = (shp[0],)
+            rows.append((self._key(name) if name != _ROOT else "", kind, shp, counts.get(name, 0)))
+        return rows
+
+    def _input_hint(self):
+        return getattr(self, "input_shape", None)
+
+    def __repr__(self):
+        head = f"{type(self).__name__}({self._describe()})"
+        try:
+            rows = self.summary(self._input_hint())
+        except Exception:  # noqa: BLE001 - repr must never raise
+            return head
+        lines = [head]
+        w = max([len(r[0]) for r in rows] + [4])
+        for name, kind, shp, n in rows:
+            s = "" if shp is None else "x".join(map(str, shp))
+            lines.append(f"  {name:<{w}}  {kind:<14} {s:>14}  {n:>10,}" if n else f"  {name:<{w}}  {kind:<14} {s:>14}")
+        lines.append(f"  total parameters: {sum(r[3] for r in rows):,}")
+        return "\n".join(lines)
+
+    def _repr_html_(self):
+        try:
+            rows = self.summary(self._input_hint())
+        except Exception:  # noqa: BLE001
+            return "<pre>" + html.escape(repr(self)) + "</pre>"
+        body = "".join(
+            f"<tr><td>{html.escape(n)}</td><td>{k}</td><td>{'' if s is None else '&times;'.join(map(str, s))}</td>"
+            f"<td style='text-align:right'>{p:,}</td></tr>" for n, k, s, p in rows)
+        total = sum(r[3] for r in rows)
+        return (f"<b>{html.escape(type(self).__name__)}</b> ({html.escape(self._describe())}), {total:,} parameters"
+                f"<table><tr><th>name</th><th>layer</th><th>output</th><th>params</th></tr>{body}</table>")
+
+    def _describe(self):
+        return ""
+
+
+_KIND_NAMES = {_LINEAR: "Linear", _CONV2D: "Conv2d", _BATCHNORM: "BatchNorm", _RELU: "ReLU",
+               _MAXPOOL: "MaxPool2d", _AVGPOOL: "AvgPool2d", _GAP: "AdaptiveAvgPool2d",
+               _DROPOUT: "Dropout", _FLATTEN: "Flatten", _ADD: "Add"}
+
+
+def _to_numpy(v, key):
+    if hasattr(v, "detach") and hasattr(v, "cpu"):      # a torch tensor: no torch import needed
+        v = v.detach().cpu().numpy()
+    v = np.asarray(v)
+    if v.dtype.kind not in "fiub":
+        raise TypeError(f"state_dict[{key!r}] must be a real numeric array, got dtype {v.dtype}")
+    return v
+
+
+# ---------------------------------------------------------------------------------------
+# Layers
+
+
+class Linear(Module):
+    def __init__(self, in_features, out_features, bias=True, init="default"):
+        super().__init__()
+        self.in_features = _check_int("in_features", in_features, 1)
+        self.out_features = _check_int("out_features", out_features, 1)
+        self.bias = bool(bias)
+        if init not in _INITS:
+            raise ValueError(f"init must be one of {sorted(_INITS)}, got {init!r}")
+        self.init = init
+
+    def _emit(self, g, x, prefix):
+        return g.add(_LINEAR, prefix, [x], in_ch=self.in_features, out_ch=self.out_features, bias=self.bias,
+                     init=self.init)
+
+    def _describe(self):
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias}"
+
+
+class Conv2d(Module):
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, groups=1, bias=True,
+                 init="default"):
+        super().__init__()
+        self.in_channels = _check_int("in_channels", in_channels, 1)
+        self.out_channels = _check_int("out_channels", out_channels, 1)
+        self.kernel_size = _square("kernel_size", kernel_size)
+        self.stride = _square("stride", stride)
+        self.padding = _square("padding", padding)
+        self.groups = _check_int("groups", groups, 1)
+        if self.kernel_size < 1 or self.stride < 1 or self.padding < 0:
+            raise ValueError("kernel_size and stride must be >= 1 and padding >= 0")
+        if self.in_channels % self.groups or self.out_channels % self.groups:
+            raise ValueError(f"groups ({self.groups}) must divide in_channels ({self.in_channels}) "
+                             f"and out_channels ({self.out_channels})")
+        self.bias = bool(bias)
+        if init not in _INITS:
+            raise ValueError(f"init must be one of {sorted(_INITS)}, got {init!r}")
+        self.init = init
+
+    def _emit(self, g, x, prefix):
+        return g.add(_CONV2D, prefix, [x], in_ch=self.in_channels, out_ch=self.out_channels, kernel=self.kernel_size,
+                     stride=self.stride, padding=self.padding, groups=self.groups, bias=self.bias, init=self.init)
+
+    def _describe(self):
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, groups={self.groups}, bias={self.bias}")
+
+
+class _BatchNorm(Module):
+    def __init__(self, num_features, eps=1e-5, momentum=0.1):
+        super().__init__()
+        self.num_features = _check_int("num_features", num_features, 1)
+        self.eps = _check_float("eps", eps, 0, lo_open=True)
+        self.momentum = _check_float("momentum", momentum, 0, 1)
+
+    def _emit(self, g, x, prefix):
+        return g.add(_BATCHNORM, prefix, [x], in_ch=self.num_features, eps=self.eps, momentum=self.momentum)
+
+    def _describe(self):
+        return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}"
+
+
+class BatchNorm1d(_BatchNorm):
+    """BatchNorm over (N, C) features."""
+
+
+class BatchNorm2d(_BatchNorm):
+    """BatchNorm over (N, C, H, W) maps, statistics per channel."""
+
+
+class ReLU(Module):
+    def _emit(self, g, x, prefix):
+        return g.add(_RELU, prefix, [x])
+
+
+class _Pool(Module):
+    _kind = None
+
+    def __init__(self, kernel_size, stride=None, padding=0):
+        super().__init__()
+        self.kernel_size = _square("kernel_size", kernel_size)
+        self.stride = self.kernel_size if stride is None else _square("stride", stride)
+        self.padding = _square("padding", padding)
+        if self.kernel_size < 1 or self.stride < 1 or self.padding < 0:
+            raise ValueError("kernel_size and stride must be >= 1 and padding >= 0")
+        if 2 * self.padding > self.kernel_size:
+            raise ValueError(f"padding ({self.padding}) must be at most half of kernel_size ({self.kernel_size})")
+
+    def _emit(self, g, x, prefix):
+        return g.add(self._kind, prefix, [x], kernel=self.kernel_size, stride=self.stride, padding=self.padding)
+
+    def _describe(self):
+        return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
+
+
+class MaxPool2d(_Pool):
+    _kind = _MAXPOOL
+
+
+class AvgPool2d(_Pool):
+    """Average pooling; padded zeros count in the divisor (PyTorch's count_include_pad=True)."""
+    _kind = _AVGPOOL
+
+
+class AdaptiveAvgPool2d(Module):
+    """Global average pooling: only output_size=1 (or (1, 1)) is supported."""
+
+    def __init__(self, output_size=1):
+        super().__init__()
+        if output_size not in (1, (1, 1), [1, 1]):
+            raise ValueError(f"AdaptiveAvgPool2d supports only output_size=1, got {output_size!r}")
+
+    def _emit(self, g, x, prefix):
+        return g.add(_GAP, prefix, [x])
+
+
+class Dropout(Module):
+    def __init__(self, p=0.5):
+        super().__init__()
+        self.p = _check_float("p", p, 0, 1, hi_open=True)
+
+    def _emit(self, g, x, prefix):
+        return g.add(_DROPOUT, prefix, [x], p=self.p)
+
+    def _describe(self):
+        return f"p={self.p}"
+
+
+class Flatten(Module):
+    def _emit(self, g, x, prefix):
+        return g.add(_FLATTEN, prefix, [x])
+
+
+class Identity(Module):
+    def _emit(self, g, x, prefix):
+        return x
+
+
+class Sequential(Module):
+    """Children applied in order, named "0", "1", ... as in PyTorch."""
+
+    def __init__(self, *modules):
+        super().__init__()
+        if len(modules) == 1 and isinstance(modules[0], (list, tuple)):
+            modules = tuple(modules[0])
+        for i, m in enumerate(modules):
+            if not isinstance(m, Module):
+                raise TypeError(f"Sequential item {i} must be a kdcore.nn.Module, got {type(m).__name__}")
+        if not modules:
+            raise ValueError("Sequential needs at least one module")
+        self.layers = list(modules)
+
+    def _children(self):
+        return [(str(i), m) for i, m in enumerate(self.layers)]
+
+    def _emit(self, g, x, prefix):
+        for name, m in self._children():
+            x = m._emit(g, x, _join(prefix, name))
+            g.alias(_join(prefix, name), x)
+        return x
+
+    def __len__(self):
+        return len(self.layers)
+
+    def __getitem__(self, i):
+        return self.layers[i]
+
+    def _describe(self):
+        return f"{len(self.layers)} modules"
+
+
+class Residual(Module):
+    """out = relu?(body(x) + shortcut(x)); shortcut is identity when None.
+
+    Names: body and shortcut children are emitted under the names given (``names``), the sum
+    is the node ``add`` and the activation ``relu``.
+    """
+
+    def __init__(self, body, shortcut=None, activation=True):
+        super().__init__()
+        if not isinstance(body, Module):
+            raise TypeError("body must be a kdcore.nn.Module")
+        if shortcut is not None and not isinstance(shortcut, Module):
+            raise TypeError("shortcut must be a kdcore.nn.Module or None")
+        self.body, self.shortcut, self.activation = body, shortcut, bool(activation)
+
+    def _emit(self, g, x, prefix):
+        y = self.body._emit(g, x, _join(prefix, "body"))
+        s = self.shortcut._emit(g, x, _join(prefix, "shortcut")) if self.shortcut is not None else x
+        out = g.add(_ADD, _join(prefix, "add"), [y, s])
+        if self.activation:
+            out = g.add(_RELU, _join(prefix, "relu"), [out])
+        return out
+
+
+class Block(Module):
+    """Base for user/zoo blocks: children with attribute names emitted in a custom order."""
+
+    def _emit_child(self, g, name, x, prefix):
+        m = getattr(self, name)
+        y = m._emit(g, x, _join(prefix, name))
+        g.alias(_join(prefix, name), y)
+        return y

@@ -1,0 +1,214 @@
+"""The training driver: Python describes the run, each epoch runs inside C with the GIL
+released, calling back every few steps for the progress bar and Ctrl-C."""
+from __future__ import annotations
+
+import sys
+import time
+
+import numpy as np
+
+from . import _kdcore
+from .datasets import Dataset, _augment_kwargs, from_arrays
+from .nn import Module, _check_float, _check_int
+from .optim import make_optimizer, make_schedule
+
+__all__ = ["fit", "evaluate", "predict", "History"]
+
+
+class History(dict):
+    """Per-epoch metrics: ``history['val_acc'][e]`` etc. (lists indexed by epoch).
+
+    ``.last`` and ``.best`` are dicts of one epoch's metrics (best = highest val_acc, or
+    lowest train_loss without validation); ``.to_pandas()`` and ``.plot()`` for notebooks.
+    """
+
+    def append(self, **metrics):
+        for k, v in metrics.items():
+            self.setdefault(k, []).append(v)
+
+    def _epoch(self, i):
+        return {k: v[i] for k, v in self.items() if len(v) > i}
+
+    @property
+    def epochs(self):
+        return len(self.get("epoch", []))
+
+    @property
+    def last(self):
+        return self._epoch(self.epochs - 1) if self.epochs else {}
+
+    @property
+    def best_epoch(self):
+        if not self.epochs:
+            return None
+        if self.get("val_acc"):
+            return int(np.argmax(self["val_acc"]))
+        return int(np.argmin(self["train_loss"]))
+
+    @property
+    def best(self):
+        b = self.best_epoch
+        return {} if b is None else self._epoch(b)
+
+    def to_pandas(self):
+        import pandas as pd
+        return pd.DataFrame({k: v for k, v in self.items() if len(v) == self.epochs}).set_index("epoch")
+
+    def plot(self, keys=None, ax=None):
+        import matplotlib.pyplot as plt
+        keys = keys or [k for k in ("train_loss", "val_loss", "train_acc", "val_acc") if k in self]
+        if ax is None:
+            _, ax = plt.subplots()
+        for k in keys:
+            ax.plot(self["epoch"], self[k], label=k)
+        ax.set_xlabel("epoch")
+        ax.legend()
+        return ax
+
+    def __repr__(self):
+        if not self.epochs:
+            return "History(empty)"
+        last, best = self.last, self.best
+        fmt = lambda d: ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in d.items())  # noqa: E731
+        return f"History({self.epochs} epochs; last: {fmt(last)}; best: {fmt(best)})"
+
+
+def _as_dataset(data, name):
+    if isinstance(data, Dataset):
+        return data
+    if isinstance(data, tuple) and len(data) == 2:
+        return from_arrays(*data)
+    raise TypeError(f"{name} must be a kdcore Dataset or a tuple (X, y), got {type(data).__name__}")
+
+
+def _check_model(model):
+    if not isinstance(model, Module):
+        raise TypeError(f"model must be a kdcore.nn.Module, got {type(model).__name__}")
+
+
+class _Progress:
+    """tqdm.auto when installed, plain text otherwise; None when disabled."""
+
+    def __init__(self, enabled, epoch, epochs, steps):
+        self.bar = None
+        self.enabled = enabled
+        self.epoch, self.epochs, self.steps = epoch, epochs, steps
+        self.last = 0
+        if not enabled:
+            return
+        try:
+            from tqdm.auto import tqdm
+            self.bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{epochs}", leave=False, unit="step")
+        except ImportError:
+            self.bar = None
+
+    def __call__(self, epoch, step, steps_total, loss_sum, correct, seen, lr):
+        if not self.enabled:
+            return False
+        loss, acc = loss_sum / max(seen, 1), correct / max(seen, 1)
+        if self.bar is not None:
+            self.bar.update(step - self.last)
+            self.bar.set_postfix(loss=f"{loss:.4f}", acc=f"{acc:.4f}", lr=f"{lr:.3g}", refresh=False)
+        else:
+            sys.stderr.write(f"\repoch {epoch + 1}/{self.epochs} step {step}/{steps_total} "
+                             f"loss {loss:.4f} acc {acc:.4f} lr {lr:.3g}")
+            sys.stderr.flush()
+        self.last = step
+        return False
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+        elif self.enabled:
+            sys.stderr.write("\n")
+
+
+def fit(model, train, epochs=10, batch_size=128, optimizer="sgd", lr=None, schedule=None, augment=None,
+        val=None, seed=0, progress=True, label_smoothing=0.0, drop_last=False, max_steps=None,
+        callback=None, callback_every=20):
+    """Train ``model`` with softmax cross-entropy; returns a History.
+
+    train / val: Dataset or (X, y). optimizer: 'sgd' | 'adam' | 'adamw' or a kdcore.optim
+    object (lr overrides its learning rate). schedule: None (constant), 'cosine', or a
+    kdcore.optim schedule (MultiStep, Cosine; warmup_epochs on either). augment: None, True
+    (random crop with 2-pixel zero padding + horizontal flip) or a dict (crop_padding, hflip,
+    noise_std). max_steps: stop each epoch after this many steps (quick experiments).
+    callback(epoch, metrics) runs after each epoch; returning True stops training.
+    Ctrl-C stops within a step: the model keeps the last completed step, KeyboardInterrupt
+    propagates, and the history so far is in ``model.history``.
+    """
+    _check_model(model)
+    train = _as_dataset(train, "train")
+    val = None if val is None else _as_dataset(val, "val")
+    epochs = _check_int("epochs", epochs, 1)
+    batch_size = _check_int("batch_size", batch_size, 1)
+    seed = _check_int("seed", seed, 0)
+    callback_every = _check_int("callback_every", callback_every, 1)
+    label_smoothing = _check_float("label_smoothing", label_smoothing, 0, 1)
+    max_steps = 0 if max_steps is None else _check_int("max_steps", max_steps, 1)
+    if callback is not None and not callable(callback):
+        raise TypeError("callback must be callable")
+    opt = make_optimizer(optimizer)
+    if lr is not None:
+        opt.lr = _check_float("lr", lr, 0)
+    sched = make_schedule(schedule)
+    aug = _augment_kwargs(augment)
+    copt = opt.bind(model)
+    sched_t = sched._tuple(opt.lr, epochs)
+    hist = History()
+    model.history = hist
+    model.train()
+    for epoch in range(epochs):
+        t0 = time.perf_counter()
+        steps = -(-len(train) // batch_size) if not drop_last else len(train) // batch_size
+        bar = _Progress(progress, epoch, epochs, min(steps, max_steps or steps))
+        try:
+            st = _kdcore.train_epoch(model.net, copt, train._c, epoch, batch_size, sched_t, gamma=sched._gamma(),
+                                     seed=seed, shuffle=True, drop_last=drop_last, max_steps=max_steps,
+                                     label_smoothing=label_smoothing, callback=bar, callback_every=callback_every,
+                                     **aug)
+        finally:
+            bar.close()
+        row = dict(epoch=epoch, train_loss=st["loss"], train_acc=st["accuracy"], lr=st["lr"],
+                   time=time.perf_counter() - t0)
+        if val is not None:
+            m = evaluate(model, val, batch_size=max(batch_size, 256))
+            row.update(val_loss=m["loss"], val_acc=m["accuracy"])
+            model.train()
+        hist.append(**row)
+        if progress:
+            print(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()),
+                  file=sys.stderr)
+        if callback is not None and callback(epoch, dict(row)):
+            break
+    model.eval()
+    return hist
+
+
+def evaluate(model, data, batch_size=256):
+    """Eval-mode loss and accuracy over a labelled dataset: {'loss': ..., 'accuracy': ...}.
+    The model's train/eval mode is left as it was."""
+    _check_model(model)
+    data = _as_dataset(data, "data")
+    if data.y is None:
+        raise ValueError("data has no labels; use kdcore.predict for logits")
+    batch_size = _check_int("batch_size", batch_size, 1)
+    _, loss, acc = _kdcore.evaluate(model.net, data._c, batch_size, logits=False)
+    return {"loss": loss, "accuracy": acc}
+
+
+def predict(model, X, batch_size=256):
+    """Eval-mode outputs (logits) for X (a Dataset, or an array normalised like the model's
+    training inputs), computed in batches in C."""
+    _check_model(model)
+    if isinstance(X, Dataset):
+        data = X
+    elif isinstance(X, np.ndarray):
+        if X.dtype != np.float32:
+            raise TypeError(f"X must have dtype float32 (or pass a kdcore Dataset), got {X.dtype}")
+        data = from_arrays(X, None, normalize=None)
+    else:
+        raise TypeError(f"X must be a numpy array or a kdcore Dataset, got {type(X).__name__}")
+    batch_size = _check_int("batch_size", batch_size, 1)
+    logits, _, _ = _kdcore.evaluate(model.net, data._c, batch_size, logits=True)
+    return logits

@@ -1,0 +1,964 @@
+// Layer kernel tests: naive reference implementations (direct loops, double accumulation)
+// vs the fast kernels, finite-difference gradchecks of every backward, accumulation
+// (+=) semantics, and thread-count invariance where layers.h promises it.
+#include "kdtest.h"
+#include "layers.h"
+#include "kd_internal.h"
+
+#include <cblas.h>
+#include <time.h>
+
+#ifndef _OPENMP
+#pragma GCC diagnostic ignored "-Wunknown-pragmas"
+#endif
+
+// ----------------------------------------------------------------------------------------
+// helpers
+
+static float * fzeros(size_t n) {
+    float * p = calloc(n ? n : 1, sizeof(float));
+    if (p == NULL) { abort(); }
+    return p;
+}
+static float * frand(size_t n, uint64_t seed) {
+    float * p = fzeros(n);
+    kdt_fill(p, n, seed);
+    return p;
+}
+static float * fcopy(const float * x, size_t n) {
+    float * p = fzeros(n);
+    memcpy(p, x, n * sizeof(float));
+    return p;
+}
+static void set_threads(int t) {
+#ifdef _OPENMP
+    omp_set_num_threads(t);
+#else
+    (void)t;
+#endif
+}
+static int bitwise_equal(const float * a, const float * b, size_t n) {
+    return memcmp(a, b, n * sizeof(float)) == 0;
+}
+// Values distinct (spaced 0.05 apart, none within 0.025 of 0): a permutation of a grid.
+static void fill_distinct(float * x, size_t n, size_t mult) {
+    for (size_t i = 0; i < n; i++) { x[i] = ((double)((i * mult) % n) - (double)(n / 2)) * 0.05f + 0.025f; }
+}
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+// ----------------------------------------------------------------------------------------
+// finite-difference gradcheck of L = sum(out * R); the analytic gradient of L is the
+// backward pass with dout = R.
+
+struct ctx {
+    float * out, * inp, * inp2, * w, * b;
+    // linear / conv
+    int N, C, OC;
+    struct kd_conv_shape cs;
+    float * work;
+    // batchnorm
+    float * mean, * rstd, * rm, * rv;
+    int HW;
+    float eps, mom;
+    // pools
+    int32_t * am;
+    int H, W, OH, OW, K, S, P;
+    // elementwise
+    size_t n;
+    float p;
+    uint64_t seed;
+    void (*fwd)(struct ctx * c);
+    size_t nout;
+};
+
+static double loss(struct ctx * c, const float * R) {
+    c->fwd(c);
+    double L = 0.0;
+    for (size_t i = 0; i < c->nout; i++) { L += (double)c->out[i] * (double)R[i]; }
+    return L;
+}
+
+// Checks grad against central differences of L wrt x (at most ~maxcheck entries, spread out).
+static void gradcheck(const char * what, struct ctx * c, const float * R, float * x, size_t n,
+                      const float * grad, float eps) {
+    const size_t maxcheck = 150;
+    size_t step = n <= maxcheck ? 1 : (n + maxcheck - 1) / maxcheck;
+    float * fd = fzeros(n), * an = fzeros(n);
+    size_t k = 0;
+    for (size_t i = 0; i < n; i += step, k++) {
+        float x0 = x[i];
+        float xp = x0 + eps, xm = x0 - eps;
+        x[i] = xp;
+        double Lp = loss(c, R);
+        x[i] = xm;
+        double Lm = loss(c, R);
+        x[i] = x0;
+        fd[k] = (float)((Lp - Lm) / ((double)xp - (double)xm));
+        an[k] = grad[i];
+    }
+    c->fwd(c);
+    check_close(what, an, fd, k, 2e-3, 1e-2);
+    free(fd);
+    free(an);
+}
+
+// ----------------------------------------------------------------------------------------
+// linear
+
+static void ref_linear_fwd(float * out, const float * inp, const float * w, const float * b,
+                           int N, int C, int OC) {
+    for (int n = 0; n < N; n++) {
+        for (int o = 0; o < OC; o++) {
+            double acc = b != NULL ? b[o] : 0.0;
+            for (int c = 0; c < C; c++) { acc += (double)inp[n * C + c] * w[o * C + c]; }
+            out[n * OC + o] = (float)acc;
+        }
+    }
+}
+
+// Accumulates like the kernel.
+static void ref_linear_bwd(float * dinp, float * dw, float * db, const float * dout, const float * inp,
+                           const float * w, int N, int C, int OC) {
+    for (int n = 0; n < N; n++) {
+        for (int c = 0; c < C; c++) {
+            double acc = 0;
+            for (int o = 0; o < OC; o++) { acc += (double)dout[n * OC + o] * w[o * C + c]; }
+            dinp[n * C + c] += (float)acc;
+        }
+    }
+    for (int o = 0; o < OC; o++) {
+        double sb = 0;
+        for (int n = 0; n < N; n++) { sb += dout[n * OC + o]; }
+        db[o] += (float)sb;
+        for (int c = 0; c < C; c++) {
+            double acc = 0;
+            for (int n = 0; n < N; n++) { acc += (double)dout[n * OC + o] * inp[n * C + c]; }
+            dw[o * C + c] += (float)acc;
+        }
+    }
+}
+
+static void fwd_linear(struct ctx * c) { kd_linear_forward(c->out, c->inp, c->w, c->b, c->N, c->C, c->OC); }
+
+static void test_linear_ref(int N, int C, int OC, int has_bias, uint64_t seed) {
+    char name[128];
+    size_t ni = (size_t)N * C, nw = (size_t)OC * C, no = (size_t)N * OC;
+    float * inp = frand(ni, seed), * w = frand(nw, seed + 1), * b = has_bias ? frand(OC, seed + 2) : NULL;
+    float * out = fzeros(no), * ref = fzeros(no), * dout = frand(no, seed + 3);
+    kd_linear_forward(out, inp, w, b, N, C, OC);
+    ref_linear_fwd(ref, inp, w, b, N, C, OC);
+    snprintf(name, sizeof name, "linear fwd N%d C%d OC%d b%d", N, C, OC, has_bias);
+    check_close(name, out, ref, no, 2e-5, 1e-5);
+
+    // Start from nonzero gradients: the kernel must accumulate.
+    float * dinp = frand(ni, seed + 4), * dw = frand(nw, seed + 5), * db = frand(OC, seed + 6);
+    float * rdinp = fcopy(dinp, ni), * rdw = fcopy(dw, nw), * rdb = fcopy(db, OC);
+    kd_linear_backward(dinp, dw, db, dout, inp, w, N, C, OC);
+    ref_linear_bwd(rdinp, rdw, rdb, dout, inp, w, N, C, OC);
+    snprintf(name, sizeof name, "linear dinp N%d C%d OC%d", N, C, OC);
+    check_close(name, dinp, rdinp, ni, 3e-5, 1e-5);
+    snprintf(name, sizeof name, "linear dweight N%d C%d OC%d", N, C, OC);
+    check_close(name, dw, rdw, nw, 3e-5, 1e-5);
+    snprintf(name, sizeof name, "linear dbias N%d C%d OC%d", N, C, OC);
+    check_close(name, db, rdb, OC, 3e-5, 1e-5);
+
+    // NULL gradients are skipped.
+    float * dw2 = fzeros(nw);
+    kd_linear_backward(NULL, dw2, NULL, dout, inp, w, N, C, OC);
+    float * dw1 = fzeros(nw), * tmpi = fzeros(ni), * tmpb = fzeros(OC);
+    ref_linear_bwd(tmpi, dw1, tmpb, dout, inp, w, N, C, OC);
+    snprintf(name, sizeof name, "linear dweight only N%d C%d OC%d", N, C, OC);
+    check_close(name, dw2, dw1, nw, 3e-5, 1e-5);
+    free(inp); free(w); free(b); free(out); free(ref); free(dout); free(dinp); free(dw); free(db);
+    free(rdinp); free(rdw); free(rdb); free(dw2); free(dw1); free(tmpi); free(tmpb);
+}
+
+static void test_linear_gradcheck(void) {
+    int N = 3, C = 5, OC = 4;
+    struct ctx c = {0};
+    c.N = N; c.C = C; c.OC = OC; c.fwd = fwd_linear; c.nout = (size_t)N * OC;
+    c.inp = frand((size_t)N * C, 11); c.w = frand((size_t)OC * C, 12); c.b = frand(OC, 13);
+    c.out = fzeros(c.nout);
+    float * R = frand(c.nout, 14);
+    float * dinp = fzeros((size_t)N * C), * dw = fzeros((size_t)OC * C), * db = fzeros(OC);
+    fwd_linear(&c);
+    kd_linear_backward(dinp, dw, db, R, c.inp, c.w, N, C, OC);
+    gradcheck("linear gradcheck dinp", &c, R, c.inp, (size_t)N * C, dinp, 1e-2f);
+    gradcheck("linear gradcheck dweight", &c, R, c.w, (size_t)OC * C, dw, 1e-2f);
+    gradcheck("linear gradcheck dbias", &c, R, c.b, OC, db, 1e-2f);
+
+    // Two calls from zero give twice one call.
+    float * d1 = fzeros((size_t)N * C), * w1 = fzeros((size_t)OC * C), * b1 = fzeros(OC);
+    kd_linear_backward(d1, w1, b1, R, c.inp, c.w, N, C, OC);
+    kd_linear_backward(d1, w1, b1, R, c.inp, c.w, N, C, OC);
+    for (int i = 0; i < N * C; i++) { dinp[i] *= 2; }
+    for (int i = 0; i < OC * C; i++) { dw[i] *= 2; }
+    for (int i = 0; i < OC; i++) { db[i] *= 2; }
+    check_close("linear accumulate dinp", d1, dinp, (size_t)N * C, 1e-6, 1e-6);
+    check_close("linear accumulate dweight", w1, dw, (size_t)OC * C, 1e-6, 1e-6);
+    check_close("linear accumulate dbias", b1, db, OC, 1e-6, 1e-6);
+    free(c.inp); free(c.w); free(c.b); free(c.out); free(R); free(dinp); free(dw); free(db);
+    free(d1); free(w1); free(b1);
+}
+
+// ----------------------------------------------------------------------------------------
+// conv2d
+
+static struct kd_conv_shape conv_shape(int N, int C, int H, int W, int OC, int K, int S, int P, int G) {
+    struct kd_conv_shape s = { N, C, H, W, OC, (H + 2 * P - K) / S + 1, (W + 2 * P - K) / S + 1, K, S, P, G };
+    return s;
+}
+
+static void ref_conv_fwd(float * out, const float * inp, const float * w, const float * b,
+                         const struct kd_conv_shape * s) {
+    int Cg = s->C / s->G, OCg = s->OC / s->G, K = s->K;
+    for (int n = 0; n < s->N; n++) {
+        for (int oc = 0; oc < s->OC; oc++) {
+            int g = oc / OCg;
+            for (int oh = 0; oh < s->OH; oh++) {
+                for (int ow = 0; ow < s->OW; ow++) {
+                    double acc = b != NULL ? b[oc] : 0.0;
+                    for (int ci = 0; ci < Cg; ci++) {
+                        for (int kh = 0; kh < K; kh++) {
+                            for (int kw = 0; kw < K; kw++) {
+                                int ih = oh * s->S - s->P + kh, iw = ow * s->S - s->P + kw;
+                                if (ih < 0 || ih >= s->H || iw < 0 || iw >= s->W) { continue; }
+                                acc += (double)w[((oc * Cg + ci) * K + kh) * K + kw]
+                                     * inp[(((size_t)n * s->C + g * Cg + ci) * s->H + ih) * s->W + iw];
+                            }
+                        }
+                    }
+                    out[(((size_t)n * s->OC + oc) * s->OH + oh) * s->OW + ow] = (float)acc;
+                }
+            }
+        }
+    }
+}
+
+// Accumulates into dinp/dw/db like the kernel.
+static void ref_conv_bwd(float * dinp, float * dw, float * db, const float * dout, const float * inp,
+                         const float * w, const struct kd_conv_shape * s) {
+    int Cg = s->C / s->G, OCg = s->OC / s->G, K = s->K;
+    size_t ni = (size_t)s->N * s->C * s->H * s->W, nw = (size_t)s->OC * Cg * K * K;
+    double * ddi = calloc(ni, sizeof(double)), * ddw = calloc(nw, sizeof(double));
+    double * ddb = calloc((size_t)s->OC, sizeof(double));
+    for (int n = 0; n < s->N; n++) {
+        for (int oc = 0; oc < s->OC; oc++) {
+            int g = oc / OCg;
+            for (int oh = 0; oh < s->OH; oh++) {
+                for (int ow = 0; ow < s->OW; ow++) {
+                    double d = dout[(((size_t)n * s->OC + oc) * s->OH + oh) * s->OW + ow];
+                    ddb[oc] += d;
+                    for (int ci = 0; ci < Cg; ci++) {
+                        for (int kh = 0; kh < K; kh++) {
+                            for (int kw = 0; kw < K; kw++) {
+                                int ih = oh * s->S - s->P + kh, iw = ow * s->S - s->P + kw;
+                                if (ih < 0 || ih >= s->H || iw < 0 || iw >= s->W) { continue; }
+                                size_t ii = (((size_t)n * s->C + g * Cg + ci) * s->H + ih) * s->W + iw;
+                                size_t wi = ((size_t)(oc * Cg + ci) * K + kh) * K + kw;
+                                ddi[ii] += d * w[wi];
+                                ddw[wi] += d * inp[ii];
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    for (size_t i = 0; i < ni; i++) { dinp[i] += (float)ddi[i]; }
+    for (size_t i = 0; i < nw; i++) { dw[i] += (float)ddw[i]; }
+    for (int i = 0; i < s->OC; i++) { db[i] += (float)ddb[i]; }
+    free(ddi); free(ddw); free(ddb);
+}
+
+static float * conv_work(const struct kd_conv_shape * s) {
+    size_t nw = kd_conv2d_workspace(s, kd_omp_threads());
+    // Exact size (not rounded up) so ASan catches any overrun; NULL when nothing is needed.
+    return nw ? malloc(nw * sizeof(float)) : NULL;
+}
+
+static void fwd_conv(struct ctx * c) { kd_conv2d_forward(c->out, c->inp, c->w, c->b, &c->cs, c->work); }
+
+struct conv_bufs { size_t ni, nw, no; float * inp, * w, * b, * out, * dout; };
+
+static struct conv_bufs conv_bufs_new(const struct kd_conv_shape * s, int has_bias, uint64_t seed) {
+    struct conv_bufs q;
+    q.ni = (size_t)s->N * s->C * s->H * s->W;
+    q.nw = (size_t)s->OC * (s->C / s->G) * s->K * s->K;
+    q.no = (size_t)s->N * s->OC * s->OH * s->OW;
+    q.inp = frand(q.ni, seed); q.w = frand(q.nw, seed + 1);
+    q.b = has_bias ? frand(s->OC, seed + 2) : NULL;
+    q.out = fzeros(q.no); q.dout = frand(q.no, seed + 3);
+    return q;
+}
+static void conv_bufs_free(struct conv_bufs * q) { free(q->inp); free(q->w); free(q->b); free(q->out); free(q->dout); }
+
+static void test_conv_ref(struct kd_conv_shape s, int has_bias, uint64_t seed) {
+    char tag[128], name[160];
+    snprintf(tag, sizeof tag, "N%d C%d %dx%d OC%d K%d S%d P%d G%d b%d", s.N, s.C, s.H, s.W, s.OC,
+             s.K, s.S, s.P, s.G, has_bias);
+    struct conv_bufs q = conv_bufs_new(&s, has_bias, seed);
+    float * work = conv_work(&s), * ref = fzeros(q.no);
+    kd_conv2d_forward(q.out, q.inp, q.w, q.b, &s, work);
+    ref_conv_fwd(ref, q.inp, q.w, q.b, &s);
+    snprintf(name, sizeof name, "conv fwd %s", tag);
+    check_close(name, q.out, ref, q.no, 2e-5, 1e-5);
+
+    float * dinp = frand(q.ni, seed + 4), * dw = frand(q.nw, seed + 5), * db = frand(s.OC, seed + 6);
+    float * rdinp = fcopy(dinp, q.ni), * rdw = fcopy(dw, q.nw), * rdb = fcopy(db, s.OC);
+    kd_conv2d_backward(dinp, dw, db, q.dout, q.inp, q.w, &s, work);
+    ref_conv_bwd(rdinp, rdw, rdb, q.dout, q.inp, q.w, &s);
+    snprintf(name, sizeof name, "conv dinp %s", tag);
+    check_close(name, dinp, rdinp, q.ni, 3e-5, 1e-5);
+    snprintf(name, sizeof name, "conv dweight %s", tag);
+    check_close(name, dw, rdw, q.nw, 3e-5, 1e-5);
+    snprintf(name, sizeof name, "conv dbias %s", tag);
+    check_close(name, db, rdb, s.OC, 3e-5, 1e-5);
+
+    // Each gradient alone (the others NULL) gives the same values.
+    float * z1 = fzeros(q.ni), * z2 = fzeros(q.nw), * z3 = fzeros(s.OC);
+    float * r1 = fzeros(q.ni), * r2 = fzeros(q.nw), * r3 = fzeros(s.OC);
+    ref_conv_bwd(r1, r2, r3, q.dout, q.inp, q.w, &s);
+    kd_conv2d_backward(z1, NULL, NULL, q.dout, q.inp, q.w, &s, work);
+    kd_conv2d_backward(NULL, z2, NULL, q.dout, q.inp, q.w, &s, work);
+    kd_conv2d_backward(NULL, NULL, z3, q.dout, q.inp, q.w, &s, work);
+    snprintf(name, sizeof name, "conv dinp alone %s", tag);
+    check_close(name, z1, r1, q.ni, 3e-5, 1e-5);
+    snprintf(name, sizeof name, "conv dweight alone %s", tag);
+    check_close(name, z2, r2, q.nw, 3e-5, 1e-5);
+    snprintf(name, sizeof name, "conv dbias alone %s", tag);
+    check_close(name, z3, r3, s.OC, 3e-5, 1e-5);
+
+    // A second call doubles the gradients.
+    kd_conv2d_backward(z1, z2, z3, q.dout, q.inp, q.w, &s, work);
+    for (size_t i = 0; i < q.ni; i++) { r1[i] *= 2; }
+    for (size_t i = 0; i < q.nw; i++) { r2[i] *= 2; }
+    for (int i = 0; i < s.OC; i++) { r3[i] *= 2; }
+    snprintf(name, sizeof name, "conv accumulate %s", tag);
+    int ok = check_close(name, z1, r1, q.ni, 6e-5, 1e-5);
+    ok &= check_close(name, z2, r2, q.nw, 6e-5, 1e-5);
+    ok &= check_close(name, z3, r3, s.OC, 6e-5, 1e-5);
+    (void)ok;
+    free(work); free(ref); free(dinp); free(dw); free(db); free(rdinp); free(rdw); free(rdb);
+    free(z1); free(z2); free(z3); free(r1); free(r2); free(r3);
+    conv_bufs_free(&q);
+}
+
+static void test_conv_gradcheck(struct kd_conv_shape s, uint64_t seed) {
+    char tag[128], name[160];
+    snprintf(tag, sizeof tag, "N%d C%d %dx%d OC%d K%d S%d P%d G%d", s.N, s.C, s.H, s.W, s.OC, s.K,
+             s.S, s.P, s.G);
+    struct conv_bufs q = conv_bufs_new(&s, 1, seed);
+    struct ctx c = {0};
+    c.cs = s; c.work = conv_work(&s); c.inp = q.inp; c.w = q.w; c.b = q.b; c.out = q.out;
+    c.fwd = fwd_conv; c.nout = q.no;
+    float * dinp = fzeros(q.ni), * dw = fzeros(q.nw), * db = fzeros(s.OC);
+    fwd_conv(&c);
+    kd_conv2d_backward(dinp, dw, db, q.dout, q.inp, q.w, &s, c.work);
+    snprintf(name, sizeof name, "conv gradcheck dinp %s", tag);
+    gradcheck(name, &c, q.dout, q.inp, q.ni, dinp, 1e-2f);
+    snprintf(name, sizeof name, "conv gradcheck dweight %s", tag);
+    gradcheck(name, &c, q.dout, q.w, q.nw, dw, 1e-2f);
+    snprintf(name, sizeof name, "conv gradcheck dbias %s", tag);
+    gradcheck(name, &c, q.dout, q.b, s.OC, db, 1e-2f);
+    free(c.work); free(dinp); free(dw); free(db);
+    conv_bufs_free(&q);
+}
+
+#ifdef _OPENMP
+// 1 vs 2 threads: forward and dinp bitwise (each image is done by one thread with the same
+// single-threaded sgemm); dweight/dbias go through per-thread partials, so only rounding.
+static void test_conv_threads(struct kd_conv_shape s, uint64_t seed) {
+    char tag[128], name[160];
+    snprintf(tag, sizeof tag, "N%d C%d %dx%d OC%d K%d S%d P%d G%d", s.N, s.C, s.H, s.W, s.OC, s.K,
+             s.S, s.P, s.G);
+    struct conv_bufs q = conv_bufs_new(&s, 1, seed);
+    float * out[2], * dinp[2], * dw[2], * db[2];
+    for (int t = 0; t < 2; t++) {
+        set_threads(t + 1);
+        float * work = conv_work(&s);
+        out[t] = fzeros(q.no); dinp[t] = fzeros(q.ni); dw[t] = fzeros(q.nw); db[t] = fzeros(s.OC);
+        kd_conv2d_forward(out[t], q.inp, q.w, q.b, &s, work);
+        kd_conv2d_backward(dinp[t], dw[t], db[t], q.dout, q.inp, q.w, &s, work);
+        free(work);
+    }
+    set_threads(2);
+    CHECK(bitwise_equal(out[0], out[1], q.no), "conv fwd 1 vs 2 threads not bitwise equal: %s", tag);
+    CHECK(bitwise_equal(dinp[0], dinp[1], q.ni), "conv dinp 1 vs 2 threads not bitwise equal: %s", tag);
+    snprintf(name, sizeof name, "conv dweight 1 vs 2 threads %s", tag);
+    check_close(name, dw[1], dw[0], q.nw, 1e-6, 1e-5);
+    snprintf(name, sizeof name, "conv dbias 1 vs 2 threads %s", tag);
+    check_close(name, db[1], db[0], s.OC, 1e-6, 1e-5);
+    for (int t = 0; t < 2; t++) { free(out[t]); free(dinp[t]); free(dw[t]); free(db[t]); }
+    conv_bufs_free(&q);
+}
+#endif
+
+static void test_conv_workspace(void) {
+    struct kd_conv_shape s = conv_shape(8, 16, 10, 12, 32, 3, 1, 1, 2);
+    size_t per = (size_t)8 * 9 * 10 * 12 + (size_t)32 * 8 * 9 + 32;
+    CHECK(kd_conv2d_workspace(&s, 1) == per, "conv workspace 1 thread: %zu want %zu", kd_conv2d_workspace(&s, 1), per);
+    CHECK(kd_conv2d_workspace(&s, 3) == 3 * per, "conv workspace 3 threads");
+    struct kd_conv_shape pw = conv_shape(8, 16, 10, 12, 32, 1, 1, 0, 1);
+    CHECK(kd_conv2d_workspace(&pw, 2) == 2 * ((size_t)32 * 16 + 32), "pointwise conv needs no im2col buffer");
+    struct kd_conv_shape huge = { 1, 1 << 20, 1 << 15, 1 << 15, 1 << 20, 1 << 15, 1 << 15, 3, 1, 1, 1 };
+    CHECK(kd_conv2d_workspace(&huge, 64) == SIZE_MAX, "conv workspace overflow not detected");
+}
+
+// ----------------------------------------------------------------------------------------
+// batchnorm
+
+static void ref_bn_train(float * out, float * mean, float * rstd, float * rm, float * rv, const float * x,
+                         const float * w, const float * b, int N, int C, int HW, float eps, float mom) {
+    size_t cnt = (size_t)N * HW;
+    for (int c = 0; c < C; c++) {
+        double s = 0, ss = 0;
+        for (int n = 0; n < N; n++) { for (int i = 0; i < HW; i++) { s += x[((size_t)n * C + c) * HW + i]; } }
+        double m = s / cnt;
+        for (int n = 0; n < N; n++) {
+            for (int i = 0; i < HW; i++) { double d = x[((size_t)n * C + c) * HW + i] - m; ss += d * d; }
+        }
+        double var = ss / cnt, r = 1.0 / sqrt(var + eps);
+        mean[c] = (float)m; rstd[c] = (float)r;
+        rm[c] = (float)((1 - mom) * rm[c] + mom * m);
+        rv[c] = (float)((1 - mom) * rv[c] + mom * (cnt > 1 ? ss / (cnt - 1) : var));
+        for (int n = 0; n < N; n++) {
+            for (int i = 0; i < HW; i++) {
+                size_t k = ((size_t)n * C + c) * HW + i;
+                out[k] = (float)((x[k] - m) * r * w[c] + b[c]);
+            }
+        }
+    }
+}
+
+// dx = rstd*w*(dy - mean(dy) - xhat*mean(dy*xhat)), in double from the float mean/rstd.
+static void ref_bn_bwd(float * dx, float * dw, float * db, const float * dy, const float * x,
+                       const float * mean, const float * rstd, const float * w, int N, int C, int HW, int bs) {
+    size_t cnt = (size_t)N * HW;
+    for (int c = 0; c < C; c++) {
+        double sdy = 0, sdyx = 0;
+        for (int n = 0; n < N; n++) {
+            for (int i = 0; i < HW; i++) {
+                size_t k = ((size_t)n * C + c) * HW + i;
+                sdy += dy[k];
+                sdyx += dy[k] * (x[k] - (double)mean[c]) * rstd[c];
+            }
+        }
+        dw[c] += (float)sdyx; db[c] += (float)sdy;
+        for (int n = 0; n < N; n++) {
+            for (int i = 0; i < HW; i++) {
+                size_t k = ((size_t)n * C + c) * HW + i;
+                double xhat = (x[k] - (double)mean[c]) * rstd[c];
+                double g = bs ? dy[k] - sdy / cnt - xhat * sdyx / cnt : dy[k];
+                dx[k] += (float)(g * rstd[c] * w[c]);
+            }
+        }
+    }
+}
+
+static void fwd_bn_train(struct ctx * c) {
+    kd_batchnorm_forward_train(c->out, c->mean, c->rstd, c->rm, c->rv, c->inp, c->w, c->b, c->N, c->C,
+                               c->HW, c->eps, c->mom);
+}
+static void fwd_bn_eval(struct ctx * c) {
+    kd_batchnorm_forward_eval(c->out, c->mean, c->rstd, c->inp, c->w, c->b, c->rm, c->rv, c->N, c->C,
+                              c->HW, c->eps);
+}
+
+static void test_bn_ref(int N, int C, int HW, uint64_t seed) {
+    char tag[64], name[128];
+    snprintf(tag, sizeof tag, "N%d C%d HW%d", N, C, HW);
+    size_t n = (size_t)N * C * HW;
+    float eps = 1e-5f, mom = 0.1f;
+    float * x = frand(n, seed), * w = frand(C, seed + 1), * b = frand(C, seed + 2);
+    for (size_t i = 0; i < n; i++) { x[i] = 3.0f * x[i] + 0.5f; }   // nonzero mean, var != 1
+    float * rm = frand(C, seed + 3), * rv = frand(C, seed + 4);
+    for (int c = 0; c < C; c++) { rv[c] = 1.0f + 0.5f * rv[c]; }
+    float * rrm = fcopy(rm, C), * rrv = fcopy(rv, C);
+    float * out = fzeros(n), * ref = fzeros(n), * mean = fzeros(C), * rstd = fzeros(C);
+    float * rmean = fzeros(C), * rrstd = fzeros(C);
+    kd_batchnorm_forward_train(out, mean, rstd, rm, rv, x, w, b, N, C, HW, eps, mom);
+    ref_bn_train(ref, rmean, rrstd, rrm, rrv, x, w, b, N, C, HW, eps, mom);
+    snprintf(name, sizeof name, "bn train out %s", tag);
+    check_close(name, out, ref, n, 1e-5, 1e-5);
+    snprintf(name, sizeof name, "bn train mean %s", tag);
+    check_close(name, mean, rmean, C, 1e-6, 1e-6);
+    snprintf(name, sizeof name, "bn train rstd %s", tag);
+    check_close(name, rstd, rrstd, C, 1e-6, 1e-6);
+    snprintf(name, sizeof name, "bn running_mean %s", tag);
+    check_close(name, rm, rrm, C, 1e-6, 1e-6);
+    snprintf(name, sizeof name, "bn running_var %s", tag);
+    check_close(name, rv, rrv, C, 1e-6, 1e-6);
+
+    float * dy = frand(n, seed + 5);
+    float * dx = frand(n, seed + 6), * dw = frand(C, seed + 7), * db = frand(C, seed + 8);
+    float * rdx = fcopy(dx, n), * rdw = fcopy(dw, C), * rdb = fcopy(db, C);
+    kd_batchnorm_backward(dx, dw, db, dy, x, mean, rstd, w, N, C, HW, 1);
+    ref_bn_bwd(rdx, rdw, rdb, dy, x, mean, rstd, w, N, C, HW, 1);
+    snprintf(name, sizeof name, "bn train dinp %s", tag);
+    check_close(name, dx, rdx, n, 2e-5, 1e-5);
+    snprintf(name, sizeof name, "bn train dweight %s", tag);
+    check_close(name, dw, rdw, C, 2e-5, 1e-5);
+    snprintf(name, sizeof name, "bn train dbias %s", tag);
+    check_close(name, db, rdb, C, 2e-5, 1e-5);
+
+    // Eval: normalise with the running stats; mean/rstd come from them.
+    kd_batchnorm_forward_eval(out, mean, rstd, x, w, b, rm, rv, N, C, HW, eps);
+    for (int c = 0; c < C; c++) {
+        double r = 1.0 / sqrt((double)rv[c] + eps);
+        rmean[c] = rm[c]; rrstd[c] = (float)r;
+        for (int k = 0; k < N; k++) {
+            for (int i = 0; i < HW; i++) {
+                size_t j = ((size_t)k * C + c) * HW + i;
+                ref[j] = (float)((x[j] - (double)rm[c]) * r * w[c] + b[c]);
+            }
+        }
+    }
+    snprintf(name, sizeof name, "bn eval out %s", tag);
+    check_close(name, out, ref, n, 1e-5, 1e-5);
+    snprintf(name, sizeof name, "bn eval mean %s", tag);
+    check_close(name, mean, rmean, C, 0, 0);
+    snprintf(name, sizeof name, "bn eval rstd %s", tag);
+    check_close(name, rstd, rrstd, C, 1e-6, 1e-6);
+    kd_batchnorm_backward(dx, dw, db, dy, x, mean, rstd, w, N, C, HW, 0);
+    ref_bn_bwd(rdx, rdw, rdb, dy, x, mean, rstd, w, N, C, HW, 0);
+    snprintf(name, sizeof name, "bn eval dinp %s", tag);
+    check_close(name, dx, rdx, n, 2e-5, 1e-5);
+    snprintf(name, sizeof name, "bn eval dweight %s", tag);
+    check_close(name, dw, rdw, C, 2e-5, 1e-5);
+    snprintf(name, sizeof name, "bn eval dbias %s", tag);
+    check_close(name, db, rdb, C, 2e-5, 1e-5);
+    free(x); free(w); free(b); free(rm); free(rv); free(rrm); free(rrv); free(out); free(ref);
+    free(mean); free(rstd); free(rmean); free(rrstd); free(dy); free(dx); free(dw); free(db);
+    free(rdx); free(rdw); free(rdb);
+}
+
+static void test_bn_gradcheck(int N, int C, int HW, int train) {
+    char tag[64], name[128];
+    snprintf(tag, sizeof tag, "%s N%d C%d HW%d", train ? "train" : "eval", N, C, HW);
+    size_t n = (size_t)N * C * HW;
+    struct ctx c = {0};
+    c.N = N; c.C = C; c.HW = HW; c.eps = 1e-5f; c.mom = 0.1f; c.nout = n;
+    c.fwd = train ? fwd_bn_train : fwd_bn_eval;
+    c.inp = frand(n, 31); c.w = frand(C, 32); c.b = frand(C, 33);
+    c.rm = frand(C, 34); c.rv = frand(C, 35);
+    for (int k = 0; k < C; k++) { c.rv[k] = 1.0f + 0.5f * c.rv[k]; c.w[k] += 1.5f; }
+    c.out = fzeros(n); c.mean = fzeros(C); c.rstd = fzeros(C);
+    float * R = frand(n, 36), * dx = fzeros(n), * dw = fzeros(C), * db = fzeros(C);
+    c.fwd(&c);
+    kd_batchnorm_backward(dx, dw, db, R, c.inp, c.mean, c.rstd, c.w, N, C, HW, train);
+    snprintf(name, sizeof name, "bn gradcheck dinp %s", tag);
+    gradcheck(name, &c, R, c.inp, n, dx, 1e-2f);
+    snprintf(name, sizeof name, "bn gradcheck dweight %s", tag);
+    gradcheck(name, &c, R, c.w, C, dw, 1e-2f);
+    snprintf(name, sizeof name, "bn gradcheck dbias %s", tag);
+    gradcheck(name, &c, R, c.b, C, db, 1e-2f);
+
+    // Two calls from zero give twice one call.
+    float * dx2 = fzeros(n), * dw2 = fzeros(C), * db2 = fzeros(C);
+    c.fwd(&c);
+    kd_batchnorm_backward(dx2, dw2, db2, R, c.inp, c.mean, c.rstd, c.w, N, C, HW, train);
+    kd_batchnorm_backward(dx2, dw2, db2, R, c.inp, c.mean, c.rstd, c.w, N, C, HW, train);
+    for (size_t i = 0; i < n; i++) { dx[i] *= 2; }
+    for (int i = 0; i < C; i++) { dw[i] *= 2; db[i] *= 2; }
+    snprintf(name, sizeof name, "bn accumulate %s", tag);
+    check_close(name, dx2, dx, n, 1e-6, 1e-6);
+    check_close(name, dw2, dw, C, 1e-6, 1e-6);
+    check_close(name, db2, db, C, 1e-6, 1e-6);
+    free(c.inp); free(c.w); free(c.b); free(c.rm); free(c.rv); free(c.out); free(c.mean); free(c.rstd);
+    free(R); free(dx); free(dw); free(db); free(dx2); free(dw2); free(db2);
+}
+
+static void test_bn_single_value(void) {
+    // One value per channel: biased variance 0, no division by zero in the running update.
+    float x[2] = { 0.7f, -0.2f }, w[2] = { 1, 1 }, b[2] = { 0, 0 }, out[2], mean[2], rstd[2];
+    float rm[2] = { 0, 0 }, rv[2] = { 1, 1 };
+    kd_batchnorm_forward_train(out, mean, rstd, rm, rv, x, w, b, 1, 2, 1, 1e-5f, 0.1f);
+    CHECK(isfinite(rv[0]) && isfinite(rv[1]) && fabsf(rv[0] - 0.9f) < 1e-6f, "bn n=1 running_var %g", rv[0]);
+    CHECK(out[0] == 0.0f && out[1] == 0.0f, "bn n=1 output %g %g", out[0], out[1]);
+}
+
+// ----------------------------------------------------------------------------------------
+// relu, pools, gap, dropout, add
+
+static void fwd_relu(struct ctx * c) { kd_relu_forward(c->out, c->inp, c->n); }
+static void fwd_maxpool(struct ctx * c) {
+    kd_maxpool2d_forward(c->out, c->am, c->inp, c->N, c->C, c->H, c->W, c->OH, c->OW, c->K, c->S, c->P);
+}
+static void fwd_avgpool(struct ctx * c) {
+    kd_avgpool2d_forward(c->out, c->inp, c->N, c->C, c->H, c->W, c->OH, c->OW, c->K, c->S, c->P);
+}
+static void fwd_gap(struct ctx * c) { kd_gap_forward(c->out, c->inp, c->N, c->C, c->HW); }
+static void fwd_dropout(struct ctx * c) { kd_dropout_forward(c->out, c->work, c->inp, c->n, c->p, c->seed); }
+static void fwd_add(struct ctx * c) { kd_add_forward(c->out, c->inp, c->inp2, c->n); }
+
+static void test_relu(void) {
+    size_t n = 300;
+    struct ctx c = {0};
+    c.n = n; c.nout = n; c.fwd = fwd_relu;
+    c.inp = frand(n, 41); c.out = fzeros(n);
+    // Away from the kink at 0.
+    for (size_t i = 0; i < n; i++) { c.inp[i] = c.inp[i] < 0 ? c.inp[i] - 0.05f : c.inp[i] + 0.05f; }
+    fwd_relu(&c);
+    int ok = 1;
+    for (size_t i = 0; i < n; i++) { ok &= c.out[i] == (c.inp[i] > 0 ? c.inp[i] : 0.0f); }
+    CHECK(ok, "relu forward");
+    float * R = frand(n, 42), * dx = fzeros(n);
+    kd_relu_backward(dx, R, c.out, n);
+    gradcheck("relu gradcheck", &c, R, c.inp, n, dx, 1e-2f);
+    float * dx2 = fcopy(dx, n);
+    kd_relu_backward(dx2, R, c.out, n);
+    for (size_t i = 0; i < n; i++) { dx[i] *= 2; }
+    check_close("relu accumulate", dx2, dx, n, 0, 0);
+    float nan_in = NAN, nan_out = 0;
+    kd_relu_forward(&nan_out, &nan_in, 1);
+    CHECK(isnan(nan_out), "relu should propagate NaN like PyTorch");
+    free(c.inp); free(c.out); free(R); free(dx); free(dx2);
+}
+
+static void ref_maxpool(float * out, int32_t * am, const float * x, int N, int C, int H, int W, int OH,
+                        int OW, int K, int S, int P) {
+    for (int nc = 0; nc < N * C; nc++) {
+        for (int oh = 0; oh < OH; oh++) {
+            for (int ow = 0; ow < OW; ow++) {
+                float best = -INFINITY;
+                int32_t bi = -1;
+                for (int kh = 0; kh < K; kh++) {
+                    for (int kw = 0; kw < K; kw++) {
+                        int h = oh * S - P + kh, w = ow * S - P + kw;
+                        if (h < 0 || h >= H || w < 0 || w >= W) { continue; }
+                        float v = x[(size_t)nc * H * W + h * W + w];
+                        if (bi < 0 || v > best) { best = v; bi = h * W + w; }
+                    }
+                }
+                out[(size_t)nc * OH * OW + oh * OW + ow] = best;
+                am[(size_t)nc * OH * OW + oh * OW + ow] = bi;
+            }
+        }
+    }
+}
+
+static void test_maxpool(int N, int C, int H, int W, int K, int S, int P, uint64_t seed) {
+    char tag[96], name[160];
+    snprintf(tag, sizeof tag, "N%d C%d %dx%d K%d S%d P%d", N, C, H, W, K, S, P);
+    int OH = (H + 2 * P - K) / S + 1, OW = (W + 2 * P - K) / S + 1;
+    size_t ni = (size_t)N * C * H * W, no = (size_t)N * C * OH * OW;
+    struct ctx c = {0};
+    c.N = N; c.C = C; c.H = H; c.W = W; c.OH = OH; c.OW = OW; c.K = K; c.S = S; c.P = P;
+    c.nout = no; c.fwd = fwd_maxpool;
+    c.inp = fzeros(ni); c.out = fzeros(no); c.am = calloc(no, sizeof(int32_t));
+    // 7919 is prime: coprime with every size used here, so fill_distinct gives a permutation.
+    fill_distinct(c.inp, ni, 7919);
+    fwd_maxpool(&c);
+    float * ref = fzeros(no);
+    int32_t * ram = calloc(no, sizeof(int32_t));
+    ref_maxpool(ref, ram, c.inp, N, C, H, W, OH, OW, K, S, P);
+    snprintf(name, sizeof name, "maxpool fwd %s", tag);
+    check_close(name, c.out, ref, no, 0, 0);
+    CHECK(memcmp(c.am, ram, no * sizeof(int32_t)) == 0, "maxpool argmax %s", tag);
+
+    float * R = frand(no, seed + 1), * dx = fzeros(ni);
+    kd_maxpool2d_backward(dx, R, c.am, N, C, H, W, OH, OW);
+    snprintf(name, sizeof name, "maxpool gradcheck %s", tag);
+    gradcheck(name, &c, R, c.inp, ni, dx, 1e-3f);
+
+    // Ties: a constant plane takes the first in-image cell of each window.
+    float * cst = fzeros(ni);
+    for (size_t i = 0; i < ni; i++) { cst[i] = 0.5f; }
+    kd_maxpool2d_forward(c.out, c.am, cst, N, C, H, W, OH, OW, K, S, P);
+    ref_maxpool(ref, ram, cst, N, C, H, W, OH, OW, K, S, P);
+    CHECK(memcmp(c.am, ram, no * sizeof(int32_t)) == 0, "maxpool ties take the first max %s", tag);
+    // Padding never wins: an all-negative input keeps negative maxima.
+    for (size_t i = 0; i < ni; i++) { cst[i] = -1.0f - (float)(i % 3); }
+    kd_maxpool2d_forward(c.out, c.am, cst, N, C, H, W, OH, OW, K, S, P);
+    ref_maxpool(ref, ram, cst, N, C, H, W, OH, OW, K, S, P);
+    int ok = memcmp(c.am, ram, no * sizeof(int32_t)) == 0;
+    for (size_t i = 0; i < no; i++) { ok &= c.out[i] == ref[i] && c.out[i] < 0; }
+    CHECK(ok, "maxpool padding must not win %s", tag);
+    free(c.inp); free(c.out); free(c.am); free(ref); free(ram); free(R); free(dx); free(cst);
+}
+
+static void test_avgpool(int N, int C, int H, int W, int K, int S, int P, uint64_t seed) {
+    char tag[96], name[160];
+    snprintf(tag, sizeof tag, "N%d C%d %dx%d K%d S%d P%d", N, C, H, W, K, S, P);
+    int OH = (H + 2 * P - K) / S + 1, OW = (W + 2 * P - K) / S + 1;
+    size_t ni = (size_t)N * C * H * W, no = (size_t)N * C * OH * OW;
+    struct ctx c = {0};
+    c.N = N; c.C = C; c.H = H; c.W = W; c.OH = OH; c.OW = OW; c.K = K; c.S = S; c.P = P;
+    c.nout = no; c.fwd = fwd_avgpool;
+    c.inp = frand(ni, seed); c.out = fzeros(no);
+    fwd_avgpool(&c);
+    float * ref = fzeros(no), * R = frand(no, seed + 1);
+    float * dx = frand(ni, seed + 2), * rdx = fcopy(dx, ni);
+    for (int nc = 0; nc < N * C; nc++) {
+        for (int oh = 0; oh < OH; oh++) {
+            for (int ow = 0; ow < OW; ow++) {
+                double s = 0;
+                size_t o = (size_t)nc * OH * OW + oh * OW + ow;
+                for (int kh = 0; kh < K; kh++) {
+                    for (int kw = 0; kw < K; kw++) {
+                        int h = oh * S - P + kh, w = ow * S - P + kw;
+                        if (h < 0 || h >= H || w < 0 || w >= W) { continue; }
+                        s += c.inp[(size_t)nc * H * W + h * W + w];
+                        rdx[(size_t)nc * H * W + h * W + w] += R[o] / (float)(K * K);
+                    }
+                }
+                ref[o] = (float)(s / (K * K));   // count_include_pad: always K*K
+            }
+        }
+    }
+    snprintf(name, sizeof name, "avgpool fwd %s", tag);
+    check_close(name, c.out, ref, no, 1e-6, 1e-6);
+    kd_avgpool2d_backward(dx, R, N, C, H, W, OH, OW, K, S, P);
+    snprintf(name, sizeof name, "avgpool bwd %s", tag);
+    check_close(name, dx, rdx, ni, 1e-6, 1e-6);
+    float * dx0 = fzeros(ni);
+    kd_avgpool2d_backward(dx0, R, N, C, H, W, OH, OW, K, S, P);
+    snprintf(name, sizeof name, "avgpool gradcheck %s", tag);
+    gradcheck(name, &c, R, c.inp, ni, dx0, 1e-2f);
+    free(c.inp); free(c.out); free(ref); free(R); free(dx); free(rdx); free(dx0);
+}
+
+static void test_gap(void) {
+    int N = 3, C = 4, HW = 13;
+    size_t ni = (size_t)N * C * HW, no = (size_t)N * C;
+    struct ctx c = {0};
+    c.N = N; c.C = C; c.HW = HW; c.nout = no; c.fwd = fwd_gap;
+    c.inp = frand(ni, 51); c.out = fzeros(no);
+    fwd_gap(&c);
+    float * ref = fzeros(no);
+    for (size_t k = 0; k < no; k++) {
+        double s = 0;
+        for (int i = 0; i < HW; i++) { s += c.inp[k * HW + i]; }
+        ref[k] = (float)(s / HW);
+    }
+    check_close("gap fwd", c.out, ref, no, 1e-7, 1e-6);
+    float * R = frand(no, 52), * dx = fzeros(ni);
+    kd_gap_backward(dx, R, N, C, HW);
+    gradcheck("gap gradcheck", &c, R, c.inp, ni, dx, 1e-2f);
+    float * dx2 = fcopy(dx, ni);
+    kd_gap_backward(dx2, R, N, C, HW);
+    for (size_t i = 0; i < ni; i++) { dx[i] *= 2; }
+    check_close("gap accumulate", dx2, dx, ni, 0, 0);
+    free(c.inp); free(c.out); free(ref); free(R); free(dx); free(dx2);
+}
+
+static void test_dropout(void) {
+    size_t n = 100000;
+    float * x = frand(n, 61), * out = fzeros(n), * mask = fzeros(n);
+    kd_dropout_forward(out, mask, x, n, 0.0f, 7);
+    int ok = 1;
+    for (size_t i = 0; i < n; i++) { ok &= mask[i] == 1.0f && out[i] == x[i]; }
+    CHECK(ok, "dropout p=0 is the identity");
+
+    float p = 0.3f, scale = 1.0f / (1.0f - p);
+    kd_dropout_forward(out, mask, x, n, p, 7);
+    size_t zeros = 0;
+    ok = 1;
+    for (size_t i = 0; i < n; i++) {
+        float want = kd_uniform(kd_hash(7, i)) < p ? 0.0f : scale;
+        ok &= mask[i] == want && out[i] == x[i] * want;
+        zeros += mask[i] == 0.0f;
+    }
+    CHECK(ok, "dropout mask follows kd_hash(seed, i)");
+    CHECK(fabs((double)zeros / n - p) < 0.01, "dropout drop rate %g", (double)zeros / n);
+#ifdef _OPENMP
+    float * mask1 = fzeros(n);
+    set_threads(1);
+    kd_dropout_forward(out, mask1, x, n, p, 7);
+    set_threads(2);
+    CHECK(bitwise_equal(mask, mask1, n), "dropout mask 1 vs 2 threads");
+    free(mask1);
+#endif
+    float * other = fzeros(n);
+    kd_dropout_forward(out, other, x, n, p, 8);
+    CHECK(!bitwise_equal(mask, other, n), "dropout masks differ across seeds");
+    free(other);
+
+    // Small gradcheck: with the mask fixed by the seed the layer is linear.
+    struct ctx c = {0};
+    size_t m = 200;
+    c.n = m; c.nout = m; c.p = 0.4f; c.seed = 3; c.fwd = fwd_dropout;
+    c.inp = frand(m, 62); c.out = fzeros(m); c.work = fzeros(m);
+    fwd_dropout(&c);
+    float * R = frand(m, 63), * dx = fzeros(m);
+    kd_dropout_backward(dx, R, c.work, m);
+    gradcheck("dropout gradcheck", &c, R, c.inp, m, dx, 1e-2f);
+    float * dx2 = fcopy(dx, m);
+    kd_dropout_backward(dx2, R, c.work, m);
+    for (size_t i = 0; i < m; i++) { dx[i] *= 2; }
+    check_close("dropout accumulate", dx2, dx, m, 0, 0);
+    free(x); free(out); free(mask); free(c.inp); free(c.out); free(c.work); free(R); free(dx); free(dx2);
+}
+
+static void test_add(void) {
+    size_t n = 50000;    // above the parallel threshold
+    struct ctx c = {0};
+    c.n = n; c.nout = n; c.fwd = fwd_add;
+    c.inp = frand(n, 71); c.inp2 = frand(n, 72); c.out = fzeros(n);
+    fwd_add(&c);
+    int ok = 1;
+    for (size_t i = 0; i < n; i++) { ok &= c.out[i] == c.inp[i] + c.inp2[i]; }
+    CHECK(ok, "add forward");
+    float * R = frand(n, 73), * da = frand(n, 74), * db = frand(n, 75);
+    float * rda = fcopy(da, n), * rdb = fcopy(db, n);
+    kd_add_backward(da, db, R, n);
+    kd_add_backward(NULL, db, R, n);
+    for (size_t i = 0; i < n; i++) { rda[i] += R[i]; rdb[i] += R[i]; rdb[i] += R[i]; }
+    check_close("add backward da", da, rda, n, 0, 0);
+    check_close("add backward db (twice)", db, rdb, n, 0, 0);
+    // A small gradcheck of both operands.
+    c.n = c.nout = 64;
+    float * g = fzeros(64), * g2 = fzeros(64);
+    kd_add_backward(g, g2, R, 64);
+    gradcheck("add gradcheck a", &c, R, c.inp, 64, g, 1e-2f);
+    gradcheck("add gradcheck b", &c, R, c.inp2, 64, g2, 1e-2f);
+    free(c.inp); free(c.inp2); free(c.out); free(R); free(da); free(db); free(rda); free(rdb);
+    free(g); free(g2);
+}
+
+// ----------------------------------------------------------------------------------------
+// thread invariance (OpenMP builds)
+
+#ifdef _OPENMP
+static void test_linear_threads(void) {
+    // Large enough for OpenBLAS to actually use 2 threads at top level.
+    int N = 64, C = 300, OC = 200;
+    size_t ni = (size_t)N * C, nw = (size_t)OC * C, no = (size_t)N * OC;
+    float * inp = frand(ni, 81), * w = frand(nw, 82), * b = frand(OC, 83), * dout = frand(no, 84);
+    float * out[2], * dinp[2], * dw[2], * db[2];
+    for (int t = 0; t < 2; t++) {
+        set_threads(t + 1);
+        out[t] = fzeros(no); dinp[t] = fzeros(ni); dw[t] = fzeros(nw); db[t] = fzeros(OC);
+        kd_linear_forward(out[t], inp, w, b, N, C, OC);
+        kd_linear_backward(dinp[t], dw[t], db[t], dout, inp, w, N, C, OC);
+    }
+    set_threads(2);
+    CHECK(bitwise_equal(out[0], out[1], no), "linear fwd 1 vs 2 threads not bitwise equal");
+    CHECK(bitwise_equal(db[0], db[1], OC), "linear dbias 1 vs 2 threads not bitwise equal");
+    check_close("linear dinp 1 vs 2 threads", dinp[1], dinp[0], ni, 1e-6, 1e-5);
+    check_close("linear dweight 1 vs 2 threads", dw[1], dw[0], nw, 1e-6, 1e-5);
+    for (int t = 0; t < 2; t++) { free(out[t]); free(dinp[t]); free(dw[t]); free(db[t]); }
+    free(inp); free(w); free(b); free(dout);
+}
+
+static void test_bn_threads(void) {
+    int N = 8, C = 16, HW = 300;
+    size_t n = (size_t)N * C * HW;
+    float * x = frand(n, 91), * w = frand(C, 92), * b = frand(C, 93), * dy = frand(n, 94);
+    float * out[2], * mean[2], * rstd[2], * rm[2], * rv[2], * dx[2], * dw[2], * db[2], * eout[2], * edx[2];
+    for (int t = 0; t < 2; t++) {
+        set_threads(t + 1);
+        out[t] = fzeros(n); mean[t] = fzeros(C); rstd[t] = fzeros(C); rm[t] = fzeros(C); rv[t] = fzeros(C);
+        dx[t] = fzeros(n); dw[t] = fzeros(C); db[t] = fzeros(C); eout[t] = fzeros(n); edx[t] = fzeros(n);
+        for (int c = 0; c < C; c++) { rv[t][c] = 1.0f; }
+        kd_batchnorm_forward_train(out[t], mean[t], rstd[t], rm[t], rv[t], x, w, b, N, C, HW, 1e-5f, 0.1f);
+        kd_batchnorm_backward(dx[t], dw[t], db[t], dy, x, mean[t], rstd[t], w, N, C, HW, 1);
+        float em[16], er[16];
+        kd_batchnorm_forward_eval(eout[t], em, er, x, w, b, rm[t], rv[t], N, C, HW, 1e-5f);
+        kd_batchnorm_backward(edx[t], NULL, NULL, dy, x, em, er, w, N, C, HW, 0);
+    }
+    set_threads(2);
+    int ok = bitwise_equal(out[0], out[1], n) && bitwise_equal(mean[0], mean[1], C)
+          && bitwise_equal(rstd[0], rstd[1], C) && bitwise_equal(rm[0], rm[1], C)
+          && bitwise_equal(rv[0], rv[1], C);
+    CHECK(ok, "bn train forward 1 vs 2 threads not bitwise equal");
+    ok = bitwise_equal(dx[0], dx[1], n) && bitwise_equal(dw[0], dw[1], C) && bitwise_equal(db[0], db[1], C);
+    CHECK(ok, "bn backward 1 vs 2 threads not bitwise equal");
+    ok = bitwise_equal(eout[0], eout[1], n) && bitwise_equal(edx[0], edx[1], n);
+    CHECK(ok, "bn eval 1 vs 2 threads not bitwise equal");
+    for (int t = 0; t < 2; t++) {
+        free(out[t]); free(mean[t]); free(rstd[t]); free(rm[t]); free(rv[t]); free(dx[t]); free(dw[t]);
+        free(db[t]); free(eout[t]); free(edx[t]);
+    }
+    free(x); free(w); free(b); free(dy);
+}
+
+// sgemm inside our OpenMP region must run single-threaded: needs OpenBLAS's OpenMP build.
+// Also reports the conv speedup from 1 to 2 threads (informational; timing is not asserted).
+static void test_blas_threading(void) {
+    CHECK(openblas_get_parallel() == 2, "OpenBLAS is not the OpenMP build (parallel=%d)", openblas_get_parallel());
+    struct kd_conv_shape s = conv_shape(16, 32, 32, 32, 64, 3, 1, 1, 1);
+    struct conv_bufs q = conv_bufs_new(&s, 1, 101);
+    double t[2];
+    for (int k = 0; k < 2; k++) {
+        set_threads(k + 1);
+        float * work = conv_work(&s);
+        kd_conv2d_forward(q.out, q.inp, q.w, q.b, &s, work);
+        double t0 = now_s();
+        for (int r = 0; r < 3; r++) { kd_conv2d_forward(q.out, q.inp, q.w, q.b, &s, work); }
+        t[k] = (now_s() - t0) / 3;
+        free(work);
+    }
+    set_threads(2);
+    printf("conv fwd N16 C32 32x32 OC64 K3: %.2f ms (1 thread), %.2f ms (2 threads)\n", 1e3 * t[0], 1e3 * t[1]);
+    conv_bufs_free(&q);
+}
+#endif
+
+// ----------------------------------------------------------------------------------------
+
+int main(void) {
+    // linear: batch 1, odd sizes, bias on/off
+    test_linear_ref(1, 7, 5, 1, 1);
+    test_linear_ref(13, 33, 17, 0, 2);
+    test_linear_ref(13, 33, 17, 1, 3);
+    test_linear_ref(64, 300, 200, 1, 4);
+    test_linear_gradcheck();
+
+    // conv2d: N, C, H, W, OC, K, S, P, G
+    test_conv_ref(conv_shape(1, 3, 7, 5, 4, 3, 1, 1, 1), 1, 100);     // batch 1, H != W
+    test_conv_ref(conv_shape(3, 4, 9, 8, 6, 3, 2, 0, 1), 0, 110);     // stride 2, no padding, no bias
+    test_conv_ref(conv_shape(2, 4, 6, 7, 6, 3, 1, 1, 2), 1, 120);     // groups 2
+    test_conv_ref(conv_shape(3, 5, 7, 6, 5, 3, 1, 1, 5), 1, 130);     // depthwise
+    test_conv_ref(conv_shape(2, 4, 8, 7, 4, 3, 2, 1, 4), 0, 140);     // depthwise, stride 2
+    test_conv_ref(conv_shape(1, 2, 5, 5, 2, 3, 3, 2, 2), 1, 145);     // depthwise, big padding
+    test_conv_ref(conv_shape(2, 6, 5, 5, 8, 1, 1, 0, 1), 1, 150);     // 1x1 fast path
+    test_conv_ref(conv_shape(3, 6, 5, 4, 8, 1, 1, 0, 2), 0, 160);     // 1x1 fast path, groups
+    test_conv_ref(conv_shape(2, 4, 7, 7, 6, 1, 2, 0, 1), 1, 170);     // 1x1 stride 2 (im2col)
+    test_conv_ref(conv_shape(4, 3, 10, 9, 5, 5, 2, 2, 1), 1, 180);    // K5
+    test_conv_ref(conv_shape(3, 4, 6, 6, 8, 3, 1, 1, 4), 1, 190);     // groups = C, OC = 2C (not depthwise)
+    test_conv_ref(conv_shape(5, 8, 12, 11, 16, 3, 1, 1, 1), 1, 200);  // N odd: uneven thread chunks
+    test_conv_ref(conv_shape(2, 3, 4, 4, 2, 3, 1, 2, 1), 1, 210);     // padding 2 > K/2
+    test_conv_ref(conv_shape(1, 1, 1, 1, 3, 1, 1, 0, 1), 1, 220);     // 1x1 image
+    test_conv_gradcheck(conv_shape(2, 3, 6, 5, 4, 3, 2, 1, 1), 300);
+    test_conv_gradcheck(conv_shape(2, 4, 5, 5, 6, 3, 1, 1, 2), 310);
+    test_conv_gradcheck(conv_shape(2, 3, 5, 6, 3, 3, 1, 1, 3), 320);
+    test_conv_gradcheck(conv_shape(2, 4, 4, 3, 5, 1, 1, 0, 1), 330);
+    test_conv_workspace();
+
+    // batchnorm: (N, C, HW)
+    test_bn_ref(4, 3, 25, 400);
+    test_bn_ref(1, 2, 7, 410);     // batch 1
+    test_bn_ref(6, 4, 1, 420);     // BN1d-like
+    test_bn_ref(5, 3, 1001, 430);  // plane not a multiple of the accumulator lanes
+    test_bn_gradcheck(3, 2, 5, 1);
+    test_bn_gradcheck(3, 2, 5, 0);
+    test_bn_gradcheck(5, 3, 1, 1);
+    test_bn_single_value();
+
+    test_relu();
+    test_maxpool(2, 3, 7, 5, 3, 2, 1, 500);  // padding + stride
+    test_maxpool(1, 2, 6, 6, 2, 2, 0, 510);
+    test_maxpool(2, 2, 5, 7, 3, 1, 1, 520);  // overlapping windows
+    test_avgpool(2, 3, 7, 5, 3, 2, 1, 600);  // padding: divisor stays K*K
+    test_avgpool(1, 2, 6, 6, 2, 2, 0, 610);
+    test_gap();
+    test_dropout();
+    test_add();
+
+#ifdef _OPENMP
+    test_linear_threads();
+    test_conv_threads(conv_shape(5, 8, 12, 11, 16, 3, 1, 1, 1), 700);
+    test_conv_threads(conv_shape(3, 6, 9, 9, 8, 3, 2, 1, 2), 710);
+    test_conv_threads(conv_shape(1, 8, 10, 10, 16, 1, 1, 0, 1), 720);  // N < threads
+    test_conv_threads(conv_shape(4, 8, 10, 10, 8, 3, 1, 1, 8), 730);   // depthwise
+    test_bn_threads();
+    test_blas_threading();
+#endif
+    return kdt_finish();
+}
