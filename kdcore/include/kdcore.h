@@ -215,7 +215,7 @@ struct kd_optim_cfg {
     bool  nesterov;           // SGD
     float weight_decay;       // SGD/Adam: L2 added to the gradient; AdamW: decoupled
     float beta1, beta2, eps;  // Adam/AdamW (0 means the default 0.9, 0.999, 1e-8)
-    bool  decay_bn_and_bias;  // false: no weight decay on BN params and biases
+    bool  no_decay_bn_and_bias;  // true: no weight decay on BN params and biases (false = PyTorch)
 };
 
 struct kd_optim;

@@ -71,15 +71,58 @@ static double sumsq_dev_f64(const float * x, size_t n, double m) {
     return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
 }
 
-// sum((x - m) * y) in double, same lane scheme as sum_f64.
-static double dot_dev_f64(const float * x, const float * y, size_t n, double m) {
-    double acc[8] = {0};
+// *sy += sum(y) and *sxy += sum((x - m) * y) in double, in one pass over y; same lane
+// scheme as sum_f64.
+static void sum_dot_dev_f64(double * sy, double * sxy, const float * x, const float * y, size_t n,
+                            double m) {
+    double a[8] = {0}, b[8] = {0};
     size_t i = 0;
     for (; i + 8 <= n; i += 8) {
-        for (int j = 0; j < 8; j++) { acc[j] += ((double)x[i + j] - m) * (double)y[i + j]; }
+        for (int j = 0; j < 8; j++) {
+            a[j] += (double)y[i + j];
+            b[j] += ((double)x[i + j] - m) * (double)y[i + j];
+        }
     }
-    for (; i < n; i++) { acc[i & 7] += ((double)x[i] - m) * (double)y[i]; }
+    for (; i < n; i++) {
+        a[i & 7] += (double)y[i];
+        b[i & 7] += ((double)x[i] - m) * (double)y[i];
+    }
+    *sy += ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
+    *sxy += ((b[0] + b[1]) + (b[2] + b[3])) + ((b[4] + b[5]) + (b[6] + b[7]));
+}
+
+// sum(x[i*S] * y[i]) in double; the S == 1 case uses the lane scheme of sum_f64.
+static double dot_gather_f64(const float * x, const float * y, int n, int S) {
+    if (S != 1) {
+        double acc = 0.0;
+        for (int i = 0; i < n; i++) { acc += (double)x[(size_t)i * S] * (double)y[i]; }
+        return acc;
+    }
+    double acc[8] = {0};
+    int i = 0;
+    for (; i + 8 <= n; i += 8) {
+        for (int j = 0; j < 8; j++) { acc[j] += (double)x[i + j] * (double)y[i + j]; }
+    }
+    for (; i < n; i++) { acc[i & 7] += (double)x[i] * (double)y[i]; }
     return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
+
+// y[i] += a * x[i*S]. The S == 1 branch is a separate loop so that it vectorises.
+static inline void axpy_gather(float * y, float a, const float * x, int n, int S) {
+    if (S == 1) {
+        for (int i = 0; i < n; i++) { y[i] += a * x[i]; }
+    } else {
+        for (int i = 0; i < n; i++) { y[i] += a * x[(size_t)i * S]; }
+    }
+}
+
+// y[i*S] += a * x[i]
+static inline void axpy_scatter(float * y, float a, const float * x, int n, int S) {
+    if (S == 1) {
+        for (int i = 0; i < n; i++) { y[i] += a * x[i]; }
+    } else {
+        for (int i = 0; i < n; i++) { y[(size_t)i * S] += a * x[i]; }
+    }
 }
 
 // Range [*o0, *o1) of output positions o (0 <= o < O) whose input position o*S - P + k
@@ -282,8 +325,8 @@ static void dw_forward_plane(float * out, const float * inp, const float * w, fl
                              const struct kd_conv_shape * s) {
     int K = s->K, S = s->S, P = s->P, OW = s->OW;
     memset(out, 0, (size_t)s->OH * OW * sizeof(float));
-    // Tap-major order: each (kh, kw) adds a shifted, strided copy of the input, which
-    // vectorises along ow for stride 1.
+    // Tap-major order: each (kh, kw) adds a shifted, strided copy of the input; the plane
+    // stays in L1 across the K*K passes.
     for (int kh = 0; kh < K; kh++) {
         int oh0, oh1;
         valid_range(&oh0, &oh1, s->H, s->OH, kh, S, P);
@@ -293,9 +336,8 @@ static void dw_forward_plane(float * out, const float * inp, const float * w, fl
             if (ow0 == ow1) { continue; }
             float wv = w[kh * K + kw];
             for (int oh = oh0; oh < oh1; oh++) {
-                float * o = out + (size_t)oh * OW;
                 const float * src = inp + (size_t)(oh * S - P + kh) * s->W + (ow0 * S - P + kw);
-                for (int ow = ow0; ow < ow1; ow++) { o[ow] += wv * src[(ow - ow0) * S]; }
+                axpy_gather(out + (size_t)oh * OW + ow0, wv, src, ow1 - ow0, S);
             }
         }
     }
@@ -403,15 +445,9 @@ static void dw_backward_channel(float * dinp, float * dweight, float * dbias, co
                 float * dx = dinp != NULL ? dinp + (size_t)c * HW + n * cstride_in : NULL;
                 for (int oh = oh0; oh < oh1; oh++) {
                     size_t off = (size_t)(oh * S - P + kh) * s->W + (ow0 * S - P + kw);
-                    const float * dyr = dy + (size_t)oh * OW;
-                    if (dweight != NULL) {
-                        const float * xr = x + off;
-                        for (int ow = ow0; ow < ow1; ow++) { sw += (double)dyr[ow] * (double)xr[(ow - ow0) * S]; }
-                    }
-                    if (dx != NULL) {
-                        float * dxr = dx + off;
-                        for (int ow = ow0; ow < ow1; ow++) { dxr[(ow - ow0) * S] += wv * dyr[ow]; }
-                    }
+                    const float * dyr = dy + (size_t)oh * OW + ow0;
+                    if (dweight != NULL) { sw += dot_gather_f64(x + off, dyr, ow1 - ow0, S); }
+                    if (dx != NULL) { axpy_scatter(dx + off, wv, dyr, ow1 - ow0, S); }
                 }
             }
             if (dweight != NULL) { dweight[(size_t)c * K * K + kh * K + kw] += (float)sw; }
@@ -551,8 +587,7 @@ void kd_batchnorm_backward(float * dinp, float * dweight, float * dbias, const f
         double sdy = 0.0, sdyx = 0.0;
         for (int n = 0; n < N; n++) {
             size_t off = ((size_t)n * C + c) * HW;
-            sdy += sum_f64(dout + off, (size_t)HW);
-            sdyx += dot_dev_f64(inp + off, dout + off, (size_t)HW, m);
+            sum_dot_dev_f64(&sdy, &sdyx, inp + off, dout + off, (size_t)HW, m);
         }
         if (dbias != NULL) { dbias[c] += (float)sdy; }
         if (dweight != NULL) { dweight[c] += (float)(sdyx * (double)r); }
@@ -614,25 +649,34 @@ void kd_maxpool2d_forward(float * out, int32_t * argmax, const float * inp, int 
         float * o = out + (size_t)nc * OHW;
         int32_t * a = argmax + (size_t)nc * OHW;
         for (int oh = 0; oh < OH; oh++) {
-            // Clip the window to the image: padded cells are never candidates.
-            int h0 = imax(oh * S - P, 0), h1 = imin(oh * S - P + K, H);
+            float * orow = o + (size_t)oh * OW;
+            int32_t * arow = a + (size_t)oh * OW;
+            // PyTorch starts each window at its first in-image cell with -inf, then takes
+            // strictly greater values (so ties keep the first in scan order) and lets NaN
+            // win. Padded cells are never candidates.
+            int h0 = imax(oh * S - P, 0);
             for (int ow = 0; ow < OW; ow++) {
-                int w0 = imax(ow * S - P, 0), w1 = imin(ow * S - P + K, W);
-                // PyTorch starts from the first in-window cell with -inf, takes strictly
-                // greater values (so ties keep the first in scan order) and lets NaN win.
-                int32_t best = (int32_t)(h0 * W + w0);
-                float bv = -INFINITY;
-                for (int h = h0; h < h1; h++) {
-                    for (int w = w0; w < w1; w++) {
-                        float v = x[(size_t)h * W + w];
-                        if (v > bv || isnan(v)) {
-                            bv = v;
-                            best = (int32_t)(h * W + w);
-                        }
+                orow[ow] = -INFINITY;
+                arow[ow] = (int32_t)(h0 * W + imax(ow * S - P, 0));
+            }
+            // Tap-major over the row of windows: each tap visits its windows in the same
+            // (kh, kw) scan order as a per-window loop, but the inner loop runs along ow
+            // with selects instead of data-dependent branches, so it vectorises.
+            for (int kh = 0; kh < K; kh++) {
+                int ih = oh * S - P + kh;
+                if (ih < 0 || ih >= H) { continue; }
+                for (int kw = 0; kw < K; kw++) {
+                    int ow0, ow1;
+                    valid_range(&ow0, &ow1, W, OW, kw, S, P);
+                    int base = ih * W - P + kw;
+                    for (int ow = ow0; ow < ow1; ow++) {
+                        int idx = base + ow * S;
+                        float v = x[idx];
+                        int take = (v > orow[ow]) | (v != v);
+                        orow[ow] = take ? v : orow[ow];
+                        arow[ow] = take ? idx : arow[ow];
                     }
                 }
-                o[(size_t)oh * OW + ow] = bv;
-                a[(size_t)oh * OW + ow] = best;
             }
         }
     }
@@ -670,16 +714,22 @@ void kd_avgpool2d_forward(float * out, const float * inp, int N, int C, int H, i
         const float * x = inp + (size_t)nc * HW;
         float * o = out + (size_t)nc * OHW;
         for (int oh = 0; oh < OH; oh++) {
-            int h0 = imax(oh * S - P, 0), h1 = imin(oh * S - P + K, H);
-            for (int ow = 0; ow < OW; ow++) {
-                int w0 = imax(ow * S - P, 0), w1 = imin(ow * S - P + K, W);
-                float sum = 0.0f;
-                for (int h = h0; h < h1; h++) {
-                    for (int w = w0; w < w1; w++) { sum += x[(size_t)h * W + w]; }
+            float * orow = o + (size_t)oh * OW;
+            memset(orow, 0, (size_t)OW * sizeof(float));
+            // Tap-major along the row of windows (vectorises along ow); each window still
+            // sums its cells in (kh, kw) order, as a per-window loop would.
+            for (int kh = 0; kh < K; kh++) {
+                int ih = oh * S - P + kh;
+                if (ih < 0 || ih >= H) { continue; }
+                for (int kw = 0; kw < K; kw++) {
+                    int ow0, ow1;
+                    valid_range(&ow0, &ow1, W, OW, kw, S, P);
+                    if (ow0 == ow1) { continue; }
+                    axpy_gather(orow + ow0, 1.0f, x + (size_t)ih * W + (ow0 * S - P + kw), ow1 - ow0, S);
                 }
-                // Divide (not multiply by 1/K^2) to round like PyTorch.
-                o[(size_t)oh * OW + ow] = sum / div;
             }
+            // Divide (not multiply by 1/K^2) to round like PyTorch.
+            for (int ow = 0; ow < OW; ow++) { orow[ow] /= div; }
         }
     }
 }
@@ -695,12 +745,16 @@ void kd_avgpool2d_backward(float * dinp, const float * dout, int N, int C, int H
         float * dx = dinp + (size_t)nc * HW;
         const float * dy = dout + (size_t)nc * OHW;
         for (int oh = 0; oh < OH; oh++) {
-            int h0 = imax(oh * S - P, 0), h1 = imin(oh * S - P + K, H);
-            for (int ow = 0; ow < OW; ow++) {
-                int w0 = imax(ow * S - P, 0), w1 = imin(ow * S - P + K, W);
-                float g = dy[(size_t)oh * OW + ow] / div;
-                for (int h = h0; h < h1; h++) {
-                    for (int w = w0; w < w1; w++) { dx[(size_t)h * W + w] += g; }
+            for (int kh = 0; kh < K; kh++) {
+                int ih = oh * S - P + kh;
+                if (ih < 0 || ih >= H) { continue; }
+                for (int kw = 0; kw < K; kw++) {
+                    int ow0, ow1;
+                    valid_range(&ow0, &ow1, W, OW, kw, S, P);
+                    float * dxr = dx + (size_t)ih * W + (ow0 * S - P + kw);
+                    const float * dyr = dy + (size_t)oh * OW;
+                    // Every window shares the divisor K*K (padding counts).
+                    for (int ow = ow0; ow < ow1; ow++) { dxr[(size_t)(ow - ow0) * S] += dyr[ow] / div; }
                 }
             }
         }

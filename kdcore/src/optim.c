@@ -69,13 +69,13 @@ enum kd_status kd_optim_resolve_cfg_(struct kd_optim_cfg * out, const struct kd_
 }
 
 // Decay rule: a tensor decays iff its kd_tensor_info.decay is set and, when
-// cfg->decay_bn_and_bias is false, it is neither a bias nor a BN parameter. Biases and BN
+// cfg->no_decay_bn_and_bias is true, it is neither a bias nor a BN parameter. Biases and BN
 // parameters (weight and bias) are exactly the trainable tensors with one dimension, and
 // biases are also recognised by the ".bias" name suffix; either test excludes a tensor.
 // (This is the usual "no_decay" grouping of PyTorch training scripts: p.ndim <= 1.)
 bool kd_optim_decays_(const struct kd_tensor_info * t, const struct kd_optim_cfg * cfg) {
     if (!t->decay || t->is_buffer) return false;
-    if (cfg->decay_bn_and_bias) return true;
+    if (!cfg->no_decay_bn_and_bias) return true;
     if (t->ndim <= 1) return false;
     const char * nul = memchr(t->name, '\0', sizeof t->name);
     size_t len = nul ? (size_t)(nul - t->name) : sizeof t->name;

@@ -476,7 +476,7 @@ static int Optim_init(OptimObject * self, PyObject * args, PyObject * kwds) {
     if (!((NetObject *)net)->net) { PyErr_SetString(PyExc_RuntimeError, "the model was not built"); return -1; }
     c.kind = (enum kd_optim_kind)kind;
     c.nesterov = nesterov;
-    c.decay_bn_and_bias = decay_all;
+    c.no_decay_bn_and_bias = !decay_all;
     struct kd_optim * o = kd_optim_new(((NetObject *)net)->net, &c);
     if (!o) { PyErr_SetString(PyExc_ValueError, kd_last_error()); return -1; }
     kd_optim_free(self->opt);

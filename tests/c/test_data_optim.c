@@ -182,7 +182,7 @@ static void test_decay_mask(void) {
     CHECK(pa == pb, "masked adamw element %g != undecayed %g", pb, pa);
 
     // Which tensors decay.
-    struct kd_optim_cfg on = { .decay_bn_and_bias = true }, off = { .decay_bn_and_bias = false };
+    struct kd_optim_cfg on = { .no_decay_bn_and_bias = false }, off = { .no_decay_bn_and_bias = true };
     struct kd_tensor_info w = { .name = "layer1.0.conv1.weight", .ndim = 4, .decay = true };
     struct kd_tensor_info fcw = { .name = "fc.weight", .ndim = 2, .decay = true };
     struct kd_tensor_info b = { .name = "fc.bias", .ndim = 1, .decay = true };

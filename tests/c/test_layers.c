@@ -30,13 +30,6 @@ static float * fcopy(const float * x, size_t n) {
     memcpy(p, x, n * sizeof(float));
     return p;
 }
-static void set_threads(int t) {
-#ifdef _OPENMP
-    omp_set_num_threads(t);
-#else
-    (void)t;
-#endif
-}
 static int bitwise_equal(const float * a, const float * b, size_t n) {
     return memcmp(a, b, n * sizeof(float)) == 0;
 }
@@ -44,11 +37,14 @@ static int bitwise_equal(const float * a, const float * b, size_t n) {
 static void fill_distinct(float * x, size_t n, size_t mult) {
     for (size_t i = 0; i < n; i++) { x[i] = ((double)((i * mult) % n) - (double)(n / 2)) * 0.05f + 0.025f; }
 }
+#ifdef _OPENMP
+static void set_threads(int t) { omp_set_num_threads(t); }
 static double now_s(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
+#endif
 
 // ----------------------------------------------------------------------------------------
 // finite-difference gradcheck of L = sum(out * R); the analytic gradient of L is the
@@ -405,7 +401,8 @@ static void test_conv_workspace(void) {
     CHECK(kd_conv2d_workspace(&s, 3) == 3 * per, "conv workspace 3 threads");
     struct kd_conv_shape pw = conv_shape(8, 16, 10, 12, 32, 1, 1, 0, 1);
     CHECK(kd_conv2d_workspace(&pw, 2) == 2 * ((size_t)32 * 16 + 32), "pointwise conv needs no im2col buffer");
-    struct kd_conv_shape huge = { 1, 1 << 20, 1 << 15, 1 << 15, 1 << 20, 1 << 15, 1 << 15, 3, 1, 1, 1 };
+    // Cg*K*K = 2^50 times OH*OW = 2^30 overflows 64 bits.
+    struct kd_conv_shape huge = { 1, 1 << 30, 1 << 15, 1 << 15, 1 << 30, 1 << 15, 1 << 15, 1 << 10, 1, 0, 1 };
     CHECK(kd_conv2d_workspace(&huge, 64) == SIZE_MAX, "conv workspace overflow not detected");
 }
 
@@ -579,7 +576,8 @@ static void test_bn_single_value(void) {
     float rm[2] = { 0, 0 }, rv[2] = { 1, 1 };
     kd_batchnorm_forward_train(out, mean, rstd, rm, rv, x, w, b, 1, 2, 1, 1e-5f, 0.1f);
     CHECK(isfinite(rv[0]) && isfinite(rv[1]) && fabsf(rv[0] - 0.9f) < 1e-6f, "bn n=1 running_var %g", rv[0]);
-    CHECK(out[0] == 0.0f && out[1] == 0.0f, "bn n=1 output %g %g", out[0], out[1]);
+    // x*alpha + beta with alpha = rstd*w ~ 316 cancels only to float rounding (as in PyTorch).
+    CHECK(fabsf(out[0]) < 1e-4f && fabsf(out[1]) < 1e-4f, "bn n=1 output %g %g", out[0], out[1]);
 }
 
 // ----------------------------------------------------------------------------------------
@@ -679,6 +677,10 @@ static void test_maxpool(int N, int C, int H, int W, int K, int S, int P, uint64
     int ok = memcmp(c.am, ram, no * sizeof(int32_t)) == 0;
     for (size_t i = 0; i < no; i++) { ok &= c.out[i] == ref[i] && c.out[i] < 0; }
     CHECK(ok, "maxpool padding must not win %s", tag);
+    // NaN wins (PyTorch propagates it).
+    cst[0] = NAN;
+    kd_maxpool2d_forward(c.out, c.am, cst, N, C, H, W, OH, OW, K, S, P);
+    CHECK(isnan(c.out[0]) && c.am[0] == 0, "maxpool NaN should propagate %s", tag);
     free(c.inp); free(c.out); free(c.am); free(ref); free(ram); free(R); free(dx); free(cst);
 }
 
@@ -825,24 +827,31 @@ static void test_add(void) {
 // thread invariance (OpenMP builds)
 
 #ifdef _OPENMP
+// Linear runs one top-level, BLAS-threaded sgemm. OpenBLAS splits the matrices into
+// per-thread blocks and its edge micro-kernels round differently from the full ones, so
+// the result changes in the last bits with the thread count: deterministic for a given
+// count (checked bitwise), equal only to rounding across counts.
 static void test_linear_threads(void) {
     // Large enough for OpenBLAS to actually use 2 threads at top level.
     int N = 64, C = 300, OC = 200;
     size_t ni = (size_t)N * C, nw = (size_t)OC * C, no = (size_t)N * OC;
     float * inp = frand(ni, 81), * w = frand(nw, 82), * b = frand(OC, 83), * dout = frand(no, 84);
-    float * out[2], * dinp[2], * dw[2], * db[2];
-    for (int t = 0; t < 2; t++) {
-        set_threads(t + 1);
+    float * out[3], * dinp[3], * dw[3], * db[3];
+    for (int t = 0; t < 3; t++) {
+        set_threads(t == 0 ? 1 : 2);
         out[t] = fzeros(no); dinp[t] = fzeros(ni); dw[t] = fzeros(nw); db[t] = fzeros(OC);
         kd_linear_forward(out[t], inp, w, b, N, C, OC);
         kd_linear_backward(dinp[t], dw[t], db[t], dout, inp, w, N, C, OC);
     }
     set_threads(2);
-    CHECK(bitwise_equal(out[0], out[1], no), "linear fwd 1 vs 2 threads not bitwise equal");
+    int ok = bitwise_equal(out[1], out[2], no) && bitwise_equal(dinp[1], dinp[2], ni)
+          && bitwise_equal(dw[1], dw[2], nw) && bitwise_equal(db[1], db[2], OC);
+    CHECK(ok, "linear with 2 threads not deterministic");
     CHECK(bitwise_equal(db[0], db[1], OC), "linear dbias 1 vs 2 threads not bitwise equal");
-    check_close("linear dinp 1 vs 2 threads", dinp[1], dinp[0], ni, 1e-6, 1e-5);
-    check_close("linear dweight 1 vs 2 threads", dw[1], dw[0], nw, 1e-6, 1e-5);
-    for (int t = 0; t < 2; t++) { free(out[t]); free(dinp[t]); free(dw[t]); free(db[t]); }
+    check_close("linear fwd 1 vs 2 threads", out[1], out[0], no, 3e-5, 1e-5);
+    check_close("linear dinp 1 vs 2 threads", dinp[1], dinp[0], ni, 3e-5, 1e-5);
+    check_close("linear dweight 1 vs 2 threads", dw[1], dw[0], nw, 3e-5, 1e-5);
+    for (int t = 0; t < 3; t++) { free(out[t]); free(dinp[t]); free(dw[t]); free(db[t]); }
     free(inp); free(w); free(b); free(dout);
 }
 
