@@ -293,7 +293,7 @@ def test_batchnorm_train(shape, momentum, eps, rng):
     term = np.abs(kr["dout"]).max() * (t.weight.detach().numpy() / x2.std(axis=axes)).max()
     check_close("input grad", kr["dx"], tr["dx"], rtol=2e-5, atol=2e-5 * term)
     _check_bn_buffers(k, t, "after two forwards")
-    if np.prod(shape) < 1000:
+    if np.prod(shape) < 1000 and shape != (2, 3):   # N=2 BatchNorm1d: dinp is ~0 (pure cancellation)
         fd_check(k, x2, rng, eps=1e-2)
 
 
@@ -538,10 +538,10 @@ def test_sequential_taps(kind, rng):
         x = randn(rng, 5, 6)
         tap_names = ["1"]
     else:
-        k = knn.Sequential(knn.Conv2d(3, 4, 3, padding=1), knn.BatchNorm2d(4), knn.ReLU(), knn.MaxPool2d(2),
+        k = knn.Sequential(knn.Conv2d(3, 4, 3, padding=1, bias=False), knn.BatchNorm2d(4), knn.ReLU(), knn.MaxPool2d(2),
                            knn.Conv2d(4, 6, 3, stride=2, padding=1), knn.ReLU(), knn.AdaptiveAvgPool2d(1),
                            knn.Flatten(), knn.Linear(6, 5))
-        t = tnn.Sequential(tnn.Conv2d(3, 4, 3, padding=1), tnn.BatchNorm2d(4), tnn.ReLU(), tnn.MaxPool2d(2),
+        t = tnn.Sequential(tnn.Conv2d(3, 4, 3, padding=1, bias=False), tnn.BatchNorm2d(4), tnn.ReLU(), tnn.MaxPool2d(2),
                            tnn.Conv2d(4, 6, 3, stride=2, padding=1), tnn.ReLU(), tnn.AdaptiveAvgPool2d(1),
                            tnn.Flatten(), tnn.Linear(6, 5))
         x = randn(rng, 3, 3, 10, 10)
@@ -613,3 +613,17 @@ def test_extreme_inputs(name, scale, train, rng):
     for g in kr["grads"].values():
         assert np.all(np.isfinite(g))
     compare(kr, tr, rtol=5e-5)
+
+
+def test_shape_changes_between_calls(rng):
+    """The same model on different batch sizes and spatial sizes (re-planned activations)."""
+    k = knn.Sequential(knn.Conv2d(3, 4, 3, padding=1, bias=False), knn.BatchNorm2d(4), knn.ReLU(),
+                       knn.AdaptiveAvgPool2d(1), knn.Flatten(), knn.Linear(4, 3))
+    t = tnn.Sequential(tnn.Conv2d(3, 4, 3, padding=1, bias=False), tnn.BatchNorm2d(4), tnn.ReLU(),
+                       tnn.AdaptiveAvgPool2d(1), tnn.Flatten(), tnn.Linear(4, 3))
+    sync(k, t)
+    for shape in [(3, 3, 7, 9), (1, 3, 28, 28), (5, 3, 4, 4), (3, 3, 7, 9)]:
+        k.zero_grad()
+        t.zero_grad()
+        kr, tr = run_both(k, t, randn(rng, *shape), rng=rng)
+        compare(kr, tr, rtol=3e-5)

@@ -27,6 +27,26 @@ def _bn_init(m):
     nn.init.zeros_(m.bias)
 
 
+class RoutedMaxPool2d(nn.MaxPool2d):
+    """nn.MaxPool2d that can take its argmax from another implementation's input values.
+
+    Random inputs produce near-ties in max-pool windows (gaps of a few ulp) that float32
+    rounding differences between kdcore and PyTorch resolve differently, routing a gradient
+    to a neighbouring pixel. With ``route`` set to kdcore's pool input (numpy, same shape),
+    the window maxima are chosen on kdcore's values (first maximum in scan order, PyTorch's
+    and kdcore's rule) and the output gathers this module's input there: the forward value
+    differs from a plain max by rounding only, and the backward routes like kdcore's."""
+    route = None
+
+    def forward(self, x):
+        if self.route is None:
+            return super().forward(x)
+        r = torch.from_numpy(np.ascontiguousarray(self.route, dtype=np.float32)).reshape(x.shape)
+        _, idx = F.max_pool2d(r, self.kernel_size, self.stride, self.padding, self.dilation,
+                              ceil_mode=self.ceil_mode, return_indices=True)
+        return x.flatten(2).gather(2, idx.flatten(2)).view(idx.shape)
+
+
 # ------------------------------------------------------------------------------------------
 # CIFAR ResNet
 
@@ -47,7 +67,8 @@ class TorchBasicBlock(nn.Module):
         y = self.bn2(self.conv2(y))
         s = x if self.downsample is None else self.downsample(x)
         self.preact = y + s
-        return F.relu(self.preact)
+        self.out = F.relu(self.preact)
+        return self.out
 
 
 class TorchResNet(nn.Module):
@@ -86,6 +107,7 @@ class TorchResNet(nn.Module):
             x = f[name] = getattr(self, name)(x)
             for i, blk in enumerate(getattr(self, name)):
                 f[f"{name}.{i}.add"] = blk.preact
+                f[f"{name}.{i}.relu"] = f[f"{name}.{i}"] = blk.out   # kdcore: "relu" = post-activation
         x = f["flatten"] = torch.flatten(self.avgpool(x), 1)
         return self.fc(x)
 
@@ -187,7 +209,7 @@ class TorchVGG(nn.Module):
                 cin = v
             setattr(self, f"block{i}", nn.Sequential(*layers[:-1]))   # no ReLU at the end of a block
         for i in range(4):
-            setattr(self, f"pool{i}", nn.MaxPool2d(2, 2))
+            setattr(self, f"pool{i}", RoutedMaxPool2d(2, 2))
         self.pool4 = nn.AdaptiveAvgPool2d((1, 1))
         self.classifier = nn.Linear(cin, num_classes)
         for m in self.modules():
@@ -232,10 +254,10 @@ def torch_cnn(num_classes=10, in_channels=1, width=32):
     return nn.Sequential(
         nn.Conv2d(in_channels, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(),
         nn.Conv2d(w, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(),
-        nn.MaxPool2d(2),
+        RoutedMaxPool2d(2),
         nn.Conv2d(w, 2 * w, 3, padding=1, bias=False), nn.BatchNorm2d(2 * w), nn.ReLU(),
         nn.Conv2d(2 * w, 2 * w, 3, padding=1, bias=False), nn.BatchNorm2d(2 * w), nn.ReLU(),
-        nn.MaxPool2d(2),
+        RoutedMaxPool2d(2),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * w, num_classes))
 
 
@@ -252,6 +274,29 @@ def build(name, num_classes=10, in_channels=1, **kw):
     if name == "mlp":
         return torch_mlp(kw["sizes"])
     raise KeyError(name)
+
+
+def capture(torch_model, names):
+    """Forward hooks recording the outputs of the modules at these paths (names that are not
+    module paths are skipped) into ``torch_model.hooked``; returns the hook handles.
+    ``feature(torch_model, name)`` reads the model's own record first, then the hooks'."""
+    torch_model.hooked = {}
+    handles = []
+    for name in names:
+        try:
+            mod = torch_model.get_submodule(name)
+        except AttributeError:
+            continue
+        handles.append(mod.register_forward_hook(
+            lambda m, i, o, name=name: torch_model.hooked.__setitem__(name, o)))
+    return handles
+
+
+def feature(torch_model, name):
+    feats = getattr(torch_model, "feats", {})
+    if name in feats:
+        return feats[name]
+    return torch_model.hooked[name]
 
 
 # ------------------------------------------------------------------------------------------
@@ -310,5 +355,5 @@ def assert_close(name, a, b, **kw):
     assert msg is None, msg
 
 
-__all__ = ["TorchResNet", "TorchWideResNet", "TorchVGG", "torch_mlp", "torch_cnn", "build", "to_numpy_state",
-           "load_into_torch", "check_tensor", "assert_close"]
+__all__ = ["RoutedMaxPool2d", "TorchResNet", "TorchWideResNet", "TorchVGG", "torch_mlp", "torch_cnn", "build", "to_numpy_state",
+           "load_into_torch", "capture", "feature", "check_tensor", "assert_close"]

@@ -41,22 +41,28 @@ static inline int team_size(void) {
 static inline int imin(int a, int b) { return a < b ? a : b; }
 static inline int imax(int a, int b) { return a > b ? a : b; }
 
-// Sum of n floats in double. Eight independent lanes let the compiler vectorise the
-// float->double adds; the lane assignment depends only on the index, so the result is
-// the same whatever thread calls it.
+// Reductions in double. Eight independent lanes (plus one for the tail) let the compiler
+// vectorise the float->double accumulation and keep the lanes in registers; the lane of
+// each element depends only on its index, so the result is the same whatever thread or
+// thread count computes it.
+static inline double lanes_sum(const double * a) {
+    return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
+}
+
+// sum(x)
 static double sum_f64(const float * x, size_t n) {
-    double acc[8] = {0};
+    double acc[8] = {0}, tail = 0.0;
     size_t i = 0;
     for (; i + 8 <= n; i += 8) {
         for (int j = 0; j < 8; j++) { acc[j] += (double)x[i + j]; }
     }
-    for (; i < n; i++) { acc[i & 7] += (double)x[i]; }
-    return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+    for (; i < n; i++) { tail += (double)x[i]; }
+    return lanes_sum(acc) + tail;
 }
 
-// sum((x - m)^2) in double, same lane scheme as sum_f64.
+// sum((x - m)^2)
 static double sumsq_dev_f64(const float * x, size_t n, double m) {
-    double acc[8] = {0};
+    double acc[8] = {0}, tail = 0.0;
     size_t i = 0;
     for (; i + 8 <= n; i += 8) {
         for (int j = 0; j < 8; j++) {
@@ -66,16 +72,15 @@ static double sumsq_dev_f64(const float * x, size_t n, double m) {
     }
     for (; i < n; i++) {
         double d = (double)x[i] - m;
-        acc[i & 7] += d * d;
+        tail += d * d;
     }
-    return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+    return lanes_sum(acc) + tail;
 }
 
-// *sy += sum(y) and *sxy += sum((x - m) * y) in double, in one pass over y; same lane
-// scheme as sum_f64.
+// *sy += sum(y) and *sxy += sum((x - m) * y), in one pass over y
 static void sum_dot_dev_f64(double * sy, double * sxy, const float * x, const float * y, size_t n,
                             double m) {
-    double a[8] = {0}, b[8] = {0};
+    double a[8] = {0}, b[8] = {0}, ta = 0.0, tb = 0.0;
     size_t i = 0;
     for (; i + 8 <= n; i += 8) {
         for (int j = 0; j < 8; j++) {
@@ -84,27 +89,24 @@ static void sum_dot_dev_f64(double * sy, double * sxy, const float * x, const fl
         }
     }
     for (; i < n; i++) {
-        a[i & 7] += (double)y[i];
-        b[i & 7] += ((double)x[i] - m) * (double)y[i];
+        ta += (double)y[i];
+        tb += ((double)x[i] - m) * (double)y[i];
     }
-    *sy += ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
-    *sxy += ((b[0] + b[1]) + (b[2] + b[3])) + ((b[4] + b[5]) + (b[6] + b[7]));
+    *sy += lanes_sum(a) + ta;
+    *sxy += lanes_sum(b) + tb;
 }
 
-// sum(x[i*S] * y[i]) in double; the S == 1 case uses the lane scheme of sum_f64.
+// sum(x[i*S] * y[i]); the S == 1 case uses the lanes.
 static double dot_gather_f64(const float * x, const float * y, int n, int S) {
-    if (S != 1) {
-        double acc = 0.0;
-        for (int i = 0; i < n; i++) { acc += (double)x[(size_t)i * S] * (double)y[i]; }
-        return acc;
-    }
-    double acc[8] = {0};
+    double acc[8] = {0}, tail = 0.0;
     int i = 0;
-    for (; i + 8 <= n; i += 8) {
-        for (int j = 0; j < 8; j++) { acc[j] += (double)x[i + j] * (double)y[i + j]; }
+    if (S == 1) {
+        for (; i + 8 <= n; i += 8) {
+            for (int j = 0; j < 8; j++) { acc[j] += (double)x[i + j] * (double)y[i + j]; }
+        }
     }
-    for (; i < n; i++) { acc[i & 7] += (double)x[i] * (double)y[i]; }
-    return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+    for (; i < n; i++) { tail += (double)x[(size_t)i * S] * (double)y[i]; }
+    return lanes_sum(acc) + tail;
 }
 
 // y[i] += a * x[i*S]. The S == 1 branch is a separate loop so that it vectorises.
@@ -275,8 +277,7 @@ static void col2im_add(float * dinp, const float * col, int Cg, int H, int W, in
                     int ih = oh * S - P + kh;
                     if (ih < 0 || ih >= H) { continue; }
                     const float * r = row + (size_t)oh * OW;
-                    float * dst = plane + (size_t)ih * W + (ow0 * S - P + kw);
-                    for (int ow = ow0; ow < ow1; ow++) { dst[(ow - ow0) * S] += r[ow]; }
+                    axpy_scatter(plane + (size_t)ih * W + (ow0 * S - P + kw), 1.0f, r + ow0, ow1 - ow0, S);
                 }
             }
         }
@@ -430,6 +431,7 @@ static void dw_backward_channel(float * dinp, float * dweight, float * dbias, co
         for (int n = 0; n < s->N; n++) { sb += sum_f64(dout_c + n * cstride_out, OHW); }
         dbias[c] += (float)sb;
     }
+    if (dweight == NULL && dinp == NULL) { return; }
     for (int kh = 0; kh < K; kh++) {
         int oh0, oh1;
         valid_range(&oh0, &oh1, s->H, s->OH, kh, S, P);
@@ -592,7 +594,7 @@ void kd_batchnorm_backward(float * dinp, float * dweight, float * dbias, const f
         if (dbias != NULL) { dbias[c] += (float)sdy; }
         if (dweight != NULL) { dweight[c] += (float)(sdyx * (double)r); }
         if (dinp == NULL) { continue; }
-        float wr = weight[c] * r;
+        float w = weight[c];
         if (batch_stats) {
             // dx = rstd*w * (dy - mean(dy) - xhat * mean(dy*xhat)), with
             // xhat * mean(dy*xhat) = (x - mean) * k, k = sum((x-mean)*dy) * rstd^2 / cnt.
@@ -604,14 +606,14 @@ void kd_batchnorm_backward(float * dinp, float * dweight, float * dbias, const f
                 size_t off = ((size_t)n * C + c) * HW;
                 for (int i = 0; i < HW; i++) {
                     float xk = (inp[off + i] - mf) * k;
-                    dinp[off + i] += (dout[off + i] - mdy - xk) * wr;
+                    dinp[off + i] += (dout[off + i] - mdy + xk) * r * w;
                 }
             }
         } else {
             // Eval: mean and rstd are constants, so BN is a per-channel affine map.
             for (int n = 0; n < N; n++) {
                 size_t off = ((size_t)n * C + c) * HW;
-                for (int i = 0; i < HW; i++) { dinp[off + i] += dout[off + i] * wr; }
+                for (int i = 0; i < HW; i++) { dinp[off + i] += dout[off + i] * r * w; }
             }
         }
     }
