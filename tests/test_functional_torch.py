@@ -48,7 +48,7 @@ def check_ce(logits, target, ls, rtol=1e-5):
     return loss, d
 
 
-@pytest.mark.parametrize("classes", [2, 10, 1000])
+@pytest.mark.parametrize("classes", [1, 2, 10, 1000])
 @pytest.mark.parametrize("batch", [1, 64])
 @pytest.mark.parametrize("ls", [0.0, 0.1, 0.5])
 @pytest.mark.parametrize("scale", [1.0, 10.0])

@@ -27,24 +27,83 @@ def _bn_init(m):
     nn.init.zeros_(m.bias)
 
 
-class RoutedMaxPool2d(nn.MaxPool2d):
-    """nn.MaxPool2d that can take its argmax from another implementation's input values.
+# Kinks. kdcore and PyTorch agree to float32 rounding, but ReLU and max-pool are not
+# continuous in their gradient: a pre-activation of -3e-6 in one and +1e-6 in the other (or
+# a max-pool window with two values a few ulp apart) sends a gradient down different paths,
+# and random inputs of a deep net hit such a kink on most batches. The twins' ReLUs and
+# max-pools can therefore take their on/off pattern (argmax) from kdcore's forward pass
+# (``route``); they check that every disagreement with their own input is a near-tie
+# (within ROUTE_TOL of the tensor's scale), so a wrong kdcore mask or argmax still fails.
+ROUTE_TOL = 1e-4
 
-    Random inputs produce near-ties in max-pool windows (gaps of a few ulp) that float32
-    rounding differences between kdcore and PyTorch resolve differently, routing a gradient
-    to a neighbouring pixel. With ``route`` set to kdcore's pool input (numpy, same shape),
-    the window maxima are chosen on kdcore's values (first maximum in scan order, PyTorch's
-    and kdcore's rule) and the output gathers this module's input there: the forward value
-    differs from a plain max by rounding only, and the backward routes like kdcore's."""
+
+class RoutedReLU(nn.Module):
+    """ReLU; with ``route`` (kdcore's output of the same ReLU, numpy) the pattern of active
+    units is kdcore's. ``kd_name``: kdcore node name relative to the parent module, when it
+    differs from this module's attribute name (None: the module path is the node name)."""
+
+    def __init__(self, kd_name=None):
+        super().__init__()
+        self.kd_name = kd_name
+        self.route = None
+
+    def forward(self, x):
+        if self.route is None:
+            return F.relu(x)
+        on = torch.from_numpy(np.asarray(self.route) > 0).reshape(x.shape)
+        xd = x.detach()
+        differ = on != (xd > 0)
+        if differ.any():
+            worst = xd[differ].abs().max().item()
+            scale = xd.abs().max().item()
+            assert worst <= ROUTE_TOL * scale, (
+                f"kdcore's ReLU pattern differs from the reference input at {int(differ.sum())} units, "
+                f"up to |x| = {worst:.3e} (scale {scale:.3e}): not a rounding near-tie")
+        return x * on.to(x.dtype)
+
+
+class RoutedMaxPool2d(nn.MaxPool2d):
+    """nn.MaxPool2d; with ``route`` (kdcore's *input* to the same pool, numpy) each window's
+    maximum is chosen on kdcore's values (first maximum in scan order, the rule of both) and
+    the output gathers this module's input there."""
     route = None
 
     def forward(self, x):
         if self.route is None:
             return super().forward(x)
-        r = torch.from_numpy(np.ascontiguousarray(self.route, dtype=np.float32)).reshape(x.shape)
+        r = torch.from_numpy(np.ascontiguousarray(self.route, dtype=np.float32)).reshape(x.shape).to(x.dtype)
         _, idx = F.max_pool2d(r, self.kernel_size, self.stride, self.padding, self.dilation,
                               ceil_mode=self.ceil_mode, return_indices=True)
-        return x.flatten(2).gather(2, idx.flatten(2)).view(idx.shape)
+        out = x.flatten(2).gather(2, idx.flatten(2)).view(idx.shape)
+        true_max = super().forward(x.detach())
+        worst = (true_max - out.detach()).abs().max().item()
+        scale = x.detach().abs().max().item()
+        assert worst <= ROUTE_TOL * scale, (
+            f"kdcore's max-pool argmax picks values up to {worst:.3e} below the window maximum "
+            f"(scale {scale:.3e}): not a rounding near-tie")
+        return out
+
+
+def route(torch_model, kd_model):
+    """Give every RoutedReLU / RoutedMaxPool2d of the twin kdcore's pattern from the kdcore
+    model's last forward (kdcore node names are the torch module paths)."""
+    g = kd_model._graph
+    for path, mod in torch_model.named_modules():
+        if isinstance(mod, RoutedReLU):
+            name = path if mod.kd_name is None else (path.rsplit(".", 1)[0] + "." if "." in path else "") + mod.kd_name
+            mod.route = kd_model.tap(name)
+        elif isinstance(mod, RoutedMaxPool2d):
+            if path in g.names:
+                src = g.nodes[g.names.index(path)][2]       # the pool node's input node
+                mod.route = kd_model.net.tap(src)
+            else:
+                mod.route = None                            # a pool kdcore's graph does not apply
+
+
+def unroute(torch_model):
+    for mod in torch_model.modules():
+        if isinstance(mod, (RoutedReLU, RoutedMaxPool2d)):
+            mod.route = None
 
 
 # ------------------------------------------------------------------------------------------
@@ -56,10 +115,11 @@ class TorchBasicBlock(nn.Module):
         super().__init__()
         self.conv1 = nn.Conv2d(inplanes, planes, 3, stride=stride, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(planes)
-        self.relu = nn.ReLU()
+        self.relu = RoutedReLU("relu1")          # RepDistiller's name; kdcore's node is "relu1"
         self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
         self.downsample = downsample
+        self.relu_out = RoutedReLU("relu")       # RepDistiller's F.relu; kdcore's node "relu"
         self.preact = None
 
     def forward(self, x):
@@ -67,7 +127,7 @@ class TorchBasicBlock(nn.Module):
         y = self.bn2(self.conv2(y))
         s = x if self.downsample is None else self.downsample(x)
         self.preact = y + s
-        self.out = F.relu(self.preact)
+        self.out = self.relu_out(self.preact)
         return self.out
 
 
@@ -79,7 +139,7 @@ class TorchResNet(nn.Module):
         self.inplanes = widths[0]
         self.conv1 = nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(widths[0])
-        self.relu = nn.ReLU()
+        self.relu = RoutedReLU()
         self.layer1 = self._stage(widths[1], n, 1)
         self.layer2 = self._stage(widths[2], n, 2)
         self.layer3 = self._stage(widths[3], n, 2)
@@ -128,10 +188,10 @@ class TorchWideBlock(nn.Module):
     def __init__(self, cin, cout, stride):
         super().__init__()
         self.bn1 = nn.BatchNorm2d(cin)
-        self.relu1 = nn.ReLU()
+        self.relu1 = RoutedReLU()
         self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(cout)
-        self.relu2 = nn.ReLU()
+        self.relu2 = RoutedReLU()
         self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
         self.equal = cin == cout
         self.convShortcut = None if self.equal else nn.Conv2d(cin, cout, 1, stride=stride, bias=False)
@@ -164,7 +224,7 @@ class TorchWideResNet(nn.Module):
         self.block2 = TorchNetworkBlock(n, ch[1], ch[2], 2)
         self.block3 = TorchNetworkBlock(n, ch[2], ch[3], 2)
         self.bn1 = nn.BatchNorm2d(ch[3])
-        self.relu = nn.ReLU()
+        self.relu = RoutedReLU()
         self.fc = nn.Linear(ch[3], num_classes)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
@@ -205,9 +265,10 @@ class TorchVGG(nn.Module):
         for i, widths in enumerate(cfg):
             layers = []
             for v in widths:
-                layers += [nn.Conv2d(cin, v, 3, padding=1), nn.BatchNorm2d(v), nn.ReLU()]
+                layers += [nn.Conv2d(cin, v, 3, padding=1), nn.BatchNorm2d(v), RoutedReLU()]
                 cin = v
             setattr(self, f"block{i}", nn.Sequential(*layers[:-1]))   # no ReLU at the end of a block
+            setattr(self, f"relu{i}", RoutedReLU())    # RepDistiller's F.relu after each block
         for i in range(4):
             setattr(self, f"pool{i}", RoutedMaxPool2d(2, 2))
         self.pool4 = nn.AdaptiveAvgPool2d((1, 1))
@@ -226,7 +287,7 @@ class TorchVGG(nn.Module):
         f = self.feats = {}
         for i in range(5):
             x = f[f"block{i}"] = getattr(self, f"block{i}")(x)
-            x = f[f"relu{i}"] = F.relu(x)
+            x = f[f"relu{i}"] = getattr(self, f"relu{i}")(x)
             if i < 3 or (i == 3 and h == 64):
                 x = getattr(self, f"pool{i}")(x)
         x = f["flatten"] = self.pool4(x).flatten(1)
@@ -245,18 +306,18 @@ def torch_mlp(sizes):
     for i in range(len(sizes) - 1):
         layers.append(nn.Linear(sizes[i], sizes[i + 1]))
         if i < len(sizes) - 2:
-            layers.append(nn.ReLU())
+            layers.append(RoutedReLU())
     return nn.Sequential(*layers)
 
 
 def torch_cnn(num_classes=10, in_channels=1, width=32):
     w = width
     return nn.Sequential(
-        nn.Conv2d(in_channels, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(),
-        nn.Conv2d(w, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(),
+        nn.Conv2d(in_channels, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), RoutedReLU(),
+        nn.Conv2d(w, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), RoutedReLU(),
         RoutedMaxPool2d(2),
-        nn.Conv2d(w, 2 * w, 3, padding=1, bias=False), nn.BatchNorm2d(2 * w), nn.ReLU(),
-        nn.Conv2d(2 * w, 2 * w, 3, padding=1, bias=False), nn.BatchNorm2d(2 * w), nn.ReLU(),
+        nn.Conv2d(w, 2 * w, 3, padding=1, bias=False), nn.BatchNorm2d(2 * w), RoutedReLU(),
+        nn.Conv2d(2 * w, 2 * w, 3, padding=1, bias=False), nn.BatchNorm2d(2 * w), RoutedReLU(),
         RoutedMaxPool2d(2),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * w, num_classes))
 
@@ -355,5 +416,5 @@ def assert_close(name, a, b, **kw):
     assert msg is None, msg
 
 
-__all__ = ["RoutedMaxPool2d", "TorchResNet", "TorchWideResNet", "TorchVGG", "torch_mlp", "torch_cnn", "build", "to_numpy_state",
+__all__ = ["RoutedReLU", "RoutedMaxPool2d", "route", "unroute", "TorchResNet", "TorchWideResNet", "TorchVGG", "torch_mlp", "torch_cnn", "build", "to_numpy_state",
            "load_into_torch", "capture", "feature", "check_tensor", "assert_close"]

@@ -140,6 +140,9 @@ static inline void valid_range(int * o0, int * o1, int L, int O, int k, int S, i
 // ----------------------------------------------------------------------------------------
 // linear
 // https://pytorch.org/docs/stable/generated/torch.nn.Linear.html
+// One top-level sgemm per product, threaded by OpenBLAS. Its split of the matrices across
+// threads changes which micro-kernel (and so which rounding) some elements get: results
+// are reproducible for a given thread count, and equal only to rounding across counts.
 
 // out (N,OC), inp (N,C), weight (OC,C), bias (OC) or NULL
 void kd_linear_forward(float * out, const float * inp, const float * weight, const float * bias,
@@ -554,12 +557,9 @@ void kd_batchnorm_forward_train(float * out, float * mean, float * rstd, float *
         double var_unbiased = cnt > 1 ? ss / (double)(cnt - 1) : var;
         mean[c] = (float)m;
         rstd[c] = (float)(1.0 / sqrt(var + (double)eps));
-        if (run_mean != NULL) {
-            run_mean[c] = (float)((double)momentum * m + (1.0 - (double)momentum) * (double)run_mean[c]);
-        }
-        if (run_var != NULL) {
-            run_var[c] = (float)((double)momentum * var_unbiased + (1.0 - (double)momentum) * (double)run_var[c]);
-        }
+        double mom = (double)momentum;
+        if (run_mean != NULL) { run_mean[c] = (float)(mom * m + (1.0 - mom) * (double)run_mean[c]); }
+        if (run_var != NULL) { run_var[c] = (float)(mom * var_unbiased + (1.0 - mom) * (double)run_var[c]); }
         bn_apply_channel(out, inp, mean[c], rstd[c], weight[c], bias[c], c, N, C, HW);
     }
 }
@@ -606,7 +606,7 @@ void kd_batchnorm_backward(float * dinp, float * dweight, float * dbias, const f
                 size_t off = ((size_t)n * C + c) * HW;
                 for (int i = 0; i < HW; i++) {
                     float xk = (inp[off + i] - mf) * k;
-                    dinp[off + i] += (dout[off + i] - mdy + xk) * r * w;
+                    dinp[off + i] += (dout[off + i] - mdy - xk) * r * w;
                 }
             }
         } else {

@@ -522,6 +522,15 @@ enum kd_status kd_net_forward(struct kd_net * net, const float * x, int N, int C
     if (!net || !x) KD_FAIL(KD_ERR_VALUE, "net and x must not be NULL");
     KD_TRY(kd_net_plan(net, N, C, H, W));
     KD_TRY(ensure_work(net));
+    if (training) {
+        // Batch statistics of a single value are meaningless (variance 0); PyTorch refuses too.
+        for (int i = 0; i < net->n_nodes; i++) {
+            const struct kd_node * nd = &net->nodes[i];
+            if (nd->spec.type == KD_LAYER_BATCHNORM && N * nd->h * nd->w == 1)
+                KD_FAIL(KD_ERR_VALUE, "batchnorm '%s' needs more than 1 value per channel in training mode "
+                        "(batch of 1 with 1x1 features); use a larger batch or eval mode", nd->name);
+        }
+    }
     memcpy(net->acts + net->in_off, x, (size_t)N * C * H * W * sizeof(float));
     for (int i = 0; i < net->n_nodes; i++) {
         struct kd_node * nd = &net->nodes[i];

@@ -1,6 +1,8 @@
 // Layer kernel tests: naive reference implementations (direct loops, double accumulation)
 // vs the fast kernels, finite-difference gradchecks of every backward, accumulation
-// (+=) semantics, and thread-count invariance where layers.h promises it.
+// (+=) semantics, and 1 vs 2 threads: bitwise equal where the kernel's arithmetic does not
+// depend on the thread count (conv forward/dinp, batchnorm, dropout), equal to rounding
+// where it does (conv weight gradients, the BLAS-threaded linear layer).
 #include "kdtest.h"
 #include "layers.h"
 #include "kd_internal.h"
@@ -291,7 +293,9 @@ static struct conv_bufs conv_bufs_new(const struct kd_conv_shape * s, int has_bi
     q.out = fzeros(q.no); q.dout = frand(q.no, seed + 3);
     return q;
 }
-static void conv_bufs_free(struct conv_bufs * q) { free(q->inp); free(q->w); free(q->b); free(q->out); free(q->dout); }
+static void conv_bufs_free(struct conv_bufs * q) {
+    free(q->inp); free(q->w); free(q->b); free(q->out); free(q->dout);
+}
 
 static void test_conv_ref(struct kd_conv_shape s, int has_bias, uint64_t seed) {
     char tag[128], name[160];
@@ -397,7 +401,8 @@ static void test_conv_threads(struct kd_conv_shape s, uint64_t seed) {
 static void test_conv_workspace(void) {
     struct kd_conv_shape s = conv_shape(8, 16, 10, 12, 32, 3, 1, 1, 2);
     size_t per = (size_t)8 * 9 * 10 * 12 + (size_t)32 * 8 * 9 + 32;
-    CHECK(kd_conv2d_workspace(&s, 1) == per, "conv workspace 1 thread: %zu want %zu", kd_conv2d_workspace(&s, 1), per);
+    CHECK(kd_conv2d_workspace(&s, 1) == per, "conv workspace 1 thread: %zu want %zu",
+          kd_conv2d_workspace(&s, 1), per);
     CHECK(kd_conv2d_workspace(&s, 3) == 3 * per, "conv workspace 3 threads");
     struct kd_conv_shape pw = conv_shape(8, 16, 10, 12, 32, 1, 1, 0, 1);
     CHECK(kd_conv2d_workspace(&pw, 2) == 2 * ((size_t)32 * 16 + 32), "pointwise conv needs no im2col buffer");
@@ -434,7 +439,8 @@ static void ref_bn_train(float * out, float * mean, float * rstd, float * rm, fl
 
 // dx = rstd*w*(dy - mean(dy) - xhat*mean(dy*xhat)), in double from the float mean/rstd.
 static void ref_bn_bwd(float * dx, float * dw, float * db, const float * dy, const float * x,
-                       const float * mean, const float * rstd, const float * w, int N, int C, int HW, int bs) {
+                       const float * mean, const float * rstd, const float * w, int N, int C, int HW,
+                       int bs) {
     size_t cnt = (size_t)N * HW;
     for (int c = 0; c < C; c++) {
         double sdy = 0, sdyx = 0;
@@ -890,7 +896,8 @@ static void test_bn_threads(void) {
 // sgemm inside our OpenMP region must run single-threaded: needs OpenBLAS's OpenMP build.
 // Also reports the conv speedup from 1 to 2 threads (informational; timing is not asserted).
 static void test_blas_threading(void) {
-    CHECK(openblas_get_parallel() == 2, "OpenBLAS is not the OpenMP build (parallel=%d)", openblas_get_parallel());
+    CHECK(openblas_get_parallel() == 2, "OpenBLAS is not the OpenMP build (parallel=%d)",
+          openblas_get_parallel());
     struct kd_conv_shape s = conv_shape(16, 32, 32, 32, 64, 3, 1, 1, 1);
     struct conv_bufs q = conv_bufs_new(&s, 1, 101);
     double t[2];
@@ -904,7 +911,8 @@ static void test_blas_threading(void) {
         free(work);
     }
     set_threads(2);
-    printf("conv fwd N16 C32 32x32 OC64 K3: %.2f ms (1 thread), %.2f ms (2 threads)\n", 1e3 * t[0], 1e3 * t[1]);
+    printf("conv fwd N16 C32 32x32 OC64 K3: %.2f ms (1 thread), %.2f ms (2 threads)\n",
+           1e3 * t[0], 1e3 * t[1]);
     conv_bufs_free(&q);
 }
 #endif
