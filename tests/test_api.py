@@ -475,3 +475,11 @@ def test_set_num_threads_and_config(capsys):
     kdcore.show_config()
     out = capsys.readouterr().out
     assert "OpenBLAS" in out and "openmp" in out and "threads: 2" in out
+
+
+def test_identity_first_has_no_tap():
+    m = nn.Sequential(nn.Identity(), nn.Linear(3, 2))
+    m(np.ones((1, 3), np.float32))
+    assert "0" not in m.taps()
+    with pytest.raises(KeyError):
+        m.tap("0")

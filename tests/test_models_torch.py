@@ -122,7 +122,8 @@ def test_state_dict_keys_and_shapes(name):
     km, tm = build_pair(name, randomize_bn=False)
     ks = {k: v.shape for k, v in km.state_dict().items()}
     ts = {k: tuple(v.shape) for k, v in tm.state_dict().items()}
-    assert set(ks) == set(ts), f"only kdcore: {sorted(set(ks) - set(ts))[:8]}; only torch: {sorted(set(ts) - set(ks))[:8]}"
+    assert set(ks) == set(ts), (f"only kdcore: {sorted(set(ks) - set(ts))[:8]}; "
+                                f"only torch: {sorted(set(ts) - set(ks))[:8]}")
     bad = [(k, ks[k], ts[k]) for k in ks if ks[k] != ts[k]]
     assert not bad, f"shape mismatches (key, kdcore, torch): {bad[:8]}"
     # The trainable parameters too (grads() and named_parameters() use the same names).
@@ -305,7 +306,8 @@ def test_tap_values_forward_hooks():
     seen = {}
     hooks = [getattr(tm, s).register_forward_hook(lambda mod, i, o, s=s: seen.__setitem__(s, o.detach().numpy()))
              for s in ("layer1", "layer2", "layer3")]
-    hooks.append(tm.layer2[0].bn2.register_forward_hook(lambda mod, i, o: seen.__setitem__("layer2.0.bn2", o.detach().numpy())))
+    hooks.append(tm.layer2[0].bn2.register_forward_hook(
+        lambda mod, i, o: seen.__setitem__("layer2.0.bn2", o.detach().numpy())))
     x = inputs(3, 32, 2)
     km.eval()
     tm.eval()

@@ -416,5 +416,6 @@ def assert_close(name, a, b, **kw):
     assert msg is None, msg
 
 
-__all__ = ["RoutedReLU", "RoutedMaxPool2d", "route", "unroute", "TorchResNet", "TorchWideResNet", "TorchVGG", "torch_mlp", "torch_cnn", "build", "to_numpy_state",
-           "load_into_torch", "capture", "feature", "check_tensor", "assert_close"]
+__all__ = ["RoutedReLU", "RoutedMaxPool2d", "route", "unroute", "TorchResNet", "TorchWideResNet", "TorchVGG",
+           "torch_mlp", "torch_cnn", "build", "to_numpy_state", "load_into_torch", "capture", "feature",
+           "check_tensor", "assert_close"]

@@ -10,7 +10,8 @@ from .nn import (_ADD, _RELU, AdaptiveAvgPool2d, BatchNorm1d, BatchNorm2d, Block
                  MaxPool2d, Module, ReLU, Sequential, _check_float, _check_int, _join)
 
 __all__ = ["mlp", "cnn",
-           "resnet8", "resnet14", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "resnet8x4", "resnet32x4",
+           "resnet8", "resnet14", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110",
+           "resnet8x4", "resnet32x4",
            "wrn_16_1", "wrn_16_2", "wrn_40_1", "wrn_40_2", "vgg8", "vgg11", "vgg13",
            "ResNet", "BasicBlock", "WideResNet", "WideBasicBlock", "NetworkBlock", "VGG", "get", "names"]
 

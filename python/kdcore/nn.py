@@ -84,7 +84,8 @@ class _Graph:
         return len(self.nodes) - 1
 
     def alias(self, name, node):
-        if name and name not in self.names and name not in self.aliases:
+        # A module that returns the network input (Identity first) has no node of its own.
+        if node >= 0 and name and name not in self.names and name not in self.aliases:
             self.aliases[name] = node
 
 
