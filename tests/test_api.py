@@ -324,7 +324,7 @@ def test_fit_option_validation():
     with pytest.raises(ValueError, match="lr"):
         kdcore.fit(m, (X, y), lr=-1.0, progress=False)
     # the dataset has 3 classes, a net with 5 outputs is a shape error naming both
-    with pytest.raises(ValueError, match="3 classes but the net outputs 5"):
+    with pytest.raises(ValueError, match="3 classes but the model outputs 5"):
         kdcore.fit(kdcore.models.mlp([64, 5]), (X, y), progress=False)
 
 
@@ -373,8 +373,8 @@ def test_interrupt_from_progress_callback_leaves_model_usable():
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        kdcore._kdcore.train_epoch(m.net, opt, train._c, 0, 8, (0, 0.1, [], 0, 0.0, 0),
-                                   callback=hook, callback_every=2)
+        kdcore._kdcore.train_epoch(m.net, opt, train._c, 0, dict(batch_size=8, schedule=(0, 0.1, [], 0, 0.0, 0),
+                                                                  callback=hook, callback_every=2))
     assert calls == [2, 4]
     assert np.isfinite(kdcore.predict(m, train)).all()
 
@@ -431,8 +431,9 @@ def test_gil_released_during_training_and_busy_model_raises():
     def train_it():
         try:
             for epoch in range(1000):
-                kdcore._kdcore.train_epoch(m.net, opt, train._c, epoch, 64, (0, 0.01, [], 0, 0.0, 0),
-                                           callback=hook, callback_every=1)
+                kdcore._kdcore.train_epoch(m.net, opt, train._c, epoch,
+                                           dict(batch_size=64, schedule=(0, 0.01, [], 0, 0.0, 0),
+                                                callback=hook, callback_every=1))
         except Stop:
             result.append("stopped")
 

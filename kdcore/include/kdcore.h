@@ -175,11 +175,20 @@ KD_API int  kd_net_batch(const struct kd_net * net);   // N of the current plan 
 // Per-sample input shape of the current plan (zeros when there is none).
 KD_API void kd_net_input_shape(const struct kd_net * net, int * C, int * H, int * W);
 
-// Forward: x (N,C,H,W). training selects batch statistics for BN (and updates the
-// running stats) and active dropout. The output is kd_net_output(net, ...).
-// dropout_seed makes dropout masks reproducible (mixed with the node index).
+// Forward modes: bit flags, so that a teacher can keep dropout on with BN frozen (a
+// "fickle" teacher) while a trained model uses both.
+enum kd_mode {
+    KD_MODE_EVAL     = 0,   // BN uses running stats, dropout is the identity
+    KD_MODE_BN_BATCH = 1,   // BN uses (and updates running stats from) batch statistics
+    KD_MODE_DROPOUT  = 2,   // dropout active
+    KD_MODE_TRAIN    = 3,   // both: PyTorch's model.train()
+};
+
+// Forward: x (N,C,H,W) with a combination of kd_mode flags. The output is
+// kd_net_output(net, ...). dropout_seed makes dropout masks reproducible (mixed with the
+// node index).
 KD_API enum kd_status kd_net_forward(struct kd_net * net, const float * x, int N, int C, int H, int W,
-                                     bool training, uint64_t dropout_seed);
+                                     unsigned mode, uint64_t dropout_seed);
 // Output of a node after forward: pointer into the activation arena, (N, C*H*W) floats.
 // Valid until the next plan/forward. node = -1 means the last node.
 KD_API const float * kd_net_output(const struct kd_net * net, int node);
@@ -197,10 +206,42 @@ KD_API void kd_net_zero_grad(struct kd_net * net);
 // gradient of `weight * loss` with respect to the logits.
 
 // Softmax cross-entropy with optional label smoothing eps: target distribution
-// (1-eps)*onehot + eps/V (PyTorch's label_smoothing). labels in [0, V).
+// (1-eps)*onehot + eps/V (PyTorch's label_smoothing). labels in [0, V). sample_w (N) or
+// NULL scales each sample's term (the mean still divides by N).
 KD_API enum kd_status kd_cross_entropy(float * loss, float * dlogits, const float * logits,
-                                       const int64_t * labels, int N, int V,
+                                       const int64_t * labels, const float * sample_w, int N, int V,
                                        float label_smoothing, float weight, bool accumulate);
+
+// Distillation losses. Conventions (RepDistiller / mdistiller): p = softmax(z/T); KL summed
+// over classes, mean over the batch, times T^2. Gradients are those of weight * loss.
+//
+// Hinton KD: loss = T^2 * mean_i KL(softmax(t_i/T) || softmax(s_i/T)). dlogits w.r.t. the
+// student s; dteacher (or NULL) w.r.t. the teacher logits t, for schemes where the
+// "teacher" is trained too (DML with gradient to both sides, SLKD's slt_grad option).
+KD_API enum kd_status kd_loss_kd(float * loss, float * dlogits, float * dteacher, const float * s,
+                                 const float * t, const float * sample_w, int N, int V, float T,
+                                 float weight, bool accumulate);
+// Soft targets given as probabilities q (N, V), rows summing to 1 (multi-teacher averages,
+// fused SL-teachers): loss = T^2 * mean_i KL(q_i || softmax(s_i/T)).
+KD_API enum kd_status kd_loss_soft(float * loss, float * dlogits, const float * s, const float * q,
+                                   const float * sample_w, int N, int V, float T, float weight,
+                                   bool accumulate);
+// p = softmax(z/T) row-wise, computed stably.
+KD_API void kd_softmax_t(float * p, const float * z, int N, int V, float T);
+// DKD: tckd = T^2 mean KL(b_t || b_s) with b = (p_y, 1-p_y); nckd = T^2 mean KL over the
+// non-target classes, renormalised (exactly, no -1000 mask). Gradient of
+// weight * (alpha * tckd + beta * nckd).
+KD_API enum kd_status kd_loss_dkd(float * tckd, float * nckd, float * dlogits, const float * s,
+                                  const float * t, const int64_t * labels, int N, int V, float T,
+                                  float alpha, float beta, float weight, bool accumulate);
+// Logit regression: mean over N*V of (s - t)^2 (F.mse_loss; the paper's 1/2||s-t||^2 per
+// sample is V/2 times this).
+KD_API enum kd_status kd_loss_mse(float * loss, float * dlogits, const float * s, const float * t,
+                                  int N, int V, float weight, bool accumulate);
+// Tolerant-teacher term (seed 002 eq. 8): mean_i [z_(1) - mean(z_(2..K))] over the K
+// largest logits of each sample.
+KD_API enum kd_status kd_loss_tolerant(float * loss, float * dlogits, const float * z, int N, int V,
+                                       int K, float weight, bool accumulate);
 
 // ---------------------------------------------------------------------------------------
 // Optimisers over a net's parameter block, PyTorch semantics (torch.optim.SGD/Adam/AdamW).
@@ -322,6 +363,100 @@ struct kd_epoch_stats {
 KD_API enum kd_status kd_train_epoch(struct kd_net * net, struct kd_optim * opt,
                                      const struct kd_dataset * ds, const struct kd_train_cfg * cfg,
                                      int epoch, struct kd_epoch_stats * out);
+
+// ---------------------------------------------------------------------------------------
+// Distillation loops. A step: batch (augmented) -> teacher logits (cached by sample index, or
+// teacher forwards on the same clean batch) -> student forward (its input optionally with
+// Gaussian noise) -> ce_weight * CE + kd_weight(epoch) * distillation term (+ tolerant
+// term) -> backward -> optimizer step.
+
+enum kd_distill_kind {
+    KD_DISTILL_NONE,   // cross-entropy only (plain training)
+    KD_DISTILL_KD,     // Hinton KD (kd_loss_kd; several teachers: see kd_multi)
+    KD_DISTILL_DKD,    // decoupled KD: dkd_alpha * TCKD + dkd_beta * NCKD
+    KD_DISTILL_MSE,    // logit regression
+};
+
+enum kd_multi {
+    KD_MULTI_AVG_PROB,   // one KD term against sum_i g_i softmax(t_i/T) (eqs. 23-24)
+    KD_MULTI_AVG_LOSS,   // sum_i g_i * term(t_i) over the kept teachers (DGKD)
+};
+
+struct kd_distill_cfg {
+    enum kd_distill_kind kind;
+    float T;
+    float ce_weight;          // weight of CE with the labels
+    float kd_weight;          // weight of the distillation term (as the loss functions define it)
+    float dkd_alpha, dkd_beta;
+    int   warmup_epochs;      // kd_weight ramps as min((epoch+1)/warmup_epochs, 1); 0 = off
+    int   kd_stop_epoch;      // from this epoch on the distillation term is off (ESKD); 0 = never
+    bool  conditional;        // per sample: teacher right -> CE + KD; wrong -> CE with weight
+                              // ce_weight + kd_weight and no KD term (Meng et al. 2019)
+    enum kd_multi multi;
+    const float * teacher_weights;   // n_teachers gates/weights summing to 1; NULL = uniform
+    float teacher_drop;       // each teacher dropped with this probability per step; >= 1 kept
+    unsigned teacher_mode;    // kd_mode for teacher forwards (KD_MODE_EVAL; KD_MODE_DROPOUT:
+                              // a "fickle" teacher with dropout on and BN frozen)
+    float student_noise;      // std of Gaussian noise on the student's input only (eq. 7)
+    float tolerant_weight;    // weight of kd_loss_tolerant on the student's logits (0 = off)
+    int   tolerant_k;
+};
+KD_API struct kd_distill_cfg kd_distill_cfg_default(void);   // KD, T=4, CE 0.1, KD 0.9
+
+struct kd_distill_stats {
+    double loss, ce, kd, tckd, nckd, tolerant;   // per-sample means over the epoch, unweighted terms
+    double accuracy;          // student, on the training batches
+    double teacher_accuracy;  // first teacher (or the mixture), on the same batches
+    int64_t samples, steps;
+    float lr, kd_weight;      // last lr; effective kd_weight this epoch
+};
+
+// One distillation epoch. teachers (n_teachers nets, run in teacher_mode) or teacher_logits
+// (n_teachers arrays of (ds->n, V) logits, indexed by sample) -- pass one of the two; with
+// augmentation active cached logits would not match the augmented inputs, so the loop
+// refuses them. n_teachers = 0 with kind NONE is plain training.
+KD_API enum kd_status kd_distill_epoch(struct kd_net * student, struct kd_optim * opt,
+                                       struct kd_net * const * teachers, const float * const * teacher_logits,
+                                       int n_teachers, const struct kd_dataset * ds,
+                                       const struct kd_train_cfg * cfg, const struct kd_distill_cfg * dcfg,
+                                       int epoch, struct kd_distill_stats * out);
+
+// Deep mutual learning (eq. 27) with k >= 2 peers trained together: peer a minimises
+// ce_weight * CE + kd_weight * mean_{b != a} T^2 KL(sg(p_b^T) || p_a^T); with ensemble, the
+// target is instead the detached mean of all peers' logits (an online ensemble, eq. 28
+// without the gate). Peers take the same batch. out: k entries.
+struct kd_mutual_cfg { float T, ce_weight, kd_weight; bool ensemble; };
+KD_API enum kd_status kd_mutual_epoch(struct kd_net * const * nets, struct kd_optim * const * opts, int k,
+                                      const struct kd_dataset * ds, const struct kd_train_cfg * cfg,
+                                      const struct kd_mutual_cfg * mcfg, int epoch,
+                                      struct kd_distill_stats * out);
+
+// SLKD (seed 001, eqs. 1-7). Each step, with a frozen teacher T and self-learning teachers
+// SL_j (the teacher's architecture, trained from scratch):
+//   L_SLj  = alpha CE(y, z_j) + (1-alpha) KD(z_T -> z_j)                       (eqs. 4-5)
+//   z_SL   = rho z_1 + (1-rho) z_2   (fuse_probs: p_SL = rho p_1^T + (1-rho) p_2^T)  (eq. 6)
+//   L_TS   = alpha CE(y, z_S) + (1-alpha) KD(z_T -> z_S)                       (eq. 1)
+//   L_SLTS = alpha CE(y, z_S) + (1-alpha) KD(sg(z_SL) -> z_S)                  (eq. 3)
+//   student: lambda L_TS + eta L_SLTS                                          (eq. 7)
+// KD is T^2-scaled KL. sl_grad lets L_SLTS's gradient reach the SL-teachers too (not
+// detached). sl_frozen runs the SL-teachers in eval mode without updating them (phase 2
+// of the sequential SLKD*). n_sl is 1 or 2.
+struct kd_slkd_cfg {
+    float T, alpha, lambda, eta, rho;
+    int n_sl;
+    bool fuse_probs, sl_grad, sl_frozen;
+};
+struct kd_slkd_stats {
+    double loss, loss_ts, loss_slts, loss_sl[2];
+    double accuracy, sl_accuracy[2], teacher_accuracy;
+    int64_t samples, steps;
+    float lr;
+};
+KD_API enum kd_status kd_slkd_epoch(struct kd_net * student, struct kd_optim * opt,
+                                    struct kd_net * const * sl, struct kd_optim * const * sl_opts,
+                                    struct kd_net * teacher, const float * teacher_logits,
+                                    const struct kd_dataset * ds, const struct kd_train_cfg * cfg,
+                                    const struct kd_slkd_cfg * scfg, int epoch, struct kd_slkd_stats * out);
 
 // Eval-mode forward over a dataset in batches. logits (n, V) may be NULL; loss and
 // accuracy need labels (pass NULL pointers to skip them).

@@ -9,7 +9,7 @@
 // Computed per row with the max subtracted (stable for |z| up to float max) and
 // accumulated in double.
 enum kd_status kd_cross_entropy(float * loss, float * dlogits, const float * logits,
-                                const int64_t * labels, int N, int V,
+                                const int64_t * labels, const float * sample_w, int N, int V,
                                 float label_smoothing, float weight, bool accumulate) {
     if (!logits || !labels || N < 1 || V < 1) KD_FAIL(KD_ERR_VALUE, "logits and labels must be non-empty");
     if (!(label_smoothing >= 0 && label_smoothing <= 1))
@@ -27,11 +27,12 @@ enum kd_status kd_cross_entropy(float * loss, float * dlogits, const float * log
         for (int k = 0; k < V; k++) { sum += exp((double)z[k] - zmax); zsum += (double)z[k] - zmax; }
         double lse = log(sum);                          // log sum exp(z - zmax)
         int y = (int)labels[i];
+        double wi = sample_w ? sample_w[i] : 1.0;
         // -sum_k q_k (z_k - zmax - lse) = lse - off*sum_k(z_k - zmax) - (on-off)*(z_y - zmax)
-        total += lse - off * zsum - (on - off) * ((double)z[y] - zmax);
+        total += wi * (lse - off * zsum - (on - off) * ((double)z[y] - zmax));
         if (dlogits) {
             float * d = dlogits + (size_t)i * V;
-            double scale = (double)weight / N;
+            double scale = (double)weight * wi / N;
             for (int k = 0; k < V; k++) {
                 double p = exp((double)z[k] - zmax - lse);
                 double g = scale * (p - (k == y ? on : off));
@@ -41,5 +42,222 @@ enum kd_status kd_cross_entropy(float * loss, float * dlogits, const float * log
     }
     if (loss) *loss = (float)(total / N);
     if (!isfinite(total)) KD_FAIL(KD_ERR_NONFINITE, "cross-entropy is %s (non-finite logits?)", isnan(total) ? "nan" : "inf");
+    return KD_OK;
+}
+
+// ---------------------------------------------------------------------------------------
+// Distillation losses. Conventions (RepDistiller / mdistiller, see docs/losses.md):
+// - softened distributions p = softmax(z / T);
+// - KL summed over classes, averaged over the batch, multiplied by T^2 so that gradient
+//   magnitudes do not shrink as 1/T^2 (Hinton et al. 2015);
+// - the gradient written is that of weight * loss; per-sample weights w_i (NULL = 1) scale
+//   each row's term, still divided by N (conditional teacher-student learning uses 0/1).
+// Everything is computed from log-probabilities in double, with the row max subtracted, so
+// |z| up to 1e4 and T from 1 to 20+ stay finite and exact where PyTorch's are.
+
+// log-softmax of z/T over the entries with mask (k != skip), returned as (m, lse) so that
+// log p_k = (z_k - m)/T - lse. skip < 0 keeps every entry.
+static void row_lse(const float * z, int V, double T, int skip, double * m, double * lse) {
+    double mx = -INFINITY;
+    for (int k = 0; k < V; k++) if (k != skip && z[k] > mx) mx = z[k];
+    double s = 0;
+    for (int k = 0; k < V; k++) if (k != skip) s += exp(((double)z[k] - mx) / T);
+    *m = mx;
+    *lse = log(s);
+}
+
+static enum kd_status check_T(float T) {
+    if (!(T > 0) || !isfinite(T)) KD_FAIL(KD_ERR_VALUE, "temperature T (%g) must be > 0", T);
+    return KD_OK;
+}
+
+static inline void put(float * d, double g, bool accumulate) { *d = accumulate ? *d + (float)g : (float)g; }
+
+enum kd_status kd_loss_kd(float * loss, float * dlogits, float * dteacher, const float * s, const float * t,
+                          const float * sample_w, int N, int V, float T, float weight, bool accumulate) {
+    if (!s || !t || N < 1 || V < 1) KD_FAIL(KD_ERR_VALUE, "student and teacher logits must be non-empty");
+    KD_TRY(check_T(T));
+    const double TT = T;
+    double total = 0;
+    for (int i = 0; i < N; i++) {
+        const float * si = s + (size_t)i * V, * ti = t + (size_t)i * V;
+        double ms, ls, mt, lt;
+        row_lse(si, V, TT, -1, &ms, &ls);
+        row_lse(ti, V, TT, -1, &mt, &lt);
+        double wi = sample_w ? sample_w[i] : 1.0, kl = 0;
+        for (int k = 0; k < V; k++) {
+            double lpt = (ti[k] - mt) / TT - lt, lps = (si[k] - ms) / TT - ls;
+            double pt = exp(lpt);
+            if (pt > 0) kl += pt * (lpt - lps);
+        }
+        total += wi * kl;
+        // d(T^2 KL)/ds_k = T (p_s,k - p_t,k)
+        double gs = (double)weight * wi * TT / N;
+        if (dlogits) for (int k = 0; k < V; k++) {
+            double lpt = (ti[k] - mt) / TT - lt, lps = (si[k] - ms) / TT - ls;
+            put(&dlogits[(size_t)i * V + k], gs * (exp(lps) - exp(lpt)), accumulate);
+        }
+        // d(T^2 KL)/dt_k = T p_t,k (log p_t,k - log p_s,k - KL): when the teacher is trained too
+        if (dteacher) for (int k = 0; k < V; k++) {
+            double lpt = (ti[k] - mt) / TT - lt, lps = (si[k] - ms) / TT - ls;
+            double pt = exp(lpt);
+            put(&dteacher[(size_t)i * V + k], gs * (pt > 0 ? pt * (lpt - lps - kl) : 0.0), accumulate);
+        }
+    }
+    if (loss) *loss = (float)(TT * TT * total / N);
+    if (!isfinite(total)) KD_FAIL(KD_ERR_NONFINITE, "KD loss is not finite");
+    return KD_OK;
+}
+
+enum kd_status kd_loss_soft(float * loss, float * dlogits, const float * s, const float * q,
+                            const float * sample_w, int N, int V, float T, float weight, bool accumulate) {
+    if (!s || !q || N < 1 || V < 1) KD_FAIL(KD_ERR_VALUE, "student logits and targets must be non-empty");
+    KD_TRY(check_T(T));
+    const double TT = T;
+    double total = 0;
+    for (int i = 0; i < N; i++) {
+        const float * si = s + (size_t)i * V, * qi = q + (size_t)i * V;
+        double ms, ls;
+        row_lse(si, V, TT, -1, &ms, &ls);
+        double wi = sample_w ? sample_w[i] : 1.0, kl = 0, qsum = 0;
+        for (int k = 0; k < V; k++) {
+            double lps = (si[k] - ms) / TT - ls;
+            if (qi[k] > 0) kl += qi[k] * (log((double)qi[k]) - lps);
+            qsum += qi[k];
+        }
+        total += wi * kl;
+        double gs = (double)weight * wi * TT / N;
+        // With sum_k q_k = 1 this is T (p_s - q); q from float arithmetic sums to 1 only up
+        // to rounding, so use the exact derivative of -sum q log p_s: T (qsum p_s - q).
+        if (dlogits) for (int k = 0; k < V; k++) {
+            double ps = exp((si[k] - ms) / TT - ls);
+            put(&dlogits[(size_t)i * V + k], gs * (qsum * ps - qi[k]), accumulate);
+        }
+    }
+    if (loss) *loss = (float)(TT * TT * total / N);
+    if (!isfinite(total)) KD_FAIL(KD_ERR_NONFINITE, "soft-target loss is not finite");
+    return KD_OK;
+}
+
+void kd_softmax_t(float * p, const float * z, int N, int V, float T) {
+    for (int i = 0; i < N; i++) {
+        double m, lse;
+        row_lse(z + (size_t)i * V, V, T, -1, &m, &lse);
+        for (int k = 0; k < V; k++) p[(size_t)i * V + k] = (float)exp(((double)z[(size_t)i * V + k] - m) / T - lse);
+    }
+}
+
+// DKD (Zhao et al. 2022): with b = (p_y, 1 - p_y), TCKD = KL(b_t || b_s) and NCKD = KL of the
+// distributions renormalised over the non-target classes. mdistiller masks the target by
+// subtracting 1000 from its logit and takes log(b_s) without epsilon; here the non-target
+// log-normaliser is computed exactly (lse over k != y), so extreme logits stay exact.
+// Gradients (per unit of T^2 KL): TCKD: T (p_s - q), q_y = p_t,y, q_k = (1 - p_t,y) ps^_k;
+// NCKD: T (ps^_k - pt^_k) for k != y, 0 for y.
+enum kd_status kd_loss_dkd(float * tckd, float * nckd, float * dlogits, const float * s, const float * t,
+                           const int64_t * labels, int N, int V, float T, float alpha, float beta,
+                           float weight, bool accumulate) {
+    if (!s || !t || !labels || N < 1) KD_FAIL(KD_ERR_VALUE, "logits and labels must be non-empty");
+    if (V < 2) KD_FAIL(KD_ERR_VALUE, "DKD needs at least 2 classes, got %d", V);
+    KD_TRY(check_T(T));
+    for (int i = 0; i < N; i++)
+        if (labels[i] < 0 || labels[i] >= V)
+            KD_FAIL(KD_ERR_VALUE, "label %lld at position %d is outside [0, %d)", (long long)labels[i], i, V);
+    const double TT = T;
+    double tc_sum = 0, nc_sum = 0;
+    for (int i = 0; i < N; i++) {
+        const float * si = s + (size_t)i * V, * ti = t + (size_t)i * V;
+        const int y = (int)labels[i];
+        double ms, ls, mt, lt, msn, lsn, mtn, ltn;
+        row_lse(si, V, TT, -1, &ms, &ls);
+        row_lse(ti, V, TT, -1, &mt, &lt);
+        row_lse(si, V, TT, y, &msn, &lsn);
+        row_lse(ti, V, TT, y, &mtn, &ltn);
+        // log p_y and log(1 - p_y) = lse over k != y minus lse over all k (same shift m)
+        double lps_y = (si[y] - ms) / TT - ls, lpt_y = (ti[y] - mt) / TT - lt;
+        double lps_n = (msn - ms) / TT + lsn - ls, lpt_n = (mtn - mt) / TT + ltn - lt;
+        double pt_y = exp(lpt_y), pt_n = exp(lpt_n);
+        double tc = 0;
+        if (pt_y > 0) tc += pt_y * (lpt_y - lps_y);
+        if (pt_n > 0) tc += pt_n * (lpt_n - lps_n);
+        double nc = 0;
+        for (int k = 0; k < V; k++) {
+            if (k == y) continue;
+            double lht = (ti[k] - mtn) / TT - ltn, lhs = (si[k] - msn) / TT - lsn;
+            double ht = exp(lht);
+            if (ht > 0) nc += ht * (lht - lhs);
+        }
+        tc_sum += tc;
+        nc_sum += nc;
+        if (dlogits) {
+            double ga = (double)weight * alpha * TT / N, gb = (double)weight * beta * TT / N;
+            for (int k = 0; k < V; k++) {
+                double ps = exp((si[k] - ms) / TT - ls);
+                double g;
+                if (k == y) g = ga * (ps - pt_y);
+                else {
+                    double hs = exp((si[k] - msn) / TT - lsn), ht = exp((ti[k] - mtn) / TT - ltn);
+                    g = ga * (ps - pt_n * hs) + gb * (hs - ht);
+                }
+                put(&dlogits[(size_t)i * V + k], g, accumulate);
+            }
+        }
+    }
+    if (tckd) *tckd = (float)(TT * TT * tc_sum / N);
+    if (nckd) *nckd = (float)(TT * TT * nc_sum / N);
+    if (!isfinite(tc_sum) || !isfinite(nc_sum)) KD_FAIL(KD_ERR_NONFINITE, "DKD loss is not finite");
+    return KD_OK;
+}
+
+// Logit regression (Ba & Caruana 2014) as the reference libraries write it:
+// F.mse_loss(s, t) = mean over N*V of (s - t)^2. The paper's 1/2 ||s - t||^2 per sample is
+// V/2 times this (scale the weight).
+enum kd_status kd_loss_mse(float * loss, float * dlogits, const float * s, const float * t, int N, int V,
+                           float weight, bool accumulate) {
+    if (!s || !t || N < 1 || V < 1) KD_FAIL(KD_ERR_VALUE, "logits must be non-empty");
+    double total = 0, g = 2.0 * weight / ((double)N * V);
+    for (size_t i = 0; i < (size_t)N * V; i++) {
+        double d = (double)s[i] - t[i];
+        total += d * d;
+        if (dlogits) put(&dlogits[i], g * d, accumulate);
+    }
+    if (loss) *loss = (float)(total / ((double)N * V));
+    if (!isfinite(total)) KD_FAIL(KD_ERR_NONFINITE, "logit MSE is not finite");
+    return KD_OK;
+}
+
+// Tolerant teacher (Yang et al. 2019, seed 002 eq. 8): per sample, the gap between the
+// largest logit and the mean of the next K-1, averaged over the batch. Minimising it keeps
+// secondary classes alive in a teacher trained for later generations.
+enum kd_status kd_loss_tolerant(float * loss, float * dlogits, const float * z, int N, int V, int K,
+                                float weight, bool accumulate) {
+    if (!z || N < 1) KD_FAIL(KD_ERR_VALUE, "logits must be non-empty");
+    if (K < 2 || K > V || K > 64) KD_FAIL(KD_ERR_VALUE, "K (%d) must be in [2, min(classes=%d, 64)]", K, V);
+    double total = 0;
+    int top[64];
+    for (int i = 0; i < N; i++) {
+        const float * zi = z + (size_t)i * V;
+        // The K largest in descending order (ties: lower index first); K is small, so an
+        // insertion into a sorted prefix is enough.
+        int n = 0;
+        for (int k = 0; k < V; k++) {
+            int pos;
+            if (n < K) pos = n++;
+            else if (zi[k] > zi[top[K - 1]]) pos = K - 1;
+            else continue;
+            while (pos > 0 && zi[k] > zi[top[pos - 1]]) { top[pos] = top[pos - 1]; pos--; }
+            top[pos] = k;
+        }
+        double rest = 0;
+        for (int j = 1; j < K; j++) rest += zi[top[j]];
+        total += zi[top[0]] - rest / (K - 1);
+        if (dlogits) {
+            if (!accumulate) memset(dlogits + (size_t)i * V, 0, (size_t)V * sizeof(float));
+            float * d = dlogits + (size_t)i * V;
+            d[top[0]] += (float)((double)weight / N);
+            for (int j = 1; j < K; j++) d[top[j]] -= (float)((double)weight / N / (K - 1));
+        }
+    }
+    if (loss) *loss = (float)(total / N);
+    if (!isfinite(total)) KD_FAIL(KD_ERR_NONFINITE, "tolerant-teacher term is not finite");
     return KD_OK;
 }

@@ -47,7 +47,7 @@ struct kd_net {
     size_t acts_cap, dacts_cap, cache_cap, work_cap, acts_used, cache_used;
 
     bool forward_done;
-    bool forward_training;    // mode of the last forward (BN backward depends on it)
+    unsigned forward_mode;    // kd_mode of the last forward (BN and dropout backward depend on it)
 };
 
 #define NO_OFF SIZE_MAX
@@ -518,11 +518,12 @@ static const float * act_of(const struct kd_net * net, int node) {
 }
 
 enum kd_status kd_net_forward(struct kd_net * net, const float * x, int N, int C, int H, int W,
-                              bool training, uint64_t dropout_seed) {
+                              unsigned mode, uint64_t dropout_seed) {
+    const bool bn_batch = mode & KD_MODE_BN_BATCH, dropout = mode & KD_MODE_DROPOUT;
     if (!net || !x) KD_FAIL(KD_ERR_VALUE, "net and x must not be NULL");
     KD_TRY(kd_net_plan(net, N, C, H, W));
     KD_TRY(ensure_work(net));
-    if (training) {
+    if (bn_batch) {
         // Batch statistics of a single value are meaningless (variance 0); PyTorch refuses too.
         for (int i = 0; i < net->n_nodes; i++) {
             const struct kd_node * nd = &net->nodes[i];
@@ -553,7 +554,7 @@ enum kd_status kd_net_forward(struct kd_net * net, const float * x, int N, int C
             break;
         }
         case KD_LAYER_BATCHNORM:
-            if (training) {
+            if (bn_batch) {
                 kd_batchnorm_forward_train(out, cache, cache + c, net->buffers + nd->rm_off,
                                            net->buffers + nd->rv_off, in, wt, bs, N, c, h * w,
                                            s->eps, s->momentum);
@@ -576,7 +577,7 @@ enum kd_status kd_net_forward(struct kd_net * net, const float * x, int N, int C
             kd_gap_forward(out, in, N, c, h * w);
             break;
         case KD_LAYER_DROPOUT:
-            if (training && s->p > 0) kd_dropout_forward(out, cache, in, nd->numel, s->p, kd_hash(dropout_seed, (uint64_t)i));
+            if (dropout && s->p > 0) kd_dropout_forward(out, cache, in, nd->numel, s->p, kd_hash(dropout_seed, (uint64_t)i));
             else memcpy(out, in, nd->numel * sizeof(float));
             break;
         case KD_LAYER_FLATTEN:
@@ -590,7 +591,7 @@ enum kd_status kd_net_forward(struct kd_net * net, const float * x, int N, int C
         }
     }
     net->forward_done = true;
-    net->forward_training = training;
+    net->forward_mode = mode;
     return KD_OK;
 }
 
@@ -658,7 +659,8 @@ enum kd_status kd_net_backward(struct kd_net * net, const float * dout, float * 
             break;
         }
         case KD_LAYER_BATCHNORM:
-            kd_batchnorm_backward(din, dw, db, d, in, cache, cache + c, wt, N, c, h * w, net->forward_training);
+            kd_batchnorm_backward(din, dw, db, d, in, cache, cache + c, wt, N, c, h * w,
+                                  (net->forward_mode & KD_MODE_BN_BATCH) != 0);
             break;
         case KD_LAYER_RELU:
             if (din) kd_relu_backward(din, d, out, nd->numel);
@@ -674,7 +676,7 @@ enum kd_status kd_net_backward(struct kd_net * net, const float * dout, float * 
             break;
         case KD_LAYER_DROPOUT:
             if (!din) break;
-            if (net->forward_training && s->p > 0) kd_dropout_backward(din, d, cache, nd->numel);
+            if ((net->forward_mode & KD_MODE_DROPOUT) && s->p > 0) kd_dropout_backward(din, d, cache, nd->numel);
             else kd_add_backward(din, NULL, d, nd->numel);
             break;
         case KD_LAYER_FLATTEN:

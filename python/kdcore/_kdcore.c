@@ -194,11 +194,12 @@ static PyObject * node_array(struct kd_net * net, int node) {
 }
 
 static PyObject * Net_forward(NetObject * self, PyObject * args, PyObject * kwds) {
-    static char * kwlist[] = { "x", "training", "seed", NULL };
+    static char * kwlist[] = { "x", "mode", "seed", NULL };
     PyObject * xo;
-    int training = 0;
+    int mode = KD_MODE_EVAL;
     unsigned long long seed = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|pK", kwlist, &xo, &training, &seed)) return NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|iK", kwlist, &xo, &mode, &seed)) return NULL;
+    if (mode < KD_MODE_EVAL || mode > KD_MODE_TRAIN) return PyErr_Format(PyExc_ValueError, "mode must be in 0..3, got %d", mode);
     PyArrayObject * x = get_array(xo, NPY_FLOAT32, "x");
     PyObject * out = NULL;
     if (!x) return NULL;
@@ -206,7 +207,7 @@ static PyObject * Net_forward(NetObject * self, PyObject * args, PyObject * kwds
     if (input_dims(x, "x", d) < 0 || check_finite(x, "x") < 0 || net_acquire(self) < 0) goto fail;
     enum kd_status st;
     Py_BEGIN_ALLOW_THREADS
-    st = kd_net_forward(self->net, PyArray_DATA(x), d[0], d[1], d[2], d[3], training, seed);
+    st = kd_net_forward(self->net, PyArray_DATA(x), d[0], d[1], d[2], d[3], (unsigned)mode, seed);
     Py_END_ALLOW_THREADS
     net_release(self);
     if (st != KD_OK) { kd_raise(st); goto fail; }
@@ -417,7 +418,7 @@ static PyObject * Net_shapes(NetObject * self, PyObject * args) {
 
 static PyMethodDef Net_methods[] = {
     { "forward", (PyCFunction)(void (*)(void))Net_forward, METH_VARARGS | METH_KEYWORDS,
-      "forward(x, training=False, seed=0) -> output (copy)" },
+      "forward(x, mode=0, seed=0) -> output (copy); mode: kd_mode flags (1 BN batch stats, 2 dropout)" },
     { "tap", (PyCFunction)Net_tap, METH_O, "tap(name_or_index) -> copy of that node's output" },
     { "grad_add", (PyCFunction)(void (*)(void))Net_grad_add, METH_VARARGS | METH_KEYWORDS,
       "grad_add(tap, grad, scale=1.0): add to the gradient at a tap before backward" },
@@ -749,35 +750,154 @@ static int parse_schedule(PyObject * o, struct kd_schedule * s) {
     return PyErr_Occurred() ? -1 : 0;
 }
 
-// train_epoch(net, opt, data, epoch, *, batch_size, schedule, gamma, seed, shuffle, drop_last,
-//             max_steps, label_smoothing, crop_padding, hflip, noise_std, callback, callback_every) -> dict
-static PyObject * py_train_epoch(PyObject * Py_UNUSED(m), PyObject * args, PyObject * kwds) {
-    static char * kwlist[] = { "net", "opt", "data", "epoch", "batch_size", "schedule", "gamma", "seed", "shuffle",
-                               "drop_last", "max_steps", "label_smoothing", "crop_padding", "hflip", "noise_std",
-                               "callback", "callback_every", NULL };
+// ---- option dictionaries: every key is known (unknown keys raise), every value checked.
+
+struct opt_reader { PyObject * dict; const char * what; Py_ssize_t used; };
+
+static PyObject * opt_get(struct opt_reader * r, const char * key) {
+    if (!r->dict) return NULL;
+    PyObject * v = PyDict_GetItemString(r->dict, key);   // borrowed
+    if (v) r->used++;
+    return v;
+}
+static int opt_float(struct opt_reader * r, const char * key, float * out) {
+    PyObject * v = opt_get(r, key);
+    if (!v) return 0;
+    double d = PyFloat_AsDouble(v);
+    if (d == -1.0 && PyErr_Occurred()) {
+        PyErr_Format(PyExc_TypeError, "%s option '%s' must be a number", r->what, key);
+        return -1;
+    }
+    *out = (float)d;
+    return 0;
+}
+static int opt_int(struct opt_reader * r, const char * key, long long * out) {
+    PyObject * v = opt_get(r, key);
+    if (!v) return 0;
+    if (PyBool_Check(v) || !PyLong_Check(v)) {
+        PyErr_Format(PyExc_TypeError, "%s option '%s' must be an int", r->what, key);
+        return -1;
+    }
+    *out = PyLong_AsLongLong(v);
+    return (*out == -1 && PyErr_Occurred()) ? -1 : 0;
+}
+static int opt_i32(struct opt_reader * r, const char * key, int * out) {
+    long long v = *out;
+    if (opt_int(r, key, &v) < 0) return -1;
+    if (v < INT_MIN || v > INT_MAX) { PyErr_Format(PyExc_ValueError, "%s option '%s' is out of range", r->what, key); return -1; }
+    *out = (int)v;
+    return 0;
+}
+static int opt_bool(struct opt_reader * r, const char * key, bool * out) {
+    PyObject * v = opt_get(r, key);
+    if (!v) return 0;
+    int t = PyObject_IsTrue(v);
+    if (t < 0) return -1;
+    *out = t;
+    return 0;
+}
+static int opt_done(struct opt_reader * r) {
+    if (r->dict && PyDict_Size(r->dict) != r->used) {
+        PyErr_Format(PyExc_ValueError, "unknown %s options in %R", r->what, r->dict);
+        return -1;
+    }
+    return 0;
+}
+
+// Training options (a dict): batch_size, schedule (tuple), gamma, seed, shuffle, drop_last,
+// max_steps, label_smoothing, crop_padding, hflip, noise_std, callback, callback_every.
+static int parse_train_cfg(PyObject * d, struct kd_train_cfg * cfg, struct callback_ctx * ctx) {
+    if (!PyDict_Check(d)) { PyErr_SetString(PyExc_TypeError, "train options must be a dict"); return -1; }
+    *cfg = kd_train_cfg_default();
+    struct opt_reader r = { d, "training", 0 };
+    long long seed = 0, max_steps = 0;
+    PyObject * sched = opt_get(&r, "schedule");
+    ctx->fn = opt_get(&r, "callback");
+    float gamma = 0.1f;
+    if (opt_i32(&r, "batch_size", &cfg->batch_size) < 0 || opt_float(&r, "gamma", &gamma) < 0 ||
+        opt_int(&r, "seed", &seed) < 0 || opt_bool(&r, "shuffle", &cfg->shuffle) < 0 ||
+        opt_bool(&r, "drop_last", &cfg->drop_last) < 0 || opt_int(&r, "max_steps", &max_steps) < 0 ||
+        opt_float(&r, "label_smoothing", &cfg->label_smoothing) < 0 ||
+        opt_i32(&r, "crop_padding", &cfg->aug.crop_padding) < 0 || opt_bool(&r, "hflip", &cfg->aug.hflip) < 0 ||
+        opt_float(&r, "noise_std", &cfg->aug.noise_std) < 0 || opt_i32(&r, "callback_every", &cfg->callback_every) < 0 ||
+        opt_done(&r) < 0)
+        return -1;
+    if (!sched) { PyErr_SetString(PyExc_ValueError, "training options need a schedule"); return -1; }
+    if (parse_schedule(sched, &cfg->sched) < 0) return -1;
+    cfg->sched.gamma = gamma;
+    if (seed < 0) { PyErr_SetString(PyExc_ValueError, "seed must be >= 0"); return -1; }
+    cfg->seed = (uint64_t)seed;
+    cfg->max_steps = max_steps;
+    cfg->callback = progress_cb;
+    cfg->callback_ctx = ctx;
+    return 0;
+}
+
+// Busy flags for several nets at once; the same net may not appear twice.
+static int acquire_all(NetObject ** nets, int n) {
+    for (int i = 0; i < n; i++) {
+        for (int j = 0; j < i; j++)
+            if (nets[i] == nets[j]) {
+                for (int k = 0; k < i; k++) net_release(nets[k]);
+                PyErr_SetString(PyExc_ValueError, "the same model appears twice (e.g. as student and teacher)");
+                return -1;
+            }
+        if (net_acquire(nets[i]) < 0) { for (int k = 0; k < i; k++) net_release(nets[k]); return -1; }
+    }
+    return 0;
+}
+static void release_all(NetObject ** nets, int n) { for (int i = 0; i < n; i++) net_release(nets[i]); }
+
+static int check_opt_for(OptimObject * opt, NetObject * net, const char * name) {
+    if (!PyObject_TypeCheck((PyObject *)opt, &OptimType) || !opt->opt) {
+        PyErr_Format(PyExc_TypeError, "%s must be an Optimizer", name);
+        return -1;
+    }
+    if (opt->net != net) { PyErr_Format(PyExc_ValueError, "%s was created for a different model", name); return -1; }
+    return 0;
+}
+
+#define MAXNETS 66
+
+// Sequence of Net objects -> array (borrowed). Returns count or -1.
+static int get_nets(PyObject * seq_o, NetObject ** out, int max, const char * name) {
+    PyObject * seq = PySequence_Fast(seq_o, "expected a list of models");
+    if (!seq) return -1;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    if (n > max) { Py_DECREF(seq); PyErr_Format(PyExc_ValueError, "%s: at most %d models", name, max); return -1; }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject * o = PySequence_Fast_GET_ITEM(seq, i);
+        if (!PyObject_TypeCheck(o, &NetType) || !((NetObject *)o)->net) {
+            Py_DECREF(seq);
+            PyErr_Format(PyExc_TypeError, "%s[%zd] must be a built model", name, i);
+            return -1;
+        }
+        out[i] = (NetObject *)o;
+    }
+    Py_DECREF(seq);   // items stay alive through the caller's reference to the list
+    return (int)n;
+}
+
+static PyObject * stats_dict(const struct kd_distill_stats * s) {
+    return Py_BuildValue("{s:d,s:d,s:d,s:d,s:d,s:d,s:d,s:d,s:L,s:L,s:f,s:f}", "loss", s->loss, "ce", s->ce, "kd", s->kd,
+                         "tckd", s->tckd, "nckd", s->nckd, "tolerant", s->tolerant, "accuracy", s->accuracy,
+                         "teacher_accuracy", s->teacher_accuracy, "samples", (long long)s->samples, "steps",
+                         (long long)s->steps, "lr", (double)s->lr, "kd_weight", (double)s->kd_weight);
+}
+
+// train_epoch(net, opt, data, epoch, train_options) -> dict
+static PyObject * py_train_epoch(PyObject * Py_UNUSED(m), PyObject * args) {
     NetObject * net;
     OptimObject * opt;
     DatasetObject * data;
-    int epoch, shuffle = 1, drop_last = 0, hflip = 0;
-    PyObject * sched_o, * cb = Py_None;
-    float gamma = 0.1f;
-    struct kd_train_cfg cfg = kd_train_cfg_default();
-    unsigned long long seed = 0;
-    long long max_steps = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!O!O!iiO|fKppLfipfOi", kwlist, &NetType, &net, &OptimType, &opt,
-                                     &DatasetType, &data, &epoch, &cfg.batch_size, &sched_o, &gamma, &seed, &shuffle,
-                                     &drop_last, &max_steps, &cfg.label_smoothing, &cfg.aug.crop_padding, &hflip,
-                                     &cfg.aug.noise_std, &cb, &cfg.callback_every))
+    int epoch;
+    PyObject * topts;
+    if (!PyArg_ParseTuple(args, "O!O!O!iO", &NetType, &net, &OptimType, &opt, &DatasetType, &data, &epoch, &topts))
         return NULL;
-    if (parse_schedule(sched_o, &cfg.sched) < 0) return NULL;
-    cfg.sched.gamma = gamma;
-    cfg.seed = seed; cfg.shuffle = shuffle; cfg.drop_last = drop_last; cfg.max_steps = max_steps;
-    cfg.aug.hflip = hflip;
-    if (opt->net != net) return PyErr_Format(PyExc_ValueError, "opt was created for a different model");
+    struct kd_train_cfg cfg;
+    struct callback_ctx ctx = { NULL };
+    if (parse_train_cfg(topts, &cfg, &ctx) < 0 || check_opt_for(opt, net, "opt") < 0) return NULL;
     if (!data->x) return PyErr_Format(PyExc_RuntimeError, "dataset not initialised");
-    struct callback_ctx ctx = { cb };
-    cfg.callback = progress_cb;
-    cfg.callback_ctx = &ctx;
     struct kd_epoch_stats es;
     memset(&es, 0, sizeof es);
     if (net_acquire(net) < 0) return NULL;
@@ -789,6 +909,429 @@ static PyObject * py_train_epoch(PyObject * Py_UNUSED(m), PyObject * args, PyObj
     if (st != KD_OK) return kd_raise(st);
     return Py_BuildValue("{s:d,s:d,s:L,s:L,s:f}", "loss", es.loss, "accuracy", es.accuracy, "samples",
                          (long long)es.samples, "steps", (long long)es.steps, "lr", (double)es.lr);
+}
+
+// Teacher logits: a list of float32 (n, V) arrays; references kept in `hold`.
+static int get_logits(PyObject * seq_o, PyArrayObject ** hold, const float ** ptrs, int max, int n_rows,
+                      const char * name) {
+    PyObject * seq = PySequence_Fast(seq_o, "teacher_logits must be a list of arrays");
+    if (!seq) return -1;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    if (n > max) { Py_DECREF(seq); PyErr_Format(PyExc_ValueError, "at most %d teachers", max); return -1; }
+    int V = -1;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        char nm[48];
+        snprintf(nm, sizeof nm, "%s[%zd]", name, i);
+        hold[i] = get_array(PySequence_Fast_GET_ITEM(seq, i), NPY_FLOAT32, nm);
+        if (!hold[i]) { for (Py_ssize_t k = 0; k < i; k++) Py_DECREF(hold[k]); Py_DECREF(seq); return -1; }
+        PyArrayObject * a = hold[i];
+        if (PyArray_NDIM(a) != 2 || PyArray_DIM(a, 0) != n_rows || (V >= 0 && PyArray_DIM(a, 1) != V) ||
+            check_finite(a, nm) < 0) {
+            if (!PyErr_Occurred())
+                PyErr_Format(PyExc_ValueError, "%s must be (%d samples, classes) like the dataset and the other teachers", nm, n_rows);
+            for (Py_ssize_t k = 0; k <= i; k++) Py_DECREF(hold[k]);
+            Py_DECREF(seq);
+            return -1;
+        }
+        V = (int)PyArray_DIM(a, 1);
+        ptrs[i] = PyArray_DATA(a);
+    }
+    Py_DECREF(seq);
+    return (int)n;
+}
+
+// distill_epoch(student, opt, data, epoch, train_options, distill_options, teachers=None,
+//               teacher_logits=None, teacher_weights=None) -> dict
+static PyObject * py_distill_epoch(PyObject * Py_UNUSED(m), PyObject * args, PyObject * kwds) {
+    static char * kwlist[] = { "student", "opt", "data", "epoch", "train", "distill", "teachers", "teacher_logits",
+                               "teacher_weights", NULL };
+    NetObject * net;
+    OptimObject * opt;
+    DatasetObject * data;
+    int epoch;
+    PyObject * topts, * dopts, * teachers_o = Py_None, * logits_o = Py_None, * weights_o = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!O!O!iOO|OOO", kwlist, &NetType, &net, &OptimType, &opt, &DatasetType,
+                                     &data, &epoch, &topts, &dopts, &teachers_o, &logits_o, &weights_o))
+        return NULL;
+    struct kd_train_cfg cfg;
+    struct callback_ctx ctx = { NULL };
+    if (parse_train_cfg(topts, &cfg, &ctx) < 0 || check_opt_for(opt, net, "opt") < 0) return NULL;
+    if (!data->x) return PyErr_Format(PyExc_RuntimeError, "dataset not initialised");
+    if (!PyDict_Check(dopts)) return PyErr_Format(PyExc_TypeError, "distill options must be a dict");
+    struct kd_distill_cfg d = kd_distill_cfg_default();
+    struct opt_reader r = { dopts, "distillation", 0 };
+    int kind = d.kind, multi = d.multi, mode = (int)d.teacher_mode;
+    if (opt_i32(&r, "kind", &kind) < 0 || opt_float(&r, "T", &d.T) < 0 || opt_float(&r, "ce_weight", &d.ce_weight) < 0 ||
+        opt_float(&r, "kd_weight", &d.kd_weight) < 0 || opt_float(&r, "dkd_alpha", &d.dkd_alpha) < 0 ||
+        opt_float(&r, "dkd_beta", &d.dkd_beta) < 0 || opt_i32(&r, "warmup_epochs", &d.warmup_epochs) < 0 ||
+        opt_i32(&r, "kd_stop_epoch", &d.kd_stop_epoch) < 0 || opt_bool(&r, "conditional", &d.conditional) < 0 ||
+        opt_i32(&r, "multi", &multi) < 0 || opt_float(&r, "teacher_drop", &d.teacher_drop) < 0 ||
+        opt_i32(&r, "teacher_mode", &mode) < 0 || opt_float(&r, "student_noise", &d.student_noise) < 0 ||
+        opt_float(&r, "tolerant_weight", &d.tolerant_weight) < 0 || opt_i32(&r, "tolerant_k", &d.tolerant_k) < 0 ||
+        opt_done(&r) < 0)
+        return NULL;
+    if (kind < KD_DISTILL_NONE || kind > KD_DISTILL_MSE) return PyErr_Format(PyExc_ValueError, "unknown distillation kind %d", kind);
+    if (multi < KD_MULTI_AVG_PROB || multi > KD_MULTI_AVG_LOSS) return PyErr_Format(PyExc_ValueError, "unknown multi-teacher mode %d", multi);
+    if (mode < 0 || mode > KD_MODE_TRAIN) return PyErr_Format(PyExc_ValueError, "teacher_mode must be in 0..3");
+    d.kind = (enum kd_distill_kind)kind;
+    d.multi = (enum kd_multi)multi;
+    d.teacher_mode = (unsigned)mode;
+
+    NetObject * nets[MAXNETS];
+    PyArrayObject * hold[64] = { NULL };
+    const float * lptr[64];
+    struct kd_net * tnets[64];
+    int nt = 0, nl = 0, nn = 1;
+    nets[0] = net;
+    float tw[64];
+    PyObject * ret = NULL;
+    if (teachers_o != Py_None) {
+        nt = get_nets(teachers_o, nets + 1, 64, "teachers");
+        if (nt < 0) return NULL;
+        for (int i = 0; i < nt; i++) tnets[i] = nets[1 + i]->net;
+        nn += nt;
+    }
+    if (logits_o != Py_None) {
+        nl = get_logits(logits_o, hold, lptr, 64, data->ds.n, "teacher_logits");
+        if (nl < 0) return NULL;
+    }
+    int n_teachers = nt > 0 ? nt : nl;
+    if (weights_o != Py_None) {
+        PyArrayObject * w = get_array(weights_o, NPY_FLOAT32, "teacher_weights");
+        if (!w) goto fail;
+        if (PyArray_NDIM(w) != 1 || PyArray_DIM(w, 0) != n_teachers) {
+            PyErr_Format(PyExc_ValueError, "teacher_weights must have one value per teacher (%d)", n_teachers);
+            Py_DECREF(w);
+            goto fail;
+        }
+        memcpy(tw, PyArray_DATA(w), (size_t)n_teachers * sizeof(float));
+        Py_DECREF(w);
+        d.teacher_weights = tw;
+    }
+    if (acquire_all(nets, nn) < 0) goto fail;
+    struct kd_distill_stats s;
+    memset(&s, 0, sizeof s);
+    enum kd_status st;
+    Py_BEGIN_ALLOW_THREADS
+    st = kd_distill_epoch(net->net, opt->opt, nt ? tnets : NULL, nl ? lptr : NULL, n_teachers, &data->ds, &cfg, &d,
+                          epoch, &s);
+    Py_END_ALLOW_THREADS
+    release_all(nets, nn);
+    if (st != KD_OK) { kd_raise(st); goto fail; }
+    ret = stats_dict(&s);
+fail:
+    for (int i = 0; i < nl; i++) Py_XDECREF(hold[i]);
+    return ret;
+}
+
+// mutual_epoch(nets, opts, data, epoch, train_options, T=1, ce_weight=1, kd_weight=1, ensemble=False) -> [dict]
+static PyObject * py_mutual_epoch(PyObject * Py_UNUSED(m), PyObject * args, PyObject * kwds) {
+    static char * kwlist[] = { "nets", "opts", "data", "epoch", "train", "T", "ce_weight", "kd_weight", "ensemble", NULL };
+    PyObject * nets_o, * opts_o, * topts;
+    DatasetObject * data;
+    int epoch, ensemble = 0;
+    struct kd_mutual_cfg mc = { 1.0f, 1.0f, 1.0f, false };
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOO!iO|fffp", kwlist, &nets_o, &opts_o, &DatasetType, &data, &epoch,
+                                     &topts, &mc.T, &mc.ce_weight, &mc.kd_weight, &ensemble))
+        return NULL;
+    mc.ensemble = ensemble;
+    struct kd_train_cfg cfg;
+    struct callback_ctx ctx = { NULL };
+    if (parse_train_cfg(topts, &cfg, &ctx) < 0) return NULL;
+    NetObject * nets[16];
+    int k = get_nets(nets_o, nets, 16, "nets");
+    if (k < 0) return NULL;
+    PyObject * oseq = PySequence_Fast(opts_o, "opts must be a list of optimizers");
+    if (!oseq) return NULL;
+    if (PySequence_Fast_GET_SIZE(oseq) != k) { Py_DECREF(oseq); return PyErr_Format(PyExc_ValueError, "one optimizer per peer"); }
+    struct kd_net * cn[16];
+    struct kd_optim * co[16];
+    for (int i = 0; i < k; i++) {
+        OptimObject * o = (OptimObject *)PySequence_Fast_GET_ITEM(oseq, i);
+        if (check_opt_for(o, nets[i], "opts[i]") < 0) { Py_DECREF(oseq); return NULL; }
+        cn[i] = nets[i]->net;
+        co[i] = o->opt;
+    }
+    if (acquire_all(nets, k) < 0) { Py_DECREF(oseq); return NULL; }
+    struct kd_distill_stats s[16];
+    enum kd_status st;
+    Py_BEGIN_ALLOW_THREADS
+    st = kd_mutual_epoch(cn, co, k, &data->ds, &cfg, &mc, epoch, s);
+    Py_END_ALLOW_THREADS
+    release_all(nets, k);
+    Py_DECREF(oseq);
+    if (st != KD_OK) return kd_raise(st);
+    PyObject * list = PyList_New(k);
+    if (!list) return NULL;
+    for (int i = 0; i < k; i++) {
+        PyObject * dct = stats_dict(&s[i]);
+        if (!dct) { Py_DECREF(list); return NULL; }
+        PyList_SET_ITEM(list, i, dct);
+    }
+    return list;
+}
+
+// slkd_epoch(student, opt, sl, sl_opts, data, epoch, train_options, slkd_options, teacher=None,
+//            teacher_logits=None) -> dict
+static PyObject * py_slkd_epoch(PyObject * Py_UNUSED(m), PyObject * args, PyObject * kwds) {
+    static char * kwlist[] = { "student", "opt", "sl", "sl_opts", "data", "epoch", "train", "slkd", "teacher",
+                               "teacher_logits", NULL };
+    NetObject * net;
+    OptimObject * opt;
+    PyObject * sl_o, * slopt_o, * topts, * sopts, * teacher_o = Py_None, * logits_o = Py_None;
+    DatasetObject * data;
+    int epoch;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!O!OOO!iOO|OO", kwlist, &NetType, &net, &OptimType, &opt, &sl_o,
+                                     &slopt_o, &DatasetType, &data, &epoch, &topts, &sopts, &teacher_o, &logits_o))
+        return NULL;
+    struct kd_train_cfg cfg;
+    struct callback_ctx ctx = { NULL };
+    if (parse_train_cfg(topts, &cfg, &ctx) < 0 || check_opt_for(opt, net, "opt") < 0) return NULL;
+    if (!PyDict_Check(sopts)) return PyErr_Format(PyExc_TypeError, "slkd options must be a dict");
+    struct kd_slkd_cfg c = { 4.0f, 0.1f, 1.0f, 3.0f, 0.5f, 2, false, false, false };
+    struct opt_reader r = { sopts, "SLKD", 0 };
+    if (opt_float(&r, "T", &c.T) < 0 || opt_float(&r, "alpha", &c.alpha) < 0 || opt_float(&r, "lambda", &c.lambda) < 0 ||
+        opt_float(&r, "eta", &c.eta) < 0 || opt_float(&r, "rho", &c.rho) < 0 || opt_bool(&r, "fuse_probs", &c.fuse_probs) < 0 ||
+        opt_bool(&r, "sl_grad", &c.sl_grad) < 0 || opt_bool(&r, "sl_frozen", &c.sl_frozen) < 0 || opt_done(&r) < 0)
+        return NULL;
+    NetObject * nets[4];
+    nets[0] = net;
+    int ns = get_nets(sl_o, nets + 1, 2, "sl");
+    if (ns < 0) return NULL;
+    c.n_sl = ns;
+    int nn = 1 + ns;
+    struct kd_net * sln[2];
+    struct kd_optim * slo[2] = { NULL, NULL };
+    for (int j = 0; j < ns; j++) sln[j] = nets[1 + j]->net;
+    if (slopt_o != Py_None) {
+        PyObject * oseq = PySequence_Fast(slopt_o, "sl_opts must be a list of optimizers");
+        if (!oseq) return NULL;
+        if (PySequence_Fast_GET_SIZE(oseq) != ns) { Py_DECREF(oseq); return PyErr_Format(PyExc_ValueError, "one optimizer per SL-teacher"); }
+        for (int j = 0; j < ns; j++) {
+            OptimObject * o = (OptimObject *)PySequence_Fast_GET_ITEM(oseq, j);
+            if (check_opt_for(o, nets[1 + j], "sl_opts[j]") < 0) { Py_DECREF(oseq); return NULL; }
+            slo[j] = o->opt;
+        }
+        Py_DECREF(oseq);
+    }
+    struct kd_net * tnet = NULL;
+    if (teacher_o != Py_None) {
+        if (!PyObject_TypeCheck(teacher_o, &NetType) || !((NetObject *)teacher_o)->net)
+            return PyErr_Format(PyExc_TypeError, "teacher must be a built model");
+        nets[nn++] = (NetObject *)teacher_o;
+        tnet = ((NetObject *)teacher_o)->net;
+    }
+    PyArrayObject * hold[1] = { NULL };
+    const float * lptr[1] = { NULL };
+    if (logits_o != Py_None) {
+        PyObject * lst = PyTuple_Pack(1, logits_o);
+        if (!lst) return NULL;
+        int nl = get_logits(lst, hold, lptr, 1, data->ds.n, "teacher_logits");
+        Py_DECREF(lst);
+        if (nl < 0) return NULL;
+    }
+    PyObject * ret = NULL;
+    if (acquire_all(nets, nn) < 0) goto fail;
+    struct kd_slkd_stats s;
+    memset(&s, 0, sizeof s);
+    enum kd_status st;
+    Py_BEGIN_ALLOW_THREADS
+    st = kd_slkd_epoch(net->net, opt->opt, sln, slo, tnet, lptr[0], &data->ds, &cfg, &c, epoch, &s);
+    Py_END_ALLOW_THREADS
+    release_all(nets, nn);
+    if (st != KD_OK) { kd_raise(st); goto fail; }
+    ret = Py_BuildValue("{s:d,s:d,s:d,s:(dd),s:d,s:(dd),s:d,s:L,s:L,s:f}", "loss", s.loss, "loss_ts", s.loss_ts,
+                        "loss_slts", s.loss_slts, "loss_sl", s.loss_sl[0], s.loss_sl[1], "accuracy", s.accuracy,
+                        "sl_accuracy", s.sl_accuracy[0], s.sl_accuracy[1], "teacher_accuracy", s.teacher_accuracy,
+                        "samples", (long long)s.samples, "steps", (long long)s.steps, "lr", (double)s.lr);
+fail:
+    Py_XDECREF(hold[0]);
+    return ret;
+}
+
+// ---- loss functions for custom loops
+
+// Two logits arrays of the same 2-D shape, finite. New references in *a, *b.
+static int get_logit_pair(PyObject * ao, PyObject * bo, const char * an, const char * bn, PyArrayObject ** a,
+                          PyArrayObject ** b) {
+    *a = get_array(ao, NPY_FLOAT32, an);
+    *b = NULL;
+    if (!*a) return -1;
+    if (PyArray_NDIM(*a) != 2 || PyArray_SIZE(*a) == 0) {
+        PyErr_Format(PyExc_ValueError, "%s must be a non-empty 2-D array (N, classes), got %d-D", an, PyArray_NDIM(*a));
+        goto fail;
+    }
+    if (check_int(PyArray_DIM(*a, 0), an) < 0 || check_int(PyArray_DIM(*a, 1), an) < 0 || check_finite(*a, an) < 0) goto fail;
+    if (!bo) return 0;
+    *b = get_array(bo, NPY_FLOAT32, bn);
+    if (!*b) goto fail;
+    if (PyArray_NDIM(*b) != 2 || PyArray_DIM(*b, 0) != PyArray_DIM(*a, 0) || PyArray_DIM(*b, 1) != PyArray_DIM(*a, 1)) {
+        PyErr_Format(PyExc_ValueError, "%s must have the shape of %s (%zd, %zd)", bn, an, (Py_ssize_t)PyArray_DIM(*a, 0),
+                     (Py_ssize_t)PyArray_DIM(*a, 1));
+        goto fail;
+    }
+    if (check_finite(*b, bn) < 0) goto fail;
+    return 0;
+fail:
+    Py_CLEAR(*a);
+    Py_CLEAR(*b);
+    return -1;
+}
+
+static int get_labels(PyObject * o, int N, int V, PyArrayObject ** out) {
+    *out = get_array(o, NPY_INT64, "target");
+    if (!*out) return -1;
+    if (PyArray_NDIM(*out) != 1 || PyArray_DIM(*out, 0) != N) {
+        PyErr_Format(PyExc_ValueError, "target must be 1-D with %d labels, got %zd values", N, (Py_ssize_t)PyArray_SIZE(*out));
+        Py_CLEAR(*out);
+        return -1;
+    }
+    const int64_t * t = PyArray_DATA(*out);
+    for (int i = 0; i < N; i++)
+        if (t[i] < 0 || t[i] >= V) {
+            PyErr_Format(PyExc_ValueError, "target[%d] = %lld is outside [0, %d)", i, (long long)t[i], V);
+            Py_CLEAR(*out);
+            return -1;
+        }
+    return 0;
+}
+
+static int check_T(float T) {
+    if (!(T > 0) || !isfinite(T)) { PyErr_Format(PyExc_ValueError, "T must be > 0 and finite, got %g", (double)T); return -1; }
+    return 0;
+}
+
+// kd_loss(student, teacher, T, teacher_grad=False) -> (loss, dstudent[, dteacher])
+static PyObject * py_kd_loss(PyObject * Py_UNUSED(m), PyObject * args, PyObject * kwds) {
+    static char * kwlist[] = { "student", "teacher", "T", "teacher_grad", NULL };
+    PyObject * so, * to;
+    float T = 4.0f;
+    int tg = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO|fp", kwlist, &so, &to, &T, &tg)) return NULL;
+    if (check_T(T) < 0) return NULL;
+    PyArrayObject * s, * t;
+    if (get_logit_pair(so, to, "student_logits", "teacher_logits", &s, &t) < 0) return NULL;
+    int N = (int)PyArray_DIM(s, 0), V = (int)PyArray_DIM(s, 1);
+    PyObject * ds = PyArray_SimpleNew(2, PyArray_DIMS(s), NPY_FLOAT32);
+    PyObject * dt = tg ? PyArray_SimpleNew(2, PyArray_DIMS(s), NPY_FLOAT32) : NULL;
+    PyObject * ret = NULL;
+    if (!ds || (tg && !dt)) goto fail;
+    float loss;
+    enum kd_status st = kd_loss_kd(&loss, PyArray_DATA((PyArrayObject *)ds), dt ? PyArray_DATA((PyArrayObject *)dt) : NULL,
+                                   PyArray_DATA(s), PyArray_DATA(t), NULL, N, V, T, 1.0f, false);
+    if (st != KD_OK) { kd_raise(st); goto fail; }
+    ret = tg ? Py_BuildValue("(fOO)", loss, ds, dt) : Py_BuildValue("(fO)", loss, ds);
+fail:
+    Py_XDECREF(ds); Py_XDECREF(dt); Py_DECREF(s); Py_DECREF(t);
+    return ret;
+}
+
+// soft_loss(student, q, T) -> (loss, dstudent); q: target probabilities (rows sum to 1)
+static PyObject * py_soft_loss(PyObject * Py_UNUSED(m), PyObject * args, PyObject * kwds) {
+    static char * kwlist[] = { "student", "q", "T", NULL };
+    PyObject * so, * qo;
+    float T = 4.0f;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO|f", kwlist, &so, &qo, &T)) return NULL;
+    if (check_T(T) < 0) return NULL;
+    PyArrayObject * s, * q;
+    if (get_logit_pair(so, qo, "student_logits", "q", &s, &q) < 0) return NULL;
+    int N = (int)PyArray_DIM(s, 0), V = (int)PyArray_DIM(s, 1);
+    const float * qp = PyArray_DATA(q);
+    PyObject * ret = NULL, * ds = NULL;
+    for (int i = 0; i < N; i++) {
+        double sum = 0;
+        for (int k = 0; k < V; k++) {
+            if (qp[(size_t)i * V + k] < 0) { PyErr_Format(PyExc_ValueError, "q[%d, %d] is negative", i, k); goto fail; }
+            sum += qp[(size_t)i * V + k];
+        }
+        if (fabs(sum - 1.0) > 1e-3) { PyErr_Format(PyExc_ValueError, "q row %d sums to %g, not 1", i, sum); goto fail; }
+    }
+    ds = PyArray_SimpleNew(2, PyArray_DIMS(s), NPY_FLOAT32);
+    if (!ds) goto fail;
+    float loss;
+    enum kd_status st = kd_loss_soft(&loss, PyArray_DATA((PyArrayObject *)ds), PyArray_DATA(s), qp, NULL, N, V, T, 1.0f, false);
+    if (st != KD_OK) { kd_raise(st); goto fail; }
+    ret = Py_BuildValue("(fO)", loss, ds);
+fail:
+    Py_XDECREF(ds); Py_DECREF(s); Py_DECREF(q);
+    return ret;
+}
+
+// dkd_loss(student, teacher, target, alpha=1, beta=8, T=4) -> (loss, dstudent, tckd, nckd)
+static PyObject * py_dkd_loss(PyObject * Py_UNUSED(m), PyObject * args, PyObject * kwds) {
+    static char * kwlist[] = { "student", "teacher", "target", "alpha", "beta", "T", NULL };
+    PyObject * so, * to, * yo;
+    float alpha = 1.0f, beta = 8.0f, T = 4.0f;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOO|fff", kwlist, &so, &to, &yo, &alpha, &beta, &T)) return NULL;
+    if (check_T(T) < 0) return NULL;
+    if (!isfinite(alpha) || !isfinite(beta)) return PyErr_Format(PyExc_ValueError, "alpha and beta must be finite");
+    PyArrayObject * s, * t, * y = NULL;
+    if (get_logit_pair(so, to, "student_logits", "teacher_logits", &s, &t) < 0) return NULL;
+    int N = (int)PyArray_DIM(s, 0), V = (int)PyArray_DIM(s, 1);
+    PyObject * ret = NULL, * ds = NULL;
+    if (get_labels(yo, N, V, &y) < 0) goto fail;
+    ds = PyArray_SimpleNew(2, PyArray_DIMS(s), NPY_FLOAT32);
+    if (!ds) goto fail;
+    float tc, nc;
+    enum kd_status st = kd_loss_dkd(&tc, &nc, PyArray_DATA((PyArrayObject *)ds), PyArray_DATA(s), PyArray_DATA(t),
+                                    PyArray_DATA(y), N, V, T, alpha, beta, 1.0f, false);
+    if (st != KD_OK) { kd_raise(st); goto fail; }
+    ret = Py_BuildValue("(dOff)", (double)alpha * tc + (double)beta * nc, ds, tc, nc);
+fail:
+    Py_XDECREF(ds); Py_XDECREF(y); Py_DECREF(s); Py_DECREF(t);
+    return ret;
+}
+
+// mse_loss(student, teacher) -> (loss, dstudent)
+static PyObject * py_mse_loss(PyObject * Py_UNUSED(m), PyObject * args) {
+    PyObject * so, * to;
+    if (!PyArg_ParseTuple(args, "OO", &so, &to)) return NULL;
+    PyArrayObject * s, * t;
+    if (get_logit_pair(so, to, "student_logits", "teacher_logits", &s, &t) < 0) return NULL;
+    int N = (int)PyArray_DIM(s, 0), V = (int)PyArray_DIM(s, 1);
+    PyObject * ret = NULL, * ds = PyArray_SimpleNew(2, PyArray_DIMS(s), NPY_FLOAT32);
+    float loss;
+    if (ds) {
+        enum kd_status st = kd_loss_mse(&loss, PyArray_DATA((PyArrayObject *)ds), PyArray_DATA(s), PyArray_DATA(t), N, V, 1.0f, false);
+        if (st != KD_OK) kd_raise(st);
+        else ret = Py_BuildValue("(fO)", loss, ds);
+    }
+    Py_XDECREF(ds); Py_DECREF(s); Py_DECREF(t);
+    return ret;
+}
+
+// tolerant_loss(logits, K) -> (loss, dlogits)
+static PyObject * py_tolerant_loss(PyObject * Py_UNUSED(m), PyObject * args) {
+    PyObject * zo;
+    int K;
+    if (!PyArg_ParseTuple(args, "Oi", &zo, &K)) return NULL;
+    PyArrayObject * z, * unused;
+    if (get_logit_pair(zo, NULL, "logits", NULL, &z, &unused) < 0) return NULL;
+    int N = (int)PyArray_DIM(z, 0), V = (int)PyArray_DIM(z, 1);
+    PyObject * ret = NULL, * d = PyArray_SimpleNew(2, PyArray_DIMS(z), NPY_FLOAT32);
+    float loss;
+    if (d) {
+        enum kd_status st = kd_loss_tolerant(&loss, PyArray_DATA((PyArrayObject *)d), PyArray_DATA(z), N, V, K, 1.0f, false);
+        if (st != KD_OK) kd_raise(st);
+        else ret = Py_BuildValue("(fO)", loss, d);
+    }
+    Py_XDECREF(d); Py_DECREF(z);
+    return ret;
+}
+
+// softmax(logits, T=1) -> probabilities
+static PyObject * py_softmax(PyObject * Py_UNUSED(m), PyObject * args, PyObject * kwds) {
+    static char * kwlist[] = { "logits", "T", NULL };
+    PyObject * zo;
+    float T = 1.0f;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|f", kwlist, &zo, &T)) return NULL;
+    if (check_T(T) < 0) return NULL;
+    PyArrayObject * z, * unused;
+    if (get_logit_pair(zo, NULL, "logits", NULL, &z, &unused) < 0) return NULL;
+    PyObject * p = PyArray_SimpleNew(2, PyArray_DIMS(z), NPY_FLOAT32);
+    if (p) kd_softmax_t(PyArray_DATA((PyArrayObject *)p), PyArray_DATA(z), (int)PyArray_DIM(z, 0), (int)PyArray_DIM(z, 1), T);
+    Py_DECREF(z);
+    return p;
 }
 
 // evaluate(net, data, batch_size=256, logits=False) -> (logits or None, loss or None, accuracy or None)
@@ -862,7 +1405,7 @@ static PyObject * py_cross_entropy(PyObject * Py_UNUSED(m), PyObject * args, PyO
     d = PyArray_SimpleNew(2, PyArray_DIMS(z), NPY_FLOAT32);
     if (!d) goto fail;
     float loss;
-    enum kd_status st = kd_cross_entropy(&loss, PyArray_DATA((PyArrayObject *)d), PyArray_DATA(z), tp, N, V, ls, 1.0f, false);
+    enum kd_status st = kd_cross_entropy(&loss, PyArray_DATA((PyArrayObject *)d), PyArray_DATA(z), tp, NULL, N, V, ls, 1.0f, false);
     if (st != KD_OK) { kd_raise(st); Py_CLEAR(d); goto fail; }
     Py_DECREF(z);
     Py_DECREF(t);
@@ -923,7 +1466,16 @@ static PyObject * py_blas_config(PyObject * Py_UNUSED(m), PyObject * Py_UNUSED(a
 }
 
 static PyMethodDef module_methods[] = {
-    { "train_epoch", (PyCFunction)(void (*)(void))py_train_epoch, METH_VARARGS | METH_KEYWORDS, "one training epoch in C" },
+    { "train_epoch", (PyCFunction)py_train_epoch, METH_VARARGS, "train_epoch(net, opt, data, epoch, train_options)" },
+    { "distill_epoch", (PyCFunction)(void (*)(void))py_distill_epoch, METH_VARARGS | METH_KEYWORDS, "one distillation epoch in C" },
+    { "mutual_epoch", (PyCFunction)(void (*)(void))py_mutual_epoch, METH_VARARGS | METH_KEYWORDS, "one deep-mutual-learning epoch in C" },
+    { "slkd_epoch", (PyCFunction)(void (*)(void))py_slkd_epoch, METH_VARARGS | METH_KEYWORDS, "one SLKD epoch in C" },
+    { "kd_loss", (PyCFunction)(void (*)(void))py_kd_loss, METH_VARARGS | METH_KEYWORDS, "(loss, dstudent[, dteacher])" },
+    { "soft_loss", (PyCFunction)(void (*)(void))py_soft_loss, METH_VARARGS | METH_KEYWORDS, "(loss, dstudent)" },
+    { "dkd_loss", (PyCFunction)(void (*)(void))py_dkd_loss, METH_VARARGS | METH_KEYWORDS, "(loss, dstudent, tckd, nckd)" },
+    { "mse_loss", (PyCFunction)py_mse_loss, METH_VARARGS, "(loss, dstudent)" },
+    { "tolerant_loss", (PyCFunction)py_tolerant_loss, METH_VARARGS, "(loss, dlogits)" },
+    { "softmax", (PyCFunction)(void (*)(void))py_softmax, METH_VARARGS | METH_KEYWORDS, "softmax(logits, T)" },
     { "evaluate", (PyCFunction)(void (*)(void))py_evaluate, METH_VARARGS | METH_KEYWORDS, "batched eval-mode forward" },
     { "cross_entropy", (PyCFunction)(void (*)(void))py_cross_entropy, METH_VARARGS | METH_KEYWORDS, "(loss, dlogits)" },
     { "idx_read", (PyCFunction)py_idx_read, METH_O, "read an IDX (optionally gzipped) file" },

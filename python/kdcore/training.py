@@ -123,9 +123,86 @@ class _Progress:
             sys.stderr.write("\n")
 
 
+def _train_options(batch_size, schedule, base_lr, epochs, seed, augment, label_smoothing, drop_last, max_steps,
+                   callback_every, bar):
+    """The dict the C loops read (see parse_train_cfg in _kdcore.c)."""
+    return dict(batch_size=batch_size, schedule=schedule._tuple(base_lr, epochs), gamma=schedule._gamma(),
+                seed=seed, shuffle=True, drop_last=drop_last, max_steps=max_steps,
+                label_smoothing=label_smoothing, callback=bar, callback_every=callback_every, **augment)
+
+
+class _Common:
+    """Options every training entry point shares, validated once."""
+
+    def __init__(self, train, epochs, batch_size, optimizer, lr, schedule, augment, val, seed, progress,
+                 label_smoothing, drop_last, max_steps, callback, callback_every):
+        self.train = _as_dataset(train, "train")
+        self.val = None if val is None else _as_dataset(val, "val")
+        self.epochs = _check_int("epochs", epochs, 1)
+        self.batch_size = _check_int("batch_size", batch_size, 1)
+        self.seed = _check_int("seed", seed, 0)
+        self.callback_every = _check_int("callback_every", callback_every, 1)
+        self.label_smoothing = _check_float("label_smoothing", label_smoothing, 0, 1)
+        self.max_steps = 0 if max_steps is None else _check_int("max_steps", max_steps, 1)
+        self.drop_last = bool(drop_last)
+        if callback is not None and not callable(callback):
+            raise TypeError("callback must be callable")
+        self.callback = callback
+        self.progress = bool(progress)
+        self.opt = make_optimizer(optimizer)
+        if lr is not None:
+            self.opt.lr = _check_float("lr", lr, 0)
+        self.sched = make_schedule(schedule)
+        self.augment = _augment_kwargs(augment)
+        self.augmented = self.augment["crop_padding"] > 0 or self.augment["hflip"] or self.augment["noise_std"] > 0
+
+    def steps(self):
+        n = len(self.train)
+        steps = n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        return min(steps, self.max_steps or steps)
+
+    def options(self, bar, seed_offset=0):
+        return _train_options(self.batch_size, self.sched, self.opt.lr, self.epochs, self.seed + seed_offset,
+                              self.augment, self.label_smoothing, self.drop_last, self.max_steps,
+                              self.callback_every, bar)
+
+    def loop(self, models, run_epoch, extra_metrics=None, history=None):
+        """Runs the epochs: run_epoch(epoch, train_options) -> dict of training metrics. After
+        each epoch, validation metrics of models[0] (and extra_metrics()) join the row."""
+        hist = History() if history is None else history
+        primary = models[0]
+        primary.history = hist
+        for m in models:
+            m.train()
+        for epoch in range(self.epochs):
+            t0 = time.perf_counter()
+            bar = _Progress(self.progress, epoch, self.epochs, self.steps())
+            try:
+                row = dict(epoch=epoch, **run_epoch(epoch, self.options(bar)))
+            finally:
+                bar.close()
+            row["time"] = time.perf_counter() - t0
+            if self.val is not None:
+                m = evaluate(primary, self.val, batch_size=max(self.batch_size, 256))
+                row.update(val_loss=m["loss"], val_acc=m["accuracy"])
+                if extra_metrics is not None:
+                    row.update(extra_metrics())
+                for m_ in models:
+                    m_.train()
+            hist.append(**row)
+            if self.progress:
+                print(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()),
+                      file=sys.stderr)
+            if self.callback is not None and self.callback(epoch, dict(row)):
+                break
+        for m in models:
+            m.eval()
+        return hist
+
+
 def fit(model, train, epochs=10, batch_size=128, optimizer="sgd", lr=None, schedule=None, augment=None,
         val=None, seed=0, progress=True, label_smoothing=0.0, drop_last=False, max_steps=None,
-        callback=None, callback_every=20):
+        callback=None, callback_every=20, keep_snapshots=()):
     """Train ``model`` with softmax cross-entropy; returns a History.
 
     train / val: Dataset or (X, y). optimizer: 'sgd' | 'adam' | 'adamw' or a kdcore.optim
@@ -134,55 +211,26 @@ def fit(model, train, epochs=10, batch_size=128, optimizer="sgd", lr=None, sched
     (random crop with 2-pixel zero padding + horizontal flip) or a dict (crop_padding, hflip,
     noise_std). max_steps: stop each epoch after this many steps (quick experiments).
     callback(epoch, metrics) runs after each epoch; returning True stops training.
+    keep_snapshots: epochs (0-based) after which a copy of the state dict is kept in
+    ``history.snapshots[epoch]`` (early-stopped teachers, ESKD).
     Ctrl-C stops within a step: the model keeps the last completed step, KeyboardInterrupt
     propagates, and the history so far is in ``model.history``.
     """
     _check_model(model)
-    train = _as_dataset(train, "train")
-    val = None if val is None else _as_dataset(val, "val")
-    epochs = _check_int("epochs", epochs, 1)
-    batch_size = _check_int("batch_size", batch_size, 1)
-    seed = _check_int("seed", seed, 0)
-    callback_every = _check_int("callback_every", callback_every, 1)
-    label_smoothing = _check_float("label_smoothing", label_smoothing, 0, 1)
-    max_steps = 0 if max_steps is None else _check_int("max_steps", max_steps, 1)
-    if callback is not None and not callable(callback):
-        raise TypeError("callback must be callable")
-    opt = make_optimizer(optimizer)
-    if lr is not None:
-        opt.lr = _check_float("lr", lr, 0)
-    sched = make_schedule(schedule)
-    aug = _augment_kwargs(augment)
-    copt = opt.bind(model)
-    sched_t = sched._tuple(opt.lr, epochs)
+    c = _Common(train, epochs, batch_size, optimizer, lr, schedule, augment, val, seed, progress,
+                label_smoothing, drop_last, max_steps, callback, callback_every)
+    snaps = {_check_int("keep_snapshots[]", e, 0) for e in keep_snapshots}
+    copt = c.opt.bind(model)
     hist = History()
-    model.history = hist
-    model.train()
-    for epoch in range(epochs):
-        t0 = time.perf_counter()
-        steps = -(-len(train) // batch_size) if not drop_last else len(train) // batch_size
-        bar = _Progress(progress, epoch, epochs, min(steps, max_steps or steps))
-        try:
-            st = _kdcore.train_epoch(model.net, copt, train._c, epoch, batch_size, sched_t, gamma=sched._gamma(),
-                                     seed=seed, shuffle=True, drop_last=drop_last, max_steps=max_steps,
-                                     label_smoothing=label_smoothing, callback=bar, callback_every=callback_every,
-                                     **aug)
-        finally:
-            bar.close()
-        row = dict(epoch=epoch, train_loss=st["loss"], train_acc=st["accuracy"], lr=st["lr"],
-                   time=time.perf_counter() - t0)
-        if val is not None:
-            m = evaluate(model, val, batch_size=max(batch_size, 256))
-            row.update(val_loss=m["loss"], val_acc=m["accuracy"])
-            model.train()
-        hist.append(**row)
-        if progress:
-            print(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()),
-                  file=sys.stderr)
-        if callback is not None and callback(epoch, dict(row)):
-            break
-    model.eval()
-    return hist
+    hist.snapshots = {}
+
+    def run(epoch, topts):
+        st = _kdcore.train_epoch(model.net, copt, c.train._c, epoch, topts)
+        if epoch in snaps:
+            hist.snapshots[epoch] = model.state_dict()
+        return dict(train_loss=st["loss"], train_acc=st["accuracy"], lr=st["lr"])
+
+    return c.loop([model], run, history=hist)
 
 
 def evaluate(model, data, batch_size=256):

@@ -48,7 +48,7 @@ enum { N = 3, CI = 2, HI = 6, WI = 6, V = 3 };
 // Loss = sum(out * R) + sum(tap(add) * G): the gradient being checked.
 static double loss_of(struct kd_net * net, const float * x, const float * R, const float * G, int tap, bool train) {
     // Training-mode BN must not drift between evaluations: restore running stats afterwards.
-    kd_net_forward(net, x, N, CI, HI, WI, train, 0);
+    kd_net_forward(net, x, N, CI, HI, WI, train ? KD_MODE_TRAIN : KD_MODE_EVAL, 0);
     const float * out = kd_net_output(net, -1);
     const float * t = kd_net_output(net, tap);
     double l = 0;
@@ -83,7 +83,7 @@ static void gradcheck(bool train) {
     memcpy(saved, buf, nb * sizeof(float));
 
     kd_net_zero_grad(net);
-    kd_net_forward(net, x, N, CI, HI, WI, train, 0);
+    kd_net_forward(net, x, N, CI, HI, WI, train ? KD_MODE_TRAIN : KD_MODE_EVAL, 0);
     CHECK(kd_net_grad_add(net, tap, G, 1.0f) == KD_OK, "grad_add: %s", kd_last_error());
     float dx[N * CI * HI * WI];
     CHECK(kd_net_backward(net, R, dx) == KD_OK, "backward: %s", kd_last_error());
@@ -130,16 +130,16 @@ static void test_errors(void) {
     CHECK(kd_net_add(net, &s) == -1 && strstr(kd_last_error(), "groups"), "groups: %s", kd_last_error());
     s = L(KD_LAYER_DROPOUT, "d", 0); s.p = 1.0f;
     CHECK(kd_net_add(net, &s) == -1 && strstr(kd_last_error(), "dropout p"), "p: %s", kd_last_error());
-    CHECK(kd_net_forward(net, (float[4]){0}, 1, 4, 1, 1, false, 0) == KD_ERR_STATE, "forward before finalize");
+    CHECK(kd_net_forward(net, (float[4]){0}, 1, 4, 1, 1, KD_MODE_EVAL, 0) == KD_ERR_STATE, "forward before finalize");
     CHECK(kd_net_finalize(net, 0) == KD_OK, "finalize");
     CHECK(kd_net_add(net, &s) == -1, "no add after finalize");
     float x[8] = {0};
-    CHECK(kd_net_forward(net, x, 1, 8, 1, 1, false, 0) == KD_ERR_SHAPE && strstr(kd_last_error(), "expects 4 input features, got 8"),
+    CHECK(kd_net_forward(net, x, 1, 8, 1, 1, KD_MODE_EVAL, 0) == KD_ERR_SHAPE && strstr(kd_last_error(), "expects 4 input features, got 8"),
           "feature mismatch: %s", kd_last_error());
-    CHECK(kd_net_forward(net, x, 2, 1, 2, 2, false, 0) == KD_ERR_SHAPE && strstr(kd_last_error(), "Flatten"),
+    CHECK(kd_net_forward(net, x, 2, 1, 2, 2, KD_MODE_EVAL, 0) == KD_ERR_SHAPE && strstr(kd_last_error(), "Flatten"),
           "non-flat: %s", kd_last_error());
     CHECK(kd_net_backward(net, NULL, NULL) == KD_ERR_STATE, "backward without forward");
-    CHECK(kd_net_forward(net, x, 2, 4, 1, 1, false, 0) == KD_OK, "forward ok after errors");
+    CHECK(kd_net_forward(net, x, 2, 4, 1, 1, KD_MODE_EVAL, 0) == KD_OK, "forward ok after errors");
     kd_net_free(net);
     kd_net_free(NULL);
 }
@@ -149,19 +149,19 @@ static void test_cross_entropy(void) {
     float z[3] = { 0.0f, logf(2.0f), logf(3.0f) }, d[3];
     int64_t y[1] = { 2 };
     float loss;
-    CHECK(kd_cross_entropy(&loss, d, z, y, 1, 3, 0.0f, 1.0f, false) == KD_OK, "ce");
+    CHECK(kd_cross_entropy(&loss, d, z, y, NULL, 1, 3, 0.0f, 1.0f, false) == KD_OK, "ce");
     CHECK(fabsf(loss - logf(2.0f)) < 1e-6f, "ce value %g", loss);
     float want[3] = { 1.0f / 6, 2.0f / 6, 3.0f / 6 - 1.0f };
     check_close("ce grad", d, want, 3, 1e-6, 1e-5);
     // label smoothing 0.3: q = (0.1, 0.1, 0.8)
-    CHECK(kd_cross_entropy(&loss, d, z, y, 1, 3, 0.3f, 1.0f, false) == KD_OK, "ce ls");
+    CHECK(kd_cross_entropy(&loss, d, z, y, NULL, 1, 3, 0.3f, 1.0f, false) == KD_OK, "ce ls");
     double l = -(0.1 * log(1.0 / 6) + 0.1 * log(2.0 / 6) + 0.8 * log(3.0 / 6));
     CHECK(fabs(loss - l) < 1e-6, "ce ls value %g vs %g", loss, l);
     // extreme logits stay finite
     float zx[3] = { 1e4f, -1e4f, 0.0f };
-    CHECK(kd_cross_entropy(&loss, d, zx, y, 1, 3, 0.0f, 1.0f, false) == KD_OK && fabsf(loss - 1e4f) < 1e-2f, "ce extreme %g", loss);
+    CHECK(kd_cross_entropy(&loss, d, zx, y, NULL, 1, 3, 0.0f, 1.0f, false) == KD_OK && fabsf(loss - 1e4f) < 1e-2f, "ce extreme %g", loss);
     y[0] = 3;
-    CHECK(kd_cross_entropy(&loss, d, z, y, 1, 3, 0.0f, 1.0f, false) == KD_ERR_VALUE, "label out of range");
+    CHECK(kd_cross_entropy(&loss, d, z, y, NULL, 1, 3, 0.0f, 1.0f, false) == KD_ERR_VALUE, "label out of range");
 }
 
 static void test_training_reduces_loss(void) {
