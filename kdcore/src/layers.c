@@ -20,6 +20,8 @@
 #include "kd_internal.h"
 
 #include <cblas.h>
+#include <limits.h>
+#include <stddef.h>
 
 #ifndef _OPENMP
 // NO_OMP builds: the omp pragmas below are plain no-ops; keep -Wall quiet about them.
@@ -183,42 +185,303 @@ void kd_linear_backward(float * dinp, float * dweight, float * dbias, const floa
 }
 
 // ----------------------------------------------------------------------------------------
-// conv2d: im2col + sgemm per image; the batch is split across OpenMP threads.
+// conv2d
 // https://pytorch.org/docs/stable/generated/torch.nn.Conv2d.html
 // PyTorch's Conv2d is a cross-correlation: out[oc,oh,ow] = b[oc] +
 //   sum_{c,kh,kw} w[oc,c,kh,kw] * inp[c, oh*S-P+kh, ow*S-P+kw].
+//
+// Design (implicit GEMM with our own micro-kernels, no BLAS call):
+// - The batch is split across OpenMP threads in contiguous chunks; each image is done by
+//   one thread, in L2-sized per-thread buffers, so the forward and the input gradient do
+//   not depend on the thread count at all (bitwise).
+// - Stride 1 ("shift" path): the image is copied into a zero-padded buffer (C, Hp, Wp).
+//   On the padded grid p = oh*Wp + ow, im2col row k = (c, kh, kw) is the contiguous slice
+//   xpad[c*Hp*Wp + kh*Wp + kw + p]: the GEMM reads it through a table of row offsets and
+//   im2col is never materialised. The Wp - OW columns per row that fall outside the output
+//   are computed and dropped. The input gradient of a stride-1 conv is itself a stride-1
+//   conv (of the padded dout with the flipped, transposed weights), so it takes the same
+//   path and needs no col2im.
+// - Other strides ("col" path): im2col into a per-image buffer whose rows are padded to
+//   whole micro-panels; the input gradient goes through dcol = W^T dout and col2im.
+// - Forward-type products C (M, pixels) = A (M, K) B (K, pixels) run a MR x NR = 8 x 32
+//   micro-kernel over weights packed once per call; each output element is one fma chain
+//   over k in order. Weight gradients dW (OC, CKK) = D (OC, pixels) B^T run a 4 x 6 tile
+//   of 16-lane dot products (lane = pixel mod 16), reduced by a fixed tree, per image,
+//   into a per-thread partial; partials are added in thread order.
+// - Kernels: AVX-512 (runtime check) and portable C that performs exactly the same
+//   floating-point operations (results are bitwise equal; tests compare them).
+// Depthwise convs (one input and one output channel per group) use direct loops.
 
-// Depthwise convs (one input and one output channel per group) are done with direct loops:
-// their im2col matrices have a single row per tap, so sgemm would be all overhead.
-static inline int conv_is_depthwise(const struct kd_conv_shape * s) {
-    return s->G == s->C && s->G == s->OC;
-}
+#define CV_MR 8      // rows (output channels) of a forward micro-tile
+#define CV_NR 32     // pixels of a forward micro-tile
+#define DW_MR 4      // dout rows of a weight-gradient tile
+#define DW_NR 6      // im2col rows of a weight-gradient tile
+#define DW_L 16      // lanes of the weight-gradient dot products
+#define CV_ALIGN 16  // floats (64 bytes): every workspace region starts on a cache line
 
-// A 1x1 kernel with stride 1 and no padding reads the input plane as is: the image itself
-// is the (Cg, HW) column matrix and im2col is skipped.
-static inline int conv_is_pointwise(const struct kd_conv_shape * s) {
-    return s->K == 1 && s->S == 1 && s->P == 0;
-}
+// ---- SIMD dispatch ----------------------------------------------------------------------
+// 0 unknown, 1 portable C, 2 AVX-512F. kd_conv_force_portable() is a test hook (declared
+// in the C tests, not in layers.h).
+static int kd_simd_level = 0;
+static int kd_simd_forced = 0;
 
-// Floats of `work` one thread uses: [im2col buffer (CKK, OHW)] [dweight partial (OC, CKK)]
-// [dbias partial (OC)]. Returns SIZE_MAX on overflow.
-static size_t conv_thread_floats(const struct kd_conv_shape * s) {
-    if (conv_is_depthwise(s)) { return 0; }
-    size_t ckk, col = 0, dw, tot;
-    if (!kd_mul_ok((size_t)(s->C / s->G), (size_t)s->K * (size_t)s->K, &ckk)) { return SIZE_MAX; }
-    if (!conv_is_pointwise(s) && !kd_mul_ok(ckk, (size_t)s->OH * (size_t)s->OW, &col)) { return SIZE_MAX; }
-    if (!kd_mul_ok(ckk, (size_t)s->OC, &dw)) { return SIZE_MAX; }
-    if (__builtin_add_overflow(col, dw, &tot) || __builtin_add_overflow(tot, (size_t)s->OC, &tot)) {
-        return SIZE_MAX;
+void kd_conv_force_portable(int on);
+void kd_conv_force_portable(int on) { __atomic_store_n(&kd_simd_forced, on ? 1 : 0, __ATOMIC_RELAXED); }
+
+static int simd_level(void) {
+    if (__atomic_load_n(&kd_simd_forced, __ATOMIC_RELAXED)) { return 1; }
+    int l = __atomic_load_n(&kd_simd_level, __ATOMIC_RELAXED);
+    if (l == 0) {
+#if defined(__x86_64__) || defined(__i386__)
+        __builtin_cpu_init();
+        l = __builtin_cpu_supports("avx512f") ? 2 : 1;
+#else
+        l = 1;
+#endif
+        __atomic_store_n(&kd_simd_level, l, __ATOMIC_RELAXED);
     }
-    return tot;
+    return l;
+}
+
+// ---- micro-kernels: portable C ------------------------------------------------------------
+// C (8 x 32, row stride ldc) = sum_k A[k*8 + i] * B[off[k] + j], one fma chain per element.
+static void fwd_ukr_c(int K, const float * restrict A, const float * restrict B,
+                      const ptrdiff_t * restrict off, float * restrict C, size_t ldc) {
+    float acc[CV_MR][CV_NR];
+    memset(acc, 0, sizeof acc);
+    for (int k = 0; k < K; k++) {
+        const float * b = B + off[k];
+        const float * a = A + (size_t)k * CV_MR;
+        for (int i = 0; i < CV_MR; i++) {
+            for (int j = 0; j < CV_NR; j++) { acc[i][j] = fmaf(a[i], b[j], acc[i][j]); }
+        }
+    }
+    for (int i = 0; i < CV_MR; i++) { memcpy(C + (size_t)i * ldc, acc[i], sizeof acc[i]); }
+}
+
+// Sum of 16 lanes by a fixed tree: l + l+8, then + l+4, then + l+2, then lane 0 + lane 1.
+static inline float hsum16_c(const float * v) {
+    float s8[8], s4[4], s2[2];
+    for (int l = 0; l < 8; l++) { s8[l] = v[l] + v[l + 8]; }
+    for (int l = 0; l < 4; l++) { s4[l] = s8[l] + s8[l + 4]; }
+    for (int l = 0; l < 2; l++) { s2[l] = s4[l] + s4[l + 2]; }
+    return s2[0] + s2[1];
+}
+
+// r[i*6 + j] = sum_p d[i][p] * b[j][p] over nblk*16 pixels: lane p%16 accumulates its
+// pixels in order with fma, then the lanes are summed by hsum16.
+static void dw_ukr_c(size_t nblk, const float * const * d, const float * const * b, float * r) {
+    float acc[DW_MR][DW_NR][DW_L];
+    memset(acc, 0, sizeof acc);
+    for (size_t q = 0; q < nblk * DW_L; q += DW_L) {
+        for (int i = 0; i < DW_MR; i++) {
+            for (int j = 0; j < DW_NR; j++) {
+                for (int l = 0; l < DW_L; l++) { acc[i][j][l] = fmaf(d[i][q + l], b[j][q + l], acc[i][j][l]); }
+            }
+        }
+    }
+    for (int i = 0; i < DW_MR; i++) {
+        for (int j = 0; j < DW_NR; j++) { r[i * DW_NR + j] = hsum16_c(acc[i][j]); }
+    }
+}
+
+// ---- micro-kernels: AVX-512 ---------------------------------------------------------------
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define KD_HAVE_AVX512_KERNELS 1
+
+__attribute__((target("avx512f")))
+static void fwd_ukr_avx512(int K, const float * restrict A, const float * restrict B,
+                           const ptrdiff_t * restrict off, float * restrict C, size_t ldc) {
+    __m512 c0a = _mm512_setzero_ps(), c0b = _mm512_setzero_ps(), c1a = _mm512_setzero_ps(), c1b = _mm512_setzero_ps();
+    __m512 c2a = _mm512_setzero_ps(), c2b = _mm512_setzero_ps(), c3a = _mm512_setzero_ps(), c3b = _mm512_setzero_ps();
+    __m512 c4a = _mm512_setzero_ps(), c4b = _mm512_setzero_ps(), c5a = _mm512_setzero_ps(), c5b = _mm512_setzero_ps();
+    __m512 c6a = _mm512_setzero_ps(), c6b = _mm512_setzero_ps(), c7a = _mm512_setzero_ps(), c7b = _mm512_setzero_ps();
+    for (int k = 0; k < K; k++) {
+        const float * b = B + off[k];
+        const float * a = A + (size_t)k * CV_MR;
+        __m512 b0 = _mm512_loadu_ps(b), b1 = _mm512_loadu_ps(b + 16), t;
+#define KD_ROW(i, ca, cb) t = _mm512_set1_ps(a[i]); ca = _mm512_fmadd_ps(t, b0, ca); cb = _mm512_fmadd_ps(t, b1, cb);
+        KD_ROW(0, c0a, c0b) KD_ROW(1, c1a, c1b) KD_ROW(2, c2a, c2b) KD_ROW(3, c3a, c3b)
+        KD_ROW(4, c4a, c4b) KD_ROW(5, c5a, c5b) KD_ROW(6, c6a, c6b) KD_ROW(7, c7a, c7b)
+#undef KD_ROW
+    }
+#define KD_ST(i, ca, cb) _mm512_storeu_ps(C + (size_t)(i) * ldc, ca); _mm512_storeu_ps(C + (size_t)(i) * ldc + 16, cb);
+    KD_ST(0, c0a, c0b) KD_ST(1, c1a, c1b) KD_ST(2, c2a, c2b) KD_ST(3, c3a, c3b)
+    KD_ST(4, c4a, c4b) KD_ST(5, c5a, c5b) KD_ST(6, c6a, c6b) KD_ST(7, c7a, c7b)
+#undef KD_ST
+}
+
+// The same tree as hsum16_c.
+__attribute__((target("avx512f")))
+static inline float hsum16_avx512(__m512 v) {
+    __m256 lo = _mm512_castps512_ps256(v);
+    __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
+    __m256 s8 = _mm256_add_ps(lo, hi);
+    __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
+    __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+    return _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)));
+}
+
+__attribute__((target("avx512f")))
+static void dw_ukr_avx512(size_t nblk, const float * const * d, const float * const * b, float * r) {
+    __m512 acc[DW_MR][DW_NR];
+    for (int i = 0; i < DW_MR; i++) {
+        for (int j = 0; j < DW_NR; j++) { acc[i][j] = _mm512_setzero_ps(); }
+    }
+    const float * d0 = d[0], * d1 = d[1], * d2 = d[2], * d3 = d[3];
+    const float * b0 = b[0], * b1 = b[1], * b2 = b[2], * b3 = b[3], * b4 = b[4], * b5 = b[5];
+    for (size_t q = 0; q < nblk * DW_L; q += DW_L) {
+        __m512 x0 = _mm512_loadu_ps(d0 + q), x1 = _mm512_loadu_ps(d1 + q);
+        __m512 x2 = _mm512_loadu_ps(d2 + q), x3 = _mm512_loadu_ps(d3 + q), y;
+#define KD_COL(j, bp) y = _mm512_loadu_ps(bp + q);                                        \
+        acc[0][j] = _mm512_fmadd_ps(x0, y, acc[0][j]); acc[1][j] = _mm512_fmadd_ps(x1, y, acc[1][j]); \
+        acc[2][j] = _mm512_fmadd_ps(x2, y, acc[2][j]); acc[3][j] = _mm512_fmadd_ps(x3, y, acc[3][j]);
+        KD_COL(0, b0) KD_COL(1, b1) KD_COL(2, b2) KD_COL(3, b3) KD_COL(4, b4) KD_COL(5, b5)
+#undef KD_COL
+    }
+    for (int i = 0; i < DW_MR; i++) {
+        for (int j = 0; j < DW_NR; j++) { r[i * DW_NR + j] = hsum16_avx512(acc[i][j]); }
+    }
+}
+#endif
+
+typedef void (*fwd_ukr_fn)(int, const float *, const float *, const ptrdiff_t *, float *, size_t);
+typedef void (*dw_ukr_fn)(size_t, const float * const *, const float * const *, float *);
+struct conv_kernels { fwd_ukr_fn fwd; dw_ukr_fn dw; };
+
+static struct conv_kernels conv_kernels(void) {
+    struct conv_kernels k = { fwd_ukr_c, dw_ukr_c };
+#ifdef KD_HAVE_AVX512_KERNELS
+    if (simd_level() == 2) { k.fwd = fwd_ukr_avx512; k.dw = dw_ukr_avx512; }
+#endif
+    return k;
+}
+
+// ---- plan: geometry and workspace layout ---------------------------------------------------
+
+static inline size_t round_up(size_t x, size_t m) { return (x + m - 1) / m * m; }
+
+// Overflow-checked size arithmetic: on overflow *bad is set and the result is meaningless.
+static inline size_t smul(int * bad, size_t a, size_t b) {
+    size_t r;
+    if (__builtin_mul_overflow(a, b, &r)) { *bad = 1; return 0; }
+    return r;
+}
+static inline size_t sadd(int * bad, size_t a, size_t b) {
+    size_t r;
+    if (__builtin_add_overflow(a, b, &r)) { *bad = 1; return 0; }
+    return r;
+}
+// Reserves n floats (rounded up to whole cache lines) at *top; returns the region offset.
+static inline size_t sreserve(int * bad, size_t * top, size_t n) {
+    size_t at = *top;
+    *top = round_up(sadd(bad, sadd(bad, *top, n), CV_ALIGN - 1), CV_ALIGN);
+    return at;
+}
+
+struct conv_plan {
+    int shift;                  // stride-1 path (else col path)
+    int Cg, OCg, KK, CKK;
+    int Hp, Wp;                 // shift: padded input
+    size_t plane;               // shift: Hp*Wp
+    size_t grid, ld;            // pixels of the output grid (OH*Wp or OH*OW), row stride (NR multiple)
+    int Pt, Hq, Wq;             // shift: input-gradient conv: padding K-1-P, padded dout
+    size_t qplane, grid2, ld2;  // shift: Hq*Wq, H*Wq, row stride
+    size_t a_off, o_off, shared;                    // shared: packed weights, offsets
+    size_t x_off, q_off, z_off, t_off, w_off, b_off, per;  // per thread
+    size_t x_n, q_n, z_n;
+};
+
+// Everything is sized for both directions so that one workspace serves forward and backward.
+static int conv_plan_make(const struct kd_conv_shape * s, struct conv_plan * p) {
+    int bad = 0;
+    memset(p, 0, sizeof *p);
+    p->Cg = s->C / s->G;
+    p->OCg = s->OC / s->G;
+    size_t kk = smul(&bad, (size_t)s->K, (size_t)s->K);
+    size_t ckk = smul(&bad, (size_t)p->Cg, kk);
+    size_t ockk = smul(&bad, (size_t)p->OCg, kk);
+    if (bad || ckk > INT_MAX / 2 || ockk > INT_MAX / 2) { return 0; }
+    p->KK = (int)kk;
+    p->CKK = (int)ckk;
+    // The input gradient of a stride-1 conv is a conv with padding K-1-P >= 0.
+    p->shift = s->S == 1 && s->P <= s->K - 1;
+    size_t OH = (size_t)s->OH, OW = (size_t)s->OW, H = (size_t)s->H, W = (size_t)s->W;
+    size_t slack;
+    if (p->shift) {
+        size_t hp = H + 2 * (size_t)s->P, wp = W + 2 * (size_t)s->P;
+        if (hp > INT_MAX || wp > INT_MAX) { return 0; }
+        p->Hp = (int)hp; p->Wp = (int)wp;
+        p->plane = smul(&bad, hp, wp);
+        p->grid = smul(&bad, OH, wp);
+        p->Pt = s->K - 1 - s->P;
+        p->Hq = (int)(OH + 2 * (size_t)p->Pt);
+        p->Wq = (int)(OW + 2 * (size_t)p->Pt);
+        p->qplane = smul(&bad, (size_t)p->Hq, (size_t)p->Wq);
+        p->grid2 = smul(&bad, H, (size_t)p->Wq);
+        p->ld2 = round_up(sadd(&bad, p->grid2, CV_NR - 1), CV_NR);
+        // The last tap of the last channel reads up to K-1 + NR-1 floats past the plane.
+        slack = 2 * CV_NR + 2 * (size_t)s->K;
+    } else {
+        p->grid = smul(&bad, OH, OW);
+        slack = 0;
+    }
+    p->ld = round_up(sadd(&bad, p->grid, CV_NR - 1), CV_NR);
+    size_t ocp = round_up((size_t)p->OCg, CV_MR), cp = round_up((size_t)p->Cg, CV_MR);
+    size_t ckkp = round_up(ckk, CV_MR);
+    // shared: packed weights (largest of the three layouts) and the offset tables
+    size_t an = smul(&bad, ocp, ckk);
+    size_t an2 = p->shift ? smul(&bad, cp, ockk) : smul(&bad, ckkp, (size_t)p->OCg);
+    if (an2 > an) { an = an2; }
+    an = smul(&bad, an, (size_t)s->G);
+    size_t top = 0;
+    p->a_off = sreserve(&bad, &top, an);
+    size_t noff = sadd(&bad, ckk, ockk > (size_t)p->OCg ? ockk : (size_t)p->OCg);
+    p->o_off = sreserve(&bad, &top, smul(&bad, noff, sizeof(ptrdiff_t) / sizeof(float)));
+    p->shared = top;
+    // per thread
+    top = 0;
+    if (p->shift) {
+        p->x_n = sadd(&bad, smul(&bad, (size_t)s->C, p->plane), slack);
+        p->q_n = sadd(&bad, smul(&bad, (size_t)s->OC, p->qplane), slack);
+    } else {
+        p->x_n = smul(&bad, ckkp, p->ld);     // im2col, and dcol for the input gradient
+        p->q_n = 0;
+    }
+    p->z_n = smul(&bad, (size_t)s->OC, p->ld);  // dout on the output grid, zero elsewhere
+    size_t tn = smul(&bad, ocp, p->ld);
+    if (p->shift) {
+        size_t t2 = smul(&bad, cp, p->ld2);
+        if (t2 > tn) { tn = t2; }
+    }
+    p->x_off = sreserve(&bad, &top, p->x_n);
+    p->q_off = sreserve(&bad, &top, p->q_n);
+    p->z_off = sreserve(&bad, &top, p->z_n);
+    p->t_off = sreserve(&bad, &top, tn);
+    p->w_off = sreserve(&bad, &top, smul(&bad, (size_t)s->OC, ckk));
+    p->b_off = sreserve(&bad, &top, (size_t)s->OC);
+    p->per = top;
+    return !bad;
 }
 
 size_t kd_conv2d_workspace(const struct kd_conv_shape * s, int nthreads) {
-    size_t per = conv_thread_floats(s), tot;
+    if (s->G == s->C && s->G == s->OC) { return 0; }      // depthwise: direct loops
+    struct conv_plan p;
     if (nthreads < 1) { nthreads = 1; }
-    if (per == SIZE_MAX || !kd_mul_ok(per, (size_t)nthreads, &tot)) { return SIZE_MAX; }
-    return tot;
+    if (!conv_plan_make(s, &p)) { return SIZE_MAX; }
+    int bad = 0;
+    size_t tot = sadd(&bad, sadd(&bad, p.shared, smul(&bad, p.per, (size_t)nthreads)), CV_ALIGN);
+    return bad ? SIZE_MAX : tot;
+}
+
+static inline float * align_floats(float * w) {
+    uintptr_t u = (uintptr_t)w, a = CV_ALIGN * sizeof(float);
+    return (float *)((u + a - 1) / a * a);
+}
+
+static inline int conv_is_depthwise(const struct kd_conv_shape * s) {
+    return s->G == s->C && s->G == s->OC;
 }
 
 static void conv_check_shape(const struct kd_conv_shape * s) {
@@ -229,16 +492,147 @@ static void conv_check_shape(const struct kd_conv_shape * s) {
     (void)s;
 }
 
-// col (Cg*K*K, OH*OW) <- inp (Cg, H, W); row (c*K + kh)*K + kw matches the weight layout
-// (OCg, Cg, K, K), so the conv is W_g (OCg, CKK) @ col.
-static void im2col(float * col, const float * inp, int Cg, int H, int W, int OH, int OW,
+// Static contiguous chunk [*n0, *n1) of the N images for thread tid of nt: the first
+// N % nt threads take one extra image; threads past N get an empty chunk.
+static inline void batch_chunk(int * n0, int * n1, int N, int tid, int nt) {
+    int base = N / nt, rem = N % nt;
+    *n0 = tid * base + imin(tid, rem);
+    *n1 = *n0 + base + (tid < rem ? 1 : 0);
+}
+
+// ---- packing -------------------------------------------------------------------------------
+// Packed A for M rows and K columns: panels of 8 rows, [panel][k][8], zero rows past M.
+// Forward: A_g (OCg, CKK) = the weights as they are.
+static void pack_fwd(float * Ap, const float * weight, const struct conv_plan * p, int G) {
+    size_t ocp = round_up((size_t)p->OCg, CV_MR), CKK = (size_t)p->CKK;
+    for (int g = 0; g < G; g++) {
+        float * dst = Ap + (size_t)g * ocp * CKK;
+        const float * w = weight + (size_t)g * p->OCg * CKK;
+        for (size_t m0 = 0; m0 < ocp; m0 += CV_MR) {
+            float * panel = dst + m0 * CKK;
+            for (size_t k = 0; k < CKK; k++) {
+                for (size_t i = 0; i < CV_MR; i++) {
+                    size_t m = m0 + i;
+                    panel[k * CV_MR + i] = m < (size_t)p->OCg ? w[m * CKK + k] : 0.0f;
+                }
+            }
+        }
+    }
+}
+
+// Input gradient, shift path: rows c (Cg), columns (oc, kh, kw) of the flipped kernel:
+// A[c][(oc*K + kh)*K + kw] = w[oc][c][K-1-kh][K-1-kw].
+static void pack_tdinp(float * Ap, const float * weight, const struct conv_plan * p, int G, int K) {
+    size_t cp = round_up((size_t)p->Cg, CV_MR), KK = (size_t)p->KK;
+    size_t Kt = (size_t)p->OCg * KK, CKK = (size_t)p->CKK;
+    for (int g = 0; g < G; g++) {
+        float * dst = Ap + (size_t)g * cp * Kt;
+        const float * w = weight + (size_t)g * p->OCg * CKK;
+        for (size_t m0 = 0; m0 < cp; m0 += CV_MR) {
+            float * panel = dst + m0 * Kt;
+            for (size_t oc = 0; oc < (size_t)p->OCg; oc++) {
+                for (int kh = 0; kh < K; kh++) {
+                    for (int kw = 0; kw < K; kw++) {
+                        size_t kk = (oc * K + kh) * K + kw;
+                        size_t src = (K - 1 - kh) * K + (K - 1 - kw);
+                        for (size_t i = 0; i < CV_MR; i++) {
+                            size_t c = m0 + i;
+                            panel[kk * CV_MR + i] = c < (size_t)p->Cg ? w[oc * CKK + c * KK + src] : 0.0f;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+// Input gradient, col path: dcol = W_g^T dout_g: rows k (CKK), columns oc (OCg).
+static void pack_tcol(float * Ap, const float * weight, const struct conv_plan * p, int G) {
+    size_t ckkp = round_up((size_t)p->CKK, CV_MR), CKK = (size_t)p->CKK, OCg = (size_t)p->OCg;
+    for (int g = 0; g < G; g++) {
+        float * dst = Ap + (size_t)g * ckkp * OCg;
+        const float * w = weight + (size_t)g * OCg * CKK;
+        for (size_t m0 = 0; m0 < ckkp; m0 += CV_MR) {
+            float * panel = dst + m0 * OCg;
+            for (size_t oc = 0; oc < OCg; oc++) {
+                for (size_t i = 0; i < CV_MR; i++) {
+                    size_t k = m0 + i;
+                    panel[oc * CV_MR + i] = k < CKK ? w[oc * CKK + k] : 0.0f;
+                }
+            }
+        }
+    }
+}
+
+// Row offsets of the implicit im2col matrix: shift path (c, kh, kw) -> c*plane + kh*row + kw;
+// col path k -> k*ld.
+static void shift_offsets(ptrdiff_t * off, int C, int K, size_t plane, size_t row) {
+    size_t k = 0;
+    for (int c = 0; c < C; c++) {
+        for (int kh = 0; kh < K; kh++) {
+            for (int kw = 0; kw < K; kw++) { off[k++] = (ptrdiff_t)(c * plane + kh * row + kw); }
+        }
+    }
+}
+static void row_offsets(ptrdiff_t * off, int n, size_t ld) {
+    for (int k = 0; k < n; k++) { off[k] = (ptrdiff_t)(k * ld); }
+}
+
+// ---- per-image building blocks -------------------------------------------------------------
+
+// C (ceil8(M) x npix, row stride ldc) = A (packed, mpan panels of 8 rows, K) B, with B row k at
+// B + off[k]; npix is a multiple of NR. Panel-major, so each B panel is reused from L1 by
+// all row panels.
+static void gemm_panels(fwd_ukr_fn ukr, float * C, size_t ldc, const float * Ap, size_t mpan, int K,
+                        const float * B, const ptrdiff_t * off, size_t npix) {
+    for (size_t j = 0; j < npix; j += CV_NR) {
+        for (size_t mp = 0; mp < mpan; mp++) {
+            ukr(K, Ap + mp * CV_MR * (size_t)K, B + j, off, C + mp * CV_MR * ldc + j, ldc);
+        }
+    }
+}
+
+// part (M x N, row stride ldp) += D B^T: D row i at D + i*ldd, B row k at B + off[k], over
+// nblk*16 pixels. Edge tiles repeat a valid row and drop its result.
+static void dw_accumulate(dw_ukr_fn ukr, float * part, size_t ldp, int M, int N, const float * D,
+                          size_t ldd, const float * B, const ptrdiff_t * off, size_t nblk) {
+    const float * dr[DW_MR], * br[DW_NR];
+    float r[DW_MR * DW_NR];
+    for (int i0 = 0; i0 < M; i0 += DW_MR) {
+        int mi = imin(DW_MR, M - i0);
+        for (int i = 0; i < DW_MR; i++) { dr[i] = D + (size_t)(i0 + (i < mi ? i : 0)) * ldd; }
+        for (int j0 = 0; j0 < N; j0 += DW_NR) {
+            int nj = imin(DW_NR, N - j0);
+            for (int j = 0; j < DW_NR; j++) { br[j] = B + off[j0 + (j < nj ? j : 0)]; }
+            ukr(nblk, dr, br, r);
+            for (int i = 0; i < mi; i++) {
+                float * prow = part + (size_t)(i0 + i) * ldp + j0;
+                for (int j = 0; j < nj; j++) { prow[j] += r[i * DW_NR + j]; }
+            }
+        }
+    }
+}
+
+// dst (C planes of rows x cols, plane stride dplane) at row r0, column c0 <- src (C, H, W).
+// Only the interior is written; the caller zeroes the borders once per call.
+static void pad_copy(float * dst, size_t dplane, size_t dcols, int r0, int c0, const float * src,
+                     int C, int H, int W) {
+    for (int c = 0; c < C; c++) {
+        float * d = dst + (size_t)c * dplane + (size_t)r0 * dcols + c0;
+        const float * x = src + (size_t)c * H * W;
+        for (int h = 0; h < H; h++) { memcpy(d + (size_t)h * dcols, x + (size_t)h * W, (size_t)W * sizeof(float)); }
+    }
+}
+
+// col (Cg*K*K rows, row stride ld) <- inp (Cg, H, W); row (c*K + kh)*K + kw matches the
+// weight layout (OCg, Cg, K, K). Columns past OH*OW are not touched.
+static void im2col(float * col, size_t ld, const float * inp, int Cg, int H, int W, int OH, int OW,
                    int K, int S, int P) {
-    size_t OHW = (size_t)OH * OW;
     for (int c = 0; c < Cg; c++) {
         const float * plane = inp + (size_t)c * H * W;
         for (int kh = 0; kh < K; kh++) {
             for (int kw = 0; kw < K; kw++) {
-                float * row = col + ((size_t)(c * K + kh) * K + kw) * OHW;
+                float * row = col + ((size_t)(c * K + kh) * K + kw) * ld;
                 int ow0, ow1;
                 valid_range(&ow0, &ow1, W, OW, kw, S, P);
                 for (int oh = 0; oh < OH; oh++) {
@@ -263,16 +657,14 @@ static void im2col(float * col, const float * inp, int Cg, int H, int W, int OH,
     }
 }
 
-// dinp (Cg, H, W) += scatter of col (Cg*K*K, OH*OW): the adjoint of im2col. Padding
-// positions are dropped.
-static void col2im_add(float * dinp, const float * col, int Cg, int H, int W, int OH, int OW,
+// dinp (Cg, H, W) += scatter of col (Cg*K*K rows, row stride ld): the adjoint of im2col.
+static void col2im_add(float * dinp, const float * col, size_t ld, int Cg, int H, int W, int OH, int OW,
                        int K, int S, int P) {
-    size_t OHW = (size_t)OH * OW;
     for (int c = 0; c < Cg; c++) {
         float * plane = dinp + (size_t)c * H * W;
         for (int kh = 0; kh < K; kh++) {
             for (int kw = 0; kw < K; kw++) {
-                const float * row = col + ((size_t)(c * K + kh) * K + kw) * OHW;
+                const float * row = col + ((size_t)(c * K + kh) * K + kw) * ld;
                 int ow0, ow1;
                 valid_range(&ow0, &ow1, W, OW, kw, S, P);
                 if (ow0 == ow1) { continue; }
@@ -283,43 +675,6 @@ static void col2im_add(float * dinp, const float * col, int Cg, int H, int W, in
                     axpy_scatter(plane + (size_t)ih * W + (ow0 * S - P + kw), 1.0f, r + ow0, ow1 - ow0, S);
                 }
             }
-        }
-    }
-}
-
-// Static contiguous chunk [*n0, *n1) of the N images for thread tid of nt: the first
-// N % nt threads take one extra image; threads past N get an empty chunk.
-static inline void batch_chunk(int * n0, int * n1, int N, int tid, int nt) {
-    int base = N / nt, rem = N % nt;
-    *n0 = tid * base + imin(tid, rem);
-    *n1 = *n0 + base + (tid < rem ? 1 : 0);
-}
-
-// out (OC,OH,OW) for one image inp (C,H,W); weight (OC,Cg,K,K); col: im2col buffer
-static void conv_forward_image(float * out, const float * inp, const float * weight,
-                               const float * bias, const struct kd_conv_shape * s, float * col) {
-    int Cg = s->C / s->G, OCg = s->OC / s->G, CKK = Cg * s->K * s->K;
-    int OHW = s->OH * s->OW;
-    size_t HW = (size_t)s->H * s->W;
-    for (int g = 0; g < s->G; g++) {
-        const float * inp_g = inp + (size_t)g * Cg * HW;
-        const float * w_g = weight + (size_t)g * OCg * CKK;
-        float * out_g = out + (size_t)g * OCg * OHW;
-        const float * b = inp_g;
-        if (!conv_is_pointwise(s)) {
-            im2col(col, inp_g, Cg, s->H, s->W, s->OH, s->OW, s->K, s->S, s->P);
-            b = col;
-        }
-        // out_g (OCg, OHW) = W_g (OCg, CKK) @ col (CKK, OHW)
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, OCg, OHW, CKK,
-                    1.0f, w_g, CKK, b, OHW, 0.0f, out_g, OHW);
-    }
-    // Bias after the product, as oneDNN/PyTorch apply it.
-    if (bias != NULL) {
-        for (int oc = 0; oc < s->OC; oc++) {
-            float * o = out + (size_t)oc * OHW;
-            float bv = bias[oc];
-            for (int i = 0; i < OHW; i++) { o[i] += bv; }
         }
     }
 }
@@ -357,7 +712,7 @@ void kd_conv2d_forward(float * out, const float * inp, const float * weight, con
         // Every (n, c) plane is independent.
         int NC = s->N * s->C;
         size_t KK = (size_t)s->K * s->K;
-        #pragma omp parallel for schedule(static)
+        #pragma omp parallel for schedule(static) if((size_t)NC * OHW * KK > KD_PAR_MIN)
         for (int nc = 0; nc < NC; nc++) {
             int c = nc % s->C;
             dw_forward_plane(out + (size_t)nc * OHW, inp + (size_t)nc * HW, weight + c * KK,
@@ -365,57 +720,52 @@ void kd_conv2d_forward(float * out, const float * inp, const float * weight, con
         }
         return;
     }
-    size_t per = conv_thread_floats(s);
+    struct conv_plan pl;
+    if (!conv_plan_make(s, &pl)) { KD_ASSERT(0); return; }
+    struct conv_kernels kr = conv_kernels();
+    float * ws = align_floats(work);
+    float * Ap = ws + pl.a_off;
+    ptrdiff_t * off = (ptrdiff_t *)(ws + pl.o_off);
+    pack_fwd(Ap, weight, &pl, s->G);
+    if (pl.shift) { shift_offsets(off, pl.Cg, s->K, pl.plane, (size_t)pl.Wp); }
+    else { row_offsets(off, pl.CKK, pl.ld); }
+    size_t ocp = round_up((size_t)pl.OCg, CV_MR), CKK = (size_t)pl.CKK;
+    size_t gstride = pl.shift ? (size_t)pl.Cg * pl.plane : 0;   // B offset of group g
     #pragma omp parallel
     {
         int n0, n1;
         batch_chunk(&n0, &n1, s->N, kd_omp_tid(), team_size());
-        float * col = work + (size_t)kd_omp_tid() * per;
+        float * tw = ws + pl.shared + (size_t)kd_omp_tid() * pl.per;
+        float * xb = tw + pl.x_off, * stage = tw + pl.t_off;
+        // Borders of the padded image, and the columns of im2col rows past the output grid,
+        // are zero once here and never written again (only finite values may be read).
+        if (n0 < n1) { memset(xb, 0, pl.x_n * sizeof(float)); }
         for (int n = n0; n < n1; n++) {
-            conv_forward_image(out + (size_t)n * s->OC * OHW, inp + (size_t)n * s->C * HW,
-                               weight, bias, s, col);
-        }
-    }
-}
-
-// Backward of one image. dinp (C,H,W) or NULL; dw (OC,CKK) and db (OC) are this thread's
-// partials or NULL; dout (OC,OH,OW); inp (C,H,W); col: im2col buffer.
-static void conv_backward_image(float * dinp, float * dw, float * db, const float * dout,
-                                const float * inp, const float * weight,
-                                const struct kd_conv_shape * s, float * col) {
-    int Cg = s->C / s->G, OCg = s->OC / s->G, CKK = Cg * s->K * s->K;
-    int OHW = s->OH * s->OW, pw = conv_is_pointwise(s);
-    size_t HW = (size_t)s->H * s->W;
-    for (int g = 0; g < s->G; g++) {
-        const float * inp_g = inp + (size_t)g * Cg * HW;
-        const float * w_g = weight + (size_t)g * OCg * CKK;
-        const float * dout_g = dout + (size_t)g * OCg * OHW;
-        if (dw != NULL) {
-            // dW_g (OCg, CKK) += dout_g (OCg, OHW) @ col^T (OHW, CKK)
-            const float * b = inp_g;
-            if (!pw) {
-                im2col(col, inp_g, Cg, s->H, s->W, s->OH, s->OW, s->K, s->S, s->P);
-                b = col;
-            }
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, OCg, CKK, OHW,
-                        1.0f, dout_g, OHW, b, OHW, 1.0f, dw + (size_t)g * OCg * CKK, CKK);
-        }
-        if (dinp != NULL) {
-            // dcol (CKK, OHW) = W_g^T (CKK, OCg) @ dout_g (OCg, OHW), scattered back by
-            // col2im. For 1x1/S1/P0 dcol is the input gradient itself: accumulate directly.
-            float * dinp_g = dinp + (size_t)g * Cg * HW;
-            if (pw) {
-                cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, CKK, OHW, OCg,
-                            1.0f, w_g, CKK, dout_g, OHW, 1.0f, dinp_g, OHW);
-            } else {
-                cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, CKK, OHW, OCg,
-                            1.0f, w_g, CKK, dout_g, OHW, 0.0f, col, OHW);
-                col2im_add(dinp_g, col, Cg, s->H, s->W, s->OH, s->OW, s->K, s->S, s->P);
+            const float * x = inp + (size_t)n * s->C * HW;
+            float * o = out + (size_t)n * s->OC * OHW;
+            if (pl.shift) { pad_copy(xb, pl.plane, (size_t)pl.Wp, s->P, s->P, x, s->C, s->H, s->W); }
+            for (int g = 0; g < s->G; g++) {
+                const float * B = xb + (size_t)g * gstride;
+                if (!pl.shift) {
+                    im2col(xb, pl.ld, x + (size_t)g * pl.Cg * HW, pl.Cg, s->H, s->W, s->OH, s->OW, s->K, s->S, s->P);
+                }
+                gemm_panels(kr.fwd, stage, pl.ld, Ap + (size_t)g * ocp * CKK, ocp / CV_MR, pl.CKK, B, off, pl.ld);
+                // Drop the grid columns outside the output; bias after the product (as PyTorch).
+                size_t gw = pl.shift ? (size_t)pl.Wp : (size_t)s->OW;
+                for (int oc = 0; oc < pl.OCg; oc++) {
+                    int goc = g * pl.OCg + oc;
+                    float bv = bias != NULL ? bias[goc] : 0.0f;
+                    float * orow = o + (size_t)goc * OHW;
+                    const float * srow = stage + (size_t)oc * pl.ld;
+                    for (int oh = 0; oh < s->OH; oh++) {
+                        float * d = orow + (size_t)oh * s->OW;
+                        const float * r = srow + (size_t)oh * gw;
+                        if (bias != NULL) { for (int ow = 0; ow < s->OW; ow++) { d[ow] = r[ow] + bv; } }
+                        else { memcpy(d, r, (size_t)s->OW * sizeof(float)); }
+                    }
+                }
             }
         }
-    }
-    if (db != NULL) {
-        for (int oc = 0; oc < s->OC; oc++) { db[oc] += (float)sum_f64(dout + (size_t)oc * OHW, (size_t)OHW); }
     }
 }
 
@@ -473,52 +823,137 @@ void kd_conv2d_backward(float * dinp, float * dweight, float * dbias, const floa
         }
         return;
     }
-    int CKK = s->C / s->G * s->K * s->K;
+    struct conv_plan pl;
+    if (!conv_plan_make(s, &pl)) { KD_ASSERT(0); return; }
+    struct conv_kernels kr = conv_kernels();
+    float * ws = align_floats(work);
+    float * Ap = ws + pl.a_off;
+    ptrdiff_t * off = (ptrdiff_t *)(ws + pl.o_off);      // im2col rows (weight gradient)
+    ptrdiff_t * off2 = off + pl.CKK;                      // B rows of the input-gradient product
     size_t HW = (size_t)s->H * s->W, OHW = (size_t)s->OH * s->OW;
-    size_t per = conv_thread_floats(s);
-    size_t col_floats = per - (size_t)s->OC * CKK - (size_t)s->OC;
-    size_t nw = (size_t)s->OC * CKK;
+    size_t CKK = (size_t)pl.CKK, nw = (size_t)s->OC * CKK;
+    size_t cp = round_up((size_t)pl.Cg, CV_MR), ckkp = round_up(CKK, CV_MR);
+    size_t Kt = (size_t)pl.OCg * pl.KK;
+    if (pl.shift) {
+        shift_offsets(off, pl.Cg, s->K, pl.plane, (size_t)pl.Wp);
+        shift_offsets(off2, pl.OCg, s->K, pl.qplane, (size_t)pl.Wq);
+        if (dinp != NULL) { pack_tdinp(Ap, weight, &pl, s->G, s->K); }
+    } else {
+        row_offsets(off, pl.CKK, pl.ld);
+        row_offsets(off2, pl.OCg, pl.ld);
+        if (dinp != NULL) { pack_tcol(Ap, weight, &pl, s->G); }
+    }
+    // Weight-gradient dot products run over whole 16-pixel blocks of the grid; D is zero
+    // past the grid, so the extra pixels add nothing.
+    size_t nblk = round_up(pl.grid, DW_L) / DW_L;
     int nteam = 1;
     #pragma omp parallel
     {
         int tid = kd_omp_tid(), nt = team_size(), n0, n1;
         if (tid == 0) { nteam = nt; }
         batch_chunk(&n0, &n1, s->N, tid, nt);
-        float * col = work + (size_t)tid * per;
+        float * tw = ws + pl.shared + (size_t)tid * pl.per;
+        float * xb = tw + pl.x_off, * qb = tw + pl.q_off, * zb = tw + pl.z_off, * stage = tw + pl.t_off;
         // Private partials, so no thread ever writes another's gradient.
-        float * dw = dweight != NULL ? col + col_floats : NULL;
-        float * db = dbias != NULL ? col + col_floats + nw : NULL;
+        float * dw = dweight != NULL ? tw + pl.w_off : NULL;
+        float * db = dbias != NULL ? tw + pl.b_off : NULL;
         if (n0 < n1) {
             if (dw != NULL) { memset(dw, 0, nw * sizeof(float)); }
             if (db != NULL) { memset(db, 0, (size_t)s->OC * sizeof(float)); }
+            // Zero once: padding, grid columns outside the output, row tails.
+            if (dw != NULL || !pl.shift) { memset(xb, 0, pl.x_n * sizeof(float)); }
+            if (dinp != NULL && pl.shift) { memset(qb, 0, pl.q_n * sizeof(float)); }
+            memset(zb, 0, pl.z_n * sizeof(float));
         }
         for (int n = n0; n < n1; n++) {
-            conv_backward_image(dinp != NULL ? dinp + (size_t)n * s->C * HW : NULL, dw, db,
-                                dout + (size_t)n * s->OC * OHW, inp + (size_t)n * s->C * HW,
-                                weight, s, col);
+            const float * x = inp + (size_t)n * s->C * HW;
+            const float * dy = dout + (size_t)n * s->OC * OHW;
+            float * dx = dinp != NULL ? dinp + (size_t)n * s->C * HW : NULL;
+            if (db != NULL) {
+                for (int oc = 0; oc < s->OC; oc++) { db[oc] += (float)sum_f64(dy + (size_t)oc * OHW, OHW); }
+            }
+            if (dw == NULL && dx == NULL) { continue; }
+            // dout on the forward grid (row stride gw, zero outside the output).
+            size_t gw = pl.shift ? (size_t)pl.Wp : (size_t)s->OW;
+            for (int oc = 0; oc < s->OC; oc++) {
+                float * zrow = zb + (size_t)oc * pl.ld;
+                const float * drow = dy + (size_t)oc * OHW;
+                if (gw == (size_t)s->OW) { memcpy(zrow, drow, OHW * sizeof(float)); continue; }
+                for (int oh = 0; oh < s->OH; oh++) {
+                    memcpy(zrow + (size_t)oh * gw, drow + (size_t)oh * s->OW, (size_t)s->OW * sizeof(float));
+                }
+            }
+            if (pl.shift) {
+                if (dw != NULL) { pad_copy(xb, pl.plane, (size_t)pl.Wp, s->P, s->P, x, s->C, s->H, s->W); }
+                if (dx != NULL) { pad_copy(qb, pl.qplane, (size_t)pl.Wq, pl.Pt, pl.Pt, dy, s->OC, s->OH, s->OW); }
+            }
+            for (int g = 0; g < s->G; g++) {
+                const float * zg = zb + (size_t)g * pl.OCg * pl.ld;
+                float * dxg = dx != NULL ? dx + (size_t)g * pl.Cg * HW : NULL;
+                if (pl.shift) {
+                    if (dw != NULL) {
+                        dw_accumulate(kr.dw, dw + (size_t)g * pl.OCg * CKK, CKK, pl.OCg, pl.CKK, zg, pl.ld,
+                                      xb + (size_t)g * pl.Cg * pl.plane, off, nblk);
+                    }
+                    if (dxg != NULL) {
+                        // dinp_g = conv(padded dout_g, flipped W_g^T) on the grid H x Wq.
+                        gemm_panels(kr.fwd, stage, pl.ld2, Ap + (size_t)g * cp * Kt, cp / CV_MR, (int)Kt,
+                                    qb + (size_t)g * pl.OCg * pl.qplane, off2, pl.ld2);
+                        for (int c = 0; c < pl.Cg; c++) {
+                            float * drow = dxg + (size_t)c * HW;
+                            const float * srow = stage + (size_t)c * pl.ld2;
+                            for (int h = 0; h < s->H; h++) {
+                                float * d = drow + (size_t)h * s->W;
+                                const float * r = srow + (size_t)h * pl.Wq;
+                                for (int w = 0; w < s->W; w++) { d[w] += r[w]; }
+                            }
+                        }
+                    }
+                } else {
+                    if (dw != NULL) {
+                        im2col(xb, pl.ld, x + (size_t)g * pl.Cg * HW, pl.Cg, s->H, s->W, s->OH, s->OW,
+                               s->K, s->S, s->P);
+                        dw_accumulate(kr.dw, dw + (size_t)g * pl.OCg * CKK, CKK, pl.OCg, pl.CKK, zg, pl.ld,
+                                      xb, off, nblk);
+                    }
+                    if (dxg != NULL) {
+                        // dcol (CKK, grid) = W_g^T dout_g into the im2col buffer, then col2im.
+                        gemm_panels(kr.fwd, xb, pl.ld, Ap + (size_t)g * ckkp * pl.OCg, ckkp / CV_MR, pl.OCg,
+                                    zg, off2, pl.ld);
+                        col2im_add(dxg, xb, pl.ld, pl.Cg, s->H, s->W, s->OH, s->OW, s->K, s->S, s->P);
+                        // The next im2col rewrites only the grid: zero the row tails again.
+                        if (dw != NULL) {
+                            for (size_t k = 0; k < CKK; k++) {
+                                memset(xb + k * pl.ld + pl.grid, 0, (pl.ld - pl.grid) * sizeof(float));
+                            }
+                        }
+                    }
+                }
+            }
         }
     }
     // Reduce the partials in thread order (fixed for a given thread count). Only threads
     // that got images wrote a partial: with balanced chunks, those are the first min(nt, N).
     int nactive = imin(nteam, s->N);
     if (dweight != NULL) {
-        const float * p0 = work + col_floats;
+        const float * p0 = ws + pl.shared + pl.w_off;
         #pragma omp parallel for schedule(static) if(nw * (size_t)nactive > KD_PAR_MIN)
         for (size_t i = 0; i < nw; i++) {
             float acc = p0[i];
-            for (int t = 1; t < nactive; t++) { acc += p0[(size_t)t * per + i]; }
+            for (int t = 1; t < nactive; t++) { acc += p0[(size_t)t * pl.per + i]; }
             dweight[i] += acc;
         }
     }
     if (dbias != NULL) {
-        const float * p0 = work + col_floats + nw;
+        const float * p0 = ws + pl.shared + pl.b_off;
         for (int oc = 0; oc < s->OC; oc++) {
             float acc = p0[oc];
-            for (int t = 1; t < nactive; t++) { acc += p0[(size_t)t * per + oc]; }
+            for (int t = 1; t < nactive; t++) { acc += p0[(size_t)t * pl.per + oc]; }
             dbias[oc] += acc;
         }
     }
 }
+
 
 // ----------------------------------------------------------------------------------------
 // batchnorm

@@ -108,6 +108,35 @@ class Module:
         self._step = 0
         self._x_shape = None
 
+    # ---- copies -------------------------------------------------------------------------
+    _RUNTIME = ("_net", "_graph", "_tensors", "_bn_nodes", "history", "_x_shape")
+
+    def __getstate__(self):
+        # The compiled C net is not copied: copies rebuild their own from the description.
+        return {k: v for k, v in self.__dict__.items() if k not in self._RUNTIME}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._net = None
+        self._graph = None
+
+    def fresh(self, seed=None):
+        """A new, independently initialised model with the same architecture (seed defaults
+        to this model's seed + 1)."""
+        import copy
+        m = copy.deepcopy(self)
+        m._seed = self._seed + 1 if seed is None else _check_int("seed", seed, 0)
+        m._step = 0
+        m.training = True
+        return m
+
+    def copy(self):
+        """An independent model with the same architecture, parameters and BN buffers."""
+        m = self.fresh(self._seed)
+        m.load_state_dict(self.state_dict())
+        m.training = self.training
+        return m
+
     # ---- structure ------------------------------------------------------------------
     def _emit(self, g, x, prefix):  # pragma: no cover - abstract
         raise NotImplementedError

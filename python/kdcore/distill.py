@@ -1,0 +1,355 @@
+"""Distillation: offline (one or several teachers), online (deep mutual learning, online
+ensembles) and SLKD. Every epoch runs in C; Python picks the scheme and logs the History.
+
+Weights, as the reference libraries (RepDistiller, mdistiller) use them:
+
+* ``kd``: loss = ce_weight * CE(y, z_s) + kd_weight * T^2 KL(p_t^T || p_s^T), defaults
+  ce_weight=0.1, kd_weight=0.9, T=4. In seed 000/002's eq. 2, L = alpha H(y, p_s) +
+  beta H(p_t^T, p_s^T): alpha = ce_weight and beta = kd_weight (our KD term is the KL, which
+  differs from H by the teacher entropy, a constant, and carries the T^2 factor).
+* ``dkd``: loss = ce_weight * CE + kd_weight * w(e) * (alpha TCKD + beta NCKD), defaults
+  ce_weight=1, kd_weight=1, alpha=1, beta=8, T=4, w(e) = min((e+1)/20, 1) (mdistiller).
+* ``mse``: logit regression, loss = ce_weight * CE + kd_weight * mean((z_s - z_t)^2).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import _kdcore
+from .nn import Module, _check_float, _check_int
+from .training import History, _check_model, _Common, predict
+
+__all__ = ["distill", "mutual", "slkd", "kl_divergence", "teacher_logits"]
+
+_KINDS = {"ce": 0, "kd": 1, "dkd": 2, "mse": 3}
+# method -> defaults (ce_weight, kd_weight, T, warmup_epochs)
+_DEFAULTS = {"ce": (1.0, 0.0, 4.0, 0), "kd": (0.1, 0.9, 4.0, 0), "dkd": (1.0, 1.0, 4.0, 20), "mse": (1.0, 1.0, 4.0, 0)}
+_MULTI = {"avg_prob": 0, "avg_loss": 1}
+
+
+def kl_divergence(p_logits, q_logits, T=1.0):
+    """mean_i KL(softmax(p_i/T) || softmax(q_i/T)) (no T^2 factor), computed in C."""
+    loss, _ = _kdcore.kd_loss(np.ascontiguousarray(q_logits, np.float32), np.ascontiguousarray(p_logits, np.float32), T)
+    return float(loss) / (T * T)
+
+
+def teacher_logits(teacher, data, batch_size=512):
+    """Eval-mode logits of a teacher (or the mean of several teachers' logits) on a Dataset."""
+    return predict(teacher, data, batch_size=batch_size)
+
+
+def _as_teachers(teacher):
+    """A model, a list of models, a (N, V) logits array or a list of arrays."""
+    items = list(teacher) if isinstance(teacher, (list, tuple)) else [teacher]
+    if not items:
+        raise ValueError("teacher: give at least one teacher")
+    if all(isinstance(t, Module) for t in items):
+        return items, None
+    if all(isinstance(t, np.ndarray) for t in items):
+        return None, [np.ascontiguousarray(t, np.float32) for t in items]
+    raise TypeError("teacher must be a kdcore model, a list of models, a logits array (N, classes) or a list of arrays")
+
+
+def distill(student, teacher, train, method="kd", epochs=10, batch_size=128, optimizer="sgd", lr=None,
+            schedule=None, augment=None, val=None, seed=0, progress=True, T=None, ce_weight=None, kd_weight=None,
+            alpha=1.0, beta=8.0, warmup_epochs=None, kd_stop_epoch=None, conditional=False, teacher_weights=None,
+            multi="avg_prob", teacher_drop=0.0, fickle=False, student_noise=0.0, tolerant=None, cache="auto",
+            label_smoothing=0.0, drop_last=False, max_steps=None, callback=None, callback_every=20):
+    """Offline distillation of ``student`` from ``teacher``; returns the student's History.
+
+    teacher: a trained model, a list of models (multi-teacher), or precomputed logits
+    ((N, classes) arrays aligned with ``train``). method: 'kd' (Hinton), 'dkd', 'mse' (logit
+    regression) or 'ce' (no distillation term: the same loop trains a baseline). Weights and
+    their defaults: see the module docstring; ``alpha``/``beta`` are DKD's.
+
+    Options: warmup_epochs (linear ramp of the distillation weight; DKD default 20),
+    kd_stop_epoch (switch the distillation term off from that epoch: ESKD),
+    conditional (learn from the teacher where it is right, from the label where it is wrong),
+    teacher_weights (gates of eq. 24 / per-teacher loss weights), multi ('avg_prob': one KD
+    term against the weighted mixture of softened teacher outputs, eq. 23-24; 'avg_loss': the
+    weighted mean of per-teacher terms, as DGKD), teacher_drop (DGKD's random teacher drop),
+    fickle (teachers run with dropout on, BN frozen), student_noise (Gaussian noise on the
+    student's input only, eq. 7), tolerant=(weight, K) (the tolerant-teacher term of eq. 8 on
+    the student's logits, to train teachers for later generations).
+    cache: 'auto' computes teacher logits once when nothing random touches the teacher's
+    input (no augmentation, no fickle dropout), True forces it, False runs the teachers every
+    step. The History logs every loss term, train/val accuracy, the learning rate, the
+    effective distillation weight and, with ``val``, KL(student || teacher) on it (T=1).
+    """
+    _check_model(student)
+    if method not in _KINDS:
+        raise ValueError(f"method must be one of {sorted(_KINDS)}, got {method!r}")
+    c = _Common(train, epochs, batch_size, optimizer, lr, schedule, augment, val, seed, progress,
+                label_smoothing, drop_last, max_steps, callback, callback_every)
+    d_ce, d_kd, d_T, d_warm = _DEFAULTS[method]
+    opts = dict(kind=_KINDS[method],
+                T=_check_float("T", d_T if T is None else T, 0, lo_open=True),
+                ce_weight=_check_float("ce_weight", d_ce if ce_weight is None else ce_weight, 0),
+                kd_weight=_check_float("kd_weight", d_kd if kd_weight is None else kd_weight, 0),
+                dkd_alpha=_check_float("alpha", alpha, 0), dkd_beta=_check_float("beta", beta, 0),
+                warmup_epochs=_check_int("warmup_epochs", d_warm if warmup_epochs is None else warmup_epochs, 0),
+                kd_stop_epoch=0 if kd_stop_epoch is None else _check_int("kd_stop_epoch", kd_stop_epoch, 1),
+                conditional=bool(conditional), teacher_drop=_check_float("teacher_drop", teacher_drop, 0, 1, hi_open=True),
+                teacher_mode=2 if fickle else 0, student_noise=_check_float("student_noise", student_noise, 0))
+    if multi not in _MULTI:
+        raise ValueError(f"multi must be one of {sorted(_MULTI)}, got {multi!r}")
+    opts["multi"] = _MULTI[multi]
+    if tolerant is not None:
+        if not isinstance(tolerant, (tuple, list)) or len(tolerant) != 2:
+            raise TypeError("tolerant must be a pair (weight, K)")
+        opts["tolerant_weight"] = _check_float("tolerant weight", tolerant[0], 0)
+        opts["tolerant_k"] = _check_int("tolerant K", tolerant[1], 2)
+    nets, logits = (None, None) if method == "ce" else _as_teachers(teacher)
+    n_teachers = 0 if method == "ce" else len(nets or logits)
+    if method == "ce":
+        opts["kind"] = 0
+    weights = None
+    if teacher_weights is not None:
+        weights = np.asarray(teacher_weights, dtype=np.float32).ravel()
+        if weights.size != n_teachers:
+            raise ValueError(f"teacher_weights needs one value per teacher ({n_teachers}), got {weights.size}")
+        if not np.all(np.isfinite(weights)) or np.any(weights < 0) or weights.sum() <= 0:
+            raise ValueError("teacher_weights must be finite, >= 0 and not all 0")
+        weights = weights / weights.sum()
+    if cache not in ("auto", True, False):
+        raise ValueError(f"cache must be 'auto', True or False, got {cache!r}")
+    if nets is not None:
+        for t in nets:
+            if t is student:
+                raise ValueError("the student cannot be its own teacher; use student.copy()")
+        cacheable = not c.augmented and not fickle
+        if cache is True and not cacheable:
+            raise ValueError("teacher outputs cannot be cached with augmentation or a fickle teacher")
+        if cache is True or (cache == "auto" and cacheable):
+            logits = [predict(t, c.train, batch_size=512) for t in nets]
+            nets = None
+        else:
+            for t in nets:
+                t.eval()
+    if logits is not None:
+        for i, z in enumerate(logits):
+            if z.ndim != 2 or z.shape[0] != len(c.train):
+                raise ValueError(f"teacher logits [{i}] must be ({len(c.train)}, classes), got {z.shape}")
+    copt = c.opt.bind(student)
+    val_teacher = None
+
+    def extra():
+        nonlocal val_teacher
+        if val_teacher is None:
+            val_teacher = _val_teacher_probs(teacher, c.val, weights)
+        zs = predict(student, c.val, batch_size=512)
+        return {"kl_student_teacher": _kl_to_probs(zs, val_teacher) if val_teacher is not None else float("nan")}
+
+    def run(epoch, topts):
+        st = _kdcore.distill_epoch(student.net, copt, c.train._c, epoch, topts, opts,
+                                   teachers=None if nets is None else [t.net for t in nets],
+                                   teacher_logits=logits, teacher_weights=weights)
+        row = dict(train_loss=st["loss"], ce=st["ce"], kd=st["kd"])
+        if method == "dkd":
+            row.update(tckd=st["tckd"], nckd=st["nckd"])
+        if tolerant is not None:
+            row["tolerant"] = st["tolerant"]
+        row.update(train_acc=st["accuracy"], lr=st["lr"], kd_weight=st["kd_weight"])
+        if method != "ce":
+            row["teacher_train_acc"] = st["teacher_accuracy"]
+        return row
+
+    has_val_teacher = method != "ce" and (nets is not None or logits is not None) and \
+        all(isinstance(t, Module) for t in (teacher if isinstance(teacher, (list, tuple)) else [teacher]))
+    return c.loop([student], run, extra_metrics=extra if has_val_teacher else None)
+
+
+def _val_teacher_probs(teacher, val, weights):
+    """The teacher's (or the weighted teacher mixture's) probabilities on the validation set."""
+    teachers = teacher if isinstance(teacher, (list, tuple)) else [teacher]
+    w = np.full(len(teachers), 1.0 / len(teachers), np.float32) if weights is None else weights
+    p = None
+    for wi, t in zip(w, teachers):
+        pi = _kdcore.softmax(predict(t, val, batch_size=512), 1.0)
+        p = wi * pi if p is None else p + wi * pi
+    return p.astype(np.float32)
+
+
+def _kl_to_probs(zs, q):
+    """mean_i KL(softmax(zs_i) || q_i) at T=1, in float64 (an epoch-level metric)."""
+    ps = _kdcore.softmax(zs, 1.0).astype(np.float64)
+    q = np.asarray(q, np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        terms = np.where(ps > 0, ps * (np.log(ps) - np.log(np.maximum(q, 1e-300))), 0.0)
+    return float(terms.sum(1).mean())
+
+
+def mutual(models, train, epochs=10, batch_size=128, optimizer="sgd", lr=None, schedule=None, augment=None,
+           val=None, seed=0, progress=True, T=1.0, ce_weight=1.0, kd_weight=1.0, ensemble=False,
+           label_smoothing=0.0, drop_last=False, max_steps=None, callback=None, callback_every=20):
+    """Deep mutual learning (eq. 27): the peers train together on the same batches, each
+    minimising ce_weight * CE + kd_weight * mean over the other peers of T^2 KL(sg(p_j^T) ||
+    p_k^T). ensemble=True: each peer learns instead from the detached average of all peers'
+    logits (an online ensemble teacher, eq. 28 without the gate).
+
+    Returns the History of the first peer, with every peer's metrics (``peer{k}_*``) and, with
+    ``val``, the validation accuracy of each peer and of the peers' logit average."""
+    if not isinstance(models, (list, tuple)) or len(models) < 2:
+        raise ValueError("mutual needs a list of at least 2 models")
+    for m in models:
+        _check_model(m)
+    if len({id(m) for m in models}) != len(models):
+        raise ValueError("the same model appears twice in models")
+    c = _Common(train, epochs, batch_size, optimizer, lr, schedule, augment, val, seed, progress,
+                label_smoothing, drop_last, max_steps, callback, callback_every)
+    T = _check_float("T", T, 0, lo_open=True)
+    ce_weight = _check_float("ce_weight", ce_weight, 0)
+    kd_weight = _check_float("kd_weight", kd_weight, 0)
+    opts = [c.opt.bind(m) for m in models]
+
+    def run(epoch, topts):
+        sts = _kdcore.mutual_epoch([m.net for m in models], opts, c.train._c, epoch, topts, T=T,
+                                   ce_weight=ce_weight, kd_weight=kd_weight, ensemble=bool(ensemble))
+        row = dict(train_loss=sts[0]["loss"], train_acc=sts[0]["accuracy"], lr=sts[0]["lr"],
+                   ensemble_train_acc=sts[0]["teacher_accuracy"])
+        for k, st in enumerate(sts):
+            row.update({f"peer{k}_loss": st["loss"], f"peer{k}_ce": st["ce"], f"peer{k}_kd": st["kd"],
+                        f"peer{k}_train_acc": st["accuracy"]})
+        return row
+
+    def extra():
+        zs = [predict(m, c.val, batch_size=512) for m in models]
+        row = {}
+        y = c.val.y
+        for k, z in enumerate(zs):
+            row[f"peer{k}_val_acc"] = float(np.mean(z.argmax(1) == y))
+        ens = np.mean(zs, axis=0)
+        row["ensemble_val_acc"] = float(np.mean(ens.argmax(1) == y))
+        row["kl_peer0_peer1"] = kl_divergence(zs[0], zs[1])
+        return row
+
+    return c.loop(list(models), run, extra_metrics=extra)
+
+
+def slkd(student, teacher, train, sl_teachers=None, n_sl=2, epochs=10, batch_size=128, optimizer="sgd", lr=None,
+         schedule=None, augment=None, val=None, seed=0, progress=True, T=4.0, alpha=0.1, lam=1.0, eta=3.0,
+         rho=0.5, fuse="logits", sl_grad=False, sequential=False, replay="trajectory", cache="auto",
+         label_smoothing=0.0, drop_last=False, max_steps=None, callback=None, callback_every=20):
+    """SLKD (seed 001): the student learns from the frozen teacher and from self-learning
+    teachers (SL-Ts) with the teacher's architecture, trained from scratch alongside it.
+
+    Losses (eqs. 1-7): SL-T j: alpha CE + (1-alpha) KD(T -> SL_j); student:
+    lam [alpha CE + (1-alpha) KD(T -> S)] + eta [alpha CE + (1-alpha) KD(sg(z_SL) -> S)] with
+    z_SL = rho z_1 + (1-rho) z_2. KD is T^2-scaled KL, as in mdistiller's KD (A4).
+    Choices for the paper's ambiguities (../shared/spec/methods.md §5), each an option:
+      A1 sl_grad=False: z_SL is detached in the student's loss (eq. 3 minimises over the
+         student only); True lets that gradient reach the SL-Ts (DML-like).
+      A2 fuse='logits' (eq. 3 divides the fused output by tau, so it is a logit); 'probs'
+         fuses softened probabilities.
+      A3 sequential=True is SLKD*: phase 1 trains the SL-Ts against the teacher for `epochs`
+         epochs, keeping a copy per epoch; phase 2 trains the student with z_SL from the epoch-i
+         copies at student epoch i (replay='trajectory') or from the final SL-Ts ('final').
+      A4 alpha=0.1 (CE 0.1, KD 0.9 as mdistiller's KD); A5 the student's effective CE weight
+         is (lam+eta) alpha and KD weight (lam+eta)(1-alpha): compare with `distill(...,
+         ce_weight=(lam+eta)*alpha, kd_weight=(lam+eta)*(1-alpha))` as the control.
+      A6 rho=0.5; the SL-Ts' outputs of the current step are used (before their update).
+      A7 same optimizer recipe and schedule, separate optimizer states.
+    sl_teachers: models to use as SL-Ts (default: ``teacher.fresh(seed)`` with distinct seeds).
+    Returns the student's History, with loss_ts, loss_slts, the SL-Ts' losses and accuracies,
+    and with ``val`` KL(student || teacher) and KL(student || fused SL-T) on it (T=1).
+    """
+    _check_model(student)
+    _check_model(teacher)
+    if student is teacher:
+        raise ValueError("the student cannot be its own teacher")
+    c = _Common(train, epochs, batch_size, optimizer, lr, schedule, augment, val, seed, progress,
+                label_smoothing, drop_last, max_steps, callback, callback_every)
+    n_sl = _check_int("n_sl", n_sl, 1)
+    if n_sl > 2:
+        raise ValueError(f"n_sl must be 1 or 2, got {n_sl}")
+    if fuse not in ("logits", "probs"):
+        raise ValueError(f"fuse must be 'logits' or 'probs', got {fuse!r}")
+    if replay not in ("trajectory", "final"):
+        raise ValueError(f"replay must be 'trajectory' or 'final', got {replay!r}")
+    if sl_grad and (fuse == "probs" or sequential):
+        raise ValueError("sl_grad needs parallel SLKD with logit fusion")
+    opts = dict(T=_check_float("T", T, 0, lo_open=True), alpha=_check_float("alpha", alpha, 0, 1),
+                **{"lambda": _check_float("lam", lam, 0)}, eta=_check_float("eta", eta, 0),
+                rho=_check_float("rho", rho, 0, 1), fuse_probs=fuse == "probs", sl_grad=bool(sl_grad))
+    if sl_teachers is None:
+        sl_teachers = [teacher.fresh(seed=1000 + 17 * j + c.seed) for j in range(n_sl)]
+    if not isinstance(sl_teachers, (list, tuple)) or len(sl_teachers) != n_sl:
+        raise ValueError(f"sl_teachers must be a list of {n_sl} models")
+    for s in sl_teachers:
+        _check_model(s)
+        if s is student or s is teacher:
+            raise ValueError("SL-teachers must be distinct from the student and the teacher")
+    if cache not in ("auto", True, False):
+        raise ValueError(f"cache must be 'auto', True or False, got {cache!r}")
+    if cache is True and c.augmented:
+        raise ValueError("teacher outputs cannot be cached with augmentation")
+    use_cache = cache is True or (cache == "auto" and not c.augmented)
+    teacher.eval()
+    zt = predict(teacher, c.train, batch_size=512) if use_cache else None
+    opt_s = c.opt.bind(student)
+    opt_sl = [c.opt.bind(s) for s in sl_teachers]
+    t_kw = dict(teacher_logits=zt) if use_cache else dict(teacher=teacher.net)
+    val_t = None
+
+    def fused_val_probs():
+        zs = [predict(s, c.val, batch_size=512) for s in sl_teachers]
+        r = rho if n_sl == 2 else 1.0
+        if fuse == "logits":
+            z = r * zs[0] + ((1 - r) * zs[1] if n_sl == 2 else 0)
+            return _kdcore.softmax(z.astype(np.float32), 1.0), zs
+        p = r * _kdcore.softmax(zs[0], T) + ((1 - r) * _kdcore.softmax(zs[1], T) if n_sl == 2 else 0)
+        return p.astype(np.float32), zs
+
+    def extra():
+        nonlocal val_t
+        if val_t is None:
+            val_t = _kdcore.softmax(predict(teacher, c.val, batch_size=512), 1.0)
+        zs = predict(student, c.val, batch_size=512)
+        q, zsl = fused_val_probs()
+        row = {"kl_student_teacher": _kl_to_probs(zs, val_t), "kl_student_slt": _kl_to_probs(zs, q)}
+        for j, z in enumerate(zsl):
+            row[f"sl{j}_val_acc"] = float(np.mean(z.argmax(1) == c.val.y))
+        return row
+
+    def row_of(st):
+        row = dict(train_loss=st["loss"], loss_ts=st["loss_ts"], loss_slts=st["loss_slts"], train_acc=st["accuracy"],
+                   lr=st["lr"], teacher_train_acc=st["teacher_accuracy"])
+        for j in range(n_sl):
+            row[f"sl{j}_loss"] = st["loss_sl"][j]
+            row[f"sl{j}_train_acc"] = st["sl_accuracy"][j]
+        return row
+
+    if not sequential:
+        def run(epoch, topts):
+            return row_of(_kdcore.slkd_epoch(student.net, opt_s, [s.net for s in sl_teachers], opt_sl, c.train._c,
+                                             epoch, topts, opts, **t_kw))
+        hist = c.loop([student] + list(sl_teachers), run, extra_metrics=extra if c.val is not None else None)
+        student.sl_teachers = list(sl_teachers)
+        return hist
+
+    # SLKD*: phase 1, the SL-teachers distil from the teacher alone (eqs. 4-5), one copy kept
+    # per epoch; phase 2, the student learns with the SL-teachers frozen.
+    trajectory = []
+    for j, s in enumerate(sl_teachers):
+        snaps = []
+        distill(s, zt if use_cache else teacher, c.train, method="kd", epochs=c.epochs, batch_size=c.batch_size,
+                optimizer=c.opt, schedule=c.sched, augment=c.augment, seed=c.seed + 1 + j, progress=c.progress,
+                T=opts["T"], ce_weight=alpha, kd_weight=1 - alpha, label_smoothing=c.label_smoothing,
+                drop_last=c.drop_last, max_steps=c.max_steps or None,
+                callback=lambda e, row, s=s, snaps=snaps: snaps.append(s.state_dict()) and False)
+        trajectory.append(snaps)
+    frozen = dict(opts, sl_frozen=True)
+    final = [s.state_dict() for s in sl_teachers]
+
+    def run_seq(epoch, topts):
+        for j, s in enumerate(sl_teachers):
+            s.load_state_dict(trajectory[j][min(epoch, len(trajectory[j]) - 1)] if replay == "trajectory" else final[j])
+            s.eval()
+        return row_of(_kdcore.slkd_epoch(student.net, opt_s, [s.net for s in sl_teachers], None, c.train._c,
+                                         epoch, topts, frozen, **t_kw))
+
+    hist = c.loop([student], run_seq, extra_metrics=extra if c.val is not None else None)
+    for j, s in enumerate(sl_teachers):
+        s.load_state_dict(final[j])
+    student.sl_teachers = list(sl_teachers)
+    return hist
