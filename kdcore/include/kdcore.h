@@ -134,11 +134,15 @@ KD_API void kd_net_free(struct kd_net * net);   // NULL is a no-op
 // Appends a node; returns its index, or -1 with kd_last_error() set.
 KD_API int  kd_net_add(struct kd_net * net, const struct kd_layer_spec * spec);
 // Allocates parameters, gradients and buffers and initialises them from seed. After this
-// the net's structure is frozen. The last node is the output.
+// the net's structure is frozen. The output is the last node unless kd_net_set_output says otherwise.
 KD_API enum kd_status kd_net_finalize(struct kd_net * net, uint64_t seed);
 // Re-initialises all parameters and BN buffers from seed.
 KD_API void kd_net_init_params(struct kd_net * net, uint64_t seed);
 
+// The network output: the last node added, unless set (multi-exit nets put their exit
+// heads after the main output). node = -1 in the functions below means this node.
+KD_API enum kd_status kd_net_set_output(struct kd_net * net, int node);
+KD_API int  kd_net_output_node(const struct kd_net * net);
 KD_API int  kd_net_num_nodes(const struct kd_net * net);
 KD_API int  kd_net_find(const struct kd_net * net, const char * name);   // -1 if absent
 KD_API const struct kd_layer_spec * kd_net_node_spec(const struct kd_net * net, int node);
@@ -190,7 +194,7 @@ enum kd_mode {
 KD_API enum kd_status kd_net_forward(struct kd_net * net, const float * x, int N, int C, int H, int W,
                                      unsigned mode, uint64_t dropout_seed);
 // Output of a node after forward: pointer into the activation arena, (N, C*H*W) floats.
-// Valid until the next plan/forward. node = -1 means the last node.
+// Valid until the next plan/forward. node = -1 means the output node.
 KD_API const float * kd_net_output(const struct kd_net * net, int node);
 // Adds g (N, C*H*W of that node) to the gradient of a node's output. Between forward and
 // backward; the gradient of the network output is added by kd_net_backward itself.
@@ -271,7 +275,7 @@ KD_API int64_t * kd_optim_steps(struct kd_optim * opt);
 KD_API const struct kd_optim_cfg * kd_optim_config(const struct kd_optim * opt);
 
 // Learning-rate schedules, evaluated per step from (epoch, step within the epoch).
-enum kd_sched_kind { KD_SCHED_CONSTANT, KD_SCHED_MULTISTEP, KD_SCHED_COSINE };
+enum kd_sched_kind { KD_SCHED_CONSTANT, KD_SCHED_MULTISTEP, KD_SCHED_COSINE, KD_SCHED_CYCLIC };
 #define KD_MAX_MILESTONES 16
 struct kd_schedule {
     enum kd_sched_kind kind;
@@ -457,6 +461,22 @@ KD_API enum kd_status kd_slkd_epoch(struct kd_net * student, struct kd_optim * o
                                     struct kd_net * teacher, const float * teacher_logits,
                                     const struct kd_dataset * ds, const struct kd_train_cfg * cfg,
                                     const struct kd_slkd_cfg * scfg, int epoch, struct kd_slkd_stats * out);
+
+// Multi-exit networks: exits are nodes with (N, V) outputs (heads on intermediate taps);
+// the net's output node is the deepest exit. Per step, with p_k = softmax(z_k/T):
+//  - self-distillation (teacher NULL and no logits; BYOT-style deep supervision): each
+//    shallow exit k minimises ce_weight * CE(y, z_k) + kd_weight * T^2 KL(sg(p_out) || p_k),
+//    the output exit minimises CE; the terms are summed.
+//  - with a teacher (seed 002 eq. 9): every exit, output included, minimises
+//    ce_weight * CE(y, z_k) + kd_weight * T^2 KL(p_t || p_k), averaged over the K exits.
+// Gradients are injected at the exit nodes and one backward pass runs. out: stats of the
+// output exit; exit_accuracy (n_exits) the training accuracy of each listed exit.
+struct kd_exits_cfg { float T, ce_weight, kd_weight; };
+KD_API enum kd_status kd_exits_epoch(struct kd_net * net, struct kd_optim * opt, const int * exits, int n_exits,
+                                     struct kd_net * teacher, const float * teacher_logits,
+                                     const struct kd_dataset * ds, const struct kd_train_cfg * cfg,
+                                     const struct kd_exits_cfg * ecfg, int epoch, struct kd_distill_stats * out,
+                                     double * exit_accuracy);
 
 // Eval-mode forward over a dataset in batches. logits (n, V) may be NULL; loss and
 // accuracy need labels (pass NULL pointers to skip them).

@@ -32,6 +32,7 @@ struct kd_node {
 struct kd_net {
     struct kd_node * nodes;
     int n_nodes, cap_nodes;
+    int out_node;             // the network output (default: the last node)
     bool finalized;
 
     struct kd_tensor_info * tensors;
@@ -182,6 +183,7 @@ int kd_net_add(struct kd_net * net, const struct kd_layer_spec * spec) {
     if ((nd->spec.type == KD_LAYER_MAXPOOL2D || nd->spec.type == KD_LAYER_AVGPOOL2D) && nd->spec.stride == 0)
         nd->spec.stride = nd->spec.kernel;
     nd->w_off = nd->b_off = nd->rm_off = nd->rv_off = NO_OFF;
+    net->out_node = net->n_nodes;
     return net->n_nodes++;
 }
 
@@ -329,6 +331,15 @@ void kd_net_init_params(struct kd_net * net, uint64_t seed) {
 // ---------------------------------------------------------------------------------------
 // Accessors
 
+enum kd_status kd_net_set_output(struct kd_net * net, int node) {
+    if (!net) KD_FAIL(KD_ERR_VALUE, "net is NULL");
+    if (node < 0 || node >= net->n_nodes) KD_FAIL(KD_ERR_VALUE, "node %d does not exist (the net has %d)", node, net->n_nodes);
+    net->out_node = node;
+    return KD_OK;
+}
+
+int kd_net_output_node(const struct kd_net * net) { return net ? net->out_node : -1; }
+
 int kd_net_num_nodes(const struct kd_net * net) { return net ? net->n_nodes : 0; }
 
 int kd_net_find(const struct kd_net * net, const char * name) {
@@ -366,7 +377,7 @@ void kd_net_input_shape(const struct kd_net * net, int * C, int * H, int * W) {
 
 void kd_net_node_shape(const struct kd_net * net, int node, int * C, int * H, int * W) {
     if (!net || net->N == 0) { *C = *H = *W = 0; return; }
-    if (node < 0) node = net->n_nodes - 1;
+    if (node < 0) node = net->out_node;
     if (node >= net->n_nodes) { *C = *H = *W = 0; return; }
     *C = net->nodes[node].c; *H = net->nodes[node].h; *W = net->nodes[node].w;
 }
@@ -597,7 +608,7 @@ enum kd_status kd_net_forward(struct kd_net * net, const float * x, int N, int C
 
 const float * kd_net_output(const struct kd_net * net, int node) {
     if (!net || !net->forward_done) return NULL;
-    if (node < 0) node = net->n_nodes - 1;
+    if (node < 0) node = net->out_node;
     if (node >= net->n_nodes) return NULL;
     return net->acts + net->nodes[node].act_off;
 }
@@ -619,7 +630,7 @@ static float * grad_of(struct kd_net * net, int node) {
 enum kd_status kd_net_grad_add(struct kd_net * net, int node, const float * g, float scale) {
     if (!net || !g) KD_FAIL(KD_ERR_VALUE, "net and g must not be NULL");
     if (!net->forward_done) KD_FAIL(KD_ERR_STATE, "no forward pass to add a gradient to");
-    if (node < 0) node = net->n_nodes - 1;
+    if (node < 0) node = net->out_node;
     if (node >= net->n_nodes) KD_FAIL(KD_ERR_VALUE, "node %d does not exist (the net has %d)", node, net->n_nodes);
     float * d = grad_of(net, node);
     size_t n = net->nodes[node].numel;
@@ -631,7 +642,7 @@ enum kd_status kd_net_grad_add(struct kd_net * net, int node, const float * g, f
 enum kd_status kd_net_backward(struct kd_net * net, const float * dout, float * dinp) {
     if (!net) KD_FAIL(KD_ERR_VALUE, "net is NULL");
     if (!net->forward_done) KD_FAIL(KD_ERR_STATE, "backward needs a forward pass first");
-    if (dout) KD_TRY(kd_net_grad_add(net, net->n_nodes - 1, dout, 1.0f));
+    if (dout) KD_TRY(kd_net_grad_add(net, net->out_node, dout, 1.0f));
     KD_TRY(ensure_work(net));
     int N = net->N;
     if (dinp) memset(dinp, 0, (size_t)N * net->C * net->H * net->W * sizeof(float));

@@ -326,6 +326,16 @@ float kd_schedule_lr(const struct kd_schedule * s, int epoch, int step, int step
             lr = eta_min + (lr - eta_min) * (1.0 + cos(pi * (double)epoch / (double)s->total_epochs)) / 2.0;
         }
         break;
+    case KD_SCHED_CYCLIC:
+        // Cosine annealing with warm restarts (SGDR; torch CosineAnnealingWarmRestarts with
+        // T_mult=1 stepped once per epoch): the cosine restarts every total_epochs epochs.
+        if (s->total_epochs > 0) {
+            const double pi = 3.14159265358979323846;
+            double eta_min = s->min_lr;
+            int t = epoch % s->total_epochs;
+            lr = eta_min + (lr - eta_min) * (1.0 + cos(pi * (double)t / (double)s->total_epochs)) / 2.0;
+        }
+        break;
     }
     if (s->warmup_epochs > 0) {
         double warm = (double)s->warmup_epochs * (double)steps_per_epoch;

@@ -641,3 +641,104 @@ enum kd_status kd_evaluate(struct kd_net * net, const struct kd_dataset * ds, in
     free(idx);
     return st;
 }
+
+// ---------------------------------------------------------------------------------------
+// Multi-exit networks: deep supervision (self-distillation) and multi-exit KD (eq. 9).
+
+enum kd_status kd_exits_epoch(struct kd_net * net, struct kd_optim * opt, const int * exits, int n_exits,
+                              struct kd_net * teacher, const float * teacher_logits,
+                              const struct kd_dataset * ds, const struct kd_train_cfg * cfg,
+                              const struct kd_exits_cfg * e, int epoch, struct kd_distill_stats * out,
+                              double * exit_accuracy) {
+    if (!net || !opt || !e || !exits) KD_FAIL(KD_ERR_VALUE, "net, optimizer, exits and config must not be NULL");
+    if (n_exits < 1 || n_exits > 16) KD_FAIL(KD_ERR_VALUE, "n_exits (%d) must be in [1, 16]", n_exits);
+    if (teacher && teacher_logits) KD_FAIL(KD_ERR_VALUE, "pass the teacher net or its cached logits, not both");
+    if (teacher_logits && cfg && (cfg->aug.crop_padding > 0 || cfg->aug.hflip || cfg->aug.noise_std > 0))
+        KD_FAIL(KD_ERR_VALUE, "cached teacher logits cannot follow augmented inputs; pass the teacher net");
+    if (!(e->T > 0) || !isfinite(e->T)) KD_FAIL(KD_ERR_VALUE, "T (%g) must be > 0", e->T);
+    if (!(e->ce_weight >= 0) || !(e->kd_weight >= 0) || !isfinite(e->ce_weight) || !isfinite(e->kd_weight))
+        KD_FAIL(KD_ERR_VALUE, "ce_weight and kd_weight must be finite and >= 0");
+    const int outn = kd_net_output_node(net);
+    for (int k = 0; k < n_exits; k++) {
+        if (exits[k] < 0 || exits[k] >= kd_net_num_nodes(net)) KD_FAIL(KD_ERR_VALUE, "exit %d: node %d does not exist", k, exits[k]);
+        for (int j = 0; j < k; j++) if (exits[j] == exits[k]) KD_FAIL(KD_ERR_VALUE, "exit node %d is listed twice", exits[k]);
+    }
+    struct loop L;
+    KD_TRY(loop_init(&L, ds, cfg, epoch, false));
+    enum kd_status st = KD_OK;
+    int V = 0;
+    float * buf = NULL;
+    double s_loss = 0, s_ce = 0, s_kd = 0, acc[16] = {0};
+    int64_t correct = 0, seen = 0;
+    if ((st = check_outputs(net, "model", ds, L.B, &V)) != KD_OK) goto done;
+    if (teacher && (st = check_outputs(teacher, "teacher", ds, L.B, &V)) != KD_OK) goto done;
+    for (int k = 0; k < n_exits; k++) {
+        int c, h, w;
+        kd_net_node_shape(net, exits[k], &c, &h, &w);
+        if (c * h * w != V) {
+            st = kd_set_error_(KD_ERR_SHAPE, __func__, "exit %d (node %d) outputs %d values, the output exit %d",
+                               k, exits[k], c * h * w, V);
+            goto done;
+        }
+    }
+    const bool self = !teacher && !teacher_logits;
+    const size_t BV = (size_t)L.B * V;
+    buf = malloc(BV * 3 * sizeof(float));
+    if (!buf) { st = kd_set_error_(KD_ERR_NOMEM, __func__, "cannot allocate buffers"); goto done; }
+    float * zt = buf, * d = buf + BV, * dout = buf + 2 * BV;
+    while (L.step < L.steps) {
+        loop_batch(&L);
+        const int nb = L.nb;
+        const size_t nbv = (size_t)nb * V;
+        if (teacher_logits) {
+            for (int i = 0; i < nb; i++)
+                memcpy(zt + (size_t)i * V, teacher_logits + (size_t)L.idx[i] * V, (size_t)V * sizeof(float));
+        } else if (teacher) {
+            if ((st = forward_train(teacher, &L, L.x, KD_MODE_EVAL, 0x7EAC0ull)) != KD_OK) goto done;
+            memcpy(zt, kd_net_output(teacher, -1), nbv * sizeof(float));
+        }
+        if ((st = forward_train(net, &L, L.x, KD_MODE_TRAIN, 0x57D0ull)) != KD_OK) goto done;
+        const float * zout = kd_net_output(net, -1);
+        if (self) memcpy(zt, zout, nbv * sizeof(float));   // the deepest exit teaches (detached copy)
+        // The output exit's gradient goes in through backward's dout; the others by injection.
+        double step_loss = 0;
+        bool out_listed = false;
+        const float scale = self ? 1.0f : 1.0f / n_exits;
+        memset(dout, 0, nbv * sizeof(float));
+        for (int k = 0; k < n_exits; k++) {
+            const float * zk = kd_net_output(net, exits[k]);
+            const bool is_out = exits[k] == outn;
+            out_listed |= is_out;
+            float ce = 0, kd = 0;
+            const float cw = self && is_out ? 1.0f : e->ce_weight;
+            st = kd_cross_entropy(&ce, d, zk, L.y, NULL, nb, V, cfg->label_smoothing, cw * scale, false);
+            if (st == KD_OK && !(self && is_out))
+                st = kd_loss_kd(&kd, d, NULL, zk, zt, NULL, nb, V, e->T, e->kd_weight * scale, true);
+            if (st == KD_ERR_NONFINITE || !isfinite(ce) || !isfinite(kd)) { st = nonfinite("loss", "exit", &L); goto done; }
+            if (st != KD_OK) goto done;
+            double lk = scale * ((double)cw * ce + (self && is_out ? 0.0 : (double)e->kd_weight * kd));
+            step_loss += lk;
+            if (is_out) { s_ce += (double)ce * nb; s_kd += (double)kd * nb; memcpy(dout, d, nbv * sizeof(float)); }
+            else if ((st = kd_net_grad_add(net, exits[k], d, 1.0f)) != KD_OK) goto done;
+            acc[k] += (double)count_correct(zk, L.y, nb, V);
+        }
+        if (!out_listed) { st = kd_set_error_(KD_ERR_VALUE, __func__, "the output node must be one of the exits"); goto done; }
+        correct += count_correct(zout, L.y, nb, V);
+        s_loss += step_loss * nb;
+        seen += nb;
+        if ((st = update(net, opt, dout, L.lr)) != KD_OK) goto done;
+        if ((st = loop_after_step(&L, s_loss, correct, seen)) != KD_OK) goto done;
+    }
+done:
+    if (out) {
+        memset(out, 0, sizeof *out);
+        double n = seen ? (double)seen : 1.0;
+        out->loss = s_loss / n; out->ce = s_ce / n; out->kd = s_kd / n;
+        out->accuracy = correct / n;
+        out->samples = seen; out->steps = L.step; out->lr = L.lr; out->kd_weight = e->kd_weight;
+    }
+    if (exit_accuracy) for (int k = 0; k < n_exits; k++) exit_accuracy[k] = acc[k] / (seen ? (double)seen : 1.0);
+    free(buf);
+    loop_free(&L);
+    return st;
+}

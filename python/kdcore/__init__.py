@@ -14,12 +14,12 @@ import sys
 import numpy as np
 
 from . import _kdcore, datasets, functional, models, nn, optim
-from .distill import distill, kl_divergence, mutual, slkd
+from .distill import distill, exit_accuracies, kl_divergence, multi_exit, mutual, slkd
 from .training import History, evaluate, fit, predict
 
 __version__ = _kdcore.version
 __all__ = ["nn", "models", "datasets", "functional", "optim", "fit", "evaluate", "predict", "History",
-           "distill", "mutual", "slkd", "kl_divergence",
+           "distill", "mutual", "slkd", "multi_exit", "exit_accuracies", "kl_divergence",
            "set_num_threads", "get_num_threads", "show_config"]
 
 

@@ -416,7 +416,18 @@ static PyObject * Net_shapes(NetObject * self, PyObject * args) {
     return list;
 }
 
+static PyObject * Net_set_output(NetObject * self, PyObject * arg) {
+    int node;
+    if (!self->net || node_index(self, arg, &node) < 0) return NULL;
+    if (net_acquire(self) < 0) return NULL;
+    enum kd_status st = kd_net_set_output(self->net, node);
+    net_release(self);
+    if (st != KD_OK) return kd_raise(st);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef Net_methods[] = {
+    { "set_output", (PyCFunction)Net_set_output, METH_O, "set_output(node): which node is the network output" },
     { "forward", (PyCFunction)(void (*)(void))Net_forward, METH_VARARGS | METH_KEYWORDS,
       "forward(x, mode=0, seed=0) -> output (copy); mode: kd_mode flags (1 BN batch stats, 2 dropout)" },
     { "tap", (PyCFunction)Net_tap, METH_O, "tap(name_or_index) -> copy of that node's output" },
@@ -1149,6 +1160,67 @@ fail:
     return ret;
 }
 
+// exits_epoch(net, opt, exits, data, epoch, train_options, T=3, ce_weight=0.7, kd_weight=0.3,
+//             teacher=None, teacher_logits=None) -> (dict, [exit accuracies])
+static PyObject * py_exits_epoch(PyObject * Py_UNUSED(m), PyObject * args, PyObject * kwds) {
+    static char * kwlist[] = { "net", "opt", "exits", "data", "epoch", "train", "T", "ce_weight", "kd_weight",
+                               "teacher", "teacher_logits", NULL };
+    NetObject * net;
+    OptimObject * opt;
+    PyObject * exits_o, * topts, * teacher_o = Py_None, * logits_o = Py_None;
+    DatasetObject * data;
+    int epoch;
+    struct kd_exits_cfg e = { 3.0f, 0.7f, 0.3f };
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!O!OO!iO|fffOO", kwlist, &NetType, &net, &OptimType, &opt, &exits_o,
+                                     &DatasetType, &data, &epoch, &topts, &e.T, &e.ce_weight, &e.kd_weight, &teacher_o,
+                                     &logits_o))
+        return NULL;
+    struct kd_train_cfg cfg;
+    struct callback_ctx ctx = { NULL };
+    if (parse_train_cfg(topts, &cfg, &ctx) < 0 || check_opt_for(opt, net, "opt") < 0) return NULL;
+    PyObject * seq = PySequence_Fast(exits_o, "exits must be a list of node indices");
+    if (!seq) return NULL;
+    int ex[16], n = (int)PySequence_Fast_GET_SIZE(seq);
+    if (n < 1 || n > 16) { Py_DECREF(seq); return PyErr_Format(PyExc_ValueError, "exits must list 1..16 nodes"); }
+    for (int k = 0; k < n; k++) ex[k] = (int)PyLong_AsLong(PySequence_Fast_GET_ITEM(seq, k));
+    Py_DECREF(seq);
+    if (PyErr_Occurred()) return NULL;
+    NetObject * nets[2] = { net, NULL };
+    int nn = 1;
+    if (teacher_o != Py_None) {
+        if (!PyObject_TypeCheck(teacher_o, &NetType) || !((NetObject *)teacher_o)->net)
+            return PyErr_Format(PyExc_TypeError, "teacher must be a built model");
+        nets[nn++] = (NetObject *)teacher_o;
+    }
+    PyArrayObject * hold[1] = { NULL };
+    const float * lptr[1] = { NULL };
+    if (logits_o != Py_None) {
+        PyObject * lst = PyTuple_Pack(1, logits_o);
+        if (!lst) return NULL;
+        int nl = get_logits(lst, hold, lptr, 1, data->ds.n, "teacher_logits");
+        Py_DECREF(lst);
+        if (nl < 0) return NULL;
+    }
+    PyObject * ret = NULL;
+    if (acquire_all(nets, nn) < 0) goto fail;
+    struct kd_distill_stats s;
+    double acc[16];
+    enum kd_status st;
+    Py_BEGIN_ALLOW_THREADS
+    st = kd_exits_epoch(net->net, opt->opt, ex, n, nn > 1 ? nets[1]->net : NULL, lptr[0], &data->ds, &cfg, &e, epoch,
+                        &s, acc);
+    Py_END_ALLOW_THREADS
+    release_all(nets, nn);
+    if (st != KD_OK) { kd_raise(st); goto fail; }
+    PyObject * accs = PyList_New(n);
+    if (!accs) goto fail;
+    for (int k = 0; k < n; k++) PyList_SET_ITEM(accs, k, PyFloat_FromDouble(acc[k]));
+    ret = Py_BuildValue("(NN)", stats_dict(&s), accs);
+fail:
+    Py_XDECREF(hold[0]);
+    return ret;
+}
+
 // ---- loss functions for custom loops
 
 // Two logits arrays of the same 2-D shape, finite. New references in *a, *b.
@@ -1469,6 +1541,7 @@ static PyMethodDef module_methods[] = {
     { "train_epoch", (PyCFunction)py_train_epoch, METH_VARARGS, "train_epoch(net, opt, data, epoch, train_options)" },
     { "distill_epoch", (PyCFunction)(void (*)(void))py_distill_epoch, METH_VARARGS | METH_KEYWORDS, "one distillation epoch in C" },
     { "mutual_epoch", (PyCFunction)(void (*)(void))py_mutual_epoch, METH_VARARGS | METH_KEYWORDS, "one deep-mutual-learning epoch in C" },
+    { "exits_epoch", (PyCFunction)(void (*)(void))py_exits_epoch, METH_VARARGS | METH_KEYWORDS, "one multi-exit epoch in C" },
     { "slkd_epoch", (PyCFunction)(void (*)(void))py_slkd_epoch, METH_VARARGS | METH_KEYWORDS, "one SLKD epoch in C" },
     { "kd_loss", (PyCFunction)(void (*)(void))py_kd_loss, METH_VARARGS | METH_KEYWORDS, "(loss, dstudent[, dteacher])" },
     { "soft_loss", (PyCFunction)(void (*)(void))py_soft_loss, METH_VARARGS | METH_KEYWORDS, "(loss, dstudent)" },

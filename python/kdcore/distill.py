@@ -19,7 +19,7 @@ from . import _kdcore
 from .nn import Module, _check_float, _check_int
 from .training import History, _check_model, _Common, predict
 
-__all__ = ["distill", "mutual", "slkd", "kl_divergence", "teacher_logits"]
+__all__ = ["distill", "mutual", "slkd", "multi_exit", "exit_accuracies", "kl_divergence", "teacher_logits"]
 
 _KINDS = {"ce": 0, "kd": 1, "dkd": 2, "mse": 3}
 # method -> defaults (ce_weight, kd_weight, T, warmup_epochs)
@@ -353,3 +353,71 @@ def slkd(student, teacher, train, sl_teachers=None, n_sl=2, epochs=10, batch_siz
         s.load_state_dict(final[j])
     student.sl_teachers = list(sl_teachers)
     return hist
+
+
+def multi_exit(model, train, teacher=None, epochs=10, batch_size=128, optimizer="sgd", lr=None, schedule=None,
+               augment=None, val=None, seed=0, progress=True, T=3.0, ce_weight=None, kd_weight=None, cache="auto",
+               label_smoothing=0.0, drop_last=False, max_steps=None, callback=None, callback_every=20):
+    """Train a multi-exit network (``kdcore.nn.MultiExit``, e.g. ``models.with_exits(resnet8(),
+    ["layer1", "layer2"])``).
+
+    teacher=None: self-distillation by deep supervision (BYOT-style): every shallow exit k
+    minimises ce_weight * CE(y, z_k) + kd_weight * T^2 KL(sg(p_out^T) || p_k^T) and the
+    output exit CE; the terms are summed (defaults ce_weight 0.7, kd_weight 0.3, i.e. BYOT's
+    (1-alpha) and alpha with alpha = 0.3; BYOT's feature hint term is not included).
+    With a teacher (model or logits): seed 002 eq. 9, every exit including the output
+    minimises ce_weight * CE + kd_weight * T^2 KL(p_t^T || p_k^T), averaged over the exits
+    (defaults 0.1 / 0.9 as KD). History: loss terms of the output exit, the training and (with
+    val) validation accuracy of every exit (``exit_<tap>_val_acc``)."""
+    from .nn import MultiExit
+    if not isinstance(model, MultiExit):
+        raise TypeError("model must be a kdcore.nn.MultiExit (see kdcore.models.with_exits)")
+    c = _Common(train, epochs, batch_size, optimizer, lr, schedule, augment, val, seed, progress,
+                label_smoothing, drop_last, max_steps, callback, callback_every)
+    self_kd = teacher is None
+    ce_weight = _check_float("ce_weight", (0.7 if self_kd else 0.1) if ce_weight is None else ce_weight, 0)
+    kd_weight = _check_float("kd_weight", (0.3 if self_kd else 0.9) if kd_weight is None else kd_weight, 0)
+    T = _check_float("T", T, 0, lo_open=True)
+    model._build()
+    exits = list(model.exit_nodes) + [model.output_node]
+    names = list(model.exits) + ["output"]
+    t_kw = {}
+    if not self_kd:
+        nets, logits = _as_teachers(teacher)
+        if len(nets or logits) != 1:
+            raise ValueError("multi_exit takes one teacher")
+        if nets is not None:
+            if cache is True or (cache == "auto" and not c.augmented):
+                t_kw["teacher_logits"] = predict(nets[0], c.train, batch_size=512)
+            else:
+                t_kw["teacher"] = nets[0].net
+        else:
+            t_kw["teacher_logits"] = logits[0]
+    copt = c.opt.bind(model)
+
+    def run(epoch, topts):
+        st, accs = _kdcore.exits_epoch(model.net, copt, exits, c.train._c, epoch, topts, T=T, ce_weight=ce_weight,
+                                       kd_weight=kd_weight, **t_kw)
+        row = dict(train_loss=st["loss"], ce=st["ce"], kd=st["kd"], train_acc=st["accuracy"], lr=st["lr"])
+        row.update({f"exit_{n}_train_acc": a for n, a in zip(names, accs)})
+        return row
+
+    def extra():
+        return {f"exit_{n}_val_acc": a for n, a in zip(names, exit_accuracies(model, c.val))}
+
+    return c.loop([model], run, extra_metrics=extra)
+
+
+def exit_accuracies(model, data, batch_size=500):
+    """Eval-mode accuracy of every exit of a MultiExit model on a labelled Dataset (shallow to
+    deep, the output last)."""
+    correct = None
+    model.eval()
+    n = len(data)
+    for start in range(0, n, batch_size):
+        idx = np.arange(start, min(n, start + batch_size))
+        model(data.batch(idx))
+        outs = model.exit_outputs()
+        hits = [int(np.sum(z.argmax(1) == data.y[idx])) for z in outs]
+        correct = hits if correct is None else [a + b for a, b in zip(correct, hits)]
+    return [c_ / n for c_ in correct]

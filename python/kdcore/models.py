@@ -13,7 +13,8 @@ __all__ = ["mlp", "cnn",
            "resnet8", "resnet14", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110",
            "resnet8x4", "resnet32x4",
            "wrn_16_1", "wrn_16_2", "wrn_40_1", "wrn_40_2", "vgg8", "vgg11", "vgg13",
-           "ResNet", "BasicBlock", "WideResNet", "WideBasicBlock", "NetworkBlock", "VGG", "get", "names"]
+           "ResNet", "BasicBlock", "WideResNet", "WideBasicBlock", "NetworkBlock", "VGG", "get", "names",
+           "with_exits"]
 
 
 def _seeded(model, seed):
@@ -489,3 +490,28 @@ def get(name, **kw):
     if key not in _BUILDERS:
         raise ValueError(f"name must be one of {names()}, got {name!r}")
     return _BUILDERS[key](**kw)
+
+
+def with_exits(model, taps, num_classes=None):
+    """``model`` with an early exit on each tap in ``taps`` (shallow to deep): global average
+    pooling, Flatten and a Linear classifier per exit, named ``exits.<tap>``. The backbone's
+    parameter names are unchanged, so a trained backbone's state dict loads with
+    ``strict=False``. (BYOT adds bottleneck conv blocks before its exit classifiers; pass a
+    head of your own to ``kdcore.nn.MultiExit`` for that.)"""
+    from .nn import MultiExit, Module as _M
+    if not isinstance(model, _M):
+        raise TypeError(f"model must be a kdcore model, got {type(model).__name__}")
+    if isinstance(taps, str) or not isinstance(taps, (list, tuple)) or not taps:
+        raise TypeError("taps must be a non-empty list of tap names")
+    shape = getattr(model, "input_shape", None)
+    if shape is None:
+        raise ValueError("the model has no input_shape; build it with a zoo builder or set model.input_shape")
+    c, h, w = (tuple(shape) + (1, 1))[:3] if len(shape) < 3 else tuple(shape)
+    shapes = model.net.shapes(1, c, h, w)
+    out_c = shapes[model._graph.output if model._graph.output is not None else -1][0]
+    num_classes = out_c if num_classes is None else _check_int("num_classes", num_classes, 1)
+    heads = {}
+    for tap in taps:
+        ch = shapes[model._tap_index(tap)][0]
+        heads[tap] = Sequential(AdaptiveAvgPool2d(1), Flatten(), Linear(ch, num_classes))
+    return MultiExit(model, heads)

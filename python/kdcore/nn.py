@@ -22,7 +22,8 @@ import numpy as np
 from . import _kdcore
 
 __all__ = ["Module", "Sequential", "Linear", "Conv2d", "BatchNorm1d", "BatchNorm2d", "ReLU",
-           "MaxPool2d", "AvgPool2d", "AdaptiveAvgPool2d", "Dropout", "Flatten", "Residual", "Identity"]
+           "MaxPool2d", "AvgPool2d", "AdaptiveAvgPool2d", "Dropout", "Flatten", "Residual", "Identity",
+           "MultiExit", "Block"]
 
 # Must match enum kd_layer_type / enum kd_init in kdcore.h.
 _LINEAR, _CONV2D, _BATCHNORM, _RELU, _MAXPOOL, _AVGPOOL, _GAP, _DROPOUT, _FLATTEN, _ADD = range(10)
@@ -70,6 +71,7 @@ class _Graph:
         self.names = []
         self.kinds = []
         self.aliases = OrderedDict()   # module path -> node index of its output
+        self.output = None             # the network output when it is not the last node
 
     def add(self, kind, name, inputs, in_ch=0, out_ch=0, kernel=0, stride=1, padding=0, groups=1,
             bias=True, eps=1e-5, momentum=0.1, p=0.0, init="default"):
@@ -150,6 +152,8 @@ class Module:
             self._emit(g, _INPUT, "")
             self._graph = g
             self._net = _kdcore.Net(g.nodes, self._seed)
+            if g.output is not None:
+                self._net.set_output(g.output)
             self._tensors = self._net.tensors()
             self._bn_nodes = [i for i, k in enumerate(g.kinds) if k == _BATCHNORM]
         return self._net
@@ -590,6 +594,54 @@ class Residual(Module):
         if self.activation:
             out = g.add(_RELU, _join(prefix, "relu"), [out])
         return out
+
+
+class MultiExit(Module):
+    """A backbone with early-exit heads on some of its taps (deep supervision, multi-exit KD).
+
+    ``exits`` maps tap names of the backbone to head modules (each producing (N, classes)).
+    The backbone keeps its names (so its state dict loads with ``strict=False``), heads are
+    named ``exits.<tap>``; the network output stays the backbone's. ``model(x)`` returns the
+    final output; ``model.exit_outputs()`` the heads' outputs of the last forward, shallow
+    to deep.
+    """
+
+    def __init__(self, backbone, exits):
+        super().__init__()
+        if not isinstance(backbone, Module):
+            raise TypeError(f"backbone must be a kdcore.nn.Module, got {type(backbone).__name__}")
+        if not isinstance(exits, dict) or not exits:
+            raise TypeError("exits must be a non-empty dict {tap name: head module}")
+        for k, v in exits.items():
+            if not isinstance(k, str) or not isinstance(v, Module):
+                raise TypeError("exits must map tap names (str) to kdcore.nn.Module heads")
+        self.backbone = backbone
+        self.exits = OrderedDict(exits)
+        self.input_shape = getattr(backbone, "input_shape", None)
+        self._seed = backbone._seed
+
+    def _emit(self, g, x, prefix):
+        out = self.backbone._emit(g, x, prefix)
+        self.exit_nodes = []
+        for tap, head in self.exits.items():
+            if tap in g.aliases:
+                node = g.aliases[tap]
+            elif tap in g.names:
+                node = g.names.index(tap)
+            else:
+                raise KeyError(f"exit tap {tap!r} is not a tap of the backbone")
+            self.exit_nodes.append(head._emit(g, node, _join(prefix, "exits." + tap)))
+        g.output = out
+        self.output_node = out
+        return out
+
+    def exit_names(self):
+        return list(self.exits) + ["output"]
+
+    def exit_outputs(self):
+        """Outputs of every exit from the last forward, shallow to deep, the output last."""
+        self._build()
+        return [self.net.tap(i) for i in self.exit_nodes] + [self.net.tap(self.output_node)]
 
 
 class Block(Module):

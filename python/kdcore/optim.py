@@ -8,7 +8,7 @@ from __future__ import annotations
 from . import _kdcore
 from .nn import Module, _check_float, _check_int
 
-__all__ = ["SGD", "Adam", "AdamW", "Constant", "MultiStep", "Cosine", "make_optimizer", "make_schedule"]
+__all__ = ["SGD", "Adam", "AdamW", "Constant", "MultiStep", "Cosine", "Cyclic", "make_optimizer", "make_schedule"]
 
 
 class _Optimizer:
@@ -147,6 +147,27 @@ class Cosine(_Schedule):
 
     def __repr__(self):
         return f"Cosine(T_max={self.T_max}, min_lr={self.min_lr}, warmup_epochs={self.warmup_epochs})"
+
+
+class Cyclic(_Schedule):
+    """Cosine annealing with warm restarts (SGDR), as torch's
+    ``CosineAnnealingWarmRestarts(T_0=cycle_epochs, T_mult=1, eta_min=min_lr)`` stepped once
+    per epoch: at epoch e the lr is ``min_lr + (lr - min_lr) * (1 + cos(pi * (e mod
+    cycle_epochs) / cycle_epochs)) / 2``, so it jumps back to ``lr`` every ``cycle_epochs``
+    epochs (snapshot ensembles / snapshot distillation). ``warmup_epochs``: a linear per-step
+    warm-up factor over the first epochs of the run, as for the other schedules."""
+    _kind = 3
+
+    def __init__(self, cycle_epochs, min_lr=0.0, warmup_epochs=0):
+        super().__init__(warmup_epochs)
+        self.cycle_epochs = _check_int("cycle_epochs", cycle_epochs, 1)
+        self.min_lr = _check_float("min_lr", min_lr, 0)
+
+    def _tuple(self, base_lr, epochs):
+        return (self._kind, base_lr, [], self.cycle_epochs, self.min_lr, self.warmup_epochs)
+
+    def __repr__(self):
+        return f"Cyclic(cycle_epochs={self.cycle_epochs}, min_lr={self.min_lr}, warmup_epochs={self.warmup_epochs})"
 
 
 def make_schedule(spec):

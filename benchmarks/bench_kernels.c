@@ -1,0 +1,224 @@
+// Machine peaks and per-kernel timings for kdcore.
+//
+//   fma      AVX-512 (and AVX2) FMA loop: the fp32 peak per core and for all threads
+//   sgemm    large OpenBLAS cblas_sgemm (the BLAS kdcore links), and a conv-shaped one
+//   kernels  kdcore layer kernels at the zoo's Fashion-MNIST shapes (batch 128): time,
+//            GFLOP/s for convs, GB/s (compulsory traffic) for the memory-bound ones
+//
+// Built by benchmarks/bench_train.py (or by hand, from the repository root):
+//   cc -O3 -march=x86-64-v3 -fopenmp -ffp-contract=fast -Ikdcore/include -Ikdcore/src \
+//      $(PKG_CONFIG_PATH=/usr/lib/x86_64-linux-gnu/openblas-openmp/pkgconfig pkg-config --cflags openblas) \
+//      benchmarks/bench_kernels.c kdcore/src/*.c -o build/bench_kernels \
+//      -L/usr/lib/x86_64-linux-gnu/openblas-openmp -Wl,-rpath,/usr/lib/x86_64-linux-gnu/openblas-openmp \
+//      -lopenblas -lz -lm
+//   OMP_NUM_THREADS=2 build/bench_kernels [fma|sgemm|kernels|all] [--quick]
+// Output lines are "key value" pairs that bench_train.py parses.
+#include "layers.h"
+#include "kd_internal.h"
+
+#include <cblas.h>
+#include <immintrin.h>
+#include <stdio.h>
+#include <time.h>
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+static float * frand(size_t n, uint64_t seed) {
+    float * x = malloc(n * sizeof(float));
+    uint64_t s = seed * 0x9E3779B97F4A7C15ull + 1;
+    for (size_t i = 0; i < n; i++) {
+        s ^= s << 13; s ^= s >> 7; s ^= s << 17;
+        x[i] = (float)((double)(s >> 11) / 9007199254740992.0 * 2.0 - 1.0);
+    }
+    return x;
+}
+
+static int cmp_d(const void * a, const void * b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return x < y ? -1 : x > y;
+}
+static double median(double * t, int n) {
+    qsort(t, (size_t)n, sizeof(double), cmp_d);
+    return t[n / 2];
+}
+
+// ---- FMA peak: 24 independent accumulator chains per thread ------------------------------
+__attribute__((target("avx512f"), noinline))
+static float fma_loop_512(long iters) {
+    __m512 a[24], x = _mm512_set1_ps(1.0000001f), y = _mm512_set1_ps(0.9999999f);
+    for (int i = 0; i < 24; i++) { a[i] = _mm512_set1_ps((float)i); }
+    for (long it = 0; it < iters; it++) {
+        for (int i = 0; i < 24; i++) { a[i] = _mm512_fmadd_ps(a[i], x, y); }
+        __asm__ volatile("" : "+v"(a[0]), "+v"(a[1]), "+v"(a[2]), "+v"(a[3]), "+v"(a[4]), "+v"(a[5]),
+                         "+v"(a[6]), "+v"(a[7]), "+v"(a[8]), "+v"(a[9]), "+v"(a[10]), "+v"(a[11]));
+        __asm__ volatile("" : "+v"(a[12]), "+v"(a[13]), "+v"(a[14]), "+v"(a[15]), "+v"(a[16]), "+v"(a[17]),
+                         "+v"(a[18]), "+v"(a[19]), "+v"(a[20]), "+v"(a[21]), "+v"(a[22]), "+v"(a[23]));
+    }
+    __m512 s = a[0];
+    for (int i = 1; i < 24; i++) { s = _mm512_add_ps(s, a[i]); }
+    return _mm512_reduce_add_ps(s);
+}
+
+__attribute__((noinline))
+static float fma_loop_256(long iters) {
+    __m256 a[12], x = _mm256_set1_ps(1.0000001f), y = _mm256_set1_ps(0.9999999f);
+    for (int i = 0; i < 12; i++) { a[i] = _mm256_set1_ps((float)i); }
+    for (long it = 0; it < iters; it++) {
+        for (int i = 0; i < 12; i++) { a[i] = _mm256_fmadd_ps(a[i], x, y); }
+        __asm__ volatile("" : "+x"(a[0]), "+x"(a[1]), "+x"(a[2]), "+x"(a[3]), "+x"(a[4]), "+x"(a[5]),
+                         "+x"(a[6]), "+x"(a[7]), "+x"(a[8]), "+x"(a[9]), "+x"(a[10]), "+x"(a[11]));
+    }
+    __m256 s = a[0];
+    for (int i = 1; i < 12; i++) { s = _mm256_add_ps(s, a[i]); }
+    float t[8];
+    _mm256_storeu_ps(t, s);
+    return t[0] + t[7];
+}
+
+static void bench_fma(int quick) {
+    long iters = quick ? 20000000L : 60000000L;
+    volatile float sink = 0;
+    int nt = kd_omp_threads();
+    int has512 = __builtin_cpu_supports("avx512f");
+    for (int wide = has512 ? 1 : 0; wide >= 0; wide--) {
+        int lanes = wide ? 16 : 8, chains = wide ? 24 : 12;
+        int tcounts[2] = { 1, nt };
+        for (int ti = 0; ti < (nt > 1 ? 2 : 1); ti++) {
+            int threads = tcounts[ti];
+            double best = 0;
+            for (int r = 0; r < 3; r++) {
+                double t0 = now_s();
+                #pragma omp parallel num_threads(threads)
+                {
+                    float v = wide ? fma_loop_512(iters) : fma_loop_256(iters);
+                    #pragma omp atomic
+                    sink += v;
+                }
+                double dt = now_s() - t0;
+                double gf = 2.0 * lanes * chains * (double)iters * threads / dt / 1e9;
+                if (gf > best) { best = gf; }
+            }
+            printf("fma%s_t%d_gflops %.1f\n", wide ? "512" : "256", threads, best);
+        }
+    }
+    (void)sink;
+}
+
+// ---- sgemm --------------------------------------------------------------------------------
+static void bench_sgemm(int quick) {
+    int shapes[][3] = { { 2048, 2048, 2048 }, { 64, 100352, 576 } };   // square; conv-like (OC, N*OHW, CKK)
+    const char * names[] = { "sgemm_2048", "sgemm_conv64x100352x576" };
+    for (int si = 0; si < 2; si++) {
+        int M = shapes[si][0], N = shapes[si][1], K = shapes[si][2];
+        if (quick && si == 1) { N /= 4; }
+        float * A = frand((size_t)M * K, 1), * B = frand((size_t)K * N, 2), * C = frand((size_t)M * N, 3);
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, M, N, K, 1.0f, A, K, B, N, 0.0f, C, N);
+        double t[5];
+        int reps = quick ? 3 : 5;
+        for (int r = 0; r < reps; r++) {
+            double t0 = now_s();
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, M, N, K, 1.0f, A, K, B, N, 0.0f, C, N);
+            t[r] = now_s() - t0;
+        }
+        printf("%s_gflops %.1f\n", names[si], 2.0 * M * (double)N * K / median(t, reps) / 1e9);
+        free(A); free(B); free(C);
+    }
+    printf("openblas_core %s\n", openblas_get_corename());
+}
+
+// ---- layer kernels at zoo shapes ------------------------------------------------------------
+struct conv_case { const char * name; int N, C, H, OC, K, S, P; };
+
+static void bench_conv(const struct conv_case * cc, int reps) {
+    int OH = (cc->H + 2 * cc->P - cc->K) / cc->S + 1;
+    struct kd_conv_shape s = { cc->N, cc->C, cc->H, cc->H, cc->OC, OH, OH, cc->K, cc->S, cc->P, 1 };
+    size_t ni = (size_t)s.N * s.C * s.H * s.W, nw = (size_t)s.OC * s.C * s.K * s.K, no = (size_t)s.N * s.OC * OH * OH;
+    float * x = frand(ni, 1), * w = frand(nw, 2), * y = frand(no, 3), * dy = frand(no, 4);
+    float * dx = calloc(ni, sizeof(float)), * dw = calloc(nw, sizeof(float));
+    float * work = malloc(kd_conv2d_workspace(&s, kd_omp_threads()) * sizeof(float));
+    double macs = (double)no * s.C * s.K * s.K;
+    double tf[9], tb[9];
+    kd_conv2d_forward(y, x, w, NULL, &s, work);
+    kd_conv2d_backward(dx, dw, NULL, dy, x, w, &s, work);
+    for (int r = 0; r < reps; r++) {
+        double t0 = now_s();
+        kd_conv2d_forward(y, x, w, NULL, &s, work);
+        double t1 = now_s();
+        kd_conv2d_backward(dx, dw, NULL, dy, x, w, &s, work);
+        tf[r] = t1 - t0;
+        tb[r] = now_s() - t1;
+    }
+    double f = median(tf, reps), b = median(tb, reps);
+    printf("conv_%s fwd_ms %.3f fwd_gflops %.1f bwd_ms %.3f bwd_gflops %.1f\n", cc->name, 1e3 * f,
+           2 * macs / f / 1e9, 1e3 * b, 4 * macs / b / 1e9);
+    free(x); free(w); free(y); free(dy); free(dx); free(dw); free(work);
+}
+
+static void bench_memory_bound(int N, int C, int H, int reps) {
+    size_t n = (size_t)N * C * H * H, no = n / 4;
+    float * x = frand(n, 1), * y = frand(n, 2), * dy = frand(n, 3), * dx = calloc(n, sizeof(float));
+    float * mean = calloc((size_t)C, 4), * rstd = calloc((size_t)C, 4), * rm = calloc((size_t)C, 4);
+    float * rv = calloc((size_t)C, 4), * g = frand((size_t)C, 5), * bb = frand((size_t)C, 6);
+    float * dg = calloc((size_t)C, 4), * dbb = calloc((size_t)C, 4), * po = calloc(no, 4), * pdy = frand(no, 7);
+    int32_t * am = calloc(no, 4);
+    double t[6][9];
+    const char * names[6] = { "bn_fwd_train", "bn_bwd", "relu_fwd", "relu_bwd", "maxpool_fwd", "maxpool_bwd" };
+    // compulsory bytes: reads + writes (+= counts as read and write)
+    double bytes[6] = { 8.0 * n, 20.0 * n, 8.0 * n, 16.0 * n, 4.0 * n + 8.0 * no, 8.0 * n / 4 + 8.0 * n };
+    for (int r = 0; r < reps; r++) {
+        double t0 = now_s();
+        kd_batchnorm_forward_train(y, mean, rstd, rm, rv, x, g, bb, N, C, H * H, 1e-5f, 0.1f);
+        double t1 = now_s();
+        kd_batchnorm_backward(dx, dg, dbb, dy, x, mean, rstd, g, N, C, H * H, 1);
+        double t2 = now_s();
+        kd_relu_forward(y, x, n);
+        double t3 = now_s();
+        kd_relu_backward(dx, dy, y, n);
+        double t4 = now_s();
+        kd_maxpool2d_forward(po, am, x, N, C, H, H, H / 2, H / 2, 2, 2, 0);
+        double t5 = now_s();
+        kd_maxpool2d_backward(dx, pdy, am, N, C, H, H, H / 2, H / 2);
+        double t6 = now_s();
+        t[0][r] = t1 - t0; t[1][r] = t2 - t1; t[2][r] = t3 - t2; t[3][r] = t4 - t3; t[4][r] = t5 - t4; t[5][r] = t6 - t5;
+    }
+    for (int k = 0; k < 6; k++) {
+        double m = median(t[k], reps);
+        printf("%s_N%d_C%d_%dx%d ms %.3f gbps %.1f\n", names[k], N, C, H, H, 1e3 * m, bytes[k] / m / 1e9);
+    }
+    free(x); free(y); free(dy); free(dx); free(mean); free(rstd); free(rm); free(rv); free(g); free(bb);
+    free(dg); free(dbb); free(po); free(pdy); free(am);
+}
+
+static void bench_kernels(int quick) {
+    int reps = quick ? 3 : 7;
+    const struct conv_case cases[] = {
+        { "cnn32_c1_28", 128, 1, 28, 32, 3, 1, 1 },
+        { "cnn32_c32_28", 128, 32, 28, 32, 3, 1, 1 },
+        { "cnn32_c32to64_14", 128, 32, 14, 64, 3, 1, 1 },
+        { "cnn32_c64_14", 128, 64, 14, 64, 3, 1, 1 },
+        { "r8x4_c64_28", 128, 64, 28, 64, 3, 1, 1 },
+        { "r8x4_c64to128_s2", 128, 64, 28, 128, 3, 2, 1 },
+        { "r8x4_c128_14", 128, 128, 14, 128, 3, 1, 1 },
+        { "r8x4_c256_7", 128, 256, 7, 256, 3, 1, 1 },
+        { "r8x4_1x1s2_64to128", 128, 64, 28, 128, 1, 2, 0 },
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) { bench_conv(&cases[i], reps); }
+    bench_memory_bound(128, 32, 28, reps);
+    bench_memory_bound(128, 64, 14, reps);
+}
+
+int main(int argc, char ** argv) {
+    const char * what = argc > 1 ? argv[1] : "all";
+    int quick = 0;
+    for (int i = 1; i < argc; i++) { if (strcmp(argv[i], "--quick") == 0) { quick = 1; } }
+    printf("threads %d\n", kd_omp_threads());
+    int all = strcmp(what, "all") == 0;
+    if (all || strcmp(what, "fma") == 0) { bench_fma(quick); }
+    if (all || strcmp(what, "sgemm") == 0) { bench_sgemm(quick); }
+    if (all || strcmp(what, "kernels") == 0) { bench_kernels(quick); }
+    return 0;
+}
