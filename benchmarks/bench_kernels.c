@@ -8,7 +8,7 @@
 // Built by benchmarks/bench_train.py (or by hand, from the repository root):
 //   cc -O3 -march=x86-64-v3 -fopenmp -ffp-contract=fast -Ikdcore/include -Ikdcore/src \
 //      $(PKG_CONFIG_PATH=/usr/lib/x86_64-linux-gnu/openblas-openmp/pkgconfig pkg-config --cflags openblas) \
-//      benchmarks/bench_kernels.c kdcore/src/*.c -o build/bench_kernels \
+//      benchmarks/bench_kernels.c kdcore/src/[a-z]*.c -o build/bench_kernels \
 //      -L/usr/lib/x86_64-linux-gnu/openblas-openmp -Wl,-rpath,/usr/lib/x86_64-linux-gnu/openblas-openmp \
 //      -lopenblas -lz -lm
 //   OMP_NUM_THREADS=2 build/bench_kernels [fma|sgemm|kernels|all] [--quick]
@@ -46,37 +46,66 @@ static double median(double * t, int n) {
     return t[n / 2];
 }
 
-// ---- FMA peak: 24 independent accumulator chains per thread ------------------------------
+// ---- FMA peak: independent accumulator chains in registers (inline asm, so the compiler
+// cannot spill or fold them): 24 zmm chains (AVX-512) or 12 ymm chains (AVX2) per thread.
 __attribute__((target("avx512f"), noinline))
 static float fma_loop_512(long iters) {
-    __m512 a[24], x = _mm512_set1_ps(1.0000001f), y = _mm512_set1_ps(0.9999999f);
-    for (int i = 0; i < 24; i++) { a[i] = _mm512_set1_ps((float)i); }
-    for (long it = 0; it < iters; it++) {
-        for (int i = 0; i < 24; i++) { a[i] = _mm512_fmadd_ps(a[i], x, y); }
-        __asm__ volatile("" : "+v"(a[0]), "+v"(a[1]), "+v"(a[2]), "+v"(a[3]), "+v"(a[4]), "+v"(a[5]),
-                         "+v"(a[6]), "+v"(a[7]), "+v"(a[8]), "+v"(a[9]), "+v"(a[10]), "+v"(a[11]));
-        __asm__ volatile("" : "+v"(a[12]), "+v"(a[13]), "+v"(a[14]), "+v"(a[15]), "+v"(a[16]), "+v"(a[17]),
-                         "+v"(a[18]), "+v"(a[19]), "+v"(a[20]), "+v"(a[21]), "+v"(a[22]), "+v"(a[23]));
-    }
-    __m512 s = a[0];
-    for (int i = 1; i < 24; i++) { s = _mm512_add_ps(s, a[i]); }
-    return _mm512_reduce_add_ps(s);
+    __asm__ volatile(
+        "vpxord %%zmm30, %%zmm30, %%zmm30\n\t"
+        "vpxord %%zmm31, %%zmm31, %%zmm31\n\t"
+        "1:\n\t"
+        "vfmadd231ps %%zmm30, %%zmm31, %%zmm0\n\t"
+        "vfmadd231ps %%zmm30, %%zmm31, %%zmm1\n\t"
+        "vfmadd231ps %%zmm30, %%zmm31, %%zmm2\n\t"
+        "vfmadd231ps %%zmm30, %%zmm31, %%zmm3\n\t"
+        "vfmadd231ps %%zmm30, %%zmm31, %%zmm4\n\t"
+        "vfmadd231ps %%zmm30, %%zmm31, %%zmm5\n\t"
+        "vfmadd231ps %%zmm30, %%zmm31, %%zmm6\n\t"
+        "vfmadd231ps %%zmm30, %%zmm31, %%zmm7\n\t"
+        "vfmadd231ps %%zmm30, %%zmm31, %%zmm8\n\t"
+        "vfmadd231ps %%zmm30, %%zmm31, %%zmm9\n\t"
+        "vfmadd231ps %%zmm30, %%zmm31, %%zmm10\n\t"
+        "vfmadd231ps %%zmm30, %%zmm31, %%zmm11\n\t"
+        "vfmadd231ps %%zmm30, %%zmm31, %%zmm12\n\t"
+        "vfmadd231ps %%zmm30, %%zmm31, %%zmm13\n\t"
+        "vfmadd231ps %%zmm30, %%zmm31, %%zmm14\n\t"
+        "vfmadd231ps %%zmm30, %%zmm31, %%zmm15\n\t"
+        "vfmadd231ps %%zmm30, %%zmm31, %%zmm16\n\t"
+        "vfmadd231ps %%zmm30, %%zmm31, %%zmm17\n\t"
+        "vfmadd231ps %%zmm30, %%zmm31, %%zmm18\n\t"
+        "vfmadd231ps %%zmm30, %%zmm31, %%zmm19\n\t"
+        "vfmadd231ps %%zmm30, %%zmm31, %%zmm20\n\t"
+        "vfmadd231ps %%zmm30, %%zmm31, %%zmm21\n\t"
+        "vfmadd231ps %%zmm30, %%zmm31, %%zmm22\n\t"
+        "vfmadd231ps %%zmm30, %%zmm31, %%zmm23\n\t"
+        "dec %0\n\t"
+        "jnz 1b\n\t"
+        : "+r"(iters) : : "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15", "xmm16", "xmm17", "xmm18", "xmm19", "xmm20", "xmm21", "xmm22", "xmm23", "xmm30", "xmm31", "cc");
+    return 0.0f;
 }
 
 __attribute__((noinline))
 static float fma_loop_256(long iters) {
-    __m256 a[12], x = _mm256_set1_ps(1.0000001f), y = _mm256_set1_ps(0.9999999f);
-    for (int i = 0; i < 12; i++) { a[i] = _mm256_set1_ps((float)i); }
-    for (long it = 0; it < iters; it++) {
-        for (int i = 0; i < 12; i++) { a[i] = _mm256_fmadd_ps(a[i], x, y); }
-        __asm__ volatile("" : "+x"(a[0]), "+x"(a[1]), "+x"(a[2]), "+x"(a[3]), "+x"(a[4]), "+x"(a[5]),
-                         "+x"(a[6]), "+x"(a[7]), "+x"(a[8]), "+x"(a[9]), "+x"(a[10]), "+x"(a[11]));
-    }
-    __m256 s = a[0];
-    for (int i = 1; i < 12; i++) { s = _mm256_add_ps(s, a[i]); }
-    float t[8];
-    _mm256_storeu_ps(t, s);
-    return t[0] + t[7];
+    __asm__ volatile(
+        "vxorps %%ymm14, %%ymm14, %%ymm14\n\t"
+        "vxorps %%ymm15, %%ymm15, %%ymm15\n\t"
+        "1:\n\t"
+        "vfmadd231ps %%ymm14, %%ymm15, %%ymm0\n\t"
+        "vfmadd231ps %%ymm14, %%ymm15, %%ymm1\n\t"
+        "vfmadd231ps %%ymm14, %%ymm15, %%ymm2\n\t"
+        "vfmadd231ps %%ymm14, %%ymm15, %%ymm3\n\t"
+        "vfmadd231ps %%ymm14, %%ymm15, %%ymm4\n\t"
+        "vfmadd231ps %%ymm14, %%ymm15, %%ymm5\n\t"
+        "vfmadd231ps %%ymm14, %%ymm15, %%ymm6\n\t"
+        "vfmadd231ps %%ymm14, %%ymm15, %%ymm7\n\t"
+        "vfmadd231ps %%ymm14, %%ymm15, %%ymm8\n\t"
+        "vfmadd231ps %%ymm14, %%ymm15, %%ymm9\n\t"
+        "vfmadd231ps %%ymm14, %%ymm15, %%ymm10\n\t"
+        "vfmadd231ps %%ymm14, %%ymm15, %%ymm11\n\t"
+        "dec %0\n\t"
+        "jnz 1b\n\t"
+        : "+r"(iters) : : "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", "xmm10", "xmm11", "xmm14", "xmm15", "cc");
+    return 0.0f;
 }
 
 static void bench_fma(int quick) {

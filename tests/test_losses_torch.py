@@ -31,6 +31,7 @@ def check_close(name, got, want, rtol=1e-4, atol=None, scale=None):
     got = np.asarray(got, dtype=np.float64)
     want = np.asarray(want, dtype=np.float64)
     assert got.shape == want.shape, f"{name}: shape {got.shape}, expected {want.shape}"
+    got, want = np.atleast_1d(got), np.atleast_1d(want)   # np.argwhere of a 0-d array finds nothing
     if scale is None:
         scale = float(np.max(np.abs(want))) if want.size else 0.0
     if atol is None:

@@ -398,6 +398,10 @@ struct kd_distill_cfg {
                               // ce_weight + kd_weight and no KD term (Meng et al. 2019)
     enum kd_multi multi;
     const float * teacher_weights;   // n_teachers gates/weights summing to 1; NULL = uniform
+    float * gate_logits;      // learned gates (eq. 24): n_teachers logits w, weights softmax(w),
+                              // updated in place by SGD with gate_lr on the KD loss (AVG_PROB);
+                              // NULL = fixed teacher_weights
+    float gate_lr;
     float teacher_drop;       // each teacher dropped with this probability per step; >= 1 kept
     unsigned teacher_mode;    // kd_mode for teacher forwards (KD_MODE_EVAL; KD_MODE_DROPOUT:
                               // a "fickle" teacher with dropout on and BN frozen)

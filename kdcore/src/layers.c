@@ -190,26 +190,28 @@ void kd_linear_backward(float * dinp, float * dweight, float * dbias, const floa
 // PyTorch's Conv2d is a cross-correlation: out[oc,oh,ow] = b[oc] +
 //   sum_{c,kh,kw} w[oc,c,kh,kw] * inp[c, oh*S-P+kh, ow*S-P+kw].
 //
-// Design (implicit GEMM with our own micro-kernels, no BLAS call):
-// - The batch is split across OpenMP threads in contiguous chunks; each image is done by
-//   one thread, in L2-sized per-thread buffers, so the forward and the input gradient do
-//   not depend on the thread count at all (bitwise).
-// - Stride 1 ("shift" path): the image is copied into a zero-padded buffer (C, Hp, Wp).
-//   On the padded grid p = oh*Wp + ow, im2col row k = (c, kh, kw) is the contiguous slice
-//   xpad[c*Hp*Wp + kh*Wp + kw + p]: the GEMM reads it through a table of row offsets and
-//   im2col is never materialised. The Wp - OW columns per row that fall outside the output
-//   are computed and dropped. The input gradient of a stride-1 conv is itself a stride-1
-//   conv (of the padded dout with the flipped, transposed weights), so it takes the same
-//   path and needs no col2im.
-// - Other strides ("col" path): im2col into a per-image buffer whose rows are padded to
-//   whole micro-panels; the input gradient goes through dcol = W^T dout and col2im.
-// - Forward-type products C (M, pixels) = A (M, K) B (K, pixels) run a MR x NR = 8 x 32
-//   micro-kernel over weights packed once per call; each output element is one fma chain
-//   over k in order. Weight gradients dW (OC, CKK) = D (OC, pixels) B^T run a 4 x 6 tile
-//   of 16-lane dot products (lane = pixel mod 16), reduced by a fixed tree, per image,
-//   into a per-thread partial; partials are added in thread order.
-// - Kernels: AVX-512 (runtime check) and portable C that performs exactly the same
-//   floating-point operations (results are bitwise equal; tests compare them).
+// Design (implicit GEMM with our own micro-kernels; no BLAS call):
+// - The batch is split across OpenMP threads in contiguous chunks and every image is done
+//   by one thread in L2-sized per-thread buffers. Each output and input-gradient element is
+//   one fma chain in a fixed order, so forward and dinp do not depend on the thread count.
+// - Forward-type products C (M, pixels) = A (M, K) B (K, pixels) run an MR x NR = 8 x 32
+//   micro-kernel over weights packed once per call, K in chunks so that the packed chunk
+//   stays in L2 (a chunk continues the chains of the previous one: same bits).
+// - "shift" path (stride 1, P <= K-1): the image is copied into a zero-padded buffer
+//   (C, Hp, Wp). On the padded grid p = oh*Wp + ow, im2col row (c, kh, kw) is the slice
+//   xpad[c*Hp*Wp + kh*Wp + kw + p], so the kernel reads it through a table of row offsets
+//   and im2col is never built. The Wp - OW grid columns per row outside the output are
+//   computed and dropped. The input gradient of a stride-1 conv is a stride-1 conv of the
+//   padded dout with the flipped, transposed weights: same path, no col2im.
+// - "col" path (other strides, and small maps where the dropped columns would cost more
+//   than packing): im2col of a group of images side by side, built one K chunk at a time
+//   so it stays in L2; dinp through dcol = W^T dout (in row chunks) and col2im.
+// - Weight gradients dW (OC, CKK) += D (OC, pixels) B^T run a 4 x 6 tile of 16-lane dot
+//   products (lane = pixel mod 16) reduced by a fixed tree, per image or image group, into
+//   a per-thread partial; partials are added in thread order. So dW depends on the thread
+//   count only through rounding.
+// - Kernels: AVX-512 (runtime check) and portable C that performs exactly the same float
+//   operations in the same order (bitwise equal; the C tests compare them).
 // Depthwise convs (one input and one output channel per group) use direct loops.
 
 #define CV_MR 8      // rows (output channels) of a forward micro-tile
@@ -218,15 +220,20 @@ void kd_linear_backward(float * dinp, float * dweight, float * dbias, const floa
 #define DW_NR 6      // im2col rows of a weight-gradient tile
 #define DW_L 16      // lanes of the weight-gradient dot products
 #define CV_ALIGN 16  // floats (64 bytes): every workspace region starts on a cache line
+#define CV_L2_FLOATS 65536   // target size of a packed weight chunk or an im2col chunk (256 KB)
+#define CV_GROUP_PIX 256     // col path: pixels of an image group to aim for
 
-// ---- SIMD dispatch ----------------------------------------------------------------------
-// 0 unknown, 1 portable C, 2 AVX-512F. kd_conv_force_portable() is a test hook (declared
-// in the C tests, not in layers.h).
+// ---- dispatch and test hooks ---------------------------------------------------------------
+// SIMD level: 0 unknown, 1 portable C, 2 AVX-512F. The hooks are for the C tests (declared
+// there, not in layers.h): force the portable kernels; force the shift (1) or col (2) path.
 static int kd_simd_level = 0;
 static int kd_simd_forced = 0;
+static int kd_path_forced = 0;
 
 void kd_conv_force_portable(int on);
 void kd_conv_force_portable(int on) { __atomic_store_n(&kd_simd_forced, on ? 1 : 0, __ATOMIC_RELAXED); }
+void kd_conv_force_path(int path);
+void kd_conv_force_path(int path) { __atomic_store_n(&kd_path_forced, path, __ATOMIC_RELAXED); }
 
 static int simd_level(void) {
     if (__atomic_load_n(&kd_simd_forced, __ATOMIC_RELAXED)) { return 1; }
@@ -244,11 +251,15 @@ static int simd_level(void) {
 }
 
 // ---- micro-kernels: portable C ------------------------------------------------------------
-// C (8 x 32, row stride ldc) = sum_k A[k*8 + i] * B[off[k] + j], one fma chain per element.
+// C (8 x 32, row stride ldc) {=, +=} sum_k A[k*8 + i] * B[off[k] + j]: per element one fma
+// chain over k in order, starting from 0 or (acc) from the value in C.
 static void fwd_ukr_c(int K, const float * restrict A, const float * restrict B,
-                      const ptrdiff_t * restrict off, float * restrict C, size_t ldc) {
+                      const ptrdiff_t * restrict off, float * restrict C, size_t ldc, int acc_in) {
     float acc[CV_MR][CV_NR];
-    memset(acc, 0, sizeof acc);
+    for (int i = 0; i < CV_MR; i++) {
+        if (acc_in) { memcpy(acc[i], C + (size_t)i * ldc, sizeof acc[i]); }
+        else { memset(acc[i], 0, sizeof acc[i]); }
+    }
     for (int k = 0; k < K; k++) {
         const float * b = B + off[k];
         const float * a = A + (size_t)k * CV_MR;
@@ -292,11 +303,19 @@ static void dw_ukr_c(size_t nblk, const float * const * d, const float * const *
 
 __attribute__((target("avx512f")))
 static void fwd_ukr_avx512(int K, const float * restrict A, const float * restrict B,
-                           const ptrdiff_t * restrict off, float * restrict C, size_t ldc) {
-    __m512 c0a = _mm512_setzero_ps(), c0b = _mm512_setzero_ps(), c1a = _mm512_setzero_ps(), c1b = _mm512_setzero_ps();
-    __m512 c2a = _mm512_setzero_ps(), c2b = _mm512_setzero_ps(), c3a = _mm512_setzero_ps(), c3b = _mm512_setzero_ps();
-    __m512 c4a = _mm512_setzero_ps(), c4b = _mm512_setzero_ps(), c5a = _mm512_setzero_ps(), c5b = _mm512_setzero_ps();
-    __m512 c6a = _mm512_setzero_ps(), c6b = _mm512_setzero_ps(), c7a = _mm512_setzero_ps(), c7b = _mm512_setzero_ps();
+                           const ptrdiff_t * restrict off, float * restrict C, size_t ldc, int acc_in) {
+    __m512 c0a, c0b, c1a, c1b, c2a, c2b, c3a, c3b, c4a, c4b, c5a, c5b, c6a, c6b, c7a, c7b;
+#define KD_LD(i, ca, cb) ca = _mm512_loadu_ps(C + (size_t)(i) * ldc); cb = _mm512_loadu_ps(C + (size_t)(i) * ldc + 16);
+#define KD_Z(i, ca, cb) ca = _mm512_setzero_ps(); cb = _mm512_setzero_ps();
+    if (acc_in) {
+        KD_LD(0, c0a, c0b) KD_LD(1, c1a, c1b) KD_LD(2, c2a, c2b) KD_LD(3, c3a, c3b)
+        KD_LD(4, c4a, c4b) KD_LD(5, c5a, c5b) KD_LD(6, c6a, c6b) KD_LD(7, c7a, c7b)
+    } else {
+        KD_Z(0, c0a, c0b) KD_Z(1, c1a, c1b) KD_Z(2, c2a, c2b) KD_Z(3, c3a, c3b)
+        KD_Z(4, c4a, c4b) KD_Z(5, c5a, c5b) KD_Z(6, c6a, c6b) KD_Z(7, c7a, c7b)
+    }
+#undef KD_LD
+#undef KD_Z
     for (int k = 0; k < K; k++) {
         const float * b = B + off[k];
         const float * a = A + (size_t)k * CV_MR;
@@ -346,7 +365,7 @@ static void dw_ukr_avx512(size_t nblk, const float * const * d, const float * co
 }
 #endif
 
-typedef void (*fwd_ukr_fn)(int, const float *, const float *, const ptrdiff_t *, float *, size_t);
+typedef void (*fwd_ukr_fn)(int, const float *, const float *, const ptrdiff_t *, float *, size_t, int);
 typedef void (*dw_ukr_fn)(size_t, const float * const *, const float * const *, float *);
 struct conv_kernels { fwd_ukr_fn fwd; dw_ukr_fn dw; };
 
@@ -358,9 +377,11 @@ static struct conv_kernels conv_kernels(void) {
     return k;
 }
 
-// ---- plan: geometry and workspace layout ---------------------------------------------------
+// ---- plan: path, blocking and workspace layout ---------------------------------------------
 
 static inline size_t round_up(size_t x, size_t m) { return (x + m - 1) / m * m; }
+static inline size_t zmax(size_t a, size_t b) { return a > b ? a : b; }
+static inline size_t zmin(size_t a, size_t b) { return a < b ? a : b; }
 
 // Overflow-checked size arithmetic: on overflow *bad is set and the result is meaningless.
 static inline size_t smul(int * bad, size_t a, size_t b) {
@@ -380,20 +401,35 @@ static inline size_t sreserve(int * bad, size_t * top, size_t n) {
     return at;
 }
 
+// K chunk for M padded rows: the packed chunk (Mp x kc) should stay within CV_L2_FLOATS.
+// Chunks are balanced (kc = ceil(K / nchunks)).
+static int k_chunk(size_t K, size_t Mp, size_t limit) {
+    size_t per = zmax(limit / zmax(Mp, 1), 32);
+    size_t n = (K + per - 1) / per;
+    return (int)((K + n - 1) / n);
+}
+
+enum { CONV_SHIFT = 1, CONV_COL = 2 };
+
 struct conv_plan {
-    int shift;                  // stride-1 path (else col path)
+    int path;
     int Cg, OCg, KK, CKK;
+    int kc;                     // K chunk of the forward product
+    int kct;                    // shift: K chunk of the input-gradient product (OCg*KK)
+    int mc;                     // col: dcol rows per pass (multiple of 8)
+    int gi;                     // col: images per group
     int Hp, Wp;                 // shift: padded input
     size_t plane;               // shift: Hp*Wp
-    size_t grid, ld;            // pixels of the output grid (OH*Wp or OH*OW), row stride (NR multiple)
     int Pt, Hq, Wq;             // shift: input-gradient conv: padding K-1-P, padded dout
-    size_t qplane, grid2, ld2;  // shift: Hq*Wq, H*Wq, row stride
-    size_t a_off, o_off, shared;                    // shared: packed weights, offsets
+    size_t qplane, grid2, ld2;  // shift: Hq*Wq, pixels H*Wq of its grid, row stride
+    size_t grid;                // pixels of one image's output grid (OH*Wp, or OH*OW)
+    size_t ld;                  // row stride of the staging, dout-grid and col buffers
+    size_t a_off, o_off, shared;                           // shared: packed weights, offsets
     size_t x_off, q_off, z_off, t_off, w_off, b_off, per;  // per thread
     size_t x_n, q_n, z_n;
 };
 
-// Everything is sized for both directions so that one workspace serves forward and backward.
+// Everything is sized for both directions: one workspace serves forward and backward.
 static int conv_plan_make(const struct kd_conv_shape * s, struct conv_plan * p) {
     int bad = 0;
     memset(p, 0, sizeof *p);
@@ -405,16 +441,45 @@ static int conv_plan_make(const struct kd_conv_shape * s, struct conv_plan * p) 
     if (bad || ckk > INT_MAX / 2 || ockk > INT_MAX / 2) { return 0; }
     p->KK = (int)kk;
     p->CKK = (int)ckk;
-    // The input gradient of a stride-1 conv is a conv with padding K-1-P >= 0.
-    p->shift = s->S == 1 && s->P <= s->K - 1;
     size_t OH = (size_t)s->OH, OW = (size_t)s->OW, H = (size_t)s->H, W = (size_t)s->W;
-    size_t slack;
-    if (p->shift) {
-        size_t hp = H + 2 * (size_t)s->P, wp = W + 2 * (size_t)s->P;
+    size_t OHW = smul(&bad, OH, OW);
+    size_t ocp = round_up((size_t)p->OCg, CV_MR), cp = round_up((size_t)p->Cg, CV_MR);
+    size_t ckkp = round_up(ckk, CV_MR);
+
+    // Path. Shift needs stride 1 and an input-gradient padding K-1-P >= 0. It computes
+    // OH*Wp grid pixels (rounded up to panels) per OH*OW outputs; col computes almost only
+    // outputs but packs im2col, which costs about as much as ~6 multiply-adds per element
+    // it writes (each element feeds OCg of them): choose the cheaper one.
+    int shift_ok = s->S == 1 && s->P <= s->K - 1;
+    size_t wp = W + 2 * (size_t)s->P;
+    size_t sgrid = smul(&bad, OH, wp);
+    // col: images per group so that the group fills its panels well
+    size_t gi = 1;
+    if (OHW < CV_GROUP_PIX) {
+        double best = 0;
+        size_t gmax = zmax(1, zmin((size_t)s->N, 2 * CV_GROUP_PIX / zmax(OHW, 1)));
+        for (size_t g = 1; g <= gmax; g++) {
+            double e = (double)(g * OHW) / (double)round_up(g * OHW, CV_NR);
+            if (e > best + 0.02) { best = e; gi = g; }
+        }
+    }
+    int path = CONV_COL;
+    if (shift_ok) {
+        double shift_cost = (double)round_up(sgrid, CV_NR) / (double)OHW;
+        double col_cost = (double)round_up(gi * OHW, CV_NR) / (double)(gi * OHW) + 6.0 / (double)p->OCg;
+        path = shift_cost <= col_cost ? CONV_SHIFT : CONV_COL;
+    }
+    int forced = __atomic_load_n(&kd_path_forced, __ATOMIC_RELAXED);
+    if (forced == CONV_COL || (forced == CONV_SHIFT && shift_ok)) { path = forced; }
+    p->path = path;
+
+    size_t slack = 0;
+    if (path == CONV_SHIFT) {
+        size_t hp = H + 2 * (size_t)s->P;
         if (hp > INT_MAX || wp > INT_MAX) { return 0; }
         p->Hp = (int)hp; p->Wp = (int)wp;
         p->plane = smul(&bad, hp, wp);
-        p->grid = smul(&bad, OH, wp);
+        p->grid = sgrid;
         p->Pt = s->K - 1 - s->P;
         p->Hq = (int)(OH + 2 * (size_t)p->Pt);
         p->Wq = (int)(OW + 2 * (size_t)p->Pt);
@@ -423,38 +488,42 @@ static int conv_plan_make(const struct kd_conv_shape * s, struct conv_plan * p) 
         p->ld2 = round_up(sadd(&bad, p->grid2, CV_NR - 1), CV_NR);
         // The last tap of the last channel reads up to K-1 + NR-1 floats past the plane.
         slack = 2 * CV_NR + 2 * (size_t)s->K;
+        p->gi = 1;
     } else {
-        p->grid = smul(&bad, OH, OW);
-        slack = 0;
+        p->grid = OHW;
+        p->gi = (int)gi;
     }
-    p->ld = round_up(sadd(&bad, p->grid, CV_NR - 1), CV_NR);
-    size_t ocp = round_up((size_t)p->OCg, CV_MR), cp = round_up((size_t)p->Cg, CV_MR);
-    size_t ckkp = round_up(ckk, CV_MR);
-    // shared: packed weights (largest of the three layouts) and the offset tables
+    p->ld = round_up(sadd(&bad, smul(&bad, p->grid, (size_t)p->gi), CV_NR - 1), CV_NR);
+    p->kc = k_chunk(ckk, ocp, CV_L2_FLOATS);
+    if (path == CONV_COL) {
+        // the im2col chunk (kc x ld) should also stay within the L2 budget
+        int kb = k_chunk(ckk, p->ld, CV_L2_FLOATS);
+        if (kb < p->kc) { p->kc = kb; }
+        p->mc = (int)zmin(ckkp, round_up(zmax(CV_L2_FLOATS / p->ld, CV_MR), CV_MR));
+    } else {
+        p->kct = k_chunk(ockk, cp, CV_L2_FLOATS);
+    }
+    // shared: packed weights (largest of the layouts) and offset tables
     size_t an = smul(&bad, ocp, ckk);
-    size_t an2 = p->shift ? smul(&bad, cp, ockk) : smul(&bad, ckkp, (size_t)p->OCg);
-    if (an2 > an) { an = an2; }
-    an = smul(&bad, an, (size_t)s->G);
+    size_t an2 = path == CONV_SHIFT ? smul(&bad, cp, ockk) : smul(&bad, ckkp, (size_t)p->OCg);
+    an = smul(&bad, zmax(an, an2), (size_t)s->G);
     size_t top = 0;
     p->a_off = sreserve(&bad, &top, an);
-    size_t noff = sadd(&bad, ckk, ockk > (size_t)p->OCg ? ockk : (size_t)p->OCg);
+    size_t noff = path == CONV_SHIFT ? sadd(&bad, ckk, ockk) : zmax((size_t)p->kc, (size_t)p->OCg);
     p->o_off = sreserve(&bad, &top, smul(&bad, noff, sizeof(ptrdiff_t) / sizeof(float)));
     p->shared = top;
     // per thread
     top = 0;
-    if (p->shift) {
-        p->x_n = sadd(&bad, smul(&bad, (size_t)s->C, p->plane), slack);
-        p->q_n = sadd(&bad, smul(&bad, (size_t)s->OC, p->qplane), slack);
-    } else {
-        p->x_n = smul(&bad, ckkp, p->ld);     // im2col, and dcol for the input gradient
-        p->q_n = 0;
-    }
-    p->z_n = smul(&bad, (size_t)s->OC, p->ld);  // dout on the output grid, zero elsewhere
     size_t tn = smul(&bad, ocp, p->ld);
-    if (p->shift) {
-        size_t t2 = smul(&bad, cp, p->ld2);
-        if (t2 > tn) { tn = t2; }
+    if (path == CONV_SHIFT) {
+        p->x_n = sadd(&bad, smul(&bad, (size_t)s->C, p->plane), slack);      // padded image
+        p->q_n = sadd(&bad, smul(&bad, (size_t)s->OC, p->qplane), slack);    // padded dout
+        tn = zmax(tn, smul(&bad, cp, p->ld2));
+    } else {
+        p->x_n = smul(&bad, (size_t)p->kc, p->ld);                           // im2col chunk
+        p->q_n = smul(&bad, (size_t)p->mc, p->ld);                           // dcol chunk
     }
+    p->z_n = smul(&bad, (size_t)s->OC, p->ld);      // dout on the output grid, zero elsewhere
     p->x_off = sreserve(&bad, &top, p->x_n);
     p->q_off = sreserve(&bad, &top, p->q_n);
     p->z_off = sreserve(&bad, &top, p->z_n);
@@ -465,8 +534,12 @@ static int conv_plan_make(const struct kd_conv_shape * s, struct conv_plan * p) 
     return !bad;
 }
 
+static inline int conv_is_depthwise(const struct kd_conv_shape * s) {
+    return s->G == s->C && s->G == s->OC;
+}
+
 size_t kd_conv2d_workspace(const struct kd_conv_shape * s, int nthreads) {
-    if (s->G == s->C && s->G == s->OC) { return 0; }      // depthwise: direct loops
+    if (conv_is_depthwise(s)) { return 0; }      // direct loops
     struct conv_plan p;
     if (nthreads < 1) { nthreads = 1; }
     if (!conv_plan_make(s, &p)) { return SIZE_MAX; }
@@ -478,10 +551,6 @@ size_t kd_conv2d_workspace(const struct kd_conv_shape * s, int nthreads) {
 static inline float * align_floats(float * w) {
     uintptr_t u = (uintptr_t)w, a = CV_ALIGN * sizeof(float);
     return (float *)((u + a - 1) / a * a);
-}
-
-static inline int conv_is_depthwise(const struct kd_conv_shape * s) {
-    return s->G == s->C && s->G == s->OC;
 }
 
 static void conv_check_shape(const struct kd_conv_shape * s) {
@@ -564,8 +633,8 @@ static void pack_tcol(float * Ap, const float * weight, const struct conv_plan *
     }
 }
 
-// Row offsets of the implicit im2col matrix: shift path (c, kh, kw) -> c*plane + kh*row + kw;
-// col path k -> k*ld.
+// Row offsets of the implicit im2col matrix on the shift path: (c, kh, kw) -> c*plane +
+// kh*row + kw; and plain row offsets k*ld of a buffer.
 static void shift_offsets(ptrdiff_t * off, int C, int K, size_t plane, size_t row) {
     size_t k = 0;
     for (int c = 0; c < C; c++) {
@@ -578,17 +647,26 @@ static void row_offsets(ptrdiff_t * off, int n, size_t ld) {
     for (int k = 0; k < n; k++) { off[k] = (ptrdiff_t)(k * ld); }
 }
 
-// ---- per-image building blocks -------------------------------------------------------------
+// ---- building blocks -----------------------------------------------------------------------
 
-// C (ceil8(M) x npix, row stride ldc) = A (packed, mpan panels of 8 rows, K) B, with B row k at
-// B + off[k]; npix is a multiple of NR. Panel-major, so each B panel is reused from L1 by
-// all row panels.
-static void gemm_panels(fwd_ukr_fn ukr, float * C, size_t ldc, const float * Ap, size_t mpan, int K,
-                        const float * B, const ptrdiff_t * off, size_t npix) {
+// C (mpan*8 rows x npix, row stride ldc) = A B, or += (acc_in) continuing the chains: A is
+// packed with panel stride 8*lda and column 0 at Ap; B row k at B + off[k]; npix is a
+// multiple of NR. Panel-major, so each B panel is reused from L1 by all row panels.
+static void gemm_panels(fwd_ukr_fn ukr, float * C, size_t ldc, const float * Ap, size_t lda, size_t mpan,
+                        int K, const float * B, const ptrdiff_t * off, size_t npix, int acc_in) {
     for (size_t j = 0; j < npix; j += CV_NR) {
         for (size_t mp = 0; mp < mpan; mp++) {
-            ukr(K, Ap + mp * CV_MR * (size_t)K, B + j, off, C + mp * CV_MR * ldc + j, ldc);
+            ukr(K, Ap + mp * CV_MR * lda, B + j, off, C + mp * CV_MR * ldc + j, ldc, acc_in);
         }
+    }
+}
+
+// The full product over K in chunks of kc (chunk c continues the chains of chunk c-1).
+static void gemm_chunked(fwd_ukr_fn ukr, float * C, size_t ldc, const float * Ap, size_t mpan, int K,
+                         int kc, const float * B, const ptrdiff_t * off, size_t npix) {
+    for (int k0 = 0; k0 < K; k0 += kc) {
+        gemm_panels(ukr, C, ldc, Ap + (size_t)k0 * CV_MR, (size_t)K, mpan, imin(kc, K - k0), B, off + k0,
+                    npix, k0 > 0);
     }
 }
 
@@ -613,68 +691,90 @@ static void dw_accumulate(dw_ukr_fn ukr, float * part, size_t ldp, int M, int N,
     }
 }
 
-// dst (C planes of rows x cols, plane stride dplane) at row r0, column c0 <- src (C, H, W).
+static inline void copy_floats(float * restrict d, const float * restrict s, size_t n) {
+    for (size_t i = 0; i < n; i++) { d[i] = s[i]; }
+}
+
+// dst (C planes of dcols-wide rows, plane stride dplane) at row r0, column c0 <- src (C, H, W).
 // Only the interior is written; the caller zeroes the borders once per call.
 static void pad_copy(float * dst, size_t dplane, size_t dcols, int r0, int c0, const float * src,
                      int C, int H, int W) {
     for (int c = 0; c < C; c++) {
         float * d = dst + (size_t)c * dplane + (size_t)r0 * dcols + c0;
         const float * x = src + (size_t)c * H * W;
-        for (int h = 0; h < H; h++) { memcpy(d + (size_t)h * dcols, x + (size_t)h * W, (size_t)W * sizeof(float)); }
+        for (int h = 0; h < H; h++) { copy_floats(d + (size_t)h * dcols, x + (size_t)h * W, W); }
     }
 }
 
-// col (Cg*K*K rows, row stride ld) <- inp (Cg, H, W); row (c*K + kh)*K + kw matches the
-// weight layout (OCg, Cg, K, K). Columns past OH*OW are not touched.
-static void im2col(float * col, size_t ld, const float * inp, int Cg, int H, int W, int OH, int OW,
-                   int K, int S, int P) {
-    for (int c = 0; c < Cg; c++) {
+// Rows [k0, k1) of im2col for one image inp (Cg, H, W), written at col (row k at
+// col + (k - k0)*ld, output pixel o at column o). Row (c*K + kh)*K + kw matches the weight
+// layout (OCg, Cg, K, K).
+static void im2col_rows(float * col, size_t ld, const float * inp, int H, int W, int OH, int OW,
+                        int K, int S, int P, int k0, int k1) {
+    for (int k = k0; k < k1; k++) {
+        int c = k / (K * K), kh = (k / K) % K, kw = k % K;
         const float * plane = inp + (size_t)c * H * W;
-        for (int kh = 0; kh < K; kh++) {
-            for (int kw = 0; kw < K; kw++) {
-                float * row = col + ((size_t)(c * K + kh) * K + kw) * ld;
-                int ow0, ow1;
-                valid_range(&ow0, &ow1, W, OW, kw, S, P);
-                for (int oh = 0; oh < OH; oh++) {
-                    float * r = row + (size_t)oh * OW;
-                    int ih = oh * S - P + kh;
-                    if (ih < 0 || ih >= H) {
-                        memset(r, 0, (size_t)OW * sizeof(float));
-                        continue;
-                    }
-                    for (int ow = 0; ow < ow0; ow++) { r[ow] = 0.0f; }
-                    for (int ow = ow1; ow < OW; ow++) { r[ow] = 0.0f; }
-                    if (ow0 == ow1) { continue; }
-                    const float * src = plane + (size_t)ih * W + (ow0 * S - P + kw);
-                    if (S == 1) {
-                        memcpy(r + ow0, src, (size_t)(ow1 - ow0) * sizeof(float));
-                    } else {
-                        for (int ow = ow0; ow < ow1; ow++) { r[ow] = src[(ow - ow0) * S]; }
-                    }
-                }
+        float * row = col + (size_t)(k - k0) * ld;
+        int ow0, ow1;
+        valid_range(&ow0, &ow1, W, OW, kw, S, P);
+        for (int oh = 0; oh < OH; oh++) {
+            float * r = row + (size_t)oh * OW;
+            int ih = oh * S - P + kh;
+            if (ih < 0 || ih >= H || ow0 == ow1) {
+                for (int ow = 0; ow < OW; ow++) { r[ow] = 0.0f; }
+                continue;
+            }
+            for (int ow = 0; ow < ow0; ow++) { r[ow] = 0.0f; }
+            for (int ow = ow1; ow < OW; ow++) { r[ow] = 0.0f; }
+            const float * src = plane + (size_t)ih * W + (ow0 * S - P + kw);
+            if (S == 1) {
+                copy_floats(r + ow0, src, (size_t)(ow1 - ow0));
+            } else {
+                for (int ow = ow0; ow < ow1; ow++) { r[ow] = src[(ow - ow0) * S]; }
             }
         }
     }
 }
 
-// dinp (Cg, H, W) += scatter of col (Cg*K*K rows, row stride ld): the adjoint of im2col.
-static void col2im_add(float * dinp, const float * col, size_t ld, int Cg, int H, int W, int OH, int OW,
-                       int K, int S, int P) {
-    for (int c = 0; c < Cg; c++) {
+// dinp (Cg, H, W) += scatter of rows [k0, k1) of a col matrix (row k at col + (k-k0)*ld):
+// the adjoint of im2col_rows.
+static void col2im_rows_add(float * dinp, const float * col, size_t ld, int H, int W, int OH, int OW,
+                            int K, int S, int P, int k0, int k1) {
+    for (int k = k0; k < k1; k++) {
+        int c = k / (K * K), kh = (k / K) % K, kw = k % K;
         float * plane = dinp + (size_t)c * H * W;
-        for (int kh = 0; kh < K; kh++) {
-            for (int kw = 0; kw < K; kw++) {
-                const float * row = col + ((size_t)(c * K + kh) * K + kw) * ld;
-                int ow0, ow1;
-                valid_range(&ow0, &ow1, W, OW, kw, S, P);
-                if (ow0 == ow1) { continue; }
-                for (int oh = 0; oh < OH; oh++) {
-                    int ih = oh * S - P + kh;
-                    if (ih < 0 || ih >= H) { continue; }
-                    const float * r = row + (size_t)oh * OW;
-                    axpy_scatter(plane + (size_t)ih * W + (ow0 * S - P + kw), 1.0f, r + ow0, ow1 - ow0, S);
-                }
+        const float * row = col + (size_t)(k - k0) * ld;
+        int ow0, ow1;
+        valid_range(&ow0, &ow1, W, OW, kw, S, P);
+        if (ow0 == ow1) { continue; }
+        for (int oh = 0; oh < OH; oh++) {
+            int ih = oh * S - P + kh;
+            if (ih < 0 || ih >= H) { continue; }
+            const float * r = row + (size_t)oh * OW;
+            axpy_scatter(plane + (size_t)ih * W + (ow0 * S - P + kw), 1.0f, r + ow0, ow1 - ow0, S);
+        }
+    }
+}
+
+// out rows (one image, OCg channels) <- staging rows (grid row stride gw), dropping the grid
+// columns outside the output; bias after the product, as PyTorch.
+static void store_out(float * o, const float * stage, size_t ld, size_t gw, int OCg, int OH, int OW,
+                      const float * bias) {
+    size_t OHW = (size_t)OH * OW;
+    for (int oc = 0; oc < OCg; oc++) {
+        float * orow = o + (size_t)oc * OHW;
+        const float * srow = stage + (size_t)oc * ld;
+        if (bias != NULL) {
+            float bv = bias[oc];
+            for (int oh = 0; oh < OH; oh++) {
+                float * d = orow + (size_t)oh * OW;
+                const float * r = srow + (size_t)oh * gw;
+                for (int ow = 0; ow < OW; ow++) { d[ow] = r[ow] + bv; }
             }
+        } else if (gw == (size_t)OW) {
+            copy_floats(orow, srow, OHW);
+        } else {
+            for (int oh = 0; oh < OH; oh++) { copy_floats(orow + (size_t)oh * OW, srow + (size_t)oh * gw, OW); }
         }
     }
 }
@@ -727,41 +827,47 @@ void kd_conv2d_forward(float * out, const float * inp, const float * weight, con
     float * Ap = ws + pl.a_off;
     ptrdiff_t * off = (ptrdiff_t *)(ws + pl.o_off);
     pack_fwd(Ap, weight, &pl, s->G);
-    if (pl.shift) { shift_offsets(off, pl.Cg, s->K, pl.plane, (size_t)pl.Wp); }
-    else { row_offsets(off, pl.CKK, pl.ld); }
-    size_t ocp = round_up((size_t)pl.OCg, CV_MR), CKK = (size_t)pl.CKK;
-    size_t gstride = pl.shift ? (size_t)pl.Cg * pl.plane : 0;   // B offset of group g
+    if (pl.path == CONV_SHIFT) { shift_offsets(off, pl.Cg, s->K, pl.plane, (size_t)pl.Wp); }
+    else { row_offsets(off, pl.kc, pl.ld); }
+    size_t ocp = round_up((size_t)pl.OCg, CV_MR), CKK = (size_t)pl.CKK, mpan = ocp / CV_MR;
     #pragma omp parallel
     {
         int n0, n1;
         batch_chunk(&n0, &n1, s->N, kd_omp_tid(), team_size());
         float * tw = ws + pl.shared + (size_t)kd_omp_tid() * pl.per;
         float * xb = tw + pl.x_off, * stage = tw + pl.t_off;
-        // Borders of the padded image, and the columns of im2col rows past the output grid,
-        // are zero once here and never written again (only finite values may be read).
+        // Borders of the padded image and columns past the grid are zeroed once here and
+        // never written again (only finite values may be read where results are dropped).
         if (n0 < n1) { memset(xb, 0, pl.x_n * sizeof(float)); }
-        for (int n = n0; n < n1; n++) {
-            const float * x = inp + (size_t)n * s->C * HW;
-            float * o = out + (size_t)n * s->OC * OHW;
-            if (pl.shift) { pad_copy(xb, pl.plane, (size_t)pl.Wp, s->P, s->P, x, s->C, s->H, s->W); }
-            for (int g = 0; g < s->G; g++) {
-                const float * B = xb + (size_t)g * gstride;
-                if (!pl.shift) {
-                    im2col(xb, pl.ld, x + (size_t)g * pl.Cg * HW, pl.Cg, s->H, s->W, s->OH, s->OW, s->K, s->S, s->P);
+        if (pl.path == CONV_SHIFT) {
+            for (int n = n0; n < n1; n++) {
+                float * o = out + (size_t)n * s->OC * OHW;
+                pad_copy(xb, pl.plane, (size_t)pl.Wp, s->P, s->P, inp + (size_t)n * s->C * HW, s->C, s->H, s->W);
+                for (int g = 0; g < s->G; g++) {
+                    gemm_chunked(kr.fwd, stage, pl.ld, Ap + (size_t)g * ocp * CKK, mpan, pl.CKK, pl.kc,
+                                 xb + (size_t)g * pl.Cg * pl.plane, off, pl.ld);
+                    store_out(o + (size_t)g * pl.OCg * OHW, stage, pl.ld, (size_t)pl.Wp, pl.OCg, s->OH, s->OW,
+                              bias != NULL ? bias + g * pl.OCg : NULL);
                 }
-                gemm_panels(kr.fwd, stage, pl.ld, Ap + (size_t)g * ocp * CKK, ocp / CV_MR, pl.CKK, B, off, pl.ld);
-                // Drop the grid columns outside the output; bias after the product (as PyTorch).
-                size_t gw = pl.shift ? (size_t)pl.Wp : (size_t)s->OW;
-                for (int oc = 0; oc < pl.OCg; oc++) {
-                    int goc = g * pl.OCg + oc;
-                    float bv = bias != NULL ? bias[goc] : 0.0f;
-                    float * orow = o + (size_t)goc * OHW;
-                    const float * srow = stage + (size_t)oc * pl.ld;
-                    for (int oh = 0; oh < s->OH; oh++) {
-                        float * d = orow + (size_t)oh * s->OW;
-                        const float * r = srow + (size_t)oh * gw;
-                        if (bias != NULL) { for (int ow = 0; ow < s->OW; ow++) { d[ow] = r[ow] + bv; } }
-                        else { memcpy(d, r, (size_t)s->OW * sizeof(float)); }
+            }
+        } else {
+            for (int n = n0; n < n1; n += pl.gi) {
+                int ni = imin(pl.gi, n1 - n);
+                size_t npix = round_up((size_t)ni * OHW, CV_NR);
+                for (int g = 0; g < s->G; g++) {
+                    const float * Ag = Ap + (size_t)g * ocp * CKK;
+                    for (int k0 = 0; k0 < pl.CKK; k0 += pl.kc) {
+                        int k1 = imin(pl.CKK, k0 + pl.kc);
+                        for (int i = 0; i < ni; i++) {
+                            im2col_rows(xb + (size_t)i * OHW, pl.ld, inp + ((size_t)(n + i) * s->C + (size_t)g * pl.Cg) * HW,
+                                        s->H, s->W, s->OH, s->OW, s->K, s->S, s->P, k0, k1);
+                        }
+                        gemm_panels(kr.fwd, stage, pl.ld, Ag + (size_t)k0 * CV_MR, CKK, mpan, k1 - k0, xb, off,
+                                    npix, k0 > 0);
+                    }
+                    for (int i = 0; i < ni; i++) {
+                        store_out(out + ((size_t)(n + i) * s->OC + (size_t)g * pl.OCg) * OHW, stage + (size_t)i * OHW,
+                                  pl.ld, (size_t)s->OW, pl.OCg, s->OH, s->OW, bias != NULL ? bias + g * pl.OCg : NULL);
                     }
                 }
             }
@@ -828,24 +934,21 @@ void kd_conv2d_backward(float * dinp, float * dweight, float * dbias, const floa
     struct conv_kernels kr = conv_kernels();
     float * ws = align_floats(work);
     float * Ap = ws + pl.a_off;
-    ptrdiff_t * off = (ptrdiff_t *)(ws + pl.o_off);      // im2col rows (weight gradient)
-    ptrdiff_t * off2 = off + pl.CKK;                      // B rows of the input-gradient product
+    ptrdiff_t * off = (ptrdiff_t *)(ws + pl.o_off);
+    ptrdiff_t * off2 = off + pl.CKK;                      // shift: rows of the padded dout
     size_t HW = (size_t)s->H * s->W, OHW = (size_t)s->OH * s->OW;
     size_t CKK = (size_t)pl.CKK, nw = (size_t)s->OC * CKK;
     size_t cp = round_up((size_t)pl.Cg, CV_MR), ckkp = round_up(CKK, CV_MR);
     size_t Kt = (size_t)pl.OCg * pl.KK;
-    if (pl.shift) {
+    int shift = pl.path == CONV_SHIFT;
+    if (shift) {
         shift_offsets(off, pl.Cg, s->K, pl.plane, (size_t)pl.Wp);
         shift_offsets(off2, pl.OCg, s->K, pl.qplane, (size_t)pl.Wq);
         if (dinp != NULL) { pack_tdinp(Ap, weight, &pl, s->G, s->K); }
     } else {
-        row_offsets(off, pl.CKK, pl.ld);
-        row_offsets(off2, pl.OCg, pl.ld);
+        row_offsets(off, imax(pl.kc, pl.OCg), pl.ld);     // im2col chunk rows, and dout rows
         if (dinp != NULL) { pack_tcol(Ap, weight, &pl, s->G); }
     }
-    // Weight-gradient dot products run over whole 16-pixel blocks of the grid; D is zero
-    // past the grid, so the extra pixels add nothing.
-    size_t nblk = round_up(pl.grid, DW_L) / DW_L;
     int nteam = 1;
     #pragma omp parallel
     {
@@ -857,48 +960,63 @@ void kd_conv2d_backward(float * dinp, float * dweight, float * dbias, const floa
         // Private partials, so no thread ever writes another's gradient.
         float * dw = dweight != NULL ? tw + pl.w_off : NULL;
         float * db = dbias != NULL ? tw + pl.b_off : NULL;
+        int need_z = dw != NULL || (!shift && dinp != NULL);   // dout on the forward grid
         if (n0 < n1) {
             if (dw != NULL) { memset(dw, 0, nw * sizeof(float)); }
             if (db != NULL) { memset(db, 0, (size_t)s->OC * sizeof(float)); }
             // Zero once: padding, grid columns outside the output, row tails.
-            if (dw != NULL || !pl.shift) { memset(xb, 0, pl.x_n * sizeof(float)); }
-            if (dinp != NULL && pl.shift) { memset(qb, 0, pl.q_n * sizeof(float)); }
-            memset(zb, 0, pl.z_n * sizeof(float));
+            if (dw != NULL) { memset(xb, 0, pl.x_n * sizeof(float)); }
+            if (dinp != NULL && shift) { memset(qb, 0, pl.q_n * sizeof(float)); }
+            if (need_z) { memset(zb, 0, pl.z_n * sizeof(float)); }
         }
-        for (int n = n0; n < n1; n++) {
+        for (int n = n0; n < n1; n += pl.gi) {
+            int ni = imin(pl.gi, n1 - n);
             const float * x = inp + (size_t)n * s->C * HW;
             const float * dy = dout + (size_t)n * s->OC * OHW;
             float * dx = dinp != NULL ? dinp + (size_t)n * s->C * HW : NULL;
             if (db != NULL) {
-                for (int oc = 0; oc < s->OC; oc++) { db[oc] += (float)sum_f64(dy + (size_t)oc * OHW, OHW); }
-            }
-            if (dw == NULL && dx == NULL) { continue; }
-            // dout on the forward grid (row stride gw, zero outside the output).
-            size_t gw = pl.shift ? (size_t)pl.Wp : (size_t)s->OW;
-            for (int oc = 0; oc < s->OC; oc++) {
-                float * zrow = zb + (size_t)oc * pl.ld;
-                const float * drow = dy + (size_t)oc * OHW;
-                if (gw == (size_t)s->OW) { memcpy(zrow, drow, OHW * sizeof(float)); continue; }
-                for (int oh = 0; oh < s->OH; oh++) {
-                    memcpy(zrow + (size_t)oh * gw, drow + (size_t)oh * s->OW, (size_t)s->OW * sizeof(float));
+                for (int i = 0; i < ni; i++) {
+                    for (int oc = 0; oc < s->OC; oc++) {
+                        db[oc] += (float)sum_f64(dy + ((size_t)i * s->OC + oc) * OHW, OHW);
+                    }
                 }
             }
-            if (pl.shift) {
+            if (dw == NULL && dx == NULL) { continue; }
+            size_t npix = (size_t)ni * pl.grid;       // grid pixels of this group
+            size_t nblk = round_up(npix, DW_L) / DW_L;
+            if (need_z) {
+                // dout of the group on the forward grid: row oc holds image i at i*grid, row
+                // stride Wp on the shift path; zero elsewhere (dropped columns, tail).
+                for (int oc = 0; oc < s->OC; oc++) {
+                    float * zrow = zb + (size_t)oc * pl.ld;
+                    for (int i = 0; i < ni; i++) {
+                        const float * drow = dy + ((size_t)i * s->OC + oc) * OHW;
+                        if (!shift) { copy_floats(zrow + (size_t)i * OHW, drow, OHW); continue; }
+                        for (int oh = 0; oh < s->OH; oh++) {
+                            copy_floats(zrow + (size_t)oh * pl.Wp, drow + (size_t)oh * s->OW, s->OW);
+                        }
+                    }
+                    // a short last group leaves stale values past its pixels
+                    for (size_t p = npix; p < nblk * DW_L; p++) { zrow[p] = 0.0f; }
+                }
+            }
+            if (shift) {
                 if (dw != NULL) { pad_copy(xb, pl.plane, (size_t)pl.Wp, s->P, s->P, x, s->C, s->H, s->W); }
                 if (dx != NULL) { pad_copy(qb, pl.qplane, (size_t)pl.Wq, pl.Pt, pl.Pt, dy, s->OC, s->OH, s->OW); }
             }
             for (int g = 0; g < s->G; g++) {
                 const float * zg = zb + (size_t)g * pl.OCg * pl.ld;
-                float * dxg = dx != NULL ? dx + (size_t)g * pl.Cg * HW : NULL;
-                if (pl.shift) {
-                    if (dw != NULL) {
-                        dw_accumulate(kr.dw, dw + (size_t)g * pl.OCg * CKK, CKK, pl.OCg, pl.CKK, zg, pl.ld,
-                                      xb + (size_t)g * pl.Cg * pl.plane, off, nblk);
+                float * dwg = dw != NULL ? dw + (size_t)g * pl.OCg * CKK : NULL;
+                if (shift) {
+                    if (dwg != NULL) {
+                        dw_accumulate(kr.dw, dwg, CKK, pl.OCg, pl.CKK, zg, pl.ld, xb + (size_t)g * pl.Cg * pl.plane,
+                                      off, nblk);
                     }
-                    if (dxg != NULL) {
+                    if (dx != NULL) {
                         // dinp_g = conv(padded dout_g, flipped W_g^T) on the grid H x Wq.
-                        gemm_panels(kr.fwd, stage, pl.ld2, Ap + (size_t)g * cp * Kt, cp / CV_MR, (int)Kt,
-                                    qb + (size_t)g * pl.OCg * pl.qplane, off2, pl.ld2);
+                        float * dxg = dx + (size_t)g * pl.Cg * HW;
+                        gemm_chunked(kr.fwd, stage, pl.ld2, Ap + (size_t)g * cp * Kt, cp / CV_MR, (int)Kt, pl.kct,
+                                     qb + (size_t)g * pl.OCg * pl.qplane, off2, pl.ld2);
                         for (int c = 0; c < pl.Cg; c++) {
                             float * drow = dxg + (size_t)c * HW;
                             const float * srow = stage + (size_t)c * pl.ld2;
@@ -909,23 +1027,31 @@ void kd_conv2d_backward(float * dinp, float * dweight, float * dbias, const floa
                             }
                         }
                     }
-                } else {
-                    if (dw != NULL) {
-                        im2col(xb, pl.ld, x + (size_t)g * pl.Cg * HW, pl.Cg, s->H, s->W, s->OH, s->OW,
-                               s->K, s->S, s->P);
-                        dw_accumulate(kr.dw, dw + (size_t)g * pl.OCg * CKK, CKK, pl.OCg, pl.CKK, zg, pl.ld,
-                                      xb, off, nblk);
+                    continue;
+                }
+                // col path
+                if (dwg != NULL) {
+                    for (int k0 = 0; k0 < pl.CKK; k0 += pl.kc) {
+                        int k1 = imin(pl.CKK, k0 + pl.kc);
+                        for (int i = 0; i < ni; i++) {
+                            im2col_rows(xb + (size_t)i * OHW, pl.ld, x + ((size_t)i * s->C + (size_t)g * pl.Cg) * HW,
+                                        s->H, s->W, s->OH, s->OW, s->K, s->S, s->P, k0, k1);
+                        }
+                        dw_accumulate(kr.dw, dwg + k0, CKK, pl.OCg, k1 - k0, zg, pl.ld, xb, off, nblk);
                     }
-                    if (dxg != NULL) {
-                        // dcol (CKK, grid) = W_g^T dout_g into the im2col buffer, then col2im.
-                        gemm_panels(kr.fwd, xb, pl.ld, Ap + (size_t)g * ckkp * pl.OCg, ckkp / CV_MR, pl.OCg,
-                                    zg, off2, pl.ld);
-                        col2im_add(dxg, xb, pl.ld, pl.Cg, s->H, s->W, s->OH, s->OW, s->K, s->S, s->P);
-                        // The next im2col rewrites only the grid: zero the row tails again.
-                        if (dw != NULL) {
-                            for (size_t k = 0; k < CKK; k++) {
-                                memset(xb + k * pl.ld + pl.grid, 0, (pl.ld - pl.grid) * sizeof(float));
-                            }
+                }
+                if (dx != NULL) {
+                    // dcol (CKK, pixels) = W_g^T dout_g, mc rows at a time, then col2im.
+                    const float * At = Ap + (size_t)g * ckkp * pl.OCg;
+                    size_t npan = round_up(npix, CV_NR);
+                    for (int m0 = 0; m0 < pl.CKK; m0 += pl.mc) {
+                        int m1 = imin(pl.CKK, m0 + pl.mc);
+                        size_t mpan = round_up((size_t)(m1 - m0), CV_MR) / CV_MR;
+                        gemm_panels(kr.fwd, qb, pl.ld, At + (size_t)m0 * pl.OCg, (size_t)pl.OCg, mpan, pl.OCg, zg,
+                                    off, npan, 0);
+                        for (int i = 0; i < ni; i++) {
+                            col2im_rows_add(dx + ((size_t)i * s->C + (size_t)g * pl.Cg) * HW, qb + (size_t)i * OHW,
+                                            pl.ld, s->H, s->W, s->OH, s->OW, s->K, s->S, s->P, m0, m1);
                         }
                     }
                 }
@@ -953,7 +1079,6 @@ void kd_conv2d_backward(float * dinp, float * dweight, float * dbias, const floa
         }
     }
 }
-
 
 // ----------------------------------------------------------------------------------------
 // batchnorm

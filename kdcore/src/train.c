@@ -191,12 +191,47 @@ static enum kd_status check_distill_cfg(const struct kd_distill_cfg * d, int n_t
         KD_FAIL(KD_ERR_VALUE, "tolerant_k (%d) must be >= 2", d->tolerant_k);
     if (d->kind != KD_DISTILL_NONE && n_teachers < 1) KD_FAIL(KD_ERR_VALUE, "distillation needs at least one teacher");
     if (d->kind == KD_DISTILL_NONE && d->conditional) KD_FAIL(KD_ERR_VALUE, "conditional needs a distillation kind");
+    if (d->gate_logits) {
+        if (!(d->gate_lr >= 0) || !isfinite(d->gate_lr)) KD_FAIL(KD_ERR_VALUE, "gate_lr (%g) must be >= 0", d->gate_lr);
+        if (d->multi != KD_MULTI_AVG_PROB || d->kind != KD_DISTILL_KD)
+            KD_FAIL(KD_ERR_VALUE, "learned gates need KD with multi = AVG_PROB");
+        for (int t = 0; t < n_teachers; t++)
+            if (!isfinite(d->gate_logits[t])) KD_FAIL(KD_ERR_VALUE, "gate_logits[%d] is not finite", t);
+    }
     if (d->teacher_weights) {
         for (int t = 0; t < n_teachers; t++)
             if (!(d->teacher_weights[t] >= 0) || !isfinite(d->teacher_weights[t]))
                 KD_FAIL(KD_ERR_VALUE, "teacher_weights[%d] (%g) must be finite and >= 0", t, d->teacher_weights[t]);
     }
     return KD_OK;
+}
+
+// Learned gates of eq. 24: with q = sum_t g_t P_t (P_t = softmax(z_t/T)) and the loss
+// L = kdw T^2 mean_i w_i KL(q_i || p_s,i), dL/dq = kdw T^2 w_i (log q - log p_s + 1) / N,
+// dL/dg_t = <dL/dq, P_t>, and through g = softmax(gates): dL/dgate_t = g_t (G_t - sum_s g_s G_s).
+// One plain SGD step per training step. Dropped teachers (g_t = 0) get no update.
+static void update_gates(float * gates, const float * g, int n, const float * tz, size_t BV, const float * q,
+                         const float * zs, const float * wk, int nb, int V, float T, float kdw, float lr,
+                         float * P, float * lps) {
+    kd_softmax_t(lps, zs, nb, V, T);
+    double G[64], gsum = 0;
+    for (int t = 0; t < n; t++) {
+        G[t] = 0;
+        if (g[t] == 0) continue;
+        kd_softmax_t(P, tz + (size_t)t * BV, nb, V, T);
+        for (int i = 0; i < nb; i++) {
+            double wi = wk ? wk[i] : 1.0;
+            for (int k = 0; k < V; k++) {
+                size_t j = (size_t)i * V + k;
+                if (q[j] <= 0 || lps[j] <= 0) continue;
+                G[t] += wi * (log((double)q[j]) - log((double)lps[j]) + 1.0) * P[j];
+            }
+        }
+        G[t] *= (double)kdw * T * T / nb;
+    }
+    for (int t = 0; t < n; t++) gsum += g[t] * G[t];
+    for (int t = 0; t < n; t++)
+        if (g[t] > 0) gates[t] -= (float)(lr * g[t] * (G[t] - gsum));
 }
 
 enum kd_status kd_distill_epoch(struct kd_net * student, struct kd_optim * opt,
@@ -223,10 +258,10 @@ enum kd_status kd_distill_epoch(struct kd_net * student, struct kd_optim * opt,
         if ((st = check_outputs(teachers[t], "teacher", ds, L.B, &V)) != KD_OK) goto done;
     // Scratch: student gradient, per-teacher logits, mixture targets, per-sample weights.
     const size_t BV = (size_t)L.B * V;
-    buf = malloc((BV * (size_t)(2 + n_teachers + 1) + 3 * (size_t)L.B) * sizeof(float));
+    buf = malloc((BV * (size_t)(4 + n_teachers) + 3 * (size_t)L.B) * sizeof(float));
     if (!buf) { st = kd_set_error_(KD_ERR_NOMEM, __func__, "cannot allocate distillation buffers"); goto done; }
     float * dlogits = buf, * tz = buf + BV, * q = tz + BV * (size_t)n_teachers, * tmp = q + BV;
-    float * w_kd = tmp + BV, * w_ce = w_kd + L.B;
+    float * tmp2 = tmp + BV, * w_kd = tmp2 + BV, * w_ce = w_kd + L.B;
 
     // Effective distillation weight this epoch: DKD-style linear warm-up, ESKD-style stop.
     float kdw = dcfg->kd_weight;
@@ -250,16 +285,26 @@ enum kd_status kd_distill_epoch(struct kd_net * student, struct kd_optim * opt,
                 memcpy(zt, kd_net_output(teachers[t], -1), nbv * sizeof(float));
             }
         }
-        // Teacher weights for this step: given or uniform, with DGKD's random drop.
+        // Teacher weights for this step: learned (softmax of the gates), given or uniform, with
+        // DGKD's random drop.
+        float base_w[64];
+        if (dcfg->gate_logits) {
+            double mx = -INFINITY, sum = 0;
+            for (int t = 0; t < n_teachers; t++) mx = fmax(mx, dcfg->gate_logits[t]);
+            for (int t = 0; t < n_teachers; t++) sum += exp(dcfg->gate_logits[t] - mx);
+            for (int t = 0; t < n_teachers; t++) base_w[t] = (float)(exp(dcfg->gate_logits[t] - mx) / sum);
+        } else {
+            for (int t = 0; t < n_teachers; t++) base_w[t] = dcfg->teacher_weights ? dcfg->teacher_weights[t] : 1.0f;
+        }
         int kept = 0;
         for (int t = 0; t < n_teachers; t++) {
             bool drop = dcfg->teacher_drop > 0 && kd_uniform(kd_hash(L.sseed ^ 0xD509ull, (uint64_t)t)) < dcfg->teacher_drop;
-            gw[t] = drop ? 0.0f : (dcfg->teacher_weights ? dcfg->teacher_weights[t] : 1.0f);
+            gw[t] = drop ? 0.0f : base_w[t];
             kept += !drop;
         }
         if (n_teachers > 0 && kept == 0) {   // keep one, chosen from the step's seed
             int t = (int)(kd_hash(L.sseed, 0xD50ull) % (uint64_t)n_teachers);
-            gw[t] = dcfg->teacher_weights ? dcfg->teacher_weights[t] : 1.0f;
+            gw[t] = base_w[t];
         }
         double gsum = 0;
         for (int t = 0; t < n_teachers; t++) gsum += gw[t];
@@ -311,6 +356,9 @@ enum kd_status kd_distill_epoch(struct kd_net * student, struct kd_optim * opt,
                     for (size_t j = 0; j < nbv; j++) q[j] += gw[t] * tmp[j];
                 }
                 st = kd_loss_soft(&kd, dlogits, zs, q, wk, nb, V, dcfg->T, kdw, true);
+                if (st == KD_OK && dcfg->gate_logits && dcfg->gate_lr > 0)
+                    update_gates(dcfg->gate_logits, gw, n_teachers, tz, BV, q, zs, wk, nb, V, dcfg->T, kdw,
+                                 dcfg->gate_lr, tmp, tmp2);
             } else {
                 for (int t = 0; t < n_teachers && st == KD_OK; t++) {
                     if (gw[t] == 0) continue;

@@ -15,11 +15,13 @@ import numpy as np
 
 from . import _kdcore, datasets, functional, models, nn, optim
 from .distill import distill, exit_accuracies, kl_divergence, multi_exit, mutual, slkd
+from .schemes import born_again, dgkd, eskd, snapshot_distill, takd, tf_kd
 from .training import History, evaluate, fit, predict
 
 __version__ = _kdcore.version
 __all__ = ["nn", "models", "datasets", "functional", "optim", "fit", "evaluate", "predict", "History",
            "distill", "mutual", "slkd", "multi_exit", "exit_accuracies", "kl_divergence",
+           "born_again", "takd", "dgkd", "snapshot_distill", "eskd", "tf_kd",
            "set_num_threads", "get_num_threads", "show_config"]
 
 

@@ -955,14 +955,14 @@ static int get_logits(PyObject * seq_o, PyArrayObject ** hold, const float ** pt
 //               teacher_logits=None, teacher_weights=None) -> dict
 static PyObject * py_distill_epoch(PyObject * Py_UNUSED(m), PyObject * args, PyObject * kwds) {
     static char * kwlist[] = { "student", "opt", "data", "epoch", "train", "distill", "teachers", "teacher_logits",
-                               "teacher_weights", NULL };
+                               "teacher_weights", "gates", NULL };
     NetObject * net;
     OptimObject * opt;
     DatasetObject * data;
     int epoch;
-    PyObject * topts, * dopts, * teachers_o = Py_None, * logits_o = Py_None, * weights_o = Py_None;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!O!O!iOO|OOO", kwlist, &NetType, &net, &OptimType, &opt, &DatasetType,
-                                     &data, &epoch, &topts, &dopts, &teachers_o, &logits_o, &weights_o))
+    PyObject * topts, * dopts, * teachers_o = Py_None, * logits_o = Py_None, * weights_o = Py_None, * gates_o = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!O!O!iOO|OOOO", kwlist, &NetType, &net, &OptimType, &opt, &DatasetType,
+                                     &data, &epoch, &topts, &dopts, &teachers_o, &logits_o, &weights_o, &gates_o))
         return NULL;
     struct kd_train_cfg cfg;
     struct callback_ctx ctx = { NULL };
@@ -978,6 +978,7 @@ static PyObject * py_distill_epoch(PyObject * Py_UNUSED(m), PyObject * args, PyO
         opt_i32(&r, "kd_stop_epoch", &d.kd_stop_epoch) < 0 || opt_bool(&r, "conditional", &d.conditional) < 0 ||
         opt_i32(&r, "multi", &multi) < 0 || opt_float(&r, "teacher_drop", &d.teacher_drop) < 0 ||
         opt_i32(&r, "teacher_mode", &mode) < 0 || opt_float(&r, "student_noise", &d.student_noise) < 0 ||
+        opt_float(&r, "gate_lr", &d.gate_lr) < 0 ||
         opt_float(&r, "tolerant_weight", &d.tolerant_weight) < 0 || opt_i32(&r, "tolerant_k", &d.tolerant_k) < 0 ||
         opt_done(&r) < 0)
         return NULL;
@@ -1018,6 +1019,17 @@ static PyObject * py_distill_epoch(PyObject * Py_UNUSED(m), PyObject * args, PyO
         memcpy(tw, PyArray_DATA(w), (size_t)n_teachers * sizeof(float));
         Py_DECREF(w);
         d.teacher_weights = tw;
+    }
+    if (gates_o != Py_None) {
+        // Learned gates are updated in place: the array must be exactly float32, contiguous,
+        // writeable (never a silent copy).
+        if (!PyArray_Check(gates_o) || PyArray_TYPE((PyArrayObject *)gates_o) != NPY_FLOAT32 ||
+            !PyArray_IS_C_CONTIGUOUS((PyArrayObject *)gates_o) || !PyArray_ISWRITEABLE((PyArrayObject *)gates_o) ||
+            PyArray_NDIM((PyArrayObject *)gates_o) != 1 || PyArray_DIM((PyArrayObject *)gates_o, 0) != n_teachers) {
+            PyErr_Format(PyExc_TypeError, "gates must be a writeable, contiguous float32 array of %d values", n_teachers);
+            goto fail;
+        }
+        d.gate_logits = PyArray_DATA((PyArrayObject *)gates_o);
     }
     if (acquire_all(nets, nn) < 0) goto fail;
     struct kd_distill_stats s;

@@ -53,7 +53,8 @@ def _as_teachers(teacher):
 def distill(student, teacher, train, method="kd", epochs=10, batch_size=128, optimizer="sgd", lr=None,
             schedule=None, augment=None, val=None, seed=0, progress=True, T=None, ce_weight=None, kd_weight=None,
             alpha=1.0, beta=8.0, warmup_epochs=None, kd_stop_epoch=None, conditional=False, teacher_weights=None,
-            multi="avg_prob", teacher_drop=0.0, fickle=False, student_noise=0.0, tolerant=None, cache="auto",
+            multi="avg_prob", learn_gates=False, gate_lr=0.1, teacher_drop=0.0, fickle=False, student_noise=0.0,
+            tolerant=None, cache="auto",
             label_smoothing=0.0, drop_last=False, max_steps=None, callback=None, callback_every=20):
     """Offline distillation of ``student`` from ``teacher``; returns the student's History.
 
@@ -65,7 +66,11 @@ def distill(student, teacher, train, method="kd", epochs=10, batch_size=128, opt
     Options: warmup_epochs (linear ramp of the distillation weight; DKD default 20),
     kd_stop_epoch (switch the distillation term off from that epoch: ESKD),
     conditional (learn from the teacher where it is right, from the label where it is wrong),
-    teacher_weights (gates of eq. 24 / per-teacher loss weights), multi ('avg_prob': one KD
+    teacher_weights (gates of eq. 24 / per-teacher loss weights), learn_gates (learn the gates
+    of eq. 24: weights softmax(w), w trained by SGD with gate_lr on the KD loss, starting from
+    teacher_weights; logged per epoch as ``teacher_weights``. Minimising the student's KD loss
+    over the gates favours the teachers closest to the student -- early on, weak high-entropy
+    ones -- so this is an ablation tool more than a recipe), multi ('avg_prob': one KD
     term against the weighted mixture of softened teacher outputs, eq. 23-24; 'avg_loss': the
     weighted mean of per-teacher terms, as DGKD), teacher_drop (DGKD's random teacher drop),
     fickle (teachers run with dropout on, BN frozen), student_noise (Gaussian noise on the
@@ -130,20 +135,31 @@ def distill(student, teacher, train, method="kd", epochs=10, batch_size=128, opt
         for i, z in enumerate(logits):
             if z.ndim != 2 or z.shape[0] != len(c.train):
                 raise ValueError(f"teacher logits [{i}] must be ({len(c.train)}, classes), got {z.shape}")
+    gates = None
+    if learn_gates:
+        if method != "kd" or multi != "avg_prob" or n_teachers < 2:
+            raise ValueError("learn_gates needs method='kd', multi='avg_prob' and at least 2 teachers")
+        opts["gate_lr"] = _check_float("gate_lr", gate_lr, 0)
+        w0 = np.full(n_teachers, 1.0 / n_teachers) if weights is None else weights
+        gates = np.log(np.maximum(w0, 1e-12)).astype(np.float32)
     copt = c.opt.bind(student)
     val_teacher = None
 
     def extra():
         nonlocal val_teacher
-        if val_teacher is None:
-            val_teacher = _val_teacher_probs(teacher, c.val, weights)
+        if val_teacher is None or gates is not None:
+            w = weights
+            if gates is not None:
+                g = np.exp(gates - gates.max())
+                w = (g / g.sum()).astype(np.float32)
+            val_teacher = _val_teacher_probs(teacher, c.val, w)
         zs = predict(student, c.val, batch_size=512)
         return {"kl_student_teacher": _kl_to_probs(zs, val_teacher) if val_teacher is not None else float("nan")}
 
     def run(epoch, topts):
         st = _kdcore.distill_epoch(student.net, copt, c.train._c, epoch, topts, opts,
                                    teachers=None if nets is None else [t.net for t in nets],
-                                   teacher_logits=logits, teacher_weights=weights)
+                                   teacher_logits=logits, teacher_weights=weights, gates=gates)
         row = dict(train_loss=st["loss"], ce=st["ce"], kd=st["kd"])
         if method == "dkd":
             row.update(tckd=st["tckd"], nckd=st["nckd"])
@@ -152,6 +168,9 @@ def distill(student, teacher, train, method="kd", epochs=10, batch_size=128, opt
         row.update(train_acc=st["accuracy"], lr=st["lr"], kd_weight=st["kd_weight"])
         if method != "ce":
             row["teacher_train_acc"] = st["teacher_accuracy"]
+        if gates is not None:
+            g = np.exp(gates - gates.max())
+            row["teacher_weights"] = (g / g.sum()).tolist()
         return row
 
     has_val_teacher = method != "ce" and (nets is not None or logits is not None) and \

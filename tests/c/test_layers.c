@@ -419,6 +419,7 @@ static void test_conv_workspace(void) {
 // The conv kernels have an AVX-512 and a portable C version that perform the same float
 // operations in the same order: results must be bitwise equal (test hook in layers.c).
 void kd_conv_force_portable(int on);
+void kd_conv_force_path(int path);   // 0 automatic, 1 shift, 2 col
 
 static void test_conv_portable(struct kd_conv_shape s, uint64_t seed) {
     char tag[128];
@@ -970,15 +971,8 @@ static void test_blas_threading(void) {
 
 // ----------------------------------------------------------------------------------------
 
-int main(void) {
-    // linear: batch 1, odd sizes, bias on/off
-    test_linear_ref(1, 7, 5, 1, 1);
-    test_linear_ref(13, 33, 17, 0, 2);
-    test_linear_ref(13, 33, 17, 1, 3);
-    test_linear_ref(64, 300, 200, 1, 4);
-    test_linear_gradcheck();
-
-    // conv2d: N, C, H, W, OC, K, S, P, G
+// conv2d reference cases: N, C, H, W, OC, K, S, P, G
+static void test_conv_ref_all(void) {
     test_conv_ref(conv_shape(1, 3, 7, 5, 4, 3, 1, 1, 1), 1, 100);     // batch 1, H != W
     test_conv_ref(conv_shape(3, 4, 9, 8, 6, 3, 2, 0, 1), 0, 110);     // stride 2, no padding, no bias
     test_conv_ref(conv_shape(2, 4, 6, 7, 6, 3, 1, 1, 2), 1, 120);     // groups 2
@@ -1002,6 +996,24 @@ int main(void) {
     test_conv_ref(conv_shape(2, 5, 8, 8, 7, 3, 1, 0, 1), 1, 290);     // no padding, stride 1
     test_conv_ref(conv_shape(2, 5, 6, 6, 7, 1, 1, 1, 1), 1, 295);     // padding > K-1 (col path)
     test_conv_ref(conv_shape(7, 9, 7, 7, 13, 3, 1, 1, 1), 1, 297);    // 7x7 maps, odd everything
+}
+
+int main(void) {
+    // linear: batch 1, odd sizes, bias on/off
+    test_linear_ref(1, 7, 5, 1, 1);
+    test_linear_ref(13, 33, 17, 0, 2);
+    test_linear_ref(13, 33, 17, 1, 3);
+    test_linear_ref(64, 300, 200, 1, 4);
+    test_linear_gradcheck();
+
+    // conv2d: the automatic path choice, then each path forced (shift: stride 1 with
+    // P <= K-1, else col; col: grouped im2col); the workspace follows the forced path.
+    for (int path = 0; path <= 2; path++) {
+        kd_conv_force_path(path);
+        test_conv_ref_all();
+        test_conv_gradcheck(conv_shape(2, 4, 5, 5, 6, 3, 1, 1, 2), 310 + path);
+    }
+    kd_conv_force_path(0);
     test_conv_gradcheck(conv_shape(2, 3, 6, 5, 4, 3, 2, 1, 1), 300);
     test_conv_gradcheck(conv_shape(2, 4, 5, 5, 6, 3, 1, 1, 2), 310);
     test_conv_gradcheck(conv_shape(2, 3, 5, 6, 3, 3, 1, 1, 3), 320);
@@ -1012,6 +1024,9 @@ int main(void) {
     test_conv_portable(conv_shape(3, 12, 9, 9, 20, 3, 2, 1, 2), 810);
     test_conv_portable(conv_shape(2, 1, 28, 28, 16, 3, 1, 1, 1), 820);
     test_conv_portable(conv_shape(2, 6, 8, 9, 10, 1, 1, 0, 1), 830);
+    kd_conv_force_path(2);
+    test_conv_portable(conv_shape(5, 8, 7, 7, 16, 3, 1, 1, 1), 840);   // col path, image groups
+    kd_conv_force_path(0);
 
     // batchnorm: (N, C, HW)
     test_bn_ref(4, 3, 25, 400);
@@ -1041,6 +1056,10 @@ int main(void) {
     test_conv_threads(conv_shape(4, 8, 10, 10, 8, 3, 1, 1, 8), 730);   // depthwise
     test_conv_threads(conv_shape(7, 16, 14, 14, 32, 3, 1, 1, 1), 740);  // odd batch, real sizes
     test_conv_threads(conv_shape(5, 16, 14, 14, 32, 3, 2, 1, 1), 750);  // odd batch, stride 2
+    test_conv_threads(conv_shape(11, 64, 7, 7, 64, 3, 1, 1, 1), 760);  // col path, groups of images
+    kd_conv_force_path(2);
+    test_conv_threads(conv_shape(9, 8, 6, 6, 16, 3, 1, 1, 2), 770);    // col path forced, G 2
+    kd_conv_force_path(0);
     test_bn_threads();
     test_blas_threading();
 #endif
