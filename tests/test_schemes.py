@@ -119,20 +119,6 @@ def test_cyclic_c_warmup_is_the_shared_per_step_factor():
             assert f(ctypes.byref(s), e, step, 4) == pytest.approx(plain[e] * factor, rel=1e-6)
 
 
-def _binding_has_cyclic():
-    try:
-        kdcore.optim.Cyclic(2).lr(0.1, 0, 2)
-        return True
-    except ValueError:
-        return False
-
-
-needs_binding = pytest.mark.skipif(
-    not _binding_has_cyclic(),
-    reason="python/kdcore/_kdcore.c parse_schedule rejects kind > KD_SCHED_COSINE; it must accept KD_SCHED_CYCLIC")
-
-
-@needs_binding
 def test_cyclic_class_matches_torch():
     for base_lr, T_0, eta_min in [(0.1, 4, 0.0), (0.05, 3, 1e-3)]:
         s = kdcore.optim.Cyclic(T_0, min_lr=eta_min)
@@ -140,7 +126,6 @@ def test_cyclic_class_matches_torch():
         np.testing.assert_allclose(got, torch_warm_restarts(base_lr, T_0, eta_min, 3 * T_0 + 1), rtol=1e-6, atol=1e-8)
 
 
-@needs_binding
 def test_cyclic_schedule_in_fit(data):
     tr, _ = data
     h = kdcore.fit(mlp(16), tr.subset(np.arange(256)), epochs=7, schedule=kdcore.optim.Cyclic(3, min_lr=1e-3),

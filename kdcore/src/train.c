@@ -345,6 +345,8 @@ enum kd_status kd_distill_epoch(struct kd_net * student, struct kd_optim * opt,
         const double ce_term = cond ? (double)ce : (double)dcfg->ce_weight * ce;
         if (st == KD_ERR_NONFINITE || !isfinite(ce)) { st = nonfinite("cross-entropy", "student", &L); goto done; }
         if (st != KD_OK) goto done;
+        // The logged CE is the plain batch mean, whatever the per-sample weights.
+        if (cond && (st = kd_cross_entropy(&ce, NULL, zs, L.y, NULL, nb, V, cfg->label_smoothing, 1.0f, false)) != KD_OK) goto done;
         if (distill && kdw > 0) {
             const float * wk = cond ? w_kd : NULL;
             if (dcfg->kind == KD_DISTILL_KD && n_teachers > 1 && dcfg->multi == KD_MULTI_AVG_PROB) {
@@ -594,6 +596,7 @@ enum kd_status kd_slkd_epoch(struct kd_net * student, struct kd_optim * opt,
         if (st == KD_OK)
             st = kd_loss_kd(&kts, ds_, NULL, zs, zt, NULL, nb, V, c->T, c->lambda * (1 - a), true);
         float * dfused = c->sl_grad && !c->sl_frozen && !c->fuse_probs ? dsl_fused : NULL;
+        if (dfused) memset(dfused, 0, nbv * sizeof(float));   // kd_loss_kd accumulates into it
         if (st == KD_OK) {
             if (c->fuse_probs) st = kd_loss_soft(&kslts, ds_, zs, q, NULL, nb, V, c->T, c->eta * (1 - a), true);
             else st = kd_loss_kd(&kslts, ds_, dfused, zs, zsl, NULL, nb, V, c->T, c->eta * (1 - a), true);

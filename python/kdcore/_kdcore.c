@@ -748,7 +748,7 @@ static int parse_schedule(PyObject * o, struct kd_schedule * s) {
     int kind;
     if (!PyArg_ParseTuple(o, "ifOifi;schedule", &kind, &s->base_lr, &ms, &s->total_epochs, &s->min_lr, &s->warmup_epochs))
         return -1;
-    if (kind < KD_SCHED_CONSTANT || kind > KD_SCHED_COSINE) { PyErr_Format(PyExc_ValueError, "unknown schedule kind %d", kind); return -1; }
+    if (kind < KD_SCHED_CONSTANT || kind > KD_SCHED_CYCLIC) { PyErr_Format(PyExc_ValueError, "unknown schedule kind %d", kind); return -1; }
     s->kind = (enum kd_sched_kind)kind;
     s->gamma = 0.1f;
     PyObject * seq = PySequence_Fast(ms, "milestones must be a sequence of ints");
