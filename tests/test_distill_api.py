@@ -208,3 +208,30 @@ def test_mutual_logs_every_peer(data):
     assert {"peer0_val_acc", "peer2_val_acc", "ensemble_val_acc", "peer1_kd"} <= set(h)
     with pytest.raises(ValueError, match="twice"):
         kdcore.mutual([peers[0], peers[0]], tr, **KW)
+
+
+def test_fickle_teacher_runs_dropout_with_frozen_bn(data):
+    """fickle=True: the teacher keeps dropout on (its outputs differ step to step, so they are
+    not cached) while its BN statistics stay frozen."""
+    tr, _ = data
+    t = kdcore.models.mlp([64, 64, 4], dropout=0.5, batchnorm=True, seed=2)
+    kdcore.fit(t, tr, epochs=2, **KW)
+    before = t.state_dict()
+    runs = []
+    for fickle in (False, True):
+        s = mlp(seed=3)
+        h = kdcore.distill(s, t, tr, epochs=1, fickle=fickle, **KW)
+        runs.append((h.last["teacher_train_acc"], s.state_dict()))
+    for k, v in t.state_dict().items():
+        np.testing.assert_array_equal(v, before[k])
+    assert runs[0][0] == pytest.approx(float(np.mean(kdcore.predict(t, tr).argmax(1) == tr.y)))
+    assert any(not np.allclose(runs[0][1][k], runs[1][1][k]) for k in runs[0][1])
+
+
+def test_student_noise_changes_only_the_student_input(data, teacher):
+    tr, _ = data
+    a, b = mlp(seed=4), mlp(seed=4)
+    ha = kdcore.distill(a, teacher, tr, epochs=1, student_noise=0.0, **KW)
+    hb = kdcore.distill(b, teacher, tr, epochs=1, student_noise=0.5, **KW)
+    assert ha.last["teacher_train_acc"] == hb.last["teacher_train_acc"]   # the teacher sees clean inputs
+    assert ha.last["train_loss"] != hb.last["train_loss"]
