@@ -25,6 +25,8 @@ endif
 ifneq ($(NO_OMP),1)
   CFLAGS += -fopenmp
   LDLIBS += -fopenmp
+else
+  CFLAGS += -Wno-unknown-pragmas
 endif
 
 SRCS    := $(wildcard kdcore/src/*.c)
