@@ -36,6 +36,8 @@ ldflags = [f"-Wl,-rpath,{blas_libdir}"]
 if not no_omp:
     cflags.append("-fopenmp")
     ldflags.append("-fopenmp")
+else:
+    cflags.append("-Wno-unknown-pragmas")
 if sanitize:
     cflags += ["-fsanitize=address,undefined", "-fno-omit-frame-pointer"]
     ldflags += ["-fsanitize=address,undefined"]
