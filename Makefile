@@ -52,7 +52,7 @@ deps:
 deps-test: deps
 	@$(PYTHON) -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2.13.0')" 2>/dev/null \
 	  || $(PYTHON) -m pip install -q torch==2.13.0
-	@$(PYTHON) -c "import pytest, hypothesis" 2>/dev/null || $(PYTHON) -m pip install -q pytest hypothesis
+	@$(PYTHON) -c "import pytest, hypothesis, safetensors" 2>/dev/null || $(PYTHON) -m pip install -q pytest hypothesis safetensors
 
 check-env:
 	@test -n "$(BLAS_LIBDIR)" && echo "✓ OpenBLAS (OpenMP build) at $(BLAS_LIBDIR)" || (echo "✗ OpenBLAS OpenMP build not found: run make deps"; exit 1)

@@ -453,6 +453,7 @@ struct kd_slkd_cfg {
     float T, alpha, lambda, eta, rho;
     int n_sl;
     bool fuse_probs, sl_grad, sl_frozen;
+    float sl_lr_scale;        // SL-teachers step with lr * sl_lr_scale (0 means 1)
 };
 struct kd_slkd_stats {
     double loss, loss_ts, loss_slts, loss_sl[2];
@@ -486,6 +487,77 @@ KD_API enum kd_status kd_exits_epoch(struct kd_net * net, struct kd_optim * opt,
 // accuracy need labels (pass NULL pointers to skip them).
 KD_API enum kd_status kd_evaluate(struct kd_net * net, const struct kd_dataset * ds, int batch_size,
                                   float * logits, double * loss, double * accuracy);
+
+// ---------------------------------------------------------------------------------------
+// Checkpoints: safetensors files (https://github.com/huggingface/safetensors), so the
+// `safetensors` package and PyTorch tooling read what kdcore writes and the reverse.
+// Layout: 8-byte little-endian header length N, N bytes of JSON {"name": {"dtype": "F32",
+// "shape": [...], "data_offsets": [begin, end]}, ..., "__metadata__": {string: string}},
+// then the data section (offsets are relative to it).
+
+enum kd_ckpt_dtype {
+    KD_CKPT_F32, KD_CKPT_I64, KD_CKPT_U8,      // what kdcore stores (params, counters, bytes)
+    KD_CKPT_F64, KD_CKPT_F16, KD_CKPT_I32, KD_CKPT_I16, KD_CKPT_I8,
+    KD_CKPT_U64, KD_CKPT_U32, KD_CKPT_U16,     // accepted too (files from other writers)
+    KD_CKPT_DTYPE_COUNT
+};
+#define KD_CKPT_MAX_DIMS   32
+#define KD_CKPT_MAX_HEADER 100000000           // bytes of JSON header (safetensors' limit)
+
+KD_API const char * kd_ckpt_dtype_name(enum kd_ckpt_dtype dtype);   // "F32", ...; NULL if unknown
+KD_API size_t kd_ckpt_dtype_size(enum kd_ckpt_dtype dtype);         // bytes per element; 0 if unknown
+
+struct kd_ckpt_tensor {
+    const char * name;        // unique, valid UTF-8, not "__metadata__"
+    enum kd_ckpt_dtype dtype;
+    int ndim;                 // 0 (a scalar) .. KD_CKPT_MAX_DIMS
+    const int64_t * shape;    // ndim entries >= 0
+    const void * data;        // numel * itemsize bytes, C order (may be NULL when empty)
+};
+
+// Writes n tensors and optional metadata (NULL, or a JSON object of string values such as
+// {"epoch": "3"}) to path, replacing any file there atomically: the bytes go to a temporary
+// file in the same directory (unnamed where the OS allows, so a killed process leaves
+// nothing), which is fsynced, renamed over path, and the directory fsynced. A crash at any
+// point leaves the old file or the new one, never a mix. Tensor data is laid out by
+// decreasing item size, so each tensor is aligned to its item size. KD_ERR_VALUE for bad
+// arguments (names the tensor); KD_ERR_IO naming the path, the stage and the system error,
+// with the temporary file removed and the old file untouched.
+KD_API enum kd_status kd_ckpt_write(const char * path, const struct kd_ckpt_tensor * tensors, int n,
+                                    const char * metadata_json);
+
+// Reads and validates a whole file; nothing is trusted before it is checked. Refused with
+// KD_ERR_IO, each naming the file and the rule:
+//  - the file is shorter than 8 bytes; the header length exceeds KD_CKPT_MAX_HEADER or runs
+//    beyond the end of the file;
+//  - the header is not valid JSON of the subset safetensors uses (objects, arrays, UTF-8
+//    strings with escapes, non-negative integers; nesting deeper than 8 levels, other
+//    numbers, true/false/null or "\u0000" are refused) or is not an object;
+//  - duplicate tensor names; an entry other than exactly {dtype, shape, data_offsets};
+//    a dtype not in the allow-list (enum kd_ckpt_dtype);
+//  - shape entries that are not non-negative integers, more than KD_CKPT_MAX_DIMS of them,
+//    or an element count / byte size overflowing size_t;
+//  - data_offsets not [begin, end] with begin <= end, end beyond the data section, or
+//    end - begin != numel * itemsize;
+//  - tensors overlapping, or bytes of the data section not covered by any tensor;
+//  - __metadata__ not an object of strings (with unique keys).
+// *out is NULL on failure; free with kd_ckpt_close.
+struct kd_ckpt;
+KD_API enum kd_status kd_ckpt_open(const char * path, struct kd_ckpt ** out);
+KD_API void kd_ckpt_close(struct kd_ckpt * ck);   // NULL is a no-op
+KD_API int  kd_ckpt_count(const struct kd_ckpt * ck);                    // tensors, in header order
+KD_API int  kd_ckpt_find(const struct kd_ckpt * ck, const char * name);   // index, or -1
+KD_API const char * kd_ckpt_name(const struct kd_ckpt * ck, int i);      // NULL if i is out of range
+KD_API enum kd_ckpt_dtype kd_ckpt_dtype_of(const struct kd_ckpt * ck, int i);   // KD_CKPT_DTYPE_COUNT if out of range
+KD_API const int64_t * kd_ckpt_shape(const struct kd_ckpt * ck, int i, int * ndim);
+// A tensor's bytes (little-endian, C order) and their count, valid until kd_ckpt_close. The
+// data section starts 64-byte aligned, so tensors of files laid out as kd_ckpt_write does
+// are aligned; files from other writers may place them anywhere: copy with memcpy.
+KD_API const void * kd_ckpt_data(const struct kd_ckpt * ck, int i, size_t * nbytes);
+KD_API int  kd_ckpt_meta_count(const struct kd_ckpt * ck);
+KD_API const char * kd_ckpt_meta_key(const struct kd_ckpt * ck, int i);
+KD_API const char * kd_ckpt_meta_value(const struct kd_ckpt * ck, int i);
+KD_API const char * kd_ckpt_meta(const struct kd_ckpt * ck, const char * key);   // value, or NULL
 
 #ifdef __cplusplus
 }

@@ -536,6 +536,7 @@ enum kd_status kd_slkd_epoch(struct kd_net * student, struct kd_optim * opt,
     if (!(c->T > 0) || !isfinite(c->T)) KD_FAIL(KD_ERR_VALUE, "T (%g) must be > 0", c->T);
     if (!(c->alpha >= 0 && c->alpha <= 1)) KD_FAIL(KD_ERR_VALUE, "alpha (%g) must be in [0, 1]", c->alpha);
     if (!(c->rho >= 0 && c->rho <= 1)) KD_FAIL(KD_ERR_VALUE, "rho (%g) must be in [0, 1]", c->rho);
+    if (!(c->sl_lr_scale >= 0) || !isfinite(c->sl_lr_scale)) KD_FAIL(KD_ERR_VALUE, "sl_lr_scale must be >= 0");
     if (c->sl_grad && c->fuse_probs) KD_FAIL(KD_ERR_VALUE, "sl_grad is supported with logit fusion only");
     if (!(c->lambda >= 0) || !(c->eta >= 0) || !isfinite(c->lambda) || !isfinite(c->eta))
         KD_FAIL(KD_ERR_VALUE, "lambda (%g) and eta (%g) must be finite and >= 0", c->lambda, c->eta);
@@ -625,7 +626,8 @@ enum kd_status kd_slkd_epoch(struct kd_net * student, struct kd_optim * opt,
                 for (size_t i = 0; i < nbv; i++) dj[i] += share * dfused[i];
             }
             s_sl[j] += (a * (double)cej + (1 - a) * (double)kdj) * nb;
-            if ((st = update(sl[j], sl_opts[j], dj, L.lr)) != KD_OK) goto done;
+            float lr_j = L.lr * (c->sl_lr_scale > 0 ? c->sl_lr_scale : 1.0f);
+            if ((st = update(sl[j], sl_opts[j], dj, lr_j)) != KD_OK) goto done;
         }
         seen += nb;
         if ((st = loop_after_step(&L, s_loss, correct, seen)) != KD_OK) goto done;

@@ -17,6 +17,7 @@ import numpy as np
 
 from . import _kdcore
 from .nn import Module, _check_float, _check_int
+from .optim import make_optimizer
 from .training import History, _check_model, _Common, predict
 
 __all__ = ["distill", "mutual", "slkd", "multi_exit", "exit_accuracies", "kl_divergence", "teacher_logits"]
@@ -55,7 +56,8 @@ def distill(student, teacher, train, method="kd", epochs=10, batch_size=128, opt
             alpha=1.0, beta=8.0, warmup_epochs=None, kd_stop_epoch=None, conditional=False, teacher_weights=None,
             multi="avg_prob", learn_gates=False, gate_lr=0.1, teacher_drop=0.0, fickle=False, student_noise=0.0,
             tolerant=None, cache="auto",
-            label_smoothing=0.0, drop_last=False, max_steps=None, callback=None, callback_every=20):
+            label_smoothing=0.0, drop_last=False, max_steps=None, callback=None, callback_every=20,
+            checkpoint=None, checkpoint_every=1, checkpoint_best=False, resume=False):
     """Offline distillation of ``student`` from ``teacher``; returns the student's History.
 
     teacher: a trained model, a list of models (multi-teacher), or precomputed logits
@@ -80,6 +82,10 @@ def distill(student, teacher, train, method="kd", epochs=10, batch_size=128, opt
     input (no augmentation, no fickle dropout), True forces it, False runs the teachers every
     step. The History logs every loss term, train/val accuracy, the learning rate, the
     effective distillation weight and, with ``val``, KL(student || teacher) on it (T=1).
+    checkpoint / checkpoint_every / checkpoint_best / resume: as in ``kdcore.fit``. The
+    checkpoint holds the student (role "student"; teachers are not saved), its optimizer
+    state, the learned gates, the history and the epoch; resuming continues after the saved
+    epoch, bitwise as the uninterrupted run (same settings, teachers and thread count).
     """
     _check_model(student)
     if method not in _KINDS:
@@ -142,6 +148,9 @@ def distill(student, teacher, train, method="kd", epochs=10, batch_size=128, opt
         opts["gate_lr"] = _check_float("gate_lr", gate_lr, 0)
         w0 = np.full(n_teachers, 1.0 / n_teachers) if weights is None else weights
         gates = np.log(np.maximum(w0, 1e-12)).astype(np.float32)
+    c.set_checkpointing(checkpoint, checkpoint_every, checkpoint_best, resume,
+                        dict(scheme="distill", method=method, n_teachers=n_teachers, learn_gates=bool(learn_gates),
+                             teacher_weights=None if weights is None else weights.tolist(), **opts))
     copt = c.opt.bind(student)
     val_teacher = None
 
@@ -175,7 +184,8 @@ def distill(student, teacher, train, method="kd", epochs=10, batch_size=128, opt
 
     has_val_teacher = method != "ce" and (nets is not None or logits is not None) and \
         all(isinstance(t, Module) for t in (teacher if isinstance(teacher, (list, tuple)) else [teacher]))
-    return c.loop([student], run, extra_metrics=extra if has_val_teacher else None)
+    return c.loop([student], run, extra_metrics=extra if has_val_teacher else None, optimizers=[copt],
+                  roles=["student"], extra_state=None if gates is None else {"gates": gates})
 
 
 def _val_teacher_probs(teacher, val, weights):
@@ -200,14 +210,20 @@ def _kl_to_probs(zs, q):
 
 def mutual(models, train, epochs=10, batch_size=128, optimizer="sgd", lr=None, schedule=None, augment=None,
            val=None, seed=0, progress=True, T=1.0, ce_weight=1.0, kd_weight=1.0, ensemble=False,
-           label_smoothing=0.0, drop_last=False, max_steps=None, callback=None, callback_every=20):
+           label_smoothing=0.0, drop_last=False, max_steps=None, callback=None, callback_every=20,
+           checkpoint=None, checkpoint_every=1, checkpoint_best=False, resume=False):
     """Deep mutual learning (eq. 27): the peers train together on the same batches, each
     minimising ce_weight * CE + kd_weight * mean over the other peers of T^2 KL(sg(p_j^T) ||
     p_k^T). ensemble=True: each peer learns instead from the detached average of all peers'
     logits (an online ensemble teacher, eq. 28 without the gate).
 
     Returns the History of the first peer, with every peer's metrics (``peer{k}_*``) and, with
-    ``val``, the validation accuracy of each peer and of the peers' logit average."""
+    ``val``, the validation accuracy of each peer and of the peers' logit average.
+    checkpoint / checkpoint_every / checkpoint_best / resume: as in ``kdcore.fit``. The
+    checkpoint holds every peer (roles "peer0", "peer1", ...), their optimizer states, the
+    history and the epoch; resuming continues after the saved epoch, bitwise as the
+    uninterrupted run (same settings and thread count).
+    """
     if not isinstance(models, (list, tuple)) or len(models) < 2:
         raise ValueError("mutual needs a list of at least 2 models")
     for m in models:
@@ -219,6 +235,9 @@ def mutual(models, train, epochs=10, batch_size=128, optimizer="sgd", lr=None, s
     T = _check_float("T", T, 0, lo_open=True)
     ce_weight = _check_float("ce_weight", ce_weight, 0)
     kd_weight = _check_float("kd_weight", kd_weight, 0)
+    c.set_checkpointing(checkpoint, checkpoint_every, checkpoint_best, resume,
+                        dict(scheme="mutual", peers=len(models), T=T, ce_weight=ce_weight, kd_weight=kd_weight,
+                             ensemble=bool(ensemble)))
     opts = [c.opt.bind(m) for m in models]
 
     def run(epoch, topts):
@@ -242,13 +261,15 @@ def mutual(models, train, epochs=10, batch_size=128, optimizer="sgd", lr=None, s
         row["kl_peer0_peer1"] = kl_divergence(zs[0], zs[1])
         return row
 
-    return c.loop(list(models), run, extra_metrics=extra)
+    return c.loop(list(models), run, extra_metrics=extra, optimizers=opts,
+                  roles=[f"peer{k}" for k in range(len(models))])
 
 
 def slkd(student, teacher, train, sl_teachers=None, n_sl=2, epochs=10, batch_size=128, optimizer="sgd", lr=None,
          schedule=None, augment=None, val=None, seed=0, progress=True, T=4.0, alpha=0.1, lam=1.0, eta=3.0,
-         rho=0.5, fuse="logits", sl_grad=False, sequential=False, replay="trajectory", cache="auto",
-         label_smoothing=0.0, drop_last=False, max_steps=None, callback=None, callback_every=20):
+         rho=0.5, fuse="logits", sl_grad=False, sequential=False, replay="trajectory", sl_optimizer=None, cache="auto",
+         label_smoothing=0.0, drop_last=False, max_steps=None, callback=None, callback_every=20,
+         checkpoint=None, checkpoint_every=1, checkpoint_best=False, resume=False):
     """SLKD (seed 001): the student learns from the frozen teacher and from self-learning
     teachers (SL-Ts) with the teacher's architecture, trained from scratch alongside it.
 
@@ -267,10 +288,17 @@ def slkd(student, teacher, train, sl_teachers=None, n_sl=2, epochs=10, batch_siz
          is (lam+eta) alpha and KD weight (lam+eta)(1-alpha): compare with `distill(...,
          ce_weight=(lam+eta)*alpha, kd_weight=(lam+eta)*(1-alpha))` as the control.
       A6 rho=0.5; the SL-Ts' outputs of the current step are used (before their update).
-      A7 same optimizer recipe and schedule, separate optimizer states.
+      A7 same optimizer recipe and schedule, separate optimizer states; ``sl_optimizer`` gives
+         the SL-Ts a recipe of their own (e.g. the teacher's learning rate when the student's is
+         scaled down to offset its 4x loss weight).
     sl_teachers: models to use as SL-Ts (default: ``teacher.fresh(seed)`` with distinct seeds).
     Returns the student's History, with loss_ts, loss_slts, the SL-Ts' losses and accuracies,
     and with ``val`` KL(student || teacher) and KL(student || fused SL-T) on it (T=1).
+    checkpoint / checkpoint_every / checkpoint_best / resume: as in ``kdcore.fit``. The
+    checkpoint holds the student and the SL-teachers (roles "student", "sl0", "sl1"; not the
+    frozen teacher), their optimizer states, the history and the epoch; resuming continues
+    after the saved epoch, bitwise as the uninterrupted run (same settings, teacher and thread
+    count). Parallel SLKD only: sequential=True (SLKD*) refuses checkpoint/resume.
     """
     _check_model(student)
     _check_model(teacher)
@@ -287,6 +315,8 @@ def slkd(student, teacher, train, sl_teachers=None, n_sl=2, epochs=10, batch_siz
         raise ValueError(f"replay must be 'trajectory' or 'final', got {replay!r}")
     if sl_grad and (fuse == "probs" or sequential):
         raise ValueError("sl_grad needs parallel SLKD with logit fusion")
+    if sequential and (checkpoint is not None or resume):
+        raise ValueError("checkpoint/resume are supported by parallel SLKD only (sequential=False)")
     opts = dict(T=_check_float("T", T, 0, lo_open=True), alpha=_check_float("alpha", alpha, 0, 1),
                 **{"lambda": _check_float("lam", lam, 0)}, eta=_check_float("eta", eta, 0),
                 rho=_check_float("rho", rho, 0, 1), fuse_probs=fuse == "probs", sl_grad=bool(sl_grad))
@@ -303,10 +333,18 @@ def slkd(student, teacher, train, sl_teachers=None, n_sl=2, epochs=10, batch_siz
     if cache is True and c.augmented:
         raise ValueError("teacher outputs cannot be cached with augmentation")
     use_cache = cache is True or (cache == "auto" and not c.augmented)
+    c.set_checkpointing(checkpoint, checkpoint_every, checkpoint_best, resume,
+                        dict(scheme="slkd", n_sl=n_sl, fuse=fuse, **opts))
     teacher.eval()
     zt = predict(teacher, c.train, batch_size=512) if use_cache else None
     opt_s = c.opt.bind(student)
-    opt_sl = [c.opt.bind(s) for s in sl_teachers]
+    sl_opt = c.opt if sl_optimizer is None else make_optimizer(sl_optimizer)
+    opt_sl = [sl_opt.bind(s) for s in sl_teachers]
+    if sl_opt is not c.opt:
+        # The C loop takes one scheduled lr per step; the SL-Ts' lr is that times this ratio.
+        if c.opt.lr <= 0:
+            raise ValueError("sl_optimizer needs the student's lr to be > 0")
+        opts["sl_lr_scale"] = sl_opt.lr / c.opt.lr
     t_kw = dict(teacher_logits=zt) if use_cache else dict(teacher=teacher.net)
     val_t = None
 
@@ -342,7 +380,8 @@ def slkd(student, teacher, train, sl_teachers=None, n_sl=2, epochs=10, batch_siz
         def run(epoch, topts):
             return row_of(_kdcore.slkd_epoch(student.net, opt_s, [s.net for s in sl_teachers], opt_sl, c.train._c,
                                              epoch, topts, opts, **t_kw))
-        hist = c.loop([student] + list(sl_teachers), run, extra_metrics=extra if c.val is not None else None)
+        hist = c.loop([student] + list(sl_teachers), run, extra_metrics=extra if c.val is not None else None,
+                      optimizers=[opt_s] + opt_sl, roles=["student"] + [f"sl{j}" for j in range(n_sl)])
         student.sl_teachers = list(sl_teachers)
         return hist
 
@@ -352,7 +391,7 @@ def slkd(student, teacher, train, sl_teachers=None, n_sl=2, epochs=10, batch_siz
     for j, s in enumerate(sl_teachers):
         snaps = []
         distill(s, zt if use_cache else teacher, c.train, method="kd", epochs=c.epochs, batch_size=c.batch_size,
-                optimizer=c.opt, schedule=c.sched, augment=c.augment, seed=c.seed + 1 + j, progress=c.progress,
+                optimizer=sl_opt, schedule=c.sched, augment=c.augment, seed=c.seed + 1 + j, progress=c.progress,
                 T=opts["T"], ce_weight=alpha, kd_weight=1 - alpha, label_smoothing=c.label_smoothing,
                 drop_last=c.drop_last, max_steps=c.max_steps or None,
                 callback=lambda e, row, s=s, snaps=snaps: snaps.append(s.state_dict()) and False)
@@ -376,7 +415,8 @@ def slkd(student, teacher, train, sl_teachers=None, n_sl=2, epochs=10, batch_siz
 
 def multi_exit(model, train, teacher=None, epochs=10, batch_size=128, optimizer="sgd", lr=None, schedule=None,
                augment=None, val=None, seed=0, progress=True, T=3.0, ce_weight=None, kd_weight=None, cache="auto",
-               label_smoothing=0.0, drop_last=False, max_steps=None, callback=None, callback_every=20):
+               label_smoothing=0.0, drop_last=False, max_steps=None, callback=None, callback_every=20,
+               checkpoint=None, checkpoint_every=1, checkpoint_best=False, resume=False):
     """Train a multi-exit network (``kdcore.nn.MultiExit``, e.g. ``models.with_exits(resnet8(),
     ["layer1", "layer2"])``).
 
@@ -387,7 +427,12 @@ def multi_exit(model, train, teacher=None, epochs=10, batch_size=128, optimizer=
     With a teacher (model or logits): seed 002 eq. 9, every exit including the output
     minimises ce_weight * CE + kd_weight * T^2 KL(p_t^T || p_k^T), averaged over the exits
     (defaults 0.1 / 0.9 as KD). History: loss terms of the output exit, the training and (with
-    val) validation accuracy of every exit (``exit_<tap>_val_acc``)."""
+    val) validation accuracy of every exit (``exit_<tap>_val_acc``).
+    checkpoint / checkpoint_every / checkpoint_best / resume: as in ``kdcore.fit``. The
+    checkpoint holds the model (role "model"; not the teacher), its optimizer state, the
+    history and the epoch; resuming continues after the saved epoch, bitwise as the
+    uninterrupted run (same settings, teacher and thread count).
+    """
     from .nn import MultiExit
     if not isinstance(model, MultiExit):
         raise TypeError("model must be a kdcore.nn.MultiExit (see kdcore.models.with_exits)")
@@ -412,6 +457,9 @@ def multi_exit(model, train, teacher=None, epochs=10, batch_size=128, optimizer=
                 t_kw["teacher"] = nets[0].net
         else:
             t_kw["teacher_logits"] = logits[0]
+    c.set_checkpointing(checkpoint, checkpoint_every, checkpoint_best, resume,
+                        dict(scheme="multi_exit", exits=names, T=T, ce_weight=ce_weight, kd_weight=kd_weight,
+                             self_kd=self_kd))
     copt = c.opt.bind(model)
 
     def run(epoch, topts):
@@ -424,7 +472,7 @@ def multi_exit(model, train, teacher=None, epochs=10, batch_size=128, optimizer=
     def extra():
         return {f"exit_{n}_val_acc": a for n, a in zip(names, exit_accuracies(model, c.val))}
 
-    return c.loop([model], run, extra_metrics=extra)
+    return c.loop([model], run, extra_metrics=extra, optimizers=[copt], roles=["model"])
 
 
 def exit_accuracies(model, data, batch_size=500):

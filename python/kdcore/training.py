@@ -2,6 +2,7 @@
 released, calling back every few steps for the progress bar and Ctrl-C."""
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -155,6 +156,29 @@ class _Common:
         self.sched = make_schedule(schedule)
         self.augment = _augment_kwargs(augment)
         self.augmented = self.augment["crop_padding"] > 0 or self.augment["hflip"] or self.augment["noise_std"] > 0
+        self.checkpoint, self.checkpoint_every, self.checkpoint_best, self.resume = None, 1, False, False
+        self.run_config = {}
+
+    def set_checkpointing(self, checkpoint, checkpoint_every, checkpoint_best, resume, config=None):
+        """Checkpoint options of fit/distill/...; config: the scheme's settings (JSON-able), kept in
+        the checkpoint and compared on resume."""
+        if checkpoint is not None and not isinstance(checkpoint, (str, os.PathLike)):
+            raise TypeError(f"checkpoint must be a path (str or os.PathLike), got {type(checkpoint).__name__}")
+        self.checkpoint = None if checkpoint is None else os.fspath(checkpoint)
+        self.checkpoint_every = _check_int("checkpoint_every", checkpoint_every, 1)
+        self.checkpoint_best = bool(checkpoint_best)
+        self.resume = bool(resume)
+        if (self.resume or self.checkpoint_best) and self.checkpoint is None:
+            raise ValueError("resume and checkpoint_best need checkpoint=<path>")
+        self.run_config = dict(config or {})
+
+    def config(self):
+        """The run's settings as JSON-able values (stored in checkpoints)."""
+        return dict(epochs=self.epochs, batch_size=self.batch_size, seed=self.seed, optimizer=repr(self.opt),
+                    schedule=[type(self.sched).__name__, list(self.sched._tuple(self.opt.lr, self.epochs)),
+                              self.sched._gamma()],
+                    augment=dict(self.augment), label_smoothing=self.label_smoothing, drop_last=self.drop_last,
+                    max_steps=self.max_steps, train_size=len(self.train), **self.run_config)
 
     def steps(self):
         n = len(self.train)
@@ -166,15 +190,28 @@ class _Common:
                               self.augment, self.label_smoothing, self.drop_last, self.max_steps,
                               self.callback_every, bar)
 
-    def loop(self, models, run_epoch, extra_metrics=None, history=None):
+    def loop(self, models, run_epoch, extra_metrics=None, history=None, optimizers=None, roles=None,
+             extra_state=None):
         """Runs the epochs: run_epoch(epoch, train_options) -> dict of training metrics. After
-        each epoch, validation metrics of models[0] (and extra_metrics()) join the row."""
+        each epoch, validation metrics of models[0] (and extra_metrics()) join the row.
+
+        Checkpointing (set_checkpointing): optimizers (one per model, None for a frozen one) and
+        roles (names, e.g. "student", "sl0") say what a checkpoint holds; extra_state: arrays
+        the scheme updates in place (learned gates), saved and restored with the models. With
+        resume, training continues after the checkpoint's epoch. Every random draw derives from
+        (seed, epoch, step), so resuming at an epoch boundary reproduces the uninterrupted run
+        bit for bit (same seed, settings and thread count)."""
         hist = History() if history is None else history
         primary = models[0]
         primary.history = hist
+        ck = None
+        if self.checkpoint is not None:
+            from .checkpoint import _RunCheckpoint
+            ck = _RunCheckpoint(self, models, optimizers, roles, extra_state)
+        start = ck.resume(hist) if ck is not None else 0
         for m in models:
             m.train()
-        for epoch in range(self.epochs):
+        for epoch in range(start, self.epochs):
             t0 = time.perf_counter()
             bar = _Progress(self.progress, epoch, self.epochs, self.steps())
             try:
@@ -190,10 +227,13 @@ class _Common:
                 for m_ in models:
                     m_.train()
             hist.append(**row)
+            saved = ck.after_epoch(epoch, hist) if ck is not None else False
             if self.progress:
                 print(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()),
                       file=sys.stderr)
             if self.callback is not None and self.callback(epoch, dict(row)):
+                if ck is not None and not saved:   # stopping early: keep the last epoch
+                    ck.save(epoch, hist, ck.path)
                 break
         for m in models:
             m.eval()
@@ -202,7 +242,8 @@ class _Common:
 
 def fit(model, train, epochs=10, batch_size=128, optimizer="sgd", lr=None, schedule=None, augment=None,
         val=None, seed=0, progress=True, label_smoothing=0.0, drop_last=False, max_steps=None,
-        callback=None, callback_every=20, keep_snapshots=()):
+        callback=None, callback_every=20, keep_snapshots=(), checkpoint=None, checkpoint_every=1,
+        checkpoint_best=False, resume=False):
     """Train ``model`` with softmax cross-entropy; returns a History.
 
     train / val: Dataset or (X, y). optimizer: 'sgd' | 'adam' | 'adamw' or a kdcore.optim
@@ -213,6 +254,13 @@ def fit(model, train, epochs=10, batch_size=128, optimizer="sgd", lr=None, sched
     callback(epoch, metrics) runs after each epoch; returning True stops training.
     keep_snapshots: epochs (0-based) after which a copy of the state dict is kept in
     ``history.snapshots[epoch]`` (early-stopped teachers, ESKD).
+    checkpoint: a path; after every ``checkpoint_every`` epochs (and the last) the model, the
+    optimizer state, the history, the epoch and the settings are saved there atomically
+    (kdcore.save; a safetensors file). checkpoint_best: also save to "<name>-best<ext>" when
+    the epoch is the best so far (highest val_acc; lowest train_loss without val).
+    resume: if the checkpoint exists, restore it and continue with the next epoch; with the
+    same settings, seed and thread count the result is bitwise the uninterrupted run's.
+    (Snapshots kept before the interruption are not in the checkpoint.)
     Ctrl-C stops within a step: the model keeps the last completed step, KeyboardInterrupt
     propagates, and the history so far is in ``model.history``.
     """
@@ -221,6 +269,7 @@ def fit(model, train, epochs=10, batch_size=128, optimizer="sgd", lr=None, sched
                 label_smoothing, drop_last, max_steps, callback, callback_every)
     snaps = {_check_int("keep_snapshots[]", e, 0) for e in keep_snapshots}
     copt = c.opt.bind(model)
+    c.set_checkpointing(checkpoint, checkpoint_every, checkpoint_best, resume, dict(scheme="fit"))
     hist = History()
     hist.snapshots = {}
 
@@ -230,7 +279,7 @@ def fit(model, train, epochs=10, batch_size=128, optimizer="sgd", lr=None, sched
             hist.snapshots[epoch] = model.state_dict()
         return dict(train_loss=st["loss"], train_acc=st["accuracy"], lr=st["lr"])
 
-    return c.loop([model], run, history=hist)
+    return c.loop([model], run, history=hist, optimizers=[copt], roles=["model"])
 
 
 def evaluate(model, data, batch_size=256):
