@@ -30,7 +30,8 @@ no_omp = os.environ.get("NO_OMP") == "1"
 cflags = ["-std=c11", "-D_GNU_SOURCE", "-Wall", "-Wextra", "-Wno-unused-parameter",
           "-Wno-missing-field-initializers", "-Wno-cast-function-type",
           "-ffp-contract=fast", "-fvisibility=hidden"]
-# x86-64-v3 (AVX2/FMA) is the portable baseline for kernels; never -ffast-math/-Ofast.
+# x86-64-v3 (AVX2/FMA) is the portable baseline for kernels; no fast-math flags (they change
+# the floating-point state of the whole Python process).
 cflags += ["-O0", "-g", "-DKD_DEBUG"] if debug else ["-O3", "-march=x86-64-v3"]
 ldflags = [f"-Wl,-rpath,{blas_libdir}"]
 if not no_omp:
