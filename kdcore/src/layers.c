@@ -10,16 +10,22 @@
 // Conventions (see layers.h): tensors are NCHW, C-contiguous; backward kernels accumulate
 // (+=) into every gradient they are given and skip the NULL ones; nothing here allocates.
 //
-// Threading: a kernel is either BLAS-threaded (cblas_sgemm called outside any OpenMP
-// region, so the OpenMP build of OpenBLAS uses all threads) or OpenMP-threaded over the
-// dimension it writes. sgemm calls made inside an OpenMP region run single-threaded,
-// because OpenBLAS checks omp_in_parallel(). Every reduction runs in an order fixed by the
-// data layout (and, for conv weight gradients, by the thread count), so results are
-// deterministic for a given thread count.
+// Threading: a kernel is either BLAS-threaded (the linear layer: cblas_sgemm called outside
+// any OpenMP region, so the OpenMP build of OpenBLAS uses all threads) or OpenMP-threaded
+// over the dimension it writes (convolutions use their own micro-kernels, no BLAS). Every
+// reduction runs in an order fixed by the data layout (and, for conv weight gradients, by
+// the thread count), so results are deterministic for a given thread count.
+//
+// SIMD: the file is compiled for x86-64-v3 (AVX2/FMA). The hot kernels also have AVX-512
+// versions (__attribute__((target("avx512f"))), chosen at run time) that perform the same
+// float operations in the same order as their portable twins: results do not depend on
+// the instruction set (the C tests compare them bitwise).
 #include "layers.h"
 #include "kd_internal.h"
 
 #include <cblas.h>
+#include <limits.h>
+#include <stddef.h>
 
 #ifndef _OPENMP
 // NO_OMP builds: the omp pragmas below are plain no-ops; keep -Wall quiet about them.
@@ -60,42 +66,6 @@ static double sum_f64(const float * x, size_t n) {
     return lanes_sum(acc) + tail;
 }
 
-// sum((x - m)^2)
-static double sumsq_dev_f64(const float * x, size_t n, double m) {
-    double acc[8] = {0}, tail = 0.0;
-    size_t i = 0;
-    for (; i + 8 <= n; i += 8) {
-        for (int j = 0; j < 8; j++) {
-            double d = (double)x[i + j] - m;
-            acc[j] += d * d;
-        }
-    }
-    for (; i < n; i++) {
-        double d = (double)x[i] - m;
-        tail += d * d;
-    }
-    return lanes_sum(acc) + tail;
-}
-
-// *sy += sum(y) and *sxy += sum((x - m) * y), in one pass over y
-static void sum_dot_dev_f64(double * sy, double * sxy, const float * x, const float * y, size_t n,
-                            double m) {
-    double a[8] = {0}, b[8] = {0}, ta = 0.0, tb = 0.0;
-    size_t i = 0;
-    for (; i + 8 <= n; i += 8) {
-        for (int j = 0; j < 8; j++) {
-            a[j] += (double)y[i + j];
-            b[j] += ((double)x[i + j] - m) * (double)y[i + j];
-        }
-    }
-    for (; i < n; i++) {
-        ta += (double)y[i];
-        tb += ((double)x[i] - m) * (double)y[i];
-    }
-    *sy += lanes_sum(a) + ta;
-    *sxy += lanes_sum(b) + tb;
-}
-
 // sum(x[i*S] * y[i]); the S == 1 case uses the lanes.
 static double dot_gather_f64(const float * x, const float * y, int n, int S) {
     double acc[8] = {0}, tail = 0.0;
@@ -122,6 +92,8 @@ static inline void axpy_gather(float * y, float a, const float * x, int n, int S
 static inline void axpy_scatter(float * y, float a, const float * x, int n, int S) {
     if (S == 1) {
         for (int i = 0; i < n; i++) { y[i] += a * x[i]; }
+    } else if (S == 2) {
+        for (int i = 0; i < n; i++) { y[2 * (size_t)i] += a * x[i]; }
     } else {
         for (int i = 0; i < n; i++) { y[(size_t)i * S] += a * x[i]; }
     }
@@ -183,42 +155,488 @@ void kd_linear_backward(float * dinp, float * dweight, float * dbias, const floa
 }
 
 // ----------------------------------------------------------------------------------------
-// conv2d: im2col + sgemm per image; the batch is split across OpenMP threads.
+// conv2d
 // https://pytorch.org/docs/stable/generated/torch.nn.Conv2d.html
 // PyTorch's Conv2d is a cross-correlation: out[oc,oh,ow] = b[oc] +
 //   sum_{c,kh,kw} w[oc,c,kh,kw] * inp[c, oh*S-P+kh, ow*S-P+kw].
+//
+// Design (implicit GEMM with our own micro-kernels; no BLAS call):
+// - The batch is split across OpenMP threads in contiguous chunks and every image is done
+//   by one thread in L2-sized per-thread buffers. Each output and input-gradient element is
+//   one fma chain in a fixed order, so forward and dinp do not depend on the thread count.
+// - Forward-type products C (M, pixels) = A (M, K) B (K, pixels) run an MR x NR = 8 x 32
+//   micro-kernel over weights packed once per call, K in chunks so that the packed chunk
+//   stays in L2 (a chunk continues the chains of the previous one: same bits).
+// - "shift" path (stride 1, P <= K-1): the image is copied into a zero-padded buffer
+//   (C, Hp, Wp). On the padded grid p = oh*Wp + ow, im2col row (c, kh, kw) is the slice
+//   xpad[c*Hp*Wp + kh*Wp + kw + p], so the kernel reads it through a table of row offsets
+//   and im2col is never built. The Wp - OW grid columns per row outside the output are
+//   computed and dropped. The input gradient of a stride-1 conv is a stride-1 conv of the
+//   padded dout with the flipped, transposed weights: same path, no col2im.
+// - "col" path (other strides, and small maps where the dropped columns would cost more
+//   than packing): im2col of a group of images side by side, built one K chunk at a time
+//   so it stays in L2; dinp through dcol = W^T dout (in row chunks) and col2im.
+// - Weight gradients dW (OC, CKK) += D (OC, pixels) B^T run a 4 x 6 tile of 16-lane dot
+//   products (lane = pixel mod 16) reduced by a fixed tree, per image or image group, into
+//   a per-thread partial; partials are added in thread order. So dW depends on the thread
+//   count only through rounding.
+// - Kernels: AVX-512 (runtime check) and portable C that performs exactly the same float
+//   operations in the same order (bitwise equal; the C tests compare them).
+// Depthwise convs (one input and one output channel per group) use direct loops.
 
-// Depthwise convs (one input and one output channel per group) are done with direct loops:
-// their im2col matrices have a single row per tap, so sgemm would be all overhead.
+#define CV_MR 8      // rows (output channels) of a forward micro-tile
+#define CV_NR 32     // pixels of a forward micro-tile
+#define DW_MR 4      // dout rows of a weight-gradient tile
+#define DW_NR 6      // im2col rows of a weight-gradient tile
+#define DW_L 16      // lanes of the weight-gradient dot products
+#define CV_ALIGN 16  // floats (64 bytes): every workspace region starts on a cache line
+#define CV_L2_FLOATS 65536   // target size of a packed weight chunk or an im2col chunk (256 KB)
+#define CV_GROUP_PIX 256     // col path: pixels of an image group to aim for
+
+// ---- dispatch and test hooks ---------------------------------------------------------------
+// SIMD level: 1 portable C, 2 AVX-512F, 3 AVX2+FMA (0: not detected yet). The hooks are for
+// the C tests and benchmarks (declared there, not in layers.h): force an instruction set
+// (0 automatic, 1 portable C, 3 AVX2; kd_conv_force_portable(1) = portable C), and force the
+// conv path (0 automatic, 1 shift, 2 col).
+static int kd_simd_level = 0;
+static int kd_simd_forced = 0;
+static int kd_path_forced = 0;
+
+void kd_conv_force_isa(int level);
+void kd_conv_force_isa(int level) { __atomic_store_n(&kd_simd_forced, level, __ATOMIC_RELAXED); }
+void kd_conv_force_portable(int on);
+void kd_conv_force_portable(int on) { kd_conv_force_isa(on ? 1 : 0); }
+void kd_conv_force_path(int path);
+void kd_conv_force_path(int path) { __atomic_store_n(&kd_path_forced, path, __ATOMIC_RELAXED); }
+
+static int simd_level(void) {
+    int f = __atomic_load_n(&kd_simd_forced, __ATOMIC_RELAXED);
+    int l = __atomic_load_n(&kd_simd_level, __ATOMIC_RELAXED);
+    if (l == 0) {
+#if defined(__x86_64__) && defined(__GNUC__)
+        __builtin_cpu_init();
+        l = __builtin_cpu_supports("avx512f") ? 2
+          : (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) ? 3 : 1;
+#else
+        l = 1;
+#endif
+        __atomic_store_n(&kd_simd_level, l, __ATOMIC_RELAXED);
+    }
+    // a forced AVX2 level needs AVX2 too (every AVX-512 machine has it)
+    if (f == 1 || (f == 3 && l != 1)) { return f; }
+    return l;
+}
+
+// ---- micro-kernels: portable C ------------------------------------------------------------
+// C (8 x 32, row stride ldc) {=, +=} sum_k A[k*8 + i] * B[off[k] + j]: per element one fma
+// chain over k in order, starting from 0 or (acc) from the value in C.
+static void fwd_ukr_c(int K, const float * restrict A, const float * restrict B,
+                      const ptrdiff_t * restrict off, float * restrict C, size_t ldc, int acc_in) {
+    float acc[CV_MR][CV_NR];
+    for (int i = 0; i < CV_MR; i++) {
+        if (acc_in) { memcpy(acc[i], C + (size_t)i * ldc, sizeof acc[i]); }
+        else { memset(acc[i], 0, sizeof acc[i]); }
+    }
+    for (int k = 0; k < K; k++) {
+        const float * b = B + off[k];
+        const float * a = A + (size_t)k * CV_MR;
+        for (int i = 0; i < CV_MR; i++) {
+            for (int j = 0; j < CV_NR; j++) { acc[i][j] = fmaf(a[i], b[j], acc[i][j]); }
+        }
+    }
+    for (int i = 0; i < CV_MR; i++) { memcpy(C + (size_t)i * ldc, acc[i], sizeof acc[i]); }
+}
+
+// Sum of 16 lanes by a fixed tree: l + l+8, then + l+4, then + l+2, then lane 0 + lane 1.
+static inline float hsum16_c(const float * v) {
+    float s8[8], s4[4], s2[2];
+    for (int l = 0; l < 8; l++) { s8[l] = v[l] + v[l + 8]; }
+    for (int l = 0; l < 4; l++) { s4[l] = s8[l] + s8[l + 4]; }
+    for (int l = 0; l < 2; l++) { s2[l] = s4[l] + s4[l + 2]; }
+    return s2[0] + s2[1];
+}
+
+// r[i*6 + j] = sum over images m < nimg and pixels p < nblk*16 of
+// d[i][m*ds + p] * b[j][m*bs + p]: lane p%16 accumulates its pixels in order (image by
+// image) with fma, then the lanes are summed by hsum16.
+static void dw_ukr_c(int nimg, size_t nblk, const float * const * d, size_t ds, const float * const * b,
+                     size_t bs, float * r) {
+    float acc[DW_MR][DW_NR][DW_L];
+    memset(acc, 0, sizeof acc);
+    for (int m = 0; m < nimg; m++) {
+        for (size_t q = 0; q < nblk * DW_L; q += DW_L) {
+            for (int i = 0; i < DW_MR; i++) {
+                const float * x = d[i] + m * ds + q;
+                for (int j = 0; j < DW_NR; j++) {
+                    const float * y = b[j] + m * bs + q;
+                    for (int l = 0; l < DW_L; l++) { acc[i][j][l] = fmaf(x[l], y[l], acc[i][j][l]); }
+                }
+            }
+        }
+    }
+    for (int i = 0; i < DW_MR; i++) {
+        for (int j = 0; j < DW_NR; j++) { r[i * DW_NR + j] = hsum16_c(acc[i][j]); }
+    }
+}
+
+// ---- micro-kernels: AVX-512 ---------------------------------------------------------------
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define KD_HAVE_AVX512_KERNELS 1
+
+__attribute__((target("avx512f")))
+static void fwd_ukr_avx512(int K, const float * restrict A, const float * restrict B,
+                           const ptrdiff_t * restrict off, float * restrict C, size_t ldc, int acc_in) {
+    __m512 c0a, c0b, c1a, c1b, c2a, c2b, c3a, c3b, c4a, c4b, c5a, c5b, c6a, c6b, c7a, c7b;
+#define KD_LD(i, ca, cb) ca = _mm512_loadu_ps(C + (size_t)(i) * ldc); cb = _mm512_loadu_ps(C + (size_t)(i) * ldc + 16);
+#define KD_Z(i, ca, cb) ca = _mm512_setzero_ps(); cb = _mm512_setzero_ps();
+    if (acc_in) {
+        KD_LD(0, c0a, c0b) KD_LD(1, c1a, c1b) KD_LD(2, c2a, c2b) KD_LD(3, c3a, c3b)
+        KD_LD(4, c4a, c4b) KD_LD(5, c5a, c5b) KD_LD(6, c6a, c6b) KD_LD(7, c7a, c7b)
+    } else {
+        KD_Z(0, c0a, c0b) KD_Z(1, c1a, c1b) KD_Z(2, c2a, c2b) KD_Z(3, c3a, c3b)
+        KD_Z(4, c4a, c4b) KD_Z(5, c5a, c5b) KD_Z(6, c6a, c6b) KD_Z(7, c7a, c7b)
+    }
+#undef KD_LD
+#undef KD_Z
+    for (int k = 0; k < K; k++) {
+        const float * b = B + off[k];
+        const float * a = A + (size_t)k * CV_MR;
+        __m512 b0 = _mm512_loadu_ps(b), b1 = _mm512_loadu_ps(b + 16), t;
+#define KD_ROW(i, ca, cb) t = _mm512_set1_ps(a[i]); ca = _mm512_fmadd_ps(t, b0, ca); cb = _mm512_fmadd_ps(t, b1, cb);
+        KD_ROW(0, c0a, c0b) KD_ROW(1, c1a, c1b) KD_ROW(2, c2a, c2b) KD_ROW(3, c3a, c3b)
+        KD_ROW(4, c4a, c4b) KD_ROW(5, c5a, c5b) KD_ROW(6, c6a, c6b) KD_ROW(7, c7a, c7b)
+#undef KD_ROW
+    }
+#define KD_ST(i, ca, cb) _mm512_storeu_ps(C + (size_t)(i) * ldc, ca); _mm512_storeu_ps(C + (size_t)(i) * ldc + 16, cb);
+    KD_ST(0, c0a, c0b) KD_ST(1, c1a, c1b) KD_ST(2, c2a, c2b) KD_ST(3, c3a, c3b)
+    KD_ST(4, c4a, c4b) KD_ST(5, c5a, c5b) KD_ST(6, c6a, c6b) KD_ST(7, c7a, c7b)
+#undef KD_ST
+}
+
+// The same tree as hsum16_c.
+__attribute__((target("avx512f")))
+static inline float hsum16_avx512(__m512 v) {
+    __m256 lo = _mm512_castps512_ps256(v);
+    __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
+    __m256 s8 = _mm256_add_ps(lo, hi);
+    __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
+    __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+    return _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)));
+}
+
+__attribute__((target("avx512f")))
+static void dw_ukr_avx512(int nimg, size_t nblk, const float * const * d, size_t ds, const float * const * b,
+                          size_t bs, float * r) {
+    __m512 acc[DW_MR][DW_NR];
+    for (int i = 0; i < DW_MR; i++) {
+        for (int j = 0; j < DW_NR; j++) { acc[i][j] = _mm512_setzero_ps(); }
+    }
+    for (int m = 0; m < nimg; m++) {
+    const float * d0 = d[0] + m * ds, * d1 = d[1] + m * ds, * d2 = d[2] + m * ds, * d3 = d[3] + m * ds;
+    const float * b0 = b[0] + m * bs, * b1 = b[1] + m * bs, * b2 = b[2] + m * bs, * b3 = b[3] + m * bs;
+    const float * b4 = b[4] + m * bs, * b5 = b[5] + m * bs;
+    for (size_t q = 0; q < nblk * DW_L; q += DW_L) {
+        __m512 x0 = _mm512_loadu_ps(d0 + q), x1 = _mm512_loadu_ps(d1 + q);
+        __m512 x2 = _mm512_loadu_ps(d2 + q), x3 = _mm512_loadu_ps(d3 + q), y;
+        // The empty asm keeps y in a register: otherwise the compiler folds the load into
+        // all four fmas (28 loads per 24 fmas, bound by the load ports).
+#define KD_COL(j, bp) y = _mm512_loadu_ps(bp + q); __asm__("" : "+v"(y));                  \
+        acc[0][j] = _mm512_fmadd_ps(x0, y, acc[0][j]); acc[1][j] = _mm512_fmadd_ps(x1, y, acc[1][j]); \
+        acc[2][j] = _mm512_fmadd_ps(x2, y, acc[2][j]); acc[3][j] = _mm512_fmadd_ps(x3, y, acc[3][j]);
+        KD_COL(0, b0) KD_COL(1, b1) KD_COL(2, b2) KD_COL(3, b3) KD_COL(4, b4) KD_COL(5, b5)
+#undef KD_COL
+    }
+    }
+    for (int i = 0; i < DW_MR; i++) {
+        for (int j = 0; j < DW_NR; j++) { r[i * DW_NR + j] = hsum16_avx512(acc[i][j]); }
+    }
+}
+#endif
+
+#if defined(__x86_64__) && defined(__GNUC__)
+// ---- micro-kernels: AVX2 (for CPUs without AVX-512) ----------------------------------------
+// Same products and order as the portable C kernels, in sub-tiles that fit 16 ymm registers.
+
+// 4 rows x 16 columns of the 8 x 32 tile: (i0, j0) = (0|4, 0|16).
+__attribute__((target("avx2,fma")))
+static inline void fwd_sub_avx2(int K, const float * restrict A, const float * restrict B,
+                                const ptrdiff_t * restrict off, float * restrict C, size_t ldc, int acc_in,
+                                int i0, int j0) {
+    __m256 c[4][2];
+    for (int i = 0; i < 4; i++) {
+        for (int h = 0; h < 2; h++) {
+            c[i][h] = acc_in ? _mm256_loadu_ps(C + (size_t)(i0 + i) * ldc + j0 + 8 * h) : _mm256_setzero_ps();
+        }
+    }
+    for (int k = 0; k < K; k++) {
+        const float * b = B + off[k] + j0;
+        const float * a = A + (size_t)k * CV_MR + i0;
+        __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
+        for (int i = 0; i < 4; i++) {
+            __m256 t = _mm256_broadcast_ss(a + i);
+            c[i][0] = _mm256_fmadd_ps(t, b0, c[i][0]);
+            c[i][1] = _mm256_fmadd_ps(t, b1, c[i][1]);
+        }
+    }
+    for (int i = 0; i < 4; i++) {
+        for (int h = 0; h < 2; h++) { _mm256_storeu_ps(C + (size_t)(i0 + i) * ldc + j0 + 8 * h, c[i][h]); }
+    }
+}
+
+__attribute__((target("avx2,fma")))
+static void fwd_ukr_avx2(int K, const float * restrict A, const float * restrict B,
+                         const ptrdiff_t * restrict off, float * restrict C, size_t ldc, int acc_in) {
+    for (int i0 = 0; i0 < CV_MR; i0 += 4) {
+        for (int j0 = 0; j0 < CV_NR; j0 += 16) { fwd_sub_avx2(K, A, B, off, C, ldc, acc_in, i0, j0); }
+    }
+}
+
+// The hsum16 tree on lanes 0-7 (lo) and 8-15 (hi).
+__attribute__((target("avx2,fma")))
+static inline float hsum16_avx2(__m256 lo, __m256 hi) {
+    __m256 s8 = _mm256_add_ps(lo, hi);
+    __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
+    __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+    return _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)));
+}
+
+// The 4 x 6 tile as 2 x 6 sub-tiles, one half of the 16 lanes at a time (12 ymm
+// accumulators, 8 loads per 12 fmas); the halves meet in the hsum16 tree.
+__attribute__((target("avx2,fma")))
+static void dw_ukr_avx2(int nimg, size_t nblk, const float * const * d, size_t ds, const float * const * b,
+                        size_t bs, float * r) {
+    for (int i0 = 0; i0 < DW_MR; i0 += 2) {
+        __m256 part[2][2][DW_NR];
+        for (int h = 0; h < 2; h++) {
+            __m256 acc[2][DW_NR];
+            for (int i = 0; i < 2; i++) {
+                for (int j = 0; j < DW_NR; j++) { acc[i][j] = _mm256_setzero_ps(); }
+            }
+            for (int m = 0; m < nimg; m++) {
+                const float * x0 = d[i0] + m * ds + 8 * h, * x1 = d[i0 + 1] + m * ds + 8 * h;
+                const float * y[DW_NR];
+                for (int j = 0; j < DW_NR; j++) { y[j] = b[j] + m * bs + 8 * h; }
+                for (size_t q = 0; q < nblk * DW_L; q += DW_L) {
+                    __m256 u0 = _mm256_loadu_ps(x0 + q), u1 = _mm256_loadu_ps(x1 + q);
+                    for (int j = 0; j < DW_NR; j++) {
+                        __m256 v = _mm256_loadu_ps(y[j] + q);
+                        acc[0][j] = _mm256_fmadd_ps(u0, v, acc[0][j]);
+                        acc[1][j] = _mm256_fmadd_ps(u1, v, acc[1][j]);
+                    }
+                }
+            }
+            for (int i = 0; i < 2; i++) {
+                for (int j = 0; j < DW_NR; j++) { part[h][i][j] = acc[i][j]; }
+            }
+        }
+        for (int i = 0; i < 2; i++) {
+            for (int j = 0; j < DW_NR; j++) { r[(i0 + i) * DW_NR + j] = hsum16_avx2(part[0][i][j], part[1][i][j]); }
+        }
+    }
+}
+#endif
+
+typedef void (*fwd_ukr_fn)(int, const float *, const float *, const ptrdiff_t *, float *, size_t, int);
+typedef void (*dw_ukr_fn)(int, size_t, const float * const *, size_t, const float * const *, size_t, float *);
+struct conv_kernels { fwd_ukr_fn fwd; dw_ukr_fn dw; };
+
+static struct conv_kernels conv_kernels(void) {
+    struct conv_kernels k = { fwd_ukr_c, dw_ukr_c };
+#ifdef KD_HAVE_AVX512_KERNELS
+    int l = simd_level();
+    if (l == 2) { k.fwd = fwd_ukr_avx512; k.dw = dw_ukr_avx512; }
+    if (l == 3) { k.fwd = fwd_ukr_avx2; k.dw = dw_ukr_avx2; }
+#endif
+    return k;
+}
+
+// ---- plan: path, blocking and workspace layout ---------------------------------------------
+
+static inline size_t round_up(size_t x, size_t m) { return (x + m - 1) / m * m; }
+static inline size_t zmax(size_t a, size_t b) { return a > b ? a : b; }
+static inline size_t zmin(size_t a, size_t b) { return a < b ? a : b; }
+
+// Overflow-checked size arithmetic: on overflow *bad is set and the result is meaningless.
+static inline size_t smul(int * bad, size_t a, size_t b) {
+    size_t r;
+    if (__builtin_mul_overflow(a, b, &r)) { *bad = 1; return 0; }
+    return r;
+}
+static inline size_t sadd(int * bad, size_t a, size_t b) {
+    size_t r;
+    if (__builtin_add_overflow(a, b, &r)) { *bad = 1; return 0; }
+    return r;
+}
+// Reserves n floats (rounded up to whole cache lines) at *top; returns the region offset.
+static inline size_t sreserve(int * bad, size_t * top, size_t n) {
+    size_t at = *top;
+    *top = round_up(sadd(bad, sadd(bad, *top, n), CV_ALIGN - 1), CV_ALIGN);
+    return at;
+}
+
+// K chunk for M padded rows: the packed chunk (Mp x kc) should stay within CV_L2_FLOATS.
+// Chunks are balanced (kc = ceil(K / nchunks)).
+static int k_chunk(size_t K, size_t Mp, size_t limit) {
+    size_t per = zmax(limit / zmax(Mp, 1), 32);
+    size_t n = (K + per - 1) / per;
+    return (int)((K + n - 1) / n);
+}
+
+enum { CONV_SHIFT = 1, CONV_COL = 2 };
+
+struct conv_plan {
+    int path;
+    int Cg, OCg, KK, CKK;
+    int kc;                     // K chunk of the forward product
+    int kct;                    // shift: K chunk of the input-gradient product (OCg*KK)
+    int mc;                     // col: dcol rows per pass (multiple of 8)
+    int gi;                     // images per group (col: side by side; shift: backward only)
+    size_t xs, zs;              // shift: image strides in the padded-image and dout buffers
+    int Hp, Wp;                 // shift: padded input
+    size_t plane;               // shift: Hp*Wp
+    int Pt, Hq, Wq;             // shift: input-gradient conv: padding K-1-P, padded dout
+    size_t qplane, grid2, ld2;  // shift: Hq*Wq, pixels H*Wq of its grid, row stride
+    size_t grid;                // pixels of one image's output grid (OH*Wp, or OH*OW)
+    size_t ld;                  // row stride of the staging, dout-grid and col buffers
+    size_t a_off, o_off, shared;                           // shared: packed weights, offsets
+    size_t x_off, q_off, z_off, t_off, w_off, b_off, per;  // per thread
+    size_t x_n, q_n, z_n;
+};
+
+// Everything is sized for both directions: one workspace serves forward and backward.
+static int conv_plan_make(const struct kd_conv_shape * s, struct conv_plan * p) {
+    int bad = 0;
+    memset(p, 0, sizeof *p);
+    p->Cg = s->C / s->G;
+    p->OCg = s->OC / s->G;
+    size_t kk = smul(&bad, (size_t)s->K, (size_t)s->K);
+    size_t ckk = smul(&bad, (size_t)p->Cg, kk);
+    size_t ockk = smul(&bad, (size_t)p->OCg, kk);
+    if (bad || ckk > INT_MAX / 2 || ockk > INT_MAX / 2) { return 0; }
+    p->KK = (int)kk;
+    p->CKK = (int)ckk;
+    size_t OH = (size_t)s->OH, OW = (size_t)s->OW, H = (size_t)s->H, W = (size_t)s->W;
+    size_t OHW = smul(&bad, OH, OW);
+    size_t ocp = round_up((size_t)p->OCg, CV_MR), cp = round_up((size_t)p->Cg, CV_MR);
+    size_t ckkp = round_up(ckk, CV_MR);
+
+    // Path. Shift needs stride 1 and an input-gradient padding K-1-P >= 0. It computes
+    // OH*Wp grid pixels (rounded up to panels) per OH*OW outputs; col computes almost only
+    // outputs but packs im2col (and scatters dcol back), which costs about as much as ~24
+    // multiply-adds per element (each element feeds OCg of them): the cheaper one wins.
+    // Calibrated on the zoo shapes (benchmarks/bench_kernels.c): shift for 28x28 and 14x14
+    // maps and for 7x7 with 64 channels, col for 7x7 with 128 or 256 channels (15-40%
+    // faster there).
+    int shift_ok = s->S == 1 && s->P <= s->K - 1;
+    size_t wp = W + 2 * (size_t)s->P;
+    size_t sgrid = smul(&bad, OH, wp);
+    // col: images per group so that the group fills its panels well
+    size_t gi = 1;
+    if (OHW < CV_GROUP_PIX) {
+        double best = 0;
+        size_t gmax = zmax(1, zmin((size_t)s->N, 2 * CV_GROUP_PIX / zmax(OHW, 1)));
+        for (size_t g = 1; g <= gmax; g++) {
+            double e = (double)(g * OHW) / (double)round_up(g * OHW, CV_NR);
+            if (e > best + 0.02) { best = e; gi = g; }
+        }
+    }
+    int path = CONV_COL;
+    if (shift_ok) {
+        double shift_cost = (double)round_up(sgrid, CV_NR) / (double)OHW;
+        double col_cost = (double)round_up(gi * OHW, CV_NR) / (double)(gi * OHW) + 24.0 / (double)p->OCg;
+        path = shift_cost <= col_cost ? CONV_SHIFT : CONV_COL;
+    }
+    int forced = __atomic_load_n(&kd_path_forced, __ATOMIC_RELAXED);
+    if (forced == CONV_COL || (forced == CONV_SHIFT && shift_ok)) { path = forced; }
+    p->path = path;
+
+    size_t slack = 0;
+    if (path == CONV_SHIFT) {
+        size_t hp = H + 2 * (size_t)s->P;
+        if (hp > INT_MAX || wp > INT_MAX) { return 0; }
+        p->Hp = (int)hp; p->Wp = (int)wp;
+        p->plane = smul(&bad, hp, wp);
+        p->grid = sgrid;
+        p->Pt = s->K - 1 - s->P;
+        p->Hq = (int)(OH + 2 * (size_t)p->Pt);
+        p->Wq = (int)(OW + 2 * (size_t)p->Pt);
+        p->qplane = smul(&bad, (size_t)p->Hq, (size_t)p->Wq);
+        p->grid2 = smul(&bad, H, (size_t)p->Wq);
+        p->ld2 = round_up(sadd(&bad, p->grid2, CV_NR - 1), CV_NR);
+        // The last tap of the last channel reads up to K-1 + NR-1 floats past the plane.
+        slack = 2 * CV_NR + 2 * (size_t)s->K;
+        // Backward: the weight-gradient lanes run on across a group of images before they
+        // are reduced; enough pixels to amortise the reduction, buffers within ~L2.
+        size_t ldi = round_up(sadd(&bad, sgrid, CV_NR - 1), CV_NR);
+        p->xs = round_up(smul(&bad, (size_t)s->C, p->plane), CV_ALIGN);
+        p->zs = smul(&bad, (size_t)s->OC, ldi);
+        size_t per_img = sadd(&bad, p->xs, p->zs);
+        size_t g = zmin(2 * CV_L2_FLOATS / zmax(per_img, 1), (1024 + sgrid - 1) / zmax(sgrid, 1));
+        p->gi = (int)zmax(1, zmin(g, (size_t)s->N));
+    } else {
+        p->grid = OHW;
+        p->gi = (int)gi;
+    }
+    p->ld = round_up(sadd(&bad, smul(&bad, p->grid, path == CONV_COL ? (size_t)p->gi : 1), CV_NR - 1), CV_NR);
+    p->kc = k_chunk(ckk, ocp, CV_L2_FLOATS);
+    if (path == CONV_COL) {
+        // the im2col chunk (kc x ld) should also stay within the L2 budget
+        int kb = k_chunk(ckk, p->ld, CV_L2_FLOATS);
+        if (kb < p->kc) { p->kc = kb; }
+        p->mc = (int)zmin(ckkp, round_up(zmax(CV_L2_FLOATS / p->ld, CV_MR), CV_MR));
+    } else {
+        p->kct = k_chunk(ockk, cp, CV_L2_FLOATS);
+    }
+    // shared: packed weights (largest of the layouts) and offset tables
+    size_t an = smul(&bad, ocp, ckk);
+    size_t an2 = path == CONV_SHIFT ? smul(&bad, cp, ockk) : smul(&bad, ckkp, (size_t)p->OCg);
+    an = smul(&bad, zmax(an, an2), (size_t)s->G);
+    size_t top = 0;
+    p->a_off = sreserve(&bad, &top, an);
+    size_t noff = path == CONV_SHIFT ? sadd(&bad, ckk, ockk) : zmax((size_t)p->kc, (size_t)p->OCg);
+    p->o_off = sreserve(&bad, &top, smul(&bad, noff, sizeof(ptrdiff_t) / sizeof(float)));
+    p->shared = top;
+    // per thread
+    top = 0;
+    size_t tn = smul(&bad, ocp, p->ld);
+    if (path == CONV_SHIFT) {
+        p->x_n = sadd(&bad, smul(&bad, (size_t)p->gi, p->xs), slack);       // padded images
+        p->q_n = sadd(&bad, smul(&bad, (size_t)s->OC, p->qplane), slack);    // padded dout
+        tn = zmax(tn, smul(&bad, cp, p->ld2));
+    } else {
+        p->x_n = smul(&bad, (size_t)p->kc, p->ld);                           // im2col chunk
+        p->q_n = smul(&bad, (size_t)p->mc, p->ld);                           // dcol chunk
+    }
+    // dout on the output grid, zero elsewhere (shift: one block of OC rows per image)
+    p->z_n = smul(&bad, smul(&bad, (size_t)s->OC, p->ld), path == CONV_SHIFT ? (size_t)p->gi : 1);
+    p->x_off = sreserve(&bad, &top, p->x_n);
+    p->q_off = sreserve(&bad, &top, p->q_n);
+    p->z_off = sreserve(&bad, &top, p->z_n);
+    p->t_off = sreserve(&bad, &top, tn);
+    p->w_off = sreserve(&bad, &top, smul(&bad, (size_t)s->OC, ckk));
+    p->b_off = sreserve(&bad, &top, (size_t)s->OC);
+    p->per = top;
+    return !bad;
+}
+
 static inline int conv_is_depthwise(const struct kd_conv_shape * s) {
     return s->G == s->C && s->G == s->OC;
 }
 
-// A 1x1 kernel with stride 1 and no padding reads the input plane as is: the image itself
-// is the (Cg, HW) column matrix and im2col is skipped.
-static inline int conv_is_pointwise(const struct kd_conv_shape * s) {
-    return s->K == 1 && s->S == 1 && s->P == 0;
-}
-
-// Floats of `work` one thread uses: [im2col buffer (CKK, OHW)] [dweight partial (OC, CKK)]
-// [dbias partial (OC)]. Returns SIZE_MAX on overflow.
-static size_t conv_thread_floats(const struct kd_conv_shape * s) {
-    if (conv_is_depthwise(s)) { return 0; }
-    size_t ckk, col = 0, dw, tot;
-    if (!kd_mul_ok((size_t)(s->C / s->G), (size_t)s->K * (size_t)s->K, &ckk)) { return SIZE_MAX; }
-    if (!conv_is_pointwise(s) && !kd_mul_ok(ckk, (size_t)s->OH * (size_t)s->OW, &col)) { return SIZE_MAX; }
-    if (!kd_mul_ok(ckk, (size_t)s->OC, &dw)) { return SIZE_MAX; }
-    if (__builtin_add_overflow(col, dw, &tot) || __builtin_add_overflow(tot, (size_t)s->OC, &tot)) {
-        return SIZE_MAX;
-    }
-    return tot;
-}
-
 size_t kd_conv2d_workspace(const struct kd_conv_shape * s, int nthreads) {
-    size_t per = conv_thread_floats(s), tot;
+    if (conv_is_depthwise(s)) { return 0; }      // direct loops
+    struct conv_plan p;
     if (nthreads < 1) { nthreads = 1; }
-    if (per == SIZE_MAX || !kd_mul_ok(per, (size_t)nthreads, &tot)) { return SIZE_MAX; }
-    return tot;
+    if (!conv_plan_make(s, &p)) { return SIZE_MAX; }
+    int bad = 0;
+    size_t tot = sadd(&bad, sadd(&bad, p.shared, smul(&bad, p.per, (size_t)nthreads)), CV_ALIGN);
+    return bad ? SIZE_MAX : tot;
+}
+
+static inline float * align_floats(float * w) {
+    uintptr_t u = (uintptr_t)w, a = CV_ALIGN * sizeof(float);
+    return (float *)((u + a - 1) / a * a);
 }
 
 static void conv_check_shape(const struct kd_conv_shape * s) {
@@ -229,64 +647,6 @@ static void conv_check_shape(const struct kd_conv_shape * s) {
     (void)s;
 }
 
-// col (Cg*K*K, OH*OW) <- inp (Cg, H, W); row (c*K + kh)*K + kw matches the weight layout
-// (OCg, Cg, K, K), so the conv is W_g (OCg, CKK) @ col.
-static void im2col(float * col, const float * inp, int Cg, int H, int W, int OH, int OW,
-                   int K, int S, int P) {
-    size_t OHW = (size_t)OH * OW;
-    for (int c = 0; c < Cg; c++) {
-        const float * plane = inp + (size_t)c * H * W;
-        for (int kh = 0; kh < K; kh++) {
-            for (int kw = 0; kw < K; kw++) {
-                float * row = col + ((size_t)(c * K + kh) * K + kw) * OHW;
-                int ow0, ow1;
-                valid_range(&ow0, &ow1, W, OW, kw, S, P);
-                for (int oh = 0; oh < OH; oh++) {
-                    float * r = row + (size_t)oh * OW;
-                    int ih = oh * S - P + kh;
-                    if (ih < 0 || ih >= H) {
-                        memset(r, 0, (size_t)OW * sizeof(float));
-                        continue;
-                    }
-                    for (int ow = 0; ow < ow0; ow++) { r[ow] = 0.0f; }
-                    for (int ow = ow1; ow < OW; ow++) { r[ow] = 0.0f; }
-                    if (ow0 == ow1) { continue; }
-                    const float * src = plane + (size_t)ih * W + (ow0 * S - P + kw);
-                    if (S == 1) {
-                        memcpy(r + ow0, src, (size_t)(ow1 - ow0) * sizeof(float));
-                    } else {
-                        for (int ow = ow0; ow < ow1; ow++) { r[ow] = src[(ow - ow0) * S]; }
-                    }
-                }
-            }
-        }
-    }
-}
-
-// dinp (Cg, H, W) += scatter of col (Cg*K*K, OH*OW): the adjoint of im2col. Padding
-// positions are dropped.
-static void col2im_add(float * dinp, const float * col, int Cg, int H, int W, int OH, int OW,
-                       int K, int S, int P) {
-    size_t OHW = (size_t)OH * OW;
-    for (int c = 0; c < Cg; c++) {
-        float * plane = dinp + (size_t)c * H * W;
-        for (int kh = 0; kh < K; kh++) {
-            for (int kw = 0; kw < K; kw++) {
-                const float * row = col + ((size_t)(c * K + kh) * K + kw) * OHW;
-                int ow0, ow1;
-                valid_range(&ow0, &ow1, W, OW, kw, S, P);
-                if (ow0 == ow1) { continue; }
-                for (int oh = 0; oh < OH; oh++) {
-                    int ih = oh * S - P + kh;
-                    if (ih < 0 || ih >= H) { continue; }
-                    const float * r = row + (size_t)oh * OW;
-                    axpy_scatter(plane + (size_t)ih * W + (ow0 * S - P + kw), 1.0f, r + ow0, ow1 - ow0, S);
-                }
-            }
-        }
-    }
-}
-
 // Static contiguous chunk [*n0, *n1) of the N images for thread tid of nt: the first
 // N % nt threads take one extra image; threads past N get an empty chunk.
 static inline void batch_chunk(int * n0, int * n1, int N, int tid, int nt) {
@@ -295,31 +655,220 @@ static inline void batch_chunk(int * n0, int * n1, int N, int tid, int nt) {
     *n1 = *n0 + base + (tid < rem ? 1 : 0);
 }
 
-// out (OC,OH,OW) for one image inp (C,H,W); weight (OC,Cg,K,K); col: im2col buffer
-static void conv_forward_image(float * out, const float * inp, const float * weight,
-                               const float * bias, const struct kd_conv_shape * s, float * col) {
-    int Cg = s->C / s->G, OCg = s->OC / s->G, CKK = Cg * s->K * s->K;
-    int OHW = s->OH * s->OW;
-    size_t HW = (size_t)s->H * s->W;
-    for (int g = 0; g < s->G; g++) {
-        const float * inp_g = inp + (size_t)g * Cg * HW;
-        const float * w_g = weight + (size_t)g * OCg * CKK;
-        float * out_g = out + (size_t)g * OCg * OHW;
-        const float * b = inp_g;
-        if (!conv_is_pointwise(s)) {
-            im2col(col, inp_g, Cg, s->H, s->W, s->OH, s->OW, s->K, s->S, s->P);
-            b = col;
+// ---- packing -------------------------------------------------------------------------------
+// Packed A for M rows and K columns: panels of 8 rows, [panel][k][8], zero rows past M.
+// Called inside the conv's parallel region: the panels are shared out by an omp for, whose
+// closing barrier makes them visible to every thread before use.
+
+// Forward: A_g (OCg, CKK) = the weights as they are.
+static void pack_fwd(float * Ap, const float * weight, const struct conv_plan * p, int G) {
+    size_t ocp = round_up((size_t)p->OCg, CV_MR), CKK = (size_t)p->CKK, npan = ocp / CV_MR;
+    long total = (long)(npan * (size_t)G);
+    #pragma omp for schedule(static)
+    for (long t = 0; t < total; t++) {
+        size_t g = (size_t)t / npan, m0 = (size_t)t % npan * CV_MR;
+        float * panel = Ap + g * ocp * CKK + m0 * CKK;
+        const float * w = weight + g * p->OCg * CKK;
+        for (size_t k = 0; k < CKK; k++) {
+            for (size_t i = 0; i < CV_MR; i++) {
+                size_t m = m0 + i;
+                panel[k * CV_MR + i] = m < (size_t)p->OCg ? w[m * CKK + k] : 0.0f;
+            }
         }
-        // out_g (OCg, OHW) = W_g (OCg, CKK) @ col (CKK, OHW)
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, OCg, OHW, CKK,
-                    1.0f, w_g, CKK, b, OHW, 0.0f, out_g, OHW);
     }
-    // Bias after the product, as oneDNN/PyTorch apply it.
-    if (bias != NULL) {
-        for (int oc = 0; oc < s->OC; oc++) {
-            float * o = out + (size_t)oc * OHW;
+}
+
+// Input gradient, shift path: rows c (Cg), columns (oc, kh, kw) of the flipped kernel:
+// A[c][(oc*K + kh)*K + kw] = w[oc][c][K-1-kh][K-1-kw].
+static void pack_tdinp(float * Ap, const float * weight, const struct conv_plan * p, int G, int K) {
+    size_t cp = round_up((size_t)p->Cg, CV_MR), KK = (size_t)p->KK, npan = cp / CV_MR;
+    size_t Kt = (size_t)p->OCg * KK, CKK = (size_t)p->CKK;
+    long total = (long)(npan * (size_t)G);
+    #pragma omp for schedule(static)
+    for (long t = 0; t < total; t++) {
+        size_t g = (size_t)t / npan, m0 = (size_t)t % npan * CV_MR;
+        float * panel = Ap + g * cp * Kt + m0 * Kt;
+        const float * w = weight + g * p->OCg * CKK;
+        for (size_t oc = 0; oc < (size_t)p->OCg; oc++) {
+            for (int kh = 0; kh < K; kh++) {
+                for (int kw = 0; kw < K; kw++) {
+                    size_t kk = (oc * K + kh) * K + kw;
+                    size_t src = (K - 1 - kh) * K + (K - 1 - kw);
+                    for (size_t i = 0; i < CV_MR; i++) {
+                        size_t c = m0 + i;
+                        panel[kk * CV_MR + i] = c < (size_t)p->Cg ? w[oc * CKK + c * KK + src] : 0.0f;
+                    }
+                }
+            }
+        }
+    }
+}
+
+// Input gradient, col path: dcol = W_g^T dout_g: rows k (CKK), columns oc (OCg).
+static void pack_tcol(float * Ap, const float * weight, const struct conv_plan * p, int G) {
+    size_t ckkp = round_up((size_t)p->CKK, CV_MR), CKK = (size_t)p->CKK, OCg = (size_t)p->OCg;
+    size_t npan = ckkp / CV_MR;
+    long total = (long)(npan * (size_t)G);
+    #pragma omp for schedule(static)
+    for (long t = 0; t < total; t++) {
+        size_t g = (size_t)t / npan, m0 = (size_t)t % npan * CV_MR;
+        float * panel = Ap + g * ckkp * OCg + m0 * OCg;
+        const float * w = weight + g * OCg * CKK;
+        for (size_t oc = 0; oc < OCg; oc++) {
+            for (size_t i = 0; i < CV_MR; i++) {
+                size_t k = m0 + i;
+                panel[oc * CV_MR + i] = k < CKK ? w[oc * CKK + k] : 0.0f;
+            }
+        }
+    }
+}
+
+// Row offsets of the implicit im2col matrix on the shift path: (c, kh, kw) -> c*plane +
+// kh*row + kw; and plain row offsets k*ld of a buffer.
+static void shift_offsets(ptrdiff_t * off, int C, int K, size_t plane, size_t row) {
+    size_t k = 0;
+    for (int c = 0; c < C; c++) {
+        for (int kh = 0; kh < K; kh++) {
+            for (int kw = 0; kw < K; kw++) { off[k++] = (ptrdiff_t)(c * plane + kh * row + kw); }
+        }
+    }
+}
+static void row_offsets(ptrdiff_t * off, int n, size_t ld) {
+    for (int k = 0; k < n; k++) { off[k] = (ptrdiff_t)(k * ld); }
+}
+
+// ---- building blocks -----------------------------------------------------------------------
+
+// C (mpan*8 rows x npix, row stride ldc) = A B, or += (acc_in) continuing the chains: A is
+// packed with panel stride 8*lda and column 0 at Ap; B row k at B + off[k]; npix is a
+// multiple of NR. Panel-major, so each B panel is reused from L1 by all row panels.
+static void gemm_panels(fwd_ukr_fn ukr, float * C, size_t ldc, const float * Ap, size_t lda, size_t mpan,
+                        int K, const float * B, const ptrdiff_t * off, size_t npix, int acc_in) {
+    for (size_t j = 0; j < npix; j += CV_NR) {
+        for (size_t mp = 0; mp < mpan; mp++) {
+            ukr(K, Ap + mp * CV_MR * lda, B + j, off, C + mp * CV_MR * ldc + j, ldc, acc_in);
+        }
+    }
+}
+
+// The full product over K in chunks of kc (chunk c continues the chains of chunk c-1).
+static void gemm_chunked(fwd_ukr_fn ukr, float * C, size_t ldc, const float * Ap, size_t mpan, int K,
+                         int kc, const float * B, const ptrdiff_t * off, size_t npix) {
+    for (int k0 = 0; k0 < K; k0 += kc) {
+        gemm_panels(ukr, C, ldc, Ap + (size_t)k0 * CV_MR, (size_t)K, mpan, imin(kc, K - k0), B, off + k0,
+                    npix, k0 > 0);
+    }
+}
+
+// part (M x N, row stride ldp) += D B^T: D row i at D + i*ldd, B row k at B + off[k], over
+// nblk*16 pixels of nimg images (image m at D + m*ds, B + m*bs). Edge tiles repeat a valid
+// row and drop its result.
+static void dw_accumulate(dw_ukr_fn ukr, float * part, size_t ldp, int M, int N, const float * D,
+                          size_t ldd, size_t ds, const float * B, const ptrdiff_t * off, size_t bs,
+                          int nimg, size_t nblk) {
+    const float * dr[DW_MR], * br[DW_NR];
+    float r[DW_MR * DW_NR];
+    for (int i0 = 0; i0 < M; i0 += DW_MR) {
+        int mi = imin(DW_MR, M - i0);
+        for (int i = 0; i < DW_MR; i++) { dr[i] = D + (size_t)(i0 + (i < mi ? i : 0)) * ldd; }
+        for (int j0 = 0; j0 < N; j0 += DW_NR) {
+            int nj = imin(DW_NR, N - j0);
+            for (int j = 0; j < DW_NR; j++) { br[j] = B + off[j0 + (j < nj ? j : 0)]; }
+            ukr(nimg, nblk, dr, ds, br, bs, r);
+            for (int i = 0; i < mi; i++) {
+                float * prow = part + (size_t)(i0 + i) * ldp + j0;
+                for (int j = 0; j < nj; j++) { prow[j] += r[i * DW_NR + j]; }
+            }
+        }
+    }
+}
+
+static inline void copy_floats(float * restrict d, const float * restrict s, size_t n) {
+    for (size_t i = 0; i < n; i++) { d[i] = s[i]; }
+}
+
+// dst (C planes of dcols-wide rows, plane stride dplane) at row r0, column c0 <- src (C, H, W).
+// Only the interior is written; the caller zeroes the borders once per call.
+static void pad_copy(float * dst, size_t dplane, size_t dcols, int r0, int c0, const float * src,
+                     int C, int H, int W) {
+    for (int c = 0; c < C; c++) {
+        float * d = dst + (size_t)c * dplane + (size_t)r0 * dcols + c0;
+        const float * x = src + (size_t)c * H * W;
+        for (int h = 0; h < H; h++) { copy_floats(d + (size_t)h * dcols, x + (size_t)h * W, W); }
+    }
+}
+
+// Rows [k0, k1) of im2col for one image inp (Cg, H, W), written at col (row k at
+// col + (k - k0)*ld, output pixel o at column o). Row (c*K + kh)*K + kw matches the weight
+// layout (OCg, Cg, K, K).
+static void im2col_rows(float * col, size_t ld, const float * inp, int H, int W, int OH, int OW,
+                        int K, int S, int P, int k0, int k1) {
+    for (int k = k0; k < k1; k++) {
+        int c = k / (K * K), kh = (k / K) % K, kw = k % K;
+        const float * plane = inp + (size_t)c * H * W;
+        float * row = col + (size_t)(k - k0) * ld;
+        int ow0, ow1;
+        valid_range(&ow0, &ow1, W, OW, kw, S, P);
+        for (int oh = 0; oh < OH; oh++) {
+            float * r = row + (size_t)oh * OW;
+            int ih = oh * S - P + kh;
+            if (ih < 0 || ih >= H || ow0 == ow1) {
+                for (int ow = 0; ow < OW; ow++) { r[ow] = 0.0f; }
+                continue;
+            }
+            for (int ow = 0; ow < ow0; ow++) { r[ow] = 0.0f; }
+            for (int ow = ow1; ow < OW; ow++) { r[ow] = 0.0f; }
+            const float * src = plane + (size_t)ih * W + (ow0 * S - P + kw);
+            if (S == 1) {
+                copy_floats(r + ow0, src, (size_t)(ow1 - ow0));
+            } else if (S == 2) {   // constant stride: the compiler vectorises it with permutes
+                for (int ow = ow0; ow < ow1; ow++) { r[ow] = src[2 * (ow - ow0)]; }
+            } else {
+                for (int ow = ow0; ow < ow1; ow++) { r[ow] = src[(ow - ow0) * S]; }
+            }
+        }
+    }
+}
+
+// dinp (Cg, H, W) += scatter of rows [k0, k1) of a col matrix (row k at col + (k-k0)*ld):
+// the adjoint of im2col_rows.
+static void col2im_rows_add(float * dinp, const float * col, size_t ld, int H, int W, int OH, int OW,
+                            int K, int S, int P, int k0, int k1) {
+    for (int k = k0; k < k1; k++) {
+        int c = k / (K * K), kh = (k / K) % K, kw = k % K;
+        float * plane = dinp + (size_t)c * H * W;
+        const float * row = col + (size_t)(k - k0) * ld;
+        int ow0, ow1;
+        valid_range(&ow0, &ow1, W, OW, kw, S, P);
+        if (ow0 == ow1) { continue; }
+        for (int oh = 0; oh < OH; oh++) {
+            int ih = oh * S - P + kh;
+            if (ih < 0 || ih >= H) { continue; }
+            const float * r = row + (size_t)oh * OW;
+            axpy_scatter(plane + (size_t)ih * W + (ow0 * S - P + kw), 1.0f, r + ow0, ow1 - ow0, S);
+        }
+    }
+}
+
+// out rows (one image, OCg channels) <- staging rows (grid row stride gw), dropping the grid
+// columns outside the output; bias after the product, as PyTorch.
+static void store_out(float * o, const float * stage, size_t ld, size_t gw, int OCg, int OH, int OW,
+                      const float * bias) {
+    size_t OHW = (size_t)OH * OW;
+    for (int oc = 0; oc < OCg; oc++) {
+        float * orow = o + (size_t)oc * OHW;
+        const float * srow = stage + (size_t)oc * ld;
+        if (bias != NULL) {
             float bv = bias[oc];
-            for (int i = 0; i < OHW; i++) { o[i] += bv; }
+            for (int oh = 0; oh < OH; oh++) {
+                float * d = orow + (size_t)oh * OW;
+                const float * r = srow + (size_t)oh * gw;
+                for (int ow = 0; ow < OW; ow++) { d[ow] = r[ow] + bv; }
+            }
+        } else if (gw == (size_t)OW) {
+            copy_floats(orow, srow, OHW);
+        } else {
+            for (int oh = 0; oh < OH; oh++) { copy_floats(orow + (size_t)oh * OW, srow + (size_t)oh * gw, OW); }
         }
     }
 }
@@ -357,7 +906,7 @@ void kd_conv2d_forward(float * out, const float * inp, const float * weight, con
         // Every (n, c) plane is independent.
         int NC = s->N * s->C;
         size_t KK = (size_t)s->K * s->K;
-        #pragma omp parallel for schedule(static)
+        #pragma omp parallel for schedule(static) if((size_t)NC * OHW * KK > KD_PAR_MIN)
         for (int nc = 0; nc < NC; nc++) {
             int c = nc % s->C;
             dw_forward_plane(out + (size_t)nc * OHW, inp + (size_t)nc * HW, weight + c * KK,
@@ -365,57 +914,58 @@ void kd_conv2d_forward(float * out, const float * inp, const float * weight, con
         }
         return;
     }
-    size_t per = conv_thread_floats(s);
+    struct conv_plan pl;
+    if (!conv_plan_make(s, &pl)) { KD_ASSERT(0); return; }
+    struct conv_kernels kr = conv_kernels();
+    float * ws = align_floats(work);
+    float * Ap = ws + pl.a_off;
+    ptrdiff_t * off = (ptrdiff_t *)(ws + pl.o_off);
+    if (pl.path == CONV_SHIFT) { shift_offsets(off, pl.Cg, s->K, pl.plane, (size_t)pl.Wp); }
+    else { row_offsets(off, pl.kc, pl.ld); }
+    size_t ocp = round_up((size_t)pl.OCg, CV_MR), CKK = (size_t)pl.CKK, mpan = ocp / CV_MR;
     #pragma omp parallel
     {
+        pack_fwd(Ap, weight, &pl, s->G);
         int n0, n1;
         batch_chunk(&n0, &n1, s->N, kd_omp_tid(), team_size());
-        float * col = work + (size_t)kd_omp_tid() * per;
-        for (int n = n0; n < n1; n++) {
-            conv_forward_image(out + (size_t)n * s->OC * OHW, inp + (size_t)n * s->C * HW,
-                               weight, bias, s, col);
-        }
-    }
-}
-
-// Backward of one image. dinp (C,H,W) or NULL; dw (OC,CKK) and db (OC) are this thread's
-// partials or NULL; dout (OC,OH,OW); inp (C,H,W); col: im2col buffer.
-static void conv_backward_image(float * dinp, float * dw, float * db, const float * dout,
-                                const float * inp, const float * weight,
-                                const struct kd_conv_shape * s, float * col) {
-    int Cg = s->C / s->G, OCg = s->OC / s->G, CKK = Cg * s->K * s->K;
-    int OHW = s->OH * s->OW, pw = conv_is_pointwise(s);
-    size_t HW = (size_t)s->H * s->W;
-    for (int g = 0; g < s->G; g++) {
-        const float * inp_g = inp + (size_t)g * Cg * HW;
-        const float * w_g = weight + (size_t)g * OCg * CKK;
-        const float * dout_g = dout + (size_t)g * OCg * OHW;
-        if (dw != NULL) {
-            // dW_g (OCg, CKK) += dout_g (OCg, OHW) @ col^T (OHW, CKK)
-            const float * b = inp_g;
-            if (!pw) {
-                im2col(col, inp_g, Cg, s->H, s->W, s->OH, s->OW, s->K, s->S, s->P);
-                b = col;
+        float * tw = ws + pl.shared + (size_t)kd_omp_tid() * pl.per;
+        float * xb = tw + pl.x_off, * stage = tw + pl.t_off;
+        // Borders of the padded image and columns past the grid are zeroed once here and
+        // never written again (only finite values may be read where results are dropped).
+        if (n0 < n1) { memset(xb, 0, pl.x_n * sizeof(float)); }
+        if (pl.path == CONV_SHIFT) {
+            for (int n = n0; n < n1; n++) {
+                float * o = out + (size_t)n * s->OC * OHW;
+                pad_copy(xb, pl.plane, (size_t)pl.Wp, s->P, s->P, inp + (size_t)n * s->C * HW, s->C, s->H, s->W);
+                for (int g = 0; g < s->G; g++) {
+                    gemm_chunked(kr.fwd, stage, pl.ld, Ap + (size_t)g * ocp * CKK, mpan, pl.CKK, pl.kc,
+                                 xb + (size_t)g * pl.Cg * pl.plane, off, pl.ld);
+                    store_out(o + (size_t)g * pl.OCg * OHW, stage, pl.ld, (size_t)pl.Wp, pl.OCg, s->OH, s->OW,
+                              bias != NULL ? bias + g * pl.OCg : NULL);
+                }
             }
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, OCg, CKK, OHW,
-                        1.0f, dout_g, OHW, b, OHW, 1.0f, dw + (size_t)g * OCg * CKK, CKK);
-        }
-        if (dinp != NULL) {
-            // dcol (CKK, OHW) = W_g^T (CKK, OCg) @ dout_g (OCg, OHW), scattered back by
-            // col2im. For 1x1/S1/P0 dcol is the input gradient itself: accumulate directly.
-            float * dinp_g = dinp + (size_t)g * Cg * HW;
-            if (pw) {
-                cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, CKK, OHW, OCg,
-                            1.0f, w_g, CKK, dout_g, OHW, 1.0f, dinp_g, OHW);
-            } else {
-                cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, CKK, OHW, OCg,
-                            1.0f, w_g, CKK, dout_g, OHW, 0.0f, col, OHW);
-                col2im_add(dinp_g, col, Cg, s->H, s->W, s->OH, s->OW, s->K, s->S, s->P);
+        } else {
+            for (int n = n0; n < n1; n += pl.gi) {
+                int ni = imin(pl.gi, n1 - n);
+                size_t npix = round_up((size_t)ni * OHW, CV_NR);
+                for (int g = 0; g < s->G; g++) {
+                    const float * Ag = Ap + (size_t)g * ocp * CKK;
+                    for (int k0 = 0; k0 < pl.CKK; k0 += pl.kc) {
+                        int k1 = imin(pl.CKK, k0 + pl.kc);
+                        for (int i = 0; i < ni; i++) {
+                            im2col_rows(xb + (size_t)i * OHW, pl.ld, inp + ((size_t)(n + i) * s->C + (size_t)g * pl.Cg) * HW,
+                                        s->H, s->W, s->OH, s->OW, s->K, s->S, s->P, k0, k1);
+                        }
+                        gemm_panels(kr.fwd, stage, pl.ld, Ag + (size_t)k0 * CV_MR, CKK, mpan, k1 - k0, xb, off,
+                                    npix, k0 > 0);
+                    }
+                    for (int i = 0; i < ni; i++) {
+                        store_out(out + ((size_t)(n + i) * s->OC + (size_t)g * pl.OCg) * OHW, stage + (size_t)i * OHW,
+                                  pl.ld, (size_t)s->OW, pl.OCg, s->OH, s->OW, bias != NULL ? bias + g * pl.OCg : NULL);
+                    }
+                }
             }
         }
-    }
-    if (db != NULL) {
-        for (int oc = 0; oc < s->OC; oc++) { db[oc] += (float)sum_f64(dout + (size_t)oc * OHW, (size_t)OHW); }
     }
 }
 
@@ -473,48 +1023,163 @@ void kd_conv2d_backward(float * dinp, float * dweight, float * dbias, const floa
         }
         return;
     }
-    int CKK = s->C / s->G * s->K * s->K;
+    struct conv_plan pl;
+    if (!conv_plan_make(s, &pl)) { KD_ASSERT(0); return; }
+    struct conv_kernels kr = conv_kernels();
+    float * ws = align_floats(work);
+    float * Ap = ws + pl.a_off;
+    ptrdiff_t * off = (ptrdiff_t *)(ws + pl.o_off);
+    ptrdiff_t * off2 = off + pl.CKK;                      // shift: rows of the padded dout
     size_t HW = (size_t)s->H * s->W, OHW = (size_t)s->OH * s->OW;
-    size_t per = conv_thread_floats(s);
-    size_t col_floats = per - (size_t)s->OC * CKK - (size_t)s->OC;
-    size_t nw = (size_t)s->OC * CKK;
+    size_t CKK = (size_t)pl.CKK, nw = (size_t)s->OC * CKK;
+    size_t cp = round_up((size_t)pl.Cg, CV_MR), ckkp = round_up(CKK, CV_MR);
+    size_t Kt = (size_t)pl.OCg * pl.KK;
+    int shift = pl.path == CONV_SHIFT;
+    if (shift) {
+        shift_offsets(off, pl.Cg, s->K, pl.plane, (size_t)pl.Wp);
+        shift_offsets(off2, pl.OCg, s->K, pl.qplane, (size_t)pl.Wq);
+    } else {
+        row_offsets(off, imax(pl.kc, pl.OCg), pl.ld);     // im2col chunk rows, and dout rows
+    }
     int nteam = 1;
     #pragma omp parallel
     {
+        if (dinp != NULL && shift) { pack_tdinp(Ap, weight, &pl, s->G, s->K); }
+        if (dinp != NULL && !shift) { pack_tcol(Ap, weight, &pl, s->G); }
         int tid = kd_omp_tid(), nt = team_size(), n0, n1;
         if (tid == 0) { nteam = nt; }
         batch_chunk(&n0, &n1, s->N, tid, nt);
-        float * col = work + (size_t)tid * per;
+        float * tw = ws + pl.shared + (size_t)tid * pl.per;
+        float * xb = tw + pl.x_off, * qb = tw + pl.q_off, * zb = tw + pl.z_off, * stage = tw + pl.t_off;
         // Private partials, so no thread ever writes another's gradient.
-        float * dw = dweight != NULL ? col + col_floats : NULL;
-        float * db = dbias != NULL ? col + col_floats + nw : NULL;
+        float * dw = dweight != NULL ? tw + pl.w_off : NULL;
+        float * db = dbias != NULL ? tw + pl.b_off : NULL;
+        int need_z = dw != NULL || (!shift && dinp != NULL);   // dout on the forward grid
         if (n0 < n1) {
             if (dw != NULL) { memset(dw, 0, nw * sizeof(float)); }
             if (db != NULL) { memset(db, 0, (size_t)s->OC * sizeof(float)); }
+            // Zero once: padding, grid columns outside the output, row tails.
+            if (dw != NULL) { memset(xb, 0, pl.x_n * sizeof(float)); }
+            if (dinp != NULL && shift) { memset(qb, 0, pl.q_n * sizeof(float)); }
+            if (need_z) { memset(zb, 0, pl.z_n * sizeof(float)); }
         }
-        for (int n = n0; n < n1; n++) {
-            conv_backward_image(dinp != NULL ? dinp + (size_t)n * s->C * HW : NULL, dw, db,
-                                dout + (size_t)n * s->OC * OHW, inp + (size_t)n * s->C * HW,
-                                weight, s, col);
+        for (int n = n0; n < n1; n += pl.gi) {
+            int ni = imin(pl.gi, n1 - n);
+            const float * x = inp + (size_t)n * s->C * HW;
+            const float * dy = dout + (size_t)n * s->OC * OHW;
+            float * dx = dinp != NULL ? dinp + (size_t)n * s->C * HW : NULL;
+            if (db != NULL) {
+                for (int i = 0; i < ni; i++) {
+                    for (int oc = 0; oc < s->OC; oc++) {
+                        db[oc] += (float)sum_f64(dy + ((size_t)i * s->OC + oc) * OHW, OHW);
+                    }
+                }
+            }
+            if (dw == NULL && dx == NULL) { continue; }
+            size_t npix = shift ? pl.grid : (size_t)ni * pl.grid;   // grid pixels (shift: per image)
+            size_t nblk = round_up(npix, DW_L) / DW_L;
+            if (need_z && shift) {
+                // dout of each image on the padded grid (row stride Wp), in its own block of
+                // OC rows; the dropped columns stay zero.
+                for (int i = 0; i < ni; i++) {
+                    for (int oc = 0; oc < s->OC; oc++) {
+                        float * zrow = zb + (size_t)i * pl.zs + (size_t)oc * pl.ld;
+                        const float * drow = dy + ((size_t)i * s->OC + oc) * OHW;
+                        for (int oh = 0; oh < s->OH; oh++) {
+                            copy_floats(zrow + (size_t)oh * pl.Wp, drow + (size_t)oh * s->OW, s->OW);
+                        }
+                    }
+                }
+            } else if (need_z) {
+                // dout of the group side by side: row oc holds image i at i*OH*OW; a short
+                // last group leaves stale values past its pixels, so zero up to the block.
+                for (int oc = 0; oc < s->OC; oc++) {
+                    float * zrow = zb + (size_t)oc * pl.ld;
+                    for (int i = 0; i < ni; i++) { copy_floats(zrow + (size_t)i * OHW, dy + ((size_t)i * s->OC + oc) * OHW, OHW); }
+                    for (size_t p = npix; p < nblk * DW_L; p++) { zrow[p] = 0.0f; }
+                }
+            }
+            if (shift && dw != NULL) {
+                for (int i = 0; i < ni; i++) {
+                    pad_copy(xb + (size_t)i * pl.xs, pl.plane, (size_t)pl.Wp, s->P, s->P, x + (size_t)i * s->C * HW,
+                             s->C, s->H, s->W);
+                }
+            }
+            for (int g = 0; g < s->G; g++) {
+                const float * zg = zb + (size_t)g * pl.OCg * pl.ld;
+                float * dwg = dw != NULL ? dw + (size_t)g * pl.OCg * CKK : NULL;
+                if (shift) {
+                    if (dwg != NULL) {
+                        dw_accumulate(kr.dw, dwg, CKK, pl.OCg, pl.CKK, zg, pl.ld, pl.zs,
+                                      xb + (size_t)g * pl.Cg * pl.plane, off, pl.xs, ni, nblk);
+                    }
+                    continue;
+                }
+                // col path
+                if (dwg != NULL) {
+                    for (int k0 = 0; k0 < pl.CKK; k0 += pl.kc) {
+                        int k1 = imin(pl.CKK, k0 + pl.kc);
+                        for (int i = 0; i < ni; i++) {
+                            im2col_rows(xb + (size_t)i * OHW, pl.ld, x + ((size_t)i * s->C + (size_t)g * pl.Cg) * HW,
+                                        s->H, s->W, s->OH, s->OW, s->K, s->S, s->P, k0, k1);
+                        }
+                        dw_accumulate(kr.dw, dwg + k0, CKK, pl.OCg, k1 - k0, zg, pl.ld, 0, xb, off, 0, 1, nblk);
+                    }
+                }
+                if (dx != NULL) {
+                    // dcol (CKK, pixels) = W_g^T dout_g, mc rows at a time, then col2im.
+                    const float * At = Ap + (size_t)g * ckkp * pl.OCg;
+                    size_t npan = round_up(npix, CV_NR);
+                    for (int m0 = 0; m0 < pl.CKK; m0 += pl.mc) {
+                        int m1 = imin(pl.CKK, m0 + pl.mc);
+                        size_t mpan = round_up((size_t)(m1 - m0), CV_MR) / CV_MR;
+                        gemm_panels(kr.fwd, qb, pl.ld, At + (size_t)m0 * pl.OCg, (size_t)pl.OCg, mpan, pl.OCg, zg,
+                                    off, npan, 0);
+                        for (int i = 0; i < ni; i++) {
+                            col2im_rows_add(dx + ((size_t)i * s->C + (size_t)g * pl.Cg) * HW, qb + (size_t)i * OHW,
+                                            pl.ld, s->H, s->W, s->OH, s->OW, s->K, s->S, s->P, m0, m1);
+                        }
+                    }
+                }
+            }
+            // Shift path input gradient, image by image: dinp_g = conv(padded dout_g,
+            // flipped W_g^T) on the grid H x Wq.
+            for (int i = 0; shift && dx != NULL && i < ni; i++) {
+                pad_copy(qb, pl.qplane, (size_t)pl.Wq, pl.Pt, pl.Pt, dy + (size_t)i * s->OC * OHW, s->OC, s->OH, s->OW);
+                for (int g = 0; g < s->G; g++) {
+                    float * dxg = dx + ((size_t)i * s->C + (size_t)g * pl.Cg) * HW;
+                    gemm_chunked(kr.fwd, stage, pl.ld2, Ap + (size_t)g * cp * Kt, cp / CV_MR, (int)Kt, pl.kct,
+                                 qb + (size_t)g * pl.OCg * pl.qplane, off2, pl.ld2);
+                    for (int c = 0; c < pl.Cg; c++) {
+                        float * drow = dxg + (size_t)c * HW;
+                        const float * srow = stage + (size_t)c * pl.ld2;
+                        for (int h = 0; h < s->H; h++) {
+                            float * d = drow + (size_t)h * s->W;
+                            const float * r = srow + (size_t)h * pl.Wq;
+                            for (int w = 0; w < s->W; w++) { d[w] += r[w]; }
+                        }
+                    }
+                }
+            }
         }
     }
     // Reduce the partials in thread order (fixed for a given thread count). Only threads
     // that got images wrote a partial: with balanced chunks, those are the first min(nt, N).
     int nactive = imin(nteam, s->N);
     if (dweight != NULL) {
-        const float * p0 = work + col_floats;
+        const float * p0 = ws + pl.shared + pl.w_off;
         #pragma omp parallel for schedule(static) if(nw * (size_t)nactive > KD_PAR_MIN)
         for (size_t i = 0; i < nw; i++) {
             float acc = p0[i];
-            for (int t = 1; t < nactive; t++) { acc += p0[(size_t)t * per + i]; }
+            for (int t = 1; t < nactive; t++) { acc += p0[(size_t)t * pl.per + i]; }
             dweight[i] += acc;
         }
     }
     if (dbias != NULL) {
-        const float * p0 = work + col_floats + nw;
+        const float * p0 = ws + pl.shared + pl.b_off;
         for (int oc = 0; oc < s->OC; oc++) {
             float acc = p0[oc];
-            for (int t = 1; t < nactive; t++) { acc += p0[(size_t)t * per + oc]; }
+            for (int t = 1; t < nactive; t++) { acc += p0[(size_t)t * pl.per + oc]; }
             dbias[oc] += acc;
         }
     }
@@ -523,19 +1188,141 @@ void kd_conv2d_backward(float * dinp, float * dweight, float * dbias, const floa
 // ----------------------------------------------------------------------------------------
 // batchnorm
 // https://pytorch.org/docs/stable/generated/torch.nn.BatchNorm2d.html
-// Each channel's statistics are reduced by one thread, over n then hw, in double: the
-// result is independent of the thread count.
+// Each thread owns a contiguous range of channels and walks it image by image, so it reads
+// long contiguous runs (n, c0..c1) instead of N strided planes per channel. Every channel
+// is still reduced by one thread, over n then hw, in double and in the same order whatever
+// the thread count: results are independent of it.
 
-// Applies out = inp * alpha + beta with alpha = rstd*w, beta = b - mean*alpha, which is how
-// PyTorch's CPU kernel folds the affine transform.
-static void bn_apply_channel(float * out, const float * inp, float mean, float rstd, float w,
-                             float b, int c, int N, int C, int HW) {
-    float alpha = rstd * w;
-    float beta = b - mean * alpha;
-    for (int n = 0; n < N; n++) {
-        size_t off = ((size_t)n * C + c) * HW;
-        for (int i = 0; i < HW; i++) { out[off + i] = inp[off + i] * alpha + beta; }
+#define BN_CB 64   // channels whose accumulators a thread keeps at once
+
+// [*c0, *c1): this thread's channels (contiguous, balanced).
+static inline void channel_range(int * c0, int * c1, int C) {
+#ifdef _OPENMP
+    int nt = omp_get_num_threads(), t = omp_get_thread_num();
+#else
+    int nt = 1, t = 0;
+#endif
+    int base = C / nt, rem = C % nt;
+    *c0 = t * base + imin(t, rem);
+    *c1 = *c0 + base + (t < rem ? 1 : 0);
+}
+
+// Per-plane moments in double, 16 lanes (lane = index mod 16) summed by a fixed tree, so the
+// AVX-512 and portable versions give the same bits.
+static inline double lanes16_sum(const double * a) {
+    double t[8];
+    for (int l = 0; l < 8; l++) { t[l] = a[l] + a[l + 8]; }
+    return ((t[0] + t[4]) + (t[2] + t[6])) + ((t[1] + t[5]) + (t[3] + t[7]));
+}
+
+// *s1 += sum(x - sh), *s2 += sum((x - sh)^2)
+static void moments_c(const float * x, size_t n, double sh, double * s1, double * s2) {
+    double a[16] = {0}, b[16] = {0}, ta = 0.0, tb = 0.0;
+    size_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        for (int j = 0; j < 16; j++) {
+            double d = (double)x[i + j] - sh;
+            a[j] += d;
+            b[j] = fma(d, d, b[j]);
+        }
     }
+    for (; i < n; i++) {
+        double d = (double)x[i] - sh;
+        ta += d;
+        tb = fma(d, d, tb);
+    }
+    *s1 += lanes16_sum(a) + ta;
+    *s2 += lanes16_sum(b) + tb;
+}
+
+// *sy += sum(y), *sxy += sum((x - m) * y)
+static void dot_dev_c(const float * x, const float * y, size_t n, double m, double * sy, double * sxy) {
+    double a[16] = {0}, b[16] = {0}, ta = 0.0, tb = 0.0;
+    size_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        for (int j = 0; j < 16; j++) {
+            double yv = (double)y[i + j];
+            a[j] += yv;
+            b[j] = fma((double)x[i + j] - m, yv, b[j]);
+        }
+    }
+    for (; i < n; i++) {
+        double yv = (double)y[i];
+        ta += yv;
+        tb = fma((double)x[i] - m, yv, tb);
+    }
+    *sy += lanes16_sum(a) + ta;
+    *sxy += lanes16_sum(b) + tb;
+}
+
+#ifdef KD_HAVE_AVX512_KERNELS
+__attribute__((target("avx512f")))
+static inline void cvt16_pd(const float * p, __m512d * lo, __m512d * hi) {
+    __m512 v = _mm512_loadu_ps(p);
+    *lo = _mm512_cvtps_pd(_mm512_castps512_ps256(v));
+    *hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+}
+
+__attribute__((target("avx512f")))
+static void moments_avx512(const float * x, size_t n, double sh, double * s1, double * s2) {
+    __m512d a0 = _mm512_setzero_pd(), a1 = _mm512_setzero_pd(), b0 = _mm512_setzero_pd(), b1 = _mm512_setzero_pd();
+    __m512d shv = _mm512_set1_pd(sh);
+    size_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        __m512d lo, hi;
+        cvt16_pd(x + i, &lo, &hi);
+        lo = _mm512_sub_pd(lo, shv);
+        hi = _mm512_sub_pd(hi, shv);
+        a0 = _mm512_add_pd(a0, lo);
+        a1 = _mm512_add_pd(a1, hi);
+        b0 = _mm512_fmadd_pd(lo, lo, b0);
+        b1 = _mm512_fmadd_pd(hi, hi, b1);
+    }
+    double a[16], b[16], ta = 0.0, tb = 0.0;
+    _mm512_storeu_pd(a, a0); _mm512_storeu_pd(a + 8, a1);
+    _mm512_storeu_pd(b, b0); _mm512_storeu_pd(b + 8, b1);
+    for (; i < n; i++) {
+        double d = (double)x[i] - sh;
+        ta += d;
+        tb = fma(d, d, tb);
+    }
+    *s1 += lanes16_sum(a) + ta;
+    *s2 += lanes16_sum(b) + tb;
+}
+
+__attribute__((target("avx512f")))
+static void dot_dev_avx512(const float * x, const float * y, size_t n, double m, double * sy, double * sxy) {
+    __m512d a0 = _mm512_setzero_pd(), a1 = _mm512_setzero_pd(), b0 = _mm512_setzero_pd(), b1 = _mm512_setzero_pd();
+    __m512d mv = _mm512_set1_pd(m);
+    size_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        __m512d xl, xh, yl, yh;
+        cvt16_pd(x + i, &xl, &xh);
+        cvt16_pd(y + i, &yl, &yh);
+        a0 = _mm512_add_pd(a0, yl);
+        a1 = _mm512_add_pd(a1, yh);
+        b0 = _mm512_fmadd_pd(_mm512_sub_pd(xl, mv), yl, b0);
+        b1 = _mm512_fmadd_pd(_mm512_sub_pd(xh, mv), yh, b1);
+    }
+    double a[16], b[16], ta = 0.0, tb = 0.0;
+    _mm512_storeu_pd(a, a0); _mm512_storeu_pd(a + 8, a1);
+    _mm512_storeu_pd(b, b0); _mm512_storeu_pd(b + 8, b1);
+    for (; i < n; i++) {
+        double yv = (double)y[i];
+        ta += yv;
+        tb = fma((double)x[i] - m, yv, tb);
+    }
+    *sy += lanes16_sum(a) + ta;
+    *sxy += lanes16_sum(b) + tb;
+}
+#endif
+
+typedef void (*moments_fn)(const float *, size_t, double, double *, double *);
+typedef void (*dot_dev_fn)(const float *, const float *, size_t, double, double *, double *);
+
+// out = inp * alpha + beta over one plane (PyTorch's CPU kernel folds the affine map so).
+static inline void affine_plane(float * restrict out, const float * restrict inp, float alpha, float beta, int HW) {
+    for (int i = 0; i < HW; i++) { out[i] = inp[i] * alpha + beta; }
 }
 
 // out, inp (N,C,HW); mean, rstd, run_mean, run_var, weight, bias (C)
@@ -543,24 +1330,50 @@ void kd_batchnorm_forward_train(float * out, float * mean, float * rstd, float *
                                 float * run_var, const float * inp, const float * weight,
                                 const float * bias, int N, int C, int HW, float eps, float momentum) {
     size_t cnt = (size_t)N * HW;
-    #pragma omp parallel for schedule(static)
-    for (int c = 0; c < C; c++) {
-        // Two passes (mean, then squared deviations) avoid the cancellation of E[x^2]-E[x]^2.
-        double s = 0.0;
-        for (int n = 0; n < N; n++) { s += sum_f64(inp + ((size_t)n * C + c) * HW, (size_t)HW); }
-        double m = s / (double)cnt;
-        double ss = 0.0;
-        for (int n = 0; n < N; n++) { ss += sumsq_dev_f64(inp + ((size_t)n * C + c) * HW, (size_t)HW, m); }
-        double var = ss / (double)cnt;              // biased: used to normalise
-        // Unbiased for the running estimate, as PyTorch; a single value has no spread
-        // estimate, so fall back to the biased one (0) instead of dividing by zero.
-        double var_unbiased = cnt > 1 ? ss / (double)(cnt - 1) : var;
-        mean[c] = (float)m;
-        rstd[c] = (float)(1.0 / sqrt(var + (double)eps));
-        double mom = (double)momentum;
-        if (run_mean != NULL) { run_mean[c] = (float)(mom * m + (1.0 - mom) * (double)run_mean[c]); }
-        if (run_var != NULL) { run_var[c] = (float)(mom * var_unbiased + (1.0 - mom) * (double)run_var[c]); }
-        bn_apply_channel(out, inp, mean[c], rstd[c], weight[c], bias[c], c, N, C, HW);
+    moments_fn moments = moments_c;
+#ifdef KD_HAVE_AVX512_KERNELS
+    if (simd_level() == 2) { moments = moments_avx512; }
+#endif
+    #pragma omp parallel if((size_t)N * C * HW > KD_PAR_MIN)
+    {
+        int c0, c1;
+        channel_range(&c0, &c1, C);
+        for (int cb = c0; cb < c1; cb += BN_CB) {
+            int nc = imin(BN_CB, c1 - cb);
+            double s1[BN_CB], s2[BN_CB], sh[BN_CB];
+            float alpha[BN_CB], beta[BN_CB];
+            // One pass for both moments, around a shift (the channel's first value) so that
+            // E[d^2] - E[d]^2 does not cancel; in double.
+            for (int j = 0; j < nc; j++) { s1[j] = 0.0; s2[j] = 0.0; sh[j] = (double)inp[(size_t)(cb + j) * HW]; }
+            for (int n = 0; n < N; n++) {
+                const float * x = inp + ((size_t)n * C + cb) * HW;
+                for (int j = 0; j < nc; j++) { moments(x + (size_t)j * HW, (size_t)HW, sh[j], &s1[j], &s2[j]); }
+            }
+            for (int j = 0; j < nc; j++) {
+                int c = cb + j;
+                double md = s1[j] / (double)cnt;
+                double ss = s2[j] - s1[j] * md;             // sum of squared deviations
+                if (ss < 0.0) { ss = 0.0; }
+                double m = sh[j] + md;
+                double var = ss / (double)cnt;              // biased: used to normalise
+                // Unbiased for the running estimate, as PyTorch; a single value has no spread
+                // estimate, so fall back to the biased one (0) instead of dividing by zero.
+                double var_unbiased = cnt > 1 ? ss / (double)(cnt - 1) : var;
+                mean[c] = (float)m;
+                rstd[c] = (float)(1.0 / sqrt(var + (double)eps));
+                double mom = (double)momentum;
+                if (run_mean != NULL) { run_mean[c] = (float)(mom * m + (1.0 - mom) * (double)run_mean[c]); }
+                if (run_var != NULL) { run_var[c] = (float)(mom * var_unbiased + (1.0 - mom) * (double)run_var[c]); }
+                alpha[j] = rstd[c] * weight[c];
+                beta[j] = bias[c] - mean[c] * alpha[j];
+            }
+            for (int n = 0; n < N; n++) {
+                size_t off = ((size_t)n * C + cb) * HW;
+                for (int j = 0; j < nc; j++) {
+                    affine_plane(out + off + (size_t)j * HW, inp + off + (size_t)j * HW, alpha[j], beta[j], HW);
+                }
+            }
+        }
     }
 }
 
@@ -568,11 +1381,27 @@ void kd_batchnorm_forward_train(float * out, float * mean, float * rstd, float *
 void kd_batchnorm_forward_eval(float * out, float * mean, float * rstd, const float * inp,
                                const float * weight, const float * bias, const float * run_mean,
                                const float * run_var, int N, int C, int HW, float eps) {
-    #pragma omp parallel for schedule(static) if((size_t)N * C * HW > KD_PAR_MIN)
-    for (int c = 0; c < C; c++) {
-        mean[c] = run_mean[c];
-        rstd[c] = 1.0f / sqrtf(run_var[c] + eps);
-        bn_apply_channel(out, inp, mean[c], rstd[c], weight[c], bias[c], c, N, C, HW);
+    #pragma omp parallel if((size_t)N * C * HW > KD_PAR_MIN)
+    {
+        int c0, c1;
+        channel_range(&c0, &c1, C);
+        for (int cb = c0; cb < c1; cb += BN_CB) {
+            int nc = imin(BN_CB, c1 - cb);
+            float alpha[BN_CB], beta[BN_CB];
+            for (int j = 0; j < nc; j++) {
+                int c = cb + j;
+                mean[c] = run_mean[c];
+                rstd[c] = 1.0f / sqrtf(run_var[c] + eps);
+                alpha[j] = rstd[c] * weight[c];
+                beta[j] = bias[c] - mean[c] * alpha[j];
+            }
+            for (int n = 0; n < N; n++) {
+                size_t off = ((size_t)n * C + cb) * HW;
+                for (int j = 0; j < nc; j++) {
+                    affine_plane(out + off + (size_t)j * HW, inp + off + (size_t)j * HW, alpha[j], beta[j], HW);
+                }
+            }
+        }
     }
 }
 
@@ -581,39 +1410,56 @@ void kd_batchnorm_backward(float * dinp, float * dweight, float * dbias, const f
                            const float * inp, const float * mean, const float * rstd,
                            const float * weight, int N, int C, int HW, int batch_stats) {
     size_t cnt = (size_t)N * HW;
-    #pragma omp parallel for schedule(static)
-    for (int c = 0; c < C; c++) {
-        double m = (double)mean[c];
-        float r = rstd[c];
-        // sum(dy) and sum((x - mean) * dy); sum(dy * xhat) = rstd * the latter.
-        double sdy = 0.0, sdyx = 0.0;
-        for (int n = 0; n < N; n++) {
-            size_t off = ((size_t)n * C + c) * HW;
-            sum_dot_dev_f64(&sdy, &sdyx, inp + off, dout + off, (size_t)HW, m);
-        }
-        if (dbias != NULL) { dbias[c] += (float)sdy; }
-        if (dweight != NULL) { dweight[c] += (float)(sdyx * (double)r); }
-        if (dinp == NULL) { continue; }
-        float w = weight[c];
-        if (batch_stats) {
-            // dx = rstd*w * (dy - mean(dy) - xhat * mean(dy*xhat)), with
-            // xhat * mean(dy*xhat) = (x - mean) * k, k = sum((x-mean)*dy) * rstd^2 / cnt.
-            // The means run through the batch statistics, hence the two extra terms.
-            float mdy = (float)(sdy / (double)cnt);
-            float k = (float)(sdyx * (double)r * (double)r / (double)cnt);
-            float mf = mean[c];
+    dot_dev_fn dot_dev = dot_dev_c;
+#ifdef KD_HAVE_AVX512_KERNELS
+    if (simd_level() == 2) { dot_dev = dot_dev_avx512; }
+#endif
+    #pragma omp parallel if((size_t)N * C * HW > KD_PAR_MIN)
+    {
+        int c0, c1;
+        channel_range(&c0, &c1, C);
+        for (int cb = c0; cb < c1; cb += BN_CB) {
+            int nc = imin(BN_CB, c1 - cb);
+            // sum(dy) and sum((x - mean) * dy); sum(dy * xhat) = rstd * the latter.
+            double sdy[BN_CB], sdyx[BN_CB];
+            float mf[BN_CB], a[BN_CB], k[BN_CB], mdy[BN_CB];
+            for (int j = 0; j < nc; j++) { sdy[j] = 0.0; sdyx[j] = 0.0; }
             for (int n = 0; n < N; n++) {
-                size_t off = ((size_t)n * C + c) * HW;
-                for (int i = 0; i < HW; i++) {
-                    float xk = (inp[off + i] - mf) * k;
-                    dinp[off + i] += (dout[off + i] - mdy - xk) * r * w;
+                size_t off = ((size_t)n * C + cb) * HW;
+                for (int j = 0; j < nc; j++) {
+                    dot_dev(inp + off + (size_t)j * HW, dout + off + (size_t)j * HW, (size_t)HW,
+                            (double)mean[cb + j], &sdy[j], &sdyx[j]);
                 }
             }
-        } else {
-            // Eval: mean and rstd are constants, so BN is a per-channel affine map.
+            for (int j = 0; j < nc; j++) {
+                int c = cb + j;
+                float r = rstd[c];
+                if (dbias != NULL) { dbias[c] += (float)sdy[j]; }
+                if (dweight != NULL) { dweight[c] += (float)(sdyx[j] * (double)r); }
+                // dx = rstd*w * (dy - mean(dy) - xhat * mean(dy*xhat)), with
+                // xhat * mean(dy*xhat) = (x - mean) * k, k = sum((x-mean)*dy) * rstd^2 / cnt.
+                // The means run through the batch statistics, hence the two extra terms.
+                // Eval: mean and rstd are constants, so BN is a per-channel affine map.
+                a[j] = r * weight[c];
+                mf[j] = mean[c];
+                mdy[j] = (float)(sdy[j] / (double)cnt);
+                k[j] = (float)(sdyx[j] * (double)r * (double)r / (double)cnt);
+            }
+            if (dinp == NULL) { continue; }
             for (int n = 0; n < N; n++) {
-                size_t off = ((size_t)n * C + c) * HW;
-                for (int i = 0; i < HW; i++) { dinp[off + i] += dout[off + i] * r * w; }
+                size_t off = ((size_t)n * C + cb) * HW;
+                for (int j = 0; j < nc; j++) {
+                    float * restrict dx = dinp + off + (size_t)j * HW;
+                    const float * restrict dy = dout + off + (size_t)j * HW;
+                    const float * restrict x = inp + off + (size_t)j * HW;
+                    float aj = a[j];
+                    if (batch_stats) {
+                        float m = mf[j], kj = k[j], md = mdy[j];
+                        for (int i = 0; i < HW; i++) { dx[i] += (dy[i] - md - (x[i] - m) * kj) * aj; }
+                    } else {
+                        for (int i = 0; i < HW; i++) { dx[i] += dy[i] * aj; }
+                    }
+                }
             }
         }
     }
@@ -640,11 +1486,98 @@ void kd_relu_backward(float * dinp, const float * dout, const float * out, size_
 // max pool
 // https://pytorch.org/docs/stable/generated/torch.nn.MaxPool2d.html
 
+// 2x2 windows, stride 2, no padding (the common case), one plane: the same candidate rule as
+// the general loop below (start at -inf with the first cell's index, take strictly greater
+// values or NaN, in the scan order (0,0) (0,1) (1,0) (1,1)).
+static void maxpool2x2_plane_c(float * o, int32_t * a, const float * x, int H2, int W, int OH, int OW) {
+    (void)H2;
+    for (int oh = 0; oh < OH; oh++) {
+        const float * r0 = x + (size_t)(2 * oh) * W, * r1 = r0 + W;
+        for (int ow = 0; ow < OW; ow++) {
+            int i0 = 2 * oh * W + 2 * ow;
+            float v[4] = { r0[2 * ow], r0[2 * ow + 1], r1[2 * ow], r1[2 * ow + 1] };
+            int id[4] = { i0, i0 + 1, i0 + W, i0 + W + 1 };
+            float m = -INFINITY;
+            int32_t am = i0;
+            for (int t = 0; t < 4; t++) {
+                int take = (v[t] > m) | (v[t] != v[t]);
+                m = take ? v[t] : m;
+                am = take ? id[t] : am;
+            }
+            o[(size_t)oh * OW + ow] = m;
+            a[(size_t)oh * OW + ow] = am;
+        }
+    }
+}
+
+#ifdef KD_HAVE_AVX512_KERNELS
+// The same, 16 outputs of a row at a time: masked loads of the two input rows, even/odd
+// lanes split by permutes, and the candidate rule with compare masks.
+__attribute__((target("avx512f")))
+static void maxpool2x2_plane_avx512(float * o, int32_t * a, const float * x, int H2, int W, int OH, int OW) {
+    const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+    const __m512i lane2 = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const __m512 ninf = _mm512_set1_ps(-INFINITY);
+    for (int oh = 0; oh < OH; oh++) {
+        const float * r0 = x + (size_t)(2 * oh) * W, * r1 = r0 + W;
+        for (int ow = 0; ow < OW; ow += 16) {
+            int n = imin(16, OW - ow);
+            __mmask16 mo = (__mmask16)((1u << n) - 1u);
+            __mmask16 ml = (__mmask16)(n >= 8 ? 0xFFFFu : (1u << (2 * n)) - 1u);
+            __mmask16 mh = (__mmask16)(n > 8 ? (1u << (2 * n - 16)) - 1u : 0u);
+            // Whole vectors are read where they stay inside the plane (the extra lanes are
+            // next-row values, never used): masked memory accesses are much slower on some
+            // cores, so they are kept for the plane's end.
+            __m512 a0, b0, a1, b1;
+            if ((size_t)(2 * oh + 1) * W + 2 * ow + 32 <= (size_t)H2 * W) {
+                a0 = _mm512_loadu_ps(r0 + 2 * ow); b0 = _mm512_loadu_ps(r0 + 2 * ow + 16);
+                a1 = _mm512_loadu_ps(r1 + 2 * ow); b1 = _mm512_loadu_ps(r1 + 2 * ow + 16);
+            } else {
+                a0 = _mm512_maskz_loadu_ps(ml, r0 + 2 * ow); b0 = _mm512_maskz_loadu_ps(mh, r0 + 2 * ow + 16);
+                a1 = _mm512_maskz_loadu_ps(ml, r1 + 2 * ow); b1 = _mm512_maskz_loadu_ps(mh, r1 + 2 * ow + 16);
+            }
+            __m512 v[4] = { _mm512_permutex2var_ps(a0, even, b0), _mm512_permutex2var_ps(a0, odd, b0),
+                            _mm512_permutex2var_ps(a1, even, b1), _mm512_permutex2var_ps(a1, odd, b1) };
+            __m512i i0 = _mm512_add_epi32(_mm512_set1_epi32(2 * oh * W + 2 * ow), lane2);
+            __m512i id[4] = { i0, _mm512_add_epi32(i0, _mm512_set1_epi32(1)), _mm512_add_epi32(i0, _mm512_set1_epi32(W)),
+                              _mm512_add_epi32(i0, _mm512_set1_epi32(W + 1)) };
+            __m512 m = ninf;
+            __m512i am = i0;
+            for (int t = 0; t < 4; t++) {
+                __mmask16 take = _mm512_cmp_ps_mask(v[t], m, _CMP_GT_OQ) | _mm512_cmp_ps_mask(v[t], v[t], _CMP_UNORD_Q);
+                m = _mm512_mask_mov_ps(m, take, v[t]);
+                am = _mm512_mask_mov_epi32(am, take, id[t]);
+            }
+            if ((size_t)oh * OW + ow + 16 <= (size_t)OH * OW) {
+                // lanes past the row land in the next output row, which is written after
+                _mm512_storeu_ps(o + (size_t)oh * OW + ow, m);
+                _mm512_storeu_si512((void *)(a + (size_t)oh * OW + ow), am);
+            } else {
+                _mm512_mask_storeu_ps(o + (size_t)oh * OW + ow, mo, m);
+                _mm512_mask_storeu_epi32(a + (size_t)oh * OW + ow, mo, am);
+            }
+        }
+    }
+}
+#endif
+
 // out, argmax (N,C,OH,OW), inp (N,C,H,W)
 void kd_maxpool2d_forward(float * out, int32_t * argmax, const float * inp, int N, int C, int H, int W,
                           int OH, int OW, int K, int S, int P) {
     int NC = N * C;
     size_t HW = (size_t)H * W, OHW = (size_t)OH * OW;
+    if (K == 2 && S == 2 && P == 0) {
+        void (*plane)(float *, int32_t *, const float *, int, int, int, int) = maxpool2x2_plane_c;
+#ifdef KD_HAVE_AVX512_KERNELS
+        if (simd_level() == 2) { plane = maxpool2x2_plane_avx512; }
+#endif
+        #pragma omp parallel for schedule(static) if((size_t)NC * HW > KD_PAR_MIN)
+        for (int nc = 0; nc < NC; nc++) {
+            plane(out + (size_t)nc * OHW, argmax + (size_t)nc * OHW, inp + (size_t)nc * HW, H, W, OH, OW);
+        }
+        return;
+    }
     #pragma omp parallel for schedule(static) if((size_t)NC * OHW * K * K > KD_PAR_MIN)
     for (int nc = 0; nc < NC; nc++) {
         const float * x = inp + (size_t)nc * HW;

@@ -2,7 +2,9 @@
 // vs the fast kernels, finite-difference gradchecks of every backward, accumulation
 // (+=) semantics, and 1 vs 2 threads: bitwise equal where the kernel's arithmetic does not
 // depend on the thread count (conv forward/dinp, batchnorm, dropout), equal to rounding
-// where it does (conv weight gradients, the BLAS-threaded linear layer).
+// where it does (conv weight gradients, the BLAS-threaded linear layer). Conv runs its
+// reference cases on each path (automatic, shift, col) and with the AVX2 kernels; the
+// AVX-512, AVX2 and portable versions of the conv, BN and max-pool kernels must agree bitwise.
 #include "kdtest.h"
 #include "layers.h"
 #include "kd_internal.h"
@@ -390,7 +392,9 @@ static void test_conv_threads(struct kd_conv_shape s, uint64_t seed) {
     CHECK(bitwise_equal(out[0], out[1], q.no), "conv fwd 1 vs 2 threads not bitwise equal: %s", tag);
     CHECK(bitwise_equal(dinp[0], dinp[1], q.ni), "conv dinp 1 vs 2 threads not bitwise equal: %s", tag);
     snprintf(name, sizeof name, "conv dweight 1 vs 2 threads %s", tag);
-    check_close(name, dw[1], dw[0], q.nw, 1e-6, 1e-5);
+    // Each dweight is a sum of N*OH*OW terms (inputs in [-1, 1)) whose split into partials
+    // depends on the thread count: allow float rounding of such a sum.
+    check_close(name, dw[1], dw[0], q.nw, 2e-7 * sqrt((double)s.N * s.OH * s.OW) * 4, 1e-5);
     snprintf(name, sizeof name, "conv dbias 1 vs 2 threads %s", tag);
     check_close(name, db[1], db[0], s.OC, 1e-6, 1e-5);
     for (int t = 0; t < 2; t++) { free(out[t]); free(dinp[t]); free(dw[t]); free(db[t]); }
@@ -399,16 +403,74 @@ static void test_conv_threads(struct kd_conv_shape s, uint64_t seed) {
 #endif
 
 static void test_conv_workspace(void) {
+    // A shared part (packed weights, offset tables) plus the same amount per thread.
     struct kd_conv_shape s = conv_shape(8, 16, 10, 12, 32, 3, 1, 1, 2);
-    size_t per = (size_t)8 * 9 * 10 * 12 + (size_t)32 * 8 * 9 + 32;
-    CHECK(kd_conv2d_workspace(&s, 1) == per, "conv workspace 1 thread: %zu want %zu",
-          kd_conv2d_workspace(&s, 1), per);
-    CHECK(kd_conv2d_workspace(&s, 3) == 3 * per, "conv workspace 3 threads");
-    struct kd_conv_shape pw = conv_shape(8, 16, 10, 12, 32, 1, 1, 0, 1);
-    CHECK(kd_conv2d_workspace(&pw, 2) == 2 * ((size_t)32 * 16 + 32), "pointwise conv needs no im2col buffer");
+    size_t w1 = kd_conv2d_workspace(&s, 1), w2 = kd_conv2d_workspace(&s, 2), w3 = kd_conv2d_workspace(&s, 3);
+    CHECK(w1 > 0 && w2 > w1 && w3 - w2 == w2 - w1, "conv workspace grows linearly with threads: %zu %zu %zu",
+          w1, w2, w3);
+    CHECK(kd_conv2d_workspace(&s, 0) == w1, "conv workspace for 0 threads counts as 1");
+    // Per thread it holds at least the padded image (C x 12 x 14) and the weight-gradient partial.
+    CHECK(w2 - w1 >= (size_t)16 * 12 * 14 + (size_t)32 * 8 * 9, "conv workspace per thread too small: %zu", w2 - w1);
+    struct kd_conv_shape dw = conv_shape(8, 16, 10, 12, 16, 3, 1, 1, 16);
+    CHECK(kd_conv2d_workspace(&dw, 2) == 0, "depthwise conv needs no workspace");
     // Cg*K*K = 2^50 times OH*OW = 2^30 overflows 64 bits.
     struct kd_conv_shape huge = { 1, 1 << 30, 1 << 15, 1 << 15, 1 << 30, 1 << 15, 1 << 15, 1 << 10, 1, 0, 1 };
     CHECK(kd_conv2d_workspace(&huge, 64) == SIZE_MAX, "conv workspace overflow not detected");
+    struct kd_conv_shape big = { 1, 1 << 16, 1 << 15, 1 << 15, 1 << 16, 1 << 15, 1 << 15, 1, 1, 0, 1 };
+    CHECK(kd_conv2d_workspace(&big, 1 << 20) == SIZE_MAX, "conv workspace overflow (threads) not detected");
+}
+
+// The conv kernels have AVX-512, AVX2 and portable C versions that perform the same float
+// operations in the same order: results must be bitwise equal (test hooks in layers.c; on a
+// machine without AVX-512 the automatic choice is AVX2, compared all the same).
+void kd_conv_force_portable(int on);
+void kd_conv_force_isa(int level);   // 0 automatic, 1 portable C, 3 AVX2
+void kd_conv_force_path(int path);   // 0 automatic, 1 shift, 2 col
+
+static void test_conv_portable(struct kd_conv_shape s, uint64_t seed) {
+    char tag[128];
+    snprintf(tag, sizeof tag, "N%d C%d %dx%d OC%d K%d S%d P%d G%d", s.N, s.C, s.H, s.W, s.OC, s.K,
+             s.S, s.P, s.G);
+    struct conv_bufs q = conv_bufs_new(&s, 1, seed);
+    float * work = conv_work(&s);
+    const int isa[3] = { 0, 1, 3 };
+    const char * isa_name[3] = { "automatic", "portable", "AVX2" };
+    float * out[3], * dinp[3], * dw[3], * db[3];
+    for (int v = 0; v < 3; v++) {
+        kd_conv_force_isa(isa[v]);
+        out[v] = fzeros(q.no); dinp[v] = fzeros(q.ni); dw[v] = fzeros(q.nw); db[v] = fzeros(s.OC);
+        kd_conv2d_forward(out[v], q.inp, q.w, q.b, &s, work);
+        kd_conv2d_backward(dinp[v], dw[v], db[v], q.dout, q.inp, q.w, &s, work);
+    }
+    kd_conv_force_isa(0);
+    for (int v = 1; v < 3; v++) {
+        CHECK(bitwise_equal(out[0], out[v], q.no), "conv fwd automatic vs %s not bitwise equal: %s", isa_name[v], tag);
+        CHECK(bitwise_equal(dinp[0], dinp[v], q.ni), "conv dinp automatic vs %s not bitwise equal: %s", isa_name[v], tag);
+        CHECK(bitwise_equal(dw[0], dw[v], q.nw), "conv dweight automatic vs %s not bitwise equal: %s", isa_name[v], tag);
+        CHECK(bitwise_equal(db[0], db[v], s.OC), "conv dbias automatic vs %s not bitwise equal: %s", isa_name[v], tag);
+    }
+    for (int v = 0; v < 3; v++) { free(out[v]); free(dinp[v]); free(dw[v]); free(db[v]); }
+    free(work);
+    conv_bufs_free(&q);
+}
+
+// Inf/NaN in the input must reach the outputs they feed and only those (the grid columns
+// the kernels compute and drop must not leak into real outputs).
+static void test_conv_nonfinite(void) {
+    struct kd_conv_shape s = conv_shape(2, 3, 6, 6, 4, 3, 1, 1, 1);
+    struct conv_bufs q = conv_bufs_new(&s, 0, 77);
+    float * work = conv_work(&s), * ref = fzeros(q.no);
+    q.inp[(size_t)1 * 3 * 36 + 2 * 36 + 0] = INFINITY;   // image 1, channel 2, pixel (0, 0)
+    kd_conv2d_forward(q.out, q.inp, q.w, NULL, &s, work);
+    ref_conv_fwd(ref, q.inp, q.w, NULL, &s);
+    int ok = 1;
+    for (size_t i = 0; i < q.no; i++) {
+        if (isfinite(ref[i]) != isfinite(q.out[i])) { ok = 0; }
+        if (isfinite(ref[i]) && fabsf(ref[i] - q.out[i]) > 1e-4f) { ok = 0; }
+    }
+    CHECK(ok, "conv forward with an Inf input: non-finite exactly where the reference is");
+    free(work); free(ref);
+    conv_bufs_free(&q);
 }
 
 // ----------------------------------------------------------------------------------------
@@ -690,6 +752,56 @@ static void test_maxpool(int N, int C, int H, int W, int K, int S, int P, uint64
     free(c.inp); free(c.out); free(c.am); free(ref); free(ram); free(R); free(dx); free(cst);
 }
 
+// 2x2/stride-2 max pooling has a SIMD and a portable path: same values and argmax (bitwise),
+// on data with ties, -inf, +inf and NaN.
+static void test_maxpool2x2_portable(int N, int C, int H, int W, uint64_t seed) {
+    int OH = H / 2, OW = W / 2;
+    size_t ni = (size_t)N * C * H * W, no = (size_t)N * C * OH * OW;
+    float * x = frand(ni, seed);
+    for (size_t i = 0; i < ni; i++) {
+        if (i % 7 == 0) { x[i] = 0.25f; }              // ties
+        if (i % 29 == 3) { x[i] = -INFINITY; }
+        if (i % 31 == 5) { x[i] = INFINITY; }
+        if (i % 37 == 11) { x[i] = NAN; }
+    }
+    float * o[2];
+    int32_t * a[2];
+    for (int v = 0; v < 2; v++) {
+        kd_conv_force_portable(v);
+        o[v] = fzeros(no); a[v] = calloc(no, sizeof(int32_t));
+        kd_maxpool2d_forward(o[v], a[v], x, N, C, H, W, OH, OW, 2, 2, 0);
+    }
+    kd_conv_force_portable(0);
+    CHECK(bitwise_equal(o[0], o[1], no) && memcmp(a[0], a[1], no * sizeof(int32_t)) == 0,
+          "maxpool 2x2 SIMD vs portable N%d C%d %dx%d", N, C, H, W);
+    for (int v = 0; v < 2; v++) { free(o[v]); free(a[v]); }
+    free(x);
+}
+
+// BN statistics have an AVX-512 and a portable path with the same lanes and reduction tree.
+static void test_bn_portable(int N, int C, int HW) {
+    size_t n = (size_t)N * C * HW;
+    float * x = frand(n, 95), * w = frand(C, 96), * b = frand(C, 97), * dy = frand(n, 98);
+    for (size_t i = 0; i < n; i++) { x[i] = 2.0f * x[i] + 0.3f; }
+    float * out[2], * mean[2], * rstd[2], * rm[2], * rv[2], * dx[2], * dw[2], * db[2];
+    for (int v = 0; v < 2; v++) {
+        kd_conv_force_portable(v);
+        out[v] = fzeros(n); mean[v] = fzeros(C); rstd[v] = fzeros(C); rm[v] = fzeros(C); rv[v] = fzeros(C);
+        dx[v] = fzeros(n); dw[v] = fzeros(C); db[v] = fzeros(C);
+        kd_batchnorm_forward_train(out[v], mean[v], rstd[v], rm[v], rv[v], x, w, b, N, C, HW, 1e-5f, 0.1f);
+        kd_batchnorm_backward(dx[v], dw[v], db[v], dy, x, mean[v], rstd[v], w, N, C, HW, 1);
+    }
+    kd_conv_force_portable(0);
+    int ok = bitwise_equal(out[0], out[1], n) && bitwise_equal(mean[0], mean[1], C) && bitwise_equal(rstd[0], rstd[1], C)
+          && bitwise_equal(rv[0], rv[1], C) && bitwise_equal(dx[0], dx[1], n) && bitwise_equal(dw[0], dw[1], C)
+          && bitwise_equal(db[0], db[1], C);
+    CHECK(ok, "bn SIMD vs portable not bitwise equal N%d C%d HW%d", N, C, HW);
+    for (int v = 0; v < 2; v++) {
+        free(out[v]); free(mean[v]); free(rstd[v]); free(rm[v]); free(rv[v]); free(dx[v]); free(dw[v]); free(db[v]);
+    }
+    free(x); free(w); free(b); free(dy);
+}
+
 static void test_avgpool(int N, int C, int H, int W, int K, int S, int P, uint64_t seed) {
     char tag[96], name[160];
     snprintf(tag, sizeof tag, "N%d C%d %dx%d K%d S%d P%d", N, C, H, W, K, S, P);
@@ -919,15 +1031,8 @@ static void test_blas_threading(void) {
 
 // ----------------------------------------------------------------------------------------
 
-int main(void) {
-    // linear: batch 1, odd sizes, bias on/off
-    test_linear_ref(1, 7, 5, 1, 1);
-    test_linear_ref(13, 33, 17, 0, 2);
-    test_linear_ref(13, 33, 17, 1, 3);
-    test_linear_ref(64, 300, 200, 1, 4);
-    test_linear_gradcheck();
-
-    // conv2d: N, C, H, W, OC, K, S, P, G
+// conv2d reference cases: N, C, H, W, OC, K, S, P, G
+static void test_conv_ref_all(void) {
     test_conv_ref(conv_shape(1, 3, 7, 5, 4, 3, 1, 1, 1), 1, 100);     // batch 1, H != W
     test_conv_ref(conv_shape(3, 4, 9, 8, 6, 3, 2, 0, 1), 0, 110);     // stride 2, no padding, no bias
     test_conv_ref(conv_shape(2, 4, 6, 7, 6, 3, 1, 1, 2), 1, 120);     // groups 2
@@ -942,11 +1047,53 @@ int main(void) {
     test_conv_ref(conv_shape(5, 8, 12, 11, 16, 3, 1, 1, 1), 1, 200);  // N odd: uneven thread chunks
     test_conv_ref(conv_shape(2, 3, 4, 4, 2, 3, 1, 2, 1), 1, 210);     // padding 2 > K/2
     test_conv_ref(conv_shape(1, 1, 1, 1, 3, 1, 1, 0, 1), 1, 220);     // 1x1 image
+    test_conv_ref(conv_shape(3, 1, 28, 28, 16, 3, 1, 1, 1), 0, 230);  // first layer: CKK 9 < tile
+    test_conv_ref(conv_shape(5, 24, 14, 14, 40, 3, 1, 1, 1), 0, 240); // several row panels, OC % 8 != 0
+    test_conv_ref(conv_shape(3, 20, 9, 9, 36, 3, 2, 1, 1), 0, 250);   // stride 2, several panels
+    test_conv_ref(conv_shape(3, 16, 9, 9, 24, 1, 2, 0, 1), 0, 260);   // 1x1 stride 2 (ResNet shortcut)
+    test_conv_ref(conv_shape(4, 8, 11, 10, 12, 3, 2, 1, 2), 1, 270);  // stride 2 + groups
+    test_conv_ref(conv_shape(3, 6, 8, 9, 10, 5, 1, 2, 1), 1, 280);    // K5 stride 1 (shift path)
+    test_conv_ref(conv_shape(2, 5, 8, 8, 7, 3, 1, 0, 1), 1, 290);     // no padding, stride 1
+    test_conv_ref(conv_shape(2, 5, 6, 6, 7, 1, 1, 1, 1), 1, 295);     // padding > K-1 (col path)
+    test_conv_ref(conv_shape(7, 9, 7, 7, 13, 3, 1, 1, 1), 1, 297);    // 7x7 maps, odd everything
+    test_conv_ref(conv_shape(3, 5, 11, 10, 7, 3, 3, 1, 1), 1, 298);   // stride 3: 3x3 phase planes
+    test_conv_ref(conv_shape(3, 6, 9, 8, 10, 2, 2, 0, 1), 0, 299);    // even kernel, stride 2, odd size
+    test_conv_ref(conv_shape(4, 16, 15, 15, 24, 3, 2, 1, 2), 1, 301); // stride 2, odd size, groups
+}
+
+int main(void) {
+    // linear: batch 1, odd sizes, bias on/off
+    test_linear_ref(1, 7, 5, 1, 1);
+    test_linear_ref(13, 33, 17, 0, 2);
+    test_linear_ref(13, 33, 17, 1, 3);
+    test_linear_ref(64, 300, 200, 1, 4);
+    test_linear_gradcheck();
+
+    // conv2d: the automatic path choice, then each path forced (shift: stride 1 with
+    // P <= K-1, else col; col: grouped im2col); the workspace follows the forced path.
+    for (int path = 0; path <= 2; path++) {
+        kd_conv_force_path(path);
+        test_conv_ref_all();
+        test_conv_gradcheck(conv_shape(2, 4, 5, 5, 6, 3, 1, 1, 2), 310 + path);
+    }
+    kd_conv_force_path(0);
+    kd_conv_force_isa(3);          // the AVX2 kernels (CPUs without AVX-512) against the reference
+    test_conv_ref_all();
+    kd_conv_force_isa(0);
     test_conv_gradcheck(conv_shape(2, 3, 6, 5, 4, 3, 2, 1, 1), 300);
     test_conv_gradcheck(conv_shape(2, 4, 5, 5, 6, 3, 1, 1, 2), 310);
     test_conv_gradcheck(conv_shape(2, 3, 5, 6, 3, 3, 1, 1, 3), 320);
     test_conv_gradcheck(conv_shape(2, 4, 4, 3, 5, 1, 1, 0, 1), 330);
     test_conv_workspace();
+    test_conv_nonfinite();
+    test_conv_portable(conv_shape(3, 8, 12, 11, 16, 3, 1, 1, 1), 800);
+    test_conv_portable(conv_shape(3, 12, 9, 9, 20, 3, 2, 1, 2), 810);
+    test_conv_portable(conv_shape(3, 16, 28, 28, 32, 3, 2, 1, 1), 815);  // stride 2, phase planes
+    test_conv_portable(conv_shape(2, 1, 28, 28, 16, 3, 1, 1, 1), 820);
+    test_conv_portable(conv_shape(2, 6, 8, 9, 10, 1, 1, 0, 1), 830);
+    kd_conv_force_path(2);
+    test_conv_portable(conv_shape(5, 8, 7, 7, 16, 3, 1, 1, 1), 840);   // col path, image groups
+    kd_conv_force_path(0);
 
     // batchnorm: (N, C, HW)
     test_bn_ref(4, 3, 25, 400);
@@ -957,11 +1104,25 @@ int main(void) {
     test_bn_gradcheck(3, 2, 5, 0);
     test_bn_gradcheck(5, 3, 1, 1);
     test_bn_single_value();
+    test_bn_ref(3, 70, 49, 440);   // more channels than one accumulator block (64)
+    test_bn_ref(2, 5, 4, 450);     // planes shorter than the 16 lanes
+    test_bn_portable(5, 7, 196);
+    test_bn_portable(3, 70, 37);
 
     test_relu();
     test_maxpool(2, 3, 7, 5, 3, 2, 1, 500);  // padding + stride
     test_maxpool(1, 2, 6, 6, 2, 2, 0, 510);
     test_maxpool(2, 2, 5, 7, 3, 1, 1, 520);  // overlapping windows
+    for (int v = 0; v < 2; v++) {             // 2x2/2 fast path: SIMD, then portable
+        kd_conv_force_portable(v);
+        test_maxpool(2, 3, 28, 28, 2, 2, 0, 530);
+        test_maxpool(2, 3, 7, 7, 2, 2, 0, 540);    // odd size: last row/column unused
+        test_maxpool(1, 2, 6, 40, 2, 2, 0, 550);   // rows of more than 16 outputs
+        test_maxpool(1, 2, 4, 2, 2, 2, 0, 560);    // one output per row
+    }
+    kd_conv_force_portable(0);
+    test_maxpool2x2_portable(3, 5, 28, 28, 570);
+    test_maxpool2x2_portable(2, 3, 9, 35, 580);
     test_avgpool(2, 3, 7, 5, 3, 2, 1, 600);  // padding: divisor stays K*K
     test_avgpool(1, 2, 6, 6, 2, 2, 0, 610);
     test_gap();
@@ -974,6 +1135,12 @@ int main(void) {
     test_conv_threads(conv_shape(3, 6, 9, 9, 8, 3, 2, 1, 2), 710);
     test_conv_threads(conv_shape(1, 8, 10, 10, 16, 1, 1, 0, 1), 720);  // N < threads
     test_conv_threads(conv_shape(4, 8, 10, 10, 8, 3, 1, 1, 8), 730);   // depthwise
+    test_conv_threads(conv_shape(7, 16, 14, 14, 32, 3, 1, 1, 1), 740);  // odd batch, real sizes
+    test_conv_threads(conv_shape(5, 16, 14, 14, 32, 3, 2, 1, 1), 750);  // odd batch, stride 2
+    test_conv_threads(conv_shape(11, 64, 7, 7, 64, 3, 1, 1, 1), 760);  // col path, groups of images
+    kd_conv_force_path(2);
+    test_conv_threads(conv_shape(9, 8, 6, 6, 16, 3, 1, 1, 2), 770);    // col path forced, G 2
+    kd_conv_force_path(0);
     test_bn_threads();
     test_blas_threading();
 #endif
