@@ -10,33 +10,13 @@ import torch.nn as tnn
 
 import kdcore
 from kdcore import nn as knn
+from checks import check_close  # noqa: E402
 
 F64 = torch.float64
 
 
 # ---------------------------------------------------------------------------------------
 # helpers
-
-
-def check_close(name, got, want, rtol=1e-5, atol=0.0):
-    """Elementwise |got - want| <= atol + rtol*|want|; on failure report the count, the max
-    differences and the first few mismatches."""
-    got = np.asarray(got, dtype=np.float64)
-    want = np.asarray(want, dtype=np.float64)
-    assert got.shape == want.shape, f"{name}: shape {got.shape}, expected {want.shape}"
-    if not np.all(np.isfinite(got)):
-        bad = np.argwhere(~np.isfinite(got))[:5]
-        pytest.fail(f"{name}: non-finite values at {[tuple(b) for b in bad]}")
-    err = np.abs(got - want)
-    bad = np.argwhere(err > atol + rtol * np.abs(want))
-    if bad.size:
-        rel = err / np.maximum(np.abs(want), 1e-300)
-        lines = [f"{name}: {len(bad)}/{got.size} mismatches; max abs diff {err.max():.4g}, "
-                 f"max rel diff {rel.max():.4g} (rtol={rtol:g}, atol={atol:.3g})"]
-        for idx in bad[:6]:
-            idx = tuple(int(i) for i in idx)
-            lines.append(f"  at {idx}: got {got[idx]!r}, want {want[idx]!r}")
-        pytest.fail("\n".join(lines))
 
 
 def check_scaled(name, got, want, rtol=1e-5, arel=None):

@@ -12,29 +12,7 @@ import kdcore
 from kdcore import nn as knn
 from kdcore import optim as kopt
 from kdcore.functional import cross_entropy
-
-
-def check_close(name, got, want, rtol=1e-5, atol=0.0):
-    got = np.asarray(got, dtype=np.float64)
-    want = np.asarray(want, dtype=np.float64)
-    assert got.shape == want.shape, f"{name}: shape {got.shape}, expected {want.shape}"
-    if not np.all(np.isfinite(got)):
-        bad = np.argwhere(~np.isfinite(got))[:5]
-        pytest.fail(f"{name}: non-finite values at {[tuple(b) for b in bad]}")
-    err = np.abs(got - want)
-    bad = np.argwhere(err > atol + rtol * np.abs(want))
-    if bad.size:
-        rel = err / np.maximum(np.abs(want), 1e-300)
-        lines = [f"{name}: {len(bad)}/{got.size} mismatches; max abs diff {err.max():.4g}, "
-                 f"max rel diff {rel.max():.4g} (rtol={rtol:g}, atol={atol:.3g})"]
-        for idx in bad[:6]:
-            idx = tuple(int(i) for i in idx)
-            lines.append(f"  at {idx}: got {got[idx]!r}, want {want[idx]!r}")
-        pytest.fail("\n".join(lines))
-
-
-# ---------------------------------------------------------------------------------------
-# models: kdcore and torch twins
+from checks import check_close  # noqa: E402
 
 
 def _pair(kind):
