@@ -1,11 +1,18 @@
 """`make demo` / `python -m kdcore.demo`: distil a student from a teacher on Fashion-MNIST.
 
-Trains a teacher, then the same student architecture four ways -- alone (cross-entropy),
-with Hinton KD, with DKD and with SLKD -- and prints test accuracy (last and best epoch) and
-time for each. Every epoch runs in the C core; Python only describes the runs.
+Trains a teacher on all 60,000 training images, then the same small student four ways on a
+labelled subset (6,000 images by default) -- alone (cross-entropy), with Hinton KD, with DKD
+and with SLKD -- and prints test accuracy (last and best epoch) and time for each. Every
+epoch runs in the C core; Python only describes the runs.
 
-    python -m kdcore.demo [--teacher cnn|mlp] [--teacher-epochs N] [--epochs N] [--threads N]
-                          [--seed S] [--quiet]
+Why a subset: with all 60,000 labels this student (mlp 784-256-10) already reaches ~88.5%
+and KD with T=4 does not improve it (measured, and reproduced with a plain PyTorch loop: KD
+86-87% against 88.5% alone; see benchmarks/RESULTS.md). Distillation pays where labels are
+scarce and the teacher knows more than the labels say -- the few-sample setting of seed 002's
+taxonomy. `--student-data 60000` runs the full-data comparison.
+
+    python -m kdcore.demo [--teacher mlp|cnn] [--teacher-epochs N] [--epochs N]
+                          [--student-data N] [--threads N] [--seed S] [--quiet]
 """
 from __future__ import annotations
 
@@ -13,20 +20,34 @@ import argparse
 import sys
 import time
 
+import numpy as np
+
 import kdcore
 
 TEACHERS = {
-    "cnn": lambda seed: kdcore.models.cnn(num_classes=10, in_channels=1, width=16, seed=seed),
     "mlp": lambda seed: kdcore.models.mlp([784, 1200, 1200, 10], dropout=0.2, seed=seed),
+    "cnn": lambda seed: kdcore.models.cnn(num_classes=10, in_channels=1, width=16, seed=seed),
 }
+
+
+def sgd(lr):
+    return kdcore.optim.SGD(lr=lr, momentum=0.9, weight_decay=5e-4)
+
+
+def student_subset(train, n, seed):
+    """The student's labelled data: n training images drawn with the run's seed."""
+    if n >= len(train):
+        return train
+    return train.subset(np.random.default_rng(seed).permutation(len(train))[:n])
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--teacher", choices=sorted(TEACHERS), default="mlp")
-    ap.add_argument("--teacher-epochs", type=int, default=8)
-    ap.add_argument("--epochs", type=int, default=8, help="epochs for each student run")
-    ap.add_argument("--student-hidden", type=int, default=64)
+    ap.add_argument("--teacher-epochs", type=int, default=20)
+    ap.add_argument("--epochs", type=int, default=20, help="epochs for each student run")
+    ap.add_argument("--student-data", type=int, default=6000, help="labelled training images for the students")
+    ap.add_argument("--student-hidden", type=int, default=256)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -36,9 +57,9 @@ def main(argv=None):
     kdcore.show_config()
     train = kdcore.datasets.fashion_mnist("train")
     test = kdcore.datasets.fashion_mnist("test")
-    print(f"train: {train}\ntest:  {test}\n")
-    sgd = dict(optimizer=kdcore.optim.SGD(lr=0.05, momentum=0.9, weight_decay=5e-4),
-               schedule=kdcore.optim.Cosine(), val=test, seed=args.seed, progress=not args.quiet)
+    small = student_subset(train, args.student_data, args.seed)
+    print(f"teacher data: {train}\nstudent data: {len(small)} labelled images\ntest:  {test}\n")
+    base = dict(schedule=kdcore.optim.Cosine(), val=test, seed=args.seed, progress=not args.quiet, batch_size=128)
     rows = []
 
     def report(name, model, hist, seconds, note=""):
@@ -49,37 +70,38 @@ def main(argv=None):
 
     t0 = time.perf_counter()
     teacher = TEACHERS[args.teacher](args.seed)
-    h = kdcore.fit(teacher, train, epochs=args.teacher_epochs, batch_size=128, **sgd)
-    report(f"teacher ({args.teacher})", teacher, h, time.perf_counter() - t0)
+    h = kdcore.fit(teacher, train, epochs=args.teacher_epochs, optimizer=sgd(0.05), **base)
+    report(f"teacher ({args.teacher}, all data)", teacher, h, time.perf_counter() - t0)
 
     def student():
         return kdcore.models.mlp([784, args.student_hidden, 10], seed=args.seed + 1)
 
     # DKD's non-target term weighs beta * T^2 = 128 times a KL: at lr 0.05 this MLP student
     # diverges (measured: chance accuracy), so DKD, like SLKD below, runs at a quarter of it.
-    quarter = kdcore.optim.SGD(lr=0.05 / 4, momentum=0.9, weight_decay=5e-4)
+    common = dict(base, epochs=args.epochs)
     runs = [
-        ("student alone (CE)", "ce", {}),
-        ("student + KD (T=4, CE 0.1, KD 0.9)", "kd", {}),
-        ("student + DKD (a=1, b=8, T=4)", "dkd", dict(warmup_epochs=max(1, args.epochs // 4), optimizer=quarter)),
+        ("student alone (CE)", "ce", dict(optimizer=sgd(0.05))),
+        ("student + KD (T=4, CE 0.1, KD 0.9)", "kd", dict(optimizer=sgd(0.05))),
+        ("student + DKD (a=1, b=8, T=4)", "dkd",
+         dict(warmup_epochs=max(1, args.epochs // 4), optimizer=sgd(0.05 / 4))),
     ]
     for name, method, kw in runs:
         s = student()
         t0 = time.perf_counter()
-        h = kdcore.distill(s, teacher, train, method=method, epochs=args.epochs, batch_size=128, **dict(sgd, **kw))
+        h = kdcore.distill(s, teacher, small, method=method, **common, **kw)
         report(name, s, h, time.perf_counter() - t0)
 
     # SLKD's student loss weighs CE and KD by lambda + eta = 4 (methods.md A5): at the same
-    # learning rate as KD that is a 4x larger step, so the student's lr is divided by 4 (its
-    # SL-teachers keep the teacher's lr).
+    # learning rate as KD that is a 4x larger step (measured: it diverges), so the student's
+    # lr is divided by 4; its SL-teachers keep the teacher's lr.
     s = student()
     t0 = time.perf_counter()
-    h = kdcore.slkd(s, teacher, train, epochs=args.epochs, batch_size=128, sl_optimizer=sgd["optimizer"],
-                    **dict(sgd, optimizer=quarter))
+    h = kdcore.slkd(s, teacher, small, optimizer=sgd(0.05 / 4), sl_optimizer=sgd(0.05), **common)
     report("student + SLKD (2 SL-teachers)", s, h, time.perf_counter() - t0,
            note=f"SL-T acc {h.last['sl0_val_acc'] * 100:.1f}/{h.last['sl1_val_acc'] * 100:.1f}%")
 
-    print(f"\nFashion-MNIST test accuracy, student mlp 784-{args.student_hidden}-10, teacher {args.teacher} "
+    print(f"\nFashion-MNIST test accuracy: teacher {args.teacher} on {len(train)} images; student "
+          f"mlp 784-{args.student_hidden}-10 on {len(small)} labelled images "
           f"({kdcore.get_num_threads()} threads, seed {args.seed})")
     print(f"{'run':<36} {'params':>10}  {'last':>7}  {'best (epoch)':>13}  {'time':>6}")
     for name, n, last, best, be, sec, note in rows:
