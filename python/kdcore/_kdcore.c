@@ -199,7 +199,8 @@ static PyObject * Net_forward(NetObject * self, PyObject * args, PyObject * kwds
     int mode = KD_MODE_EVAL;
     unsigned long long seed = 0;
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|iK", kwlist, &xo, &mode, &seed)) return NULL;
-    if (mode < KD_MODE_EVAL || mode > KD_MODE_TRAIN) return PyErr_Format(PyExc_ValueError, "mode must be in 0..3, got %d", mode);
+    if (mode < KD_MODE_EVAL || mode > (KD_MODE_TRAIN | KD_MODE_NO_GRAD))
+        return PyErr_Format(PyExc_ValueError, "mode must be in 0..7 (kd_mode flags), got %d", mode);
     PyArrayObject * x = get_array(xo, NPY_FLOAT32, "x");
     PyObject * out = NULL;
     if (!x) return NULL;
@@ -240,7 +241,10 @@ static PyObject * Net_tap(NetObject * self, PyObject * arg) {
     int node;
     if (!self->net || node_index(self, arg, &node) < 0) return NULL;
     if (!kd_net_output(self->net, node)) {
-        PyErr_SetString(PyExc_RuntimeError, "no forward pass has run yet (taps are read after forward)");
+        PyErr_SetString(PyExc_RuntimeError, kd_net_last_chunk(self->net) > 0
+                        ? "the last forward ran without gradients (grad=False, predict, evaluate): only the output "
+                          "is kept; run a plain forward to read taps"
+                        : "no forward pass has run yet (taps are read after forward)");
         return NULL;
     }
     if (self->busy) return PyErr_Format(PyExc_RuntimeError, "this model is in use by another thread");
@@ -254,8 +258,10 @@ static PyObject * Net_grad_add(NetObject * self, PyObject * args, PyObject * kwd
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO|f", kwlist, &tap, &go, &scale)) return NULL;
     int node;
     if (!self->net || node_index(self, tap, &node) < 0) return NULL;
-    if (!kd_net_output(self->net, node)) {
-        PyErr_SetString(PyExc_RuntimeError, "no forward pass has run yet (gradients are added between forward and backward)");
+    if (!kd_net_output(self->net, node) || kd_net_last_chunk(self->net) > 0) {
+        PyErr_SetString(PyExc_RuntimeError, kd_net_last_chunk(self->net) > 0
+                        ? "the last forward ran without gradients (grad=False, predict, evaluate): no gradient can be added"
+                        : "no forward pass has run yet (gradients are added between forward and backward)");
         return NULL;
     }
     PyArrayObject * g = get_array(go, NPY_FLOAT32, "grad");
@@ -287,6 +293,9 @@ static PyObject * Net_backward(NetObject * self, PyObject * args, PyObject * kwd
     if (!self->net) return PyErr_Format(PyExc_RuntimeError, "the model was not built");
     if (!kd_net_output(self->net, -1))
         return PyErr_Format(PyExc_RuntimeError, "backward needs a forward pass first");
+    if (kd_net_last_chunk(self->net) > 0)
+        return PyErr_Format(PyExc_RuntimeError, "the last forward ran without gradients (grad=False, predict, "
+                            "evaluate): backward needs a forward with gradients");
     PyArrayObject * d = NULL;
     PyObject * dinp = NULL;
     int c, h, w, N = kd_net_batch(self->net);
