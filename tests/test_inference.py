@@ -40,6 +40,30 @@ def test_no_grad_matches_plain_eval(name, rng):
     # (bitwise equality of everything before the classifier: tests/c/test_net.c)
 
 
+def test_chunk_setting_and_arenas(rng):
+    m = models.resnet8(seed=4)
+    _bn_stats(m, rng)
+    m.eval()
+    x = rng.standard_normal((1000, 1, 28, 28)).astype(np.float32)
+    out = m(x, grad=False)
+    assert 32 <= m.net.last_chunk() <= 128                 # automatic chunks, balanced over 1000
+    mem = m.net.memory()
+    assert mem["activations"] == 0 and mem["gradients"] == 0 and mem["cache"] == 0, mem
+    assert 0 < mem["inference"] < 100 * 2 ** 20, mem
+    for n in (1000, 37):
+        m.net.set_chunk(n)
+        np.testing.assert_allclose(m(x, grad=False), out, rtol=1e-5, atol=1e-6)
+        assert m.net.last_chunk() == (1000 if n == 1000 else 1000 // 28 + 1)   # 28 chunks of <= 37: 36
+    with pytest.raises(ValueError, match="chunk"):
+        m.net.set_chunk(-1)
+    m.net.set_chunk(0)
+    m(x[:8])                                              # a plain forward: activations, no gradients yet
+    mem = m.net.memory()
+    assert mem["activations"] > 0 and mem["gradients"] == 0
+    m.backward(np.ones((8, 10), np.float32))
+    assert m.net.memory()["gradients"] > 0
+
+
 def test_taps_after_eval_and_no_grad_forwards(rng):
     m = models.resnet8(seed=1)
     _bn_stats(m, rng)
