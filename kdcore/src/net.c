@@ -612,7 +612,7 @@ static void cache_need(const struct kd_node * nd, size_t * fixed, size_t * per_i
     *per_img = nd->spec.type == KD_LAYER_MAXPOOL2D || nd->spec.type == KD_LAYER_DROPOUT ? per_image(nd) : 0;
 }
 
-#define ALIGN16(n) (((n) + 15) & ~(size_t)15)   // 64-byte steps: buffers start on cache lines
+#define ALIGN16(n) (((n) + 15) & ~(size_t)15)   // offsets in whole 64-byte lines from the arena start
 
 // Images per chunk when kd_net_set_chunk left it automatic. A chunk's working set is
 // per-image scratch peak x images: aim at the L2 caches of the threads in use, but never
