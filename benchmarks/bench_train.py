@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """kdcore vs PyTorch (CPU) speed: training steps and inference of the zoo models on Fashion-MNIST.
 
-    python benchmarks/bench_train.py                 # full run (~10-15 min), writes benchmarks/RESULTS.md
+    python benchmarks/bench_train.py                 # full run (~15 min), writes benchmarks/RESULTS.md
     python benchmarks/bench_train.py --quick         # a few cases, 2 threads only (~2-3 min)
     python benchmarks/bench_train.py --cases cnn,resnet8 --threads 2 --out /tmp/r.md
 
@@ -21,11 +21,24 @@ How it measures
   lasts about a tenth of a run, which makes fit's per-call set-up, ~0.7 ms, negligible as it
   is over a real epoch). PyTorch: the usual eager loop over batches indexed from one tensor
   of the normalised training set.
-  Inference = one forward of a fixed batch in eval mode (kdcore: model(x); PyTorch: model(x)
+  Inference = one forward of a fixed batch in eval mode (kdcore: model(x, grad=False), its
+  no-gradient forward, which runs large batches in cache-sized chunks; PyTorch: model(x)
   under torch.inference_mode()).
+- Distillation (Hinton KD, T=4, CE 0.1 + KD 0.9, SGD momentum 0.9, weight decay 5e-4) on the
+  first SUBSET training images (steps, not a full epoch: the resnet8x4 teacher is slow):
+  "distill" = kdcore.distill with cached teacher logits (no augmentation; the one-time
+  caching pass is reported separately, it is not in the img/s) vs PyTorch's usual loop with
+  the teacher forward under no_grad every step; "distill-aug" = both with random crop
+  (padding 2) + horizontal flip, so kdcore runs the teacher every step too. "slkd" = one
+  SLKD step (teacher forward, 2 SL-teachers and the student trained; kdcore.slkd with
+  cache=False) vs the same step written in PyTorch; "dml" = one deep-mutual-learning step
+  of 2 peers (kdcore.mutual; T=1, CE 1 + KL 1). Models in the case name: teacher>student,
+  teacher>student for SLKD (SL-teachers have the teacher's architecture), peer+peer.
 - Threads: kdcore.set_num_threads(t) / torch.set_num_threads(t), OMP_NUM_THREADS=t.
 - GFLOP/s counts conv and linear layers only: 2*MACs per image forward, x3 for a training
-  step. Peak RSS is ru_maxrss of each worker process (model, data and framework included).
+  step (composite steps: x3 per trained net, x1 per teacher forward). "% peak" = kdcore's
+  GFLOP/s over the measured AVX-512 FMA loop peak at the same thread count. "2t/1t" = images/s
+  with 2 threads over images/s with 1 (training cases; both thread counts must be run). Peak RSS is ru_maxrss of each worker process (model, data and framework included).
 - Machine peaks come from benchmarks/bench_kernels.c (compiled here): an AVX-512 FMA loop,
   a large OpenBLAS sgemm, and per-kernel timings of kdcore's layers.
 """
@@ -48,6 +61,24 @@ ROOT = os.path.dirname(HERE)
 
 MODELS = ["mlp1200", "mlp256", "cnn", "resnet8", "resnet8x4", "wrn_16_2"]
 CONV_MODELS = ["cnn", "resnet8", "resnet8x4", "wrn_16_2"]
+# Composite training cases: kind -> model specs ("teacher>student", "peer+peer").
+DISTILL_PAIRS = ["mlp1200>mlp256", "resnet8x4>resnet8"]
+SLKD_CASE = "resnet8>cnn"           # teacher and 2 SL-teachers resnet8, student cnn
+DML_CASE = "resnet8+resnet8"
+SUBSET = 6400                       # training images used by the composite cases (50 steps of 128)
+TRAIN_KINDS = ("train", "distill", "distill-aug", "slkd", "dml")
+
+
+def composite_cases():
+    cases = []
+    for pair in DISTILL_PAIRS:
+        cases += [("distill", pair, 128), ("distill-aug", pair, 128)]
+    return cases + [("slkd", SLKD_CASE, 128), ("dml", DML_CASE, 128)]
+
+
+def case_models(model):
+    """The zoo models a case name uses ("resnet8x4>resnet8" -> [resnet8x4, resnet8])."""
+    return model.replace(">", "+").split("+")
 
 
 def all_cases():
@@ -60,28 +91,29 @@ def all_cases():
     for m in MODELS:
         for b in (128, 1000):
             cases.append(("infer", m, b))
-    return cases
+    return cases + composite_cases()
 
 
 def quick_cases():
     return [("train", "mlp256", 128), ("train", "mlp1200", 128), ("train", "cnn", 128), ("train", "resnet8", 128),
             ("train", "resnet8x4", 128), ("train", "wrn_16_2", 128), ("infer", "cnn", 128),
-            ("infer", "resnet8", 1000), ("infer", "resnet8x4", 128), ("infer", "wrn_16_2", 128)]
+            ("infer", "resnet8", 1000), ("infer", "resnet8x4", 128), ("infer", "wrn_16_2", 128),
+            ("distill", "mlp1200>mlp256", 128), ("distill-aug", "resnet8x4>resnet8", 128)]
 
 
 # ------------------------------------------------------------------------------------------
 # models
 
 
-def build_kd(name):
+def build_kd(name, seed=0):
     import kdcore
     if name == "mlp1200":
-        return kdcore.models.mlp([784, 1200, 1200, 10])
+        return kdcore.models.mlp([784, 1200, 1200, 10], seed=seed)
     if name == "mlp256":
-        return kdcore.models.mlp([784, 256, 10])
+        return kdcore.models.mlp([784, 256, 10], seed=seed)
     if name == "cnn":
-        return kdcore.models.cnn(width=32)
-    return getattr(kdcore.models, name)(num_classes=10, in_channels=1, input_size=28)
+        return kdcore.models.cnn(width=32, seed=seed)
+    return getattr(kdcore.models, name)(num_classes=10, in_channels=1, input_size=28, seed=seed)
 
 
 def build_torch(name):
@@ -217,6 +249,30 @@ def input_shape(name):
     return (784,) if name.startswith("mlp") else (1, 28, 28)
 
 
+def torch_augment(x, gen):
+    """Random crop with zero padding 2 + horizontal flip, per image (kdcore's augment=True),
+    vectorised: one gather per batch."""
+    import torch
+    import torch.nn.functional as F
+    n, c, h, w = x.shape
+    p = 2
+    xp = F.pad(x, (p, p, p, p))
+    oy = torch.randint(0, 2 * p + 1, (n,), generator=gen)
+    ox = torch.randint(0, 2 * p + 1, (n,), generator=gen)
+    flip = torch.rand(n, generator=gen) < 0.5
+    cols = ox[:, None] + torch.arange(w)[None, :]
+    cols = torch.where(flip[:, None], cols.flip(1), cols)
+    rows = oy[:, None] + torch.arange(h)[None, :]
+    idx_n = torch.arange(n)[:, None, None, None]
+    idx_c = torch.arange(c)[None, :, None, None]
+    return xp[idx_n, idx_c, rows[:, None, :, None], cols[:, None, None, :]]
+
+
+def kd_loss_torch(zs, zt, T=4.0):
+    import torch.nn.functional as F
+    return F.kl_div(F.log_softmax(zs / T, 1), F.softmax(zt / T, 1), reduction="batchmean") * T * T
+
+
 # ------------------------------------------------------------------------------------------
 # worker
 
@@ -240,7 +296,10 @@ def worker(args):
     shape = input_shape(name)
     rng = np.random.default_rng(0)
     info = {"framework": fw, "python": platform.python_version(), "numpy": np.__version__}
-    if fw == "kdcore":
+    if kind in ("distill", "distill-aug", "slkd", "dml"):
+        call, steps_per_epoch, extra = composite_worker(fw, kind, name, batch, threads, train, info)
+        info.update(extra)
+    elif fw == "kdcore":
         kdcore.set_num_threads(threads)
         model = build_kd(name)
         opt = kdcore.optim.SGD(lr=0.01, momentum=0.9, weight_decay=5e-4)
@@ -255,7 +314,7 @@ def worker(args):
 
             def call(k):
                 for _ in range(k):
-                    model(x)
+                    model(x, grad=False)
     else:
         import torch
         import torch.nn.functional as F
@@ -295,7 +354,7 @@ def worker(args):
     t = time.perf_counter()
     call(1)
     est = max(time.perf_counter() - t, 1e-5)
-    k = int(max(1, min(steps_per_epoch if kind == "train" else 10 ** 6, 0.1 * args.run_seconds / est)))
+    k = int(max(1, min(steps_per_epoch if kind != "infer" else 10 ** 6, 0.1 * args.run_seconds / est)))
     call(k)
     info.update(k=k, ready=True)
     send(info)
@@ -316,6 +375,148 @@ def worker(args):
         elif cmd[0] == "quit":
             send({"rss_mb": rss_mb()})
             return
+
+
+def composite_worker(fw, kind, name, batch, threads, train, info):
+    """Set-up of a distill / distill-aug / slkd / dml case: returns call(k) running k steps,
+    the steps per pass over the subset, and extra info (FLOPs per image of the models)."""
+    import numpy as np
+    import kdcore
+    models = case_models(name)
+    sub = train.subset(np.arange(SUBSET))
+    steps_per_epoch = SUBSET // batch
+    extra = {}
+    if fw == "kdcore":
+        kdcore.set_num_threads(threads)
+        extra["version"] = kdcore.__version__
+        nets = [build_kd(m, seed=i) for i, m in enumerate(models)]
+        opt = kdcore.optim.SGD(lr=0.01, momentum=0.9, weight_decay=5e-4)
+        common = dict(epochs=1, batch_size=batch, optimizer=opt, progress=False)
+        if kind in ("distill", "distill-aug"):
+            teacher, student = nets
+            teacher.eval()
+            if kind == "distill":
+                t0 = time.perf_counter()
+                logits = kdcore.predict(teacher, sub, batch_size=512)
+                extra["cache_s"] = time.perf_counter() - t0
+
+                def call(k):
+                    kdcore.distill(student, logits, sub, max_steps=k, **common)
+            else:
+                def call(k):
+                    kdcore.distill(student, teacher, sub, augment=True, cache=False, max_steps=k, **common)
+        elif kind == "slkd":
+            teacher, student = nets
+            teacher.eval()
+            sls = [build_kd(models[0], seed=10), build_kd(models[0], seed=11)]
+
+            def call(k):
+                kdcore.slkd(student, teacher, sub, sl_teachers=sls, cache=False, max_steps=k, **common)
+        else:
+            def call(k):
+                kdcore.mutual(nets, sub, max_steps=k, **common)
+        return call, steps_per_epoch, extra
+
+    import torch
+    import torch.nn.functional as F
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    nets = [build_torch(m) for m in models]
+    extra["version"] = torch.__version__
+    extra["flops_list"] = [torch_flops_per_image(m, input_shape(n)) for m, n in zip(nets, models)]
+    X = torch.from_numpy(sub.batch(np.arange(SUBSET)).reshape((SUBSET,) + (1, 28, 28)))
+    Y = torch.from_numpy(np.asarray(sub.y, dtype=np.int64))
+    gen = torch.Generator().manual_seed(0)
+    state = {"perm": torch.randperm(SUBSET), "i": 0}
+
+    def next_batch(aug):
+        if (state["i"] + 1) * batch > SUBSET:
+            state["perm"], state["i"] = torch.randperm(SUBSET), 0
+        idx = state["perm"][state["i"] * batch:(state["i"] + 1) * batch]
+        state["i"] += 1
+        x = X[idx]
+        if aug:
+            x = torch_augment(x, gen)
+        return x, Y[idx]
+
+    def sgd(m):
+        return torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+
+    if kind in ("distill", "distill-aug"):
+        teacher, student = nets
+        teacher.eval()
+        student.train()
+        opt = sgd(student)
+        aug = kind == "distill-aug"
+
+        def call(k):
+            for _ in range(k):
+                x, y = next_batch(aug)
+                with torch.no_grad():
+                    zt = teacher(x)
+                zs = student(x)
+                loss = 0.1 * F.cross_entropy(zs, y) + 0.9 * kd_loss_torch(zs, zt)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+    elif kind == "slkd":
+        teacher, student = nets
+        sls = [build_torch(models[0]), build_torch(models[0])]
+        teacher.eval()
+        for m in sls + [student]:
+            m.train()
+        opts = [sgd(student)] + [sgd(m) for m in sls]
+        a, lam, eta, rho = 0.1, 1.0, 3.0, 0.5
+
+        def call(k):
+            for _ in range(k):
+                x, y = next_batch(False)
+                with torch.no_grad():
+                    zt = teacher(x)
+                zj = [m(x) for m in sls]
+                zsl = (rho * zj[0] + (1 - rho) * zj[1]).detach()
+                zs = student(x)
+                ce = F.cross_entropy(zs, y)
+                loss = (lam + eta) * a * ce + lam * (1 - a) * kd_loss_torch(zs, zt) + eta * (1 - a) * kd_loss_torch(zs, zsl)
+                opts[0].zero_grad(set_to_none=True)
+                loss.backward()
+                opts[0].step()
+                for j, m in enumerate(sls):
+                    lj = a * F.cross_entropy(zj[j], y) + (1 - a) * kd_loss_torch(zj[j], zt)
+                    opts[1 + j].zero_grad(set_to_none=True)
+                    lj.backward()
+                    opts[1 + j].step()
+    else:
+        for m in nets:
+            m.train()
+        opts = [sgd(m) for m in nets]
+
+        def call(k):
+            for _ in range(k):
+                x, y = next_batch(False)
+                z = [m(x) for m in nets]
+                losses = [F.cross_entropy(z[i], y) + kd_loss_torch(z[i], z[1 - i].detach(), T=1.0) for i in range(2)]
+                for o in opts:
+                    o.zero_grad(set_to_none=True)
+                sum(losses).backward()
+                for o in opts:
+                    o.step()
+    return call, steps_per_epoch, extra
+
+
+def case_flops(kind, flops_list):
+    """Conv + linear FLOPs per image of one step of a case (see the module docstring)."""
+    if kind == "train":
+        return 3 * flops_list[0]
+    if kind == "infer":
+        return flops_list[0]
+    if kind == "distill":                 # cached teacher logits: the student only
+        return 3 * flops_list[1]
+    if kind == "distill-aug":
+        return flops_list[0] + 3 * flops_list[1]
+    if kind == "slkd":                    # teacher forward + 2 SL-teachers + student trained
+        return flops_list[0] + 2 * 3 * flops_list[0] + 3 * flops_list[1]
+    return 3 * sum(flops_list)            # dml
 
 
 def verify_worker(args):
@@ -394,13 +595,15 @@ def run_case(kind, model, batch, threads, args):
             # to 2x on short runs of small models).
             time.sleep(args.settle)
             times[fw].append(w.ask(f"run {args.run_seconds}")["sec_per_step"])
-    res = {"kind": kind, "model": model, "batch": batch, "threads": threads,
-           "flops_per_image": tinfo["flops_per_image"], "versions": {"kdcore": kinfo["version"], "torch": tinfo["version"]}}
+    flops = case_flops(kind, tinfo.get("flops_list") or [tinfo["flops_per_image"]])
+    res = {"kind": kind, "model": model, "batch": batch, "threads": threads, "flops_per_step_image": flops,
+           "flops_per_image": tinfo.get("flops_per_image", flops), "versions": {"kdcore": kinfo["version"], "torch": tinfo["version"]}}
+    if "cache_s" in kinfo:
+        res["kdcore_cache_s"] = kinfo["cache_s"]
     for fw, w in (("kdcore", kd), ("torch", th)):
         sec = statistics.median(times[fw])
         res[fw] = {"sec_per_step": sec, "runs": times[fw], "img_s": batch / sec, "rss_mb": w.close()["rss_mb"]}
-        mult = 3 if kind == "train" else 1
-        res[fw]["gflops"] = mult * res["flops_per_image"] * batch / sec / 1e9
+        res[fw]["gflops"] = flops * batch / sec / 1e9
     res["ratio"] = res["kdcore"]["img_s"] / res["torch"]["img_s"]
     return res
 
@@ -468,22 +671,35 @@ def blas_core(args):
     return f"OPENBLAS_CORETYPE={env} (from the environment)" if env else "auto-detected"
 
 
-def fmt_table(results, threads, before=None):
+def fmt_table(results, threads, before=None, peaks=None):
     rows = [r for r in results if r["threads"] == threads]
+    by_key = {(r["kind"], r["model"], r["batch"], r["threads"]): r for r in results}
+    peak = float(peaks.get(f"fma512_t{threads}_gflops", 0) or 0) if peaks else 0.0
+    scaling = threads == 2 and any(r["threads"] == 1 for r in results)
     extra = " before |" if before else ""
     lines = [f"### {threads} thread{'s' if threads > 1 else ''}", "",
              "| case | batch | kdcore img/s | PyTorch img/s | kdcore/PyTorch |" + extra + " kdcore GFLOP/s | "
-             "PyTorch GFLOP/s | kdcore RSS MB | PyTorch RSS MB |",
-             "|---|---:|---:|---:|---:|" + ("---:|" if before else "") + "---:|---:|---:|---:|"]
+             "PyTorch GFLOP/s |" + (" kdcore % peak |" if peak else "")
+             + (" kdcore 2t/1t | PyTorch 2t/1t |" if scaling else "") + " kdcore RSS MB | PyTorch RSS MB | RSS ratio |",
+             "|---|---:|---:|---:|---:|" + ("---:|" if before else "") + "---:|---:|" + ("---:|" if peak else "")
+             + ("---:|---:|" if scaling else "") + "---:|---:|---:|"]
     for r in rows:
         k, t = r["kdcore"], r["torch"]
         b = ""
         if before:
             key = (r["kind"], r["model"], r["batch"], r["threads"])
             b = f" {before[key]:.2f} |" if key in before else " |"
+        pk = f" {100 * k['gflops'] / peak:.0f}% |" if peak else ""
+        sc = ""
+        if scaling:
+            one = by_key.get((r["kind"], r["model"], r["batch"], 1))
+            if one and r["kind"] in TRAIN_KINDS:
+                sc = (f" {k['img_s'] / one['kdcore']['img_s']:.2f} | {t['img_s'] / one['torch']['img_s']:.2f} |")
+            else:
+                sc = " | |"
         lines.append(f"| {r['kind']} {r['model']} | {r['batch']} | {k['img_s']:.0f} | {t['img_s']:.0f} | "
-                     f"**{r['ratio']:.2f}** |{b} {k['gflops']:.1f} | {t['gflops']:.1f} | {k['rss_mb']:.0f} | "
-                     f"{t['rss_mb']:.0f} |")
+                     f"**{r['ratio']:.2f}** |{b} {k['gflops']:.1f} | {t['gflops']:.1f} |{pk}{sc} {k['rss_mb']:.0f} | "
+                     f"{t['rss_mb']:.0f} | {k['rss_mb'] / t['rss_mb']:.2f} |")
     return "\n".join(lines)
 
 
@@ -529,11 +745,20 @@ def write_report(path, results, peaks, peaks_text, verify, args, elapsed, loads)
             before = {(r["kind"], r["model"], r["batch"], r["threads"]): r["ratio"] for r in json.load(f)["results"]}
     L += ["## Results", "",
           "images/s: median of the runs; kdcore/PyTorch = ratio of images/s (> 1: kdcore faster). "
-          "GFLOP/s: conv + linear, 2*MACs forward, x3 for a training step."
+          "GFLOP/s: conv + linear, 2*MACs forward, x3 per trained net and x1 per teacher forward in a step "
+          "(distill with cached logits: the student only). % peak: kdcore GFLOP/s over the AVX-512 FMA loop at "
+          "the same thread count. 2t/1t: thread scaling of training cases (img/s with 2 threads over 1). "
+          "RSS ratio: kdcore peak RSS over PyTorch's (whole worker process: interpreter, data set, framework)."
           + (f" before: kdcore/PyTorch of the run in `{args.compare_json}`"
              + (f" ({args.compare_label})" if args.compare_label else "") + "." if before else ""), ""]
     for t in args.thread_list:
-        L += [fmt_table(results, t, before), ""]
+        L += [fmt_table(results, t, before, peaks), ""]
+    cached = [r for r in results if "kdcore_cache_s" in r]
+    if cached:
+        L += ["Distillation with cached teacher logits: the one-time caching pass (kdcore.predict of the teacher "
+              f"over the {SUBSET} subset images, not in the img/s above) took "
+              + ", ".join(f"{r['kdcore_cache_s']:.2f} s ({r['model']}, {r['threads']} thread{'s' if r['threads'] > 1 else ''})"
+                          for r in cached) + ".", ""]
     L += ["## Architecture check", "",
           "kdcore weights loaded into the PyTorch twin (strict=True); eval outputs on 16 images:", ""]
     for r in verify:
@@ -541,15 +766,24 @@ def write_report(path, results, peaks, peaks_text, verify, args, elapsed, loads)
     if peaks_text:
         L += ["", "## Raw kernel timings", "", "```", peaks_text.strip(), "```"]
     L.append("")
+    # benchmarks/distill_bench.py appends its accuracy section to this file: keep it.
+    kept = ""
+    if os.path.exists(path):
+        with open(path) as f:
+            old = f.read()
+        i = old.find("## Distillation on Fashion-MNIST")
+        if i >= 0:
+            kept = "\n" + old[i:].rstrip() + "\n"
     with open(path, "w") as f:
-        f.write("\n".join(L))
+        f.write("\n".join(L) + kept)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer cases, 2 threads, shorter runs")
     ap.add_argument("--threads", default=None, help="comma list (default 2,1; quick: 2)")
-    ap.add_argument("--cases", default=None, help="comma list of model names to keep")
+    ap.add_argument("--cases", default=None, help="comma list of model names or kinds (train, infer, distill, "
+                    "distill-aug, slkd, dml) to keep")
     ap.add_argument("--reps", type=int, default=None, help="timed runs per framework and case (default 3; quick 2)")
     ap.add_argument("--run-seconds", type=float, default=None, help="length of one timed run (default 0.8; quick 0.4)")
     ap.add_argument("--settle", type=float, default=0.2, help="seconds of idle time before each timed run")
@@ -583,13 +817,13 @@ def main():
     cases = quick_cases() if args.quick else all_cases()
     if args.cases:
         keep = set(args.cases.split(","))
-        cases = [c for c in cases if c[1] in keep]
+        cases = [c for c in cases if c[1] in keep or c[0] in keep]   # a model name or a kind (distill, slkd, ...)
     t0 = time.time()
     load0 = os.getloadavg()[0]
     peaks, peaks_text = ({}, "") if args.no_peaks else machine_peaks(args.quick)
     if peaks:
         print(peaks_text)
-    verify = verify_models(sorted({c[1] for c in cases}))
+    verify = verify_models(sorted({m for c in cases for m in case_models(c[1])}))
     for r in verify:
         print(f"architecture check {r['model']}: max rel err {r['max_rel_err']:.1e} {'ok' if r['ok'] else 'MISMATCH'}")
     results = []

@@ -133,7 +133,7 @@ KD_API struct kd_net * kd_net_new(void);
 KD_API void kd_net_free(struct kd_net * net);   // NULL is a no-op
 // Appends a node; returns its index, or -1 with kd_last_error() set.
 KD_API int  kd_net_add(struct kd_net * net, const struct kd_layer_spec * spec);
-// Allocates parameters, gradients and buffers and initialises them from seed. After this
+// Allocates parameters, their gradients and buffers and initialises them from seed. After this
 // the net's structure is frozen. The output is the last node unless kd_net_set_output says otherwise.
 KD_API enum kd_status kd_net_finalize(struct kd_net * net, uint64_t seed);
 // Re-initialises all parameters and BN buffers from seed.
@@ -172,6 +172,8 @@ KD_API int64_t * kd_net_bn_batches(struct kd_net * net, int node);
 
 // Shapes: plans activations for a batch of N samples of (C,H,W). Called by forward when
 // the shape changes; call it directly to validate a shape or to learn the output size.
+// Planning allocates nothing: a forward allocates the memory its mode needs, the first
+// backward (or kd_net_grad_add) the activation gradients.
 KD_API enum kd_status kd_net_plan(struct kd_net * net, int N, int C, int H, int W);
 // Per-sample output shape of a node for the current plan.
 KD_API void kd_net_node_shape(const struct kd_net * net, int node, int * C, int * H, int * W);
@@ -186,6 +188,8 @@ enum kd_mode {
     KD_MODE_BN_BATCH = 1,   // BN uses (and updates running stats from) batch statistics
     KD_MODE_DROPOUT  = 2,   // dropout active
     KD_MODE_TRAIN    = 3,   // both: PyTorch's model.train()
+    KD_MODE_NO_GRAD  = 4,   // inference only (torch.no_grad): no backward or kd_net_grad_add
+                            // may follow. See "Inference forwards" below.
 };
 
 // Forward: x (N,C,H,W) with a combination of kd_mode flags. The output is
@@ -194,8 +198,46 @@ enum kd_mode {
 KD_API enum kd_status kd_net_forward(struct kd_net * net, const float * x, int N, int C, int H, int W,
                                      unsigned mode, uint64_t dropout_seed);
 // Output of a node after forward: pointer into the activation arena, (N, C*H*W) floats.
-// Valid until the next plan/forward. node = -1 means the output node.
+// Valid until the next plan/forward. node = -1 means the output node. NULL when there was
+// no forward, or when the last forward was KD_MODE_NO_GRAD and the node is neither the
+// output node nor kept (kd_net_keep).
 KD_API const float * kd_net_output(const struct kd_net * net, int node);
+
+// Inference forwards (mode | KD_MODE_NO_GRAD). Any forward without the flag keeps every
+// node's output (all taps readable) plus what backward needs, for the whole batch. With it:
+//  - only the output node and the nodes marked with kd_net_keep keep their outputs (the
+//    rule for taps: a caller that reads a tap after an inference forward keeps it first;
+//    feature distillation reads taps of training forwards, which keep everything); nodes
+//    that neither lead to a kept node nor to the output are not computed;
+//  - other activations live in a scratch reused as soon as all consumers of a node ran
+//    (residual inputs stay alive until their add), and no gradient or backward cache is
+//    allocated; kd_net_backward and kd_net_grad_add then fail with KD_ERR_STATE;
+//  - without KD_MODE_BN_BATCH and KD_MODE_DROPOUT, the batch runs in chunks of images, each
+//    chunk through the whole net before the next one: memory is bounded whatever N is, and
+//    a chunk's activations stay in cache. Images are independent in eval mode: convolutions,
+//    BN, pools and adds give the same bits as an unchunked pass; linear layers (OpenBLAS
+//    sgemm, whose summation order may depend on the row count) agree to float rounding, as
+//    they do between batch sizes. With BN batch statistics or dropout masks (which depend on
+//    the whole batch) the batch is one chunk. kd_evaluate and the teacher forwards of the
+//    training loops use inference forwards.
+KD_API enum kd_status kd_net_keep(struct kd_net * net, int node, bool keep);
+// Images per chunk of inference forwards: 0 (default) = automatic (at most 64-128 images,
+// from the per-image activation footprint against the threads' L2 caches, then balanced:
+// 1000 images run as 16 chunks of 63 or 8 of 125); n >= N = one chunk.
+KD_API enum kd_status kd_net_set_chunk(struct kd_net * net, int images);
+// Images per chunk used by the last forward (0 if it was not an inference forward).
+KD_API int  kd_net_last_chunk(const struct kd_net * net);
+// Bytes currently allocated by a net, per block (for memory tests and reports).
+struct kd_net_memory {
+    size_t params;        // parameters and BN buffers
+    size_t grads;         // parameter gradients
+    size_t activations;   // node outputs of forwards that backward may follow
+    size_t gradients;     // activation gradients (first backward / kd_net_grad_add)
+    size_t cache;         // backward cache (BN statistics, maxpool argmax, dropout masks)
+    size_t inference;     // the KD_MODE_NO_GRAD arena
+    size_t work;          // convolution scratch
+};
+KD_API void kd_net_memory(const struct kd_net * net, struct kd_net_memory * out);
 // Adds g (N, C*H*W of that node) to the gradient of a node's output. Between forward and
 // backward; the gradient of the network output is added by kd_net_backward itself.
 KD_API enum kd_status kd_net_grad_add(struct kd_net * net, int node, const float * g, float scale);

@@ -1,19 +1,26 @@
 // The network container: nodes in topological order, parameters in one block, activations
 // planned per input shape, forward/backward with taps.
 //
-// Memory (each one allocation, grown only when a larger plan needs it):
+// Memory (each one allocation, grown only when a larger batch needs it, and only allocated
+// when a pass actually uses it: an inference-only net never holds acts, dacts or cache):
 //   params, grads   every trainable tensor, contiguous (optimisers and checkpoints see one array)
 //   buffers         BN running statistics
-//   acts            input copy + every node's output for the planned batch
-//   dacts           gradient of every node output (same layout as acts)
+//   acts            input copy + every node's output for the planned batch (forward that
+//                   backward may follow)
+//   dacts           gradient of every node output (same layout as acts); first backward/grad_add
 //   cache           what backward needs besides activations: BN mean/rstd, maxpool argmax,
 //                   dropout masks
+//   inf             KD_MODE_NO_GRAD forwards: the kept outputs (output node + kd_net_keep
+//                   nodes) for the whole batch, then a liveness-planned scratch for one chunk
+//                   of images (a node's buffer is reused once all its consumers ran), then
+//                   the chunk's maxpool argmax / BN / dropout scratch
 //   work            per-thread conv scratch (im2col, dweight partials)
 // Nodes store offsets into these blocks, not pointers, so re-planning needs no fix-ups.
 #include "kd_internal.h"
 #include "layers.h"
 
 #include <stdio.h>
+#include <unistd.h>
 
 struct kd_node {
     struct kd_layer_spec spec;
@@ -27,6 +34,11 @@ struct kd_node {
     size_t act_off;           // into acts and dacts
     size_t cache_off;         // into cache
     bool grad_live;           // dacts slice holds a gradient for the current backward
+    bool keep;                // kd_net_keep: output stays readable after a NO_GRAD forward
+    // last NO_GRAD forward: kept outputs at inf + inf_off (whole batch); other nodes at
+    // scratch + inf_off * chunk (inf_off counted per image)
+    bool inf_kept;
+    size_t inf_off;
 };
 
 struct kd_net {
@@ -44,10 +56,13 @@ struct kd_net {
 
     int N, C, H, W;           // planned input shape (N = 0: no plan)
     size_t in_off;            // input copy in acts
-    float * acts, * dacts, * cache, * work;
-    size_t acts_cap, dacts_cap, cache_cap, work_cap, acts_used, cache_used;
+    float * acts, * dacts, * cache, * work, * inf;
+    size_t acts_cap, dacts_cap, cache_cap, work_cap, inf_cap, acts_used, cache_used;
+    int chunk;                // kd_net_set_chunk (0 = automatic)
+    int last_chunk;           // images per chunk of the last NO_GRAD forward (0: not one)
 
     bool forward_done;
+    bool infer_done;          // the last forward was KD_MODE_NO_GRAD (no backward possible)
     unsigned forward_mode;    // kd_mode of the last forward (BN and dropout backward depend on it)
 };
 
@@ -106,6 +121,7 @@ void kd_net_free(struct kd_net * net) {
     free(net->dacts);
     free(net->cache);
     free(net->work);
+    free(net->inf);
     free(net);
 }
 
@@ -488,9 +504,8 @@ enum kd_status kd_net_plan(struct kd_net * net, int N, int C, int H, int W) {
         else if (s->type == KD_LAYER_MAXPOOL2D || s->type == KD_LAYER_DROPOUT) cache += nd->numel;
         if (acts > SIZE_MAX / 8 || cache > SIZE_MAX / 8) goto too_big;
     }
-    KD_TRY(grow(&net->acts, &net->acts_cap, acts, "activations"));
-    KD_TRY(grow(&net->dacts, &net->dacts_cap, acts, "activation gradients"));
-    KD_TRY(grow(&net->cache, &net->cache_cap, cache, "the backward cache"));
+    // Nothing is allocated here: a forward allocates what its mode needs (acts and cache, or
+    // the inference arena), the first backward the gradients.
     net->acts_used = acts;
     net->cache_used = cache;
     net->N = N;
@@ -500,21 +515,22 @@ too_big:
     KD_FAIL(KD_ERR_SHAPE, "activations for input (%d, %d, %d, %d) would overflow memory sizes", N, C, H, W);
 }
 
-static struct kd_conv_shape conv_shape(const struct kd_net * net, const struct kd_node * nd) {
+// Conv shape for a batch of N images (net->N, or a chunk of it).
+static struct kd_conv_shape conv_shape(const struct kd_net * net, const struct kd_node * nd, int N) {
     int c, h, w;
     in_shape(net, nd->spec.inp[0], &c, &h, &w);
-    struct kd_conv_shape s = { net->N, c, h, w, nd->c, nd->h, nd->w,
+    struct kd_conv_shape s = { N, c, h, w, nd->c, nd->h, nd->w,
                                nd->spec.kernel, nd->spec.stride, nd->spec.padding, nd->spec.groups };
     return s;
 }
 
 // Conv scratch depends on the thread count at call time (kd_set_num_threads may change it).
-static enum kd_status ensure_work(struct kd_net * net) {
+static enum kd_status ensure_work(struct kd_net * net, int N) {
     int nt = kd_omp_threads();
     size_t need = 0;
     for (int i = 0; i < net->n_nodes; i++) {
         if (net->nodes[i].spec.type != KD_LAYER_CONV2D) continue;
-        struct kd_conv_shape s = conv_shape(net, &net->nodes[i]);
+        struct kd_conv_shape s = conv_shape(net, &net->nodes[i], N);
         size_t k = kd_conv2d_workspace(&s, nt);
         if (k > need) need = k;
     }
@@ -528,13 +544,205 @@ static const float * act_of(const struct kd_net * net, int node) {
     return net->acts + (node == KD_INPUT ? net->in_off : net->nodes[node].act_off);
 }
 
+static size_t per_image(const struct kd_node * nd) { return (size_t)nd->c * nd->h * nd->w; }
+
+// One node's forward over N images (the whole batch, or a chunk of it in a NO_GRAD forward):
+// out/in/in2 point at the first image; cache holds what the layer saves (BN mean/rstd for
+// C channels, maxpool argmax and dropout masks for the N images).
+static void node_forward(struct kd_net * net, int i, int N, float * out, const float * in, const float * in2,
+                         float * cache, float * work, unsigned mode, uint64_t dropout_seed) {
+    struct kd_node * nd = &net->nodes[i];
+    const struct kd_layer_spec * s = &nd->spec;
+    int c, h, w;
+    in_shape(net, s->inp[0], &c, &h, &w);
+    const size_t numel = (size_t)N * per_image(nd);
+    const float * wt = nd->w_off != NO_OFF ? net->params + nd->w_off : NULL;
+    const float * bs = nd->b_off != NO_OFF ? net->params + nd->b_off : NULL;
+    switch (s->type) {
+    case KD_LAYER_LINEAR:
+        kd_linear_forward(out, in, wt, bs, N, c, nd->c);
+        break;
+    case KD_LAYER_CONV2D: {
+        struct kd_conv_shape cs = conv_shape(net, nd, N);
+        kd_conv2d_forward(out, in, wt, bs, &cs, work);
+        break;
+    }
+    case KD_LAYER_BATCHNORM:
+        if (mode & KD_MODE_BN_BATCH) {
+            kd_batchnorm_forward_train(out, cache, cache + c, net->buffers + nd->rm_off,
+                                       net->buffers + nd->rv_off, in, wt, bs, N, c, h * w,
+                                       s->eps, s->momentum);
+            nd->bn_batches++;
+        } else {
+            kd_batchnorm_forward_eval(out, cache, cache + c, in, wt, bs, net->buffers + nd->rm_off,
+                                      net->buffers + nd->rv_off, N, c, h * w, s->eps);
+        }
+        break;
+    case KD_LAYER_RELU:
+        kd_relu_forward(out, in, numel);
+        break;
+    case KD_LAYER_MAXPOOL2D:
+        kd_maxpool2d_forward(out, (int32_t *)cache, in, N, c, h, w, nd->h, nd->w, s->kernel, s->stride, s->padding);
+        break;
+    case KD_LAYER_AVGPOOL2D:
+        kd_avgpool2d_forward(out, in, N, c, h, w, nd->h, nd->w, s->kernel, s->stride, s->padding);
+        break;
+    case KD_LAYER_GLOBAL_AVGPOOL:
+        kd_gap_forward(out, in, N, c, h * w);
+        break;
+    case KD_LAYER_DROPOUT:
+        if ((mode & KD_MODE_DROPOUT) && s->p > 0) kd_dropout_forward(out, cache, in, numel, s->p, kd_hash(dropout_seed, (uint64_t)i));
+        else memcpy(out, in, numel * sizeof(float));
+        break;
+    case KD_LAYER_FLATTEN:
+        memcpy(out, in, numel * sizeof(float));
+        break;
+    case KD_LAYER_ADD:
+        kd_add_forward(out, in, in2, numel);
+        break;
+    case KD_LAYER_COUNT:
+        break;
+    }
+}
+
+// Floats of layer scratch (cache) a node needs for N images: BN mean/rstd (per channel),
+// maxpool argmax and dropout masks (per output element).
+static void cache_need(const struct kd_node * nd, size_t * fixed, size_t * per_img) {
+    *fixed = nd->spec.type == KD_LAYER_BATCHNORM ? 2 * (size_t)nd->c : 0;
+    *per_img = nd->spec.type == KD_LAYER_MAXPOOL2D || nd->spec.type == KD_LAYER_DROPOUT ? per_image(nd) : 0;
+}
+
+#define ALIGN16(n) (((n) + 15) & ~(size_t)15)   // offsets in whole 64-byte lines from the arena start
+
+// Images per chunk when kd_net_set_chunk left it automatic. A chunk's working set is
+// per-image scratch peak x images: aim at the L2 caches of the threads in use, but never
+// below 64 images (each conv call re-packs its weights, and packing must stay a small cost
+// next to the chunk's arithmetic: for resnet8x4's 256-channel layer, 64 images amortise the
+// 2.4 MB of weights to ~2% of the work) nor above 128 (batch 128 is where the kernels were
+// tuned and already run at full speed; larger chunks only cost memory).
+static int auto_chunk(size_t peak_per_image_floats) {
+    long l2 = 0;
+#ifdef _SC_LEVEL2_CACHE_SIZE
+    l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
+#endif
+    if (l2 <= 0) l2 = 1L << 20;   // not reported (some VMs): assume 1 MB per core
+    size_t budget = (size_t)l2 * (size_t)kd_omp_threads();
+    size_t f = peak_per_image_floats * sizeof(float);
+    size_t b = f ? budget / f : 128;
+    return b < 64 ? 64 : b > 128 ? 128 : (int)b;
+}
+
+// KD_MODE_NO_GRAD: lays out the inference arena for net->N images and runs the batch in
+// chunks. Each chunk goes through the whole net before the next starts, so only one chunk's
+// activations exist at a time; kept outputs are written straight into their whole-batch
+// slots (NCHW: the images of a chunk are one contiguous slice). Every kernel treats images
+// independently in eval mode (BN with running statistics, convolutions one image per thread
+// with a fixed fma order), so the results are the same bits as one whole-batch pass. Batch
+// statistics and dropout masks depend on the whole batch (masks are drawn by element index),
+// so with KD_MODE_BN_BATCH or KD_MODE_DROPOUT the batch is one chunk.
+static enum kd_status forward_infer(struct kd_net * net, const float * x, unsigned mode, uint64_t dropout_seed) {
+    const int N = net->N, nn = net->n_nodes;
+    int * last = malloc((size_t)nn * sizeof *last);
+    bool * need = malloc((size_t)nn * sizeof *need);
+    int * live = malloc((size_t)nn * sizeof *live);
+    if (!last || !need || !live) { free(last); free(need); free(live); KD_FAIL(KD_ERR_NOMEM, "cannot plan an inference pass"); }
+    // Which nodes matter: the kept ones and what they read (exit heads nobody keeps are
+    // skipped). With batch statistics every BN must run, since it updates running stats.
+    for (int i = 0; i < nn; i++) {
+        net->nodes[i].inf_kept = i == net->out_node || net->nodes[i].keep;
+        need[i] = net->nodes[i].inf_kept || (mode & KD_MODE_BN_BATCH);
+        last[i] = i;
+    }
+    for (int i = nn - 1; i >= 0; i--) {
+        if (!need[i]) continue;
+        const struct kd_layer_spec * s = &net->nodes[i].spec;
+        for (int k = 0; k < (s->type == KD_LAYER_ADD ? 2 : 1); k++)
+            if (s->inp[k] != KD_INPUT) need[s->inp[k]] = true;
+    }
+    for (int i = 0; i < nn; i++) {
+        if (!need[i]) continue;
+        const struct kd_layer_spec * s = &net->nodes[i].spec;
+        for (int k = 0; k < (s->type == KD_LAYER_ADD ? 2 : 1); k++)
+            if (s->inp[k] != KD_INPUT && last[s->inp[k]] < i) last[s->inp[k]] = i;
+    }
+    // Per-image first-fit layout of the scratch: node i may take any range not held by a
+    // node k < i that is still to be read (last[k] >= i, its own inputs included).
+    size_t kept_total = 0, peak = 0, cfix = 0, cimg = 0;
+    int n_live = 0;
+    for (int i = 0; i < nn; i++) {
+        struct kd_node * nd = &net->nodes[i];
+        if (!need[i]) continue;
+        size_t f, p;
+        cache_need(nd, &f, &p);
+        if (f > cfix) cfix = f;
+        if (p > cimg) cimg = p;
+        if (nd->inf_kept) {
+            nd->inf_off = kept_total;
+            kept_total += ALIGN16((size_t)N * per_image(nd));
+            continue;
+        }
+        int m = 0;   // live blocks, kept sorted by offset (insertion sort: nets are small)
+        for (int j = 0; j < n_live; j++) {
+            int k = live[j];
+            if (last[k] >= i) live[m++] = k;
+        }
+        n_live = m;
+        size_t sz = ALIGN16(per_image(nd)), off = 0;
+        for (int j = 0; j < n_live; j++) {
+            const struct kd_node * o = &net->nodes[live[j]];
+            if (o->inf_off >= off + sz) break;
+            size_t end = o->inf_off + ALIGN16(per_image(o));
+            if (end > off) off = end;
+        }
+        nd->inf_off = off;
+        if (off + sz > peak) peak = off + sz;
+        int j = n_live++;
+        while (j > 0 && net->nodes[live[j - 1]].inf_off > off) { live[j] = live[j - 1]; j--; }
+        live[j] = i;
+    }
+    int B = N;
+    if (!(mode & (KD_MODE_BN_BATCH | KD_MODE_DROPOUT))) {
+        int want = net->chunk > 0 ? net->chunk : auto_chunk(peak + cimg);
+        if (want < N) {
+            int nch = (N + want - 1) / want;
+            B = (N + nch - 1) / nch;   // balanced chunks: 1000 at most 128 -> 8 x 125
+        }
+    }
+    free(need); free(live);
+    const size_t scratch = kept_total, cache_off = scratch + (size_t)B * peak;
+    size_t total = cache_off + cfix + (size_t)B * cimg;
+    enum kd_status st = grow(&net->inf, &net->inf_cap, total, "the inference arena");
+    if (st == KD_OK) st = ensure_work(net, B);
+    if (st != KD_OK) { free(last); return st; }
+    const size_t x_img = (size_t)net->C * net->H * net->W;
+    for (int n0 = 0; n0 < N; n0 += B) {
+        const int nb = N - n0 < B ? N - n0 : B;
+        for (int i = 0; i < nn; i++) {
+            struct kd_node * nd = &net->nodes[i];
+            if (last[i] == i && !nd->inf_kept && !(mode & KD_MODE_BN_BATCH)) continue;   // nobody reads it
+            const float * in[2] = { NULL, NULL };
+            for (int k = 0; k < (nd->spec.type == KD_LAYER_ADD ? 2 : 1); k++) {
+                int src = nd->spec.inp[k];
+                if (src == KD_INPUT) in[k] = x + (size_t)n0 * x_img;
+                else if (net->nodes[src].inf_kept) in[k] = net->inf + net->nodes[src].inf_off + (size_t)n0 * per_image(&net->nodes[src]);
+                else in[k] = net->inf + scratch + net->nodes[src].inf_off * (size_t)B;
+            }
+            float * out = nd->inf_kept ? net->inf + nd->inf_off + (size_t)n0 * per_image(nd)
+                                       : net->inf + scratch + nd->inf_off * (size_t)B;
+            node_forward(net, i, nb, out, in[0], in[1], net->inf + cache_off, net->work, mode, dropout_seed);
+        }
+    }
+    free(last);
+    net->last_chunk = B;
+    return KD_OK;
+}
+
 enum kd_status kd_net_forward(struct kd_net * net, const float * x, int N, int C, int H, int W,
                               unsigned mode, uint64_t dropout_seed) {
-    const bool bn_batch = mode & KD_MODE_BN_BATCH, dropout = mode & KD_MODE_DROPOUT;
     if (!net || !x) KD_FAIL(KD_ERR_VALUE, "net and x must not be NULL");
+    if (mode > (KD_MODE_TRAIN | KD_MODE_NO_GRAD)) KD_FAIL(KD_ERR_VALUE, "mode %u is not a combination of kd_mode flags", mode);
     KD_TRY(kd_net_plan(net, N, C, H, W));
-    KD_TRY(ensure_work(net));
-    if (bn_batch) {
+    if (mode & KD_MODE_BN_BATCH) {
         // Batch statistics of a single value are meaningless (variance 0); PyTorch refuses too.
         for (int i = 0; i < net->n_nodes; i++) {
             const struct kd_node * nd = &net->nodes[i];
@@ -543,63 +751,25 @@ enum kd_status kd_net_forward(struct kd_net * net, const float * x, int N, int C
                         "(batch of 1 with 1x1 features); use a larger batch or eval mode", nd->name);
         }
     }
-    memcpy(net->acts + net->in_off, x, (size_t)N * C * H * W * sizeof(float));
-    for (int i = 0; i < net->n_nodes; i++) {
-        struct kd_node * nd = &net->nodes[i];
-        const struct kd_layer_spec * s = &nd->spec;
-        float * out = net->acts + nd->act_off;
-        float * cache = net->cache + nd->cache_off;
-        const float * in = act_of(net, s->inp[0]);
-        int c, h, w;
-        in_shape(net, s->inp[0], &c, &h, &w);
-        const float * wt = nd->w_off != NO_OFF ? net->params + nd->w_off : NULL;
-        const float * bs = nd->b_off != NO_OFF ? net->params + nd->b_off : NULL;
-        nd->grad_live = false;
-        switch (s->type) {
-        case KD_LAYER_LINEAR:
-            kd_linear_forward(out, in, wt, bs, N, c, nd->c);
-            break;
-        case KD_LAYER_CONV2D: {
-            struct kd_conv_shape cs = conv_shape(net, nd);
-            kd_conv2d_forward(out, in, wt, bs, &cs, net->work);
-            break;
+    net->forward_done = false;
+    for (int i = 0; i < net->n_nodes; i++) net->nodes[i].grad_live = false;
+    if (mode & KD_MODE_NO_GRAD) {
+        KD_TRY(forward_infer(net, x, mode, dropout_seed));
+        net->infer_done = true;
+    } else {
+        KD_TRY(grow(&net->acts, &net->acts_cap, net->acts_used, "activations"));
+        KD_TRY(grow(&net->cache, &net->cache_cap, net->cache_used, "the backward cache"));
+        KD_TRY(ensure_work(net, N));
+        memcpy(net->acts + net->in_off, x, (size_t)N * C * H * W * sizeof(float));
+        for (int i = 0; i < net->n_nodes; i++) {
+            struct kd_node * nd = &net->nodes[i];
+            const struct kd_layer_spec * s = &nd->spec;
+            node_forward(net, i, N, net->acts + nd->act_off, act_of(net, s->inp[0]),
+                         s->type == KD_LAYER_ADD ? act_of(net, s->inp[1]) : NULL,
+                         net->cache + nd->cache_off, net->work, mode, dropout_seed);
         }
-        case KD_LAYER_BATCHNORM:
-            if (bn_batch) {
-                kd_batchnorm_forward_train(out, cache, cache + c, net->buffers + nd->rm_off,
-                                           net->buffers + nd->rv_off, in, wt, bs, N, c, h * w,
-                                           s->eps, s->momentum);
-                nd->bn_batches++;
-            } else {
-                kd_batchnorm_forward_eval(out, cache, cache + c, in, wt, bs, net->buffers + nd->rm_off,
-                                          net->buffers + nd->rv_off, N, c, h * w, s->eps);
-            }
-            break;
-        case KD_LAYER_RELU:
-            kd_relu_forward(out, in, nd->numel);
-            break;
-        case KD_LAYER_MAXPOOL2D:
-            kd_maxpool2d_forward(out, (int32_t *)cache, in, N, c, h, w, nd->h, nd->w, s->kernel, s->stride, s->padding);
-            break;
-        case KD_LAYER_AVGPOOL2D:
-            kd_avgpool2d_forward(out, in, N, c, h, w, nd->h, nd->w, s->kernel, s->stride, s->padding);
-            break;
-        case KD_LAYER_GLOBAL_AVGPOOL:
-            kd_gap_forward(out, in, N, c, h * w);
-            break;
-        case KD_LAYER_DROPOUT:
-            if (dropout && s->p > 0) kd_dropout_forward(out, cache, in, nd->numel, s->p, kd_hash(dropout_seed, (uint64_t)i));
-            else memcpy(out, in, nd->numel * sizeof(float));
-            break;
-        case KD_LAYER_FLATTEN:
-            memcpy(out, in, nd->numel * sizeof(float));
-            break;
-        case KD_LAYER_ADD:
-            kd_add_forward(out, in, act_of(net, s->inp[1]), nd->numel);
-            break;
-        case KD_LAYER_COUNT:
-            break;
-        }
+        net->infer_done = false;
+        net->last_chunk = 0;
     }
     net->forward_done = true;
     net->forward_mode = mode;
@@ -610,7 +780,38 @@ const float * kd_net_output(const struct kd_net * net, int node) {
     if (!net || !net->forward_done) return NULL;
     if (node < 0) node = net->out_node;
     if (node >= net->n_nodes) return NULL;
-    return net->acts + net->nodes[node].act_off;
+    const struct kd_node * nd = &net->nodes[node];
+    if (net->infer_done) return nd->inf_kept ? net->inf + nd->inf_off : NULL;
+    return net->acts + nd->act_off;
+}
+
+enum kd_status kd_net_keep(struct kd_net * net, int node, bool keep) {
+    if (!net) KD_FAIL(KD_ERR_VALUE, "net is NULL");
+    if (node < 0 || node >= net->n_nodes) KD_FAIL(KD_ERR_VALUE, "node %d does not exist (the net has %d)", node, net->n_nodes);
+    net->nodes[node].keep = keep;
+    return KD_OK;
+}
+
+enum kd_status kd_net_set_chunk(struct kd_net * net, int images) {
+    if (!net) KD_FAIL(KD_ERR_VALUE, "net is NULL");
+    if (images < 0) KD_FAIL(KD_ERR_VALUE, "chunk (%d images) must be >= 0 (0 = automatic)", images);
+    net->chunk = images;
+    return KD_OK;
+}
+
+int kd_net_last_chunk(const struct kd_net * net) { return net ? net->last_chunk : 0; }
+
+void kd_net_memory(const struct kd_net * net, struct kd_net_memory * m) {
+    memset(m, 0, sizeof *m);
+    if (!net) return;
+    const size_t f = sizeof(float);
+    m->params = net->params ? (net->n_params + net->n_buffers) * f : 0;
+    m->grads = net->grads ? net->n_params * f : 0;
+    m->activations = net->acts ? net->acts_cap * f : 0;
+    m->gradients = net->dacts ? net->dacts_cap * f : 0;
+    m->cache = net->cache ? net->cache_cap * f : 0;
+    m->inference = net->inf ? net->inf_cap * f : 0;
+    m->work = net->work ? net->work_cap * f : 0;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -630,8 +831,10 @@ static float * grad_of(struct kd_net * net, int node) {
 enum kd_status kd_net_grad_add(struct kd_net * net, int node, const float * g, float scale) {
     if (!net || !g) KD_FAIL(KD_ERR_VALUE, "net and g must not be NULL");
     if (!net->forward_done) KD_FAIL(KD_ERR_STATE, "no forward pass to add a gradient to");
+    if (net->infer_done) KD_FAIL(KD_ERR_STATE, "the last forward was KD_MODE_NO_GRAD: no gradient can be added");
     if (node < 0) node = net->out_node;
     if (node >= net->n_nodes) KD_FAIL(KD_ERR_VALUE, "node %d does not exist (the net has %d)", node, net->n_nodes);
+    KD_TRY(grow(&net->dacts, &net->dacts_cap, net->acts_used, "activation gradients"));
     float * d = grad_of(net, node);
     size_t n = net->nodes[node].numel;
     #pragma omp parallel for schedule(static) if (n > 65536)
@@ -642,8 +845,12 @@ enum kd_status kd_net_grad_add(struct kd_net * net, int node, const float * g, f
 enum kd_status kd_net_backward(struct kd_net * net, const float * dout, float * dinp) {
     if (!net) KD_FAIL(KD_ERR_VALUE, "net is NULL");
     if (!net->forward_done) KD_FAIL(KD_ERR_STATE, "backward needs a forward pass first");
+    if (net->infer_done) KD_FAIL(KD_ERR_STATE, "the last forward was KD_MODE_NO_GRAD: backward needs a forward without it");
+    // Allocated on first use: nets that only ever run forward (teachers, evaluation) never
+    // hold gradients of activations.
+    KD_TRY(grow(&net->dacts, &net->dacts_cap, net->acts_used, "activation gradients"));
     if (dout) KD_TRY(kd_net_grad_add(net, net->out_node, dout, 1.0f));
-    KD_TRY(ensure_work(net));
+    KD_TRY(ensure_work(net, net->N));
     int N = net->N;
     if (dinp) memset(dinp, 0, (size_t)N * net->C * net->H * net->W * sizeof(float));
     for (int i = net->n_nodes - 1; i >= 0; i--) {
@@ -665,7 +872,7 @@ enum kd_status kd_net_backward(struct kd_net * net, const float * dout, float * 
             kd_linear_backward(din, dw, db, d, in, wt, N, c, nd->c);
             break;
         case KD_LAYER_CONV2D: {
-            struct kd_conv_shape cs = conv_shape(net, nd);
+            struct kd_conv_shape cs = conv_shape(net, nd, N);
             kd_conv2d_backward(din, dw, db, d, in, wt, &cs, net->work);
             break;
         }

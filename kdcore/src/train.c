@@ -281,7 +281,7 @@ enum kd_status kd_distill_epoch(struct kd_net * student, struct kd_optim * opt,
                 for (int i = 0; i < nb; i++)
                     memcpy(zt + (size_t)i * V, teacher_logits[t] + (size_t)L.idx[i] * V, (size_t)V * sizeof(float));
             } else {
-                if ((st = forward_train(teachers[t], &L, L.x, dcfg->teacher_mode, 0x7EAC0ull + (uint64_t)t)) != KD_OK) goto done;
+                if ((st = forward_train(teachers[t], &L, L.x, dcfg->teacher_mode | KD_MODE_NO_GRAD, 0x7EAC0ull + (uint64_t)t)) != KD_OK) goto done;
                 memcpy(zt, kd_net_output(teachers[t], -1), nbv * sizeof(float));
             }
         }
@@ -566,12 +566,12 @@ enum kd_status kd_slkd_epoch(struct kd_net * student, struct kd_optim * opt,
             for (int i = 0; i < nb; i++)
                 memcpy(zt + (size_t)i * V, teacher_logits + (size_t)L.idx[i] * V, (size_t)V * sizeof(float));
         } else {
-            if ((st = forward_train(teacher, &L, L.x, KD_MODE_EVAL, 0x7EAC0ull)) != KD_OK) goto done;
+            if ((st = forward_train(teacher, &L, L.x, KD_MODE_EVAL | KD_MODE_NO_GRAD, 0x7EAC0ull)) != KD_OK) goto done;
             memcpy(zt, kd_net_output(teacher, -1), nbv * sizeof(float));
         }
         t_correct += count_correct(zt, L.y, nb, V);
         // SL-teachers: forward (this step's outputs feed the student before their update).
-        unsigned slmode = c->sl_frozen ? KD_MODE_EVAL : KD_MODE_TRAIN;
+        unsigned slmode = c->sl_frozen ? KD_MODE_EVAL | KD_MODE_NO_GRAD : KD_MODE_TRAIN;   // frozen: never updated
         for (int j = 0; j < ns; j++) {
             if ((st = forward_train(sl[j], &L, L.x, slmode, 0x5100ull + (uint64_t)j)) != KD_OK) goto done;
             memcpy(zj[j], kd_net_output(sl[j], -1), nbv * sizeof(float));
@@ -673,7 +673,7 @@ enum kd_status kd_evaluate(struct kd_net * net, const struct kd_dataset * ds, in
         const int nb = (int)(ds->n - start < B ? ds->n - start : B);
         for (int i = 0; i < nb; i++) idx[i] = start + i;
         kd_data_batch(x, ds, idx, nb, NULL, 0);
-        st = kd_net_forward(net, x, nb, ds->c, ds->h, ds->w, KD_MODE_EVAL, 0);
+        st = kd_net_forward(net, x, nb, ds->c, ds->h, ds->w, KD_MODE_EVAL | KD_MODE_NO_GRAD, 0);
         if (st != KD_OK) break;
         const float * z = kd_net_output(net, -1);
         if (logits) memcpy(logits + (size_t)start * V, z, (size_t)nb * V * sizeof(float));
@@ -747,7 +747,7 @@ enum kd_status kd_exits_epoch(struct kd_net * net, struct kd_optim * opt, const 
             for (int i = 0; i < nb; i++)
                 memcpy(zt + (size_t)i * V, teacher_logits + (size_t)L.idx[i] * V, (size_t)V * sizeof(float));
         } else if (teacher) {
-            if ((st = forward_train(teacher, &L, L.x, KD_MODE_EVAL, 0x7EAC0ull)) != KD_OK) goto done;
+            if ((st = forward_train(teacher, &L, L.x, KD_MODE_EVAL | KD_MODE_NO_GRAD, 0x7EAC0ull)) != KD_OK) goto done;
             memcpy(zt, kd_net_output(teacher, -1), nbv * sizeof(float));
         }
         if ((st = forward_train(net, &L, L.x, KD_MODE_TRAIN, 0x57D0ull)) != KD_OK) goto done;

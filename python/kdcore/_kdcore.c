@@ -199,7 +199,8 @@ static PyObject * Net_forward(NetObject * self, PyObject * args, PyObject * kwds
     int mode = KD_MODE_EVAL;
     unsigned long long seed = 0;
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|iK", kwlist, &xo, &mode, &seed)) return NULL;
-    if (mode < KD_MODE_EVAL || mode > KD_MODE_TRAIN) return PyErr_Format(PyExc_ValueError, "mode must be in 0..3, got %d", mode);
+    if (mode < KD_MODE_EVAL || mode > (KD_MODE_TRAIN | KD_MODE_NO_GRAD))
+        return PyErr_Format(PyExc_ValueError, "mode must be in 0..7 (kd_mode flags), got %d", mode);
     PyArrayObject * x = get_array(xo, NPY_FLOAT32, "x");
     PyObject * out = NULL;
     if (!x) return NULL;
@@ -240,7 +241,10 @@ static PyObject * Net_tap(NetObject * self, PyObject * arg) {
     int node;
     if (!self->net || node_index(self, arg, &node) < 0) return NULL;
     if (!kd_net_output(self->net, node)) {
-        PyErr_SetString(PyExc_RuntimeError, "no forward pass has run yet (taps are read after forward)");
+        PyErr_SetString(PyExc_RuntimeError, kd_net_last_chunk(self->net) > 0
+                        ? "the last forward ran without gradients (grad=False, predict, evaluate): only the output "
+                          "is kept; run a plain forward to read taps"
+                        : "no forward pass has run yet (taps are read after forward)");
         return NULL;
     }
     if (self->busy) return PyErr_Format(PyExc_RuntimeError, "this model is in use by another thread");
@@ -254,8 +258,10 @@ static PyObject * Net_grad_add(NetObject * self, PyObject * args, PyObject * kwd
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO|f", kwlist, &tap, &go, &scale)) return NULL;
     int node;
     if (!self->net || node_index(self, tap, &node) < 0) return NULL;
-    if (!kd_net_output(self->net, node)) {
-        PyErr_SetString(PyExc_RuntimeError, "no forward pass has run yet (gradients are added between forward and backward)");
+    if (!kd_net_output(self->net, node) || kd_net_last_chunk(self->net) > 0) {
+        PyErr_SetString(PyExc_RuntimeError, kd_net_last_chunk(self->net) > 0
+                        ? "the last forward ran without gradients (grad=False, predict, evaluate): no gradient can be added"
+                        : "no forward pass has run yet (gradients are added between forward and backward)");
         return NULL;
     }
     PyArrayObject * g = get_array(go, NPY_FLOAT32, "grad");
@@ -287,6 +293,9 @@ static PyObject * Net_backward(NetObject * self, PyObject * args, PyObject * kwd
     if (!self->net) return PyErr_Format(PyExc_RuntimeError, "the model was not built");
     if (!kd_net_output(self->net, -1))
         return PyErr_Format(PyExc_RuntimeError, "backward needs a forward pass first");
+    if (kd_net_last_chunk(self->net) > 0)
+        return PyErr_Format(PyExc_RuntimeError, "the last forward ran without gradients (grad=False, predict, "
+                            "evaluate): backward needs a forward with gradients");
     PyArrayObject * d = NULL;
     PyObject * dinp = NULL;
     int c, h, w, N = kd_net_batch(self->net);
@@ -332,6 +341,30 @@ static PyObject * Net_zero_grad(NetObject * self, PyObject * Py_UNUSED(ignored))
     kd_net_zero_grad(self->net);
     net_release(self);
     Py_RETURN_NONE;
+}
+
+static PyObject * Net_memory(NetObject * self, PyObject * Py_UNUSED(ignored)) {
+    if (!self->net) return PyErr_Format(PyExc_RuntimeError, "the model was not built");
+    struct kd_net_memory m;
+    kd_net_memory(self->net, &m);
+    return Py_BuildValue("{sn,sn,sn,sn,sn,sn,sn}", "params", (Py_ssize_t)m.params, "grads", (Py_ssize_t)m.grads,
+                         "activations", (Py_ssize_t)m.activations, "gradients", (Py_ssize_t)m.gradients,
+                         "cache", (Py_ssize_t)m.cache, "inference", (Py_ssize_t)m.inference, "work", (Py_ssize_t)m.work);
+}
+
+static PyObject * Net_set_chunk(NetObject * self, PyObject * arg) {
+    long n = PyLong_AsLong(arg);
+    if (n == -1 && PyErr_Occurred()) return NULL;
+    if (n < 0 || n > INT32_MAX) return PyErr_Format(PyExc_ValueError, "chunk must be in 0..2^31-1 images (0 = automatic), got %ld", n);
+    if (!self->net) return PyErr_Format(PyExc_RuntimeError, "the model was not built");
+    if (net_acquire(self) < 0) return NULL;
+    kd_net_set_chunk(self->net, (int)n);
+    net_release(self);
+    Py_RETURN_NONE;
+}
+
+static PyObject * Net_last_chunk(NetObject * self, PyObject * Py_UNUSED(ignored)) {
+    return PyLong_FromLong(self->net ? kd_net_last_chunk(self->net) : 0);
 }
 
 static PyObject * Net_init_params(NetObject * self, PyObject * args) {
@@ -429,7 +462,7 @@ static PyObject * Net_set_output(NetObject * self, PyObject * arg) {
 static PyMethodDef Net_methods[] = {
     { "set_output", (PyCFunction)Net_set_output, METH_O, "set_output(node): which node is the network output" },
     { "forward", (PyCFunction)(void (*)(void))Net_forward, METH_VARARGS | METH_KEYWORDS,
-      "forward(x, mode=0, seed=0) -> output (copy); mode: kd_mode flags (1 BN batch stats, 2 dropout)" },
+      "forward(x, mode=0, seed=0) -> output (copy); mode: kd_mode flags (1 BN batch stats, 2 dropout, 4 no grad)" },
     { "tap", (PyCFunction)Net_tap, METH_O, "tap(name_or_index) -> copy of that node's output" },
     { "grad_add", (PyCFunction)(void (*)(void))Net_grad_add, METH_VARARGS | METH_KEYWORDS,
       "grad_add(tap, grad, scale=1.0): add to the gradient at a tap before backward" },
@@ -443,6 +476,9 @@ static PyMethodDef Net_methods[] = {
     { "tensors", (PyCFunction)Net_tensors, METH_NOARGS, "[(name, shape, is_buffer, offset)]" },
     { "bn_batches", (PyCFunction)Net_bn_batches, METH_VARARGS, "bn_batches(node[, value]) -> num_batches_tracked" },
     { "shapes", (PyCFunction)Net_shapes, METH_VARARGS, "shapes(N, C, H, W) -> per-node (c, h, w)" },
+    { "memory", (PyCFunction)Net_memory, METH_NOARGS, "bytes allocated per block (kd_net_memory)" },
+    { "set_chunk", (PyCFunction)Net_set_chunk, METH_O, "set_chunk(images): chunk of inference forwards (0 = automatic)" },
+    { "last_chunk", (PyCFunction)Net_last_chunk, METH_NOARGS, "images per chunk of the last forward (0: not an inference forward)" },
     { NULL, NULL, 0, NULL },
 };
 

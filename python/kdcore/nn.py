@@ -182,15 +182,22 @@ class Module:
         return self.train(False)
 
     # ---- compute ----------------------------------------------------------------------
-    def forward(self, x):
+    def forward(self, x, grad=True):
         """Forward pass; returns the output as a new numpy array ((N, classes) for classifiers).
 
         ``x``: float32 array (N, C, H, W) or (N, features). In training mode BatchNorm uses
         batch statistics (and updates its running statistics) and Dropout is active.
+
+        ``grad=False`` is inference only (like ``torch.no_grad``): intermediate outputs are
+        not kept (``tap`` and ``backward`` refuse until the next plain forward), memory is
+        reused between layers, and in eval mode the batch runs in cache-sized chunks of
+        images, so a large batch needs little memory. Same outputs (bitwise up to the
+        classifier; linear layers to float rounding).
         """
         net = self.net
         self._step += 1
-        out = net.forward(x, mode=3 if self.training else 0, seed=self._seed * 1000003 + self._step)
+        mode = (3 if self.training else 0) | (0 if grad else 4)
+        out = net.forward(x, mode=mode, seed=self._seed * 1000003 + self._step)
         self._x_shape = x.shape
         return out
 

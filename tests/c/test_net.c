@@ -195,11 +195,158 @@ static void test_training_reduces_loss(void) {
     kd_net_free(net);
 }
 
+// Inference forwards (KD_MODE_NO_GRAD): a mid-size residual net on 1x28x28 (shift- and
+// col-path convs, stride 2, max pool, dropout, an exit head nobody keeps). Whatever the
+// chunking, everything up to the classifier's input must be the same bits as a plain eval
+// forward (convs, BN, pools, adds are per image); the linear layer goes through OpenBLAS
+// sgemm, whose summation order can depend on the number of rows (measured: 2e-8 apart
+// with 7 vs 50 rows), so logits agree to float rounding. Kept taps survive; nothing
+// backward-related is allocated; backward is refused.
+static struct kd_net * build_mid(int * tap, int * exit_head) {
+    struct kd_net * net = kd_net_new();
+    struct kd_layer_spec s;
+    s = L(KD_LAYER_CONV2D, "conv1", KD_INPUT); s.in_ch = 1; s.out_ch = 32; s.kernel = 3; s.padding = 1; s.bias = false;
+    int h = add(net, s);
+    s = L(KD_LAYER_BATCHNORM, "bn1", h); s.in_ch = 32; h = add(net, s);
+    int x0 = add(net, L(KD_LAYER_RELU, "relu1", h));
+    s = L(KD_LAYER_CONV2D, "b.conv1", x0); s.in_ch = 32; s.out_ch = 64; s.kernel = 3; s.padding = 1; s.stride = 2; s.bias = false;
+    h = add(net, s);
+    s = L(KD_LAYER_BATCHNORM, "b.bn1", h); s.in_ch = 64; h = add(net, s);
+    h = add(net, L(KD_LAYER_RELU, "b.relu", h));
+    s = L(KD_LAYER_CONV2D, "b.conv2", h); s.in_ch = 64; s.out_ch = 64; s.kernel = 3; s.padding = 1; s.bias = false;
+    h = add(net, s);
+    s = L(KD_LAYER_BATCHNORM, "b.bn2", h); s.in_ch = 64; int a = add(net, s);
+    s = L(KD_LAYER_CONV2D, "b.down", x0); s.in_ch = 32; s.out_ch = 64; s.kernel = 1; s.stride = 2; s.bias = false;
+    h = add(net, s);
+    s = L(KD_LAYER_BATCHNORM, "b.downbn", h); s.in_ch = 64; int b = add(net, s);
+    s = L(KD_LAYER_ADD, "b.add", a); s.inp[1] = b; h = add(net, s);
+    *tap = h = add(net, L(KD_LAYER_RELU, "b.out", h));
+    s = L(KD_LAYER_MAXPOOL2D, "pool", h); s.kernel = 2; h = add(net, s);
+    s = L(KD_LAYER_CONV2D, "conv3", h); s.in_ch = 64; s.out_ch = 128; s.kernel = 3; s.padding = 1; h = add(net, s);
+    h = add(net, L(KD_LAYER_RELU, "relu3", h));
+    h = add(net, L(KD_LAYER_GLOBAL_AVGPOOL, "gap", h));
+    h = add(net, L(KD_LAYER_FLATTEN, "flat", h));
+    s = L(KD_LAYER_DROPOUT, "drop", h); s.p = 0.3f; h = add(net, s);
+    s = L(KD_LAYER_LINEAR, "fc", h); s.in_ch = 128; s.out_ch = 10; int out = add(net, s);
+    // exit head on the tap, after the output (multi-exit layout)
+    int e = add(net, L(KD_LAYER_GLOBAL_AVGPOOL, "exit.gap", *tap));
+    e = add(net, L(KD_LAYER_FLATTEN, "exit.flat", e));
+    s = L(KD_LAYER_LINEAR, "exit.fc", e); s.in_ch = 64; s.out_ch = 10; *exit_head = add(net, s);
+    CHECK(kd_net_finalize(net, 7) == KD_OK, "finalize: %s", kd_last_error());
+    CHECK(kd_net_set_output(net, out) == KD_OK, "set_output");
+    // Non-trivial running statistics, so that eval-mode BN is not the identity.
+    float * buf = kd_net_buffers(net);
+    for (size_t i = 0; i < kd_net_num_buffers(net); i++) buf[i] = 0.1f * (float)(i % 7) + (i % 2 ? 0.5f : -0.2f);
+    for (int t = 0; t < kd_net_num_tensors(net); t++) {
+        const struct kd_tensor_info * ti = kd_net_tensor(net, t);
+        if (strstr(ti->name, "running_var"))
+            for (size_t i = 0; i < ti->numel; i++) buf[ti->offset + i] = 0.5f + 0.05f * (float)(i % 11);
+    }
+    return net;
+}
+
+static void test_inference(void) {
+    enum { NB = 50, NBIG = 1000 };
+    int tap, exit_head;
+    struct kd_net * net = build_mid(&tap, &exit_head);
+    const int feat = kd_net_find(net, "flat");   // the classifier's input: (N, 128)
+    float * x = malloc((size_t)NBIG * 784 * sizeof(float));
+    kdt_fill(x, (size_t)NBIG * 784, 11);
+    int c, h, w;
+    // Reference: plain eval forward (everything kept).
+    CHECK(kd_net_forward(net, x, NB, 1, 28, 28, KD_MODE_EVAL, 0) == KD_OK, "eval forward: %s", kd_last_error());
+    kd_net_node_shape(net, tap, &c, &h, &w);
+    const size_t ntap = (size_t)NB * c * h * w;
+    float * ref = malloc(NB * 10 * sizeof(float)), * ref_tap = malloc(ntap * sizeof(float));
+    memcpy(ref, kd_net_output(net, -1), NB * 10 * sizeof(float));
+    memcpy(ref_tap, kd_net_output(net, tap), ntap * sizeof(float));
+    float * ref_feat = malloc(NB * 128 * sizeof(float));
+    memcpy(ref_feat, kd_net_output(net, feat), NB * 128 * sizeof(float));
+    CHECK(kd_net_keep(net, feat, true) == KD_OK, "keep");
+    CHECK(kd_net_last_chunk(net) == 0, "plain forward reports no chunk");
+    const int chunks[] = { 0, 1, 7, 16, 49, 50, 1000 };
+    for (size_t k = 0; k < sizeof chunks / sizeof chunks[0]; k++) {
+        kd_net_set_chunk(net, chunks[k]);
+        CHECK(kd_net_forward(net, x, NB, 1, 28, 28, KD_MODE_EVAL | KD_MODE_NO_GRAD, 0) == KD_OK,
+              "no-grad forward (chunk %d): %s", chunks[k], kd_last_error());
+        CHECK(memcmp(kd_net_output(net, feat), ref_feat, NB * 128 * sizeof(float)) == 0,
+              "chunk %d (ran %d): features differ from the unchunked eval forward", chunks[k], kd_net_last_chunk(net));
+        check_close("chunked logits", kd_net_output(net, -1), ref, NB * 10, 1e-6, 1e-5);
+        CHECK(kd_net_output(net, tap) == NULL, "chunk %d: a tap that is not kept is not readable", chunks[k]);
+        CHECK(kd_net_output(net, exit_head) == NULL, "unkept exit head not readable");
+    }
+    kd_net_set_chunk(net, 7);
+    kd_net_forward(net, x, NB, 1, 28, 28, KD_MODE_EVAL | KD_MODE_NO_GRAD, 0);
+    CHECK(kd_net_last_chunk(net) == 7, "50 images in chunks of at most 7: 8 chunks of 7 (got %d)", kd_net_last_chunk(net));
+    // Kept taps survive, same bits.
+    CHECK(kd_net_keep(net, tap, true) == KD_OK, "keep");
+    CHECK(kd_net_keep(net, 99, true) == KD_ERR_VALUE, "keep of a missing node");
+    CHECK(kd_net_forward(net, x, NB, 1, 28, 28, KD_MODE_EVAL | KD_MODE_NO_GRAD, 0) == KD_OK, "forward with a kept tap");
+    CHECK(kd_net_output(net, tap) && memcmp(kd_net_output(net, tap), ref_tap, ntap * sizeof(float)) == 0,
+          "kept tap equals the eval forward's");
+    check_close("logits with a kept tap", kd_net_output(net, -1), ref, NB * 10, 1e-6, 1e-5);
+    // No backward after an inference forward.
+    CHECK(kd_net_backward(net, ref, NULL) == KD_ERR_STATE && strstr(kd_last_error(), "NO_GRAD"), "backward refused");
+    CHECK(kd_net_grad_add(net, -1, ref, 1.0f) == KD_ERR_STATE, "grad_add refused");
+    // A plain forward afterwards makes every tap readable again and backward works.
+    CHECK(kd_net_forward(net, x, NB, 1, 28, 28, KD_MODE_EVAL, 0) == KD_OK, "eval forward again");
+    CHECK(kd_net_output(net, exit_head) != NULL && memcmp(kd_net_output(net, -1), ref, NB * 10 * sizeof(float)) == 0,
+          "plain forward after inference");
+    kd_net_keep(net, feat, false);
+    CHECK(kd_net_backward(net, ref, NULL) == KD_OK, "backward after a plain forward: %s", kd_last_error());
+    kd_net_keep(net, tap, false);
+    kd_net_set_chunk(net, 0);
+    // Dropout masks and batch statistics need the whole batch: one chunk, same bits as plain.
+    CHECK(kd_net_forward(net, x, NB, 1, 28, 28, KD_MODE_DROPOUT, 5) == KD_OK, "fickle forward");
+    memcpy(ref, kd_net_output(net, -1), NB * 10 * sizeof(float));
+    kd_net_set_chunk(net, 7);
+    CHECK(kd_net_forward(net, x, NB, 1, 28, 28, KD_MODE_DROPOUT | KD_MODE_NO_GRAD, 5) == KD_OK, "fickle no-grad forward");
+    CHECK(kd_net_last_chunk(net) == NB, "dropout: one chunk (got %d)", kd_net_last_chunk(net));
+    CHECK(memcmp(kd_net_output(net, -1), ref, NB * 10 * sizeof(float)) == 0, "dropout no-grad output equals plain");
+    kd_net_free(net);
+
+    // Memory: a fresh net running inference at batch 1000 allocates no activation, gradient
+    // or backward-cache arena, and its inference arena is a small fraction of what a plain
+    // forward would hold.
+    net = build_mid(&tap, &exit_head);
+    CHECK(kd_net_forward(net, x, NBIG, 1, 28, 28, KD_MODE_EVAL | KD_MODE_NO_GRAD, 0) == KD_OK, "forward N=1000: %s", kd_last_error());
+    struct kd_net_memory m;
+    kd_net_memory(net, &m);
+    size_t all_acts = 0;   // floats of every node output at N=1000
+    for (int i = 0; i < kd_net_num_nodes(net); i++) { kd_net_node_shape(net, i, &c, &h, &w); all_acts += (size_t)NBIG * c * h * w; }
+    CHECK(m.activations == 0 && m.gradients == 0 && m.cache == 0,
+          "inference allocated acts %zu, gradients %zu, cache %zu bytes", m.activations, m.gradients, m.cache);
+    CHECK(m.inference > 0 && m.inference < all_acts * sizeof(float) / 10,
+          "inference arena %zu bytes vs %zu for all activations", m.inference, all_acts * sizeof(float));
+    // 64..128 images, balanced over the chunks (1000 = 16 x 63 or 8 x 125)
+    CHECK(kd_net_last_chunk(net) >= 59 && kd_net_last_chunk(net) <= 128, "automatic chunk %d", kd_net_last_chunk(net));
+    float * big = malloc((size_t)NBIG * 10 * sizeof(float));
+    memcpy(big, kd_net_output(net, -1), (size_t)NBIG * 10 * sizeof(float));
+    // kd_evaluate uses inference forwards: its logits equal the chunked forward's.
+    float * lg = malloc((size_t)NBIG * 10 * sizeof(float));
+    struct kd_dataset ds = { .x = x, .x_dtype = KD_F32, .n = NBIG, .c = 1, .h = 28, .w = 28, .scale = 1.0f };
+    CHECK(kd_evaluate(net, &ds, NBIG, lg, NULL, NULL) == KD_OK, "evaluate: %s", kd_last_error());
+    CHECK(memcmp(lg, big, (size_t)NBIG * 10 * sizeof(float)) == 0, "kd_evaluate logits (same chunks: same bits)");
+    kd_net_memory(net, &m);
+    CHECK(m.activations == 0 && m.gradients == 0, "kd_evaluate allocated no training arenas");
+    // ... and equal the plain (unchunked, everything kept) eval forward.
+    CHECK(kd_net_forward(net, x, NBIG, 1, 28, 28, KD_MODE_EVAL, 0) == KD_OK, "plain forward N=1000");
+    check_close("N=1000 chunked vs plain logits", kd_net_output(net, -1), big, (size_t)NBIG * 10, 1e-6, 1e-5);
+    kd_net_memory(net, &m);
+    CHECK(m.activations > 0 && m.gradients == 0, "a plain forward allocates activations but no gradients yet");
+    CHECK(kd_net_backward(net, big, NULL) == KD_OK, "backward");
+    kd_net_memory(net, &m);
+    CHECK(m.gradients > 0, "backward allocated the gradients");
+    free(lg); free(big); free(ref); free(ref_tap); free(ref_feat); free(x);
+    kd_net_free(net);
+}
+
 int main(void) {
     test_errors();
     gradcheck(true);
     gradcheck(false);
     test_cross_entropy();
     test_training_reduces_loss();
+    test_inference();
     return kdt_finish();
 }
