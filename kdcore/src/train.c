@@ -94,13 +94,20 @@ static bool all_finite(const float * x, size_t n) {
 }
 
 // A finite loss can still give Inf gradients (a large activation times a finite upstream
-// gradient), so the gradient block is checked before every optimizer step.
-static bool grads_finite(struct kd_net * net) { return all_finite(kd_net_grads(net), kd_net_num_params(net)); }
+// gradient), so the gradient block is checked before every optimizer step. So are the BN
+// running statistics: batch statistics are computed in double and normalise huge
+// activations back to a finite output, but the running variance stored in float can
+// overflow, and would poison every later eval-mode forward.
+static bool grads_and_stats_finite(struct kd_net * net) {
+    return all_finite(kd_net_grads(net), kd_net_num_params(net)) &&
+           all_finite(kd_net_buffers(net), kd_net_num_buffers(net));
+}
 
 // ---------------------------------------------------------------------------------------
 // The shared batch pipeline.
 
 struct loop {
+    const char * fn;          // the public epoch function, for error messages
     const struct kd_dataset * ds;
     const struct kd_train_cfg * cfg;
     int epoch, B;
@@ -125,9 +132,10 @@ static void loop_free(struct loop * L) {
     free(L->perm); free(L->x); free(L->xs); free(L->y);
 }
 
-static enum kd_status loop_init(struct loop * L, const struct kd_dataset * ds, const struct kd_train_cfg * cfg,
-                                int epoch, bool noisy_copy) {
+static enum kd_status loop_init(struct loop * L, const char * fn, const struct kd_dataset * ds,
+                                const struct kd_train_cfg * cfg, int epoch, bool noisy_copy) {
     memset(L, 0, sizeof *L);
+    L->fn = fn;
     if (!ds || !cfg) KD_FAIL(KD_ERR_VALUE, "dataset and config must not be NULL");
     if (cfg->batch_size < 1) KD_FAIL(KD_ERR_VALUE, "batch_size (%d) must be >= 1", cfg->batch_size);
     if (!ds->y) KD_FAIL(KD_ERR_VALUE, "training needs labels");
@@ -211,8 +219,8 @@ static enum kd_status forward_train(struct kd_net * net, struct loop * L, const 
 // Under KD_NONFINITE_SKIP: KD_OK, and the caller drops the step (NONFINITE_STEP below).
 static enum kd_status nonfinite(const char * what, const char * who, const struct loop * L) {
     if (L->cfg->nonfinite == KD_NONFINITE_SKIP) return KD_OK;
-    KD_FAIL(KD_ERR_NONFINITE, "%s of the %s is not finite at epoch %d, step %lld", what, who, L->epoch,
-            (long long)L->step);
+    return kd_set_error_(KD_ERR_NONFINITE, L->fn, "%s of the %s is not finite at epoch %d, step %lld", what, who,
+                         L->epoch, (long long)L->step);
 }
 
 // Inside a loop body with `st`, `L`, and the labels `done` (return) and `skip` (drop the step).
@@ -336,7 +344,7 @@ enum kd_status kd_distill_epoch(struct kd_net * student, struct kd_optim * opt,
     if (teacher_logits && cfg && (cfg->aug.crop_padding > 0 || cfg->aug.hflip || cfg->aug.noise_std > 0))
         KD_FAIL(KD_ERR_VALUE, "cached teacher logits cannot follow augmented inputs; pass the teacher nets");
     struct loop L;
-    KD_TRY(loop_init(&L, ds, cfg, epoch, dcfg->student_noise > 0));
+    KD_TRY(loop_init(&L, __func__, ds, cfg, epoch, dcfg->student_noise > 0));
     enum kd_status st = KD_OK;
     int V = 0;
     float * buf = NULL;
@@ -496,7 +504,7 @@ enum kd_status kd_distill_epoch(struct kd_net * student, struct kd_optim * opt,
             if (st != KD_OK) goto done;
         }
         if ((st = backward(student, dlogits)) != KD_OK) goto done;
-        if (!grads_finite(student)) NONFINITE_STEP("gradient", who);
+        if (!grads_and_stats_finite(student)) NONFINITE_STEP("gradient or BN statistics", who);
         if (gate_step)
             update_gates(dcfg->gate_logits, gw, n_teachers, tz, BV, q, zs, cond ? w_kd : NULL, nb, V, dcfg->T, kdw,
                          dcfg->gate_lr, tmp, tmp2);
@@ -564,7 +572,7 @@ enum kd_status kd_mutual_epoch(struct kd_net * const * nets, struct kd_optim * c
     if (!(m->T > 0) || !isfinite(m->T)) KD_FAIL(KD_ERR_VALUE, "T (%g) must be > 0", m->T);
     if (!(m->ce_weight >= 0) || !(m->kd_weight >= 0)) KD_FAIL(KD_ERR_VALUE, "ce_weight and kd_weight must be >= 0");
     struct loop L;
-    KD_TRY(loop_init(&L, ds, cfg, epoch, false));
+    KD_TRY(loop_init(&L, __func__, ds, cfg, epoch, false));
     enum kd_status st = KD_OK;
     int V = 0;
     float * buf = NULL;
@@ -616,7 +624,7 @@ enum kd_status kd_mutual_epoch(struct kd_net * const * nets, struct kd_optim * c
         }
         for (int a = 0; a < k; a++) {
             if ((st = backward(nets[a], d + (size_t)a * BV)) != KD_OK) goto done;
-            if (!grads_finite(nets[a])) NONFINITE_STEP("gradient", "peer");
+            if (!grads_and_stats_finite(nets[a])) NONFINITE_STEP("gradient or BN statistics", "peer");
         }
         for (int a = 0; a < k; a++)
             if ((st = kd_optim_step(opts[a], L.lr)) != KD_OK) goto done;
@@ -673,7 +681,7 @@ enum kd_status kd_slkd_epoch(struct kd_net * student, struct kd_optim * opt,
     if (!(c->lambda >= 0) || !(c->eta >= 0) || !isfinite(c->lambda) || !isfinite(c->eta))
         KD_FAIL(KD_ERR_VALUE, "lambda (%g) and eta (%g) must be finite and >= 0", c->lambda, c->eta);
     struct loop L;
-    KD_TRY(loop_init(&L, ds, cfg, epoch, false));
+    KD_TRY(loop_init(&L, __func__, ds, cfg, epoch, false));
     enum kd_status st = KD_OK;
     int V = 0;
     float * buf = NULL;
@@ -747,7 +755,7 @@ enum kd_status kd_slkd_epoch(struct kd_net * student, struct kd_optim * opt,
         // leaves all the nets as they were (the nets are separate: the order of the updates
         // does not change their results).
         if ((st = backward(student, ds_)) != KD_OK) goto done;
-        if (!grads_finite(student)) NONFINITE_STEP("gradient", "student");
+        if (!grads_and_stats_finite(student)) NONFINITE_STEP("gradient or BN statistics", "student");
         // SL-teachers learn from the teacher only (eqs. 4-5), plus the student's pull when
         // sl_grad (the fused logits' gradient split by rho).
         for (int j = 0; j < ns && !c->sl_frozen; j++) {
@@ -762,7 +770,7 @@ enum kd_status kd_slkd_epoch(struct kd_net * student, struct kd_optim * opt,
             }
             step_sl[j] = a * (double)cej + (1 - a) * (double)kdj;
             if ((st = backward(sl[j], dj)) != KD_OK) goto done;
-            if (!grads_finite(sl[j])) NONFINITE_STEP("gradient", "SL-teacher");
+            if (!grads_and_stats_finite(sl[j])) NONFINITE_STEP("gradient or BN statistics", "SL-teacher");
         }
         if ((st = kd_optim_step(opt, L.lr)) != KD_OK) goto done;
         for (int j = 0; j < ns && !c->sl_frozen; j++) {
@@ -872,7 +880,7 @@ enum kd_status kd_exits_epoch(struct kd_net * net, struct kd_optim * opt, const 
         for (int j = 0; j < k; j++) if (exits[j] == exits[k]) KD_FAIL(KD_ERR_VALUE, "exit node %d is listed twice", exits[k]);
     }
     struct loop L;
-    KD_TRY(loop_init(&L, ds, cfg, epoch, false));
+    KD_TRY(loop_init(&L, __func__, ds, cfg, epoch, false));
     enum kd_status st = KD_OK;
     int V = 0;
     float * buf = NULL;
@@ -935,7 +943,7 @@ enum kd_status kd_exits_epoch(struct kd_net * net, struct kd_optim * opt, const 
         }
         if (!out_listed) { st = kd_set_error_(KD_ERR_VALUE, __func__, "the output node must be one of the exits"); goto done; }
         if ((st = backward(net, dout)) != KD_OK) goto done;   // the exits' injected gradients join here
-        if (!grads_finite(net)) NONFINITE_STEP("gradient", "model");
+        if (!grads_and_stats_finite(net)) NONFINITE_STEP("gradient or BN statistics", "model");
         if ((st = kd_optim_step(opt, L.lr)) != KD_OK) goto done;
         correct += count_correct(zout, L.y, nb, V);
         s_ce += step_ce * nb;
