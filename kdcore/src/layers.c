@@ -1095,20 +1095,23 @@ void kd_conv2d_backward(float * dinp, float * dweight, float * dbias, const floa
         const int nunits = det ? nchunks : nt;
         float * tw = ws + pl.shared + (size_t)tid * pl.per;
         float * xb = tw + pl.x_off, * qb = tw + pl.q_off, * zb = tw + pl.z_off, * stage = tw + pl.t_off;
+        const int need_z = dweight != NULL || (!shift && dinp != NULL);   // dout on the forward grid
+        if (tid < nunits) {
+            // Zero the thread's scratch once, whatever its units: padding, grid columns
+            // outside the output, row tails are never written afterwards.
+            if (dweight != NULL) { memset(xb, 0, pl.x_n * sizeof(float)); }
+            if (dinp != NULL && shift) { memset(qb, 0, pl.q_n * sizeof(float)); }
+            if (need_z) { memset(zb, 0, pl.z_n * sizeof(float)); }
+        }
         for (int u = tid; u < nunits; u += nt) {
             batch_chunk(&n0, &n1, s->N, u, nunits);
             float * part = ws + pl.shared + (size_t)u * pl.per;
             // Private partials, so no thread ever writes another's gradient.
             float * dw = dweight != NULL ? part + pl.w_off : NULL;
             float * db = dbias != NULL ? part + pl.b_off : NULL;
-            int need_z = dw != NULL || (!shift && dinp != NULL);   // dout on the forward grid
             if (n0 < n1) {
                 if (dw != NULL) { memset(dw, 0, nw * sizeof(float)); }
                 if (db != NULL) { memset(db, 0, (size_t)s->OC * sizeof(float)); }
-                // Zero once: padding, grid columns outside the output, row tails.
-                if (dw != NULL) { memset(xb, 0, pl.x_n * sizeof(float)); }
-                if (dinp != NULL && shift) { memset(qb, 0, pl.q_n * sizeof(float)); }
-                if (need_z) { memset(zb, 0, pl.z_n * sizeof(float)); }
             }
             for (int n = n0; n < n1; n += pl.gi) {
                 int ni = imin(pl.gi, n1 - n);
