@@ -117,24 +117,38 @@ static inline void valid_range(int * o0, int * o1, int L, int O, int k, int S, i
 // are reproducible for a given thread count, and equal only to rounding across counts.
 // Deterministic mode instead cuts the product into tiles fixed by the shapes (below).
 
-#define DET_TILE_M 64
+#ifndef DET_TILE_M
+#define DET_TILE_M 128
+#endif
+#ifndef DET_TILE_N
 #define DET_TILE_N 256
+#endif
 
-// C (M x Nc, row-major, ldc) = op(A) op(B) + beta C, as DET_TILE_M x DET_TILE_N tiles shared
-// out by OpenMP, each one single-threaded sgemm over the whole K: an element is always
-// computed by the same call on the same tile shape, whatever the thread count, so its
-// rounding is too. (Inside an active OpenMP region the OpenMP OpenBLAS runs single-threaded;
-// with a team of one, kd_set_num_threads has given OpenBLAS one thread as well.) The cost:
-// each tile packs its own panels, and a tile grid that does not divide evenly by the
-// threads leaves some idle (see DEVELOPERS.md, "Determinism").
+// Tiles along a dimension of n: as many as tiles of `target` need, of equal width rounded up
+// to 16 (whole micro-kernel panels) -- 784 columns are 4 tiles of 208 (the last 160), not
+// 3 of 256 and a sliver of 16. A function of n alone.
+static int det_tile(int n, int target) {
+    int count = (n + target - 1) / target;
+    int width = (n + count - 1) / count;
+    return (width + 15) / 16 * 16;
+}
+
+// C (M x Nc, row-major, ldc) = op(A) op(B) + beta C, as tiles of about DET_TILE_M x
+// DET_TILE_N (det_tile) shared out by OpenMP, each one single-threaded sgemm over the whole
+// K: an element is always computed by the same call on the same tile shape, whatever the
+// thread count, so its rounding is too. (Inside an active OpenMP region the OpenMP OpenBLAS
+// runs single-threaded; with a team of one, kd_set_num_threads has given OpenBLAS one thread
+// as well.) The cost: each tile packs its own panels, and sgemm is less efficient on a tile
+// than on the whole product (see DEVELOPERS.md, "Determinism").
 static void sgemm_fixed_tiles(bool trans_a, bool trans_b, int M, int Nc, int K, const float * A, int lda,
                               const float * B, int ldb, float beta, float * C, int ldc) {
-    const int tm = (M + DET_TILE_M - 1) / DET_TILE_M, tn = (Nc + DET_TILE_N - 1) / DET_TILE_N;
+    const int bm = det_tile(M, DET_TILE_M), bn = det_tile(Nc, DET_TILE_N);
+    const int tm = (M + bm - 1) / bm, tn = (Nc + bn - 1) / bn;
     const long ntiles = (long)tm * tn;
     #pragma omp parallel for schedule(static)
     for (long t = 0; t < ntiles; t++) {
-        int i0 = (int)(t / tn) * DET_TILE_M, j0 = (int)(t % tn) * DET_TILE_N;
-        int mi = imin(DET_TILE_M, M - i0), nj = imin(DET_TILE_N, Nc - j0);
+        int i0 = (int)(t / tn) * bm, j0 = (int)(t % tn) * bn;
+        int mi = imin(bm, M - i0), nj = imin(bn, Nc - j0);
         const float * a = trans_a ? A + i0 : A + (size_t)i0 * lda;   // rows i0.. of op(A)
         const float * b = trans_b ? B + (size_t)j0 * ldb : B + j0;   // columns j0.. of op(B)
         cblas_sgemm(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans, trans_b ? CblasTrans : CblasNoTrans,

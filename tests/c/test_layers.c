@@ -979,7 +979,7 @@ static void test_linear_threads(void) {
 // divide evenly into the threads or the chunks.
 static void test_deterministic_threads(void) {
     kd_set_deterministic(true);
-    int N = 150, C = 300, OC = 270;   // tiles: 3 x 2 (forward), 3 x 2 (dinp), 5 x 2 (dweight)
+    int N = 150, C = 300, OC = 270;   // tiles: 2 x 2 (forward), 2 x 2 (dinp), 3 x 2 (dweight)
     size_t ni = (size_t)N * C, nw = (size_t)OC * C, no = (size_t)N * OC;
     float * inp = frand(ni, 85), * w = frand(nw, 86), * b = frand(OC, 87), * dout = frand(no, 88);
     float * out[3], * dinp[3], * dw[3], * db[3];
