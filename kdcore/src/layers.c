@@ -14,7 +14,9 @@
 // any OpenMP region, so the OpenMP build of OpenBLAS uses all threads) or OpenMP-threaded
 // over the dimension it writes (convolutions use their own micro-kernels, no BLAS). Every
 // reduction runs in an order fixed by the data layout (and, for conv weight gradients, by
-// the thread count), so results are deterministic for a given thread count.
+// the thread count), so results are deterministic for a given thread count. Deterministic
+// mode (kd_get_deterministic) fixes the two thread-dependent splits -- linear sgemm and conv
+// weight-gradient partials -- by the shapes alone, for results independent of the count.
 //
 // SIMD: the file is compiled for x86-64-v3 (AVX2/FMA). The hot kernels also have AVX-512
 // versions (__attribute__((target("avx512f"))), chosen at run time) that perform the same
