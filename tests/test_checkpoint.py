@@ -560,5 +560,3 @@ def test_mutual_and_slkd_resume_are_bitwise(tmp_path, data, teachers):
                         **dict(skw, n_sl=1))
     for k, v in before.items():
         np.testing.assert_array_equal(s3.state_dict()[k], v)
-    with pytest.raises(ValueError, match="parallel SLKD only"):
-        kdcore.slkd(net(3), t, tr, sequential=True, checkpoint=ck2, **skw)

@@ -38,7 +38,8 @@
 //   as C channels of 1x1 pixels.
 // - Backward functions ACCUMULATE parameter gradients (+=); kd_net_zero_grad clears them.
 // - Pointers passed in are borrowed for the duration of the call only.
-// - Results are deterministic for a given seed and thread count.
+// - Results are deterministic for a given seed and thread count; with
+//   kd_set_deterministic(true) they are also independent of the thread count.
 #ifndef KDCORE_H
 #define KDCORE_H
 
@@ -79,6 +80,13 @@ KD_API const char * kd_last_error(void);
 // Threads: sets OpenMP's (and so the OpenMP OpenBLAS's) thread count.
 KD_API void kd_set_num_threads(int n);
 KD_API int  kd_get_num_threads(void);
+// Deterministic mode (off by default): every kernel whose reduction order would follow
+// the thread count (the BLAS products of linear layers, the per-thread partial sums of conv
+// weight and bias gradients) splits its work into pieces fixed by the shapes alone, so
+// results are bitwise identical for any thread count, not only for the same one. Costs some
+// speed (see DEVELOPERS.md, "Determinism"). Process-wide; do not change it while a call runs.
+KD_API void kd_set_deterministic(bool on);
+KD_API bool kd_get_deterministic(void);
 // A one-line description of the BLAS build and OpenMP ("OpenBLAS 0.3.21 ... USE_OPENMP").
 KD_API const char * kd_blas_config(void);
 
@@ -382,6 +390,16 @@ struct kd_progress {
 };
 typedef int (*kd_progress_fn)(void * ctx, const struct kd_progress * p);
 
+// What a training loop does when a loss term or a gradient is NaN/Inf (checked every step,
+// gradients after backward and before the optimizer step).
+enum kd_nonfinite {
+    KD_NONFINITE_RAISE,   // fail with KD_ERR_NONFINITE naming the epoch, step, term and network
+    KD_NONFINITE_SKIP,    // drop the step: parameters, optimizer state (moments, step counts),
+                          // BN running statistics and learned gates stay bitwise as before it;
+                          // the epoch's statistics count it in skipped_steps (and leave its
+                          // samples out of the loss and accuracy means)
+};
+
 struct kd_train_cfg {
     int batch_size;
     int64_t max_steps;        // stop after this many steps in the epoch (0 = whole epoch)
@@ -394,6 +412,7 @@ struct kd_train_cfg {
     kd_progress_fn callback;
     void * callback_ctx;
     int callback_every;       // steps; 0 = only at the end
+    enum kd_nonfinite nonfinite;   // default KD_NONFINITE_RAISE
 };
 KD_API struct kd_train_cfg kd_train_cfg_default(void);
 
@@ -401,7 +420,8 @@ struct kd_epoch_stats {
     double loss;              // mean per-sample training loss over the epoch
     double accuracy;          // training accuracy (on augmented batches, train mode)
     int64_t samples;
-    int64_t steps;
+    int64_t steps;            // steps run, skipped ones included
+    int64_t skipped_steps;    // steps dropped for non-finite values (KD_NONFINITE_SKIP)
     float lr;                 // lr of the last step
 };
 
@@ -458,6 +478,7 @@ struct kd_distill_stats {
     double accuracy;          // student, on the training batches
     double teacher_accuracy;  // first teacher (or the mixture), on the same batches
     int64_t samples, steps;
+    int64_t skipped_steps;    // see kd_nonfinite
     float lr, kd_weight;      // last lr; effective kd_weight this epoch
 };
 
@@ -501,6 +522,7 @@ struct kd_slkd_stats {
     double loss, loss_ts, loss_slts, loss_sl[2];
     double accuracy, sl_accuracy[2], teacher_accuracy;
     int64_t samples, steps;
+    int64_t skipped_steps;    // see kd_nonfinite
     float lr;
 };
 KD_API enum kd_status kd_slkd_epoch(struct kd_net * student, struct kd_optim * opt,

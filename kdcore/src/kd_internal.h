@@ -68,4 +68,12 @@ static inline int kd_omp_threads(void) { return 1; }
 static inline int kd_omp_tid(void) { return 0; }
 #endif
 
+// ---------------------------------------------------------------------------------------
+// Deterministic mode (kd_set_deterministic): work that would be split by the thread count
+// is split into pieces fixed by the shapes alone instead.
+
+// Conv weight/bias gradients: the batch is cut into this many chunks (fewer when N is
+// smaller), each reduced into its own partial, the partials summed in chunk order.
+#define KD_DET_CONV_CHUNKS 8
+
 #endif // KD_INTERNAL_H

@@ -14,7 +14,9 @@
 // any OpenMP region, so the OpenMP build of OpenBLAS uses all threads) or OpenMP-threaded
 // over the dimension it writes (convolutions use their own micro-kernels, no BLAS). Every
 // reduction runs in an order fixed by the data layout (and, for conv weight gradients, by
-// the thread count), so results are deterministic for a given thread count.
+// the thread count), so results are deterministic for a given thread count. Deterministic
+// mode (kd_get_deterministic) fixes the two thread-dependent splits -- linear sgemm and conv
+// weight-gradient partials -- by the shapes alone, for results independent of the count.
 //
 // SIMD: the file is compiled for x86-64-v3 (AVX2/FMA). The hot kernels also have AVX-512
 // versions (__attribute__((target("avx512f"))), chosen at run time) that perform the same
@@ -115,6 +117,46 @@ static inline void valid_range(int * o0, int * o1, int L, int O, int k, int S, i
 // One top-level sgemm per product, threaded by OpenBLAS. Its split of the matrices across
 // threads changes which micro-kernel (and so which rounding) some elements get: results
 // are reproducible for a given thread count, and equal only to rounding across counts.
+// Deterministic mode instead cuts the product into tiles fixed by the shapes (below).
+
+#ifndef DET_TILE_M
+#define DET_TILE_M 128
+#endif
+#ifndef DET_TILE_N
+#define DET_TILE_N 256
+#endif
+
+// Tiles along a dimension of n: as many as tiles of `target` need, of equal width rounded up
+// to 16 (whole micro-kernel panels) -- 784 columns are 4 tiles of 208 (the last 160), not
+// 3 of 256 and a sliver of 16. A function of n alone.
+static int det_tile(int n, int target) {
+    int count = (n + target - 1) / target;
+    int width = (n + count - 1) / count;
+    return (width + 15) / 16 * 16;
+}
+
+// C (M x Nc, row-major, ldc) = op(A) op(B) + beta C, as tiles of about DET_TILE_M x
+// DET_TILE_N (det_tile) shared out by OpenMP, each one single-threaded sgemm over the whole
+// K: an element is always computed by the same call on the same tile shape, whatever the
+// thread count, so its rounding is too. (Inside an active OpenMP region the OpenMP OpenBLAS
+// runs single-threaded; with a team of one, kd_set_num_threads has given OpenBLAS one thread
+// as well.) The cost: each tile packs its own panels, and sgemm is less efficient on a tile
+// than on the whole product (see DEVELOPERS.md, "Determinism").
+static void sgemm_fixed_tiles(bool trans_a, bool trans_b, int M, int Nc, int K, const float * A, int lda,
+                              const float * B, int ldb, float beta, float * C, int ldc) {
+    const int bm = det_tile(M, DET_TILE_M), bn = det_tile(Nc, DET_TILE_N);
+    const int tm = (M + bm - 1) / bm, tn = (Nc + bn - 1) / bn;
+    const long ntiles = (long)tm * tn;
+    #pragma omp parallel for schedule(static)
+    for (long t = 0; t < ntiles; t++) {
+        int i0 = (int)(t / tn) * bm, j0 = (int)(t % tn) * bn;
+        int mi = imin(bm, M - i0), nj = imin(bn, Nc - j0);
+        const float * a = trans_a ? A + i0 : A + (size_t)i0 * lda;   // rows i0.. of op(A)
+        const float * b = trans_b ? B + (size_t)j0 * ldb : B + j0;   // columns j0.. of op(B)
+        cblas_sgemm(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans, trans_b ? CblasTrans : CblasNoTrans,
+                    mi, nj, K, 1.0f, a, lda, b, ldb, beta, C + (size_t)i0 * ldc + j0, ldc);
+    }
+}
 
 // out (N,OC), inp (N,C), weight (OC,C), bias (OC) or NULL
 void kd_linear_forward(float * out, const float * inp, const float * weight, const float * bias,
@@ -125,6 +167,10 @@ void kd_linear_forward(float * out, const float * inp, const float * weight, con
         for (int n = 0; n < N; n++) { memcpy(out + (size_t)n * OC, bias, (size_t)OC * sizeof(float)); }
         beta = 1.0f;
     }
+    if (kd_get_deterministic()) {
+        sgemm_fixed_tiles(false, true, N, OC, C, inp, C, weight, C, beta, out, OC);
+        return;
+    }
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, N, OC, C,
                 1.0f, inp, C, weight, C, beta, out, OC);
 }
@@ -132,13 +178,18 @@ void kd_linear_forward(float * out, const float * inp, const float * weight, con
 // dinp (N,C), dweight (OC,C), dbias (OC), dout (N,OC), inp (N,C), weight (OC,C)
 void kd_linear_backward(float * dinp, float * dweight, float * dbias, const float * dout,
                         const float * inp, const float * weight, int N, int C, int OC) {
+    const bool det = kd_get_deterministic();
     // dinp += dout @ W
-    if (dinp != NULL) {
+    if (dinp != NULL && det) {
+        sgemm_fixed_tiles(false, false, N, C, OC, dout, OC, weight, C, 1.0f, dinp, C);
+    } else if (dinp != NULL) {
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, N, C, OC,
                     1.0f, dout, OC, weight, C, 1.0f, dinp, C);
     }
     // dweight += dout^T @ inp
-    if (dweight != NULL) {
+    if (dweight != NULL && det) {
+        sgemm_fixed_tiles(true, false, OC, C, N, dout, OC, inp, C, 1.0f, dweight, C);
+    } else if (dweight != NULL) {
         cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, OC, C, N,
                     1.0f, dout, OC, inp, C, 1.0f, dweight, C);
     }
@@ -628,6 +679,8 @@ size_t kd_conv2d_workspace(const struct kd_conv_shape * s, int nthreads) {
     if (conv_is_depthwise(s)) { return 0; }      // direct loops
     struct conv_plan p;
     if (nthreads < 1) { nthreads = 1; }
+    // Deterministic mode: one slot per batch chunk too (kd_conv2d_backward's units).
+    if (kd_get_deterministic() && nthreads < KD_DET_CONV_CHUNKS) { nthreads = KD_DET_CONV_CHUNKS; }
     if (!conv_plan_make(s, &p)) { return SIZE_MAX; }
     int bad = 0;
     size_t tot = sadd(&bad, sadd(&bad, p.shared, smul(&bad, p.per, (size_t)nthreads)), CV_ALIGN);
@@ -1041,6 +1094,13 @@ void kd_conv2d_backward(float * dinp, float * dweight, float * dbias, const floa
     } else {
         row_offsets(off, imax(pl.kc, pl.OCg), pl.ld);     // im2col chunk rows, and dout rows
     }
+    // Units of work, each with its own weight/bias-gradient partial in workspace slot u: one
+    // per thread (its contiguous share of the batch); in deterministic mode a fixed number of
+    // batch chunks handed out round-robin, so which images meet in a partial, and the order
+    // in which the partials are summed, do not depend on the thread count. A thread's
+    // scratch (images, dout, staging) is always its own slot's.
+    const int det = kd_get_deterministic();
+    const int nchunks = imin(s->N, KD_DET_CONV_CHUNKS);
     int nteam = 1;
     #pragma omp parallel
     {
@@ -1048,124 +1108,132 @@ void kd_conv2d_backward(float * dinp, float * dweight, float * dbias, const floa
         if (dinp != NULL && !shift) { pack_tcol(Ap, weight, &pl, s->G); }
         int tid = kd_omp_tid(), nt = team_size(), n0, n1;
         if (tid == 0) { nteam = nt; }
-        batch_chunk(&n0, &n1, s->N, tid, nt);
+        const int nunits = det ? nchunks : nt;
         float * tw = ws + pl.shared + (size_t)tid * pl.per;
         float * xb = tw + pl.x_off, * qb = tw + pl.q_off, * zb = tw + pl.z_off, * stage = tw + pl.t_off;
-        // Private partials, so no thread ever writes another's gradient.
-        float * dw = dweight != NULL ? tw + pl.w_off : NULL;
-        float * db = dbias != NULL ? tw + pl.b_off : NULL;
-        int need_z = dw != NULL || (!shift && dinp != NULL);   // dout on the forward grid
-        if (n0 < n1) {
-            if (dw != NULL) { memset(dw, 0, nw * sizeof(float)); }
-            if (db != NULL) { memset(db, 0, (size_t)s->OC * sizeof(float)); }
-            // Zero once: padding, grid columns outside the output, row tails.
-            if (dw != NULL) { memset(xb, 0, pl.x_n * sizeof(float)); }
+        const int need_z = dweight != NULL || (!shift && dinp != NULL);   // dout on the forward grid
+        if (tid < nunits) {
+            // Zero the thread's scratch once, whatever its units: padding, grid columns
+            // outside the output, row tails are never written afterwards.
+            if (dweight != NULL) { memset(xb, 0, pl.x_n * sizeof(float)); }
             if (dinp != NULL && shift) { memset(qb, 0, pl.q_n * sizeof(float)); }
             if (need_z) { memset(zb, 0, pl.z_n * sizeof(float)); }
         }
-        for (int n = n0; n < n1; n += pl.gi) {
-            int ni = imin(pl.gi, n1 - n);
-            const float * x = inp + (size_t)n * s->C * HW;
-            const float * dy = dout + (size_t)n * s->OC * OHW;
-            float * dx = dinp != NULL ? dinp + (size_t)n * s->C * HW : NULL;
-            if (db != NULL) {
-                for (int i = 0; i < ni; i++) {
+        for (int u = tid; u < nunits; u += nt) {
+            batch_chunk(&n0, &n1, s->N, u, nunits);
+            float * part = ws + pl.shared + (size_t)u * pl.per;
+            // Private partials, so no thread ever writes another's gradient.
+            float * dw = dweight != NULL ? part + pl.w_off : NULL;
+            float * db = dbias != NULL ? part + pl.b_off : NULL;
+            if (n0 < n1) {
+                if (dw != NULL) { memset(dw, 0, nw * sizeof(float)); }
+                if (db != NULL) { memset(db, 0, (size_t)s->OC * sizeof(float)); }
+            }
+            for (int n = n0; n < n1; n += pl.gi) {
+                int ni = imin(pl.gi, n1 - n);
+                const float * x = inp + (size_t)n * s->C * HW;
+                const float * dy = dout + (size_t)n * s->OC * OHW;
+                float * dx = dinp != NULL ? dinp + (size_t)n * s->C * HW : NULL;
+                if (db != NULL) {
+                    for (int i = 0; i < ni; i++) {
+                        for (int oc = 0; oc < s->OC; oc++) {
+                            db[oc] += (float)sum_f64(dy + ((size_t)i * s->OC + oc) * OHW, OHW);
+                        }
+                    }
+                }
+                if (dw == NULL && dx == NULL) { continue; }
+                size_t npix = shift ? pl.grid : (size_t)ni * pl.grid;   // grid pixels (shift: per image)
+                size_t nblk = round_up(npix, DW_L) / DW_L;
+                if (need_z && shift) {
+                    // dout of each image on the padded grid (row stride Wp), in its own block of
+                    // OC rows; the dropped columns stay zero.
+                    for (int i = 0; i < ni; i++) {
+                        for (int oc = 0; oc < s->OC; oc++) {
+                            float * zrow = zb + (size_t)i * pl.zs + (size_t)oc * pl.ld;
+                            const float * drow = dy + ((size_t)i * s->OC + oc) * OHW;
+                            for (int oh = 0; oh < s->OH; oh++) {
+                                copy_floats(zrow + (size_t)oh * pl.Wp, drow + (size_t)oh * s->OW, s->OW);
+                            }
+                        }
+                    }
+                } else if (need_z) {
+                    // dout of the group side by side: row oc holds image i at i*OH*OW; a short
+                    // last group leaves stale values past its pixels, so zero up to the block.
                     for (int oc = 0; oc < s->OC; oc++) {
-                        db[oc] += (float)sum_f64(dy + ((size_t)i * s->OC + oc) * OHW, OHW);
+                        float * zrow = zb + (size_t)oc * pl.ld;
+                        for (int i = 0; i < ni; i++) { copy_floats(zrow + (size_t)i * OHW, dy + ((size_t)i * s->OC + oc) * OHW, OHW); }
+                        for (size_t p = npix; p < nblk * DW_L; p++) { zrow[p] = 0.0f; }
                     }
                 }
-            }
-            if (dw == NULL && dx == NULL) { continue; }
-            size_t npix = shift ? pl.grid : (size_t)ni * pl.grid;   // grid pixels (shift: per image)
-            size_t nblk = round_up(npix, DW_L) / DW_L;
-            if (need_z && shift) {
-                // dout of each image on the padded grid (row stride Wp), in its own block of
-                // OC rows; the dropped columns stay zero.
-                for (int i = 0; i < ni; i++) {
-                    for (int oc = 0; oc < s->OC; oc++) {
-                        float * zrow = zb + (size_t)i * pl.zs + (size_t)oc * pl.ld;
-                        const float * drow = dy + ((size_t)i * s->OC + oc) * OHW;
-                        for (int oh = 0; oh < s->OH; oh++) {
-                            copy_floats(zrow + (size_t)oh * pl.Wp, drow + (size_t)oh * s->OW, s->OW);
-                        }
+                if (shift && dw != NULL) {
+                    for (int i = 0; i < ni; i++) {
+                        pad_copy(xb + (size_t)i * pl.xs, pl.plane, (size_t)pl.Wp, s->P, s->P, x + (size_t)i * s->C * HW,
+                                 s->C, s->H, s->W);
                     }
                 }
-            } else if (need_z) {
-                // dout of the group side by side: row oc holds image i at i*OH*OW; a short
-                // last group leaves stale values past its pixels, so zero up to the block.
-                for (int oc = 0; oc < s->OC; oc++) {
-                    float * zrow = zb + (size_t)oc * pl.ld;
-                    for (int i = 0; i < ni; i++) { copy_floats(zrow + (size_t)i * OHW, dy + ((size_t)i * s->OC + oc) * OHW, OHW); }
-                    for (size_t p = npix; p < nblk * DW_L; p++) { zrow[p] = 0.0f; }
-                }
-            }
-            if (shift && dw != NULL) {
-                for (int i = 0; i < ni; i++) {
-                    pad_copy(xb + (size_t)i * pl.xs, pl.plane, (size_t)pl.Wp, s->P, s->P, x + (size_t)i * s->C * HW,
-                             s->C, s->H, s->W);
-                }
-            }
-            for (int g = 0; g < s->G; g++) {
-                const float * zg = zb + (size_t)g * pl.OCg * pl.ld;
-                float * dwg = dw != NULL ? dw + (size_t)g * pl.OCg * CKK : NULL;
-                if (shift) {
-                    if (dwg != NULL) {
-                        dw_accumulate(kr.dw, dwg, CKK, pl.OCg, pl.CKK, zg, pl.ld, pl.zs,
-                                      xb + (size_t)g * pl.Cg * pl.plane, off, pl.xs, ni, nblk);
-                    }
-                    continue;
-                }
-                // col path
-                if (dwg != NULL) {
-                    for (int k0 = 0; k0 < pl.CKK; k0 += pl.kc) {
-                        int k1 = imin(pl.CKK, k0 + pl.kc);
-                        for (int i = 0; i < ni; i++) {
-                            im2col_rows(xb + (size_t)i * OHW, pl.ld, x + ((size_t)i * s->C + (size_t)g * pl.Cg) * HW,
-                                        s->H, s->W, s->OH, s->OW, s->K, s->S, s->P, k0, k1);
-                        }
-                        dw_accumulate(kr.dw, dwg + k0, CKK, pl.OCg, k1 - k0, zg, pl.ld, 0, xb, off, 0, 1, nblk);
-                    }
-                }
-                if (dx != NULL) {
-                    // dcol (CKK, pixels) = W_g^T dout_g, mc rows at a time, then col2im.
-                    const float * At = Ap + (size_t)g * ckkp * pl.OCg;
-                    size_t npan = round_up(npix, CV_NR);
-                    for (int m0 = 0; m0 < pl.CKK; m0 += pl.mc) {
-                        int m1 = imin(pl.CKK, m0 + pl.mc);
-                        size_t mpan = round_up((size_t)(m1 - m0), CV_MR) / CV_MR;
-                        gemm_panels(kr.fwd, qb, pl.ld, At + (size_t)m0 * pl.OCg, (size_t)pl.OCg, mpan, pl.OCg, zg,
-                                    off, npan, 0);
-                        for (int i = 0; i < ni; i++) {
-                            col2im_rows_add(dx + ((size_t)i * s->C + (size_t)g * pl.Cg) * HW, qb + (size_t)i * OHW,
-                                            pl.ld, s->H, s->W, s->OH, s->OW, s->K, s->S, s->P, m0, m1);
-                        }
-                    }
-                }
-            }
-            // Shift path input gradient, image by image: dinp_g = conv(padded dout_g,
-            // flipped W_g^T) on the grid H x Wq.
-            for (int i = 0; shift && dx != NULL && i < ni; i++) {
-                pad_copy(qb, pl.qplane, (size_t)pl.Wq, pl.Pt, pl.Pt, dy + (size_t)i * s->OC * OHW, s->OC, s->OH, s->OW);
                 for (int g = 0; g < s->G; g++) {
-                    float * dxg = dx + ((size_t)i * s->C + (size_t)g * pl.Cg) * HW;
-                    gemm_chunked(kr.fwd, stage, pl.ld2, Ap + (size_t)g * cp * Kt, cp / CV_MR, (int)Kt, pl.kct,
-                                 qb + (size_t)g * pl.OCg * pl.qplane, off2, pl.ld2);
-                    for (int c = 0; c < pl.Cg; c++) {
-                        float * drow = dxg + (size_t)c * HW;
-                        const float * srow = stage + (size_t)c * pl.ld2;
-                        for (int h = 0; h < s->H; h++) {
-                            float * d = drow + (size_t)h * s->W;
-                            const float * r = srow + (size_t)h * pl.Wq;
-                            for (int w = 0; w < s->W; w++) { d[w] += r[w]; }
+                    const float * zg = zb + (size_t)g * pl.OCg * pl.ld;
+                    float * dwg = dw != NULL ? dw + (size_t)g * pl.OCg * CKK : NULL;
+                    if (shift) {
+                        if (dwg != NULL) {
+                            dw_accumulate(kr.dw, dwg, CKK, pl.OCg, pl.CKK, zg, pl.ld, pl.zs,
+                                          xb + (size_t)g * pl.Cg * pl.plane, off, pl.xs, ni, nblk);
+                        }
+                        continue;
+                    }
+                    // col path
+                    if (dwg != NULL) {
+                        for (int k0 = 0; k0 < pl.CKK; k0 += pl.kc) {
+                            int k1 = imin(pl.CKK, k0 + pl.kc);
+                            for (int i = 0; i < ni; i++) {
+                                im2col_rows(xb + (size_t)i * OHW, pl.ld, x + ((size_t)i * s->C + (size_t)g * pl.Cg) * HW,
+                                            s->H, s->W, s->OH, s->OW, s->K, s->S, s->P, k0, k1);
+                            }
+                            dw_accumulate(kr.dw, dwg + k0, CKK, pl.OCg, k1 - k0, zg, pl.ld, 0, xb, off, 0, 1, nblk);
+                        }
+                    }
+                    if (dx != NULL) {
+                        // dcol (CKK, pixels) = W_g^T dout_g, mc rows at a time, then col2im.
+                        const float * At = Ap + (size_t)g * ckkp * pl.OCg;
+                        size_t npan = round_up(npix, CV_NR);
+                        for (int m0 = 0; m0 < pl.CKK; m0 += pl.mc) {
+                            int m1 = imin(pl.CKK, m0 + pl.mc);
+                            size_t mpan = round_up((size_t)(m1 - m0), CV_MR) / CV_MR;
+                            gemm_panels(kr.fwd, qb, pl.ld, At + (size_t)m0 * pl.OCg, (size_t)pl.OCg, mpan, pl.OCg, zg,
+                                        off, npan, 0);
+                            for (int i = 0; i < ni; i++) {
+                                col2im_rows_add(dx + ((size_t)i * s->C + (size_t)g * pl.Cg) * HW, qb + (size_t)i * OHW,
+                                                pl.ld, s->H, s->W, s->OH, s->OW, s->K, s->S, s->P, m0, m1);
+                            }
+                        }
+                    }
+                }
+                // Shift path input gradient, image by image: dinp_g = conv(padded dout_g,
+                // flipped W_g^T) on the grid H x Wq.
+                for (int i = 0; shift && dx != NULL && i < ni; i++) {
+                    pad_copy(qb, pl.qplane, (size_t)pl.Wq, pl.Pt, pl.Pt, dy + (size_t)i * s->OC * OHW, s->OC, s->OH, s->OW);
+                    for (int g = 0; g < s->G; g++) {
+                        float * dxg = dx + ((size_t)i * s->C + (size_t)g * pl.Cg) * HW;
+                        gemm_chunked(kr.fwd, stage, pl.ld2, Ap + (size_t)g * cp * Kt, cp / CV_MR, (int)Kt, pl.kct,
+                                     qb + (size_t)g * pl.OCg * pl.qplane, off2, pl.ld2);
+                        for (int c = 0; c < pl.Cg; c++) {
+                            float * drow = dxg + (size_t)c * HW;
+                            const float * srow = stage + (size_t)c * pl.ld2;
+                            for (int h = 0; h < s->H; h++) {
+                                float * d = drow + (size_t)h * s->W;
+                                const float * r = srow + (size_t)h * pl.Wq;
+                                for (int w = 0; w < s->W; w++) { d[w] += r[w]; }
+                            }
                         }
                     }
                 }
             }
         }
     }
-    // Reduce the partials in thread order (fixed for a given thread count). Only threads
-    // that got images wrote a partial: with balanced chunks, those are the first min(nt, N).
-    int nactive = imin(nteam, s->N);
+    // Reduce the partials in slot order (fixed for a given thread count; in deterministic
+    // mode, fixed). Only units that got images wrote a partial: with balanced chunks, those
+    // are the first min(units, N).
+    int nactive = det ? nchunks : imin(nteam, s->N);
     if (dweight != NULL) {
         const float * p0 = ws + pl.shared + pl.w_off;
         #pragma omp parallel for schedule(static) if(nw * (size_t)nactive > KD_PAR_MIN)

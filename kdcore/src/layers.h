@@ -7,7 +7,9 @@
 // - Kernels are either BLAS-threaded (top-level cblas_sgemm) or OpenMP-threaded over the
 //   dimension they write; sgemm called inside an OpenMP region runs single-threaded
 //   (OpenMP build of OpenBLAS).
-// - For a fixed thread count, results are deterministic.
+// - For a fixed thread count, results are deterministic. In deterministic mode
+//   (kd_get_deterministic) they are also independent of the thread count: linear products
+//   run as fixed tiles, conv weight/bias gradients reduce fixed batch chunks.
 #ifndef KD_LAYERS_H
 #define KD_LAYERS_H
 
@@ -22,7 +24,8 @@ void kd_linear_backward(float * dinp, float * dweight, float * dbias, const floa
 
 // ---- conv2d: inp (N,C,H,W), weight (OC, C/G, K, K), bias (OC) or NULL, out (N,OC,OH,OW)
 // OH = (H + 2P - K)/S + 1. `work` must hold kd_conv2d_workspace(s, nthreads) floats,
-// where nthreads is the OpenMP thread count at the time of the call.
+// where nthreads is the OpenMP thread count at the time of the call (in deterministic mode
+// the size covers at least KD_DET_CONV_CHUNKS slots, whatever nthreads).
 struct kd_conv_shape { int N, C, H, W, OC, OH, OW, K, S, P, G; };
 size_t kd_conv2d_workspace(const struct kd_conv_shape * s, int nthreads);
 void kd_conv2d_forward(float * out, const float * inp, const float * weight, const float * bias,

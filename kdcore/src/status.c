@@ -46,6 +46,12 @@ void kd_set_num_threads(int n) {
 
 int kd_get_num_threads(void) { return kd_omp_threads(); }
 
+// Read by the kernels on every call (relaxed atomics: a flag, no ordering needed).
+static bool deterministic;
+
+void kd_set_deterministic(bool on) { __atomic_store_n(&deterministic, on, __ATOMIC_RELAXED); }
+bool kd_get_deterministic(void) { return __atomic_load_n(&deterministic, __ATOMIC_RELAXED); }
+
 const char * kd_blas_config(void) {
     static char buf[256];
     snprintf(buf, sizeof buf, "%s; parallel=%s; kdcore OpenMP=%s",

@@ -50,9 +50,64 @@ static int num_outputs(const struct kd_net * net) {
 }
 
 // ---------------------------------------------------------------------------------------
+// Non-finite steps.
+//
+// Under KD_NONFINITE_SKIP a step whose loss or gradient is not finite is dropped and must
+// leave no trace. Parameters, optimizer state and learned gates are only written after every
+// check has passed, so they need nothing. BN running statistics are different: a
+// training-mode forward updates them as it goes. Copying each trained net's buffer block
+// (two floats per BN channel) and its per-layer batch counters before the forwards, and back
+// on a skip, is the cheapest correct design: the copy is tiny next to one forward pass, only
+// skip mode pays for it, and the kernels and the forward API stay as they are (deferring the
+// update instead would need a second pass over the batch statistics or a new forward mode).
+struct bn_saved {
+    struct kd_net * net;
+    float * buf;              // copy of kd_net_buffers
+    int64_t * batches;        // num_batches_tracked per node (non-BN entries unused)
+    size_t n_buf;
+    int n_nodes;
+};
+
+static void bn_save(struct bn_saved * b) {
+    memcpy(b->buf, kd_net_buffers(b->net), b->n_buf * sizeof(float));
+    for (int i = 0; i < b->n_nodes; i++)
+        if (kd_net_node_spec(b->net, i)->type == KD_LAYER_BATCHNORM) b->batches[i] = *kd_net_bn_batches(b->net, i);
+}
+
+static void bn_restore(const struct bn_saved * b) {
+    memcpy(kd_net_buffers(b->net), b->buf, b->n_buf * sizeof(float));
+    for (int i = 0; i < b->n_nodes; i++)
+        if (kd_net_node_spec(b->net, i)->type == KD_LAYER_BATCHNORM) *kd_net_bn_batches(b->net, i) = b->batches[i];
+}
+
+// True when every float is finite. Tests the exponent bits, so -ffast-math style flags
+// cannot fold it away, and the flag is an OR: the result does not depend on the threads.
+static bool all_finite(const float * x, size_t n) {
+    unsigned bad = 0;
+    #pragma omp parallel for schedule(static) reduction(|:bad) if (n > 65536)
+    for (size_t i = 0; i < n; i++) {
+        uint32_t u;
+        memcpy(&u, &x[i], sizeof u);
+        bad |= (u & 0x7F800000u) == 0x7F800000u;
+    }
+    return !bad;
+}
+
+// A finite loss can still give Inf gradients (a large activation times a finite upstream
+// gradient), so the gradient block is checked before every optimizer step. So are the BN
+// running statistics: batch statistics are computed in double and normalise huge
+// activations back to a finite output, but the running variance stored in float can
+// overflow, and would poison every later eval-mode forward.
+static bool grads_and_stats_finite(struct kd_net * net) {
+    return all_finite(kd_net_grads(net), kd_net_num_params(net)) &&
+           all_finite(kd_net_buffers(net), kd_net_num_buffers(net));
+}
+
+// ---------------------------------------------------------------------------------------
 // The shared batch pipeline.
 
 struct loop {
+    const char * fn;          // the public epoch function, for error messages
     const struct kd_dataset * ds;
     const struct kd_train_cfg * cfg;
     int epoch, B;
@@ -66,18 +121,28 @@ struct loop {
     int nb;
     float lr;
     struct kd_progress pr;
+    int64_t skipped;          // steps dropped under KD_NONFINITE_SKIP
+    struct bn_saved * saved;  // skip mode: BN state of the nets trained in BN_BATCH mode
+    int n_saved;
 };
 
-static void loop_free(struct loop * L) { free(L->perm); free(L->x); free(L->xs); free(L->y); }
+static void loop_free(struct loop * L) {
+    for (int i = 0; i < L->n_saved; i++) { free(L->saved[i].buf); free(L->saved[i].batches); }
+    free(L->saved);
+    free(L->perm); free(L->x); free(L->xs); free(L->y);
+}
 
-static enum kd_status loop_init(struct loop * L, const struct kd_dataset * ds, const struct kd_train_cfg * cfg,
-                                int epoch, bool noisy_copy) {
+static enum kd_status loop_init(struct loop * L, const char * fn, const struct kd_dataset * ds,
+                                const struct kd_train_cfg * cfg, int epoch, bool noisy_copy) {
     memset(L, 0, sizeof *L);
+    L->fn = fn;
     if (!ds || !cfg) KD_FAIL(KD_ERR_VALUE, "dataset and config must not be NULL");
     if (cfg->batch_size < 1) KD_FAIL(KD_ERR_VALUE, "batch_size (%d) must be >= 1", cfg->batch_size);
     if (!ds->y) KD_FAIL(KD_ERR_VALUE, "training needs labels");
     if (cfg->aug.crop_padding < 0 || !(cfg->aug.noise_std >= 0))
         KD_FAIL(KD_ERR_VALUE, "augmentation crop_padding and noise_std must be >= 0");
+    if (cfg->nonfinite != KD_NONFINITE_RAISE && cfg->nonfinite != KD_NONFINITE_SKIP)
+        KD_FAIL(KD_ERR_VALUE, "nonfinite (%d) must be KD_NONFINITE_RAISE or KD_NONFINITE_SKIP", (int)cfg->nonfinite);
     KD_TRY(kd_dataset_check(ds));
     L->ds = ds;
     L->cfg = cfg;
@@ -150,15 +215,47 @@ static enum kd_status forward_train(struct kd_net * net, struct loop * L, const 
     return kd_net_forward(net, x, L->nb, L->ds->c, L->ds->h, L->ds->w, mode, L->sseed ^ salt);
 }
 
-static enum kd_status update(struct kd_net * net, struct kd_optim * opt, const float * dlogits, float lr) {
-    kd_net_zero_grad(net);
-    KD_TRY(kd_net_backward(net, dlogits, NULL));
-    return kd_optim_step(opt, lr);
+// Under KD_NONFINITE_RAISE: the error, naming the term, the network, the epoch and the step.
+// Under KD_NONFINITE_SKIP: KD_OK, and the caller drops the step (NONFINITE_STEP below).
+static enum kd_status nonfinite(const char * what, const char * who, const struct loop * L) {
+    if (L->cfg->nonfinite == KD_NONFINITE_SKIP) return KD_OK;
+    return kd_set_error_(KD_ERR_NONFINITE, L->fn, "%s of the %s is not finite at epoch %d, step %lld", what, who,
+                         L->epoch, (long long)L->step);
 }
 
-static enum kd_status nonfinite(const char * what, const char * who, const struct loop * L) {
-    KD_FAIL(KD_ERR_NONFINITE, "%s of the %s is not finite at epoch %d, step %lld", what, who, L->epoch,
-            (long long)L->step);
+// Inside a loop body with `st`, `L`, and the labels `done` (return) and `skip` (drop the step).
+#define NONFINITE_STEP(what, who) \
+    do { if ((st = nonfinite((what), (who), &L)) != KD_OK) goto done; goto skip; } while (0)
+
+// Skip mode: the nets whose BN statistics a step's forwards update (trained in BN_BATCH
+// mode), saved before every step and restored when it is dropped. Nothing in raise mode.
+static enum kd_status loop_guard_bn(struct loop * L, struct kd_net * const * nets, int n) {
+    if (L->cfg->nonfinite != KD_NONFINITE_SKIP || n == 0) return KD_OK;
+    L->saved = calloc((size_t)n, sizeof *L->saved);
+    if (!L->saved) KD_FAIL(KD_ERR_NOMEM, "cannot allocate the BN snapshots");
+    for (int i = 0; i < n; i++) {
+        struct bn_saved * b = &L->saved[L->n_saved++];
+        b->net = nets[i];
+        b->n_buf = kd_net_num_buffers(nets[i]);
+        b->n_nodes = kd_net_num_nodes(nets[i]);
+        b->buf = malloc((b->n_buf + 1) * sizeof(float));
+        b->batches = malloc(((size_t)b->n_nodes + 1) * sizeof(int64_t));
+        if (!b->buf || !b->batches) KD_FAIL(KD_ERR_NOMEM, "cannot allocate the BN snapshots");
+    }
+    return KD_OK;
+}
+
+static void loop_save_bn(struct loop * L) { for (int i = 0; i < L->n_saved; i++) bn_save(&L->saved[i]); }
+
+// A dropped step: BN statistics back as they were; nothing else was written.
+static void loop_skip(struct loop * L) {
+    for (int i = 0; i < L->n_saved; i++) bn_restore(&L->saved[i]);
+    L->skipped++;
+}
+
+static enum kd_status backward(struct kd_net * net, const float * dlogits) {
+    kd_net_zero_grad(net);
+    return kd_net_backward(net, dlogits, NULL);
 }
 
 // Checks that every net outputs V values and the labels fit.
@@ -247,13 +344,14 @@ enum kd_status kd_distill_epoch(struct kd_net * student, struct kd_optim * opt,
     if (teacher_logits && cfg && (cfg->aug.crop_padding > 0 || cfg->aug.hflip || cfg->aug.noise_std > 0))
         KD_FAIL(KD_ERR_VALUE, "cached teacher logits cannot follow augmented inputs; pass the teacher nets");
     struct loop L;
-    KD_TRY(loop_init(&L, ds, cfg, epoch, dcfg->student_noise > 0));
+    KD_TRY(loop_init(&L, __func__, ds, cfg, epoch, dcfg->student_noise > 0));
     enum kd_status st = KD_OK;
     int V = 0;
     float * buf = NULL;
     double s_loss = 0, s_ce = 0, s_kd = 0, s_tc = 0, s_nc = 0, s_tol = 0;
     int64_t correct = 0, t_correct = 0, seen = 0;
-    if ((st = check_outputs(student, n_teachers ? "student" : "model", ds, L.B, &V)) != KD_OK) goto done;
+    const char * who = n_teachers ? "student" : "model";   // plain training has no student
+    if ((st = check_outputs(student, who, ds, L.B, &V)) != KD_OK) goto done;
     for (int t = 0; t < n_teachers && teachers; t++)
         if ((st = check_outputs(teachers[t], "teacher", ds, L.B, &V)) != KD_OK) goto done;
     // Scratch: student gradient, per-teacher logits, mixture targets, per-sample weights.
@@ -262,6 +360,14 @@ enum kd_status kd_distill_epoch(struct kd_net * student, struct kd_optim * opt,
     if (!buf) { st = kd_set_error_(KD_ERR_NOMEM, __func__, "cannot allocate distillation buffers"); goto done; }
     float * dlogits = buf, * tz = buf + BV, * q = tz + BV * (size_t)n_teachers, * tmp = q + BV;
     float * tmp2 = tmp + BV, * w_kd = tmp2 + BV, * w_ce = w_kd + L.B;
+    {
+        // Teachers forwarded with BN_BATCH update their statistics too.
+        struct kd_net * trained[65] = { student };
+        int n_trained = 1;
+        for (int t = 0; t < n_teachers && teachers && (dcfg->teacher_mode & KD_MODE_BN_BATCH); t++)
+            trained[n_trained++] = teachers[t];
+        if ((st = loop_guard_bn(&L, trained, n_trained)) != KD_OK) goto done;
+    }
 
     // Effective distillation weight this epoch: DKD-style linear warm-up, ESKD-style stop.
     float kdw = dcfg->kd_weight;
@@ -272,8 +378,11 @@ enum kd_status kd_distill_epoch(struct kd_net * student, struct kd_optim * opt,
     float gw[64];
     while (L.step < L.steps) {
         loop_batch(&L);
+        loop_save_bn(&L);
         const int nb = L.nb;
         const size_t nbv = (size_t)nb * V;
+        int64_t step_t_correct = 0;
+        bool gate_step = false;
         // Teacher logits for this batch (clean inputs).
         for (int t = 0; t < n_teachers && distill; t++) {
             float * zt = tz + (size_t)t * BV;
@@ -324,7 +433,7 @@ enum kd_status kd_distill_epoch(struct kd_net * student, struct kd_optim * opt,
                 }
                 zref = q;
             }
-            t_correct += count_correct(zref, L.y, nb, V);
+            step_t_correct = count_correct(zref, L.y, nb, V);
         }
         // Per-sample weights of the two terms.
         // Conditional learning: where the teacher is wrong, the KD term's weight moves to CE.
@@ -343,7 +452,7 @@ enum kd_status kd_distill_epoch(struct kd_net * student, struct kd_optim * opt,
         st = kd_cross_entropy(&ce, dlogits, zs, L.y, cond ? w_ce : NULL, nb, V, cfg->label_smoothing,
                               cond ? 1.0f : dcfg->ce_weight, false);
         const double ce_term = cond ? (double)ce : (double)dcfg->ce_weight * ce;
-        if (st == KD_ERR_NONFINITE || !isfinite(ce)) { st = nonfinite("cross-entropy", "student", &L); goto done; }
+        if (st == KD_ERR_NONFINITE || !isfinite(ce)) NONFINITE_STEP("cross-entropy", who);
         if (st != KD_OK) goto done;
         // The logged CE is the plain batch mean, whatever the per-sample weights.
         if (cond && (st = kd_cross_entropy(&ce, NULL, zs, L.y, NULL, nb, V, cfg->label_smoothing, 1.0f, false)) != KD_OK) goto done;
@@ -358,9 +467,9 @@ enum kd_status kd_distill_epoch(struct kd_net * student, struct kd_optim * opt,
                     for (size_t j = 0; j < nbv; j++) q[j] += gw[t] * tmp[j];
                 }
                 st = kd_loss_soft(&kd, dlogits, zs, q, wk, nb, V, dcfg->T, kdw, true);
-                if (st == KD_OK && dcfg->gate_logits && dcfg->gate_lr > 0)
-                    update_gates(dcfg->gate_logits, gw, n_teachers, tz, BV, q, zs, wk, nb, V, dcfg->T, kdw,
-                                 dcfg->gate_lr, tmp, tmp2);
+                // The gates move after every check of the step has passed (a dropped step
+                // leaves them as they were); they are first read again by the next step.
+                gate_step = dcfg->gate_logits && dcfg->gate_lr > 0;
             } else {
                 for (int t = 0; t < n_teachers && st == KD_OK; t++) {
                     if (gw[t] == 0) continue;
@@ -386,19 +495,30 @@ enum kd_status kd_distill_epoch(struct kd_net * student, struct kd_optim * opt,
                     kd += gw[t] * l;
                 }
             }
-            if (st == KD_ERR_NONFINITE || !isfinite(kd)) { st = nonfinite("distillation loss", "student", &L); goto done; }
+            if (st == KD_ERR_NONFINITE || !isfinite(kd)) NONFINITE_STEP("distillation loss", who);
             if (st != KD_OK) goto done;
         }
         if (dcfg->tolerant_weight > 0) {
             st = kd_loss_tolerant(&tol, dlogits, zs, nb, V, dcfg->tolerant_k, dcfg->tolerant_weight, true);
+            if (st == KD_ERR_NONFINITE || !isfinite(tol)) NONFINITE_STEP("tolerant loss", who);
             if (st != KD_OK) goto done;
         }
+        if ((st = backward(student, dlogits)) != KD_OK) goto done;
+        if (!grads_and_stats_finite(student)) NONFINITE_STEP("gradient or BN statistics", who);
+        if (gate_step)
+            update_gates(dcfg->gate_logits, gw, n_teachers, tz, BV, q, zs, cond ? w_kd : NULL, nb, V, dcfg->T, kdw,
+                         dcfg->gate_lr, tmp, tmp2);
+        if ((st = kd_optim_step(opt, L.lr)) != KD_OK) goto done;
         correct += count_correct(zs, L.y, nb, V);
+        t_correct += step_t_correct;
         double total = ce_term + (double)kdw * kd + dcfg->tolerant_weight * (double)tol;
         s_loss += total * nb; s_ce += (double)ce * nb; s_kd += (double)kd * nb;
         s_tc += (double)tc * nb; s_nc += (double)nc * nb; s_tol += (double)tol * nb;
         seen += nb;
-        if ((st = update(student, opt, dlogits, L.lr)) != KD_OK) goto done;
+        goto stepped;
+skip:
+        loop_skip(&L);
+stepped:
         if ((st = loop_after_step(&L, s_loss, correct, seen)) != KD_OK) goto done;
     }
 done:
@@ -411,6 +531,7 @@ done:
         out->teacher_accuracy = t_correct / n;
         out->samples = seen;
         out->steps = L.step;
+        out->skipped_steps = L.skipped;
         out->lr = L.lr;
         out->kd_weight = dcfg->kd_weight;
         if (dcfg->warmup_epochs > 0 && epoch + 1 < dcfg->warmup_epochs) out->kd_weight *= (float)(epoch + 1) / dcfg->warmup_epochs;
@@ -434,6 +555,7 @@ enum kd_status kd_train_epoch(struct kd_net * net, struct kd_optim * opt, const 
         out->accuracy = s.accuracy;
         out->samples = s.samples;
         out->steps = s.steps;
+        out->skipped_steps = s.skipped_steps;
         out->lr = s.lr;
     }
     return st;
@@ -450,7 +572,7 @@ enum kd_status kd_mutual_epoch(struct kd_net * const * nets, struct kd_optim * c
     if (!(m->T > 0) || !isfinite(m->T)) KD_FAIL(KD_ERR_VALUE, "T (%g) must be > 0", m->T);
     if (!(m->ce_weight >= 0) || !(m->kd_weight >= 0)) KD_FAIL(KD_ERR_VALUE, "ce_weight and kd_weight must be >= 0");
     struct loop L;
-    KD_TRY(loop_init(&L, ds, cfg, epoch, false));
+    KD_TRY(loop_init(&L, __func__, ds, cfg, epoch, false));
     enum kd_status st = KD_OK;
     int V = 0;
     float * buf = NULL;
@@ -462,10 +584,13 @@ enum kd_status kd_mutual_epoch(struct kd_net * const * nets, struct kd_optim * c
     buf = malloc(BV * (size_t)(2 * k + 1) * sizeof(float));
     if (!buf) { st = kd_set_error_(KD_ERR_NOMEM, __func__, "cannot allocate buffers"); goto done; }
     float * z = buf, * d = buf + BV * (size_t)k, * ens = d + BV * (size_t)k;
+    if ((st = loop_guard_bn(&L, nets, k)) != KD_OK) goto done;
     while (L.step < L.steps) {
         loop_batch(&L);
+        loop_save_bn(&L);
         const int nb = L.nb;
         const size_t nbv = (size_t)nb * V;
+        double step_ce[16], step_kd[16];
         // All peers see the batch before any updates: the targets are this step's outputs.
         for (int a = 0; a < k; a++) {
             if ((st = forward_train(nets[a], &L, L.x, KD_MODE_TRAIN, 0x9EE0ull + (uint64_t)a)) != KD_OK) goto done;
@@ -474,7 +599,8 @@ enum kd_status kd_mutual_epoch(struct kd_net * const * nets, struct kd_optim * c
         memset(ens, 0, nbv * sizeof(float));
         for (int a = 0; a < k; a++)
             for (size_t j = 0; j < nbv; j++) ens[j] += z[(size_t)a * BV + j] / (float)k;
-        e_correct += count_correct(ens, L.y, nb, V);
+        // The peers learn from each other's outputs, so a non-finite term of one peer drops
+        // the step for all of them: losses, backwards and checks first, then the updates.
         for (int a = 0; a < k; a++) {
             float * za = z + (size_t)a * BV, * da = d + (size_t)a * BV;
             float ce = 0, kd = 0;
@@ -491,16 +617,29 @@ enum kd_status kd_mutual_epoch(struct kd_net * const * nets, struct kd_optim * c
                     kd += l / (k - 1);
                 }
             }
-            if (!isfinite(ce) || !isfinite(kd)) { st = nonfinite("loss", "peer", &L); goto done; }
+            if (st == KD_ERR_NONFINITE || !isfinite(ce) || !isfinite(kd)) NONFINITE_STEP("loss", "peer");
             if (st != KD_OK) goto done;
-            s_ce[a] += (double)ce * nb;
-            s_kd[a] += (double)kd * nb;
-            s_loss[a] += ((double)m->ce_weight * ce + (double)m->kd_weight * kd) * nb;
-            correct[a] += count_correct(za, L.y, nb, V);
+            step_ce[a] = ce;
+            step_kd[a] = kd;
+        }
+        for (int a = 0; a < k; a++) {
+            if ((st = backward(nets[a], d + (size_t)a * BV)) != KD_OK) goto done;
+            if (!grads_and_stats_finite(nets[a])) NONFINITE_STEP("gradient or BN statistics", "peer");
         }
         for (int a = 0; a < k; a++)
-            if ((st = update(nets[a], opts[a], d + (size_t)a * BV, L.lr)) != KD_OK) goto done;
+            if ((st = kd_optim_step(opts[a], L.lr)) != KD_OK) goto done;
+        for (int a = 0; a < k; a++) {
+            s_ce[a] += step_ce[a] * nb;
+            s_kd[a] += step_kd[a] * nb;
+            s_loss[a] += ((double)m->ce_weight * step_ce[a] + (double)m->kd_weight * step_kd[a]) * nb;
+            correct[a] += count_correct(z + (size_t)a * BV, L.y, nb, V);
+        }
+        e_correct += count_correct(ens, L.y, nb, V);
         seen += nb;
+        goto stepped;
+skip:
+        loop_skip(&L);
+stepped:
         if ((st = loop_after_step(&L, s_loss[0], correct[0], seen)) != KD_OK) goto done;
     }
 done:
@@ -512,6 +651,7 @@ done:
             out[a].accuracy = correct[a] / n;
             out[a].teacher_accuracy = e_correct / n;   // the peers' logit average
             out[a].samples = seen; out[a].steps = L.step; out[a].lr = L.lr; out[a].kd_weight = m->kd_weight;
+            out[a].skipped_steps = L.skipped;
         }
     }
     free(buf);
@@ -541,7 +681,7 @@ enum kd_status kd_slkd_epoch(struct kd_net * student, struct kd_optim * opt,
     if (!(c->lambda >= 0) || !(c->eta >= 0) || !isfinite(c->lambda) || !isfinite(c->eta))
         KD_FAIL(KD_ERR_VALUE, "lambda (%g) and eta (%g) must be finite and >= 0", c->lambda, c->eta);
     struct loop L;
-    KD_TRY(loop_init(&L, ds, cfg, epoch, false));
+    KD_TRY(loop_init(&L, __func__, ds, cfg, epoch, false));
     enum kd_status st = KD_OK;
     int V = 0;
     float * buf = NULL;
@@ -558,10 +698,17 @@ enum kd_status kd_slkd_epoch(struct kd_net * student, struct kd_optim * opt,
     float * zt = buf, * zsl = buf + BV, * q = buf + 2 * BV, * tmp = buf + 3 * BV, * ds_ = buf + 4 * BV;
     float * dsl_fused = buf + 5 * BV, * zj[2] = { buf + 6 * BV, buf + 7 * BV }, * dj = buf + 8 * BV;
     const float a = c->alpha;
+    {
+        struct kd_net * trained[3] = { student, sl[0], ns == 2 ? sl[1] : NULL };
+        if ((st = loop_guard_bn(&L, trained, c->sl_frozen ? 1 : 1 + ns)) != KD_OK) goto done;
+    }
     while (L.step < L.steps) {
         loop_batch(&L);
+        loop_save_bn(&L);
         const int nb = L.nb;
         const size_t nbv = (size_t)nb * V;
+        int64_t step_sl_correct[2] = {0};
+        double step_sl[2] = {0};
         if (teacher_logits) {
             for (int i = 0; i < nb; i++)
                 memcpy(zt + (size_t)i * V, teacher_logits + (size_t)L.idx[i] * V, (size_t)V * sizeof(float));
@@ -569,13 +716,13 @@ enum kd_status kd_slkd_epoch(struct kd_net * student, struct kd_optim * opt,
             if ((st = forward_train(teacher, &L, L.x, KD_MODE_EVAL | KD_MODE_NO_GRAD, 0x7EAC0ull)) != KD_OK) goto done;
             memcpy(zt, kd_net_output(teacher, -1), nbv * sizeof(float));
         }
-        t_correct += count_correct(zt, L.y, nb, V);
+        const int64_t step_t_correct = count_correct(zt, L.y, nb, V);
         // SL-teachers: forward (this step's outputs feed the student before their update).
         unsigned slmode = c->sl_frozen ? KD_MODE_EVAL | KD_MODE_NO_GRAD : KD_MODE_TRAIN;   // frozen: never updated
         for (int j = 0; j < ns; j++) {
             if ((st = forward_train(sl[j], &L, L.x, slmode, 0x5100ull + (uint64_t)j)) != KD_OK) goto done;
             memcpy(zj[j], kd_net_output(sl[j], -1), nbv * sizeof(float));
-            sl_correct[j] += count_correct(zj[j], L.y, nb, V);
+            step_sl_correct[j] = count_correct(zj[j], L.y, nb, V);
         }
         // Fusion (eq. 6).
         const float rho = ns == 2 ? c->rho : 1.0f;
@@ -602,34 +749,49 @@ enum kd_status kd_slkd_epoch(struct kd_net * student, struct kd_optim * opt,
             if (c->fuse_probs) st = kd_loss_soft(&kslts, ds_, zs, q, NULL, nb, V, c->T, c->eta * (1 - a), true);
             else st = kd_loss_kd(&kslts, ds_, dfused, zs, zsl, NULL, nb, V, c->T, c->eta * (1 - a), true);
         }
-        if (st == KD_ERR_NONFINITE || !isfinite(ce) || !isfinite(kts) || !isfinite(kslts)) {
-            st = nonfinite("loss", "student", &L);
-            goto done;
-        }
+        if (st == KD_ERR_NONFINITE || !isfinite(ce) || !isfinite(kts) || !isfinite(kslts)) NONFINITE_STEP("loss", "student");
         if (st != KD_OK) goto done;
-        double l_ts = a * (double)ce + (1 - a) * (double)kts, l_slts = a * (double)ce + (1 - a) * (double)kslts;
-        s_ts += l_ts * nb;
-        s_slts += l_slts * nb;
-        s_loss += (c->lambda * l_ts + c->eta * l_slts) * nb;
-        correct += count_correct(zs, L.y, nb, V);
-        if ((st = update(student, opt, ds_, L.lr)) != KD_OK) goto done;
+        // Every backward and check of the step before any update, so that a dropped step
+        // leaves all the nets as they were (the nets are separate: the order of the updates
+        // does not change their results).
+        if ((st = backward(student, ds_)) != KD_OK) goto done;
+        if (!grads_and_stats_finite(student)) NONFINITE_STEP("gradient or BN statistics", "student");
         // SL-teachers learn from the teacher only (eqs. 4-5), plus the student's pull when
         // sl_grad (the fused logits' gradient split by rho).
         for (int j = 0; j < ns && !c->sl_frozen; j++) {
             float cej = 0, kdj = 0;
             st = kd_cross_entropy(&cej, dj, zj[j], L.y, NULL, nb, V, cfg->label_smoothing, a, false);
             if (st == KD_OK) st = kd_loss_kd(&kdj, dj, NULL, zj[j], zt, NULL, nb, V, c->T, 1 - a, true);
-            if (st == KD_ERR_NONFINITE || !isfinite(cej) || !isfinite(kdj)) { st = nonfinite("loss", "SL-teacher", &L); goto done; }
+            if (st == KD_ERR_NONFINITE || !isfinite(cej) || !isfinite(kdj)) NONFINITE_STEP("loss", "SL-teacher");
             if (st != KD_OK) goto done;
             if (dfused) {
                 float share = j == 0 ? rho : 1 - rho;
                 for (size_t i = 0; i < nbv; i++) dj[i] += share * dfused[i];
             }
-            s_sl[j] += (a * (double)cej + (1 - a) * (double)kdj) * nb;
+            step_sl[j] = a * (double)cej + (1 - a) * (double)kdj;
+            if ((st = backward(sl[j], dj)) != KD_OK) goto done;
+            if (!grads_and_stats_finite(sl[j])) NONFINITE_STEP("gradient or BN statistics", "SL-teacher");
+        }
+        if ((st = kd_optim_step(opt, L.lr)) != KD_OK) goto done;
+        for (int j = 0; j < ns && !c->sl_frozen; j++) {
             float lr_j = L.lr * (c->sl_lr_scale > 0 ? c->sl_lr_scale : 1.0f);
-            if ((st = update(sl[j], sl_opts[j], dj, lr_j)) != KD_OK) goto done;
+            if ((st = kd_optim_step(sl_opts[j], lr_j)) != KD_OK) goto done;
+        }
+        double l_ts = a * (double)ce + (1 - a) * (double)kts, l_slts = a * (double)ce + (1 - a) * (double)kslts;
+        s_ts += l_ts * nb;
+        s_slts += l_slts * nb;
+        s_loss += (c->lambda * l_ts + c->eta * l_slts) * nb;
+        correct += count_correct(zs, L.y, nb, V);
+        t_correct += step_t_correct;
+        for (int j = 0; j < ns; j++) {
+            s_sl[j] += step_sl[j] * nb;
+            sl_correct[j] += step_sl_correct[j];
         }
         seen += nb;
+        goto stepped;
+skip:
+        loop_skip(&L);
+stepped:
         if ((st = loop_after_step(&L, s_loss, correct, seen)) != KD_OK) goto done;
     }
 done:
@@ -642,6 +804,7 @@ done:
         out->sl_accuracy[0] = sl_correct[0] / n; out->sl_accuracy[1] = sl_correct[1] / n;
         out->teacher_accuracy = t_correct / n;
         out->samples = seen; out->steps = L.step; out->lr = L.lr;
+        out->skipped_steps = L.skipped;
     }
     free(buf);
     loop_free(&L);
@@ -717,7 +880,7 @@ enum kd_status kd_exits_epoch(struct kd_net * net, struct kd_optim * opt, const 
         for (int j = 0; j < k; j++) if (exits[j] == exits[k]) KD_FAIL(KD_ERR_VALUE, "exit node %d is listed twice", exits[k]);
     }
     struct loop L;
-    KD_TRY(loop_init(&L, ds, cfg, epoch, false));
+    KD_TRY(loop_init(&L, __func__, ds, cfg, epoch, false));
     enum kd_status st = KD_OK;
     int V = 0;
     float * buf = NULL;
@@ -739,10 +902,13 @@ enum kd_status kd_exits_epoch(struct kd_net * net, struct kd_optim * opt, const 
     buf = malloc(BV * 3 * sizeof(float));
     if (!buf) { st = kd_set_error_(KD_ERR_NOMEM, __func__, "cannot allocate buffers"); goto done; }
     float * zt = buf, * d = buf + BV, * dout = buf + 2 * BV;
+    if ((st = loop_guard_bn(&L, &net, 1)) != KD_OK) goto done;
     while (L.step < L.steps) {
         loop_batch(&L);
+        loop_save_bn(&L);
         const int nb = L.nb;
         const size_t nbv = (size_t)nb * V;
+        double step_ce = 0, step_kd = 0, step_acc[16];
         if (teacher_logits) {
             for (int i = 0; i < nb; i++)
                 memcpy(zt + (size_t)i * V, teacher_logits + (size_t)L.idx[i] * V, (size_t)V * sizeof(float));
@@ -767,19 +933,28 @@ enum kd_status kd_exits_epoch(struct kd_net * net, struct kd_optim * opt, const 
             st = kd_cross_entropy(&ce, d, zk, L.y, NULL, nb, V, cfg->label_smoothing, cw * scale, false);
             if (st == KD_OK && !(self && is_out))
                 st = kd_loss_kd(&kd, d, NULL, zk, zt, NULL, nb, V, e->T, e->kd_weight * scale, true);
-            if (st == KD_ERR_NONFINITE || !isfinite(ce) || !isfinite(kd)) { st = nonfinite("loss", "exit", &L); goto done; }
+            if (st == KD_ERR_NONFINITE || !isfinite(ce) || !isfinite(kd)) NONFINITE_STEP("loss", "exit");
             if (st != KD_OK) goto done;
             double lk = scale * ((double)cw * ce + (self && is_out ? 0.0 : (double)e->kd_weight * kd));
             step_loss += lk;
-            if (is_out) { s_ce += (double)ce * nb; s_kd += (double)kd * nb; memcpy(dout, d, nbv * sizeof(float)); }
+            if (is_out) { step_ce = ce; step_kd = kd; memcpy(dout, d, nbv * sizeof(float)); }
             else if ((st = kd_net_grad_add(net, exits[k], d, 1.0f)) != KD_OK) goto done;
-            acc[k] += (double)count_correct(zk, L.y, nb, V);
+            step_acc[k] = (double)count_correct(zk, L.y, nb, V);
         }
         if (!out_listed) { st = kd_set_error_(KD_ERR_VALUE, __func__, "the output node must be one of the exits"); goto done; }
+        if ((st = backward(net, dout)) != KD_OK) goto done;   // the exits' injected gradients join here
+        if (!grads_and_stats_finite(net)) NONFINITE_STEP("gradient or BN statistics", "model");
+        if ((st = kd_optim_step(opt, L.lr)) != KD_OK) goto done;
         correct += count_correct(zout, L.y, nb, V);
+        s_ce += step_ce * nb;
+        s_kd += step_kd * nb;
+        for (int k = 0; k < n_exits; k++) acc[k] += step_acc[k];
         s_loss += step_loss * nb;
         seen += nb;
-        if ((st = update(net, opt, dout, L.lr)) != KD_OK) goto done;
+        goto stepped;
+skip:
+        loop_skip(&L);
+stepped:
         if ((st = loop_after_step(&L, s_loss, correct, seen)) != KD_OK) goto done;
     }
 done:
@@ -789,6 +964,7 @@ done:
         out->loss = s_loss / n; out->ce = s_ce / n; out->kd = s_kd / n;
         out->accuracy = correct / n;
         out->samples = seen; out->steps = L.step; out->lr = L.lr; out->kd_weight = e->kd_weight;
+        out->skipped_steps = L.skipped;
     }
     if (exit_accuracy) for (int k = 0; k < n_exits; k++) exit_accuracy[k] = acc[k] / (seen ? (double)seen : 1.0);
     free(buf);

@@ -23,7 +23,8 @@ __version__ = _kdcore.version
 __all__ = ["nn", "models", "datasets", "functional", "optim", "fit", "evaluate", "predict", "History",
            "distill", "mutual", "slkd", "multi_exit", "exit_accuracies", "kl_divergence",
            "born_again", "takd", "dgkd", "snapshot_distill", "eskd", "tf_kd",
-           "save", "load", "CheckpointMismatch", "set_num_threads", "get_num_threads", "show_config"]
+           "save", "load", "CheckpointMismatch", "set_num_threads", "get_num_threads", "set_deterministic",
+           "get_deterministic", "show_config"]
 
 
 def set_num_threads(n):
@@ -37,6 +38,21 @@ def get_num_threads():
     return _kdcore.get_num_threads()
 
 
+def set_deterministic(on=True):
+    """Deterministic mode (process-wide, off by default): results bitwise identical across runs
+    AND across thread counts (``set_num_threads``), not only for the same thread count. The
+    kernels whose work split follows the thread count (linear layers' BLAS products, conv
+    weight/bias gradient partials) split it by the shapes alone instead; it costs some speed
+    (DEVELOPERS.md, "Determinism"). Do not switch it while training runs in another thread."""
+    if not isinstance(on, bool):
+        raise TypeError(f"on must be a bool, got {type(on).__name__}")
+    _kdcore.set_deterministic(on)
+
+
+def get_deterministic():
+    return _kdcore.get_deterministic()
+
+
 def show_config(file=None):
     """Print the BLAS build, thread count and versions."""
     lines = [
@@ -45,5 +61,6 @@ def show_config(file=None):
         f"numpy {np.__version__}",
         f"BLAS: {_kdcore.blas_config()}",
         f"threads: {get_num_threads()}",
+        f"deterministic: {get_deterministic()}",
     ]
     print("\n".join(lines), file=file)

@@ -852,13 +852,15 @@ static int opt_done(struct opt_reader * r) {
 }
 
 // Training options (a dict): batch_size, schedule (tuple), gamma, seed, shuffle, drop_last,
-// max_steps, label_smoothing, crop_padding, hflip, noise_std, callback, callback_every.
+// max_steps, label_smoothing, crop_padding, hflip, noise_std, callback, callback_every,
+// nonfinite ("raise" or "skip").
 static int parse_train_cfg(PyObject * d, struct kd_train_cfg * cfg, struct callback_ctx * ctx) {
     if (!PyDict_Check(d)) { PyErr_SetString(PyExc_TypeError, "train options must be a dict"); return -1; }
     *cfg = kd_train_cfg_default();
     struct opt_reader r = { d, "training", 0 };
     long long seed = 0, max_steps = 0;
     PyObject * sched = opt_get(&r, "schedule");
+    PyObject * nonfinite = opt_get(&r, "nonfinite");
     ctx->fn = opt_get(&r, "callback");
     float gamma = 0.1f;
     if (opt_i32(&r, "batch_size", &cfg->batch_size) < 0 || opt_float(&r, "gamma", &gamma) < 0 ||
@@ -870,6 +872,16 @@ static int parse_train_cfg(PyObject * d, struct kd_train_cfg * cfg, struct callb
         opt_done(&r) < 0)
         return -1;
     if (!sched) { PyErr_SetString(PyExc_ValueError, "training options need a schedule"); return -1; }
+    if (nonfinite) {
+        if (PyUnicode_Check(nonfinite) && PyUnicode_CompareWithASCIIString(nonfinite, "raise") == 0)
+            cfg->nonfinite = KD_NONFINITE_RAISE;
+        else if (PyUnicode_Check(nonfinite) && PyUnicode_CompareWithASCIIString(nonfinite, "skip") == 0)
+            cfg->nonfinite = KD_NONFINITE_SKIP;
+        else {
+            PyErr_Format(PyExc_ValueError, "nonfinite must be 'raise' or 'skip', got %R", nonfinite);
+            return -1;
+        }
+    }
     if (parse_schedule(sched, &cfg->sched) < 0) return -1;
     cfg->sched.gamma = gamma;
     if (seed < 0) { PyErr_SetString(PyExc_ValueError, "seed must be >= 0"); return -1; }
@@ -926,10 +938,11 @@ static int get_nets(PyObject * seq_o, NetObject ** out, int max, const char * na
 }
 
 static PyObject * stats_dict(const struct kd_distill_stats * s) {
-    return Py_BuildValue("{s:d,s:d,s:d,s:d,s:d,s:d,s:d,s:d,s:L,s:L,s:f,s:f}", "loss", s->loss, "ce", s->ce, "kd", s->kd,
-                         "tckd", s->tckd, "nckd", s->nckd, "tolerant", s->tolerant, "accuracy", s->accuracy,
-                         "teacher_accuracy", s->teacher_accuracy, "samples", (long long)s->samples, "steps",
-                         (long long)s->steps, "lr", (double)s->lr, "kd_weight", (double)s->kd_weight);
+    return Py_BuildValue("{s:d,s:d,s:d,s:d,s:d,s:d,s:d,s:d,s:L,s:L,s:L,s:f,s:f}", "loss", s->loss, "ce", s->ce,
+                         "kd", s->kd, "tckd", s->tckd, "nckd", s->nckd, "tolerant", s->tolerant, "accuracy",
+                         s->accuracy, "teacher_accuracy", s->teacher_accuracy, "samples", (long long)s->samples,
+                         "steps", (long long)s->steps, "skipped_steps", (long long)s->skipped_steps, "lr",
+                         (double)s->lr, "kd_weight", (double)s->kd_weight);
 }
 
 // train_epoch(net, opt, data, epoch, train_options) -> dict
@@ -954,8 +967,9 @@ static PyObject * py_train_epoch(PyObject * Py_UNUSED(m), PyObject * args) {
     Py_END_ALLOW_THREADS
     net_release(net);
     if (st != KD_OK) return kd_raise(st);
-    return Py_BuildValue("{s:d,s:d,s:L,s:L,s:f}", "loss", es.loss, "accuracy", es.accuracy, "samples",
-                         (long long)es.samples, "steps", (long long)es.steps, "lr", (double)es.lr);
+    return Py_BuildValue("{s:d,s:d,s:L,s:L,s:L,s:f}", "loss", es.loss, "accuracy", es.accuracy, "samples",
+                         (long long)es.samples, "steps", (long long)es.steps, "skipped_steps",
+                         (long long)es.skipped_steps, "lr", (double)es.lr);
 }
 
 // Teacher logits: a list of float32 (n, V) arrays; references kept in `hold`.
@@ -1200,10 +1214,11 @@ static PyObject * py_slkd_epoch(PyObject * Py_UNUSED(m), PyObject * args, PyObje
     Py_END_ALLOW_THREADS
     release_all(nets, nn);
     if (st != KD_OK) { kd_raise(st); goto fail; }
-    ret = Py_BuildValue("{s:d,s:d,s:d,s:(dd),s:d,s:(dd),s:d,s:L,s:L,s:f}", "loss", s.loss, "loss_ts", s.loss_ts,
+    ret = Py_BuildValue("{s:d,s:d,s:d,s:(dd),s:d,s:(dd),s:d,s:L,s:L,s:L,s:f}", "loss", s.loss, "loss_ts", s.loss_ts,
                         "loss_slts", s.loss_slts, "loss_sl", s.loss_sl[0], s.loss_sl[1], "accuracy", s.accuracy,
                         "sl_accuracy", s.sl_accuracy[0], s.sl_accuracy[1], "teacher_accuracy", s.teacher_accuracy,
-                        "samples", (long long)s.samples, "steps", (long long)s.steps, "lr", (double)s.lr);
+                        "samples", (long long)s.samples, "steps", (long long)s.steps, "skipped_steps",
+                        (long long)s.skipped_steps, "lr", (double)s.lr);
 fail:
     Py_XDECREF(hold[0]);
     return ret;
@@ -1582,6 +1597,16 @@ static PyObject * py_get_num_threads(PyObject * Py_UNUSED(m), PyObject * Py_UNUS
     return PyLong_FromLong(kd_get_num_threads());
 }
 
+static PyObject * py_set_deterministic(PyObject * Py_UNUSED(m), PyObject * arg) {
+    if (!PyBool_Check(arg)) return PyErr_Format(PyExc_TypeError, "on must be a bool, got %s", Py_TYPE(arg)->tp_name);
+    kd_set_deterministic(arg == Py_True);
+    Py_RETURN_NONE;
+}
+
+static PyObject * py_get_deterministic(PyObject * Py_UNUSED(m), PyObject * Py_UNUSED(a)) {
+    return PyBool_FromLong(kd_get_deterministic());
+}
+
 static PyObject * py_blas_config(PyObject * Py_UNUSED(m), PyObject * Py_UNUSED(a)) {
     return PyUnicode_FromString(kd_blas_config());
 }
@@ -1831,6 +1856,8 @@ static PyMethodDef module_methods[] = {
     { "schedule_lr", (PyCFunction)py_schedule_lr, METH_VARARGS, "lr of a schedule at (epoch, step)" },
     { "set_num_threads", (PyCFunction)py_set_num_threads, METH_O, "set OpenMP/OpenBLAS threads" },
     { "get_num_threads", (PyCFunction)py_get_num_threads, METH_NOARGS, "OpenMP threads" },
+    { "set_deterministic", (PyCFunction)py_set_deterministic, METH_O, "thread-count-independent results on/off" },
+    { "get_deterministic", (PyCFunction)py_get_deterministic, METH_NOARGS, "deterministic mode on?" },
     { "blas_config", (PyCFunction)py_blas_config, METH_NOARGS, "BLAS build description" },
     { "ckpt_write", (PyCFunction)py_ckpt_write, METH_VARARGS,
       "ckpt_write(path, [(name, array)], metadata=None): atomic safetensors write" },

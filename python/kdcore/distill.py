@@ -57,7 +57,7 @@ def distill(student, teacher, train, method="kd", epochs=10, batch_size=128, opt
             multi="avg_prob", learn_gates=False, gate_lr=0.1, teacher_drop=0.0, fickle=False, student_noise=0.0,
             tolerant=None, cache="auto",
             label_smoothing=0.0, drop_last=False, max_steps=None, callback=None, callback_every=20,
-            checkpoint=None, checkpoint_every=1, checkpoint_best=False, resume=False):
+            checkpoint=None, checkpoint_every=1, checkpoint_best=False, resume=False, nonfinite="raise"):
     """Offline distillation of ``student`` from ``teacher``; returns the student's History.
 
     teacher: a trained model, a list of models (multi-teacher), or precomputed logits
@@ -86,12 +86,14 @@ def distill(student, teacher, train, method="kd", epochs=10, batch_size=128, opt
     checkpoint holds the student (role "student"; teachers are not saved), its optimizer
     state, the learned gates, the history and the epoch; resuming continues after the saved
     epoch, bitwise as the uninterrupted run (same settings, teachers and thread count).
+    nonfinite: 'raise' or 'skip', as in ``kdcore.fit`` (a dropped step leaves the learned gates
+    as they were too).
     """
     _check_model(student)
     if method not in _KINDS:
         raise ValueError(f"method must be one of {sorted(_KINDS)}, got {method!r}")
     c = _Common(train, epochs, batch_size, optimizer, lr, schedule, augment, val, seed, progress,
-                label_smoothing, drop_last, max_steps, callback, callback_every)
+                label_smoothing, drop_last, max_steps, callback, callback_every, nonfinite)
     d_ce, d_kd, d_T, d_warm = _DEFAULTS[method]
     opts = dict(kind=_KINDS[method],
                 T=_check_float("T", d_T if T is None else T, 0, lo_open=True),
@@ -174,7 +176,7 @@ def distill(student, teacher, train, method="kd", epochs=10, batch_size=128, opt
             row.update(tckd=st["tckd"], nckd=st["nckd"])
         if tolerant is not None:
             row["tolerant"] = st["tolerant"]
-        row.update(train_acc=st["accuracy"], lr=st["lr"], kd_weight=st["kd_weight"])
+        row.update(train_acc=st["accuracy"], lr=st["lr"], kd_weight=st["kd_weight"], skipped_steps=st["skipped_steps"])
         if method != "ce":
             row["teacher_train_acc"] = st["teacher_accuracy"]
         if gates is not None:
@@ -211,7 +213,7 @@ def _kl_to_probs(zs, q):
 def mutual(models, train, epochs=10, batch_size=128, optimizer="sgd", lr=None, schedule=None, augment=None,
            val=None, seed=0, progress=True, T=1.0, ce_weight=1.0, kd_weight=1.0, ensemble=False,
            label_smoothing=0.0, drop_last=False, max_steps=None, callback=None, callback_every=20,
-           checkpoint=None, checkpoint_every=1, checkpoint_best=False, resume=False):
+           checkpoint=None, checkpoint_every=1, checkpoint_best=False, resume=False, nonfinite="raise"):
     """Deep mutual learning (eq. 27): the peers train together on the same batches, each
     minimising ce_weight * CE + kd_weight * mean over the other peers of T^2 KL(sg(p_j^T) ||
     p_k^T). ensemble=True: each peer learns instead from the detached average of all peers'
@@ -223,6 +225,8 @@ def mutual(models, train, epochs=10, batch_size=128, optimizer="sgd", lr=None, s
     checkpoint holds every peer (roles "peer0", "peer1", ...), their optimizer states, the
     history and the epoch; resuming continues after the saved epoch, bitwise as the
     uninterrupted run (same settings and thread count).
+    nonfinite: 'raise' or 'skip', as in ``kdcore.fit``; a non-finite term of any peer drops
+    the step for all of them.
     """
     if not isinstance(models, (list, tuple)) or len(models) < 2:
         raise ValueError("mutual needs a list of at least 2 models")
@@ -231,7 +235,7 @@ def mutual(models, train, epochs=10, batch_size=128, optimizer="sgd", lr=None, s
     if len({id(m) for m in models}) != len(models):
         raise ValueError("the same model appears twice in models")
     c = _Common(train, epochs, batch_size, optimizer, lr, schedule, augment, val, seed, progress,
-                label_smoothing, drop_last, max_steps, callback, callback_every)
+                label_smoothing, drop_last, max_steps, callback, callback_every, nonfinite)
     T = _check_float("T", T, 0, lo_open=True)
     ce_weight = _check_float("ce_weight", ce_weight, 0)
     kd_weight = _check_float("kd_weight", kd_weight, 0)
@@ -244,7 +248,7 @@ def mutual(models, train, epochs=10, batch_size=128, optimizer="sgd", lr=None, s
         sts = _kdcore.mutual_epoch([m.net for m in models], opts, c.train._c, epoch, topts, T=T,
                                    ce_weight=ce_weight, kd_weight=kd_weight, ensemble=bool(ensemble))
         row = dict(train_loss=sts[0]["loss"], train_acc=sts[0]["accuracy"], lr=sts[0]["lr"],
-                   ensemble_train_acc=sts[0]["teacher_accuracy"])
+                   ensemble_train_acc=sts[0]["teacher_accuracy"], skipped_steps=sts[0]["skipped_steps"])
         for k, st in enumerate(sts):
             row.update({f"peer{k}_loss": st["loss"], f"peer{k}_ce": st["ce"], f"peer{k}_kd": st["kd"],
                         f"peer{k}_train_acc": st["accuracy"]})
@@ -269,7 +273,7 @@ def slkd(student, teacher, train, sl_teachers=None, n_sl=2, epochs=10, batch_siz
          schedule=None, augment=None, val=None, seed=0, progress=True, T=4.0, alpha=0.1, lam=1.0, eta=3.0,
          rho=0.5, fuse="logits", sl_grad=False, sequential=False, replay="trajectory", sl_optimizer=None, cache="auto",
          label_smoothing=0.0, drop_last=False, max_steps=None, callback=None, callback_every=20,
-         checkpoint=None, checkpoint_every=1, checkpoint_best=False, resume=False):
+         checkpoint=None, checkpoint_every=1, checkpoint_best=False, resume=False, nonfinite="raise"):
     """SLKD (seed 001): the student learns from the frozen teacher and from self-learning
     teachers (SL-Ts) with the teacher's architecture, trained from scratch alongside it.
 
@@ -298,14 +302,19 @@ def slkd(student, teacher, train, sl_teachers=None, n_sl=2, epochs=10, batch_siz
     checkpoint holds the student and the SL-teachers (roles "student", "sl0", "sl1"; not the
     frozen teacher), their optimizer states, the history and the epoch; resuming continues
     after the saved epoch, bitwise as the uninterrupted run (same settings, teacher and thread
-    count). Parallel SLKD only: sequential=True (SLKD*) refuses checkpoint/resume.
+    count). With sequential=True (SLKD*) the checkpoint holds the phase-2 student; a resume
+    first re-runs phase 1 (the SL-teachers' training, deterministic, so the same trajectory:
+    its SHA-256 is kept in the checkpoint's settings, and a different one is reported as
+    changed settings) and then continues phase 2 after the saved epoch.
+    nonfinite: 'raise' or 'skip', as in ``kdcore.fit``; a non-finite term or gradient of the
+    student or an SL-teacher drops the whole step (all of them stay as they were).
     """
     _check_model(student)
     _check_model(teacher)
     if student is teacher:
         raise ValueError("the student cannot be its own teacher")
     c = _Common(train, epochs, batch_size, optimizer, lr, schedule, augment, val, seed, progress,
-                label_smoothing, drop_last, max_steps, callback, callback_every)
+                label_smoothing, drop_last, max_steps, callback, callback_every, nonfinite)
     n_sl = _check_int("n_sl", n_sl, 1)
     if n_sl > 2:
         raise ValueError(f"n_sl must be 1 or 2, got {n_sl}")
@@ -315,8 +324,6 @@ def slkd(student, teacher, train, sl_teachers=None, n_sl=2, epochs=10, batch_siz
         raise ValueError(f"replay must be 'trajectory' or 'final', got {replay!r}")
     if sl_grad and (fuse == "probs" or sequential):
         raise ValueError("sl_grad needs parallel SLKD with logit fusion")
-    if sequential and (checkpoint is not None or resume):
-        raise ValueError("checkpoint/resume are supported by parallel SLKD only (sequential=False)")
     opts = dict(T=_check_float("T", T, 0, lo_open=True), alpha=_check_float("alpha", alpha, 0, 1),
                 **{"lambda": _check_float("lam", lam, 0)}, eta=_check_float("eta", eta, 0),
                 rho=_check_float("rho", rho, 0, 1), fuse_probs=fuse == "probs", sl_grad=bool(sl_grad))
@@ -334,7 +341,8 @@ def slkd(student, teacher, train, sl_teachers=None, n_sl=2, epochs=10, batch_siz
         raise ValueError("teacher outputs cannot be cached with augmentation")
     use_cache = cache is True or (cache == "auto" and not c.augmented)
     c.set_checkpointing(checkpoint, checkpoint_every, checkpoint_best, resume,
-                        dict(scheme="slkd", n_sl=n_sl, fuse=fuse, **opts))
+                        dict(scheme="slkd", n_sl=n_sl, fuse=fuse, **opts,
+                             **(dict(sequential=True, replay=replay) if sequential else {})))
     teacher.eval()
     zt = predict(teacher, c.train, batch_size=512) if use_cache else None
     opt_s = c.opt.bind(student)
@@ -370,7 +378,7 @@ def slkd(student, teacher, train, sl_teachers=None, n_sl=2, epochs=10, batch_siz
 
     def row_of(st):
         row = dict(train_loss=st["loss"], loss_ts=st["loss_ts"], loss_slts=st["loss_slts"], train_acc=st["accuracy"],
-                   lr=st["lr"], teacher_train_acc=st["teacher_accuracy"])
+                   lr=st["lr"], teacher_train_acc=st["teacher_accuracy"], skipped_steps=st["skipped_steps"])
         for j in range(n_sl):
             row[f"sl{j}_loss"] = st["loss_sl"][j]
             row[f"sl{j}_train_acc"] = st["sl_accuracy"][j]
@@ -393,11 +401,15 @@ def slkd(student, teacher, train, sl_teachers=None, n_sl=2, epochs=10, batch_siz
         distill(s, zt if use_cache else teacher, c.train, method="kd", epochs=c.epochs, batch_size=c.batch_size,
                 optimizer=sl_opt, schedule=c.sched, augment=c.augment, seed=c.seed + 1 + j, progress=c.progress,
                 T=opts["T"], ce_weight=alpha, kd_weight=1 - alpha, label_smoothing=c.label_smoothing,
-                drop_last=c.drop_last, max_steps=c.max_steps or None,
+                drop_last=c.drop_last, max_steps=c.max_steps or None, nonfinite=c.nonfinite, cache=use_cache,
                 callback=lambda e, row, s=s, snaps=snaps: snaps.append(s.state_dict()) and False)
         trajectory.append(snaps)
     frozen = dict(opts, sl_frozen=True)
     final = [s.state_dict() for s in sl_teachers]
+    if c.checkpoint is not None:
+        # Phase 1 is not checkpointed: a resume re-runs it. Its result fingerprints the run, so
+        # that resuming with other SL-teachers (or another teacher) is reported.
+        c.run_config["sl_trajectory_sha256"] = _states_digest(trajectory)
 
     def run_seq(epoch, topts):
         for j, s in enumerate(sl_teachers):
@@ -406,17 +418,30 @@ def slkd(student, teacher, train, sl_teachers=None, n_sl=2, epochs=10, batch_siz
         return row_of(_kdcore.slkd_epoch(student.net, opt_s, [s.net for s in sl_teachers], None, c.train._c,
                                          epoch, topts, frozen, **t_kw))
 
-    hist = c.loop([student], run_seq, extra_metrics=extra if c.val is not None else None)
+    hist = c.loop([student], run_seq, extra_metrics=extra if c.val is not None else None, optimizers=[opt_s],
+                  roles=["student"])
     for j, s in enumerate(sl_teachers):
         s.load_state_dict(final[j])
     student.sl_teachers = list(sl_teachers)
     return hist
 
 
+def _states_digest(trajectory):
+    """SHA-256 over a list (per SL-teacher) of lists (per epoch) of state dicts."""
+    import hashlib
+    h = hashlib.sha256()
+    for snaps in trajectory:
+        for sd in snaps:
+            for k, v in sd.items():
+                h.update(k.encode())
+                h.update(np.ascontiguousarray(v).tobytes())
+    return h.hexdigest()
+
+
 def multi_exit(model, train, teacher=None, epochs=10, batch_size=128, optimizer="sgd", lr=None, schedule=None,
                augment=None, val=None, seed=0, progress=True, T=3.0, ce_weight=None, kd_weight=None, cache="auto",
                label_smoothing=0.0, drop_last=False, max_steps=None, callback=None, callback_every=20,
-               checkpoint=None, checkpoint_every=1, checkpoint_best=False, resume=False):
+               checkpoint=None, checkpoint_every=1, checkpoint_best=False, resume=False, nonfinite="raise"):
     """Train a multi-exit network (``kdcore.nn.MultiExit``, e.g. ``models.with_exits(resnet8(),
     ["layer1", "layer2"])``).
 
@@ -432,12 +457,13 @@ def multi_exit(model, train, teacher=None, epochs=10, batch_size=128, optimizer=
     checkpoint holds the model (role "model"; not the teacher), its optimizer state, the
     history and the epoch; resuming continues after the saved epoch, bitwise as the
     uninterrupted run (same settings, teacher and thread count).
+    nonfinite: 'raise' or 'skip', as in ``kdcore.fit``.
     """
     from .nn import MultiExit
     if not isinstance(model, MultiExit):
         raise TypeError("model must be a kdcore.nn.MultiExit (see kdcore.models.with_exits)")
     c = _Common(train, epochs, batch_size, optimizer, lr, schedule, augment, val, seed, progress,
-                label_smoothing, drop_last, max_steps, callback, callback_every)
+                label_smoothing, drop_last, max_steps, callback, callback_every, nonfinite)
     self_kd = teacher is None
     ce_weight = _check_float("ce_weight", (0.7 if self_kd else 0.1) if ce_weight is None else ce_weight, 0)
     kd_weight = _check_float("kd_weight", (0.3 if self_kd else 0.9) if kd_weight is None else kd_weight, 0)
@@ -465,7 +491,8 @@ def multi_exit(model, train, teacher=None, epochs=10, batch_size=128, optimizer=
     def run(epoch, topts):
         st, accs = _kdcore.exits_epoch(model.net, copt, exits, c.train._c, epoch, topts, T=T, ce_weight=ce_weight,
                                        kd_weight=kd_weight, **t_kw)
-        row = dict(train_loss=st["loss"], ce=st["ce"], kd=st["kd"], train_acc=st["accuracy"], lr=st["lr"])
+        row = dict(train_loss=st["loss"], ce=st["ce"], kd=st["kd"], train_acc=st["accuracy"], lr=st["lr"],
+                   skipped_steps=st["skipped_steps"])
         row.update({f"exit_{n}_train_acc": a for n, a in zip(names, accs)})
         return row
 

@@ -10,7 +10,7 @@ Conventions shared by every scheme:
   defaults and what each weight multiplies.
 * ``**fit_kw`` are the training options passed unchanged to every stage: batch_size,
   optimizer, lr, schedule, augment, progress, label_smoothing, drop_last, max_steps,
-  callback, callback_every. ``distill_kw`` (a dict) passes further ``distill`` options
+  callback, callback_every, nonfinite ('raise' or 'skip', see ``kdcore.fit``). ``distill_kw`` (a dict) passes further ``distill`` options
   (warmup_epochs, conditional, cache, alpha/beta for DKD, ...) to the distillation stages.
 * Stage i of a scheme (0 = the first model trained) uses the training seed ``seed + i``.
 * Each stage logs its own History; with ``val`` every History has val_acc per epoch.
@@ -32,7 +32,7 @@ __all__ = ["born_again", "takd", "dgkd", "snapshot_distill", "eskd", "tf_kd",
            "BornAgainResult", "TAKDResult", "DGKDResult", "SnapshotResult", "ESKDResult", "TfKDResult"]
 
 _FIT_KEYS = ("batch_size", "optimizer", "lr", "schedule", "augment", "progress", "label_smoothing", "drop_last",
-             "max_steps", "callback", "callback_every")
+             "max_steps", "callback", "callback_every", "nonfinite")
 
 
 # ---- results ---------------------------------------------------------------------------

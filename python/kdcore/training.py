@@ -125,19 +125,30 @@ class _Progress:
 
 
 def _train_options(batch_size, schedule, base_lr, epochs, seed, augment, label_smoothing, drop_last, max_steps,
-                   callback_every, bar):
+                   callback_every, bar, nonfinite="raise"):
     """The dict the C loops read (see parse_train_cfg in _kdcore.c)."""
     return dict(batch_size=batch_size, schedule=schedule._tuple(base_lr, epochs), gamma=schedule._gamma(),
                 seed=seed, shuffle=True, drop_last=drop_last, max_steps=max_steps,
-                label_smoothing=label_smoothing, callback=bar, callback_every=callback_every, **augment)
+                label_smoothing=label_smoothing, callback=bar, callback_every=callback_every, nonfinite=nonfinite,
+                **augment)
+
+
+_NONFINITE = ("raise", "skip")
+
+
+def _check_nonfinite(nonfinite):
+    if not isinstance(nonfinite, str) or nonfinite not in _NONFINITE:
+        raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
+    return nonfinite
 
 
 class _Common:
     """Options every training entry point shares, validated once."""
 
     def __init__(self, train, epochs, batch_size, optimizer, lr, schedule, augment, val, seed, progress,
-                 label_smoothing, drop_last, max_steps, callback, callback_every):
+                 label_smoothing, drop_last, max_steps, callback, callback_every, nonfinite="raise"):
         self.train = _as_dataset(train, "train")
+        self.nonfinite = _check_nonfinite(nonfinite)
         self.val = None if val is None else _as_dataset(val, "val")
         self.epochs = _check_int("epochs", epochs, 1)
         self.batch_size = _check_int("batch_size", batch_size, 1)
@@ -188,7 +199,7 @@ class _Common:
     def options(self, bar, seed_offset=0):
         return _train_options(self.batch_size, self.sched, self.opt.lr, self.epochs, self.seed + seed_offset,
                               self.augment, self.label_smoothing, self.drop_last, self.max_steps,
-                              self.callback_every, bar)
+                              self.callback_every, bar, self.nonfinite)
 
     def loop(self, models, run_epoch, extra_metrics=None, history=None, optimizers=None, roles=None,
              extra_state=None):
@@ -243,7 +254,7 @@ class _Common:
 def fit(model, train, epochs=10, batch_size=128, optimizer="sgd", lr=None, schedule=None, augment=None,
         val=None, seed=0, progress=True, label_smoothing=0.0, drop_last=False, max_steps=None,
         callback=None, callback_every=20, keep_snapshots=(), checkpoint=None, checkpoint_every=1,
-        checkpoint_best=False, resume=False):
+        checkpoint_best=False, resume=False, nonfinite="raise"):
     """Train ``model`` with softmax cross-entropy; returns a History.
 
     train / val: Dataset or (X, y). optimizer: 'sgd' | 'adam' | 'adamw' or a kdcore.optim
@@ -263,10 +274,15 @@ def fit(model, train, epochs=10, batch_size=128, optimizer="sgd", lr=None, sched
     (Snapshots kept before the interruption are not in the checkpoint.)
     Ctrl-C stops within a step: the model keeps the last completed step, KeyboardInterrupt
     propagates, and the history so far is in ``model.history``.
+    nonfinite: what a step with a NaN/Inf loss term or gradient does. 'raise' (default): stop
+    with RuntimeError naming the epoch, the step, the term and the network. 'skip': drop
+    the step -- parameters, optimizer state, BN running statistics (and learned gates in
+    distill) stay bitwise as before it -- and go on; the history's ``skipped_steps`` counts
+    the dropped steps of each epoch, whose samples are left out of train_loss/train_acc.
     """
     _check_model(model)
     c = _Common(train, epochs, batch_size, optimizer, lr, schedule, augment, val, seed, progress,
-                label_smoothing, drop_last, max_steps, callback, callback_every)
+                label_smoothing, drop_last, max_steps, callback, callback_every, nonfinite)
     snaps = {_check_int("keep_snapshots[]", e, 0) for e in keep_snapshots}
     copt = c.opt.bind(model)
     c.set_checkpointing(checkpoint, checkpoint_every, checkpoint_best, resume, dict(scheme="fit"))
@@ -277,7 +293,7 @@ def fit(model, train, epochs=10, batch_size=128, optimizer="sgd", lr=None, sched
         st = _kdcore.train_epoch(model.net, copt, c.train._c, epoch, topts)
         if epoch in snaps:
             hist.snapshots[epoch] = model.state_dict()
-        return dict(train_loss=st["loss"], train_acc=st["accuracy"], lr=st["lr"])
+        return dict(train_loss=st["loss"], train_acc=st["accuracy"], lr=st["lr"], skipped_steps=st["skipped_steps"])
 
     return c.loop([model], run, history=hist, optimizers=[copt], roles=["model"])
 

@@ -973,6 +973,74 @@ static void test_linear_threads(void) {
     free(inp); free(w); free(b); free(dout);
 }
 
+// Deterministic mode: linear and conv results bitwise equal at 1, 2 and 3 threads, weight
+// gradients included (the kernels whose reductions otherwise follow the thread count). The
+// sizes let OpenBLAS thread (linear), span several tiles, and give conv batches that do not
+// divide evenly into the threads or the chunks.
+static void test_deterministic_threads(void) {
+    kd_set_deterministic(true);
+    int N = 150, C = 300, OC = 270;   // tiles: 2 x 2 (forward), 2 x 2 (dinp), 3 x 2 (dweight)
+    size_t ni = (size_t)N * C, nw = (size_t)OC * C, no = (size_t)N * OC;
+    float * inp = frand(ni, 85), * w = frand(nw, 86), * b = frand(OC, 87), * dout = frand(no, 88);
+    float * out[3], * dinp[3], * dw[3], * db[3];
+    for (int t = 0; t < 3; t++) {
+        set_threads(t + 1);
+        out[t] = fzeros(no); dinp[t] = fzeros(ni); dw[t] = fzeros(nw); db[t] = fzeros(OC);
+        kd_linear_forward(out[t], inp, w, b, N, C, OC);
+        kd_linear_backward(dinp[t], dw[t], db[t], dout, inp, w, N, C, OC);
+    }
+    for (int t = 1; t < 3; t++) {
+        CHECK(bitwise_equal(out[0], out[t], no) && bitwise_equal(dinp[0], dinp[t], ni) &&
+              bitwise_equal(dw[0], dw[t], nw) && bitwise_equal(db[0], db[t], OC),
+              "deterministic linear: 1 vs %d threads not bitwise equal", t + 1);
+    }
+    // Still the same product (tiling changes rounding only).
+    float * ref = fzeros(no), * rdinp = fzeros(ni), * rdw = fzeros(nw), * rdb = fzeros(OC);
+    ref_linear_fwd(ref, inp, w, b, N, C, OC);
+    ref_linear_bwd(rdinp, rdw, rdb, dout, inp, w, N, C, OC);
+    check_close("deterministic linear fwd vs reference", out[0], ref, no, 3e-5, 1e-5);
+    check_close("deterministic linear dinp vs reference", dinp[0], rdinp, ni, 3e-5, 1e-5);
+    check_close("deterministic linear dweight vs reference", dw[0], rdw, nw, 1e-4, 1e-5);
+    free(ref); free(rdinp); free(rdw); free(rdb);
+    for (int t = 0; t < 3; t++) { free(out[t]); free(dinp[t]); free(dw[t]); free(db[t]); }
+    free(inp); free(w); free(b); free(dout);
+
+    const struct kd_conv_shape shapes[] = {
+        conv_shape(13, 8, 12, 11, 16, 3, 1, 1, 1),   // shift path, 13 images in 8 chunks
+        conv_shape(5, 16, 14, 14, 32, 3, 2, 1, 1),   // stride 2, fewer images than chunks
+        conv_shape(11, 64, 7, 7, 64, 3, 1, 1, 1),    // col path, groups of images
+        conv_shape(9, 8, 6, 6, 16, 3, 1, 1, 2),      // groups
+    };
+    for (size_t k = 0; k < sizeof shapes / sizeof *shapes; k++) {
+        const struct kd_conv_shape * s = &shapes[k];
+        struct conv_bufs q = conv_bufs_new(s, 1, 900 + 10 * k);
+        float * cout[3], * cdinp[3], * cdw[3], * cdb[3];
+        for (int t = 0; t < 3; t++) {
+            set_threads(t + 1);
+            float * work = conv_work(s);
+            cout[t] = fzeros(q.no); cdinp[t] = fzeros(q.ni); cdw[t] = fzeros(q.nw); cdb[t] = fzeros(s->OC);
+            kd_conv2d_forward(cout[t], q.inp, q.w, q.b, s, work);
+            kd_conv2d_backward(cdinp[t], cdw[t], cdb[t], q.dout, q.inp, q.w, s, work);
+            free(work);
+        }
+        for (int t = 1; t < 3; t++) {
+            CHECK(bitwise_equal(cout[0], cout[t], q.no) && bitwise_equal(cdinp[0], cdinp[t], q.ni) &&
+                  bitwise_equal(cdw[0], cdw[t], q.nw) && bitwise_equal(cdb[0], cdb[t], s->OC),
+                  "deterministic conv N%d C%d OC%d S%d G%d: 1 vs %d threads not bitwise equal",
+                  s->N, s->C, s->OC, s->S, s->G, t + 1);
+        }
+        for (int t = 0; t < 3; t++) { free(cout[t]); free(cdinp[t]); free(cdw[t]); free(cdb[t]); }
+        conv_bufs_free(&q);
+    }
+    // The workspace covers the chunks' partials whatever the thread count.
+    struct kd_conv_shape ws = conv_shape(8, 16, 10, 12, 32, 3, 1, 1, 2);
+    CHECK(kd_conv2d_workspace(&ws, 1) == kd_conv2d_workspace(&ws, KD_DET_CONV_CHUNKS),
+          "deterministic conv workspace holds every chunk's partial");
+    kd_set_deterministic(false);
+    CHECK(kd_conv2d_workspace(&ws, 1) < kd_conv2d_workspace(&ws, 2), "workspace back to per-thread");
+    set_threads(2);
+}
+
 static void test_bn_threads(void) {
     int N = 8, C = 16, HW = 300;
     size_t n = (size_t)N * C * HW;
@@ -1143,6 +1211,7 @@ int main(void) {
     kd_conv_force_path(0);
     test_bn_threads();
     test_blas_threading();
+    test_deterministic_threads();
 #endif
     return kdt_finish();
 }
