@@ -168,3 +168,19 @@ def test_sequential_slkd_resume_deterministic(tmp_path, data, teacher):
     # other SL-teachers give another trajectory: reported as changed settings
     with pytest.warns(RuntimeWarning, match="sl_trajectory_sha256"):
         run([wide(6), wide(60, 64), wide(61, 64)], 4, str(tmp_path / "run.safetensors"), True, 1)
+
+
+def test_inference_chunks_do_not_depend_on_threads():
+    """predict/evaluate run in chunks of images; OpenBLAS's sums depend on the rows of a
+    product, so in deterministic mode the automatic chunk size must not follow the thread
+    count (it otherwise does: the budget is the L2 of the threads in use)."""
+    kdcore.set_deterministic(True)
+    m = kdcore.models.cnn(num_classes=10, input_size=28, width=4, seed=5).eval()
+    x = np.random.default_rng(0).normal(0, 1, (1000, 1, 28, 28)).astype(np.float32)
+    out, chunks = [], []
+    for threads in (1, 2):
+        kdcore.set_num_threads(threads)
+        out.append(m(x, grad=False).copy())
+        chunks.append(m.net.last_chunk())
+    assert chunks[0] == chunks[1] < 1000
+    assert out[0].tobytes() == out[1].tobytes()

@@ -619,14 +619,16 @@ static void cache_need(const struct kd_node * nd, size_t * fixed, size_t * per_i
 // below 64 images (each conv call re-packs its weights, and packing must stay a small cost
 // next to the chunk's arithmetic: for resnet8x4's 256-channel layer, 64 images amortise the
 // 2.4 MB of weights to ~2% of the work) nor above 128 (batch 128 is where the kernels were
-// tuned and already run at full speed; larger chunks only cost memory).
+// tuned and already run at full speed; larger chunks only cost memory). In deterministic
+// mode the budget is one thread's L2 whatever the thread count: linear layers' sums depend
+// on the rows of a product, so the chunk size must not follow the threads.
 static int auto_chunk(size_t peak_per_image_floats) {
     long l2 = 0;
 #ifdef _SC_LEVEL2_CACHE_SIZE
     l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
 #endif
     if (l2 <= 0) l2 = 1L << 20;   // not reported (some VMs): assume 1 MB per core
-    size_t budget = (size_t)l2 * (size_t)kd_omp_threads();
+    size_t budget = (size_t)l2 * (size_t)(kd_get_deterministic() ? 1 : kd_omp_threads());
     size_t f = peak_per_image_floats * sizeof(float);
     size_t b = f ? budget / f : 128;
     return b < 64 ? 64 : b > 128 ? 128 : (int)b;
