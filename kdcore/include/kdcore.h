@@ -230,7 +230,8 @@ KD_API const float * kd_net_output(const struct kd_net * net, int node);
 //    training loops use inference forwards.
 KD_API enum kd_status kd_net_keep(struct kd_net * net, int node, bool keep);
 // Images per chunk of inference forwards: 0 (default) = automatic (at most 64-128 images,
-// from the per-image activation footprint against the threads' L2 caches, then balanced:
+// from the per-image activation footprint against the threads' L2 caches -- one thread's
+// in deterministic mode, so that chunks do not follow the thread count -- then balanced:
 // 1000 images run as 16 chunks of 63 or 8 of 125); n >= N = one chunk.
 KD_API enum kd_status kd_net_set_chunk(struct kd_net * net, int images);
 // Images per chunk used by the last forward (0 if it was not an inference forward).
