@@ -991,7 +991,7 @@ static int opt_done(struct opt_reader * r) {
             PyObject * names = PyUnicode_FromString("");
             for (int i = 0; names && i < r->n_known; i++)
                 Py_SETREF(names, PyUnicode_FromFormat("%U%s%s", names, i ? ", " : "", r->known[i]));
-            if (names) PyErr_Format(PyExc_ValueError, "unknown %s option %R (known: %U)", r->what, k, names);
+            if (names) PyErr_Format(PyExc_ValueError, "unknown %s options: %R (known: %U)", r->what, k, names);
             Py_XDECREF(names);
             return -1;
         }
