@@ -477,6 +477,102 @@ def test_no_reference_leaks_over_many_calls():
     assert (sys.getrefcount(x), sys.getrefcount(d), sys.getrefcount(bad)) == (rx, rd, rb)
 
 
+def test_refcounts_unchanged_over_1000_calls_success_and_error_paths(tmp_path):
+    """Inputs and outputs of the binding's entry points hold no extra references after 1000
+    calls, on the success and on the error path of each."""
+    K = kdcore._kdcore
+    rng = np.random.default_rng(0)
+    m, t = kdcore.models.mlp([8, 6, 3], seed=1), kdcore.models.mlp([8, 6, 3], seed=2)
+    net, tnet = m.net, t.net
+    opt = K.Optimizer(net, 0, 0.01)
+    X = rng.normal(size=(16, 8)).astype(np.float32)
+    y = (np.arange(16) % 3).astype(np.int64)
+    bad_y = y + 5
+    bad_x = X.astype(np.float64)
+    ds = K.Dataset(X, y, num_classes=3)
+    z = rng.normal(size=(16, 3)).astype(np.float32)
+    zt = rng.normal(size=(16, 3)).astype(np.float32)
+    topts = dict(batch_size=16, schedule=(0, 0.01, [], 1, 0.0, 0), callback=None)
+    bad_topts = dict(topts, bogus=1)
+    dopts = dict(kind=1, T=4.0)
+    bad_dopts = dict(kind=1, T=-1.0)
+    teachers = [tnet]
+    path = str(tmp_path / "c.safetensors")
+    tensors = [("a", z), ("b", y)]
+    meta = {"k": "v"}
+    objs = dict(net=net, tnet=tnet, opt=opt, X=X, y=y, bad_y=bad_y, bad_x=bad_x, ds=ds, z=z, zt=zt, topts=topts,
+                bad_topts=bad_topts, dopts=dopts, bad_dopts=bad_dopts, teachers=teachers, path=path, tensors=tensors,
+                meta=meta)
+
+    def expect_error(fn, *a, **k):
+        try:
+            fn(*a, **k)
+        except (TypeError, ValueError, OSError):
+            return
+        raise AssertionError(f"{fn} did not raise")
+
+    def round_(i):
+        # The successful checkpoint write fsyncs (~15 ms): every 10th round only.
+        outs = [net.forward(X), K.evaluate(net, ds, 8, logits=True), K.kd_loss(z, zt, 4.0, True),
+                K.cross_entropy(z, y), K.Dataset(X, y, num_classes=3), K.train_epoch(net, opt, ds, 0, topts),
+                K.distill_epoch(net, opt, ds, 0, topts, dopts, teachers=teachers),
+                K.ckpt_write(path, tensors, meta) if i % 10 == 0 else None, K.ckpt_read(path)]
+        expect_error(net.forward, bad_x)
+        expect_error(K.kd_loss, z, bad_x, 4.0)
+        expect_error(K.cross_entropy, z, bad_y)
+        expect_error(K.Dataset, X, bad_y, num_classes=3)
+        expect_error(K.train_epoch, net, opt, ds, 0, bad_topts)
+        expect_error(K.distill_epoch, net, opt, ds, 0, topts, bad_dopts, teachers=teachers)
+        expect_error(K.ckpt_write, path, [("a", bad_x)], meta)
+        expect_error(K.ckpt_read, str(tmp_path / "missing"))
+        return outs
+
+    for i in range(20):
+        outs = round_(i)    # the Dataset in outs holds X and y: keep one round's outputs alive
+    gc.collect()
+    before = {k: sys.getrefcount(v) for k, v in objs.items()}
+    for i in range(1000):
+        outs = round_(i)
+    gc.collect()
+    after = {k: sys.getrefcount(v) for k, v in objs.items()}
+    assert after == before
+    # Outputs: only the list holds them (getrefcount's own argument adds one).
+    # (counted outside the assert: pytest's assertion rewriting holds operands in temporaries)
+    counts = [sys.getrefcount(outs[i]) for i in range(len(outs)) if outs[i] is not None]
+    assert counts == [2] * len(counts)
+    inner = [outs[1][0], outs[2][1], outs[2][2], outs[3][1], outs[8][0]["a"]]
+    counts = [sys.getrefcount(inner[i]) for i in range(len(inner))]
+    assert counts == [3] * len(inner)     # the returned tuple/dict, the list `inner`, the argument
+
+
+def _rss_bytes():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_rss_bounded_over_1000_fit_and_predict_calls():
+    m = kdcore.models.mlp([8, 6, 3], seed=0)
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(32, 8)).astype(np.float32)
+    y = (np.arange(32) % 3).astype(np.int64)
+    data = kdcore.datasets.from_arrays(X, y)
+
+    def round_():
+        kdcore.fit(m, data, epochs=1, batch_size=16, lr=0.01, progress=False)
+        return kdcore.predict(m, X)
+
+    for _ in range(300):           # warm-up: allocator pools, caches, lazily built objects
+        round_()
+    gc.collect()
+    r0 = _rss_bytes()
+    for _ in range(1000):
+        z = round_()
+    gc.collect()
+    grown = _rss_bytes() - r0
+    assert np.all(np.isfinite(z))
+    assert grown < 4 * 2**20, f"RSS grew by {grown / 2**20:.1f} MiB over 1000 fit+predict calls"
+
+
 def test_set_num_threads_and_config(capsys):
     with pytest.raises(ValueError):
         kdcore.set_num_threads(0)

@@ -54,7 +54,7 @@ def test_chunk_setting_and_arenas(rng):
         m.net.set_chunk(n)
         np.testing.assert_allclose(m(x, grad=False), out, rtol=1e-5, atol=1e-6)
         assert m.net.last_chunk() == (1000 if n == 1000 else 1000 // 28 + 1)   # 28 chunks of <= 37: 36
-    with pytest.raises(ValueError, match="chunk"):
+    with pytest.raises(ValueError, match="images must be in 0"):
         m.net.set_chunk(-1)
     m.net.set_chunk(0)
     m(x[:8])                                              # a plain forward: activations, no gradients yet

@@ -11,6 +11,7 @@
 #include <numpy/arrayobject.h>
 
 #include <math.h>
+#include <stdarg.h>
 #include <string.h>
 
 #include "kdcore.h"
@@ -37,6 +38,17 @@ static PyObject * kd_raise(enum kd_status st) {
 
 // ---------------------------------------------------------------------------------------
 // Array arguments. Strict dtypes (no silent casts); non-contiguous input is copied.
+
+// PyErr_Format has no %g: messages with floating-point values go through vsnprintf.
+static PyObject * err_printf(PyObject * type, const char * fmt, ...) {
+    char buf[512];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(buf, sizeof buf, fmt, ap);
+    va_end(ap);
+    PyErr_SetString(type, buf);
+    return NULL;
+}
 
 static const char * dtype_name(PyArrayObject * a) {
     static _Thread_local char buf[64];
@@ -89,6 +101,84 @@ static int check_int(npy_intp v, const char * name) {
 }
 
 // ---------------------------------------------------------------------------------------
+// Argument parsing that names the argument. CPython's messages for a bad "f"/"i"/"p" unit
+// ("must be real number, not str") or an "O!" unit ("argument 1 must be ...") do not say
+// which argument; after a failed PyArg_Parse* this rewrites the error so that it does.
+// names: one per format unit (the kwlist, or a list for positional-only functions).
+
+static void name_parse_error(PyObject * args, PyObject * kwds, const char * fmt, char ** names, const char * prefix) {
+    if (!PyErr_Occurred() || !(PyErr_ExceptionMatches(PyExc_TypeError) || PyErr_ExceptionMatches(PyExc_OverflowError) ||
+                               PyErr_ExceptionMatches(PyExc_ValueError)))
+        return;
+    PyObject * et, * ev, * tb;
+    PyErr_Fetch(&et, &ev, &tb);
+    PyErr_NormalizeException(&et, &ev, &tb);
+    PyObject * es = ev ? PyObject_Str(ev) : NULL;
+    const char * orig = es ? PyUnicode_AsUTF8(es) : NULL;
+    if (!orig) { PyErr_Clear(); orig = "invalid argument"; }
+    Py_ssize_t nargs = args && PyTuple_Check(args) ? PyTuple_GET_SIZE(args) : 0;
+    int argno = 0;
+    if (strncmp(orig, "argument ", 9) == 0) argno = atoi(orig + 9);   // "argument 2 must be X, not Y" ("O!")
+    int i = 0, done = 0;
+    for (const char * f = fmt; *f && *f != ':' && *f != ';' && !done; f++) {
+        char u = *f;
+        if (u == '|' || u == '$') continue;
+        if (u == 'O' && (f[1] == '!' || f[1] == '&')) f++;
+        const char * name = names[i];
+        if (!name) break;
+        PyObject * v = i < nargs ? PyTuple_GET_ITEM(args, i) : (kwds && PyDict_Check(kwds) ? PyDict_GetItemString(kwds, name) : NULL);
+        i++;
+        if (!v) continue;
+        const char * want = NULL;
+        int range = 0;
+        switch (u) {
+        case 'f': case 'd':
+            if (PyFloat_AsDouble(v) == -1.0 && PyErr_Occurred()) want = "a real number";
+            break;
+        case 'i': case 'L': case 'n': {
+            int overflow = 0;
+            long long x = PyLong_Check(v) || PyIndex_Check(v) ? PyLong_AsLongLongAndOverflow(v, &overflow) : 0;
+            if (!(PyLong_Check(v) || PyIndex_Check(v)) || (x == -1 && PyErr_Occurred())) want = "an int";
+            else if (overflow || (u == 'i' && (x < INT_MIN || x > INT_MAX))) { want = "an int"; range = 1; }
+            break;
+        }
+        case 'K':
+            if (!PyLong_Check(v)) want = "an int";
+            break;
+        case 'p':
+            if (PyObject_IsTrue(v) < 0) want = "true or false";
+            break;
+        case 's':
+            if (!PyUnicode_Check(v)) want = "a str";
+            break;
+        case 'O':
+            if (argno == i && *f == '!') {
+                PyErr_Clear();
+                PyErr_Format(PyExc_TypeError, "%s%s %s", prefix, name, orig + 9 + strspn(orig + 9, "0123456789 "));
+                done = 2;
+            }
+            break;
+        default:
+            break;
+        }
+        if (want && !done) {
+            PyErr_Clear();
+            if (range) PyErr_Format(PyExc_ValueError, "%s%s = %R is out of range for a C int", prefix, name, v);
+            else PyErr_Format(PyExc_TypeError, "%s%s must be %s, got %s", prefix, name, want, Py_TYPE(v)->tp_name);
+            done = 1;
+        }
+    }
+    if (done) { Py_XDECREF(et); Py_XDECREF(ev); Py_XDECREF(tb); }
+    else PyErr_Restore(et, ev, tb);
+    Py_XDECREF(es);
+}
+
+#define PARSE_KW(a, k, fmt, kwl, ...) \
+    (PyArg_ParseTupleAndKeywords(a, k, fmt, kwl, __VA_ARGS__) || (name_parse_error(a, k, fmt, kwl, ""), 0))
+#define PARSE_POS(a, fmt, nms, ...) \
+    (PyArg_ParseTuple(a, fmt, __VA_ARGS__) || (name_parse_error(a, NULL, fmt, nms, ""), 0))
+
+// ---------------------------------------------------------------------------------------
 // Net
 
 typedef struct {
@@ -123,21 +213,30 @@ static int Net_init(NetObject * self, PyObject * args, PyObject * kwds) {
     static char * kwlist[] = { "nodes", "seed", NULL };
     PyObject * nodes;
     unsigned long long seed = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|K", kwlist, &nodes, &seed)) return -1;
+    if (!PARSE_KW(args, kwds, "O|K", kwlist, &nodes, &seed)) return -1;
     PyObject * seq = PySequence_Fast(nodes, "nodes must be a sequence of node tuples");
     if (!seq) return -1;
     struct kd_net * net = kd_net_new();
     if (!net) { Py_DECREF(seq); kd_raise(KD_ERR_NOMEM); return -1; }
     Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    if (n == 0) { PyErr_SetString(PyExc_ValueError, "nodes must not be empty"); goto fail; }
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject * t = PySequence_Fast_GET_ITEM(seq, i);
         int type, inp0, inp1, in_ch, out_ch, kernel, stride, padding, groups, bias, init;
         const char * name;
         float eps, momentum, p;
-        if (!PyTuple_Check(t) ||
-            !PyArg_ParseTuple(t, "isiiiiiiiipfffi;node", &type, &name, &inp0, &inp1, &in_ch, &out_ch,
+        static char * node_fields[] = { "type", "name", "inp0", "inp1", "in_ch", "out_ch", "kernel", "stride", "padding",
+                                        "groups", "bias", "eps", "momentum", "p", "init", NULL };
+        char prefix[48];
+        snprintf(prefix, sizeof prefix, "node %zd: ", i);
+        if (!PyTuple_Check(t)) { PyErr_Format(PyExc_TypeError, "node %zd must be a tuple, got %s", i, Py_TYPE(t)->tp_name); goto fail; }
+        if (!PyArg_ParseTuple(t, "isiiiiiiiipfffi;node", &type, &name, &inp0, &inp1, &in_ch, &out_ch,
                               &kernel, &stride, &padding, &groups, &bias, &eps, &momentum, &p, &init)) {
-            if (!PyErr_Occurred()) PyErr_Format(PyExc_TypeError, "node %zd must be a tuple", i);
+            name_parse_error(t, NULL, "isiiiiiiiipfffi", node_fields, prefix);
+            goto fail;
+        }
+        if (init < 0 || init > KD_INIT_KAIMING_IN) {
+            PyErr_Format(PyExc_ValueError, "node %zd ('%s'): unknown init %d", i, name, init);
             goto fail;
         }
         if (type < 0 || type >= KD_LAYER_COUNT) {
@@ -198,7 +297,7 @@ static PyObject * Net_forward(NetObject * self, PyObject * args, PyObject * kwds
     PyObject * xo;
     int mode = KD_MODE_EVAL;
     unsigned long long seed = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|iK", kwlist, &xo, &mode, &seed)) return NULL;
+    if (!PARSE_KW(args, kwds, "O|iK", kwlist, &xo, &mode, &seed)) return NULL;
     if (mode < KD_MODE_EVAL || mode > (KD_MODE_TRAIN | KD_MODE_NO_GRAD))
         return PyErr_Format(PyExc_ValueError, "mode must be in 0..7 (kd_mode flags), got %d", mode);
     PyArrayObject * x = get_array(xo, NPY_FLOAT32, "x");
@@ -219,6 +318,7 @@ fail:
 }
 
 static int node_index(NetObject * self, PyObject * arg, int * node) {
+    if (!self->net) { PyErr_SetString(PyExc_RuntimeError, "the model was not built"); return -1; }
     if (PyLong_Check(arg)) {
         long v = PyLong_AsLong(arg);
         if (v == -1 && PyErr_Occurred()) return -1;
@@ -239,7 +339,7 @@ static int node_index(NetObject * self, PyObject * arg, int * node) {
 
 static PyObject * Net_tap(NetObject * self, PyObject * arg) {
     int node;
-    if (!self->net || node_index(self, arg, &node) < 0) return NULL;
+    if (node_index(self, arg, &node) < 0) return NULL;
     if (!kd_net_output(self->net, node)) {
         PyErr_SetString(PyExc_RuntimeError, kd_net_last_chunk(self->net) > 0
                         ? "the last forward ran without gradients (grad=False, predict, evaluate): only the output "
@@ -255,9 +355,9 @@ static PyObject * Net_grad_add(NetObject * self, PyObject * args, PyObject * kwd
     static char * kwlist[] = { "tap", "grad", "scale", NULL };
     PyObject * tap, * go;
     float scale = 1.0f;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO|f", kwlist, &tap, &go, &scale)) return NULL;
+    if (!PARSE_KW(args, kwds, "OO|f", kwlist, &tap, &go, &scale)) return NULL;
     int node;
-    if (!self->net || node_index(self, tap, &node) < 0) return NULL;
+    if (node_index(self, tap, &node) < 0) return NULL;
     if (!kd_net_output(self->net, node) || kd_net_last_chunk(self->net) > 0) {
         PyErr_SetString(PyExc_RuntimeError, kd_net_last_chunk(self->net) > 0
                         ? "the last forward ran without gradients (grad=False, predict, evaluate): no gradient can be added"
@@ -270,11 +370,12 @@ static PyObject * Net_grad_add(NetObject * self, PyObject * args, PyObject * kwd
     int c, h, w;
     kd_net_node_shape(self->net, node, &c, &h, &w);
     npy_intp want = (npy_intp)kd_net_batch(self->net) * c * h * w;
-    if (PyArray_SIZE(g) != want || PyArray_DIM(g, 0) != kd_net_batch(self->net)) {
+    if (PyArray_NDIM(g) < 1 || PyArray_SIZE(g) != want || PyArray_DIM(g, 0) != kd_net_batch(self->net)) {
         PyErr_Format(PyExc_ValueError, "grad must have the tap's shape (%d, %d, %d, %d) (%zd values), got %zd values",
                      kd_net_batch(self->net), c, h, w, (Py_ssize_t)want, (Py_ssize_t)PyArray_SIZE(g));
         goto fail;
     }
+    if (!isfinite(scale)) { err_printf(PyExc_ValueError, "scale must be finite, got %g", (double)scale); goto fail; }
     if (check_finite(g, "grad") < 0 || net_acquire(self) < 0) goto fail;
     enum kd_status st = kd_net_grad_add(self->net, node, PyArray_DATA(g), scale);
     net_release(self);
@@ -289,7 +390,7 @@ static PyObject * Net_backward(NetObject * self, PyObject * args, PyObject * kwd
     static char * kwlist[] = { "dout", "input_grad", NULL };
     PyObject * dobj = Py_None;
     int want_dinp = 1;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|Op", kwlist, &dobj, &want_dinp)) return NULL;
+    if (!PARSE_KW(args, kwds, "|Op", kwlist, &dobj, &want_dinp)) return NULL;
     if (!self->net) return PyErr_Format(PyExc_RuntimeError, "the model was not built");
     if (!kd_net_output(self->net, -1))
         return PyErr_Format(PyExc_RuntimeError, "backward needs a forward pass first");
@@ -352,10 +453,11 @@ static PyObject * Net_memory(NetObject * self, PyObject * Py_UNUSED(ignored)) {
                          "cache", (Py_ssize_t)m.cache, "inference", (Py_ssize_t)m.inference, "work", (Py_ssize_t)m.work);
 }
 
-static PyObject * Net_set_chunk(NetObject * self, PyObject * arg) {
-    long n = PyLong_AsLong(arg);
-    if (n == -1 && PyErr_Occurred()) return NULL;
-    if (n < 0 || n > INT32_MAX) return PyErr_Format(PyExc_ValueError, "chunk must be in 0..2^31-1 images (0 = automatic), got %ld", n);
+static PyObject * Net_set_chunk(NetObject * self, PyObject * args) {
+    long long n;
+    static char * names[] = { "images", NULL };
+    if (!PARSE_POS(args, "L", names, &n)) return NULL;
+    if (n < 0 || n > INT32_MAX) return PyErr_Format(PyExc_ValueError, "images must be in 0..2^31-1 (0 = automatic), got %lld", n);
     if (!self->net) return PyErr_Format(PyExc_RuntimeError, "the model was not built");
     if (net_acquire(self) < 0) return NULL;
     kd_net_set_chunk(self->net, (int)n);
@@ -369,7 +471,8 @@ static PyObject * Net_last_chunk(NetObject * self, PyObject * Py_UNUSED(ignored)
 
 static PyObject * Net_init_params(NetObject * self, PyObject * args) {
     unsigned long long seed;
-    if (!PyArg_ParseTuple(args, "K", &seed)) return NULL;
+    static char * names[] = { "seed", NULL };
+    if (!PARSE_POS(args, "K", names, &seed)) return NULL;
     if (net_acquire(self) < 0) return NULL;
     kd_net_init_params(self->net, seed);
     net_release(self);
@@ -419,12 +522,17 @@ static PyObject * Net_tensors(NetObject * self, PyObject * Py_UNUSED(i)) {
 static PyObject * Net_bn_batches(NetObject * self, PyObject * args) {
     int node;
     PyObject * value = Py_None;
-    if (!PyArg_ParseTuple(args, "i|O", &node, &value)) return NULL;
+    static char * names[] = { "node", "value", NULL };
+    if (!PARSE_POS(args, "i|O", names, &node, &value)) return NULL;
+    if (!self->net) return PyErr_Format(PyExc_RuntimeError, "the model was not built");
     int64_t * p = kd_net_bn_batches(self->net, node);
     if (!p) return PyErr_Format(PyExc_ValueError, "node %d is not a batchnorm", node);
     if (value != Py_None) {
+        if (PyBool_Check(value) || !PyLong_Check(value))
+            return PyErr_Format(PyExc_TypeError, "value must be an int, got %s", Py_TYPE(value)->tp_name);
         long long v = PyLong_AsLongLong(value);
         if (v == -1 && PyErr_Occurred()) return NULL;
+        if (v < 0) return PyErr_Format(PyExc_ValueError, "value (num_batches_tracked) must be >= 0, got %lld", v);
         *p = v;
     }
     return PyLong_FromLongLong(*p);
@@ -433,7 +541,8 @@ static PyObject * Net_bn_batches(NetObject * self, PyObject * args) {
 // shapes(N, C, H, W) -> [(c, h, w) per node]; plans the net for that input.
 static PyObject * Net_shapes(NetObject * self, PyObject * args) {
     int N, C, H, W;
-    if (!PyArg_ParseTuple(args, "iiii", &N, &C, &H, &W)) return NULL;
+    static char * names[] = { "N", "C", "H", "W", NULL };
+    if (!PARSE_POS(args, "iiii", names, &N, &C, &H, &W)) return NULL;
     if (net_acquire(self) < 0) return NULL;
     enum kd_status st = kd_net_plan(self->net, N, C, H, W);
     net_release(self);
@@ -451,7 +560,7 @@ static PyObject * Net_shapes(NetObject * self, PyObject * args) {
 
 static PyObject * Net_set_output(NetObject * self, PyObject * arg) {
     int node;
-    if (!self->net || node_index(self, arg, &node) < 0) return NULL;
+    if (node_index(self, arg, &node) < 0) return NULL;
     if (net_acquire(self) < 0) return NULL;
     enum kd_status st = kd_net_set_output(self->net, node);
     net_release(self);
@@ -477,7 +586,7 @@ static PyMethodDef Net_methods[] = {
     { "bn_batches", (PyCFunction)Net_bn_batches, METH_VARARGS, "bn_batches(node[, value]) -> num_batches_tracked" },
     { "shapes", (PyCFunction)Net_shapes, METH_VARARGS, "shapes(N, C, H, W) -> per-node (c, h, w)" },
     { "memory", (PyCFunction)Net_memory, METH_NOARGS, "bytes allocated per block (kd_net_memory)" },
-    { "set_chunk", (PyCFunction)Net_set_chunk, METH_O, "set_chunk(images): chunk of inference forwards (0 = automatic)" },
+    { "set_chunk", (PyCFunction)Net_set_chunk, METH_VARARGS, "set_chunk(images): chunk of inference forwards (0 = automatic)" },
     { "last_chunk", (PyCFunction)Net_last_chunk, METH_NOARGS, "images per chunk of the last forward (0: not an inference forward)" },
     { NULL, NULL, 0, NULL },
 };
@@ -516,7 +625,7 @@ static int Optim_init(OptimObject * self, PyObject * args, PyObject * kwds) {
     struct kd_optim_cfg c;
     memset(&c, 0, sizeof c);
     int kind = 0, nesterov = 0, decay_all = 1;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!if|ffpffffp", kwlist, &NetType, &net, &kind, &c.lr,
+    if (!PARSE_KW(args, kwds, "O!if|ffpffffp", kwlist, &NetType, &net, &kind, &c.lr,
                                      &c.momentum, &c.dampening, &nesterov, &c.weight_decay, &c.beta1,
                                      &c.beta2, &c.eps, &decay_all))
         return -1;
@@ -536,7 +645,8 @@ static int Optim_init(OptimObject * self, PyObject * args, PyObject * kwds) {
 
 static PyObject * Optim_step(OptimObject * self, PyObject * args) {
     float lr;
-    if (!PyArg_ParseTuple(args, "f", &lr)) return NULL;
+    static char * names[] = { "lr", NULL };
+    if (!PARSE_POS(args, "f", names, &lr)) return NULL;
     if (!self->opt) return PyErr_Format(PyExc_RuntimeError, "optimizer not initialised");
     if (net_acquire(self->net) < 0) return NULL;
     enum kd_status st;
@@ -556,7 +666,8 @@ static PyObject * Optim_reset(OptimObject * self, PyObject * Py_UNUSED(i)) {
 
 static PyObject * Optim_state(OptimObject * self, PyObject * args) {
     int which;
-    if (!PyArg_ParseTuple(args, "i", &which)) return NULL;
+    static char * names[] = { "which", NULL };
+    if (!PARSE_POS(args, "i", names, &which)) return NULL;
     if (!self->opt) return PyErr_Format(PyExc_RuntimeError, "optimizer not initialised");
     if (which < 0 || which > 1) return PyErr_Format(PyExc_ValueError, "which must be 0 or 1");
     float * p = kd_optim_state(self->opt, which);
@@ -574,8 +685,11 @@ static PyObject * Optim_steps(OptimObject * self, PyObject * args) {
     if (!self->opt) return PyErr_Format(PyExc_RuntimeError, "optimizer not initialised");
     int64_t * p = kd_optim_steps(self->opt);
     if (value != Py_None) {
+        if (PyBool_Check(value) || !PyLong_Check(value))
+            return PyErr_Format(PyExc_TypeError, "steps value must be an int, got %s", Py_TYPE(value)->tp_name);
         long long v = PyLong_AsLongLong(value);
         if (v == -1 && PyErr_Occurred()) return NULL;
+        if (v < 0) return PyErr_Format(PyExc_ValueError, "steps value must be >= 0, got %lld", v);
         *p = v;
     }
     return PyLong_FromLongLong(*p);
@@ -623,7 +737,7 @@ static int Dataset_init(DatasetObject * self, PyObject * args, PyObject * kwds) 
     PyObject * xo, * yo = Py_None, * mo = NULL, * so = NULL;
     float scale = 1.0f;
     int num_classes = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|OfOOi", kwlist, &xo, &yo, &scale, &mo, &so, &num_classes))
+    if (!PARSE_KW(args, kwds, "O|OfOOi", kwlist, &xo, &yo, &scale, &mo, &so, &num_classes))
         return -1;
     if (!PyArray_Check(xo)) { PyErr_Format(PyExc_TypeError, "x must be a numpy.ndarray, got %s", Py_TYPE(xo)->tp_name); return -1; }
     int xt = PyArray_TYPE((PyArrayObject *)xo);
@@ -636,8 +750,16 @@ static int Dataset_init(DatasetObject * self, PyObject * args, PyObject * kwds) 
     if (!x) return -1;
     int d[4];
     if (input_dims(x, "x", d) < 0) goto fail;
+    if (num_classes < 0) { PyErr_Format(PyExc_ValueError, "num_classes must be >= 0, got %d", num_classes); goto fail; }
+    if ((!mo || mo == Py_None) != (!so || so == Py_None)) {
+        PyErr_SetString(PyExc_ValueError, "mean and std must be given together");
+        goto fail;
+    }
     if (yo != Py_None) {
         y = get_array(yo, NPY_INT64, "y");
+        if (!y) goto fail;
+        // A private copy: the labels are range-checked once, so the caller must not change them later.
+        Py_SETREF(y, (PyArrayObject *)PyArray_NewCopy(y, NPY_CORDER));
         if (!y) goto fail;
         if (PyArray_NDIM(y) != 1 || PyArray_DIM(y, 0) != d[0]) {
             PyErr_Format(PyExc_ValueError, "y must be 1-D with %d labels (one per sample of x), got shape of %d dims and %zd values",
@@ -694,7 +816,8 @@ fail:
     return -1;
 }
 
-static PyObject * Dataset_len(DatasetObject * self, PyObject * Py_UNUSED(i)) { return PyLong_FromLong(self->ds.n); }
+static Py_ssize_t Dataset_sq_len(DatasetObject * self) { return self->ds.n; }
+static PySequenceMethods Dataset_as_sequence = { .sq_length = (lenfunc)Dataset_sq_len };
 
 // batch(indices, crop_padding=0, hflip=False, noise_std=0, seed=0) -> float32 (N, C, H, W)
 static PyObject * Dataset_batch(DatasetObject * self, PyObject * args, PyObject * kwds) {
@@ -703,7 +826,7 @@ static PyObject * Dataset_batch(DatasetObject * self, PyObject * args, PyObject 
     struct kd_augment aug = { 0, false, 0.0f };
     int hflip = 0;
     unsigned long long seed = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|ipfK", kwlist, &io, &aug.crop_padding, &hflip, &aug.noise_std, &seed))
+    if (!PARSE_KW(args, kwds, "O|ipfK", kwlist, &io, &aug.crop_padding, &hflip, &aug.noise_std, &seed))
         return NULL;
     aug.hflip = hflip;
     if (!self->x) return PyErr_Format(PyExc_RuntimeError, "dataset not initialised");
@@ -721,8 +844,9 @@ static PyObject * Dataset_batch(DatasetObject * self, PyObject * args, PyObject 
             PyErr_Format(PyExc_ValueError, "indices[%zd] = %lld is outside [0, %d)", (Py_ssize_t)i, (long long)ip[i], self->ds.n);
             goto fail;
         }
-    if (aug.crop_padding < 0 || !(aug.noise_std >= 0) || !isfinite(aug.noise_std)) {
-        PyErr_SetString(PyExc_ValueError, "crop_padding and noise_std must be >= 0");
+    if (aug.crop_padding < 0 || aug.crop_padding > 65536 || !(aug.noise_std >= 0) || !isfinite(aug.noise_std)) {
+        err_printf(PyExc_ValueError, "crop_padding (%d) must be in [0, 65536] and noise_std (%g) finite and >= 0",
+                     aug.crop_padding, (double)aug.noise_std);
         goto fail;
     }
     npy_intp dims[4] = { n, self->ds.c, self->ds.h, self->ds.w };
@@ -737,7 +861,6 @@ fail:
 }
 
 static PyMethodDef Dataset_methods[] = {
-    { "__len__", (PyCFunction)Dataset_len, METH_NOARGS, "number of samples" },
     { "batch", (PyCFunction)(void (*)(void))Dataset_batch, METH_VARARGS | METH_KEYWORDS,
       "batch(indices, crop_padding=0, hflip=False, noise_std=0.0, seed=0) -> normalised float32 batch" },
     { NULL, NULL, 0, NULL },
@@ -753,6 +876,7 @@ static PyTypeObject DatasetType = {
     .tp_init = (initproc)Dataset_init,
     .tp_dealloc = (destructor)Dataset_dealloc,
     .tp_methods = Dataset_methods,
+    .tp_as_sequence = &Dataset_as_sequence,
 };
 
 // ---------------------------------------------------------------------------------------
@@ -782,8 +906,16 @@ static int parse_schedule(PyObject * o, struct kd_schedule * s) {
     PyObject * ms = NULL;
     memset(s, 0, sizeof *s);
     int kind;
-    if (!PyArg_ParseTuple(o, "ifOifi;schedule", &kind, &s->base_lr, &ms, &s->total_epochs, &s->min_lr, &s->warmup_epochs))
+    static char * names[] = { "kind", "base_lr", "milestones", "total_epochs", "min_lr", "warmup_epochs", NULL };
+    if (!PyTuple_Check(o) || PyTuple_GET_SIZE(o) != 6) {
+        PyErr_Format(PyExc_TypeError, "schedule must be a tuple (kind, base_lr, milestones, total_epochs, min_lr, "
+                     "warmup_epochs), got %s", Py_TYPE(o)->tp_name);
         return -1;
+    }
+    if (!PyArg_ParseTuple(o, "ifOifi;schedule", &kind, &s->base_lr, &ms, &s->total_epochs, &s->min_lr, &s->warmup_epochs)) {
+        name_parse_error(o, NULL, "ifOifi", names, "schedule ");
+        return -1;
+    }
     if (kind < KD_SCHED_CONSTANT || kind > KD_SCHED_CYCLIC) { PyErr_Format(PyExc_ValueError, "unknown schedule kind %d", kind); return -1; }
     s->kind = (enum kd_sched_kind)kind;
     s->gamma = 0.1f;
@@ -791,17 +923,53 @@ static int parse_schedule(PyObject * o, struct kd_schedule * s) {
     if (!seq) return -1;
     Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
     if (n > KD_MAX_MILESTONES) { Py_DECREF(seq); PyErr_Format(PyExc_ValueError, "at most %d milestones", KD_MAX_MILESTONES); return -1; }
-    for (Py_ssize_t i = 0; i < n; i++) s->milestones[i] = (int)PyLong_AsLong(PySequence_Fast_GET_ITEM(seq, i));
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject * it = PySequence_Fast_GET_ITEM(seq, i);
+        long v = PyBool_Check(it) || !PyLong_Check(it) ? -1 : PyLong_AsLong(it);
+        if (PyErr_Occurred() || v < 0 || v > INT_MAX) {
+            PyErr_Clear();
+            PyErr_Format(PyExc_ValueError, "schedule milestones[%zd] must be an int in [0, %d], got %R", i, INT_MAX, it);
+            Py_DECREF(seq);
+            return -1;
+        }
+        s->milestones[i] = (int)v;
+    }
     s->n_milestones = (int)n;
     Py_DECREF(seq);
-    return PyErr_Occurred() ? -1 : 0;
+    if (!isfinite(s->base_lr) || s->base_lr < 0)
+        return err_printf(PyExc_ValueError, "schedule base_lr must be finite and >= 0, got %g", (double)s->base_lr), -1;
+    if (!isfinite(s->min_lr) || s->min_lr < 0)
+        return err_printf(PyExc_ValueError, "schedule min_lr must be finite and >= 0, got %g", (double)s->min_lr), -1;
+    if (s->total_epochs < 0)
+        return PyErr_Format(PyExc_ValueError, "schedule total_epochs must be >= 0, got %d", s->total_epochs), -1;
+    if (s->warmup_epochs < 0)
+        return PyErr_Format(PyExc_ValueError, "schedule warmup_epochs must be >= 0, got %d", s->warmup_epochs), -1;
+    return 0;
+}
+
+static int check_gamma(float gamma) {
+    if (!(gamma > 0) || !isfinite(gamma)) { err_printf(PyExc_ValueError, "gamma must be finite and > 0, got %g", (double)gamma); return -1; }
+    return 0;
+}
+
+static int check_data(DatasetObject * data) {
+    if (!data->x) { PyErr_SetString(PyExc_TypeError, "data must be an initialised Dataset"); return -1; }
+    return 0;
+}
+
+static int check_epoch(int epoch) {
+    if (epoch < 0) { PyErr_Format(PyExc_ValueError, "epoch must be >= 0, got %d", epoch); return -1; }
+    return 0;
 }
 
 // ---- option dictionaries: every key is known (unknown keys raise), every value checked.
 
-struct opt_reader { PyObject * dict; const char * what; Py_ssize_t used; };
+#define MAX_OPTS 32
+#define KD_MAX_CROP_PADDING 65536
+struct opt_reader { PyObject * dict; const char * what; Py_ssize_t used; const char * known[MAX_OPTS]; int n_known; };
 
 static PyObject * opt_get(struct opt_reader * r, const char * key) {
+    if (r->n_known < MAX_OPTS) r->known[r->n_known++] = key;
     if (!r->dict) return NULL;
     PyObject * v = PyDict_GetItemString(r->dict, key);   // borrowed
     if (v) r->used++;
@@ -839,16 +1007,34 @@ static int opt_bool(struct opt_reader * r, const char * key, bool * out) {
     PyObject * v = opt_get(r, key);
     if (!v) return 0;
     int t = PyObject_IsTrue(v);
-    if (t < 0) return -1;
+    if (t < 0) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_TypeError, "%s option '%s' must be true or false, got %s", r->what, key, Py_TYPE(v)->tp_name);
+        return -1;
+    }
     *out = t;
     return 0;
 }
 static int opt_done(struct opt_reader * r) {
-    if (r->dict && PyDict_Size(r->dict) != r->used) {
-        PyErr_Format(PyExc_ValueError, "unknown %s options in %R", r->what, r->dict);
-        return -1;
+    if (!r->dict || PyDict_Size(r->dict) == r->used) return 0;
+    Py_ssize_t pos = 0;
+    PyObject * k, * v;
+    while (PyDict_Next(r->dict, &pos, &k, &v)) {
+        const char * u = PyUnicode_Check(k) ? PyUnicode_AsUTF8(k) : NULL;
+        if (!u) PyErr_Clear();
+        int found = 0;
+        for (int i = 0; u && i < r->n_known && !found; i++) found = strcmp(u, r->known[i]) == 0;
+        if (!found) {
+            PyObject * names = PyUnicode_FromString("");
+            for (int i = 0; names && i < r->n_known; i++)
+                Py_SETREF(names, PyUnicode_FromFormat("%U%s%s", names, i ? ", " : "", r->known[i]));
+            if (names) PyErr_Format(PyExc_ValueError, "unknown %s options: %R (known: %U)", r->what, k, names);
+            Py_XDECREF(names);
+            return -1;
+        }
     }
-    return 0;
+    PyErr_Format(PyExc_ValueError, "unknown %s options in %R", r->what, r->dict);
+    return -1;
 }
 
 // Training options (a dict): batch_size, schedule (tuple), gamma, seed, shuffle, drop_last,
@@ -882,9 +1068,20 @@ static int parse_train_cfg(PyObject * d, struct kd_train_cfg * cfg, struct callb
             return -1;
         }
     }
-    if (parse_schedule(sched, &cfg->sched) < 0) return -1;
+    if (parse_schedule(sched, &cfg->sched) < 0 || check_gamma(gamma) < 0) return -1;
     cfg->sched.gamma = gamma;
-    if (seed < 0) { PyErr_SetString(PyExc_ValueError, "seed must be >= 0"); return -1; }
+    if (seed < 0) { PyErr_SetString(PyExc_ValueError, "training option 'seed' must be >= 0"); return -1; }
+    const char * bad = cfg->batch_size < 1 ? "batch_size must be >= 1"
+                     : max_steps < 0 ? "max_steps must be >= 0"
+                     : !(cfg->label_smoothing >= 0 && cfg->label_smoothing <= 1) ? "label_smoothing must be in [0, 1]"
+                     : cfg->aug.crop_padding < 0 || cfg->aug.crop_padding > KD_MAX_CROP_PADDING ? "crop_padding must be in [0, 65536]"
+                     : !(cfg->aug.noise_std >= 0) || !isfinite(cfg->aug.noise_std) ? "noise_std must be finite and >= 0"
+                     : cfg->callback_every < 0 ? "callback_every must be >= 0" : NULL;
+    if (bad) { PyErr_Format(PyExc_ValueError, "training option %s", bad); return -1; }
+    if (ctx->fn && ctx->fn != Py_None && !PyCallable_Check(ctx->fn)) {
+        PyErr_Format(PyExc_TypeError, "training option callback must be callable or None, got %s", Py_TYPE(ctx->fn)->tp_name);
+        return -1;
+    }
     cfg->seed = (uint64_t)seed;
     cfg->max_steps = max_steps;
     cfg->callback = progress_cb;
@@ -918,22 +1115,28 @@ static int check_opt_for(OptimObject * opt, NetObject * net, const char * name) 
 
 #define MAXNETS 66
 
-// Sequence of Net objects -> array (borrowed). Returns count or -1.
-static int get_nets(PyObject * seq_o, NetObject ** out, int max, const char * name) {
-    PyObject * seq = PySequence_Fast(seq_o, "expected a list of models");
+// Sequence of Net objects -> array (borrowed from *keep, a new reference the caller releases:
+// an iterator's items would otherwise die with the temporary list). Returns count or -1.
+static int get_nets(PyObject * seq_o, NetObject ** out, int max, const char * name, PyObject ** keep) {
+    *keep = NULL;
+    if (!PyList_Check(seq_o) && !PyTuple_Check(seq_o)) {
+        PyErr_Format(PyExc_TypeError, "%s must be a list of models, got %s", name, Py_TYPE(seq_o)->tp_name);
+        return -1;
+    }
+    PyObject * seq = PySequence_Tuple(seq_o);   // owns the items while the GIL is released
     if (!seq) return -1;
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    Py_ssize_t n = PyTuple_GET_SIZE(seq);
     if (n > max) { Py_DECREF(seq); PyErr_Format(PyExc_ValueError, "%s: at most %d models", name, max); return -1; }
     for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject * o = PySequence_Fast_GET_ITEM(seq, i);
+        PyObject * o = PyTuple_GET_ITEM(seq, i);
         if (!PyObject_TypeCheck(o, &NetType) || !((NetObject *)o)->net) {
             Py_DECREF(seq);
-            PyErr_Format(PyExc_TypeError, "%s[%zd] must be a built model", name, i);
+            PyErr_Format(PyExc_TypeError, "%s[%zd] must be a built model, got %s", name, i, Py_TYPE(o)->tp_name);
             return -1;
         }
         out[i] = (NetObject *)o;
     }
-    Py_DECREF(seq);   // items stay alive through the caller's reference to the list
+    *keep = seq;
     return (int)n;
 }
 
@@ -952,11 +1155,12 @@ static PyObject * py_train_epoch(PyObject * Py_UNUSED(m), PyObject * args) {
     DatasetObject * data;
     int epoch;
     PyObject * topts;
-    if (!PyArg_ParseTuple(args, "O!O!O!iO", &NetType, &net, &OptimType, &opt, &DatasetType, &data, &epoch, &topts))
+    static char * names[] = { "net", "opt", "data", "epoch", "train", NULL };
+    if (!PARSE_POS(args, "O!O!O!iO", names, &NetType, &net, &OptimType, &opt, &DatasetType, &data, &epoch, &topts))
         return NULL;
     struct kd_train_cfg cfg;
     struct callback_ctx ctx = { NULL };
-    if (parse_train_cfg(topts, &cfg, &ctx) < 0 || check_opt_for(opt, net, "opt") < 0) return NULL;
+    if (parse_train_cfg(topts, &cfg, &ctx) < 0 || check_epoch(epoch) < 0 || check_data(data) < 0 || check_opt_for(opt, net, "opt") < 0) return NULL;
     if (!data->x) return PyErr_Format(PyExc_RuntimeError, "dataset not initialised");
     struct kd_epoch_stats es;
     memset(&es, 0, sizeof es);
@@ -1011,12 +1215,12 @@ static PyObject * py_distill_epoch(PyObject * Py_UNUSED(m), PyObject * args, PyO
     DatasetObject * data;
     int epoch;
     PyObject * topts, * dopts, * teachers_o = Py_None, * logits_o = Py_None, * weights_o = Py_None, * gates_o = Py_None;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!O!O!iOO|OOOO", kwlist, &NetType, &net, &OptimType, &opt, &DatasetType,
+    if (!PARSE_KW(args, kwds, "O!O!O!iOO|OOOO", kwlist, &NetType, &net, &OptimType, &opt, &DatasetType,
                                      &data, &epoch, &topts, &dopts, &teachers_o, &logits_o, &weights_o, &gates_o))
         return NULL;
     struct kd_train_cfg cfg;
     struct callback_ctx ctx = { NULL };
-    if (parse_train_cfg(topts, &cfg, &ctx) < 0 || check_opt_for(opt, net, "opt") < 0) return NULL;
+    if (parse_train_cfg(topts, &cfg, &ctx) < 0 || check_epoch(epoch) < 0 || check_data(data) < 0 || check_opt_for(opt, net, "opt") < 0) return NULL;
     if (!data->x) return PyErr_Format(PyExc_RuntimeError, "dataset not initialised");
     if (!PyDict_Check(dopts)) return PyErr_Format(PyExc_TypeError, "distill options must be a dict");
     struct kd_distill_cfg d = kd_distill_cfg_default();
@@ -1046,16 +1250,16 @@ static PyObject * py_distill_epoch(PyObject * Py_UNUSED(m), PyObject * args, PyO
     int nt = 0, nl = 0, nn = 1;
     nets[0] = net;
     float tw[64];
-    PyObject * ret = NULL;
+    PyObject * ret = NULL, * keep = NULL;
     if (teachers_o != Py_None) {
-        nt = get_nets(teachers_o, nets + 1, 64, "teachers");
+        nt = get_nets(teachers_o, nets + 1, 64, "teachers", &keep);
         if (nt < 0) return NULL;
         for (int i = 0; i < nt; i++) tnets[i] = nets[1 + i]->net;
         nn += nt;
     }
     if (logits_o != Py_None) {
         nl = get_logits(logits_o, hold, lptr, 64, data->ds.n, "teacher_logits");
-        if (nl < 0) return NULL;
+        if (nl < 0) { Py_XDECREF(keep); return NULL; }
     }
     int n_teachers = nt > 0 ? nt : nl;
     if (weights_o != Py_None) {
@@ -1094,6 +1298,7 @@ static PyObject * py_distill_epoch(PyObject * Py_UNUSED(m), PyObject * args, PyO
     ret = stats_dict(&s);
 fail:
     for (int i = 0; i < nl; i++) Py_XDECREF(hold[i]);
+    Py_XDECREF(keep);
     return ret;
 }
 
@@ -1104,28 +1309,37 @@ static PyObject * py_mutual_epoch(PyObject * Py_UNUSED(m), PyObject * args, PyOb
     DatasetObject * data;
     int epoch, ensemble = 0;
     struct kd_mutual_cfg mc = { 1.0f, 1.0f, 1.0f, false };
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOO!iO|fffp", kwlist, &nets_o, &opts_o, &DatasetType, &data, &epoch,
+    if (!PARSE_KW(args, kwds, "OOO!iO|fffp", kwlist, &nets_o, &opts_o, &DatasetType, &data, &epoch,
                                      &topts, &mc.T, &mc.ce_weight, &mc.kd_weight, &ensemble))
         return NULL;
     mc.ensemble = ensemble;
     struct kd_train_cfg cfg;
     struct callback_ctx ctx = { NULL };
-    if (parse_train_cfg(topts, &cfg, &ctx) < 0) return NULL;
+    if (parse_train_cfg(topts, &cfg, &ctx) < 0 || check_epoch(epoch) < 0 || check_data(data) < 0) return NULL;
     NetObject * nets[16];
-    int k = get_nets(nets_o, nets, 16, "nets");
+    PyObject * keep;
+    int k = get_nets(nets_o, nets, 16, "nets", &keep);
     if (k < 0) return NULL;
-    PyObject * oseq = PySequence_Fast(opts_o, "opts must be a list of optimizers");
-    if (!oseq) return NULL;
-    if (PySequence_Fast_GET_SIZE(oseq) != k) { Py_DECREF(oseq); return PyErr_Format(PyExc_ValueError, "one optimizer per peer"); }
+    if (k < 1) { Py_DECREF(keep); return PyErr_Format(PyExc_ValueError, "nets must list at least one model"); }
+    if (!PyList_Check(opts_o) && !PyTuple_Check(opts_o)) {
+        Py_DECREF(keep);
+        return PyErr_Format(PyExc_TypeError, "opts must be a list of optimizers, got %s", Py_TYPE(opts_o)->tp_name);
+    }
+    PyObject * oseq = PySequence_Tuple(opts_o);   // owns the optimizers while the GIL is released
+    if (!oseq) { Py_DECREF(keep); return NULL; }
+    if (PyTuple_GET_SIZE(oseq) != k) {
+        Py_DECREF(oseq); Py_DECREF(keep);
+        return PyErr_Format(PyExc_ValueError, "opts must hold one optimizer per model of nets (%d), got %zd", k, PyTuple_GET_SIZE(oseq));
+    }
     struct kd_net * cn[16];
     struct kd_optim * co[16];
     for (int i = 0; i < k; i++) {
-        OptimObject * o = (OptimObject *)PySequence_Fast_GET_ITEM(oseq, i);
-        if (check_opt_for(o, nets[i], "opts[i]") < 0) { Py_DECREF(oseq); return NULL; }
+        OptimObject * o = (OptimObject *)PyTuple_GET_ITEM(oseq, i);
+        if (check_opt_for(o, nets[i], "opts[i]") < 0) { Py_DECREF(oseq); Py_DECREF(keep); return NULL; }
         cn[i] = nets[i]->net;
         co[i] = o->opt;
     }
-    if (acquire_all(nets, k) < 0) { Py_DECREF(oseq); return NULL; }
+    if (acquire_all(nets, k) < 0) { Py_DECREF(oseq); Py_DECREF(keep); return NULL; }
     struct kd_distill_stats s[16];
     enum kd_status st;
     Py_BEGIN_ALLOW_THREADS
@@ -1133,6 +1347,7 @@ static PyObject * py_mutual_epoch(PyObject * Py_UNUSED(m), PyObject * args, PyOb
     Py_END_ALLOW_THREADS
     release_all(nets, k);
     Py_DECREF(oseq);
+    Py_DECREF(keep);
     if (st != KD_OK) return kd_raise(st);
     PyObject * list = PyList_New(k);
     if (!list) return NULL;
@@ -1154,12 +1369,12 @@ static PyObject * py_slkd_epoch(PyObject * Py_UNUSED(m), PyObject * args, PyObje
     PyObject * sl_o, * slopt_o, * topts, * sopts, * teacher_o = Py_None, * logits_o = Py_None;
     DatasetObject * data;
     int epoch;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!O!OOO!iOO|OO", kwlist, &NetType, &net, &OptimType, &opt, &sl_o,
+    if (!PARSE_KW(args, kwds, "O!O!OOO!iOO|OO", kwlist, &NetType, &net, &OptimType, &opt, &sl_o,
                                      &slopt_o, &DatasetType, &data, &epoch, &topts, &sopts, &teacher_o, &logits_o))
         return NULL;
     struct kd_train_cfg cfg;
     struct callback_ctx ctx = { NULL };
-    if (parse_train_cfg(topts, &cfg, &ctx) < 0 || check_opt_for(opt, net, "opt") < 0) return NULL;
+    if (parse_train_cfg(topts, &cfg, &ctx) < 0 || check_epoch(epoch) < 0 || check_data(data) < 0 || check_opt_for(opt, net, "opt") < 0) return NULL;
     if (!PyDict_Check(sopts)) return PyErr_Format(PyExc_TypeError, "slkd options must be a dict");
     struct kd_slkd_cfg c = { 4.0f, 0.1f, 1.0f, 3.0f, 0.5f, 2, false, false, false, 1.0f };
     struct opt_reader r = { sopts, "SLKD", 0 };
@@ -1170,41 +1385,51 @@ static PyObject * py_slkd_epoch(PyObject * Py_UNUSED(m), PyObject * args, PyObje
         return NULL;
     NetObject * nets[4];
     nets[0] = net;
-    int ns = get_nets(sl_o, nets + 1, 2, "sl");
+    PyObject * keep = NULL, * oseq = NULL, * ret = NULL;
+    PyArrayObject * hold[1] = { NULL };
+    const float * lptr[1] = { NULL };
+    int ns = get_nets(sl_o, nets + 1, 2, "sl", &keep);
     if (ns < 0) return NULL;
+    if (ns < 1) { PyErr_SetString(PyExc_ValueError, "sl must list 1 or 2 SL-teacher models"); goto fail; }
     c.n_sl = ns;
     int nn = 1 + ns;
     struct kd_net * sln[2];
     struct kd_optim * slo[2] = { NULL, NULL };
     for (int j = 0; j < ns; j++) sln[j] = nets[1 + j]->net;
     if (slopt_o != Py_None) {
-        PyObject * oseq = PySequence_Fast(slopt_o, "sl_opts must be a list of optimizers");
-        if (!oseq) return NULL;
-        if (PySequence_Fast_GET_SIZE(oseq) != ns) { Py_DECREF(oseq); return PyErr_Format(PyExc_ValueError, "one optimizer per SL-teacher"); }
+        if (!PyList_Check(slopt_o) && !PyTuple_Check(slopt_o)) {
+            PyErr_Format(PyExc_TypeError, "sl_opts must be None or a list of optimizers, got %s", Py_TYPE(slopt_o)->tp_name);
+            goto fail;
+        }
+        oseq = PySequence_Tuple(slopt_o);   // owns the optimizers while the GIL is released
+        if (!oseq) goto fail;
+        if (PyTuple_GET_SIZE(oseq) != ns) {
+            PyErr_Format(PyExc_ValueError, "sl_opts must hold one optimizer per SL-teacher of sl (%d), got %zd", ns,
+                         PyTuple_GET_SIZE(oseq));
+            goto fail;
+        }
         for (int j = 0; j < ns; j++) {
-            OptimObject * o = (OptimObject *)PySequence_Fast_GET_ITEM(oseq, j);
-            if (check_opt_for(o, nets[1 + j], "sl_opts[j]") < 0) { Py_DECREF(oseq); return NULL; }
+            OptimObject * o = (OptimObject *)PyTuple_GET_ITEM(oseq, j);
+            if (check_opt_for(o, nets[1 + j], "sl_opts[j]") < 0) goto fail;
             slo[j] = o->opt;
         }
-        Py_DECREF(oseq);
     }
     struct kd_net * tnet = NULL;
     if (teacher_o != Py_None) {
-        if (!PyObject_TypeCheck(teacher_o, &NetType) || !((NetObject *)teacher_o)->net)
-            return PyErr_Format(PyExc_TypeError, "teacher must be a built model");
+        if (!PyObject_TypeCheck(teacher_o, &NetType) || !((NetObject *)teacher_o)->net) {
+            PyErr_Format(PyExc_TypeError, "teacher must be a built model, got %s", Py_TYPE(teacher_o)->tp_name);
+            goto fail;
+        }
         nets[nn++] = (NetObject *)teacher_o;
         tnet = ((NetObject *)teacher_o)->net;
     }
-    PyArrayObject * hold[1] = { NULL };
-    const float * lptr[1] = { NULL };
     if (logits_o != Py_None) {
         PyObject * lst = PyTuple_Pack(1, logits_o);
-        if (!lst) return NULL;
+        if (!lst) goto fail;
         int nl = get_logits(lst, hold, lptr, 1, data->ds.n, "teacher_logits");
         Py_DECREF(lst);
-        if (nl < 0) return NULL;
+        if (nl < 0) goto fail;
     }
-    PyObject * ret = NULL;
     if (acquire_all(nets, nn) < 0) goto fail;
     struct kd_slkd_stats s;
     memset(&s, 0, sizeof s);
@@ -1221,6 +1446,8 @@ static PyObject * py_slkd_epoch(PyObject * Py_UNUSED(m), PyObject * args, PyObje
                         (long long)s.skipped_steps, "lr", (double)s.lr);
 fail:
     Py_XDECREF(hold[0]);
+    Py_XDECREF(oseq);
+    Py_XDECREF(keep);
     return ret;
 }
 
@@ -1235,20 +1462,30 @@ static PyObject * py_exits_epoch(PyObject * Py_UNUSED(m), PyObject * args, PyObj
     DatasetObject * data;
     int epoch;
     struct kd_exits_cfg e = { 3.0f, 0.7f, 0.3f };
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!O!OO!iO|fffOO", kwlist, &NetType, &net, &OptimType, &opt, &exits_o,
+    if (!PARSE_KW(args, kwds, "O!O!OO!iO|fffOO", kwlist, &NetType, &net, &OptimType, &opt, &exits_o,
                                      &DatasetType, &data, &epoch, &topts, &e.T, &e.ce_weight, &e.kd_weight, &teacher_o,
                                      &logits_o))
         return NULL;
     struct kd_train_cfg cfg;
     struct callback_ctx ctx = { NULL };
-    if (parse_train_cfg(topts, &cfg, &ctx) < 0 || check_opt_for(opt, net, "opt") < 0) return NULL;
+    if (parse_train_cfg(topts, &cfg, &ctx) < 0 || check_epoch(epoch) < 0 || check_data(data) < 0 || check_opt_for(opt, net, "opt") < 0) return NULL;
     PyObject * seq = PySequence_Fast(exits_o, "exits must be a list of node indices");
     if (!seq) return NULL;
     int ex[16], n = (int)PySequence_Fast_GET_SIZE(seq);
     if (n < 1 || n > 16) { Py_DECREF(seq); return PyErr_Format(PyExc_ValueError, "exits must list 1..16 nodes"); }
-    for (int k = 0; k < n; k++) ex[k] = (int)PyLong_AsLong(PySequence_Fast_GET_ITEM(seq, k));
+    int n_nodes = kd_net_num_nodes(net->net);
+    for (int k = 0; k < n; k++) {
+        PyObject * it = PySequence_Fast_GET_ITEM(seq, k);
+        long v = PyBool_Check(it) || !PyLong_Check(it) ? LONG_MIN : PyLong_AsLong(it);
+        if (PyErr_Occurred() || v < -n_nodes || v >= n_nodes) {
+            PyErr_Clear();
+            PyErr_Format(PyExc_ValueError, "exits[%d] must be a node index in [%d, %d), got %R", k, -n_nodes, n_nodes, it);
+            Py_DECREF(seq);
+            return NULL;
+        }
+        ex[k] = (int)v;
+    }
     Py_DECREF(seq);
-    if (PyErr_Occurred()) return NULL;
     NetObject * nets[2] = { net, NULL };
     int nn = 1;
     if (teacher_o != Py_None) {
@@ -1333,7 +1570,7 @@ static int get_labels(PyObject * o, int N, int V, PyArrayObject ** out) {
 }
 
 static int check_T(float T) {
-    if (!(T > 0) || !isfinite(T)) { PyErr_Format(PyExc_ValueError, "T must be > 0 and finite, got %g", (double)T); return -1; }
+    if (!(T > 0) || !isfinite(T)) { err_printf(PyExc_ValueError, "T must be > 0 and finite, got %g", (double)T); return -1; }
     return 0;
 }
 
@@ -1343,7 +1580,7 @@ static PyObject * py_kd_loss(PyObject * Py_UNUSED(m), PyObject * args, PyObject 
     PyObject * so, * to;
     float T = 4.0f;
     int tg = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO|fp", kwlist, &so, &to, &T, &tg)) return NULL;
+    if (!PARSE_KW(args, kwds, "OO|fp", kwlist, &so, &to, &T, &tg)) return NULL;
     if (check_T(T) < 0) return NULL;
     PyArrayObject * s, * t;
     if (get_logit_pair(so, to, "student_logits", "teacher_logits", &s, &t) < 0) return NULL;
@@ -1367,7 +1604,7 @@ static PyObject * py_soft_loss(PyObject * Py_UNUSED(m), PyObject * args, PyObjec
     static char * kwlist[] = { "student", "q", "T", NULL };
     PyObject * so, * qo;
     float T = 4.0f;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO|f", kwlist, &so, &qo, &T)) return NULL;
+    if (!PARSE_KW(args, kwds, "OO|f", kwlist, &so, &qo, &T)) return NULL;
     if (check_T(T) < 0) return NULL;
     PyArrayObject * s, * q;
     if (get_logit_pair(so, qo, "student_logits", "q", &s, &q) < 0) return NULL;
@@ -1380,7 +1617,7 @@ static PyObject * py_soft_loss(PyObject * Py_UNUSED(m), PyObject * args, PyObjec
             if (qp[(size_t)i * V + k] < 0) { PyErr_Format(PyExc_ValueError, "q[%d, %d] is negative", i, k); goto fail; }
             sum += qp[(size_t)i * V + k];
         }
-        if (fabs(sum - 1.0) > 1e-3) { PyErr_Format(PyExc_ValueError, "q row %d sums to %g, not 1", i, sum); goto fail; }
+        if (fabs(sum - 1.0) > 1e-3) { err_printf(PyExc_ValueError, "q row %d sums to %g, not 1", i, sum); goto fail; }
     }
     ds = PyArray_SimpleNew(2, PyArray_DIMS(s), NPY_FLOAT32);
     if (!ds) goto fail;
@@ -1398,7 +1635,7 @@ static PyObject * py_dkd_loss(PyObject * Py_UNUSED(m), PyObject * args, PyObject
     static char * kwlist[] = { "student", "teacher", "target", "alpha", "beta", "T", NULL };
     PyObject * so, * to, * yo;
     float alpha = 1.0f, beta = 8.0f, T = 4.0f;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOO|fff", kwlist, &so, &to, &yo, &alpha, &beta, &T)) return NULL;
+    if (!PARSE_KW(args, kwds, "OOO|fff", kwlist, &so, &to, &yo, &alpha, &beta, &T)) return NULL;
     if (check_T(T) < 0) return NULL;
     if (!isfinite(alpha) || !isfinite(beta)) return PyErr_Format(PyExc_ValueError, "alpha and beta must be finite");
     PyArrayObject * s, * t, * y = NULL;
@@ -1421,7 +1658,8 @@ fail:
 // mse_loss(student, teacher) -> (loss, dstudent)
 static PyObject * py_mse_loss(PyObject * Py_UNUSED(m), PyObject * args) {
     PyObject * so, * to;
-    if (!PyArg_ParseTuple(args, "OO", &so, &to)) return NULL;
+    static char * names[] = { "student", "teacher", NULL };
+    if (!PARSE_POS(args, "OO", names, &so, &to)) return NULL;
     PyArrayObject * s, * t;
     if (get_logit_pair(so, to, "student_logits", "teacher_logits", &s, &t) < 0) return NULL;
     int N = (int)PyArray_DIM(s, 0), V = (int)PyArray_DIM(s, 1);
@@ -1440,7 +1678,8 @@ static PyObject * py_mse_loss(PyObject * Py_UNUSED(m), PyObject * args) {
 static PyObject * py_tolerant_loss(PyObject * Py_UNUSED(m), PyObject * args) {
     PyObject * zo;
     int K;
-    if (!PyArg_ParseTuple(args, "Oi", &zo, &K)) return NULL;
+    static char * names[] = { "logits", "K", NULL };
+    if (!PARSE_POS(args, "Oi", names, &zo, &K)) return NULL;
     PyArrayObject * z, * unused;
     if (get_logit_pair(zo, NULL, "logits", NULL, &z, &unused) < 0) return NULL;
     int N = (int)PyArray_DIM(z, 0), V = (int)PyArray_DIM(z, 1);
@@ -1460,7 +1699,7 @@ static PyObject * py_softmax(PyObject * Py_UNUSED(m), PyObject * args, PyObject 
     static char * kwlist[] = { "logits", "T", NULL };
     PyObject * zo;
     float T = 1.0f;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|f", kwlist, &zo, &T)) return NULL;
+    if (!PARSE_KW(args, kwds, "O|f", kwlist, &zo, &T)) return NULL;
     if (check_T(T) < 0) return NULL;
     PyArrayObject * z, * unused;
     if (get_logit_pair(zo, NULL, "logits", NULL, &z, &unused) < 0) return NULL;
@@ -1476,7 +1715,7 @@ static PyObject * py_evaluate(PyObject * Py_UNUSED(m), PyObject * args, PyObject
     NetObject * net;
     DatasetObject * data;
     int batch = 256, want_logits = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!O!|ip", kwlist, &NetType, &net, &DatasetType, &data, &batch, &want_logits))
+    if (!PARSE_KW(args, kwds, "O!O!|ip", kwlist, &NetType, &net, &DatasetType, &data, &batch, &want_logits))
         return NULL;
     if (!data->x) return PyErr_Format(PyExc_RuntimeError, "dataset not initialised");
     if (batch < 1) return PyErr_Format(PyExc_ValueError, "batch_size (%d) must be >= 1", batch);
@@ -1513,7 +1752,7 @@ static PyObject * py_cross_entropy(PyObject * Py_UNUSED(m), PyObject * args, PyO
     static char * kwlist[] = { "logits", "target", "label_smoothing", NULL };
     PyObject * lo, * to;
     float ls = 0.0f;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO|f", kwlist, &lo, &to, &ls)) return NULL;
+    if (!PARSE_KW(args, kwds, "OO|f", kwlist, &lo, &to, &ls)) return NULL;
     PyArrayObject * z = get_array(lo, NPY_FLOAT32, "logits");
     if (!z) return NULL;
     PyArrayObject * t = NULL;
@@ -1578,9 +1817,13 @@ static PyObject * py_schedule_lr(PyObject * Py_UNUSED(m), PyObject * args) {
     PyObject * so;
     float gamma;
     int epoch, step, steps_per_epoch;
-    if (!PyArg_ParseTuple(args, "Ofiii", &so, &gamma, &epoch, &step, &steps_per_epoch)) return NULL;
+    static char * names[] = { "schedule", "gamma", "epoch", "step", "steps_per_epoch", NULL };
+    if (!PARSE_POS(args, "Ofiii", names, &so, &gamma, &epoch, &step, &steps_per_epoch)) return NULL;
     struct kd_schedule s;
-    if (parse_schedule(so, &s) < 0) return NULL;
+    if (parse_schedule(so, &s) < 0 || check_gamma(gamma) < 0) return NULL;
+    if (epoch < 0 || step < 0 || steps_per_epoch < 1)
+        return PyErr_Format(PyExc_ValueError, "epoch (%d) and step (%d) must be >= 0 and steps_per_epoch (%d) >= 1",
+                            epoch, step, steps_per_epoch);
     s.gamma = gamma;
     return PyFloat_FromDouble(kd_schedule_lr(&s, epoch, step, steps_per_epoch));
 }

@@ -134,6 +134,11 @@ def _describe(model):
     return {"class": type(model).__name__, "repr": r, "forward_steps": int(getattr(model, "_step", 0))}
 
 
+def _check_path(path):
+    if not isinstance(path, (str, bytes, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+
+
 def save(path, models, optimizers=None, **state):
     """Write a checkpoint to ``path`` (atomically; see the module docstring for the layout).
 
@@ -143,6 +148,7 @@ def save(path, models, optimizers=None, **state):
     history, config, ...) go to the metadata, numpy arrays (float32, int64 or uint8) are
     stored as tensors ``state/<key>``.
     """
+    _check_path(path)
     roles = _model_roles(models)
     opts = _optim_roles(optimizers, roles)
     tensors = []
@@ -212,6 +218,7 @@ def load(path, models=None, optimizers=None):
     raise CheckpointMismatch (a KeyError and a ValueError) naming each one, and the models and
     optimizers are then left exactly as they were. A malformed file raises OSError.
     """
+    _check_path(path)
     return _load(path, models, optimizers)
 
 

@@ -11,6 +11,7 @@ import os
 import numpy as np
 
 from . import _kdcore
+from .nn import _check_bool
 
 __all__ = ["Dataset", "from_arrays", "fashion_mnist", "FASHION_MNIST_DIR"]
 
@@ -55,6 +56,16 @@ class Dataset:
     def subset(self, idx):
         """A new Dataset with the samples at ``idx`` (a copy), same normalisation."""
         idx = np.asarray(idx)
+        n = len(self)
+        if idx.dtype == np.bool_ and idx.shape == (n,):
+            idx = np.flatnonzero(idx)
+        if idx.ndim != 1 or idx.dtype.kind not in "iu":
+            raise TypeError(f"idx must be a 1-D array of sample indices (or a boolean mask of {n}), "
+                            f"got dtype {idx.dtype} and shape {idx.shape}")
+        if idx.size == 0:
+            raise ValueError("idx selects no samples")
+        if idx.min() < -n or idx.max() >= n:
+            raise ValueError(f"idx values must be in [-{n}, {n}), got [{idx.min()}, {idx.max()}]")
         y = None if self.y is None else self.y[idx]
         return Dataset(self.X[idx], y, self.mean, self.std, self.num_classes, self.name)
 
@@ -70,7 +81,11 @@ class Dataset:
 
 
 def _per_channel(name, v, c):
-    v = tuple(float(a) for a in (v if isinstance(v, (list, tuple, np.ndarray)) else [v]))
+    items = list(np.ravel(v)) if isinstance(v, np.ndarray) else list(v) if isinstance(v, (list, tuple)) else [v]
+    for a in items:
+        if isinstance(a, (bool, np.bool_)) or not isinstance(a, (int, float, np.integer, np.floating)):
+            raise TypeError(f"{name} must be a number or one number per channel, got {type(a).__name__} in {v!r}")
+    v = tuple(float(a) for a in items)
     if len(v) == 1 and c > 1:
         v = v * c
     if len(v) != c:
@@ -146,7 +161,7 @@ def fashion_mnist(split="train", path=None, normalize=True):
     ``dataset-fashion-mnist`` package (/usr/share/datasets/fashion-mnist). Returns a Dataset of
     (N, 1, 28, 28) uint8 images and int64 labels, normalised with the training set's mean/std.
     """
-    if split not in _FMNIST_FILES:
+    if not isinstance(split, str) or split not in _FMNIST_FILES:
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     root = path or os.environ.get("KDCORE_FASHION_MNIST") or FASHION_MNIST_DIR
     root = os.fspath(root)
@@ -184,4 +199,4 @@ def _augment_kwargs(augment):
     ns = augment.get("noise_std", 0.0)
     if isinstance(ns, bool) or not isinstance(ns, (int, float)) or not np.isfinite(ns) or ns < 0:
         raise ValueError(f"augment['noise_std'] must be a float >= 0, got {ns!r}")
-    return dict(crop_padding=int(cp), hflip=bool(augment.get("hflip", False)), noise_std=float(ns))
+    return dict(crop_padding=int(cp), hflip=_check_bool("augment['hflip']", augment.get("hflip", False)), noise_std=float(ns))

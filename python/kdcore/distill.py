@@ -16,8 +16,8 @@ from __future__ import annotations
 import numpy as np
 
 from . import _kdcore
-from .nn import Module, _check_float, _check_int
-from .optim import make_optimizer
+from .nn import Module, _check_bool, _check_float, _check_int, _is_choice
+from .optim import _make_optimizer, make_optimizer
 from .training import History, _check_model, _Common, predict
 
 __all__ = ["distill", "mutual", "slkd", "multi_exit", "exit_accuracies", "kl_divergence", "teacher_logits"]
@@ -30,6 +30,7 @@ _MULTI = {"avg_prob": 0, "avg_loss": 1}
 
 def kl_divergence(p_logits, q_logits, T=1.0):
     """mean_i KL(softmax(p_i/T) || softmax(q_i/T)) (no T^2 factor), computed in C."""
+    T = _check_float("T", T, 0, lo_open=True)
     loss, _ = _kdcore.kd_loss(np.ascontiguousarray(q_logits, np.float32), np.ascontiguousarray(p_logits, np.float32), T)
     return float(loss) / (T * T)
 
@@ -90,10 +91,11 @@ def distill(student, teacher, train, method="kd", epochs=10, batch_size=128, opt
     as they were too).
     """
     _check_model(student)
-    if method not in _KINDS:
+    if not _is_choice(method, _KINDS):
         raise ValueError(f"method must be one of {sorted(_KINDS)}, got {method!r}")
     c = _Common(train, epochs, batch_size, optimizer, lr, schedule, augment, val, seed, progress,
                 label_smoothing, drop_last, max_steps, callback, callback_every, nonfinite)
+    learn_gates, fickle = _check_bool("learn_gates", learn_gates), _check_bool("fickle", fickle)
     d_ce, d_kd, d_T, d_warm = _DEFAULTS[method]
     opts = dict(kind=_KINDS[method],
                 T=_check_float("T", d_T if T is None else T, 0, lo_open=True),
@@ -102,9 +104,9 @@ def distill(student, teacher, train, method="kd", epochs=10, batch_size=128, opt
                 dkd_alpha=_check_float("alpha", alpha, 0), dkd_beta=_check_float("beta", beta, 0),
                 warmup_epochs=_check_int("warmup_epochs", d_warm if warmup_epochs is None else warmup_epochs, 0),
                 kd_stop_epoch=0 if kd_stop_epoch is None else _check_int("kd_stop_epoch", kd_stop_epoch, 1),
-                conditional=bool(conditional), teacher_drop=_check_float("teacher_drop", teacher_drop, 0, 1, hi_open=True),
+                conditional=_check_bool("conditional", conditional), teacher_drop=_check_float("teacher_drop", teacher_drop, 0, 1, hi_open=True),
                 teacher_mode=2 if fickle else 0, student_noise=_check_float("student_noise", student_noise, 0))
-    if multi not in _MULTI:
+    if not _is_choice(multi, _MULTI):
         raise ValueError(f"multi must be one of {sorted(_MULTI)}, got {multi!r}")
     opts["multi"] = _MULTI[multi]
     if tolerant is not None:
@@ -118,13 +120,16 @@ def distill(student, teacher, train, method="kd", epochs=10, batch_size=128, opt
         opts["kind"] = 0
     weights = None
     if teacher_weights is not None:
-        weights = np.asarray(teacher_weights, dtype=np.float32).ravel()
+        try:
+            weights = np.asarray(teacher_weights, dtype=np.float32).ravel()
+        except (TypeError, ValueError):
+            raise TypeError(f"teacher_weights must be a sequence of numbers, got {teacher_weights!r}") from None
         if weights.size != n_teachers:
             raise ValueError(f"teacher_weights needs one value per teacher ({n_teachers}), got {weights.size}")
         if not np.all(np.isfinite(weights)) or np.any(weights < 0) or weights.sum() <= 0:
             raise ValueError("teacher_weights must be finite, >= 0 and not all 0")
         weights = weights / weights.sum()
-    if cache not in ("auto", True, False):
+    if not _is_choice(cache, ("auto", True, False)):
         raise ValueError(f"cache must be 'auto', True or False, got {cache!r}")
     if nets is not None:
         for t in nets:
@@ -151,7 +156,7 @@ def distill(student, teacher, train, method="kd", epochs=10, batch_size=128, opt
         w0 = np.full(n_teachers, 1.0 / n_teachers) if weights is None else weights
         gates = np.log(np.maximum(w0, 1e-12)).astype(np.float32)
     c.set_checkpointing(checkpoint, checkpoint_every, checkpoint_best, resume,
-                        dict(scheme="distill", method=method, n_teachers=n_teachers, learn_gates=bool(learn_gates),
+                        dict(scheme="distill", method=method, n_teachers=n_teachers, learn_gates=learn_gates,
                              teacher_weights=None if weights is None else weights.tolist(), **opts))
     copt = c.opt.bind(student)
     val_teacher = None
@@ -239,9 +244,10 @@ def mutual(models, train, epochs=10, batch_size=128, optimizer="sgd", lr=None, s
     T = _check_float("T", T, 0, lo_open=True)
     ce_weight = _check_float("ce_weight", ce_weight, 0)
     kd_weight = _check_float("kd_weight", kd_weight, 0)
+    ensemble = _check_bool("ensemble", ensemble)
     c.set_checkpointing(checkpoint, checkpoint_every, checkpoint_best, resume,
                         dict(scheme="mutual", peers=len(models), T=T, ce_weight=ce_weight, kd_weight=kd_weight,
-                             ensemble=bool(ensemble)))
+                             ensemble=ensemble))
     opts = [c.opt.bind(m) for m in models]
 
     def run(epoch, topts):
@@ -316,17 +322,18 @@ def slkd(student, teacher, train, sl_teachers=None, n_sl=2, epochs=10, batch_siz
     c = _Common(train, epochs, batch_size, optimizer, lr, schedule, augment, val, seed, progress,
                 label_smoothing, drop_last, max_steps, callback, callback_every, nonfinite)
     n_sl = _check_int("n_sl", n_sl, 1)
+    sl_grad, sequential = _check_bool("sl_grad", sl_grad), _check_bool("sequential", sequential)
     if n_sl > 2:
         raise ValueError(f"n_sl must be 1 or 2, got {n_sl}")
-    if fuse not in ("logits", "probs"):
+    if not _is_choice(fuse, ("logits", "probs")):
         raise ValueError(f"fuse must be 'logits' or 'probs', got {fuse!r}")
-    if replay not in ("trajectory", "final"):
+    if not _is_choice(replay, ("trajectory", "final")):
         raise ValueError(f"replay must be 'trajectory' or 'final', got {replay!r}")
     if sl_grad and (fuse == "probs" or sequential):
         raise ValueError("sl_grad needs parallel SLKD with logit fusion")
     opts = dict(T=_check_float("T", T, 0, lo_open=True), alpha=_check_float("alpha", alpha, 0, 1),
                 **{"lambda": _check_float("lam", lam, 0)}, eta=_check_float("eta", eta, 0),
-                rho=_check_float("rho", rho, 0, 1), fuse_probs=fuse == "probs", sl_grad=bool(sl_grad))
+                rho=_check_float("rho", rho, 0, 1), fuse_probs=fuse == "probs", sl_grad=_check_bool("sl_grad", sl_grad))
     if sl_teachers is None:
         sl_teachers = [teacher.fresh(seed=1000 + 17 * j + c.seed) for j in range(n_sl)]
     if not isinstance(sl_teachers, (list, tuple)) or len(sl_teachers) != n_sl:
@@ -335,7 +342,7 @@ def slkd(student, teacher, train, sl_teachers=None, n_sl=2, epochs=10, batch_siz
         _check_model(s)
         if s is student or s is teacher:
             raise ValueError("SL-teachers must be distinct from the student and the teacher")
-    if cache not in ("auto", True, False):
+    if not _is_choice(cache, ("auto", True, False)):
         raise ValueError(f"cache must be 'auto', True or False, got {cache!r}")
     if cache is True and c.augmented:
         raise ValueError("teacher outputs cannot be cached with augmentation")
@@ -346,7 +353,7 @@ def slkd(student, teacher, train, sl_teachers=None, n_sl=2, epochs=10, batch_siz
     teacher.eval()
     zt = predict(teacher, c.train, batch_size=512) if use_cache else None
     opt_s = c.opt.bind(student)
-    sl_opt = c.opt if sl_optimizer is None else make_optimizer(sl_optimizer)
+    sl_opt = c.opt if sl_optimizer is None else _make_optimizer(sl_optimizer, None, "sl_optimizer")
     opt_sl = [sl_opt.bind(s) for s in sl_teachers]
     if sl_opt is not c.opt:
         # The C loop takes one scheduled lr per step; the SL-Ts' lr is that times this ratio.

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import _kdcore
-from .nn import _check_float, _check_int
+from .nn import _check_bool, _check_float, _check_int
 
 __all__ = ["cross_entropy", "kd_loss", "dkd_loss", "soft_target_loss", "logit_mse_loss", "tolerant_loss",
            "softmax", "virtual_teacher"]
@@ -36,7 +36,7 @@ def kd_loss(student_logits, teacher_logits, T=4.0, teacher_grad=False):
     Returns (loss, dstudent), or (loss, dstudent, dteacher) with teacher_grad=True (for
     schemes where the teacher learns too)."""
     T = _check_float("T", T, 0, lo_open=True)
-    return _kdcore.kd_loss(student_logits, teacher_logits, T, bool(teacher_grad))
+    return _kdcore.kd_loss(student_logits, teacher_logits, T, _check_bool("teacher_grad", teacher_grad))
 
 
 def soft_target_loss(student_logits, q, T=4.0):
@@ -87,7 +87,7 @@ def virtual_teacher(target, num_classes, a=0.99):
     K = _check_int("num_classes", num_classes, 2)
     a = _check_float("a", a, 0, 1, lo_open=True, hi_open=True)
     if target.size and (target.min() < 0 or target.max() >= K):
-        raise ValueError(f"target values must be in [0, {K})")
+        raise ValueError(f"target values must be in [0, num_classes={K})")
     q = np.full((target.size, K), (1 - a) / (K - 1), np.float32)
     q[np.arange(target.size), target] = a
     return q

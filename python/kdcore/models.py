@@ -7,7 +7,7 @@ from collections import OrderedDict
 import numpy as np
 
 from .nn import (_ADD, _RELU, AdaptiveAvgPool2d, BatchNorm1d, BatchNorm2d, Block, Conv2d, Dropout, Flatten, Linear,
-                 MaxPool2d, Module, ReLU, Sequential, _check_float, _check_int, _join)
+                 MaxPool2d, Module, ReLU, Sequential, _check_bool, _check_float, _check_int, _join)
 
 __all__ = ["mlp", "cnn",
            "resnet8", "resnet14", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110",
@@ -31,6 +31,7 @@ def mlp(sizes, dropout=0.0, batchnorm=False, seed=0):
         raise ValueError(f"sizes must list at least input and output sizes, got {sizes!r}")
     sizes = [_check_int(f"sizes[{i}]", s, 1) for i, s in enumerate(sizes)]
     dropout = _check_float("dropout", dropout, 0, 1, hi_open=True)
+    batchnorm = _check_bool("batchnorm", batchnorm)
     layers = [Flatten()]
     for i in range(len(sizes) - 1):
         layers.append(Linear(sizes[i], sizes[i + 1]))

@@ -41,6 +41,21 @@ def _check_int(name, v, lo=None):
     return v
 
 
+def _check_bool(name, v):
+    """A flag: bool, numpy bool, int or None (False); anything else (strings, arrays) is a TypeError."""
+    if v is None or isinstance(v, (bool, np.bool_, int, np.integer)):
+        return bool(v)
+    raise TypeError(f"{name} must be a bool, got {type(v).__name__}")
+
+
+def _is_choice(v, choices):
+    """v is one of choices: strings compare by value, True/False by identity (arrays, lists and
+    other unhashable values are simply not a choice)."""
+    if isinstance(v, (bool, np.bool_)):
+        return any(c is bool(v) for c in choices)
+    return isinstance(v, str) and v in [c for c in choices if isinstance(c, str)]
+
+
 def _check_float(name, v, lo=None, hi=None, lo_open=False, hi_open=False):
     if isinstance(v, bool) or not isinstance(v, (int, float, np.floating, np.integer)):
         raise TypeError(f"{name} must be a float, got {type(v).__name__}")
@@ -196,7 +211,7 @@ class Module:
         """
         net = self.net
         self._step += 1
-        mode = (3 if self.training else 0) | (0 if grad else 4)
+        mode = (3 if self.training else 0) | (0 if _check_bool("grad", grad) else 4)
         out = net.forward(x, mode=mode, seed=self._seed * 1000003 + self._step)
         self._x_shape = x.shape
         return out
@@ -319,9 +334,10 @@ class Module:
                 continue
             v = _to_numpy(state_dict[key], key)
             if kind == "count":
-                if v.size != 1:
-                    raise ValueError(f"state_dict[{key!r}] must be a scalar, got shape {v.shape}")
-                staged.append((dst, int(v.reshape(())), kind))
+                c = v.reshape(()) if v.size == 1 else None
+                if c is None or c.dtype.kind == "b" or not np.isfinite(c) or c < 0 or c != np.floor(c):
+                    raise ValueError(f"state_dict[{key!r}] must be a count (an integer >= 0), got {v!r}")
+                staged.append((dst, int(c), kind))
                 continue
             if v.shape != dst.shape:
                 raise ValueError(f"state_dict[{key!r}] has shape {v.shape}, the model expects {dst.shape}")
@@ -414,8 +430,8 @@ class Linear(Module):
         super().__init__()
         self.in_features = _check_int("in_features", in_features, 1)
         self.out_features = _check_int("out_features", out_features, 1)
-        self.bias = bool(bias)
-        if init not in _INITS:
+        self.bias = _check_bool("bias", bias)
+        if not isinstance(init, str) or init not in _INITS:
             raise ValueError(f"init must be one of {sorted(_INITS)}, got {init!r}")
         self.init = init
 
@@ -442,8 +458,8 @@ class Conv2d(Module):
         if self.in_channels % self.groups or self.out_channels % self.groups:
             raise ValueError(f"groups ({self.groups}) must divide in_channels ({self.in_channels}) "
                              f"and out_channels ({self.out_channels})")
-        self.bias = bool(bias)
-        if init not in _INITS:
+        self.bias = _check_bool("bias", bias)
+        if not isinstance(init, str) or init not in _INITS:
             raise ValueError(f"init must be one of {sorted(_INITS)}, got {init!r}")
         self.init = init
 
@@ -517,7 +533,8 @@ class AdaptiveAvgPool2d(Module):
 
     def __init__(self, output_size=1):
         super().__init__()
-        if output_size not in (1, (1, 1), [1, 1]):
+        if not isinstance(output_size, (int, tuple, list)) or isinstance(output_size, bool) or \
+                output_size not in (1, (1, 1), [1, 1]):
             raise ValueError(f"AdaptiveAvgPool2d supports only output_size=1, got {output_size!r}")
 
     def _emit(self, g, x, prefix):
@@ -592,7 +609,7 @@ class Residual(Module):
             raise TypeError("body must be a kdcore.nn.Module")
         if shortcut is not None and not isinstance(shortcut, Module):
             raise TypeError("shortcut must be a kdcore.nn.Module or None")
-        self.body, self.shortcut, self.activation = body, shortcut, bool(activation)
+        self.body, self.shortcut, self.activation = body, shortcut, _check_bool("activation", activation)
 
     def _emit(self, g, x, prefix):
         y = self.body._emit(g, x, _join(prefix, "body"))

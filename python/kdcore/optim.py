@@ -6,7 +6,7 @@ An optimizer here is a recipe: ``fit``/``distill`` bind it to a model's paramete
 from __future__ import annotations
 
 from . import _kdcore
-from .nn import Module, _check_float, _check_int
+from .nn import Module, _check_bool, _check_float, _check_int
 
 __all__ = ["SGD", "Adam", "AdamW", "Constant", "MultiStep", "Cosine", "Cyclic", "make_optimizer", "make_schedule"]
 
@@ -17,7 +17,7 @@ class _Optimizer:
     def __init__(self, lr, weight_decay=0.0, decay_bn_and_bias=True):
         self.lr = _check_float("lr", lr, 0)
         self.weight_decay = _check_float("weight_decay", weight_decay, 0)
-        self.decay_bn_and_bias = bool(decay_bn_and_bias)
+        self.decay_bn_and_bias = _check_bool("decay_bn_and_bias", decay_bn_and_bias)
 
     def _kwargs(self):
         return dict(weight_decay=self.weight_decay, decay_bn_and_bias=self.decay_bn_and_bias)
@@ -42,7 +42,7 @@ class SGD(_Optimizer):
         super().__init__(lr, weight_decay, decay_bn_and_bias)
         self.momentum = _check_float("momentum", momentum, 0, 1, hi_open=True)
         self.dampening = _check_float("dampening", dampening, 0, 1)
-        self.nesterov = bool(nesterov)
+        self.nesterov = _check_bool("nesterov", nesterov)
         if self.nesterov and (self.momentum <= 0 or self.dampening != 0):
             raise ValueError("nesterov needs momentum > 0 and dampening 0")
 
@@ -79,14 +79,18 @@ _BY_NAME = {"sgd": SGD, "adam": Adam, "adamw": AdamW}
 
 def make_optimizer(spec, lr=None):
     """An optimizer from an instance, or a name ('sgd', 'adam', 'adamw') with defaults."""
+    return _make_optimizer(spec, lr, "optimizer")
+
+
+def _make_optimizer(spec, lr, name):
     if isinstance(spec, _Optimizer):
         return spec
     if isinstance(spec, str):
         cls = _BY_NAME.get(spec.lower())
         if cls is None:
-            raise ValueError(f"optimizer must be one of {sorted(_BY_NAME)} or an optimizer object, got {spec!r}")
+            raise ValueError(f"{name} must be one of {sorted(_BY_NAME)} or an optimizer object, got {spec!r}")
         return cls() if lr is None else cls(lr=lr)
-    raise TypeError(f"optimizer must be a str or a kdcore.optim optimizer, got {type(spec).__name__}")
+    raise TypeError(f"{name} must be a str or a kdcore.optim optimizer, got {type(spec).__name__}")
 
 
 class _Schedule:
@@ -103,6 +107,9 @@ class _Schedule:
 
     def lr(self, base_lr, epoch, epochs, step=0, steps_per_epoch=1):
         """The learning rate at (epoch, step), as the C loop computes it."""
+        base_lr = _check_float("base_lr", base_lr, 0)
+        epoch, epochs = _check_int("epoch", epoch, 0), _check_int("epochs", epochs, 1)
+        step, steps_per_epoch = _check_int("step", step, 0), _check_int("steps_per_epoch", steps_per_epoch, 1)
         return _kdcore.schedule_lr(self._tuple(base_lr, epochs), self._gamma(), epoch, step, steps_per_epoch)
 
 

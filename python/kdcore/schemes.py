@@ -25,7 +25,7 @@ import numpy as np
 
 from .distill import distill
 from .functional import virtual_teacher
-from .nn import Module, _check_float, _check_int
+from .nn import Module, _check_float, _check_int, _is_choice
 from .training import History, _as_dataset, _check_model, fit, predict
 
 __all__ = ["born_again", "takd", "dgkd", "snapshot_distill", "eskd", "tf_kd",
@@ -499,7 +499,7 @@ def tf_kd(student, train, mode="self", epochs=10, teacher_epochs=None, teacher=N
     Returns a TfKDResult (student, teacher model or teacher-logit array, Histories, settings).
     """
     _check_model(student)
-    if mode not in ("self", "virtual"):
+    if not _is_choice(mode, ("self", "virtual")):
         raise ValueError(f"mode must be 'self' or 'virtual', got {mode!r}")
     epochs = _check_int("epochs", epochs, 1)
     seed = _check_int("seed", seed, 0)
@@ -535,7 +535,7 @@ def tf_kd(student, train, mode="self", epochs=10, teacher_epochs=None, teacher=N
     if teacher_epochs is not None:
         raise ValueError("teacher_epochs applies to mode='self' only")
     form = "code" if form is None else form
-    if form not in ("code", "paper"):
+    if not _is_choice(form, ("code", "paper")):
         raise ValueError(f"form must be 'code' or 'paper', got {form!r}")
     if train.y is None:
         raise ValueError("train has no labels")

@@ -10,7 +10,7 @@ import numpy as np
 
 from . import _kdcore
 from .datasets import Dataset, _augment_kwargs, from_arrays
-from .nn import Module, _check_float, _check_int
+from .nn import Module, _check_bool, _check_float, _check_int
 from .optim import make_optimizer, make_schedule
 
 __all__ = ["fit", "evaluate", "predict", "History"]
@@ -78,7 +78,10 @@ def _as_dataset(data, name):
     if isinstance(data, Dataset):
         return data
     if isinstance(data, tuple) and len(data) == 2:
-        return from_arrays(*data)
+        try:
+            return from_arrays(*data)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"{name}: {e}") from None
     raise TypeError(f"{name} must be a kdcore Dataset or a tuple (X, y), got {type(data).__name__}")
 
 
@@ -156,11 +159,11 @@ class _Common:
         self.callback_every = _check_int("callback_every", callback_every, 1)
         self.label_smoothing = _check_float("label_smoothing", label_smoothing, 0, 1)
         self.max_steps = 0 if max_steps is None else _check_int("max_steps", max_steps, 1)
-        self.drop_last = bool(drop_last)
+        self.drop_last = _check_bool("drop_last", drop_last)
         if callback is not None and not callable(callback):
             raise TypeError("callback must be callable")
         self.callback = callback
-        self.progress = bool(progress)
+        self.progress = _check_bool("progress", progress)
         self.opt = make_optimizer(optimizer)
         if lr is not None:
             self.opt.lr = _check_float("lr", lr, 0)
@@ -177,8 +180,8 @@ class _Common:
             raise TypeError(f"checkpoint must be a path (str or os.PathLike), got {type(checkpoint).__name__}")
         self.checkpoint = None if checkpoint is None else os.fspath(checkpoint)
         self.checkpoint_every = _check_int("checkpoint_every", checkpoint_every, 1)
-        self.checkpoint_best = bool(checkpoint_best)
-        self.resume = bool(resume)
+        self.checkpoint_best = _check_bool("checkpoint_best", checkpoint_best)
+        self.resume = _check_bool("resume", resume)
         if (self.resume or self.checkpoint_best) and self.checkpoint is None:
             raise ValueError("resume and checkpoint_best need checkpoint=<path>")
         self.run_config = dict(config or {})
@@ -283,6 +286,8 @@ def fit(model, train, epochs=10, batch_size=128, optimizer="sgd", lr=None, sched
     _check_model(model)
     c = _Common(train, epochs, batch_size, optimizer, lr, schedule, augment, val, seed, progress,
                 label_smoothing, drop_last, max_steps, callback, callback_every, nonfinite)
+    if not isinstance(keep_snapshots, (list, tuple, set, range)):
+        raise TypeError(f"keep_snapshots must be a list of epochs, got {type(keep_snapshots).__name__}")
     snaps = {_check_int("keep_snapshots[]", e, 0) for e in keep_snapshots}
     copt = c.opt.bind(model)
     c.set_checkpointing(checkpoint, checkpoint_every, checkpoint_best, resume, dict(scheme="fit"))
