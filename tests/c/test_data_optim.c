@@ -633,7 +633,7 @@ static void expect_idx_fail_(const char * path, enum kd_status want, const char 
 static void test_idx(void) {
     snprintf(tmpdir_, sizeof tmpdir_, "/tmp/kdtest_idx_XXXXXX");
     if (!mkdtemp(tmpdir_)) { CHECK(0, "mkdtemp"); return; }
-    uint8_t buf[4096];
+    uint8_t buf[4096] = {0};   // bytes beyond a file's length are written as "trailing data" below
     uint8_t * data;
     int nd;
     int64_t dims[4];
