@@ -2,8 +2,10 @@
 
 Small valid files (what kdcore and the safetensors format allow) and hostile ones (one
 broken rule each), so the fuzzer starts from every branch of the readers. Deterministic:
-rerunning it rewrites the same bytes. Files the fuzzer found worth keeping (crash
-regressions) live next to these with a `regress-` prefix and are not generated here.
+rerunning it rewrites the same bytes. The directories also hold inputs merged from long
+fuzzing runs (named by their SHA-1; `fuzz_X -merge=1 tests/fuzz/corpus/X build/fuzz/corpus-X`
+adds only inputs that reach new coverage) and crash regressions (`regress-*`); those are
+not generated here.
 """
 import gzip
 import json
