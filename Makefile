@@ -1,7 +1,9 @@
 # kdcore: build, test, demo, bench. `make demo` and `make test` work on a fresh Debian
 # machine with Python 3.11 (they install what they need first).
 #
-# Knobs: NO_OMP=1 (no OpenMP), DEBUG=1 (-O0 -g, KD_ASSERT on), SANITIZE=1 (ASan+UBSan).
+# Knobs: NO_OMP=1 (no OpenMP), DEBUG=1 (-O0 -g, KD_ASSERT on), SANITIZE=1 (ASan+UBSan, into
+# build/asan). Checking targets (all part of `make test`): sanitize (= sanitize-c +
+# sanitize-py), valgrind, fuzz (FUZZ_SECONDS=60 per harness).
 
 PYTHON  ?= python3
 CC      ?= gcc
@@ -19,9 +21,15 @@ else
   CFLAGS += -O3 -march=x86-64-v3 -mtune=native
 endif
 ifeq ($(SANITIZE),1)
-  CFLAGS += -O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer -DKD_DEBUG
-  LDLIBS += -fsanitize=address,undefined
+  # Any UB report is fatal (-fno-sanitize-recover), like an ASan error; float-cast-overflow
+  # (a float out of an integer's range, or NaN, converted to it) is UB that GCC's "undefined"
+  # group leaves out. Objects and test binaries go to build/asan: build/ is never clobbered.
+  SAN    := -fsanitize=address,undefined,float-cast-overflow -fno-sanitize-recover=undefined,float-cast-overflow
+  CFLAGS += -O1 -g $(SAN) -fno-omit-frame-pointer -DKD_DEBUG
+  LDLIBS += $(SAN)
+  BUILD  ?= build/asan
 endif
+BUILD   ?= build
 ifneq ($(NO_OMP),1)
   CFLAGS += -fopenmp
   LDLIBS += -fopenmp
@@ -30,26 +38,32 @@ else
 endif
 
 SRCS    := $(wildcard kdcore/src/*.c)
-OBJS    := $(patsubst kdcore/src/%.c,build/obj/%.o,$(SRCS))
-CTESTS  := $(patsubst tests/c/%.c,build/%,$(wildcard tests/c/test_*.c))
+OBJS    := $(patsubst kdcore/src/%.c,$(BUILD)/obj/%.o,$(SRCS))
+CTESTS  := $(patsubst tests/c/%.c,$(BUILD)/%,$(wildcard tests/c/test_*.c))
 STAMP   := build/.deps-stamp
 
-.PHONY: all deps deps-test build lib test test-c test-py demo bench clean check-env
+.PHONY: all deps deps-test build lib test test-c test-py demo bench clean check-env \
+        sanitize sanitize-c sanitize-py valgrind fuzz FORCE
 
 all: lib
 
 # ---- dependencies ----------------------------------------------------------------
-APT_PKGS := libopenblas-openmp-dev zlib1g-dev pkgconf dataset-fashion-mnist
-deps:
-	@missing=""; for p in $(APT_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+APT_PKGS      := libopenblas-openmp-dev zlib1g-dev pkgconf dataset-fashion-mnist
+# The checking tools of `make test`: valgrind; clang with its compiler-rt (libclang_rt.fuzzer,
+# only a Recommends of clang on Debian, so named here) for the libFuzzer harnesses.
+APT_TEST_PKGS := valgrind clang libclang-rt-14-dev
+apt_install = missing=""; for p in $(1); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi
+deps:
+	@$(call apt_install,$(APT_PKGS))
 	@$(PYTHON) -c "import numpy" 2>/dev/null || $(PYTHON) -m pip install -q "numpy>=1.24"
 	@$(PYTHON) -c "import tqdm" 2>/dev/null || $(PYTHON) -m pip install -q tqdm
 
 deps-test: deps
+	@$(call apt_install,$(APT_TEST_PKGS))
 	@$(PYTHON) -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2.13.0')" 2>/dev/null \
 	  || $(PYTHON) -m pip install -q torch==2.13.0
 	@$(PYTHON) -c "import pytest, hypothesis, safetensors" 2>/dev/null || $(PYTHON) -m pip install -q pytest hypothesis safetensors
@@ -59,20 +73,27 @@ check-env:
 	@echo 'int main(void){return 0;}' | $(CC) -fopenmp -x c - -o /dev/null 2>/dev/null && echo "✓ OpenMP" || echo "✗ OpenMP (build with NO_OMP=1)"
 
 # ---- C library and C tests ---------------------------------------------------------
-build/obj/%.o: kdcore/src/%.c kdcore/include/kdcore.h $(wildcard kdcore/src/*.h)
-	@mkdir -p build/obj
+# The flags are a dependency too: switching DEBUG/SANITIZE/NO_OMP rebuilds what they change.
+$(BUILD)/.flags: FORCE
+	@mkdir -p $(BUILD)
+	@echo '$(CC) $(CFLAGS) $(LDLIBS)' | cmp -s - $@ || echo '$(CC) $(CFLAGS) $(LDLIBS)' > $@
+FORCE:
+
+$(BUILD)/obj/%.o: kdcore/src/%.c kdcore/include/kdcore.h $(wildcard kdcore/src/*.h) $(BUILD)/.flags
+	@mkdir -p $(BUILD)/obj
 	$(CC) $(CFLAGS) -c $< -o $@
 
-build/libkdcore.a: $(OBJS)
+$(BUILD)/libkdcore.a: $(OBJS)
 	ar rcs $@ $^
 
-lib: build/libkdcore.a
+lib: $(BUILD)/libkdcore.a
 
-build/test_%: tests/c/test_%.c tests/c/kdtest.h build/libkdcore.a
-	$(CC) $(CFLAGS) -Itests/c $< build/libkdcore.a -o $@ $(LDLIBS)
+$(BUILD)/test_%: tests/c/test_%.c tests/c/kdtest.h $(BUILD)/libkdcore.a $(BUILD)/.flags
+	$(CC) $(CFLAGS) -Itests/c $< $(BUILD)/libkdcore.a -o $@ $(LDLIBS)
 
+# TEST_RUN prefixes each C test binary (valgrind sets it); TEST_ENV adds environment.
 test-c: $(CTESTS)
-	@fail=0; for t in $(CTESTS); do echo "== $$t"; OMP_NUM_THREADS=2 ./$$t || fail=1; done; exit $$fail
+	@fail=0; for t in $(CTESTS); do echo "== $$t"; env OMP_NUM_THREADS=2 $(TEST_ENV) $(TEST_RUN) $$t || fail=1; done; exit $$fail
 
 # ---- Python package ----------------------------------------------------------------
 build: deps
@@ -82,9 +103,98 @@ build: deps
 test-py: build
 	$(PYTHON) -m pytest -q tests
 
+# The whole default suite (CI: .ci/run; DEVELOPERS.md says what each step checks). Wall
+# times measured on the 2-core machine while other jobs shared it (load 4-8), builds included:
+#   test-c ~5 s, test-py ~2 min, sanitize-c 14-35 s, valgrind 8 min (test_layers ~5, test_net
+#   ~1.5), fuzz 65 s (2 x 30 s), sanitize-py 5 min (ASan extension build ~2, pytest 2m50;
+#   the whole suite, torch included). About 17 minutes in all.
 test: deps-test check-env
 	$(MAKE) test-c
 	$(MAKE) test-py
+	$(MAKE) sanitize-c
+	$(MAKE) valgrind
+	$(MAKE) fuzz FUZZ_SECONDS=30
+	$(MAKE) sanitize-py
+
+# ---- sanitizers, valgrind, fuzzing --------------------------------------------------
+# `make sanitize`: the C tests and the pytest suite under AddressSanitizer +
+# UndefinedBehaviorSanitizer (any UB report fatal), with nothing suppressed. Builds go to
+# build/asan (C) and build/asan/py (the extension, next to a copy of the Python package), so
+# the normal build and the editable install are untouched.
+ASAN_ENV := ASAN_OPTIONS=detect_leaks=1:abort_on_error=1:strict_string_checks=1:detect_stack_use_after_return=1 \
+            UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
+sanitize: sanitize-c sanitize-py
+
+sanitize-c: deps check-env
+	$(MAKE) SANITIZE=1 test-c TEST_ENV="$(ASAN_ENV)"
+
+# pytest under ASan: python3 is not instrumented, so libasan must be the first library
+# loaded (LD_PRELOAD); the extension brings libubsan itself. Leak checking is off here
+# (detect_leaks=0): CPython, numpy and torch keep interned objects and caches for the life of
+# the process, which LeakSanitizer would report by the thousand; kdcore's own leaks are the
+# C tests' business (LeakSanitizer on there) and the refcount tests'. Torch runs fine under
+# the preload: no torch test module is excluded.
+ASAN_PY    := build/asan/py
+ASAN_PRELOAD = $(shell $(CC) -print-file-name=libasan.so)
+PY_SRCS    := $(wildcard python/kdcore/*.py) python/kdcore/_kdcore.c $(SRCS) $(wildcard kdcore/src/*.h) \
+              kdcore/include/kdcore.h setup.py
+$(ASAN_PY)/.stamp: $(PY_SRCS)
+	rm -rf $(ASAN_PY) && mkdir -p $(ASAN_PY)
+	cp -r python/kdcore $(ASAN_PY)/kdcore && rm -f $(ASAN_PY)/kdcore/*.so
+	SANITIZE=1 $(PYTHON) setup.py -q build_ext --force --build-lib $(ASAN_PY) --build-temp build/asan/ext-tmp \
+	  2>&1 | grep -v "Running setup.py\|^$$" || true
+	@test -f $(ASAN_PY)/kdcore/_kdcore*.so || (echo "the ASan extension was not built"; exit 1)
+	touch $@
+
+sanitize-py: deps-test $(ASAN_PY)/.stamp
+	env LD_PRELOAD=$(ASAN_PRELOAD) PYTHONPATH=$(CURDIR)/$(ASAN_PY) \
+	  ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+	  $(PYTHON) -c "import kdcore, sys; f = kdcore._kdcore.__file__; print('ASan build:', f); \
+	  sys.exit(0 if f.startswith('$(CURDIR)/$(ASAN_PY)/') else 'kdcore resolves elsewhere')"
+	env LD_PRELOAD=$(ASAN_PRELOAD) PYTHONPATH=$(CURDIR)/$(ASAN_PY) \
+	  ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+	  $(PYTHON) -m pytest -q -p no:cacheprovider tests
+
+# valgrind (memcheck) on the normal C test binaries: invalid accesses, uses of uninitialised
+# values, and definite/indirect leaks are errors. No suppression file: the only reports on
+# clean code are libgomp's worker threads' TLS blocks, "possibly lost" because the threads
+# are alive at exit; they are neither shown nor counted (--show/--errors-for-leak-kinds).
+# OMP_WAIT_POLICY=passive: valgrind runs one thread at a time, so libgomp's spinning
+# barriers made test_net take 14 minutes instead of ~1.5. KDTEST_QUICK=1: test_layers' conv
+# timing loop (informational, 8 large convolutions) runs each case once: it was 12 of the 17
+# minutes. Valgrind cannot execute AVX-512 and hides it from CPUID, so the kernels dispatch
+# to their AVX2 versions here.
+VALGRIND := valgrind -q --error-exitcode=1 --leak-check=full --show-leak-kinds=definite,indirect \
+            --errors-for-leak-kinds=definite,indirect --track-origins=yes
+valgrind: deps-test check-env
+	$(MAKE) test-c TEST_RUN="$(VALGRIND)" TEST_ENV="OMP_WAIT_POLICY=passive GOMP_SPINCOUNT=0 KDTEST_QUICK=1"
+
+# libFuzzer (clang) on the two readers of untrusted files: the safetensors checkpoint reader
+# and the IDX reader (plain and gzip), with ASan+UBSan. Each runs FUZZ_SECONDS from the
+# committed seeds (tests/fuzz/corpus/<name>, never written to) plus what earlier runs here
+# found (build/fuzz/corpus-<name>); a crash is saved in build/fuzz/crashes and fails the run.
+# Add a crashing input to the seeds (as regress-<what>) once fixed.
+FUZZ_SECONDS ?= 60
+FUZZ_CC    := clang
+FUZZ_SRCS  := kdcore/src/checkpoint.c kdcore/src/data.c kdcore/src/status.c
+FUZZ_FLAGS := -std=c11 -D_GNU_SOURCE -g -O1 -fno-omit-frame-pointer -fsanitize=fuzzer,address,undefined \
+              -fno-sanitize-recover=undefined -DKD_DEBUG -Wall -Wextra -Wno-unused-parameter -Wno-unknown-pragmas \
+              -Ikdcore/include -Ikdcore/src $(BLAS_CFLAGS)
+FUZZERS    := checkpoint idx
+
+build/fuzz/fuzz_%: tests/fuzz/fuzz_%.c tests/fuzz/fuzz_common.h $(FUZZ_SRCS) kdcore/include/kdcore.h $(wildcard kdcore/src/*.h)
+	@mkdir -p build/fuzz
+	$(FUZZ_CC) $(FUZZ_FLAGS) $< $(FUZZ_SRCS) -o $@ -L$(BLAS_LIBDIR) -Wl,-rpath,$(BLAS_LIBDIR) -lopenblas -lz -lm
+
+fuzz: deps-test check-env $(patsubst %,build/fuzz/fuzz_%,$(FUZZERS))
+	@fail=0; for f in $(FUZZERS); do \
+	  mkdir -p build/fuzz/corpus-$$f build/fuzz/crashes; echo "== fuzz_$$f: $(FUZZ_SECONDS) s"; \
+	  env OMP_NUM_THREADS=1 ./build/fuzz/fuzz_$$f -max_total_time=$(FUZZ_SECONDS) -timeout=10 -rss_limit_mb=2048 \
+	    -dict=tests/fuzz/$$f.dict -print_final_stats=1 -artifact_prefix=build/fuzz/crashes/$$f- \
+	    build/fuzz/corpus-$$f tests/fuzz/corpus/$$f > build/fuzz/fuzz_$$f.log 2>&1 \
+	    || { fail=1; tail -n 60 build/fuzz/fuzz_$$f.log; }; \
+	  grep -E "^(Done|stat::number_of_executed_units|stat::new_units_added)" build/fuzz/fuzz_$$f.log; \
+	done; exit $$fail
 
 demo: deps build
 	$(PYTHON) -m kdcore.demo

@@ -40,8 +40,12 @@ if not no_omp:
 else:
     cflags.append("-Wno-unknown-pragmas")
 if sanitize:
-    cflags += ["-fsanitize=address,undefined", "-fno-omit-frame-pointer"]
-    ldflags += ["-fsanitize=address,undefined"]
+    # As the Makefile's SANITIZE=1: -O1 -g for readable reports, any UB report fatal.
+    # `make sanitize` builds this into build/asan/py and runs pytest with libasan preloaded.
+    san = ["-fsanitize=address,undefined,float-cast-overflow",
+           "-fno-sanitize-recover=undefined,float-cast-overflow"]
+    cflags += ["-O1", "-g", "-fno-omit-frame-pointer", "-DKD_DEBUG"] + san
+    ldflags += san
 
 ext = Extension(
     "kdcore._kdcore",

@@ -228,6 +228,7 @@ enum kd_status kd_dataset_check(const struct kd_dataset * ds) {
 // zlib's gz* functions read gzip and plain files alike.
 
 #define IDX_MAX_BYTES_ ((size_t)1 << 31)
+#define IDX_CHUNK_     ((size_t)1 << 20)   // first allocation for the payload
 
 // Reads up to len bytes; *got is the count read. Returns false on a zlib/system error.
 static bool gz_read_all_(gzFile f, void * buf, size_t len, size_t * got) {
@@ -294,12 +295,24 @@ enum kd_status kd_idx_read(const char * path, uint8_t ** data, int * ndim, int64
             IDX_FAIL_(KD_ERR_IO, "'%s': payload of more than 2^31 bytes (dimension %d = %u)", path, d, v);
     }
 
-    buf = malloc(total);
-    if (!buf) IDX_FAIL_(KD_ERR_NOMEM, "'%s': cannot allocate %zu bytes", path, total);
-    if (!gz_read_all_(f, buf, total, &got))
-        IDX_FAIL_(KD_ERR_IO, "'%s': read error after %zu of %zu payload bytes: %s", path, got, total, gz_msg_(f));
-    if (got < total)
-        IDX_FAIL_(KD_ERR_IO, "'%s': truncated: %zu of %zu payload bytes", path, got, total);
+    // The header is not trusted with memory: 20 bytes may claim 2 GiB. The buffer grows
+    // (doubling from 1 MiB) only as payload bytes actually arrive, so a truncated or hostile
+    // file costs at most twice its real (decompressed) size.
+    size_t have = 0, cap = 0;
+    while (have < total) {
+        if (have == cap) {
+            size_t ncap = cap ? (cap > total / 2 ? total : 2 * cap) : (total < IDX_CHUNK_ ? total : IDX_CHUNK_);
+            uint8_t * nb = realloc(buf, ncap);
+            if (!nb) IDX_FAIL_(KD_ERR_NOMEM, "'%s': cannot allocate %zu bytes", path, ncap);
+            buf = nb;
+            cap = ncap;
+        }
+        if (!gz_read_all_(f, buf + have, cap - have, &got))
+            IDX_FAIL_(KD_ERR_IO, "'%s': read error after %zu of %zu payload bytes: %s", path, have + got, total,
+                      gz_msg_(f));
+        have += got;
+        if (have < cap) IDX_FAIL_(KD_ERR_IO, "'%s': truncated: %zu of %zu payload bytes", path, have, total);
+    }
     // The payload must end the file: trailing bytes mean the header does not describe it.
     unsigned char extra[64];
     if (!gz_read_all_(f, extra, sizeof extra, &got))

@@ -609,6 +609,18 @@ static size_t make_idx_(uint8_t * buf, int type, int nd, const uint32_t * dims, 
     return k;
 }
 
+// A "Vm...:" line of /proc/self/status in kB, or -1.
+static long long vm_kb_(const char * key) {
+    FILE * f = fopen("/proc/self/status", "r");
+    if (!f) return -1;
+    char line[256];
+    long long v = -1;
+    while (fgets(line, sizeof line, f))
+        if (!strncmp(line, key, strlen(key))) { v = atoll(line + strlen(key)); break; }
+    fclose(f);
+    return v;
+}
+
 static void expect_idx_fail_(const char * path, enum kd_status want, const char * needle) {
     uint8_t * data = (uint8_t *)1;
     int nd = -1;
@@ -621,7 +633,7 @@ static void expect_idx_fail_(const char * path, enum kd_status want, const char 
 static void test_idx(void) {
     snprintf(tmpdir_, sizeof tmpdir_, "/tmp/kdtest_idx_XXXXXX");
     if (!mkdtemp(tmpdir_)) { CHECK(0, "mkdtemp"); return; }
-    uint8_t buf[4096];
+    uint8_t buf[4096] = {0};   // bytes beyond a file's length are written as "trailing data" below
     uint8_t * data;
     int nd;
     int64_t dims[4];
@@ -701,6 +713,44 @@ static void test_idx(void) {
     len = make_idx_(bad, 0x08, 4, dhuge, 0);
     write_file_(tmp_path_("huge.idx"), bad, len, false);
     expect_idx_fail_(tmp_path_("huge.idx"), KD_ERR_IO, "2^31");
+    {   // Regression (found by fuzz_idx): 19 bytes claiming exactly 2^31 payload bytes (within
+        // the limit) made kd_idx_read malloc 2 GiB before finding the file truncated. Memory now
+        // follows the bytes that arrive; VmPeak (virtual high-water mark) shows no 2 GiB mapping.
+        const uint32_t dclaim[2] = {65536, 32768};
+        len = make_idx_(bad, 0x08, 2, dclaim, 3);
+        write_file_(tmp_path_("claim.idx"), bad, len, false);
+        write_file_(tmp_path_("claim.idx.gz"), bad, len, true);
+        long long size0 = vm_kb_("VmSize:"), peak0 = vm_kb_("VmPeak:");
+        expect_idx_fail_(tmp_path_("claim.idx"), KD_ERR_IO, "truncated: 3 of 2147483648 payload bytes");
+        expect_idx_fail_(tmp_path_("claim.idx.gz"), KD_ERR_IO, "truncated: 3 of 2147483648 payload bytes");
+        long long peak1 = vm_kb_("VmPeak:");
+        CHECK(size0 > 0 && (peak1 <= peak0 || peak1 < size0 + 512 * 1024),
+              "a truncated IDX file claiming 2 GiB raised VmPeak from %lld to %lld kB (VmSize was %lld kB)",
+              peak0, peak1, size0);
+        // Truncated exactly at the end of the first 1 MiB chunk, and one byte into the second.
+        const uint32_t dmid[1] = {(2u << 20) + 1};
+        uint8_t * mid = malloc((size_t)(2u << 20) + 64);
+        if (!mid) { CHECK(0, "malloc"); return; }
+        len = make_idx_(mid, 0x08, 1, dmid, (size_t)1 << 20);
+        write_file_(tmp_path_("mid.idx"), mid, len, false);
+        expect_idx_fail_(tmp_path_("mid.idx"), KD_ERR_IO, "truncated: 1048576 of 2097153 payload bytes");
+        len = make_idx_(mid, 0x08, 1, dmid, ((size_t)1 << 20) + 1);
+        write_file_(tmp_path_("mid.idx.gz"), mid, len, true);
+        expect_idx_fail_(tmp_path_("mid.idx.gz"), KD_ERR_IO, "truncated: 1048577 of 2097153 payload bytes");
+        // The full 2 MiB + 1 payload reads back (three buffer sizes: 1 MiB, 2 MiB, 2 MiB + 1).
+        len = make_idx_(mid, 0x08, 1, dmid, (size_t)(2u << 20) + 1);
+        write_file_(tmp_path_("mid.idx"), mid, len, false);
+        data = NULL;
+        enum kd_status st = kd_idx_read(tmp_path_("mid.idx"), &data, &nd, dims);
+        CHECK(st == KD_OK && nd == 1 && dims[0] == (2 << 20) + 1, "2 MiB + 1 idx: %s", kd_last_error());
+        if (st == KD_OK) {
+            bool ok = true;
+            for (size_t i = 0; i < (size_t)(2u << 20) + 1 && ok; i++) ok = data[i] == (uint8_t)(i * 7);
+            CHECK(ok, "2 MiB + 1 idx contents");
+            kd_free(data);
+        }
+        free(mid);
+    }
     expect_idx_fail_(tmp_path_("missing.idx"), KD_ERR_IO, "cannot open '");
     expect_idx_fail_(tmp_path_("missing.idx"), KD_ERR_IO, "No such file or directory");
     expect_idx_fail_(tmpdir_, KD_ERR_IO, tmpdir_);   // a directory
@@ -734,7 +784,8 @@ static void test_idx(void) {
     // Clean up the temp directory.
     const char * names[] = {"cut.gz", "a.idx1", "b.idx3.gz", "c.idx4", "trunc.idx", "trunc.idx.gz", "trail.idx",
                             "trail.idx.gz", "hdr.idx", "tiny.idx", "empty.idx", "magic.idx", "float.idx",
-                            "nd0.idx", "nd5.idx", "dim0.idx", "big.idx", "huge.idx"};
+                            "nd0.idx", "nd5.idx", "dim0.idx", "big.idx", "huge.idx", "claim.idx", "claim.idx.gz",
+                            "mid.idx", "mid.idx.gz"};
     for (size_t k = 0; k < sizeof names / sizeof names[0]; k++) unlink(tmp_path_(names[k]));
     rmdir(tmpdir_);
 }
