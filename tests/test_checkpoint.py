@@ -560,3 +560,70 @@ def test_mutual_and_slkd_resume_are_bitwise(tmp_path, data, teachers):
                         **dict(skw, n_sl=1))
     for k, v in before.items():
         np.testing.assert_array_equal(s3.state_dict()[k], v)
+
+
+# ---- PyTorch files: weights only ----------------------------------------------------------------
+
+class _RunsCode:
+    """Unpickling this calls a function: what weights_only=True must refuse."""
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_load_torch_state_dict_into_the_twin(tmp_path):
+    import torch
+    m = kdcore.models.mlp([12, 7, 3], seed=4)
+    sd = m.state_dict()
+    # A PyTorch model with kdcore's key names, different weights: loading must make them equal.
+    tsd = {k: torch.randn(v.shape) for k, v in sd.items()}
+    p = str(tmp_path / "w.pt")
+    torch.save(tsd, p)
+    kdcore.load_torch(p, m)
+    for k, v in m.state_dict().items():
+        np.testing.assert_array_equal(v, tsd[k].numpy())
+    torch.save({"model": tsd, "epoch": 240}, p)                  # RepDistiller's layout
+    m2 = kdcore.models.mlp([12, 7, 3], seed=5)
+    kdcore.load_torch(p, m2, key="model")
+    np.testing.assert_array_equal(m2.state_dict()[next(iter(sd))], tsd[next(iter(sd))].numpy())
+    with pytest.raises(KeyError, match="key 'state_dict' is not an entry"):
+        kdcore.load_torch(p, m2, key="state_dict")
+    with pytest.raises(KeyError, match="unexpected keys: \\['epoch', 'model'\\]"):
+        kdcore.load_torch(p, m2)                                   # nested, and no key given
+    torch.save([tsd], p)
+    with pytest.raises(ValueError, match="holds a list, not a state dict"):
+        kdcore.load_torch(p, m2)
+
+
+def test_load_torch_never_runs_code(tmp_path):
+    import torch
+    marker = tmp_path / "pwned"
+    p = str(tmp_path / "evil.pt")
+    torch.save({"weight": _RunsCode(str(marker))}, p)
+    m = kdcore.models.mlp([12, 7, 3], seed=4)
+    before = m.state_dict()
+    with pytest.raises(ValueError, match="evil.pt is not a weights-only PyTorch state dict"):
+        kdcore.load_torch(p, m)
+    assert not marker.exists()
+    for k, v in m.state_dict().items():
+        np.testing.assert_array_equal(v, before[k])
+
+
+def test_load_torch_bad_files_and_arguments(tmp_path):
+    import torch
+    m = kdcore.models.mlp([12, 7, 3], seed=4)
+    p = tmp_path / "cut.pt"
+    torch.save({k: torch.zeros(v.shape) for k, v in m.state_dict().items()}, str(p))
+    p.write_bytes(p.read_bytes()[:100])                           # truncated
+    with pytest.raises(ValueError, match="cut.pt"):
+        kdcore.load_torch(str(p), m)
+    with pytest.raises((OSError, ValueError)):
+        kdcore.load_torch(str(tmp_path / "missing.pt"), m)
+    with pytest.raises(TypeError, match="model"):
+        kdcore.load_torch(str(p), "model")
+    with pytest.raises(TypeError, match="path"):
+        kdcore.load_torch(3, m)
+    with pytest.raises(TypeError, match="key"):
+        kdcore.load_torch(str(p), m, key=1)

@@ -134,3 +134,16 @@ def test_inference_memory_batch_1000(how):
     r = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, how], capture_output=True, text=True, env=env, check=True)
     grown_mb = float(r.stdout.strip().splitlines()[-1])
     assert grown_mb < 300, f"peak RSS grew by {grown_mb:.0f} MB during inference at batch 1000"
+
+
+def test_nets_without_convolutions_run_large_chunks():
+    """An MLP's working set is its weights, so inference keeps the batch in one chunk up to
+    64 MB of activations (more rows make sgemm faster) and chunks beyond that."""
+    m = kdcore.models.mlp([784, 2048, 10], seed=0).eval()
+    x = np.random.default_rng(0).normal(0, 1, (5000, 784)).astype(np.float32)
+    out = m(x[:1000], grad=False)
+    assert m.net.last_chunk() == 1000
+    big = m(x, grad=False)
+    assert 128 <= m.net.last_chunk() < 5000                # ~(784 + 2048 + 10) floats/image: 2 chunks
+    np.testing.assert_allclose(big[:1000], out, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(big, m(x), rtol=1e-5, atol=1e-6)   # == the plain, unchunked forward

@@ -229,10 +229,12 @@ KD_API const float * kd_net_output(const struct kd_net * net, int node);
 //    the whole batch) the batch is one chunk. kd_evaluate and the teacher forwards of the
 //    training loops use inference forwards.
 KD_API enum kd_status kd_net_keep(struct kd_net * net, int node, bool keep);
-// Images per chunk of inference forwards: 0 (default) = automatic (at most 64-128 images,
-// from the per-image activation footprint against the threads' L2 caches -- one thread's
-// in deterministic mode, so that chunks do not follow the thread count -- then balanced:
-// 1000 images run as 16 chunks of 63 or 8 of 125); n >= N = one chunk.
+// Images per chunk of inference forwards: 0 (default) = automatic. Nets with convolutions:
+// 64-128 images, from the per-image activation footprint against the threads' L2 caches --
+// one thread's in deterministic mode, so that chunks do not follow the thread count -- then
+// balanced (1000 images run as 16 chunks of 63 or 8 of 125). Nets without: as many images
+// as fit 64 MB of activations (at least 128), since their working set is the weights and
+// sgemm is faster on more rows. n >= N = one chunk.
 KD_API enum kd_status kd_net_set_chunk(struct kd_net * net, int images);
 // Images per chunk used by the last forward (0 if it was not an inference forward).
 KD_API int  kd_net_last_chunk(const struct kd_net * net);

@@ -14,7 +14,7 @@ import sys
 import numpy as np
 
 from . import _kdcore, datasets, functional, models, nn, optim
-from .checkpoint import CheckpointMismatch, load, save
+from .checkpoint import CheckpointMismatch, load, load_torch, save
 from .distill import distill, exit_accuracies, kl_divergence, multi_exit, mutual, slkd
 from .schemes import born_again, dgkd, eskd, snapshot_distill, takd, tf_kd
 from .training import History, evaluate, fit, predict
@@ -23,7 +23,7 @@ __version__ = _kdcore.version
 __all__ = ["nn", "models", "datasets", "functional", "optim", "fit", "evaluate", "predict", "History",
            "distill", "mutual", "slkd", "multi_exit", "exit_accuracies", "kl_divergence",
            "born_again", "takd", "dgkd", "snapshot_distill", "eskd", "tf_kd",
-           "save", "load", "CheckpointMismatch", "set_num_threads", "get_num_threads", "set_deterministic",
+           "save", "load", "load_torch", "CheckpointMismatch", "set_num_threads", "get_num_threads", "set_deterministic",
            "get_deterministic", "show_config"]
 
 

@@ -31,9 +31,9 @@ import warnings
 import numpy as np
 
 from . import _kdcore
-from .nn import Module
+from .nn import Module, _check_bool
 
-__all__ = ["save", "load", "CheckpointMismatch"]
+__all__ = ["save", "load", "load_torch", "CheckpointMismatch"]
 
 _FORMAT = "kdcore.checkpoint"
 _FORMAT_VERSION = "1"
@@ -374,3 +374,45 @@ class _RunCheckpoint:
         if self.best and hist.best_epoch == hist.epochs - 1:
             self.save(epoch, hist, self.best_path)
         return saved
+
+
+def load_torch(path, model, strict=True, key=None):
+    """Load a PyTorch file (``torch.save(model.state_dict(), path)``) into a kdcore model.
+
+    The file is read with ``torch.load(..., map_location="cpu", weights_only=True)``: only
+    tensors and plain containers are unpickled, never arbitrary objects, so a hostile file
+    raises instead of running code. ``key`` picks a nested state dict (e.g. RepDistiller's
+    checkpoints keep it under ``"model"``). Keys, shapes and values are checked as in
+    ``Module.load_state_dict``. Needs torch installed; kdcore itself never pickles.
+    """
+    _check_path(path)
+    if not isinstance(model, Module):
+        raise TypeError(f"model must be a kdcore.nn.Module, got {type(model).__name__}")
+    if key is not None and not isinstance(key, str):
+        raise TypeError(f"key must be a str or None, got {type(key).__name__}")
+    strict = _check_bool("strict", strict)
+    try:
+        import torch
+    except ImportError as e:
+        raise ImportError("load_torch needs PyTorch (pip install torch); kdcore's own files need "
+                          "kdcore.load") from e
+    import pickle
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as e:
+        raise type(e)(e.errno, f"load_torch: cannot read path {os.fsdecode(path)!r}: {e.strerror}") from e
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError) as e:
+        # weights_only refuses anything but tensors and plain containers (UnpicklingError),
+        # and a truncated or non-PyTorch file fails to parse: both name the file.
+        raise ValueError(f"load_torch: {os.fsdecode(path)} is not a weights-only PyTorch state dict "
+                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+    if key is not None:
+        if not isinstance(sd, dict) or key not in sd:
+            raise KeyError(f"load_torch: key {key!r} is not an entry of {os.fsdecode(path)}"
+                           + (f" (entries: {sorted(map(str, sd))[:10]})" if isinstance(sd, dict) else ""))
+        sd = sd[key]
+    if not isinstance(sd, dict):
+        raise ValueError(f"load_torch: {os.fsdecode(path)} holds a {type(sd).__name__}, not a state dict "
+                         "(pass key= if it is nested)")
+    model.load_state_dict(sd, strict=strict)
+    return model

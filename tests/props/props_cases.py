@@ -947,6 +947,24 @@ def test_set_deterministic(on):
     kdcore.set_deterministic(False)
 
 
+@settings(max_examples=30)
+@given(st.data())
+def test_load_torch(data):
+    import tempfile
+
+    import torch
+    m = kdcore.models.mlp([8, 4, 3], seed=0)
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "w.pt")
+        torch.save({k: torch.from_numpy(v) for k, v in m.state_dict().items()}, path)
+        valid = dict(path=path, model=m, strict=True, key=None)
+        pools = dict(path=st.one_of(SCALARS, st.just(os.path.join(d, "missing.pt"))), model=SCALARS,
+                     strict=FLAGS, key=SCALARS)
+        name, kw = mutate(valid, pools, data)
+        attempt(kdcore.load_torch, (), kw, (name, "missing.pt", "state dict"), what="load_torch",
+                ok=(TypeError, ValueError, KeyError, OSError))
+
+
 @given(n=SCALARS)
 def test_set_num_threads(n):
     ok, _ = attempt(kdcore.set_num_threads, (n,), {}, ("n",), what="set_num_threads")
