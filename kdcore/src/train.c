@@ -80,7 +80,7 @@ static void bn_restore(const struct bn_saved * b) {
         if (kd_net_node_spec(b->net, i)->type == KD_LAYER_BATCHNORM) *kd_net_bn_batches(b->net, i) = b->batches[i];
 }
 
-// True when every float is finite. Tests the exponent bits, so -ffast-math style flags
+// True when every float is finite. Tests the exponent bits, so fast-math compiler flags
 // cannot fold it away, and the flag is an OR: the result does not depend on the threads.
 static bool all_finite(const float * x, size_t n) {
     unsigned bad = 0;
