@@ -396,12 +396,16 @@ def test_sigint_stops_training_subprocess():
     p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert p.stdout.readline().strip() == "start"
     time.sleep(1.5)
-    t = time.time()
+    t = time.monotonic()
     p.send_signal(signal.SIGINT)
-    out, err = p.communicate(timeout=60)
-    assert time.time() - t < 5, "KeyboardInterrupt took too long"
-    assert "interrupted" in out and out.strip().endswith("True"), (out, err)
-    assert p.returncode == 0
+    # The latency that matters is signal -> KeyboardInterrupt handled (the "interrupted" line,
+    # printed after a predict on the interrupted model), not the process's teardown after it.
+    line = p.stdout.readline()
+    latency = time.monotonic() - t
+    out, err = p.communicate(timeout=120)
+    assert line.startswith("interrupted") and line.strip().endswith("True"), (line, out, err)
+    assert latency < 5, f"KeyboardInterrupt took {latency:.1f} s (child: {line.strip()}; stderr: {err[-500:]})"
+    assert p.returncode == 0, err
 
 
 def test_gil_released_during_training_and_busy_model_raises():
