@@ -381,7 +381,10 @@ def test_interrupt_from_progress_callback_leaves_model_usable():
 
 def test_sigint_stops_training_subprocess():
     code = textwrap.dedent("""
-        import sys, time, numpy as np, kdcore
+        import signal, sys, time, numpy as np, kdcore
+        # A shell without job control starts background commands with SIGINT ignored, and
+        # Python then installs no KeyboardInterrupt handler: restore what a terminal gives.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         X = np.random.default_rng(0).normal(size=(20000, 1, 16, 16)).astype(np.float32)
         y = np.random.default_rng(1).integers(0, 10, 20000)
         m = kdcore.models.cnn(num_classes=10, width=8)
