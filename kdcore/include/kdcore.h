@@ -87,7 +87,8 @@ KD_API int  kd_get_num_threads(void);
 // speed (see DEVELOPERS.md, "Determinism"). Process-wide; do not change it while a call runs.
 KD_API void kd_set_deterministic(bool on);
 KD_API bool kd_get_deterministic(void);
-// A one-line description of the BLAS build and OpenMP ("OpenBLAS 0.3.21 ... USE_OPENMP").
+// A one-line description of the BLAS build, its CPU core, OpenMP, and what runs the linear
+// layers ("OpenBLAS 0.3.21 ... USE_OPENMP; core=Haswell; ...; linear layers: ...").
 KD_API const char * kd_blas_config(void);
 
 // ---------------------------------------------------------------------------------------

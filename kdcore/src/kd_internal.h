@@ -63,9 +63,11 @@ static inline float kd_normal(uint64_t seed, uint64_t i) {
 #ifdef _OPENMP
 static inline int kd_omp_threads(void) { return omp_get_max_threads(); }
 static inline int kd_omp_tid(void) { return omp_get_thread_num(); }
+static inline int kd_omp_team(void) { return omp_get_num_threads(); }   // of the current region
 #else
 static inline int kd_omp_threads(void) { return 1; }
 static inline int kd_omp_tid(void) { return 0; }
+static inline int kd_omp_team(void) { return 1; }
 #endif
 
 // ---------------------------------------------------------------------------------------

@@ -10,13 +10,14 @@
 // Conventions (see layers.h): tensors are NCHW, C-contiguous; backward kernels accumulate
 // (+=) into every gradient they are given and skip the NULL ones; nothing here allocates.
 //
-// Threading: a kernel is either BLAS-threaded (the linear layer: cblas_sgemm called outside
-// any OpenMP region, so the OpenMP build of OpenBLAS uses all threads) or OpenMP-threaded
-// over the dimension it writes (convolutions use their own micro-kernels, no BLAS). Every
-// reduction runs in an order fixed by the data layout (and, for conv weight gradients, by
-// the thread count), so results are deterministic for a given thread count. Deterministic
-// mode (kd_get_deterministic) fixes the two thread-dependent splits -- linear sgemm and conv
-// weight-gradient partials -- by the shapes alone, for results independent of the count.
+// Threading: a kernel is either BLAS-threaded (the linear layer when it runs on OpenBLAS:
+// cblas_sgemm called outside any OpenMP region, so the OpenMP build of OpenBLAS uses all
+// threads) or OpenMP-threaded over the dimension it writes (convolutions, and the linear
+// layer's own product, use our micro-kernels). Every reduction runs in an order fixed by the
+// data layout (and, for OpenBLAS and conv weight gradients, by the thread count), so results
+// are deterministic for a given thread count. Deterministic mode (kd_get_deterministic)
+// removes the thread-dependent splits: linear layers run on the own product, conv weight
+// gradients reduce fixed batch chunks -- results independent of the count.
 //
 // SIMD: the file is compiled for x86-64-v3 (AVX2/FMA). The hot kernels also have AVX-512
 // versions (__attribute__((target("avx512f"))), chosen at run time) that perform the same
@@ -27,6 +28,7 @@
 
 #include <cblas.h>
 #include <limits.h>
+#include <strings.h>
 #include <stddef.h>
 
 #ifndef _OPENMP
@@ -109,100 +111,6 @@ static inline void valid_range(int * o0, int * o1, int L, int O, int k, int S, i
     *o0 = lo <= 0 ? 0 : imin(O, (lo + S - 1) / S);
     *o1 = hi < 0 ? 0 : imin(O, hi / S + 1);
     if (*o1 < *o0) { *o1 = *o0; }
-}
-
-// ----------------------------------------------------------------------------------------
-// linear
-// https://pytorch.org/docs/stable/generated/torch.nn.Linear.html
-// One top-level sgemm per product, threaded by OpenBLAS. Its split of the matrices across
-// threads changes which micro-kernel (and so which rounding) some elements get: results
-// are reproducible for a given thread count, and equal only to rounding across counts.
-// Deterministic mode instead cuts the product into tiles fixed by the shapes (below).
-
-#ifndef DET_TILE_M
-#define DET_TILE_M 128
-#endif
-#ifndef DET_TILE_N
-#define DET_TILE_N 256
-#endif
-
-// Tiles along a dimension of n: as many as tiles of `target` need, of equal width rounded up
-// to 16 (whole micro-kernel panels) -- 784 columns are 4 tiles of 208 (the last 160), not
-// 3 of 256 and a sliver of 16. A function of n alone.
-static int det_tile(int n, int target) {
-    int count = (n + target - 1) / target;
-    int width = (n + count - 1) / count;
-    return (width + 15) / 16 * 16;
-}
-
-// C (M x Nc, row-major, ldc) = op(A) op(B) + beta C, as tiles of about DET_TILE_M x
-// DET_TILE_N (det_tile) shared out by OpenMP, each one single-threaded sgemm over the whole
-// K: an element is always computed by the same call on the same tile shape, whatever the
-// thread count, so its rounding is too. (Inside an active OpenMP region the OpenMP OpenBLAS
-// runs single-threaded; with a team of one, kd_set_num_threads has given OpenBLAS one thread
-// as well.) The cost: each tile packs its own panels, and sgemm is less efficient on a tile
-// than on the whole product (see DEVELOPERS.md, "Determinism").
-static void sgemm_fixed_tiles(bool trans_a, bool trans_b, int M, int Nc, int K, const float * A, int lda,
-                              const float * B, int ldb, float beta, float * C, int ldc) {
-    const int bm = det_tile(M, DET_TILE_M), bn = det_tile(Nc, DET_TILE_N);
-    const int tm = (M + bm - 1) / bm, tn = (Nc + bn - 1) / bn;
-    const long ntiles = (long)tm * tn;
-    #pragma omp parallel for schedule(static)
-    for (long t = 0; t < ntiles; t++) {
-        int i0 = (int)(t / tn) * bm, j0 = (int)(t % tn) * bn;
-        int mi = imin(bm, M - i0), nj = imin(bn, Nc - j0);
-        const float * a = trans_a ? A + i0 : A + (size_t)i0 * lda;   // rows i0.. of op(A)
-        const float * b = trans_b ? B + (size_t)j0 * ldb : B + j0;   // columns j0.. of op(B)
-        cblas_sgemm(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans, trans_b ? CblasTrans : CblasNoTrans,
-                    mi, nj, K, 1.0f, a, lda, b, ldb, beta, C + (size_t)i0 * ldc + j0, ldc);
-    }
-}
-
-// out (N,OC), inp (N,C), weight (OC,C), bias (OC) or NULL
-void kd_linear_forward(float * out, const float * inp, const float * weight, const float * bias,
-                       int N, int C, int OC) {
-    // Prefill with the bias and let sgemm accumulate (beta=1): PyTorch's addmm does the same.
-    float beta = 0.0f;
-    if (bias != NULL) {
-        for (int n = 0; n < N; n++) { memcpy(out + (size_t)n * OC, bias, (size_t)OC * sizeof(float)); }
-        beta = 1.0f;
-    }
-    if (kd_get_deterministic()) {
-        sgemm_fixed_tiles(false, true, N, OC, C, inp, C, weight, C, beta, out, OC);
-        return;
-    }
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, N, OC, C,
-                1.0f, inp, C, weight, C, beta, out, OC);
-}
-
-// dinp (N,C), dweight (OC,C), dbias (OC), dout (N,OC), inp (N,C), weight (OC,C)
-void kd_linear_backward(float * dinp, float * dweight, float * dbias, const float * dout,
-                        const float * inp, const float * weight, int N, int C, int OC) {
-    const bool det = kd_get_deterministic();
-    // dinp += dout @ W
-    if (dinp != NULL && det) {
-        sgemm_fixed_tiles(false, false, N, C, OC, dout, OC, weight, C, 1.0f, dinp, C);
-    } else if (dinp != NULL) {
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, N, C, OC,
-                    1.0f, dout, OC, weight, C, 1.0f, dinp, C);
-    }
-    // dweight += dout^T @ inp
-    if (dweight != NULL && det) {
-        sgemm_fixed_tiles(true, false, OC, C, N, dout, OC, inp, C, 1.0f, dweight, C);
-    } else if (dweight != NULL) {
-        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, OC, C, N,
-                    1.0f, dout, OC, inp, C, 1.0f, dweight, C);
-    }
-    // dbias += column sums of dout; each thread owns whole columns and sums over N in
-    // order, so the result does not depend on the thread count.
-    if (dbias != NULL) {
-        #pragma omp parallel for schedule(static) if((size_t)N * OC > KD_PAR_MIN)
-        for (int oc = 0; oc < OC; oc++) {
-            double s = 0.0;
-            for (int n = 0; n < N; n++) { s += (double)dout[(size_t)n * OC + oc]; }
-            dbias[oc] += (float)s;
-        }
-    }
 }
 
 // ----------------------------------------------------------------------------------------
@@ -706,6 +614,262 @@ static inline void batch_chunk(int * n0, int * n1, int N, int tid, int nt) {
     int base = N / nt, rem = N % nt;
     *n0 = tid * base + imin(tid, rem);
     *n1 = *n0 + base + (tid < rem ? 1 : 0);
+}
+
+// ----------------------------------------------------------------------------------------
+// linear
+// https://pytorch.org/docs/stable/generated/torch.nn.Linear.html
+// Three products: out = inp W^T (onto the bias), dinp += dout W, dW += dout^T inp. Two
+// engines run them (linear_engine):
+// - OpenBLAS cblas_sgemm, one top-level call per product, threaded by OpenBLAS. Its split
+//   across threads changes which micro-kernel (and so which rounding) some elements get:
+//   reproducible for a given thread count, equal only to rounding across counts.
+// - kdcore's own product on the conv forward micro-kernel (8 x 32; AVX-512, AVX2 or
+//   portable). Used on AVX-512 CPUs where OpenBLAS runs without AVX-512 (this environment
+//   sets OPENBLAS_CORETYPE=Haswell; there it is ~1.5x faster at the MLP shapes), and always
+//   in deterministic mode: every element is one fma chain over k in order, starting from C's
+//   value (the bias, or the gradient so far), whichever thread computes its tile -- results
+//   do not depend on the thread count, at no cost. C += op(A) op(B) with
+//   - op(A) packed once per call into panels of 8 rows ([panel][k][8], zero rows past M);
+//   - op(B) read in place when its rows are contiguous (32-column panels at B + 32 j, row k
+//     at k*ldb), else (the forward's W^T, and a partial last panel) packed [panel][k][32];
+//   - K in chunks whose B panel (kc x 32) stays in L1 while a block of row panels uses it;
+//   - tiles of (row-panel block, 32-column panel) shared out by OpenMP; edge tiles (rows
+//     past M, columns past Nc) run on a staging tile and copy back what is valid.
+
+enum { LINEAR_AUTO = 0, LINEAR_OWN = 1, LINEAR_BLAS = 2 };
+static int kd_linear_forced = LINEAR_AUTO;
+static int kd_linear_auto = LINEAR_AUTO;   // decided once: OpenBLAS's core does not change
+void kd_linear_force_engine(int engine);   // test hook: 0 automatic, 1 own, 2 OpenBLAS
+void kd_linear_force_engine(int engine) { __atomic_store_n(&kd_linear_forced, engine, __ATOMIC_RELAXED); }
+
+// Does OpenBLAS run AVX-512 sgemm kernels? Its core names for those (0.3.x).
+static bool blas_uses_avx512(void) {
+    const char * core = openblas_get_corename();
+    if (core == NULL) return false;
+    static const char * const avx512[] = { "skylakex", "cooperlake", "sapphirerapids" };
+    for (size_t i = 0; i < sizeof avx512 / sizeof avx512[0]; i++) {
+        if (strcasecmp(core, avx512[i]) == 0) return true;
+    }
+    return false;
+}
+
+static int linear_engine(void);
+
+const char * kd_linear_engine_name(void) {
+    static const char * const isa[] = { "?", "portable C", "AVX-512", "AVX2" };
+    static char buf[96];
+    if (linear_engine() == LINEAR_BLAS) return "OpenBLAS sgemm";
+    snprintf(buf, sizeof buf, "kdcore's own product (%s micro-kernel)", isa[simd_level()]);
+    return buf;
+}
+
+static int linear_engine(void) {
+    int f = __atomic_load_n(&kd_linear_forced, __ATOMIC_RELAXED);
+    if (f != LINEAR_AUTO) return f;
+    if (kd_get_deterministic()) return LINEAR_OWN;
+    int a = __atomic_load_n(&kd_linear_auto, __ATOMIC_RELAXED);
+    if (a == LINEAR_AUTO) {
+        a = simd_level() == 2 && !blas_uses_avx512() ? LINEAR_OWN : LINEAR_BLAS;
+        __atomic_store_n(&kd_linear_auto, a, __ATOMIC_RELAXED);
+    }
+    return a;
+}
+
+#define LN_ROW_BLOCK 8    // row panels (64 rows) per tile: the A chunk they read stays in L2
+#define LN_L1_FLOATS 8192 // target floats of a B panel chunk (kc x 32): 32 KB
+
+struct gemm_operand {
+    const float * p;  // the matrix
+    int ld;           // its row stride
+    bool trans;       // op(X) = X^T
+};
+
+// Floats of workspace for C (M x Nc) += op(A) (M x K) op(B) (K x Nc): packed A, packed B
+// (all of it when transposed, else the partial last panel), two offset tables, alignment.
+static size_t gemm_workspace(int M, int Nc, int K, bool trans_b) {
+    size_t Kz = (size_t)K;
+    size_t a = round_up((size_t)M, CV_MR) * Kz;
+    size_t b = trans_b ? round_up((size_t)Nc, CV_NR) * Kz : (size_t)CV_NR * Kz;
+    size_t offs = 2 * Kz * (sizeof(ptrdiff_t) / sizeof(float));
+    return a + b + offs + 4 * CV_ALIGN;
+}
+
+// dst[k * ldd + r] = src[r * lds + k] for r < 8, k < kn <= 8: an 8 x 8 block transposed.
+// The packing of row-major operands is all such blocks; scalar, it took most of the time
+// of packing W^T (a strided store per float).
+static inline void transpose8(float * restrict dst, size_t ldd, const float * restrict src, size_t lds, int kn) {
+#ifdef __AVX2__
+    if (kn == 8) {
+        __m256 r0 = _mm256_loadu_ps(src), r1 = _mm256_loadu_ps(src + lds), r2 = _mm256_loadu_ps(src + 2 * lds),
+               r3 = _mm256_loadu_ps(src + 3 * lds), r4 = _mm256_loadu_ps(src + 4 * lds), r5 = _mm256_loadu_ps(src + 5 * lds),
+               r6 = _mm256_loadu_ps(src + 6 * lds), r7 = _mm256_loadu_ps(src + 7 * lds);
+        __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1), t2 = _mm256_unpacklo_ps(r2, r3),
+               t3 = _mm256_unpackhi_ps(r2, r3), t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5),
+               t6 = _mm256_unpacklo_ps(r6, r7), t7 = _mm256_unpackhi_ps(r6, r7);
+        __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE),
+               u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE),
+               u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE),
+               u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+        _mm256_storeu_ps(dst, _mm256_permute2f128_ps(u0, u4, 0x20));
+        _mm256_storeu_ps(dst + ldd, _mm256_permute2f128_ps(u1, u5, 0x20));
+        _mm256_storeu_ps(dst + 2 * ldd, _mm256_permute2f128_ps(u2, u6, 0x20));
+        _mm256_storeu_ps(dst + 3 * ldd, _mm256_permute2f128_ps(u3, u7, 0x20));
+        _mm256_storeu_ps(dst + 4 * ldd, _mm256_permute2f128_ps(u0, u4, 0x31));
+        _mm256_storeu_ps(dst + 5 * ldd, _mm256_permute2f128_ps(u1, u5, 0x31));
+        _mm256_storeu_ps(dst + 6 * ldd, _mm256_permute2f128_ps(u2, u6, 0x31));
+        _mm256_storeu_ps(dst + 7 * ldd, _mm256_permute2f128_ps(u3, u7, 0x31));
+        return;
+    }
+#endif
+    for (int r = 0; r < 8; r++) {
+        for (int k = 0; k < kn; k++) { dst[(size_t)k * ldd + r] = src[(size_t)r * lds + k]; }
+    }
+}
+
+// dst[k * ldd + r] = op[r][k] for rows r < rows of a row-major matrix at src (row stride
+// lds), k < K; rows rows..7 are zero.
+static void pack_rows8(float * dst, size_t ldd, const float * src, size_t lds, int rows, int K) {
+    if (rows == 8) {
+        for (int k = 0; k < K; k += 8) { transpose8(dst + (size_t)k * ldd, ldd, src + k, lds, imin(8, K - k)); }
+        return;
+    }
+    for (int k = 0; k < K; k++) {
+        for (int r = 0; r < 8; r++) { dst[(size_t)k * ldd + r] = r < rows ? src[(size_t)r * lds + k] : 0.0f; }
+    }
+}
+
+// op(A) rows [8i, 8i+8) into panel i; rows past M are zero.
+static void gemm_pack_a(float * Ap, struct gemm_operand A, int M, int K) {
+    int npan = (M + CV_MR - 1) / CV_MR;
+    #pragma omp for schedule(static)
+    for (int i = 0; i < npan; i++) {
+        float * d = Ap + (size_t)i * K * CV_MR;
+        int mi = imin(CV_MR, M - i * CV_MR);
+        if (A.trans) {   // op(A)[m][k] = A[k][m]: 8 contiguous floats per k
+            for (int k = 0; k < K; k++) {
+                const float * s = A.p + (size_t)k * A.ld + (size_t)i * CV_MR;
+                for (int r = 0; r < CV_MR; r++) { d[(size_t)k * CV_MR + r] = r < mi ? s[r] : 0.0f; }
+            }
+        } else {         // op(A)[m][k] = A[m][k]: 8 rows transposed
+            pack_rows8(d, CV_MR, A.p + (size_t)i * CV_MR * A.ld, (size_t)A.ld, mi, K);
+        }
+    }
+}
+
+// op(B) columns [32j, 32j+32) into a [k][32] panel at d; columns past Nc are zero.
+static void gemm_pack_b_panel(float * d, struct gemm_operand B, int Nc, int K, int j) {
+    int nj = imin(CV_NR, Nc - j * CV_NR);
+    if (B.trans) {   // op(B)[k][n] = B[n][k]: four blocks of 8 rows of B transposed
+        for (int c0 = 0; c0 < CV_NR; c0 += 8) {
+            pack_rows8(d + c0, CV_NR, B.p + (size_t)(j * CV_NR + c0) * B.ld, (size_t)B.ld, imax(0, imin(8, nj - c0)), K);
+        }
+    } else {         // op(B)[k][n] = B[k][n]
+        for (int k = 0; k < K; k++) {
+            const float * s = B.p + (size_t)k * B.ld + (size_t)j * CV_NR;
+            for (int c = 0; c < CV_NR; c++) { d[(size_t)k * CV_NR + c] = c < nj ? s[c] : 0.0f; }
+        }
+    }
+}
+
+// C (M x Nc, row stride ldc) += op(A) op(B), K >= 1. `work` holds gemm_workspace floats.
+static void gemm_acc(int M, int Nc, int K, struct gemm_operand A, struct gemm_operand B,
+                     float * C, int ldc, float * work) {
+    const fwd_ukr_fn ukr = conv_kernels().fwd;
+    const int mpan = (M + CV_MR - 1) / CV_MR, npan = (Nc + CV_NR - 1) / CV_NR;
+    const int direct = B.trans ? 0 : Nc / CV_NR;   // panels read in place
+    const int kc = k_chunk((size_t)K, CV_NR, LN_L1_FLOATS);
+    float * ws = align_floats(work);
+    float * Ap = ws;
+    float * Bp = align_floats(Ap + (size_t)mpan * CV_MR * K);   // panels direct..npan-1
+    ptrdiff_t * off_direct = (ptrdiff_t *)align_floats(Bp + (size_t)(npan - direct) * CV_NR * K);
+    ptrdiff_t * off_packed = off_direct + K;
+    const int nrb = (mpan + LN_ROW_BLOCK - 1) / LN_ROW_BLOCK;
+    const long ntiles = (long)nrb * npan;
+    const double flops = 2.0 * M * Nc * K;
+    #pragma omp parallel if(flops > 4e6)
+    {
+        gemm_pack_a(Ap, A, M, K);
+        #pragma omp for schedule(static) nowait
+        for (int j = direct; j < npan; j++) { gemm_pack_b_panel(Bp + (size_t)(j - direct) * CV_NR * K, B, Nc, K, j); }
+        #pragma omp for schedule(static)
+        for (int k = 0; k < K; k++) { off_direct[k] = (ptrdiff_t)k * B.ld; off_packed[k] = (ptrdiff_t)k * CV_NR; }
+        float stage[CV_MR * CV_NR] __attribute__((aligned(64)));
+        // Tiles of one column panel are consecutive, so a thread's tiles share B chunks.
+        #pragma omp for schedule(static)
+        for (long t = 0; t < ntiles; t++) {
+            const int j = (int)(t / nrb), rb = (int)(t % nrb);
+            const int nj = imin(CV_NR, Nc - j * CV_NR);
+            const float * b = j < direct ? B.p + (size_t)j * CV_NR : Bp + (size_t)(j - direct) * CV_NR * K;
+            const ptrdiff_t * off = j < direct ? off_direct : off_packed;
+            const int i0 = rb * LN_ROW_BLOCK, i1 = imin(mpan, i0 + LN_ROW_BLOCK);
+            for (int k0 = 0; k0 < K; k0 += kc) {
+                const int kn = imin(kc, K - k0);
+                for (int i = i0; i < i1; i++) {
+                    const int mi = imin(CV_MR, M - i * CV_MR);
+                    const float * a = Ap + ((size_t)i * K + (size_t)k0) * CV_MR;
+                    float * c = C + (size_t)i * CV_MR * ldc + (size_t)j * CV_NR;
+                    if (mi == CV_MR && nj == CV_NR) { ukr(kn, a, b, off + k0, c, (size_t)ldc, 1); continue; }
+                    memset(stage, 0, sizeof stage);
+                    for (int r = 0; r < mi; r++) { memcpy(stage + r * CV_NR, c + (size_t)r * ldc, (size_t)nj * sizeof(float)); }
+                    ukr(kn, a, b, off + k0, stage, CV_NR, 1);
+                    for (int r = 0; r < mi; r++) { memcpy(c + (size_t)r * ldc, stage + r * CV_NR, (size_t)nj * sizeof(float)); }
+                }
+            }
+        }
+    }
+}
+
+size_t kd_linear_workspace(int N, int C, int OC) {
+    size_t f = gemm_workspace(N, OC, C, true);       // out = inp W^T
+    size_t d = gemm_workspace(N, C, OC, false);      // dinp += dout W
+    size_t w = gemm_workspace(OC, C, N, false);      // dW += dout^T inp
+    return zmax(f, zmax(d, w));
+}
+
+// out (N,OC), inp (N,C), weight (OC,C), bias (OC) or NULL
+void kd_linear_forward(float * out, const float * inp, const float * weight, const float * bias,
+                       int N, int C, int OC, float * work) {
+    // Start from the bias and accumulate the product onto it, as PyTorch's addmm does.
+    for (int n = 0; n < N; n++) {
+        if (bias != NULL) { memcpy(out + (size_t)n * OC, bias, (size_t)OC * sizeof(float)); }
+        else { memset(out + (size_t)n * OC, 0, (size_t)OC * sizeof(float)); }
+    }
+    if (C == 0 || N == 0) return;
+    if (linear_engine() == LINEAR_BLAS) {
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, N, OC, C, 1.0f, inp, C, weight, C, 1.0f, out, OC);
+        return;
+    }
+    gemm_acc(N, OC, C, (struct gemm_operand){ inp, C, false }, (struct gemm_operand){ weight, C, true },
+             out, OC, work);
+}
+
+// dinp (N,C), dweight (OC,C), dbias (OC), dout (N,OC), inp (N,C), weight (OC,C)
+void kd_linear_backward(float * dinp, float * dweight, float * dbias, const float * dout,
+                        const float * inp, const float * weight, int N, int C, int OC, float * work) {
+    const bool blas = linear_engine() == LINEAR_BLAS;
+    if (dinp != NULL && OC > 0 && N > 0 && blas) {
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, N, C, OC, 1.0f, dout, OC, weight, C, 1.0f, dinp, C);
+    } else if (dinp != NULL && OC > 0) {
+        gemm_acc(N, C, OC, (struct gemm_operand){ dout, OC, false }, (struct gemm_operand){ weight, C, false },
+                 dinp, C, work);
+    }
+    if (dweight != NULL && N > 0 && blas) {
+        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, OC, C, N, 1.0f, dout, OC, inp, C, 1.0f, dweight, C);
+    } else if (dweight != NULL && N > 0) {
+        gemm_acc(OC, C, N, (struct gemm_operand){ dout, OC, true }, (struct gemm_operand){ inp, C, false },
+                 dweight, C, work);
+    }
+    // dbias += column sums of dout; each thread owns whole columns and sums over N in
+    // order, so the result does not depend on the thread count.
+    if (dbias != NULL) {
+        #pragma omp parallel for schedule(static) if((size_t)N * OC > KD_PAR_MIN)
+        for (int oc = 0; oc < OC; oc++) {
+            double s = 0.0;
+            for (int n = 0; n < N; n++) { s += (double)dout[(size_t)n * OC + oc]; }
+            dbias[oc] += (float)s;
+        }
+    }
 }
 
 // ---- packing -------------------------------------------------------------------------------

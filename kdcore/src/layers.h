@@ -9,18 +9,22 @@
 //   (OpenMP build of OpenBLAS).
 // - For a fixed thread count, results are deterministic. In deterministic mode
 //   (kd_get_deterministic) they are also independent of the thread count: linear products
-//   run as fixed tiles, conv weight/bias gradients reduce fixed batch chunks.
+//   run on kdcore's own product (fixed fma chains), conv weight/bias gradients reduce fixed
+//   batch chunks.
 #ifndef KD_LAYERS_H
 #define KD_LAYERS_H
 
 #include <stddef.h>
 #include <stdint.h>
 
-// ---- linear: out (N,OC) = inp (N,C) @ weight(OC,C)^T + bias(OC); bias may be NULL
+// ---- linear: out (N,OC) = inp (N,C) @ weight(OC,C)^T + bias(OC); bias may be NULL.
+// `work` must hold kd_linear_workspace(N, C, OC) floats (any thread count).
+size_t kd_linear_workspace(int N, int C, int OC);
+const char * kd_linear_engine_name(void);   // what runs the products now (kd_blas_config)
 void kd_linear_forward(float * out, const float * inp, const float * weight, const float * bias,
-                       int N, int C, int OC);
+                       int N, int C, int OC, float * work);
 void kd_linear_backward(float * dinp, float * dweight, float * dbias, const float * dout,
-                        const float * inp, const float * weight, int N, int C, int OC);
+                        const float * inp, const float * weight, int N, int C, int OC, float * work);
 
 // ---- conv2d: inp (N,C,H,W), weight (OC, C/G, K, K), bias (OC) or NULL, out (N,OC,OH,OW)
 // OH = (H + 2P - K)/S + 1. `work` must hold kd_conv2d_workspace(s, nthreads) floats,

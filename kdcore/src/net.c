@@ -14,7 +14,7 @@
 //                   nodes) for the whole batch, then a liveness-planned scratch for one chunk
 //                   of images (a node's buffer is reused once all its consumers ran), then
 //                   the chunk's maxpool argmax / BN / dropout scratch
-//   work            per-thread conv scratch (im2col, dweight partials)
+//   work            layer scratch: conv im2col and dweight partials, linear packed panels
 // Nodes store offsets into these blocks, not pointers, so re-planning needs no fix-ups.
 #include "kd_internal.h"
 #include "layers.h"
@@ -524,17 +524,24 @@ static struct kd_conv_shape conv_shape(const struct kd_net * net, const struct k
     return s;
 }
 
-// Conv scratch depends on the thread count at call time (kd_set_num_threads may change it).
+// Layer scratch (conv: depends on the thread count at call time (kd_set_num_threads may change it).
 static enum kd_status ensure_work(struct kd_net * net, int N) {
     int nt = kd_omp_threads();
     size_t need = 0;
     for (int i = 0; i < net->n_nodes; i++) {
-        if (net->nodes[i].spec.type != KD_LAYER_CONV2D) continue;
-        struct kd_conv_shape s = conv_shape(net, &net->nodes[i], N);
-        size_t k = kd_conv2d_workspace(&s, nt);
+        const struct kd_node * nd = &net->nodes[i];
+        size_t k = 0;
+        if (nd->spec.type == KD_LAYER_CONV2D) {
+            struct kd_conv_shape s = conv_shape(net, nd, N);
+            k = kd_conv2d_workspace(&s, nt);
+        } else if (nd->spec.type == KD_LAYER_LINEAR) {
+            int c, h, w;
+            in_shape(net, nd->spec.inp[0], &c, &h, &w);
+            k = kd_linear_workspace(N, c, nd->c);
+        }
         if (k > need) need = k;
     }
-    return grow(&net->work, &net->work_cap, need, "convolution scratch");
+    return grow(&net->work, &net->work_cap, need, "layer scratch");
 }
 
 // ---------------------------------------------------------------------------------------
@@ -560,7 +567,7 @@ static void node_forward(struct kd_net * net, int i, int N, float * out, const f
     const float * bs = nd->b_off != NO_OFF ? net->params + nd->b_off : NULL;
     switch (s->type) {
     case KD_LAYER_LINEAR:
-        kd_linear_forward(out, in, wt, bs, N, c, nd->c);
+        kd_linear_forward(out, in, wt, bs, N, c, nd->c, work);
         break;
     case KD_LAYER_CONV2D: {
         struct kd_conv_shape cs = conv_shape(net, nd, N);
@@ -883,7 +890,7 @@ enum kd_status kd_net_backward(struct kd_net * net, const float * dout, float * 
         float * db = nd->b_off != NO_OFF ? net->grads + nd->b_off : NULL;
         switch (s->type) {
         case KD_LAYER_LINEAR:
-            kd_linear_backward(din, dw, db, d, in, wt, N, c, nd->c);
+            kd_linear_backward(din, dw, db, d, in, wt, N, c, nd->c, net->work);
             break;
         case KD_LAYER_CONV2D: {
             struct kd_conv_shape cs = conv_shape(net, nd, N);

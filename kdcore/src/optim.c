@@ -85,9 +85,14 @@ bool kd_optim_decays_(const struct kd_tensor_info * t, const struct kd_optim_cfg
 }
 
 // ---------------------------------------------------------------------------------------
-// Update kernels. Each element function is the per-element body of torch's
-// _single_tensor_* loop; the loops are duplicated for a NULL / non-NULL decay mask so the
-// common case has no per-element load of the mask.
+// Update kernels. The loop bodies are the per-element body of torch's _single_tensor_*
+// loop. The loops (sgd_loop_, adam_loop_) are always inlined with the per-call choices
+// (momentum, first step, nesterov, decoupled decay, lerp branch, mask) as compile-time
+// constants, so each call site compiles to a branch-free vectorised loop over one thread's
+// range: with the choices tested per element the loop stayed scalar, and SGD on 2.4 M
+// parameters took 45% of an MLP training step at batch 32. (The OpenMP region sits outside
+// the inlined loops: GCC outlines a region before it inlines, which would undo the
+// specialisation.)
 
 struct sgd_k_ { float wd, mu, damp1, neg_lr; bool mom, first, nesterov; };
 
@@ -96,16 +101,21 @@ struct sgd_k_ { float wd, mu, damp1, neg_lr; bool mom, first, nesterov; };
 //   buf = clone(d_p) on the first step, else buf * momentum + (1 - dampening) * d_p
 //   d_p = d_p + momentum * buf if nesterov else buf
 //   param += -lr * d_p
-static inline void sgd_elem_(const struct sgd_k_ * k, float * restrict p, const float * restrict g,
-                             float * restrict m, size_t i, bool dec) {
-    float d = g[i];
-    if (dec) d += k->wd * p[i];
-    if (k->mom) {
-        float b = k->first ? d : m[i] * k->mu + k->damp1 * d;
-        m[i] = b;
-        d = k->nesterov ? d + k->mu * b : b;
+static inline __attribute__((always_inline))
+void sgd_loop_(const struct sgd_k_ k, const bool mom, const bool first, const bool nesterov,
+               float * restrict p, const float * restrict g, float * restrict m,
+               const uint8_t * restrict decay, const bool all_decay, size_t i0, size_t i1) {
+    for (size_t i = i0; i < i1; i++) {
+        const bool dec = decay ? decay[i] != 0 : all_decay;
+        float d = g[i];
+        if (dec) d += k.wd * p[i];
+        if (mom) {
+            float b = first ? d : m[i] * k.mu + k.damp1 * d;
+            m[i] = b;
+            d = nesterov ? d + k.mu * b : b;
+        }
+        p[i] += k.neg_lr * d;
     }
-    p[i] += k->neg_lr * d;
 }
 
 struct adam_k_ { float wd, shrink, w1, w1c, beta2, w2, bc2_sqrt, eps, neg_step; bool decoupled, w1_small; };
@@ -116,21 +126,61 @@ struct adam_k_ { float wd, shrink, w1, w1c, beta2, w2, bc2_sqrt, eps, neg_step; 
 //   exp_avg_sq = exp_avg_sq * beta2 + (1 - beta2) * grad * grad
 //   denom = sqrt(exp_avg_sq) / sqrt(1 - beta2^t) + eps
 //   param += (-lr / (1 - beta1^t)) * exp_avg / denom
-static inline void adam_elem_(const struct adam_k_ * k, float * restrict p, const float * restrict g,
-                              float * restrict m, float * restrict v, size_t i, bool dec) {
-    float pi = p[i], gi = g[i];
-    if (dec) {
-        if (k->decoupled) pi *= k->shrink;
-        else gi += k->wd * pi;
+static inline __attribute__((always_inline))
+void adam_loop_(const struct adam_k_ k, const bool decoupled, const bool w1_small,
+                float * restrict p, const float * restrict g, float * restrict m, float * restrict v,
+                const uint8_t * restrict decay, const bool all_decay, size_t i0, size_t i1) {
+    for (size_t i = i0; i < i1; i++) {
+        const bool dec = decay ? decay[i] != 0 : all_decay;
+        float pi = p[i], gi = g[i];
+        if (dec) {
+            if (decoupled) pi *= k.shrink;
+            else gi += k.wd * pi;
+        }
+        float mi = m[i];
+        mi = w1_small ? mi + k.w1 * (gi - mi) : gi - (gi - mi) * k.w1c;
+        float vi = v[i] * k.beta2;
+        vi = vi + k.w2 * gi * gi;
+        m[i] = mi;
+        v[i] = vi;
+        float denom = sqrtf(vi) / k.bc2_sqrt + k.eps;
+        p[i] = pi + k.neg_step * mi / denom;
     }
-    float mi = m[i];
-    mi = k->w1_small ? mi + k->w1 * (gi - mi) : gi - (gi - mi) * k->w1c;
-    float vi = v[i] * k->beta2;
-    vi = vi + k->w2 * gi * gi;
-    m[i] = mi;
-    v[i] = vi;
-    float denom = sqrtf(vi) / k->bc2_sqrt + k->eps;
-    p[i] = pi + k->neg_step * mi / denom;
+}
+
+static void sgd_range_(const struct sgd_k_ * kp, float * restrict p, const float * restrict g, float * restrict m,
+                       const uint8_t * restrict decay, bool use_wd, size_t i0, size_t i1) {
+    const struct sgd_k_ k = *kp;
+#define KD_SGD_(MOM, FIRST, NEST) \
+    (decay ? sgd_loop_(k, MOM, FIRST, NEST, p, g, m, decay, false, i0, i1) \
+           : sgd_loop_(k, MOM, FIRST, NEST, p, g, m, NULL, use_wd, i0, i1))
+    if (!k.mom) KD_SGD_(false, false, false);
+    else if (k.first && k.nesterov) KD_SGD_(true, true, true);
+    else if (k.first) KD_SGD_(true, true, false);
+    else if (k.nesterov) KD_SGD_(true, false, true);
+    else KD_SGD_(true, false, false);
+#undef KD_SGD_
+}
+
+static void adam_range_(const struct adam_k_ * kp, float * restrict p, const float * restrict g, float * restrict m,
+                        float * restrict v, const uint8_t * restrict decay, bool use_wd, size_t i0, size_t i1) {
+    const struct adam_k_ k = *kp;
+#define KD_ADAM_(DECOUPLED, SMALL) \
+    (decay ? adam_loop_(k, DECOUPLED, SMALL, p, g, m, v, decay, false, i0, i1) \
+           : adam_loop_(k, DECOUPLED, SMALL, p, g, m, v, NULL, use_wd, i0, i1))
+    if (k.decoupled && k.w1_small) KD_ADAM_(true, true);
+    else if (k.decoupled) KD_ADAM_(true, false);
+    else if (k.w1_small) KD_ADAM_(false, true);
+    else KD_ADAM_(false, false);
+#undef KD_ADAM_
+}
+
+// Thread t of nt updates elements [n*t/nt, n*(t+1)/nt): elementwise, so the split does not
+// change any result.
+static void thread_range_(size_t n, size_t * i0, size_t * i1) {
+    size_t t = (size_t)kd_omp_tid(), nt = (size_t)kd_omp_team();
+    *i0 = n / nt * t + (t < n % nt ? t : n % nt);
+    *i1 = *i0 + n / nt + (t < n % nt ? 1 : 0);
 }
 
 // A float hyper-parameter as the decimal the caller wrote: the shortest decimal that rounds
@@ -161,16 +211,13 @@ void kd_optim_update_(const struct kd_optim_cfg * cfg, float * p, const float * 
             .damp1 = (float)(1.0 - dec_(cfg->dampening)), .neg_lr = -lr,
             .mom = cfg->momentum != 0, .first = step <= 1, .nesterov = cfg->nesterov,
         };
-        if (decay) {
 #ifdef _OPENMP
-#pragma omp parallel for schedule(static)
+#pragma omp parallel if(n > 32768)
 #endif
-            for (size_t i = 0; i < n; i++) sgd_elem_(&k, p, g, m, i, decay[i] != 0);
-        } else {
-#ifdef _OPENMP
-#pragma omp parallel for schedule(static)
-#endif
-            for (size_t i = 0; i < n; i++) sgd_elem_(&k, p, g, m, i, use_wd);
+        {
+            size_t i0, i1;
+            thread_range_(n, &i0, &i1);
+            sgd_range_(&k, p, g, m, decay, use_wd, i0, i1);
         }
         return;
     }
@@ -187,16 +234,13 @@ void kd_optim_update_(const struct kd_optim_cfg * cfg, float * p, const float * 
         .neg_step = (float)(-(dlr / bc1)),
         .decoupled = cfg->kind == KD_OPTIM_ADAMW,
     };
-    if (decay) {
 #ifdef _OPENMP
-#pragma omp parallel for schedule(static)
+#pragma omp parallel if(n > 32768)
 #endif
-        for (size_t i = 0; i < n; i++) adam_elem_(&k, p, g, m, v, i, decay[i] != 0);
-    } else {
-#ifdef _OPENMP
-#pragma omp parallel for schedule(static)
-#endif
-        for (size_t i = 0; i < n; i++) adam_elem_(&k, p, g, m, v, i, use_wd);
+    {
+        size_t i0, i1;
+        thread_range_(n, &i0, &i1);
+        adam_range_(&k, p, g, m, v, decay, use_wd, i0, i1);
     }
 }
 

@@ -5,6 +5,7 @@
 #include <stdio.h>
 
 #include <cblas.h>
+#include "layers.h"
 
 static _Thread_local char last_error[512];
 
@@ -53,16 +54,16 @@ void kd_set_deterministic(bool on) { __atomic_store_n(&deterministic, on, __ATOM
 bool kd_get_deterministic(void) { return __atomic_load_n(&deterministic, __ATOMIC_RELAXED); }
 
 const char * kd_blas_config(void) {
-    static char buf[256];
-    snprintf(buf, sizeof buf, "%s; parallel=%s; kdcore OpenMP=%s",
-             openblas_get_config(),
+    static char buf[384];
+    snprintf(buf, sizeof buf, "%s; core=%s; parallel=%s; kdcore OpenMP=%s; linear layers: %s",
+             openblas_get_config(), openblas_get_corename(),
              openblas_get_parallel() == 2 ? "openmp" : openblas_get_parallel() == 1 ? "pthreads" : "none",
 #ifdef _OPENMP
              "on"
 #else
              "off"
 #endif
-    );
+             , kd_linear_engine_name());
     return buf;
 }
 

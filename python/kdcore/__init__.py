@@ -41,9 +41,10 @@ def get_num_threads():
 def set_deterministic(on=True):
     """Deterministic mode (process-wide, off by default): results bitwise identical across runs
     AND across thread counts (``set_num_threads``), not only for the same thread count. The
-    kernels whose work split follows the thread count (linear layers' BLAS products, conv
-    weight/bias gradient partials) split it by the shapes alone instead; it costs some speed
-    (DEVELOPERS.md, "Determinism"). Do not switch it while training runs in another thread."""
+    kernels whose work split can follow the thread count (linear layers on OpenBLAS, conv
+    weight/bias gradient partials) run kdcore's own linear product and fixed batch chunks
+    instead; measured within noise of the default speed (DEVELOPERS.md, "Determinism"). Do
+    not switch it while training runs in another thread."""
     if not isinstance(on, bool):
         raise TypeError(f"on must be a bool, got {type(on).__name__}")
     _kdcore.set_deterministic(on)
@@ -54,7 +55,7 @@ def get_deterministic():
 
 
 def show_config(file=None):
-    """Print the BLAS build, thread count and versions."""
+    """Print the BLAS build and core, what runs the linear layers, thread count and versions."""
     lines = [
         f"kdcore {__version__}",
         f"python {platform.python_version()} ({sys.executable})",

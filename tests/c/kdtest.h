@@ -8,6 +8,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 static int kdt_passed = 0, kdt_failed = 0;
 
@@ -36,9 +37,20 @@ static int check_close(const char * what, const float * a, const float * b, size
 
 // KDTEST_QUICK=1 (set by `make valgrind`): timing loops inside tests run their code once
 // instead of repeating it for a measurement. Every check still runs.
-static int kdt_quick(void) {
+static inline int kdt_quick(void) {
     const char * e = getenv("KDTEST_QUICK");
     return e && *e && strcmp(e, "0") != 0;
+}
+
+// Runs one test function and reports its wall time (slow ones under valgrind stand out).
+#define KDT_RUN(fn) kdt_run_(#fn, fn)
+static inline void kdt_run_(const char * name, void (*fn)(void)) {
+    struct timespec t0, t1;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    fn();
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    printf("-- %s: %.1f s\n", name, (double)(t1.tv_sec - t0.tv_sec) + 1e-9 * (double)(t1.tv_nsec - t0.tv_nsec));
+    fflush(stdout);
 }
 
 static int kdt_finish(void) {

@@ -142,14 +142,29 @@ static void ref_linear_bwd(float * dinp, float * dw, float * db, const float * d
     }
 }
 
-static void fwd_linear(struct ctx * c) { kd_linear_forward(c->out, c->inp, c->w, c->b, c->N, c->C, c->OC); }
+void kd_linear_force_engine(int engine);   // test hook: 0 automatic, 1 kdcore's own product, 2 OpenBLAS
+
+// The linear kernels with their scratch allocated for the call.
+static void lin_fwd(float * out, const float * inp, const float * w, const float * b, int N, int C, int OC) {
+    float * ws = malloc(kd_linear_workspace(N, C, OC) * sizeof(float));
+    kd_linear_forward(out, inp, w, b, N, C, OC, ws);
+    free(ws);
+}
+static void lin_bwd(float * dinp, float * dw, float * db, const float * dout, const float * inp, const float * w,
+                    int N, int C, int OC) {
+    float * ws = malloc(kd_linear_workspace(N, C, OC) * sizeof(float));
+    kd_linear_backward(dinp, dw, db, dout, inp, w, N, C, OC, ws);
+    free(ws);
+}
+
+static void fwd_linear(struct ctx * c) { lin_fwd(c->out, c->inp, c->w, c->b, c->N, c->C, c->OC); }
 
 static void test_linear_ref(int N, int C, int OC, int has_bias, uint64_t seed) {
     char name[128];
     size_t ni = (size_t)N * C, nw = (size_t)OC * C, no = (size_t)N * OC;
     float * inp = frand(ni, seed), * w = frand(nw, seed + 1), * b = has_bias ? frand(OC, seed + 2) : NULL;
     float * out = fzeros(no), * ref = fzeros(no), * dout = frand(no, seed + 3);
-    kd_linear_forward(out, inp, w, b, N, C, OC);
+    lin_fwd(out, inp, w, b, N, C, OC);
     ref_linear_fwd(ref, inp, w, b, N, C, OC);
     snprintf(name, sizeof name, "linear fwd N%d C%d OC%d b%d", N, C, OC, has_bias);
     check_close(name, out, ref, no, 2e-5, 1e-5);
@@ -157,7 +172,7 @@ static void test_linear_ref(int N, int C, int OC, int has_bias, uint64_t seed) {
     // Start from nonzero gradients: the kernel must accumulate.
     float * dinp = frand(ni, seed + 4), * dw = frand(nw, seed + 5), * db = frand(OC, seed + 6);
     float * rdinp = fcopy(dinp, ni), * rdw = fcopy(dw, nw), * rdb = fcopy(db, OC);
-    kd_linear_backward(dinp, dw, db, dout, inp, w, N, C, OC);
+    lin_bwd(dinp, dw, db, dout, inp, w, N, C, OC);
     ref_linear_bwd(rdinp, rdw, rdb, dout, inp, w, N, C, OC);
     snprintf(name, sizeof name, "linear dinp N%d C%d OC%d", N, C, OC);
     check_close(name, dinp, rdinp, ni, 3e-5, 1e-5);
@@ -168,7 +183,7 @@ static void test_linear_ref(int N, int C, int OC, int has_bias, uint64_t seed) {
 
     // NULL gradients are skipped.
     float * dw2 = fzeros(nw);
-    kd_linear_backward(NULL, dw2, NULL, dout, inp, w, N, C, OC);
+    lin_bwd(NULL, dw2, NULL, dout, inp, w, N, C, OC);
     float * dw1 = fzeros(nw), * tmpi = fzeros(ni), * tmpb = fzeros(OC);
     ref_linear_bwd(tmpi, dw1, tmpb, dout, inp, w, N, C, OC);
     snprintf(name, sizeof name, "linear dweight only N%d C%d OC%d", N, C, OC);
@@ -186,15 +201,15 @@ static void test_linear_gradcheck(void) {
     float * R = frand(c.nout, 14);
     float * dinp = fzeros((size_t)N * C), * dw = fzeros((size_t)OC * C), * db = fzeros(OC);
     fwd_linear(&c);
-    kd_linear_backward(dinp, dw, db, R, c.inp, c.w, N, C, OC);
+    lin_bwd(dinp, dw, db, R, c.inp, c.w, N, C, OC);
     gradcheck("linear gradcheck dinp", &c, R, c.inp, (size_t)N * C, dinp, 1e-2f);
     gradcheck("linear gradcheck dweight", &c, R, c.w, (size_t)OC * C, dw, 1e-2f);
     gradcheck("linear gradcheck dbias", &c, R, c.b, OC, db, 1e-2f);
 
     // Two calls from zero give twice one call.
     float * d1 = fzeros((size_t)N * C), * w1 = fzeros((size_t)OC * C), * b1 = fzeros(OC);
-    kd_linear_backward(d1, w1, b1, R, c.inp, c.w, N, C, OC);
-    kd_linear_backward(d1, w1, b1, R, c.inp, c.w, N, C, OC);
+    lin_bwd(d1, w1, b1, R, c.inp, c.w, N, C, OC);
+    lin_bwd(d1, w1, b1, R, c.inp, c.w, N, C, OC);
     for (int i = 0; i < N * C; i++) { dinp[i] *= 2; }
     for (int i = 0; i < OC * C; i++) { dw[i] *= 2; }
     for (int i = 0; i < OC; i++) { db[i] *= 2; }
@@ -949,23 +964,29 @@ static void test_add(void) {
 // per-thread blocks and its edge micro-kernels round differently from the full ones, so
 // the result changes in the last bits with the thread count: deterministic for a given
 // count (checked bitwise), equal only to rounding across counts.
-static void test_linear_threads(void) {
+static void test_linear_threads(int engine) {
     // Large enough for OpenBLAS to actually use 2 threads at top level.
     int N = 64, C = 300, OC = 200;
     size_t ni = (size_t)N * C, nw = (size_t)OC * C, no = (size_t)N * OC;
     float * inp = frand(ni, 81), * w = frand(nw, 82), * b = frand(OC, 83), * dout = frand(no, 84);
     float * out[3], * dinp[3], * dw[3], * db[3];
+    kd_linear_force_engine(engine);
     for (int t = 0; t < 3; t++) {
         set_threads(t == 0 ? 1 : 2);
         out[t] = fzeros(no); dinp[t] = fzeros(ni); dw[t] = fzeros(nw); db[t] = fzeros(OC);
-        kd_linear_forward(out[t], inp, w, b, N, C, OC);
-        kd_linear_backward(dinp[t], dw[t], db[t], dout, inp, w, N, C, OC);
+        lin_fwd(out[t], inp, w, b, N, C, OC);
+        lin_bwd(dinp[t], dw[t], db[t], dout, inp, w, N, C, OC);
     }
+    kd_linear_force_engine(0);
     set_threads(2);
     int ok = bitwise_equal(out[1], out[2], no) && bitwise_equal(dinp[1], dinp[2], ni)
           && bitwise_equal(dw[1], dw[2], nw) && bitwise_equal(db[1], db[2], OC);
-    CHECK(ok, "linear with 2 threads not deterministic");
+    CHECK(ok, "linear (engine %d) with 2 threads not deterministic", engine);
     CHECK(bitwise_equal(db[0], db[1], OC), "linear dbias 1 vs 2 threads not bitwise equal");
+    if (engine == 1) {   // own product: fixed chains, whatever the thread count
+        CHECK(bitwise_equal(out[0], out[1], no) && bitwise_equal(dinp[0], dinp[1], ni) && bitwise_equal(dw[0], dw[1], nw),
+              "linear own product: 1 vs 2 threads not bitwise equal");
+    }
     check_close("linear fwd 1 vs 2 threads", out[1], out[0], no, 3e-5, 1e-5);
     check_close("linear dinp 1 vs 2 threads", dinp[1], dinp[0], ni, 3e-5, 1e-5);
     check_close("linear dweight 1 vs 2 threads", dw[1], dw[0], nw, 3e-5, 1e-5);
@@ -975,19 +996,19 @@ static void test_linear_threads(void) {
 
 // Deterministic mode: linear and conv results bitwise equal at 1, 2 and 3 threads, weight
 // gradients included (the kernels whose reductions otherwise follow the thread count). The
-// sizes let OpenBLAS thread (linear), span several tiles, and give conv batches that do not
-// divide evenly into the threads or the chunks.
+// sizes span several linear tiles and give conv batches that do not divide evenly into the
+// threads or the chunks.
 static void test_deterministic_threads(void) {
     kd_set_deterministic(true);
-    int N = 150, C = 300, OC = 270;   // tiles: 2 x 2 (forward), 2 x 2 (dinp), 3 x 2 (dweight)
+    int N = 150, C = 300, OC = 270;
     size_t ni = (size_t)N * C, nw = (size_t)OC * C, no = (size_t)N * OC;
     float * inp = frand(ni, 85), * w = frand(nw, 86), * b = frand(OC, 87), * dout = frand(no, 88);
     float * out[3], * dinp[3], * dw[3], * db[3];
     for (int t = 0; t < 3; t++) {
         set_threads(t + 1);
         out[t] = fzeros(no); dinp[t] = fzeros(ni); dw[t] = fzeros(nw); db[t] = fzeros(OC);
-        kd_linear_forward(out[t], inp, w, b, N, C, OC);
-        kd_linear_backward(dinp[t], dw[t], db[t], dout, inp, w, N, C, OC);
+        lin_fwd(out[t], inp, w, b, N, C, OC);
+        lin_bwd(dinp[t], dw[t], db[t], dout, inp, w, N, C, OC);
     }
     for (int t = 1; t < 3; t++) {
         CHECK(bitwise_equal(out[0], out[t], no) && bitwise_equal(dinp[0], dinp[t], ni) &&
@@ -1130,13 +1151,52 @@ static void test_conv_ref_all(void) {
     test_conv_ref(conv_shape(4, 16, 15, 15, 24, 3, 2, 1, 2), 1, 301); // stride 2, odd size, groups
 }
 
-int main(void) {
-    // linear: batch 1, odd sizes, bias on/off
-    test_linear_ref(1, 7, 5, 1, 1);
-    test_linear_ref(13, 33, 17, 0, 2);
+
+static void test_linear_ref_all(void) {
+    test_linear_ref(1, 7, 5, 1, 1);          // batch 1, odd sizes
+    test_linear_ref(13, 33, 17, 0, 2);       // bias off
     test_linear_ref(13, 33, 17, 1, 3);
     test_linear_ref(64, 300, 200, 1, 4);
+    test_linear_ref(1, 1, 1, 1, 5);          // K = 1
+    test_linear_ref(9, 700, 33, 1, 6);       // K in several chunks, one column past a panel
+    test_linear_ref(130, 40, 64, 1, 7);      // several row blocks, whole column panels (read in place)
+    test_linear_ref(3, 784, 10, 1, 8);       // the classifier shape: one partial panel
     test_linear_gradcheck();
+}
+
+// The own product: AVX-512 (where present), AVX2 and portable kernels give the same bits.
+static void test_linear_isa(void) {
+    int N = 37, C = 301, OC = 70;
+    size_t ni = (size_t)N * C, nw = (size_t)OC * C, no = (size_t)N * OC;
+    float * inp = frand(ni, 91), * w = frand(nw, 92), * b = frand(OC, 93), * dout = frand(no, 94);
+    const int isa[3] = { 0, 1, 3 };
+    float * out[3], * dinp[3], * dw[3];
+    kd_linear_force_engine(1);
+    for (int v = 0; v < 3; v++) {
+        kd_conv_force_isa(isa[v]);
+        out[v] = fzeros(no); dinp[v] = frand(ni, 95); dw[v] = frand(nw, 96);
+        lin_fwd(out[v], inp, w, b, N, C, OC);
+        lin_bwd(dinp[v], dw[v], NULL, dout, inp, w, N, C, OC);
+    }
+    kd_conv_force_isa(0);
+    kd_linear_force_engine(0);
+    for (int v = 1; v < 3; v++) {
+        CHECK(bitwise_equal(out[0], out[v], no) && bitwise_equal(dinp[0], dinp[v], ni) && bitwise_equal(dw[0], dw[v], nw),
+              "linear: automatic vs %s kernels not bitwise equal", v == 1 ? "portable" : "AVX2");
+    }
+    for (int v = 0; v < 3; v++) { free(out[v]); free(dinp[v]); free(dw[v]); }
+    free(inp); free(w); free(b); free(dout);
+}
+
+int main(void) {
+    // linear: each engine against the double-precision reference, then the automatic choice
+    for (int e = 1; e <= 2; e++) {
+        kd_linear_force_engine(e);
+        test_linear_ref_all();
+    }
+    kd_linear_force_engine(0);
+    test_linear_ref_all();
+    test_linear_isa();
 
     // conv2d: the automatic path choice, then each path forced (shift: stride 1 with
     // P <= K-1, else col; col: grouped im2col); the workspace follows the forced path.
@@ -1199,7 +1259,8 @@ int main(void) {
     test_add();
 
 #ifdef _OPENMP
-    test_linear_threads();
+    test_linear_threads(1);
+    test_linear_threads(2);
     test_conv_threads(conv_shape(5, 8, 12, 11, 16, 3, 1, 1, 1), 700);
     test_conv_threads(conv_shape(3, 6, 9, 9, 8, 3, 2, 1, 2), 710);
     test_conv_threads(conv_shape(1, 8, 10, 10, 16, 1, 1, 0, 1), 720);  // N < threads
