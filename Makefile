@@ -104,17 +104,17 @@ test-py: build
 	$(PYTHON) -m pytest -q tests
 
 # The whole default suite (CI: .ci/run; DEVELOPERS.md says what each step checks). Wall
-# times measured on the 2-core machine while other jobs shared it (load 4-8), builds included:
-#   test-c ~5 s, test-py ~2 min, sanitize-c 14-35 s, valgrind 8 min (test_layers ~5, test_net
-#   ~1.5), fuzz 65 s (2 x 30 s), sanitize-py 5 min (ASan extension build ~2, pytest 2m50;
-#   the whole suite, torch included). About 17 minutes in all.
+# times measured on the idle 2-core machine, builds included: test-c ~10 s, test-py ~70 s,
+# sanitize-c ~20 s, valgrind ~3.5 min (test_layers ~1.5, test_net ~1.5), fuzz ~65 s
+# (2 x 30 s), sanitize-py ~2 min (the whole pytest suite, torch included, under ASan). About
+# 9 minutes in all, plus the first install of the dependencies.
 test: deps-test check-env
 	$(MAKE) test-c
 	$(MAKE) test-py
 	$(MAKE) sanitize-c
-# Not yet in `make test`: valgrind (test_net's batch-1000 inference checks ran > 40 min under
-# memcheck on the merged tree), and fuzz/sanitize-py, not yet re-run on the merged tree. Run
-# them with `make valgrind`, `make fuzz FUZZ_SECONDS=30`, `make sanitize-py`.
+	$(MAKE) valgrind
+	$(MAKE) fuzz FUZZ_SECONDS=30
+	$(MAKE) sanitize-py
 
 # ---- sanitizers, valgrind, fuzzing --------------------------------------------------
 # `make sanitize`: the C tests and the pytest suite under AddressSanitizer +
@@ -133,9 +133,14 @@ sanitize-c: deps check-env
 # (detect_leaks=0): CPython, numpy and torch keep interned objects and caches for the life of
 # the process, which LeakSanitizer would report by the thousand; kdcore's own leaks are the
 # C tests' business (LeakSanitizer on there) and the refcount tests'. Torch runs fine under
-# the preload: no torch test module is excluded.
+# the preload: no torch test module is excluded. The quarantine of freed blocks is cut from
+# 256 to 16 MB: the RSS-bound test (tests/test_api.py) allows for it, and at 256 MB ordinary
+# malloc/free churn over its 1000 calls grew RSS by 70 MB.
 ASAN_PY    := build/asan/py
-ASAN_PRELOAD = $(shell $(CC) -print-file-name=libasan.so)
+# libstdc++ is preloaded too: python3 is not C++, so without it ASan's __cxa_throw
+# interceptor finds no real __cxa_throw and aborts on the first C++ exception (torch.load of a
+# truncated file raises one).
+ASAN_PRELOAD = $(shell $(CC) -print-file-name=libasan.so) $(shell $(CC) -print-file-name=libstdc++.so)
 PY_SRCS    := $(wildcard python/kdcore/*.py) python/kdcore/_kdcore.c $(SRCS) $(wildcard kdcore/src/*.h) \
               kdcore/include/kdcore.h setup.py
 $(ASAN_PY)/.stamp: $(PY_SRCS)
@@ -147,12 +152,12 @@ $(ASAN_PY)/.stamp: $(PY_SRCS)
 	touch $@
 
 sanitize-py: deps-test $(ASAN_PY)/.stamp
-	env LD_PRELOAD=$(ASAN_PRELOAD) PYTHONPATH=$(CURDIR)/$(ASAN_PY) \
-	  ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+	env LD_PRELOAD="$(ASAN_PRELOAD)" PYTHONPATH=$(CURDIR)/$(ASAN_PY) \
+	  ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:quarantine_size_mb=16 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
 	  $(PYTHON) -c "import kdcore, sys; f = kdcore._kdcore.__file__; print('ASan build:', f); \
 	  sys.exit(0 if f.startswith('$(CURDIR)/$(ASAN_PY)/') else 'kdcore resolves elsewhere')"
-	env LD_PRELOAD=$(ASAN_PRELOAD) PYTHONPATH=$(CURDIR)/$(ASAN_PY) \
-	  ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+	env LD_PRELOAD="$(ASAN_PRELOAD)" PYTHONPATH=$(CURDIR)/$(ASAN_PY) \
+	  ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:quarantine_size_mb=16 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
 	  $(PYTHON) -m pytest -q -p no:cacheprovider tests
 
 # valgrind (memcheck) on the normal C test binaries: invalid accesses, uses of uninitialised

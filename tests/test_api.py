@@ -557,6 +557,13 @@ def _rss_bytes():
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _asan_quarantine_bytes():
+    if "libasan" not in os.environ.get("LD_PRELOAD", ""):
+        return 0
+    opts = dict(kv.split("=", 1) for kv in os.environ.get("ASAN_OPTIONS", "").split(":") if "=" in kv)
+    return int(opts.get("quarantine_size_mb", 256)) * 2**20
+
+
 def test_rss_bounded_over_1000_fit_and_predict_calls():
     m = kdcore.models.mlp([8, 6, 3], seed=0)
     rng = np.random.default_rng(1)
@@ -577,7 +584,10 @@ def test_rss_bounded_over_1000_fit_and_predict_calls():
     gc.collect()
     grown = _rss_bytes() - r0
     assert np.all(np.isfinite(z))
-    assert grown < 4 * 2**20, f"RSS grew by {grown / 2**20:.1f} MiB over 1000 fit+predict calls"
+    # Under AddressSanitizer (make sanitize-py) freed blocks sit in a quarantine before reuse,
+    # so RSS grows by up to its size with no leak at all; `make sanitize-py` bounds it.
+    limit = 4 * 2**20 + _asan_quarantine_bytes()
+    assert grown < limit, f"RSS grew by {grown / 2**20:.1f} MiB over 1000 fit+predict calls (limit {limit / 2**20:.0f})"
 
 
 def test_set_num_threads_and_config(capsys):

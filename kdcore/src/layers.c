@@ -664,6 +664,21 @@ const char * kd_linear_engine_name(void) {
     return buf;
 }
 
+// Here rather than in status.c: it reports the linear engine too.
+const char * kd_blas_config(void) {
+    static char buf[384];
+    snprintf(buf, sizeof buf, "%s; core=%s; parallel=%s; kdcore OpenMP=%s; linear layers: %s",
+             openblas_get_config(), openblas_get_corename(),
+             openblas_get_parallel() == 2 ? "openmp" : openblas_get_parallel() == 1 ? "pthreads" : "none",
+#ifdef _OPENMP
+             "on"
+#else
+             "off"
+#endif
+             , kd_linear_engine_name());
+    return buf;
+}
+
 static int linear_engine(void) {
     int f = __atomic_load_n(&kd_linear_forced, __ATOMIC_RELAXED);
     if (f != LINEAR_AUTO) return f;

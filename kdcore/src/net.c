@@ -7,7 +7,13 @@
 //   buffers         BN running statistics
 //   acts            input copy + every node's output for the planned batch (forward that
 //                   backward may follow)
-//   dacts           gradient of every node output (same layout as acts); first backward/grad_add
+//   dacts           gradients of node outputs during backward, liveness-planned (grad_off):
+//                   a node's gradient exists from the backward of its last consumer (the
+//                   first to add to it) to its own, so only a few layers' worth are ever live
+//                   at once; first backward
+//   inj             per node, allocated when kd_net_grad_add first reaches it: gradients
+//                   added before backward (taps, exit heads, the output), folded into the
+//                   node's dacts slot when backward reaches it
 //   cache           what backward needs besides activations: BN mean/rstd, maxpool argmax,
 //                   dropout masks
 //   inf             KD_MODE_NO_GRAD forwards: the kept outputs (output node + kd_net_keep
@@ -31,9 +37,13 @@ struct kd_node {
     // plan
     int c, h, w;              // per-sample output shape
     size_t numel;             // N*c*h*w
-    size_t act_off;           // into acts and dacts
+    size_t act_off;           // into acts
+    size_t grad_off;          // into dacts (liveness plan, kd_net_plan)
     size_t cache_off;         // into cache
-    bool grad_live;           // dacts slice holds a gradient for the current backward
+    bool grad_live;           // dacts slot holds a gradient for the current backward
+    bool inj_live;            // inj holds a gradient added since the last forward
+    float * inj;              // kd_net_grad_add's gradient (numel floats when live)
+    size_t inj_cap;
     bool keep;                // kd_net_keep: output stays readable after a NO_GRAD forward
     // last NO_GRAD forward: kept outputs at inf + inf_off (whole batch); other nodes at
     // scratch + inf_off * chunk (inf_off counted per image)
@@ -57,7 +67,7 @@ struct kd_net {
     int N, C, H, W;           // planned input shape (N = 0: no plan)
     size_t in_off;            // input copy in acts
     float * acts, * dacts, * cache, * work, * inf;
-    size_t acts_cap, dacts_cap, cache_cap, work_cap, inf_cap, acts_used, cache_used;
+    size_t acts_cap, dacts_cap, cache_cap, work_cap, inf_cap, acts_used, cache_used, dacts_used;
     int chunk;                // kd_net_set_chunk (0 = automatic)
     int last_chunk;           // images per chunk of the last NO_GRAD forward (0: not one)
 
@@ -67,6 +77,7 @@ struct kd_net {
 };
 
 #define NO_OFF SIZE_MAX
+#define ALIGN16(n) (((n) + 15) & ~(size_t)15)   // offsets in whole 64-byte lines from the arena start
 
 // ---------------------------------------------------------------------------------------
 // Building
@@ -112,6 +123,7 @@ struct kd_net * kd_net_new(void) {
 
 void kd_net_free(struct kd_net * net) {
     if (!net) return;
+    for (int i = 0; i < net->n_nodes; i++) free(net->nodes[i].inj);
     free(net->nodes);
     free(net->tensors);
     free(net->params);
@@ -420,6 +432,54 @@ static enum kd_status grow(float ** p, size_t * cap, size_t need, const char * w
     return KD_OK;
 }
 
+// Gradient slots for backward (after the activation plan set numel). Backward visits nodes
+// from last to first; node k's gradient is first written by its last consumer (largest
+// index j reading k) and last read by k's own backward, so it lives over the index range
+// [k, last consumer]. Two nodes whose ranges overlap get disjoint slots -- in particular a
+// layer's own gradient and its inputs' (both live at its step). First fit, placing nodes in
+// the order backward reaches them. Returns the floats the arena needs.
+static size_t plan_gradients(struct kd_net * net) {
+    const int nn = net->n_nodes;
+    int * end = malloc((size_t)(nn ? nn : 1) * sizeof *end);
+    int * placed = malloc((size_t)(nn ? nn : 1) * sizeof *placed);
+    if (!end || !placed) {   // no plan: one slot per node (the layout of acts, always valid)
+        free(end); free(placed);
+        size_t off = 0;
+        for (int i = 0; i < nn; i++) { net->nodes[i].grad_off = off; off += ALIGN16(net->nodes[i].numel); }
+        return off;
+    }
+    for (int i = 0; i < nn; i++) end[i] = i;
+    for (int i = 0; i < nn; i++) {
+        const struct kd_layer_spec * s = &net->nodes[i].spec;
+        for (int k = 0; k < (s->type == KD_LAYER_ADD ? 2 : 1); k++)
+            if (s->inp[k] != KD_INPUT && end[s->inp[k]] < i) end[s->inp[k]] = i;
+    }
+    size_t peak = 0;
+    int n_placed = 0;
+    for (int t = nn - 1; t >= 0; t--) {           // backward step t: nodes whose gradient starts here
+        for (int k = t; k >= 0; k--) {
+            if (end[k] != t) continue;
+            // lowest offset clear of every placed node whose range overlaps [k, end[k]]
+            size_t sz = ALIGN16(net->nodes[k].numel), off = 0;
+            bool moved = true;
+            while (moved) {
+                moved = false;
+                for (int j = 0; j < n_placed; j++) {
+                    const int o = placed[j];
+                    if (o > end[k] || end[o] < k) continue;   // disjoint in time
+                    const size_t lo = net->nodes[o].grad_off, hi = lo + ALIGN16(net->nodes[o].numel);
+                    if (off < hi && lo < off + sz) { off = hi; moved = true; }
+                }
+            }
+            net->nodes[k].grad_off = off;
+            if (off + sz > peak) peak = off + sz;
+            placed[n_placed++] = k;
+        }
+    }
+    free(end); free(placed);
+    return peak;
+}
+
 enum kd_status kd_net_plan(struct kd_net * net, int N, int C, int H, int W) {
     if (!net) KD_FAIL(KD_ERR_VALUE, "net is NULL");
     if (!net->finalized) KD_FAIL(KD_ERR_STATE, "the net is not finalized");
@@ -504,6 +564,7 @@ enum kd_status kd_net_plan(struct kd_net * net, int N, int C, int H, int W) {
         else if (s->type == KD_LAYER_MAXPOOL2D || s->type == KD_LAYER_DROPOUT) cache += nd->numel;
         if (acts > SIZE_MAX / 8 || cache > SIZE_MAX / 8) goto too_big;
     }
+    net->dacts_used = plan_gradients(net);
     // Nothing is allocated here: a forward allocates what its mode needs (acts and cache, or
     // the inference arena), the first backward the gradients.
     net->acts_used = acts;
@@ -619,7 +680,7 @@ static void cache_need(const struct kd_node * nd, size_t * fixed, size_t * per_i
     *per_img = nd->spec.type == KD_LAYER_MAXPOOL2D || nd->spec.type == KD_LAYER_DROPOUT ? per_image(nd) : 0;
 }
 
-#define ALIGN16(n) (((n) + 15) & ~(size_t)15)   // offsets in whole 64-byte lines from the arena start
+
 
 // Images per chunk when kd_net_set_chunk left it automatic. A chunk's working set is
 // per-image scratch peak x images: aim at the L2 caches of the threads in use, but never
@@ -773,7 +834,7 @@ enum kd_status kd_net_forward(struct kd_net * net, const float * x, int N, int C
         }
     }
     net->forward_done = false;
-    for (int i = 0; i < net->n_nodes; i++) net->nodes[i].grad_live = false;
+    for (int i = 0; i < net->n_nodes; i++) net->nodes[i].grad_live = net->nodes[i].inj_live = false;
     if (mode & KD_MODE_NO_GRAD) {
         KD_TRY(forward_infer(net, x, mode, dropout_seed));
         net->infer_done = true;
@@ -830,20 +891,23 @@ void kd_net_memory(const struct kd_net * net, struct kd_net_memory * m) {
     m->grads = net->grads ? net->n_params * f : 0;
     m->activations = net->acts ? net->acts_cap * f : 0;
     m->gradients = net->dacts ? net->dacts_cap * f : 0;
+    for (int i = 0; i < net->n_nodes; i++) m->gradients += net->nodes[i].inj_cap * f;
     m->cache = net->cache ? net->cache_cap * f : 0;
     m->inference = net->inf ? net->inf_cap * f : 0;
     m->work = net->work ? net->work_cap * f : 0;
 }
 
 // ---------------------------------------------------------------------------------------
-// Backward. Gradient buffers are zeroed lazily on first touch, so only nodes that a
-// gradient actually reaches cost a memset.
+// Backward. A gradient slot is initialised on first touch -- from what kd_net_grad_add
+// gave the node, else zero -- so only nodes that a gradient actually reaches cost a pass,
+// and the sum runs in the same order as if the additions had gone to the slot directly.
 
 static float * grad_of(struct kd_net * net, int node) {
     struct kd_node * nd = &net->nodes[node];
-    float * g = net->dacts + nd->act_off;
+    float * g = net->dacts + nd->grad_off;
     if (!nd->grad_live) {
-        memset(g, 0, nd->numel * sizeof(float));
+        if (nd->inj_live) memcpy(g, nd->inj, nd->numel * sizeof(float));
+        else memset(g, 0, nd->numel * sizeof(float));
         nd->grad_live = true;
     }
     return g;
@@ -855,9 +919,14 @@ enum kd_status kd_net_grad_add(struct kd_net * net, int node, const float * g, f
     if (net->infer_done) KD_FAIL(KD_ERR_STATE, "the last forward was KD_MODE_NO_GRAD: no gradient can be added");
     if (node < 0) node = net->out_node;
     if (node >= net->n_nodes) KD_FAIL(KD_ERR_VALUE, "node %d does not exist (the net has %d)", node, net->n_nodes);
-    KD_TRY(grow(&net->dacts, &net->dacts_cap, net->acts_used, "activation gradients"));
-    float * d = grad_of(net, node);
-    size_t n = net->nodes[node].numel;
+    struct kd_node * nd = &net->nodes[node];
+    const size_t n = nd->numel;
+    if (!nd->inj_live) {
+        KD_TRY(grow(&nd->inj, &nd->inj_cap, n, "an added gradient"));
+        memset(nd->inj, 0, n * sizeof(float));
+        nd->inj_live = true;
+    }
+    float * d = nd->inj;
     #pragma omp parallel for schedule(static) if (n > 65536)
     for (size_t i = 0; i < n; i++) d[i] += scale * g[i];
     return KD_OK;
@@ -869,16 +938,16 @@ enum kd_status kd_net_backward(struct kd_net * net, const float * dout, float * 
     if (net->infer_done) KD_FAIL(KD_ERR_STATE, "the last forward was KD_MODE_NO_GRAD: backward needs a forward without it");
     // Allocated on first use: nets that only ever run forward (teachers, evaluation) never
     // hold gradients of activations.
-    KD_TRY(grow(&net->dacts, &net->dacts_cap, net->acts_used, "activation gradients"));
+    KD_TRY(grow(&net->dacts, &net->dacts_cap, net->dacts_used, "activation gradients"));
     if (dout) KD_TRY(kd_net_grad_add(net, net->out_node, dout, 1.0f));
     KD_TRY(ensure_work(net, net->N));
     int N = net->N;
     if (dinp) memset(dinp, 0, (size_t)N * net->C * net->H * net->W * sizeof(float));
     for (int i = net->n_nodes - 1; i >= 0; i--) {
         struct kd_node * nd = &net->nodes[i];
-        if (!nd->grad_live) continue;   // no gradient reached this node
+        if (!nd->grad_live && !nd->inj_live) continue;   // no gradient reached this node
         const struct kd_layer_spec * s = &nd->spec;
-        const float * d = net->dacts + nd->act_off;
+        const float * d = grad_of(net, i);
         const float * out = net->acts + nd->act_off;
         const float * cache = net->cache + nd->cache_off;
         const float * in = act_of(net, s->inp[0]);
@@ -931,6 +1000,6 @@ enum kd_status kd_net_backward(struct kd_net * net, const float * dout, float * 
         }
     }
     // Consumed: a second backward after the same forward starts from zero again.
-    for (int i = 0; i < net->n_nodes; i++) net->nodes[i].grad_live = false;
+    for (int i = 0; i < net->n_nodes; i++) net->nodes[i].grad_live = net->nodes[i].inj_live = false;
     return KD_OK;
 }

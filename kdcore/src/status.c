@@ -5,7 +5,6 @@
 #include <stdio.h>
 
 #include <cblas.h>
-#include "layers.h"
 
 static _Thread_local char last_error[512];
 
@@ -52,19 +51,5 @@ static bool deterministic;
 
 void kd_set_deterministic(bool on) { __atomic_store_n(&deterministic, on, __ATOMIC_RELAXED); }
 bool kd_get_deterministic(void) { return __atomic_load_n(&deterministic, __ATOMIC_RELAXED); }
-
-const char * kd_blas_config(void) {
-    static char buf[384];
-    snprintf(buf, sizeof buf, "%s; core=%s; parallel=%s; kdcore OpenMP=%s; linear layers: %s",
-             openblas_get_config(), openblas_get_corename(),
-             openblas_get_parallel() == 2 ? "openmp" : openblas_get_parallel() == 1 ? "pthreads" : "none",
-#ifdef _OPENMP
-             "on"
-#else
-             "off"
-#endif
-             , kd_linear_engine_name());
-    return buf;
-}
 
 void kd_free(void * p) { free(p); }

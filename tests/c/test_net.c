@@ -348,6 +348,9 @@ static void test_inference(void) {
     CHECK(kd_net_backward(net, big, NULL) == KD_OK, "backward");
     kd_net_memory(net, &m);
     CHECK(m.gradients > 0, "backward allocated the gradients");
+    // Liveness-planned gradient slots: a few layers' worth, not a second copy of the
+    // activations (the output's injected gradient is N x 10 on top).
+    CHECK(m.gradients < m.activations / 2, "gradients %zu bytes vs activations %zu", m.gradients, m.activations);
     free(lg); free(big); free(ref); free(ref_tap); free(ref_feat); free(x);
     kd_net_free(net);
 }
