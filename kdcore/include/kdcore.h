@@ -199,6 +199,8 @@ enum kd_mode {
     KD_MODE_TRAIN    = 3,   // both: PyTorch's model.train()
     KD_MODE_NO_GRAD  = 4,   // inference only (torch.no_grad): no backward or kd_net_grad_add
                             // may follow. See "Inference forwards" below.
+    KD_MODE_LEAN     = 8,   // training forward that lets a ReLU overwrite its input where
+                            // nothing else reads it. See "Lean forwards" below.
 };
 
 // Forward: x (N,C,H,W) with a combination of kd_mode flags. The output is
@@ -230,6 +232,15 @@ KD_API const float * kd_net_output(const struct kd_net * net, int node);
 //    the whole batch) the batch is one chunk. kd_evaluate and the teacher forwards of the
 //    training loops use inference forwards.
 KD_API enum kd_status kd_net_keep(struct kd_net * net, int node, bool keep);
+
+// Lean forwards (mode | KD_MODE_LEAN, without KD_MODE_NO_GRAD): backward works as after any
+// forward, with the same bits, but a ReLU writes its output over its input's buffer when
+// that input (a BN, an add, ...) has no other consumer, is not the output node and is not
+// kept (kd_net_keep). No backward reads such an output -- BN, add, conv and linear
+// backwards read their inputs, a ReLU's its own output -- so the activation arena shrinks
+// by those buffers (a conv -> BN -> ReLU chain stores two tensors instead of three).
+// kd_net_output of an overwritten node returns NULL until the next plain forward. The
+// training loops (train.c) use lean forwards: they read only outputs and exit heads.
 // Images per chunk of inference forwards: 0 (default) = automatic. Nets with convolutions:
 // 64-128 images, from the per-image activation footprint against the threads' L2 caches --
 // one thread's in deterministic mode, so that chunks do not follow the thread count -- then

@@ -55,7 +55,7 @@ void kd_batchnorm_backward(float * dinp, float * dweight, float * dbias, const f
                            const float * inp, const float * mean, const float * rstd,
                            const float * weight, int N, int C, int HW, int batch_stats);
 
-// ---- relu: out = max(inp, 0); backward uses the output (out > 0)
+// ---- relu: out = max(inp, 0), in place allowed (out == inp); backward uses the output (out > 0)
 void kd_relu_forward(float * out, const float * inp, size_t n);
 void kd_relu_backward(float * dinp, const float * dout, const float * out, size_t n);
 

@@ -37,7 +37,10 @@ struct kd_node {
     // plan
     int c, h, w;              // per-sample output shape
     size_t numel;             // N*c*h*w
-    size_t act_off;           // into acts
+    size_t act_off;           // into acts (all outputs kept)
+    size_t cur_off;           // into acts for the last forward (act_off, or the lean layout)
+    int n_consumers;          // nodes reading this output (kd_net_plan)
+    bool overwritten;         // the last (lean) forward let a ReLU overwrite this output
     size_t grad_off;          // into dacts (liveness plan, kd_net_plan)
     size_t cache_off;         // into cache
     bool grad_live;           // dacts slot holds a gradient for the current backward
@@ -72,6 +75,7 @@ struct kd_net {
     int last_chunk;           // images per chunk of the last NO_GRAD forward (0: not one)
 
     bool forward_done;
+    bool lean_done;           // the last forward was KD_MODE_LEAN
     bool infer_done;          // the last forward was KD_MODE_NO_GRAD (no backward possible)
     unsigned forward_mode;    // kd_mode of the last forward (BN and dropout backward depend on it)
 };
@@ -564,6 +568,12 @@ enum kd_status kd_net_plan(struct kd_net * net, int N, int C, int H, int W) {
         else if (s->type == KD_LAYER_MAXPOOL2D || s->type == KD_LAYER_DROPOUT) cache += nd->numel;
         if (acts > SIZE_MAX / 8 || cache > SIZE_MAX / 8) goto too_big;
     }
+    for (int i = 0; i < net->n_nodes; i++) { net->nodes[i].n_consumers = 0; net->nodes[i].cur_off = net->nodes[i].act_off; }
+    for (int i = 0; i < net->n_nodes; i++) {
+        const struct kd_layer_spec * s = &net->nodes[i].spec;
+        for (int k = 0; k < (s->type == KD_LAYER_ADD ? 2 : 1); k++)
+            if (s->inp[k] != KD_INPUT) net->nodes[s->inp[k]].n_consumers++;
+    }
     net->dacts_used = plan_gradients(net);
     // Nothing is allocated here: a forward allocates what its mode needs (acts and cache, or
     // the inference arena), the first backward the gradients.
@@ -609,7 +619,7 @@ static enum kd_status ensure_work(struct kd_net * net, int N) {
 // Forward
 
 static const float * act_of(const struct kd_net * net, int node) {
-    return net->acts + (node == KD_INPUT ? net->in_off : net->nodes[node].act_off);
+    return net->acts + (node == KD_INPUT ? net->in_off : net->nodes[node].cur_off);
 }
 
 static size_t per_image(const struct kd_node * nd) { return (size_t)nd->c * nd->h * nd->w; }
@@ -819,10 +829,40 @@ static enum kd_status forward_infer(struct kd_net * net, const float * x, unsign
     return KD_OK;
 }
 
+// Activation layouts of a forward that backward may follow; each returns the floats used.
+// Full: every output at its planned act_off. Lean (KD_MODE_LEAN): a ReLU shares its input's
+// buffer when nothing else reads that input and it is neither the output nor kept; the
+// other outputs are packed in node order.
+static size_t full_layout(struct kd_net * net) {
+    for (int i = 0; i < net->n_nodes; i++) { net->nodes[i].cur_off = net->nodes[i].act_off; net->nodes[i].overwritten = false; }
+    return net->acts_used;
+}
+
+static size_t lean_layout(struct kd_net * net) {
+    size_t off = net->in_off + (size_t)net->N * net->C * net->H * net->W;
+    for (int i = 0; i < net->n_nodes; i++) net->nodes[i].overwritten = false;
+    for (int i = 0; i < net->n_nodes; i++) {
+        struct kd_node * nd = &net->nodes[i];
+        const int k = nd->spec.inp[0];
+        if (nd->spec.type == KD_LAYER_RELU && k != KD_INPUT) {
+            struct kd_node * in = &net->nodes[k];
+            if (in->n_consumers == 1 && k != net->out_node && !in->keep && in->spec.type != KD_LAYER_RELU) {
+                nd->cur_off = in->cur_off;
+                in->overwritten = true;
+                continue;
+            }
+        }
+        nd->cur_off = off;
+        off += nd->numel;
+    }
+    return off;
+}
+
 enum kd_status kd_net_forward(struct kd_net * net, const float * x, int N, int C, int H, int W,
                               unsigned mode, uint64_t dropout_seed) {
     if (!net || !x) KD_FAIL(KD_ERR_VALUE, "net and x must not be NULL");
-    if (mode > (KD_MODE_TRAIN | KD_MODE_NO_GRAD)) KD_FAIL(KD_ERR_VALUE, "mode %u is not a combination of kd_mode flags", mode);
+    if (mode > (KD_MODE_TRAIN | KD_MODE_NO_GRAD | KD_MODE_LEAN)) KD_FAIL(KD_ERR_VALUE, "mode %u is not a combination of kd_mode flags", mode);
+    if ((mode & KD_MODE_LEAN) && (mode & KD_MODE_NO_GRAD)) KD_FAIL(KD_ERR_VALUE, "KD_MODE_LEAN is for forwards that backward follows, not with KD_MODE_NO_GRAD");
     KD_TRY(kd_net_plan(net, N, C, H, W));
     if (mode & KD_MODE_BN_BATCH) {
         // Batch statistics of a single value are meaningless (variance 0); PyTorch refuses too.
@@ -839,14 +879,16 @@ enum kd_status kd_net_forward(struct kd_net * net, const float * x, int N, int C
         KD_TRY(forward_infer(net, x, mode, dropout_seed));
         net->infer_done = true;
     } else {
-        KD_TRY(grow(&net->acts, &net->acts_cap, net->acts_used, "activations"));
+        const size_t used = (mode & KD_MODE_LEAN) ? lean_layout(net) : full_layout(net);
+        KD_TRY(grow(&net->acts, &net->acts_cap, used, "activations"));
         KD_TRY(grow(&net->cache, &net->cache_cap, net->cache_used, "the backward cache"));
         KD_TRY(ensure_work(net, N));
+        net->lean_done = (mode & KD_MODE_LEAN) != 0;
         memcpy(net->acts + net->in_off, x, (size_t)N * C * H * W * sizeof(float));
         for (int i = 0; i < net->n_nodes; i++) {
             struct kd_node * nd = &net->nodes[i];
             const struct kd_layer_spec * s = &nd->spec;
-            node_forward(net, i, N, net->acts + nd->act_off, act_of(net, s->inp[0]),
+            node_forward(net, i, N, net->acts + nd->cur_off, act_of(net, s->inp[0]),
                          s->type == KD_LAYER_ADD ? act_of(net, s->inp[1]) : NULL,
                          net->cache + nd->cache_off, net->work, mode, dropout_seed);
         }
@@ -864,7 +906,8 @@ const float * kd_net_output(const struct kd_net * net, int node) {
     if (node >= net->n_nodes) return NULL;
     const struct kd_node * nd = &net->nodes[node];
     if (net->infer_done) return nd->inf_kept ? net->inf + nd->inf_off : NULL;
-    return net->acts + nd->act_off;
+    if (nd->overwritten) return NULL;
+    return net->acts + nd->cur_off;
 }
 
 enum kd_status kd_net_keep(struct kd_net * net, int node, bool keep) {
@@ -948,7 +991,7 @@ enum kd_status kd_net_backward(struct kd_net * net, const float * dout, float * 
         if (!nd->grad_live && !nd->inj_live) continue;   // no gradient reached this node
         const struct kd_layer_spec * s = &nd->spec;
         const float * d = grad_of(net, i);
-        const float * out = net->acts + nd->act_off;
+        const float * out = net->acts + nd->cur_off;
         const float * cache = net->cache + nd->cache_off;
         const float * in = act_of(net, s->inp[0]);
         float * din = s->inp[0] == KD_INPUT ? dinp : grad_of(net, s->inp[0]);

@@ -210,8 +210,11 @@ static enum kd_status loop_after_step(struct loop * L, double loss_sum, int64_t 
     return KD_OK;
 }
 
+// Forwards that backward follows are lean (KD_MODE_LEAN): the loops read only outputs and
+// exit heads, never an output a ReLU may overwrite.
 static enum kd_status forward_train(struct kd_net * net, struct loop * L, const float * x, unsigned mode,
                                     uint64_t salt) {
+    if (!(mode & KD_MODE_NO_GRAD)) mode |= KD_MODE_LEAN;
     return kd_net_forward(net, x, L->nb, L->ds->c, L->ds->h, L->ds->w, mode, L->sseed ^ salt);
 }
 

@@ -355,6 +355,52 @@ static void test_inference(void) {
     kd_net_free(net);
 }
 
+// Lean forwards (KD_MODE_LEAN): the same outputs, parameter and input gradients, bit for bit,
+// as a plain training forward; outputs a ReLU overwrote read as NULL; a smaller arena.
+static void test_lean(void) {
+    enum { N = 6 };
+    int tap, exit_head;
+    struct kd_net * net = build_mid(&tap, &exit_head);
+    const int bn1 = kd_net_find(net, "bn1"), badd = kd_net_find(net, "b.add"), conv1 = kd_net_find(net, "conv1");
+    float * x = malloc(N * 784 * sizeof(float)), * dout = malloc(N * 10 * sizeof(float));
+    kdt_fill(x, N * 784, 21);
+    kdt_fill(dout, N * 10, 22);
+    const size_t np = kd_net_num_params(net);
+    float * out[2], * grads[2], * dx[2];
+    struct kd_net_memory m[2];
+    for (int lean = 0; lean < 2; lean++) {
+        unsigned mode = KD_MODE_DROPOUT | (lean ? KD_MODE_LEAN : 0);   // BN on running stats: same stats both times
+        CHECK(kd_net_forward(net, x, N, 1, 28, 28, mode, 9) == KD_OK, "forward (lean %d): %s", lean, kd_last_error());
+        out[lean] = malloc(N * 10 * sizeof(float));
+        memcpy(out[lean], kd_net_output(net, -1), N * 10 * sizeof(float));
+        CHECK((kd_net_output(net, bn1) == NULL) == (lean == 1), "bn1 (feeds only relu1) readable iff not lean");
+        CHECK((kd_net_output(net, badd) == NULL) == (lean == 1), "b.add (feeds only b.out) readable iff not lean");
+        CHECK(kd_net_output(net, conv1) != NULL && kd_net_output(net, tap) != NULL, "conv1 and the tap stay readable");
+        CHECK(kd_net_output(net, exit_head) != NULL, "exit head readable");
+        kd_net_zero_grad(net);
+        // a tap gradient too: gradient slots are independent of the activation layout
+        float * g = calloc((size_t)N * 64 * 14 * 14, sizeof(float));
+        kdt_fill(g, (size_t)N * 64 * 14 * 14, 23);
+        CHECK(kd_net_grad_add(net, tap, g, 0.5f) == KD_OK, "grad_add");
+        free(g);
+        dx[lean] = malloc(N * 784 * sizeof(float));
+        CHECK(kd_net_backward(net, dout, dx[lean]) == KD_OK, "backward (lean %d): %s", lean, kd_last_error());
+        grads[lean] = malloc(np * sizeof(float));
+        memcpy(grads[lean], kd_net_grads(net), np * sizeof(float));
+        kd_net_memory(net, &m[lean]);
+        kd_net_free(net);
+        net = build_mid(&tap, &exit_head);   // fresh arenas for the memory comparison
+    }
+    CHECK(memcmp(out[0], out[1], N * 10 * sizeof(float)) == 0, "lean: same outputs");
+    CHECK(memcmp(grads[0], grads[1], np * sizeof(float)) == 0, "lean: same parameter gradients");
+    CHECK(memcmp(dx[0], dx[1], N * 784 * sizeof(float)) == 0, "lean: same input gradient");
+    CHECK(m[1].activations < m[0].activations * 4 / 5, "lean arena %zu bytes vs %zu", m[1].activations, m[0].activations);
+    CHECK(kd_net_forward(net, x, N, 1, 28, 28, KD_MODE_LEAN | KD_MODE_NO_GRAD, 0) == KD_ERR_VALUE, "lean + no-grad refused");
+    for (int i = 0; i < 2; i++) { free(out[i]); free(grads[i]); free(dx[i]); }
+    free(x); free(dout);
+    kd_net_free(net);
+}
+
 static void gradcheck_train(void) { gradcheck(true); }
 static void gradcheck_eval(void) { gradcheck(false); }
 
@@ -365,5 +411,6 @@ int main(void) {
     KDT_RUN(test_cross_entropy);
     KDT_RUN(test_training_reduces_loss);
     KDT_RUN(test_inference);
+    KDT_RUN(test_lean);
     return kdt_finish();
 }
