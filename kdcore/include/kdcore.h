@@ -234,11 +234,12 @@ KD_API const float * kd_net_output(const struct kd_net * net, int node);
 KD_API enum kd_status kd_net_keep(struct kd_net * net, int node, bool keep);
 
 // Lean forwards (mode | KD_MODE_LEAN, without KD_MODE_NO_GRAD): backward works as after any
-// forward, with the same bits, but a ReLU writes its output over its input's buffer when
-// that input (a BN, an add, ...) has no other consumer, is not the output node and is not
-// kept (kd_net_keep). No backward reads such an output -- BN, add, conv and linear
+// forward, with the same bits, but a ReLU or an add writes its output over an input's
+// buffer when that input has no other consumer, is not a ReLU, is not the output node and
+// is not kept (kd_net_keep). No backward reads such an output -- BN, add, conv and linear
 // backwards read their inputs, a ReLU's its own output -- so the activation arena shrinks
-// by those buffers (a conv -> BN -> ReLU chain stores two tensors instead of three).
+// by those buffers (conv -> BN -> ReLU stores two tensors instead of three, BN -> add ->
+// ReLU one instead of three).
 // kd_net_output of an overwritten node returns NULL until the next plain forward. The
 // training loops (train.c) use lean forwards: they read only outputs and exit heads.
 // Images per chunk of inference forwards: 0 (default) = automatic. Nets with convolutions:

@@ -80,7 +80,7 @@ void kd_gap_backward(float * dinp, const float * dout, int N, int C, int HW);
 void kd_dropout_forward(float * out, float * mask, const float * inp, size_t n, float p, uint64_t seed);
 void kd_dropout_backward(float * dinp, const float * dout, const float * mask, size_t n);
 
-// ---- add: out = a + b; backward accumulates dout into da and db
+// ---- add: out = a + b, in place allowed (out == a or b); backward accumulates dout into da and db
 void kd_add_forward(float * out, const float * a, const float * b, size_t n);
 void kd_add_backward(float * da, float * db, const float * dout, size_t n);
 

@@ -830,12 +830,20 @@ static enum kd_status forward_infer(struct kd_net * net, const float * x, unsign
 }
 
 // Activation layouts of a forward that backward may follow; each returns the floats used.
-// Full: every output at its planned act_off. Lean (KD_MODE_LEAN): a ReLU shares its input's
-// buffer when nothing else reads that input and it is neither the output nor kept; the
-// other outputs are packed in node order.
+// Full: every output at its planned act_off. Lean (KD_MODE_LEAN): an elementwise node (ReLU,
+// add) writes its output over an input that nothing else reads, that is neither the output
+// nor kept, and whose own backward does not read it (every layer but a ReLU reads inputs,
+// not its output) -- so conv -> BN -> ReLU stores two tensors, and BN -> add -> ReLU one.
+// The other outputs are packed in node order.
 static size_t full_layout(struct kd_net * net) {
     for (int i = 0; i < net->n_nodes; i++) { net->nodes[i].cur_off = net->nodes[i].act_off; net->nodes[i].overwritten = false; }
     return net->acts_used;
+}
+
+static bool can_overwrite(const struct kd_net * net, int k) {
+    if (k == KD_INPUT) return false;
+    const struct kd_node * in = &net->nodes[k];
+    return in->n_consumers == 1 && k != net->out_node && !in->keep && in->spec.type != KD_LAYER_RELU;
 }
 
 static size_t lean_layout(struct kd_net * net) {
@@ -843,14 +851,15 @@ static size_t lean_layout(struct kd_net * net) {
     for (int i = 0; i < net->n_nodes; i++) net->nodes[i].overwritten = false;
     for (int i = 0; i < net->n_nodes; i++) {
         struct kd_node * nd = &net->nodes[i];
-        const int k = nd->spec.inp[0];
-        if (nd->spec.type == KD_LAYER_RELU && k != KD_INPUT) {
-            struct kd_node * in = &net->nodes[k];
-            if (in->n_consumers == 1 && k != net->out_node && !in->keep && in->spec.type != KD_LAYER_RELU) {
-                nd->cur_off = in->cur_off;
-                in->overwritten = true;
-                continue;
-            }
+        const struct kd_layer_spec * s = &nd->spec;
+        int k = -2;   // the input whose buffer this node takes, if any
+        if (s->type == KD_LAYER_RELU && can_overwrite(net, s->inp[0])) k = s->inp[0];
+        else if (s->type == KD_LAYER_ADD && can_overwrite(net, s->inp[0])) k = s->inp[0];
+        else if (s->type == KD_LAYER_ADD && can_overwrite(net, s->inp[1])) k = s->inp[1];
+        if (k >= 0) {
+            nd->cur_off = net->nodes[k].cur_off;
+            net->nodes[k].overwritten = true;
+            continue;
         }
         nd->cur_off = off;
         off += nd->numel;

@@ -362,6 +362,7 @@ static void test_lean(void) {
     int tap, exit_head;
     struct kd_net * net = build_mid(&tap, &exit_head);
     const int bn1 = kd_net_find(net, "bn1"), badd = kd_net_find(net, "b.add"), conv1 = kd_net_find(net, "conv1");
+    const int bbn2 = kd_net_find(net, "b.bn2"), downbn = kd_net_find(net, "b.downbn");
     float * x = malloc(N * 784 * sizeof(float)), * dout = malloc(N * 10 * sizeof(float));
     kdt_fill(x, N * 784, 21);
     kdt_fill(dout, N * 10, 22);
@@ -375,6 +376,8 @@ static void test_lean(void) {
         memcpy(out[lean], kd_net_output(net, -1), N * 10 * sizeof(float));
         CHECK((kd_net_output(net, bn1) == NULL) == (lean == 1), "bn1 (feeds only relu1) readable iff not lean");
         CHECK((kd_net_output(net, badd) == NULL) == (lean == 1), "b.add (feeds only b.out) readable iff not lean");
+        CHECK((kd_net_output(net, bbn2) == NULL) == (lean == 1), "b.bn2 (b.add's first input) readable iff not lean");
+        CHECK(kd_net_output(net, downbn) != NULL, "b.downbn (b.add's second input) stays readable");
         CHECK(kd_net_output(net, conv1) != NULL && kd_net_output(net, tap) != NULL, "conv1 and the tap stay readable");
         CHECK(kd_net_output(net, exit_head) != NULL, "exit head readable");
         kd_net_zero_grad(net);
