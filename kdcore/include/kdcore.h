@@ -226,9 +226,9 @@ KD_API const float * kd_net_output(const struct kd_net * net, int node);
 //  - without KD_MODE_BN_BATCH and KD_MODE_DROPOUT, the batch runs in chunks of images, each
 //    chunk through the whole net before the next one: memory is bounded whatever N is, and
 //    a chunk's activations stay in cache. Images are independent in eval mode: convolutions,
-//    BN, pools and adds give the same bits as an unchunked pass; linear layers (OpenBLAS
-//    sgemm, whose summation order may depend on the row count) agree to float rounding, as
-//    they do between batch sizes. With BN batch statistics or dropout masks (which depend on
+//    BN, pools and adds give the same bits as an unchunked pass; so do linear layers on
+//    kdcore's own product, while on OpenBLAS (whose summation order may depend on the row
+//    count) they agree to float rounding, as they do between batch sizes. With BN batch statistics or dropout masks (which depend on
 //    the whole batch) the batch is one chunk. kd_evaluate and the teacher forwards of the
 //    training loops use inference forwards.
 KD_API enum kd_status kd_net_keep(struct kd_net * net, int node, bool keep);
