@@ -312,12 +312,37 @@ def test_sigkill_during_save_keeps_last_checkpoint(tmp_path):
                 proc.wait()
             proc.stdout.close()
         last = int(lines[-1][0])
-        st = kdcore.load(p)   # loads: never torn
+        # loads: never torn. A kill between naming the finished temporary file and renaming
+        # it leaves the name behind; the next load (or save) of the path removes it.
+        st = kdcore.load(p)
         # the file holds the last reported save, or one that completed just before the kill
         assert st["i"] in (last, last + 1), (trial, st["i"], last)
         assert st["blob"].shape == (6_000_000,) and np.all(st["blob"] == st["i"])
         assert tmp_files(tmp_path) == [], f"trial {trial}: temporary files left: {tmp_files(tmp_path)}"
     assert np.median(durations) > 0.002, f"saves too fast to be interrupted: {durations}"
+
+
+def test_stale_temporaries_of_dead_writers_are_removed(tmp_path):
+    p = str(tmp_path / "ck.safetensors")
+    kdcore.save(p, kdcore.models.mlp([4, 3], seed=0))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()                                   # a pid that is not alive any more
+    names = {f"ck.safetensors.tmp.{dead.pid}.0": False,     # the dead writer's: removed
+             f"ck.safetensors.tmp.{os.getpid()}.7": True,   # this process's: kept
+             "ck.safetensors.tmp.1.0": True,                # a live process's (init): kept
+             f"ck.safetensors.tmp.{dead.pid}.x": True,      # not the writer's form: kept
+             f"other.safetensors.tmp.{dead.pid}.0": True}   # another path's: kept
+    for op in ("load", "save"):
+        for n in names:
+            (tmp_path / n).write_bytes(b"x")
+        if op == "load":
+            kdcore.load(p)
+        else:
+            kdcore.save(p, kdcore.models.mlp([4, 3], seed=0))
+        for n, kept in names.items():
+            assert (tmp_path / n).exists() == kept, (op, n)
+            if kept:
+                (tmp_path / n).unlink()
 
 
 # ---------------------------------------------------------------------------------------

@@ -621,7 +621,9 @@ KD_API enum kd_status kd_ckpt_write(const char * path, const struct kd_ckpt_tens
 //    end - begin != numel * itemsize;
 //  - tensors overlapping, or bytes of the data section not covered by any tensor;
 //  - __metadata__ not an object of strings (with unique keys).
-// *out is NULL on failure; free with kd_ckpt_close.
+// *out is NULL on failure; free with kd_ckpt_close. Opening (like kd_ckpt_write) removes
+// "<path>.tmp.<pid>.<n>" files left by a writer killed between naming its complete
+// temporary file and renaming it, when that pid is not a live process on this machine.
 struct kd_ckpt;
 KD_API enum kd_status kd_ckpt_open(const char * path, struct kd_ckpt ** out);
 KD_API void kd_ckpt_close(struct kd_ckpt * ck);   // NULL is a no-op

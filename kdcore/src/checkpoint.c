@@ -12,8 +12,10 @@
 // dtype). The writer never leaves a half-written file under the target's name.
 #include "kd_internal.h"
 
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <signal.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <sys/stat.h>
@@ -542,6 +544,43 @@ static const char * errtext_(int e, char * buf, size_t cap) {
     return strerror_r(e, buf, cap);
 }
 
+// A writer killed in the instant between naming its complete, synced temporary file
+// (linkat) and renaming it onto the target leaves "<path>.tmp.<pid>.<n>" behind (SIGKILL
+// cannot be caught). The next open or write of the same path removes such names when their
+// pid is not a live process here; names of any other form, and those of live writers
+// (including this process), are left alone.
+static void remove_stale_tmp_(const char * path) {
+    const char * slash = strrchr(path, '/');
+    const char * base = slash ? slash + 1 : path;
+    size_t bl = strlen(base), dl = slash ? (slash == path ? 1 : (size_t)(slash - path)) : 1;
+    char * dir = malloc(dl + 1);
+    if (!dir || bl == 0) { free(dir); return; }
+    if (slash) memcpy(dir, path, dl);
+    else dir[0] = '.';
+    dir[dl] = '\0';
+    DIR * d = opendir(dir);
+    free(dir);
+    if (!d) return;
+    int saved = errno;
+    struct dirent * e;
+    while ((e = readdir(d)) != NULL) {
+        const char * nm = e->d_name;
+        if (strncmp(nm, base, bl) != 0 || strncmp(nm + bl, ".tmp.", 5) != 0) continue;
+        const char * p = nm + bl + 5, * q = p;
+        while (*q >= '0' && *q <= '9') q++;
+        if (q == p || q - p > 9 || *q != '.') continue;
+        const char * r = q + 1, * t = r;
+        while (*t >= '0' && *t <= '9') t++;
+        if (t == r || *t != '\0') continue;
+        long pid = strtol(p, NULL, 10);
+        if (pid <= 0 || pid == (long)getpid()) continue;
+        if (kill((pid_t)pid, 0) == 0 || errno != ESRCH) continue;   // alive, or not ours to judge
+        unlinkat(dirfd(d), nm, 0);
+    }
+    closedir(d);
+    errno = saved;
+}
+
 enum kd_status kd_ckpt_open(const char * path, struct kd_ckpt ** out) {
     if (!out) KD_FAIL(KD_ERR_VALUE, "out is NULL");
     *out = NULL;
@@ -549,6 +588,7 @@ enum kd_status kd_ckpt_open(const char * path, struct kd_ckpt ** out) {
     char eb[128];
     int fd = open(path, O_RDONLY | O_CLOEXEC);
     if (fd < 0) KD_FAIL(KD_ERR_IO, "cannot open '%s': %s", path, errtext_(errno, eb, sizeof eb));
+    remove_stale_tmp_(path);
     enum kd_status st = KD_OK;
     char * header = NULL;
     struct jparser P;
@@ -993,6 +1033,7 @@ enum kd_status kd_ckpt_write(const char * path, const struct kd_ckpt_tensor * te
     else dir[0] = '.';
     dir[dl] = '\0';
     struct wplan w = { tensors, nbytes, order, n, &hdr };
+    remove_stale_tmp_(path);
     st = write_atomic_(path, dir, &w);
 done:
     jfree_(&P);
