@@ -304,6 +304,7 @@ def worker(args):
         model = build_kd(name)
         opt = kdcore.optim.SGD(lr=0.01, momentum=0.9, weight_decay=5e-4)
         info["version"] = kdcore.__version__
+        info["linear"] = kdcore._kdcore.blas_config().split("linear layers: ")[-1]
         steps_per_epoch = len(train) // batch
         if kind == "train":
             def call(k):
@@ -552,7 +553,7 @@ class Worker:
     def __init__(self, fw, kind, model, batch, threads, args):
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
         if fw == "kdcore" and args.coretype:
-            # OpenBLAS reads it when it loads: only kdcore's linear layers use OpenBLAS
+            # OpenBLAS reads it when it loads: only kdcore's linear layers can use OpenBLAS
             env.pop("OPENBLAS_CORETYPE", None)
             if args.coretype != "auto":
                 env["OPENBLAS_CORETYPE"] = args.coretype
@@ -600,6 +601,8 @@ def run_case(kind, model, batch, threads, args):
            "flops_per_image": tinfo.get("flops_per_image", flops), "versions": {"kdcore": kinfo["version"], "torch": tinfo["version"]}}
     if "cache_s" in kinfo:
         res["kdcore_cache_s"] = kinfo["cache_s"]
+    if "linear" in kinfo:
+        res["kdcore_linear"] = kinfo["linear"]
     for fw, w in (("kdcore", kd), ("torch", th)):
         sec = statistics.median(times[fw])
         res[fw] = {"sec_per_step": sec, "runs": times[fw], "img_s": batch / sec, "rss_mb": w.close()["rss_mb"]}
@@ -722,7 +725,9 @@ def write_report(path, results, peaks, peaks_text, verify, args, elapsed, loads)
          f"{'yes' if 'avx512f' in cpu.get('Flags', '') else 'no'}",
          f"- kdcore {v.get('kdcore', '?')} (git {commit}), PyTorch {v.get('torch', '?')}, Python "
          f"{platform.python_version()}, OpenBLAS 0.3.21 (OpenMP build) core in kdcore workers: "
-         f"{blas_core(args)} (only kdcore's linear layers use OpenBLAS; the convolutions use kdcore's own kernels)",
+         f"{blas_core(args)}; kdcore's linear layers ran on "
+         f"{next((r['kdcore_linear'] for r in results if 'kdcore_linear' in r), '?')} (the convolutions always "
+         "use kdcore's own kernels)",
          "- The machine may be shared: kdcore and PyTorch are measured alternately (same conditions); compare "
          "ratios rather than absolute numbers. Load average (1 min) at start / end of this run: "
          f"{loads[0]:.1f} / {loads[1]:.1f} on {os.cpu_count()} CPUs" + (" -- **other jobs were running: the "
