@@ -151,14 +151,12 @@ $(ASAN_PY)/.stamp: $(PY_SRCS)
 	@test -f $(ASAN_PY)/kdcore/_kdcore*.so || (echo "the ASan extension was not built"; exit 1)
 	touch $@
 
+ASAN_PY_RUN = env LD_PRELOAD="$(ASAN_PRELOAD)" PYTHONPATH=$(CURDIR)/$(ASAN_PY) \
+  ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:quarantine_size_mb=16 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 sanitize-py: deps-test $(ASAN_PY)/.stamp
-	env LD_PRELOAD="$(ASAN_PRELOAD)" PYTHONPATH=$(CURDIR)/$(ASAN_PY) \
-	  ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:quarantine_size_mb=16 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
-	  $(PYTHON) -c "import kdcore, sys; f = kdcore._kdcore.__file__; print('ASan build:', f); \
+	$(ASAN_PY_RUN) $(PYTHON) -c "import kdcore, sys; f = kdcore._kdcore.__file__; print('ASan build:', f); \
 	  sys.exit(0 if f.startswith('$(CURDIR)/$(ASAN_PY)/') else 'kdcore resolves elsewhere')"
-	env LD_PRELOAD="$(ASAN_PRELOAD)" PYTHONPATH=$(CURDIR)/$(ASAN_PY) \
-	  ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:quarantine_size_mb=16 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
-	  $(PYTHON) -m pytest -q -p no:cacheprovider tests
+	$(ASAN_PY_RUN) $(PYTHON) -m pytest -q -p no:cacheprovider tests
 
 # valgrind (memcheck) on the normal C test binaries: invalid accesses, uses of uninitialised
 # values, and definite/indirect leaks are errors. No suppression file: the only reports on

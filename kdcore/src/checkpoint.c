@@ -544,22 +544,29 @@ static const char * errtext_(int e, char * buf, size_t cap) {
     return strerror_r(e, buf, cap);
 }
 
+// The directory part of path ("." when there is none), malloc'd; NULL when out of memory.
+static char * dir_of_(const char * path) {
+    const char * slash = strrchr(path, '/');
+    size_t dl = slash ? (slash == path ? 1 : (size_t)(slash - path)) : 1;
+    char * dir = malloc(dl + 1);
+    if (!dir) return NULL;
+    if (slash) memcpy(dir, path, dl);
+    else dir[0] = '.';
+    dir[dl] = '\0';
+    return dir;
+}
+
 // A writer killed in the instant between naming its complete, synced temporary file
 // (linkat) and renaming it onto the target leaves "<path>.tmp.<pid>.<n>" behind (SIGKILL
 // cannot be caught). The next open or write of the same path removes such names when their
 // pid is not a live process here; names of any other form, and those of live writers
 // (including this process), are left alone.
-static void remove_stale_tmp_(const char * path) {
+static void remove_stale_tmp_(const char * path, const char * dir) {
     const char * slash = strrchr(path, '/');
     const char * base = slash ? slash + 1 : path;
-    size_t bl = strlen(base), dl = slash ? (slash == path ? 1 : (size_t)(slash - path)) : 1;
-    char * dir = malloc(dl + 1);
-    if (!dir || bl == 0) { free(dir); return; }
-    if (slash) memcpy(dir, path, dl);
-    else dir[0] = '.';
-    dir[dl] = '\0';
+    size_t bl = strlen(base);
+    if (bl == 0) return;
     DIR * d = opendir(dir);
-    free(dir);
     if (!d) return;
     int saved = errno;
     struct dirent * e;
@@ -588,7 +595,9 @@ enum kd_status kd_ckpt_open(const char * path, struct kd_ckpt ** out) {
     char eb[128];
     int fd = open(path, O_RDONLY | O_CLOEXEC);
     if (fd < 0) KD_FAIL(KD_ERR_IO, "cannot open '%s': %s", path, errtext_(errno, eb, sizeof eb));
-    remove_stale_tmp_(path);
+    char * dir = dir_of_(path);
+    if (dir) remove_stale_tmp_(path, dir);   // best effort: without memory, skip the cleanup
+    free(dir);
     enum kd_status st = KD_OK;
     char * header = NULL;
     struct jparser P;
@@ -1025,15 +1034,10 @@ enum kd_status kd_ckpt_write(const char * path, const struct kd_ckpt_tensor * te
 
     // The temporary file must be in the target's directory: rename is only atomic within
     // one filesystem.
-    const char * slash = strrchr(path, '/');
-    size_t dl = slash ? (slash == path ? 1 : (size_t)(slash - path)) : 1;
-    dir = malloc(dl + 1);
+    dir = dir_of_(path);
     if (!dir) { st = kd_set_error_(KD_ERR_NOMEM, __func__, "out of memory"); goto done; }
-    if (slash) memcpy(dir, path, dl);
-    else dir[0] = '.';
-    dir[dl] = '\0';
     struct wplan w = { tensors, nbytes, order, n, &hdr };
-    remove_stale_tmp_(path);
+    remove_stale_tmp_(path, dir);
     st = write_atomic_(path, dir, &w);
 done:
     jfree_(&P);

@@ -70,6 +70,14 @@ static inline int kd_omp_tid(void) { return 0; }
 static inline int kd_omp_team(void) { return 1; }
 #endif
 
+// Static contiguous share [*i0, *i1) of n items for part `part` of `parts`: the first
+// n % parts parts take one extra item; parts past n get an empty range.
+static inline void kd_split(size_t n, int part, int parts, size_t * i0, size_t * i1) {
+    size_t p = (size_t)part, np = (size_t)parts, base = n / np, rem = n % np;
+    *i0 = p * base + (p < rem ? p : rem);
+    *i1 = *i0 + base + (p < rem ? 1 : 0);
+}
+
 // ---------------------------------------------------------------------------------------
 // Deterministic mode (kd_set_deterministic): work that would be split by the thread count
 // is split into pieces fixed by the shapes alone instead.

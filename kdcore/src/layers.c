@@ -40,13 +40,6 @@
 #define KD_PAR_MIN 32768
 
 // Number of threads in the current team (1 outside a parallel region or without OpenMP).
-static inline int team_size(void) {
-#ifdef _OPENMP
-    return omp_get_num_threads();
-#else
-    return 1;
-#endif
-}
 
 static inline int imin(int a, int b) { return a < b ? a : b; }
 static inline int imax(int a, int b) { return a > b ? a : b; }
@@ -611,9 +604,10 @@ static void conv_check_shape(const struct kd_conv_shape * s) {
 // Static contiguous chunk [*n0, *n1) of the N images for thread tid of nt: the first
 // N % nt threads take one extra image; threads past N get an empty chunk.
 static inline void batch_chunk(int * n0, int * n1, int N, int tid, int nt) {
-    int base = N / nt, rem = N % nt;
-    *n0 = tid * base + imin(tid, rem);
-    *n1 = *n0 + base + (tid < rem ? 1 : 0);
+    size_t a, b;
+    kd_split((size_t)N, tid, nt, &a, &b);
+    *n0 = (int)a;
+    *n1 = (int)b;
 }
 
 // ----------------------------------------------------------------------------------------
@@ -754,6 +748,14 @@ static void pack_rows8(float * dst, size_t ldd, const float * src, size_t lds, i
     }
 }
 
+// dst[k * ldd + c] = src[k * lds + c] for c < valid, 0 for valid <= c < width, k < K:
+// `width` contiguous floats per k, the ones past `valid` zero.
+static void pack_cols(float * dst, size_t ldd, const float * src, size_t lds, int width, int valid, int K) {
+    for (int k = 0; k < K; k++) {
+        for (int c = 0; c < width; c++) { dst[(size_t)k * ldd + c] = c < valid ? src[(size_t)k * lds + c] : 0.0f; }
+    }
+}
+
 // op(A) rows [8i, 8i+8) into panel i; rows past M are zero.
 static void gemm_pack_a(float * Ap, struct gemm_operand A, int M, int K) {
     int npan = (M + CV_MR - 1) / CV_MR;
@@ -762,10 +764,7 @@ static void gemm_pack_a(float * Ap, struct gemm_operand A, int M, int K) {
         float * d = Ap + (size_t)i * K * CV_MR;
         int mi = imin(CV_MR, M - i * CV_MR);
         if (A.trans) {   // op(A)[m][k] = A[k][m]: 8 contiguous floats per k
-            for (int k = 0; k < K; k++) {
-                const float * s = A.p + (size_t)k * A.ld + (size_t)i * CV_MR;
-                for (int r = 0; r < CV_MR; r++) { d[(size_t)k * CV_MR + r] = r < mi ? s[r] : 0.0f; }
-            }
+            pack_cols(d, CV_MR, A.p + (size_t)i * CV_MR, (size_t)A.ld, CV_MR, mi, K);
         } else {         // op(A)[m][k] = A[m][k]: 8 rows transposed
             pack_rows8(d, CV_MR, A.p + (size_t)i * CV_MR * A.ld, (size_t)A.ld, mi, K);
         }
@@ -780,10 +779,7 @@ static void gemm_pack_b_panel(float * d, struct gemm_operand B, int Nc, int K, i
             pack_rows8(d + c0, CV_NR, B.p + (size_t)(j * CV_NR + c0) * B.ld, (size_t)B.ld, imax(0, imin(8, nj - c0)), K);
         }
     } else {         // op(B)[k][n] = B[k][n]
-        for (int k = 0; k < K; k++) {
-            const float * s = B.p + (size_t)k * B.ld + (size_t)j * CV_NR;
-            for (int c = 0; c < CV_NR; c++) { d[(size_t)k * CV_NR + c] = c < nj ? s[c] : 0.0f; }
-        }
+        pack_cols(d, CV_NR, B.p + (size_t)j * CV_NR, (size_t)B.ld, CV_NR, nj, K);
     }
 }
 
@@ -899,14 +895,9 @@ static void pack_fwd(float * Ap, const float * weight, const struct conv_plan * 
     #pragma omp for schedule(static)
     for (long t = 0; t < total; t++) {
         size_t g = (size_t)t / npan, m0 = (size_t)t % npan * CV_MR;
-        float * panel = Ap + g * ocp * CKK + m0 * CKK;
         const float * w = weight + g * p->OCg * CKK;
-        for (size_t k = 0; k < CKK; k++) {
-            for (size_t i = 0; i < CV_MR; i++) {
-                size_t m = m0 + i;
-                panel[k * CV_MR + i] = m < (size_t)p->OCg ? w[m * CKK + k] : 0.0f;
-            }
-        }
+        pack_rows8(Ap + g * ocp * CKK + m0 * CKK, CV_MR, w + m0 * CKK, CKK, (int)zmin(CV_MR, (size_t)p->OCg - m0),
+                   p->CKK);
     }
 }
 
@@ -944,14 +935,8 @@ static void pack_tcol(float * Ap, const float * weight, const struct conv_plan *
     #pragma omp for schedule(static)
     for (long t = 0; t < total; t++) {
         size_t g = (size_t)t / npan, m0 = (size_t)t % npan * CV_MR;
-        float * panel = Ap + g * ckkp * OCg + m0 * OCg;
         const float * w = weight + g * OCg * CKK;
-        for (size_t oc = 0; oc < OCg; oc++) {
-            for (size_t i = 0; i < CV_MR; i++) {
-                size_t k = m0 + i;
-                panel[oc * CV_MR + i] = k < CKK ? w[oc * CKK + k] : 0.0f;
-            }
-        }
+        pack_cols(Ap + g * ckkp * OCg + m0 * OCg, CV_MR, w + m0, CKK, CV_MR, (int)zmin(CV_MR, CKK - m0), (int)OCg);
     }
 }
 
@@ -1159,7 +1144,7 @@ void kd_conv2d_forward(float * out, const float * inp, const float * weight, con
     {
         pack_fwd(Ap, weight, &pl, s->G);
         int n0, n1;
-        batch_chunk(&n0, &n1, s->N, kd_omp_tid(), team_size());
+        batch_chunk(&n0, &n1, s->N, kd_omp_tid(), kd_omp_team());
         float * tw = ws + pl.shared + (size_t)kd_omp_tid() * pl.per;
         float * xb = tw + pl.x_off, * stage = tw + pl.t_off;
         // Borders of the padded image and columns past the grid are zeroed once here and
@@ -1285,7 +1270,7 @@ void kd_conv2d_backward(float * dinp, float * dweight, float * dbias, const floa
     {
         if (dinp != NULL && shift) { pack_tdinp(Ap, weight, &pl, s->G, s->K); }
         if (dinp != NULL && !shift) { pack_tcol(Ap, weight, &pl, s->G); }
-        int tid = kd_omp_tid(), nt = team_size(), n0, n1;
+        int tid = kd_omp_tid(), nt = kd_omp_team(), n0, n1;
         if (tid == 0) { nteam = nt; }
         const int nunits = det ? nchunks : nt;
         float * tw = ws + pl.shared + (size_t)tid * pl.per;
@@ -1443,16 +1428,7 @@ void kd_conv2d_backward(float * dinp, float * dweight, float * dbias, const floa
 #define BN_CB 64   // channels whose accumulators a thread keeps at once
 
 // [*c0, *c1): this thread's channels (contiguous, balanced).
-static inline void channel_range(int * c0, int * c1, int C) {
-#ifdef _OPENMP
-    int nt = omp_get_num_threads(), t = omp_get_thread_num();
-#else
-    int nt = 1, t = 0;
-#endif
-    int base = C / nt, rem = C % nt;
-    *c0 = t * base + imin(t, rem);
-    *c1 = *c0 + base + (t < rem ? 1 : 0);
-}
+static inline void channel_range(int * c0, int * c1, int C) { batch_chunk(c0, c1, C, kd_omp_tid(), kd_omp_team()); }
 
 // Per-plane moments in double, 16 lanes (lane = index mod 16) summed by a fixed tree, so the
 // AVX-512 and portable versions give the same bits.

@@ -40,7 +40,7 @@ struct kd_node {
     size_t act_off;           // into acts (all outputs kept)
     size_t cur_off;           // into acts for the last forward (act_off, or the lean layout)
     int n_consumers;          // nodes reading this output (kd_net_plan)
-    bool overwritten;         // the last (lean) forward let a ReLU overwrite this output
+    bool overwritten;         // the last (lean) forward let its consumer (ReLU/add) overwrite this output
     size_t grad_off;          // into dacts (liveness plan, kd_net_plan)
     size_t cache_off;         // into cache
     bool grad_live;           // dacts slot holds a gradient for the current backward
@@ -75,12 +75,13 @@ struct kd_net {
     int last_chunk;           // images per chunk of the last NO_GRAD forward (0: not one)
 
     bool forward_done;
-    bool lean_done;           // the last forward was KD_MODE_LEAN
     bool infer_done;          // the last forward was KD_MODE_NO_GRAD (no backward possible)
     unsigned forward_mode;    // kd_mode of the last forward (BN and dropout backward depend on it)
 };
 
 #define NO_OFF SIZE_MAX
+
+static int n_inputs(const struct kd_layer_spec * s) { return s->type == KD_LAYER_ADD ? 2 : 1; }
 #define ALIGN16(n) (((n) + 15) & ~(size_t)15)   // offsets in whole 64-byte lines from the arena start
 
 // ---------------------------------------------------------------------------------------
@@ -147,8 +148,7 @@ static enum kd_status check_spec(const struct kd_net * net, const struct kd_laye
     if (strlen(nm) >= KD_MAX_NAME) KD_FAIL(KD_ERR_VALUE, "name '%.40s...' is longer than %d bytes", nm, KD_MAX_NAME - 1);
     if (kd_net_find(net, nm) >= 0) KD_FAIL(KD_ERR_VALUE, "name '%s' is used twice", nm);
     if ((unsigned)s->type >= KD_LAYER_COUNT) KD_FAIL(KD_ERR_VALUE, "'%s': unknown layer type %d", nm, (int)s->type);
-    int n_inp = s->type == KD_LAYER_ADD ? 2 : 1;
-    for (int k = 0; k < n_inp; k++) {
+    for (int k = 0; k < n_inputs(s); k++) {
         if (s->inp[k] < KD_INPUT || s->inp[k] >= net->n_nodes)
             KD_FAIL(KD_ERR_VALUE, "'%s': input %d refers to node %d, but only nodes -1..%d exist before it",
                     nm, k, s->inp[k], net->n_nodes - 1);
@@ -455,7 +455,7 @@ static size_t plan_gradients(struct kd_net * net) {
     for (int i = 0; i < nn; i++) end[i] = i;
     for (int i = 0; i < nn; i++) {
         const struct kd_layer_spec * s = &net->nodes[i].spec;
-        for (int k = 0; k < (s->type == KD_LAYER_ADD ? 2 : 1); k++)
+        for (int k = 0; k < n_inputs(s); k++)
             if (s->inp[k] != KD_INPUT && end[s->inp[k]] < i) end[s->inp[k]] = i;
     }
     size_t peak = 0;
@@ -571,7 +571,7 @@ enum kd_status kd_net_plan(struct kd_net * net, int N, int C, int H, int W) {
     for (int i = 0; i < net->n_nodes; i++) { net->nodes[i].n_consumers = 0; net->nodes[i].cur_off = net->nodes[i].act_off; }
     for (int i = 0; i < net->n_nodes; i++) {
         const struct kd_layer_spec * s = &net->nodes[i].spec;
-        for (int k = 0; k < (s->type == KD_LAYER_ADD ? 2 : 1); k++)
+        for (int k = 0; k < n_inputs(s); k++)
             if (s->inp[k] != KD_INPUT) net->nodes[s->inp[k]].n_consumers++;
     }
     net->dacts_used = plan_gradients(net);
@@ -690,8 +690,6 @@ static void cache_need(const struct kd_node * nd, size_t * fixed, size_t * per_i
     *per_img = nd->spec.type == KD_LAYER_MAXPOOL2D || nd->spec.type == KD_LAYER_DROPOUT ? per_image(nd) : 0;
 }
 
-
-
 // Images per chunk when kd_net_set_chunk left it automatic. A chunk's working set is
 // per-image scratch peak x images: aim at the L2 caches of the threads in use, but never
 // below 64 images (each conv call re-packs its weights, and packing must stay a small cost
@@ -746,13 +744,13 @@ static enum kd_status forward_infer(struct kd_net * net, const float * x, unsign
     for (int i = nn - 1; i >= 0; i--) {
         if (!need[i]) continue;
         const struct kd_layer_spec * s = &net->nodes[i].spec;
-        for (int k = 0; k < (s->type == KD_LAYER_ADD ? 2 : 1); k++)
+        for (int k = 0; k < n_inputs(s); k++)
             if (s->inp[k] != KD_INPUT) need[s->inp[k]] = true;
     }
     for (int i = 0; i < nn; i++) {
         if (!need[i]) continue;
         const struct kd_layer_spec * s = &net->nodes[i].spec;
-        for (int k = 0; k < (s->type == KD_LAYER_ADD ? 2 : 1); k++)
+        for (int k = 0; k < n_inputs(s); k++)
             if (s->inp[k] != KD_INPUT && last[s->inp[k]] < i) last[s->inp[k]] = i;
     }
     // Per-image first-fit layout of the scratch: node i may take any range not held by a
@@ -813,7 +811,7 @@ static enum kd_status forward_infer(struct kd_net * net, const float * x, unsign
             struct kd_node * nd = &net->nodes[i];
             if (last[i] == i && !nd->inf_kept && !(mode & KD_MODE_BN_BATCH)) continue;   // nobody reads it
             const float * in[2] = { NULL, NULL };
-            for (int k = 0; k < (nd->spec.type == KD_LAYER_ADD ? 2 : 1); k++) {
+            for (int k = 0; k < n_inputs(&nd->spec); k++) {
                 int src = nd->spec.inp[k];
                 if (src == KD_INPUT) in[k] = x + (size_t)n0 * x_img;
                 else if (net->nodes[src].inf_kept) in[k] = net->inf + net->nodes[src].inf_off + (size_t)n0 * per_image(&net->nodes[src]);
@@ -892,7 +890,6 @@ enum kd_status kd_net_forward(struct kd_net * net, const float * x, int N, int C
         KD_TRY(grow(&net->acts, &net->acts_cap, used, "activations"));
         KD_TRY(grow(&net->cache, &net->cache_cap, net->cache_used, "the backward cache"));
         KD_TRY(ensure_work(net, N));
-        net->lean_done = (mode & KD_MODE_LEAN) != 0;
         memcpy(net->acts + net->in_off, x, (size_t)N * C * H * W * sizeof(float));
         for (int i = 0; i < net->n_nodes; i++) {
             struct kd_node * nd = &net->nodes[i];

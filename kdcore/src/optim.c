@@ -175,13 +175,6 @@ static void adam_range_(const struct adam_k_ * kp, float * restrict p, const flo
 #undef KD_ADAM_
 }
 
-// Thread t of nt updates elements [n*t/nt, n*(t+1)/nt): elementwise, so the split does not
-// change any result.
-static void thread_range_(size_t n, size_t * i0, size_t * i1) {
-    size_t t = (size_t)kd_omp_tid(), nt = (size_t)kd_omp_team();
-    *i0 = n / nt * t + (t < n % nt ? t : n % nt);
-    *i1 = *i0 + n / nt + (t < n % nt ? 1 : 0);
-}
 
 // A float hyper-parameter as the decimal the caller wrote: the shortest decimal that rounds
 // to the float, as a double (0.999f -> 0.999). torch does its scalar arithmetic
@@ -215,8 +208,8 @@ void kd_optim_update_(const struct kd_optim_cfg * cfg, float * p, const float * 
 #pragma omp parallel if(n > 32768)
 #endif
         {
-            size_t i0, i1;
-            thread_range_(n, &i0, &i1);
+            size_t i0, i1;   // elementwise: the split changes no result
+            kd_split(n, kd_omp_tid(), kd_omp_team(), &i0, &i1);
             sgd_range_(&k, p, g, m, decay, use_wd, i0, i1);
         }
         return;
@@ -238,8 +231,8 @@ void kd_optim_update_(const struct kd_optim_cfg * cfg, float * p, const float * 
 #pragma omp parallel if(n > 32768)
 #endif
     {
-        size_t i0, i1;
-        thread_range_(n, &i0, &i1);
+        size_t i0, i1;   // elementwise: the split changes no result
+        kd_split(n, kd_omp_tid(), kd_omp_team(), &i0, &i1);
         adam_range_(&k, p, g, m, v, decay, use_wd, i0, i1);
     }
 }
