@@ -232,6 +232,7 @@ KD_API const float * kd_net_output(const struct kd_net * net, int node);
 //    the whole batch) the batch is one chunk. kd_evaluate and the teacher forwards of the
 //    training loops use inference forwards.
 KD_API enum kd_status kd_net_keep(struct kd_net * net, int node, bool keep);
+KD_API bool kd_net_kept(const struct kd_net * net, int node);   // false for a bad node
 
 // Lean forwards (mode | KD_MODE_LEAN, without KD_MODE_NO_GRAD): backward works as after any
 // forward, with the same bits, but a ReLU or an add writes its output over an input's
@@ -445,6 +446,106 @@ struct kd_epoch_stats {
 KD_API enum kd_status kd_train_epoch(struct kd_net * net, struct kd_optim * opt,
                                      const struct kd_dataset * ds, const struct kd_train_cfg * cfg,
                                      int epoch, struct kd_epoch_stats * out);
+
+// ---------------------------------------------------------------------------------------
+// The step engine: every training and distillation loop below is a configuration of it.
+//
+// A step is data. `nets` take part in it, in order: each runs a forward on the batch (or on
+// a tap of an earlier net: a connector), or reads cached logits by sample index; those with
+// an optimizer are trained. `terms` are losses, each of a kind with its inputs given as
+// references to a net's output or tap: `a` is the side that learns, `src` the target (one
+// reference, or several combined). One step: the batch -> every forward -> every term (its
+// value and its gradient w.r.t. each trainable input, added at the nodes it read) -> the
+// backward of every trained net (connectors first, their input gradient joining the net
+// they read) -> the non-finite checks -> the updates. Nothing is updated before every check
+// of the step has passed (see kd_nonfinite).
+
+#define KD_STEP_MAX_NETS  32
+#define KD_STEP_MAX_TERMS 64
+#define KD_SOURCE_MAX     16
+
+struct kd_step_net {
+    struct kd_net * net;       // NULL when `logits` is given
+    const float * logits;      // cached outputs (ds->n, V), indexed by sample (frozen)
+    struct kd_optim * opt;     // NULL: frozen (no backward, no update)
+    unsigned mode;             // kd_mode of its forward (trained: KD_MODE_TRAIN; frozen:
+                               // KD_MODE_EVAL, run as an inference forward)
+    int input_net;             // -1: the batch; else an earlier net of the step whose node
+    int input_node;            //   input_node (-1: its output) feeds this one (a connector)
+    float input_noise;         // std of Gaussian noise added to its batch input (eq. 7)
+    float lr_scale;            // its updates use lr * lr_scale (0 means 1)
+    uint64_t salt;             // mixed into its dropout seed
+    const char * role;         // "student", "teacher", "peer", ... (messages)
+};
+
+struct kd_ref { int net, node; };   // node -1: the net's output
+
+// How a source with several references combines them, with weights w (normalised per step).
+enum kd_mix {
+    KD_MIX_LOSSES,   // the term is sum_j w_j term(a, ref_j)
+    KD_MIX_PROBS,    // one term against sum_j w_j softmax(ref_j / T) (KD only)
+    KD_MIX_LOGITS,   // one term against sum_j w_j ref_j
+};
+
+struct kd_source {
+    int n;                     // 0: none (CE, tolerant), 1: one reference, up to KD_SOURCE_MAX
+    struct kd_ref ref[KD_SOURCE_MAX];
+    float w[KD_SOURCE_MAX];    // weights >= 0 (all 0: uniform); normalised to sum 1
+    enum kd_mix mix;
+    bool grad;                 // the gradient reaches the source's trained nets too (else detached)
+    float drop;                // each reference dropped with this probability per step, one kept
+    float * gates;             // learned weights softmax(gates), updated in place by SGD with
+    float gate_lr;             //   gate_lr on the term (KD with KD_MIX_PROBS); NULL: fixed w
+};
+
+enum kd_term_kind {
+    KD_TERM_CE,          // kd_cross_entropy(a, labels), the train cfg's label smoothing
+    KD_TERM_KD,          // kd_loss_kd(a, src) (kd_loss_soft for KD_MIX_PROBS)
+    KD_TERM_DKD,         // kd_loss_dkd(a, src, labels): alpha TCKD + beta NCKD
+    KD_TERM_MSE,         // kd_loss_mse(a, src): logits, or maps of equal size (hints)
+    KD_TERM_TOLERANT,    // kd_loss_tolerant(a), top-k
+    KD_TERM_COUNT
+};
+KD_API const char * kd_term_kind_name(enum kd_term_kind kind);   // "ce", "kd", ... (NULL if unknown)
+
+struct kd_term {
+    enum kd_term_kind kind;
+    const char * name;         // in messages ("<name> of the <role> is not finite"); NULL: the kind's
+    struct kd_ref a;
+    struct kd_source src;
+    float weight;
+    int warmup_epochs;         // weight ramps as min((epoch+1)/warmup_epochs, 1); 0 = off
+    int stop_epoch;            // from this epoch on the term is off (ESKD); 0 = never
+    float T, alpha, beta;      // KD, DKD: temperature; DKD: alpha, beta
+    int k;                     // TOLERANT: top-k
+    bool conditional;          // KD: per sample, the term where the source predicts the label,
+                               // else cross-entropy with the label at the term's weight
+};
+KD_API struct kd_term kd_term_default(enum kd_term_kind kind);   // weight 1, T 4, DKD 1/8, k 5
+
+struct kd_step_cfg {
+    const struct kd_step_net * nets;
+    int n_nets;                // 1 .. KD_STEP_MAX_NETS; net 0 drives the progress callback
+    const struct kd_term * terms;
+    int n_terms;               // 0 .. KD_STEP_MAX_TERMS
+    struct kd_source monitor;  // a source whose training accuracy is reported (n = 0: none)
+};
+
+struct kd_step_stats {
+    double net_loss[KD_STEP_MAX_NETS];       // per net: sum of its terms' weighted values (the
+                                             // terms whose `a` it is), per-sample mean
+    double net_accuracy[KD_STEP_MAX_NETS];   // per net whose output has V values: training accuracy
+    double term_value[KD_STEP_MAX_TERMS];    // per term: the unweighted loss, per-sample mean
+    double term_part[KD_STEP_MAX_TERMS][2];  // DKD: TCKD, NCKD
+    double term_accuracy[KD_STEP_MAX_TERMS]; // accuracy of the term's input `a` (logit terms)
+    float term_weight[KD_STEP_MAX_TERMS];    // effective weight this epoch
+    double monitor_accuracy;
+    int64_t samples, steps, skipped_steps;
+    float lr;
+};
+
+KD_API enum kd_status kd_step_epoch(const struct kd_step_cfg * step, const struct kd_dataset * ds,
+                                    const struct kd_train_cfg * cfg, int epoch, struct kd_step_stats * out);
 
 // ---------------------------------------------------------------------------------------
 // Distillation loops. A step: batch (augmented) -> teacher logits (cached by sample index, or

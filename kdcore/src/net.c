@@ -923,6 +923,10 @@ enum kd_status kd_net_keep(struct kd_net * net, int node, bool keep) {
     return KD_OK;
 }
 
+bool kd_net_kept(const struct kd_net * net, int node) {
+    return net && node >= 0 && node < net->n_nodes && net->nodes[node].keep;
+}
+
 enum kd_status kd_net_set_chunk(struct kd_net * net, int images) {
     if (!net) KD_FAIL(KD_ERR_VALUE, "net is NULL");
     if (images < 0) KD_FAIL(KD_ERR_VALUE, "chunk (%d images) must be >= 0 (0 = automatic)", images);

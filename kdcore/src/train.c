@@ -1,8 +1,9 @@
-// Training, distillation and evaluation loops. One call runs a whole epoch (or max_steps
+// The step engine (kd_step_epoch) and evaluation. One call runs a whole epoch (or max_steps
 // steps) so that Python is entered only every `callback_every` steps, for progress and
-// Ctrl-C. Every scheme shares the same batch pipeline (struct loop below): seeded shuffle,
-// batch assembly with augmentation, the learning-rate schedule, the progress callback and
-// the non-finite checks; the schemes differ only in how a step turns logits into gradients.
+// Ctrl-C. The batch pipeline (struct loop): seeded shuffle, batch assembly with
+// augmentation, the learning-rate schedule, the progress callback and the non-finite policy.
+// The engine: forwards of the step's nets, loss terms, backwards, checks, updates. Every
+// scheme (schemes.c) is a configuration of it.
 #include "kd_internal.h"
 
 struct kd_train_cfg kd_train_cfg_default(void) {
@@ -14,21 +15,6 @@ struct kd_train_cfg kd_train_cfg_default(void) {
     c.sched.base_lr = 0.1f;
     c.sched.gamma = 0.1f;
     return c;
-}
-
-struct kd_distill_cfg kd_distill_cfg_default(void) {
-    struct kd_distill_cfg d;
-    memset(&d, 0, sizeof d);
-    d.kind = KD_DISTILL_KD;
-    d.T = 4.0f;
-    d.ce_weight = 0.1f;
-    d.kd_weight = 0.9f;
-    d.dkd_alpha = 1.0f;
-    d.dkd_beta = 8.0f;
-    d.multi = KD_MULTI_AVG_PROB;
-    d.teacher_mode = KD_MODE_EVAL;
-    d.tolerant_k = 5;
-    return d;
 }
 
 static int argmax_row(const float * z, int V) {
@@ -115,7 +101,6 @@ struct loop {
     uint64_t eseed, sseed;
     int64_t * perm;
     float * x;                // the batch, (B, c, h, w)
-    float * xs;               // the student's copy when it gets input noise
     int64_t * y;
     const int64_t * idx;      // sample indices of the current batch
     int nb;
@@ -129,11 +114,11 @@ struct loop {
 static void loop_free(struct loop * L) {
     for (int i = 0; i < L->n_saved; i++) { free(L->saved[i].buf); free(L->saved[i].batches); }
     free(L->saved);
-    free(L->perm); free(L->x); free(L->xs); free(L->y);
+    free(L->perm); free(L->x); free(L->y);
 }
 
 static enum kd_status loop_init(struct loop * L, const char * fn, const struct kd_dataset * ds,
-                                const struct kd_train_cfg * cfg, int epoch, bool noisy_copy) {
+                                const struct kd_train_cfg * cfg, int epoch) {
     memset(L, 0, sizeof *L);
     L->fn = fn;
     if (!ds || !cfg) KD_FAIL(KD_ERR_VALUE, "dataset and config must not be NULL");
@@ -157,10 +142,9 @@ static enum kd_status loop_init(struct loop * L, const char * fn, const struct k
     size_t per = (size_t)ds->c * ds->h * ds->w, nx;
     if (!kd_mul_ok(per, (size_t)L->B, &nx)) KD_FAIL(KD_ERR_VALUE, "batch_size %d is too large", B);
     L->x = malloc(nx * sizeof(float));
-    L->xs = noisy_copy ? malloc(nx * sizeof(float)) : NULL;
     L->y = malloc((size_t)L->B * sizeof(int64_t));
     L->perm = malloc((size_t)ds->n * sizeof(int64_t));
-    if (!L->x || !L->y || !L->perm || (noisy_copy && !L->xs)) {
+    if (!L->x || !L->y || !L->perm) {
         loop_free(L);
         KD_FAIL(KD_ERR_NOMEM, "cannot allocate a batch of %d", B);
     }
@@ -183,15 +167,14 @@ static void loop_batch(struct loop * L) {
     L->lr = kd_schedule_lr(&L->cfg->sched, L->epoch, (int)L->step, (int)L->steps_per_epoch);
 }
 
-// The student's input: the batch itself, or a copy with Gaussian noise (eq. 7's student
-// perturbation; the teacher keeps the clean batch).
-static const float * loop_student_input(struct loop * L, float noise) {
-    if (!(noise > 0)) return L->x;
+// A net's input with Gaussian noise (eq. 7's student perturbation; the other nets keep the
+// clean batch), written to buf. The noise follows the step's seed only.
+static const float * loop_noisy_input(struct loop * L, float noise, float * buf) {
     size_t n = (size_t)L->nb * L->ds->c * L->ds->h * L->ds->w;
     uint64_t seed = L->sseed ^ 0x4E015Eull;
     #pragma omp parallel for schedule(static) if (n > 65536)
-    for (size_t i = 0; i < n; i++) L->xs[i] = L->x[i] + noise * kd_normal(seed, i);
-    return L->xs;
+    for (size_t i = 0; i < n; i++) buf[i] = L->x[i] + noise * kd_normal(seed, i);
+    return buf;
 }
 
 // After a completed step: progress callback (every callback_every steps and at the end).
@@ -208,14 +191,6 @@ static enum kd_status loop_after_step(struct loop * L, double loss_sum, int64_t 
     if (cfg->callback(cfg->callback_ctx, &L->pr))
         KD_FAIL(KD_ERR_INTERRUPTED, "interrupted after step %lld of epoch %d", (long long)L->step, L->epoch);
     return KD_OK;
-}
-
-// Forwards that backward follows are lean (KD_MODE_LEAN): the loops read only outputs and
-// exit heads, never an output a ReLU may overwrite.
-static enum kd_status forward_train(struct kd_net * net, struct loop * L, const float * x, unsigned mode,
-                                    uint64_t salt) {
-    if (!(mode & KD_MODE_NO_GRAD)) mode |= KD_MODE_LEAN;
-    return kd_net_forward(net, x, L->nb, L->ds->c, L->ds->h, L->ds->w, mode, L->sseed ^ salt);
 }
 
 // Under KD_NONFINITE_RAISE: the error, naming the term, the network, the epoch and the step.
@@ -256,562 +231,688 @@ static void loop_skip(struct loop * L) {
     L->skipped++;
 }
 
-static enum kd_status backward(struct kd_net * net, const float * dlogits) {
-    kd_net_zero_grad(net);
-    return kd_net_backward(net, dlogits, NULL);
-}
-
-// Checks that every net outputs V values and the labels fit.
-static enum kd_status check_outputs(struct kd_net * net, const char * who, const struct kd_dataset * ds,
-                                    int B, int * V) {
-    KD_TRY(kd_net_plan(net, B, ds->c, ds->h, ds->w));
-    int v = num_outputs(net);
-    if (*V == 0) *V = v;
-    if (v != *V) KD_FAIL(KD_ERR_SHAPE, "the %s outputs %d values but the student outputs %d", who, v, *V);
-    if (ds->num_classes > 0 && ds->num_classes != v)
-        KD_FAIL(KD_ERR_SHAPE, "the dataset has %d classes but the %s outputs %d values", ds->num_classes, who, v);
-    return KD_OK;
-}
 
 // ---------------------------------------------------------------------------------------
-// Offline distillation (and plain training as its special case).
+// The step engine (kd_step_epoch).
 
-static enum kd_status check_distill_cfg(const struct kd_distill_cfg * d, int n_teachers) {
-    if ((unsigned)d->kind > KD_DISTILL_MSE) KD_FAIL(KD_ERR_VALUE, "unknown distillation kind %d", (int)d->kind);
-    if (!(d->T > 0) || !isfinite(d->T)) KD_FAIL(KD_ERR_VALUE, "T (%g) must be > 0", d->T);
-    if (!(d->ce_weight >= 0) || !(d->kd_weight >= 0) || !isfinite(d->ce_weight) || !isfinite(d->kd_weight))
-        KD_FAIL(KD_ERR_VALUE, "ce_weight (%g) and kd_weight (%g) must be finite and >= 0", d->ce_weight, d->kd_weight);
-    if (!isfinite(d->dkd_alpha) || !isfinite(d->dkd_beta) || d->dkd_alpha < 0 || d->dkd_beta < 0)
-        KD_FAIL(KD_ERR_VALUE, "dkd_alpha and dkd_beta must be finite and >= 0");
-    if (!(d->teacher_drop >= 0 && d->teacher_drop < 1)) KD_FAIL(KD_ERR_VALUE, "teacher_drop (%g) must be in [0, 1)", d->teacher_drop);
-    if (!(d->student_noise >= 0) || !isfinite(d->student_noise)) KD_FAIL(KD_ERR_VALUE, "student_noise must be >= 0");
-    if (d->teacher_mode > KD_MODE_TRAIN) KD_FAIL(KD_ERR_VALUE, "teacher_mode must be a kd_mode");
-    if (d->warmup_epochs < 0 || d->kd_stop_epoch < 0) KD_FAIL(KD_ERR_VALUE, "warmup_epochs and kd_stop_epoch must be >= 0");
-    if (d->tolerant_weight != 0 && (d->tolerant_k < 2 || !isfinite(d->tolerant_weight)))
-        KD_FAIL(KD_ERR_VALUE, "tolerant_k (%d) must be >= 2", d->tolerant_k);
-    if (d->kind != KD_DISTILL_NONE && n_teachers < 1) KD_FAIL(KD_ERR_VALUE, "distillation needs at least one teacher");
-    if (d->kind == KD_DISTILL_NONE && d->conditional) KD_FAIL(KD_ERR_VALUE, "conditional needs a distillation kind");
-    if (d->gate_logits) {
-        if (!(d->gate_lr >= 0) || !isfinite(d->gate_lr)) KD_FAIL(KD_ERR_VALUE, "gate_lr (%g) must be >= 0", d->gate_lr);
-        if (d->multi != KD_MULTI_AVG_PROB || d->kind != KD_DISTILL_KD)
-            KD_FAIL(KD_ERR_VALUE, "learned gates need KD with multi = AVG_PROB");
-        for (int t = 0; t < n_teachers; t++)
-            if (!isfinite(d->gate_logits[t])) KD_FAIL(KD_ERR_VALUE, "gate_logits[%d] is not finite", t);
-    }
-    if (d->teacher_weights) {
-        for (int t = 0; t < n_teachers; t++)
-            if (!(d->teacher_weights[t] >= 0) || !isfinite(d->teacher_weights[t]))
-                KD_FAIL(KD_ERR_VALUE, "teacher_weights[%d] (%g) must be finite and >= 0", t, d->teacher_weights[t]);
-    }
-    return KD_OK;
+// Failures inside the engine name the public function that was called.
+#define E_FAIL(st, ...) return kd_set_error_((st), E->L->fn, __VA_ARGS__)
+
+// A term's computation on one target. `a` is the learning input, `b` one target (a source
+// reference, or a mixture of several); da/db (NULL: no gradient there) receive the gradient
+// of w * term, added. Shapes are per sample.
+struct pair_io {
+    const float * a, * b;
+    float * da, * db;
+    int nb, ac, ah, aw, bc, bh, bw;
+    const int64_t * y;
+    const float * mask;       // per-sample weights of the term (conditional learning) or NULL
+    float w;
+    float value, part[2];     // out: the unweighted term, its parts (DKD: TCKD, NCKD)
+};
+
+static enum kd_status pair_kd(const struct kd_term * t, struct pair_io * p) {
+    return kd_loss_kd(&p->value, p->da, p->db, p->a, p->b, p->mask, p->nb, p->ac, t->T, p->w, true);
+}
+static enum kd_status pair_dkd(const struct kd_term * t, struct pair_io * p) {
+    enum kd_status st = kd_loss_dkd(&p->part[0], &p->part[1], p->da, p->a, p->b, p->y, p->nb, p->ac, t->T, t->alpha,
+                                    t->beta, p->w, true);
+    p->value = t->alpha * p->part[0] + t->beta * p->part[1];
+    return st;
+}
+static enum kd_status pair_mse(const struct kd_term * t, struct pair_io * p) {
+    return kd_loss_mse(&p->value, p->da, p->a, p->b, p->nb, p->ac * p->ah * p->aw, p->w, true);
 }
 
+// Per kind: its name, what it reads, and how it computes. A kind reads logits (V values per
+// sample, checked against the labels' classes) or maps of any shape.
+static const struct term_kind_info {
+    const char * name;        // kd_term_kind_name
+    const char * what;        // default name in messages
+    bool logits;              // its inputs are logits
+    bool src;                 // it has a target (a source); else it reads `a` and the labels
+    bool src_grad;            // it can give the gradient w.r.t. its target (src.grad)
+    bool same_shape;          // a and the target must have the same shape
+    enum kd_status (*pair)(const struct kd_term *, struct pair_io *);
+} term_kinds[KD_TERM_COUNT] = {
+    [KD_TERM_CE]       = { "ce",       "cross-entropy",     true,  false, false, true,  NULL },
+    [KD_TERM_KD]       = { "kd",       "distillation loss", true,  true,  true,  true,  pair_kd },
+    [KD_TERM_DKD]      = { "dkd",      "distillation loss", true,  true,  false, true,  pair_dkd },
+    [KD_TERM_MSE]      = { "mse",      "distillation loss", false, true,  false, true,  pair_mse },
+    [KD_TERM_TOLERANT] = { "tolerant", "tolerant loss",     true,  false, false, true,  NULL },
+};
+
+const char * kd_term_kind_name(enum kd_term_kind kind) {
+    return (unsigned)kind < KD_TERM_COUNT ? term_kinds[kind].name : NULL;
+}
+
+struct kd_term kd_term_default(enum kd_term_kind kind) {
+    struct kd_term t;
+    memset(&t, 0, sizeof t);
+    t.kind = kind;
+    t.weight = 1.0f;
+    t.T = 4.0f;
+    t.alpha = 1.0f;
+    t.beta = 8.0f;
+    t.k = 5;
+    t.a.node = -1;
+    return t;
+}
+
+// A step net at run time.
+struct snet {
+    const struct kd_step_net * c;
+    bool trained, connector;
+    int V;                    // values per sample of its output (0 when it has no output shape yet)
+    float * cached;           // this batch's rows of c->logits
+    float * noisy;            // its noisy copy of the batch
+    float * dinp;             // connector: gradient w.r.t. its input
+    bool * kept_before;       // kd_net_kept before the epoch, restored after
+};
+
+// A gradient slot: the gradient of the step's loss w.r.t. one node of a trained net.
+struct gslot { int net, node; size_t per; float * g; bool touched; };
+
+struct engine {
+    const struct kd_step_cfg * s;
+    struct loop * L;
+    struct snet n[KD_STEP_MAX_NETS];
+    struct gslot * slots;
+    int n_slots;
+    int V;                    // logits width (labels' classes)
+    size_t BV;
+    float * scratch;          // per term: 4 BV floats + 2 B (mixtures, masks)
+    float * dsrc;             // gradient w.r.t. a mixed source
+    float * mix;              // a mixed source (B x its values per sample)
+    float * tmp;              // BV
+};
+
+static int ref_node(const struct engine * E, struct kd_ref r) {
+    const struct kd_step_net * c = E->n[r.net].c;
+    return r.node < 0 && c->net ? kd_net_output_node(c->net) : r.node;
+}
+
+static size_t ref_per(const struct engine * E, struct kd_ref r) {
+    const struct snet * sn = &E->n[r.net];
+    if (!sn->c->net) return (size_t)sn->V;
+    int c, h, w;
+    kd_net_node_shape(sn->c->net, ref_node(E, r), &c, &h, &w);
+    return (size_t)c * h * w;
+}
+
+static void ref_shape(const struct engine * E, struct kd_ref r, int * c, int * h, int * w) {
+    const struct snet * sn = &E->n[r.net];
+    if (!sn->c->net) { *c = sn->V; *h = *w = 1; return; }
+    kd_net_node_shape(sn->c->net, ref_node(E, r), c, h, w);
+}
+
+static const float * ref_data(const struct engine * E, struct kd_ref r) {
+    const struct snet * sn = &E->n[r.net];
+    return sn->cached ? sn->cached : kd_net_output(sn->c->net, ref_node(E, r));
+}
+
+// The slot of a reference, NULL when its net is not trained (no gradient goes there).
+static float * ref_grad(struct engine * E, struct kd_ref r) {
+    if (!E->n[r.net].trained) return NULL;
+    const int node = ref_node(E, r);
+    for (int i = 0; i < E->n_slots; i++) {
+        struct gslot * g = &E->slots[i];
+        if (g->net != r.net || g->node != node) continue;
+        if (!g->touched) { memset(g->g, 0, (size_t)E->L->nb * g->per * sizeof(float)); g->touched = true; }
+        return g->g;
+    }
+    return NULL;   // not reached: every trained reference got a slot at setup
+}
+
+// Weights of a source's references this step: learned (softmax of the gates), given or
+// uniform; each dropped with probability `drop` from the step's seed, one kept (chosen from
+// the seed too); normalised to sum 1. Pure in (source, step seed): two sources listing the
+// same references (a term and the monitor) drop the same ones.
+static void source_weights(const struct kd_source * s, uint64_t sseed, float * gw) {
+    const int n = s->n;
+    float base[KD_SOURCE_MAX];
+    bool uniform = true;
+    for (int t = 0; t < n; t++) uniform &= s->w[t] == 0;
+    if (s->gates) {
+        double mx = -INFINITY, sum = 0;
+        for (int t = 0; t < n; t++) mx = fmax(mx, s->gates[t]);
+        for (int t = 0; t < n; t++) sum += exp(s->gates[t] - mx);
+        for (int t = 0; t < n; t++) base[t] = (float)(exp(s->gates[t] - mx) / sum);
+    } else {
+        for (int t = 0; t < n; t++) base[t] = uniform ? 1.0f : s->w[t];
+    }
+    int kept = 0;
+    for (int t = 0; t < n; t++) {
+        bool drop = s->drop > 0 && kd_uniform(kd_hash(sseed ^ 0xD509ull, (uint64_t)t)) < s->drop;
+        gw[t] = drop ? 0.0f : base[t];
+        kept += !drop;
+    }
+    if (n > 0 && kept == 0) {
+        int t = (int)(kd_hash(sseed, 0xD50ull) % (uint64_t)n);
+        gw[t] = base[t];
+    }
+    double gsum = 0;
+    for (int t = 0; t < n; t++) gsum += gw[t];
+    for (int t = 0; t < n; t++) gw[t] = gsum > 0 ? (float)(gw[t] / gsum) : 0.0f;
+}
+
+// A source's prediction (nb, V), for the monitor and conditional terms: one reference's
+// logits; for several, the weighted logits (KD_MIX_LOGITS) or the weighted probabilities at
+// T = 1.
+static const float * source_pred(struct engine * E, const struct kd_source * s, const float * gw, float * out) {
+    const int nb = E->L->nb, V = E->V;
+    const size_t nbv = (size_t)nb * (s->mix == KD_MIX_LOGITS ? ref_per(E, s->ref[0]) : (size_t)V);
+    if (s->n == 1) return ref_data(E, s->ref[0]);
+    memset(out, 0, nbv * sizeof(float));
+    for (int t = 0; t < s->n; t++) {
+        if (gw[t] == 0) continue;
+        const float * z = ref_data(E, s->ref[t]);
+        if (s->mix == KD_MIX_LOGITS) {
+            for (size_t j = 0; j < nbv; j++) out[j] += gw[t] * z[j];
+        } else {
+            kd_softmax_t(E->tmp, z, nb, V, 1.0f);
+            for (size_t j = 0; j < nbv; j++) out[j] += gw[t] * E->tmp[j];
+        }
+    }
+    return out;
+}
+
+static float term_weight(const struct kd_term * t, int epoch) {
+    float w = t->weight;
+    if (t->warmup_epochs > 0 && epoch + 1 < t->warmup_epochs) w *= (float)(epoch + 1) / t->warmup_epochs;
+    if (t->stop_epoch > 0 && epoch >= t->stop_epoch) w = 0.0f;
+    return w;
+}
+
+// What one term computed in a step.
+struct term_out { float value, part[2]; double contrib; };
+
 // Learned gates of eq. 24: with q = sum_t g_t P_t (P_t = softmax(z_t/T)) and the loss
-// L = kdw T^2 mean_i w_i KL(q_i || p_s,i), dL/dq = kdw T^2 w_i (log q - log p_s + 1) / N,
+// L = w T^2 mean_i m_i KL(q_i || p_s,i), dL/dq = w T^2 m_i (log q - log p_s + 1) / N,
 // dL/dg_t = <dL/dq, P_t>, and through g = softmax(gates): dL/dgate_t = g_t (G_t - sum_s g_s G_s).
 // One plain SGD step per training step. Dropped teachers (g_t = 0) get no update.
-static void update_gates(float * gates, const float * g, int n, const float * tz, size_t BV, const float * q,
-                         const float * zs, const float * wk, int nb, int V, float T, float kdw, float lr,
-                         float * P, float * lps) {
+static void update_gates(struct engine * E, const struct kd_term * t, const float * g, const float * q,
+                         const float * zs, const float * mask, float w, float * P, float * lps) {
+    const int nb = E->L->nb, V = E->V, n = t->src.n;
+    const float T = t->T;
     kd_softmax_t(lps, zs, nb, V, T);
-    double G[64], gsum = 0;
-    for (int t = 0; t < n; t++) {
-        G[t] = 0;
-        if (g[t] == 0) continue;
-        kd_softmax_t(P, tz + (size_t)t * BV, nb, V, T);
+    double G[KD_SOURCE_MAX], gsum = 0;
+    for (int s = 0; s < n; s++) {
+        G[s] = 0;
+        if (g[s] == 0) continue;
+        kd_softmax_t(P, ref_data(E, t->src.ref[s]), nb, V, T);
         for (int i = 0; i < nb; i++) {
-            double wi = wk ? wk[i] : 1.0;
+            double wi = mask ? mask[i] : 1.0;
             for (int k = 0; k < V; k++) {
                 size_t j = (size_t)i * V + k;
                 if (q[j] <= 0 || lps[j] <= 0) continue;
-                G[t] += wi * (log((double)q[j]) - log((double)lps[j]) + 1.0) * P[j];
+                G[s] += wi * (log((double)q[j]) - log((double)lps[j]) + 1.0) * P[j];
             }
         }
-        G[t] *= (double)kdw * T * T / nb;
+        G[s] *= (double)w * T * T / nb;
     }
-    for (int t = 0; t < n; t++) gsum += g[t] * G[t];
-    for (int t = 0; t < n; t++)
-        if (g[t] > 0) gates[t] -= (float)(lr * g[t] * (G[t] - gsum));
+    for (int s = 0; s < n; s++) gsum += g[s] * G[s];
+    for (int s = 0; s < n; s++)
+        if (g[s] > 0) t->src.gates[s] -= (float)(t->src.gate_lr * g[s] * (G[s] - gsum));
 }
 
-enum kd_status kd_distill_epoch(struct kd_net * student, struct kd_optim * opt,
-                                struct kd_net * const * teachers, const float * const * teacher_logits,
-                                int n_teachers, const struct kd_dataset * ds,
-                                const struct kd_train_cfg * cfg, const struct kd_distill_cfg * dcfg,
-                                int epoch, struct kd_distill_stats * out) {
-    if (!student || !opt || !dcfg) KD_FAIL(KD_ERR_VALUE, "student, optimizer and distillation config must not be NULL");
-    if (n_teachers < 0 || n_teachers > 64) KD_FAIL(KD_ERR_VALUE, "n_teachers (%d) must be in [0, 64]", n_teachers);
-    KD_TRY(check_distill_cfg(dcfg, n_teachers));
-    if (n_teachers > 0 && !teachers == !teacher_logits)
-        KD_FAIL(KD_ERR_VALUE, "pass either teacher nets or cached teacher logits");
-    if (teacher_logits && cfg && (cfg->aug.crop_padding > 0 || cfg->aug.hflip || cfg->aug.noise_std > 0))
-        KD_FAIL(KD_ERR_VALUE, "cached teacher logits cannot follow augmented inputs; pass the teacher nets");
-    struct loop L;
-    KD_TRY(loop_init(&L, __func__, ds, cfg, epoch, dcfg->student_noise > 0));
+// One term of one step: its value, and the gradient of w * term added at its inputs' slots.
+// scratch: 4 BV + 2 B floats of its own (the learned gates read them after the checks).
+static enum kd_status term_run(struct engine * E, const struct kd_term * t, float w, float * scratch,
+                               struct term_out * o) {
+    struct loop * L = E->L;
+    const int nb = L->nb, V = E->V;
+    const size_t nbv = (size_t)nb * V;
+    memset(o, 0, sizeof *o);
+    const float * a = ref_data(E, t->a);
+    float * da = ref_grad(E, t->a);
+    float * q = scratch, * pred = scratch + E->BV, * mask = scratch + 4 * E->BV, * wrong = mask + L->B;
+    const float smooth = L->cfg->label_smoothing;
     enum kd_status st = KD_OK;
-    int V = 0;
-    float * buf = NULL;
-    double s_loss = 0, s_ce = 0, s_kd = 0, s_tc = 0, s_nc = 0, s_tol = 0;
-    int64_t correct = 0, t_correct = 0, seen = 0;
-    const char * who = n_teachers ? "student" : "model";   // plain training has no student
-    if ((st = check_outputs(student, who, ds, L.B, &V)) != KD_OK) goto done;
-    for (int t = 0; t < n_teachers && teachers; t++)
-        if ((st = check_outputs(teachers[t], "teacher", ds, L.B, &V)) != KD_OK) goto done;
-    // Scratch: student gradient, per-teacher logits, mixture targets, per-sample weights.
-    const size_t BV = (size_t)L.B * V;
-    buf = malloc((BV * (size_t)(4 + n_teachers) + 3 * (size_t)L.B) * sizeof(float));
-    if (!buf) { st = kd_set_error_(KD_ERR_NOMEM, __func__, "cannot allocate distillation buffers"); goto done; }
-    float * dlogits = buf, * tz = buf + BV, * q = tz + BV * (size_t)n_teachers, * tmp = q + BV;
-    float * tmp2 = tmp + BV, * w_kd = tmp2 + BV, * w_ce = w_kd + L.B;
-    {
-        // Teachers forwarded with BN_BATCH update their statistics too.
-        struct kd_net * trained[65] = { student };
-        int n_trained = 1;
-        for (int t = 0; t < n_teachers && teachers && (dcfg->teacher_mode & KD_MODE_BN_BATCH); t++)
-            trained[n_trained++] = teachers[t];
-        if ((st = loop_guard_bn(&L, trained, n_trained)) != KD_OK) goto done;
+    if (t->kind == KD_TERM_CE) {
+        st = kd_cross_entropy(&o->value, da, a, L->y, NULL, nb, V, smooth, w, true);
+        o->contrib = (double)w * o->value;
+        return st;
     }
+    if (t->kind == KD_TERM_TOLERANT) {
+        st = kd_loss_tolerant(&o->value, da, a, nb, V, t->k, w, true);
+        o->contrib = (double)w * o->value;
+        return st;
+    }
+    const struct kd_source * s = &t->src;
+    float gw[KD_SOURCE_MAX];
+    source_weights(s, L->sseed, gw);
+    struct pair_io p = { .a = a, .da = da, .nb = nb, .y = L->y, .w = w };
+    ref_shape(E, t->a, &p.ac, &p.ah, &p.aw);
+    ref_shape(E, s->ref[0], &p.bc, &p.bh, &p.bw);
+    // Conditional learning: where the source's prediction is wrong, the label replaces it.
+    double extra = 0;
+    if (t->conditional) {
+        const float * zr = source_pred(E, s, gw, pred);
+        for (int i = 0; i < nb; i++) {
+            bool right = argmax_row(zr + (size_t)i * V, V) == L->y[i];
+            mask[i] = right ? 1.0f : 0.0f;
+            wrong[i] = right ? 0.0f : 1.0f;
+        }
+        p.mask = mask;
+        float ce = 0;
+        if ((st = kd_cross_entropy(&ce, da, a, L->y, wrong, nb, V, smooth, w, true)) != KD_OK) return st;
+        extra = ce;
+    }
+    const size_t bper = (size_t)p.bc * p.bh * p.bw;
+    if (s->n > 1 && s->mix == KD_MIX_PROBS) {
+        // One KD term against the mixture of softened distributions (checked: KD only).
+        memset(q, 0, nbv * sizeof(float));
+        for (int j = 0; j < s->n; j++) {
+            if (gw[j] == 0) continue;
+            kd_softmax_t(E->tmp, ref_data(E, s->ref[j]), nb, V, t->T);
+            for (size_t i = 0; i < nbv; i++) q[i] += gw[j] * E->tmp[i];
+        }
+        st = kd_loss_soft(&o->value, da, a, q, p.mask, nb, V, t->T, w, true);
+    } else if (s->n > 1 && s->mix == KD_MIX_LOSSES) {
+        for (int j = 0; j < s->n && st == KD_OK; j++) {
+            if (gw[j] == 0) continue;
+            p.b = ref_data(E, s->ref[j]);
+            p.db = s->grad ? ref_grad(E, s->ref[j]) : NULL;
+            ref_shape(E, s->ref[j], &p.bc, &p.bh, &p.bw);
+            p.w = w * gw[j];
+            p.value = p.part[0] = p.part[1] = 0;
+            st = term_kinds[t->kind].pair(t, &p);
+            o->value += gw[j] * p.value;
+            o->part[0] += gw[j] * p.part[0];
+            o->part[1] += gw[j] * p.part[1];
+        }
+    } else {
+        // One target: a reference, or the weighted sum of several references (same shapes).
+        p.b = s->n == 1 ? ref_data(E, s->ref[0]) : source_pred(E, s, gw, E->mix);
+        if (s->grad) {
+            p.db = s->n == 1 ? ref_grad(E, s->ref[0]) : E->dsrc;
+            if (s->n > 1) memset(E->dsrc, 0, (size_t)nb * bper * sizeof(float));
+        }
+        st = term_kinds[t->kind].pair(t, &p);
+        o->value = p.value;
+        o->part[0] = p.part[0];
+        o->part[1] = p.part[1];
+        // A mixed target's gradient is shared among its references by their weights.
+        for (int j = 0; s->n > 1 && p.db && j < s->n; j++) {
+            float * dj = ref_grad(E, s->ref[j]);
+            if (!dj || gw[j] == 0) continue;
+            const size_t n = (size_t)nb * bper;
+            for (size_t i = 0; i < n; i++) dj[i] += gw[j] * E->dsrc[i];
+        }
+    }
+    o->contrib = (double)w * ((double)o->value + extra);
+    return st;
+}
 
-    // Effective distillation weight this epoch: DKD-style linear warm-up, ESKD-style stop.
-    float kdw = dcfg->kd_weight;
-    if (dcfg->warmup_epochs > 0 && epoch + 1 < dcfg->warmup_epochs) kdw *= (float)(epoch + 1) / dcfg->warmup_epochs;
-    if (dcfg->kd_stop_epoch > 0 && epoch >= dcfg->kd_stop_epoch) kdw = 0.0f;
-    const bool distill = dcfg->kind != KD_DISTILL_NONE && n_teachers > 0;
+static bool same_ref(const struct engine * E, struct kd_ref a, struct kd_ref b) {
+    return a.net == b.net && ref_node(E, a) == ref_node(E, b);
+}
 
-    float gw[64];
+// A reference is valid: an earlier-or-any net of the step, and a node of it.
+static enum kd_status check_ref(const struct engine * E, struct kd_ref r, const char * what, int i) {
+    const struct kd_step_cfg * s = E->s;
+    if (r.net < 0 || r.net >= s->n_nets)
+        E_FAIL(KD_ERR_VALUE, "term %d: %s refers to net %d (the step has %d)", i, what, r.net, s->n_nets);
+    const struct kd_step_net * c = &s->nets[r.net];
+    if (!c->net && r.node >= 0) E_FAIL(KD_ERR_VALUE, "term %d: %s reads node %d of cached logits", i, what, r.node);
+    if (c->net && r.node >= kd_net_num_nodes(c->net))
+        E_FAIL(KD_ERR_VALUE, "term %d: %s reads node %d of net %d, which has %d", i, what, r.node, r.net,
+                kd_net_num_nodes(c->net));
+    return KD_OK;
+}
+
+static enum kd_status add_slot(struct engine * E, int net, int node, size_t per) {
+    for (int i = 0; i < E->n_slots; i++)
+        if (E->slots[i].net == net && E->slots[i].node == node) return KD_OK;
+    struct gslot * g = realloc(E->slots, (size_t)(E->n_slots + 1) * sizeof *g);
+    if (!g) E_FAIL(KD_ERR_NOMEM, "cannot allocate gradient slots");
+    E->slots = g;
+    size_t n;
+    if (!kd_mul_ok(per, (size_t)E->L->B, &n)) E_FAIL(KD_ERR_NOMEM, "gradient slot too large");
+    float * buf = malloc((n ? n : 1) * sizeof(float));
+    if (!buf) E_FAIL(KD_ERR_NOMEM, "cannot allocate a gradient slot of %zu floats", n);
+    E->slots[E->n_slots++] = (struct gslot){ .net = net, .node = node, .per = per, .g = buf };
+    return KD_OK;
+}
+
+// Validates the configuration and plans every net for the batch size.
+static enum kd_status engine_setup(struct engine * E) {
+    const struct kd_step_cfg * s = E->s;
+    struct loop * L = E->L;
+    const struct kd_dataset * ds = L->ds;
+    if (s->n_nets < 1 || s->n_nets > KD_STEP_MAX_NETS)
+        E_FAIL(KD_ERR_VALUE, "n_nets (%d) must be in [1, %d]", s->n_nets, KD_STEP_MAX_NETS);
+    if (s->n_terms < 0 || s->n_terms > KD_STEP_MAX_TERMS)
+        E_FAIL(KD_ERR_VALUE, "n_terms (%d) must be in [0, %d]", s->n_terms, KD_STEP_MAX_TERMS);
+    if (!s->nets || (s->n_terms > 0 && !s->terms)) E_FAIL(KD_ERR_VALUE, "nets and terms must not be NULL");
+    const bool augmented = L->cfg->aug.crop_padding > 0 || L->cfg->aug.hflip || L->cfg->aug.noise_std > 0;
+    for (int i = 0; i < s->n_nets; i++) {
+        const struct kd_step_net * c = &s->nets[i];
+        struct snet * sn = &E->n[i];
+        sn->c = c;
+        const char * role = c->role ? c->role : "net";
+        if (!c->net == !c->logits) E_FAIL(KD_ERR_VALUE, "net %d (%s): give a net or cached logits", i, role);
+        if (c->logits && c->opt) E_FAIL(KD_ERR_VALUE, "net %d (%s): cached logits cannot be trained", i, role);
+        if (c->logits && augmented)
+            E_FAIL(KD_ERR_VALUE, "cached %s logits cannot follow augmented inputs; pass the %s net", role, role);
+        if (c->mode > (KD_MODE_TRAIN | KD_MODE_NO_GRAD)) E_FAIL(KD_ERR_VALUE, "net %d: mode must be a kd_mode", i);
+        if (!(c->input_noise >= 0) || !isfinite(c->input_noise)) E_FAIL(KD_ERR_VALUE, "net %d: input_noise must be >= 0", i);
+        if (!(c->lr_scale >= 0) || !isfinite(c->lr_scale)) E_FAIL(KD_ERR_VALUE, "net %d: lr_scale must be >= 0", i);
+        for (int j = 0; j < i && c->net; j++)
+            if (s->nets[j].net == c->net) E_FAIL(KD_ERR_VALUE, "net %d (%s) is also net %d of the step", i, role, j);
+        sn->trained = c->opt != NULL;
+        sn->connector = c->input_net >= 0;
+        if (sn->connector) {
+            if (c->input_net >= i || !s->nets[c->input_net].net)
+                E_FAIL(KD_ERR_VALUE, "net %d (%s): input_net %d must be an earlier net of the step", i, role, c->input_net);
+            if (c->input_node >= kd_net_num_nodes(s->nets[c->input_net].net))
+                E_FAIL(KD_ERR_VALUE, "net %d (%s): input_node %d does not exist", i, role, c->input_node);
+        }
+        if (c->logits) {
+            sn->V = E->V;   // set below from the first net with a shape
+            continue;
+        }
+        int C = ds->c, H = ds->h, W = ds->w;
+        if (sn->connector) ref_shape(E, (struct kd_ref){ c->input_net, c->input_node }, &C, &H, &W);
+        KD_TRY(kd_net_plan(c->net, L->B, C, H, W));
+        int oc, oh, ow;
+        kd_net_node_shape(c->net, -1, &oc, &oh, &ow);
+        sn->V = oc * oh * ow;
+    }
+    // The logits width: the first net's output (the student, the model, peer 0).
+    E->V = E->n[0].V;
+    for (int i = 0; i < s->n_nets; i++) if (s->nets[i].logits) E->n[i].V = E->V;
+    E->BV = (size_t)L->B * E->V;
+    if (ds->num_classes > 0 && ds->num_classes != E->V)
+        E_FAIL(KD_ERR_SHAPE, "the dataset has %d classes but the %s outputs %d values", ds->num_classes,
+                s->nets[0].role ? s->nets[0].role : "net", E->V);
+    for (int i = 0; i < s->n_terms; i++) {
+        const struct kd_term * t = &s->terms[i];
+        if ((unsigned)t->kind >= KD_TERM_COUNT) E_FAIL(KD_ERR_VALUE, "term %d: unknown kind %d", i, (int)t->kind);
+        const struct term_kind_info * k = &term_kinds[t->kind];
+        const char * kn = k->name;
+        if (!(t->weight >= 0) || !isfinite(t->weight)) E_FAIL(KD_ERR_VALUE, "term %d (%s): weight (%g) must be finite and >= 0", i, kn, t->weight);
+        if (!(t->T > 0) || !isfinite(t->T)) E_FAIL(KD_ERR_VALUE, "term %d (%s): T (%g) must be > 0", i, kn, t->T);
+        if (t->warmup_epochs < 0 || t->stop_epoch < 0) E_FAIL(KD_ERR_VALUE, "term %d (%s): warmup_epochs and stop_epoch must be >= 0", i, kn);
+        KD_TRY(check_ref(E, t->a, "a", i));
+        const int ns = t->src.n;
+        if (k->src && (ns < 1 || ns > KD_SOURCE_MAX)) E_FAIL(KD_ERR_VALUE, "term %d (%s): src.n (%d) must be in [1, %d]", i, kn, ns, KD_SOURCE_MAX);
+        if (!k->src && ns != 0) E_FAIL(KD_ERR_VALUE, "term %d (%s) takes no source", i, kn);
+        if (!(t->src.drop >= 0 && t->src.drop < 1)) E_FAIL(KD_ERR_VALUE, "term %d (%s): drop (%g) must be in [0, 1)", i, kn, t->src.drop);
+        if ((unsigned)t->src.mix > KD_MIX_LOGITS) E_FAIL(KD_ERR_VALUE, "term %d (%s): unknown mix %d", i, kn, (int)t->src.mix);
+        if (ns > 1 && t->src.mix == KD_MIX_PROBS && t->kind != KD_TERM_KD)
+            E_FAIL(KD_ERR_VALUE, "term %d (%s): KD_MIX_PROBS is for KD terms", i, kn);
+        if (t->src.gates && (t->kind != KD_TERM_KD || t->src.mix != KD_MIX_PROBS || ns < 2 || t->src.grad))
+            E_FAIL(KD_ERR_VALUE, "term %d (%s): learned gates need KD with KD_MIX_PROBS over several references", i, kn);
+        if (t->src.gates && (!(t->src.gate_lr >= 0) || !isfinite(t->src.gate_lr)))
+            E_FAIL(KD_ERR_VALUE, "term %d (%s): gate_lr (%g) must be >= 0", i, kn, t->src.gate_lr);
+        if (t->src.grad && ns > 1 && t->src.mix == KD_MIX_PROBS)
+            E_FAIL(KD_ERR_VALUE, "term %d (%s): a gradient to the source needs logit mixing", i, kn);
+        if (t->src.grad && !k->src_grad) E_FAIL(KD_ERR_VALUE, "term %d (%s) gives no gradient to its source", i, kn);
+        if (t->conditional && t->kind != KD_TERM_KD)
+            E_FAIL(KD_ERR_VALUE, "term %d (%s): conditional is defined for KD terms", i, kn);
+        if (t->kind == KD_TERM_TOLERANT && t->k < 2) E_FAIL(KD_ERR_VALUE, "tolerant_k (%d) must be >= 2", t->k);
+        for (int j = 0; j < ns; j++) {
+            if (!(t->src.w[j] >= 0) || !isfinite(t->src.w[j]))
+                E_FAIL(KD_ERR_VALUE, "term %d (%s): source weight %d (%g) must be finite and >= 0", i, kn, j, t->src.w[j]);
+            if (t->src.gates && !isfinite(t->src.gates[j])) E_FAIL(KD_ERR_VALUE, "gate_logits[%d] is not finite", j);
+            KD_TRY(check_ref(E, t->src.ref[j], "src", i));
+            if (same_ref(E, t->a, t->src.ref[j]) && t->src.grad)
+                E_FAIL(KD_ERR_VALUE, "term %d (%s): a and its source are the same node", i, kn);
+        }
+        const size_t per = ref_per(E, t->a);
+        if (k->logits && per != (size_t)E->V)
+            E_FAIL(KD_ERR_SHAPE, "term %d (%s): its input has %zu values per sample, the logits %d", i, kn, per, E->V);
+        for (int j = 0; j < ns; j++) {
+            const size_t pj = ref_per(E, t->src.ref[j]);
+            const bool same = k->same_shape || (ns > 1 && t->src.mix == KD_MIX_LOGITS && j > 0 && pj != ref_per(E, t->src.ref[0]));
+            if (same && pj != (k->same_shape ? per : ref_per(E, t->src.ref[0]))) {
+                const char * rs = s->nets[t->src.ref[j].net].role, * ra = s->nets[t->a.net].role;
+                E_FAIL(KD_ERR_SHAPE, "the %s outputs %zu values but the %s outputs %zu", rs ? rs : "source", pj,
+                        ra ? ra : "net", per);
+            }
+        }
+        // Gradient slots for every trained input the term writes to.
+        if (E->n[t->a.net].trained) KD_TRY(add_slot(E, t->a.net, ref_node(E, t->a), per));
+        for (int j = 0; j < ns && t->src.grad; j++)
+            if (E->n[t->src.ref[j].net].trained) KD_TRY(add_slot(E, t->src.ref[j].net, ref_node(E, t->src.ref[j]), per));
+    }
+    if (s->monitor.n < 0 || s->monitor.n > KD_SOURCE_MAX) E_FAIL(KD_ERR_VALUE, "monitor.n must be in [0, %d]", KD_SOURCE_MAX);
+    for (int j = 0; j < s->monitor.n; j++) {
+        KD_TRY(check_ref(E, s->monitor.ref[j], "monitor", -1));
+        if (ref_per(E, s->monitor.ref[j]) != (size_t)E->V) E_FAIL(KD_ERR_SHAPE, "the monitor reads %zu values per sample, not logits",
+                                                                    ref_per(E, s->monitor.ref[j]));
+    }
+    return KD_OK;
+}
+
+static void engine_free(struct engine * E) {
+    for (int i = 0; i < E->n_slots; i++) free(E->slots[i].g);
+    free(E->slots);
+    for (int i = 0; i < KD_STEP_MAX_NETS; i++) {
+        struct snet * sn = &E->n[i];
+        if (sn->kept_before && sn->c && sn->c->net)
+            for (int k = 0; k < kd_net_num_nodes(sn->c->net); k++) kd_net_keep(sn->c->net, k, sn->kept_before[k]);
+        free(sn->kept_before); free(sn->cached); free(sn->noisy); free(sn->dinp);
+    }
+    free(E->scratch); free(E->dsrc); free(E->mix); free(E->tmp);
+}
+
+// Every node a term, the monitor or a connector reads stays readable after the forwards:
+// kept (inference forwards keep only kept nodes; lean forwards do not overwrite them).
+static enum kd_status keep_read_nodes(struct engine * E) {
+    const struct kd_step_cfg * s = E->s;
+    for (int i = 0; i < s->n_nets; i++) {
+        struct kd_net * net = s->nets[i].net;
+        if (!net) continue;
+        const int nn = kd_net_num_nodes(net);
+        E->n[i].kept_before = malloc((size_t)nn * sizeof(bool));
+        if (!E->n[i].kept_before) E_FAIL(KD_ERR_NOMEM, "cannot allocate");
+        for (int k = 0; k < nn; k++) E->n[i].kept_before[k] = kd_net_kept(net, k);
+    }
+#define KEEP(r) do { struct kd_ref r_ = (r); if (s->nets[r_.net].net) kd_net_keep(s->nets[r_.net].net, ref_node(E, r_), true); } while (0)
+    for (int t = 0; t < s->n_terms; t++) {
+        KEEP(s->terms[t].a);
+        for (int j = 0; j < s->terms[t].src.n; j++) KEEP(s->terms[t].src.ref[j]);
+    }
+    for (int j = 0; j < s->monitor.n; j++) KEEP(s->monitor.ref[j]);
+    for (int i = 0; i < s->n_nets; i++)
+        if (s->nets[i].input_net >= 0) KEEP(((struct kd_ref){ s->nets[i].input_net, s->nets[i].input_node }));
+#undef KEEP
+    return KD_OK;
+}
+
+static enum kd_status engine_alloc(struct engine * E) {
+    const struct kd_step_cfg * s = E->s;
+    struct loop * L = E->L;
+    const size_t B = (size_t)L->B, px = (size_t)L->ds->c * L->ds->h * L->ds->w;
+    size_t per_term = 4 * E->BV + 2 * B, maxper = E->BV;
+    for (int t = 0; t < s->n_terms; t++) {
+        size_t p = ref_per(E, s->terms[t].a);
+        if (p > maxper) maxper = p;
+        for (int j = 0; j < s->terms[t].src.n; j++)
+            if ((p = ref_per(E, s->terms[t].src.ref[j])) > maxper) maxper = p;
+    }
+    E->scratch = malloc(((size_t)(s->n_terms ? s->n_terms : 1) * per_term) * sizeof(float));
+    E->dsrc = malloc(maxper * B * sizeof(float));
+    E->mix = malloc(maxper * B * sizeof(float));
+    E->tmp = malloc(E->BV * sizeof(float));
+    if (!E->scratch || !E->dsrc || !E->mix || !E->tmp) E_FAIL(KD_ERR_NOMEM, "cannot allocate the step's buffers");
+    for (int i = 0; i < s->n_nets; i++) {
+        struct snet * sn = &E->n[i];
+        const struct kd_step_net * c = sn->c;
+        if (c->logits && !(sn->cached = malloc(E->BV * sizeof(float)))) E_FAIL(KD_ERR_NOMEM, "cannot allocate");
+        if (c->input_noise > 0 && c->input_net < 0 && !(sn->noisy = malloc(px * B * sizeof(float))))
+            E_FAIL(KD_ERR_NOMEM, "cannot allocate");
+        if (sn->connector && E->n[c->input_net].trained) {
+            size_t p = ref_per(E, (struct kd_ref){ c->input_net, c->input_node });
+            if (!(sn->dinp = malloc(p * B * sizeof(float)))) E_FAIL(KD_ERR_NOMEM, "cannot allocate");
+        }
+    }
+    return KD_OK;
+}
+
+// The runner behind kd_step_epoch and every scheme's epoch function (fn names the public
+// function in messages).
+enum kd_status kd_step_run_(const struct kd_step_cfg * s, const struct kd_dataset * ds, const struct kd_train_cfg * cfg,
+                            int epoch, struct kd_step_stats * out, const char * fn) {
+    if (!s) return kd_set_error_(KD_ERR_VALUE, fn, "step config must not be NULL");
+    struct loop L;
+    KD_TRY(loop_init(&L, fn, ds, cfg, epoch));
+    struct engine E;
+    memset(&E, 0, sizeof E);
+    E.s = s;
+    E.L = &L;
+    enum kd_status st = KD_OK;
+    double s_net[KD_STEP_MAX_NETS] = {0}, s_term[KD_STEP_MAX_TERMS] = {0}, s_part[KD_STEP_MAX_TERMS][2] = {{0}};
+    int64_t net_correct[KD_STEP_MAX_NETS] = {0}, term_correct[KD_STEP_MAX_TERMS] = {0}, mon_correct = 0, seen = 0;
+    float tw[KD_STEP_MAX_TERMS] = {0};
+    struct term_out to[KD_STEP_MAX_TERMS];
+    if ((st = engine_setup(&E)) != KD_OK || (st = keep_read_nodes(&E)) != KD_OK || (st = engine_alloc(&E)) != KD_OK) {
+        goto done;
+    }
+    {
+        // Skip mode: nets whose forwards update BN statistics are saved before every step.
+        struct kd_net * bn_nets[KD_STEP_MAX_NETS];
+        int n_bn = 0;
+        for (int i = 0; i < s->n_nets; i++)
+            if (s->nets[i].net && (s->nets[i].mode & KD_MODE_BN_BATCH)) bn_nets[n_bn++] = s->nets[i].net;
+        if ((st = loop_guard_bn(&L, bn_nets, n_bn)) != KD_OK) goto done;
+    }
+    for (int t = 0; t < s->n_terms; t++) tw[t] = term_weight(&s->terms[t], epoch);
+    const int V = E.V;
     while (L.step < L.steps) {
         loop_batch(&L);
         loop_save_bn(&L);
         const int nb = L.nb;
-        const size_t nbv = (size_t)nb * V;
-        int64_t step_t_correct = 0;
-        bool gate_step = false;
-        // Teacher logits for this batch (clean inputs).
-        for (int t = 0; t < n_teachers && distill; t++) {
-            float * zt = tz + (size_t)t * BV;
-            if (teacher_logits) {
-                for (int i = 0; i < nb; i++)
-                    memcpy(zt + (size_t)i * V, teacher_logits[t] + (size_t)L.idx[i] * V, (size_t)V * sizeof(float));
-            } else {
-                if ((st = forward_train(teachers[t], &L, L.x, dcfg->teacher_mode | KD_MODE_NO_GRAD, 0x7EAC0ull + (uint64_t)t)) != KD_OK) goto done;
-                memcpy(zt, kd_net_output(teachers[t], -1), nbv * sizeof(float));
+        // Forwards, in the step's order (a connector after the net it reads).
+        for (int i = 0; i < s->n_nets; i++) {
+            struct snet * sn = &E.n[i];
+            const struct kd_step_net * c = sn->c;
+            if (c->logits) {
+                for (int r = 0; r < nb; r++)
+                    memcpy(sn->cached + (size_t)r * V, c->logits + (size_t)L.idx[r] * V, (size_t)V * sizeof(float));
+                continue;
             }
-        }
-        // Teacher weights for this step: learned (softmax of the gates), given or uniform, with
-        // DGKD's random drop.
-        float base_w[64];
-        if (dcfg->gate_logits) {
-            double mx = -INFINITY, sum = 0;
-            for (int t = 0; t < n_teachers; t++) mx = fmax(mx, dcfg->gate_logits[t]);
-            for (int t = 0; t < n_teachers; t++) sum += exp(dcfg->gate_logits[t] - mx);
-            for (int t = 0; t < n_teachers; t++) base_w[t] = (float)(exp(dcfg->gate_logits[t] - mx) / sum);
-        } else {
-            for (int t = 0; t < n_teachers; t++) base_w[t] = dcfg->teacher_weights ? dcfg->teacher_weights[t] : 1.0f;
-        }
-        int kept = 0;
-        for (int t = 0; t < n_teachers; t++) {
-            bool drop = dcfg->teacher_drop > 0 && kd_uniform(kd_hash(L.sseed ^ 0xD509ull, (uint64_t)t)) < dcfg->teacher_drop;
-            gw[t] = drop ? 0.0f : base_w[t];
-            kept += !drop;
-        }
-        if (n_teachers > 0 && kept == 0) {   // keep one, chosen from the step's seed
-            int t = (int)(kd_hash(L.sseed, 0xD50ull) % (uint64_t)n_teachers);
-            gw[t] = base_w[t];
-        }
-        double gsum = 0;
-        for (int t = 0; t < n_teachers; t++) gsum += gw[t];
-        for (int t = 0; t < n_teachers; t++) gw[t] = gsum > 0 ? (float)(gw[t] / gsum) : 0.0f;
-
-        // The "teacher" for accuracy and conditional learning: the first teacher, or for
-        // several the gw-weighted mixture of their softmax outputs (T = 1).
-        const float * zref = NULL;
-        if (distill) {
-            if (n_teachers == 1) zref = tz;
-            else {
-                memset(q, 0, nbv * sizeof(float));
-                for (int t = 0; t < n_teachers; t++) {
-                    if (gw[t] == 0) continue;
-                    kd_softmax_t(tmp, tz + (size_t)t * BV, nb, V, 1.0f);
-                    for (size_t j = 0; j < nbv; j++) q[j] += gw[t] * tmp[j];
-                }
-                zref = q;
+            const float * x = L.x;
+            int C = ds->c, H = ds->h, W = ds->w;
+            if (sn->connector) {
+                struct kd_ref in = { c->input_net, c->input_node };
+                x = ref_data(&E, in);
+                ref_shape(&E, in, &C, &H, &W);
+            } else if (c->input_noise > 0) {
+                x = loop_noisy_input(&L, c->input_noise, sn->noisy);
             }
-            step_t_correct = count_correct(zref, L.y, nb, V);
+            // Frozen nets run inference forwards; trained ones lean forwards (every node a
+            // term reads is kept, so the lean layout leaves it readable).
+            unsigned mode = c->mode | (sn->trained ? KD_MODE_LEAN : KD_MODE_NO_GRAD);
+            if ((st = kd_net_forward(c->net, x, nb, C, H, W, mode, L.sseed ^ c->salt)) != KD_OK) goto done;
         }
-        // Per-sample weights of the two terms.
-        // Conditional learning: where the teacher is wrong, the KD term's weight moves to CE.
-        const bool cond = distill && dcfg->conditional;
-        for (int i = 0; cond && i < nb; i++) {
-            bool right = argmax_row(zref + (size_t)i * V, V) == L.y[i];
-            w_kd[i] = right ? 1.0f : 0.0f;
-            w_ce[i] = right ? dcfg->ce_weight : dcfg->ce_weight + kdw;
-        }
-
-        const float * xs = loop_student_input(&L, dcfg->student_noise);
-        if ((st = forward_train(student, &L, xs, KD_MODE_TRAIN, 0x57D0ull)) != KD_OK) goto done;
-        const float * zs = kd_net_output(student, -1);
-        float ce = 0, kd = 0, tc = 0, nc = 0, tol = 0;
-        // ce_term: the CE contribution to the loss, weights included.
-        st = kd_cross_entropy(&ce, dlogits, zs, L.y, cond ? w_ce : NULL, nb, V, cfg->label_smoothing,
-                              cond ? 1.0f : dcfg->ce_weight, false);
-        const double ce_term = cond ? (double)ce : (double)dcfg->ce_weight * ce;
-        if (st == KD_ERR_NONFINITE || !isfinite(ce)) NONFINITE_STEP("cross-entropy", who);
-        if (st != KD_OK) goto done;
-        // The logged CE is the plain batch mean, whatever the per-sample weights.
-        if (cond && (st = kd_cross_entropy(&ce, NULL, zs, L.y, NULL, nb, V, cfg->label_smoothing, 1.0f, false)) != KD_OK) goto done;
-        if (distill && kdw > 0) {
-            const float * wk = cond ? w_kd : NULL;
-            if (dcfg->kind == KD_DISTILL_KD && n_teachers > 1 && dcfg->multi == KD_MULTI_AVG_PROB) {
-                // One KD term against the mixture of softened teacher distributions.
-                memset(q, 0, nbv * sizeof(float));
-                for (int t = 0; t < n_teachers; t++) {
-                    if (gw[t] == 0) continue;
-                    kd_softmax_t(tmp, tz + (size_t)t * BV, nb, V, dcfg->T);
-                    for (size_t j = 0; j < nbv; j++) q[j] += gw[t] * tmp[j];
-                }
-                st = kd_loss_soft(&kd, dlogits, zs, q, wk, nb, V, dcfg->T, kdw, true);
-                // The gates move after every check of the step has passed (a dropped step
-                // leaves them as they were); they are first read again by the next step.
-                gate_step = dcfg->gate_logits && dcfg->gate_lr > 0;
-            } else {
-                for (int t = 0; t < n_teachers && st == KD_OK; t++) {
-                    if (gw[t] == 0) continue;
-                    const float * zt = tz + (size_t)t * BV;
-                    float l = 0, a = 0, b = 0;
-                    switch (dcfg->kind) {
-                    case KD_DISTILL_KD:
-                        st = kd_loss_kd(&l, dlogits, NULL, zs, zt, wk, nb, V, dcfg->T, kdw * gw[t], true);
-                        break;
-                    case KD_DISTILL_DKD:
-                        st = kd_loss_dkd(&a, &b, dlogits, zs, zt, L.y, nb, V, dcfg->T, dcfg->dkd_alpha,
-                                         dcfg->dkd_beta, kdw * gw[t], true);
-                        l = dcfg->dkd_alpha * a + dcfg->dkd_beta * b;
-                        tc += gw[t] * a;
-                        nc += gw[t] * b;
-                        break;
-                    case KD_DISTILL_MSE:
-                        st = kd_loss_mse(&l, dlogits, zs, zt, nb, V, kdw * gw[t], true);
-                        break;
-                    case KD_DISTILL_NONE:
-                        break;
-                    }
-                    kd += gw[t] * l;
-                }
+        // Terms: values and gradients at the slots.
+        for (int g = 0; g < E.n_slots; g++) E.slots[g].touched = false;
+        for (int t = 0; t < s->n_terms; t++) {
+            const struct kd_term * term = &s->terms[t];
+            if (tw[t] == 0) { memset(&to[t], 0, sizeof to[t]); continue; }
+            st = term_run(&E, term, tw[t], E.scratch + (size_t)t * (4 * E.BV + 2 * (size_t)L.B), &to[t]);
+            if (st == KD_ERR_NONFINITE || !isfinite(to[t].value) || !isfinite(to[t].contrib)) {
+                const char * role = s->nets[term->a.net].role;
+                NONFINITE_STEP(term->name ? term->name : term_kinds[term->kind].what, role ? role : "net");
             }
-            if (st == KD_ERR_NONFINITE || !isfinite(kd)) NONFINITE_STEP("distillation loss", who);
             if (st != KD_OK) goto done;
         }
-        if (dcfg->tolerant_weight > 0) {
-            st = kd_loss_tolerant(&tol, dlogits, zs, nb, V, dcfg->tolerant_k, dcfg->tolerant_weight, true);
-            if (st == KD_ERR_NONFINITE || !isfinite(tol)) NONFINITE_STEP("tolerant loss", who);
-            if (st != KD_OK) goto done;
+        // Backwards, last net first: a connector's input gradient joins the net it reads
+        // before that net's own backward. Every check runs before any update, so that a
+        // dropped step leaves every net as it was.
+        for (int i = s->n_nets - 1; i >= 0; i--) {
+            struct snet * sn = &E.n[i];
+            if (!sn->trained) continue;
+            struct kd_net * net = sn->c->net;
+            const int outn = kd_net_output_node(net);
+            const float * dout = NULL;
+            for (int g = 0; g < E.n_slots; g++) {
+                const struct gslot * gs = &E.slots[g];
+                if (gs->net != i || !gs->touched) continue;
+                if (gs->node == outn) dout = gs->g;
+                else if ((st = kd_net_grad_add(net, gs->node, gs->g, 1.0f)) != KD_OK) goto done;
+            }
+            kd_net_zero_grad(net);
+            if ((st = kd_net_backward(net, dout, sn->dinp)) != KD_OK) goto done;
+            const char * role = sn->c->role ? sn->c->role : "net";
+            if (!grads_and_stats_finite(net)) NONFINITE_STEP("gradient or BN statistics", role);
+            if (sn->dinp) {
+                struct kd_ref in = { sn->c->input_net, sn->c->input_node };
+                if (!all_finite(sn->dinp, (size_t)nb * ref_per(&E, in))) NONFINITE_STEP("input gradient", role);
+                if ((st = kd_net_grad_add(s->nets[in.net].net, ref_node(&E, in), sn->dinp, 1.0f)) != KD_OK) goto done;
+            }
         }
-        if ((st = backward(student, dlogits)) != KD_OK) goto done;
-        if (!grads_and_stats_finite(student)) NONFINITE_STEP("gradient or BN statistics", who);
-        if (gate_step)
-            update_gates(dcfg->gate_logits, gw, n_teachers, tz, BV, q, zs, cond ? w_kd : NULL, nb, V, dcfg->T, kdw,
-                         dcfg->gate_lr, tmp, tmp2);
-        if ((st = kd_optim_step(opt, L.lr)) != KD_OK) goto done;
-        correct += count_correct(zs, L.y, nb, V);
-        t_correct += step_t_correct;
-        double total = ce_term + (double)kdw * kd + dcfg->tolerant_weight * (double)tol;
-        s_loss += total * nb; s_ce += (double)ce * nb; s_kd += (double)kd * nb;
-        s_tc += (double)tc * nb; s_nc += (double)nc * nb; s_tol += (double)tol * nb;
+        // Learned gates move once every check has passed; the next step reads them again.
+        for (int t = 0; t < s->n_terms; t++) {
+            const struct kd_term * term = &s->terms[t];
+            if (!term->src.gates || !(term->src.gate_lr > 0) || tw[t] == 0) continue;
+            float gw[KD_SOURCE_MAX];
+            source_weights(&term->src, L.sseed, gw);
+            float * sc = E.scratch + (size_t)t * (4 * E.BV + 2 * (size_t)L.B);
+            update_gates(&E, term, gw, sc, ref_data(&E, term->a), term->conditional ? sc + 4 * E.BV : NULL, tw[t],
+                         sc + 2 * E.BV, sc + 3 * E.BV);
+        }
+        for (int i = 0; i < s->n_nets; i++) {
+            const struct kd_step_net * c = &s->nets[i];
+            if (c->opt && (st = kd_optim_step(c->opt, L.lr * (c->lr_scale > 0 ? c->lr_scale : 1.0f))) != KD_OK) goto done;
+        }
+        // Statistics of the completed step.
+        for (int t = 0; t < s->n_terms; t++) {
+            const struct kd_term * term = &s->terms[t];
+            s_term[t] += (double)to[t].value * nb;
+            s_part[t][0] += (double)to[t].part[0] * nb;
+            s_part[t][1] += (double)to[t].part[1] * nb;
+            s_net[term->a.net] += to[t].contrib * nb;
+            if (term_kinds[term->kind].logits) term_correct[t] += count_correct(ref_data(&E, term->a), L.y, nb, V);
+        }
+        for (int i = 0; i < s->n_nets; i++)
+            if (!E.n[i].connector && E.n[i].V == V)
+                net_correct[i] += count_correct(ref_data(&E, (struct kd_ref){ i, -1 }), L.y, nb, V);
+        if (s->monitor.n > 0) {
+            float gw[KD_SOURCE_MAX];
+            source_weights(&s->monitor, L.sseed, gw);
+            mon_correct += count_correct(source_pred(&E, &s->monitor, gw, E.scratch), L.y, nb, V);
+        }
         seen += nb;
         goto stepped;
 skip:
         loop_skip(&L);
 stepped:
-        if ((st = loop_after_step(&L, s_loss, correct, seen)) != KD_OK) goto done;
+        if ((st = loop_after_step(&L, s_net[0], net_correct[0], seen)) != KD_OK) goto done;
     }
 done:
     if (out) {
         memset(out, 0, sizeof *out);
-        double n = seen ? (double)seen : 1.0;
-        out->loss = s_loss / n; out->ce = s_ce / n; out->kd = s_kd / n;
-        out->tckd = s_tc / n; out->nckd = s_nc / n; out->tolerant = s_tol / n;
-        out->accuracy = correct / n;
-        out->teacher_accuracy = t_correct / n;
+        const double n = seen ? (double)seen : 1.0;
+        for (int i = 0; i < s->n_nets && i < KD_STEP_MAX_NETS; i++) {
+            out->net_loss[i] = s_net[i] / n;
+            out->net_accuracy[i] = net_correct[i] / n;
+        }
+        for (int t = 0; t < s->n_terms && t < KD_STEP_MAX_TERMS; t++) {
+            out->term_value[t] = s_term[t] / n;
+            out->term_part[t][0] = s_part[t][0] / n;
+            out->term_part[t][1] = s_part[t][1] / n;
+            out->term_accuracy[t] = term_correct[t] / n;
+            out->term_weight[t] = tw[t];
+        }
+        out->monitor_accuracy = mon_correct / n;
         out->samples = seen;
         out->steps = L.step;
         out->skipped_steps = L.skipped;
         out->lr = L.lr;
-        out->kd_weight = dcfg->kd_weight;
-        if (dcfg->warmup_epochs > 0 && epoch + 1 < dcfg->warmup_epochs) out->kd_weight *= (float)(epoch + 1) / dcfg->warmup_epochs;
-        if (dcfg->kd_stop_epoch > 0 && epoch >= dcfg->kd_stop_epoch) out->kd_weight = 0;
     }
-    free(buf);
+    engine_free(&E);
     loop_free(&L);
     return st;
 }
 
-enum kd_status kd_train_epoch(struct kd_net * net, struct kd_optim * opt, const struct kd_dataset * ds,
-                              const struct kd_train_cfg * cfg, int epoch, struct kd_epoch_stats * out) {
-    struct kd_distill_cfg d = kd_distill_cfg_default();
-    d.kind = KD_DISTILL_NONE;
-    d.ce_weight = 1.0f;
-    d.kd_weight = 0.0f;
-    struct kd_distill_stats s;
-    enum kd_status st = kd_distill_epoch(net, opt, NULL, NULL, 0, ds, cfg, &d, epoch, &s);
-    if (out) {
-        out->loss = s.loss;
-        out->accuracy = s.accuracy;
-        out->samples = s.samples;
-        out->steps = s.steps;
-        out->skipped_steps = s.skipped_steps;
-        out->lr = s.lr;
-    }
-    return st;
-}
-
-// ---------------------------------------------------------------------------------------
-// Deep mutual learning / online ensemble.
-
-enum kd_status kd_mutual_epoch(struct kd_net * const * nets, struct kd_optim * const * opts, int k,
-                               const struct kd_dataset * ds, const struct kd_train_cfg * cfg,
-                               const struct kd_mutual_cfg * m, int epoch, struct kd_distill_stats * out) {
-    if (!nets || !opts || !m) KD_FAIL(KD_ERR_VALUE, "nets, optimizers and config must not be NULL");
-    if (k < 2 || k > 16) KD_FAIL(KD_ERR_VALUE, "mutual learning needs 2..16 peers, got %d", k);
-    if (!(m->T > 0) || !isfinite(m->T)) KD_FAIL(KD_ERR_VALUE, "T (%g) must be > 0", m->T);
-    if (!(m->ce_weight >= 0) || !(m->kd_weight >= 0)) KD_FAIL(KD_ERR_VALUE, "ce_weight and kd_weight must be >= 0");
-    struct loop L;
-    KD_TRY(loop_init(&L, __func__, ds, cfg, epoch, false));
-    enum kd_status st = KD_OK;
-    int V = 0;
-    float * buf = NULL;
-    double s_loss[16] = {0}, s_ce[16] = {0}, s_kd[16] = {0};
-    int64_t correct[16] = {0}, e_correct = 0, seen = 0;
-    for (int a = 0; a < k; a++)
-        if ((st = check_outputs(nets[a], "peer", ds, L.B, &V)) != KD_OK) goto done;
-    const size_t BV = (size_t)L.B * V;
-    buf = malloc(BV * (size_t)(2 * k + 1) * sizeof(float));
-    if (!buf) { st = kd_set_error_(KD_ERR_NOMEM, __func__, "cannot allocate buffers"); goto done; }
-    float * z = buf, * d = buf + BV * (size_t)k, * ens = d + BV * (size_t)k;
-    if ((st = loop_guard_bn(&L, nets, k)) != KD_OK) goto done;
-    while (L.step < L.steps) {
-        loop_batch(&L);
-        loop_save_bn(&L);
-        const int nb = L.nb;
-        const size_t nbv = (size_t)nb * V;
-        double step_ce[16], step_kd[16];
-        // All peers see the batch before any updates: the targets are this step's outputs.
-        for (int a = 0; a < k; a++) {
-            if ((st = forward_train(nets[a], &L, L.x, KD_MODE_TRAIN, 0x9EE0ull + (uint64_t)a)) != KD_OK) goto done;
-            memcpy(z + (size_t)a * BV, kd_net_output(nets[a], -1), nbv * sizeof(float));
-        }
-        memset(ens, 0, nbv * sizeof(float));
-        for (int a = 0; a < k; a++)
-            for (size_t j = 0; j < nbv; j++) ens[j] += z[(size_t)a * BV + j] / (float)k;
-        // The peers learn from each other's outputs, so a non-finite term of one peer drops
-        // the step for all of them: losses, backwards and checks first, then the updates.
-        for (int a = 0; a < k; a++) {
-            float * za = z + (size_t)a * BV, * da = d + (size_t)a * BV;
-            float ce = 0, kd = 0;
-            st = kd_cross_entropy(&ce, da, za, L.y, NULL, nb, V, cfg->label_smoothing, m->ce_weight, false);
-            if (st != KD_OK && st != KD_ERR_NONFINITE) goto done;
-            if (m->ensemble) {
-                st = kd_loss_kd(&kd, da, NULL, za, ens, NULL, nb, V, m->T, m->kd_weight, true);
-            } else {
-                for (int b = 0; b < k && (st == KD_OK || st == KD_ERR_NONFINITE); b++) {
-                    if (b == a) continue;
-                    float l;
-                    st = kd_loss_kd(&l, da, NULL, za, z + (size_t)b * BV, NULL, nb, V, m->T,
-                                    m->kd_weight / (k - 1), true);
-                    kd += l / (k - 1);
-                }
-            }
-            if (st == KD_ERR_NONFINITE || !isfinite(ce) || !isfinite(kd)) NONFINITE_STEP("loss", "peer");
-            if (st != KD_OK) goto done;
-            step_ce[a] = ce;
-            step_kd[a] = kd;
-        }
-        for (int a = 0; a < k; a++) {
-            if ((st = backward(nets[a], d + (size_t)a * BV)) != KD_OK) goto done;
-            if (!grads_and_stats_finite(nets[a])) NONFINITE_STEP("gradient or BN statistics", "peer");
-        }
-        for (int a = 0; a < k; a++)
-            if ((st = kd_optim_step(opts[a], L.lr)) != KD_OK) goto done;
-        for (int a = 0; a < k; a++) {
-            s_ce[a] += step_ce[a] * nb;
-            s_kd[a] += step_kd[a] * nb;
-            s_loss[a] += ((double)m->ce_weight * step_ce[a] + (double)m->kd_weight * step_kd[a]) * nb;
-            correct[a] += count_correct(z + (size_t)a * BV, L.y, nb, V);
-        }
-        e_correct += count_correct(ens, L.y, nb, V);
-        seen += nb;
-        goto stepped;
-skip:
-        loop_skip(&L);
-stepped:
-        if ((st = loop_after_step(&L, s_loss[0], correct[0], seen)) != KD_OK) goto done;
-    }
-done:
-    if (out) {
-        double n = seen ? (double)seen : 1.0;
-        for (int a = 0; a < k; a++) {
-            memset(&out[a], 0, sizeof out[a]);
-            out[a].loss = s_loss[a] / n; out[a].ce = s_ce[a] / n; out[a].kd = s_kd[a] / n;
-            out[a].accuracy = correct[a] / n;
-            out[a].teacher_accuracy = e_correct / n;   // the peers' logit average
-            out[a].samples = seen; out[a].steps = L.step; out[a].lr = L.lr; out[a].kd_weight = m->kd_weight;
-            out[a].skipped_steps = L.skipped;
-        }
-    }
-    free(buf);
-    loop_free(&L);
-    return st;
-}
-
-// ---------------------------------------------------------------------------------------
-// SLKD
-
-enum kd_status kd_slkd_epoch(struct kd_net * student, struct kd_optim * opt,
-                             struct kd_net * const * sl, struct kd_optim * const * sl_opts,
-                             struct kd_net * teacher, const float * teacher_logits,
-                             const struct kd_dataset * ds, const struct kd_train_cfg * cfg,
-                             const struct kd_slkd_cfg * c, int epoch, struct kd_slkd_stats * out) {
-    if (!student || !opt || !sl || !c) KD_FAIL(KD_ERR_VALUE, "student, optimizer, SL-teachers and config must not be NULL");
-    if (c->n_sl < 1 || c->n_sl > 2) KD_FAIL(KD_ERR_VALUE, "n_sl (%d) must be 1 or 2", c->n_sl);
-    if (!c->sl_frozen && !sl_opts) KD_FAIL(KD_ERR_VALUE, "trainable SL-teachers need optimizers");
-    if (!teacher == !teacher_logits) KD_FAIL(KD_ERR_VALUE, "pass either the teacher net or cached teacher logits");
-    if (teacher_logits && cfg && (cfg->aug.crop_padding > 0 || cfg->aug.hflip || cfg->aug.noise_std > 0))
-        KD_FAIL(KD_ERR_VALUE, "cached teacher logits cannot follow augmented inputs; pass the teacher net");
-    if (!(c->T > 0) || !isfinite(c->T)) KD_FAIL(KD_ERR_VALUE, "T (%g) must be > 0", c->T);
-    if (!(c->alpha >= 0 && c->alpha <= 1)) KD_FAIL(KD_ERR_VALUE, "alpha (%g) must be in [0, 1]", c->alpha);
-    if (!(c->rho >= 0 && c->rho <= 1)) KD_FAIL(KD_ERR_VALUE, "rho (%g) must be in [0, 1]", c->rho);
-    if (!(c->sl_lr_scale >= 0) || !isfinite(c->sl_lr_scale)) KD_FAIL(KD_ERR_VALUE, "sl_lr_scale must be >= 0");
-    if (c->sl_grad && c->fuse_probs) KD_FAIL(KD_ERR_VALUE, "sl_grad is supported with logit fusion only");
-    if (!(c->lambda >= 0) || !(c->eta >= 0) || !isfinite(c->lambda) || !isfinite(c->eta))
-        KD_FAIL(KD_ERR_VALUE, "lambda (%g) and eta (%g) must be finite and >= 0", c->lambda, c->eta);
-    struct loop L;
-    KD_TRY(loop_init(&L, __func__, ds, cfg, epoch, false));
-    enum kd_status st = KD_OK;
-    int V = 0;
-    float * buf = NULL;
-    const int ns = c->n_sl;
-    double s_loss = 0, s_ts = 0, s_slts = 0, s_sl[2] = {0};
-    int64_t correct = 0, sl_correct[2] = {0}, t_correct = 0, seen = 0;
-    if ((st = check_outputs(student, "student", ds, L.B, &V)) != KD_OK) goto done;
-    if (teacher && (st = check_outputs(teacher, "teacher", ds, L.B, &V)) != KD_OK) goto done;
-    for (int j = 0; j < ns; j++)
-        if ((st = check_outputs(sl[j], "SL-teacher", ds, L.B, &V)) != KD_OK) goto done;
-    const size_t BV = (size_t)L.B * V;
-    buf = malloc(BV * 9 * sizeof(float));
-    if (!buf) { st = kd_set_error_(KD_ERR_NOMEM, __func__, "cannot allocate buffers"); goto done; }
-    float * zt = buf, * zsl = buf + BV, * q = buf + 2 * BV, * tmp = buf + 3 * BV, * ds_ = buf + 4 * BV;
-    float * dsl_fused = buf + 5 * BV, * zj[2] = { buf + 6 * BV, buf + 7 * BV }, * dj = buf + 8 * BV;
-    const float a = c->alpha;
-    {
-        struct kd_net * trained[3] = { student, sl[0], ns == 2 ? sl[1] : NULL };
-        if ((st = loop_guard_bn(&L, trained, c->sl_frozen ? 1 : 1 + ns)) != KD_OK) goto done;
-    }
-    while (L.step < L.steps) {
-        loop_batch(&L);
-        loop_save_bn(&L);
-        const int nb = L.nb;
-        const size_t nbv = (size_t)nb * V;
-        int64_t step_sl_correct[2] = {0};
-        double step_sl[2] = {0};
-        if (teacher_logits) {
-            for (int i = 0; i < nb; i++)
-                memcpy(zt + (size_t)i * V, teacher_logits + (size_t)L.idx[i] * V, (size_t)V * sizeof(float));
-        } else {
-            if ((st = forward_train(teacher, &L, L.x, KD_MODE_EVAL | KD_MODE_NO_GRAD, 0x7EAC0ull)) != KD_OK) goto done;
-            memcpy(zt, kd_net_output(teacher, -1), nbv * sizeof(float));
-        }
-        const int64_t step_t_correct = count_correct(zt, L.y, nb, V);
-        // SL-teachers: forward (this step's outputs feed the student before their update).
-        unsigned slmode = c->sl_frozen ? KD_MODE_EVAL | KD_MODE_NO_GRAD : KD_MODE_TRAIN;   // frozen: never updated
-        for (int j = 0; j < ns; j++) {
-            if ((st = forward_train(sl[j], &L, L.x, slmode, 0x5100ull + (uint64_t)j)) != KD_OK) goto done;
-            memcpy(zj[j], kd_net_output(sl[j], -1), nbv * sizeof(float));
-            step_sl_correct[j] = count_correct(zj[j], L.y, nb, V);
-        }
-        // Fusion (eq. 6).
-        const float rho = ns == 2 ? c->rho : 1.0f;
-        if (!c->fuse_probs) {
-            for (size_t i = 0; i < nbv; i++) zsl[i] = rho * zj[0][i] + (ns == 2 ? (1 - rho) * zj[1][i] : 0.0f);
-        } else {
-            kd_softmax_t(q, zj[0], nb, V, c->T);
-            for (size_t i = 0; i < nbv; i++) q[i] *= rho;
-            if (ns == 2) {
-                kd_softmax_t(tmp, zj[1], nb, V, c->T);
-                for (size_t i = 0; i < nbv; i++) q[i] += (1 - rho) * tmp[i];
-            }
-        }
-        // Student (eqs. 1, 3, 7): the CE terms of L_TS and L_SLTS add up to (lambda + eta) alpha CE.
-        if ((st = forward_train(student, &L, L.x, KD_MODE_TRAIN, 0x57D0ull)) != KD_OK) goto done;
-        const float * zs = kd_net_output(student, -1);
-        float ce = 0, kts = 0, kslts = 0;
-        st = kd_cross_entropy(&ce, ds_, zs, L.y, NULL, nb, V, cfg->label_smoothing, (c->lambda + c->eta) * a, false);
-        if (st == KD_OK)
-            st = kd_loss_kd(&kts, ds_, NULL, zs, zt, NULL, nb, V, c->T, c->lambda * (1 - a), true);
-        float * dfused = c->sl_grad && !c->sl_frozen && !c->fuse_probs ? dsl_fused : NULL;
-        if (dfused) memset(dfused, 0, nbv * sizeof(float));   // kd_loss_kd accumulates into it
-        if (st == KD_OK) {
-            if (c->fuse_probs) st = kd_loss_soft(&kslts, ds_, zs, q, NULL, nb, V, c->T, c->eta * (1 - a), true);
-            else st = kd_loss_kd(&kslts, ds_, dfused, zs, zsl, NULL, nb, V, c->T, c->eta * (1 - a), true);
-        }
-        if (st == KD_ERR_NONFINITE || !isfinite(ce) || !isfinite(kts) || !isfinite(kslts)) NONFINITE_STEP("loss", "student");
-        if (st != KD_OK) goto done;
-        // Every backward and check of the step before any update, so that a dropped step
-        // leaves all the nets as they were (the nets are separate: the order of the updates
-        // does not change their results).
-        if ((st = backward(student, ds_)) != KD_OK) goto done;
-        if (!grads_and_stats_finite(student)) NONFINITE_STEP("gradient or BN statistics", "student");
-        // SL-teachers learn from the teacher only (eqs. 4-5), plus the student's pull when
-        // sl_grad (the fused logits' gradient split by rho).
-        for (int j = 0; j < ns && !c->sl_frozen; j++) {
-            float cej = 0, kdj = 0;
-            st = kd_cross_entropy(&cej, dj, zj[j], L.y, NULL, nb, V, cfg->label_smoothing, a, false);
-            if (st == KD_OK) st = kd_loss_kd(&kdj, dj, NULL, zj[j], zt, NULL, nb, V, c->T, 1 - a, true);
-            if (st == KD_ERR_NONFINITE || !isfinite(cej) || !isfinite(kdj)) NONFINITE_STEP("loss", "SL-teacher");
-            if (st != KD_OK) goto done;
-            if (dfused) {
-                float share = j == 0 ? rho : 1 - rho;
-                for (size_t i = 0; i < nbv; i++) dj[i] += share * dfused[i];
-            }
-            step_sl[j] = a * (double)cej + (1 - a) * (double)kdj;
-            if ((st = backward(sl[j], dj)) != KD_OK) goto done;
-            if (!grads_and_stats_finite(sl[j])) NONFINITE_STEP("gradient or BN statistics", "SL-teacher");
-        }
-        if ((st = kd_optim_step(opt, L.lr)) != KD_OK) goto done;
-        for (int j = 0; j < ns && !c->sl_frozen; j++) {
-            float lr_j = L.lr * (c->sl_lr_scale > 0 ? c->sl_lr_scale : 1.0f);
-            if ((st = kd_optim_step(sl_opts[j], lr_j)) != KD_OK) goto done;
-        }
-        double l_ts = a * (double)ce + (1 - a) * (double)kts, l_slts = a * (double)ce + (1 - a) * (double)kslts;
-        s_ts += l_ts * nb;
-        s_slts += l_slts * nb;
-        s_loss += (c->lambda * l_ts + c->eta * l_slts) * nb;
-        correct += count_correct(zs, L.y, nb, V);
-        t_correct += step_t_correct;
-        for (int j = 0; j < ns; j++) {
-            s_sl[j] += step_sl[j] * nb;
-            sl_correct[j] += step_sl_correct[j];
-        }
-        seen += nb;
-        goto stepped;
-skip:
-        loop_skip(&L);
-stepped:
-        if ((st = loop_after_step(&L, s_loss, correct, seen)) != KD_OK) goto done;
-    }
-done:
-    if (out) {
-        memset(out, 0, sizeof *out);
-        double n = seen ? (double)seen : 1.0;
-        out->loss = s_loss / n; out->loss_ts = s_ts / n; out->loss_slts = s_slts / n;
-        out->loss_sl[0] = s_sl[0] / n; out->loss_sl[1] = s_sl[1] / n;
-        out->accuracy = correct / n;
-        out->sl_accuracy[0] = sl_correct[0] / n; out->sl_accuracy[1] = sl_correct[1] / n;
-        out->teacher_accuracy = t_correct / n;
-        out->samples = seen; out->steps = L.step; out->lr = L.lr;
-        out->skipped_steps = L.skipped;
-    }
-    free(buf);
-    loop_free(&L);
-    return st;
+enum kd_status kd_step_epoch(const struct kd_step_cfg * step, const struct kd_dataset * ds,
+                             const struct kd_train_cfg * cfg, int epoch, struct kd_step_stats * out) {
+    return kd_step_run_(step, ds, cfg, epoch, out, __func__);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -861,116 +962,3 @@ enum kd_status kd_evaluate(struct kd_net * net, const struct kd_dataset * ds, in
     return st;
 }
 
-// ---------------------------------------------------------------------------------------
-// Multi-exit networks: deep supervision (self-distillation) and multi-exit KD (eq. 9).
-
-enum kd_status kd_exits_epoch(struct kd_net * net, struct kd_optim * opt, const int * exits, int n_exits,
-                              struct kd_net * teacher, const float * teacher_logits,
-                              const struct kd_dataset * ds, const struct kd_train_cfg * cfg,
-                              const struct kd_exits_cfg * e, int epoch, struct kd_distill_stats * out,
-                              double * exit_accuracy) {
-    if (!net || !opt || !e || !exits) KD_FAIL(KD_ERR_VALUE, "net, optimizer, exits and config must not be NULL");
-    if (n_exits < 1 || n_exits > 16) KD_FAIL(KD_ERR_VALUE, "n_exits (%d) must be in [1, 16]", n_exits);
-    if (teacher && teacher_logits) KD_FAIL(KD_ERR_VALUE, "pass the teacher net or its cached logits, not both");
-    if (teacher_logits && cfg && (cfg->aug.crop_padding > 0 || cfg->aug.hflip || cfg->aug.noise_std > 0))
-        KD_FAIL(KD_ERR_VALUE, "cached teacher logits cannot follow augmented inputs; pass the teacher net");
-    if (!(e->T > 0) || !isfinite(e->T)) KD_FAIL(KD_ERR_VALUE, "T (%g) must be > 0", e->T);
-    if (!(e->ce_weight >= 0) || !(e->kd_weight >= 0) || !isfinite(e->ce_weight) || !isfinite(e->kd_weight))
-        KD_FAIL(KD_ERR_VALUE, "ce_weight and kd_weight must be finite and >= 0");
-    const int outn = kd_net_output_node(net);
-    for (int k = 0; k < n_exits; k++) {
-        if (exits[k] < 0 || exits[k] >= kd_net_num_nodes(net)) KD_FAIL(KD_ERR_VALUE, "exit %d: node %d does not exist", k, exits[k]);
-        for (int j = 0; j < k; j++) if (exits[j] == exits[k]) KD_FAIL(KD_ERR_VALUE, "exit node %d is listed twice", exits[k]);
-    }
-    struct loop L;
-    KD_TRY(loop_init(&L, __func__, ds, cfg, epoch, false));
-    enum kd_status st = KD_OK;
-    int V = 0;
-    float * buf = NULL;
-    double s_loss = 0, s_ce = 0, s_kd = 0, acc[16] = {0};
-    int64_t correct = 0, seen = 0;
-    if ((st = check_outputs(net, "model", ds, L.B, &V)) != KD_OK) goto done;
-    if (teacher && (st = check_outputs(teacher, "teacher", ds, L.B, &V)) != KD_OK) goto done;
-    for (int k = 0; k < n_exits; k++) {
-        int c, h, w;
-        kd_net_node_shape(net, exits[k], &c, &h, &w);
-        if (c * h * w != V) {
-            st = kd_set_error_(KD_ERR_SHAPE, __func__, "exit %d (node %d) outputs %d values, the output exit %d",
-                               k, exits[k], c * h * w, V);
-            goto done;
-        }
-    }
-    const bool self = !teacher && !teacher_logits;
-    const size_t BV = (size_t)L.B * V;
-    buf = malloc(BV * 3 * sizeof(float));
-    if (!buf) { st = kd_set_error_(KD_ERR_NOMEM, __func__, "cannot allocate buffers"); goto done; }
-    float * zt = buf, * d = buf + BV, * dout = buf + 2 * BV;
-    if ((st = loop_guard_bn(&L, &net, 1)) != KD_OK) goto done;
-    while (L.step < L.steps) {
-        loop_batch(&L);
-        loop_save_bn(&L);
-        const int nb = L.nb;
-        const size_t nbv = (size_t)nb * V;
-        double step_ce = 0, step_kd = 0, step_acc[16];
-        if (teacher_logits) {
-            for (int i = 0; i < nb; i++)
-                memcpy(zt + (size_t)i * V, teacher_logits + (size_t)L.idx[i] * V, (size_t)V * sizeof(float));
-        } else if (teacher) {
-            if ((st = forward_train(teacher, &L, L.x, KD_MODE_EVAL | KD_MODE_NO_GRAD, 0x7EAC0ull)) != KD_OK) goto done;
-            memcpy(zt, kd_net_output(teacher, -1), nbv * sizeof(float));
-        }
-        if ((st = forward_train(net, &L, L.x, KD_MODE_TRAIN, 0x57D0ull)) != KD_OK) goto done;
-        const float * zout = kd_net_output(net, -1);
-        if (self) memcpy(zt, zout, nbv * sizeof(float));   // the deepest exit teaches (detached copy)
-        // The output exit's gradient goes in through backward's dout; the others by injection.
-        double step_loss = 0;
-        bool out_listed = false;
-        const float scale = self ? 1.0f : 1.0f / n_exits;
-        memset(dout, 0, nbv * sizeof(float));
-        for (int k = 0; k < n_exits; k++) {
-            const float * zk = kd_net_output(net, exits[k]);
-            const bool is_out = exits[k] == outn;
-            out_listed |= is_out;
-            float ce = 0, kd = 0;
-            const float cw = self && is_out ? 1.0f : e->ce_weight;
-            st = kd_cross_entropy(&ce, d, zk, L.y, NULL, nb, V, cfg->label_smoothing, cw * scale, false);
-            if (st == KD_OK && !(self && is_out))
-                st = kd_loss_kd(&kd, d, NULL, zk, zt, NULL, nb, V, e->T, e->kd_weight * scale, true);
-            if (st == KD_ERR_NONFINITE || !isfinite(ce) || !isfinite(kd)) NONFINITE_STEP("loss", "exit");
-            if (st != KD_OK) goto done;
-            double lk = scale * ((double)cw * ce + (self && is_out ? 0.0 : (double)e->kd_weight * kd));
-            step_loss += lk;
-            if (is_out) { step_ce = ce; step_kd = kd; memcpy(dout, d, nbv * sizeof(float)); }
-            else if ((st = kd_net_grad_add(net, exits[k], d, 1.0f)) != KD_OK) goto done;
-            step_acc[k] = (double)count_correct(zk, L.y, nb, V);
-        }
-        if (!out_listed) { st = kd_set_error_(KD_ERR_VALUE, __func__, "the output node must be one of the exits"); goto done; }
-        if ((st = backward(net, dout)) != KD_OK) goto done;   // the exits' injected gradients join here
-        if (!grads_and_stats_finite(net)) NONFINITE_STEP("gradient or BN statistics", "model");
-        if ((st = kd_optim_step(opt, L.lr)) != KD_OK) goto done;
-        correct += count_correct(zout, L.y, nb, V);
-        s_ce += step_ce * nb;
-        s_kd += step_kd * nb;
-        for (int k = 0; k < n_exits; k++) acc[k] += step_acc[k];
-        s_loss += step_loss * nb;
-        seen += nb;
-        goto stepped;
-skip:
-        loop_skip(&L);
-stepped:
-        if ((st = loop_after_step(&L, s_loss, correct, seen)) != KD_OK) goto done;
-    }
-done:
-    if (out) {
-        memset(out, 0, sizeof *out);
-        double n = seen ? (double)seen : 1.0;
-        out->loss = s_loss / n; out->ce = s_ce / n; out->kd = s_kd / n;
-        out->accuracy = correct / n;
-        out->samples = seen; out->steps = L.step; out->lr = L.lr; out->kd_weight = e->kd_weight;
-        out->skipped_steps = L.skipped;
-    }
-    if (exit_accuracy) for (int k = 0; k < n_exits; k++) exit_accuracy[k] = acc[k] / (seen ? (double)seen : 1.0);
-    free(buf);
-    loop_free(&L);
-    return st;
-}
