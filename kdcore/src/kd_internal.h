@@ -86,4 +86,13 @@ static inline void kd_split(size_t n, int part, int parts, size_t * i0, size_t *
 // smaller), each reduced into its own partial, the partials summed in chunk order.
 #define KD_DET_CONV_CHUNKS 8
 
+// ---------------------------------------------------------------------------------------
+// The step engine (train.c), shared by kd_step_epoch and the schemes (schemes.c).
+
+// kd_step_epoch, with `fn` (the public function called) naming failures.
+enum kd_status kd_step_run_(const struct kd_step_cfg * s, const struct kd_dataset * ds, const struct kd_train_cfg * cfg,
+                            int epoch, struct kd_step_stats * out, const char * fn);
+// A term's weight at an epoch: its warm-up ramp and stop epoch applied.
+float kd_term_weight_(const struct kd_term * t, int epoch);
+
 #endif // KD_INTERNAL_H

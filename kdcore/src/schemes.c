@@ -3,9 +3,6 @@
 // the engine and reports the scheme's statistics. No scheme has a loop of its own.
 #include "kd_internal.h"
 
-enum kd_status kd_step_run_(const struct kd_step_cfg * s, const struct kd_dataset * ds, const struct kd_train_cfg * cfg,
-                            int epoch, struct kd_step_stats * out, const char * fn);
-
 struct kd_distill_cfg kd_distill_cfg_default(void) {
     struct kd_distill_cfg d;
     memset(&d, 0, sizeof d);
@@ -95,16 +92,6 @@ static enum kd_status check_distill_cfg(const struct kd_distill_cfg * d, int n_t
     return KD_OK;
 }
 
-static float effective_weight(float w, int warmup, int stop, int epoch) {
-    struct kd_term t = kd_term_default(KD_TERM_KD);
-    t.weight = w;
-    t.warmup_epochs = warmup;
-    t.stop_epoch = stop;
-    if (t.warmup_epochs > 0 && epoch + 1 < t.warmup_epochs) t.weight *= (float)(epoch + 1) / t.warmup_epochs;
-    if (t.stop_epoch > 0 && epoch >= t.stop_epoch) t.weight = 0.0f;
-    return t.weight;
-}
-
 enum kd_status kd_distill_epoch(struct kd_net * student, struct kd_optim * opt,
                                 struct kd_net * const * teachers, const float * const * teacher_logits,
                                 int n_teachers, const struct kd_dataset * ds,
@@ -181,7 +168,8 @@ enum kd_status kd_distill_epoch(struct kd_net * student, struct kd_optim * opt,
         out->steps = s.steps;
         out->skipped_steps = s.skipped_steps;
         out->lr = s.lr;
-        out->kd_weight = effective_weight(dcfg->kd_weight, dcfg->warmup_epochs, dcfg->kd_stop_epoch, epoch);
+        out->kd_weight = i_kd >= 0 ? s.term_weight[i_kd] : kd_term_weight_(&(struct kd_term){
+            .weight = dcfg->kd_weight, .warmup_epochs = dcfg->warmup_epochs, .stop_epoch = dcfg->kd_stop_epoch }, epoch);
     }
     return st;
 }

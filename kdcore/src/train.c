@@ -417,7 +417,7 @@ static const float * source_pred(struct engine * E, const struct kd_source * s, 
     return out;
 }
 
-static float term_weight(const struct kd_term * t, int epoch) {
+float kd_term_weight_(const struct kd_term * t, int epoch) {
     float w = t->weight;
     if (t->warmup_epochs > 0 && epoch + 1 < t->warmup_epochs) w *= (float)(epoch + 1) / t->warmup_epochs;
     if (t->stop_epoch > 0 && epoch >= t->stop_epoch) w = 0.0f;
@@ -753,8 +753,6 @@ static enum kd_status engine_alloc(struct engine * E) {
     return KD_OK;
 }
 
-// The runner behind kd_step_epoch and every scheme's epoch function (fn names the public
-// function in messages).
 enum kd_status kd_step_run_(const struct kd_step_cfg * s, const struct kd_dataset * ds, const struct kd_train_cfg * cfg,
                             int epoch, struct kd_step_stats * out, const char * fn) {
     if (!s) return kd_set_error_(KD_ERR_VALUE, fn, "step config must not be NULL");
@@ -780,7 +778,7 @@ enum kd_status kd_step_run_(const struct kd_step_cfg * s, const struct kd_datase
             if (s->nets[i].net && (s->nets[i].mode & KD_MODE_BN_BATCH)) bn_nets[n_bn++] = s->nets[i].net;
         if ((st = loop_guard_bn(&L, bn_nets, n_bn)) != KD_OK) goto done;
     }
-    for (int t = 0; t < s->n_terms; t++) tw[t] = term_weight(&s->terms[t], epoch);
+    for (int t = 0; t < s->n_terms; t++) tw[t] = kd_term_weight_(&s->terms[t], epoch);
     const int V = E.V;
     while (L.step < L.steps) {
         loop_batch(&L);
