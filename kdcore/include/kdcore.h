@@ -460,9 +460,9 @@ KD_API enum kd_status kd_train_epoch(struct kd_net * net, struct kd_optim * opt,
 // they read) -> the non-finite checks -> the updates. Nothing is updated before every check
 // of the step has passed (see kd_nonfinite).
 
-#define KD_STEP_MAX_NETS  32
+#define KD_STEP_MAX_NETS  80
 #define KD_STEP_MAX_TERMS 64
-#define KD_SOURCE_MAX     16
+#define KD_SOURCE_MAX     64
 
 struct kd_step_net {
     struct kd_net * net;       // NULL when `logits` is given

@@ -550,14 +550,14 @@ static bool same_ref(const struct engine * E, struct kd_ref a, struct kd_ref b) 
 }
 
 // A reference is valid: an earlier-or-any net of the step, and a node of it.
-static enum kd_status check_ref(const struct engine * E, struct kd_ref r, const char * what, int i) {
+static enum kd_status check_ref(const struct engine * E, struct kd_ref r, const char * what, int i, const char * kn) {
     const struct kd_step_cfg * s = E->s;
     if (r.net < 0 || r.net >= s->n_nets)
-        E_FAIL(KD_ERR_VALUE, "term %d: %s refers to net %d (the step has %d)", i, what, r.net, s->n_nets);
+        E_FAIL(KD_ERR_VALUE, "term %d (%s): %s refers to net %d (the step has %d)", i, kn, what, r.net, s->n_nets);
     const struct kd_step_net * c = &s->nets[r.net];
-    if (!c->net && r.node >= 0) E_FAIL(KD_ERR_VALUE, "term %d: %s reads node %d of cached logits", i, what, r.node);
+    if (!c->net && r.node >= 0) E_FAIL(KD_ERR_VALUE, "term %d (%s): %s reads node %d of cached logits", i, kn, what, r.node);
     if (c->net && r.node >= kd_net_num_nodes(c->net))
-        E_FAIL(KD_ERR_VALUE, "term %d: %s reads node %d of net %d, which has %d", i, what, r.node, r.net,
+        E_FAIL(KD_ERR_VALUE, "term %d (%s): %s reads node %d of net %d, which has %d", i, kn, what, r.node, r.net,
                 kd_net_num_nodes(c->net));
     return KD_OK;
 }
@@ -635,7 +635,7 @@ static enum kd_status engine_setup(struct engine * E) {
         if (!(t->weight >= 0) || !isfinite(t->weight)) E_FAIL(KD_ERR_VALUE, "term %d (%s): weight (%g) must be finite and >= 0", i, kn, t->weight);
         if (!(t->T > 0) || !isfinite(t->T)) E_FAIL(KD_ERR_VALUE, "term %d (%s): T (%g) must be > 0", i, kn, t->T);
         if (t->warmup_epochs < 0 || t->stop_epoch < 0) E_FAIL(KD_ERR_VALUE, "term %d (%s): warmup_epochs and stop_epoch must be >= 0", i, kn);
-        KD_TRY(check_ref(E, t->a, "a", i));
+        KD_TRY(check_ref(E, t->a, "a", i, kn));
         const int ns = t->src.n;
         if (k->src && (ns < 1 || ns > KD_SOURCE_MAX)) E_FAIL(KD_ERR_VALUE, "term %d (%s): src.n (%d) must be in [1, %d]", i, kn, ns, KD_SOURCE_MAX);
         if (!k->src && ns != 0) E_FAIL(KD_ERR_VALUE, "term %d (%s) takes no source", i, kn);
@@ -657,7 +657,7 @@ static enum kd_status engine_setup(struct engine * E) {
             if (!(t->src.w[j] >= 0) || !isfinite(t->src.w[j]))
                 E_FAIL(KD_ERR_VALUE, "term %d (%s): source weight %d (%g) must be finite and >= 0", i, kn, j, t->src.w[j]);
             if (t->src.gates && !isfinite(t->src.gates[j])) E_FAIL(KD_ERR_VALUE, "gate_logits[%d] is not finite", j);
-            KD_TRY(check_ref(E, t->src.ref[j], "src", i));
+            KD_TRY(check_ref(E, t->src.ref[j], "src", i, kn));
             if (same_ref(E, t->a, t->src.ref[j]) && t->src.grad)
                 E_FAIL(KD_ERR_VALUE, "term %d (%s): a and its source are the same node", i, kn);
         }
@@ -680,7 +680,7 @@ static enum kd_status engine_setup(struct engine * E) {
     }
     if (s->monitor.n < 0 || s->monitor.n > KD_SOURCE_MAX) E_FAIL(KD_ERR_VALUE, "monitor.n must be in [0, %d]", KD_SOURCE_MAX);
     for (int j = 0; j < s->monitor.n; j++) {
-        KD_TRY(check_ref(E, s->monitor.ref[j], "monitor", -1));
+        KD_TRY(check_ref(E, s->monitor.ref[j], "monitor", -1, "monitor"));
         if (ref_per(E, s->monitor.ref[j]) != (size_t)E->V) E_FAIL(KD_ERR_SHAPE, "the monitor reads %zu values per sample, not logits",
                                                                     ref_per(E, s->monitor.ref[j]));
     }

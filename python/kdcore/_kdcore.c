@@ -2081,7 +2081,256 @@ fail:
     return ret;
 }
 
+// ---- the step engine: step_epoch(nets, terms, data, epoch, train_options, monitor=None)
+
+// (net, node) pair; node -1 is the output.
+static int parse_ref(PyObject * o, int n_nets, struct kd_ref * r, const char * what) {
+    int net, node;
+    if (!PyTuple_Check(o) || PyTuple_GET_SIZE(o) != 2 || !PyArg_ParseTuple(o, "ii", &net, &node)) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_TypeError, "%s must be a pair (net index, node index), got %R", what, o);
+        return -1;
+    }
+    if (net < 0 || net >= n_nets) { PyErr_Format(PyExc_ValueError, "%s refers to net %d (the step has %d)", what, net, n_nets); return -1; }
+    r->net = net;
+    r->node = node;
+    return 0;
+}
+
+// A source: refs (list of pairs), optional weights w, mix, grad, drop, gates (writeable
+// float32, updated in place), gate_lr. Keys are read from the term's dict.
+static int parse_source(struct opt_reader * r, int n_nets, struct kd_source * s, const char * what) {
+    PyObject * src = opt_get(r, "src"), * w = opt_get(r, "w"), * gates = opt_get(r, "gates");
+    int mix = (int)s->mix;
+    if (opt_i32(r, "mix", &mix) < 0 || opt_bool(r, "grad", &s->grad) < 0 || opt_float(r, "drop", &s->drop) < 0 ||
+        opt_float(r, "gate_lr", &s->gate_lr) < 0)
+        return -1;
+    if (mix < KD_MIX_LOSSES || mix > KD_MIX_LOGITS) { PyErr_Format(PyExc_ValueError, "%s: unknown mix %d", what, mix); return -1; }
+    s->mix = (enum kd_mix)mix;
+    if (src && src != Py_None) {
+        PyObject * seq = PySequence_Fast(src, "src must be a list of (net, node) pairs");
+        if (!seq) return -1;
+        Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+        if (n > KD_SOURCE_MAX) { Py_DECREF(seq); PyErr_Format(PyExc_ValueError, "%s: at most %d sources", what, KD_SOURCE_MAX); return -1; }
+        for (Py_ssize_t i = 0; i < n; i++)
+            if (parse_ref(PySequence_Fast_GET_ITEM(seq, i), n_nets, &s->ref[i], "src[i]") < 0) { Py_DECREF(seq); return -1; }
+        s->n = (int)n;
+        Py_DECREF(seq);
+    }
+    if (w && w != Py_None) {
+        PyObject * seq = PySequence_Fast(w, "w must be a list of numbers");
+        if (!seq) return -1;
+        Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+        if (n != s->n) { Py_DECREF(seq); PyErr_Format(PyExc_ValueError, "%s: w needs one value per source (%d)", what, s->n); return -1; }
+        for (Py_ssize_t i = 0; i < n; i++) {
+            double d = PyFloat_AsDouble(PySequence_Fast_GET_ITEM(seq, i));
+            if (d == -1.0 && PyErr_Occurred()) { Py_DECREF(seq); return -1; }
+            s->w[i] = (float)d;
+        }
+        Py_DECREF(seq);
+    }
+    if (gates && gates != Py_None) {
+        PyArrayObject * g = (PyArrayObject *)gates;
+        if (!PyArray_Check(gates) || PyArray_TYPE(g) != NPY_FLOAT32 || !PyArray_IS_C_CONTIGUOUS(g) ||
+            !PyArray_ISWRITEABLE(g) || PyArray_NDIM(g) != 1 || PyArray_DIM(g, 0) != s->n) {
+            PyErr_Format(PyExc_TypeError, "%s: gates must be a writeable, contiguous float32 array of %d values", what, s->n);
+            return -1;
+        }
+        s->gates = PyArray_DATA(g);
+    }
+    return 0;
+}
+
+static PyObject * step_stats_dict(const struct kd_step_stats * s, int n_nets, int n_terms) {
+    PyObject * nl = PyList_New(n_nets), * na = PyList_New(n_nets), * tv = PyList_New(n_terms), * tp = PyList_New(n_terms),
+             * ta = PyList_New(n_terms), * tw = PyList_New(n_terms);
+    PyObject * d = NULL;
+    if (!nl || !na || !tv || !tp || !ta || !tw) goto done;
+    for (int i = 0; i < n_nets; i++) {
+        PyList_SET_ITEM(nl, i, PyFloat_FromDouble(s->net_loss[i]));
+        PyList_SET_ITEM(na, i, PyFloat_FromDouble(s->net_accuracy[i]));
+    }
+    for (int t = 0; t < n_terms; t++) {
+        PyList_SET_ITEM(tv, t, PyFloat_FromDouble(s->term_value[t]));
+        PyList_SET_ITEM(tp, t, Py_BuildValue("(dd)", s->term_part[t][0], s->term_part[t][1]));
+        PyList_SET_ITEM(ta, t, PyFloat_FromDouble(s->term_accuracy[t]));
+        PyList_SET_ITEM(tw, t, PyFloat_FromDouble(s->term_weight[t]));
+    }
+    d = Py_BuildValue("{s:O,s:O,s:O,s:O,s:O,s:O,s:d,s:L,s:L,s:L,s:f}", "net_loss", nl, "net_accuracy", na,
+                      "term_value", tv, "term_part", tp, "term_accuracy", ta, "term_weight", tw,
+                      "monitor_accuracy", s->monitor_accuracy, "samples", (long long)s->samples,
+                      "steps", (long long)s->steps, "skipped_steps", (long long)s->skipped_steps, "lr", (double)s->lr);
+done:
+    Py_XDECREF(nl); Py_XDECREF(na); Py_XDECREF(tv); Py_XDECREF(tp); Py_XDECREF(ta); Py_XDECREF(tw);
+    return d;
+}
+
+// nets: list of dicts {net, opt, logits, mode, input: (net, node) or None, noise, lr_scale,
+// salt, role}; terms: list of dicts {kind, name, a: (net, node), src: [(net, node)], w, mix,
+// grad, drop, gates, gate_lr, weight, warmup_epochs, stop_epoch, T, alpha, beta, k,
+// conditional}; monitor: a dict {src, w, mix} or None. Returns the kd_step_stats as a dict.
+static PyObject * py_step_epoch(PyObject * Py_UNUSED(m), PyObject * args, PyObject * kwds) {
+    static char * kwlist[] = { "nets", "terms", "data", "epoch", "train", "monitor", NULL };
+    PyObject * nets_o, * terms_o, * topts, * mon_o = Py_None;
+    DatasetObject * data;
+    int epoch;
+    if (!PARSE_KW(args, kwds, "OOO!iO|O", kwlist, &nets_o, &terms_o, &DatasetType, &data, &epoch, &topts, &mon_o))
+        return NULL;
+    struct kd_train_cfg cfg;
+    struct callback_ctx ctx = { NULL };
+    if (parse_train_cfg(topts, &cfg, &ctx) < 0 || check_epoch(epoch) < 0 || check_data(data) < 0) return NULL;
+    PyObject * nseq = PySequence_Fast(nets_o, "nets must be a list of dicts");
+    if (!nseq) return NULL;
+    PyObject * tseq = PySequence_Fast(terms_o, "terms must be a list of dicts");
+    if (!tseq) { Py_DECREF(nseq); return NULL; }
+    const Py_ssize_t nn = PySequence_Fast_GET_SIZE(nseq), nt = PySequence_Fast_GET_SIZE(tseq);
+    PyObject * ret = NULL;
+    struct kd_step_net sn[KD_STEP_MAX_NETS];
+    struct kd_term * terms = NULL;
+    NetObject * busy[KD_STEP_MAX_NETS];
+    PyArrayObject * hold[KD_STEP_MAX_NETS] = { NULL };
+    int n_busy = 0;
+    if (nn < 1 || nn > KD_STEP_MAX_NETS || nt > KD_STEP_MAX_TERMS) {
+        PyErr_Format(PyExc_ValueError, "a step has 1..%d nets and at most %d terms, got %zd and %zd", KD_STEP_MAX_NETS,
+                     KD_STEP_MAX_TERMS, nn, nt);
+        goto done;
+    }
+    terms = calloc((size_t)(nt ? nt : 1), sizeof *terms);
+    if (!terms) { PyErr_NoMemory(); goto done; }
+    for (Py_ssize_t i = 0; i < nn; i++) {
+        PyObject * d = PySequence_Fast_GET_ITEM(nseq, i);
+        if (!PyDict_Check(d)) { PyErr_Format(PyExc_TypeError, "nets[%zd] must be a dict", i); goto done; }
+        struct kd_step_net * c = &sn[i];
+        memset(c, 0, sizeof *c);
+        c->input_net = c->input_node = -1;
+        struct opt_reader r = { d, "step net", 0 };
+        PyObject * net = opt_get(&r, "net"), * opt = opt_get(&r, "opt"), * lg = opt_get(&r, "logits"),
+                 * input = opt_get(&r, "input"), * role = opt_get(&r, "role");
+        int mode = 0;
+        long long salt = 0;
+        if (opt_i32(&r, "mode", &mode) < 0 || opt_float(&r, "noise", &c->input_noise) < 0 ||
+            opt_float(&r, "lr_scale", &c->lr_scale) < 0 || opt_int(&r, "salt", &salt) < 0 || opt_done(&r) < 0)
+            goto done;
+        if (mode < 0 || mode > (KD_MODE_TRAIN | KD_MODE_NO_GRAD)) { PyErr_Format(PyExc_ValueError, "nets[%zd]: mode %d is not a kd_mode", i, mode); goto done; }
+        c->mode = (unsigned)mode;
+        c->salt = (uint64_t)salt;
+        if (role && role != Py_None) {
+            if (!PyUnicode_Check(role) || !(c->role = PyUnicode_AsUTF8(role))) {
+                if (!PyErr_Occurred()) PyErr_Format(PyExc_TypeError, "nets[%zd]: role must be a str", i);
+                goto done;
+            }
+        }
+        if (net && net != Py_None) {
+            if (!PyObject_TypeCheck(net, &NetType) || !((NetObject *)net)->net) {
+                PyErr_Format(PyExc_TypeError, "nets[%zd]: net must be a built model", i);
+                goto done;
+            }
+            for (int j = 0; j < n_busy; j++)
+                if (busy[j] == (NetObject *)net) { PyErr_SetString(PyExc_ValueError, "the same model appears twice in the step"); goto done; }
+            c->net = ((NetObject *)net)->net;
+            busy[n_busy++] = (NetObject *)net;
+        }
+        if (opt && opt != Py_None) {
+            if (!c->net) { PyErr_Format(PyExc_ValueError, "nets[%zd]: an optimizer needs a net", i); goto done; }
+            if (check_opt_for((OptimObject *)opt, (NetObject *)net, "opt") < 0) goto done;
+            c->opt = ((OptimObject *)opt)->opt;
+        }
+        if (lg && lg != Py_None) {
+            char nm[40];
+            snprintf(nm, sizeof nm, "nets[%zd] logits", i);
+            if (!(hold[i] = get_array(lg, NPY_FLOAT32, nm))) goto done;
+            if (PyArray_NDIM(hold[i]) != 2 || PyArray_DIM(hold[i], 0) != data->ds.n || check_finite(hold[i], nm) < 0) {
+                if (!PyErr_Occurred()) PyErr_Format(PyExc_ValueError, "%s must be (%d samples, classes)", nm, data->ds.n);
+                goto done;
+            }
+            c->logits = PyArray_DATA(hold[i]);
+        }
+        if (input && input != Py_None) {
+            struct kd_ref in;
+            if (parse_ref(input, (int)nn, &in, "input") < 0) goto done;
+            c->input_net = in.net;
+            c->input_node = in.node;
+        }
+    }
+    for (Py_ssize_t t = 0; t < nt; t++) {
+        PyObject * d = PySequence_Fast_GET_ITEM(tseq, t);
+        if (!PyDict_Check(d)) { PyErr_Format(PyExc_TypeError, "terms[%zd] must be a dict", t); goto done; }
+        struct opt_reader r = { d, "term", 0 };
+        int kind = 0;
+        if (!PyDict_GetItemString(d, "kind") || opt_i32(&r, "kind", &kind) < 0) { if (!PyErr_Occurred()) PyErr_Format(PyExc_ValueError, "terms[%zd] needs a kind", t); goto done; }
+        if (kind < 0 || kind >= KD_TERM_COUNT) { PyErr_Format(PyExc_ValueError, "terms[%zd]: unknown kind %d", t, kind); goto done; }
+        struct kd_term * tm = &terms[t];
+        *tm = kd_term_default((enum kd_term_kind)kind);
+        PyObject * a = opt_get(&r, "a"), * name = opt_get(&r, "name");
+        if (opt_float(&r, "weight", &tm->weight) < 0 || opt_i32(&r, "warmup_epochs", &tm->warmup_epochs) < 0 ||
+            opt_i32(&r, "stop_epoch", &tm->stop_epoch) < 0 || opt_float(&r, "T", &tm->T) < 0 ||
+            opt_float(&r, "alpha", &tm->alpha) < 0 || opt_float(&r, "beta", &tm->beta) < 0 ||
+            opt_i32(&r, "k", &tm->k) < 0 || opt_bool(&r, "conditional", &tm->conditional) < 0 ||
+            parse_source(&r, (int)nn, &tm->src, "term") < 0 || opt_done(&r) < 0)
+            goto done;
+        if (a && parse_ref(a, (int)nn, &tm->a, "a") < 0) goto done;
+        if (name && name != Py_None && (!PyUnicode_Check(name) || !(tm->name = PyUnicode_AsUTF8(name)))) {
+            if (!PyErr_Occurred()) PyErr_Format(PyExc_TypeError, "terms[%zd]: name must be a str", t);
+            goto done;
+        }
+    }
+    struct kd_step_cfg step = { .nets = sn, .n_nets = (int)nn, .terms = terms, .n_terms = (int)nt };
+    if (mon_o != Py_None) {
+        if (!PyDict_Check(mon_o)) { PyErr_SetString(PyExc_TypeError, "monitor must be a dict or None"); goto done; }
+        struct opt_reader r = { mon_o, "monitor", 0 };
+        if (parse_source(&r, (int)nn, &step.monitor, "monitor") < 0 || opt_done(&r) < 0) goto done;
+    }
+    if (acquire_all(busy, n_busy) < 0) goto done;
+    struct kd_step_stats s;
+    enum kd_status st;
+    Py_BEGIN_ALLOW_THREADS
+    st = kd_step_epoch(&step, &data->ds, &cfg, epoch, &s);
+    Py_END_ALLOW_THREADS
+    release_all(busy, n_busy);
+    if (st != KD_OK) { kd_raise(st); goto done; }
+    ret = step_stats_dict(&s, (int)nn, (int)nt);
+done:
+    for (int i = 0; i < KD_STEP_MAX_NETS; i++) Py_XDECREF(hold[i]);
+    free(terms);
+    Py_DECREF(nseq);
+    Py_DECREF(tseq);
+    return ret;
+}
+
+// The term kinds and mixes of kdcore.h, by name (Python reads them; no integer is mirrored),
+// and each kind's defaults (kd_term_default).
+static int add_enums(PyObject * m) {
+    PyObject * kinds = PyDict_New(), * defaults = PyDict_New();
+    if (!kinds || !defaults) goto fail;
+    for (int k = 0; k < KD_TERM_COUNT; k++) {
+        struct kd_term t = kd_term_default((enum kd_term_kind)k);
+        PyObject * v = PyLong_FromLong(k);
+        PyObject * d = Py_BuildValue("{s:f,s:f,s:f,s:f,s:i}", "weight", (double)t.weight, "T", (double)t.T,
+                                     "alpha", (double)t.alpha, "beta", (double)t.beta, "k", t.k);
+        int bad = !v || !d || PyDict_SetItemString(kinds, kd_term_kind_name((enum kd_term_kind)k), v) < 0 ||
+                  PyDict_SetItemString(defaults, kd_term_kind_name((enum kd_term_kind)k), d) < 0;
+        Py_XDECREF(v);
+        Py_XDECREF(d);
+        if (bad) goto fail;
+    }
+    PyObject * mixes = Py_BuildValue("{s:i,s:i,s:i}", "losses", KD_MIX_LOSSES, "probs", KD_MIX_PROBS, "logits", KD_MIX_LOGITS);
+    PyObject * modes = Py_BuildValue("{s:i,s:i,s:i,s:i,s:i}", "eval", KD_MODE_EVAL, "bn_batch", KD_MODE_BN_BATCH,
+                                     "dropout", KD_MODE_DROPOUT, "train", KD_MODE_TRAIN, "no_grad", KD_MODE_NO_GRAD);
+    if (!mixes || !modes || PyModule_AddObject(m, "TERM_KINDS", kinds) < 0) { Py_XDECREF(mixes); Py_XDECREF(modes); goto fail; }
+    kinds = NULL;
+    if (PyModule_AddObject(m, "TERM_DEFAULTS", defaults) < 0) { Py_DECREF(mixes); Py_DECREF(modes); goto fail; }
+    defaults = NULL;
+    if (PyModule_AddObject(m, "MIX", mixes) < 0) { Py_DECREF(mixes); Py_DECREF(modes); return -1; }
+    if (PyModule_AddObject(m, "MODES", modes) < 0) { Py_DECREF(modes); return -1; }
+    return 0;
+fail:
+    Py_XDECREF(kinds);
+    Py_XDECREF(defaults);
+    return -1;
+}
+
 static PyMethodDef module_methods[] = {
+    { "step_epoch", (PyCFunction)(void (*)(void))py_step_epoch, METH_VARARGS | METH_KEYWORDS, "one epoch of the step engine" },
     { "train_epoch", (PyCFunction)py_train_epoch, METH_VARARGS, "train_epoch(net, opt, data, epoch, train_options)" },
     { "distill_epoch", (PyCFunction)(void (*)(void))py_distill_epoch, METH_VARARGS | METH_KEYWORDS, "one distillation epoch in C" },
     { "mutual_epoch", (PyCFunction)(void (*)(void))py_mutual_epoch, METH_VARARGS | METH_KEYWORDS, "one deep-mutual-learning epoch in C" },
@@ -2121,7 +2370,7 @@ PyMODINIT_FUNC PyInit__kdcore(void) {
     if (PyModule_AddObjectRef(m, "Net", (PyObject *)&NetType) < 0 ||
         PyModule_AddObjectRef(m, "Optimizer", (PyObject *)&OptimType) < 0 ||
         PyModule_AddObjectRef(m, "Dataset", (PyObject *)&DatasetType) < 0 ||
-        PyModule_AddStringConstant(m, "version", KDCORE_VERSION) < 0) {
+        PyModule_AddStringConstant(m, "version", KDCORE_VERSION) < 0 || add_enums(m) < 0) {
         Py_DECREF(m);
         return NULL;
     }
