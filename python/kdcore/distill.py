@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import _kdcore
+from . import losses as _losses
 from .nn import Module, _check_bool, _check_float, _check_int, _is_choice
 from .optim import _make_optimizer, make_optimizer
 from .training import History, _check_model, _Common, predict
@@ -58,7 +59,7 @@ def distill(student, teacher, train, method="kd", epochs=10, batch_size=128, opt
             multi="avg_prob", learn_gates=False, gate_lr=0.1, teacher_drop=0.0, fickle=False, student_noise=0.0,
             tolerant=None, cache="auto",
             label_smoothing=0.0, drop_last=False, max_steps=None, callback=None, callback_every=20,
-            checkpoint=None, checkpoint_every=1, checkpoint_best=False, resume=False, nonfinite="raise"):
+            checkpoint=None, checkpoint_every=1, checkpoint_best=False, resume=False, nonfinite="raise", losses=None):
     """Offline distillation of ``student`` from ``teacher``; returns the student's History.
 
     teacher: a trained model, a list of models (multi-teacher), or precomputed logits
@@ -91,8 +92,34 @@ def distill(student, teacher, train, method="kd", epochs=10, batch_size=128, opt
     as they were too).
     """
     _check_model(student)
+    if losses is not None or (isinstance(method, str) and method in _losses.METHODS and method not in _KINDS):
+        given = {k: v for k, v in dict(T=T, warmup_epochs=warmup_epochs, kd_stop_epoch=kd_stop_epoch,
+                                       teacher_weights=teacher_weights).items() if v is not None}
+        given.update({k: v for k, v in dict(alpha=alpha != 1.0, beta=beta != 8.0, conditional=conditional,
+                                             multi=multi != "avg_prob", learn_gates=learn_gates,
+                                             teacher_drop=teacher_drop != 0.0, fickle=fickle,
+                                             student_noise=student_noise != 0.0, tolerant=tolerant is not None).items()
+                      if v is True})
+        if given:
+            raise ValueError(f"{', '.join(sorted(given))} apply to method='kd'/'dkd'/'mse'; with losses= or a "
+                             f"feature method, set them on the loss terms (kdcore.losses)")
+        terms = _losses.method_terms(method) if losses is None else list(losses)
+        if losses is None:
+            for t in terms:   # ce_weight / kd_weight: the weights of the recipe's CE and method terms
+                if isinstance(t, _losses.CE) and ce_weight is not None:
+                    t.weight = _check_float("ce_weight", ce_weight, 0)
+                elif not isinstance(t, _losses.CE) and kd_weight is not None:
+                    t.weight = _check_float("kd_weight", kd_weight, 0)
+        elif ce_weight is not None or kd_weight is not None:
+            raise ValueError("with losses=, give each term its weight (ce_weight/kd_weight are for method=)")
+        c = _Common(train, epochs, batch_size, optimizer, lr, schedule, augment, val, seed, progress,
+                    label_smoothing, drop_last, max_steps, callback, callback_every, nonfinite)
+        c.set_checkpointing(checkpoint, checkpoint_every, checkpoint_best, resume, None)
+        return _distill_terms(student, teacher, c, terms, method if losses is None else "losses", cache)
     if not _is_choice(method, _KINDS):
-        raise ValueError(f"method must be one of {sorted(_KINDS)}, got {method!r}")
+        raise ValueError(f"method must be one of {sorted(_losses.METHODS)} (kdcore.distill); mutual learning, SLKD, "
+                         f"multi-exit, BAN, TAKD, DGKD, ... are kdcore.mutual, kdcore.slkd, kdcore.multi_exit and "
+                         f"kdcore.schemes.*; got {method!r}")
     c = _Common(train, epochs, batch_size, optimizer, lr, schedule, augment, val, seed, progress,
                 label_smoothing, drop_last, max_steps, callback, callback_every, nonfinite)
     learn_gates, fickle = _check_bool("learn_gates", learn_gates), _check_bool("fickle", fickle)
@@ -193,6 +220,65 @@ def distill(student, teacher, train, method="kd", epochs=10, batch_size=128, opt
         all(isinstance(t, Module) for t in (teacher if isinstance(teacher, (list, tuple)) else [teacher]))
     return c.loop([student], run, extra_metrics=extra if has_val_teacher else None, optimizers=[copt],
                   roles=["student"], extra_state=None if gates is None else {"gates": gates})
+
+
+def _distill_terms(student, teacher, c, terms, method, cache):
+    """distill() over loss terms: the step engine with the student, the teacher and the terms'
+    connectors; the History logs every term."""
+    if isinstance(teacher, (list, tuple)):
+        raise ValueError("losses= takes one teacher model (several teachers: method='kd' with a list)")
+    if not isinstance(teacher, Module):
+        raise TypeError(f"teacher must be a kdcore model for feature distillation, got {type(teacher).__name__}")
+    _check_model(teacher)
+    if teacher is student:
+        raise ValueError("the student cannot be its own teacher; use student.copy()")
+    plan = _losses.build_plan(student, [teacher], c.train, terms)
+    if not _is_choice(cache, ("auto", True, False)):
+        raise ValueError(f"cache must be 'auto', True or False, got {cache!r}")
+    cacheable = not c.augmented and not plan.reads_teacher_taps()
+    if cache is True and not cacheable:
+        raise ValueError("teacher outputs cannot be cached with augmentation or when a term reads the teacher's taps")
+    teacher.eval()
+    logits = predict(teacher, c.train, batch_size=512) if cache is True or (cache == "auto" and cacheable) else None
+    modes = _kdcore.MODES
+    conns = [m for m, _, _ in plan.connectors]
+    cfg = dict(scheme="distill", method=method, terms=[repr(t) for t in terms],
+               connectors=[f"{what}: {m!r}" for m, _, what in plan.connectors])
+    c.run_config.update(cfg)
+    opt_s = c.opt.bind(student)
+    opt_c = [c.opt.bind(m) for m in conns]
+    nets = [dict(net=student.net, opt=opt_s, mode=modes["train"], salt=0x57D0, role="student"),
+            dict(net=None if logits is not None else teacher.net, logits=logits, mode=modes["eval"], salt=0x7EAC0,
+                 role="teacher")]
+    for k, (m, src, what) in enumerate(plan.connectors):
+        nets.append(dict(net=m.net, opt=opt_c[k], mode=modes["train"], input=src, salt=0xC0 + k, role="connector"))
+    monitor = dict(src=[(1, -1)])
+    val_t = None
+
+    def run(epoch, topts):
+        st = _kdcore.step_epoch(nets, plan.terms, c.train._c, epoch, topts, monitor=monitor)
+        # The student's objective: its own terms and those of its connectors.
+        row = dict(train_loss=st["net_loss"][0] + sum(st["net_loss"][2:]))
+        for (label, parts), v, p, w, t in zip(plan.labels, st["term_value"], st["term_part"], st["term_weight"],
+                                             plan.terms):
+            row[label] = v
+            row.update(zip(parts, p))
+            if t.get("warmup_epochs") or t.get("stop_epoch"):
+                row[f"{label}_weight"] = w
+        row.update(train_acc=st["net_accuracy"][0], teacher_train_acc=st["monitor_accuracy"], lr=st["lr"],
+                   skipped_steps=st["skipped_steps"])
+        return row
+
+    def extra():
+        nonlocal val_t
+        if val_t is None:
+            val_t = _kdcore.softmax(predict(teacher, c.val, batch_size=512), 1.0)
+        return {"kl_student_teacher": _kl_to_probs(predict(student, c.val, batch_size=512), val_t)}
+
+    hist = c.loop([student] + conns, run, extra_metrics=extra, optimizers=[opt_s] + opt_c,
+                  roles=["student"] + [f"connector{k}" for k in range(len(conns))])
+    student.connectors = conns
+    return hist
 
 
 def _val_teacher_probs(teacher, val, weights):

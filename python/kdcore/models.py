@@ -43,6 +43,11 @@ def mlp(sizes, dropout=0.0, batchnorm=False, seed=0):
                 layers.append(Dropout(dropout))
     m = Sequential(*layers)
     m.input_shape = (sizes[0],)
+    relus = [str(i) for i, layer in enumerate(layers) if isinstance(layer, ReLU)]
+    if relus:
+        # Hidden activations: the stages; the last one is the feature before the classifier.
+        m.default_taps = dict(stages=relus, stages_pre=[str(int(r) - 1) for r in relus], pooled=relus[-1],
+                              hint=relus[len(relus) // 2])
     return _seeded(m, seed)
 
 
@@ -63,6 +68,8 @@ def cnn(num_classes=10, in_channels=1, input_size=28, width=32, seed=0):
         AdaptiveAvgPool2d(1), Flatten(), Linear(2 * w, num_classes),
     )
     m.input_shape = (in_channels, input_size, input_size)
+    # Two stages (before each max-pool), the pooled feature after flatten.
+    m.default_taps = dict(stages=["5", "12"], stages_pre=["4", "11"], pooled="15", hint="12")
     return _seeded(m, seed)
 
 
@@ -205,6 +212,11 @@ class ResNet(_ZooModel):
             x = self._emit_child(g, name, x, prefix)
         return x
 
+    def feature_taps(self):
+        n = (self.depth - 2) // 6
+        return dict(stages=["layer1", "layer2", "layer3"], stages_pre=[f"layer{k}.{n - 1}.add" for k in (1, 2, 3)],
+                    pooled="flatten", hint="layer2")
+
     def _describe(self):
         return f"depth={self.depth}, num_filters={self.num_filters}, num_classes={self.num_classes}"
 
@@ -345,6 +357,10 @@ class WideResNet(_ZooModel):
     def _post_init(self):
         self.parameters()["fc.bias"][...] = 0.0
 
+    def feature_taps(self):
+        return dict(stages=["block1", "block2", "block3"], stages_pre=["block2.layer.0.bn1", "block3.layer.0.bn1", "bn1"],
+                    pooled="flatten", hint="block2")
+
     def _describe(self):
         return f"depth={self.depth}, widen_factor={self.widen_factor}, num_classes={self.num_classes}"
 
@@ -447,6 +463,10 @@ class VGG(_ZooModel):
         w = p["classifier.weight"]
         w[...] = rng.normal(0.0, 0.01, size=w.shape).astype(np.float32)
         p["classifier.bias"][...] = 0.0
+
+    def feature_taps(self):
+        return dict(stages=["relu1", "relu2", "relu3"], stages_pre=["block1", "block2", "block3"], pooled="flatten",
+                    hint="relu2")
 
     def _describe(self):
         return f"cfg={self.cfg}, num_classes={self.num_classes}"

@@ -246,6 +246,18 @@ class Module:
             raise KeyError(f"no tap named {name!r}; model.taps() lists them")
         raise TypeError(f"tap name must be a str, got {type(name).__name__}")
 
+    def _output_index(self):
+        self._build()
+        return self._graph.output if self._graph.output is not None else len(self._graph.nodes) - 1
+
+    def feature_taps(self):
+        """The taps feature distillation reads by default, or None when the model has no
+        defaults: {"stages": [f1, f2, f3] (stage ends, post-activation), "stages_pre": the same
+        before the activation, "pooled": f4 (the pooled feature before the classifier),
+        "hint": FitNet's hint layer (f2)}. The zoo models define them as RepDistiller and
+        mdistiller tap them; set ``model.default_taps = {...}`` for a model of your own."""
+        return getattr(self, "default_taps", None)
+
     def tap(self, name):
         """Copy of the named intermediate output from the last forward pass."""
         return self.net.tap(self._tap_index(name))
