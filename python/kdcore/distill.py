@@ -59,7 +59,7 @@ def distill(student, teacher, train, method="kd", epochs=10, batch_size=128, opt
             multi="avg_prob", learn_gates=False, gate_lr=0.1, teacher_drop=0.0, fickle=False, student_noise=0.0,
             tolerant=None, cache="auto",
             label_smoothing=0.0, drop_last=False, max_steps=None, callback=None, callback_every=20,
-            checkpoint=None, checkpoint_every=1, checkpoint_best=False, resume=False, nonfinite="raise", losses=None):
+            checkpoint=None, checkpoint_every=1, checkpoint_best=False, resume=False, nonfinite="raise", losses=None, hint_epochs=0):
     """Offline distillation of ``student`` from ``teacher``; returns the student's History.
 
     teacher: a trained model, a list of models (multi-teacher), or precomputed logits
@@ -112,8 +112,14 @@ def distill(student, teacher, train, method="kd", epochs=10, batch_size=128, opt
                     t.weight = _check_float("kd_weight", kd_weight, 0)
         elif ce_weight is not None or kd_weight is not None:
             raise ValueError("with losses=, give each term its weight (ce_weight/kd_weight are for method=)")
-        c = _Common(train, epochs, batch_size, optimizer, lr, schedule, augment, val, seed, progress,
-                    label_smoothing, drop_last, max_steps, callback, callback_every, nonfinite)
+        def common(n_epochs):
+            return _Common(train, n_epochs, batch_size, optimizer, lr, schedule, augment, val, seed, progress,
+                           label_smoothing, drop_last, max_steps, callback, callback_every, nonfinite)
+        hint_epochs = _check_int("hint_epochs", hint_epochs, 0)
+        if hint_epochs:
+            return _two_stage_fitnet(student, teacher, terms, hint_epochs, epochs, common, method, losses, checkpoint,
+                                     cache)
+        c = common(epochs)
         c.set_checkpointing(checkpoint, checkpoint_every, checkpoint_best, resume, None)
         return _distill_terms(student, teacher, c, terms, method if losses is None else "losses", cache)
     if not _is_choice(method, _KINDS):
@@ -220,6 +226,42 @@ def distill(student, teacher, train, method="kd", epochs=10, batch_size=128, opt
         all(isinstance(t, Module) for t in (teacher if isinstance(teacher, (list, tuple)) else [teacher]))
     return c.loop([student], run, extra_metrics=extra if has_val_teacher else None, optimizers=[copt],
                   roles=["student"], extra_state=None if gates is None else {"gates": gates})
+
+
+def _two_stage_fitnet(student, teacher, terms, hint_epochs, epochs, common, method, losses, checkpoint, cache):
+    """FitNet as the paper trains it: stage 1 trains the student up to the hint layer on the
+    hint loss alone (through the regressor) for hint_epochs; every parameter and BN statistic
+    past the hint layer is then put back as it was, and stage 2 trains the whole student with
+    Hinton KD (CE 0.1, KD 0.9, T 4). The History runs over both stages (column ``stage``)."""
+    from .schemes import _concat_histories
+    if method != "fitnet" or losses is not None:
+        raise ValueError("hint_epochs is the two-stage form of method='fitnet'")
+    if checkpoint is not None:
+        raise ValueError("two-stage FitNet (hint_epochs) does not checkpoint; checkpoint each stage's distill call")
+    hint = [t for t in terms if isinstance(t, _losses.Hint)]
+    tap = hint[0].student_tap or (student.feature_taps() or {}).get("hint")
+    if tap is None:
+        raise ValueError("the student has no default hint tap; use losses=[kdcore.losses.FitNet(student_tap=...)]")
+    before = student.state_dict()
+    past = _nodes_past(student, student._tap_index(tap))
+    h1 = _distill_terms(student, teacher, common(hint_epochs), hint, "fitnet-hint", cache)
+    sd = student.state_dict()
+    for k in sd:
+        if k.rsplit(".", 1)[0] in past:
+            sd[k] = before[k]
+    student.load_state_dict(sd)
+    h2 = _distill_terms(student, teacher, common(epochs), _losses.method_terms("kd"), "fitnet-kd", cache)
+    return _concat_histories([h1, h2], "stage")
+
+
+def _nodes_past(model, node):
+    """Names (state-dict prefixes) of the layers that are not on any path into `node`."""
+    g = model._graph
+    on_path = {node}
+    for i in range(node, -1, -1):
+        if i in on_path:
+            on_path.update(j for j in g.nodes[i][2:4] if j >= 0)
+    return {model._key(n) for i, n in enumerate(g.names) if i not in on_path}
 
 
 def _distill_terms(student, teacher, c, terms, method, cache):
