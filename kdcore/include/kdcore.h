@@ -476,6 +476,9 @@ struct kd_step_net {
     float lr_scale;            // its updates use lr * lr_scale (0 means 1)
     uint64_t salt;             // mixed into its dropout seed
     const char * role;         // "student", "teacher", "peer", ... (messages)
+    bool params_only;          // no forward: it holds a term's own parameters (VID's variances);
+                               // its gradient is cleared each step, the term adds to it, its
+                               // optimizer updates it
 };
 
 struct kd_ref { int net, node; };   // node -1: the net's output

@@ -46,7 +46,7 @@ enum kd_status kd_cross_entropy(float * loss, float * dlogits, const float * log
 }
 
 // ---------------------------------------------------------------------------------------
-// Distillation losses. Conventions (RepDistiller / mdistiller, see docs/losses.md):
+// Distillation losses. Conventions (RepDistiller / mdistiller, as kdcore.h states them):
 // - softened distributions p = softmax(z / T);
 // - KL summed over classes, averaged over the batch, multiplied by T^2 so that gradient
 //   magnitudes do not shrink as 1/T^2 (Hinton et al. 2015);

@@ -603,6 +603,11 @@ static enum kd_status engine_setup(struct engine * E) {
             if (s->nets[j].net == c->net) E_FAIL(KD_ERR_VALUE, "net %d (%s) is also net %d of the step", i, role, j);
         sn->trained = c->opt != NULL;
         sn->connector = c->input_net >= 0;
+        if (c->params_only) {
+            if (!c->net || !c->opt || sn->connector)
+                E_FAIL(KD_ERR_VALUE, "net %d (%s): a parameter holder needs a net and an optimizer, and no input", i, role);
+            continue;
+        }
         if (sn->connector) {
             if (c->input_net >= i || !s->nets[c->input_net].net)
                 E_FAIL(KD_ERR_VALUE, "net %d (%s): input_net %d must be an earlier net of the step", i, role, c->input_net);
@@ -788,6 +793,10 @@ enum kd_status kd_step_run_(const struct kd_step_cfg * s, const struct kd_datase
         for (int i = 0; i < s->n_nets; i++) {
             struct snet * sn = &E.n[i];
             const struct kd_step_net * c = sn->c;
+            if (c->params_only) {
+                kd_net_zero_grad(c->net);   // the terms add their parameters' gradients
+                continue;
+            }
             if (c->logits) {
                 for (int r = 0; r < nb; r++)
                     memcpy(sn->cached + (size_t)r * V, c->logits + (size_t)L.idx[r] * V, (size_t)V * sizeof(float));
@@ -826,6 +835,11 @@ enum kd_status kd_step_run_(const struct kd_step_cfg * s, const struct kd_datase
             struct snet * sn = &E.n[i];
             if (!sn->trained) continue;
             struct kd_net * net = sn->c->net;
+            if (sn->c->params_only) {
+                if (!all_finite(kd_net_grads(net), kd_net_num_params(net)))
+                    NONFINITE_STEP("gradient", sn->c->role ? sn->c->role : "parameters");
+                continue;
+            }
             const int outn = kd_net_output_node(net);
             const float * dout = NULL;
             for (int g = 0; g < E.n_slots; g++) {
@@ -868,7 +882,7 @@ enum kd_status kd_step_run_(const struct kd_step_cfg * s, const struct kd_datase
             if (term_kinds[term->kind].logits) term_correct[t] += count_correct(ref_data(&E, term->a), L.y, nb, V);
         }
         for (int i = 0; i < s->n_nets; i++)
-            if (!E.n[i].connector && E.n[i].V == V)
+            if (!E.n[i].connector && !s->nets[i].params_only && E.n[i].V == V)
                 net_correct[i] += count_correct(ref_data(&E, (struct kd_ref){ i, -1 }), L.y, nb, V);
         if (s->monitor.n > 0) {
             float gw[KD_SOURCE_MAX];

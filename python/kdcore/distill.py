@@ -414,7 +414,7 @@ def slkd(student, teacher, train, sl_teachers=None, n_sl=2, epochs=10, batch_siz
     Losses (eqs. 1-7): SL-T j: alpha CE + (1-alpha) KD(T -> SL_j); student:
     lam [alpha CE + (1-alpha) KD(T -> S)] + eta [alpha CE + (1-alpha) KD(sg(z_SL) -> S)] with
     z_SL = rho z_1 + (1-rho) z_2. KD is T^2-scaled KL, as in mdistiller's KD (A4).
-    Choices for the paper's ambiguities (../shared/spec/methods.md §5), each an option:
+    Choices for the paper's ambiguities, each an option (defaults first):
       A1 sl_grad=False: z_SL is detached in the student's loss (eq. 3 minimises over the
          student only); True lets that gradient reach the SL-Ts (DML-like).
       A2 fuse='logits' (eq. 3 divides the fused output by tau, so it is a logit); 'probs'
