@@ -315,6 +315,143 @@ KD_API enum kd_status kd_loss_tolerant(float * loss, float * dlogits, const floa
                                        int K, float weight, bool accumulate);
 
 // ---------------------------------------------------------------------------------------
+// Feature and relation losses: the parameter-free feature-map and embedding methods (AT, SP,
+// NST, RKD, PKT, FSP). Conventions:
+// - A batch of feature maps: x is float32 (n, c, h, w), C-contiguous; a flat feature vector
+//   (an embedding, a pooled feature) is (n, d) passed as c = d, h = w = 1.
+// - *loss (may be NULL) receives the loss as the method defines it, weight NOT applied;
+//   ds and dt, each may be NULL, receive the gradient of weight * loss w.r.t. the student map
+//   s and the teacher map t (dt: when the "teacher" side is trained too, e.g. online or
+//   mutual feature distillation; it is the gradient of the whole loss, including terms the
+//   references compute under no_grad because their teacher is frozen), overwritten or, with
+//   accumulate, added.
+// - Defaults are the RepDistiller / mdistiller forms (so results compare with the
+//   literature); where the paper differs, an option gives the paper's form.
+// - Where sizes differ spatially (AT, NST, and the two layers of one network in FSP), each map
+//   is adaptive-average-pooled (torch adaptive_avg_pool2d: bin i covers [floor(iH/OH),
+//   ceil((i+1)H/OH))) to (min of the heights, min of the widths); a map already that size is
+//   used as is. For square maps this is the references' rule (pool the larger map to the
+//   smaller); they decide on the height alone and pool to a square (H, H), which for
+//   non-square maps is not "the smaller size" -- kdcore pools each dimension to the smaller.
+// - Normalisations keep the references' epsilons: F.normalize's v / max(||v||, 1e-12) (AT, SP,
+//   NST, RKD angles), PKT's v / (||v|| + 1e-7), RKD's distance clamp sqrt(max(q, 1e-12)).
+//   An all-zero map or row therefore normalises to zero, as in the references.
+// - Computed in double (pooling, normalisations, the losses and their reductions), with the
+//   feature products (Gram and kernel matrices, their backward products) on kdcore's linear
+//   product as GEMMs: no broadcast tensors. OpenMP runs over samples or rows only: results
+//   are deterministic, and thread-count independent in deterministic mode.
+// - Errors: KD_ERR_VALUE (NULL map, option out of range, non-finite weight), KD_ERR_SHAPE
+//   (a size < 1, c*h*w above INT32_MAX, n or channel mismatch), KD_ERR_NOMEM (scratch),
+//   KD_ERR_NONFINITE if the loss is not finite (*loss holds it; ds/dt may have been written).
+//   Input values are not checked (the Python binding rejects NaN/Inf).
+// - Scratch: one allocation per call, freed before it returns; kd_loss_feat_scratch() gives
+//   its size in bytes. With M = the pooled h*w, D = c*h*w, T = threads used: 1 when the
+//   work is under 2^16 (AT: n (Ds + Dt); NST: n (Cs + Ct)^2 M; FSP: n C1 C2 (Ms + Mt) +
+//   n (D1 + D2) of the student), else min(kd_get_num_threads(), n),
+//   LW(a, k, b) = the linear product's workspace for an (a x k)(b x k)^T product and its
+//   backward (kd_linear_workspace: packed operands), the largest of (a' + b'' + 4) k,
+//   (a' + 36) b and (b' + 36) a floats plus 64, x' = x rounded up to 8, x'' to 32:
+//     AT   8 [n + T M (Cs + Ct + max(Cs, Ct) + 3)]                               (no GEMM)
+//     SP   12 n^2 + 16 n^2 + 16 n + 4 LW(n, max D, n)                 (~ 8 n max(Ds, Dt))
+//     NST  8 n + T [12 (Cs + Ct) M + 8 (Cs + Ct) + 4 (Cs^2 + Ct^2 + Cs Ct) + 4 max LW(C, M, C')
+//                   + (with a gradient) 8 (Cs + Ct) M + 8 max(Cs, Ct) M]
+//          C, C' over Cs, Ct: per sample, not the references' n x C x C x HW broadcast
+//          (n = 128, C = 256, 8x8, 2 threads: 3.8 MB against 2.1 GB)
+//     RKD  8 (6 n^2 + n + kd_get_num_threads() max(Ds, Dt))    (O(n^2): no n^3, no n^2 d)
+//     PKT  4 n (Ds + Dt) + 36 n^2 + 32 n + 4 LW(n, max D, n) + (with a gradient) 4 n max D
+//     FSP  8 n + T [4 (C1 + C2)(Ms + Mt) + 12 C1 C2 + 8 max(C1, C2) Mm + 4 max LW(C1, M, C2)
+//                   + (with a gradient) 4 (C1 + C2) Mm],  Mm = max(Ms, Mt), M over Ms, Mt
+//   plus, for each map that is pooled, 16 (OH + OW) + 8 (h + w) of index tables (bytes, each
+//   piece rounded up to 64).
+//
+// FitNet's hint loss is kd_loss_mse over the flattened maps (N = n, V = c*h*w): mean of
+// (s - t)^2, F.mse_loss as RepDistiller/mdistiller write it; its teacher gradient is exactly
+// -ds, so it needs no dt-capable variant.
+
+struct kd_fmap { const float * x; int n, c, h, w; };
+
+// Bytes of scratch the last kd_loss_{at,sp,nst,rkd,pkt,fsp} call on this thread allocated.
+KD_API size_t kd_loss_feat_scratch(void);
+
+// AT (attention transfer, Zagoruyko & Komodakis 2017). Attention map of a sample:
+// q = k * sum_c |f_c|^p over the (pooled) h*w positions, a = q / max(||q||, 1e-12).
+// - KD_AT_CODE (default; RepDistiller/mdistiller `Attention`/`at_loss`, torchdistill's
+//   ATLoss mode "code", the authors' code): k = 1/c (channel mean); loss = mean over
+//   n * h * w of (a_s - a_t)^2.
+// - KD_AT_PAPER (the paper's eq. 2, torchdistill's mode "paper"): k = 1 (channel sum; equal
+//   after normalisation up to the epsilon); loss = (1/n) sum_i ||a_s,i - a_t,i||_2 (not
+//   squared; its gradient at a_s = a_t is taken as 0). The paper's beta/2 is the caller's
+//   weight.
+// p >= 1 (default 2). The references compute f^p (f.pow(p)), kdcore |f|^p as the paper writes
+// it: equal for p = 2, for any even p and for non-negative (post-ReLU) maps, which are what
+// the references tap; for signed maps and other p, f^p is signed (odd p) or NaN (fractional
+// p). At f = 0, d|f|^p/df = 0 (torch's f.pow(1) gives 1 there; a ReLU before the tap makes
+// the two equal).
+enum kd_at_form { KD_AT_CODE = 0, KD_AT_PAPER = 1 };
+KD_API enum kd_status kd_loss_at(float * loss, float * ds, float * dt, struct kd_fmap s, struct kd_fmap t,
+                                 float p, enum kd_at_form form, float weight, bool accumulate);
+
+// SP (similarity preserving, Tung & Mori 2019; RepDistiller/mdistiller `Similarity`):
+// F = the maps flattened per sample (n x c*h*w), G = F F^T (n x n), rows L2-normalised
+// (max(., 1e-12)); loss = ||G_t - G_s||_F^2 / n^2. Student and teacher may differ in c, h, w. n = 1: G
+// normalises to [1] on both sides (0 for an all-zero map), so the loss is 0 (or 1) and the
+// gradient 0.
+KD_API enum kd_status kd_loss_sp(float * loss, float * ds, float * dt, struct kd_fmap s, struct kd_fmap t,
+                                 float weight, bool accumulate);
+
+// NST (neuron selectivity transfer, Huang & Wang 2017; RepDistiller `NSTLoss`, mdistiller
+// `nst_loss`): the larger map pooled to the smaller (the references' rule, above), each
+// channel's spatial vector L2-normalised (max(., 1e-12)); with k(u, v) = (u . v)^2 over
+// channel pairs of one sample, loss = mean k(t,t) + mean k(s,s) - 2 mean k(s,t), means over
+// n * Ct * Ct, n * Cs * Cs, n * Cs * Ct (MMD^2 with the homogeneous poly-2 kernel; the
+// paper's lambda/2 is the caller's weight). Cs and Ct may differ. Per sample three GEMMs
+// (C x hw)(hw x C), not the references' broadcast.
+KD_API enum kd_status kd_loss_nst(float * loss, float * ds, float * dt, struct kd_fmap s, struct kd_fmap t,
+                                  float weight, bool accumulate);
+
+// RKD (relational KD, Park et al. 2019; RepDistiller `RKDLoss`, mdistiller `rkd_loss`) on the
+// flattened features (any c*h*w, student and teacher may differ):
+// - distance: D_ij = sqrt(max(||x_i - x_j||^2, 1e-12)) off the diagonal, 0 on it, divided
+//   by its mean over the n(n-1) off-diagonal entries; L_dist = smooth-L1 (beta 1) of
+//   D_s - D_t, mean over the n^2 entries;
+// - angle: for each anchor a, e_ab = (x_b - x_a) / max(||x_b - x_a||, 1e-12) and
+//   A_abc = e_ab . e_ac (n^3 values, 0 where b or c is a); L_angle = smooth-L1 mean over n^3.
+// loss = w_dist * L_dist + w_angle * L_angle (the references' 25 and 50 are the Python
+// defaults); parts (or NULL) receives {L_dist, L_angle} unweighted. Squared distances are
+// computed directly in double (the references' |x|^2 + |y|^2 - 2 x.y loses near pairs to
+// cancellation) and the angles from them (A_abc = (q_ab + q_ac - q_bc) / (2 m_ab m_ac), the
+// same function, epsilons included), so memory is O(n^2), time O(n^2 d + n^3). The paper's
+// distance normaliser (mean over the pairs) and Huber loss are these; its sums are the means
+// times n^2 and n^3. n = 1: no pairs, loss 0 and zero gradients (the references' mean over
+// no distances is NaN). Exactly coincident rows (b != a, x_b = x_a) give e_ab = 0 with the
+// clamp's 1/eps gradient, as in the references.
+KD_API enum kd_status kd_loss_rkd(float * loss, float * ds, float * dt, struct kd_fmap s, struct kd_fmap t,
+                                  float w_dist, float w_angle, float parts[2], float weight, bool accumulate);
+
+// PKT (probabilistic knowledge transfer, Passalis & Tefas 2018; RepDistiller `PKT`,
+// mdistiller `pkt_loss`, from the authors' code) on the flattened features: rows
+// x / (||x|| + 1e-7), cosine matrix S, M = (S + 1)/2, P = M row-normalised (diagonal kept);
+// loss = mean over the n^2 entries of P_t log((P_t + 1e-7) / (P_s + 1e-7)). The paper's sum
+// over j != i of the KL divergence is n^2 times this, up to the diagonal and the epsilon;
+// the epsilon also means that s = t gives loss 0 but a gradient of order 1e-7 / n^2, not
+// exactly 0. n = 1: P = [1], loss 0, gradient 0. An all-zero row normalises to 0; its
+// gradient is the exact derivative (I / 1e-7 times the upstream gradient), where torch's
+// autograd of the reference gives NaN (d sqrt at 0).
+KD_API enum kd_status kd_loss_pkt(float * loss, float * ds, float * dt, struct kd_fmap s, struct kd_fmap t,
+                                  float weight, bool accumulate);
+
+// FSP (flow of solution procedure, Yim et al. 2017; RepDistiller `FSP`) for one pair of layers
+// per network: per sample G = (1/hw) F1 F2^T (C1 x C2) with the larger of the two maps pooled
+// (avg, as RepDistiller; torchdistill uses max pooling) to the common size;
+// loss = mean over n * C1 * C2 of (G_s - G_t)^2 (RepDistiller; the paper's sum and
+// torchdistill's per-sample norm differ by the reduction). Student and teacher must have the
+// same channel counts (t1.c = s1.c, t2.c = s2.c); their spatial sizes may differ. Gradients
+// w.r.t. each of the four maps (each may be NULL).
+KD_API enum kd_status kd_loss_fsp(float * loss, float * ds1, float * ds2, float * dt1, float * dt2,
+                                  struct kd_fmap s1, struct kd_fmap s2, struct kd_fmap t1, struct kd_fmap t2,
+                                  float weight, bool accumulate);
+
+// ---------------------------------------------------------------------------------------
 // Optimisers over a net's parameter block, PyTorch semantics (torch.optim.SGD/Adam/AdamW).
 
 enum kd_optim_kind { KD_OPTIM_SGD, KD_OPTIM_ADAM, KD_OPTIM_ADAMW };

@@ -1709,6 +1709,142 @@ static PyObject * py_softmax(PyObject * Py_UNUSED(m), PyObject * args, PyObject 
     return p;
 }
 
+// ---- feature and relation losses (kdcore.h, "Feature and relation losses")
+
+// A feature-map argument: float32, 2-D (n, d) or 4-D (n, c, h, w), non-empty, finite. A new
+// reference in *a; *m describes it (a 2-D array as c = d, h = w = 1).
+static int get_fmap(PyObject * o, const char * name, PyArrayObject ** a, struct kd_fmap * m) {
+    *a = get_array(o, NPY_FLOAT32, name);
+    if (!*a) return -1;
+    const int nd = PyArray_NDIM(*a);
+    if ((nd != 2 && nd != 4) || PyArray_SIZE(*a) == 0) {
+        PyErr_Format(PyExc_ValueError, "%s must be a non-empty 2-D (n, d) or 4-D (n, c, h, w) array, got %s%d-D", name,
+                     PyArray_SIZE(*a) == 0 ? "an empty " : "", nd);
+        goto fail;
+    }
+    for (int k = 0; k < nd; k++)
+        if (check_int(PyArray_DIM(*a, k), name) < 0) goto fail;
+    if (check_finite(*a, name) < 0) goto fail;
+    m->x = PyArray_DATA(*a);
+    m->n = (int)PyArray_DIM(*a, 0);
+    m->c = (int)PyArray_DIM(*a, 1);
+    m->h = nd == 4 ? (int)PyArray_DIM(*a, 2) : 1;
+    m->w = nd == 4 ? (int)PyArray_DIM(*a, 3) : 1;
+    return 0;
+fail:
+    Py_CLEAR(*a);
+    return -1;
+}
+
+static int same_batch(const struct kd_fmap * a, const char * an, const struct kd_fmap * b, const char * bn) {
+    if (a->n == b->n) return 0;
+    PyErr_Format(PyExc_ValueError, "%s has %d samples and %s has %d: the batch sizes must match", bn, b->n, an, a->n);
+    return -1;
+}
+
+static PyObject * like(PyArrayObject * a) { return PyArray_SimpleNew(PyArray_NDIM(a), PyArray_DIMS(a), NPY_FLOAT32); }
+static float * data_or_null(PyObject * a) { return a ? PyArray_DATA((PyArrayObject *)a) : NULL; }
+
+enum feat_kind { FEAT_AT, FEAT_SP, FEAT_NST, FEAT_RKD, FEAT_PKT };
+
+// (loss, ds[, dt]) for the two-map losses; RKD appends (L_dist, L_angle).
+static PyObject * feat_run(enum feat_kind kind, PyObject * so, PyObject * to, int tg, float p, int form, float wd,
+                           float wa) {
+    PyArrayObject * s = NULL, * t = NULL;
+    PyObject * ds = NULL, * dt = NULL, * ret = NULL;
+    struct kd_fmap fs, ft;
+    if (get_fmap(so, "s", &s, &fs) < 0) return NULL;
+    if (get_fmap(to, "t", &t, &ft) < 0 || same_batch(&fs, "s", &ft, "t") < 0) goto fail;
+    ds = like(s);
+    dt = tg ? like(t) : NULL;
+    if (!ds || (tg && !dt)) goto fail;
+    float loss = 0, parts[2] = { 0, 0 };
+    float * dsp = data_or_null(ds), * dtp = data_or_null(dt);
+    enum kd_status st = KD_OK;
+    Py_BEGIN_ALLOW_THREADS
+    switch (kind) {
+    case FEAT_AT:  st = kd_loss_at(&loss, dsp, dtp, fs, ft, p, (enum kd_at_form)form, 1.0f, false); break;
+    case FEAT_SP:  st = kd_loss_sp(&loss, dsp, dtp, fs, ft, 1.0f, false); break;
+    case FEAT_NST: st = kd_loss_nst(&loss, dsp, dtp, fs, ft, 1.0f, false); break;
+    case FEAT_RKD: st = kd_loss_rkd(&loss, dsp, dtp, fs, ft, wd, wa, parts, 1.0f, false); break;
+    case FEAT_PKT: st = kd_loss_pkt(&loss, dsp, dtp, fs, ft, 1.0f, false); break;
+    }
+    Py_END_ALLOW_THREADS
+    if (st != KD_OK) { kd_raise(st); goto fail; }
+    if (kind == FEAT_RKD)
+        ret = tg ? Py_BuildValue("(fOO(ff))", loss, ds, dt, parts[0], parts[1]) : Py_BuildValue("(fO(ff))", loss, ds, parts[0], parts[1]);
+    else
+        ret = tg ? Py_BuildValue("(fOO)", loss, ds, dt) : Py_BuildValue("(fO)", loss, ds);
+fail:
+    Py_XDECREF(ds); Py_XDECREF(dt); Py_XDECREF(s); Py_XDECREF(t);
+    return ret;
+}
+
+// at_loss(s, t, p=2, form=0, grad_teacher=False) -> (loss, ds[, dt]); form 0 code, 1 paper
+static PyObject * py_at_loss(PyObject * Py_UNUSED(m), PyObject * args, PyObject * kwds) {
+    static char * kwlist[] = { "s", "t", "p", "form", "grad_teacher", NULL };
+    PyObject * so, * to;
+    float p = 2.0f;
+    int form = 0, tg = 0;
+    if (!PARSE_KW(args, kwds, "OO|fip", kwlist, &so, &to, &p, &form, &tg)) return NULL;
+    return feat_run(FEAT_AT, so, to, tg, p, form, 0, 0);
+}
+
+// sp_loss / nst_loss / pkt_loss(s, t, grad_teacher=False) -> (loss, ds[, dt])
+static PyObject * feat_plain(enum feat_kind kind, PyObject * args, PyObject * kwds) {
+    static char * kwlist[] = { "s", "t", "grad_teacher", NULL };
+    PyObject * so, * to;
+    int tg = 0;
+    if (!PARSE_KW(args, kwds, "OO|p", kwlist, &so, &to, &tg)) return NULL;
+    return feat_run(kind, so, to, tg, 0, 0, 0, 0);
+}
+static PyObject * py_sp_loss(PyObject * Py_UNUSED(m), PyObject * args, PyObject * kwds) { return feat_plain(FEAT_SP, args, kwds); }
+static PyObject * py_nst_loss(PyObject * Py_UNUSED(m), PyObject * args, PyObject * kwds) { return feat_plain(FEAT_NST, args, kwds); }
+static PyObject * py_pkt_loss(PyObject * Py_UNUSED(m), PyObject * args, PyObject * kwds) { return feat_plain(FEAT_PKT, args, kwds); }
+
+// rkd_loss(s, t, w_dist=25, w_angle=50, grad_teacher=False) -> (loss, ds[, dt], (L_dist, L_angle))
+static PyObject * py_rkd_loss(PyObject * Py_UNUSED(m), PyObject * args, PyObject * kwds) {
+    static char * kwlist[] = { "s", "t", "w_dist", "w_angle", "grad_teacher", NULL };
+    PyObject * so, * to;
+    float wd = 25.0f, wa = 50.0f;
+    int tg = 0;
+    if (!PARSE_KW(args, kwds, "OO|ffp", kwlist, &so, &to, &wd, &wa, &tg)) return NULL;
+    return feat_run(FEAT_RKD, so, to, tg, 0, 0, wd, wa);
+}
+
+// fsp_loss(s1, s2, t1, t2, grad_teacher=False) -> (loss, ds1, ds2[, dt1, dt2])
+static PyObject * py_fsp_loss(PyObject * Py_UNUSED(m), PyObject * args, PyObject * kwds) {
+    static char * kwlist[] = { "s1", "s2", "t1", "t2", "grad_teacher", NULL };
+    PyObject * o[4];
+    int tg = 0;
+    if (!PARSE_KW(args, kwds, "OOOO|p", kwlist, &o[0], &o[1], &o[2], &o[3], &tg)) return NULL;
+    PyArrayObject * a[4] = { NULL, NULL, NULL, NULL };
+    PyObject * g[4] = { NULL, NULL, NULL, NULL }, * ret = NULL;
+    struct kd_fmap f[4];
+    for (int k = 0; k < 4; k++) {
+        if (get_fmap(o[k], kwlist[k], &a[k], &f[k]) < 0) goto fail;
+        if (k > 0 && same_batch(&f[0], kwlist[0], &f[k], kwlist[k]) < 0) goto fail;
+    }
+    for (int k = 0; k < (tg ? 4 : 2); k++)
+        if (!(g[k] = like(a[k]))) goto fail;
+    float loss = 0;
+    enum kd_status st;
+    Py_BEGIN_ALLOW_THREADS
+    st = kd_loss_fsp(&loss, data_or_null(g[0]), data_or_null(g[1]), data_or_null(g[2]), data_or_null(g[3]), f[0], f[1],
+                     f[2], f[3], 1.0f, false);
+    Py_END_ALLOW_THREADS
+    if (st != KD_OK) { kd_raise(st); goto fail; }
+    ret = tg ? Py_BuildValue("(fOOOO)", loss, g[0], g[1], g[2], g[3]) : Py_BuildValue("(fOO)", loss, g[0], g[1]);
+fail:
+    for (int k = 0; k < 4; k++) { Py_XDECREF(a[k]); Py_XDECREF(g[k]); }
+    return ret;
+}
+
+// feat_scratch_bytes() -> bytes of scratch the last feature/relation loss on this thread allocated
+static PyObject * py_feat_scratch_bytes(PyObject * Py_UNUSED(m), PyObject * Py_UNUSED(a)) {
+    return PyLong_FromSize_t(kd_loss_feat_scratch());
+}
+
 // evaluate(net, data, batch_size=256, logits=False) -> (logits or None, loss or None, accuracy or None)
 static PyObject * py_evaluate(PyObject * Py_UNUSED(m), PyObject * args, PyObject * kwds) {
     static char * kwlist[] = { "net", "data", "batch_size", "logits", NULL };
@@ -2342,6 +2478,13 @@ static PyMethodDef module_methods[] = {
     { "mse_loss", (PyCFunction)py_mse_loss, METH_VARARGS, "(loss, dstudent)" },
     { "tolerant_loss", (PyCFunction)py_tolerant_loss, METH_VARARGS, "(loss, dlogits)" },
     { "softmax", (PyCFunction)(void (*)(void))py_softmax, METH_VARARGS | METH_KEYWORDS, "softmax(logits, T)" },
+    { "at_loss", (PyCFunction)(void (*)(void))py_at_loss, METH_VARARGS | METH_KEYWORDS, "(loss, ds[, dt])" },
+    { "sp_loss", (PyCFunction)(void (*)(void))py_sp_loss, METH_VARARGS | METH_KEYWORDS, "(loss, ds[, dt])" },
+    { "nst_loss", (PyCFunction)(void (*)(void))py_nst_loss, METH_VARARGS | METH_KEYWORDS, "(loss, ds[, dt])" },
+    { "rkd_loss", (PyCFunction)(void (*)(void))py_rkd_loss, METH_VARARGS | METH_KEYWORDS, "(loss, ds[, dt], (L_dist, L_angle))" },
+    { "pkt_loss", (PyCFunction)(void (*)(void))py_pkt_loss, METH_VARARGS | METH_KEYWORDS, "(loss, ds[, dt])" },
+    { "fsp_loss", (PyCFunction)(void (*)(void))py_fsp_loss, METH_VARARGS | METH_KEYWORDS, "(loss, ds1, ds2[, dt1, dt2])" },
+    { "feat_scratch_bytes", (PyCFunction)py_feat_scratch_bytes, METH_NOARGS, "scratch bytes of the last feature loss call" },
     { "evaluate", (PyCFunction)(void (*)(void))py_evaluate, METH_VARARGS | METH_KEYWORDS, "batched eval-mode forward" },
     { "cross_entropy", (PyCFunction)(void (*)(void))py_cross_entropy, METH_VARARGS | METH_KEYWORDS, "(loss, dlogits)" },
     { "idx_read", (PyCFunction)py_idx_read, METH_O, "read an IDX (optionally gzipped) file" },
