@@ -644,6 +644,14 @@ enum kd_term_kind {
     KD_TERM_DKD,         // kd_loss_dkd(a, src, labels): alpha TCKD + beta NCKD
     KD_TERM_MSE,         // kd_loss_mse(a, src): logits, or maps of equal size (hints)
     KD_TERM_TOLERANT,    // kd_loss_tolerant(a), top-k
+    // Feature and relation terms: a and src are taps (maps or flat features) of any shapes
+    // the loss takes; the term's options are in its union member of the same name.
+    KD_TERM_AT,          // kd_loss_at (at.p, at.form)
+    KD_TERM_SP,          // kd_loss_sp
+    KD_TERM_NST,         // kd_loss_nst
+    KD_TERM_RKD,         // kd_loss_rkd (rkd.w_dist, rkd.w_angle); parts: distance, angle
+    KD_TERM_PKT,         // kd_loss_pkt
+    KD_TERM_FSP,         // kd_loss_fsp between (a, fsp.a2) and (src.ref[0], src.ref[1])
     KD_TERM_COUNT
 };
 KD_API const char * kd_term_kind_name(enum kd_term_kind kind);   // "ce", "kd", ... (NULL if unknown)
@@ -660,8 +668,15 @@ struct kd_term {
     int k;                     // TOLERANT: top-k
     bool conditional;          // KD: per sample, the term where the source predicts the label,
                                // else cross-entropy with the label at the term's weight
+    union {                    // the options of the feature kinds (kd_term_default sets them)
+        struct { float p; enum kd_at_form form; } at;
+        struct { float w_dist, w_angle; } rkd;
+        struct { struct kd_ref a2; } fsp;
+    };
 };
-KD_API struct kd_term kd_term_default(enum kd_term_kind kind);   // weight 1, T 4, DKD 1/8, k 5
+// Defaults: weight 1, T 4, DKD alpha 1 and beta 8, top-k 5, AT p 2 in the code form, RKD
+// weights 25 and 50 (RepDistiller / mdistiller).
+KD_API struct kd_term kd_term_default(enum kd_term_kind kind);
 
 struct kd_step_cfg {
     const struct kd_step_net * nets;

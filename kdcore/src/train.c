@@ -242,9 +242,9 @@ static void loop_skip(struct loop * L) {
 // reference, or a mixture of several); da/db (NULL: no gradient there) receive the gradient
 // of w * term, added. Shapes are per sample.
 struct pair_io {
-    const float * a, * b;
-    float * da, * db;
-    int nb, ac, ah, aw, bc, bh, bw;
+    const float * a, * b, * a2, * b2;
+    float * da, * db, * da2, * db2;
+    int nb, ac, ah, aw, bc, bh, bw, a2c, a2h, a2w, b2c, b2h, b2w;
     const int64_t * y;
     const float * mask;       // per-sample weights of the term (conditional learning) or NULL
     float w;
@@ -264,6 +264,31 @@ static enum kd_status pair_mse(const struct kd_term * t, struct pair_io * p) {
     return kd_loss_mse(&p->value, p->da, p->a, p->b, p->nb, p->ac * p->ah * p->aw, p->w, true);
 }
 
+static struct kd_fmap fmap(const float * x, int n, int c, int h, int w) { return (struct kd_fmap){ x, n, c, h, w }; }
+#define FM_A(p) fmap((p)->a, (p)->nb, (p)->ac, (p)->ah, (p)->aw)
+#define FM_B(p) fmap((p)->b, (p)->nb, (p)->bc, (p)->bh, (p)->bw)
+
+static enum kd_status pair_at(const struct kd_term * t, struct pair_io * p) {
+    return kd_loss_at(&p->value, p->da, p->db, FM_A(p), FM_B(p), t->at.p, t->at.form, p->w, true);
+}
+static enum kd_status pair_sp(const struct kd_term * t, struct pair_io * p) {
+    return kd_loss_sp(&p->value, p->da, p->db, FM_A(p), FM_B(p), p->w, true);
+}
+static enum kd_status pair_nst(const struct kd_term * t, struct pair_io * p) {
+    return kd_loss_nst(&p->value, p->da, p->db, FM_A(p), FM_B(p), p->w, true);
+}
+static enum kd_status pair_rkd(const struct kd_term * t, struct pair_io * p) {
+    return kd_loss_rkd(&p->value, p->da, p->db, FM_A(p), FM_B(p), t->rkd.w_dist, t->rkd.w_angle, p->part, p->w, true);
+}
+static enum kd_status pair_pkt(const struct kd_term * t, struct pair_io * p) {
+    return kd_loss_pkt(&p->value, p->da, p->db, FM_A(p), FM_B(p), p->w, true);
+}
+// FSP reads two maps per side: (a, a2) and (b, b2); see term_run.
+static enum kd_status pair_fsp(const struct kd_term * t, struct pair_io * p) {
+    return kd_loss_fsp(&p->value, p->da, p->da2, p->db, p->db2, FM_A(p), fmap(p->a2, p->nb, p->a2c, p->a2h, p->a2w),
+                       FM_B(p), fmap(p->b2, p->nb, p->b2c, p->b2h, p->b2w), p->w, true);
+}
+
 // Per kind: its name, what it reads, and how it computes. A kind reads logits (V values per
 // sample, checked against the labels' classes) or maps of any shape.
 static const struct term_kind_info {
@@ -280,6 +305,12 @@ static const struct term_kind_info {
     [KD_TERM_DKD]      = { "dkd",      "distillation loss", true,  true,  false, true,  pair_dkd },
     [KD_TERM_MSE]      = { "mse",      "distillation loss", false, true,  false, true,  pair_mse },
     [KD_TERM_TOLERANT] = { "tolerant", "tolerant loss",     true,  false, false, true,  NULL },
+    [KD_TERM_AT]       = { "at",       "AT loss",           false, true,  true,  false, pair_at },
+    [KD_TERM_SP]       = { "sp",       "SP loss",           false, true,  true,  false, pair_sp },
+    [KD_TERM_NST]      = { "nst",      "NST loss",          false, true,  true,  false, pair_nst },
+    [KD_TERM_RKD]      = { "rkd",      "RKD loss",          false, true,  true,  false, pair_rkd },
+    [KD_TERM_PKT]      = { "pkt",      "PKT loss",          false, true,  true,  false, pair_pkt },
+    [KD_TERM_FSP]      = { "fsp",      "FSP loss",          false, true,  true,  false, pair_fsp },
 };
 
 const char * kd_term_kind_name(enum kd_term_kind kind) {
@@ -296,6 +327,9 @@ struct kd_term kd_term_default(enum kd_term_kind kind) {
     t.beta = 8.0f;
     t.k = 5;
     t.a.node = -1;
+    if (kind == KD_TERM_AT) { t.at.p = 2.0f; t.at.form = KD_AT_CODE; }
+    if (kind == KD_TERM_RKD) { t.rkd.w_dist = 25.0f; t.rkd.w_angle = 50.0f; }
+    if (kind == KD_TERM_FSP) t.fsp.a2.node = -1;
     return t;
 }
 
@@ -500,6 +534,20 @@ static enum kd_status term_run(struct engine * E, const struct kd_term * t, floa
         extra = ce;
     }
     const size_t bper = (size_t)p.bc * p.bh * p.bw;
+    if (t->kind == KD_TERM_FSP) {
+        // Two maps per side, no mixing: (a, a2) against (src 0, src 1).
+        p.a2 = ref_data(E, t->fsp.a2);
+        p.da2 = ref_grad(E, t->fsp.a2);
+        ref_shape(E, t->fsp.a2, &p.a2c, &p.a2h, &p.a2w);
+        p.b = ref_data(E, s->ref[0]);
+        p.b2 = ref_data(E, s->ref[1]);
+        ref_shape(E, s->ref[1], &p.b2c, &p.b2h, &p.b2w);
+        if (s->grad) { p.db = ref_grad(E, s->ref[0]); p.db2 = ref_grad(E, s->ref[1]); }
+        st = pair_fsp(t, &p);
+        o->value = p.value;
+        o->contrib = (double)w * o->value;
+        return st;
+    }
     if (s->n > 1 && s->mix == KD_MIX_PROBS) {
         // One KD term against the mixture of softened distributions (checked: KD only).
         memset(q, 0, nbv * sizeof(float));
@@ -671,17 +719,27 @@ static enum kd_status engine_setup(struct engine * E) {
             E_FAIL(KD_ERR_SHAPE, "term %d (%s): its input has %zu values per sample, the logits %d", i, kn, per, E->V);
         for (int j = 0; j < ns; j++) {
             const size_t pj = ref_per(E, t->src.ref[j]);
-            const bool same = k->same_shape || (ns > 1 && t->src.mix == KD_MIX_LOGITS && j > 0 && pj != ref_per(E, t->src.ref[0]));
-            if (same && pj != (k->same_shape ? per : ref_per(E, t->src.ref[0]))) {
+            if (k->same_shape && pj != per) {
                 const char * rs = s->nets[t->src.ref[j].net].role, * ra = s->nets[t->a.net].role;
                 E_FAIL(KD_ERR_SHAPE, "the %s outputs %zu values but the %s outputs %zu", rs ? rs : "source", pj,
-                        ra ? ra : "net", per);
+                       ra ? ra : "net", per);
             }
+            if (!k->same_shape && ns > 1 && t->src.mix == KD_MIX_LOGITS && t->kind != KD_TERM_FSP &&
+                pj != ref_per(E, t->src.ref[0]))
+                E_FAIL(KD_ERR_SHAPE, "term %d (%s): mixed sources differ in size (%zu and %zu values per sample)", i, kn,
+                       ref_per(E, t->src.ref[0]), pj);
+        }
+        if (t->kind == KD_TERM_FSP) {
+            if (ns != 2) E_FAIL(KD_ERR_VALUE, "term %d (fsp): the source lists the teacher's two maps, got %d", i, ns);
+            KD_TRY(check_ref(E, t->fsp.a2, "fsp.a2", i, kn));
+            if (E->n[t->fsp.a2.net].trained)
+                KD_TRY(add_slot(E, t->fsp.a2.net, ref_node(E, t->fsp.a2), ref_per(E, t->fsp.a2)));
         }
         // Gradient slots for every trained input the term writes to.
         if (E->n[t->a.net].trained) KD_TRY(add_slot(E, t->a.net, ref_node(E, t->a), per));
         for (int j = 0; j < ns && t->src.grad; j++)
-            if (E->n[t->src.ref[j].net].trained) KD_TRY(add_slot(E, t->src.ref[j].net, ref_node(E, t->src.ref[j]), per));
+            if (E->n[t->src.ref[j].net].trained)
+                KD_TRY(add_slot(E, t->src.ref[j].net, ref_node(E, t->src.ref[j]), ref_per(E, t->src.ref[j])));
     }
     if (s->monitor.n < 0 || s->monitor.n > KD_SOURCE_MAX) E_FAIL(KD_ERR_VALUE, "monitor.n must be in [0, %d]", KD_SOURCE_MAX);
     for (int j = 0; j < s->monitor.n; j++) {
@@ -719,6 +777,7 @@ static enum kd_status keep_read_nodes(struct engine * E) {
 #define KEEP(r) do { struct kd_ref r_ = (r); if (s->nets[r_.net].net) kd_net_keep(s->nets[r_.net].net, ref_node(E, r_), true); } while (0)
     for (int t = 0; t < s->n_terms; t++) {
         KEEP(s->terms[t].a);
+        if (s->terms[t].kind == KD_TERM_FSP) KEEP(s->terms[t].fsp.a2);
         for (int j = 0; j < s->terms[t].src.n; j++) KEEP(s->terms[t].src.ref[j]);
     }
     for (int j = 0; j < s->monitor.n; j++) KEEP(s->monitor.ref[j]);

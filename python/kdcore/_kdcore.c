@@ -2397,7 +2397,19 @@ static PyObject * py_step_epoch(PyObject * Py_UNUSED(m), PyObject * args, PyObje
         if (kind < 0 || kind >= KD_TERM_COUNT) { PyErr_Format(PyExc_ValueError, "terms[%zd]: unknown kind %d", t, kind); goto done; }
         struct kd_term * tm = &terms[t];
         *tm = kd_term_default((enum kd_term_kind)kind);
-        PyObject * a = opt_get(&r, "a"), * name = opt_get(&r, "name");
+        PyObject * a = opt_get(&r, "a"), * name = opt_get(&r, "name"), * a2 = opt_get(&r, "a2");
+        int form = 0;
+        if (tm->kind == KD_TERM_AT && (opt_float(&r, "p", &tm->at.p) < 0 || opt_i32(&r, "form", &form) < 0)) goto done;
+        if (tm->kind == KD_TERM_AT) {
+            if (form != KD_AT_CODE && form != KD_AT_PAPER) { PyErr_Format(PyExc_ValueError, "terms[%zd]: unknown AT form %d", t, form); goto done; }
+            tm->at.form = (enum kd_at_form)form;
+        }
+        if (tm->kind == KD_TERM_RKD && (opt_float(&r, "w_dist", &tm->rkd.w_dist) < 0 || opt_float(&r, "w_angle", &tm->rkd.w_angle) < 0))
+            goto done;
+        if (a2 && (tm->kind != KD_TERM_FSP || parse_ref(a2, (int)nn, &tm->fsp.a2, "a2") < 0)) {
+            if (!PyErr_Occurred()) PyErr_Format(PyExc_ValueError, "terms[%zd]: a2 is an FSP option", t);
+            goto done;
+        }
         if (opt_float(&r, "weight", &tm->weight) < 0 || opt_i32(&r, "warmup_epochs", &tm->warmup_epochs) < 0 ||
             opt_i32(&r, "stop_epoch", &tm->stop_epoch) < 0 || opt_float(&r, "T", &tm->T) < 0 ||
             opt_float(&r, "alpha", &tm->alpha) < 0 || opt_float(&r, "beta", &tm->beta) < 0 ||
@@ -2443,12 +2455,24 @@ static int add_enums(PyObject * m) {
         PyObject * v = PyLong_FromLong(k);
         PyObject * d = Py_BuildValue("{s:f,s:f,s:f,s:f,s:i}", "weight", (double)t.weight, "T", (double)t.T,
                                      "alpha", (double)t.alpha, "beta", (double)t.beta, "k", t.k);
+        if (d && k == KD_TERM_AT) {
+            PyObject * x = Py_BuildValue("{s:f,s:i}", "p", (double)t.at.p, "form", (int)t.at.form);
+            if (!x || PyDict_Update(d, x) < 0) Py_CLEAR(d);
+            Py_XDECREF(x);
+        }
+        if (d && k == KD_TERM_RKD) {
+            PyObject * x = Py_BuildValue("{s:f,s:f}", "w_dist", (double)t.rkd.w_dist, "w_angle", (double)t.rkd.w_angle);
+            if (!x || PyDict_Update(d, x) < 0) Py_CLEAR(d);
+            Py_XDECREF(x);
+        }
         int bad = !v || !d || PyDict_SetItemString(kinds, kd_term_kind_name((enum kd_term_kind)k), v) < 0 ||
                   PyDict_SetItemString(defaults, kd_term_kind_name((enum kd_term_kind)k), d) < 0;
         Py_XDECREF(v);
         Py_XDECREF(d);
         if (bad) goto fail;
     }
+    PyObject * forms = Py_BuildValue("{s:i,s:i}", "code", KD_AT_CODE, "paper", KD_AT_PAPER);
+    if (!forms || PyModule_AddObject(m, "AT_FORMS", forms) < 0) { Py_XDECREF(forms); goto fail; }
     PyObject * mixes = Py_BuildValue("{s:i,s:i,s:i}", "losses", KD_MIX_LOSSES, "probs", KD_MIX_PROBS, "logits", KD_MIX_LOGITS);
     PyObject * modes = Py_BuildValue("{s:i,s:i,s:i,s:i,s:i}", "eval", KD_MODE_EVAL, "bn_batch", KD_MODE_BN_BATCH,
                                      "dropout", KD_MODE_DROPOUT, "train", KD_MODE_TRAIN, "no_grad", KD_MODE_NO_GRAD);

@@ -59,7 +59,7 @@ def distill(student, teacher, train, method="kd", epochs=10, batch_size=128, opt
             multi="avg_prob", learn_gates=False, gate_lr=0.1, teacher_drop=0.0, fickle=False, student_noise=0.0,
             tolerant=None, cache="auto",
             label_smoothing=0.0, drop_last=False, max_steps=None, callback=None, callback_every=20,
-            checkpoint=None, checkpoint_every=1, checkpoint_best=False, resume=False, nonfinite="raise", losses=None, hint_epochs=0):
+            checkpoint=None, checkpoint_every=1, checkpoint_best=False, resume=False, nonfinite="raise", losses=None, hint_epochs=0, init_epochs=None):
     """Offline distillation of ``student`` from ``teacher``; returns the student's History.
 
     teacher: a trained model, a list of models (multi-teacher), or precomputed logits
@@ -103,7 +103,7 @@ def distill(student, teacher, train, method="kd", epochs=10, batch_size=128, opt
         if given:
             raise ValueError(f"{', '.join(sorted(given))} apply to method='kd'/'dkd'/'mse'; with losses= or a "
                              f"feature method, set them on the loss terms (kdcore.losses)")
-        terms = _losses.method_terms(method) if losses is None else list(losses)
+        terms = _losses.method_terms(method) if losses is None else _losses.check_losses(losses)
         if losses is None:
             for t in terms:   # ce_weight / kd_weight: the weights of the recipe's CE and method terms
                 if isinstance(t, _losses.CE) and ce_weight is not None:
@@ -119,9 +119,26 @@ def distill(student, teacher, train, method="kd", epochs=10, batch_size=128, opt
         if hint_epochs:
             return _two_stage_fitnet(student, teacher, terms, hint_epochs, epochs, common, method, losses, checkpoint,
                                      cache)
+        name = method if losses is None else "losses"
+        init = [t for t in terms if t.phase in ("all", "init")]
+        main = [t for t in terms if t.phase in ("all", "main")]
+        if any(t.phase == "init" for t in terms):
+            # An initialisation phase (RepDistiller's --init_epochs for FSP, AB, FT): the
+            # 'init' terms alone, then the 'main' ones. Default length: an eighth of the
+            # epochs (RepDistiller's 30 of 240).
+            n_init = max(1, epochs // 8) if init_epochs is None else _check_int("init_epochs", init_epochs, 1)
+            if checkpoint is not None:
+                raise ValueError("a method with an initialisation phase does not checkpoint yet; checkpoint "
+                                 "each phase's distill call (losses with phase='init', then 'main')")
+            from .schemes import _concat_histories
+            h1 = _init_phase(student, teacher, common(n_init), init, name + "-init", cache)
+            h2 = _distill_terms(student, teacher, common(epochs), main, name, cache)
+            return _concat_histories([h1, h2], "stage")
+        if init_epochs:
+            raise ValueError("init_epochs needs a loss term with phase='init' (method 'fsp', ...)")
         c = common(epochs)
         c.set_checkpointing(checkpoint, checkpoint_every, checkpoint_best, resume, None)
-        return _distill_terms(student, teacher, c, terms, method if losses is None else "losses", cache)
+        return _distill_terms(student, teacher, c, main, name, cache)
     if not _is_choice(method, _KINDS):
         raise ValueError(f"method must be one of {sorted(_losses.METHODS)} (kdcore.distill); mutual learning, SLKD, "
                          f"multi-exit, BAN, TAKD, DGKD, ... are kdcore.mutual, kdcore.slkd, kdcore.multi_exit and "
@@ -242,23 +259,35 @@ def _two_stage_fitnet(student, teacher, terms, hint_epochs, epochs, common, meth
     tap = hint[0].student_tap or (student.feature_taps() or {}).get("hint")
     if tap is None:
         raise ValueError("the student has no default hint tap; use losses=[kdcore.losses.FitNet(student_tap=...)]")
-    before = student.state_dict()
-    past = _nodes_past(student, student._tap_index(tap))
-    h1 = _distill_terms(student, teacher, common(hint_epochs), hint, "fitnet-hint", cache)
-    sd = student.state_dict()
-    for k in sd:
-        if k.rsplit(".", 1)[0] in past:
-            sd[k] = before[k]
-    student.load_state_dict(sd)
+    h1 = _init_phase(student, teacher, common(hint_epochs), hint, "fitnet-hint", cache)
     h2 = _distill_terms(student, teacher, common(epochs), _losses.method_terms("kd"), "fitnet-kd", cache)
     return _concat_histories([h1, h2], "stage")
 
 
+def _init_phase(student, teacher, c, terms, method, cache):
+    """A phase that trains the student only up to the taps its terms read (FitNet's hint
+    stage, the initialisation phase of FSP/AB): the layers past those taps get no gradient,
+    and as in PyTorch, where such parameters have no .grad and the optimizer skips them, they
+    leave the phase as they entered it (weight decay would otherwise shrink them)."""
+    plan = _losses.build_plan(student, [teacher], c.train, terms)
+    nodes = [r[1] for t in plan.terms for r in [t["a"]] + ([t["a2"]] if "a2" in t else []) if r[0] == 0]
+    nodes += [src[1] for _, src, _ in plan.connectors if src[0] == 0]
+    nodes = [student._output_index() if n < 0 else n for n in nodes]
+    before = student.state_dict()
+    past = _nodes_past(student, nodes)
+    hist = _distill_terms(student, teacher, c, terms, method, cache)
+    sd = student.state_dict()
+    sd.update({k: before[k] for k in sd if k.rsplit(".", 1)[0] in past})
+    student.load_state_dict(sd)
+    return hist
+
+
 def _nodes_past(model, node):
-    """Names (state-dict prefixes) of the layers that are not on any path into `node`."""
+    """Names (state-dict prefixes) of the layers that are not on any path into `node` (an
+    index or a list of them)."""
     g = model._graph
-    on_path = {node}
-    for i in range(node, -1, -1):
+    on_path = set(node) if isinstance(node, (list, tuple, set)) else {node}
+    for i in range(max(on_path), -1, -1):
         if i in on_path:
             on_path.update(j for j in g.nodes[i][2:4] if j >= 0)
     return {model._key(n) for i, n in enumerate(g.names) if i not in on_path}

@@ -20,7 +20,8 @@ from __future__ import annotations
 from . import _kdcore
 from .nn import BatchNorm2d, Conv2d, Module, ReLU, Sequential, _check_bool, _check_float, _check_int, _is_choice
 
-__all__ = ["Loss", "CE", "KD", "DKD", "LogitMSE", "Hint", "FitNet", "METHODS", "method_terms"]
+__all__ = ["Loss", "CE", "KD", "DKD", "LogitMSE", "Hint", "FitNet", "AT", "SP", "NST", "RKD", "PKT", "FSP",
+           "METHODS", "method_terms", "connector"]
 
 _KINDS = _kdcore.TERM_KINDS
 _DEFAULTS = _kdcore.TERM_DEFAULTS
@@ -42,10 +43,14 @@ class Loss:
     kind = None
     label = None
 
-    def __init__(self, weight=1.0, warmup_epochs=0, stop_epoch=None):
+    def __init__(self, weight=1.0, warmup_epochs=0, stop_epoch=None, phase="all"):
         self.weight = _check_float("weight", weight, 0)
         self.warmup_epochs = _check_int("warmup_epochs", warmup_epochs, 0)
         self.stop_epoch = 0 if stop_epoch is None else _check_int("stop_epoch", stop_epoch, 1)
+        if not _is_choice(phase, ("all", "init", "main")):
+            raise ValueError(f"phase must be 'all', 'init' or 'main', got {phase!r}")
+        # 'init': only in the initialisation phase (distill's init_epochs), 'main': only after it
+        self.phase = phase
 
     def _base(self, **kw):
         return dict(kind=_KINDS[self.kind], weight=self.weight, warmup_epochs=self.warmup_epochs,
@@ -64,6 +69,8 @@ class Loss:
             d["warmup_epochs"] = self.warmup_epochs
         if self.stop_epoch:
             d["stop_epoch"] = self.stop_epoch
+        if self.phase != "all":
+            d["phase"] = self.phase
         return d
 
 
@@ -174,6 +181,145 @@ class FitNet(Hint):
     label = "hint"
 
 
+class _FeatureLoss(Loss):
+    """A parameter-free feature or relation term between student and teacher taps.
+
+    taps: student tap names (default: the model's ``feature_taps()[self.default]``);
+    teacher_taps: the teacher's (default: its own defaults, paired in order). Several taps
+    make one term each, all with this weight (the references sum over stages); the History
+    logs them as ``<label>``, ``<label>_2``, ... in tap order."""
+    default = "stages"     # which feature_taps() entry the term reads by default
+    grad_teacher = False
+
+    def __init__(self, weight, taps=None, teacher_taps=None, **kw):
+        super().__init__(weight, **kw)
+        self.taps = None if taps is None else _tap_list("taps", taps)
+        self.teacher_taps = None if teacher_taps is None else _tap_list("teacher_taps", teacher_taps)
+
+    def _pairs(self, plan):
+        def taps_of(who, given):
+            if given is not None:
+                return given
+            t = plan.default_tap(who, self.default)
+            return list(t) if isinstance(t, (list, tuple)) else [t]
+        s_taps, t_taps = taps_of(0, self.taps), taps_of(1, self.teacher_taps)
+        if len(s_taps) != len(t_taps):
+            raise ValueError(f"{type(self).__name__}: {len(s_taps)} student taps {s_taps} but {len(t_taps)} teacher "
+                             f"taps {t_taps}; give both lists")
+        return list(zip(s_taps, t_taps))
+
+    def _opts(self):
+        return {}
+
+    def _add(self, plan):
+        for s_tap, t_tap in self._pairs(plan):
+            plan.add_term(self, self._base(a=plan.ref(0, s_tap), src=[plan.ref(1, t_tap)], **self._opts()))
+
+    def _options(self):
+        d = super()._options()
+        if self.taps is not None:
+            d["taps"] = self.taps
+        if self.teacher_taps is not None:
+            d["teacher_taps"] = self.teacher_taps
+        return d
+
+
+class AT(_FeatureLoss):
+    """Attention transfer (Zagoruyko & Komodakis): per stage, a = L2-normalised channel mean
+    of |f|^p over the positions; maps of different sizes are average-pooled to the smaller.
+    form='code' (default; RepDistiller, mdistiller): mean over n*h*w of (a_s - a_t)^2, weight
+    1000 on the stage ends f1..f3. form='paper': (1/n) sum_i ||a_s,i - a_t,i||_2 (the paper's
+    beta/2 is the weight)."""
+    kind, label = "at", "at"
+
+    def __init__(self, weight=1000.0, p=_DEFAULTS["at"]["p"], form="code", **kw):
+        super().__init__(weight, **kw)
+        self.p = _check_float("p", p, 1)
+        if not _is_choice(form, _kdcore.AT_FORMS):
+            raise ValueError(f"form must be 'code' or 'paper', got {form!r}")
+        self.form = form
+
+    def _opts(self):
+        return dict(p=self.p, form=_kdcore.AT_FORMS[self.form])
+
+    def _options(self):
+        return dict(super()._options(), p=self.p, form=self.form)
+
+
+class SP(_FeatureLoss):
+    """Similarity preserving (Tung & Mori): G = F F^T over the batch, rows L2-normalised;
+    ||G_t - G_s||_F^2 / n^2 on the last stage map (f3), weight 3000 (RepDistiller)."""
+    kind, label, default = "sp", "sp", "stages"
+
+    def __init__(self, weight=3000.0, **kw):
+        super().__init__(weight, **kw)
+
+    def _pairs(self, plan):
+        pairs = super()._pairs(plan)
+        return pairs if self.taps is not None else pairs[-1:]
+
+
+class NST(_FeatureLoss):
+    """Neuron selectivity transfer (Huang & Wang): MMD^2 with the polynomial kernel (u.v)^2
+    between the channels' normalised spatial vectors, per stage f1..f3, weight 50
+    (mdistiller); computed as per-sample GEMMs."""
+    kind, label = "nst", "nst"
+
+    def __init__(self, weight=50.0, **kw):
+        super().__init__(weight, **kw)
+
+
+class RKD(_FeatureLoss):
+    """Relational KD (Park et al.): w_dist * distance term + w_angle * angle term (smooth-L1
+    of normalised pairwise distances and of triplet angles) on the pooled feature f4;
+    weights 25 and 50, term weight 1 (RepDistiller). The History logs both parts."""
+    kind, label, default = "rkd", "rkd", "pooled"
+
+    def __init__(self, weight=1.0, w_dist=_DEFAULTS["rkd"]["w_dist"], w_angle=_DEFAULTS["rkd"]["w_angle"], **kw):
+        super().__init__(weight, **kw)
+        self.w_dist = _check_float("w_dist", w_dist, 0)
+        self.w_angle = _check_float("w_angle", w_angle, 0)
+
+    def _opts(self):
+        return dict(w_dist=self.w_dist, w_angle=self.w_angle)
+
+    def _add(self, plan):
+        for s_tap, t_tap in self._pairs(plan):
+            plan.add_term(self, self._base(a=plan.ref(0, s_tap), src=[plan.ref(1, t_tap)], **self._opts()),
+                          parts=("rkd_dist", "rkd_angle"))
+
+    def _options(self):
+        return dict(super()._options(), w_dist=self.w_dist, w_angle=self.w_angle)
+
+
+class PKT(_FeatureLoss):
+    """Probabilistic knowledge transfer (Passalis & Tefas): KL between the batch's cosine-
+    similarity conditional distributions of the pooled features f4, mean over n^2 entries,
+    weight 30000 (RepDistiller)."""
+    kind, label, default = "pkt", "pkt", "pooled"
+
+    def __init__(self, weight=30000.0, **kw):
+        super().__init__(weight, **kw)
+
+
+class FSP(_FeatureLoss):
+    """Flow of solution procedure (Yim et al.): Gram matrices G = F1 F2^T / hw between
+    consecutive stage maps (f1->f2, f2->f3), mean squared difference (RepDistiller); student
+    and teacher need equal channel counts at those stages. RepDistiller trains it as an
+    initialisation phase (weight 50 there), then the student on CE alone: method='fsp'."""
+    kind, label = "fsp", "fsp"
+
+    def __init__(self, weight=50.0, **kw):
+        super().__init__(weight, **kw)
+
+    def _add(self, plan):
+        pairs = self._pairs(plan)
+        if len(pairs) < 2:
+            raise ValueError("FSP needs at least two consecutive taps per network")
+        for (s1, t1), (s2, t2) in zip(pairs, pairs[1:]):
+            plan.add_term(self, self._base(a=plan.ref(0, s1), a2=plan.ref(0, s2), src=[plan.ref(1, t1), plan.ref(1, t2)]))
+
+
 def connector(kind, s_shape, t_shape):
     """A connector mapping per-sample student maps of s_shape (c, h, w) to t_shape.
 
@@ -207,6 +353,13 @@ METHODS = {
     "dkd": lambda: [CE(1.0), DKD(1.0)],
     "mse": lambda: [CE(1.0), LogitMSE(1.0)],
     "fitnet": lambda: [CE(1.0), FitNet(100.0)],
+    "at": lambda: [CE(1.0), AT(1000.0)],
+    "sp": lambda: [CE(1.0), SP(3000.0)],
+    "nst": lambda: [CE(1.0), NST(50.0)],
+    "rkd": lambda: [CE(1.0), RKD(1.0)],
+    "pkt": lambda: [CE(1.0), PKT(30000.0)],
+    # Initialisation-phase methods (RepDistiller): the term alone for init_epochs, then CE.
+    "fsp": lambda: [CE(1.0, phase="main"), FSP(50.0, phase="init")],
 }
 
 
@@ -290,13 +443,19 @@ class _Plan:
         return any(r[0] >= 1 and r[0] < len(self.models) and r[1] >= 0 for r in refs)
 
 
-def build_plan(student, teachers, data, losses):
-    """The plan of a list of Loss terms (validated: types, taps, connector shapes)."""
+def check_losses(losses):
+    """A non-empty list of Loss terms, as a list."""
     if not isinstance(losses, (list, tuple)) or not losses:
         raise TypeError("losses must be a non-empty list of kdcore.losses terms")
-    plan = _Plan(student, teachers, data)
     for i, loss in enumerate(losses):
         if not isinstance(loss, Loss):
             raise TypeError(f"losses[{i}] must be a kdcore.losses term (CE, KD, AT, ...), got {type(loss).__name__}")
+    return list(losses)
+
+
+def build_plan(student, teachers, data, losses):
+    """The plan of a list of Loss terms (validated: types, taps, connector shapes)."""
+    plan = _Plan(student, teachers, data)
+    for loss in check_losses(losses):
         loss._add(plan)
     return plan
