@@ -432,15 +432,16 @@ def torch_crd(es, et, bank_s, bank_t, rows, n_data, T, z=None):
 
 
 def torch_crd_in_batch(es, et, n_data, T, labels=None, z=None):
-    """In-batch negatives: the other side's embeddings as a constant bank; anchor i's rows
-    are i (positive) and every j != i (of another class when labels are given)."""
+    """In-batch negatives: the other side's embeddings of the batch as the bank (gradients
+    through both, the embeddings being inputs); anchor i's rows are i (positive) and every
+    j != i (of another class when labels are given)."""
     S, Tt = t64(es, True), t64(et, True)
     n = es.shape[0]
-    sc_s = torch.exp(S @ Tt.detach().T / T)        # student anchor i vs teacher embeddings j
-    sc_t = torch.exp(Tt @ S.detach().T / T)
+    sc_s = torch.exp(S @ Tt.T / T)        # student anchor i vs teacher embeddings j
+    sc_t = torch.exp(Tt @ S.T / T)
     keep = [[j for j in range(n) if j != i and (labels is None or labels[j] != labels[i])] for i in range(n)]
     if z is None:
-        tot = sum(1 + len(k) for k in keep)
+        tot = sum(1 + len(k) for k in keep)   # Z is a constant (a Python float), as RepDistiller's
         z = tuple(float(sum(sc[i, [i] + keep[i]].sum().item() for i in range(n))) / tot * n_data for sc in (sc_s, sc_t))
     pn = 1.0 / n_data
     loss = 0

@@ -437,8 +437,9 @@ KD_API enum kd_status kd_loss_hcl(float * loss, float * ds, const struct kd_fmap
 // - In-batch mode (kd_crd_new_in_batch: no banks, for data sets too large for them): the
 //   candidates for the student anchor es_i are the teacher embeddings of the batch (et_i
 //   positive, et_j negatives), and conversely, with K = n - 1 (or, with labels, the samples
-//   of other classes), Pn = 1/n_data and Z as above. As with banks, the candidates are
-//   constants: des gets the student-anchor terms' gradient, det the teacher-anchor terms'.
+//   of other classes), Pn = 1/n_data and Z as above. The candidates are inputs here, so the
+//   gradients are the loss's full gradients (through anchors and candidates; a symmetric
+//   InfoNCE-like form), whereas the banks of the banked mode are state and get none.
 // RepDistiller's recipe: dim 128, K 16384, T 0.07, momentum 0.5, beta 0.8.
 struct kd_crd;
 // NULL on failure (kd_last_error). n_data >= 2, dim >= 1, n_neg >= 1, T > 0, momentum in [0, 1).

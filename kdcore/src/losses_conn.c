@@ -685,10 +685,11 @@ static double crd_lse(const float * v, const float * cand, const int64_t * rows,
     return m + log(s);
 }
 
-// NCE loss of anchor v against candidates cand[rows[0]] (positive) and cand[rows[1..K]];
-// when g != NULL, g (dim) = gscale * dL/dv (gscale includes 1/T).
+// NCE loss of anchor v against candidates cand[rows[0]] (positive) and cand[rows[1..K]].
+// dL/d<cand_j, v> = coef_j / T: when g != NULL, g (dim) = gscale * dL/dv (gscale includes 1/T);
+// when coef != NULL, coef[rows[j]] = gscale * coef_j (the others untouched).
 static double crd_anchor(const float * v, const float * cand, const int64_t * rows, int K, int dim, double invT,
-                         double logZ, double lc, double lkpn, double * g, double gscale) {
+                         double logZ, double lc, double lkpn, double * g, double * coef_out, double gscale) {
     double L = 0;
     if (g) memset(g, 0, (size_t)dim * sizeof *g);
     for (int j = 0; j <= K; j++) {
@@ -699,10 +700,9 @@ static double crd_anchor(const float * v, const float * cand, const int64_t * ro
         double coef;
         if (j == 0) { L += la - lp; coef = sig - 1.0; }
         else { L += la - lkpn; coef = sig; }
-        if (g) {
-            coef *= gscale;
-            for (int k = 0; k < dim; k++) g[k] += coef * r[k];
-        }
+        coef *= gscale;
+        if (coef_out) coef_out[rows[j]] = coef;
+        if (g) for (int k = 0; k < dim; k++) g[k] += coef * r[k];
     }
     return L;
 }
@@ -789,8 +789,12 @@ static enum kd_status crd_run(const char * func, struct kd_crd * c, enum crd_mod
     char * scratch = calloc((size_t)nth, per);
     double * part = malloc((size_t)n * 2 * sizeof *part);
     struct hset * hs = calloc((size_t)nth, sizeof *hs);
-    if (!scratch || !part || !hs) {
-        free(scratch); free(part); free(hs);
+    // in-batch: the coefficient matrices of both sides (anchor i, candidate j), for the
+    // gradient through the candidates
+    const bool batch_grad = mode == CRD_BATCH && (des || det);
+    double * coef = batch_grad ? calloc(2 * (size_t)n * n, sizeof *coef) : NULL;
+    if (!scratch || !part || !hs || (batch_grad && !coef)) {
+        free(scratch); free(part); free(hs); free(coef);
         return kd_set_error_(KD_ERR_NOMEM, func, "cannot allocate %zu bytes of scratch per thread", per);
     }
     for (int th = 0; th < nth; th++) {
@@ -800,6 +804,7 @@ static enum kd_status crd_run(const char * func, struct kd_crd * c, enum crd_mod
         hs[th].mask = cap - 1;
     }
     const bool par = (size_t)n * K1max * (size_t)dim > PAR_MIN;
+    (void)par;   // NO_OMP builds
     enum kd_status st = KD_OK;
     // Z, once: mean of exp(score / T) over this batch's scores, times n_data (RepDistiller).
     for (int side = 0; side < 2; side++) {
@@ -841,10 +846,38 @@ static enum kd_status crd_run(const char * func, struct kd_crd * c, enum crd_mod
             int K = crd_rows(c, mode, i, n, idx, labels, given, rows, &r, &hs[th]);
             const double kpn = K * exp(lPn), lc = log(kpn + CRD_EPS), lkpn = log(kpn);
             for (int side = 0; side < 2; side++) {
+                if (batch_grad) {
+                    part[2 * i + side] = crd_anchor(anc[side] + (size_t)i * dim, cand[side], r, K, dim, invT,
+                                                    logZ[side], lc, lkpn, NULL, coef + ((size_t)side * n + i) * n, gscale);
+                    continue;
+                }
                 part[2 * i + side] = crd_anchor(anc[side] + (size_t)i * dim, cand[side], r, K, dim, invT, logZ[side],
-                                                lc, lkpn, grad[side] ? g : NULL, gscale);
+                                                lc, lkpn, grad[side] ? g : NULL, NULL, gscale);
                 if (grad[side])
                     for (int k = 0; k < dim; k++) put(&grad[side][(size_t)i * dim + k], g[k], accumulate);
+            }
+        }
+        if (batch_grad) {
+            // score s_ij = <anchor_i, cand_j>: student anchors (side 0) score es_i against et_j,
+            // teacher anchors (side 1) et_i against es_j. d/des_i = sum_j C0[i][j] et_j + sum_j C1[j][i] et_j,
+            // d/det_i = sum_j C1[i][j] es_j + sum_j C0[j][i] es_j.
+            const double * C0 = coef, * C1 = coef + (size_t)n * n;
+            #pragma omp parallel for schedule(static) if (par)
+            for (int i = 0; i < n; i++) {
+                double * g = (double *)(scratch + (size_t)kd_omp_tid() * per + (size_t)K1max * sizeof(int64_t));
+                for (int side = 0; side < 2; side++) {
+                    if (!grad[side]) continue;
+                    const double * own = side == 0 ? C0 : C1, * other = side == 0 ? C1 : C0;
+                    const float * partner = side == 0 ? et : es;
+                    memset(g, 0, (size_t)dim * sizeof *g);
+                    for (int j = 0; j < n; j++) {
+                        double cj = own[(size_t)i * n + j] + other[(size_t)j * n + i];
+                        if (cj == 0) continue;
+                        const float * r = partner + (size_t)j * dim;
+                        for (int k = 0; k < dim; k++) g[k] += cj * r[k];
+                    }
+                    for (int k = 0; k < dim; k++) put(&grad[side][(size_t)i * dim + k], g[k], accumulate);
+                }
             }
         }
         double ls = 0, lt = 0;
@@ -857,6 +890,7 @@ done:
     free(scratch);
     free(part);
     free(hs);
+    free(coef);
     return st;
 }
 

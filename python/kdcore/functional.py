@@ -224,7 +224,8 @@ class CRDBank:
 
     ``in_batch=True``: no banks (for data sets too large for them); the negatives of each
     sample are the other samples of the batch (with labels: of other classes), the other
-    side's embeddings playing the bank's role (as constants). ``update`` does nothing.
+    side's embeddings playing the bank's role; the gradients are the loss's full gradients
+    (through anchors and candidates). ``update`` does nothing.
 
     State for checkpoints: ``state_dict()`` / ``load_state_dict()`` (banks, Z, draw counter);
     ``student_bank`` / ``teacher_bank`` are writable views."""
