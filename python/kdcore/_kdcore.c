@@ -61,7 +61,9 @@ static const char * dtype_name(PyArrayObject * a) {
     return buf;
 }
 
-// Returns a new reference to a C-contiguous array of `type`, or NULL with TypeError.
+// Returns a new reference to a C-contiguous, native-byte-order array of `type`, or NULL
+// with TypeError. A byte-swapped array of the right type (dtype '>f4' on this machine) is
+// copied to native order (lossless), never read as it lies.
 static PyArrayObject * get_array(PyObject * obj, int type, const char * name) {
     if (!PyArray_Check(obj)) {
         PyErr_Format(PyExc_TypeError, "%s must be a numpy.ndarray, got %s", name, Py_TYPE(obj)->tp_name);
@@ -77,7 +79,9 @@ static PyArrayObject * get_array(PyObject * obj, int type, const char * name) {
         Py_XDECREF(want);
         return NULL;
     }
-    return (PyArrayObject *)PyArray_FromArray(a, NULL, NPY_ARRAY_IN_ARRAY);
+    PyArray_Descr * native = PyArray_DescrFromType(type);   // stolen by PyArray_FromArray
+    if (!native) return NULL;
+    return (PyArrayObject *)PyArray_FromArray(a, native, NPY_ARRAY_IN_ARRAY);
 }
 
 static int check_finite(PyArrayObject * a, const char * name) {
@@ -1280,8 +1284,10 @@ static PyObject * py_distill_epoch(PyObject * Py_UNUSED(m), PyObject * args, PyO
         // writeable (never a silent copy).
         if (!PyArray_Check(gates_o) || PyArray_TYPE((PyArrayObject *)gates_o) != NPY_FLOAT32 ||
             !PyArray_IS_C_CONTIGUOUS((PyArrayObject *)gates_o) || !PyArray_ISWRITEABLE((PyArrayObject *)gates_o) ||
+            !PyArray_ISNOTSWAPPED((PyArrayObject *)gates_o) ||
             PyArray_NDIM((PyArrayObject *)gates_o) != 1 || PyArray_DIM((PyArrayObject *)gates_o, 0) != n_teachers) {
-            PyErr_Format(PyExc_TypeError, "gates must be a writeable, contiguous float32 array of %d values", n_teachers);
+            PyErr_Format(PyExc_TypeError, "gates must be a writeable, contiguous float32 array (native byte order) of %d values",
+                         n_teachers);
             goto fail;
         }
         d.gate_logits = PyArray_DATA((PyArrayObject *)gates_o);
@@ -2022,13 +2028,14 @@ static int CRD_init(CRDObject * self, PyObject * args, PyObject * kwds) {
     return 0;
 }
 
-// An int64 1-D array of n entries (idx or labels), optionally range-checked. New reference.
-static PyArrayObject * get_index(PyObject * o, const char * name, npy_intp n, int64_t lo, int64_t hi) {
+// An int64 1-D array of n entries (idx or labels; `per`: what n counts), range-checked.
+// New reference.
+static PyArrayObject * get_index(PyObject * o, const char * name, npy_intp n, int64_t lo, int64_t hi, const char * per) {
     PyArrayObject * a = get_array(o, NPY_INT64, name);
     if (!a) return NULL;
     if (PyArray_NDIM(a) != 1 || PyArray_DIM(a, 0) != n) {
-        PyErr_Format(PyExc_ValueError, "%s must be 1-D with %zd entries, got %zd values in %d-D", name, (Py_ssize_t)n,
-                     (Py_ssize_t)PyArray_SIZE(a), PyArray_NDIM(a));
+        PyErr_Format(PyExc_ValueError, "%s must be 1-D with %zd entries (one per %s), got %zd values in %d-D", name,
+                     (Py_ssize_t)n, per, (Py_ssize_t)PyArray_SIZE(a), PyArray_NDIM(a));
         Py_DECREF(a);
         return NULL;
     }
@@ -2063,12 +2070,12 @@ static int crd_batch_args(CRDObject * self, PyObject * so, PyObject * to, PyObje
         goto fail;
     }
     if (io && io != Py_None) {
-        if (!(*idx = get_index(io, "idx", n, 0, n_data))) goto fail;
+        if (!(*idx = get_index(io, "idx", n, 0, n_data, "row of student_embed"))) goto fail;
     } else if (need_idx) {
         PyErr_SetString(PyExc_TypeError, "idx (the samples' data-set indices) is required with memory banks");
         goto fail;
     }
-    if (yo && yo != Py_None && !(*y = get_index(yo, "labels", n, INT64_MIN, INT64_MAX))) goto fail;
+    if (yo && yo != Py_None && !(*y = get_index(yo, "labels", n, INT64_MIN, INT64_MAX, "row of student_embed"))) goto fail;
     return 0;
 fail:
     Py_CLEAR(*s); Py_CLEAR(*t); Py_CLEAR(*idx); Py_CLEAR(*y);
@@ -2169,8 +2176,8 @@ static PyObject * CRD_sample(CRDObject * self, PyObject * args, PyObject * kwds)
     }
     if (check_int(PyArray_DIM(a, 0), "idx") < 0) goto fail;
     npy_intp n = PyArray_DIM(a, 0);
-    if (!(idx = get_index(io, "idx", n, 0, rows))) goto fail;
-    if (yo != Py_None && !(y = get_index(yo, "labels", n, INT64_MIN, INT64_MAX))) goto fail;
+    if (!(idx = get_index(io, "idx", n, 0, rows, "sample"))) goto fail;
+    if (yo != Py_None && !(y = get_index(yo, "labels", n, INT64_MIN, INT64_MAX, "entry of idx"))) goto fail;
     npy_intp dims[2] = { n, kd_crd_n_neg(self->crd) + 1 };
     if (!(out = PyArray_SimpleNew(2, dims, NPY_INT64))) goto fail;
     if (crd_acquire(self) < 0) { Py_CLEAR(out); goto fail; }
@@ -2216,7 +2223,7 @@ static PyObject * CRD_set_labels(CRDObject * self, PyObject * arg) {
     if (!self->crd) return PyErr_Format(PyExc_RuntimeError, "the CRD state was not initialised");
     int64_t rows = crd_rows_(self);
     if (!rows) return PyErr_Format(PyExc_RuntimeError, "in-batch mode has no banks: pass the batch's labels to loss()");
-    PyArrayObject * y = get_index(arg, "labels", (npy_intp)rows, 0, INT64_MAX);
+    PyArrayObject * y = get_index(arg, "labels", (npy_intp)rows, 0, INT64_MAX, "sample of the data set, n_data");
     if (!y) return NULL;
     if (crd_acquire(self) < 0) { Py_DECREF(y); return NULL; }
     enum kd_status st = kd_crd_set_labels(self->crd, PyArray_DATA(y), rows);
