@@ -12,6 +12,9 @@
 #include "kd_internal.h"
 
 #include <float.h>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #define PAR_MIN 32768   // elements below which the loops stay serial
 
@@ -512,6 +515,22 @@ struct kd_crd {
 
 #define FAIL_NULL_(st, ...) do { kd_set_error_((st), __func__, __VA_ARGS__); goto fail; } while (0)
 
+// The banks (exactly 2 * n_data * dim floats). Large ones are 2 MB-aligned and marked for
+// transparent huge pages: the loss reads rows at random all over them, and with 4 KB pages
+// nearly every row is a TLB miss (a page walk, dearer still in a VM). Freed with free().
+static float * bank_alloc(size_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    const size_t huge = (size_t)2 << 20;
+    if (bytes >= 2 * huge) {
+        void * p = NULL;
+        if (posix_memalign(&p, huge, bytes) != 0) return NULL;
+        madvise(p, bytes - bytes % huge, MADV_HUGEPAGE);   // a hint: failure changes nothing
+        return p;
+    }
+#endif
+    return malloc(bytes);
+}
+
 static enum kd_status crd_check_common(const char * func, int64_t n_data, int dim, float T) {
     if (n_data < 2) return kd_set_error_(KD_ERR_VALUE, func, "n_data (%lld) must be >= 2", (long long)n_data);
     if (dim < 1) return kd_set_error_(KD_ERR_VALUE, func, "dim (%d) must be >= 1", dim);
@@ -530,7 +549,7 @@ struct kd_crd * kd_crd_new(int64_t n_data, int dim, int n_neg, float T, float mo
         FAIL_NULL_(KD_ERR_VALUE, "n_data (%lld) x dim (%d) banks are too large", (long long)n_data, dim);
     c = calloc(1, sizeof *c);
     if (!c) FAIL_NULL_(KD_ERR_NOMEM, "out of memory");
-    c->banks = malloc(bytes);
+    c->banks = bank_alloc(bytes);
     if (!c->banks) FAIL_NULL_(KD_ERR_NOMEM, "cannot allocate the memory banks (2 x %lld x %d floats, %zu bytes)",
                               (long long)n_data, dim, bytes);
     c->n_data = n_data; c->dim = dim; c->n_neg = n_neg; c->T = T; c->momentum = momentum; c->seed = seed;
@@ -657,28 +676,35 @@ static void crd_draw(const struct kd_crd * c, int64_t * rows, int64_t a, bool by
     }
 }
 
-// Dot product in double with a fixed association (8 lanes).
-static inline double dotf(const float * a, const float * b, int n) {
-    double acc[8] = { 0 };
+// Dot product in double with a fixed association (16 lanes: four independent AVX2 chains);
+// b is the anchor, converted to double once per anchor.
+static inline double dotf(const float * a, const double * b, int n) {
+    double acc[16] = { 0 };
     int k = 0;
-    for (; k + 8 <= n; k += 8)
-        for (int l = 0; l < 8; l++) acc[l] += (double)a[k + l] * b[k + l];
+    for (; k + 16 <= n; k += 16)
+        for (int l = 0; l < 16; l++) acc[l] += (double)a[k + l] * b[k + l];
     double tail = 0;
     for (; k < n; k++) tail += (double)a[k] * b[k];
+    for (int l = 0; l < 8; l++) acc[l] += acc[l + 8];
     return (((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]))) + tail;
 }
 
-static inline double logaddexp(double a, double b) {
-    double m = a > b ? a : b;
-    if (m == -INFINITY) return m;
-    return m + log1p(exp(-fabs(a - b)));
+// Rows are gathered at random from banks far larger than the caches: fetch a few ahead.
+#define CRD_PREFETCH 8
+static inline void prefetch_row(const float * r, int dim) {
+    for (size_t off = 0; off < (size_t)dim * sizeof(float); off += 64) __builtin_prefetch((const char *)r + off, 0, 3);
 }
 
-// log of sum_j exp(<cand[rows[j]], v> / T) over j = 0..K (Z's first batch).
-static double crd_lse(const float * v, const float * cand, const int64_t * rows, int K1, int dim, double invT) {
+// log of sum_j exp(<cand[rows[j]], v> / T) over j = 0..K (Z's first batch); vd: dim scratch.
+static double crd_lse(const float * v, const float * cand, const int64_t * rows, int K1, int dim, double invT,
+                      double * vd) {
+    for (int k = 0; k < dim; k++) vd[k] = v[k];
+    v = NULL;
     double m = -INFINITY, s = 0;
+    for (int j = 0; j < CRD_PREFETCH && j < K1; j++) prefetch_row(cand + (size_t)rows[j] * dim, dim);
     for (int j = 0; j < K1; j++) {
-        double x = dotf(cand + (size_t)rows[j] * dim, v, dim) * invT;
+        if (j + CRD_PREFETCH < K1) prefetch_row(cand + (size_t)rows[j + CRD_PREFETCH] * dim, dim);
+        double x = dotf(cand + (size_t)rows[j] * dim, vd, dim) * invT;
         if (x > m) { s = s * exp(m - x) + 1.0; m = x; }
         else s += exp(x - m);
     }
@@ -687,19 +713,26 @@ static double crd_lse(const float * v, const float * cand, const int64_t * rows,
 
 // NCE loss of anchor v against candidates cand[rows[0]] (positive) and cand[rows[1..K]].
 // dL/d<cand_j, v> = coef_j / T: when g != NULL, g (dim) = gscale * dL/dv (gscale includes 1/T);
-// when coef != NULL, coef[rows[j]] = gscale * coef_j (the others untouched).
+// when coef != NULL, coef[rows[j]] = gscale * coef_j (the others untouched). vd: dim scratch.
+// With lp = log P_j and u = lc - lp: log(P_j + c) = lp + softplus(u), P_j / (P_j + c) =
+// 1 / (1 + e^u): one exp and one log1p per row.
 static double crd_anchor(const float * v, const float * cand, const int64_t * rows, int K, int dim, double invT,
-                         double logZ, double lc, double lkpn, double * g, double * coef_out, double gscale) {
+                         double logZ, double lc, double lkpn, double * g, double * coef_out, double gscale,
+                         double * vd) {
     double L = 0;
+    for (int k = 0; k < dim; k++) vd[k] = v[k];
     if (g) memset(g, 0, (size_t)dim * sizeof *g);
+    for (int j = 0; j < CRD_PREFETCH && j <= K; j++) prefetch_row(cand + (size_t)rows[j] * dim, dim);
     for (int j = 0; j <= K; j++) {
+        if (j + CRD_PREFETCH <= K) prefetch_row(cand + (size_t)rows[j + CRD_PREFETCH] * dim, dim);
         const float * r = cand + (size_t)rows[j] * dim;
-        double lp = dotf(r, v, dim) * invT - logZ;    // log P_j
-        double la = logaddexp(lp, lc);                // log(P_j + c)
-        double sig = exp(lp - la);                    // P_j / (P_j + c)
+        double lp = dotf(r, vd, dim) * invT - logZ;   // log P_j
+        double u = lc - lp, sp, sig;                  // softplus(u), P_j / (P_j + c)
+        if (u > 0) { double e = exp(-u); sp = u + log1p(e); sig = e / (1.0 + e); }
+        else { double e = exp(u); sp = log1p(e); sig = 1.0 / (1.0 + e); }
         double coef;
-        if (j == 0) { L += la - lp; coef = sig - 1.0; }
-        else { L += la - lkpn; coef = sig; }
+        if (j == 0) { L += sp; coef = sig - 1.0; }             // -log(P / (P + c))
+        else { L += lp + sp - lkpn; coef = sig; }              // log(P + c) - log(K Pn)
         coef *= gscale;
         if (coef_out) coef_out[rows[j]] = coef;
         if (g) for (int k = 0; k < dim; k++) g[k] += coef * r[k];
@@ -780,11 +813,11 @@ static enum kd_status crd_run(const char * func, struct kd_crd * c, enum crd_mod
     float * grad[2] = { des, det };
     if (mode == CRD_BATCH) { cand[0] = et; cand[1] = es; }
     else { cand[0] = c->banks + (size_t)c->n_data * dim; cand[1] = c->banks; }
-    // scratch per thread: rows (K1max int64), g (dim doubles), hash set (draw mode)
     const int nth = kd_omp_threads();
     size_t cap = 16;
     if (mode == CRD_DRAW) while (cap < 2 * (size_t)c->n_neg) cap *= 2;
-    const size_t per = (size_t)K1max * sizeof(int64_t) + (size_t)dim * sizeof(double) +
+    // scratch per thread: rows (K1max int64), g and vd (dim doubles each), hash set (draw mode)
+    const size_t per = (size_t)K1max * sizeof(int64_t) + 2 * (size_t)dim * sizeof(double) +
                        (mode == CRD_DRAW ? cap * (sizeof(uint64_t) + sizeof(uint32_t)) : 0);
     char * scratch = calloc((size_t)nth, per);
     double * part = malloc((size_t)n * 2 * sizeof *part);
@@ -798,7 +831,7 @@ static enum kd_status crd_run(const char * func, struct kd_crd * c, enum crd_mod
         return kd_set_error_(KD_ERR_NOMEM, func, "cannot allocate %zu bytes of scratch per thread", per);
     }
     for (int th = 0; th < nth; th++) {
-        char * base = scratch + (size_t)th * per + (size_t)K1max * sizeof(int64_t) + (size_t)dim * sizeof(double);
+        char * base = scratch + (size_t)th * per + (size_t)K1max * sizeof(int64_t) + 2 * (size_t)dim * sizeof(double);
         hs[th].key = (uint64_t *)base;
         hs[th].stamp = (uint32_t *)(base + cap * sizeof(uint64_t));
         hs[th].mask = cap - 1;
@@ -816,7 +849,8 @@ static enum kd_status crd_run(const char * func, struct kd_crd * c, enum crd_mod
             int64_t * rows = (int64_t *)(scratch + (size_t)th * per);
             const int64_t * r;
             int K = crd_rows(c, mode, i, n, idx, labels, given, rows, &r, &hs[th]);
-            part[2 * i] = crd_lse(anc[side] + (size_t)i * dim, cand[side], r, K + 1, dim, invT);
+            double * vd = (double *)(scratch + (size_t)th * per + (size_t)K1max * sizeof(int64_t)) + dim;
+            part[2 * i] = crd_lse(anc[side] + (size_t)i * dim, cand[side], r, K + 1, dim, invT, vd);
             part[2 * i + 1] = K + 1;
         }
         double m = -INFINITY, s = 0;
@@ -841,18 +875,19 @@ static enum kd_status crd_run(const char * func, struct kd_crd * c, enum crd_mod
         for (int i = 0; i < n; i++) {
             const int th = kd_omp_tid();
             int64_t * rows = (int64_t *)(scratch + (size_t)th * per);
-            double * g = (double *)(scratch + (size_t)th * per + (size_t)K1max * sizeof(int64_t));
+            double * g = (double *)(scratch + (size_t)th * per + (size_t)K1max * sizeof(int64_t)), * vd = g + dim;
             const int64_t * r;
             int K = crd_rows(c, mode, i, n, idx, labels, given, rows, &r, &hs[th]);
             const double kpn = K * exp(lPn), lc = log(kpn + CRD_EPS), lkpn = log(kpn);
             for (int side = 0; side < 2; side++) {
                 if (batch_grad) {
                     part[2 * i + side] = crd_anchor(anc[side] + (size_t)i * dim, cand[side], r, K, dim, invT,
-                                                    logZ[side], lc, lkpn, NULL, coef + ((size_t)side * n + i) * n, gscale);
+                                                    logZ[side], lc, lkpn, NULL, coef + ((size_t)side * n + i) * n, gscale,
+                                                    vd);
                     continue;
                 }
                 part[2 * i + side] = crd_anchor(anc[side] + (size_t)i * dim, cand[side], r, K, dim, invT, logZ[side],
-                                                lc, lkpn, grad[side] ? g : NULL, NULL, gscale);
+                                                lc, lkpn, grad[side] ? g : NULL, NULL, gscale, vd);
                 if (grad[side])
                     for (int k = 0; k < dim; k++) put(&grad[side][(size_t)i * dim + k], g[k], accumulate);
             }
