@@ -765,3 +765,49 @@ def test_crd_argument_errors(rng):
         ib.sample(idx)
     with pytest.raises(RuntimeError, match="banks"):
         ib.loss_idx(es, et, np.zeros((3, 1), np.int64))
+
+
+def test_refcounts_unchanged_over_many_calls_success_and_error_paths(rng):
+    """The new entry points hold no references to their inputs or outputs after 500 calls, on
+    the success and on the error path."""
+    import gc
+    import sys
+    K = kdcore._kdcore
+    s, t = maps(rng, 2, 3, 4, 4), maps(rng, 2, 3, 4, 4)
+    m = np.full(3, -0.5, np.float32)
+    es, et = unit(rng, 4, 8), unit(rng, 4, 8)
+    idx = np.array([0, 1, 2, 3], np.int64)
+    bad = s.astype(np.float64)
+    crd = K.CRD(10, 8, 3, 0.07, 0.5, 0, False)
+    rows = crd.sample(idx)
+    objs = dict(s=s, t=t, m=m, es=es, et=et, idx=idx, bad=bad, crd=crd, rows=rows)
+
+    def expect_error(fn, *a):
+        try:
+            fn(*a)
+        except (TypeError, ValueError):
+            return
+        raise AssertionError(f"{fn} did not raise")
+
+    def round_():
+        outs = [K.ofd_loss(s, t, m), K.ab_loss(s, t, 1.0), K.ft_loss(s, t, 2, 1.0), K.vid_loss(s, t, m, 1e-5),
+                K.cc_loss(es, et), K.hcl_loss(s, t), K.ofd_margin(m, m), crd.loss(es, et, idx), crd.loss_idx(es, et, rows),
+                crd.sample(idx), crd.bank(0)]
+        crd.update(es, et, idx)
+        for fn, a in ((K.ofd_loss, (bad, t, m)), (K.ab_loss, (s, bad, 1.0)), (K.ft_loss, (bad, t, 2, 1.0)),
+                      (K.vid_loss, (s, t, bad, 1e-5)), (K.cc_loss, (es, bad)), (K.hcl_loss, (s, bad)),
+                      (crd.loss, (es, et, idx[:2])), (crd.update, (es, bad, idx)), (crd.loss_idx, (es, et, idx))):
+            expect_error(fn, *a)
+        return outs
+
+    for _ in range(10):
+        outs = round_()
+    gc.collect()
+    before = {k: sys.getrefcount(v) for k, v in objs.items()}
+    for _ in range(500):
+        outs = round_()
+    gc.collect()
+    after = {k: sys.getrefcount(v) for k, v in objs.items()}
+    assert after == before
+    counts = [sys.getrefcount(outs[i]) for i in range(len(outs))]
+    assert counts == [2] * len(counts)
