@@ -839,7 +839,9 @@ static enum kd_status crd_run(const char * func, struct kd_crd * c, enum crd_mod
     const bool par = (size_t)n * K1max * (size_t)dim > PAR_MIN;
     (void)par;   // NO_OMP builds
     enum kd_status st = KD_OK;
-    // Z, once: mean of exp(score / T) over this batch's scores, times n_data (RepDistiller).
+    // Z, once: mean of exp(score / T) over this batch's scores, times n_data (RepDistiller);
+    // both sides computed before either is stored.
+    float znew[2] = { c->z[0], c->z[1] };
     for (int side = 0; side < 2; side++) {
         if (c->z[side] > 0) continue;
         double cnt_total = 0;
@@ -866,8 +868,10 @@ static enum kd_status crd_run(const char * func, struct kd_crd * c, enum crd_mod
             st = kd_set_error_(KD_ERR_NONFINITE, func, "normalisation constant Z (%g) is not a positive finite float", z);
             goto done;
         }
-        c->z[side] = (float)z;
+        znew[side] = (float)z;
     }
+    c->z[0] = znew[0];
+    c->z[1] = znew[1];
     {
         const double logZ[2] = { log((double)c->z[0]), log((double)c->z[1]) };
         const double gscale = (double)weight * invT / n;
