@@ -192,3 +192,16 @@ def test_float_values_in_binding_messages_are_formatted():
     # PyErr_Format has no %g: these messages used to read "got %g".
     with pytest.raises(ValueError, match=r"got -1\b"):
         K.kd_loss(np.ones((2, 3), np.float32), np.ones((2, 3), np.float32), T=-1.0)
+
+
+def test_byte_swapped_float32_and_int64_inputs_are_read_by_value():
+    # dtype '>f4' has the float32 type number: get_array used to pass its bytes to C as they lie
+    # (1.0 read as 4.6e-41), a silently wrong result. Now copied to native order.
+    s = np.array([[1.0, 2.0, 3.0]], np.float32)
+    t = np.array([[0.5, 2.0, 1.0]], np.float32)
+    y = np.array([2], np.int64)
+    assert K.mse_loss(s.astype(">f4"), t)[0] == K.mse_loss(s, t)[0]
+    assert K.cross_entropy(s.astype(">f4"), y.astype(">i8"))[0] == K.cross_entropy(s, y)[0]
+    m = _mlp()
+    x, _ = _data(4)
+    np.testing.assert_array_equal(m(x.astype(">f4")), m(x))

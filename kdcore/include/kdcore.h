@@ -450,6 +450,166 @@ KD_API enum kd_status kd_loss_pkt(float * loss, float * ds, float * dt, struct k
 KD_API enum kd_status kd_loss_fsp(float * loss, float * ds1, float * ds2, float * dt1, float * dt2,
                                   struct kd_fmap s1, struct kd_fmap s2, struct kd_fmap t1, struct kd_fmap t2,
                                   float weight, bool accumulate);
+// Losses with connectors or state: OFD, AB, FT, VID, CC, ReviewKD's HCL and CRD.
+//
+// The connectors (1x1 conv + BN, linear, RepDistiller's ConvReg, VID's 1x1-conv regressor,
+// FT's paraphraser/translator, CRD's Linear + L2-norm embeddings, ReviewKD's ABF) are
+// ordinary kdcore nets fed from a tap; these functions take the connectors' OUTPUTS (and
+// the loss's own parameters) and return the loss and its gradients. Common rules:
+// - *loss (may be NULL) is the loss as the method defines it, weight NOT applied; each
+//   gradient output (may be NULL) receives the gradient of weight * loss with respect to
+//   that input, overwritten or, with accumulate, added.
+// - Sums are in double; OpenMP runs only over independent outputs (samples, channels,
+//   anchors) and partial sums are added in a fixed order, so the results do not depend on
+//   the thread count, deterministic mode or not.
+// - Returns KD_ERR_VALUE / KD_ERR_SHAPE naming the argument, KD_ERR_NOMEM when scratch
+//   cannot be allocated, KD_ERR_NONFINITE when the loss is not finite (inputs must be).
+// - Reference forms: RepDistiller (HobbitLong/RepDistiller: distiller_zoo/, crd/) and
+//   mdistiller (megvii-research/mdistiller: distillers/). Each entry says which one and how
+//   the paper differs. Per-stage and per-method weights are the caller's.
+
+// A batch of feature maps: x is float32 (n, c, h, w), C-contiguous; a flat feature vector is
+// (n, d) passed as c = d, h = w = 1.
+
+// OFD (Heo et al. 2019, "A comprehensive overhaul of feature distillation"), mdistiller's
+// OFD.py. Margin of channel k from the teacher's BN before that ReLU, x ~ N(b, |w|^2):
+//   margin = E[x | x < 0] = b - |w| phi(b/|w|) / Phi(-b/|w|)   if Phi(-b/|w|) > 0.001,
+//   margin = -3 |w|                                             otherwise (mdistiller's cut-off
+// for a vanishing negative tail), computed in double and rounded to float. |w| = 0 (which
+// mdistiller divides by) gives the limits: b if b < 0, else 0.
+KD_API enum kd_status kd_ofd_margin(float * margin, const float * bn_weight, const float * bn_bias, int c);
+// Partial L2 between the connector output s (n, c, h, w) (student pre-ReLU map through
+// conv1x1 + BN) and the teacher's pre-ReLU map t (n, c, H, W), adaptive-average-pooled to
+// (h, w) when the sizes differ (as mdistiller; no gradient to t), with margin m (c):
+//   e = (s - m)^2 [s > m, t <= m] + (s - t)^2 [s > t, m < t <= 0] + (s - t)^2 [t > 0]
+// i.e. (s - max(t, m))^2 except 0 where s <= max(t, m) <= 0; loss = sum(e) / n (mdistiller's
+// .mean(dim=0).sum()). mdistiller sums the stages with weights 1/2^(stages-1-i) and scales
+// by FEAT_WEIGHT (1e-3 on CIFAR): the caller's.
+KD_API enum kd_status kd_loss_ofd(float * loss, float * ds, struct kd_fmap s, struct kd_fmap t,
+                                  const float * margin, float weight, bool accumulate);
+
+// AB (Heo et al. 2019, activation boundaries), RepDistiller's ABLoss, one stage: s is the
+// connector output (student pre-ReLU map through ConvReg without ReLU), t the teacher's
+// pre-ReLU map, same shape; margin mu (RepDistiller 1.0):
+//   loss = sum((s + mu)^2 [s > -mu, t <= 0] + (s - mu)^2 [s <= mu, t > 0]) / n.
+// RepDistiller's init stage sums the stages i = 0..S-1 with weights 2^(i-S+1) and multiplies
+// by 3/1000 (and beta = 1): those factors are the caller's. The paper's squared hinge is the
+// same expression.
+KD_API enum kd_status kd_loss_ab(float * loss, float * ds, struct kd_fmap s, struct kd_fmap t,
+                                 float margin, float weight, bool accumulate);
+
+// FT (Kim et al. 2018, factor transfer), RepDistiller's FactorTransfer: s is the translator's
+// output (student factor map), t the paraphraser encoder's output (teacher factor map); the
+// channel counts may differ. If the spatial sizes differ, the map with the larger h is
+// adaptive-average-pooled to the other's (h, w) first (RepDistiller, which assumes square
+// maps). Factor F(x) = L2-normalise over h*w of the channel mean of x^p1 (F.normalize,
+// eps 1e-12); loss = mean over n*h*w of |F(s) - F(t)|^p2. RepDistiller: p1 = 2, p2 = 1.
+// The paper normalises the whole flattened factor (all channels, no channel mean of x^2)
+// and takes the p-norm of the difference per sample (a sum, not a mean). For p2 != 1
+// RepDistiller takes (F(s) - F(t))^p2 without the absolute value: the same for even p2.
+// p1 >= 1 (integer), p2 >= 1. ds (shape of s) and dt (shape of t) may be NULL. The
+// paraphraser's init stage is a plain reconstruction MSE (kd_loss_mse).
+KD_API enum kd_status kd_loss_ft(float * loss, float * ds, float * dt, struct kd_fmap s,
+                                 struct kd_fmap t, int p1, float p2, float weight, bool accumulate);
+
+// VID (Ahn et al. 2019), RepDistiller's VIDLoss: mu is the regressor's output (three 1x1
+// convs on the student map, pooled beforehand to the teacher's size by the caller as
+// RepDistiller pools the regressor's input), t the teacher map, same shape; per-channel
+// variance var_c = softplus(log_scale_c) + eps (eps 1e-5);
+//   loss = mean over n*c*h*w of 0.5 * ((mu - t)^2 / var_c + log var_c).
+// The paper's sum over c, h, w of log sigma_c + (t - mu)^2 / (2 sigma_c^2) is c*h*w times this
+// (per sample). softplus is computed stably (RepDistiller's log(1 + exp(a)) overflows for
+// a > 88). dmu (shape of mu) and dlog_scale (c entries) may be NULL.
+KD_API enum kd_status kd_loss_vid(float * loss, float * dmu, float * dlog_scale, struct kd_fmap mu,
+                                  struct kd_fmap t, const float * log_scale, float eps, float weight,
+                                  bool accumulate);
+// Initial log_scale for a starting variance init_var (RepDistiller: 5.0): log(exp(init_var - eps) - 1).
+KD_API float kd_vid_log_scale_init(float init_var, float eps);
+
+// CC (Peng et al. 2019, correlation congruence), RepDistiller's Correlation (the authors'
+// code): es, et (n, d) are the embeddings after each side's trainable Linear (no
+// normalisation); delta = |es - et|; loss = mean over i < n-1 of sum_d delta_i,d delta_i+1,d
+// (consecutive samples of the batch). n >= 2. The paper's Gaussian-RBF correlation matrices
+// (1/n^2 ||psi_t - psi_s||_F^2) are a different loss. des and det may be NULL.
+KD_API enum kd_status kd_loss_cc(float * loss, float * des, float * det, const float * es, const float * et,
+                                 int n, int d, float weight, bool accumulate);
+
+// ReviewKD's hierarchical context loss (Chen et al. 2021), mdistiller's hcl_loss for one
+// pair of maps of the same shape (s = the ABF-fused student map, t = the teacher map):
+//   loss = (mse(s, t) + sum_l w_l mse(pool_l(s), pool_l(t))) / (1 + sum_l w_l)
+// over the levels l in (4, 2, 1) with l < h, pool_l = adaptive average pool to (l, l),
+// w_l = 1/2, 1/4, 1/8 for the first, second, third level used; mse = mean of squares. The
+// sum over stages, REVIEWKD_WEIGHT and the warm-up are the caller's. ds may be NULL.
+KD_API enum kd_status kd_loss_hcl(float * loss, float * ds, struct kd_fmap s, struct kd_fmap t,
+                                  float weight, bool accumulate);
+
+// CRD (Tian et al. 2020, contrastive representation distillation), RepDistiller's crd/
+// (criterion.py ContrastLoss, memory.py ContrastMemory). es, et (n, dim) are the
+// L2-normalised embeddings of student and teacher (Linear + L2 norm: the connectors); idx
+// their data-set indices in [0, n_data).
+// - Two memory banks of n_data x dim floats, one allocation of exactly 2 * n_data * dim:
+//   bank 0 = student bank (RepDistiller's memory_v1, rows updated from es; the teacher
+//   anchors are scored against it), bank 1 = teacher bank (memory_v2, from et; scored
+//   against the student anchors), initialised uniform in [-1/sqrt(dim/3), 1/sqrt(dim/3)).
+// - Per sample K + 1 bank rows r_0 = idx (positive), r_1..r_K negatives. Score
+//   P_j = exp(<bank[r_j], anchor> / T) / Z; Z (one per side) is fixed on the first loss call
+//   as mean(exp(score/T)) * n_data over that batch's scores (RepDistiller), then constant.
+// - NCE with noise probability Pn = 1/n_data, c = K Pn + 1e-7 (RepDistiller's eps):
+//   L_anchor = -log(P_0 / (P_0 + c)) - sum_j>0 log(K Pn / (P_j + c)), computed in log space;
+//   loss = (sum over the student anchors against bank 1 + sum over the teacher anchors
+//   against bank 0) / n. Gradients flow to the anchors only (the banks are constants).
+// - Negatives (kd_crd_loss): K draws per sample from a counter-based RNG keyed by (seed, step
+//   counter, idx[i]), independent of threads and batch order; without replacement when K
+//   does not exceed the pool, with replacement otherwise (RepDistiller's data set sampling:
+//   np.random.choice(replace = K > pool)). Pool: with labels == NULL every other sample
+//   (index != idx[i]); with labels, every sample of another class (RepDistiller's "exact"
+//   mode, its default), which needs the data set's labels (kd_crd_set_labels). RepDistiller's
+//   other path (AliasMethod draws over all n_data, own index included, with replacement) is
+//   unused by its CRD training and not reproduced.
+// - In-batch mode (kd_crd_new_in_batch: no banks, for data sets too large for them): the
+//   candidates for the student anchor es_i are the teacher embeddings of the batch (et_i
+//   positive, et_j negatives), and conversely, with K = n - 1 (or, with labels, the samples
+//   of other classes), Pn = 1/n_data and Z as above. The candidates are inputs here, so the
+//   gradients are the loss's full gradients (through anchors and candidates; a symmetric
+//   InfoNCE-like form), whereas the banks of the banked mode are state and get none.
+// RepDistiller's recipe: dim 128, K 16384, T 0.07, momentum 0.5, beta 0.8.
+struct kd_crd;
+// NULL on failure (kd_last_error). n_data >= 2, dim >= 1, n_neg >= 1, T > 0, momentum in [0, 1).
+KD_API struct kd_crd * kd_crd_new(int64_t n_data, int dim, int n_neg, float T, float momentum, uint64_t seed);
+KD_API struct kd_crd * kd_crd_new_in_batch(int64_t n_data, int dim, float T);
+KD_API void kd_crd_free(struct kd_crd * crd);
+// The data set's labels (n_data values >= 0), copied: enables drawing negatives from other
+// classes (kd_crd_loss with labels). Banked mode only.
+KD_API enum kd_status kd_crd_set_labels(struct kd_crd * crd, const int64_t * labels, int64_t n_data);
+// Loss and gradients (des, det (n, dim), may be NULL) with negatives drawn at the current
+// step; on success the step counter advances by one. labels (n) or NULL: with banks, the
+// labels of the samples (checked against kd_crd_set_labels); in-batch, same-class samples
+// are not negatives.
+KD_API enum kd_status kd_crd_loss(struct kd_crd * crd, float * loss, float * des, float * det, const float * es,
+                                  const float * et, const int64_t * idx, const int64_t * labels, int n,
+                                  float weight, bool accumulate);
+// The rows kd_crd_loss would use at the current step: sample_idx (n, K+1), column 0 = idx.
+KD_API enum kd_status kd_crd_sample(struct kd_crd * crd, int64_t * sample_idx, const int64_t * idx,
+                                    const int64_t * labels, int n);
+// Loss with the caller's rows (RepDistiller's contrast_idx): sample_idx (n, K+1) in
+// [0, n_data), column 0 the positive. No draw, the step counter is unchanged. Banked mode.
+KD_API enum kd_status kd_crd_loss_idx(struct kd_crd * crd, float * loss, float * des, float * det,
+                                      const float * es, const float * et, const int64_t * sample_idx, int n,
+                                      float weight, bool accumulate);
+// After a successful step: bank0[idx_i] = normalise(momentum bank0[idx_i] + (1 - momentum) es_i),
+// bank1 likewise from et (rows computed from the old banks, then written in batch order: a
+// repeated index keeps its last sample, as index_copy_). No-op in in-batch mode.
+KD_API enum kd_status kd_crd_update(struct kd_crd * crd, const float * es, const float * et, const int64_t * idx,
+                                    int n);
+// State for checkpoints (writable): bank `which` (0 student, 1 teacher; NULL in in-batch
+// mode) with its rows and dim; Z (2 floats: student anchors' = RepDistiller's Z_v1, teacher
+// anchors' = Z_v2; < 0 means not set yet); the draw counter.
+KD_API float *   kd_crd_bank(struct kd_crd * crd, int which, int64_t * rows, int * dim);
+KD_API float *   kd_crd_z(struct kd_crd * crd);
+KD_API int64_t * kd_crd_steps(struct kd_crd * crd);
+KD_API int       kd_crd_n_neg(const struct kd_crd * crd);   // K; 0 in in-batch mode
+KD_API int       kd_crd_dim(const struct kd_crd * crd);
+KD_API int64_t   kd_crd_n_data(const struct kd_crd * crd);
 
 // ---------------------------------------------------------------------------------------
 // Optimisers over a net's parameter block, PyTorch semantics (torch.optim.SGD/Adam/AdamW).

@@ -10,6 +10,7 @@
 #define NPY_NO_DEPRECATED_API NPY_1_7_API_VERSION
 #include <numpy/arrayobject.h>
 
+#include <float.h>
 #include <math.h>
 #include <stdarg.h>
 #include <string.h>
@@ -60,7 +61,9 @@ static const char * dtype_name(PyArrayObject * a) {
     return buf;
 }
 
-// Returns a new reference to a C-contiguous array of `type`, or NULL with TypeError.
+// Returns a new reference to a C-contiguous, native-byte-order array of `type`, or NULL
+// with TypeError. A byte-swapped array of the right type (dtype '>f4' on this machine) is
+// copied to native order (lossless), never read as it lies.
 static PyArrayObject * get_array(PyObject * obj, int type, const char * name) {
     if (!PyArray_Check(obj)) {
         PyErr_Format(PyExc_TypeError, "%s must be a numpy.ndarray, got %s", name, Py_TYPE(obj)->tp_name);
@@ -76,7 +79,9 @@ static PyArrayObject * get_array(PyObject * obj, int type, const char * name) {
         Py_XDECREF(want);
         return NULL;
     }
-    return (PyArrayObject *)PyArray_FromArray(a, NULL, NPY_ARRAY_IN_ARRAY);
+    PyArray_Descr * native = PyArray_DescrFromType(type);   // stolen by PyArray_FromArray
+    if (!native) return NULL;
+    return (PyArrayObject *)PyArray_FromArray(a, native, NPY_ARRAY_IN_ARRAY);
 }
 
 static int check_finite(PyArrayObject * a, const char * name) {
@@ -1279,8 +1284,10 @@ static PyObject * py_distill_epoch(PyObject * Py_UNUSED(m), PyObject * args, PyO
         // writeable (never a silent copy).
         if (!PyArray_Check(gates_o) || PyArray_TYPE((PyArrayObject *)gates_o) != NPY_FLOAT32 ||
             !PyArray_IS_C_CONTIGUOUS((PyArrayObject *)gates_o) || !PyArray_ISWRITEABLE((PyArrayObject *)gates_o) ||
+            !PyArray_ISNOTSWAPPED((PyArrayObject *)gates_o) ||
             PyArray_NDIM((PyArrayObject *)gates_o) != 1 || PyArray_DIM((PyArrayObject *)gates_o, 0) != n_teachers) {
-            PyErr_Format(PyExc_TypeError, "gates must be a writeable, contiguous float32 array of %d values", n_teachers);
+            PyErr_Format(PyExc_TypeError, "gates must be a writeable, contiguous float32 array (native byte order) of %d values",
+                         n_teachers);
             goto fail;
         }
         d.gate_logits = PyArray_DATA((PyArrayObject *)gates_o);
@@ -1844,6 +1851,599 @@ fail:
 static PyObject * py_feat_scratch_bytes(PyObject * Py_UNUSED(m), PyObject * Py_UNUSED(a)) {
     return PyLong_FromSize_t(kd_loss_feat_scratch());
 }
+
+// ---- losses with connectors or state (kdcore.h, "Losses with connectors or state")
+
+static int same_fmap_shape(PyArrayObject * a, PyArrayObject * b, const char * an, const char * bn) {
+    if (PyArray_NDIM(a) == PyArray_NDIM(b)) {
+        int same = 1;
+        for (int i = 0; i < PyArray_NDIM(a); i++) same &= PyArray_DIM(a, i) == PyArray_DIM(b, i);
+        if (same) return 0;
+    }
+    PyErr_Format(PyExc_ValueError, "%s must have the shape of %s", bn, an);
+    return -1;
+}
+
+// A 1-D float32 vector of length c, finite. New reference.
+static PyArrayObject * get_vector(PyObject * o, const char * name, npy_intp c, const char * what) {
+    PyArrayObject * v = get_array(o, NPY_FLOAT32, name);
+    if (!v) return NULL;
+    if (PyArray_NDIM(v) != 1 || PyArray_DIM(v, 0) != c) {
+        PyErr_Format(PyExc_ValueError, "%s must be 1-D with %zd entries (%s), got shape of %zd values in %d-D", name,
+                     (Py_ssize_t)c, what, (Py_ssize_t)PyArray_SIZE(v), PyArray_NDIM(v));
+        Py_DECREF(v);
+        return NULL;
+    }
+    if (check_finite(v, name) < 0) { Py_DECREF(v); return NULL; }
+    return v;
+}
+
+#define FDATA(o) ((float *)PyArray_DATA((PyArrayObject *)(o)))
+
+// ofd_margin(bn_weight, bn_bias) -> margin (C,)
+static PyObject * py_ofd_margin(PyObject * Py_UNUSED(m), PyObject * args) {
+    PyObject * wo, * bo;
+    static char * names[] = { "bn_weight", "bn_bias", NULL };
+    if (!PARSE_POS(args, "OO", names, &wo, &bo)) return NULL;
+    PyArrayObject * w = get_array(wo, NPY_FLOAT32, "bn_weight"), * b = NULL;
+    PyObject * out = NULL;
+    if (!w) return NULL;
+    if (PyArray_NDIM(w) != 1 || PyArray_SIZE(w) == 0) {
+        PyErr_Format(PyExc_ValueError, "bn_weight must be a non-empty 1-D array (channels,), got %d-D", PyArray_NDIM(w));
+        goto fail;
+    }
+    if (check_int(PyArray_DIM(w, 0), "bn_weight") < 0 || check_finite(w, "bn_weight") < 0) goto fail;
+    if (!(b = get_vector(bo, "bn_bias", PyArray_DIM(w, 0), "the channels of bn_weight"))) goto fail;
+    if (!(out = like(w))) goto fail;
+    enum kd_status st = kd_ofd_margin(FDATA(out), PyArray_DATA(w), PyArray_DATA(b), (int)PyArray_DIM(w, 0));
+    if (st != KD_OK) { kd_raise(st); Py_CLEAR(out); }
+fail:
+    Py_XDECREF(w); Py_XDECREF(b);
+    return out;
+}
+
+// ofd_loss(student, teacher, margin) -> (loss, dstudent)
+static PyObject * py_ofd_loss(PyObject * Py_UNUSED(m), PyObject * args) {
+    PyObject * so, * to, * mo;
+    static char * names[] = { "student", "teacher", "margin", NULL };
+    if (!PARSE_POS(args, "OOO", names, &so, &to, &mo)) return NULL;
+    PyArrayObject * s = NULL, * t = NULL, * mg = NULL;
+    PyObject * ds = NULL, * ret = NULL;
+    struct kd_fmap fs, ft;
+    if (get_fmap(so, "student", &s, &fs) < 0 || get_fmap(to, "teacher", &t, &ft) < 0) goto fail;
+    if (PyArray_NDIM(t) != PyArray_NDIM(s) || ft.n != fs.n || ft.c != fs.c) {
+        PyErr_Format(PyExc_ValueError, "teacher (%d, %d, %d, %d) must have the dimensions, batch size and channels of "
+                     "student (%d, %d, %d, %d)", ft.n, ft.c, ft.h, ft.w, fs.n, fs.c, fs.h, fs.w);
+        goto fail;
+    }
+    if (!(mg = get_vector(mo, "margin", fs.c, "one per channel"))) goto fail;
+    if (!(ds = like(s))) goto fail;
+    float loss;
+    enum kd_status st;
+    Py_BEGIN_ALLOW_THREADS
+    st = kd_loss_ofd(&loss, FDATA(ds), fs, ft, PyArray_DATA(mg), 1.0f, false);
+    Py_END_ALLOW_THREADS
+    if (st != KD_OK) { kd_raise(st); goto fail; }
+    ret = Py_BuildValue("(fO)", loss, ds);
+fail:
+    Py_XDECREF(s); Py_XDECREF(t); Py_XDECREF(mg); Py_XDECREF(ds);
+    return ret;
+}
+
+// ab_loss(student, teacher, margin) -> (loss, dstudent)
+static PyObject * py_ab_loss(PyObject * Py_UNUSED(m), PyObject * args) {
+    PyObject * so, * to;
+    float margin;
+    static char * names[] = { "student", "teacher", "margin", NULL };
+    if (!PARSE_POS(args, "OOf", names, &so, &to, &margin)) return NULL;
+    if (!(margin >= 0) || !isfinite(margin)) return err_printf(PyExc_ValueError, "margin must be >= 0 and finite, got %g", (double)margin);
+    PyArrayObject * s = NULL, * t = NULL;
+    PyObject * ds = NULL, * ret = NULL;
+    struct kd_fmap fs, ft;
+    if (get_fmap(so, "student", &s, &fs) < 0 || get_fmap(to, "teacher", &t, &ft) < 0) goto fail;
+    if (same_fmap_shape(s, t, "student", "teacher") < 0) goto fail;
+    if (!(ds = like(s))) goto fail;
+    float loss;
+    enum kd_status st;
+    Py_BEGIN_ALLOW_THREADS
+    st = kd_loss_ab(&loss, FDATA(ds), fs, ft, margin, 1.0f, false);
+    Py_END_ALLOW_THREADS
+    if (st != KD_OK) { kd_raise(st); goto fail; }
+    ret = Py_BuildValue("(fO)", loss, ds);
+fail:
+    Py_XDECREF(s); Py_XDECREF(t); Py_XDECREF(ds);
+    return ret;
+}
+
+// ft_loss(student_factor, teacher_factor, p1, p2) -> (loss, dstudent, dteacher)
+static PyObject * py_ft_loss(PyObject * Py_UNUSED(m), PyObject * args) {
+    PyObject * so, * to;
+    int p1;
+    float p2;
+    static char * names[] = { "student_factor", "teacher_factor", "p1", "p2", NULL };
+    if (!PARSE_POS(args, "OOif", names, &so, &to, &p1, &p2)) return NULL;
+    if (p1 < 1 || p1 > 8) return PyErr_Format(PyExc_ValueError, "p1 must be an int in [1, 8], got %d", p1);
+    if (!(p2 >= 1) || !isfinite(p2)) return err_printf(PyExc_ValueError, "p2 must be >= 1 and finite, got %g", (double)p2);
+    PyArrayObject * s = NULL, * t = NULL;
+    PyObject * ds = NULL, * dt = NULL, * ret = NULL;
+    struct kd_fmap fs, ft;
+    if (get_fmap(so, "student_factor", &s, &fs) < 0 || get_fmap(to, "teacher_factor", &t, &ft) < 0) goto fail;
+    if (PyArray_NDIM(s) != 4 || PyArray_NDIM(t) != 4) {
+        PyErr_SetString(PyExc_ValueError, "student_factor and teacher_factor must be 4-D (N, C, H, W) factor maps");
+        goto fail;
+    }
+    if (ft.n != fs.n) {
+        PyErr_Format(PyExc_ValueError, "teacher_factor has %d samples, student_factor %d", ft.n, fs.n);
+        goto fail;
+    }
+    if ((fs.h < ft.h && fs.w > ft.w) || (fs.h > ft.h && fs.w < ft.w) || (fs.h == ft.h && fs.w != ft.w)) {
+        PyErr_Format(PyExc_ValueError, "student_factor (%d x %d) and teacher_factor (%d x %d): the spatial sizes must be "
+                     "equal or one map at least as large as the other in both dimensions", fs.h, fs.w, ft.h, ft.w);
+        goto fail;
+    }
+    if (!(ds = like(s)) || !(dt = like(t))) goto fail;
+    float loss;
+    enum kd_status st;
+    Py_BEGIN_ALLOW_THREADS
+    st = kd_loss_ft(&loss, FDATA(ds), FDATA(dt), fs, ft, p1, p2, 1.0f, false);
+    Py_END_ALLOW_THREADS
+    if (st != KD_OK) { kd_raise(st); goto fail; }
+    ret = Py_BuildValue("(fOO)", loss, ds, dt);
+fail:
+    Py_XDECREF(s); Py_XDECREF(t); Py_XDECREF(ds); Py_XDECREF(dt);
+    return ret;
+}
+
+// vid_loss(mu, teacher, log_scale, eps) -> (loss, dmu, dlog_scale)
+static PyObject * py_vid_loss(PyObject * Py_UNUSED(m), PyObject * args) {
+    PyObject * mo, * to, * lo;
+    float eps;
+    static char * names[] = { "mu", "teacher", "log_scale", "eps", NULL };
+    if (!PARSE_POS(args, "OOOf", names, &mo, &to, &lo, &eps)) return NULL;
+    if (!(eps >= 0) || !isfinite(eps)) return err_printf(PyExc_ValueError, "eps must be >= 0 and finite, got %g", (double)eps);
+    PyArrayObject * mu = NULL, * t = NULL, * ls = NULL;
+    PyObject * dmu = NULL, * dls = NULL, * ret = NULL;
+    struct kd_fmap fm, ft;
+    if (get_fmap(mo, "mu", &mu, &fm) < 0 || get_fmap(to, "teacher", &t, &ft) < 0) goto fail;
+    if (same_fmap_shape(mu, t, "mu", "teacher") < 0) goto fail;
+    if (!(ls = get_vector(lo, "log_scale", fm.c, "one per channel of mu"))) goto fail;
+    if (!(dmu = like(mu)) || !(dls = like(ls))) goto fail;
+    float loss;
+    enum kd_status st;
+    Py_BEGIN_ALLOW_THREADS
+    st = kd_loss_vid(&loss, FDATA(dmu), FDATA(dls), fm, ft, PyArray_DATA(ls), eps, 1.0f, false);
+    Py_END_ALLOW_THREADS
+    if (st != KD_OK) { kd_raise(st); goto fail; }
+    ret = Py_BuildValue("(fOO)", loss, dmu, dls);
+fail:
+    Py_XDECREF(mu); Py_XDECREF(t); Py_XDECREF(ls); Py_XDECREF(dmu); Py_XDECREF(dls);
+    return ret;
+}
+
+// vid_log_scale_init(init_var, eps) -> float
+static PyObject * py_vid_log_scale_init(PyObject * Py_UNUSED(m), PyObject * args) {
+    float v, eps;
+    static char * names[] = { "init_var", "eps", NULL };
+    if (!PARSE_POS(args, "ff", names, &v, &eps)) return NULL;
+    if (!(eps >= 0) || !isfinite(eps)) return err_printf(PyExc_ValueError, "eps must be >= 0 and finite, got %g", (double)eps);
+    if (!(v > eps) || !isfinite(v)) return err_printf(PyExc_ValueError, "init_var must be finite and > eps (%g), got %g", (double)eps, (double)v);
+    float r = kd_vid_log_scale_init(v, eps);
+    if (!isfinite(r)) return err_printf(PyExc_ValueError, "init_var %g gives a non-finite log_scale", (double)v);
+    return PyFloat_FromDouble(r);
+}
+
+// Two (N, D) float32 embeddings of the same shape, finite. New references.
+static int get_embed_pair(PyObject * ao, PyObject * bo, const char * an, const char * bn, PyArrayObject ** a,
+                          PyArrayObject ** b) {
+    *b = NULL;
+    *a = get_array(ao, NPY_FLOAT32, an);
+    if (!*a) return -1;
+    if (PyArray_NDIM(*a) != 2 || PyArray_SIZE(*a) == 0) {
+        PyErr_Format(PyExc_ValueError, "%s must be a non-empty 2-D array (N, dim), got %d-D", an, PyArray_NDIM(*a));
+        goto fail;
+    }
+    if (check_int(PyArray_DIM(*a, 0), an) < 0 || check_int(PyArray_DIM(*a, 1), an) < 0 || check_finite(*a, an) < 0) goto fail;
+    *b = get_array(bo, NPY_FLOAT32, bn);
+    if (!*b) goto fail;
+    if (PyArray_NDIM(*b) != 2 || PyArray_DIM(*b, 0) != PyArray_DIM(*a, 0) || PyArray_DIM(*b, 1) != PyArray_DIM(*a, 1)) {
+        PyErr_Format(PyExc_ValueError, "%s must have the shape of %s (%zd, %zd)", bn, an, (Py_ssize_t)PyArray_DIM(*a, 0),
+                     (Py_ssize_t)PyArray_DIM(*a, 1));
+        goto fail;
+    }
+    if (check_finite(*b, bn) < 0) goto fail;
+    return 0;
+fail:
+    Py_CLEAR(*a);
+    Py_CLEAR(*b);
+    return -1;
+}
+
+// cc_loss(student_embed, teacher_embed) -> (loss, dstudent, dteacher)
+static PyObject * py_cc_loss(PyObject * Py_UNUSED(m), PyObject * args) {
+    PyObject * so, * to;
+    static char * names[] = { "student_embed", "teacher_embed", NULL };
+    if (!PARSE_POS(args, "OO", names, &so, &to)) return NULL;
+    PyArrayObject * s, * t;
+    if (get_embed_pair(so, to, "student_embed", "teacher_embed", &s, &t) < 0) return NULL;
+    PyObject * ds = NULL, * dt = NULL, * ret = NULL;
+    int n = (int)PyArray_DIM(s, 0), d = (int)PyArray_DIM(s, 1);
+    if (n < 2) {
+        PyErr_Format(PyExc_ValueError, "student_embed must have at least 2 rows (CC pairs consecutive samples), got %d", n);
+        goto fail;
+    }
+    if (!(ds = like(s)) || !(dt = like(t))) goto fail;
+    float loss;
+    enum kd_status st = kd_loss_cc(&loss, FDATA(ds), FDATA(dt), PyArray_DATA(s), PyArray_DATA(t), n, d, 1.0f, false);
+    if (st != KD_OK) { kd_raise(st); goto fail; }
+    ret = Py_BuildValue("(fOO)", loss, ds, dt);
+fail:
+    Py_XDECREF(s); Py_XDECREF(t); Py_XDECREF(ds); Py_XDECREF(dt);
+    return ret;
+}
+
+// hcl_loss(student, teacher) -> (loss, dstudent)
+static PyObject * py_hcl_loss(PyObject * Py_UNUSED(m), PyObject * args) {
+    PyObject * so, * to;
+    static char * names[] = { "student", "teacher", NULL };
+    if (!PARSE_POS(args, "OO", names, &so, &to)) return NULL;
+    PyArrayObject * s = NULL, * t = NULL;
+    PyObject * ds = NULL, * ret = NULL;
+    struct kd_fmap fs, ft;
+    if (get_fmap(so, "student", &s, &fs) < 0 || get_fmap(to, "teacher", &t, &ft) < 0) goto fail;
+    if (same_fmap_shape(s, t, "student", "teacher") < 0) goto fail;
+    if (!(ds = like(s))) goto fail;
+    float loss;
+    enum kd_status st;
+    Py_BEGIN_ALLOW_THREADS
+    st = kd_loss_hcl(&loss, FDATA(ds), fs, ft, 1.0f, false);
+    Py_END_ALLOW_THREADS
+    if (st != KD_OK) { kd_raise(st); goto fail; }
+    ret = Py_BuildValue("(fO)", loss, ds);
+fail:
+    Py_XDECREF(s); Py_XDECREF(t); Py_XDECREF(ds);
+    return ret;
+}
+
+// ---------------------------------------------------------------------------------------
+// CRD: memory banks and the contrastive loss (struct kd_crd)
+
+typedef struct {
+    PyObject_HEAD
+    struct kd_crd * crd;
+    int busy;
+} CRDObject;
+
+static int crd_acquire(CRDObject * self) {
+    if (!self->crd) { PyErr_SetString(PyExc_RuntimeError, "the CRD state was not initialised"); return -1; }
+    if (self->busy) {
+        PyErr_SetString(PyExc_RuntimeError, "this CRD state is in use by another thread");
+        return -1;
+    }
+    self->busy = 1;
+    return 0;
+}
+
+static void CRD_dealloc(CRDObject * self) {
+    kd_crd_free(self->crd);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+// CRD(n_data, dim, n_neg, T, momentum, seed, in_batch)
+static int CRD_init(CRDObject * self, PyObject * args, PyObject * kwds) {
+    static char * kwlist[] = { "n_data", "dim", "n_neg", "T", "momentum", "seed", "in_batch", NULL };
+    long long n_data;
+    int dim, n_neg = 16384, in_batch = 0;
+    float T = 0.07f, momentum = 0.5f;
+    unsigned long long seed = 0;
+    if (!PARSE_KW(args, kwds, "Li|iffKp", kwlist, &n_data, &dim, &n_neg, &T, &momentum, &seed, &in_batch)) return -1;
+    if (self->busy) { PyErr_SetString(PyExc_RuntimeError, "this CRD state is in use by another thread"); return -1; }
+    struct kd_crd * c;
+    Py_BEGIN_ALLOW_THREADS
+    c = in_batch ? kd_crd_new_in_batch(n_data, dim, T) : kd_crd_new(n_data, dim, n_neg, T, momentum, seed);
+    Py_END_ALLOW_THREADS
+    if (!c) {
+        const char * msg = kd_last_error();
+        PyErr_SetString(strstr(msg, "allocate") ? PyExc_MemoryError : PyExc_ValueError, msg);
+        return -1;
+    }
+    kd_crd_free(self->crd);
+    self->crd = c;
+    return 0;
+}
+
+// An int64 1-D array of n entries (idx or labels; `per`: what n counts), range-checked.
+// New reference.
+static PyArrayObject * get_index(PyObject * o, const char * name, npy_intp n, int64_t lo, int64_t hi, const char * per) {
+    PyArrayObject * a = get_array(o, NPY_INT64, name);
+    if (!a) return NULL;
+    if (PyArray_NDIM(a) != 1 || PyArray_DIM(a, 0) != n) {
+        PyErr_Format(PyExc_ValueError, "%s must be 1-D with %zd entries (one per %s), got %zd values in %d-D", name,
+                     (Py_ssize_t)n, per, (Py_ssize_t)PyArray_SIZE(a), PyArray_NDIM(a));
+        Py_DECREF(a);
+        return NULL;
+    }
+    const int64_t * p = PyArray_DATA(a);
+    for (npy_intp i = 0; i < n; i++)
+        if (p[i] < lo || p[i] >= hi) {
+            PyErr_Format(PyExc_ValueError, "%s[%zd] = %lld is outside [%lld, %lld)", name, (Py_ssize_t)i, (long long)p[i],
+                         (long long)lo, (long long)hi);
+            Py_DECREF(a);
+            return NULL;
+        }
+    return a;
+}
+
+static int64_t crd_rows_(CRDObject * self) {
+    int64_t rows = 0;
+    int dim = 0;
+    kd_crd_bank(self->crd, 0, &rows, &dim);
+    return rows;
+}
+
+// Shared by loss and update: embeddings (N, dim), idx (N) in [0, n_data), labels (N) or None.
+static int crd_batch_args(CRDObject * self, PyObject * so, PyObject * to, PyObject * io, PyObject * yo, int need_idx,
+                          PyArrayObject ** s, PyArrayObject ** t, PyArrayObject ** idx, PyArrayObject ** y,
+                          int64_t n_data, int dim) {
+    *idx = *y = NULL;
+    if (get_embed_pair(so, to, "student_embed", "teacher_embed", s, t) < 0) return -1;
+    npy_intp n = PyArray_DIM(*s, 0);
+    if (PyArray_DIM(*s, 1) != dim) {
+        PyErr_Format(PyExc_ValueError, "student_embed must have %d columns (the CRD dim), got %zd", dim,
+                     (Py_ssize_t)PyArray_DIM(*s, 1));
+        goto fail;
+    }
+    if (io && io != Py_None) {
+        if (!(*idx = get_index(io, "idx", n, 0, n_data, "row of student_embed"))) goto fail;
+    } else if (need_idx) {
+        PyErr_SetString(PyExc_TypeError, "idx (the samples' data-set indices) is required with memory banks");
+        goto fail;
+    }
+    if (yo && yo != Py_None && !(*y = get_index(yo, "labels", n, INT64_MIN, INT64_MAX, "row of student_embed"))) goto fail;
+    return 0;
+fail:
+    Py_CLEAR(*s); Py_CLEAR(*t); Py_CLEAR(*idx); Py_CLEAR(*y);
+    return -1;
+}
+
+// loss(student_embed, teacher_embed, idx=None, labels=None) -> (loss, dstudent, dteacher)
+static PyObject * CRD_loss(CRDObject * self, PyObject * args, PyObject * kwds) {
+    static char * kwlist[] = { "student_embed", "teacher_embed", "idx", "labels", NULL };
+    PyObject * so, * to, * io = Py_None, * yo = Py_None;
+    if (!PARSE_KW(args, kwds, "OO|OO", kwlist, &so, &to, &io, &yo)) return NULL;
+    if (!self->crd) return PyErr_Format(PyExc_RuntimeError, "the CRD state was not initialised");
+    int64_t rows = kd_crd_n_data(self->crd);
+    int banked = kd_crd_bank(self->crd, 0, NULL, NULL) != NULL;
+    PyArrayObject * s, * t, * idx, * y;
+    PyObject * ds = NULL, * dt = NULL, * ret = NULL;
+    // in-batch mode: idx is optional (the loss does not use it)
+    if (crd_batch_args(self, so, to, io, yo, banked, &s, &t, &idx, &y, rows, kd_crd_dim(self->crd)) < 0) return NULL;
+    if (!banked) {
+        if (PyArray_DIM(s, 0) < 2) {
+            PyErr_SetString(PyExc_ValueError, "student_embed needs at least 2 rows for in-batch negatives");
+            goto fail;
+        }
+    }
+    if (!(ds = like(s)) || !(dt = like(t))) goto fail;
+    if (crd_acquire(self) < 0) goto fail;
+    float loss;
+    enum kd_status st;
+    int n = (int)PyArray_DIM(s, 0);
+    const int64_t * ip = idx ? PyArray_DATA(idx) : NULL, * yp = y ? PyArray_DATA(y) : NULL;
+    Py_BEGIN_ALLOW_THREADS
+    st = kd_crd_loss(self->crd, &loss, FDATA(ds), FDATA(dt), PyArray_DATA(s), PyArray_DATA(t), ip, yp, n, 1.0f, false);
+    Py_END_ALLOW_THREADS
+    self->busy = 0;
+    if (st != KD_OK) { kd_raise(st); goto fail; }
+    ret = Py_BuildValue("(fOO)", loss, ds, dt);
+fail:
+    Py_XDECREF(s); Py_XDECREF(t); Py_XDECREF(idx); Py_XDECREF(y); Py_XDECREF(ds); Py_XDECREF(dt);
+    return ret;
+}
+
+// loss_idx(student_embed, teacher_embed, sample_idx) -> (loss, dstudent, dteacher)
+static PyObject * CRD_loss_idx(CRDObject * self, PyObject * args, PyObject * kwds) {
+    static char * kwlist[] = { "student_embed", "teacher_embed", "sample_idx", NULL };
+    PyObject * so, * to, * io;
+    if (!PARSE_KW(args, kwds, "OOO", kwlist, &so, &to, &io)) return NULL;
+    if (!self->crd) return PyErr_Format(PyExc_RuntimeError, "the CRD state was not initialised");
+    int64_t rows = 0;
+    int dim = 0;
+    if (!kd_crd_bank(self->crd, 0, &rows, &dim))
+        return PyErr_Format(PyExc_RuntimeError, "loss_idx needs memory banks (this CRD state uses in-batch negatives)");
+    PyArrayObject * s, * t, * idx = NULL, * y = NULL, * si = NULL;
+    PyObject * ds = NULL, * dt = NULL, * ret = NULL;
+    if (crd_batch_args(self, so, to, NULL, NULL, 0, &s, &t, &idx, &y, rows, dim) < 0) return NULL;
+    int n = (int)PyArray_DIM(s, 0), K1 = kd_crd_n_neg(self->crd) + 1;
+    if (!(si = get_array(io, NPY_INT64, "sample_idx"))) goto fail;
+    if (PyArray_NDIM(si) != 2 || PyArray_DIM(si, 0) != n || PyArray_DIM(si, 1) != K1) {
+        PyErr_Format(PyExc_ValueError, "sample_idx must be 2-D (%d, n_neg + 1 = %d), got %zd values in %d-D", n, K1,
+                     (Py_ssize_t)PyArray_SIZE(si), PyArray_NDIM(si));
+        goto fail;
+    }
+    const int64_t * sp = PyArray_DATA(si);
+    for (npy_intp e = 0; e < PyArray_SIZE(si); e++)
+        if (sp[e] < 0 || sp[e] >= rows) {
+            PyErr_Format(PyExc_ValueError, "sample_idx[%zd, %zd] = %lld is outside [0, n_data = %lld)", (Py_ssize_t)(e / K1),
+                         (Py_ssize_t)(e % K1), (long long)sp[e], (long long)rows);
+            goto fail;
+        }
+    if (!(ds = like(s)) || !(dt = like(t))) goto fail;
+    if (crd_acquire(self) < 0) goto fail;
+    float loss;
+    enum kd_status st;
+    Py_BEGIN_ALLOW_THREADS
+    st = kd_crd_loss_idx(self->crd, &loss, FDATA(ds), FDATA(dt), PyArray_DATA(s), PyArray_DATA(t), sp, n, 1.0f, false);
+    Py_END_ALLOW_THREADS
+    self->busy = 0;
+    if (st != KD_OK) { kd_raise(st); goto fail; }
+    ret = Py_BuildValue("(fOO)", loss, ds, dt);
+fail:
+    Py_XDECREF(s); Py_XDECREF(t); Py_XDECREF(si); Py_XDECREF(ds); Py_XDECREF(dt);
+    return ret;
+}
+
+// sample(idx, labels=None) -> int64 (N, n_neg + 1)
+static PyObject * CRD_sample(CRDObject * self, PyObject * args, PyObject * kwds) {
+    static char * kwlist[] = { "idx", "labels", NULL };
+    PyObject * io, * yo = Py_None;
+    if (!PARSE_KW(args, kwds, "O|O", kwlist, &io, &yo)) return NULL;
+    if (!self->crd) return PyErr_Format(PyExc_RuntimeError, "the CRD state was not initialised");
+    int64_t rows = crd_rows_(self);
+    if (!rows) return PyErr_Format(PyExc_RuntimeError, "sample needs memory banks (this CRD state uses in-batch negatives)");
+    PyArrayObject * a = get_array(io, NPY_INT64, "idx"), * idx = NULL, * y = NULL;
+    PyObject * out = NULL;
+    if (!a) return NULL;
+    if (PyArray_NDIM(a) != 1 || PyArray_SIZE(a) == 0) {
+        PyErr_Format(PyExc_ValueError, "idx must be a non-empty 1-D array, got %d-D", PyArray_NDIM(a));
+        goto fail;
+    }
+    if (check_int(PyArray_DIM(a, 0), "idx") < 0) goto fail;
+    npy_intp n = PyArray_DIM(a, 0);
+    if (!(idx = get_index(io, "idx", n, 0, rows, "sample"))) goto fail;
+    if (yo != Py_None && !(y = get_index(yo, "labels", n, INT64_MIN, INT64_MAX, "entry of idx"))) goto fail;
+    npy_intp dims[2] = { n, kd_crd_n_neg(self->crd) + 1 };
+    if (!(out = PyArray_SimpleNew(2, dims, NPY_INT64))) goto fail;
+    if (crd_acquire(self) < 0) { Py_CLEAR(out); goto fail; }
+    enum kd_status st;
+    Py_BEGIN_ALLOW_THREADS
+    st = kd_crd_sample(self->crd, PyArray_DATA((PyArrayObject *)out), PyArray_DATA(idx), y ? PyArray_DATA(y) : NULL, (int)n);
+    Py_END_ALLOW_THREADS
+    self->busy = 0;
+    if (st != KD_OK) { kd_raise(st); Py_CLEAR(out); }
+fail:
+    Py_XDECREF(a); Py_XDECREF(idx); Py_XDECREF(y);
+    return out;
+}
+
+// update(student_embed, teacher_embed, idx)
+static PyObject * CRD_update(CRDObject * self, PyObject * args, PyObject * kwds) {
+    static char * kwlist[] = { "student_embed", "teacher_embed", "idx", NULL };
+    PyObject * so, * to, * io = Py_None;
+    if (!PARSE_KW(args, kwds, "OO|O", kwlist, &so, &to, &io)) return NULL;
+    if (!self->crd) return PyErr_Format(PyExc_RuntimeError, "the CRD state was not initialised");
+    int64_t rows = crd_rows_(self);
+    if (!rows) Py_RETURN_NONE;   // in-batch mode: nothing to update
+    int dim = 0;
+    kd_crd_bank(self->crd, 0, NULL, &dim);
+    PyArrayObject * s, * t, * idx, * y;
+    if (crd_batch_args(self, so, to, io, NULL, 1, &s, &t, &idx, &y, rows, dim) < 0) return NULL;
+    PyObject * ret = NULL;
+    if (crd_acquire(self) < 0) goto fail;
+    enum kd_status st;
+    Py_BEGIN_ALLOW_THREADS
+    st = kd_crd_update(self->crd, PyArray_DATA(s), PyArray_DATA(t), PyArray_DATA(idx), (int)PyArray_DIM(s, 0));
+    Py_END_ALLOW_THREADS
+    self->busy = 0;
+    if (st != KD_OK) { kd_raise(st); goto fail; }
+    ret = Py_NewRef(Py_None);
+fail:
+    Py_XDECREF(s); Py_XDECREF(t); Py_XDECREF(idx);
+    return ret;
+}
+
+// set_labels(labels): the data set's labels (n_data,)
+static PyObject * CRD_set_labels(CRDObject * self, PyObject * arg) {
+    if (!self->crd) return PyErr_Format(PyExc_RuntimeError, "the CRD state was not initialised");
+    int64_t rows = crd_rows_(self);
+    if (!rows) return PyErr_Format(PyExc_RuntimeError, "in-batch mode has no banks: pass the batch's labels to loss()");
+    PyArrayObject * y = get_index(arg, "labels", (npy_intp)rows, 0, INT64_MAX, "sample of the data set, n_data");
+    if (!y) return NULL;
+    if (crd_acquire(self) < 0) { Py_DECREF(y); return NULL; }
+    enum kd_status st = kd_crd_set_labels(self->crd, PyArray_DATA(y), rows);
+    self->busy = 0;
+    Py_DECREF(y);
+    if (st != KD_OK) return kd_raise(st);
+    Py_RETURN_NONE;
+}
+
+// bank(which) -> writable float32 view (n_data, dim), or None in in-batch mode
+static PyObject * CRD_bank(CRDObject * self, PyObject * args) {
+    int which;
+    static char * names[] = { "which", NULL };
+    if (!PARSE_POS(args, "i", names, &which)) return NULL;
+    if (!self->crd) return PyErr_Format(PyExc_RuntimeError, "the CRD state was not initialised");
+    if (which < 0 || which > 1) return PyErr_Format(PyExc_ValueError, "which must be 0 (student bank) or 1 (teacher bank), got %d", which);
+    int64_t rows;
+    int dim;
+    float * p = kd_crd_bank(self->crd, which, &rows, &dim);
+    if (!p) Py_RETURN_NONE;
+    npy_intp dims[2] = { (npy_intp)rows, dim };
+    PyObject * a = PyArray_SimpleNewFromData(2, dims, NPY_FLOAT32, p);
+    if (!a) return NULL;
+    if (PyArray_SetBaseObject((PyArrayObject *)a, Py_NewRef((PyObject *)self)) < 0) { Py_DECREF(a); return NULL; }
+    return a;
+}
+
+// z([(z_student, z_teacher)]) -> (z_student, z_teacher); negative = not set yet
+static PyObject * CRD_z(CRDObject * self, PyObject * args) {
+    PyObject * value = Py_None;
+    if (!PyArg_ParseTuple(args, "|O", &value)) return NULL;
+    if (!self->crd) return PyErr_Format(PyExc_RuntimeError, "the CRD state was not initialised");
+    float * z = kd_crd_z(self->crd);
+    if (value != Py_None) {
+        double a, b;
+        if (!PyArg_ParseTuple(value, "dd", &a, &b)) {
+            PyErr_Clear();
+            return PyErr_Format(PyExc_TypeError, "z must be a pair of floats (z_student, z_teacher)");
+        }
+        if (!isfinite(a) || !isfinite(b) || a == 0 || b == 0 || fabs(a) > FLT_MAX || fabs(b) > FLT_MAX)
+            return err_printf(PyExc_ValueError, "z values must be finite non-zero floats (negative = unset), got (%g, %g)", a, b);
+        z[0] = (float)a;
+        z[1] = (float)b;
+    }
+    return Py_BuildValue("(ff)", z[0], z[1]);
+}
+
+// steps([value]) -> draws done
+static PyObject * CRD_steps(CRDObject * self, PyObject * args) {
+    PyObject * value = Py_None;
+    if (!PyArg_ParseTuple(args, "|O", &value)) return NULL;
+    if (!self->crd) return PyErr_Format(PyExc_RuntimeError, "the CRD state was not initialised");
+    int64_t * p = kd_crd_steps(self->crd);
+    if (value != Py_None) {
+        if (PyBool_Check(value) || !PyLong_Check(value))
+            return PyErr_Format(PyExc_TypeError, "steps value must be an int, got %s", Py_TYPE(value)->tp_name);
+        long long v = PyLong_AsLongLong(value);
+        if (v == -1 && PyErr_Occurred()) return NULL;
+        if (v < 0) return PyErr_Format(PyExc_ValueError, "steps value must be >= 0, got %lld", v);
+        *p = v;
+    }
+    return PyLong_FromLongLong(*p);
+}
+
+static PyObject * CRD_n_neg(CRDObject * self, PyObject * Py_UNUSED(i)) {
+    if (!self->crd) return PyErr_Format(PyExc_RuntimeError, "the CRD state was not initialised");
+    return PyLong_FromLong(kd_crd_n_neg(self->crd));
+}
+
+static PyMethodDef CRD_methods[] = {
+    { "loss", (PyCFunction)(void (*)(void))CRD_loss, METH_VARARGS | METH_KEYWORDS,
+      "loss(student_embed, teacher_embed, idx=None, labels=None) -> (loss, dstudent, dteacher)" },
+    { "loss_idx", (PyCFunction)(void (*)(void))CRD_loss_idx, METH_VARARGS | METH_KEYWORDS,
+      "loss_idx(student_embed, teacher_embed, sample_idx) -> (loss, dstudent, dteacher)" },
+    { "sample", (PyCFunction)(void (*)(void))CRD_sample, METH_VARARGS | METH_KEYWORDS,
+      "sample(idx, labels=None) -> the (N, n_neg + 1) rows loss() would use now" },
+    { "update", (PyCFunction)(void (*)(void))CRD_update, METH_VARARGS | METH_KEYWORDS,
+      "update(student_embed, teacher_embed, idx): momentum update of the banks' rows" },
+    { "set_labels", (PyCFunction)CRD_set_labels, METH_O, "set_labels(labels): the data set's labels" },
+    { "bank", (PyCFunction)CRD_bank, METH_VARARGS, "bank(which) -> writable view of bank 0 (student) or 1 (teacher)" },
+    { "z", (PyCFunction)CRD_z, METH_VARARGS, "z([pair]) -> (z_student, z_teacher)" },
+    { "steps", (PyCFunction)CRD_steps, METH_VARARGS, "steps([value]) -> draw counter" },
+    { "n_neg", (PyCFunction)CRD_n_neg, METH_NOARGS, "negatives per sample (0: in-batch)" },
+    { NULL, NULL, 0, NULL },
+};
+
+static PyTypeObject CRDType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "kdcore._kdcore.CRD",
+    .tp_basicsize = sizeof(CRDObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "CRD memory banks and contrastive loss (struct kd_crd).",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)CRD_init,
+    .tp_dealloc = (destructor)CRD_dealloc,
+    .tp_methods = CRD_methods,
+};
 
 // evaluate(net, data, batch_size=256, logits=False) -> (logits or None, loss or None, accuracy or None)
 static PyObject * py_evaluate(PyObject * Py_UNUSED(m), PyObject * args, PyObject * kwds) {
@@ -2509,6 +3109,14 @@ static PyMethodDef module_methods[] = {
     { "pkt_loss", (PyCFunction)(void (*)(void))py_pkt_loss, METH_VARARGS | METH_KEYWORDS, "(loss, ds[, dt])" },
     { "fsp_loss", (PyCFunction)(void (*)(void))py_fsp_loss, METH_VARARGS | METH_KEYWORDS, "(loss, ds1, ds2[, dt1, dt2])" },
     { "feat_scratch_bytes", (PyCFunction)py_feat_scratch_bytes, METH_NOARGS, "scratch bytes of the last feature loss call" },
+    { "ofd_margin", (PyCFunction)py_ofd_margin, METH_VARARGS, "ofd_margin(bn_weight, bn_bias) -> margin" },
+    { "ofd_loss", (PyCFunction)py_ofd_loss, METH_VARARGS, "(loss, dstudent)" },
+    { "ab_loss", (PyCFunction)py_ab_loss, METH_VARARGS, "(loss, dstudent)" },
+    { "ft_loss", (PyCFunction)py_ft_loss, METH_VARARGS, "(loss, dstudent, dteacher)" },
+    { "vid_loss", (PyCFunction)py_vid_loss, METH_VARARGS, "(loss, dmu, dlog_scale)" },
+    { "vid_log_scale_init", (PyCFunction)py_vid_log_scale_init, METH_VARARGS, "log(exp(init_var - eps) - 1)" },
+    { "cc_loss", (PyCFunction)py_cc_loss, METH_VARARGS, "(loss, dstudent, dteacher)" },
+    { "hcl_loss", (PyCFunction)py_hcl_loss, METH_VARARGS, "(loss, dstudent)" },
     { "evaluate", (PyCFunction)(void (*)(void))py_evaluate, METH_VARARGS | METH_KEYWORDS, "batched eval-mode forward" },
     { "cross_entropy", (PyCFunction)(void (*)(void))py_cross_entropy, METH_VARARGS | METH_KEYWORDS, "(loss, dlogits)" },
     { "idx_read", (PyCFunction)py_idx_read, METH_O, "read an IDX (optionally gzipped) file" },
@@ -2531,12 +3139,15 @@ static struct PyModuleDef moduledef = {
 
 PyMODINIT_FUNC PyInit__kdcore(void) {
     import_array();
-    if (PyType_Ready(&NetType) < 0 || PyType_Ready(&OptimType) < 0 || PyType_Ready(&DatasetType) < 0) return NULL;
+    if (PyType_Ready(&NetType) < 0 || PyType_Ready(&OptimType) < 0 || PyType_Ready(&DatasetType) < 0 ||
+        PyType_Ready(&CRDType) < 0)
+        return NULL;
     PyObject * m = PyModule_Create(&moduledef);
     if (!m) return NULL;
     if (PyModule_AddObjectRef(m, "Net", (PyObject *)&NetType) < 0 ||
         PyModule_AddObjectRef(m, "Optimizer", (PyObject *)&OptimType) < 0 ||
         PyModule_AddObjectRef(m, "Dataset", (PyObject *)&DatasetType) < 0 ||
+        PyModule_AddObjectRef(m, "CRD", (PyObject *)&CRDType) < 0 ||
         PyModule_AddStringConstant(m, "version", KDCORE_VERSION) < 0 || add_enums(m) < 0) {
         Py_DECREF(m);
         return NULL;

@@ -13,6 +13,12 @@ feature), and return (loss, dstudent), or (loss, dstudent, dteacher) with grad_t
 spatial size (AT, NST, FSP), each is adaptive-average-pooled to the smaller height and the
 smaller width (the references' rule for square maps). See kdcore.h, "Feature and relation
 losses", for the epsilons and the scratch memory of each.
+
+The losses of the methods with connectors or state (OFD, AB, FT, VID, CC, ReviewKD's HCL,
+CRD) take the connectors' outputs (float32 maps (N, C, H, W), or (N, D) embeddings) and
+return the loss as the reference library defines it (no method weight applied) with the
+gradients with respect to their inputs. The connectors themselves are ordinary models fed
+from a tap; per-stage and per-method weights are the caller's.
 """
 from __future__ import annotations
 
@@ -22,7 +28,9 @@ from . import _kdcore
 from .nn import _check_bool, _check_float, _check_int
 
 __all__ = ["cross_entropy", "kd_loss", "dkd_loss", "soft_target_loss", "logit_mse_loss", "tolerant_loss",
-           "softmax", "virtual_teacher", "at_loss", "sp_loss", "nst_loss", "rkd_loss", "pkt_loss", "fsp_loss"]
+           "softmax", "virtual_teacher", "at_loss", "sp_loss", "nst_loss", "rkd_loss", "pkt_loss", "fsp_loss",
+           "ofd_margin", "ofd_loss", "ab_loss", "ft_loss", "vid_loss", "vid_log_scale", "cc_loss", "hcl_loss",
+           "CRDBank"]
 
 
 def _labels(target):
@@ -193,3 +201,229 @@ def fsp_loss(s1, s2, t1, t2, grad_teacher=False):
     (loss, (ds1, ds2), (dt1, dt2))."""
     r = _kdcore.fsp_loss(s1, s2, t1, t2, _check_bool("grad_teacher", grad_teacher))
     return (r[0], r[1:3], r[3:5]) if len(r) == 5 else (r[0], r[1:3])
+# Losses with connectors or state (kdcore.h, "Losses with connectors or state")
+
+
+def _index(v):
+    """Integer numpy arrays of any width as int64 (the binding takes int64 only)."""
+    if isinstance(v, np.ndarray) and v.dtype.kind in "iu" and v.dtype != np.int64:
+        return v.astype(np.int64)
+    return v
+
+
+def ofd_margin(bn_weight, bn_bias):
+    """OFD's per-channel margin from the teacher's BN before a ReLU (mdistiller OFD.py).
+
+    With x ~ N(b, |w|^2) per channel: margin = E[x | x < 0] = b - |w| phi(b/|w|) / Phi(-b/|w|),
+    or -3 |w| where Phi(-b/|w|) <= 0.001 (mdistiller's cut-off), computed in double. |w| = 0
+    gives the limits (b if b < 0, else 0), where mdistiller divides by zero.
+    bn_weight, bn_bias: float32 (C,). Returns float32 (C,)."""
+    return _kdcore.ofd_margin(bn_weight, bn_bias)
+
+
+def ofd_loss(student, teacher, margin):
+    """OFD's partial L2 (Heo et al. 2019; mdistiller OFD.py feat_loss), one stage.
+
+    student: the connector output (student pre-ReLU map through conv1x1 + BN), (N, C, h, w);
+    teacher: the teacher's pre-ReLU map (N, C, H, W), adaptive-average-pooled to (h, w) when
+    the sizes differ; margin: (C,) from ofd_margin. With t' = max(teacher, margin):
+    loss = sum over C, h, w, N of (s - t')^2, except 0 where s <= t' <= 0, divided by N
+    (mdistiller's .mean(dim=0).sum(); exact masks as mdistiller's, for any margin).
+    mdistiller weights stage i of n by 1/2^(n-1-i) and the sum by 1e-3: the caller's.
+    Returns (loss, dstudent)."""
+    return _kdcore.ofd_loss(student, teacher, margin)
+
+
+def ab_loss(student, teacher, margin=1.0):
+    """Activation-boundary loss (Heo et al. 2019; RepDistiller AB.py), one stage.
+
+    student: the connector output (ConvReg without ReLU on the student's pre-ReLU map);
+    teacher: the teacher's pre-ReLU map, same shape. loss = sum((s + m)^2 [s > -m, t <= 0]
+    + (s - m)^2 [s <= m, t > 0]) / N, m = margin (1.0). RepDistiller's init stage weights
+    stage i of n by 2^(i-n+1) and multiplies by 3/1000: the caller's. Returns (loss, dstudent)."""
+    margin = _check_float("margin", margin, 0)
+    return _kdcore.ab_loss(student, teacher, margin)
+
+
+def ft_loss(student_factor, teacher_factor, p1=2, p2=1):
+    """Factor-transfer loss (Kim et al. 2018; RepDistiller FT.py FactorTransfer).
+
+    student_factor: the translator's output, teacher_factor: the paraphraser encoder's
+    output, (N, C, H, W) each (channel counts may differ; when the sizes differ, the map with
+    the larger H is adaptive-average-pooled to the other's size first, as RepDistiller).
+    F(x) = L2-normalise over H*W of the channel mean of x^p1 (eps 1e-12); loss = mean over
+    N*H*W of |F(s) - F(t)|^p2. Defaults p1=2, p2=1 are RepDistiller's; the paper normalises
+    the whole flattened factor and takes the p-norm of the difference per sample. The
+    paraphraser is pre-trained with a reconstruction MSE (logit_mse_loss on the flattened
+    maps). Returns (loss, dstudent_factor, dteacher_factor)."""
+    p1 = _check_int("p1", p1, 1)
+    p2 = _check_float("p2", p2, 1)
+    return _kdcore.ft_loss(student_factor, teacher_factor, p1, p2)
+
+
+def vid_loss(mu, teacher, log_scale, eps=1e-5):
+    """Variational information distillation (Ahn et al. 2019; RepDistiller VID.py).
+
+    mu: the regressor's output (three 1x1 convs on the student map, whose input is pooled to
+    the teacher's size beforehand, as RepDistiller), teacher: the teacher map, same shape;
+    log_scale: (C,) learned per-channel parameter, variance = softplus(log_scale) + eps.
+    loss = mean over N*C*H*W of 0.5 ((mu - t)^2 / var + log var) (the paper sums over C, H, W
+    instead). softplus is computed stably. Returns (loss, dmu, dlog_scale)."""
+    eps = _check_float("eps", eps, 0)
+    return _kdcore.vid_loss(mu, teacher, log_scale, eps)
+
+
+def vid_log_scale(channels, init_var=5.0, eps=1e-5):
+    """RepDistiller's initial log_scale for a starting variance init_var (5.0):
+    log(exp(init_var - eps) - 1) per channel, float32 (channels,)."""
+    channels = _check_int("channels", channels, 1)
+    init_var = _check_float("init_var", init_var, 0, lo_open=True)
+    eps = _check_float("eps", eps, 0)
+    return np.full(channels, _kdcore.vid_log_scale_init(init_var, eps), np.float32)
+
+
+def cc_loss(student_embed, teacher_embed):
+    """Correlation congruence (Peng et al. 2019) in RepDistiller's CC.py form (the authors'
+    code): delta = |e_s - e_t| for the (N, D) embeddings after each side's Linear;
+    loss = mean over i < N-1 of sum_d delta[i, d] * delta[i+1, d] (consecutive samples).
+    N >= 2. Returns (loss, dstudent_embed, dteacher_embed)."""
+    return _kdcore.cc_loss(student_embed, teacher_embed)
+
+
+def hcl_loss(student, teacher):
+    """ReviewKD's hierarchical context loss (Chen et al. 2021; mdistiller ReviewKD.py
+    hcl_loss) for one pair of maps of the same shape (student = the ABF-fused map):
+    (mse + sum_l w_l mse(pool_l(s), pool_l(t))) / (1 + sum_l w_l), levels l in (4, 2, 1)
+    with l < H (adaptive average pool to l x l), w_l = 1/2, 1/4, 1/8 in the order used.
+    Returns (loss, dstudent)."""
+    return _kdcore.hcl_loss(student, teacher)
+
+
+class CRDBank:
+    """CRD's memory banks and contrastive loss (Tian et al. 2020; RepDistiller crd/).
+
+    ``CRDBank(n_data, dim=128, n_neg=16384, T=0.07, momentum=0.5, seed=0)`` holds two banks
+    of n_data x dim floats (student bank: rows updated from the student embeddings, scored
+    against the teacher anchors; teacher bank: the converse), initialised uniform in
+    +-1/sqrt(dim/3). Per step::
+
+        loss, ds, dt = bank.loss(es, et, idx)   # es, et: L2-normalised (N, dim) embeddings
+        ...                                     # backward through the embedding heads
+        bank.update(es, et, idx)                # after a successful step
+
+    Score P = exp(<bank row, anchor> / T) / Z, Z fixed on the first call as
+    mean(exp(score / T)) * n_data; NCE with noise probability 1/n_data:
+    -log(P_pos / (P_pos + K/n_data + 1e-7)) - sum_neg log((K/n_data) / (P_neg + K/n_data + 1e-7)),
+    summed over both directions, mean over the batch (RepDistiller's ContrastLoss).
+    Negatives: n_neg per sample from a seeded counter-based generator (seed, draw counter,
+    data-set index), without replacement when possible; from every other sample, or with
+    ``labels`` (after ``set_labels`` with the data set's labels) from the other classes,
+    RepDistiller's default "exact" mode. ``sample`` returns the rows ``loss`` would use;
+    ``loss_idx`` takes the rows (RepDistiller's contrast_idx, positive first).
+
+    ``in_batch=True``: no banks (for data sets too large for them); the negatives of each
+    sample are the other samples of the batch (with labels: of other classes), the other
+    side's embeddings playing the bank's role; the gradients are the loss's full gradients
+    (through anchors and candidates). ``update`` does nothing.
+
+    State for checkpoints: ``state_dict()`` / ``load_state_dict()`` (banks, Z, draw counter);
+    ``student_bank`` / ``teacher_bank`` are writable views."""
+
+    def __init__(self, n_data, dim=128, n_neg=16384, T=0.07, momentum=0.5, seed=0, in_batch=False):
+        self.n_data = _check_int("n_data", n_data, 2)
+        self.dim = _check_int("dim", dim, 1)
+        self.in_batch = _check_bool("in_batch", in_batch)
+        self.n_neg = 0 if self.in_batch else _check_int("n_neg", n_neg, 1)
+        self.T = _check_float("T", T, 0, lo_open=True)
+        self.momentum = _check_float("momentum", momentum, 0, 1, hi_open=True)
+        self.seed = _check_int("seed", seed, 0)
+        self._c = _kdcore.CRD(self.n_data, self.dim, max(self.n_neg, 1), self.T, self.momentum, self.seed,
+                              self.in_batch)
+
+    def loss(self, student_embed, teacher_embed, idx=None, labels=None):
+        """(loss, dstudent_embed, dteacher_embed) with negatives drawn now (the draw counter
+        advances). idx: int (N,) data-set indices (optional in in-batch mode)."""
+        return self._c.loss(student_embed, teacher_embed, _index(idx), _index(labels))
+
+    def loss_idx(self, student_embed, teacher_embed, sample_idx):
+        """The loss with the caller's bank rows: sample_idx int (N, n_neg + 1), column 0 the
+        positive (RepDistiller's contrast_idx). No draw."""
+        return self._c.loss_idx(student_embed, teacher_embed, _index(sample_idx))
+
+    def sample(self, idx, labels=None):
+        """The (N, n_neg + 1) rows the next ``loss`` call draws (column 0 = idx)."""
+        return self._c.sample(_index(idx), _index(labels))
+
+    def update(self, student_embed, teacher_embed, idx):
+        """Momentum update of the rows idx, renormalised (RepDistiller, momentum 0.5)."""
+        return self._c.update(student_embed, teacher_embed, _index(idx))
+
+    def set_labels(self, labels):
+        """The data set's labels (n_data,), for negatives from other classes."""
+        return self._c.set_labels(_index(labels))
+
+    @property
+    def student_bank(self):
+        return self._c.bank(0)
+
+    @property
+    def teacher_bank(self):
+        return self._c.bank(1)
+
+    @property
+    def z(self):
+        """(Z of the student anchors, Z of the teacher anchors); negative until the first loss."""
+        return self._c.z()
+
+    @z.setter
+    def z(self, value):
+        self._c.z(tuple(float(v) for v in value))
+
+    @property
+    def steps(self):
+        """Draws done so far (advanced by each ``loss`` call)."""
+        return self._c.steps()
+
+    @steps.setter
+    def steps(self, value):
+        self._c.steps(value)
+
+    def state_dict(self):
+        """Copies of the state: {'student_bank', 'teacher_bank' (absent in in-batch mode),
+        'z' float32 (2,), 'steps' int64 ()} (numpy arrays, e.g. for kdcore.save(**...))."""
+        d = {"z": np.array(self.z, np.float32), "steps": np.array(self.steps, np.int64)}
+        if not self.in_batch:
+            d["student_bank"] = self.student_bank.copy()
+            d["teacher_bank"] = self.teacher_bank.copy()
+        return d
+
+    def load_state_dict(self, state):
+        """Restores what state_dict returned (shapes and dtypes checked)."""
+        keys = {"z", "steps"} | (set() if self.in_batch else {"student_bank", "teacher_bank"})
+        missing = keys - set(state)
+        if missing:
+            raise KeyError(f"CRD state is missing {sorted(missing)}")
+        z = np.asarray(state["z"])
+        if z.shape != (2,) or z.dtype.kind != "f":
+            raise ValueError(f"z must be a float array of shape (2,), got {z.dtype} {z.shape}")
+        steps = np.asarray(state["steps"])
+        if steps.shape != () or steps.dtype.kind not in "iu":
+            raise ValueError(f"steps must be an integer scalar, got {steps.dtype} {steps.shape}")
+        banks = []
+        if not self.in_batch:
+            for name in ("student_bank", "teacher_bank"):
+                b = state[name]
+                if not isinstance(b, np.ndarray) or b.dtype != np.float32 or b.shape != (self.n_data, self.dim):
+                    raise ValueError(f"{name} must be a float32 array of shape {(self.n_data, self.dim)}")
+                if not np.all(np.isfinite(b)):
+                    raise ValueError(f"{name} contains NaN or Inf")
+                banks.append(b)
+        self.z = z
+        self.steps = int(steps)
+        if banks:
+            self.student_bank[...] = banks[0]
+            self.teacher_bank[...] = banks[1]
+
+    def __repr__(self):
+        mode = "in_batch=True" if self.in_batch else f"n_neg={self.n_neg}, momentum={self.momentum}"
+        return f"CRDBank(n_data={self.n_data}, dim={self.dim}, {mode}, T={self.T})"

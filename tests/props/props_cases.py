@@ -145,6 +145,174 @@ def test_virtual_teacher(target, num_classes, a, which):
         np.testing.assert_allclose(out.sum(1), 1, rtol=1e-5)
 
 
+# ---- losses with connectors or state (OFD, AB, FT, VID, CC, HCL, CRD) ---------------------
+
+FM_S = RNG.normal(size=(3, 4, 5, 5)).astype(np.float32)
+FM_T = RNG.normal(size=(3, 4, 5, 5)).astype(np.float32)
+FM_T2 = RNG.normal(size=(3, 2, 7, 7)).astype(np.float32)          # FT: other channels, pooled
+MARGIN4 = F.ofd_margin(np.ones(4, np.float32), RNG.normal(size=4).astype(np.float32))
+EMB_S = RNG.normal(size=(6, 8)).astype(np.float32)
+EMB_T = RNG.normal(size=(6, 8)).astype(np.float32)
+EMB_S /= np.linalg.norm(EMB_S, axis=1, keepdims=True)
+EMB_T /= np.linalg.norm(EMB_T, axis=1, keepdims=True)
+CRD_IDX = np.array([0, 3, 7, 19, 3, 11], np.int64)
+CRD_Y = CRD_IDX % 3               # the labels set below: np.arange(20) % 3
+
+
+def map_pool(a):
+    return st.one_of(variants_of(a), any_array(max_dims=5))
+
+
+CONNECTOR_LOSSES = {
+    # name: (function, valid kwargs, pools, shapes of the gradients in the output)
+    "ofd_margin": (F.ofd_margin, dict(bn_weight=np.ones(4, np.float32), bn_bias=MARGIN4),
+                   dict(bn_weight=map_pool(np.ones(4, np.float32)), bn_bias=map_pool(MARGIN4)), None),
+    "ofd_loss": (F.ofd_loss, dict(student=FM_S, teacher=FM_T, margin=MARGIN4),
+                 dict(student=map_pool(FM_S), teacher=map_pool(FM_T), margin=map_pool(MARGIN4)), ("student",)),
+    "ab_loss": (F.ab_loss, dict(student=FM_S, teacher=FM_T, margin=1.0),
+                dict(student=map_pool(FM_S), teacher=map_pool(FM_T), margin=SCALARS), ("student",)),
+    "ft_loss": (F.ft_loss, dict(student_factor=FM_S, teacher_factor=FM_T2, p1=2, p2=1),
+                dict(student_factor=map_pool(FM_S), teacher_factor=map_pool(FM_T2), p1=SCALARS, p2=SCALARS),
+                ("student_factor", "teacher_factor")),
+    "vid_loss": (F.vid_loss, dict(mu=FM_S, teacher=FM_T, log_scale=MARGIN4, eps=1e-5),
+                 dict(mu=map_pool(FM_S), teacher=map_pool(FM_T), log_scale=map_pool(MARGIN4), eps=SCALARS),
+                 ("mu", "log_scale")),
+    "vid_log_scale": (F.vid_log_scale, dict(channels=4, init_var=5.0, eps=1e-5),
+                      dict(channels=SIZES, init_var=SCALARS, eps=SCALARS), None),
+    "cc_loss": (F.cc_loss, dict(student_embed=EMB_S, teacher_embed=EMB_T),
+                dict(student_embed=map_pool(EMB_S), teacher_embed=map_pool(EMB_T)), ("student_embed", "teacher_embed")),
+    "hcl_loss": (F.hcl_loss, dict(student=FM_S, teacher=FM_T),
+                 dict(student=map_pool(FM_S), teacher=map_pool(FM_T)), ("student",)),
+}
+
+
+@settings(max_examples=150)
+@given(st.data())
+def test_connector_losses(data):
+    fname = data.draw(st.sampled_from(sorted(CONNECTOR_LOSSES)), label="function")
+    fn, valid, pools, grads = CONNECTOR_LOSSES[fname]
+    arg, kw = mutate(valid, pools, data)
+    ok, out = attempt(fn, (), kw, (arg,), what=f"functional.{fname}")
+    if not ok:
+        return
+    if grads is None:
+        assert_finite_array(out)
+        return
+    assert np.isfinite(out[0]), f"{fname}: loss {out[0]}"
+    for g, name in zip(out[1:], grads):
+        assert_finite_array(g, np.shape(kw[name]), f"{fname} gradient w.r.t. {name}")
+
+
+# ---- feature and relation losses (AT, SP, NST, RKD, PKT, FSP) -----------------------------
+
+FM_T3 = RNG.normal(size=(3, 6, 3, 3)).astype(np.float32)        # other channels and size: pooled
+FEATURE_LOSSES = {
+    # name: (function, valid kwargs, pools, the gradients' shapes come from these arguments)
+    "at_loss": (F.at_loss, dict(s=FM_S, t=FM_T3, p=2.0, form="code", grad_teacher=True),
+                dict(s=map_pool(FM_S), t=map_pool(FM_T3), p=SCALARS, form=st.sampled_from(["code", "paper", "x", 1]),
+                     grad_teacher=FLAGS), ("s", "t")),
+    "sp_loss": (F.sp_loss, dict(s=FM_S, t=FM_T3, grad_teacher=True),
+                dict(s=map_pool(FM_S), t=map_pool(FM_T3), grad_teacher=FLAGS), ("s", "t")),
+    "nst_loss": (F.nst_loss, dict(s=FM_S, t=FM_T3, grad_teacher=True),
+                 dict(s=map_pool(FM_S), t=map_pool(FM_T3), grad_teacher=FLAGS), ("s", "t")),
+    "rkd_loss": (F.rkd_loss, dict(s=EMB_S, t=EMB_T, w_dist=25.0, w_angle=50.0, grad_teacher=True),
+                 dict(s=map_pool(EMB_S), t=map_pool(EMB_T), w_dist=SCALARS, w_angle=SCALARS, grad_teacher=FLAGS),
+                 ("s", "t")),
+    "pkt_loss": (F.pkt_loss, dict(s=EMB_S, t=EMB_T, grad_teacher=True),
+                 dict(s=map_pool(EMB_S), t=map_pool(EMB_T), grad_teacher=FLAGS), ("s", "t")),
+    "fsp_loss": (F.fsp_loss, dict(s1=FM_S, s2=FM_T, t1=FM_T, t2=FM_S, grad_teacher=False),
+                 dict(s1=map_pool(FM_S), s2=map_pool(FM_T), t1=map_pool(FM_T), t2=map_pool(FM_S), grad_teacher=FLAGS),
+                 None),
+}
+
+
+@settings(max_examples=150)
+@given(st.data())
+def test_feature_losses(data):
+    """Wrong dtypes, shapes, NaN and option values raise TypeError/ValueError naming the
+    argument; whatever is accepted gives a finite loss and gradients of the inputs' shapes."""
+    fname = data.draw(st.sampled_from(sorted(FEATURE_LOSSES)), label="function")
+    fn, valid, pools, grads = FEATURE_LOSSES[fname]
+    arg, kw = mutate(valid, pools, data)
+    ok, out = attempt(fn, (), kw, (arg,), what=f"functional.{fname}")
+    if not ok:
+        return
+    assert np.isfinite(out[0]), f"{fname}: loss {out[0]}"
+    if grads is None or not kw.get("grad_teacher"):
+        return
+    for g, name in zip(out[1:3], grads):
+        assert_finite_array(g, np.shape(kw[name]), f"{fname} gradient w.r.t. {name}")
+
+
+# Constructor arguments: the same wrong types, but no valid-and-huge sizes (n_data = 2**25
+# would allocate and fill gigabytes); too large for memory is a MemoryError.
+CRD_SIZES = st.one_of(COUNTS, st.integers(-3, 40), st.sampled_from([2**31, 2**62, -2**63, 2**70]))
+
+
+@settings(max_examples=150)
+@given(st.data())
+def test_crd_bank(data):
+    op = data.draw(st.sampled_from(["new", "loss", "loss_idx", "sample", "update", "set_labels", "state"]), label="op")
+    in_batch = data.draw(st.booleans(), label="in_batch") if op in ("new", "loss") else False
+    if op == "new":
+        valid = dict(n_data=20, dim=8, n_neg=5, T=0.07, momentum=0.5, seed=0, in_batch=in_batch)
+        pools = dict(n_data=CRD_SIZES, dim=CRD_SIZES, n_neg=CRD_SIZES, T=SCALARS, momentum=SCALARS, seed=SCALARS,
+                     in_batch=FLAGS)
+        arg, kw = mutate(valid, pools, data)
+        attempt(CRDBank_, (), kw, (arg,), what="CRDBank", ok=(TypeError, ValueError, MemoryError))
+        return
+    bank = F.CRDBank(20, dim=8, n_neg=5, seed=1, in_batch=in_batch)
+    labels20 = np.arange(20, dtype=np.int64) % 3
+    if op == "set_labels":
+        attempt(bank.set_labels, (data.draw(labels_variants(labels20, 3), label="labels"),), {}, ("labels",),
+                what="CRDBank.set_labels")
+        return
+    if op == "state":
+        st_valid = bank.state_dict()
+        key = data.draw(st.sampled_from(sorted(st_valid)), label="key")
+        bad = dict(st_valid)
+        v = st_valid[key]
+        bad[key] = data.draw(st.one_of(variants_of(v), SCALARS) if v.ndim else SCALARS, label=key)
+        attempt(bank.load_state_dict, (bad,), {}, (key, "z", "steps"), what="CRDBank.load_state_dict")
+        return
+    if not in_batch:
+        bank.set_labels(labels20)
+    grads = ("student_embed", "teacher_embed")
+    if op == "loss":
+        valid = dict(student_embed=EMB_S, teacher_embed=EMB_T, idx=CRD_IDX, labels=CRD_Y)
+        pools = dict(student_embed=map_pool(EMB_S), teacher_embed=map_pool(EMB_T), idx=labels_variants(CRD_IDX, 20),
+                     labels=labels_variants(CRD_Y, 3))
+        fn = bank.loss
+    elif op == "loss_idx":
+        rows = bank.sample(CRD_IDX)
+        valid = dict(student_embed=EMB_S, teacher_embed=EMB_T, sample_idx=rows)
+        pools = dict(student_embed=map_pool(EMB_S), teacher_embed=map_pool(EMB_T),
+                     sample_idx=st.one_of(variants_of(rows), st.just(rows + 20), st.just(rows[:, :3].copy())))
+        fn = bank.loss_idx
+    elif op == "sample":
+        valid = dict(idx=CRD_IDX, labels=CRD_Y)
+        pools = dict(idx=labels_variants(CRD_IDX, 20), labels=labels_variants(CRD_Y, 3))
+        fn, grads = bank.sample, None
+    else:
+        valid = dict(student_embed=EMB_S, teacher_embed=EMB_T, idx=CRD_IDX)
+        pools = dict(student_embed=map_pool(EMB_S), teacher_embed=map_pool(EMB_T), idx=labels_variants(CRD_IDX, 20))
+        fn, grads = bank.update, None
+    arg, kw = mutate(valid, pools, data)
+    ok, out = attempt(fn, (), kw, (arg,), what=f"CRDBank.{op}")
+    if ok and op in ("loss", "loss_idx"):
+        assert np.isfinite(out[0]), f"CRD loss {out[0]}"
+        for g, name in zip(out[1:], grads):
+            assert_finite_array(g, np.shape(kw[name]), f"CRD gradient w.r.t. {name}")
+    if ok and op == "sample":
+        assert out.dtype == np.int64 and np.all((out >= 0) & (out < 20))
+    if not in_batch:
+        assert np.all(np.isfinite(bank.student_bank)) and np.all(np.isfinite(bank.teacher_bank))
+
+
+def CRDBank_(**kw):
+    return F.CRDBank(**kw)
+
+
 # ---- models: forward, backward, taps, state dicts ------------------------------------------
 
 @functools.lru_cache(None)
