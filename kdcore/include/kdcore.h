@@ -812,6 +812,16 @@ enum kd_term_kind {
     KD_TERM_RKD,         // kd_loss_rkd (rkd.w_dist, rkd.w_angle); parts: distance, angle
     KD_TERM_PKT,         // kd_loss_pkt
     KD_TERM_FSP,         // kd_loss_fsp between (a, fsp.a2) and (src.ref[0], src.ref[1])
+    // Terms on connector outputs (a is usually a connector's output; see kd_step_net).
+    KD_TERM_OFD,         // kd_loss_ofd (ofd.margin: one per channel of src, kd_ofd_margin)
+    KD_TERM_AB,          // kd_loss_ab (ab.margin)
+    KD_TERM_FT,          // kd_loss_ft (ft.p1, ft.p2)
+    KD_TERM_VID,         // kd_loss_vid; log_scale is the parameter block of net vid.params (a
+                         // parameter holder), eps vid.eps
+    KD_TERM_CC,          // kd_loss_cc on flat embeddings
+    KD_TERM_CRD,         // kd_crd_loss on the rows of a and src, L2-normalised here (the
+                         // embedding's Normalize), negatives from crd.bank; after a completed
+                         // step the banks take the step's embeddings (kd_crd_update)
     KD_TERM_COUNT
 };
 KD_API const char * kd_term_kind_name(enum kd_term_kind kind);   // "ce", "kd", ... (NULL if unknown)
@@ -832,6 +842,12 @@ struct kd_term {
         struct { float p; enum kd_at_form form; } at;
         struct { float w_dist, w_angle; } rkd;
         struct { struct kd_ref a2; } fsp;
+        struct { const float * margin; } ofd;
+        struct { float margin; } ab;
+        struct { int p1; float p2; } ft;
+        struct { int params; float eps; } vid;
+        struct { struct kd_crd * bank; bool class_negatives; } crd;   // negatives from other
+                                                                     // classes (kd_crd_set_labels)
     };
 };
 // Defaults: weight 1, T 4, DKD alpha 1 and beta 8, top-k 5, AT p 2 in the code form, RKD

@@ -245,8 +245,11 @@ struct pair_io {
     const float * a, * b, * a2, * b2;
     float * da, * db, * da2, * db2;
     int nb, ac, ah, aw, bc, bh, bw, a2c, a2h, a2w, b2c, b2h, b2w;
-    const int64_t * y;
+    const int64_t * y, * idx; // labels; data-set indices of the batch (CRD)
     const float * mask;       // per-sample weights of the term (conditional learning) or NULL
+    const float * params;     // a parameter holder's block and gradient (VID's log_scale)
+    float * dparams;
+    float * scratch;          // the term's own scratch (CRD: normalised rows and their gradients)
     float w;
     float value, part[2];     // out: the unweighted term, its parts (DKD: TCKD, NCKD)
 };
@@ -289,6 +292,62 @@ static enum kd_status pair_fsp(const struct kd_term * t, struct pair_io * p) {
                        FM_B(p), fmap(p->b2, p->nb, p->b2c, p->b2h, p->b2w), p->w, true);
 }
 
+static enum kd_status pair_ofd(const struct kd_term * t, struct pair_io * p) {
+    return kd_loss_ofd(&p->value, p->da, FM_A(p), FM_B(p), t->ofd.margin, p->w, true);
+}
+static enum kd_status pair_ab(const struct kd_term * t, struct pair_io * p) {
+    return kd_loss_ab(&p->value, p->da, FM_A(p), FM_B(p), t->ab.margin, p->w, true);
+}
+static enum kd_status pair_ft(const struct kd_term * t, struct pair_io * p) {
+    return kd_loss_ft(&p->value, p->da, p->db, FM_A(p), FM_B(p), t->ft.p1, t->ft.p2, p->w, true);
+}
+static enum kd_status pair_vid(const struct kd_term * t, struct pair_io * p) {
+    return kd_loss_vid(&p->value, p->da, p->dparams, FM_A(p), FM_B(p), p->params, t->vid.eps, p->w, true);
+}
+static enum kd_status pair_cc(const struct kd_term * t, struct pair_io * p) {
+    return kd_loss_cc(&p->value, p->da, p->db, p->a, p->b, p->nb, p->ac * p->ah * p->aw, p->w, true);
+}
+
+// Rows x (n, d) -> y = x / ||x|| (RepDistiller's Normalize: no epsilon; a zero row stays 0).
+static void rows_normalize(float * y, double * inv, const float * x, int n, int d) {
+    for (int i = 0; i < n; i++) {
+        double q = 0;
+        for (int k = 0; k < d; k++) q += (double)x[(size_t)i * d + k] * x[(size_t)i * d + k];
+        inv[i] = q > 0 ? 1.0 / sqrt(q) : 0.0;
+        for (int k = 0; k < d; k++) y[(size_t)i * d + k] = (float)(x[(size_t)i * d + k] * inv[i]);
+    }
+}
+// dx += (dy - y (y . dy)) / ||x||, the gradient through rows_normalize.
+static void rows_normalize_backward(float * dx, const float * dy, const float * y, const double * inv, int n, int d) {
+    for (int i = 0; i < n; i++) {
+        double dot = 0;
+        for (int k = 0; k < d; k++) dot += (double)y[(size_t)i * d + k] * dy[(size_t)i * d + k];
+        for (int k = 0; k < d; k++) {
+            size_t j = (size_t)i * d + k;
+            dx[j] += (float)(inv[i] * (dy[j] - y[j] * dot));
+        }
+    }
+}
+
+// CRD: the embeddings' rows are normalised here, the loss and its gradients computed on them,
+// the gradients taken back through the normalisation. The normalised rows stay in the term's
+// scratch for the bank update after the step (crd_update_after).
+static enum kd_status pair_crd(const struct kd_term * t, struct pair_io * p) {
+    const int n = p->nb, d = p->ac * p->ah * p->aw;
+    const size_t nd = (size_t)n * d;
+    float * es = p->scratch, * et = es + nd, * des = et + nd, * det = des + nd;
+    double * inv = (double *)(det + nd);
+    rows_normalize(es, inv, p->a, n, d);
+    rows_normalize(et, inv + n, p->b, n, d);
+    memset(des, 0, 2 * nd * sizeof(float));
+    enum kd_status st = kd_crd_loss(t->crd.bank, &p->value, p->da ? des : NULL, p->db ? det : NULL, es, et, p->idx,
+                                    t->crd.class_negatives ? p->y : NULL, n, p->w, false);
+    if (st != KD_OK) return st;
+    if (p->da) rows_normalize_backward(p->da, des, es, inv, n, d);
+    if (p->db) rows_normalize_backward(p->db, det, et, inv + n, n, d);
+    return KD_OK;
+}
+
 // Per kind: its name, what it reads, and how it computes. A kind reads logits (V values per
 // sample, checked against the labels' classes) or maps of any shape.
 static const struct term_kind_info {
@@ -311,6 +370,12 @@ static const struct term_kind_info {
     [KD_TERM_RKD]      = { "rkd",      "RKD loss",          false, true,  true,  false, pair_rkd },
     [KD_TERM_PKT]      = { "pkt",      "PKT loss",          false, true,  true,  false, pair_pkt },
     [KD_TERM_FSP]      = { "fsp",      "FSP loss",          false, true,  true,  false, pair_fsp },
+    [KD_TERM_OFD]      = { "ofd",      "OFD loss",          false, true,  false, false, pair_ofd },
+    [KD_TERM_AB]       = { "ab",       "AB loss",           false, true,  false, true,  pair_ab },
+    [KD_TERM_FT]       = { "ft",       "FT loss",           false, true,  true,  false, pair_ft },
+    [KD_TERM_VID]      = { "vid",      "VID loss",          false, true,  false, true,  pair_vid },
+    [KD_TERM_CC]       = { "cc",       "CC loss",           false, true,  true,  true,  pair_cc },
+    [KD_TERM_CRD]      = { "crd",      "CRD loss",          false, true,  true,  true,  pair_crd },
 };
 
 const char * kd_term_kind_name(enum kd_term_kind kind) {
@@ -330,6 +395,9 @@ struct kd_term kd_term_default(enum kd_term_kind kind) {
     if (kind == KD_TERM_AT) { t.at.p = 2.0f; t.at.form = KD_AT_CODE; }
     if (kind == KD_TERM_RKD) { t.rkd.w_dist = 25.0f; t.rkd.w_angle = 50.0f; }
     if (kind == KD_TERM_FSP) t.fsp.a2.node = -1;
+    if (kind == KD_TERM_AB) t.ab.margin = 1.0f;
+    if (kind == KD_TERM_FT) { t.ft.p1 = 2; t.ft.p2 = 1.0f; }
+    if (kind == KD_TERM_VID) { t.vid.params = -1; t.vid.eps = 1e-5f; }
     return t;
 }
 
@@ -359,6 +427,7 @@ struct engine {
     float * dsrc;             // gradient w.r.t. a mixed source
     float * mix;              // a mixed source (B x its values per sample)
     float * tmp;              // BV
+    float * term_scratch[KD_STEP_MAX_TERMS];   // kinds that need their own (CRD)
 };
 
 static int ref_node(const struct engine * E, struct kd_ref r) {
@@ -516,7 +585,12 @@ static enum kd_status term_run(struct engine * E, const struct kd_term * t, floa
     const struct kd_source * s = &t->src;
     float gw[KD_SOURCE_MAX];
     source_weights(s, L->sseed, gw);
-    struct pair_io p = { .a = a, .da = da, .nb = nb, .y = L->y, .w = w };
+    struct pair_io p = { .a = a, .da = da, .nb = nb, .y = L->y, .idx = L->idx, .w = w, .scratch = E->term_scratch[t - E->s->terms] };
+    if (t->kind == KD_TERM_VID) {
+        struct kd_net * h = E->s->nets[t->vid.params].net;
+        p.params = kd_net_params(h);
+        p.dparams = kd_net_grads(h);
+    }
     ref_shape(E, t->a, &p.ac, &p.ah, &p.aw);
     ref_shape(E, s->ref[0], &p.bc, &p.bh, &p.bw);
     // Conditional learning: where the source's prediction is wrong, the label replaces it.
@@ -729,6 +803,27 @@ static enum kd_status engine_setup(struct engine * E) {
                 E_FAIL(KD_ERR_SHAPE, "term %d (%s): mixed sources differ in size (%zu and %zu values per sample)", i, kn,
                        ref_per(E, t->src.ref[0]), pj);
         }
+        if (t->kind == KD_TERM_VID) {
+            const int h = t->vid.params;
+            if (h < 0 || h >= s->n_nets || !s->nets[h].params_only)
+                E_FAIL(KD_ERR_VALUE, "term %d (vid): vid.params (%d) must be a parameter-holder net of the step", i, h);
+            int c, hh, ww;
+            ref_shape(E, t->a, &c, &hh, &ww);
+            if (kd_net_num_params(s->nets[h].net) != (size_t)c)
+                E_FAIL(KD_ERR_SHAPE, "term %d (vid): the parameter holder has %zu values, the map %d channels", i,
+                       kd_net_num_params(s->nets[h].net), c);
+            if (!(t->vid.eps > 0)) E_FAIL(KD_ERR_VALUE, "term %d (vid): eps (%g) must be > 0", i, t->vid.eps);
+        }
+        if (t->kind == KD_TERM_OFD && !t->ofd.margin) E_FAIL(KD_ERR_VALUE, "term %d (ofd): ofd.margin is NULL", i);
+        if (t->kind == KD_TERM_CRD) {
+            if (!t->crd.bank) E_FAIL(KD_ERR_VALUE, "term %d (crd): crd.bank is NULL", i);
+            if (kd_crd_n_data(t->crd.bank) != L->ds->n)
+                E_FAIL(KD_ERR_SHAPE, "term %d (crd): the bank has %lld rows, the data set %d samples", i,
+                       (long long)kd_crd_n_data(t->crd.bank), L->ds->n);
+            if (ref_per(E, t->a) != (size_t)kd_crd_dim(t->crd.bank))
+                E_FAIL(KD_ERR_SHAPE, "term %d (crd): embeddings of %zu values, the bank's rows %d", i, ref_per(E, t->a),
+                       kd_crd_dim(t->crd.bank));
+        }
         if (t->kind == KD_TERM_FSP) {
             if (ns != 2) E_FAIL(KD_ERR_VALUE, "term %d (fsp): the source lists the teacher's two maps, got %d", i, ns);
             KD_TRY(check_ref(E, t->fsp.a2, "fsp.a2", i, kn));
@@ -760,6 +855,7 @@ static void engine_free(struct engine * E) {
         free(sn->kept_before); free(sn->cached); free(sn->noisy); free(sn->dinp);
     }
     free(E->scratch); free(E->dsrc); free(E->mix); free(E->tmp);
+    for (int t = 0; t < KD_STEP_MAX_TERMS; t++) free(E->term_scratch[t]);
 }
 
 // Every node a term, the monitor or a connector reads stays readable after the forwards:
@@ -803,6 +899,13 @@ static enum kd_status engine_alloc(struct engine * E) {
     E->mix = malloc(maxper * B * sizeof(float));
     E->tmp = malloc(E->BV * sizeof(float));
     if (!E->scratch || !E->dsrc || !E->mix || !E->tmp) E_FAIL(KD_ERR_NOMEM, "cannot allocate the step's buffers");
+    for (int t = 0; t < s->n_terms; t++) {
+        if (s->terms[t].kind != KD_TERM_CRD) continue;
+        // normalised rows of both sides and their gradients (4 B d floats), 2 B inverse norms
+        const size_t nd = B * ref_per(E, s->terms[t].a);
+        if (!(E->term_scratch[t] = malloc(4 * nd * sizeof(float) + 2 * B * sizeof(double))))
+            E_FAIL(KD_ERR_NOMEM, "cannot allocate the CRD term's buffers");
+    }
     for (int i = 0; i < s->n_nets; i++) {
         struct snet * sn = &E->n[i];
         const struct kd_step_net * c = sn->c;
@@ -831,6 +934,7 @@ enum kd_status kd_step_run_(const struct kd_step_cfg * s, const struct kd_datase
     int64_t net_correct[KD_STEP_MAX_NETS] = {0}, term_correct[KD_STEP_MAX_TERMS] = {0}, mon_correct = 0, seen = 0;
     float tw[KD_STEP_MAX_TERMS] = {0};
     struct term_out to[KD_STEP_MAX_TERMS];
+    struct { int64_t steps; float z[2]; } crd_saved[KD_STEP_MAX_TERMS];
     if ((st = engine_setup(&E)) != KD_OK || (st = keep_read_nodes(&E)) != KD_OK || (st = engine_alloc(&E)) != KD_OK) {
         goto done;
     }
@@ -875,7 +979,13 @@ enum kd_status kd_step_run_(const struct kd_step_cfg * s, const struct kd_datase
             unsigned mode = c->mode | (sn->trained ? KD_MODE_LEAN : KD_MODE_NO_GRAD);
             if ((st = kd_net_forward(c->net, x, nb, C, H, W, mode, L.sseed ^ c->salt)) != KD_OK) goto done;
         }
-        // Terms: values and gradients at the slots.
+        // Terms: values and gradients at the slots. A CRD bank's draw counter and Z (set by
+        // its first batch) are saved first: a dropped step puts them back.
+        for (int t = 0; t < s->n_terms; t++) {
+            if (s->terms[t].kind != KD_TERM_CRD) continue;
+            crd_saved[t].steps = *kd_crd_steps(s->terms[t].crd.bank);
+            memcpy(crd_saved[t].z, kd_crd_z(s->terms[t].crd.bank), sizeof crd_saved[t].z);
+        }
         for (int g = 0; g < E.n_slots; g++) E.slots[g].touched = false;
         for (int t = 0; t < s->n_terms; t++) {
             const struct kd_term * term = &s->terms[t];
@@ -917,7 +1027,16 @@ enum kd_status kd_step_run_(const struct kd_step_cfg * s, const struct kd_datase
                 if ((st = kd_net_grad_add(s->nets[in.net].net, ref_node(&E, in), sn->dinp, 1.0f)) != KD_OK) goto done;
             }
         }
-        // Learned gates move once every check has passed; the next step reads them again.
+        // State moves once every check has passed: CRD's banks take the step's embeddings,
+        // learned gates their SGD step (the next step reads them again).
+        for (int t = 0; t < s->n_terms; t++) {
+            const struct kd_term * term = &s->terms[t];
+            if (term->kind == KD_TERM_CRD && tw[t] != 0) {
+                const size_t nd = (size_t)nb * ref_per(&E, term->a);
+                const float * es = E.term_scratch[t];
+                if ((st = kd_crd_update(term->crd.bank, es, es + nd, L.idx, nb)) != KD_OK) goto done;
+            }
+        }
         for (int t = 0; t < s->n_terms; t++) {
             const struct kd_term * term = &s->terms[t];
             if (!term->src.gates || !(term->src.gate_lr > 0) || tw[t] == 0) continue;
@@ -952,6 +1071,11 @@ enum kd_status kd_step_run_(const struct kd_step_cfg * s, const struct kd_datase
         goto stepped;
 skip:
         loop_skip(&L);
+        for (int t = 0; t < s->n_terms; t++) {
+            if (s->terms[t].kind != KD_TERM_CRD) continue;
+            *kd_crd_steps(s->terms[t].crd.bank) = crd_saved[t].steps;
+            memcpy(kd_crd_z(s->terms[t].crd.bank), crd_saved[t].z, sizeof crd_saved[t].z);
+        }
 stepped:
         if ((st = loop_after_step(&L, s_net[0], net_correct[0], seen)) != KD_OK) goto done;
     }

@@ -2374,6 +2374,35 @@ static PyObject * CRD_bank(CRDObject * self, PyObject * args) {
     return a;
 }
 
+// views() -> {name: writable view}: the banks (absent in in-batch mode), z (2,) and steps (1,),
+// for checkpoints that save and restore state in place (training loops' extra state).
+static PyObject * CRD_views(CRDObject * self, PyObject * Py_UNUSED(a)) {
+    if (!self->crd) return PyErr_Format(PyExc_RuntimeError, "the CRD state was not initialised");
+    PyObject * d = PyDict_New();
+    if (!d) return NULL;
+    struct view { const char * name; int nd; npy_intp dims[2]; int type; void * p; } v[4];
+    int n = 0;
+    for (int which = 0; which < 2; which++) {
+        int64_t rows;
+        int dim;
+        float * b = kd_crd_bank(self->crd, which, &rows, &dim);
+        if (b) v[n++] = (struct view){ which ? "teacher_bank" : "student_bank", 2, { (npy_intp)rows, dim }, NPY_FLOAT32, b };
+    }
+    v[n++] = (struct view){ "z", 1, { 2, 0 }, NPY_FLOAT32, kd_crd_z(self->crd) };
+    v[n++] = (struct view){ "steps", 1, { 1, 0 }, NPY_INT64, kd_crd_steps(self->crd) };
+    for (int i = 0; i < n; i++) {
+        PyObject * a = PyArray_SimpleNewFromData(v[i].nd, v[i].dims, v[i].type, v[i].p);
+        if (!a || PyArray_SetBaseObject((PyArrayObject *)a, Py_NewRef((PyObject *)self)) < 0 ||
+            PyDict_SetItemString(d, v[i].name, a) < 0) {
+            Py_XDECREF(a);
+            Py_DECREF(d);
+            return NULL;
+        }
+        Py_DECREF(a);
+    }
+    return d;
+}
+
 // z([(z_student, z_teacher)]) -> (z_student, z_teacher); negative = not set yet
 static PyObject * CRD_z(CRDObject * self, PyObject * args) {
     PyObject * value = Py_None;
@@ -2428,6 +2457,7 @@ static PyMethodDef CRD_methods[] = {
     { "set_labels", (PyCFunction)CRD_set_labels, METH_O, "set_labels(labels): the data set's labels" },
     { "bank", (PyCFunction)CRD_bank, METH_VARARGS, "bank(which) -> writable view of bank 0 (student) or 1 (teacher)" },
     { "z", (PyCFunction)CRD_z, METH_VARARGS, "z([pair]) -> (z_student, z_teacher)" },
+    { "views", (PyCFunction)CRD_views, METH_NOARGS, "views() -> {name: writable view of the state}" },
     { "steps", (PyCFunction)CRD_steps, METH_VARARGS, "steps([value]) -> draw counter" },
     { "n_neg", (PyCFunction)CRD_n_neg, METH_NOARGS, "negatives per sample (0: in-batch)" },
     { NULL, NULL, 0, NULL },
@@ -2924,8 +2954,9 @@ static PyObject * py_step_epoch(PyObject * Py_UNUSED(m), PyObject * args, PyObje
     struct kd_step_net sn[KD_STEP_MAX_NETS];
     struct kd_term * terms = NULL;
     NetObject * busy[KD_STEP_MAX_NETS];
-    PyArrayObject * hold[KD_STEP_MAX_NETS] = { NULL };
-    int n_busy = 0;
+    PyArrayObject * hold[KD_STEP_MAX_NETS] = { NULL }, * thold[KD_STEP_MAX_TERMS] = { NULL };
+    CRDObject * banks[KD_STEP_MAX_TERMS];
+    int n_busy = 0, n_banks = 0, banks_held = 0;
     if (nn < 1 || nn > KD_STEP_MAX_NETS || nt > KD_STEP_MAX_TERMS) {
         PyErr_Format(PyExc_ValueError, "a step has 1..%d nets and at most %d terms, got %zd and %zd", KD_STEP_MAX_NETS,
                      KD_STEP_MAX_TERMS, nn, nt);
@@ -2944,7 +2975,8 @@ static PyObject * py_step_epoch(PyObject * Py_UNUSED(m), PyObject * args, PyObje
                  * input = opt_get(&r, "input"), * role = opt_get(&r, "role");
         int mode = 0;
         long long salt = 0;
-        if (opt_i32(&r, "mode", &mode) < 0 || opt_float(&r, "noise", &c->input_noise) < 0 ||
+        if (opt_i32(&r, "mode", &mode) < 0 || opt_bool(&r, "params_only", &c->params_only) < 0 ||
+            opt_float(&r, "noise", &c->input_noise) < 0 ||
             opt_float(&r, "lr_scale", &c->lr_scale) < 0 || opt_int(&r, "salt", &salt) < 0 || opt_done(&r) < 0)
             goto done;
         if (mode < 0 || mode > (KD_MODE_TRAIN | KD_MODE_NO_GRAD)) { PyErr_Format(PyExc_ValueError, "nets[%zd]: mode %d is not a kd_mode", i, mode); goto done; }
@@ -3006,6 +3038,31 @@ static PyObject * py_step_epoch(PyObject * Py_UNUSED(m), PyObject * args, PyObje
         }
         if (tm->kind == KD_TERM_RKD && (opt_float(&r, "w_dist", &tm->rkd.w_dist) < 0 || opt_float(&r, "w_angle", &tm->rkd.w_angle) < 0))
             goto done;
+        if (tm->kind == KD_TERM_OFD) {
+            PyObject * mo = opt_get(&r, "margin");
+            if (!mo || !(thold[t] = get_array(mo, NPY_FLOAT32, "margin")) || PyArray_NDIM(thold[t]) != 1 ||
+                check_finite(thold[t], "margin") < 0) {
+                if (!PyErr_Occurred()) PyErr_Format(PyExc_ValueError, "terms[%zd] (ofd): margin must be a 1-D float32 array", t);
+                goto done;
+            }
+            tm->ofd.margin = PyArray_DATA(thold[t]);
+        }
+        if (tm->kind == KD_TERM_AB && opt_float(&r, "margin", &tm->ab.margin) < 0) goto done;
+        if (tm->kind == KD_TERM_FT && (opt_i32(&r, "p1", &tm->ft.p1) < 0 || opt_float(&r, "p2", &tm->ft.p2) < 0)) goto done;
+        if (tm->kind == KD_TERM_VID && (opt_i32(&r, "params", &tm->vid.params) < 0 || opt_float(&r, "eps", &tm->vid.eps) < 0))
+            goto done;
+        if (tm->kind == KD_TERM_CRD) {
+            PyObject * bo = opt_get(&r, "bank");
+            if (!bo || !PyObject_TypeCheck(bo, &CRDType) || !((CRDObject *)bo)->crd) {
+                PyErr_Format(PyExc_TypeError, "terms[%zd] (crd): bank must be a CRD state (kdcore.functional.CRDBank)", t);
+                goto done;
+            }
+            if (opt_bool(&r, "class_negatives", &tm->crd.class_negatives) < 0) goto done;
+            for (int j = 0; j < n_banks; j++)
+                if (banks[j] == (CRDObject *)bo) { PyErr_SetString(PyExc_ValueError, "a CRD bank appears in two terms"); goto done; }
+            tm->crd.bank = ((CRDObject *)bo)->crd;
+            banks[n_banks++] = (CRDObject *)bo;
+        }
         if (a2 && (tm->kind != KD_TERM_FSP || parse_ref(a2, (int)nn, &tm->fsp.a2, "a2") < 0)) {
             if (!PyErr_Occurred()) PyErr_Format(PyExc_ValueError, "terms[%zd]: a2 is an FSP option", t);
             goto done;
@@ -3028,6 +3085,8 @@ static PyObject * py_step_epoch(PyObject * Py_UNUSED(m), PyObject * args, PyObje
         struct opt_reader r = { mon_o, "monitor", 0 };
         if (parse_source(&r, (int)nn, &step.monitor, "monitor") < 0 || opt_done(&r) < 0) goto done;
     }
+    for (; banks_held < n_banks; banks_held++)
+        if (crd_acquire(banks[banks_held]) < 0) goto done;
     if (acquire_all(busy, n_busy) < 0) goto done;
     struct kd_step_stats s;
     enum kd_status st;
@@ -3038,7 +3097,9 @@ static PyObject * py_step_epoch(PyObject * Py_UNUSED(m), PyObject * args, PyObje
     if (st != KD_OK) { kd_raise(st); goto done; }
     ret = step_stats_dict(&s, (int)nn, (int)nt);
 done:
+    for (int i = 0; i < banks_held; i++) banks[i]->busy = 0;
     for (int i = 0; i < KD_STEP_MAX_NETS; i++) Py_XDECREF(hold[i]);
+    for (int i = 0; i < KD_STEP_MAX_TERMS; i++) Py_XDECREF(thold[i]);
     free(terms);
     Py_DECREF(nseq);
     Py_DECREF(tseq);

@@ -122,7 +122,7 @@ def distill(student, teacher, train, method="kd", epochs=10, batch_size=128, opt
         name = method if losses is None else "losses"
         init = [t for t in terms if t.phase in ("all", "init")]
         main = [t for t in terms if t.phase in ("all", "main")]
-        if any(t.phase == "init" for t in terms):
+        if any(t.phase == "init" or t.needs_init for t in terms):
             # An initialisation phase (RepDistiller's --init_epochs for FSP, AB, FT): the
             # 'init' terms alone, then the 'main' ones. Default length: an eighth of the
             # epochs (RepDistiller's 30 of 240).
@@ -132,7 +132,7 @@ def distill(student, teacher, train, method="kd", epochs=10, batch_size=128, opt
                                  "each phase's distill call (losses with phase='init', then 'main')")
             from .schemes import _concat_histories
             h1 = _init_phase(student, teacher, common(n_init), init, name + "-init", cache)
-            h2 = _distill_terms(student, teacher, common(epochs), main, name, cache)
+            h2 = _distill_terms(student, teacher, common(epochs), main, name, cache, "main")
             return _concat_histories([h1, h2], "stage")
         if init_epochs:
             raise ValueError("init_epochs needs a loss term with phase='init' (method 'fsp', ...)")
@@ -269,13 +269,13 @@ def _init_phase(student, teacher, c, terms, method, cache):
     stage, the initialisation phase of FSP/AB): the layers past those taps get no gradient,
     and as in PyTorch, where such parameters have no .grad and the optimizer skips them, they
     leave the phase as they entered it (weight decay would otherwise shrink them)."""
-    plan = _losses.build_plan(student, [teacher], c.train, terms)
+    plan = _losses.build_plan(student, [teacher], c.train, terms, "init")
     nodes = [r[1] for t in plan.terms for r in [t["a"]] + ([t["a2"]] if "a2" in t else []) if r[0] == 0]
-    nodes += [src[1] for _, src, _ in plan.connectors if src[0] == 0]
+    nodes += [src[1] for _, src, _, _ in plan.connectors if src is not None and src[0] == 0]
     nodes = [student._output_index() if n < 0 else n for n in nodes]
     before = student.state_dict()
     past = _nodes_past(student, nodes)
-    hist = _distill_terms(student, teacher, c, terms, method, cache)
+    hist = _distill_terms(student, teacher, c, terms, method, cache, "init")
     sd = student.state_dict()
     sd.update({k: before[k] for k in sd if k.rsplit(".", 1)[0] in past})
     student.load_state_dict(sd)
@@ -287,13 +287,13 @@ def _nodes_past(model, node):
     index or a list of them)."""
     g = model._graph
     on_path = set(node) if isinstance(node, (list, tuple, set)) else {node}
-    for i in range(max(on_path), -1, -1):
+    for i in range(max(on_path, default=-1), -1, -1):
         if i in on_path:
             on_path.update(j for j in g.nodes[i][2:4] if j >= 0)
     return {model._key(n) for i, n in enumerate(g.names) if i not in on_path}
 
 
-def _distill_terms(student, teacher, c, terms, method, cache):
+def _distill_terms(student, teacher, c, terms, method, cache, phase="all"):
     """distill() over loss terms: the step engine with the student, the teacher and the terms'
     connectors; the History logs every term."""
     if isinstance(teacher, (list, tuple)):
@@ -303,7 +303,7 @@ def _distill_terms(student, teacher, c, terms, method, cache):
     _check_model(teacher)
     if teacher is student:
         raise ValueError("the student cannot be its own teacher; use student.copy()")
-    plan = _losses.build_plan(student, [teacher], c.train, terms)
+    plan = _losses.build_plan(student, [teacher], c.train, terms, phase)
     if not _is_choice(cache, ("auto", True, False)):
         raise ValueError(f"cache must be 'auto', True or False, got {cache!r}")
     cacheable = not c.augmented and not plan.reads_teacher_taps()
@@ -312,24 +312,34 @@ def _distill_terms(student, teacher, c, terms, method, cache):
     teacher.eval()
     logits = predict(teacher, c.train, batch_size=512) if cache is True or (cache == "auto" and cacheable) else None
     modes = _kdcore.MODES
-    conns = [m for m, _, _ in plan.connectors]
+    # The trained connectors and parameter holders are checkpointed with the student; a frozen
+    # connector (FT's paraphraser after its phase) is not.
+    trained = [(m, what) for m, _, what, tr in plan.connectors if tr]
     cfg = dict(scheme="distill", method=method, terms=[repr(t) for t in terms],
-               connectors=[f"{what}: {m!r}" for m, _, what in plan.connectors])
+               connectors=[f"{what}: {m!r}" for m, _, what, _ in plan.connectors])
     c.run_config.update(cfg)
-    opt_s = c.opt.bind(student)
-    opt_c = [c.opt.bind(m) for m in conns]
-    nets = [dict(net=student.net, opt=opt_s, mode=modes["train"], salt=0x57D0, role="student"),
+    # A phase whose terms never read the student (FT's paraphraser phase) leaves it alone.
+    train_student = plan.reads_student()
+    opt_s = c.opt.bind(student) if train_student else None
+    opts = {id(m): c.opt.bind(m) for m, _ in trained}
+    nets = [dict(net=student.net, opt=opt_s, mode=modes["train"] if train_student else modes["eval"], salt=0x57D0,
+                 role="student"),
             dict(net=None if logits is not None else teacher.net, logits=logits, mode=modes["eval"], salt=0x7EAC0,
                  role="teacher")]
-    for k, (m, src, what) in enumerate(plan.connectors):
-        nets.append(dict(net=m.net, opt=opt_c[k], mode=modes["train"], input=src, salt=0xC0 + k, role="connector"))
+    for k, (m, src, what, tr) in enumerate(plan.connectors):
+        if src is None:
+            nets.append(dict(net=m.net, opt=opts[id(m)], params_only=True, role=what))
+        else:
+            nets.append(dict(net=m.net, opt=opts[id(m)] if tr else None, mode=modes["train"] if tr else modes["eval"],
+                             input=src, salt=0xC0 + k, role="connector"))
+    extra_state = {f"{name}.{k}": v for name, st in plan.states.items() for k, v in st.views().items()}
     monitor = dict(src=[(1, -1)])
     val_t = None
 
     def run(epoch, topts):
         st = _kdcore.step_epoch(nets, plan.terms, c.train._c, epoch, topts, monitor=monitor)
         # The student's objective: its own terms and those of its connectors.
-        row = dict(train_loss=st["net_loss"][0] + sum(st["net_loss"][2:]))
+        row = dict(train_loss=sum(st["net_loss"][i] for i in [0] + list(range(2, len(nets)))))
         for (label, parts), v, p, w, t in zip(plan.labels, st["term_value"], st["term_part"], st["term_weight"],
                                              plan.terms):
             row[label] = v
@@ -346,8 +356,9 @@ def _distill_terms(student, teacher, c, terms, method, cache):
             val_t = _kdcore.softmax(predict(teacher, c.val, batch_size=512), 1.0)
         return {"kl_student_teacher": _kl_to_probs(predict(student, c.val, batch_size=512), val_t)}
 
-    hist = c.loop([student] + conns, run, extra_metrics=extra, optimizers=[opt_s] + opt_c,
-                  roles=["student"] + [f"connector{k}" for k in range(len(conns))])
+    conns = [m for m, _ in trained]
+    hist = c.loop([student] + conns, run, extra_metrics=extra, optimizers=[opt_s] + [opts[id(m)] for m in conns],
+                  roles=["student"] + [f"connector{k}" for k in range(len(conns))], extra_state=extra_state or None)
     student.connectors = conns
     return hist
 

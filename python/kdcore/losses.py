@@ -18,10 +18,11 @@ reference libraries use); ``kdcore.losses.method_terms(name)`` returns fresh cop
 from __future__ import annotations
 
 from . import _kdcore
-from .nn import BatchNorm2d, Conv2d, Module, ReLU, Sequential, _check_bool, _check_float, _check_int, _is_choice
+from .nn import (BatchNorm2d, Conv2d, Linear, Module, ReLU, Sequential, _check_bool, _check_float, _check_int,
+                 _is_choice)
 
-__all__ = ["Loss", "CE", "KD", "DKD", "LogitMSE", "Hint", "FitNet", "AT", "SP", "NST", "RKD", "PKT", "FSP",
-           "METHODS", "method_terms", "connector"]
+__all__ = ["Loss", "CE", "KD", "DKD", "LogitMSE", "Hint", "FitNet", "AT", "SP", "NST", "RKD", "PKT", "FSP", "OFD",
+           "AB", "VID", "CC", "CRD", "FT", "METHODS", "method_terms", "connector"]
 
 _KINDS = _kdcore.TERM_KINDS
 _DEFAULTS = _kdcore.TERM_DEFAULTS
@@ -42,6 +43,7 @@ class Loss:
     ``_add(plan)``, which appends the term's C configuration to the step plan."""
     kind = None
     label = None
+    needs_init = False   # it has its own initialisation phase (FT trains its paraphraser there)
 
     def __init__(self, weight=1.0, warmup_epochs=0, stop_epoch=None, phase="all"):
         self.weight = _check_float("weight", weight, 0)
@@ -320,7 +322,236 @@ class FSP(_FeatureLoss):
             plan.add_term(self, self._base(a=plan.ref(0, s1), a2=plan.ref(0, s2), src=[plan.ref(1, t1), plan.ref(1, t2)]))
 
 
-def connector(kind, s_shape, t_shape):
+class _ConnectorStages(_FeatureLoss):
+    """Per-stage terms between a connector on the student tap and the teacher tap, each
+    stage with its own factor on the weight."""
+
+    def _stage_factors(self, n):
+        return [1.0] * n
+
+    def _pairs_with_factors(self, plan):
+        pairs = self._pairs(plan)
+        return list(zip(pairs, self._stage_factors(len(pairs))))
+
+
+class OFD(_ConnectorStages):
+    """Overhaul of feature distillation (Heo et al.; mdistiller): per stage, the student's
+    pre-ReLU map through a 1x1 conv + BN connector against the teacher's pre-ReLU map clamped
+    below at its per-channel margin m_c = E[x | x < 0] of x ~ N(beta_c, gamma_c^2) (from the
+    teacher's BN before the ReLU), partial L2 (0 where the student is below a non-positive
+    target), sum / n; stage i of n weighted 1/2^(n-i-1); weight 1e-3 (mdistiller)."""
+    kind, label, default = "ofd", "ofd", "stages_pre"
+
+    def __init__(self, weight=1e-3, seed=0, **kw):
+        super().__init__(weight, **kw)
+        self.seed = _check_int("seed", seed, 0)
+
+    def _stage_factors(self, n):
+        return [1.0 / 2 ** (n - i - 1) for i in range(n)]
+
+    def _add(self, plan):
+        from .functional import ofd_margin
+        teacher = plan.models[1]
+        taps = teacher.feature_taps() or {}
+        bns = taps.get("stages_bn") if self.teacher_taps is None else None
+        pairs = self._pairs_with_factors(plan)
+        if not bns or len(bns) != len(pairs):
+            raise ValueError("OFD needs the teacher's BN layers before its stage ReLUs (feature_taps()['stages_bn']); "
+                             "a model of your own can define them in model.default_taps")
+        sd = teacher.state_dict()
+        for k, (((s_tap, t_tap), f), bn) in enumerate(zip(pairs, bns)):
+            s_ref, t_ref = plan.ref(0, s_tap), plan.ref(1, t_tap)
+            key = teacher._key(teacher._graph.names[teacher._tap_index(bn)])
+            margin = ofd_margin(sd[key + ".weight"], sd[key + ".bias"])
+            sc, tc = plan.shape(s_ref)[0], plan.shape(t_ref)[0]
+            conn = Sequential(Conv2d(sc, tc, 1, bias=False), BatchNorm2d(tc))
+            conn.reset_parameters(self.seed + k)
+            a = plan.add_connector(conn, s_ref, f"ofd {s_tap}")
+            plan.add_term(self, dict(self._base(a=a, src=[t_ref], margin=margin), weight=self.weight * f))
+
+
+class AB(_ConnectorStages):
+    """Activation boundaries (Heo et al.; RepDistiller): per stage, a connector (conv + BN,
+    RepDistiller's ConvReg without its ReLU) on the student's pre-ReLU map, hinge-squared
+    against the sign of the teacher's pre-ReLU map with margin 1, sum / n; stage i of n
+    weighted 2^(i-n+1), times 3/1000. An initialisation phase (RepDistiller: 30 epochs), then
+    CE alone: method='ab'."""
+    kind, label, default = "ab", "ab", "stages_pre"
+
+    def __init__(self, weight=3e-3, margin=1.0, seed=0, **kw):
+        super().__init__(weight, **kw)
+        self.margin = _check_float("margin", margin, 0)
+        self.seed = _check_int("seed", seed, 0)
+
+    def _stage_factors(self, n):
+        return [2.0 ** (i - n + 1) for i in range(n)]
+
+    def _add(self, plan):
+        for k, ((s_tap, t_tap), f) in enumerate(self._pairs_with_factors(plan)):
+            s_ref, t_ref = plan.ref(0, s_tap), plan.ref(1, t_tap)
+            conn = connector("convreg", plan.shape(s_ref), plan.shape(t_ref), relu=False)
+            conn.reset_parameters(self.seed + k)
+            a = plan.add_connector(conn, s_ref, f"ab {s_tap}")
+            plan.add_term(self, dict(self._base(a=a, src=[t_ref], margin=self.margin), weight=self.weight * f))
+
+    def _options(self):
+        return dict(super()._options(), margin=self.margin)
+
+
+class VID(_ConnectorStages):
+    """Variational information distillation (Ahn et al.; RepDistiller): per stage a regressor
+    mu (1x1 conv, ReLU, 1x1 conv, ReLU, 1x1 conv to the teacher's channels) on the student
+    map, and learned per-channel variances softplus(log_scale) + eps (initial variance 5);
+    loss = mean of (log sigma^2 + (mu - t)^2 / sigma^2) / 2; weight 1 per stage f1..f3. The
+    maps must have equal spatial sizes (RepDistiller pools the larger student map first)."""
+    kind, label, default = "vid", "vid", "stages"
+
+    def __init__(self, weight=1.0, init_var=5.0, eps=1e-5, seed=0, **kw):
+        super().__init__(weight, **kw)
+        self.init_var = _check_float("init_var", init_var, 0, lo_open=True)
+        self.eps = _check_float("eps", eps, 0, lo_open=True)
+        self.seed = _check_int("seed", seed, 0)
+
+    def _add(self, plan):
+        from .functional import vid_log_scale
+        for k, (s_tap, t_tap) in enumerate(self._pairs(plan)):
+            s_ref, t_ref = plan.ref(0, s_tap), plan.ref(1, t_tap)
+            (sc, sh, sw), (tc, th, tw) = plan.shape(s_ref), plan.shape(t_ref)
+            if (sh, sw) != (th, tw):
+                raise ValueError(f"VID: the student map at {s_tap!r} is {sh}x{sw}, the teacher's at {t_tap!r} "
+                                 f"{th}x{tw}; choose taps of equal spatial size")
+            reg = Sequential(Conv2d(sc, tc, 1, bias=False), ReLU(), Conv2d(tc, tc, 1, bias=False), ReLU(),
+                             Conv2d(tc, tc, 1, bias=False))
+            reg.reset_parameters(self.seed + k)
+            a = plan.add_connector(reg, s_ref, f"vid regressor {s_tap}")
+            holder = Sequential(Linear(1, tc, bias=False))   # the tc variances' parameters
+            holder.parameters()["0.weight"][...] = vid_log_scale(tc, self.init_var, self.eps)[:, None]
+            h = plan.add_params(holder, f"vid log_scale {t_tap}")
+            plan.add_term(self, self._base(a=a, src=[t_ref], params=h, eps=self.eps))
+
+    def _options(self):
+        return dict(super()._options(), init_var=self.init_var, eps=self.eps)
+
+
+class CC(_FeatureLoss):
+    """Correlation congruence (Peng et al.; RepDistiller's form from the authors' code): the
+    pooled features f4 of student and teacher each through a trainable Linear(d -> 128);
+    loss = mean over consecutive samples of sum_d |e_s - e_t|_i,d |e_s - e_t|_i+1,d; weight
+    0.02 (RepDistiller). (The paper's Gaussian-kernel correlation matrices are another loss.)"""
+    kind, label, default = "cc", "cc", "pooled"
+
+    def __init__(self, weight=0.02, dim=128, seed=0, **kw):
+        super().__init__(weight, **kw)
+        self.dim = _check_int("dim", dim, 1)
+        self.seed = _check_int("seed", seed, 0)
+
+    def _embeds(self, plan, s_tap, t_tap, tag):
+        s_ref, t_ref = plan.ref(0, s_tap), plan.ref(1, t_tap)
+        (sc, sh, sw), (tc, th, tw) = plan.shape(s_ref), plan.shape(t_ref)
+        if sh * sw > 1 or th * tw > 1:
+            raise ValueError(f"{tag}: the taps must be flat features (the pooled f4), got {plan.shape(s_ref)} and "
+                             f"{plan.shape(t_ref)}")
+        es, et = Sequential(Linear(sc, self.dim)), Sequential(Linear(tc, self.dim))
+        es.reset_parameters(self.seed)
+        et.reset_parameters(self.seed + 1)
+        return plan.add_connector(es, s_ref, f"{tag} student embed"), plan.add_connector(et, t_ref, f"{tag} teacher embed")
+
+    def _add(self, plan):
+        for s_tap, t_tap in self._pairs(plan):
+            a, b = self._embeds(plan, s_tap, t_tap, "cc")
+            plan.add_term(self, self._base(a=a, src=[b], grad=True))
+
+    def _options(self):
+        return dict(super()._options(), dim=self.dim)
+
+
+class CRD(CC):
+    """Contrastive representation distillation (Tian et al.; RepDistiller): the pooled
+    features f4 through trainable Linear(d -> 128) + L2 normalisation on each side; NCE
+    against two memory banks of the data set's size (n_data x 128 each, momentum 0.5,
+    temperature 0.07, n_neg negatives per sample from the other samples -- or, with
+    class_negatives, from other classes as RepDistiller's default); weight 0.8 (CE 1).
+    RepDistiller draws 16384 negatives, the default here too and the dominant cost of a CPU
+    step (choose fewer, or in_batch=True for in-batch negatives and no banks). The banks are
+    saved in checkpoints."""
+    kind, label = "crd", "crd"
+
+    def __init__(self, weight=0.8, dim=128, n_neg=16384, T=0.07, momentum=0.5, class_negatives=False,
+                 in_batch=False, seed=0, **kw):
+        super().__init__(weight, dim=dim, seed=seed, **kw)
+        self.n_neg = _check_int("n_neg", n_neg, 1)
+        self.T = _check_float("T", T, 0, lo_open=True)
+        self.momentum = _check_float("momentum", momentum, 0, 1, hi_open=True)
+        self.class_negatives = _check_bool("class_negatives", class_negatives)
+        self.in_batch = _check_bool("in_batch", in_batch)
+
+    def _add(self, plan):
+        from .functional import CRDBank
+        for s_tap, t_tap in self._pairs(plan):
+            a, b = self._embeds(plan, s_tap, t_tap, "crd")
+            bank = CRDBank(plan.n_data, dim=self.dim, n_neg=self.n_neg, T=self.T, momentum=self.momentum,
+                           seed=self.seed, in_batch=self.in_batch)
+            if self.class_negatives:
+                bank.set_labels(plan.labels_of_data)
+            plan.add_state(f"crd{len(plan.states)}", bank._c)
+            plan.add_term(self, self._base(a=a, src=[b], grad=True, bank=bank._c,
+                                           class_negatives=self.class_negatives))
+
+    def _options(self):
+        return dict(super()._options(), n_neg=self.n_neg, T=self.T, momentum=self.momentum,
+                    class_negatives=self.class_negatives, in_batch=self.in_batch)
+
+
+class FT(_FeatureLoss):
+    """Factor transfer (Kim et al.; RepDistiller): a paraphraser (conv auto-encoder, factor
+    rate 0.5) is first trained to reconstruct the teacher's last stage map f3 (the
+    initialisation phase: the student does not train); then a translator on the student's f3
+    learns the paraphraser's factor: loss = mean |F_s - F_t|^p2 of the L2-normalised channel
+    means of the factors^p1 (p1 2, p2 1); weight 200 (CE 1). Deviation: RepDistiller's
+    paraphraser and translator use LeakyReLU(0.1) and transposed convolutions; kdcore has
+    ReLU and (equivalent at stride 1) convolutions."""
+    kind, label, default = "ft", "ft", "stages"
+    needs_init = True
+
+    def __init__(self, weight=200.0, rate=0.5, p1=2, p2=1.0, seed=0, **kw):
+        super().__init__(weight, **kw)
+        self.rate = _check_float("rate", rate, 0, lo_open=True)
+        self.p1 = _check_int("p1", p1, 1)
+        self.p2 = _check_float("p2", p2, 0, lo_open=True)
+        self.seed = _check_int("seed", seed, 0)
+        self._para = None
+
+    def _pairs(self, plan):
+        pairs = super()._pairs(plan)
+        return pairs if self.taps is not None else pairs[-1:]
+
+    def _add(self, plan):
+        (s_tap, t_tap), = self._pairs(plan)
+        s_ref, t_ref = plan.ref(0, s_tap), plan.ref(1, t_tap)
+        sc, tc = plan.shape(s_ref)[0], plan.shape(t_ref)[0]
+        fc = max(1, int(tc * self.rate))
+        if self._para is None:   # kept across the phases: trained in 'init', frozen after
+            self._para = Sequential(Conv2d(tc, tc, 3, padding=1), ReLU(), Conv2d(tc, fc, 3, padding=1), ReLU(),
+                                    Conv2d(fc, fc, 3, padding=1), ReLU(),      # encoder: the factor is node 5
+                                    Conv2d(fc, fc, 3, padding=1), ReLU(), Conv2d(fc, tc, 3, padding=1), ReLU(),
+                                    Conv2d(tc, tc, 3, padding=1))
+            self._para.reset_parameters(self.seed)
+        if plan.phase == "init":
+            p = plan.add_connector(self._para, t_ref, "ft paraphraser")
+            plan.add_term(self, dict(kind=_KINDS["mse"], a=p, src=[t_ref], weight=1.0), label="ft_reconstruction")
+            return
+        para = plan.add_connector(self._para, t_ref, "ft paraphraser (frozen)", trained=False)
+        tr = Sequential(Conv2d(sc, sc, 3, padding=1), ReLU(), Conv2d(sc, fc, 3, padding=1), ReLU(),
+                        Conv2d(fc, fc, 3, padding=1), ReLU())
+        tr.reset_parameters(self.seed + 1)
+        a = plan.add_connector(tr, s_ref, "ft translator")
+        plan.add_term(self, self._base(a=a, src=[(para[0], 5)], p1=self.p1, p2=self.p2))
+
+    def _options(self):
+        return dict(super()._options(), rate=self.rate, p1=self.p1, p2=self.p2)
+
+
+def connector(kind, s_shape, t_shape, relu=True):
     """A connector mapping per-sample student maps of s_shape (c, h, w) to t_shape.
 
     'conv1x1': 1x1 conv (no bias) + BN, for equal spatial sizes. 'convreg': RepDistiller's
@@ -342,7 +573,7 @@ def connector(kind, s_shape, t_shape):
         conv = Conv2d(sc, tc, 1 + sh - th) if sh > th else Conv2d(sc, tc, 3, padding=1)
     else:
         raise ValueError(f"ConvReg cannot map {sh}x{sh} to {th}x{th}")
-    return Sequential(conv, BatchNorm2d(tc), ReLU())
+    return Sequential(conv, BatchNorm2d(tc), ReLU()) if relu else Sequential(conv, BatchNorm2d(tc))
 
 
 # Each method's reference recipe: the terms and weights of RepDistiller / mdistiller (the
@@ -358,8 +589,16 @@ METHODS = {
     "nst": lambda: [CE(1.0), NST(50.0)],
     "rkd": lambda: [CE(1.0), RKD(1.0)],
     "pkt": lambda: [CE(1.0), PKT(30000.0)],
-    # Initialisation-phase methods (RepDistiller): the term alone for init_epochs, then CE.
+    "ofd": lambda: [CE(1.0), OFD(1e-3)],
+    "vid": lambda: [CE(1.0), VID(1.0)],
+    "cc": lambda: [CE(1.0), CC(0.02)],
+    "crd": lambda: [CE(1.0), CRD(0.8)],
+    "crd+kd": lambda: [CE(1.0), KD(1.0, T=4.0), CRD(0.8)],
+    # Initialisation-phase methods (RepDistiller): the term alone for init_epochs, then CE
+    # (FT: the paraphraser's training, then CE + the factor term).
     "fsp": lambda: [CE(1.0, phase="main"), FSP(50.0, phase="init")],
+    "ab": lambda: [CE(1.0, phase="main"), AB(3e-3, phase="init")],
+    "ft": lambda: [CE(1.0, phase="main"), FT(200.0)],
 }
 
 
@@ -382,12 +621,16 @@ class _Plan:
     """Nets of a distillation step -- the student (0), the teachers (1..), then connectors --
     and the terms of the losses, with the names the History logs them under."""
 
-    def __init__(self, student, teachers, data):
+    def __init__(self, student, teachers, data, phase="all"):
         self.models = [student] + list(teachers)
         self.chw = _chw(data)
-        self.connectors = []      # (module, input ref, description)
-        self.terms = []           # C term dicts
-        self.labels = []          # (History key, parts keys)
+        self.n_data = len(data)
+        self.labels_of_data = data.y
+        self.phase = phase         # 'init' (an initialisation phase), 'main' (after one) or 'all'
+        self.connectors = []       # (module, input ref or None for a parameter holder, description, trained)
+        self.terms = []            # C term dicts
+        self.labels = []           # (History key, parts keys)
+        self.states = {}           # name -> C state with a views() method (CRD banks), checkpointed
         self._shapes = {}
 
     def ref(self, who, tap=None):
@@ -408,7 +651,7 @@ class _Plan:
             if who < len(self.models):
                 net, chw = self.models[who].net, self.chw
             else:
-                conn, src, _ = self.connectors[who - len(self.models)]
+                conn, src, _, _ = self.connectors[who - len(self.models)]
                 net, chw = conn.net, self.shape(src)
             self._shapes[who] = (net.shapes(1, *chw), net)
         return self._shapes[who]
@@ -421,14 +664,24 @@ class _Plan:
             node = len(shapes) - 1 if ref[0] >= len(self.models) else self.models[ref[0]]._output_index()
         return tuple(shapes[node])
 
-    def add_connector(self, module, src, what):
+    def add_connector(self, module, src, what, trained=True):
+        """A net reading `src` (a (net, node) reference), trained with the student unless
+        trained=False; returns the reference of its output."""
         if not isinstance(module, Module):
             raise TypeError(f"a connector must be a kdcore Module, got {type(module).__name__}")
-        self.connectors.append((module, src, what))
+        self.connectors.append((module, src, what, trained))
         return (len(self.models) + len(self.connectors) - 1, -1)
 
-    def add_term(self, loss, term, parts=()):
-        label = loss.label
+    def add_params(self, module, what):
+        """A parameter holder (no forward): a term's own trained parameters; returns its index."""
+        self.connectors.append((module, None, what, True))
+        return len(self.models) + len(self.connectors) - 1
+
+    def add_state(self, name, obj):
+        self.states[name] = obj
+
+    def add_term(self, loss, term, parts=(), label=None):
+        label = label or loss.label
         used = {lab for lab, _ in self.labels}
         k = 2
         while label in used:
@@ -439,8 +692,14 @@ class _Plan:
 
     def reads_teacher_taps(self):
         refs = [t["a"] for t in self.terms] + [s for t in self.terms for s in t.get("src", [])]
-        refs += [src for _, src, _ in self.connectors]
+        refs += [src for _, src, _, _ in self.connectors if src is not None]
         return any(r[0] >= 1 and r[0] < len(self.models) and r[1] >= 0 for r in refs)
+
+    def reads_student(self):
+        refs = [t["a"] for t in self.terms] + [s for t in self.terms for s in t.get("src", [])]
+        refs += [t["a2"] for t in self.terms if "a2" in t]
+        refs += [src for _, src, _, _ in self.connectors if src is not None]
+        return any(r[0] == 0 for r in refs)
 
 
 def check_losses(losses):
@@ -453,9 +712,9 @@ def check_losses(losses):
     return list(losses)
 
 
-def build_plan(student, teachers, data, losses):
+def build_plan(student, teachers, data, losses, phase="all"):
     """The plan of a list of Loss terms (validated: types, taps, connector shapes)."""
-    plan = _Plan(student, teachers, data)
+    plan = _Plan(student, teachers, data, phase)
     for loss in check_losses(losses):
         loss._add(plan)
     return plan

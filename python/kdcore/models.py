@@ -69,7 +69,7 @@ def cnn(num_classes=10, in_channels=1, input_size=28, width=32, seed=0):
     )
     m.input_shape = (in_channels, input_size, input_size)
     # Two stages (before each max-pool), the pooled feature after flatten.
-    m.default_taps = dict(stages=["5", "12"], stages_pre=["4", "11"], pooled="15", hint="12")
+    m.default_taps = dict(stages=["5", "12"], stages_pre=["4", "11"], stages_bn=["4", "11"], pooled="15", hint="12")
     return _seeded(m, seed)
 
 
@@ -215,7 +215,7 @@ class ResNet(_ZooModel):
     def feature_taps(self):
         n = (self.depth - 2) // 6
         return dict(stages=["layer1", "layer2", "layer3"], stages_pre=[f"layer{k}.{n - 1}.add" for k in (1, 2, 3)],
-                    pooled="flatten", hint="layer2")
+                    stages_bn=[f"layer{k}.{n - 1}.bn2" for k in (1, 2, 3)], pooled="flatten", hint="layer2")
 
     def _describe(self):
         return f"depth={self.depth}, num_filters={self.num_filters}, num_classes={self.num_classes}"
@@ -358,8 +358,8 @@ class WideResNet(_ZooModel):
         self.parameters()["fc.bias"][...] = 0.0
 
     def feature_taps(self):
-        return dict(stages=["block1", "block2", "block3"], stages_pre=["block2.layer.0.bn1", "block3.layer.0.bn1", "bn1"],
-                    pooled="flatten", hint="block2")
+        pre = ["block2.layer.0.bn1", "block3.layer.0.bn1", "bn1"]
+        return dict(stages=["block1", "block2", "block3"], stages_pre=pre, stages_bn=pre, pooled="flatten", hint="block2")
 
     def _describe(self):
         return f"depth={self.depth}, widen_factor={self.widen_factor}, num_classes={self.num_classes}"
@@ -465,8 +465,8 @@ class VGG(_ZooModel):
         p["classifier.bias"][...] = 0.0
 
     def feature_taps(self):
-        return dict(stages=["relu1", "relu2", "relu3"], stages_pre=["block1", "block2", "block3"], pooled="flatten",
-                    hint="relu2")
+        return dict(stages=["relu1", "relu2", "relu3"], stages_pre=["block1", "block2", "block3"],
+                    stages_bn=["block1", "block2", "block3"], pooled="flatten", hint="relu2")
 
     def _describe(self):
         return f"cfg={self.cfg}, num_classes={self.num_classes}"

@@ -253,8 +253,9 @@ class Module:
     def feature_taps(self):
         """The taps feature distillation reads by default, or None when the model has no
         defaults: {"stages": [f1, f2, f3] (stage ends, post-activation), "stages_pre": the same
-        before the activation, "pooled": f4 (the pooled feature before the classifier),
-        "hint": FitNet's hint layer (f2)}. The zoo models define them as RepDistiller and
+        before the activation, "stages_bn": the BatchNorm layers whose affine parameters
+        describe the pre-activations (OFD's margins), "pooled": f4 (the pooled feature before
+        the classifier), "hint": FitNet's hint layer (f2)}. The zoo models define them as RepDistiller and
         mdistiller tap them; set ``model.default_taps = {...}`` for a model of your own."""
         return getattr(self, "default_taps", None)
 
