@@ -309,3 +309,47 @@ def test_ab_init_phase_step(data):
     check_models("student", student, p.ts, p.s0)
     check_connector("ab stage 1", c1, t1, k1.state_dict())
     check_connector("ab stage 2", c2, t2, k2.state_dict())
+
+
+def test_ft_main_step_with_a_frozen_paraphraser(data):
+    """FT after its paraphraser phase: a translator on the student's f3 (here '12') is trained
+    with the student on CE + 200 * mean |factor_s - factor_t| of the L2-normalised channel
+    means of squared factors; the paraphraser's encoder (node 5) gives the teacher's factor
+    and stays frozen."""
+    X, y, ds = data
+    from kdcore.distill import _distill_terms
+    from kdcore.training import _Common
+    student, teacher = kdcore.models.cnn(num_classes=V, input_size=8, width=4, seed=2), teacher_of(6)
+    p = Pair(student, teacher)
+    ft = L.FT(200.0)
+    common = _Common(ds, 1, len(ds), kdcore.optim.SGD(**SGD), None, None, None, None, 0, False, 0.0, False, None,
+                     None, 20)
+    # the main phase alone builds the paraphraser (seeded) like the init phase would
+    h = _distill_terms(student, teacher, common, [L.CE(1.0), ft], "ft", "auto", "main")
+    para0 = ft._para.state_dict()
+    (tr,) = student.connectors
+    ktr = kdcore.nn.Sequential(kdcore.nn.Conv2d(8, 8, 3, padding=1), kdcore.nn.ReLU(), kdcore.nn.Conv2d(8, 6, 3, padding=1),
+                               kdcore.nn.ReLU(), kdcore.nn.Conv2d(6, 6, 3, padding=1), kdcore.nn.ReLU())
+    ktr.reset_parameters(1)
+    ttr = twin_of(ktr, nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 6, 3, padding=1), nn.ReLU(),
+                                     nn.Conv2d(6, 6, 3, padding=1), nn.ReLU()))
+    tpara = torch_ref.load_into_torch(nn.Sequential(
+        nn.Conv2d(12, 12, 3, padding=1), nn.ReLU(), nn.Conv2d(12, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 6, 3, padding=1),
+        nn.ReLU(), nn.Conv2d(6, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 12, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(12, 12, 3, padding=1)), para0).double()
+    z = p.forward(X)
+    opt = torch.optim.SGD(list(p.ts.parameters()) + list(ttr.parameters()), **SGD)
+    ce = TF.cross_entropy(z, torch.tensor(y))
+    with torch.no_grad():
+        ft_t = tpara[:6](p.f["t"][12])
+
+    def factor(f):
+        return TF.normalize(f.pow(2).mean(1).reshape(f.shape[0], -1))
+
+    loss_ft = (factor(ttr(p.f["s"][12])) - factor(ft_t)).abs().mean()
+    (ce + 200.0 * loss_ft).backward()
+    opt.step()
+    check_models("student", student, p.ts, p.s0)
+    check_connector("translator", tr, ttr, ktr.state_dict())
+    assert all(np.array_equal(v, para0[k]) for k, v in ft._para.state_dict().items()), "the paraphraser moved"
+    check_close("ft", h["ft"][0], loss_ft.item(), rtol=1e-4)
