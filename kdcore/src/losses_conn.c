@@ -57,31 +57,22 @@ static double sum_in_order(const double * v, size_t n) {
 static inline int bin_lo(int i, int in, int out) { return (int)(((int64_t)i * in) / out); }
 static inline int bin_hi(int i, int in, int out) { return (int)(((int64_t)(i + 1) * in + out - 1) / out); }
 
-static void apool_f(double * out, const float * in, int H, int W, int OH, int OW) {
-    for (int i = 0; i < OH; i++) {
-        int r0 = bin_lo(i, H, OH), r1 = bin_hi(i, H, OH);
-        for (int j = 0; j < OW; j++) {
-            int c0 = bin_lo(j, W, OW), c1 = bin_hi(j, W, OW);
-            double s = 0;
-            for (int r = r0; r < r1; r++)
-                for (int c = c0; c < c1; c++) s += in[(size_t)r * W + c];
-            out[(size_t)i * OW + j] = s / ((double)(r1 - r0) * (c1 - c0));
-        }
+// One body for float and double inputs (the maps arrive as float, pooled intermediates are
+// double).
+#define APOOL_BODY                                                                        \
+    for (int i = 0; i < OH; i++) {                                                        \
+        int r0 = bin_lo(i, H, OH), r1 = bin_hi(i, H, OH);                                 \
+        for (int j = 0; j < OW; j++) {                                                    \
+            int c0 = bin_lo(j, W, OW), c1 = bin_hi(j, W, OW);                             \
+            double s = 0;                                                                 \
+            for (int r = r0; r < r1; r++)                                                 \
+                for (int c = c0; c < c1; c++) s += in[(size_t)r * W + c];                 \
+            out[(size_t)i * OW + j] = s / ((double)(r1 - r0) * (c1 - c0));                \
+        }                                                                                 \
     }
-}
-
-static void apool_d(double * out, const double * in, int H, int W, int OH, int OW) {
-    for (int i = 0; i < OH; i++) {
-        int r0 = bin_lo(i, H, OH), r1 = bin_hi(i, H, OH);
-        for (int j = 0; j < OW; j++) {
-            int c0 = bin_lo(j, W, OW), c1 = bin_hi(j, W, OW);
-            double s = 0;
-            for (int r = r0; r < r1; r++)
-                for (int c = c0; c < c1; c++) s += in[(size_t)r * W + c];
-            out[(size_t)i * OW + j] = s / ((double)(r1 - r0) * (c1 - c0));
-        }
-    }
-}
+static void apool_f(double * out, const float * in, int H, int W, int OH, int OW) { APOOL_BODY }
+static void apool_d(double * out, const double * in, int H, int W, int OH, int OW) { APOOL_BODY }
+#undef APOOL_BODY
 
 // din (H, W) += the pooling's transpose applied to dout (OH, OW).
 static void apool_back(double * din, const double * dout, int H, int W, int OH, int OW) {
