@@ -182,3 +182,20 @@ def test_errors_name_the_problem(pair):
         run(s, teacher, data, losses=[L.Hint(connector=None)])
     with pytest.raises(ValueError, match="two-stage form of method='fitnet'"):
         run(s, teacher, data, method="kd", losses=[L.CE()], hint_epochs=1)
+
+
+def test_user_built_models_name_their_taps(pair):
+    """A model of the user's own (no default taps) distils from the zoo teacher by naming
+    taps: AT between its conv block and the teacher's stage map, RKD on the pooled features.
+    Without names the error says how to give them."""
+    _, _, data, teacher = pair
+    nn_ = kdcore.nn
+    user = nn_.Sequential(nn_.Conv2d(1, 5, 3, padding=1), nn_.ReLU(), nn_.MaxPool2d(2), nn_.Conv2d(5, 7, 3, padding=1),
+                          nn_.ReLU(), nn_.AdaptiveAvgPool2d(1), nn_.Flatten(), nn_.Linear(7, V))
+    h = run(user, teacher, data, losses=[L.CE(1.0), L.AT(100.0, taps=["1", "4"], teacher_taps=["5", "12"]),
+                                         L.RKD(1.0, taps="6", teacher_taps="15")], epochs=2, batch_size=16)
+    assert set(h) >= {"at", "at_2", "rkd", "rkd_dist", "rkd_angle"} and np.all(np.isfinite(h["at_2"]))
+    with pytest.raises(ValueError, match="name its taps"):
+        run(user, teacher, data, losses=[L.AT()])
+    with pytest.raises(ValueError, match="2 student taps .* but 1 teacher"):
+        run(user, teacher, data, losses=[L.AT(taps=["1", "4"], teacher_taps=["5"])])
