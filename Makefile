@@ -202,7 +202,7 @@ fuzz: deps-test check-env $(patsubst %,build/fuzz/fuzz_%,$(FUZZERS))
 # Mutation check of the training loops' options (not part of `make test`): each mutation in
 # tests/mutation/mutate.py breaks one option in a copy of the repository (rebuilt when a C
 # file changes) and must make one of its tests fail; prints which tests caught which
-# mutation. About 15-20 minutes on the shared 2-core machine (a C mutation is a ~10 s rebuild
+# mutation. About 20 minutes on the shared 2-core machine (a C mutation is a ~10 s rebuild
 # plus its tests). One mutation: python3 tests/mutation/mutate.py --only NAME; list: --list.
 mutate: deps-test
 	$(PYTHON) tests/mutation/mutate.py

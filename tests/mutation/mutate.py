@@ -11,7 +11,7 @@ built and its tests run first: they must all pass, or a "caught" would mean noth
 
 Exit status 0 only when every selected mutation applied, built and was caught.
 
-    python tests/mutation/mutate.py               # everything (make mutate; 15-20 minutes)
+    python tests/mutation/mutate.py               # everything (make mutate; ~20 minutes)
     python tests/mutation/mutate.py --list        # names, files, tests
     python tests/mutation/mutate.py --check       # only: does every snippet apply exactly once?
     python tests/mutation/mutate.py --only NAME [--only NAME2 ...]
