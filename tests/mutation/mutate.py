@@ -1,0 +1,483 @@
+#!/usr/bin/env python3
+"""Mutation check of the training loops' options: breaks each option on purpose, in a copy of
+the repository, and reports which tests notice.
+
+For every mutation in MUTATIONS below: copy the repository (the files `git ls-files` lists,
+untracked ones not ignored included) into a temporary directory, replace the mutation's `old`
+snippet (it must occur exactly once; otherwise the mutation is reported NOT APPLIED), rebuild
+the extension in place when a C file changed, run the mutation's tests there (PYTHONPATH =
+the copy's python/, OMP_NUM_THREADS=1) and record which of them fail. The unmutated copy is
+built and its tests run first: they must all pass, or a "caught" would mean nothing.
+
+Exit status 0 only when every selected mutation applied, built and was caught.
+
+    python tests/mutation/mutate.py               # everything (make mutate; ~20 minutes)
+    python tests/mutation/mutate.py --list        # names, files, tests
+    python tests/mutation/mutate.py --check       # only: does every snippet apply exactly once?
+    python tests/mutation/mutate.py --only NAME [--only NAME2 ...]
+
+When the loops are rewritten, re-point the snippets (`--check` lists the ones that no longer
+apply); each mutation's `what` says which behaviour it breaks, so the new snippet is the code
+that implements that behaviour now.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+TRAIN = "kdcore/src/train.c"
+DISTILL = "python/kdcore/distill.py"
+SCHEMES = "python/kdcore/schemes.py"
+TRAINING = "python/kdcore/training.py"
+
+LOOP = "tests/test_loop_options_torch.py"
+STAGES = "tests/test_scheme_stages_torch.py"
+SCHEMES_TORCH = "tests/test_schemes_torch.py"
+API = "tests/test_distill_api.py"
+
+
+def t(path, *names):
+    """Pytest node ids: path::name for each name (all parametrizations of it)."""
+    return [f"{path}::{n}" for n in names]
+
+
+# Each mutation: name, file, old (exact snippet, must occur once), new, what (the behaviour it
+# breaks), tests (pytest node ids or paths, run in the mutated copy; any failure = caught).
+MUTATIONS = [
+    # ---- label smoothing inside every loop
+    dict(name="ls_off_distill", file=TRAIN, what="distill loop: CE without label smoothing",
+         old="st = kd_cross_entropy(&ce, dlogits, zs, L.y, cond ? w_ce : NULL, nb, V, cfg->label_smoothing,",
+         new="st = kd_cross_entropy(&ce, dlogits, zs, L.y, cond ? w_ce : NULL, nb, V, 0.0f,",
+         tests=t(LOOP, "test_distill_label_smoothing") + t(STAGES, "test_fit_and_distill_pass_label_smoothing")),
+    dict(name="ls_off_conditional_reported_ce", file=TRAIN,
+         what="conditional learning: the reported plain CE without label smoothing",
+         old="kd_cross_entropy(&ce, NULL, zs, L.y, NULL, nb, V, cfg->label_smoothing, 1.0f, false)",
+         new="kd_cross_entropy(&ce, NULL, zs, L.y, NULL, nb, V, 0.0f, 1.0f, false)",
+         tests=t(LOOP, "test_distill_label_smoothing")),
+    dict(name="ls_off_mutual", file=TRAIN, what="mutual loop: CE without label smoothing",
+         old="st = kd_cross_entropy(&ce, da, za, L.y, NULL, nb, V, cfg->label_smoothing, m->ce_weight, false);",
+         new="st = kd_cross_entropy(&ce, da, za, L.y, NULL, nb, V, 0.0f, m->ce_weight, false);",
+         tests=t(LOOP, "test_mutual_k_peers") + t(STAGES, "test_mutual_entry_point")),
+    dict(name="ls_off_slkd_student", file=TRAIN, what="SLKD loop: the student's CE without label smoothing",
+         old="kd_cross_entropy(&ce, ds_, zs, L.y, NULL, nb, V, cfg->label_smoothing, (c->lambda + c->eta) * a, false)",
+         new="kd_cross_entropy(&ce, ds_, zs, L.y, NULL, nb, V, 0.0f, (c->lambda + c->eta) * a, false)",
+         tests=t(LOOP, "test_slkd_options") + t(STAGES, "test_slkd_sequential_replay")),
+    dict(name="ls_off_slkd_sl", file=TRAIN, what="SLKD loop: the SL-teachers' CE without label smoothing",
+         old="st = kd_cross_entropy(&cej, dj, zj[j], L.y, NULL, nb, V, cfg->label_smoothing, a, false);",
+         new="st = kd_cross_entropy(&cej, dj, zj[j], L.y, NULL, nb, V, 0.0f, a, false);",
+         tests=t(LOOP, "test_slkd_options") + t(STAGES, "test_slkd_parallel_sl_optimizer")),
+    dict(name="ls_off_exits", file=TRAIN, what="multi-exit loop: CE without label smoothing",
+         old="st = kd_cross_entropy(&ce, d, zk, L.y, NULL, nb, V, cfg->label_smoothing, cw * scale, false);",
+         new="st = kd_cross_entropy(&ce, d, zk, L.y, NULL, nb, V, 0.0f, cw * scale, false);",
+         tests=t(LOOP, "test_multi_exit") + t(STAGES, "test_multi_exit_defaults")),
+    dict(name="ls_not_passed_by_python", file=TRAINING, what="Python: label_smoothing not handed to the C loops",
+         old="label_smoothing=label_smoothing, callback=bar,", new="label_smoothing=0.0, callback=bar,",
+         tests=t(STAGES, "test_fit_and_distill_pass_label_smoothing", "test_mutual_entry_point")),
+
+    # ---- DGKD's teacher drop
+    dict(name="teacher_drop_inverted", file=TRAIN, what="each teacher dropped with probability 1 - p",
+         old="kd_uniform(kd_hash(L.sseed ^ 0xD509ull, (uint64_t)t)) < dcfg->teacher_drop;",
+         new="kd_uniform(kd_hash(L.sseed ^ 0xD509ull, (uint64_t)t)) >= dcfg->teacher_drop;",
+         tests=t(LOOP, "test_teacher_drop_rate", "test_teacher_drop_keeps_one")),
+    dict(name="teacher_drop_one_draw", file=TRAIN, what="one random draw drops all teachers or none",
+         old="kd_uniform(kd_hash(L.sseed ^ 0xD509ull, (uint64_t)t))", new="kd_uniform(kd_hash(L.sseed ^ 0xD509ull, 0))",
+         tests=t(LOOP, "test_teacher_drop_rate")),
+    dict(name="teacher_drop_keep_one_removed", file=TRAIN, what="a step may drop every teacher",
+         old="if (n_teachers > 0 && kept == 0) {", new="if (0) {",
+         tests=t(LOOP, "test_teacher_drop_keeps_one", "test_teacher_drop_rate")),
+    dict(name="teacher_drop_keep_one_always_first", file=TRAIN,
+         what="when all are dropped, always the first teacher is kept",
+         old="int t = (int)(kd_hash(L.sseed, 0xD50ull) % (uint64_t)n_teachers);", new="int t = 0;",
+         tests=t(LOOP, "test_teacher_drop_keeps_one")),
+
+    # ---- tolerant term, student noise
+    dict(name="tolerant_gradient_doubled", file=TRAIN, what="the tolerant term's gradient doubled",
+         old="kd_loss_tolerant(&tol, dlogits, zs, nb, V, dcfg->tolerant_k, dcfg->tolerant_weight, true)",
+         new="kd_loss_tolerant(&tol, dlogits, zs, nb, V, dcfg->tolerant_k, 2 * dcfg->tolerant_weight, true)",
+         tests=t(LOOP, "test_distill_tolerant") + t(STAGES, "test_born_again_stages")),
+    dict(name="student_noise_doubled", file=TRAIN, what="student input noise with twice the std",
+         old="L->xs[i] = L->x[i] + noise * kd_normal(seed, i);",
+         new="L->xs[i] = L->x[i] + 2 * noise * kd_normal(seed, i);",
+         tests=t(LOOP, "test_student_noise_exact")),
+    dict(name="student_noise_replaces_input", file=TRAIN, what="the student sees the noise instead of x + noise",
+         old="L->xs[i] = L->x[i] + noise * kd_normal(seed, i);", new="L->xs[i] = noise * kd_normal(seed, i);",
+         tests=t(LOOP, "test_student_noise_exact")),
+    dict(name="student_noise_reaches_teacher", file=TRAIN, what="the teacher sees the student's noisy input",
+         old="forward_train(teachers[t], &L, L.x, dcfg->teacher_mode",
+         new="forward_train(teachers[t], &L, loop_student_input(&L, dcfg->student_noise), dcfg->teacher_mode",
+         tests=t(LOOP, "test_student_noise_exact")),
+    dict(name="student_noise_same_every_step", file=TRAIN, what="the same noise at every step and epoch",
+         old="uint64_t seed = L->sseed ^ 0x4E015Eull;", new="uint64_t seed = 0x4E015Eull;",
+         tests=t(LOOP, "test_student_noise_exact")),
+
+    # ---- warm-up ramp, kd_stop_epoch
+    dict(name="warmup_ramp_off_by_one", file=TRAIN, what="DKD-style warm-up ramp one epoch ahead",
+         old="epoch + 1 < dcfg->warmup_epochs) kdw *= (float)(epoch + 1) / dcfg->warmup_epochs;",
+         new="epoch + 2 < dcfg->warmup_epochs) kdw *= (float)(epoch + 2) / dcfg->warmup_epochs;",
+         tests=t(LOOP, "test_distill_weight_by_epoch")),
+    dict(name="kd_stop_epoch_off_by_one", file=TRAIN, what="KD switched off one epoch after kd_stop_epoch",
+         old="if (dcfg->kd_stop_epoch > 0 && epoch >= dcfg->kd_stop_epoch) kdw = 0.0f;",
+         new="if (dcfg->kd_stop_epoch > 0 && epoch > dcfg->kd_stop_epoch) kdw = 0.0f;",
+         tests=t(LOOP, "test_distill_weight_by_epoch") + t(STAGES, "test_eskd_stages")),
+
+    # ---- conditional learning
+    dict(name="conditional_weight_not_moved", file=TRAIN, what="teacher wrong: the KD weight is not moved to CE",
+         old="w_ce[i] = right ? dcfg->ce_weight : dcfg->ce_weight + kdw;", new="w_ce[i] = dcfg->ce_weight;",
+         tests=t(LOOP, "test_distill_weight_by_epoch", "test_distill_conditional_several_teachers")
+         + t(SCHEMES_TORCH, "test_distill_conditional")),
+    dict(name="conditional_moves_nominal_weight", file=TRAIN,
+         what="teacher wrong: kd_weight moved to CE instead of this epoch's effective weight",
+         old="w_ce[i] = right ? dcfg->ce_weight : dcfg->ce_weight + kdw;",
+         new="w_ce[i] = right ? dcfg->ce_weight : dcfg->ce_weight + dcfg->kd_weight;",
+         tests=t(LOOP, "test_distill_weight_by_epoch", "test_learned_gates_vs_autograd")),
+    dict(name="conditional_first_teacher_only", file=TRAIN,
+         what="several teachers: 'right' judged by the first teacher instead of the mixture",
+         old="if (n_teachers == 1) zref = tz;", new="if (1) zref = tz;",
+         tests=t(LOOP, "test_distill_conditional_several_teachers")),
+    dict(name="conditional_mixture_at_T", file=TRAIN, what="several teachers: the mixture judged at T, not T = 1",
+         old="kd_softmax_t(tmp, tz + (size_t)t * BV, nb, V, 1.0f);",
+         new="kd_softmax_t(tmp, tz + (size_t)t * BV, nb, V, dcfg->T);",
+         tests=t(LOOP, "test_distill_conditional_several_teachers")),
+    dict(name="conditional_mixture_unweighted", file=TRAIN, what="several teachers: the mixture ignores the weights",
+         old="kd_softmax_t(tmp, tz + (size_t)t * BV, nb, V, 1.0f);\n"
+             "                    for (size_t j = 0; j < nbv; j++) q[j] += gw[t] * tmp[j];",
+         new="kd_softmax_t(tmp, tz + (size_t)t * BV, nb, V, 1.0f);\n"
+             "                    for (size_t j = 0; j < nbv; j++) q[j] += tmp[j] / n_teachers;",
+         tests=t(LOOP, "test_distill_conditional_several_teachers")),
+
+    # ---- several teachers: weights
+    dict(name="teacher_weights_ignored", file=TRAIN, what="teacher_weights ignored (uniform)",
+         old="base_w[t] = dcfg->teacher_weights ? dcfg->teacher_weights[t] : 1.0f;", new="base_w[t] = 1.0f;",
+         tests=t(LOOP, "test_distill_avg_loss_teacher_weights") + t(SCHEMES_TORCH, "test_distill_multi_teacher")),
+    dict(name="dkd_teacher_weight_ignored", file=TRAIN, what="DKD, several teachers: each term's gradient unweighted",
+         old="dcfg->dkd_beta, kdw * gw[t], true);", new="dcfg->dkd_beta, kdw, true);",
+         tests=t(LOOP, "test_distill_avg_loss_teacher_weights")),
+    dict(name="mse_teacher_weight_ignored", file=TRAIN, what="MSE, several teachers: each term's gradient unweighted",
+         old="st = kd_loss_mse(&l, dlogits, zs, zt, nb, V, kdw * gw[t], true);",
+         new="st = kd_loss_mse(&l, dlogits, zs, zt, nb, V, kdw, true);",
+         tests=t(LOOP, "test_distill_avg_loss_teacher_weights")),
+    dict(name="dkd_tckd_stat_unweighted", file=TRAIN, what="DKD, several teachers: reported TCKD unweighted",
+         old="tc += gw[t] * a;", new="tc += a;",
+         tests=t(LOOP, "test_distill_avg_loss_teacher_weights")),
+
+    # ---- learned gates
+    dict(name="gate_gradient_sign", file=TRAIN, what="learned gates climb the KD loss",
+         old="if (g[t] > 0) gates[t] -= (float)(lr * g[t] * (G[t] - gsum));",
+         new="if (g[t] > 0) gates[t] += (float)(lr * g[t] * (G[t] - gsum));",
+         tests=t(LOOP, "test_learned_gates_vs_autograd", "test_learned_gates_start_from_teacher_weights")
+         + t(API, "test_learned_gate_gradient_matches_finite_differences")),
+    dict(name="gate_no_T_squared", file=TRAIN, what="learned gates' gradient without the T^2 factor",
+         old="G[t] *= (double)kdw * T * T / nb;", new="G[t] *= (double)kdw / nb;",
+         tests=t(LOOP, "test_learned_gates_vs_autograd")),
+    dict(name="gate_ignores_conditional_weights", file=TRAIN,
+         what="learned gates' gradient ignores the conditional per-sample weights",
+         old="cond ? w_kd : NULL, nb, V, dcfg->T, kdw,", new="NULL, nb, V, dcfg->T, kdw,",
+         tests=t(LOOP, "test_learned_gates_vs_autograd")),
+    dict(name="gate_nominal_kd_weight", file=TRAIN, what="learned gates' gradient with kd_weight, not the warm-up's",
+         old="cond ? w_kd : NULL, nb, V, dcfg->T, kdw,", new="cond ? w_kd : NULL, nb, V, dcfg->T, dcfg->kd_weight,",
+         tests=t(LOOP, "test_learned_gates_vs_autograd")),
+    dict(name="gate_weights_before_drop", file=TRAIN,
+         what="learned gates' gradient from the weights before the drop and renormalisation",
+         old="update_gates(dcfg->gate_logits, gw,", new="update_gates(dcfg->gate_logits, base_w,",
+         tests=t(LOOP, "test_learned_gates_vs_autograd")),
+    dict(name="gates_start_uniform", file=DISTILL,
+         what="Python: learned gates start uniform, not at log(teacher_weights)",
+         old="gates = np.log(np.maximum(w0, 1e-12)).astype(np.float32)",
+         new="gates = np.zeros(n_teachers, np.float32)",
+         tests=t(LOOP, "test_learned_gates_start_from_teacher_weights")),
+
+    # ---- fickle teachers
+    dict(name="fickle_mode_ignored", file=TRAIN, what="teachers always in eval mode (fickle has no effect)",
+         old="dcfg->teacher_mode | KD_MODE_NO_GRAD", new="KD_MODE_EVAL | KD_MODE_NO_GRAD",
+         tests=t(API, "test_fickle_teacher_runs_dropout_with_frozen_bn")),
+
+    dict(name="fickle_teacher_bn_batch", file=DISTILL, what="Python: a fickle teacher also runs BN in batch mode",
+         old="teacher_mode=2 if fickle else 0,", new="teacher_mode=3 if fickle else 0,",
+         tests=t(API, "test_fickle_teacher_runs_dropout_with_frozen_bn")),
+    dict(name="fickle_teacher_cached", file=DISTILL, what="Python: a fickle teacher's outputs cached (eval mode)",
+         old="cacheable = not c.augmented and not fickle", new="cacheable = not c.augmented",
+         tests=t(API, "test_fickle_teacher_runs_dropout_with_frozen_bn")),
+
+    # ---- method defaults
+    dict(name="kd_default_weights_swapped", file=DISTILL, what="Python: KD's default CE/KD weights swapped",
+         old='"kd": (0.1, 0.9, 4.0, 0)', new='"kd": (0.9, 0.1, 4.0, 0)',
+         tests=t(STAGES, "test_distill_method_defaults", "test_fit_and_distill_pass_label_smoothing")),
+    dict(name="dkd_default_no_warmup", file=DISTILL, what="Python: DKD without its default 20-epoch warm-up",
+         old='"dkd": (1.0, 1.0, 4.0, 20)', new='"dkd": (1.0, 1.0, 4.0, 0)',
+         tests=t(STAGES, "test_distill_method_defaults")),
+
+    # ---- DML
+    dict(name="dml_kd_weight_not_divided", file=TRAIN, what="DML: KD gradient weight not divided by k - 1",
+         old="m->kd_weight / (k - 1), true);", new="m->kd_weight, true);",
+         tests=t(LOOP, "test_mutual_k_peers") + t(STAGES, "test_mutual_entry_point")),
+    dict(name="dml_kd_stat_not_averaged", file=TRAIN, what="DML: reported KD summed over the other peers",
+         old="kd += l / (k - 1);", new="kd += l;",
+         tests=t(LOOP, "test_mutual_k_peers")),
+    dict(name="mutual_T_not_passed", file=DISTILL, what="Python: mutual's T not handed to the loop",
+         old="c.train._c, epoch, topts, T=T,\n", new="c.train._c, epoch, topts, T=1.0,\n",
+         tests=t(STAGES, "test_mutual_entry_point")),
+
+    # ---- SLKD
+    dict(name="slkd_rho_swapped", file=TRAIN, what="SLKD logit fusion with rho and 1 - rho swapped",
+         old="zsl[i] = rho * zj[0][i] + (ns == 2 ? (1 - rho) * zj[1][i] : 0.0f);",
+         new="zsl[i] = (ns == 2 ? 1 - rho : rho) * zj[0][i] + (ns == 2 ? rho * zj[1][i] : 0.0f);",
+         tests=t(LOOP, "test_slkd_options") + t(STAGES, "test_slkd_sequential_replay")),
+    dict(name="slkd_rho_swapped_probs", file=TRAIN, what="SLKD probability fusion with rho and 1 - rho swapped",
+         old="q[i] *= rho;\n            if (ns == 2) {\n                kd_softmax_t(tmp, zj[1], nb, V, c->T);\n"
+             "                for (size_t i = 0; i < nbv; i++) q[i] += (1 - rho) * tmp[i];",
+         new="q[i] *= 1 - rho;\n            if (ns == 2) {\n                kd_softmax_t(tmp, zj[1], nb, V, c->T);\n"
+             "                for (size_t i = 0; i < nbv; i++) q[i] += rho * tmp[i];",
+         tests=t(LOOP, "test_slkd_options")),
+    dict(name="slkd_sl_grad_shares_swapped", file=TRAIN, what="sl_grad: the fused gradient split 1 - rho / rho",
+         old="float share = j == 0 ? rho : 1 - rho;", new="float share = j == 0 ? 1 - rho : rho;",
+         tests=t(LOOP, "test_slkd_options")),
+    dict(name="slkd_sl_lr_scale_ignored", file=TRAIN, what="SL-teachers step with the student's lr",
+         old="float lr_j = L.lr * (c->sl_lr_scale > 0 ? c->sl_lr_scale : 1.0f);", new="float lr_j = L.lr;",
+         tests=t(LOOP, "test_slkd_options") + t(STAGES, "test_slkd_parallel_sl_optimizer")),
+    dict(name="slkd_frozen_in_train_mode", file=TRAIN, what="frozen SL-teachers forwarded in train mode (batch BN)",
+         old="unsigned slmode = c->sl_frozen ? KD_MODE_EVAL | KD_MODE_NO_GRAD : KD_MODE_TRAIN;",
+         new="unsigned slmode = c->sl_frozen ? KD_MODE_TRAIN | KD_MODE_NO_GRAD : KD_MODE_TRAIN;",
+         tests=t(LOOP, "test_slkd_options")),
+    dict(name="slkd_sl_lr_scale_inverted", file=DISTILL, what="Python: sl_optimizer's lr ratio inverted",
+         old='opts["sl_lr_scale"] = sl_opt.lr / c.opt.lr', new='opts["sl_lr_scale"] = c.opt.lr / sl_opt.lr',
+         tests=t(STAGES, "test_slkd_parallel_sl_optimizer")),
+    dict(name="slkd_star_replay_off_by_one", file=DISTILL, what="SLKD*: student epoch i replays SL epoch i + 1",
+         old="trajectory[j][min(epoch, len(trajectory[j]) - 1)]",
+         new="trajectory[j][min(epoch + 1, len(trajectory[j]) - 1)]",
+         tests=t(STAGES, "test_slkd_sequential_replay")),
+    dict(name="slkd_star_final_replays_first", file=DISTILL, what="SLKD* replay='final' replays SL epoch 0",
+         old='if replay == "trajectory" else final[j])', new='if replay == "trajectory" else trajectory[j][0])',
+         tests=t(STAGES, "test_slkd_sequential_replay")),
+    dict(name="slkd_star_phase1_weights_swapped", file=DISTILL, what="SLKD* phase 1: CE and KD weights swapped",
+         old="ce_weight=alpha, kd_weight=1 - alpha,", new="ce_weight=1 - alpha, kd_weight=alpha,",
+         tests=t(STAGES, "test_slkd_sequential_replay")),
+    dict(name="slkd_star_phase1_optimizer", file=DISTILL, what="SLKD* phase 1 ignores sl_optimizer",
+         old="optimizer=sl_opt, schedule=c.sched,", new="optimizer=c.opt, schedule=c.sched,",
+         tests=t(STAGES, "test_slkd_sequential_replay")),
+    dict(name="slkd_star_phase1_no_label_smoothing", file=DISTILL, what="SLKD* phase 1 without label smoothing",
+         old="kd_weight=1 - alpha, label_smoothing=c.label_smoothing,", new="kd_weight=1 - alpha, label_smoothing=0.0,",
+         tests=t(STAGES, "test_slkd_sequential_replay")),
+
+    # ---- multi-exit
+    dict(name="exits_teacher_scale_removed", file=TRAIN, what="multi-exit with a teacher: 1/n_exits scaling removed",
+         old="const float scale = self ? 1.0f : 1.0f / n_exits;", new="const float scale = 1.0f;",
+         tests=t(LOOP, "test_multi_exit") + t(STAGES, "test_multi_exit_defaults")),
+    dict(name="exits_self_output_ce_weight", file=TRAIN,
+         what="self-distillation: the output exit's CE weighted ce_weight",
+         old="const float cw = self && is_out ? 1.0f : e->ce_weight;", new="const float cw = e->ce_weight;",
+         tests=t(LOOP, "test_multi_exit")),
+    dict(name="exits_teacher_skips_output_kd", file=TRAIN, what="with a teacher, the output exit gets no KD term",
+         old="if (st == KD_OK && !(self && is_out))", new="if (st == KD_OK && !is_out)",
+         tests=t(LOOP, "test_multi_exit")),
+    dict(name="multi_exit_self_defaults", file=DISTILL, what="Python: multi_exit's self-distillation default weights",
+         old="(0.7 if self_kd else 0.1) if ce_weight is None", new="(0.3 if self_kd else 0.1) if ce_weight is None",
+         tests=t(STAGES, "test_multi_exit_defaults")),
+
+    # ---- schemes
+    dict(name="ban_weights_swapped", file=SCHEMES, what="BAN: ce_weight and kd_weight swapped",
+         old="T=T,\n                        ce_weight=ce_weight, kd_weight=kd_weight, **fit_kw, **dkw)",
+         new="T=T,\n                        ce_weight=kd_weight, kd_weight=ce_weight, **fit_kw, **dkw)",
+         tests=t(STAGES, "test_born_again_stages")),
+    dict(name="ban_teacher_generation_0", file=SCHEMES, what="BAN: every generation learns from generation 0",
+         old="h = distill(m, models[k - 1], train,", new="h = distill(m, models[0], train,",
+         tests=t(STAGES, "test_born_again_stages")),
+    dict(name="ban_tolerant_dropped", file=SCHEMES, what="BAN: generation 0 without the tolerant term",
+         old="seed=seed, tolerant=tolerant,", new="seed=seed, tolerant=None,",
+         tests=t(STAGES, "test_born_again_stages")),
+    dict(name="takd_student_from_teacher", file=SCHEMES, what="TAKD: the student learns from the teacher",
+         old="hs = distill(student, prev, train,", new="hs = distill(student, teacher, train,",
+         tests=t(STAGES, "test_takd_stages")),
+    dict(name="takd_assistant_epochs_ignored", file=SCHEMES, what="TAKD: assistant_epochs ignored",
+         old="hists.append(distill(a, prev, train, epochs=a_epochs,",
+         new="hists.append(distill(a, prev, train, epochs=epochs,",
+         tests=t(STAGES, "test_takd_stages")),
+    dict(name="dgkd_assistants_not_guides", file=SCHEMES, what="DGKD: only the teacher guides every stage",
+         old="        guides.append(a)\n", new="",
+         tests=t(STAGES, "test_dgkd_stages")),
+    dict(name="snapshot_min_lr_dropped", file=SCHEMES, what="snapshot distillation: cycles anneal to 0, not min_lr",
+         old="sched = Cosine(T_max=epochs_per_cycle, min_lr=min_lr)", new="sched = Cosine(T_max=epochs_per_cycle)",
+         tests=t(STAGES, "test_snapshot_distill_stages")),
+    dict(name="snapshot_teacher_not_renewed", file=SCHEMES,
+         what="snapshot distillation: every cycle learns from the snapshot of cycle 0",
+         old="            t = model.copy()\n", new="            t = teachers[0] if teachers else model.copy()\n",
+         tests=t(STAGES, "test_snapshot_distill_stages")),
+    dict(name="eskd_teacher_not_early", file=SCHEMES, what="ESKD: the student learns from the fully trained teacher",
+         old="    early.load_state_dict(checkpoint)\n", new="",
+         tests=t(STAGES, "test_eskd_stages")),
+    dict(name="eskd_kd_stop_dropped", file=SCHEMES, what="ESKD: kd_stop_epoch not passed to distill",
+         old='kd_stop_epoch=None if kd_stop_epoch is None else _check_int("kd_stop_epoch", kd_stop_epoch, 1))',
+         new='kd_stop_epoch=None if kd_stop_epoch is None else None)',
+         tests=t(STAGES, "test_eskd_stages")),
+    dict(name="tfkd_multiplier_ignored", file=SCHEMES, what="Tf-KD: KD weight alpha / K (multiplier ignored)",
+         old="ce_w, kd_w = 1.0 - alpha, alpha * multiplier / K", new="ce_w, kd_w = 1.0 - alpha, alpha / K",
+         tests=t(STAGES, "test_tf_kd_self_stages", "test_tf_kd_virtual_step")),
+    dict(name="tfkd_self_teacher_untrained", file=SCHEMES, what="Tf-KD self: the teacher is not pretrained",
+         old="t_hist = fit(teacher, train, epochs=t_epochs, val=val, seed=seed, **fit_kw)", new="t_hist = None",
+         tests=t(STAGES, "test_tf_kd_self_stages")),
+    dict(name="tfkd_code_form_at_T", file=SCHEMES, what="Tf-KD reg, code form: the student softened by T too",
+         old="zt, T_run = (q / np.float32(T)).astype(np.float32), 1.0",
+         new="zt, T_run = (q / np.float32(T)).astype(np.float32), T",
+         tests=t(STAGES, "test_tf_kd_virtual_step")),
+]
+
+NAMES = [m["name"] for m in MUTATIONS]
+assert len(set(NAMES)) == len(NAMES), "mutation names must be unique"
+
+ROOT = Path(__file__).resolve().parents[2]
+C_SUFFIXES = (".c", ".h")
+
+
+def repo_files():
+    out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                         check=True, capture_output=True).stdout.decode()
+    return [f for f in out.split("\0") if f and (ROOT / f).is_file()]
+
+
+def apply(m, tree):
+    """Applies the mutation in `tree`; returns None or the reason it cannot be applied."""
+    path = tree / m["file"]
+    if not path.is_file():
+        return f"NOT APPLIED: {m['file']} does not exist"
+    text = path.read_text()
+    n = text.count(m["old"])
+    if n != 1:
+        return f"NOT APPLIED: snippet {'not found' if n == 0 else f'found {n} times (ambiguous)'}: {m['old'][:60]!r}"
+    path.write_text(text.replace(m["old"], m["new"]))
+    return None
+
+
+def build(tree, log):
+    r = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace", "--force"], cwd=tree,
+                       capture_output=True, text=True)
+    log.write_text(r.stdout + r.stderr)
+    return r.returncode == 0
+
+
+def run_tests(tree, tests):
+    """Runs pytest on `tests` in `tree`: (status, failing node ids, output). status: 'pass',
+    'fail' (some test failed), 'crash' (killed by a signal) or 'error' (collection/usage)."""
+    env = dict(os.environ, PYTHONPATH=str(tree / "python"), OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rf", "-p", "no:cacheprovider", *tests], cwd=tree,
+                       env=env, capture_output=True, text=True)
+    out = r.stdout + r.stderr
+    failed = sorted(set(re.findall(r"^FAILED (\S+)", out, re.M)))
+    if r.returncode == 0:
+        return "pass", failed, out
+    if r.returncode == 1:
+        return "fail", failed, out
+    if r.returncode < 0:
+        return "crash", failed, out
+    return "error", failed, out
+
+
+def summary(nodes):
+    """Failing node ids as test names, parametrizations counted: 'test_a (3 of its cases), test_b'."""
+    counts = {}
+    for node in nodes:
+        name = node.split("::", 1)[-1].split("[", 1)[0]
+        counts[name] = counts.get(name, 0) + 1
+    return ", ".join(f"{n} ({c} cases)" if c > 1 else n for n, c in counts.items())
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--only", action="append", metavar="NAME", help="run only this mutation (repeatable)")
+    ap.add_argument("--list", action="store_true", help="list the mutations and exit")
+    ap.add_argument("--check", action="store_true", help="only check that every snippet applies exactly once")
+    ap.add_argument("--keep", action="store_true", help="keep the temporary copies")
+    ap.add_argument("-v", "--verbose", action="store_true", help="print pytest's output for survivors and errors")
+    args = ap.parse_args()
+
+    selected = MUTATIONS
+    if args.only:
+        unknown = [n for n in args.only if n not in NAMES]
+        if unknown:
+            sys.exit(f"unknown mutation(s): {', '.join(unknown)} (see --list)")
+        selected = [m for m in MUTATIONS if m["name"] in args.only]
+    if args.list:
+        for m in selected:
+            print(f"{m['name']:40s} {m['file']:28s} {m['what']}")
+            for node in m["tests"]:
+                print(f"{'':40s}   {node}")
+        return 0
+
+    files = repo_files()
+    if args.check:
+        bad = 0
+        with tempfile.TemporaryDirectory(prefix="kd-mutate-") as tmp:
+            for m in selected:
+                tree = Path(tmp) / m["name"]
+                (tree / m["file"]).parent.mkdir(parents=True, exist_ok=True)
+                if (ROOT / m["file"]).is_file():
+                    shutil.copy2(ROOT / m["file"], tree / m["file"])
+                why = apply(m, tree)
+                bad += why is not None
+                print(f"{m['name']:40s} {why or 'applies'}")
+        return 1 if bad else 0
+
+    tmp = Path(tempfile.mkdtemp(prefix="kd-mutate-"))
+    t0 = time.time()
+    try:
+        base = tmp / "base"
+        for f in files:
+            (base / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / f, base / f)
+        print(f"copy of {ROOT} ({len(files)} files) in {tmp}; building it ...", flush=True)
+        if not build(base, tmp / "base-build.log"):
+            print((tmp / "base-build.log").read_text())
+            print("the unmutated copy does not build")
+            return 2
+        all_tests = sorted({node for m in selected for node in m["tests"]})
+        status, failed, out = run_tests(base, all_tests)
+        if status != "pass":
+            print(out[-4000:])
+            print(f"the unmutated copy fails its tests ({status}): {', '.join(failed) or 'see above'}")
+            return 2
+        print(f"unmutated copy: {len(all_tests)} test functions pass ({time.time() - t0:.0f} s)\n", flush=True)
+
+        rows = []
+        for i, m in enumerate(selected):
+            t1 = time.time()
+            tree = tmp / m["name"]
+            shutil.copytree(base, tree, symlinks=True)
+            why = apply(m, tree)
+            if why is None and m["file"].endswith(C_SUFFIXES) and not build(tree, tmp / f"{m['name']}-build.log"):
+                why = f"BUILD FAILED (log: {tmp / (m['name'] + '-build.log')})"
+            if why is not None:
+                rows.append((m["name"], "no", why))
+            else:
+                status, failed, out = run_tests(tree, m["tests"])
+                if status == "fail":
+                    rows.append((m["name"], "yes", summary(failed)))
+                elif status == "crash":
+                    rows.append((m["name"], "yes", "the test process crashed"))
+                else:
+                    rows.append((m["name"], "no", "SURVIVED" if status == "pass" else "ERROR running the tests"))
+                    if args.verbose:
+                        print(out[-3000:])
+            if not args.keep:
+                shutil.rmtree(tree, ignore_errors=True)
+            print(f"[{i + 1}/{len(selected)}] {m['name']}: caught {rows[-1][1]} ({time.time() - t1:.0f} s)", flush=True)
+    finally:
+        if not args.keep:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    w = max(len(r[0]) for r in rows)
+    print(f"\n{'mutation':{w}s}  caught  by")
+    print(f"{'-' * w}  ------  --")
+    for name, caught, by in rows:
+        print(f"{name:{w}s}  {caught:6s}  {by}")
+    survived = [r for r in rows if r[1] != "yes"]
+    print(f"\n{len(rows) - len(survived)}/{len(rows)} mutations caught in {time.time() - t0:.0f} s")
+    return 1 if survived else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
