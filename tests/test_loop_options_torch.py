@@ -736,3 +736,25 @@ def test_student_noise_exact():
     z = abs(noise.sum()) / (s * math.sqrt(M))
     assert z < math.sqrt(2 * math.log(2 / 1e-7)), f"noise mean {noise.mean():.4g} is {z:.1f} sd from 0"
     assert np.abs(noises[1] - noise).max() > s
+
+
+def test_teacher_drop_keeps_a_weighted_teacher():
+    """With teacher_weights [0, 1] and teacher_drop 0.5, a step where the weighted teacher is
+    dropped brings it back: the zero-weight teacher alone is no guide, so every step has a
+    distillation term (MSE to the weighted teacher's logits, whose value identifies it)."""
+    n, V_ = 400, 4
+    r = np.random.default_rng(0)
+    X = r.standard_normal((n, 4)).astype(np.float32)
+    data = kdcore.datasets.from_arrays(X, np.zeros(n, np.int64), num_classes=V_, normalize=None)
+    student = kdcore.models.mlp([4, V_], seed=0)
+    sd = student.state_dict()
+    student.load_state_dict({k: np.zeros_like(v) for k, v in sd.items()})
+    logits = [np.full((n, V_), 1.0, np.float32), np.full((n, V_), 3.0, np.float32)]
+    sums = []
+    opts = dict(batch_size=1, schedule=(0, 0.0, [], 0, 0.0, 0), shuffle=False, callback_every=1,
+                callback=lambda *a: sums.append(a[3]) and False)
+    _kdcore.distill_epoch(student.net, kdcore.optim.SGD(lr=0.0).bind(student), data._c, 0, opts,
+                          dict(kind=3, ce_weight=0.0, kd_weight=1.0, multi=1, teacher_drop=0.5), teacher_logits=logits,
+                          teacher_weights=np.array([0.0, 1.0], np.float32))
+    losses = np.diff(np.concatenate([[0.0], sums]))
+    assert np.allclose(losses, 9.0), f"{int(np.sum(~np.isclose(losses, 9.0)))} of {n} steps had no weighted teacher"

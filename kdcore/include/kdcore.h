@@ -892,7 +892,8 @@ enum kd_distill_kind {
 };
 
 enum kd_multi {
-    KD_MULTI_AVG_PROB,   // one KD term against sum_i g_i softmax(t_i/T) (eqs. 23-24)
+    KD_MULTI_AVG_PROB,   // one KD term against sum_i g_i softmax(t_i/T) (eqs. 23-24); KD only:
+                         // DKD and MSE, which have no mixture form, always use AVG_LOSS
     KD_MULTI_AVG_LOSS,   // sum_i g_i * term(t_i) over the kept teachers (DGKD)
 };
 
@@ -905,14 +906,16 @@ struct kd_distill_cfg {
     int   warmup_epochs;      // kd_weight ramps as min((epoch+1)/warmup_epochs, 1); 0 = off
     int   kd_stop_epoch;      // from this epoch on the distillation term is off (ESKD); 0 = never
     bool  conditional;        // per sample: teacher right -> CE + KD; wrong -> CE with weight
-                              // ce_weight + kd_weight and no KD term (Meng et al. 2019)
+                              // ce_weight + the epoch's effective kd_weight (warm-up and stop
+                              // applied) and no KD term (Meng et al. 2019); KD only
     enum kd_multi multi;
     const float * teacher_weights;   // n_teachers gates/weights summing to 1; NULL = uniform
     float * gate_logits;      // learned gates (eq. 24): n_teachers logits w, weights softmax(w),
                               // updated in place by SGD with gate_lr on the KD loss (AVG_PROB);
                               // NULL = fixed teacher_weights
     float gate_lr;
-    float teacher_drop;       // each teacher dropped with this probability per step; >= 1 kept
+    float teacher_drop;       // each teacher dropped with this probability per step; >= 1 of
+                              // positive weight kept
     unsigned teacher_mode;    // kd_mode for teacher forwards (KD_MODE_EVAL; KD_MODE_DROPOUT:
                               // a "fickle" teacher with dropout on and BN frozen)
     float student_noise;      // std of Gaussian noise on the student's input only (eq. 7)

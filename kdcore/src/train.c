@@ -484,15 +484,19 @@ static void source_weights(const struct kd_source * s, uint64_t sseed, float * g
     } else {
         for (int t = 0; t < n; t++) base[t] = uniform ? 1.0f : s->w[t];
     }
-    int kept = 0;
+    // A reference of weight 0 does not count as kept: when every weighted one is dropped, one
+    // of them (chosen from the seed) comes back, so a step always has a guide.
+    int kept = 0, weighted = 0;
     for (int t = 0; t < n; t++) {
         bool drop = s->drop > 0 && kd_uniform(kd_hash(sseed ^ 0xD509ull, (uint64_t)t)) < s->drop;
         gw[t] = drop ? 0.0f : base[t];
-        kept += !drop;
+        kept += !drop && base[t] > 0;
+        weighted += base[t] > 0;
     }
-    if (n > 0 && kept == 0) {
-        int t = (int)(kd_hash(sseed, 0xD50ull) % (uint64_t)n);
-        gw[t] = base[t];
+    if (weighted > 0 && kept == 0) {
+        int pick = (int)(kd_hash(sseed, 0xD50ull) % (uint64_t)weighted);
+        for (int t = 0; t < n; t++)
+            if (base[t] > 0 && pick-- == 0) { gw[t] = base[t]; break; }
     }
     double gsum = 0;
     for (int t = 0; t < n; t++) gsum += gw[t];

@@ -76,7 +76,8 @@ def distill(student, teacher, train, method="kd", epochs=10, batch_size=128, opt
     over the gates favours the teachers closest to the student -- early on, weak high-entropy
     ones -- so this is an ablation tool more than a recipe), multi ('avg_prob': one KD
     term against the weighted mixture of softened teacher outputs, eq. 23-24; 'avg_loss': the
-    weighted mean of per-teacher terms, as DGKD), teacher_drop (DGKD's random teacher drop),
+    weighted mean of per-teacher terms, as DGKD; DKD and MSE have no mixture form and always
+    use the latter), teacher_drop (DGKD's random teacher drop),
     fickle (teachers run with dropout on, BN frozen), student_noise (Gaussian noise on the
     student's input only, eq. 7), tolerant=(weight, K) (the tolerant-teacher term of eq. 8 on
     the student's logits, to train teachers for later generations).
