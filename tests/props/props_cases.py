@@ -244,6 +244,46 @@ def test_feature_losses(data):
         assert_finite_array(g, np.shape(kw[name]), f"{fname} gradient w.r.t. {name}")
 
 
+# ---- loss terms (kdcore.losses): constructors validate every option ------------------------
+
+LOSS_TERMS = {
+    # class: (valid kwargs, pools)
+    "CE": (dict(weight=1.0), dict(weight=SCALARS, warmup_epochs=COUNTS, stop_epoch=COUNTS, phase=SCALARS)),
+    "KD": (dict(weight=0.9, T=4.0), dict(weight=SCALARS, T=SCALARS, conditional=FLAGS, warmup_epochs=COUNTS)),
+    "DKD": (dict(), dict(weight=SCALARS, alpha=SCALARS, beta=SCALARS, T=SCALARS, warmup_epochs=COUNTS)),
+    "LogitMSE": (dict(), dict(weight=SCALARS, stop_epoch=COUNTS)),
+    "Hint": (dict(), dict(weight=SCALARS, student_tap=SCALARS, teacher_tap=SCALARS, connector=SCALARS, seed=COUNTS)),
+    "FitNet": (dict(), dict(weight=SCALARS, connector=SCALARS)),
+    "AT": (dict(), dict(weight=SCALARS, p=SCALARS, form=SCALARS, taps=SCALARS, teacher_taps=SCALARS)),
+    "SP": (dict(), dict(weight=SCALARS, taps=SCALARS)),
+    "NST": (dict(), dict(weight=SCALARS, taps=SCALARS)),
+    "RKD": (dict(), dict(weight=SCALARS, w_dist=SCALARS, w_angle=SCALARS, taps=SCALARS)),
+    "PKT": (dict(), dict(weight=SCALARS, teacher_taps=SCALARS)),
+    "FSP": (dict(), dict(weight=SCALARS, taps=SCALARS, phase=SCALARS)),
+    "OFD": (dict(), dict(weight=SCALARS, seed=COUNTS)),
+    "AB": (dict(), dict(weight=SCALARS, margin=SCALARS, seed=COUNTS)),
+    "VID": (dict(), dict(weight=SCALARS, init_var=SCALARS, eps=SCALARS, seed=COUNTS)),
+    "CC": (dict(), dict(weight=SCALARS, dim=COUNTS, seed=COUNTS)),
+    "CRD": (dict(), dict(weight=SCALARS, dim=COUNTS, n_neg=COUNTS, T=SCALARS, momentum=SCALARS, class_negatives=FLAGS,
+                         in_batch=FLAGS)),
+    "FT": (dict(), dict(weight=SCALARS, rate=SCALARS, p1=COUNTS, p2=SCALARS, seed=COUNTS)),
+}
+
+
+@settings(max_examples=200)
+@given(st.data())
+def test_loss_terms(data):
+    """kdcore.losses terms: a wrong option raises TypeError/ValueError naming it; an accepted
+    one gives a term whose repr shows its options."""
+    import kdcore.losses as losses_mod
+    cname = data.draw(st.sampled_from(sorted(LOSS_TERMS)), label="term")
+    valid, pools = LOSS_TERMS[cname]
+    arg, kw = mutate(valid, pools, data)
+    ok, out = attempt(getattr(losses_mod, cname), (), kw, (arg,), what=f"losses.{cname}")
+    if ok:
+        assert repr(out).startswith(cname + "(")
+
+
 # Constructor arguments: the same wrong types, but no valid-and-huge sizes (n_data = 2**25
 # would allocate and fill gigabytes); too large for memory is a MemoryError.
 CRD_SIZES = st.one_of(COUNTS, st.integers(-3, 40), st.sampled_from([2**31, 2**62, -2**63, 2**70]))
