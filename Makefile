@@ -42,7 +42,7 @@ OBJS    := $(patsubst kdcore/src/%.c,$(BUILD)/obj/%.o,$(SRCS))
 CTESTS  := $(patsubst tests/c/%.c,$(BUILD)/%,$(wildcard tests/c/test_*.c))
 STAMP   := build/.deps-stamp
 
-.PHONY: all deps deps-test build lib test test-c test-py demo bench clean check-env \
+.PHONY: all deps deps-test build lib test test-c test-py demo bench bench-feature clean check-env \
         sanitize sanitize-c sanitize-py valgrind fuzz mutate FORCE
 
 all: lib
@@ -212,6 +212,17 @@ demo: deps build
 
 bench: deps-test build
 	$(PYTHON) benchmarks/bench_train.py
+
+# Feature-distillation table (not part of `make test`): every kdcore.losses.METHODS entry plus
+# SLKD, resnet8x4 -> resnet8, 3 seeds x 8 epochs, per-step cost table; appends a section to
+# benchmarks/RESULTS.md. Estimated ~65 min on an idle 2-core machine with the 11 methods
+# METHODS had when it was written (the teacher ~20 min of it, trained once and cached in
+# build/feature_bench; each further feature method adds ~4 min); far longer on a loaded
+# machine (the docstring gives the estimate's basis). FEATURE_BENCH_ARGS
+# passes options, e.g. FEATURE_BENCH_ARGS="--quick --out /tmp/fb.md" (a few minutes).
+FEATURE_BENCH_ARGS ?=
+bench-feature: deps build
+	$(PYTHON) benchmarks/feature_bench.py $(FEATURE_BENCH_ARGS)
 
 clean:
 	rm -rf build python/kdcore/*.so *.egg-info python/*.egg-info
