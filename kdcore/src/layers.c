@@ -438,38 +438,68 @@ static void dw_ukr_avx512(int nimg, size_t nblk, const float * const * d, size_t
 // ---- micro-kernels: AVX2 (for CPUs without AVX-512) ----------------------------------------
 // Same products and order as the portable C kernels, in sub-tiles that fit 16 ymm registers.
 
-// 4 rows x 16 columns of the 8 x 32 tile: (i0, j0) = (0|4, 0|16).
-__attribute__((target("avx2,fma")))
-static inline void fwd_sub_avx2(int K, const float * restrict A, const float * restrict B,
-                                const ptrdiff_t * restrict off, float * restrict C, size_t ldc, int acc_in,
-                                int i0, int j0) {
-    __m256 c[4][2];
-    for (int i = 0; i < 4; i++) {
-        for (int h = 0; h < 2; h++) {
-            c[i][h] = acc_in ? _mm256_loadu_ps(C + (size_t)(i0 + i) * ldc + j0 + 8 * h) : _mm256_setzero_ps();
-        }
-    }
+// Rows i0 .. i0+R-1 (R = 3 or 2) across all 32 columns of the 8 x 32 tile: 4R ymm
+// accumulators (12 for R = 3, as a Haswell-class sgemm keeps), the R broadcasts of A held
+// in registers while the 4 B vectors stream through one register each: 12 + 3 + 1 = 16 ymm.
+// Per k: R broadcasts + 4 B loads for 4R fmas; the tile is three passes over K (3 + 3 + 2
+// rows) instead of four 4 x 16 passes with 8 accumulators. Named variables, not arrays:
+// with arrays GCC stored every accumulator to the stack on each k. The empty asm keeps each
+// B vector in a register (as in dw_ukr_avx512): with -mtune=znver4 GCC folded the load into
+// all R fmas that use it.
+#define KD_LD(i, c0, c1, c2, c3)                                                                      \
+    if (acc_in) { const float * p_ = C + (size_t)(i0 + (i)) * ldc;                                  \
+                  c0 = _mm256_loadu_ps(p_); c1 = _mm256_loadu_ps(p_ + 8);                            \
+                  c2 = _mm256_loadu_ps(p_ + 16); c3 = _mm256_loadu_ps(p_ + 24); }                    \
+    else { c0 = _mm256_setzero_ps(); c1 = c0; c2 = c0; c3 = c0; }
+#define KD_ST(i, c0, c1, c2, c3)                                                                      \
+    { float * p_ = C + (size_t)(i0 + (i)) * ldc;                                                      \
+      _mm256_storeu_ps(p_, c0); _mm256_storeu_ps(p_ + 8, c1);                                         \
+      _mm256_storeu_ps(p_ + 16, c2); _mm256_storeu_ps(p_ + 24, c3); }
+
+__attribute__((target("avx2,fma"), always_inline))
+static inline void fwd_rows3_avx2(int K, const float * restrict A, const float * restrict B,
+                                  const ptrdiff_t * restrict off, float * restrict C, size_t ldc, int acc_in, int i0) {
+    __m256 c00, c01, c02, c03, c10, c11, c12, c13, c20, c21, c22, c23;
+    KD_LD(0, c00, c01, c02, c03) KD_LD(1, c10, c11, c12, c13) KD_LD(2, c20, c21, c22, c23)
     for (int k = 0; k < K; k++) {
-        const float * b = B + off[k] + j0;
+        const float * b = B + off[k];
         const float * a = A + (size_t)k * CV_MR + i0;
-        __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
-        for (int i = 0; i < 4; i++) {
-            __m256 t = _mm256_broadcast_ss(a + i);
-            c[i][0] = _mm256_fmadd_ps(t, b0, c[i][0]);
-            c[i][1] = _mm256_fmadd_ps(t, b1, c[i][1]);
-        }
+        const __m256 t0 = _mm256_broadcast_ss(a), t1 = _mm256_broadcast_ss(a + 1), t2 = _mm256_broadcast_ss(a + 2);
+        __m256 v;
+#define KD_COL(h, x0, x1, x2) v = _mm256_loadu_ps(b + 8 * (h)); __asm__("" : "+x"(v));                \
+        x0 = _mm256_fmadd_ps(t0, v, x0); x1 = _mm256_fmadd_ps(t1, v, x1); x2 = _mm256_fmadd_ps(t2, v, x2);
+        KD_COL(0, c00, c10, c20) KD_COL(1, c01, c11, c21) KD_COL(2, c02, c12, c22) KD_COL(3, c03, c13, c23)
+#undef KD_COL
     }
-    for (int i = 0; i < 4; i++) {
-        for (int h = 0; h < 2; h++) { _mm256_storeu_ps(C + (size_t)(i0 + i) * ldc + j0 + 8 * h, c[i][h]); }
-    }
+    KD_ST(0, c00, c01, c02, c03) KD_ST(1, c10, c11, c12, c13) KD_ST(2, c20, c21, c22, c23)
 }
+
+__attribute__((target("avx2,fma"), always_inline))
+static inline void fwd_rows2_avx2(int K, const float * restrict A, const float * restrict B,
+                                  const ptrdiff_t * restrict off, float * restrict C, size_t ldc, int acc_in, int i0) {
+    __m256 c00, c01, c02, c03, c10, c11, c12, c13;
+    KD_LD(0, c00, c01, c02, c03) KD_LD(1, c10, c11, c12, c13)
+    for (int k = 0; k < K; k++) {
+        const float * b = B + off[k];
+        const float * a = A + (size_t)k * CV_MR + i0;
+        const __m256 t0 = _mm256_broadcast_ss(a), t1 = _mm256_broadcast_ss(a + 1);
+        __m256 v;
+#define KD_COL(h, x0, x1) v = _mm256_loadu_ps(b + 8 * (h)); __asm__("" : "+x"(v));                   \
+        x0 = _mm256_fmadd_ps(t0, v, x0); x1 = _mm256_fmadd_ps(t1, v, x1);
+        KD_COL(0, c00, c10) KD_COL(1, c01, c11) KD_COL(2, c02, c12) KD_COL(3, c03, c13)
+#undef KD_COL
+    }
+    KD_ST(0, c00, c01, c02, c03) KD_ST(1, c10, c11, c12, c13)
+}
+#undef KD_LD
+#undef KD_ST
 
 __attribute__((target("avx2,fma")))
 static void fwd_ukr_avx2(int K, const float * restrict A, const float * restrict B,
                          const ptrdiff_t * restrict off, float * restrict C, size_t ldc, int acc_in) {
-    for (int i0 = 0; i0 < CV_MR; i0 += 4) {
-        for (int j0 = 0; j0 < CV_NR; j0 += 16) { fwd_sub_avx2(K, A, B, off, C, ldc, acc_in, i0, j0); }
-    }
+    fwd_rows3_avx2(K, A, B, off, C, ldc, acc_in, 0);
+    fwd_rows3_avx2(K, A, B, off, C, ldc, acc_in, 3);
+    fwd_rows2_avx2(K, A, B, off, C, ldc, acc_in, 6);
 }
 
 // The hsum16 tree on lanes 0-7 (lo) and 8-15 (hi).
