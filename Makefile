@@ -42,7 +42,7 @@ OBJS    := $(patsubst kdcore/src/%.c,$(BUILD)/obj/%.o,$(SRCS))
 CTESTS  := $(patsubst tests/c/%.c,$(BUILD)/%,$(wildcard tests/c/test_*.c))
 STAMP   := build/.deps-stamp
 
-.PHONY: all deps deps-test build lib test test-c test-py demo bench bench-feature clean check-env \
+.PHONY: all deps deps-test build lib test test-c test-c-isa test-py demo bench bench-feature clean check-env \
         sanitize sanitize-c sanitize-py valgrind fuzz mutate FORCE
 
 all: lib
@@ -95,6 +95,19 @@ $(BUILD)/test_%: tests/c/test_%.c tests/c/kdtest.h $(BUILD)/libkdcore.a $(BUILD)
 test-c: $(CTESTS)
 	@fail=0; for t in $(CTESTS); do echo "== $$t"; env OMP_NUM_THREADS=2 $(TEST_ENV) $(TEST_RUN) $$t || fail=1; done; exit $$fail
 
+# The kernel and net tests once per instruction set of kdcore's kernels (KDCORE_ISA) that
+# this CPU has, as the library detects them (AVX-512F; AVX2 with FMA; the portable C kernels
+# always): test-c runs only the best one, the CPUs without it run the others. Override with
+# ISAS="avx2 portable". Threads wait passively (OMP_WAIT_POLICY, result-neutral): with
+# spinning barriers a shared machine made the same runs 3-10x slower. Wall time on the
+# 2-core machine (loaded), builds excluded: ~30 s for the three instruction sets.
+ISAS      ?= $(strip $(if $(shell grep -qw avx512f /proc/cpuinfo && echo y),avx512) \
+               $(if $(shell grep -qw avx2 /proc/cpuinfo && grep -qw fma /proc/cpuinfo && echo y),avx2) portable)
+ISA_TESTS := $(BUILD)/test_layers $(BUILD)/test_net
+test-c-isa: $(ISA_TESTS)
+	@fail=0; for isa in $(ISAS); do for t in $(ISA_TESTS); do echo "== KDCORE_ISA=$$isa $$t"; \
+	  env OMP_NUM_THREADS=2 OMP_WAIT_POLICY=passive KDCORE_ISA=$$isa $(TEST_ENV) $(TEST_RUN) $$t || fail=1; done; done; exit $$fail
+
 # ---- Python package ----------------------------------------------------------------
 build: deps
 	$(PYTHON) -m pip install -q --no-build-isolation -e . 2>&1 | grep -v "Running pip as the 'root'" || true
@@ -107,9 +120,12 @@ test-py: build
 # times measured on the idle 2-core machine, builds included: test-c ~10 s, test-py ~70 s,
 # sanitize-c ~20 s, valgrind ~3.5 min (test_layers ~1.5, test_net ~1.5), fuzz ~65 s
 # (2 x 30 s), sanitize-py ~2 min (the whole pytest suite, torch included, under ASan). About
-# 9 minutes in all, plus the first install of the dependencies.
+# 9 minutes in all, plus the first install of the dependencies. test-c-isa runs the
+# instruction sets test-c did not (on an AVX-512 CPU: avx2 and portable): ~20 s on the
+# loaded machine (see its comment).
 test: deps-test check-env
 	$(MAKE) test-c
+	$(MAKE) test-c-isa ISAS="$(wordlist 2,9,$(ISAS))"
 	$(MAKE) test-py
 	$(MAKE) sanitize-c
 	$(MAKE) valgrind

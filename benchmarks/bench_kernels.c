@@ -7,13 +7,16 @@
  *            GFLOP/s for convs, GB/s (compulsory traffic) for the memory-bound ones
  *
  * Built by benchmarks/bench_train.py (or by hand, from the repository root):
- *   cc -O3 -march=x86-64-v3 -fopenmp -ffp-contract=fast -Ikdcore/include -Ikdcore/src \
+ *   cc -std=c11 -D_GNU_SOURCE -O3 -march=x86-64-v3 -fopenmp -ffp-contract=fast -Ikdcore/include -Ikdcore/src \
  *      $(PKG_CONFIG_PATH=/usr/lib/x86_64-linux-gnu/openblas-openmp/pkgconfig pkg-config --cflags openblas) \
  *      benchmarks/bench_kernels.c kdcore/src/[a-z]*.c -o build/bench_kernels \
  *      -L/usr/lib/x86_64-linux-gnu/openblas-openmp -Wl,-rpath,/usr/lib/x86_64-linux-gnu/openblas-openmp \
  *      -lopenblas -lz -lm
  *   OMP_NUM_THREADS=2 build/bench_kernels [fma|sgemm|kernels|all] [--quick]
- * Output lines are "key value" pairs that bench_train.py parses.
+ * Output lines are "key value" pairs that bench_train.py parses; the header says which
+ * kernels run ("kdcore_isa avx2", then comment lines with how it was chosen and OpenBLAS's
+ * core). KDCORE_ISA=avx512|avx2|portable chooses kdcore's kernels (a refused value stops the
+ * run), OPENBLAS_CORETYPE OpenBLAS's; KD_CONV_PATH=1|2 forces the conv path (shift, col).
  */
 #include "layers.h"
 #include "kd_internal.h"
@@ -50,7 +53,6 @@ static double median(double * t, int n) {
 
 // Test hook in layers.c: force the conv path (0 automatic, 1 shift, 2 col); env KD_CONV_PATH.
 void kd_conv_force_path(int path);
-void kd_conv_force_isa(int level);     // kernels: 0 automatic, 1 portable C, 3 AVX2 (env KD_ISA)
 
 // ---- FMA peak: independent accumulator chains in registers (inline asm, so the compiler
 // cannot spill or fold them): 24 zmm chains (AVX-512) or 12 ymm chains (AVX2) per thread.
@@ -257,9 +259,17 @@ int main(int argc, char ** argv) {
     const char * what = argc > 1 ? argv[1] : "all";
     int quick = 0;
     for (int i = 1; i < argc; i++) { if (strcmp(argv[i], "--quick") == 0) { quick = 1; } }
+    if (kd_isa_init() != KD_OK) {   // a measurement of other kernels than asked for is worse than none
+        fprintf(stderr, "bench_kernels: %s\n", kd_last_error());
+        return 2;
+    }
     printf("threads %d\n", kd_omp_threads());
-    if (getenv("KD_CONV_PATH")) { kd_conv_force_path(atoi(getenv("KD_CONV_PATH"))); }
-    if (getenv("KD_ISA")) { kd_conv_force_isa(atoi(getenv("KD_ISA"))); }
+    printf("kdcore_isa %s\n", kd_isa_name(kd_get_isa()));
+    printf("# kernels: %s\n# blas: %s\n", kd_isa_config(), kd_blas_config());
+    if (getenv("KD_CONV_PATH")) {
+        kd_conv_force_path(atoi(getenv("KD_CONV_PATH")));
+        printf("# conv path forced: KD_CONV_PATH=%s\n", getenv("KD_CONV_PATH"));
+    }
     int all = strcmp(what, "all") == 0;
     if (all || strcmp(what, "fma") == 0) { bench_fma(quick); }
     if (all || strcmp(what, "sgemm") == 0) { bench_sgemm(quick); }

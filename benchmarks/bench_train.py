@@ -296,6 +296,8 @@ def worker(args):
     shape = input_shape(name)
     rng = np.random.default_rng(0)
     info = {"framework": fw, "python": platform.python_version(), "numpy": np.__version__}
+    if fw == "kdcore":
+        info["isa"] = getattr(kdcore._kdcore, "isa_config", lambda: "? (a kdcore without KDCORE_ISA)")()
     if kind in ("distill", "distill-aug", "slkd", "dml"):
         call, steps_per_epoch, extra = composite_worker(fw, kind, name, batch, threads, train, info)
         info.update(extra)
@@ -603,6 +605,8 @@ def run_case(kind, model, batch, threads, args):
         res["kdcore_cache_s"] = kinfo["cache_s"]
     if "linear" in kinfo:
         res["kdcore_linear"] = kinfo["linear"]
+    if "isa" in kinfo:
+        res["kdcore_isa"] = kinfo["isa"]
     for fw, w in (("kdcore", kd), ("torch", th)):
         sec = statistics.median(times[fw])
         res[fw] = {"sec_per_step": sec, "runs": times[fw], "img_s": batch / sec, "rss_mb": w.close()["rss_mb"]}
@@ -725,7 +729,8 @@ def write_report(path, results, peaks, peaks_text, verify, args, elapsed, loads)
          f"{'yes' if 'avx512f' in cpu.get('Flags', '') else 'no'}",
          f"- kdcore {v.get('kdcore', '?')} (git {commit}), PyTorch {v.get('torch', '?')}, Python "
          f"{platform.python_version()}, OpenBLAS 0.3.21 (OpenMP build) core in kdcore workers: "
-         f"{blas_core(args)}; kdcore's linear layers ran on "
+         f"{blas_core(args)}; kdcore's kernels: "
+         f"{next((r['kdcore_isa'] for r in results if 'kdcore_isa' in r), '?')}; kdcore's linear layers ran on "
          f"{next((r['kdcore_linear'] for r in results if 'kdcore_linear' in r), '?')} (the convolutions always "
          "use kdcore's own kernels)",
          "- The machine may be shared: kdcore and PyTorch are measured alternately (same conditions); compare "
@@ -798,6 +803,9 @@ def main():
     ap.add_argument("--no-peaks", action="store_true", help="skip bench_kernels")
     ap.add_argument("--compare-json", default=None, help="add a 'before' ratio column from an earlier --json run")
     ap.add_argument("--compare-label", default=None, help="what the --compare-json run was (for the report)")
+    ap.add_argument("--isa", default=None, choices=["auto", "avx512", "avx2", "portable"],
+                    help="KDCORE_ISA for kdcore (workers and bench_kernels): the instruction set of its kernels; "
+                    "with --coretype Haswell and avx2, what an AVX2-only CPU runs")
     ap.add_argument("--coretype", default=None,
                     help="OPENBLAS_CORETYPE for the kdcore workers (e.g. SkylakeX; 'auto' = unset, OpenBLAS detects)")
     # worker mode
@@ -818,6 +826,18 @@ def main():
             worker(args)
         return
     args.reps = args.reps or (2 if args.quick else 3)
+    if args.isa:
+        os.environ["KDCORE_ISA"] = args.isa    # every child: kdcore workers and bench_kernels
+    # What kdcore's kernels will be (and a refused KDCORE_ISA stops here, not in a worker).
+    env = dict(os.environ)
+    if args.kdcore_path:
+        env["PYTHONPATH"] = os.pathsep.join([args.kdcore_path] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    code = "import kdcore; print(getattr(kdcore._kdcore, 'isa_config', lambda: '? (a kdcore without KDCORE_ISA)')())"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                       text=True, cwd=ROOT, env=env)
+    if r.returncode != 0:
+        sys.exit(f"kdcore does not import with this KDCORE_ISA: {r.stderr.strip().splitlines()[-1]}")
+    print(f"kdcore kernels: {r.stdout.strip()}", flush=True)
     args.thread_list = [int(t) for t in (args.threads or ("2" if args.quick else "2,1")).split(",")]
     cases = quick_cases() if args.quick else all_cases()
     if args.cases:

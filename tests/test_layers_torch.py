@@ -14,6 +14,9 @@ from checks import check_close  # noqa: E402
 
 F64 = torch.float64
 
+# Every test on every instruction set of the kernels this CPU has (conftest.every_isa).
+pytestmark = pytest.mark.usefixtures("every_isa")
+
 
 # ---------------------------------------------------------------------------------------
 # helpers

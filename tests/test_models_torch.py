@@ -1,5 +1,6 @@
 """Parity of the kdcore zoo with PyTorch (tests/torch_ref.py): state-dict keys, eval and train
-forward/backward, BN running statistics, taps and gradients injected at taps."""
+forward/backward, BN running statistics, taps and gradients injected at taps. The tests that
+run the kernels do so on every instruction set of them this CPU has (conftest.every_isa)."""
 from __future__ import annotations
 
 import os
@@ -130,6 +131,7 @@ def test_state_dict_keys_and_shapes(name):
     assert set(dict(km.named_parameters())) == set(dict(tm.named_parameters()))
 
 
+@pytest.mark.usefixtures("every_isa")
 @pytest.mark.parametrize("name,cin,size", [("resnet8x4", 3, 32), ("wrn_16_2", 1, 28), ("vgg8", 1, 28), ("cnn", 1, 28)])
 def test_load_torch_state_dict(name, cin, size):
     """torch -> kdcore: torch's own init (with trained-looking BN stats), as tensors and as
@@ -186,6 +188,7 @@ def test_kdcore_init_matches_repdistiller_statistics():
 # Eval mode: logits and input gradient, batch 1 and 5
 
 
+@pytest.mark.usefixtures("every_isa")
 @pytest.mark.parametrize("case", CASES, ids=_ids)
 def test_eval_parity(case):
     name, cin, size = case
@@ -208,6 +211,7 @@ def test_eval_parity(case):
 # Train mode: batch statistics, every parameter gradient, running statistics
 
 
+@pytest.mark.usefixtures("every_isa")
 @pytest.mark.parametrize("case", CASES, ids=_ids)
 def test_train_parity(case):
     name, cin, size = case
@@ -232,6 +236,7 @@ def test_train_parity(case):
             assert_close(f"{name} {k}", ksd[k], v, rtol=1e-4)
 
 
+@pytest.mark.usefixtures("every_isa")
 def test_train_parity_batch2_and_grad_accumulation():
     """Smallest BN batch; backward twice accumulates like torch (no zero_grad between)."""
     km, tm = build_pair("resnet8", 1, 28, seed=4)
@@ -283,6 +288,7 @@ TAP_CASES = [
 ]
 
 
+@pytest.mark.usefixtures("every_isa")
 @pytest.mark.parametrize("name,cin,size,taps", TAP_CASES, ids=[c[0] for c in TAP_CASES])
 def test_tap_values(name, cin, size, taps):
     km, tm = build_pair(name, cin, size)
@@ -300,6 +306,7 @@ def test_tap_values(name, cin, size, taps):
         assert_close(f"{name} tap {t}", got.reshape(ref.shape), ref, rtol=1e-3)
 
 
+@pytest.mark.usefixtures("every_isa")
 def test_tap_values_forward_hooks():
     """Stage outputs against nn.Module forward hooks (independent of the twin's feats dict)."""
     km, tm = build_pair("resnet8x4", 3, 32)
@@ -328,6 +335,7 @@ GRAD_TAP_CASES = [
 ]
 
 
+@pytest.mark.usefixtures("every_isa")
 @pytest.mark.parametrize("name,cin,size,taps", GRAD_TAP_CASES, ids=[c[0] for c in GRAD_TAP_CASES])
 def test_tap_gradient_injection(name, cin, size, taps):
     """L = sum(dout * logits) + sum_t 0.5 * ||tap_t - target_t||^2 (feature-KD shape of loss):
@@ -360,6 +368,7 @@ def test_tap_gradient_injection(name, cin, size, taps):
     check_param_grads(f"{name} with tap losses", km, tm)
 
 
+@pytest.mark.usefixtures("every_isa")
 def test_tap_gradient_only_no_dout():
     """backward(None) after only a tap gradient: the loss lives entirely at the tap."""
     km, tm = build_pair("resnet8", 1, 28, seed=6)

@@ -87,9 +87,52 @@ KD_API int  kd_get_num_threads(void);
 // speed (see DEVELOPERS.md, "Determinism"). Process-wide; do not change it while a call runs.
 KD_API void kd_set_deterministic(bool on);
 KD_API bool kd_get_deterministic(void);
-// A one-line description of the BLAS build, its CPU core, OpenMP, and what runs the linear
-// layers ("OpenBLAS 0.3.21 ... USE_OPENMP; core=Haswell; ...; linear layers: ...").
+// A one-line description of the BLAS build, its CPU core, OpenMP, the instruction set of
+// kdcore's kernels and what runs the linear layers ("OpenBLAS 0.3.21 ... USE_OPENMP;
+// core=Haswell; ...; kernels: avx512 (automatic ...); linear layers: ...").
 KD_API const char * kd_blas_config(void);
+
+// Instruction set of kdcore's own kernels: the convolution and linear-product micro-kernels,
+// BatchNorm statistics, 2x2 max pooling. Every one of them performs the same float
+// operations in the same order on each instruction set, so their results are bitwise equal
+// across instruction sets. What can differ is which engine runs the linear layers: kdcore's
+// own product when the kernels run AVX-512 and OpenBLAS does not (its core is then an AVX2
+// one, e.g. OPENBLAS_CORETYPE=Haswell), else OpenBLAS's sgemm; the two agree to float
+// rounding (in deterministic mode the own product always runs: bitwise equal again).
+// OpenBLAS picks its own kernels from OPENBLAS_CORETYPE when it loads; KDCORE_ISA and
+// OPENBLAS_CORETYPE together choose both (e.g. KDCORE_ISA=avx2 OPENBLAS_CORETYPE=Haswell
+// runs what an AVX2-only CPU runs).
+//
+// The choice is made once, at the first kernel call or query below: the environment
+// variable KDCORE_ISA = auto | avx512 | avx2 | portable (case-insensitive; unset or empty =
+// auto = the best the CPU supports). A value that names an unknown instruction set, or
+// one the CPU lacks, is refused: the kernels cannot fail, so they run the automatic choice,
+// kd_blas_config/kd_isa_config say so, and kd_isa_init returns KD_ERR_VALUE with the
+// message (the Python package raises RuntimeError at import). The library is compiled for
+// x86-64-v3 (AVX2, FMA); "portable" selects the plain C kernels that non-x86 builds run.
+enum kd_isa {
+    KD_ISA_AUTO = 0,      // kd_set_isa: the best the CPU supports
+    KD_ISA_PORTABLE,      // plain C kernels
+    KD_ISA_AVX2,          // AVX2 + FMA micro-kernels
+    KD_ISA_AVX512,        // AVX-512F micro-kernels
+    KD_ISA_COUNT
+};
+// Makes the choice now if no kernel has yet (reads KDCORE_ISA). KD_ERR_VALUE if the
+// variable was refused, every time it is called; KD_OK otherwise.
+KD_API enum kd_status kd_isa_init(void);
+// Switches the kernels to `isa` (KD_ISA_AUTO: the best the CPU supports). KD_ERR_VALUE,
+// nothing changed, for an instruction set the CPU lacks or a bad value. Process-wide; call
+// it between calls: a call running in another thread may then mix kernels (memory-safe;
+// only its linear layers can change rounding, through the engine choice above).
+KD_API enum kd_status kd_set_isa(enum kd_isa isa);
+// The instruction set the kernels run now (never KD_ISA_AUTO).
+KD_API enum kd_isa kd_get_isa(void);
+KD_API bool kd_isa_supported(enum kd_isa isa);      // by this CPU (and build); AUTO: true
+// "auto", "portable", "avx2", "avx512" (the KDCORE_ISA spellings); NULL for a bad value.
+KD_API const char * kd_isa_name(enum kd_isa isa);
+// The instruction set in use and how it was chosen, e.g. "avx2 (KDCORE_ISA=avx2; CPU
+// supports avx512 avx2 portable)" or "avx2 (automatic; KDCORE_ISA=avx3 refused: ...)".
+KD_API const char * kd_isa_config(void);
 
 // ---------------------------------------------------------------------------------------
 // Networks: a list of nodes in topological order. Each node reads one input (two for

@@ -20,14 +20,17 @@
 // gradients reduce fixed batch chunks -- results independent of the count.
 //
 // SIMD: the file is compiled for x86-64-v3 (AVX2/FMA). The hot kernels also have AVX-512
-// versions (__attribute__((target("avx512f"))), chosen at run time) that perform the same
+// versions (__attribute__((target("avx512f")))) and the conv micro-kernels AVX2 ones,
+// chosen at run time (simd_level: the CPU, KDCORE_ISA or kd_set_isa), that perform the same
 // float operations in the same order as their portable twins: results do not depend on
-// the instruction set (the C tests compare them bitwise).
+// the instruction set (the C tests compare them bitwise). Only the linear layers' engine
+// choice follows it (linear_engine), and with it their rounding.
 #include "layers.h"
 #include "kd_internal.h"
 
 #include <cblas.h>
 #include <limits.h>
+#include <pthread.h>
 #include <strings.h>
 #include <stddef.h>
 
@@ -146,38 +149,163 @@ static inline void valid_range(int * o0, int * o1, int L, int O, int k, int S, i
 #define CV_GROUP_PIX 256     // col path: pixels of an image group to aim for
 
 // ---- dispatch and test hooks ---------------------------------------------------------------
-// SIMD level: 1 portable C, 2 AVX-512F, 3 AVX2+FMA (0: not detected yet). The hooks are for
-// the C tests and benchmarks (declared there, not in layers.h): force an instruction set
-// (0 automatic, 1 portable C, 3 AVX2; kd_conv_force_portable(1) = portable C), and force the
-// conv path (0 automatic, 1 shift, 2 col).
-static int kd_simd_level = 0;
-static int kd_simd_forced = 0;
-static int kd_path_forced = 0;
+// Instruction set of the kernels (enum kd_isa; kdcore.h says how it is chosen). Decided once,
+// at the first kernel call or query, under a mutex; afterwards read with one atomic load per
+// kernel call. kd_set_isa may switch it later: every kernel reads it once per call, and no
+// workspace size depends on it, so a switch while a call runs is memory-safe.
+enum isa_source {
+    ISA_SRC_AUTO,      // KDCORE_ISA unset or empty
+    ISA_SRC_ENV,       // KDCORE_ISA honoured (auto included)
+    ISA_SRC_REFUSED,   // KDCORE_ISA refused: automatic choice
+    ISA_SRC_SET,       // kd_set_isa
+};
 
-void kd_conv_force_isa(int level);
-void kd_conv_force_isa(int level) { __atomic_store_n(&kd_simd_forced, level, __ATOMIC_RELAXED); }
-void kd_conv_force_portable(int on);
-void kd_conv_force_portable(int on) { kd_conv_force_isa(on ? 1 : 0); }
+static pthread_mutex_t isa_lock = PTHREAD_MUTEX_INITIALIZER;
+static int isa_ready = 0;                 // acquire/release: the fields below are set
+static int isa_level = KD_ISA_PORTABLE;   // in use (relaxed atomic: kd_set_isa changes it)
+static int isa_source = ISA_SRC_AUTO;     // how it was chosen (relaxed atomic)
+static int isa_best = KD_ISA_PORTABLE;    // best the CPU supports (set once)
+static int isa_cap = KD_ISA_COUNT;        // test hook: pretend the CPU stops at this level
+static char isa_env[40];                  // KDCORE_ISA as read (set once, truncated)
+static char isa_refusal[200];             // why it was refused (set once)
+
+static int isa_cpu_best(void) {
+    int l = KD_ISA_PORTABLE;
+#if defined(__x86_64__) && defined(__GNUC__)
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) { l = KD_ISA_AVX2; }
+    if (l == KD_ISA_AVX2 && __builtin_cpu_supports("avx512f")) { l = KD_ISA_AVX512; }
+#endif
+    return l < isa_cap ? l : isa_cap;
+}
+
+// "avx512 avx2 portable": the instruction sets up to `best`, best first.
+static void isa_list(char * buf, size_t n, int best, const char * sep) {
+    buf[0] = '\0';
+    for (int l = best; l >= KD_ISA_PORTABLE; l--) {
+        size_t u = strlen(buf);
+        snprintf(buf + u, n - u, "%s%s", l == best ? "" : sep, kd_isa_name((enum kd_isa)l));
+    }
+}
+
+// Called with isa_lock held.
+static void isa_resolve_locked(void) {
+    if (__atomic_load_n(&isa_ready, __ATOMIC_ACQUIRE)) return;
+    isa_best = isa_cpu_best();
+    int level = isa_best, source = ISA_SRC_AUTO;
+    isa_env[0] = isa_refusal[0] = '\0';
+    const char * e = getenv("KDCORE_ISA");
+    if (e != NULL && e[0] != '\0') {
+        snprintf(isa_env, sizeof isa_env, "%s", e);
+        int want = -1;
+        for (int l = 0; l < KD_ISA_COUNT; l++) {
+            if (strcasecmp(e, kd_isa_name((enum kd_isa)l)) == 0) { want = l; }
+        }
+        char have[64];
+        isa_list(have, sizeof have, isa_best, ", ");
+        if (want < 0) {
+            snprintf(isa_refusal, sizeof isa_refusal, "KDCORE_ISA=%s is not one of auto, avx512, avx2, portable", isa_env);
+            source = ISA_SRC_REFUSED;
+        } else if (want > isa_best) {
+            snprintf(isa_refusal, sizeof isa_refusal, "KDCORE_ISA=%s: this CPU does not support %s (it supports %s)",
+                     isa_env, kd_isa_name((enum kd_isa)want), have);
+            source = ISA_SRC_REFUSED;
+        } else {
+            level = want == KD_ISA_AUTO ? isa_best : want;
+            source = ISA_SRC_ENV;
+        }
+    }
+    __atomic_store_n(&isa_level, level, __ATOMIC_RELAXED);
+    __atomic_store_n(&isa_source, source, __ATOMIC_RELAXED);
+    __atomic_store_n(&isa_ready, 1, __ATOMIC_RELEASE);
+}
+
+static void isa_resolve(void) {
+    if (__atomic_load_n(&isa_ready, __ATOMIC_ACQUIRE)) return;
+    pthread_mutex_lock(&isa_lock);
+    isa_resolve_locked();
+    pthread_mutex_unlock(&isa_lock);
+}
+
+static inline int simd_level(void) {
+    isa_resolve();
+    return __atomic_load_n(&isa_level, __ATOMIC_RELAXED);
+}
+
+// Test hook (declared in the C tests, not in a header): forget the choice, so that the next
+// use decides again from KDCORE_ISA, with the CPU's support capped at `cap` (KD_ISA_COUNT:
+// no cap) -- how the tests see a refusal on a CPU that has every instruction set. Only
+// while no kernel runs.
+void kd_isa_test_reset(int cap);
+void kd_isa_test_reset(int cap) {
+    pthread_mutex_lock(&isa_lock);
+    isa_cap = cap;
+    __atomic_store_n(&isa_ready, 0, __ATOMIC_RELEASE);
+    pthread_mutex_unlock(&isa_lock);
+}
+
+const char * kd_isa_name(enum kd_isa isa) {
+    switch (isa) {
+    case KD_ISA_AUTO:     return "auto";
+    case KD_ISA_PORTABLE: return "portable";
+    case KD_ISA_AVX2:     return "avx2";
+    case KD_ISA_AVX512:   return "avx512";
+    case KD_ISA_COUNT:    break;
+    }
+    return NULL;
+}
+
+bool kd_isa_supported(enum kd_isa isa) {
+    isa_resolve();
+    return (int)isa >= KD_ISA_AUTO && (int)isa <= isa_best;
+}
+
+enum kd_status kd_isa_init(void) {
+    isa_resolve();
+    if (isa_refusal[0] != '\0') { KD_FAIL(KD_ERR_VALUE, "%s", isa_refusal); }
+    return KD_OK;
+}
+
+enum kd_status kd_set_isa(enum kd_isa isa) {
+    isa_resolve();
+    if ((int)isa < KD_ISA_AUTO || (int)isa >= KD_ISA_COUNT) { KD_FAIL(KD_ERR_VALUE, "isa %d is not an enum kd_isa value", (int)isa); }
+    if ((int)isa > isa_best) {
+        char have[64];
+        isa_list(have, sizeof have, isa_best, ", ");
+        KD_FAIL(KD_ERR_VALUE, "this CPU does not support %s (it supports %s)", kd_isa_name(isa), have);
+    }
+    pthread_mutex_lock(&isa_lock);
+    __atomic_store_n(&isa_level, isa == KD_ISA_AUTO ? isa_best : (int)isa, __ATOMIC_RELAXED);
+    __atomic_store_n(&isa_source, ISA_SRC_SET, __ATOMIC_RELAXED);
+    pthread_mutex_unlock(&isa_lock);
+    return KD_OK;
+}
+
+enum kd_isa kd_get_isa(void) { return (enum kd_isa)simd_level(); }
+
+const char * kd_isa_config(void) {
+    static _Thread_local char buf[384];
+    int level = simd_level(), source = __atomic_load_n(&isa_source, __ATOMIC_RELAXED);
+    char have[64];
+    isa_list(have, sizeof have, isa_best, " ");
+    const char * name = kd_isa_name((enum kd_isa)level);
+    switch (source) {
+    case ISA_SRC_ENV:
+        snprintf(buf, sizeof buf, "%s (KDCORE_ISA=%s; CPU supports %s)", name, isa_env, have); break;
+    case ISA_SRC_REFUSED:
+        snprintf(buf, sizeof buf, "%s (automatic; refused: %s)", name, isa_refusal); break;
+    case ISA_SRC_SET:
+        snprintf(buf, sizeof buf, "%s (kd_set_isa; CPU supports %s)", name, have); break;
+    default:
+        snprintf(buf, sizeof buf, "%s (automatic: KDCORE_ISA unset; CPU supports %s)", name, have); break;
+    }
+    return buf;
+}
+
+// Conv path hook for the C tests and benchmarks: 0 automatic, 1 shift, 2 col.
+static int kd_path_forced = 0;
 void kd_conv_force_path(int path);
 void kd_conv_force_path(int path) { __atomic_store_n(&kd_path_forced, path, __ATOMIC_RELAXED); }
-
-static int simd_level(void) {
-    int f = __atomic_load_n(&kd_simd_forced, __ATOMIC_RELAXED);
-    int l = __atomic_load_n(&kd_simd_level, __ATOMIC_RELAXED);
-    if (l == 0) {
-#if defined(__x86_64__) && defined(__GNUC__)
-        __builtin_cpu_init();
-        l = __builtin_cpu_supports("avx512f") ? 2
-          : (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) ? 3 : 1;
-#else
-        l = 1;
-#endif
-        __atomic_store_n(&kd_simd_level, l, __ATOMIC_RELAXED);
-    }
-    // a forced AVX2 level needs AVX2 too (every AVX-512 machine has it)
-    if (f == 1 || (f == 3 && l != 1)) { return f; }
-    return l;
-}
 
 // ---- micro-kernels: portable C ------------------------------------------------------------
 // C (8 x 32, row stride ldc) {=, +=} sum_k A[k*8 + i] * B[off[k] + j]: per element one fma
@@ -310,38 +438,68 @@ static void dw_ukr_avx512(int nimg, size_t nblk, const float * const * d, size_t
 // ---- micro-kernels: AVX2 (for CPUs without AVX-512) ----------------------------------------
 // Same products and order as the portable C kernels, in sub-tiles that fit 16 ymm registers.
 
-// 4 rows x 16 columns of the 8 x 32 tile: (i0, j0) = (0|4, 0|16).
-__attribute__((target("avx2,fma")))
-static inline void fwd_sub_avx2(int K, const float * restrict A, const float * restrict B,
-                                const ptrdiff_t * restrict off, float * restrict C, size_t ldc, int acc_in,
-                                int i0, int j0) {
-    __m256 c[4][2];
-    for (int i = 0; i < 4; i++) {
-        for (int h = 0; h < 2; h++) {
-            c[i][h] = acc_in ? _mm256_loadu_ps(C + (size_t)(i0 + i) * ldc + j0 + 8 * h) : _mm256_setzero_ps();
-        }
-    }
+// Rows i0 .. i0+R-1 (R = 3 or 2) across all 32 columns of the 8 x 32 tile: 4R ymm
+// accumulators (12 for R = 3, as a Haswell-class sgemm keeps), the R broadcasts of A held
+// in registers while the 4 B vectors stream through one register each: 12 + 3 + 1 = 16 ymm.
+// Per k: R broadcasts + 4 B loads for 4R fmas; the tile is three passes over K (3 + 3 + 2
+// rows) instead of four 4 x 16 passes with 8 accumulators. Named variables, not arrays:
+// with arrays GCC stored every accumulator to the stack on each k. The empty asm keeps each
+// B vector in a register (as in dw_ukr_avx512): with -mtune=znver4 GCC folded the load into
+// all R fmas that use it.
+#define KD_LD(i, c0, c1, c2, c3)                                                                      \
+    if (acc_in) { const float * p_ = C + (size_t)(i0 + (i)) * ldc;                                  \
+                  c0 = _mm256_loadu_ps(p_); c1 = _mm256_loadu_ps(p_ + 8);                            \
+                  c2 = _mm256_loadu_ps(p_ + 16); c3 = _mm256_loadu_ps(p_ + 24); }                    \
+    else { c0 = _mm256_setzero_ps(); c1 = c0; c2 = c0; c3 = c0; }
+#define KD_ST(i, c0, c1, c2, c3)                                                                      \
+    { float * p_ = C + (size_t)(i0 + (i)) * ldc;                                                      \
+      _mm256_storeu_ps(p_, c0); _mm256_storeu_ps(p_ + 8, c1);                                         \
+      _mm256_storeu_ps(p_ + 16, c2); _mm256_storeu_ps(p_ + 24, c3); }
+
+__attribute__((target("avx2,fma"), always_inline))
+static inline void fwd_rows3_avx2(int K, const float * restrict A, const float * restrict B,
+                                  const ptrdiff_t * restrict off, float * restrict C, size_t ldc, int acc_in, int i0) {
+    __m256 c00, c01, c02, c03, c10, c11, c12, c13, c20, c21, c22, c23;
+    KD_LD(0, c00, c01, c02, c03) KD_LD(1, c10, c11, c12, c13) KD_LD(2, c20, c21, c22, c23)
     for (int k = 0; k < K; k++) {
-        const float * b = B + off[k] + j0;
+        const float * b = B + off[k];
         const float * a = A + (size_t)k * CV_MR + i0;
-        __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
-        for (int i = 0; i < 4; i++) {
-            __m256 t = _mm256_broadcast_ss(a + i);
-            c[i][0] = _mm256_fmadd_ps(t, b0, c[i][0]);
-            c[i][1] = _mm256_fmadd_ps(t, b1, c[i][1]);
-        }
+        const __m256 t0 = _mm256_broadcast_ss(a), t1 = _mm256_broadcast_ss(a + 1), t2 = _mm256_broadcast_ss(a + 2);
+        __m256 v;
+#define KD_COL(h, x0, x1, x2) v = _mm256_loadu_ps(b + 8 * (h)); __asm__("" : "+x"(v));                \
+        x0 = _mm256_fmadd_ps(t0, v, x0); x1 = _mm256_fmadd_ps(t1, v, x1); x2 = _mm256_fmadd_ps(t2, v, x2);
+        KD_COL(0, c00, c10, c20) KD_COL(1, c01, c11, c21) KD_COL(2, c02, c12, c22) KD_COL(3, c03, c13, c23)
+#undef KD_COL
     }
-    for (int i = 0; i < 4; i++) {
-        for (int h = 0; h < 2; h++) { _mm256_storeu_ps(C + (size_t)(i0 + i) * ldc + j0 + 8 * h, c[i][h]); }
-    }
+    KD_ST(0, c00, c01, c02, c03) KD_ST(1, c10, c11, c12, c13) KD_ST(2, c20, c21, c22, c23)
 }
+
+__attribute__((target("avx2,fma"), always_inline))
+static inline void fwd_rows2_avx2(int K, const float * restrict A, const float * restrict B,
+                                  const ptrdiff_t * restrict off, float * restrict C, size_t ldc, int acc_in, int i0) {
+    __m256 c00, c01, c02, c03, c10, c11, c12, c13;
+    KD_LD(0, c00, c01, c02, c03) KD_LD(1, c10, c11, c12, c13)
+    for (int k = 0; k < K; k++) {
+        const float * b = B + off[k];
+        const float * a = A + (size_t)k * CV_MR + i0;
+        const __m256 t0 = _mm256_broadcast_ss(a), t1 = _mm256_broadcast_ss(a + 1);
+        __m256 v;
+#define KD_COL(h, x0, x1) v = _mm256_loadu_ps(b + 8 * (h)); __asm__("" : "+x"(v));                   \
+        x0 = _mm256_fmadd_ps(t0, v, x0); x1 = _mm256_fmadd_ps(t1, v, x1);
+        KD_COL(0, c00, c10) KD_COL(1, c01, c11) KD_COL(2, c02, c12) KD_COL(3, c03, c13)
+#undef KD_COL
+    }
+    KD_ST(0, c00, c01, c02, c03) KD_ST(1, c10, c11, c12, c13)
+}
+#undef KD_LD
+#undef KD_ST
 
 __attribute__((target("avx2,fma")))
 static void fwd_ukr_avx2(int K, const float * restrict A, const float * restrict B,
                          const ptrdiff_t * restrict off, float * restrict C, size_t ldc, int acc_in) {
-    for (int i0 = 0; i0 < CV_MR; i0 += 4) {
-        for (int j0 = 0; j0 < CV_NR; j0 += 16) { fwd_sub_avx2(K, A, B, off, C, ldc, acc_in, i0, j0); }
-    }
+    fwd_rows3_avx2(K, A, B, off, C, ldc, acc_in, 0);
+    fwd_rows3_avx2(K, A, B, off, C, ldc, acc_in, 3);
+    fwd_rows2_avx2(K, A, B, off, C, ldc, acc_in, 6);
 }
 
 // The hsum16 tree on lanes 0-7 (lo) and 8-15 (hi).
@@ -397,8 +555,8 @@ static struct conv_kernels conv_kernels(void) {
     struct conv_kernels k = { fwd_ukr_c, dw_ukr_c };
 #ifdef KD_HAVE_AVX512_KERNELS
     int l = simd_level();
-    if (l == 2) { k.fwd = fwd_ukr_avx512; k.dw = dw_ukr_avx512; }
-    if (l == 3) { k.fwd = fwd_ukr_avx2; k.dw = dw_ukr_avx2; }
+    if (l == KD_ISA_AVX512) { k.fwd = fwd_ukr_avx512; k.dw = dw_ukr_avx512; }
+    if (l == KD_ISA_AVX2) { k.fwd = fwd_ukr_avx2; k.dw = dw_ukr_avx2; }
 #endif
     return k;
 }
@@ -619,8 +777,9 @@ static inline void batch_chunk(int * n0, int * n1, int N, int tid, int nt) {
 //   across threads changes which micro-kernel (and so which rounding) some elements get:
 //   reproducible for a given thread count, equal only to rounding across counts.
 // - kdcore's own product on the conv forward micro-kernel (8 x 32; AVX-512, AVX2 or
-//   portable). Used on AVX-512 CPUs where OpenBLAS runs without AVX-512 (this environment
-//   sets OPENBLAS_CORETYPE=Haswell; there it is ~1.5x faster at the MLP shapes), and always
+//   portable). Used when kdcore's kernels run AVX-512 (kd_get_isa) and OpenBLAS's do not
+//   (an AVX2 core, e.g. OPENBLAS_CORETYPE=Haswell on an AVX-512 CPU; there it is ~1.5x
+//   faster at the MLP shapes), and always
 //   in deterministic mode: every element is one fma chain over k in order, starting from C's
 //   value (the bias, or the gradient so far), whichever thread computes its tile -- results
 //   do not depend on the thread count, at no cost. C += op(A) op(B) with
@@ -633,35 +792,45 @@ static inline void batch_chunk(int * n0, int * n1, int N, int tid, int nt) {
 
 enum { LINEAR_AUTO = 0, LINEAR_OWN = 1, LINEAR_BLAS = 2 };
 static int kd_linear_forced = LINEAR_AUTO;
-static int kd_linear_auto = LINEAR_AUTO;   // decided once: OpenBLAS's core does not change
 void kd_linear_force_engine(int engine);   // test hook: 0 automatic, 1 own, 2 OpenBLAS
 void kd_linear_force_engine(int engine) { __atomic_store_n(&kd_linear_forced, engine, __ATOMIC_RELAXED); }
 
-// Does OpenBLAS run AVX-512 sgemm kernels? Its core names for those (0.3.x).
+// Does OpenBLAS run AVX-512 sgemm kernels? Its core names for those (0.3.x). The core is
+// fixed when OpenBLAS loads: asked once (0 not yet, 1 no, 2 yes).
 static bool blas_uses_avx512(void) {
-    const char * core = openblas_get_corename();
-    if (core == NULL) return false;
-    static const char * const avx512[] = { "skylakex", "cooperlake", "sapphirerapids" };
-    for (size_t i = 0; i < sizeof avx512 / sizeof avx512[0]; i++) {
-        if (strcasecmp(core, avx512[i]) == 0) return true;
+    static int known = 0;
+    int k = __atomic_load_n(&known, __ATOMIC_RELAXED);
+    if (k == 0) {
+        const char * core = openblas_get_corename();
+        static const char * const avx512[] = { "skylakex", "cooperlake", "sapphirerapids" };
+        k = 1;
+        for (size_t i = 0; core != NULL && i < sizeof avx512 / sizeof avx512[0]; i++) {
+            if (strcasecmp(core, avx512[i]) == 0) { k = 2; }
+        }
+        __atomic_store_n(&known, k, __ATOMIC_RELAXED);
     }
-    return false;
+    return k == 2;
 }
 
-static int linear_engine(void);
+// Follows the instruction set in use (kd_set_isa can change it), so it is decided per call.
+static int linear_engine(void) {
+    int f = __atomic_load_n(&kd_linear_forced, __ATOMIC_RELAXED);
+    if (f != LINEAR_AUTO) return f;
+    if (kd_get_deterministic()) return LINEAR_OWN;
+    return simd_level() == KD_ISA_AVX512 && !blas_uses_avx512() ? LINEAR_OWN : LINEAR_BLAS;
+}
 
 const char * kd_linear_engine_name(void) {
-    static const char * const isa[] = { "?", "portable C", "AVX-512", "AVX2" };
-    static char buf[96];
+    static _Thread_local char buf[96];
     if (linear_engine() == LINEAR_BLAS) return "OpenBLAS sgemm";
-    snprintf(buf, sizeof buf, "kdcore's own product (%s micro-kernel)", isa[simd_level()]);
+    snprintf(buf, sizeof buf, "kdcore's own product (%s micro-kernel)", kd_isa_name(kd_get_isa()));
     return buf;
 }
 
-// Here rather than in status.c: it reports the linear engine too.
+// Here rather than in status.c: it reports the kernels and the linear engine too.
 const char * kd_blas_config(void) {
-    static char buf[384];
-    snprintf(buf, sizeof buf, "%s; core=%s; parallel=%s; kdcore OpenMP=%s; linear layers: %s",
+    static _Thread_local char buf[1024];
+    snprintf(buf, sizeof buf, "%s; core=%s; parallel=%s; kdcore OpenMP=%s; kernels: %s; linear layers: %s",
              openblas_get_config(), openblas_get_corename(),
              openblas_get_parallel() == 2 ? "openmp" : openblas_get_parallel() == 1 ? "pthreads" : "none",
 #ifdef _OPENMP
@@ -669,20 +838,8 @@ const char * kd_blas_config(void) {
 #else
              "off"
 #endif
-             , kd_linear_engine_name());
+             , kd_isa_config(), kd_linear_engine_name());
     return buf;
-}
-
-static int linear_engine(void) {
-    int f = __atomic_load_n(&kd_linear_forced, __ATOMIC_RELAXED);
-    if (f != LINEAR_AUTO) return f;
-    if (kd_get_deterministic()) return LINEAR_OWN;
-    int a = __atomic_load_n(&kd_linear_auto, __ATOMIC_RELAXED);
-    if (a == LINEAR_AUTO) {
-        a = simd_level() == 2 && !blas_uses_avx512() ? LINEAR_OWN : LINEAR_BLAS;
-        __atomic_store_n(&kd_linear_auto, a, __ATOMIC_RELAXED);
-    }
-    return a;
 }
 
 #define LN_ROW_BLOCK 8    // row panels (64 rows) per tile: the A chunk they read stays in L2
@@ -1555,7 +1712,7 @@ void kd_batchnorm_forward_train(float * out, float * mean, float * rstd, float *
     size_t cnt = (size_t)N * HW;
     moments_fn moments = moments_c;
 #ifdef KD_HAVE_AVX512_KERNELS
-    if (simd_level() == 2) { moments = moments_avx512; }
+    if (simd_level() == KD_ISA_AVX512) { moments = moments_avx512; }
 #endif
     #pragma omp parallel if((size_t)N * C * HW > KD_PAR_MIN)
     {
@@ -1635,7 +1792,7 @@ void kd_batchnorm_backward(float * dinp, float * dweight, float * dbias, const f
     size_t cnt = (size_t)N * HW;
     dot_dev_fn dot_dev = dot_dev_c;
 #ifdef KD_HAVE_AVX512_KERNELS
-    if (simd_level() == 2) { dot_dev = dot_dev_avx512; }
+    if (simd_level() == KD_ISA_AVX512) { dot_dev = dot_dev_avx512; }
 #endif
     #pragma omp parallel if((size_t)N * C * HW > KD_PAR_MIN)
     {
@@ -1793,7 +1950,7 @@ void kd_maxpool2d_forward(float * out, int32_t * argmax, const float * inp, int 
     if (K == 2 && S == 2 && P == 0) {
         void (*plane)(float *, int32_t *, const float *, int, int, int, int) = maxpool2x2_plane_c;
 #ifdef KD_HAVE_AVX512_KERNELS
-        if (simd_level() == 2) { plane = maxpool2x2_plane_avx512; }
+        if (simd_level() == KD_ISA_AVX512) { plane = maxpool2x2_plane_avx512; }
 #endif
         #pragma omp parallel for schedule(static) if((size_t)NC * HW > KD_PAR_MIN)
         for (int nc = 0; nc < NC; nc++) {

@@ -14,6 +14,7 @@
 #include <math.h>
 #include <stdarg.h>
 #include <string.h>
+#include <strings.h>
 
 #include "kdcore.h"
 
@@ -2620,6 +2621,54 @@ static PyObject * py_blas_config(PyObject * Py_UNUSED(m), PyObject * Py_UNUSED(a
     return PyUnicode_FromString(kd_blas_config());
 }
 
+// Instruction sets cross the binding as their names (kd_isa_name: "auto", "portable",
+// "avx2", "avx512"), never as enum kd_isa values.
+static PyObject * py_set_isa(PyObject * Py_UNUSED(m), PyObject * arg) {
+    if (!PyUnicode_Check(arg)) return PyErr_Format(PyExc_TypeError, "isa must be a str, got %s", Py_TYPE(arg)->tp_name);
+    const char * s = PyUnicode_AsUTF8(arg);
+    if (!s) return NULL;
+    for (int l = 0; l < KD_ISA_COUNT; l++) {
+        if (strcasecmp(s, kd_isa_name((enum kd_isa)l)) == 0) {
+            enum kd_status st = kd_set_isa((enum kd_isa)l);
+            if (st != KD_OK) return kd_raise(st);
+            Py_RETURN_NONE;
+        }
+    }
+    return PyErr_Format(PyExc_ValueError, "isa must be one of 'auto', 'avx512', 'avx2', 'portable', got %R", arg);
+}
+
+static PyObject * py_get_isa(PyObject * Py_UNUSED(m), PyObject * Py_UNUSED(a)) {
+    return PyUnicode_FromString(kd_isa_name(kd_get_isa()));
+}
+
+// The instruction sets this CPU supports, best first (auto not included).
+static PyObject * py_supported_isas(PyObject * Py_UNUSED(m), PyObject * Py_UNUSED(a)) {
+    PyObject * t = PyList_New(0);
+    for (int l = KD_ISA_COUNT - 1; t && l > KD_ISA_AUTO; l--) {
+        if (!kd_isa_supported((enum kd_isa)l)) continue;
+        PyObject * name = PyUnicode_FromString(kd_isa_name((enum kd_isa)l));
+        if (!name || PyList_Append(t, name) < 0) { Py_XDECREF(name); Py_CLEAR(t); break; }
+        Py_DECREF(name);
+    }
+    if (!t) return NULL;
+    PyObject * r = PyList_AsTuple(t);
+    Py_DECREF(t);
+    return r;
+}
+
+static PyObject * py_isa_config(PyObject * Py_UNUSED(m), PyObject * Py_UNUSED(a)) {
+    return PyUnicode_FromString(kd_isa_config());
+}
+
+// RuntimeError if KDCORE_ISA was refused (kdcore/__init__.py calls it at import).
+static PyObject * py_isa_init(PyObject * Py_UNUSED(m), PyObject * Py_UNUSED(a)) {
+    if (kd_isa_init() != KD_OK) {
+        PyErr_SetString(PyExc_RuntimeError, kd_last_error());
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
 // ---------------------------------------------------------------------------------------
 // Checkpoints: safetensors files through kdcore/src/checkpoint.c (atomic writer, strict
 // reader). kdcore.save / kdcore.load (checkpoint.py) build on these two.
@@ -3187,6 +3236,11 @@ static PyMethodDef module_methods[] = {
     { "set_deterministic", (PyCFunction)py_set_deterministic, METH_O, "thread-count-independent results on/off" },
     { "get_deterministic", (PyCFunction)py_get_deterministic, METH_NOARGS, "deterministic mode on?" },
     { "blas_config", (PyCFunction)py_blas_config, METH_NOARGS, "BLAS build description" },
+    { "set_isa", (PyCFunction)py_set_isa, METH_O, "set_isa(name): instruction set of the kernels" },
+    { "get_isa", (PyCFunction)py_get_isa, METH_NOARGS, "instruction set of the kernels now" },
+    { "supported_isas", (PyCFunction)py_supported_isas, METH_NOARGS, "instruction sets this CPU supports, best first" },
+    { "isa_config", (PyCFunction)py_isa_config, METH_NOARGS, "instruction set in use and how it was chosen" },
+    { "isa_init", (PyCFunction)py_isa_init, METH_NOARGS, "read KDCORE_ISA now; RuntimeError if refused" },
     { "ckpt_write", (PyCFunction)py_ckpt_write, METH_VARARGS,
       "ckpt_write(path, [(name, array)], metadata=None): atomic safetensors write" },
     { "ckpt_read", (PyCFunction)py_ckpt_read, METH_O, "ckpt_read(path) -> ({name: array}, {key: value}), strict" },

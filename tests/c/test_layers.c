@@ -4,7 +4,9 @@
 // depend on the thread count (conv forward/dinp, batchnorm, dropout), equal to rounding
 // where it does (conv weight gradients, the BLAS-threaded linear layer). Conv runs its
 // reference cases on each path (automatic, shift, col) and with the AVX2 kernels; the
-// AVX-512, AVX2 and portable versions of the conv, BN and max-pool kernels must agree bitwise.
+// AVX-512, AVX2 and portable versions of the conv, linear-product, BN and max-pool kernels
+// must agree bitwise (every one the CPU supports). Everything else runs on the instruction
+// set chosen by KDCORE_ISA (`make test-c-isa` runs this file under each one).
 #include "kdtest.h"
 #include "layers.h"
 #include "kd_internal.h"
@@ -36,6 +38,21 @@ static float * fcopy(const float * x, size_t n) {
 }
 static int bitwise_equal(const float * a, const float * b, size_t n) {
     return memcmp(a, b, n * sizeof(float)) == 0;
+}
+
+// Instruction sets: the one this run uses (KDCORE_ISA, or the CPU's best), and switching
+// to each one the CPU supports, best first.
+static enum kd_isa run_isa;
+static int supported_isas(enum kd_isa * out) {
+    int n = 0;
+    for (int l = KD_ISA_COUNT - 1; l > KD_ISA_AUTO; l--) {
+        if (kd_isa_supported((enum kd_isa)l)) { out[n++] = (enum kd_isa)l; }
+    }
+    return n;
+}
+static void use_isa(enum kd_isa isa) {
+    enum kd_status st = kd_set_isa(isa);
+    CHECK(st == KD_OK && kd_get_isa() == isa, "kd_set_isa(%s): %s", kd_isa_name(isa), kd_last_error());
 }
 // Values distinct (spaced 0.05 apart, none within 0.025 of 0): a permutation of a grid.
 static void fill_distinct(float * x, size_t n, size_t mult) {
@@ -436,35 +453,34 @@ static void test_conv_workspace(void) {
 }
 
 // The conv kernels have AVX-512, AVX2 and portable C versions that perform the same float
-// operations in the same order: results must be bitwise equal (test hooks in layers.c; on a
-// machine without AVX-512 the automatic choice is AVX2, compared all the same).
-void kd_conv_force_portable(int on);
-void kd_conv_force_isa(int level);   // 0 automatic, 1 portable C, 3 AVX2
-void kd_conv_force_path(int path);   // 0 automatic, 1 shift, 2 col
+// operations in the same order: results must be bitwise equal, on every instruction set the
+// CPU supports.
+void kd_conv_force_path(int path);   // test hook: 0 automatic, 1 shift, 2 col
 
-static void test_conv_portable(struct kd_conv_shape s, uint64_t seed) {
+static void test_conv_isas(struct kd_conv_shape s, uint64_t seed) {
     char tag[128];
     snprintf(tag, sizeof tag, "N%d C%d %dx%d OC%d K%d S%d P%d G%d", s.N, s.C, s.H, s.W, s.OC, s.K,
              s.S, s.P, s.G);
     struct conv_bufs q = conv_bufs_new(&s, 1, seed);
     float * work = conv_work(&s);
-    const int isa[3] = { 0, 1, 3 };
-    const char * isa_name[3] = { "automatic", "portable", "AVX2" };
-    float * out[3], * dinp[3], * dw[3], * db[3];
-    for (int v = 0; v < 3; v++) {
-        kd_conv_force_isa(isa[v]);
+    enum kd_isa isa[KD_ISA_COUNT];
+    const int n = supported_isas(isa);
+    float * out[KD_ISA_COUNT], * dinp[KD_ISA_COUNT], * dw[KD_ISA_COUNT], * db[KD_ISA_COUNT];
+    for (int v = 0; v < n; v++) {
+        use_isa(isa[v]);
         out[v] = fzeros(q.no); dinp[v] = fzeros(q.ni); dw[v] = fzeros(q.nw); db[v] = fzeros(s.OC);
         kd_conv2d_forward(out[v], q.inp, q.w, q.b, &s, work);
         kd_conv2d_backward(dinp[v], dw[v], db[v], q.dout, q.inp, q.w, &s, work);
     }
-    kd_conv_force_isa(0);
-    for (int v = 1; v < 3; v++) {
-        CHECK(bitwise_equal(out[0], out[v], q.no), "conv fwd automatic vs %s not bitwise equal: %s", isa_name[v], tag);
-        CHECK(bitwise_equal(dinp[0], dinp[v], q.ni), "conv dinp automatic vs %s not bitwise equal: %s", isa_name[v], tag);
-        CHECK(bitwise_equal(dw[0], dw[v], q.nw), "conv dweight automatic vs %s not bitwise equal: %s", isa_name[v], tag);
-        CHECK(bitwise_equal(db[0], db[v], s.OC), "conv dbias automatic vs %s not bitwise equal: %s", isa_name[v], tag);
+    use_isa(run_isa);
+    for (int v = 1; v < n; v++) {
+        const char * a = kd_isa_name(isa[0]), * b = kd_isa_name(isa[v]);
+        CHECK(bitwise_equal(out[0], out[v], q.no), "conv fwd %s vs %s not bitwise equal: %s", a, b, tag);
+        CHECK(bitwise_equal(dinp[0], dinp[v], q.ni), "conv dinp %s vs %s not bitwise equal: %s", a, b, tag);
+        CHECK(bitwise_equal(dw[0], dw[v], q.nw), "conv dweight %s vs %s not bitwise equal: %s", a, b, tag);
+        CHECK(bitwise_equal(db[0], db[v], s.OC), "conv dbias %s vs %s not bitwise equal: %s", a, b, tag);
     }
-    for (int v = 0; v < 3; v++) { free(out[v]); free(dinp[v]); free(dw[v]); free(db[v]); }
+    for (int v = 0; v < n; v++) { free(out[v]); free(dinp[v]); free(dw[v]); free(db[v]); }
     free(work);
     conv_bufs_free(&q);
 }
@@ -767,9 +783,9 @@ static void test_maxpool(int N, int C, int H, int W, int K, int S, int P, uint64
     free(c.inp); free(c.out); free(c.am); free(ref); free(ram); free(R); free(dx); free(cst);
 }
 
-// 2x2/stride-2 max pooling has a SIMD and a portable path: same values and argmax (bitwise),
-// on data with ties, -inf, +inf and NaN.
-static void test_maxpool2x2_portable(int N, int C, int H, int W, uint64_t seed) {
+// 2x2/stride-2 max pooling has an AVX-512 and a portable path: same values and argmax
+// (bitwise) on every supported instruction set, on data with ties, -inf, +inf and NaN.
+static void test_maxpool2x2_isas(int N, int C, int H, int W, uint64_t seed) {
     int OH = H / 2, OW = W / 2;
     size_t ni = (size_t)N * C * H * W, no = (size_t)N * C * OH * OW;
     float * x = frand(ni, seed);
@@ -779,39 +795,49 @@ static void test_maxpool2x2_portable(int N, int C, int H, int W, uint64_t seed) 
         if (i % 31 == 5) { x[i] = INFINITY; }
         if (i % 37 == 11) { x[i] = NAN; }
     }
-    float * o[2];
-    int32_t * a[2];
-    for (int v = 0; v < 2; v++) {
-        kd_conv_force_portable(v);
+    enum kd_isa isa[KD_ISA_COUNT];
+    const int n = supported_isas(isa);
+    float * o[KD_ISA_COUNT];
+    int32_t * a[KD_ISA_COUNT];
+    for (int v = 0; v < n; v++) {
+        use_isa(isa[v]);
         o[v] = fzeros(no); a[v] = calloc(no, sizeof(int32_t));
         kd_maxpool2d_forward(o[v], a[v], x, N, C, H, W, OH, OW, 2, 2, 0);
     }
-    kd_conv_force_portable(0);
-    CHECK(bitwise_equal(o[0], o[1], no) && memcmp(a[0], a[1], no * sizeof(int32_t)) == 0,
-          "maxpool 2x2 SIMD vs portable N%d C%d %dx%d", N, C, H, W);
-    for (int v = 0; v < 2; v++) { free(o[v]); free(a[v]); }
+    use_isa(run_isa);
+    for (int v = 1; v < n; v++) {
+        CHECK(bitwise_equal(o[0], o[v], no) && memcmp(a[0], a[v], no * sizeof(int32_t)) == 0,
+              "maxpool 2x2 %s vs %s N%d C%d %dx%d", kd_isa_name(isa[0]), kd_isa_name(isa[v]), N, C, H, W);
+    }
+    for (int v = 0; v < n; v++) { free(o[v]); free(a[v]); }
     free(x);
 }
 
-// BN statistics have an AVX-512 and a portable path with the same lanes and reduction tree.
-static void test_bn_portable(int N, int C, int HW) {
+// BN statistics have an AVX-512 and a portable path with the same lanes and reduction tree:
+// bitwise equal on every supported instruction set.
+static void test_bn_isas(int N, int C, int HW) {
     size_t n = (size_t)N * C * HW;
     float * x = frand(n, 95), * w = frand(C, 96), * b = frand(C, 97), * dy = frand(n, 98);
     for (size_t i = 0; i < n; i++) { x[i] = 2.0f * x[i] + 0.3f; }
-    float * out[2], * mean[2], * rstd[2], * rm[2], * rv[2], * dx[2], * dw[2], * db[2];
-    for (int v = 0; v < 2; v++) {
-        kd_conv_force_portable(v);
+    enum kd_isa isa[KD_ISA_COUNT];
+    const int ni = supported_isas(isa);
+    float * out[KD_ISA_COUNT], * mean[KD_ISA_COUNT], * rstd[KD_ISA_COUNT], * rm[KD_ISA_COUNT], * rv[KD_ISA_COUNT];
+    float * dx[KD_ISA_COUNT], * dw[KD_ISA_COUNT], * db[KD_ISA_COUNT];
+    for (int v = 0; v < ni; v++) {
+        use_isa(isa[v]);
         out[v] = fzeros(n); mean[v] = fzeros(C); rstd[v] = fzeros(C); rm[v] = fzeros(C); rv[v] = fzeros(C);
         dx[v] = fzeros(n); dw[v] = fzeros(C); db[v] = fzeros(C);
         kd_batchnorm_forward_train(out[v], mean[v], rstd[v], rm[v], rv[v], x, w, b, N, C, HW, 1e-5f, 0.1f);
         kd_batchnorm_backward(dx[v], dw[v], db[v], dy, x, mean[v], rstd[v], w, N, C, HW, 1);
     }
-    kd_conv_force_portable(0);
-    int ok = bitwise_equal(out[0], out[1], n) && bitwise_equal(mean[0], mean[1], C) && bitwise_equal(rstd[0], rstd[1], C)
-          && bitwise_equal(rv[0], rv[1], C) && bitwise_equal(dx[0], dx[1], n) && bitwise_equal(dw[0], dw[1], C)
-          && bitwise_equal(db[0], db[1], C);
-    CHECK(ok, "bn SIMD vs portable not bitwise equal N%d C%d HW%d", N, C, HW);
-    for (int v = 0; v < 2; v++) {
+    use_isa(run_isa);
+    for (int v = 1; v < ni; v++) {
+        int ok = bitwise_equal(out[0], out[v], n) && bitwise_equal(mean[0], mean[v], C) && bitwise_equal(rstd[0], rstd[v], C)
+              && bitwise_equal(rv[0], rv[v], C) && bitwise_equal(dx[0], dx[v], n) && bitwise_equal(dw[0], dw[v], C)
+              && bitwise_equal(db[0], db[v], C);
+        CHECK(ok, "bn %s vs %s not bitwise equal N%d C%d HW%d", kd_isa_name(isa[0]), kd_isa_name(isa[v]), N, C, HW);
+    }
+    for (int v = 0; v < ni; v++) {
         free(out[v]); free(mean[v]); free(rstd[v]); free(rm[v]); free(rv[v]); free(dx[v]); free(dw[v]); free(db[v]);
     }
     free(x); free(w); free(b); free(dy);
@@ -1120,6 +1146,84 @@ static void test_blas_threading(void) {
 #endif
 
 // ----------------------------------------------------------------------------------------
+// instruction-set choice (kdcore.h, "Instruction set")
+
+void kd_isa_test_reset(int cap);   // test hook: decide again at next use, CPU capped at `cap`
+
+static void with_env(const char * value) {
+    if (value == NULL) { unsetenv("KDCORE_ISA"); } else { setenv("KDCORE_ISA", value, 1); }
+}
+
+// Names, support, kd_set_isa/kd_get_isa, and how KDCORE_ISA is read and refused (a CPU
+// without AVX-512, or with AVX2 only, is simulated by capping the detected support).
+// Leaves the choice as KDCORE_ISA made it for this run.
+static void test_isa_api(void) {
+    const char * env = getenv("KDCORE_ISA");
+    char * saved = env ? strdup(env) : NULL;
+    const char * names[KD_ISA_COUNT] = { "auto", "portable", "avx2", "avx512" };
+    for (int l = 0; l < KD_ISA_COUNT; l++) {
+        CHECK(strcmp(kd_isa_name((enum kd_isa)l), names[l]) == 0, "kd_isa_name(%d)", l);
+    }
+    CHECK(kd_isa_name(KD_ISA_COUNT) == NULL && kd_isa_name((enum kd_isa)-1) == NULL, "kd_isa_name of a bad value");
+    CHECK(kd_isa_supported(KD_ISA_AUTO) && kd_isa_supported(KD_ISA_PORTABLE), "auto and portable always supported");
+    CHECK(!kd_isa_supported(KD_ISA_COUNT) && !kd_isa_supported((enum kd_isa)-1), "bad values unsupported");
+    CHECK(kd_isa_supported(KD_ISA_AVX2) == (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")),
+          "AVX2 support as the CPU reports it");
+    CHECK(kd_isa_supported(KD_ISA_AVX512) == (kd_isa_supported(KD_ISA_AVX2) && __builtin_cpu_supports("avx512f")),
+          "AVX-512 support as the CPU reports it");
+    enum kd_isa isa[KD_ISA_COUNT];
+    const int n = supported_isas(isa);
+    for (int v = 0; v < n; v++) {
+        use_isa(isa[v]);
+        char want[64];
+        snprintf(want, sizeof want, "kernels: %s (kd_set_isa;", kd_isa_name(isa[v]));
+        CHECK(strstr(kd_blas_config(), want) != NULL, "kd_blas_config reports %s: %s", want, kd_blas_config());
+    }
+    CHECK(kd_set_isa(KD_ISA_AUTO) == KD_OK && kd_get_isa() == isa[0], "kd_set_isa(auto) = the best supported");
+    CHECK(kd_set_isa(KD_ISA_COUNT) == KD_ERR_VALUE && strstr(kd_last_error(), "not an enum kd_isa") != NULL
+          && kd_get_isa() == isa[0], "kd_set_isa(bad value) refused, nothing changed: %s", kd_last_error());
+
+    // KDCORE_ISA, read at the next use after a reset
+    struct { const char * env; int cap; int ok; enum kd_isa want; const char * says; } cases[] = {
+        { NULL, KD_ISA_COUNT, 1, isa[0], "(automatic: KDCORE_ISA unset;" },
+        { "", KD_ISA_COUNT, 1, isa[0], "(automatic: KDCORE_ISA unset;" },
+        { "auto", KD_ISA_COUNT, 1, isa[0], "(KDCORE_ISA=auto;" },
+        { "Portable", KD_ISA_COUNT, 1, KD_ISA_PORTABLE, "portable (KDCORE_ISA=Portable;" },
+        { "avx3", KD_ISA_COUNT, 0, isa[0], "is not one of auto, avx512, avx2, portable" },
+        { "avx512", KD_ISA_AVX2, 0, KD_ISA_AVX2, "KDCORE_ISA=avx512: this CPU does not support avx512 (it supports avx2, portable)" },
+        { "avx2", KD_ISA_PORTABLE, 0, KD_ISA_PORTABLE, "does not support avx2 (it supports portable)" },
+        { "auto", KD_ISA_AVX2, 1, KD_ISA_AVX2, "avx2 (KDCORE_ISA=auto; CPU supports avx2 portable)" },
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        if (cases[i].cap < KD_ISA_COUNT && !kd_isa_supported((enum kd_isa)cases[i].cap)) continue;
+        if (cases[i].cap == KD_ISA_COUNT && cases[i].want != isa[0] && !kd_isa_supported(cases[i].want)) continue;
+        with_env(cases[i].env);
+        kd_isa_test_reset(cases[i].cap);
+        enum kd_status st = kd_isa_init();
+        const char * e = cases[i].env ? cases[i].env : "(unset)";
+        CHECK((st == KD_OK) == cases[i].ok, "KDCORE_ISA=%s: kd_isa_init %s", e, kd_status_str(st));
+        if (!cases[i].ok) {
+            CHECK(strstr(kd_last_error(), cases[i].says) != NULL, "KDCORE_ISA=%s: message %s", e, kd_last_error());
+            CHECK(strstr(kd_isa_config(), "(automatic; refused: ") != NULL, "refusal in kd_isa_config: %s", kd_isa_config());
+            CHECK(kd_isa_init() == KD_ERR_VALUE, "kd_isa_init keeps reporting the refusal");
+        } else {
+            CHECK(strstr(kd_isa_config(), cases[i].says) != NULL, "KDCORE_ISA=%s: kd_isa_config %s", e, kd_isa_config());
+        }
+        CHECK(kd_get_isa() == cases[i].want, "KDCORE_ISA=%s: runs %s, want %s", e, kd_isa_name(kd_get_isa()),
+              kd_isa_name(cases[i].want));
+        if (cases[i].cap == KD_ISA_AVX2) {
+            CHECK(!kd_isa_supported(KD_ISA_AVX512) && kd_set_isa(KD_ISA_AVX512) == KD_ERR_VALUE
+                  && strstr(kd_last_error(), "does not support avx512") != NULL && kd_get_isa() == cases[i].want,
+                  "kd_set_isa(avx512) refused without AVX-512: %s", kd_last_error());
+        }
+    }
+    with_env(saved);
+    free(saved);
+    kd_isa_test_reset(KD_ISA_COUNT);
+    CHECK(kd_isa_init() == KD_OK && kd_get_isa() == run_isa, "the run's choice restored");
+}
+
+// ----------------------------------------------------------------------------------------
 
 // conv2d reference cases: N, C, H, W, OC, K, S, P, G
 static void test_conv_ref_all(void) {
@@ -1164,31 +1268,39 @@ static void test_linear_ref_all(void) {
     test_linear_gradcheck();
 }
 
-// The own product: AVX-512 (where present), AVX2 and portable kernels give the same bits.
+// The own product: AVX-512, AVX2 and portable kernels give the same bits (those the CPU
+// supports).
 static void test_linear_isa(void) {
     int N = 37, C = 301, OC = 70;
     size_t ni = (size_t)N * C, nw = (size_t)OC * C, no = (size_t)N * OC;
     float * inp = frand(ni, 91), * w = frand(nw, 92), * b = frand(OC, 93), * dout = frand(no, 94);
-    const int isa[3] = { 0, 1, 3 };
-    float * out[3], * dinp[3], * dw[3];
+    enum kd_isa isa[KD_ISA_COUNT];
+    const int n = supported_isas(isa);
+    float * out[KD_ISA_COUNT], * dinp[KD_ISA_COUNT], * dw[KD_ISA_COUNT];
     kd_linear_force_engine(1);
-    for (int v = 0; v < 3; v++) {
-        kd_conv_force_isa(isa[v]);
+    for (int v = 0; v < n; v++) {
+        use_isa(isa[v]);
         out[v] = fzeros(no); dinp[v] = frand(ni, 95); dw[v] = frand(nw, 96);
         lin_fwd(out[v], inp, w, b, N, C, OC);
         lin_bwd(dinp[v], dw[v], NULL, dout, inp, w, N, C, OC);
     }
-    kd_conv_force_isa(0);
+    use_isa(run_isa);
     kd_linear_force_engine(0);
-    for (int v = 1; v < 3; v++) {
+    for (int v = 1; v < n; v++) {
         CHECK(bitwise_equal(out[0], out[v], no) && bitwise_equal(dinp[0], dinp[v], ni) && bitwise_equal(dw[0], dw[v], nw),
-              "linear: automatic vs %s kernels not bitwise equal", v == 1 ? "portable" : "AVX2");
+              "linear own product: %s vs %s kernels not bitwise equal", kd_isa_name(isa[0]), kd_isa_name(isa[v]));
     }
-    for (int v = 0; v < 3; v++) { free(out[v]); free(dinp[v]); free(dw[v]); }
+    for (int v = 0; v < n; v++) { free(out[v]); free(dinp[v]); free(dw[v]); }
     free(inp); free(w); free(b); free(dout);
 }
 
 int main(void) {
+    CHECK(kd_isa_init() == KD_OK, "%s", kd_last_error());
+    run_isa = kd_get_isa();
+    printf("kernels: %s\n", kd_isa_config());
+    fflush(stdout);
+    test_isa_api();
+
     // linear: each engine against the double-precision reference, then the automatic choice
     for (int e = 1; e <= 2; e++) {
         kd_linear_force_engine(e);
@@ -1206,22 +1318,24 @@ int main(void) {
         test_conv_gradcheck(conv_shape(2, 4, 5, 5, 6, 3, 1, 1, 2), 310 + path);
     }
     kd_conv_force_path(0);
-    kd_conv_force_isa(3);          // the AVX2 kernels (CPUs without AVX-512) against the reference
-    test_conv_ref_all();
-    kd_conv_force_isa(0);
+    if (run_isa != KD_ISA_AVX2 && kd_isa_supported(KD_ISA_AVX2)) {
+        use_isa(KD_ISA_AVX2);      // the kernels of CPUs without AVX-512 against the reference
+        test_conv_ref_all();
+        use_isa(run_isa);
+    }
     test_conv_gradcheck(conv_shape(2, 3, 6, 5, 4, 3, 2, 1, 1), 300);
     test_conv_gradcheck(conv_shape(2, 4, 5, 5, 6, 3, 1, 1, 2), 310);
     test_conv_gradcheck(conv_shape(2, 3, 5, 6, 3, 3, 1, 1, 3), 320);
     test_conv_gradcheck(conv_shape(2, 4, 4, 3, 5, 1, 1, 0, 1), 330);
     test_conv_workspace();
     test_conv_nonfinite();
-    test_conv_portable(conv_shape(3, 8, 12, 11, 16, 3, 1, 1, 1), 800);
-    test_conv_portable(conv_shape(3, 12, 9, 9, 20, 3, 2, 1, 2), 810);
-    test_conv_portable(conv_shape(3, 16, 28, 28, 32, 3, 2, 1, 1), 815);  // stride 2, phase planes
-    test_conv_portable(conv_shape(2, 1, 28, 28, 16, 3, 1, 1, 1), 820);
-    test_conv_portable(conv_shape(2, 6, 8, 9, 10, 1, 1, 0, 1), 830);
+    test_conv_isas(conv_shape(3, 8, 12, 11, 16, 3, 1, 1, 1), 800);
+    test_conv_isas(conv_shape(3, 12, 9, 9, 20, 3, 2, 1, 2), 810);
+    test_conv_isas(conv_shape(3, 16, 28, 28, 32, 3, 2, 1, 1), 815);  // stride 2, phase planes
+    test_conv_isas(conv_shape(2, 1, 28, 28, 16, 3, 1, 1, 1), 820);
+    test_conv_isas(conv_shape(2, 6, 8, 9, 10, 1, 1, 0, 1), 830);
     kd_conv_force_path(2);
-    test_conv_portable(conv_shape(5, 8, 7, 7, 16, 3, 1, 1, 1), 840);   // col path, image groups
+    test_conv_isas(conv_shape(5, 8, 7, 7, 16, 3, 1, 1, 1), 840);   // col path, image groups
     kd_conv_force_path(0);
 
     // batchnorm: (N, C, HW)
@@ -1235,23 +1349,24 @@ int main(void) {
     test_bn_single_value();
     test_bn_ref(3, 70, 49, 440);   // more channels than one accumulator block (64)
     test_bn_ref(2, 5, 4, 450);     // planes shorter than the 16 lanes
-    test_bn_portable(5, 7, 196);
-    test_bn_portable(3, 70, 37);
+    test_bn_isas(5, 7, 196);
+    test_bn_isas(3, 70, 37);
 
     test_relu();
     test_maxpool(2, 3, 7, 5, 3, 2, 1, 500);  // padding + stride
     test_maxpool(1, 2, 6, 6, 2, 2, 0, 510);
     test_maxpool(2, 2, 5, 7, 3, 1, 1, 520);  // overlapping windows
-    for (int v = 0; v < 2; v++) {             // 2x2/2 fast path: SIMD, then portable
-        kd_conv_force_portable(v);
+    enum kd_isa isa[KD_ISA_COUNT];
+    for (int v = 0, n = supported_isas(isa); v < n; v++) {   // 2x2/2 fast path: AVX-512 and portable
+        use_isa(isa[v]);
         test_maxpool(2, 3, 28, 28, 2, 2, 0, 530);
         test_maxpool(2, 3, 7, 7, 2, 2, 0, 540);    // odd size: last row/column unused
         test_maxpool(1, 2, 6, 40, 2, 2, 0, 550);   // rows of more than 16 outputs
         test_maxpool(1, 2, 4, 2, 2, 2, 0, 560);    // one output per row
     }
-    kd_conv_force_portable(0);
-    test_maxpool2x2_portable(3, 5, 28, 28, 570);
-    test_maxpool2x2_portable(2, 3, 9, 35, 580);
+    use_isa(run_isa);
+    test_maxpool2x2_isas(3, 5, 28, 28, 570);
+    test_maxpool2x2_isas(2, 3, 9, 35, 580);
     test_avgpool(2, 3, 7, 5, 3, 2, 1, 600);  // padding: divisor stays K*K
     test_avgpool(1, 2, 6, 6, 2, 2, 0, 610);
     test_gap();

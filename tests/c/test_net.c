@@ -408,6 +408,9 @@ static void gradcheck_train(void) { gradcheck(true); }
 static void gradcheck_eval(void) { gradcheck(false); }
 
 int main(void) {
+    // Runs on the instruction set KDCORE_ISA chooses (`make test-c-isa` runs each one).
+    CHECK(kd_isa_init() == KD_OK, "%s", kd_last_error());
+    printf("kernels: %s\n", kd_isa_config());
     KDT_RUN(test_errors);
     KDT_RUN(gradcheck_train);
     KDT_RUN(gradcheck_eval);
