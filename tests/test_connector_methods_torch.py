@@ -161,6 +161,52 @@ def test_vid_step_trains_the_variances(data):
     check_close("vid", h["vid"][0], vids[0].item(), rtol=1e-4)
 
 
+
+def test_vid_two_steps_on_the_engine(data):
+    """VID as a step configuration over two unshuffled batches: the student, a regressor (1x1
+    conv) on its '5' map and the variances' parameter holder trained together. After the
+    second step every update equals two torch SGD steps (momentum, weight decay): the holder's
+    gradient at each step is that step's alone, as torch's zero_grad gives."""
+    X, y, ds = data
+    student, teacher = kdcore.models.cnn(num_classes=V, input_size=8, width=4, seed=2), teacher_of(6)
+    p = Pair(student, teacher)
+    eps, B = 1e-5, len(ds) // 2
+    reg = kdcore.nn.Sequential(kdcore.nn.Conv2d(4, 6, 1, bias=False))
+    reg.reset_parameters(0)
+    holder = kdcore.nn.Sequential(kdcore.nn.Linear(1, 6, bias=False))
+    holder.parameters()["0.weight"][...] = kdcore.functional.vid_log_scale(6, 5.0, eps)[:, None]
+    reg0, ls0 = reg.state_dict(), holder.state_dict()["0.weight"].ravel().astype(np.float64)
+    treg = twin_of(reg, nn.Sequential(nn.Conv2d(4, 6, 1, bias=False)))
+    ls = torch.tensor(ls0, dtype=torch.float64, requires_grad=True)
+    opt = kdcore.optim.SGD(**SGD)
+    M, KI = kdcore._kdcore.MODES, kdcore._kdcore.TERM_KINDS
+    nets = [dict(net=student.net, opt=opt.bind(student), mode=M["train"], salt=1, role="student"),
+            dict(net=teacher.net, mode=M["eval"], salt=2, role="teacher"),
+            dict(net=reg.net, opt=opt.bind(reg), mode=M["train"], input=(0, student._tap_index("5")), role="connector"),
+            dict(net=holder.net, opt=opt.bind(holder), params_only=True, role="vid variances")]
+    terms = [dict(kind=KI["ce"], a=(0, -1), weight=1.0),
+             dict(kind=KI["vid"], a=(2, -1), src=[(1, teacher._tap_index("5"))], params=3, eps=eps, weight=1.0)]
+    topts = dict(batch_size=B, schedule=(0, SGD["lr"], [], 0, 0.0, 0), shuffle=False, max_steps=2)
+    st = kdcore._kdcore.step_epoch(nets, terms, ds._c, 0, topts)
+    topt = torch.optim.SGD(list(p.ts.parameters()) + list(treg.parameters()) + [ls], **SGD)
+    vids = []
+    for b in range(2):
+        rows = slice(b * B, (b + 1) * B)
+        topt.zero_grad()
+        z = p.forward(X[rows])
+        ce = TF.cross_entropy(z, torch.tensor(y[rows]))
+        var = (TF.softplus(ls) + eps).view(1, -1, 1, 1)
+        vid = (0.5 * ((treg(p.f["s"][5]) - p.f["t"][5]) ** 2 / var + torch.log(var))).mean()
+        (ce + vid).backward()
+        topt.step()
+        vids.append(vid.item())
+    check_models("student", student, p.ts, p.s0)
+    check_connector("vid regressor", reg, treg, reg0)
+    got = holder.state_dict()["0.weight"].ravel().astype(np.float64) - ls0
+    want = ls.detach().numpy() - ls0
+    check_close("log_scale update", got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max() + 2.4e-7 * np.abs(ls0).max())
+    check_close("vid", st["term_value"][1], np.mean(vids), rtol=1e-4)
+
 def test_cc_step_trains_both_embeddings(data):
     """CC pairs consecutive samples, so the batch order matters: the step runs unshuffled."""
     X, y, ds = data

@@ -176,6 +176,85 @@ def test_multi_exit_skip(tmp_path, data):
     assert "not finite at epoch 0" in msg
 
 
+
+def test_engine_skip_restores_crd_state():
+    """A step dropped after its CRD term ran leaves the bank as it was: the draw counter put
+    back, and Z unset again when the dropped step was the first (Z is set by the first batch).
+    A step configuration (step_epoch) with terms [CRD, CE]: CRD's embedding heads (trained
+    connectors) read a frozen net whose weights on the poisoned pixels are 0, so on the
+    poisoned sample the CRD term is finite and draws its negatives, while the student's logits
+    overflow and its CE is not finite. Under 'raise' the bank shows that the draw (and Z) did
+    happen; under 'skip', running through the dropped step leaves nets and bank bitwise where
+    stopping before it does (the first step dropped: where a fresh bank is)."""
+    M, KI = _kdcore.MODES, _kdcore.TERM_KINDS
+    n, c, B = 32, 4, 8
+    rng = np.random.default_rng(8)
+    X0 = rng.normal(0, 1, (n, 1, 8, 8)).astype(np.float32)
+    y = rng.integers(0, c, n)
+
+    def setup(bad_step):
+        X = X0.copy()
+        X[bad_step * B + 3, 0, 0, :] = 3e38   # the first row of pixels of one sample of that step
+        ds = kdcore.datasets.from_arrays(X, y, num_classes=c, normalize=None)
+        student = kdcore.nn.Sequential(kdcore.nn.Flatten(), kdcore.nn.Linear(64, c))
+        student.reset_parameters(1)
+        sd = student.state_dict()
+        sd["1.weight"][:, :8] = 1.0          # 8 x 3e38 overflows
+        student.load_state_dict(sd)
+        feats = kdcore.nn.Sequential(kdcore.nn.Flatten(), kdcore.nn.Linear(64, 6))
+        feats.reset_parameters(2)
+        sd = feats.state_dict()
+        sd["1.weight"][:, :8] = 0.0          # blind to the poisoned pixels
+        feats.load_state_dict(sd)
+        ks, kt = kdcore.nn.Sequential(kdcore.nn.Linear(6, 8)), kdcore.nn.Sequential(kdcore.nn.Linear(6, 8))
+        ks.reset_parameters(3)
+        kt.reset_parameters(4)
+        bank = kdcore.functional.CRDBank(n, dim=8, n_neg=4, T=0.1, momentum=0.5, seed=4)
+        return ds, (student, ks, kt), feats, bank
+
+    def run(bad_step, policy, max_steps):
+        ds, (student, ks, kt), feats, bank = setup(bad_step)
+        opt = kdcore.optim.SGD(lr=0.1, momentum=0.9)
+        nets = [dict(net=student.net, opt=opt.bind(student), mode=M["train"], salt=1, role="student"),
+                dict(net=feats.net, mode=M["eval"], salt=2, role="features"),
+                dict(net=ks.net, opt=opt.bind(ks), mode=M["train"], input=(1, -1), role="connector"),
+                dict(net=kt.net, opt=opt.bind(kt), mode=M["train"], input=(1, -1), role="connector")]
+        terms = [dict(kind=KI["crd"], a=(2, -1), src=[(3, -1)], grad=True, weight=0.8, bank=bank._c),
+                 dict(kind=KI["ce"], a=(0, -1), weight=1.0)]
+        topts = dict(batch_size=B, schedule=(0, 0.1, [], 0, 0.0, 0), shuffle=False, max_steps=max_steps,
+                     nonfinite=policy)
+        err = None
+        try:
+            st = _kdcore.step_epoch(nets, terms, ds._c, 0, topts)
+        except RuntimeError as e:
+            st, err = None, str(e)
+        return st, err, [m.state_dict() for m in (student, ks, kt)], bank.state_dict()
+
+    def same(a, b):
+        for x, y_ in zip(a, b):
+            assert sorted(x) == sorted(y_)
+            for k in x:
+                assert np.asarray(x[k]).tobytes() == np.asarray(y_[k]).tobytes(), k
+
+    # the poison in step 2: the CRD term draws there (raise: the counter is at 3), and a
+    # dropped step 2 leaves everything as two steps do
+    _, err, _, bank = run(2, "raise", 4)
+    assert "cross-entropy of the student is not finite at epoch 0, step 2" in err and int(bank["steps"]) == 3
+    st_a, _, nets_a, bank_a = run(2, "skip", 2)
+    st_b, _, nets_b, bank_b = run(2, "skip", 3)
+    assert st_a["skipped_steps"] == 0 and st_b["skipped_steps"] == 1
+    assert int(bank_b["steps"]) == 2 and np.all(np.asarray(bank_b["z"]) > 0)
+    same(nets_a, nets_b)
+    same([bank_a], [bank_b])
+    # the poison in the first step: raise leaves Z set from that batch; skip leaves the bank fresh
+    _, err, _, bank = run(0, "raise", 4)
+    assert "step 0" in err and int(bank["steps"]) == 1 and np.all(np.asarray(bank["z"]) > 0)
+    st_c, _, nets_c, bank_c = run(0, "skip", 1)
+    ds, models, _, fresh = setup(0)
+    assert st_c["skipped_steps"] == 1
+    same(nets_c, [m.state_dict() for m in models])
+    same([bank_c], [fresh.state_dict()])
+
 def test_nonfinite_option_is_validated(data):
     clean, _ = data
     t = mlp(seed=5)

@@ -1,6 +1,14 @@
 #!/usr/bin/env python3
-"""Mutation check of the training loops' options: breaks each option on purpose, in a copy of
-the repository, and reports which tests notice.
+"""Mutation check of the training schemes' options and of the step engine that runs them:
+breaks each on purpose, in a copy of the repository, and reports which tests notice.
+
+Since the loops became one step engine (kd_step_epoch in kdcore/src/train.c) and every scheme
+a configuration of it (kdcore/src/schemes.c), an option's bug lives either in the engine
+(term_run, source_weights, source_pred, update_gates, kd_term_weight_, the runner) or in the
+scheme's configuration; where one shared engine line implements an option for every scheme
+(the CE term's label smoothing), per-scheme mutations restrict the bug to that scheme (L->fn)
+so that each scheme's test is shown to check it. The last group breaks the engine itself
+(connectors, source gradients, gradient slots, parameter holders, CRD state, skip mode).
 
 For every mutation in MUTATIONS below: copy the repository (the files `git ls-files` lists,
 untracked ones not ignored included) into a temporary directory, replace the mutation's `old`
@@ -11,14 +19,14 @@ built and its tests run first: they must all pass, or a "caught" would mean noth
 
 Exit status 0 only when every selected mutation applied, built and was caught.
 
-    python tests/mutation/mutate.py               # everything (make mutate; ~20 minutes)
+    python tests/mutation/mutate.py               # everything (make mutate; ~30 minutes)
     python tests/mutation/mutate.py --list        # names, files, tests
     python tests/mutation/mutate.py --check       # only: does every snippet apply exactly once?
     python tests/mutation/mutate.py --only NAME [--only NAME2 ...]
 
-When the loops are rewritten, re-point the snippets (`--check` lists the ones that no longer
-apply); each mutation's `what` says which behaviour it breaks, so the new snippet is the code
-that implements that behaviour now.
+When the engine or the schemes are rewritten, re-point the snippets (`--check` lists the
+ones that no longer apply); each mutation's `what` says which behaviour it breaks, so the new
+snippet is the code that implements that behaviour now.
 """
 from __future__ import annotations
 
@@ -33,6 +41,7 @@ import time
 from pathlib import Path
 
 TRAIN = "kdcore/src/train.c"
+SCHEMES_C = "kdcore/src/schemes.c"
 DISTILL = "python/kdcore/distill.py"
 SCHEMES = "python/kdcore/schemes.py"
 TRAINING = "python/kdcore/training.py"
@@ -41,6 +50,11 @@ LOOP = "tests/test_loop_options_torch.py"
 STAGES = "tests/test_scheme_stages_torch.py"
 SCHEMES_TORCH = "tests/test_schemes_torch.py"
 API = "tests/test_distill_api.py"
+ENGINE = "tests/test_step_engine.py"
+FEATURE = "tests/test_feature_methods_torch.py"
+CONN = "tests/test_connector_methods_torch.py"
+LOSSES_API = "tests/test_losses_api.py"
+NONFINITE = "tests/test_nonfinite.py"
 
 
 def t(path, *names):
@@ -51,141 +65,161 @@ def t(path, *names):
 # Each mutation: name, file, old (exact snippet, must occur once), new, what (the behaviour it
 # breaks), tests (pytest node ids or paths, run in the mutated copy; any failure = caught).
 MUTATIONS = [
-    # ---- label smoothing inside every loop
-    dict(name="ls_off_distill", file=TRAIN, what="distill loop: CE without label smoothing",
-         old="st = kd_cross_entropy(&ce, dlogits, zs, L.y, cond ? w_ce : NULL, nb, V, cfg->label_smoothing,",
-         new="st = kd_cross_entropy(&ce, dlogits, zs, L.y, cond ? w_ce : NULL, nb, V, 0.0f,",
+    # ---- label smoothing inside every scheme. Every scheme's CE is the engine's CE term
+    # (term_run reads the train cfg's label_smoothing once): ls_off_distill breaks it for all;
+    # the per-scheme mutations break it only where the engine runs that scheme (L->fn names
+    # the public epoch function), so each scheme's own test is shown to check it.
+    dict(name="ls_off_distill", file=TRAIN, what="the engine's CE term without label smoothing (every scheme)",
+         old="st = kd_cross_entropy(&o->value, da, a, L->y, NULL, nb, V, smooth, w, true);",
+         new="st = kd_cross_entropy(&o->value, da, a, L->y, NULL, nb, V, 0.0f, w, true);",
          tests=t(LOOP, "test_distill_label_smoothing") + t(STAGES, "test_fit_and_distill_pass_label_smoothing")),
+    # The old loop computed a separate plain CE to report under conditional learning; the
+    # engine reports the CE term's own value, so that path is gone. The closest real bug:
+    # the CE that conditional learning adds where the teacher is wrong (the moved KD weight)
+    # without label smoothing.
     dict(name="ls_off_conditional_reported_ce", file=TRAIN,
-         what="conditional learning: the reported plain CE without label smoothing",
-         old="kd_cross_entropy(&ce, NULL, zs, L.y, NULL, nb, V, cfg->label_smoothing, 1.0f, false)",
-         new="kd_cross_entropy(&ce, NULL, zs, L.y, NULL, nb, V, 0.0f, 1.0f, false)",
+         what="conditional learning: the teacher-wrong samples' CE (the moved KD weight) without label smoothing",
+         old="kd_cross_entropy(&ce, da, a, L->y, wrong, nb, V, smooth, w, true)",
+         new="kd_cross_entropy(&ce, da, a, L->y, wrong, nb, V, 0.0f, w, true)",
          tests=t(LOOP, "test_distill_label_smoothing")),
-    dict(name="ls_off_mutual", file=TRAIN, what="mutual loop: CE without label smoothing",
-         old="st = kd_cross_entropy(&ce, da, za, L.y, NULL, nb, V, cfg->label_smoothing, m->ce_weight, false);",
-         new="st = kd_cross_entropy(&ce, da, za, L.y, NULL, nb, V, 0.0f, m->ce_weight, false);",
+    dict(name="ls_off_mutual", file=TRAIN, what="mutual learning: the peers' CE without label smoothing",
+         old="const float smooth = L->cfg->label_smoothing;",
+         new='const float smooth = strcmp(L->fn, "kd_mutual_epoch") == 0 ? 0.0f : L->cfg->label_smoothing;',
          tests=t(LOOP, "test_mutual_k_peers") + t(STAGES, "test_mutual_entry_point")),
-    dict(name="ls_off_slkd_student", file=TRAIN, what="SLKD loop: the student's CE without label smoothing",
-         old="kd_cross_entropy(&ce, ds_, zs, L.y, NULL, nb, V, cfg->label_smoothing, (c->lambda + c->eta) * a, false)",
-         new="kd_cross_entropy(&ce, ds_, zs, L.y, NULL, nb, V, 0.0f, (c->lambda + c->eta) * a, false)",
+    dict(name="ls_off_slkd_student", file=TRAIN, what="SLKD: the student's CE without label smoothing",
+         old="const float smooth = L->cfg->label_smoothing;",
+         new='const float smooth = strcmp(L->fn, "kd_slkd_epoch") == 0 && t->a.net == 0 ? 0.0f\n'
+             '                                                                         : L->cfg->label_smoothing;',
          tests=t(LOOP, "test_slkd_options") + t(STAGES, "test_slkd_sequential_replay")),
-    dict(name="ls_off_slkd_sl", file=TRAIN, what="SLKD loop: the SL-teachers' CE without label smoothing",
-         old="st = kd_cross_entropy(&cej, dj, zj[j], L.y, NULL, nb, V, cfg->label_smoothing, a, false);",
-         new="st = kd_cross_entropy(&cej, dj, zj[j], L.y, NULL, nb, V, 0.0f, a, false);",
+    dict(name="ls_off_slkd_sl", file=TRAIN, what="SLKD: the SL-teachers' CE without label smoothing",
+         old="const float smooth = L->cfg->label_smoothing;",
+         new='const float smooth = strcmp(L->fn, "kd_slkd_epoch") == 0 && t->a.net >= 2 ? 0.0f\n'
+             '                                                                         : L->cfg->label_smoothing;',
          tests=t(LOOP, "test_slkd_options") + t(STAGES, "test_slkd_parallel_sl_optimizer")),
-    dict(name="ls_off_exits", file=TRAIN, what="multi-exit loop: CE without label smoothing",
-         old="st = kd_cross_entropy(&ce, d, zk, L.y, NULL, nb, V, cfg->label_smoothing, cw * scale, false);",
-         new="st = kd_cross_entropy(&ce, d, zk, L.y, NULL, nb, V, 0.0f, cw * scale, false);",
+    dict(name="ls_off_exits", file=TRAIN, what="multi-exit: the exits' CE without label smoothing",
+         old="const float smooth = L->cfg->label_smoothing;",
+         new='const float smooth = strcmp(L->fn, "kd_exits_epoch") == 0 ? 0.0f : L->cfg->label_smoothing;',
          tests=t(LOOP, "test_multi_exit") + t(STAGES, "test_multi_exit_defaults")),
     dict(name="ls_not_passed_by_python", file=TRAINING, what="Python: label_smoothing not handed to the C loops",
          old="label_smoothing=label_smoothing, callback=bar,", new="label_smoothing=0.0, callback=bar,",
          tests=t(STAGES, "test_fit_and_distill_pass_label_smoothing", "test_mutual_entry_point")),
 
-    # ---- DGKD's teacher drop
+    # ---- DGKD's teacher drop: the engine's source weights (source_weights)
     dict(name="teacher_drop_inverted", file=TRAIN, what="each teacher dropped with probability 1 - p",
-         old="kd_uniform(kd_hash(L.sseed ^ 0xD509ull, (uint64_t)t)) < dcfg->teacher_drop;",
-         new="kd_uniform(kd_hash(L.sseed ^ 0xD509ull, (uint64_t)t)) >= dcfg->teacher_drop;",
+         old="kd_uniform(kd_hash(sseed ^ 0xD509ull, (uint64_t)t)) < s->drop;",
+         new="kd_uniform(kd_hash(sseed ^ 0xD509ull, (uint64_t)t)) >= s->drop;",
          tests=t(LOOP, "test_teacher_drop_rate", "test_teacher_drop_keeps_one")),
     dict(name="teacher_drop_one_draw", file=TRAIN, what="one random draw drops all teachers or none",
-         old="kd_uniform(kd_hash(L.sseed ^ 0xD509ull, (uint64_t)t))", new="kd_uniform(kd_hash(L.sseed ^ 0xD509ull, 0))",
+         old="kd_uniform(kd_hash(sseed ^ 0xD509ull, (uint64_t)t))", new="kd_uniform(kd_hash(sseed ^ 0xD509ull, 0))",
          tests=t(LOOP, "test_teacher_drop_rate")),
     dict(name="teacher_drop_keep_one_removed", file=TRAIN, what="a step may drop every teacher",
-         old="if (n_teachers > 0 && kept == 0) {", new="if (0) {",
+         old="if (n > 0 && kept == 0) {", new="if (0) {",
          tests=t(LOOP, "test_teacher_drop_keeps_one", "test_teacher_drop_rate")),
     dict(name="teacher_drop_keep_one_always_first", file=TRAIN,
          what="when all are dropped, always the first teacher is kept",
-         old="int t = (int)(kd_hash(L.sseed, 0xD50ull) % (uint64_t)n_teachers);", new="int t = 0;",
+         old="int t = (int)(kd_hash(sseed, 0xD50ull) % (uint64_t)n);", new="int t = 0;",
          tests=t(LOOP, "test_teacher_drop_keeps_one")),
 
-    # ---- tolerant term, student noise
+    # ---- tolerant term (term_run), student noise (loop_noisy_input; the distill configuration)
     dict(name="tolerant_gradient_doubled", file=TRAIN, what="the tolerant term's gradient doubled",
-         old="kd_loss_tolerant(&tol, dlogits, zs, nb, V, dcfg->tolerant_k, dcfg->tolerant_weight, true)",
-         new="kd_loss_tolerant(&tol, dlogits, zs, nb, V, dcfg->tolerant_k, 2 * dcfg->tolerant_weight, true)",
+         old="kd_loss_tolerant(&o->value, da, a, nb, V, t->k, w, true)",
+         new="kd_loss_tolerant(&o->value, da, a, nb, V, t->k, 2 * w, true)",
          tests=t(LOOP, "test_distill_tolerant") + t(STAGES, "test_born_again_stages")),
     dict(name="student_noise_doubled", file=TRAIN, what="student input noise with twice the std",
-         old="L->xs[i] = L->x[i] + noise * kd_normal(seed, i);",
-         new="L->xs[i] = L->x[i] + 2 * noise * kd_normal(seed, i);",
+         old="buf[i] = L->x[i] + noise * kd_normal(seed, i);",
+         new="buf[i] = L->x[i] + 2 * noise * kd_normal(seed, i);",
          tests=t(LOOP, "test_student_noise_exact")),
     dict(name="student_noise_replaces_input", file=TRAIN, what="the student sees the noise instead of x + noise",
-         old="L->xs[i] = L->x[i] + noise * kd_normal(seed, i);", new="L->xs[i] = noise * kd_normal(seed, i);",
+         old="buf[i] = L->x[i] + noise * kd_normal(seed, i);", new="buf[i] = noise * kd_normal(seed, i);",
          tests=t(LOOP, "test_student_noise_exact")),
-    dict(name="student_noise_reaches_teacher", file=TRAIN, what="the teacher sees the student's noisy input",
-         old="forward_train(teachers[t], &L, L.x, dcfg->teacher_mode",
-         new="forward_train(teachers[t], &L, loop_student_input(&L, dcfg->student_noise), dcfg->teacher_mode",
+    # The noise is a per-net input option now: the distill configuration gives it to the
+    # teachers too (the same step seed, so the teachers see the student's noisy input).
+    dict(name="student_noise_reaches_teacher", file=SCHEMES_C, what="the teacher sees the student's noisy input",
+         old='dcfg->teacher_mode, SALT_TEACHER + (uint64_t)t, "teacher");\n',
+         new='dcfg->teacher_mode, SALT_TEACHER + (uint64_t)t, "teacher");\n'
+             "    for (int t = 0; t < nt; t++) nets[1 + t].input_noise = dcfg->student_noise;\n",
          tests=t(LOOP, "test_student_noise_exact")),
     dict(name="student_noise_same_every_step", file=TRAIN, what="the same noise at every step and epoch",
          old="uint64_t seed = L->sseed ^ 0x4E015Eull;", new="uint64_t seed = 0x4E015Eull;",
          tests=t(LOOP, "test_student_noise_exact")),
 
-    # ---- warm-up ramp, kd_stop_epoch
+    # ---- warm-up ramp, kd_stop_epoch: a term's weight schedule (kd_term_weight_)
     dict(name="warmup_ramp_off_by_one", file=TRAIN, what="DKD-style warm-up ramp one epoch ahead",
-         old="epoch + 1 < dcfg->warmup_epochs) kdw *= (float)(epoch + 1) / dcfg->warmup_epochs;",
-         new="epoch + 2 < dcfg->warmup_epochs) kdw *= (float)(epoch + 2) / dcfg->warmup_epochs;",
+         old="epoch + 1 < t->warmup_epochs) w *= (float)(epoch + 1) / t->warmup_epochs;",
+         new="epoch + 2 < t->warmup_epochs) w *= (float)(epoch + 2) / t->warmup_epochs;",
          tests=t(LOOP, "test_distill_weight_by_epoch")),
     dict(name="kd_stop_epoch_off_by_one", file=TRAIN, what="KD switched off one epoch after kd_stop_epoch",
-         old="if (dcfg->kd_stop_epoch > 0 && epoch >= dcfg->kd_stop_epoch) kdw = 0.0f;",
-         new="if (dcfg->kd_stop_epoch > 0 && epoch > dcfg->kd_stop_epoch) kdw = 0.0f;",
+         old="if (t->stop_epoch > 0 && epoch >= t->stop_epoch) w = 0.0f;",
+         new="if (t->stop_epoch > 0 && epoch > t->stop_epoch) w = 0.0f;",
          tests=t(LOOP, "test_distill_weight_by_epoch") + t(STAGES, "test_eskd_stages")),
 
-    # ---- conditional learning
+    # ---- conditional learning (term_run; the mixture in source_pred)
     dict(name="conditional_weight_not_moved", file=TRAIN, what="teacher wrong: the KD weight is not moved to CE",
-         old="w_ce[i] = right ? dcfg->ce_weight : dcfg->ce_weight + kdw;", new="w_ce[i] = dcfg->ce_weight;",
+         old="wrong[i] = right ? 0.0f : 1.0f;", new="wrong[i] = 0.0f;",
          tests=t(LOOP, "test_distill_weight_by_epoch", "test_distill_conditional_several_teachers")
          + t(SCHEMES_TORCH, "test_distill_conditional")),
     dict(name="conditional_moves_nominal_weight", file=TRAIN,
          what="teacher wrong: kd_weight moved to CE instead of this epoch's effective weight",
-         old="w_ce[i] = right ? dcfg->ce_weight : dcfg->ce_weight + kdw;",
-         new="w_ce[i] = right ? dcfg->ce_weight : dcfg->ce_weight + dcfg->kd_weight;",
+         old="kd_cross_entropy(&ce, da, a, L->y, wrong, nb, V, smooth, w, true)",
+         new="kd_cross_entropy(&ce, da, a, L->y, wrong, nb, V, smooth, t->weight, true)",
          tests=t(LOOP, "test_distill_weight_by_epoch", "test_learned_gates_vs_autograd")),
     dict(name="conditional_first_teacher_only", file=TRAIN,
          what="several teachers: 'right' judged by the first teacher instead of the mixture",
-         old="if (n_teachers == 1) zref = tz;", new="if (1) zref = tz;",
+         old="const float * zr = source_pred(E, s, gw, pred);", new="const float * zr = ref_data(E, s->ref[0]);",
          tests=t(LOOP, "test_distill_conditional_several_teachers")),
     dict(name="conditional_mixture_at_T", file=TRAIN, what="several teachers: the mixture judged at T, not T = 1",
-         old="kd_softmax_t(tmp, tz + (size_t)t * BV, nb, V, 1.0f);",
-         new="kd_softmax_t(tmp, tz + (size_t)t * BV, nb, V, dcfg->T);",
+         old="const float * zr = source_pred(E, s, gw, pred);",
+         new="const float * zr = s->n == 1 ? ref_data(E, s->ref[0]) : pred;\n"
+             "        for (int j = 0; s->n > 1 && j < s->n; j++) {\n"
+             "            if (j == 0) memset(pred, 0, nbv * sizeof(float));\n"
+             "            if (gw[j] == 0) continue;\n"
+             "            kd_softmax_t(E->tmp, ref_data(E, s->ref[j]), nb, V, t->T);\n"
+             "            for (size_t i = 0; i < nbv; i++) pred[i] += gw[j] * E->tmp[i];\n"
+             "        }",
          tests=t(LOOP, "test_distill_conditional_several_teachers")),
+    # The mixture that judges "right" is source_pred's, shared with the teacher_accuracy monitor.
     dict(name="conditional_mixture_unweighted", file=TRAIN, what="several teachers: the mixture ignores the weights",
-         old="kd_softmax_t(tmp, tz + (size_t)t * BV, nb, V, 1.0f);\n"
-             "                    for (size_t j = 0; j < nbv; j++) q[j] += gw[t] * tmp[j];",
-         new="kd_softmax_t(tmp, tz + (size_t)t * BV, nb, V, 1.0f);\n"
-             "                    for (size_t j = 0; j < nbv; j++) q[j] += tmp[j] / n_teachers;",
+         old="for (size_t j = 0; j < nbv; j++) out[j] += gw[t] * E->tmp[j];",
+         new="for (size_t j = 0; j < nbv; j++) out[j] += E->tmp[j] / s->n;",
          tests=t(LOOP, "test_distill_conditional_several_teachers")),
 
-    # ---- several teachers: weights
-    dict(name="teacher_weights_ignored", file=TRAIN, what="teacher_weights ignored (uniform)",
-         old="base_w[t] = dcfg->teacher_weights ? dcfg->teacher_weights[t] : 1.0f;", new="base_w[t] = 1.0f;",
+    # ---- several teachers: weights (the distill configuration; the engine's loss mixing)
+    dict(name="teacher_weights_ignored", file=SCHEMES_C, what="teacher_weights ignored (uniform)",
+         old="for (int j = 0; j < nt && dcfg->teacher_weights; j++) t.src.w[j] = dcfg->teacher_weights[j];\n",
+         new="",
          tests=t(LOOP, "test_distill_avg_loss_teacher_weights") + t(SCHEMES_TORCH, "test_distill_multi_teacher")),
     dict(name="dkd_teacher_weight_ignored", file=TRAIN, what="DKD, several teachers: each term's gradient unweighted",
-         old="dcfg->dkd_beta, kdw * gw[t], true);", new="dcfg->dkd_beta, kdw, true);",
+         old="p.w = w * gw[j];", new="p.w = t->kind == KD_TERM_DKD ? w : w * gw[j];",
          tests=t(LOOP, "test_distill_avg_loss_teacher_weights")),
     dict(name="mse_teacher_weight_ignored", file=TRAIN, what="MSE, several teachers: each term's gradient unweighted",
-         old="st = kd_loss_mse(&l, dlogits, zs, zt, nb, V, kdw * gw[t], true);",
-         new="st = kd_loss_mse(&l, dlogits, zs, zt, nb, V, kdw, true);",
+         old="p.w = w * gw[j];", new="p.w = t->kind == KD_TERM_MSE ? w : w * gw[j];",
          tests=t(LOOP, "test_distill_avg_loss_teacher_weights")),
     dict(name="dkd_tckd_stat_unweighted", file=TRAIN, what="DKD, several teachers: reported TCKD unweighted",
-         old="tc += gw[t] * a;", new="tc += a;",
+         old="o->part[0] += gw[j] * p.part[0];", new="o->part[0] += p.part[0];",
          tests=t(LOOP, "test_distill_avg_loss_teacher_weights")),
 
-    # ---- learned gates
+    # ---- learned gates (update_gates and its call after the checks)
     dict(name="gate_gradient_sign", file=TRAIN, what="learned gates climb the KD loss",
-         old="if (g[t] > 0) gates[t] -= (float)(lr * g[t] * (G[t] - gsum));",
-         new="if (g[t] > 0) gates[t] += (float)(lr * g[t] * (G[t] - gsum));",
+         old="if (g[s] > 0) t->src.gates[s] -= (float)(t->src.gate_lr * g[s] * (G[s] - gsum));",
+         new="if (g[s] > 0) t->src.gates[s] += (float)(t->src.gate_lr * g[s] * (G[s] - gsum));",
          tests=t(LOOP, "test_learned_gates_vs_autograd", "test_learned_gates_start_from_teacher_weights")
          + t(API, "test_learned_gate_gradient_matches_finite_differences")),
     dict(name="gate_no_T_squared", file=TRAIN, what="learned gates' gradient without the T^2 factor",
-         old="G[t] *= (double)kdw * T * T / nb;", new="G[t] *= (double)kdw / nb;",
+         old="G[s] *= (double)w * T * T / nb;", new="G[s] *= (double)w / nb;",
          tests=t(LOOP, "test_learned_gates_vs_autograd")),
     dict(name="gate_ignores_conditional_weights", file=TRAIN,
          what="learned gates' gradient ignores the conditional per-sample weights",
-         old="cond ? w_kd : NULL, nb, V, dcfg->T, kdw,", new="NULL, nb, V, dcfg->T, kdw,",
+         old="term->conditional ? sc + 4 * E.BV : NULL, tw[t],", new="NULL, tw[t],",
          tests=t(LOOP, "test_learned_gates_vs_autograd")),
     dict(name="gate_nominal_kd_weight", file=TRAIN, what="learned gates' gradient with kd_weight, not the warm-up's",
-         old="cond ? w_kd : NULL, nb, V, dcfg->T, kdw,", new="cond ? w_kd : NULL, nb, V, dcfg->T, dcfg->kd_weight,",
+         old="term->conditional ? sc + 4 * E.BV : NULL, tw[t],",
+         new="term->conditional ? sc + 4 * E.BV : NULL, term->weight,",
          tests=t(LOOP, "test_learned_gates_vs_autograd")),
     dict(name="gate_weights_before_drop", file=TRAIN,
          what="learned gates' gradient from the weights before the drop and renormalisation",
-         old="update_gates(dcfg->gate_logits, gw,", new="update_gates(dcfg->gate_logits, base_w,",
+         old="source_weights(&term->src, L.sseed, gw);\n            float * sc",
+         new="struct kd_source nodrop = term->src;\n            nodrop.drop = 0;\n"
+             "            source_weights(&nodrop, L.sseed, gw);\n            float * sc",
          tests=t(LOOP, "test_learned_gates_vs_autograd")),
     dict(name="gates_start_uniform", file=DISTILL,
          what="Python: learned gates start uniform, not at log(teacher_weights)",
@@ -194,8 +228,9 @@ MUTATIONS = [
          tests=t(LOOP, "test_learned_gates_start_from_teacher_weights")),
 
     # ---- fickle teachers
-    dict(name="fickle_mode_ignored", file=TRAIN, what="teachers always in eval mode (fickle has no effect)",
-         old="dcfg->teacher_mode | KD_MODE_NO_GRAD", new="KD_MODE_EVAL | KD_MODE_NO_GRAD",
+    dict(name="fickle_mode_ignored", file=SCHEMES_C, what="teachers always in eval mode (fickle has no effect)",
+         old='dcfg->teacher_mode, SALT_TEACHER + (uint64_t)t, "teacher");',
+         new='KD_MODE_EVAL, SALT_TEACHER + (uint64_t)t, "teacher");',
          tests=t(API, "test_fickle_teacher_runs_dropout_with_frozen_bn")),
 
     dict(name="fickle_teacher_bn_batch", file=DISTILL, what="Python: a fickle teacher also runs BN in batch mode",
@@ -213,37 +248,42 @@ MUTATIONS = [
          old='"dkd": (1.0, 1.0, 4.0, 20)', new='"dkd": (1.0, 1.0, 4.0, 0)',
          tests=t(STAGES, "test_distill_method_defaults")),
 
-    # ---- DML
-    dict(name="dml_kd_weight_not_divided", file=TRAIN, what="DML: KD gradient weight not divided by k - 1",
-         old="m->kd_weight / (k - 1), true);", new="m->kd_weight, true);",
+    # ---- DML: peer a's KD term has the k - 1 other peers as a loss-mixed source of uniform
+    # weights, so the division by k - 1 is the engine's normalised weight of each reference.
+    dict(name="dml_kd_weight_not_divided", file=TRAIN,
+         what="DML: KD gradient weight not divided by k - 1 (a loss-mixed source's per-reference gradient unweighted)",
+         old="p.w = w * gw[j];", new="p.w = w;",
          tests=t(LOOP, "test_mutual_k_peers") + t(STAGES, "test_mutual_entry_point")),
-    dict(name="dml_kd_stat_not_averaged", file=TRAIN, what="DML: reported KD summed over the other peers",
-         old="kd += l / (k - 1);", new="kd += l;",
+    dict(name="dml_kd_stat_not_averaged", file=TRAIN,
+         what="DML: reported KD summed over the other peers (a loss-mixed source's value unweighted)",
+         old="o->value += gw[j] * p.value;", new="o->value += p.value;",
          tests=t(LOOP, "test_mutual_k_peers")),
     dict(name="mutual_T_not_passed", file=DISTILL, what="Python: mutual's T not handed to the loop",
          old="c.train._c, epoch, topts, T=T,\n", new="c.train._c, epoch, topts, T=1.0,\n",
          tests=t(STAGES, "test_mutual_entry_point")),
 
-    # ---- SLKD
-    dict(name="slkd_rho_swapped", file=TRAIN, what="SLKD logit fusion with rho and 1 - rho swapped",
-         old="zsl[i] = rho * zj[0][i] + (ns == 2 ? (1 - rho) * zj[1][i] : 0.0f);",
-         new="zsl[i] = (ns == 2 ? 1 - rho : rho) * zj[0][i] + (ns == 2 ? rho * zj[1][i] : 0.0f);",
+    # ---- SLKD: rho is the weight pair of the L_SLTS term's source (schemes.c); the engine
+    # mixes logits (source_pred), probabilities (term_run) and shares a mixed source's gradient.
+    dict(name="slkd_rho_swapped", file=SCHEMES_C, what="SLKD fusion with rho and 1 - rho swapped",
+         old="if (ns == 2) { slts.src.w[0] = c->rho; slts.src.w[1] = 1 - c->rho; }",
+         new="if (ns == 2) { slts.src.w[0] = 1 - c->rho; slts.src.w[1] = c->rho; }",
          tests=t(LOOP, "test_slkd_options") + t(STAGES, "test_slkd_sequential_replay")),
-    dict(name="slkd_rho_swapped_probs", file=TRAIN, what="SLKD probability fusion with rho and 1 - rho swapped",
-         old="q[i] *= rho;\n            if (ns == 2) {\n                kd_softmax_t(tmp, zj[1], nb, V, c->T);\n"
-             "                for (size_t i = 0; i < nbv; i++) q[i] += (1 - rho) * tmp[i];",
-         new="q[i] *= 1 - rho;\n            if (ns == 2) {\n                kd_softmax_t(tmp, zj[1], nb, V, c->T);\n"
-             "                for (size_t i = 0; i < nbv; i++) q[i] += rho * tmp[i];",
+    dict(name="slkd_rho_swapped_probs", file=TRAIN,
+         what="SLKD probability fusion with rho and 1 - rho swapped (the probability mixture's weights reversed)",
+         old="for (size_t i = 0; i < nbv; i++) q[i] += gw[j] * E->tmp[i];",
+         new="for (size_t i = 0; i < nbv; i++) q[i] += gw[s->n - 1 - j] * E->tmp[i];",
          tests=t(LOOP, "test_slkd_options")),
-    dict(name="slkd_sl_grad_shares_swapped", file=TRAIN, what="sl_grad: the fused gradient split 1 - rho / rho",
-         old="float share = j == 0 ? rho : 1 - rho;", new="float share = j == 0 ? 1 - rho : rho;",
+    dict(name="slkd_sl_grad_shares_swapped", file=TRAIN,
+         what="sl_grad: the fused gradient split 1 - rho / rho (a mixed source's gradient shares reversed)",
+         old="for (size_t i = 0; i < n; i++) dj[i] += gw[j] * E->dsrc[i];",
+         new="for (size_t i = 0; i < n; i++) dj[i] += gw[s->n - 1 - j] * E->dsrc[i];",
          tests=t(LOOP, "test_slkd_options")),
-    dict(name="slkd_sl_lr_scale_ignored", file=TRAIN, what="SL-teachers step with the student's lr",
-         old="float lr_j = L.lr * (c->sl_lr_scale > 0 ? c->sl_lr_scale : 1.0f);", new="float lr_j = L.lr;",
+    dict(name="slkd_sl_lr_scale_ignored", file=TRAIN, what="SL-teachers step with the student's lr (lr_scale ignored)",
+         old="kd_optim_step(c->opt, L.lr * (c->lr_scale > 0 ? c->lr_scale : 1.0f))", new="kd_optim_step(c->opt, L.lr)",
          tests=t(LOOP, "test_slkd_options") + t(STAGES, "test_slkd_parallel_sl_optimizer")),
-    dict(name="slkd_frozen_in_train_mode", file=TRAIN, what="frozen SL-teachers forwarded in train mode (batch BN)",
-         old="unsigned slmode = c->sl_frozen ? KD_MODE_EVAL | KD_MODE_NO_GRAD : KD_MODE_TRAIN;",
-         new="unsigned slmode = c->sl_frozen ? KD_MODE_TRAIN | KD_MODE_NO_GRAD : KD_MODE_TRAIN;",
+    dict(name="slkd_frozen_in_train_mode", file=SCHEMES_C, what="frozen SL-teachers forwarded in train mode (batch BN)",
+         old='frozen_net(sl[j], NULL, KD_MODE_EVAL, SALT_SL + (uint64_t)j, "SL-teacher")',
+         new='frozen_net(sl[j], NULL, KD_MODE_TRAIN, SALT_SL + (uint64_t)j, "SL-teacher")',
          tests=t(LOOP, "test_slkd_options")),
     dict(name="slkd_sl_lr_scale_inverted", file=DISTILL, what="Python: sl_optimizer's lr ratio inverted",
          old='opts["sl_lr_scale"] = sl_opt.lr / c.opt.lr', new='opts["sl_lr_scale"] = c.opt.lr / sl_opt.lr',
@@ -265,16 +305,17 @@ MUTATIONS = [
          old="kd_weight=1 - alpha, label_smoothing=c.label_smoothing,", new="kd_weight=1 - alpha, label_smoothing=0.0,",
          tests=t(STAGES, "test_slkd_sequential_replay")),
 
-    # ---- multi-exit
-    dict(name="exits_teacher_scale_removed", file=TRAIN, what="multi-exit with a teacher: 1/n_exits scaling removed",
+    # ---- multi-exit (the kd_exits_epoch configuration)
+    dict(name="exits_teacher_scale_removed", file=SCHEMES_C,
+         what="multi-exit with a teacher: 1/n_exits scaling removed",
          old="const float scale = self ? 1.0f : 1.0f / n_exits;", new="const float scale = 1.0f;",
          tests=t(LOOP, "test_multi_exit") + t(STAGES, "test_multi_exit_defaults")),
-    dict(name="exits_self_output_ce_weight", file=TRAIN,
+    dict(name="exits_self_output_ce_weight", file=SCHEMES_C,
          what="self-distillation: the output exit's CE weighted ce_weight",
          old="const float cw = self && is_out ? 1.0f : e->ce_weight;", new="const float cw = e->ce_weight;",
          tests=t(LOOP, "test_multi_exit")),
-    dict(name="exits_teacher_skips_output_kd", file=TRAIN, what="with a teacher, the output exit gets no KD term",
-         old="if (st == KD_OK && !(self && is_out))", new="if (st == KD_OK && !is_out)",
+    dict(name="exits_teacher_skips_output_kd", file=SCHEMES_C, what="with a teacher, the output exit gets no KD term",
+         old="if (self && is_out) continue;", new="if (is_out) continue;",
          tests=t(LOOP, "test_multi_exit")),
     dict(name="multi_exit_self_defaults", file=DISTILL, what="Python: multi_exit's self-distillation default weights",
          old="(0.7 if self_kd else 0.1) if ce_weight is None", new="(0.3 if self_kd else 0.1) if ce_weight is None",
@@ -325,6 +366,77 @@ MUTATIONS = [
          old="zt, T_run = (q / np.float32(T)).astype(np.float32), 1.0",
          new="zt, T_run = (q / np.float32(T)).astype(np.float32), T",
          tests=t(STAGES, "test_tf_kd_virtual_step")),
+
+    # ---- the step engine itself (no counterpart in the old per-scheme loops)
+    dict(name="connector_input_grad_dropped", file=TRAIN,
+         what="a connector's input gradient is not injected into the net it reads",
+         old="if ((st = kd_net_grad_add(s->nets[in.net].net, ref_node(&E, in), sn->dinp, 1.0f)) != KD_OK) goto done;",
+         new="(void)in;",
+         tests=t(ENGINE, "test_connector_hint_step_vs_torch") + t(LOSSES_API, "test_fitnet_step_vs_torch")
+         + t(CONN, "test_ofd_step")),
+    dict(name="backward_order_reversed", file=TRAIN,
+         what="backwards in the step's order: a connector runs after the net it reads (its input gradient is lost)",
+         old="for (int i = s->n_nets - 1; i >= 0; i--) {", new="for (int i = 0; i < s->n_nets; i++) {",
+         tests=t(ENGINE, "test_connector_hint_step_vs_torch") + t(LOSSES_API, "test_fitnet_step_vs_torch")
+         + t(CONN, "test_ofd_step")),
+    dict(name="source_grad_dropped", file=TRAIN, what="src.grad ignored: no gradient reaches a trained source",
+         old="if (s->grad) {\n            p.db = s->n == 1", new="if (0) {\n            p.db = s->n == 1",
+         tests=t(ENGINE, "test_source_gradient_reaches_trained_source_net")
+         + t(FEATURE, "test_feature_term_gradient_reaches_a_trained_source")
+         + t(CONN, "test_cc_step_trains_both_embeddings", "test_crd_step_and_bank_update")
+         + t(LOOP, "test_slkd_options")),
+    dict(name="mixed_source_grad_share_unweighted", file=TRAIN,
+         what="a mixed source's gradient reaches each reference whole, not its weight's share",
+         old="dj[i] += gw[j] * E->dsrc[i];", new="dj[i] += E->dsrc[i];",
+         tests=t(LOOP, "test_slkd_options")),
+    dict(name="mix_logits_weights_reversed", file=TRAIN, what="a logit-mixed source's weights applied in reverse order",
+         old="for (size_t j = 0; j < nbv; j++) out[j] += gw[t] * z[j];",
+         new="for (size_t j = 0; j < nbv; j++) out[j] += gw[s->n - 1 - t] * z[j];",
+         tests=t(LOOP, "test_slkd_options")),
+    dict(name="source_weights_ignored", file=TRAIN, what="a source's given weights ignored (uniform)",
+         old="base[t] = uniform ? 1.0f : s->w[t];", new="base[t] = 1.0f;",
+         tests=t(LOOP, "test_distill_avg_loss_teacher_weights", "test_slkd_options")),
+    dict(name="frozen_net_mode_ignored", file=TRAIN,
+         what="frozen nets always forwarded in eval mode (their mode ignored)",
+         old="unsigned mode = c->mode | (sn->trained ? KD_MODE_LEAN : KD_MODE_NO_GRAD);",
+         new="unsigned mode = sn->trained ? c->mode | KD_MODE_LEAN : KD_MODE_EVAL | KD_MODE_NO_GRAD;",
+         tests=t(API, "test_fickle_teacher_runs_dropout_with_frozen_bn")),
+    dict(name="source_tap_not_kept", file=TRAIN,
+         what="a source's tap is not kept: a frozen net's inference forward does not leave it readable",
+         old="for (int j = 0; j < s->terms[t].src.n; j++) KEEP(s->terms[t].src.ref[j]);", new="",
+         tests=t(FEATURE, "test_method_step_vs_torch") + t(ENGINE, "test_connector_hint_step_vs_torch")),
+    dict(name="term_stop_epoch_ignored", file=TRAIN, what="a term's stop_epoch ignored (the term never switches off)",
+         old="if (t->stop_epoch > 0 && epoch >= t->stop_epoch) w = 0.0f;", new="",
+         tests=t(LOSSES_API, "test_history_labels_and_schedules") + t(LOOP, "test_distill_weight_by_epoch")
+         + t(STAGES, "test_eskd_stages")),
+    dict(name="stopped_term_still_runs", file=TRAIN, what="a term of weight 0 (stopped) is still computed and reported",
+         old="if (tw[t] == 0) { memset(&to[t], 0, sizeof to[t]); continue; }", new="",
+         tests=t(LOSSES_API, "test_history_labels_and_schedules")),
+    dict(name="grad_slot_not_cleared", file=TRAIN,
+         what="a gradient slot is not cleared at a step's first term: gradients pile up over the steps",
+         old="if (!g->touched) { memset(g->g, 0, (size_t)E->L->nb * g->per * sizeof(float)); g->touched = true; }",
+         new="if (!g->touched) g->touched = true;",
+         tests=t(ENGINE, "test_connector_hint_step_vs_torch")),
+    dict(name="net_grad_not_zeroed", file=TRAIN,
+         what="a trained net's parameter gradient not zeroed before its backward",
+         old="kd_net_zero_grad(net);\n            if ((st = kd_net_backward(", new="if ((st = kd_net_backward(",
+         tests=t(ENGINE, "test_connector_hint_step_vs_torch")),
+    dict(name="params_holder_grad_not_zeroed", file=TRAIN,
+         what="a parameter holder's gradient not zeroed per step (VID's variances: gradients pile up)",
+         old="kd_net_zero_grad(c->net);   // the terms add their parameters' gradients", new=";",
+         tests=t(CONN, "test_vid_two_steps_on_the_engine")),
+    dict(name="crd_bank_update_skipped", file=TRAIN, what="CRD's memory banks never take the step's embeddings",
+         old="if ((st = kd_crd_update(term->crd.bank, es, es + nd, L.idx, nb)) != KD_OK) goto done;", new="(void)es;",
+         tests=t(CONN, "test_crd_step_and_bank_update")),
+    dict(name="skip_crd_counter_not_restored", file=TRAIN, what="a dropped step leaves CRD's draw counter advanced",
+         old="*kd_crd_steps(s->terms[t].crd.bank) = crd_saved[t].steps;", new="",
+         tests=t(NONFINITE, "test_engine_skip_restores_crd_state")),
+    dict(name="skip_crd_z_not_restored", file=TRAIN, what="a dropped first step leaves CRD's Z set from its batch",
+         old="memcpy(kd_crd_z(s->terms[t].crd.bank), crd_saved[t].z, sizeof crd_saved[t].z);", new="",
+         tests=t(NONFINITE, "test_engine_skip_restores_crd_state")),
+    dict(name="skip_bn_not_restored", file=TRAIN, what="a dropped step leaves the BN statistics its forwards updated",
+         old="for (int i = 0; i < L->n_saved; i++) bn_restore(&L->saved[i]);", new="",
+         tests=t(NONFINITE, "test_fit_raise_and_skip", "test_mutual_skip_drops_the_step_for_every_peer")),
 ]
 
 NAMES = [m["name"] for m in MUTATIONS]
