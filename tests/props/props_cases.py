@@ -244,6 +244,22 @@ def test_feature_losses(data):
         assert_finite_array(g, np.shape(kw[name]), f"{fname} gradient w.r.t. {name}")
 
 
+@settings(max_examples=60)
+@given(st.one_of(SCALARS, st.sampled_from(["auto", "avx2", "AVX2", "portable", "avx512", "sse", "avx2 "])))
+def test_set_isa(isa):
+    """kdcore.set_isa: a name of supported_isas() (or 'auto') switches the kernels; anything
+    else raises TypeError/ValueError naming the ISA, and leaves the kernels as they were."""
+    before = kdcore.get_isa()
+    try:
+        ok, _ = attempt(kdcore.set_isa, (isa,), {}, ("isa",), what="set_isa")
+        if ok:
+            assert kdcore.get_isa() in kdcore.supported_isas()
+        else:
+            assert kdcore.get_isa() == before
+    finally:
+        kdcore.set_isa("auto")
+
+
 # ---- loss terms (kdcore.losses): constructors validate every option ------------------------
 
 LOSS_TERMS = {
@@ -1195,7 +1211,7 @@ def test_all_public_names_are_covered():
     no_input = {"History", "CheckpointMismatch", "get_num_threads", "get_deterministic", "show_config", "nn", "models", "datasets",
                 "functional", "optim", "names", "Module", "ReLU", "Flatten", "Identity", "Block", "Residual",
                 "BatchNorm1d", "ResNet", "BasicBlock", "WideResNet", "WideBasicBlock", "NetworkBlock", "VGG",
-                "Dataset", "FASHION_MNIST_DIR", "teacher_logits", "exit_accuracies"}
+                "Dataset", "FASHION_MNIST_DIR", "teacher_logits", "exit_accuracies", "get_isa", "supported_isas"}
     for name in list(kdcore.__all__) + [n for mod in (kdcore.nn, kdcore.models, kdcore.datasets, kdcore.functional,
                                                       kdcore.optim) for n in mod.__all__]:
         if name in no_input:
