@@ -207,6 +207,22 @@ def test_vid_two_steps_on_the_engine(data):
     check_close("log_scale update", got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max() + 2.4e-7 * np.abs(ls0).max())
     check_close("vid", st["term_value"][1], np.mean(vids), rtol=1e-4)
 
+KI = kdcore._kdcore.TERM_KINDS
+
+
+def embed_step(student, teacher, ks, kt, terms, ds):
+    """One unshuffled full-batch step on the engine: the student, the frozen teacher, and the
+    embedding heads ks (on the student's pooled feature) and kt (on the teacher's), trained."""
+    opt = kdcore.optim.SGD(**SGD)
+    M = kdcore._kdcore.MODES
+    nets = [dict(net=student.net, opt=opt.bind(student), mode=M["train"], salt=1, role="student"),
+            dict(net=teacher.net, mode=M["eval"], salt=2, role="teacher"),
+            dict(net=ks.net, opt=opt.bind(ks), mode=M["train"], input=(0, 15), role="connector"),
+            dict(net=kt.net, opt=opt.bind(kt), mode=M["train"], input=(1, 15), role="connector")]
+    topts = dict(batch_size=len(ds), schedule=(0, SGD["lr"], [], 0, 0.0, 0), shuffle=False, max_steps=1)
+    return kdcore._kdcore.step_epoch(nets, terms, ds._c, 0, topts)
+
+
 def test_cc_step_trains_both_embeddings(data):
     """CC pairs consecutive samples, so the batch order matters: the step runs unshuffled."""
     X, y, ds = data
@@ -216,16 +232,9 @@ def test_cc_step_trains_both_embeddings(data):
     ks.reset_parameters(0)
     kt.reset_parameters(1)
     ks0, kt0 = ks.state_dict(), kt.state_dict()
-    opt = kdcore.optim.SGD(**SGD)
-    M, KI = kdcore._kdcore.MODES, kdcore._kdcore.TERM_KINDS
-    nets = [dict(net=student.net, opt=opt.bind(student), mode=M["train"], salt=1, role="student"),
-            dict(net=teacher.net, mode=M["eval"], salt=2, role="teacher"),
-            dict(net=ks.net, opt=opt.bind(ks), mode=M["train"], input=(0, 15), role="connector"),
-            dict(net=kt.net, opt=opt.bind(kt), mode=M["train"], input=(1, 15), role="connector")]
     terms = [dict(kind=KI["ce"], a=(0, -1), weight=1.0), dict(kind=KI["cc"], a=(2, -1), src=[(3, -1)], grad=True,
                                                                weight=0.02)]
-    topts = dict(batch_size=len(ds), schedule=(0, SGD["lr"], [], 0, 0.0, 0), shuffle=False, max_steps=1)
-    st = kdcore._kdcore.step_epoch(nets, terms, ds._c, 0, topts)
+    st = embed_step(student, teacher, ks, kt, terms, ds)
     ts_ = torch_ref.load_into_torch(nn.Sequential(nn.Linear(8, 16)), ks0).double()
     tt_ = torch_ref.load_into_torch(nn.Sequential(nn.Linear(12, 16)), kt0).double()
     z = p.forward(X)
@@ -257,16 +266,9 @@ def test_crd_step_and_bank_update(data):
     idx = np.arange(len(ds))
     rows = bank.sample(idx)
     b0 = (bank.student_bank.copy(), bank.teacher_bank.copy())
-    opt = kdcore.optim.SGD(**SGD)
-    M, KI = kdcore._kdcore.MODES, kdcore._kdcore.TERM_KINDS
-    nets = [dict(net=student.net, opt=opt.bind(student), mode=M["train"], salt=1, role="student"),
-            dict(net=teacher.net, mode=M["eval"], salt=2, role="teacher"),
-            dict(net=ks.net, opt=opt.bind(ks), mode=M["train"], input=(0, 15), role="connector"),
-            dict(net=kt.net, opt=opt.bind(kt), mode=M["train"], input=(1, 15), role="connector")]
     terms = [dict(kind=KI["ce"], a=(0, -1), weight=1.0),
              dict(kind=KI["crd"], a=(2, -1), src=[(3, -1)], grad=True, weight=0.8, bank=bank._c)]
-    topts = dict(batch_size=len(ds), schedule=(0, SGD["lr"], [], 0, 0.0, 0), shuffle=False, max_steps=1)
-    st = kdcore._kdcore.step_epoch(nets, terms, ds._c, 0, topts)
+    st = embed_step(student, teacher, ks, kt, terms, ds)
     ts_ = torch_ref.load_into_torch(nn.Sequential(nn.Linear(8, dim)), ks0).double()
     tt_ = torch_ref.load_into_torch(nn.Sequential(nn.Linear(12, dim)), kt0).double()
     z = p.forward(X)

@@ -164,6 +164,13 @@ enum kd_status kd_loss_ofd(float * loss, float * ds, struct kd_fmap s_v, struct 
     return KD_OK;
 }
 
+// t must have the shape of s (AB, HCL: no pooling between them).
+static enum kd_status same_shape(const char * func, const struct kd_fmap * s, const struct kd_fmap * t) {
+    if (t->n == s->n && t->c == s->c && t->h == s->h && t->w == s->w) return KD_OK;
+    return kd_set_error_(KD_ERR_SHAPE, func, "t (%d, %d, %d, %d) must have the shape of s (%d, %d, %d, %d)", t->n, t->c,
+                         t->h, t->w, s->n, s->c, s->h, s->w);
+}
+
 // ---------------------------------------------------------------------------------------
 // AB (RepDistiller AB.py criterion_alternative_l2, divided by the batch size).
 
@@ -173,9 +180,7 @@ enum kd_status kd_loss_ab(float * loss, float * ds, struct kd_fmap s_v, struct k
     size_t ns = 0, nt = 0;
     FMAP_CHECK("s", s, &ns);
     FMAP_CHECK("t", t, &nt);
-    if (t->n != s->n || t->c != s->c || t->h != s->h || t->w != s->w)
-        KD_FAIL(KD_ERR_SHAPE, "t (%d, %d, %d, %d) must have the shape of s (%d, %d, %d, %d)", t->n, t->c, t->h, t->w,
-                s->n, s->c, s->h, s->w);
+    KD_TRY(same_shape(__func__, s, t));
     if (!(margin >= 0) || !isfinite(margin)) KD_FAIL(KD_ERR_VALUE, "margin (%g) must be >= 0 and finite", (double)margin);
     KD_TRY(check_weight(__func__, weight));
     const int n = s->n;
@@ -428,9 +433,7 @@ enum kd_status kd_loss_hcl(float * loss, float * ds, struct kd_fmap s_v, struct 
     size_t ns = 0, nt = 0;
     FMAP_CHECK("s", s, &ns);
     FMAP_CHECK("t", t, &nt);
-    if (t->n != s->n || t->c != s->c || t->h != s->h || t->w != s->w)
-        KD_FAIL(KD_ERR_SHAPE, "t (%d, %d, %d, %d) must have the shape of s (%d, %d, %d, %d)", t->n, t->c, t->h, t->w,
-                s->n, s->c, s->h, s->w);
+    KD_TRY(same_shape(__func__, s, t));
     KD_TRY(check_weight(__func__, weight));
     const int h = s->h, w = s->w;
     // Levels used (l < h, as mdistiller: it compares with h only) and their weights.
