@@ -116,13 +116,13 @@ build: deps
 test-py: build
 	$(PYTHON) -m pytest -q tests
 
-# The whole default suite (CI: .ci/run; DEVELOPERS.md says what each step checks). Wall
-# times measured on the idle 2-core machine, builds included: test-c ~10 s, test-py ~70 s,
-# sanitize-c ~20 s, valgrind ~3.5 min (test_layers ~1.5, test_net ~1.5), fuzz ~65 s
-# (2 x 30 s), sanitize-py ~2 min (the whole pytest suite, torch included, under ASan). About
-# 9 minutes in all, plus the first install of the dependencies. test-c-isa runs the
-# instruction sets test-c did not (on an AVX-512 CPU: avx2 and portable): ~20 s on the
-# loaded machine (see its comment).
+# The whole default suite (CI: .ci/run; DEVELOPERS.md says what each step checks). Measured
+# on a clean clone (2 cores, dependencies installed, a 1-thread benchmark running beside it):
+# 19 minutes in all, of which test-py ~3 min (2542 tests; the layer and model parity tests
+# run once per instruction set) and sanitize-py ~8 min (the same suite under ASan). The other
+# steps, measured earlier on the idle machine: test-c ~10 s, test-c-isa ~20 s (the
+# instruction sets test-c did not run: on an AVX-512 CPU avx2 and portable), sanitize-c
+# ~20 s, valgrind ~3.5 min (test_layers ~1.5, test_net ~1.5), fuzz ~65 s (2 x 30 s).
 test: deps-test check-env
 	$(MAKE) test-c
 	$(MAKE) test-c-isa ISAS="$(wordlist 2,9,$(ISAS))"
