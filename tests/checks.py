@@ -23,3 +23,15 @@ def check_close(name, got, want, rtol=1e-5, atol=0.0):
             idx = tuple(int(i) for i in idx)
             lines.append(f"  at {idx}: got {got[idx]!r}, want {want[idx]!r}")
         pytest.fail("\n".join(lines))
+
+
+def check_close_scaled(name, got, want, rtol=1e-5, atol=None, atol_floor=0.0):
+    """check_close with atol defaulting to rtol * max|want| (the quantity's scale; at least
+    atol_floor, for quantities that are 0 up to rounding), for the loss tests; the reference
+    must be finite."""
+    got = np.atleast_1d(np.asarray(got, dtype=np.float64))
+    want = np.atleast_1d(np.asarray(want, dtype=np.float64))
+    assert np.all(np.isfinite(want)), f"{name}: the reference is not finite"
+    if atol is None:
+        atol = max(rtol * max(float(np.max(np.abs(want))) if want.size else 0.0, 1e-30), atol_floor)
+    check_close(name, got, want, rtol=rtol, atol=atol)

@@ -8,6 +8,8 @@ the same bank contents and rows as torch, its momentum update, its sampler and i
 and argument errors naming the argument.
 """
 import math
+import os
+import sys
 
 import numpy as np
 import pytest
@@ -15,28 +17,14 @@ import torch
 import torch.nn.functional as TF
 
 import kdcore
+
+sys.path.insert(0, os.path.dirname(__file__))
+from checks import check_close_scaled as check_close  # noqa: E402
 from kdcore.functional import (CRDBank, ab_loss, cc_loss, ft_loss, hcl_loss, ofd_loss, ofd_margin, vid_log_scale,
                                vid_loss)
 
 BATCHES = [1, 2, 64]
 
-
-def check_close(name, got, want, rtol=1e-5, atol=None):
-    """|got - want| <= atol + rtol |want|; atol defaults to rtol * max|want|."""
-    got = np.atleast_1d(np.asarray(got, dtype=np.float64))
-    want = np.atleast_1d(np.asarray(want, dtype=np.float64))
-    assert got.shape == want.shape, f"{name}: shape {got.shape}, expected {want.shape}"
-    if atol is None:
-        atol = rtol * max(float(np.max(np.abs(want))) if want.size else 0.0, 1e-30)
-    assert np.all(np.isfinite(got)), f"{name}: non-finite values"
-    err = np.abs(got - want)
-    bad = np.argwhere(err > atol + rtol * np.abs(want))
-    if bad.size:
-        lines = [f"{name}: {len(bad)}/{got.size} mismatches, max abs diff {err.max():.4g} (rtol {rtol:g}, atol {atol:.3g})"]
-        for idx in bad[:6]:
-            idx = tuple(int(i) for i in idx)
-            lines.append(f"  at {idx}: kdcore {got[idx]!r}, torch {want[idx]!r}")
-        pytest.fail("\n".join(lines))
 
 
 def t64(a, grad=False):

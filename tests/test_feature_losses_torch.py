@@ -7,12 +7,18 @@ Cases: batch 1, 2 and 64; odd and unequal spatial sizes (pooling), different cha
 flat (n, d) inputs, both AT forms and p != 2, all-zero maps, identical student and teacher,
 large values; argument errors naming the argument; the scratch memory at realistic sizes.
 """
+import os
+import sys
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as TF
 
 from kdcore import _kdcore
+
+sys.path.insert(0, os.path.dirname(__file__))
+from checks import check_close_scaled  # noqa: E402
 from kdcore.functional import at_loss, fsp_loss, nst_loss, pkt_loss, rkd_loss, sp_loss
 
 torch.set_num_threads(1)
@@ -23,23 +29,9 @@ torch.set_num_threads(1)
 
 
 def check_close(name, got, want, rtol=1e-5, atol=None):
-    """|got - want| <= atol + rtol |want|; atol defaults to rtol * max|want| (the quantity's
-    scale). On failure: count, max diff and the first mismatches."""
-    got = np.atleast_1d(np.asarray(got, dtype=np.float64))
-    want = np.atleast_1d(np.asarray(want, dtype=np.float64))
-    assert got.shape == want.shape, f"{name}: shape {got.shape}, expected {want.shape}"
-    assert np.all(np.isfinite(want)), f"{name}: the reference is not finite"
-    if atol is None:   # relative to the scale; 1e-12 absolute for quantities that are 0 up to rounding
-        atol = max(rtol * float(np.max(np.abs(want))), 1e-12)
-    assert np.all(np.isfinite(got)), f"{name}: non-finite values"
-    err = np.abs(got - want)
-    bad = np.argwhere(err > atol + rtol * np.abs(want))
-    if bad.size:
-        lines = [f"{name}: {len(bad)}/{got.size} mismatches; max abs diff {err.max():.4g} (rtol={rtol:g}, atol={atol:.3g})"]
-        for idx in bad[:6]:
-            idx = tuple(int(i) for i in idx)
-            lines.append(f"  at {idx}: kdcore {got[idx]!r}, torch {want[idx]!r}")
-        pytest.fail("\n".join(lines))
+    """check_close_scaled with an absolute floor of 1e-12 (quantities that are 0 up to rounding)."""
+    return check_close_scaled(name, got, want, rtol=rtol, atol=atol, atol_floor=1e-12)
+
 
 
 def t64(a):

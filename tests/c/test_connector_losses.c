@@ -9,14 +9,6 @@
 
 #include "kd_internal.h"
 
-static void set_threads_(int n) {
-#ifdef _OPENMP
-    omp_set_num_threads(n);
-#else
-    (void)n;
-#endif
-}
-
 static bool err_has_(const char * sub) { return strstr(kd_last_error(), sub) != NULL; }
 
 // ---------------------------------------------------------------------------------------
@@ -345,7 +337,7 @@ static void test_threads(void) {
         for (int r = 0; r < 3; r++) {
             g[r] = malloc(N * sizeof(float));
             gt[r] = malloc(N * sizeof(float));
-            set_threads_(r + 1);
+            kd_set_num_threads(r + 1);
             switch (which) {
             case 0: kd_loss_ofd(&loss[r], g[r], fs, ft, mg, 1, false); break;
             case 1: kd_loss_ab(&loss[r], g[r], fs, ft, 1.0f, 1, false); break;
@@ -371,7 +363,7 @@ static void test_threads(void) {
     for (int i = 0; i < B; i++) idx[i] = (i * 37) % 500;
     float l[3], * d1[3], * d2[3];
     for (int r = 0; r < 3; r++) {
-        set_threads_(r + 1);
+        kd_set_num_threads(r + 1);
         struct kd_crd * crd = kd_crd_new(500, D, K, 0.07f, 0.5f, 3);
         d1[r] = malloc((size_t)B * D * sizeof(float));
         d2[r] = malloc((size_t)B * D * sizeof(float));
@@ -384,7 +376,7 @@ static void test_threads(void) {
               "crd gradients differ at %d threads", r + 1);
     }
     for (int r = 0; r < 3; r++) { free(d1[r]); free(d2[r]); }
-    set_threads_(2);
+    kd_set_num_threads(2);
     free(es); free(et); free(s); free(t);
 }
 
@@ -571,7 +563,7 @@ static void test_errors(void) {
 }
 
 int main(void) {
-    set_threads_(2);
+    kd_set_num_threads(2);
     KDT_RUN(test_ofd);
     KDT_RUN(test_ab);
     KDT_RUN(test_ft);
