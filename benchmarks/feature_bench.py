@@ -66,12 +66,18 @@ speeds was 363 min (teacher 130, students 226, cost table 7), i.e. ~60 min at th
 speeds, consistent with the estimate. The script prints that extrapolation at the end of every
 run ("extrapolated"), so a quick run on another machine gives its own estimate.
 
+Resuming. Every finished (method, seed) run is recorded in --cache/runs.jsonl under a key of
+everything it depends on (teacher configuration, student, data size, epochs, lr, warm-up,
+augmentation, method, seed); a later invocation with the same options reuses it instead of
+training again, so an interrupted run resumes and adding a method trains only that method.
+The table is built from recorded and new runs alike; --fresh ignores the record.
+
 Options: --quick (1 seed, 2 epochs, 1,000 student images, teacher 1 epoch on 5,000 images,
 2,000 test images: checks the script end to end; its teacher is cached under its own key),
 --threads (kdcore.set_num_threads; default: kdcore's), --lr, --lr-scale method=f,...
 (e.g. dkd=0.25 if a method diverges at the common lr), --augment (crops and flips for the
 students too; then no method can cache teacher logits), --teacher/--student (zoo names),
---no-cost (skip the per-step table). Progress lines go to stdout with elapsed time.
+--no-cost (skip the per-step table), --fresh (see below). Progress lines go to stdout with elapsed time.
 """
 import argparse
 import datetime
@@ -143,6 +149,7 @@ def parse_args(argv=None):
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--cost-steps", type=int, default=20, help="steps per epoch of the per-step cost runs")
     ap.add_argument("--no-cost", action="store_true", help="skip the per-step cost table")
+    ap.add_argument("--fresh", action="store_true", help="ignore the runs recorded in --cache (rerun every method)")
     ap.add_argument("--_cost", default=None, help=argparse.SUPPRESS)   # internal: the cost child
     args = ap.parse_args(argv)
     if args.quick:
@@ -285,6 +292,41 @@ def run_method(name, seed, data, test, teacher, args):
     return dict(status="ok", last=accs[-1], best=max(accs), best_epoch=int(np.argmax(accs)) + 1, epochs=len(accs),
                 time=wall, train_time=float(sum(train_t)), eval_time=float(sum(eval_t)),
                 epoch_time=float(np.mean(train_t)))
+
+
+def run_key(name, seed, args):
+    """What a finished (method, seed) run depends on: the teacher's configuration and every
+    option that reaches the student's training."""
+    cfg = dict(teacher=teacher_config(args), student=args.student, student_data=args.student_data, epochs=args.epochs,
+               test_data=args.test_data, lr=args.lr * args.lr_factors.get(name, 1.0), warmup=args.warmup,
+               augment=args.augment, sl_teacher=args.sl_teacher, method=name, seed=seed)
+    return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def runs_path(args):
+    return os.path.join(args.cache, "runs.jsonl")
+
+
+def load_runs(args):
+    """Finished runs recorded by earlier invocations, by run_key (a rerun after adding a method
+    trains only the new one). Lines that do not parse (a run killed mid-write) are ignored."""
+    runs, path = {}, runs_path(args)
+    if args.fresh or not os.path.exists(path):
+        return runs
+    with open(path) as f:
+        for ln in f:
+            try:
+                rec = json.loads(ln)
+                runs[rec["key"]] = rec["result"]
+            except (ValueError, KeyError, TypeError):
+                continue
+    return runs
+
+
+def record_run(args, key, name, seed, result):
+    os.makedirs(args.cache, exist_ok=True)
+    with open(runs_path(args), "a") as f:
+        f.write(json.dumps(dict(key=key, method=name, seed=seed, kdcore=kdcore.__version__, result=result)) + "\n")
 
 
 # ---- per-step cost: one fresh process per method --------------------------------------
@@ -514,12 +556,19 @@ def main():
         f"{args.student_data} images; {kdcore.get_num_threads()} threads; load average {load0:.1f}")
     train, test = load_data(args)
     teacher, tinfo = get_teacher(args, train, test)
-    results = []
+    results, done = [], load_runs(args)
     for si, seed in enumerate(args.seed_list):
         data = student_subset(train, args.student_data, seed)
         res, t_seed = {}, time.perf_counter()
         for k, name in enumerate(args.method_list):
+            key = run_key(name, seed, args)
+            if key in done:
+                r = res[name] = dict(done[key], recorded=True)
+                log(f"seed {seed} [{k + 1}/{len(args.method_list)}] {label(name):<20} recorded in {os.path.relpath(runs_path(args))}")
+                continue
             r = res[name] = run_method(name, seed, data, test, teacher, args)
+            if r["status"] != "failed":
+                record_run(args, key, name, seed, r)
             if r["status"] == "ok":
                 what = (f"last {r['last']:.4f} best {r['best']:.4f} (epoch {r['best_epoch']}) {r['time']:.0f} s, "
                         f"{r['epoch_time']:.1f} s/epoch")
