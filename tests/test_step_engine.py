@@ -171,3 +171,27 @@ def test_bad_configurations_are_named():
         _kdcore.step_epoch([student_net(s, sgd(s)), teacher_net(s)], [], data._c, 0, train_opts(1))
     with pytest.raises(ValueError, match=r"input_net 1 must be an earlier net"):
         _kdcore.step_epoch([student_net(s, sgd(s)), dict(net=t.net, mode=0, input=(1, 3))], [], data._c, 0, train_opts(1))
+
+
+def test_extra_inputs_are_checked():
+    """A connector's extra inputs: one per input node, from earlier nets, only on connectors."""
+    from kdcore.losses import ReviewFusion
+    X, y = cnn_data()
+    data = data_of(X, y)
+    s = make_model("cnn", 1)
+    fusion = ReviewFusion([8, 8], [(1, 1), (4, 4)], [8, 8], [(1, 1), (4, 4)], 4)
+    pooled, stage = s._tap_index("15"), s._tap_index("12")
+    conn = dict(net=fusion.net, opt=sgd(fusion), mode=MODE["train"], input=(0, pooled), role="connector")
+    with pytest.raises(ValueError, match=r"net 1 \(connector\): 0 extra inputs given for 1 input nodes"):
+        _kdcore.step_epoch([student_net(s, sgd(s)), conn], [], data._c, 0, train_opts(1))
+    with pytest.raises(ValueError, match=r"extra input 0 must be a node of an earlier net"):
+        _kdcore.step_epoch([student_net(s, sgd(s)), dict(conn, inputs=[(1, 0)])], [], data._c, 0, train_opts(1))
+    with pytest.raises(ValueError, match=r"at most 8 extra inputs"):
+        _kdcore.step_epoch([student_net(s, sgd(s)), dict(conn, inputs=[(0, stage)] * 9)], [], data._c, 0, train_opts(1))
+    with pytest.raises(ValueError, match=r"only a connector can have extra inputs"):
+        _kdcore.step_epoch([dict(net=fusion.net, opt=sgd(fusion), mode=MODE["train"], inputs=[(0, 0)])], [], data._c, 0,
+                           train_opts(1))
+    # a right configuration runs, and leaves the connector without borrowed pointers
+    _kdcore.step_epoch([student_net(s, sgd(s)), dict(conn, inputs=[(0, stage)])], [], data._c, 0, train_opts(1))
+    with pytest.raises(RuntimeError, match="abf1.input"):
+        fusion(np.zeros((2, 8, 1, 1), np.float32))

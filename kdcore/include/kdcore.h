@@ -136,9 +136,11 @@ KD_API const char * kd_isa_config(void);
 
 // ---------------------------------------------------------------------------------------
 // Networks: a list of nodes in topological order. Each node reads one input (two for
-// KD_LAYER_ADD) from an earlier node or from the network input (KD_INPUT), and writes
-// one output tensor. Every node output is a "tap": readable after forward, and a
-// gradient can be added to it before backward (feature-based distillation).
+// KD_LAYER_ADD, _MUL and _CONCAT, none for KD_LAYER_INPUT) from an earlier node or from the
+// network input (KD_INPUT), and writes one output tensor. Every node output is a "tap":
+// readable after forward, and a gradient can be added to it before backward (feature-based
+// distillation). A net with KD_LAYER_INPUT nodes has more than one input (ReviewKD's fusion
+// reads four student maps): their data is given by kd_net_set_input before each forward.
 
 #define KD_INPUT (-1)
 #define KD_MAX_NAME 96
@@ -154,6 +156,13 @@ enum kd_layer_type {
     KD_LAYER_DROPOUT,         // inverted dropout with probability p; identity in eval mode
     KD_LAYER_FLATTEN,         // (C,H,W) -> (C*H*W,1,1); no data movement
     KD_LAYER_ADD,             // out = inp[0] + inp[1], same shapes (residual connections)
+    KD_LAYER_INPUT,           // an extra network input of in_ch channels (kd_net_set_input)
+    KD_LAYER_UPSAMPLE,        // nearest resize (PyTorch mode='nearest'): to size[0] x size[1],
+                              //   or (size 0) by the integer scale factor `stride`
+    KD_LAYER_SIGMOID,
+    KD_LAYER_MUL,             // out = inp[0] * inp[1]; inp[1] has inp[0]'s shape, or one channel
+                              //   (broadcast over channels: attention maps)
+    KD_LAYER_CONCAT,          // channels of inp[0] then inp[1] (same H, W)
     KD_LAYER_COUNT
 };
 
@@ -166,9 +175,11 @@ enum kd_init {
 struct kd_layer_spec {
     enum kd_layer_type type;
     const char * name;        // unique within the net, < KD_MAX_NAME bytes; param keys are name.weight ...
-    int  inp[2];              // node indices (< this node) or KD_INPUT; inp[1] only for ADD
+    int  inp[2];              // node indices (< this node) or KD_INPUT; inp[1] for two-input layers
     int  in_ch, out_ch;       // LINEAR: in/out features; CONV2D: in/out channels; BATCHNORM: in_ch
-    int  kernel, stride, padding, groups;   // CONV2D and pools (stride 0 = kernel for pools)
+    int  kernel, stride, padding, groups;   // CONV2D and pools (stride 0 = kernel for pools);
+                                            // UPSAMPLE: stride is the scale factor
+    int  size[2];             // UPSAMPLE: output (H, W); 0 = input size x stride
     bool bias;                // LINEAR, CONV2D
     float eps, momentum;      // BATCHNORM (PyTorch semantics: momentum 0.1, eps 1e-5)
     float p;                  // DROPOUT probability
@@ -313,6 +324,14 @@ KD_API enum kd_status kd_net_grad_add(struct kd_net * net, int node, const float
 // added). Accumulates parameter gradients into kd_net_grads. If dinp is not NULL it
 // receives (overwrites) the gradient with respect to the input x.
 KD_API enum kd_status kd_net_backward(struct kd_net * net, const float * dout, float * dinp);
+
+// Data of an extra input (a KD_LAYER_INPUT node) for the next forwards: per-sample shape
+// (C, H, W) with C the node's in_ch, x holding N * C*H*W floats for the forward's N. x may
+// be NULL to plan shapes only (kd_net_plan); a forward then fails. dx (same size, or NULL)
+// receives the input's gradient at each backward (zeros where none reaches it). Both are
+// borrowed: they must stay valid until they are replaced.
+KD_API enum kd_status kd_net_set_input(struct kd_net * net, int node, const float * x, int C, int H, int W,
+                                       float * dx);
 KD_API void kd_net_zero_grad(struct kd_net * net);
 
 // ---------------------------------------------------------------------------------------
@@ -803,6 +822,9 @@ KD_API enum kd_status kd_train_epoch(struct kd_net * net, struct kd_optim * opt,
 #define KD_STEP_MAX_NETS  80
 #define KD_STEP_MAX_TERMS 64
 #define KD_SOURCE_MAX     64
+#define KD_STEP_MAX_INPUTS 8   // extra inputs of one connector
+
+struct kd_ref { int net, node; };   // node -1: the net's output
 
 struct kd_step_net {
     struct kd_net * net;       // NULL when `logits` is given
@@ -819,9 +841,11 @@ struct kd_step_net {
     bool params_only;          // no forward: it holds a term's own parameters (VID's variances);
                                // its gradient is cleared each step, the term adds to it, its
                                // optimizer updates it
+    struct kd_ref inputs[KD_STEP_MAX_INPUTS];   // a connector's extra inputs (earlier nets'
+    int n_inputs;              //   nodes), fed to its KD_LAYER_INPUT nodes in node order; the
+                               //   input gradients go back to those nets like input_node's
 };
 
-struct kd_ref { int net, node; };   // node -1: the net's output
 
 // How a source with several references combines them, with weights w (normalised per step).
 enum kd_mix {
@@ -865,6 +889,8 @@ enum kd_term_kind {
     KD_TERM_CRD,         // kd_crd_loss on the rows of a and src, L2-normalised here (the
                          // embedding's Normalize), negatives from crd.bank; after a completed
                          // step the banks take the step's embeddings (kd_crd_update)
+    KD_TERM_HCL,         // kd_loss_hcl: a is one level of ReviewKD's fusion connector, src the
+                         // teacher map of the same shape
     KD_TERM_COUNT
 };
 KD_API const char * kd_term_kind_name(enum kd_term_kind kind);   // "ce", "kd", ... (NULL if unknown)

@@ -84,4 +84,25 @@ void kd_dropout_backward(float * dinp, const float * dout, const float * mask, s
 void kd_add_forward(float * out, const float * a, const float * b, size_t n);
 void kd_add_backward(float * da, float * db, const float * dout, size_t n);
 
+// ---- layers_combine.c: the layers of multi-input nets (ReviewKD's fusion, attention,
+// generators). Same conventions: backward accumulates, NULL gradients are skipped.
+
+// sigmoid: out = 1 / (1 + exp(-inp)); backward reads the output: dinp += dout * out (1 - out)
+void kd_sigmoid_forward(float * out, const float * inp, size_t n);
+void kd_sigmoid_backward(float * dinp, const float * dout, const float * out, size_t n);
+
+// mul: out (N,C,HW) = a (N,C,HW) * b (N,Cb,HW) with Cb = C, or Cb = 1 (b broadcast over channels)
+void kd_mul_forward(float * out, const float * a, const float * b, int N, int C, int Cb, int HW);
+void kd_mul_backward(float * da, float * db, const float * dout, const float * a, const float * b,
+                     int N, int C, int Cb, int HW);
+
+// concat along channels: out (N, Ca+Cb, HW) = [a (N,Ca,HW), b (N,Cb,HW)]
+void kd_concat_forward(float * out, const float * a, const float * b, int N, int Ca, int Cb, int HW);
+void kd_concat_backward(float * da, float * db, const float * dout, int N, int Ca, int Cb, int HW);
+
+// nearest resize, PyTorch's mode='nearest': output row oh reads input row
+// min(floor(oh * (float)H / OH), H - 1), columns alike. inp (N,C,H,W) -> out (N,C,OH,OW).
+void kd_nearest_forward(float * out, const float * inp, int N, int C, int H, int W, int OH, int OW);
+void kd_nearest_backward(float * dinp, const float * dout, int N, int C, int H, int W, int OH, int OW);
+
 #endif // KD_LAYERS_H

@@ -52,6 +52,12 @@ struct kd_node {
     // scratch + inf_off * chunk (inf_off counted per image)
     bool inf_kept;
     size_t inf_off;
+    // KD_LAYER_INPUT: the data kd_net_set_input gave (borrowed), its per-sample shape, and
+    // where backward writes its gradient
+    const float * ext;
+    float * dext;
+    int ext_c, ext_h, ext_w;
+    bool ext_set;
 };
 
 struct kd_net {
@@ -77,11 +83,36 @@ struct kd_net {
     bool forward_done;
     bool infer_done;          // the last forward was KD_MODE_NO_GRAD (no backward possible)
     unsigned forward_mode;    // kd_mode of the last forward (BN and dropout backward depend on it)
+    bool ext_changed;         // an extra input's shape changed since the last plan
 };
 
 #define NO_OFF SIZE_MAX
 
-static int n_inputs(const struct kd_layer_spec * s) { return s->type == KD_LAYER_ADD ? 2 : 1; }
+// Per-layer facts: the name (messages, Python), how many node inputs it reads, and whether
+// its backward reads its own output (then a lean forward never writes over that output).
+static const struct layer_info {
+    const char * name;
+    int n_inputs;
+    bool backward_reads_output;
+} layer_info[KD_LAYER_COUNT] = {
+    [KD_LAYER_LINEAR]         = { "linear",         1, false },
+    [KD_LAYER_CONV2D]         = { "conv2d",         1, false },
+    [KD_LAYER_BATCHNORM]      = { "batchnorm",      1, false },
+    [KD_LAYER_RELU]           = { "relu",           1, true  },
+    [KD_LAYER_MAXPOOL2D]      = { "maxpool2d",      1, false },
+    [KD_LAYER_AVGPOOL2D]      = { "avgpool2d",      1, false },
+    [KD_LAYER_GLOBAL_AVGPOOL] = { "global_avgpool", 1, false },
+    [KD_LAYER_DROPOUT]        = { "dropout",        1, false },
+    [KD_LAYER_FLATTEN]        = { "flatten",        1, false },
+    [KD_LAYER_ADD]            = { "add",            2, false },
+    [KD_LAYER_INPUT]          = { "input",          0, false },
+    [KD_LAYER_UPSAMPLE]       = { "upsample",       1, false },
+    [KD_LAYER_SIGMOID]        = { "sigmoid",        1, true  },
+    [KD_LAYER_MUL]            = { "mul",            2, false },
+    [KD_LAYER_CONCAT]         = { "concat",         2, false },
+};
+
+static int n_inputs(const struct kd_layer_spec * s) { return layer_info[s->type].n_inputs; }
 #define ALIGN16(n) (((n) + 15) & ~(size_t)15)   // offsets in whole 64-byte lines from the arena start
 
 // ---------------------------------------------------------------------------------------
@@ -104,20 +135,7 @@ struct kd_layer_spec kd_layer_default(enum kd_layer_type type) {
 }
 
 const char * kd_layer_type_name(enum kd_layer_type type) {
-    switch (type) {
-    case KD_LAYER_LINEAR:         return "linear";
-    case KD_LAYER_CONV2D:         return "conv2d";
-    case KD_LAYER_BATCHNORM:      return "batchnorm";
-    case KD_LAYER_RELU:           return "relu";
-    case KD_LAYER_MAXPOOL2D:      return "maxpool2d";
-    case KD_LAYER_AVGPOOL2D:      return "avgpool2d";
-    case KD_LAYER_GLOBAL_AVGPOOL: return "global_avgpool";
-    case KD_LAYER_DROPOUT:        return "dropout";
-    case KD_LAYER_FLATTEN:        return "flatten";
-    case KD_LAYER_ADD:            return "add";
-    case KD_LAYER_COUNT:          break;
-    }
-    return "unknown";
+    return (unsigned)type < KD_LAYER_COUNT ? layer_info[type].name : "unknown";
 }
 
 struct kd_net * kd_net_new(void) {
@@ -185,10 +203,23 @@ static enum kd_status check_spec(const struct kd_net * net, const struct kd_laye
     case KD_LAYER_DROPOUT:
         if (!(s->p >= 0 && s->p < 1)) KD_FAIL(KD_ERR_VALUE, "'%s': dropout p (%g) must be in [0, 1)", nm, s->p);
         break;
+    case KD_LAYER_INPUT:
+        if (s->in_ch < 1) KD_FAIL(KD_ERR_VALUE, "'%s': an input's channels (%d) must be >= 1", nm, s->in_ch);
+        break;
+    case KD_LAYER_UPSAMPLE:
+        if (s->size[0] < 0 || s->size[1] < 0 || (s->size[0] > 0) != (s->size[1] > 0))
+            KD_FAIL(KD_ERR_VALUE, "'%s': size (%d, %d) must be two positive values, or 0 for a scale factor", nm,
+                    s->size[0], s->size[1]);
+        if (s->size[0] == 0 && s->stride < 1)
+            KD_FAIL(KD_ERR_VALUE, "'%s': the scale factor (stride, %d) must be >= 1", nm, s->stride);
+        break;
     case KD_LAYER_RELU:
     case KD_LAYER_GLOBAL_AVGPOOL:
     case KD_LAYER_FLATTEN:
     case KD_LAYER_ADD:
+    case KD_LAYER_SIGMOID:
+    case KD_LAYER_MUL:
+    case KD_LAYER_CONCAT:
     case KD_LAYER_COUNT:
         break;
     }
@@ -211,7 +242,7 @@ int kd_net_add(struct kd_net * net, const struct kd_layer_spec * spec) {
     nd->spec = *spec;
     snprintf(nd->name, sizeof nd->name, "%s", spec->name);
     nd->spec.name = nd->name;   // the caller's string is borrowed only for this call
-    if (nd->spec.type != KD_LAYER_ADD) nd->spec.inp[1] = KD_INPUT;
+    for (int k = n_inputs(spec); k < 2; k++) nd->spec.inp[k] = KD_INPUT;
     if ((nd->spec.type == KD_LAYER_MAXPOOL2D || nd->spec.type == KD_LAYER_AVGPOOL2D) && nd->spec.stride == 0)
         nd->spec.stride = nd->spec.kernel;
     nd->w_off = nd->b_off = nd->rm_off = nd->rv_off = NO_OFF;
@@ -232,7 +263,8 @@ static int node_weight_shape(const struct kd_layer_spec * s, int shape[4]) {
         shape[0] = s->in_ch;
         return 1;
     case KD_LAYER_RELU: case KD_LAYER_MAXPOOL2D: case KD_LAYER_AVGPOOL2D: case KD_LAYER_GLOBAL_AVGPOOL:
-    case KD_LAYER_DROPOUT: case KD_LAYER_FLATTEN: case KD_LAYER_ADD: case KD_LAYER_COUNT:
+    case KD_LAYER_DROPOUT: case KD_LAYER_FLATTEN: case KD_LAYER_ADD: case KD_LAYER_INPUT: case KD_LAYER_UPSAMPLE:
+    case KD_LAYER_SIGMOID: case KD_LAYER_MUL: case KD_LAYER_CONCAT: case KD_LAYER_COUNT:
         break;
     }
     return 0;
@@ -488,7 +520,7 @@ enum kd_status kd_net_plan(struct kd_net * net, int N, int C, int H, int W) {
     if (!net) KD_FAIL(KD_ERR_VALUE, "net is NULL");
     if (!net->finalized) KD_FAIL(KD_ERR_STATE, "the net is not finalized");
     if (N < 1 || C < 1 || H < 1 || W < 1) KD_FAIL(KD_ERR_SHAPE, "input shape (%d, %d, %d, %d) has an empty dimension", N, C, H, W);
-    if (net->N == N && net->C == C && net->H == H && net->W == W) return KD_OK;
+    if (net->N == N && net->C == C && net->H == H && net->W == W && !net->ext_changed) return KD_OK;
     net->N = 0;   // invalid until this plan succeeds
     net->forward_done = false;
     int sC = net->C, sH = net->H, sW = net->W;
@@ -544,18 +576,40 @@ enum kd_status kd_net_plan(struct kd_net * net, int N, int C, int H, int W) {
         case KD_LAYER_FLATTEN:
             oc = c * h * w; oh = ow = 1;
             break;
-        case KD_LAYER_ADD: {
+        case KD_LAYER_ADD:
+        case KD_LAYER_MUL:
+        case KD_LAYER_CONCAT: {
             int c2, h2, w2;
             in_shape(net, s->inp[1], &c2, &h2, &w2);
-            if (c != c2 || h != h2 || w != w2) {
+            const bool ok = s->type == KD_LAYER_ADD ? c == c2 && h == h2 && w == w2
+                          : s->type == KD_LAYER_MUL ? (c2 == c || c2 == 1) && h == h2 && w == w2
+                          : h == h2 && w == w2;
+            if (!ok) {
                 net->C = sC; net->H = sH; net->W = sW;
-                KD_FAIL(KD_ERR_SHAPE, "add '%s': inputs have shapes (%d, %d, %d) and (%d, %d, %d)",
-                        nd->name, c, h, w, c2, h2, w2);
+                KD_FAIL(KD_ERR_SHAPE, "%s '%s': inputs have shapes (%d, %d, %d) and (%d, %d, %d)%s", layer_info[s->type].name,
+                        nd->name, c, h, w, c2, h2, w2,
+                        s->type == KD_LAYER_MUL ? " (the second must match, or have one channel)" :
+                        s->type == KD_LAYER_CONCAT ? " (their sizes must match)" : "");
             }
+            if (s->type == KD_LAYER_CONCAT) oc = c + c2;
             break;
         }
+        case KD_LAYER_INPUT:
+            if (!nd->ext_set || nd->ext_c != s->in_ch) {
+                net->C = sC; net->H = sH; net->W = sW;
+                if (!nd->ext_set) KD_FAIL(KD_ERR_STATE, "input '%s' has no data: give it with kd_net_set_input", nd->name);
+                KD_FAIL(KD_ERR_SHAPE, "input '%s' expects %d channels, got %d", nd->name, s->in_ch, nd->ext_c);
+            }
+            oc = nd->ext_c; oh = nd->ext_h; ow = nd->ext_w;
+            break;
+        case KD_LAYER_UPSAMPLE:
+            if (s->size[0] > 0) { oh = s->size[0]; ow = s->size[1]; }
+            else if (h > INT32_MAX / s->stride || w > INT32_MAX / s->stride) goto too_big;
+            else { oh = h * s->stride; ow = w * s->stride; }
+            break;
         case KD_LAYER_RELU:
         case KD_LAYER_DROPOUT:
+        case KD_LAYER_SIGMOID:
         case KD_LAYER_COUNT:
             break;
         }
@@ -580,6 +634,7 @@ enum kd_status kd_net_plan(struct kd_net * net, int N, int C, int H, int W) {
     net->acts_used = acts;
     net->cache_used = cache;
     net->N = N;
+    net->ext_changed = false;
     return KD_OK;
 too_big:
     net->C = sC; net->H = sH; net->W = sW;
@@ -678,6 +733,27 @@ static void node_forward(struct kd_net * net, int i, int N, float * out, const f
     case KD_LAYER_ADD:
         kd_add_forward(out, in, in2, numel);
         break;
+    case KD_LAYER_INPUT:   // `in` is the extra input's data
+        memcpy(out, in, numel * sizeof(float));
+        break;
+    case KD_LAYER_UPSAMPLE:
+        kd_nearest_forward(out, in, N, c, h, w, nd->h, nd->w);
+        break;
+    case KD_LAYER_SIGMOID:
+        kd_sigmoid_forward(out, in, numel);
+        break;
+    case KD_LAYER_MUL: {
+        int c2, h2, w2;
+        in_shape(net, s->inp[1], &c2, &h2, &w2);
+        kd_mul_forward(out, in, in2, N, c, c2, h * w);
+        break;
+    }
+    case KD_LAYER_CONCAT: {
+        int c2, h2, w2;
+        in_shape(net, s->inp[1], &c2, &h2, &w2);
+        kd_concat_forward(out, in, in2, N, c, c2, h * w);
+        break;
+    }
     case KD_LAYER_COUNT:
         break;
     }
@@ -811,6 +887,7 @@ static enum kd_status forward_infer(struct kd_net * net, const float * x, unsign
             struct kd_node * nd = &net->nodes[i];
             if (last[i] == i && !nd->inf_kept && !(mode & KD_MODE_BN_BATCH)) continue;   // nobody reads it
             const float * in[2] = { NULL, NULL };
+            if (nd->spec.type == KD_LAYER_INPUT) in[0] = nd->ext + (size_t)n0 * per_image(nd);
             for (int k = 0; k < n_inputs(&nd->spec); k++) {
                 int src = nd->spec.inp[k];
                 if (src == KD_INPUT) in[k] = x + (size_t)n0 * x_img;
@@ -841,7 +918,7 @@ static size_t full_layout(struct kd_net * net) {
 static bool can_overwrite(const struct kd_net * net, int k) {
     if (k == KD_INPUT) return false;
     const struct kd_node * in = &net->nodes[k];
-    return in->n_consumers == 1 && k != net->out_node && !in->keep && in->spec.type != KD_LAYER_RELU;
+    return in->n_consumers == 1 && k != net->out_node && !in->keep && !layer_info[in->spec.type].backward_reads_output;
 }
 
 static size_t lean_layout(struct kd_net * net) {
@@ -880,6 +957,9 @@ enum kd_status kd_net_forward(struct kd_net * net, const float * x, int N, int C
                         "(batch of 1 with 1x1 features); use a larger batch or eval mode", nd->name);
         }
     }
+    for (int i = 0; i < net->n_nodes; i++)
+        if (net->nodes[i].spec.type == KD_LAYER_INPUT && !net->nodes[i].ext)
+            KD_FAIL(KD_ERR_STATE, "input '%s' has a shape but no data: give it with kd_net_set_input", net->nodes[i].name);
     net->forward_done = false;
     for (int i = 0; i < net->n_nodes; i++) net->nodes[i].grad_live = net->nodes[i].inj_live = false;
     if (mode & KD_MODE_NO_GRAD) {
@@ -894,8 +974,8 @@ enum kd_status kd_net_forward(struct kd_net * net, const float * x, int N, int C
         for (int i = 0; i < net->n_nodes; i++) {
             struct kd_node * nd = &net->nodes[i];
             const struct kd_layer_spec * s = &nd->spec;
-            node_forward(net, i, N, net->acts + nd->cur_off, act_of(net, s->inp[0]),
-                         s->type == KD_LAYER_ADD ? act_of(net, s->inp[1]) : NULL,
+            node_forward(net, i, N, net->acts + nd->cur_off, s->type == KD_LAYER_INPUT ? nd->ext : act_of(net, s->inp[0]),
+                         n_inputs(s) == 2 ? act_of(net, s->inp[1]) : NULL,
                          net->cache + nd->cache_off, net->work, mode, dropout_seed);
         }
         net->infer_done = false;
@@ -996,6 +1076,9 @@ enum kd_status kd_net_backward(struct kd_net * net, const float * dout, float * 
     KD_TRY(ensure_work(net, net->N));
     int N = net->N;
     if (dinp) memset(dinp, 0, (size_t)N * net->C * net->H * net->W * sizeof(float));
+    for (int i = 0; i < net->n_nodes; i++)
+        if (net->nodes[i].spec.type == KD_LAYER_INPUT && net->nodes[i].dext)
+            memset(net->nodes[i].dext, 0, net->nodes[i].numel * sizeof(float));
     for (int i = net->n_nodes - 1; i >= 0; i--) {
         struct kd_node * nd = &net->nodes[i];
         if (!nd->grad_live && !nd->inj_live) continue;   // no gradient reached this node
@@ -1048,11 +1131,44 @@ enum kd_status kd_net_backward(struct kd_net * net, const float * dout, float * 
             kd_add_backward(din, din2, d, nd->numel);
             break;
         }
+        case KD_LAYER_INPUT:
+            if (nd->dext) kd_add_backward(nd->dext, NULL, d, nd->numel);
+            break;
+        case KD_LAYER_UPSAMPLE:
+            if (din) kd_nearest_backward(din, d, N, c, h, w, nd->h, nd->w);
+            break;
+        case KD_LAYER_SIGMOID:
+            if (din) kd_sigmoid_backward(din, d, out, nd->numel);
+            break;
+        case KD_LAYER_MUL:
+        case KD_LAYER_CONCAT: {
+            float * din2 = s->inp[1] == KD_INPUT ? dinp : grad_of(net, s->inp[1]);
+            int c2, h2, w2;
+            in_shape(net, s->inp[1], &c2, &h2, &w2);
+            if (s->type == KD_LAYER_MUL) kd_mul_backward(din, din2, d, in, act_of(net, s->inp[1]), N, c, c2, h * w);
+            else kd_concat_backward(din, din2, d, N, c, c2, h * w);
+            break;
+        }
         case KD_LAYER_COUNT:
             break;
         }
     }
     // Consumed: a second backward after the same forward starts from zero again.
     for (int i = 0; i < net->n_nodes; i++) net->nodes[i].grad_live = net->nodes[i].inj_live = false;
+    return KD_OK;
+}
+
+enum kd_status kd_net_set_input(struct kd_net * net, int node, const float * x, int C, int H, int W, float * dx) {
+    if (!net) KD_FAIL(KD_ERR_VALUE, "net is NULL");
+    if (node < 0 || node >= net->n_nodes || net->nodes[node].spec.type != KD_LAYER_INPUT)
+        KD_FAIL(KD_ERR_VALUE, "node %d is not an input node (KD_LAYER_INPUT)", node);
+    if (C < 1 || H < 1 || W < 1) KD_FAIL(KD_ERR_SHAPE, "input shape (%d, %d, %d) has an empty dimension", C, H, W);
+    struct kd_node * nd = &net->nodes[node];
+    if (C != nd->spec.in_ch) KD_FAIL(KD_ERR_SHAPE, "input '%s' expects %d channels, got %d", nd->name, nd->spec.in_ch, C);
+    if (!nd->ext_set || nd->ext_c != C || nd->ext_h != H || nd->ext_w != W) net->ext_changed = true;
+    nd->ext = x;
+    nd->dext = dx;
+    nd->ext_c = C; nd->ext_h = H; nd->ext_w = W;
+    nd->ext_set = true;
     return KD_OK;
 }

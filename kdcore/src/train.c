@@ -304,6 +304,9 @@ static enum kd_status pair_ft(const struct kd_term * t, struct pair_io * p) {
 static enum kd_status pair_vid(const struct kd_term * t, struct pair_io * p) {
     return kd_loss_vid(&p->value, p->da, p->dparams, FM_A(p), FM_B(p), p->params, t->vid.eps, p->w, true);
 }
+static enum kd_status pair_hcl(const struct kd_term * t, struct pair_io * p) {
+    return kd_loss_hcl(&p->value, p->da, FM_A(p), FM_B(p), p->w, true);
+}
 static enum kd_status pair_cc(const struct kd_term * t, struct pair_io * p) {
     return kd_loss_cc(&p->value, p->da, p->db, p->a, p->b, p->nb, p->ac * p->ah * p->aw, p->w, true);
 }
@@ -376,6 +379,7 @@ static const struct term_kind_info {
     [KD_TERM_VID]      = { "vid",      "VID loss",          false, true,  false, true,  pair_vid },
     [KD_TERM_CC]       = { "cc",       "CC loss",           false, true,  true,  true,  pair_cc },
     [KD_TERM_CRD]      = { "crd",      "CRD loss",          false, true,  true,  true,  pair_crd },
+    [KD_TERM_HCL]      = { "hcl",      "ReviewKD loss",     false, true,  false, true,  pair_hcl },
 };
 
 const char * kd_term_kind_name(enum kd_term_kind kind) {
@@ -409,6 +413,8 @@ struct snet {
     float * cached;           // this batch's rows of c->logits
     float * noisy;            // its noisy copy of the batch
     float * dinp;             // connector: gradient w.r.t. its input
+    int ext_node[KD_STEP_MAX_INPUTS];      // connector: its KD_LAYER_INPUT nodes, in order
+    float * ext_grad[KD_STEP_MAX_INPUTS];  //   and the gradients w.r.t. them (trained sources)
     bool * kept_before;       // kd_net_kept before the epoch, restored after
 };
 
@@ -740,6 +746,24 @@ static enum kd_status engine_setup(struct engine * E) {
             if (c->input_node >= kd_net_num_nodes(s->nets[c->input_net].net))
                 E_FAIL(KD_ERR_VALUE, "net %d (%s): input_node %d does not exist", i, role, c->input_node);
         }
+        // Extra inputs: one reference per KD_LAYER_INPUT node of the net, in node order.
+        int n_ext = 0;
+        for (int k = 0; c->net && k < kd_net_num_nodes(c->net); k++) {
+            if (kd_net_node_spec(c->net, k)->type != KD_LAYER_INPUT) continue;
+            if (n_ext < KD_STEP_MAX_INPUTS) sn->ext_node[n_ext] = k;
+            n_ext++;
+        }
+        if (c->n_inputs < 0 || c->n_inputs > KD_STEP_MAX_INPUTS || n_ext != c->n_inputs || (n_ext && !sn->connector))
+            E_FAIL(KD_ERR_VALUE, "net %d (%s): %d extra inputs given for %d input nodes%s", i, role, c->n_inputs, n_ext,
+                   n_ext && !sn->connector ? " (only a connector can have extra inputs)" : "");
+        for (int k = 0; k < n_ext; k++) {
+            const struct kd_ref r = c->inputs[k];
+            if (r.net < 0 || r.net >= i || !s->nets[r.net].net || r.node >= kd_net_num_nodes(s->nets[r.net].net))
+                E_FAIL(KD_ERR_VALUE, "net %d (%s): extra input %d must be a node of an earlier net of the step", i, role, k);
+            int ec, eh, ew;
+            ref_shape(E, r, &ec, &eh, &ew);
+            KD_TRY(kd_net_set_input(c->net, sn->ext_node[k], NULL, ec, eh, ew, NULL));
+        }
         if (c->logits) {
             sn->V = E->V;   // set below from the first net with a shape
             continue;
@@ -857,6 +881,15 @@ static void engine_free(struct engine * E) {
         if (sn->kept_before && sn->c && sn->c->net)
             for (int k = 0; k < kd_net_num_nodes(sn->c->net); k++) kd_net_keep(sn->c->net, k, sn->kept_before[k]);
         free(sn->kept_before); free(sn->cached); free(sn->noisy); free(sn->dinp);
+        // The net must not keep pointers into the step's buffers past the epoch.
+        for (int k = 0; sn->c && k < sn->c->n_inputs && k < KD_STEP_MAX_INPUTS; k++) {
+            struct kd_net * net = sn->c->net;
+            const int nd = sn->ext_node[k];
+            int ec, eh, ew;
+            kd_net_node_shape(net, nd, &ec, &eh, &ew);
+            if (ec > 0 && kd_net_node_spec(net, nd)->type == KD_LAYER_INPUT) kd_net_set_input(net, nd, NULL, ec, eh, ew, NULL);
+            free(sn->ext_grad[k]);
+        }
     }
     free(E->scratch); free(E->dsrc); free(E->mix); free(E->tmp);
     for (int t = 0; t < KD_STEP_MAX_TERMS; t++) free(E->term_scratch[t]);
@@ -881,8 +914,10 @@ static enum kd_status keep_read_nodes(struct engine * E) {
         for (int j = 0; j < s->terms[t].src.n; j++) KEEP(s->terms[t].src.ref[j]);
     }
     for (int j = 0; j < s->monitor.n; j++) KEEP(s->monitor.ref[j]);
-    for (int i = 0; i < s->n_nets; i++)
+    for (int i = 0; i < s->n_nets; i++) {
         if (s->nets[i].input_net >= 0) KEEP(((struct kd_ref){ s->nets[i].input_net, s->nets[i].input_node }));
+        for (int k = 0; k < s->nets[i].n_inputs; k++) KEEP(s->nets[i].inputs[k]);
+    }
 #undef KEEP
     return KD_OK;
 }
@@ -920,6 +955,9 @@ static enum kd_status engine_alloc(struct engine * E) {
             size_t p = ref_per(E, (struct kd_ref){ c->input_net, c->input_node });
             if (!(sn->dinp = malloc(p * B * sizeof(float)))) E_FAIL(KD_ERR_NOMEM, "cannot allocate");
         }
+        for (int k = 0; k < c->n_inputs; k++)
+            if (E->n[c->inputs[k].net].trained && !(sn->ext_grad[k] = malloc(ref_per(E, c->inputs[k]) * B * sizeof(float))))
+                E_FAIL(KD_ERR_NOMEM, "cannot allocate");
     }
     return KD_OK;
 }
@@ -975,6 +1013,12 @@ enum kd_status kd_step_run_(const struct kd_step_cfg * s, const struct kd_datase
                 struct kd_ref in = { c->input_net, c->input_node };
                 x = ref_data(&E, in);
                 ref_shape(&E, in, &C, &H, &W);
+                for (int k = 0; k < c->n_inputs; k++) {
+                    int ec, eh, ew;
+                    ref_shape(&E, c->inputs[k], &ec, &eh, &ew);
+                    st = kd_net_set_input(c->net, sn->ext_node[k], ref_data(&E, c->inputs[k]), ec, eh, ew, sn->ext_grad[k]);
+                    if (st != KD_OK) goto done;
+                }
             } else if (c->input_noise > 0) {
                 x = loop_noisy_input(&L, c->input_noise, sn->noisy);
             }
@@ -1029,6 +1073,12 @@ enum kd_status kd_step_run_(const struct kd_step_cfg * s, const struct kd_datase
                 struct kd_ref in = { sn->c->input_net, sn->c->input_node };
                 if (!all_finite(sn->dinp, (size_t)nb * ref_per(&E, in))) NONFINITE_STEP("input gradient", role);
                 if ((st = kd_net_grad_add(s->nets[in.net].net, ref_node(&E, in), sn->dinp, 1.0f)) != KD_OK) goto done;
+            }
+            for (int k = 0; k < sn->c->n_inputs; k++) {
+                const struct kd_ref in = sn->c->inputs[k];
+                if (!sn->ext_grad[k]) continue;
+                if (!all_finite(sn->ext_grad[k], (size_t)nb * ref_per(&E, in))) NONFINITE_STEP("input gradient", role);
+                if ((st = kd_net_grad_add(s->nets[in.net].net, ref_node(&E, in), sn->ext_grad[k], 1.0f)) != KD_OK) goto done;
             }
         }
         // State moves once every check has passed: CRD's banks take the step's embeddings,

@@ -192,6 +192,8 @@ typedef struct {
     struct kd_net * net;
     int busy;        // set under the GIL while a call runs with the GIL released
     int training;
+    PyObject * ext;  // extra inputs: dict node -> (x array or None, dx array or None), held
+                     // while the C net borrows them (kd_net_set_input)
 } NetObject;
 
 static PyTypeObject NetType;
@@ -210,6 +212,7 @@ static void net_release(NetObject * self) { self->busy = 0; }
 
 static void Net_dealloc(NetObject * self) {
     kd_net_free(self->net);
+    Py_XDECREF(self->ext);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -228,17 +231,17 @@ static int Net_init(NetObject * self, PyObject * args, PyObject * kwds) {
     if (n == 0) { PyErr_SetString(PyExc_ValueError, "nodes must not be empty"); goto fail; }
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject * t = PySequence_Fast_GET_ITEM(seq, i);
-        int type, inp0, inp1, in_ch, out_ch, kernel, stride, padding, groups, bias, init;
+        int type, inp0, inp1, in_ch, out_ch, kernel, stride, padding, groups, bias, init, size_h = 0, size_w = 0;
         const char * name;
         float eps, momentum, p;
         static char * node_fields[] = { "type", "name", "inp0", "inp1", "in_ch", "out_ch", "kernel", "stride", "padding",
-                                        "groups", "bias", "eps", "momentum", "p", "init", NULL };
+                                        "groups", "bias", "eps", "momentum", "p", "init", "size_h", "size_w", NULL };
         char prefix[48];
         snprintf(prefix, sizeof prefix, "node %zd: ", i);
         if (!PyTuple_Check(t)) { PyErr_Format(PyExc_TypeError, "node %zd must be a tuple, got %s", i, Py_TYPE(t)->tp_name); goto fail; }
-        if (!PyArg_ParseTuple(t, "isiiiiiiiipfffi;node", &type, &name, &inp0, &inp1, &in_ch, &out_ch,
-                              &kernel, &stride, &padding, &groups, &bias, &eps, &momentum, &p, &init)) {
-            name_parse_error(t, NULL, "isiiiiiiiipfffi", node_fields, prefix);
+        if (!PyArg_ParseTuple(t, "isiiiiiiiipfffi|ii;node", &type, &name, &inp0, &inp1, &in_ch, &out_ch,
+                              &kernel, &stride, &padding, &groups, &bias, &eps, &momentum, &p, &init, &size_h, &size_w)) {
+            name_parse_error(t, NULL, "isiiiiiiiipfffi|ii", node_fields, prefix);
             goto fail;
         }
         if (init < 0 || init > KD_INIT_KAIMING_IN) {
@@ -253,6 +256,7 @@ static int Net_init(NetObject * self, PyObject * args, PyObject * kwds) {
         s.name = name; s.inp[0] = inp0; s.inp[1] = inp1; s.in_ch = in_ch; s.out_ch = out_ch;
         s.kernel = kernel; s.stride = stride; s.padding = padding; s.groups = groups; s.bias = bias;
         s.eps = eps; s.momentum = momentum; s.p = p; s.init = (enum kd_init)init;
+        s.size[0] = size_h; s.size[1] = size_w;
         if (kd_net_add(net, &s) < 0) { PyErr_SetString(PyExc_ValueError, kd_last_error()); goto fail; }
     }
     Py_DECREF(seq);
@@ -260,6 +264,7 @@ static int Net_init(NetObject * self, PyObject * args, PyObject * kwds) {
     if (st != KD_OK) { kd_net_free(net); kd_raise(st); return -1; }
     kd_net_free(self->net);
     self->net = net;
+    Py_CLEAR(self->ext);
     return 0;
 fail:
     Py_DECREF(seq);
@@ -310,7 +315,21 @@ static PyObject * Net_forward(NetObject * self, PyObject * args, PyObject * kwds
     PyObject * out = NULL;
     if (!x) return NULL;
     int d[4];
-    if (input_dims(x, "x", d) < 0 || check_finite(x, "x") < 0 || net_acquire(self) < 0) goto fail;
+    if (input_dims(x, "x", d) < 0 || check_finite(x, "x") < 0) goto fail;
+    if (self->ext) {   // every extra input holds data for this batch
+        PyObject * key, * val;
+        Py_ssize_t pos = 0;
+        while (PyDict_Next(self->ext, &pos, &key, &val)) {
+            PyObject * xe = PyTuple_GET_ITEM(val, 0);
+            const int nd = (int)PyLong_AsLong(key);
+            if (xe == Py_None || PyArray_DIM((PyArrayObject *)xe, 0) != d[0]) {
+                PyErr_Format(PyExc_ValueError, "input '%s' %s", kd_net_node_spec(self->net, nd)->name,
+                             xe == Py_None ? "has no data: give it with set_input(node, x)" : "has a different batch size than x");
+                goto fail;
+            }
+        }
+    }
+    if (net_acquire(self) < 0) goto fail;
     enum kd_status st;
     Py_BEGIN_ALLOW_THREADS
     st = kd_net_forward(self->net, PyArray_DATA(x), d[0], d[1], d[2], d[3], (unsigned)mode, seed);
@@ -574,7 +593,58 @@ static PyObject * Net_set_output(NetObject * self, PyObject * arg) {
     Py_RETURN_NONE;
 }
 
+// set_input(node, x): the data of an extra input (a KD_LAYER_INPUT node) for the next
+// forwards, (N, C, H, W) or (N, C); or its per-sample shape (C, H, W) only, for shapes().
+static PyObject * Net_set_input(NetObject * self, PyObject * args) {
+    PyObject * tap, * xo;
+    static char * names[] = { "node", "x", NULL };
+    if (!PARSE_POS(args, "OO", names, &tap, &xo)) return NULL;
+    int node;
+    if (node_index(self, tap, &node) < 0) return NULL;
+    if (kd_net_node_spec(self->net, node)->type != KD_LAYER_INPUT)
+        return PyErr_Format(PyExc_ValueError, "node '%s' is not an input node", kd_net_node_spec(self->net, node)->name);
+    if (!self->ext && !(self->ext = PyDict_New())) return NULL;
+    PyArrayObject * x = NULL, * dx = NULL;
+    int d[4];
+    if (PyTuple_Check(xo)) {
+        if (!PyArg_ParseTuple(xo, "iii;shape", &d[1], &d[2], &d[3])) return NULL;
+    } else {
+        if (!(x = get_array(xo, NPY_FLOAT32, "x"))) return NULL;
+        if (input_dims(x, "x", d) < 0 || check_finite(x, "x") < 0) { Py_DECREF(x); return NULL; }
+        if (!(dx = (PyArrayObject *)PyArray_ZEROS(PyArray_NDIM(x), PyArray_DIMS(x), NPY_FLOAT32, 0))) { Py_DECREF(x); return NULL; }
+    }
+    if (net_acquire(self) < 0) { Py_XDECREF(x); Py_XDECREF(dx); return NULL; }
+    enum kd_status st = kd_net_set_input(self->net, node, x ? PyArray_DATA(x) : NULL, d[1], d[2], d[3],
+                                         dx ? PyArray_DATA(dx) : NULL);
+    net_release(self);
+    if (st != KD_OK) { Py_XDECREF(x); Py_XDECREF(dx); return kd_raise(st); }
+    PyObject * key = PyLong_FromLong(node);
+    PyObject * val = Py_BuildValue("(NN)", x ? (PyObject *)x : Py_NewRef(Py_None), dx ? (PyObject *)dx : Py_NewRef(Py_None));
+    int rc = key && val ? PyDict_SetItem(self->ext, key, val) : -1;
+    Py_XDECREF(key); Py_XDECREF(val);
+    if (rc < 0) return NULL;
+    Py_RETURN_NONE;
+}
+
+// input_grad(node): a copy of the gradient w.r.t. an extra input from the last backward.
+static PyObject * Net_input_grad(NetObject * self, PyObject * tap) {
+    int node;
+    if (node_index(self, tap, &node) < 0) return NULL;
+    PyObject * key = PyLong_FromLong(node);
+    if (!key) return NULL;
+    PyObject * val = self->ext ? PyDict_GetItemWithError(self->ext, key) : NULL;
+    Py_DECREF(key);
+    if (!val || PyTuple_GET_ITEM(val, 1) == Py_None) {
+        if (!PyErr_Occurred()) PyErr_Format(PyExc_ValueError, "node '%s' is not an input given data by set_input",
+                                            kd_net_node_spec(self->net, node)->name);
+        return NULL;
+    }
+    return PyArray_NewCopy((PyArrayObject *)PyTuple_GET_ITEM(val, 1), NPY_CORDER);
+}
+
 static PyMethodDef Net_methods[] = {
+    { "set_input", (PyCFunction)Net_set_input, METH_VARARGS, "set_input(node, x): data (or (C, H, W) shape) of an extra input" },
+    { "input_grad", (PyCFunction)Net_input_grad, METH_O, "input_grad(node): gradient w.r.t. an extra input (last backward)" },
     { "set_output", (PyCFunction)Net_set_output, METH_O, "set_output(node): which node is the network output" },
     { "forward", (PyCFunction)(void (*)(void))Net_forward, METH_VARARGS | METH_KEYWORDS,
       "forward(x, mode=0, seed=0) -> output (copy); mode: kd_mode flags (1 BN batch stats, 2 dropout, 4 no grad)" },
@@ -3021,7 +3091,7 @@ static PyObject * py_step_epoch(PyObject * Py_UNUSED(m), PyObject * args, PyObje
         c->input_net = c->input_node = -1;
         struct opt_reader r = { d, "step net", 0 };
         PyObject * net = opt_get(&r, "net"), * opt = opt_get(&r, "opt"), * lg = opt_get(&r, "logits"),
-                 * input = opt_get(&r, "input"), * role = opt_get(&r, "role");
+                 * input = opt_get(&r, "input"), * role = opt_get(&r, "role"), * inputs = opt_get(&r, "inputs");
         int mode = 0;
         long long salt = 0;
         if (opt_i32(&r, "mode", &mode) < 0 || opt_bool(&r, "params_only", &c->params_only) < 0 ||
@@ -3067,6 +3137,20 @@ static PyObject * py_step_epoch(PyObject * Py_UNUSED(m), PyObject * args, PyObje
             if (parse_ref(input, (int)nn, &in, "input") < 0) goto done;
             c->input_net = in.net;
             c->input_node = in.node;
+        }
+        if (inputs && inputs != Py_None) {
+            PyObject * iseq = PySequence_Fast(inputs, "inputs must be a list of (net, node) references");
+            if (!iseq) goto done;
+            const Py_ssize_t ni = PySequence_Fast_GET_SIZE(iseq);
+            if (ni > KD_STEP_MAX_INPUTS) {
+                PyErr_Format(PyExc_ValueError, "nets[%zd]: at most %d extra inputs, got %zd", i, KD_STEP_MAX_INPUTS, ni);
+                Py_DECREF(iseq);
+                goto done;
+            }
+            for (Py_ssize_t k = 0; k < ni; k++)
+                if (parse_ref(PySequence_Fast_GET_ITEM(iseq, k), (int)nn, &c->inputs[k], "inputs") < 0) { Py_DECREF(iseq); goto done; }
+            c->n_inputs = (int)ni;
+            Py_DECREF(iseq);
         }
     }
     for (Py_ssize_t t = 0; t < nt; t++) {
@@ -3181,6 +3265,13 @@ static int add_enums(PyObject * m) {
         Py_XDECREF(d);
         if (bad) goto fail;
     }
+    PyObject * layers = PyDict_New();   // enum kd_layer_type by name: what nn.py builds nets from
+    for (int k = 0; layers && k < KD_LAYER_COUNT; k++) {
+        PyObject * v = PyLong_FromLong(k);
+        if (!v || PyDict_SetItemString(layers, kd_layer_type_name((enum kd_layer_type)k), v) < 0) Py_CLEAR(layers);
+        Py_XDECREF(v);
+    }
+    if (!layers || PyModule_AddObject(m, "LAYER_TYPES", layers) < 0) { Py_XDECREF(layers); goto fail; }
     PyObject * forms = Py_BuildValue("{s:i,s:i}", "code", KD_AT_CODE, "paper", KD_AT_PAPER);
     if (!forms || PyModule_AddObject(m, "AT_FORMS", forms) < 0) { Py_XDECREF(forms); goto fail; }
     PyObject * mixes = Py_BuildValue("{s:i,s:i,s:i}", "losses", KD_MIX_LOSSES, "probs", KD_MIX_PROBS, "logits", KD_MIX_LOGITS);

@@ -273,6 +273,7 @@ def _init_phase(student, teacher, c, terms, method, cache):
     plan = _losses.build_plan(student, [teacher], c.train, terms, "init")
     nodes = [r[1] for t in plan.terms for r in [t["a"]] + ([t["a2"]] if "a2" in t else []) if r[0] == 0]
     nodes += [src[1] for _, src, _, _ in plan.connectors if src is not None and src[0] == 0]
+    nodes += [r[1] for rs in plan.extra_inputs.values() for r in rs if r[0] == 0]
     nodes = [student._output_index() if n < 0 else n for n in nodes]
     before = student.state_dict()
     past = _nodes_past(student, nodes)
@@ -332,7 +333,7 @@ def _distill_terms(student, teacher, c, terms, method, cache, phase="all"):
             nets.append(dict(net=m.net, opt=opts[id(m)], params_only=True, role=what))
         else:
             nets.append(dict(net=m.net, opt=opts[id(m)] if tr else None, mode=modes["train"] if tr else modes["eval"],
-                             input=src, salt=0xC0 + k, role="connector"))
+                             input=src, inputs=plan.extra_inputs.get(k), salt=0xC0 + k, role="connector"))
     extra_state = {f"{name}.{k}": v for name, st in plan.states.items() for k, v in st.views().items()}
     monitor = dict(src=[(1, -1)])
     val_t = None

@@ -18,11 +18,11 @@ reference libraries use); ``kdcore.losses.method_terms(name)`` returns fresh cop
 from __future__ import annotations
 
 from . import _kdcore
-from .nn import (BatchNorm2d, Conv2d, Linear, Module, ReLU, Sequential, _check_bool, _check_float, _check_int,
-                 _is_choice)
+from .nn import (_ADD, _BATCHNORM, _CONCAT, _CONV2D, _INPUT_NODE, _MUL, _SIGMOID, _UPSAMPLE, BatchNorm2d, Conv2d,
+                 Linear, Module, ReLU, Sequential, _check_bool, _check_float, _check_int, _is_choice, _join)
 
 __all__ = ["Loss", "CE", "KD", "DKD", "LogitMSE", "Hint", "FitNet", "AT", "SP", "NST", "RKD", "PKT", "FSP", "OFD",
-           "AB", "VID", "CC", "CRD", "FT", "METHODS", "method_terms", "connector"]
+           "AB", "VID", "CC", "CRD", "FT", "ReviewKD", "ReviewFusion", "METHODS", "method_terms", "connector"]
 
 _KINDS = _kdcore.TERM_KINDS
 _DEFAULTS = _kdcore.TERM_DEFAULTS
@@ -551,6 +551,129 @@ class FT(_FeatureLoss):
         return dict(super()._options(), rate=self.rate, p1=self.p1, p2=self.p2)
 
 
+class ReviewFusion(Module):
+    """ReviewKD's attention-based fusion (ABF, Chen et al. 2021; mdistiller's ABF modules) as
+    one connector over several student maps, listed deepest first: ``in_channels``, ``sizes``
+    ((h, w) per map), and the teacher maps it is compared with, ``out_channels`` and
+    ``out_sizes``. The deepest map is the net's input; every other map is an extra input
+    node (``abf<k>.input``, k = 1, 2, ...), given by the step engine. Level k:
+
+        x = BN(conv1x1(map_k -> mid))                        (abf<k>.conv1.0, .conv1.1)
+        k > 0:  y = nearest(residual_{k-1}, size_k); z = cat(x, y)
+                x = x * sigmoid(conv1x1_a(z)) + y * sigmoid(conv1x1_b(z))   (abf<k>.att_conv.a/b)
+        x resized (nearest) to out_size_k when it differs;  residual_k = x
+        out_k = BN(conv3x3(x -> out_channels_k))             (abf<k>.conv2.0, .conv2.1: a tap)
+
+    mdistiller's attention conv has two output channels; here it is two one-channel convs
+    (``att_conv.a`` holds its first row, ``att_conv.b`` the second: the same function).
+    conv1 and conv2 are initialised as mdistiller's kaiming_uniform_(a=1), U(+-sqrt(3/fan_in))."""
+
+    def __init__(self, in_channels, sizes, out_channels, out_sizes, mid_channels):
+        super().__init__()
+        n = len(in_channels)
+        if n < 1 or not (len(sizes) == len(out_channels) == len(out_sizes) == n):
+            raise ValueError("in_channels, sizes, out_channels and out_sizes must be lists of one length >= 1")
+        self.in_channels = [_check_int("in_channels", c, 1) for c in in_channels]
+        self.out_channels = [_check_int("out_channels", c, 1) for c in out_channels]
+        self.sizes = [tuple(_check_int("sizes", v, 1) for v in hw) for hw in sizes]
+        self.out_sizes = [tuple(_check_int("out_sizes", v, 1) for v in hw) for hw in out_sizes]
+        self.mid_channels = _check_int("mid_channels", mid_channels, 1)
+
+    def level_taps(self):
+        """The output tap of every level, deepest first."""
+        return [f"abf{k}.conv2.1" for k in range(len(self.in_channels))]
+
+    def input_taps(self):
+        """The extra input nodes, for maps 1, 2, ... (map 0 is the net's input)."""
+        return [f"abf{k}.input" for k in range(1, len(self.in_channels))]
+
+    def _emit(self, g, x, prefix):
+        mid, res, out = self.mid_channels, None, x
+        for k, (cin, size, cout, osize) in enumerate(zip(self.in_channels, self.sizes, self.out_channels,
+                                                        self.out_sizes)):
+            p = _join(prefix, f"abf{k}")
+            inp = x if k == 0 else g.add(_INPUT_NODE, f"{p}.input", [], in_ch=cin)
+            h = g.add(_CONV2D, f"{p}.conv1.0", [inp], in_ch=cin, out_ch=mid, kernel=1, bias=False)
+            h = g.add(_BATCHNORM, f"{p}.conv1.1", [h], in_ch=mid)
+            if k > 0:
+                y = g.add(_UPSAMPLE, f"{p}.upsample", [res], size=size)
+                z = g.add(_CONCAT, f"{p}.cat", [h, y])
+                att = [g.add(_SIGMOID, f"{p}.att_{c}", [g.add(_CONV2D, f"{p}.att_conv.{c}", [z], in_ch=2 * mid, out_ch=1,
+                                                                  kernel=1)]) for c in "ab"]
+                h = g.add(_ADD, f"{p}.fuse", [g.add(_MUL, f"{p}.att_x", [h, att[0]]),
+                                              g.add(_MUL, f"{p}.att_y", [y, att[1]])])
+            if osize != size:
+                h = g.add(_UPSAMPLE, f"{p}.resize", [h], size=osize)
+            res = h
+            out = g.add(_CONV2D, f"{p}.conv2.0", [h], in_ch=mid, out_ch=cout, kernel=3, padding=1, bias=False)
+            out = g.add(_BATCHNORM, f"{p}.conv2.1", [out], in_ch=cout)
+        return out
+
+    def reset_parameters(self, seed=0):
+        super().reset_parameters(seed)
+        for name, w in self.named_parameters():
+            if (".conv1.0." in name or ".conv2.0." in name) and name.endswith("weight"):
+                w *= 3.0 ** 0.5   # U(+-1/sqrt(fan_in)) -> kaiming_uniform_(a=1)
+        return self
+
+    def _describe(self):
+        return (f"in_channels={self.in_channels}, sizes={self.sizes}, out_channels={self.out_channels}, "
+                f"out_sizes={self.out_sizes}, mid_channels={self.mid_channels}")
+
+
+class ReviewKD(Loss):
+    """ReviewKD (Chen et al. 2021, "Distilling knowledge via knowledge review"; mdistiller's
+    form): the student's stage maps and pooled feature (default taps: ``stages`` + ``pooled``,
+    post-activation as mdistiller's CIFAR recipe) go through one ``ReviewFusion`` connector,
+    deepest first, each fused with the residual of the level below it; each level's output is
+    compared with the teacher's map (``stages_pre`` + ``pooled``) by the hierarchical context
+    loss (kdcore.functional.hcl_loss: MSE at full size plus MSE of 4x4, 2x2, 1x1 average pools
+    smaller than the map, weights halving, normalised). Loss = weight * sum over levels.
+    mdistiller: weight 1 (5 for resnet32x4 -> resnet8x4), a 20-epoch linear warm-up, CE
+    weight 1, mid channels min(512, the student's pooled channels)."""
+    kind, label = "hcl", "reviewkd"
+
+    def __init__(self, weight=1.0, warmup_epochs=20, taps=None, teacher_taps=None, max_mid_channels=512, seed=0,
+                 **kw):
+        super().__init__(weight, warmup_epochs=warmup_epochs, **kw)
+        self.taps = None if taps is None else _tap_list("taps", taps)
+        self.teacher_taps = None if teacher_taps is None else _tap_list("teacher_taps", teacher_taps)
+        self.max_mid_channels = _check_int("max_mid_channels", max_mid_channels, 1)
+        self.seed = _check_int("seed", seed, 0)
+
+    def _taps(self, plan, who, given, keys):
+        if given is not None:
+            return given
+        out = []
+        for key in keys:
+            t = plan.default_tap(who, key)
+            out += list(t) if isinstance(t, (list, tuple)) else [t]
+        return out
+
+    def _add(self, plan):
+        s_taps = self._taps(plan, 0, self.taps, ("stages", "pooled"))
+        t_taps = self._taps(plan, 1, self.teacher_taps, ("stages_pre", "pooled"))
+        if len(s_taps) != len(t_taps):
+            raise ValueError(f"ReviewKD: {len(s_taps)} student taps {s_taps} but {len(t_taps)} teacher taps {t_taps}")
+        s_refs = [plan.ref(0, t) for t in s_taps][::-1]   # deepest first
+        t_refs = [plan.ref(1, t) for t in t_taps][::-1]
+        s_sh, t_sh = [plan.shape(r) for r in s_refs], [plan.shape(r) for r in t_refs]
+        fusion = ReviewFusion([c for c, _, _ in s_sh], [(h, w) for _, h, w in s_sh], [c for c, _, _ in t_sh],
+                              [(h, w) for _, h, w in t_sh], min(self.max_mid_channels, s_sh[0][0]))
+        fusion.reset_parameters(self.seed)
+        ref = plan.add_connector(fusion, s_refs[0], "reviewkd fusion", inputs=s_refs[1:])
+        for k, (tap, t_ref) in enumerate(zip(fusion.level_taps(), t_refs)):
+            plan.add_term(self, self._base(a=(ref[0], fusion._tap_index(tap)), src=[t_ref]))
+
+    def _options(self):
+        d = dict(super()._options())
+        if self.taps is not None:
+            d["taps"] = self.taps
+        if self.teacher_taps is not None:
+            d["teacher_taps"] = self.teacher_taps
+        return d
+
+
 def connector(kind, s_shape, t_shape, relu=True):
     """A connector mapping per-sample student maps of s_shape (c, h, w) to t_shape.
 
@@ -594,6 +717,7 @@ METHODS = {
     "cc": lambda: [CE(1.0), CC(0.02)],
     "crd": lambda: [CE(1.0), CRD(0.8)],
     "crd+kd": lambda: [CE(1.0), KD(1.0, T=4.0), CRD(0.8)],
+    "reviewkd": lambda: [CE(1.0), ReviewKD(1.0)],
     # Initialisation-phase methods (RepDistiller): the term alone for init_epochs, then CE
     # (FT: the paraphraser's training, then CE + the factor term).
     "fsp": lambda: [CE(1.0, phase="main"), FSP(50.0, phase="init")],
@@ -628,6 +752,7 @@ class _Plan:
         self.labels_of_data = data.y
         self.phase = phase         # 'init' (an initialisation phase), 'main' (after one) or 'all'
         self.connectors = []       # (module, input ref or None for a parameter holder, description, trained)
+        self.extra_inputs = {}     # connector index -> refs feeding its extra input nodes (ReviewKD)
         self.terms = []            # C term dicts
         self.labels = []           # (History key, parts keys)
         self.states = {}           # name -> C state with a views() method (CRD banks), checkpointed
@@ -664,11 +789,19 @@ class _Plan:
             node = len(shapes) - 1 if ref[0] >= len(self.models) else self.models[ref[0]]._output_index()
         return tuple(shapes[node])
 
-    def add_connector(self, module, src, what, trained=True):
+    def add_connector(self, module, src, what, trained=True, inputs=()):
         """A net reading `src` (a (net, node) reference), trained with the student unless
-        trained=False; returns the reference of its output."""
+        trained=False; `inputs` feed its extra input nodes, in node order. Returns the
+        reference of its output."""
         if not isinstance(module, Module):
             raise TypeError(f"a connector must be a kdcore Module, got {type(module).__name__}")
+        if inputs:
+            nodes = [i for i, k in enumerate(module._graph_kinds()) if k == _INPUT_NODE]
+            if len(nodes) != len(inputs):
+                raise ValueError(f"{what}: {len(inputs)} extra inputs for {len(nodes)} input nodes")
+            for node, r in zip(nodes, inputs):
+                module.net.set_input(node, self.shape(r))
+            self.extra_inputs[len(self.connectors)] = list(inputs)
         self.connectors.append((module, src, what, trained))
         return (len(self.models) + len(self.connectors) - 1, -1)
 
@@ -693,12 +826,14 @@ class _Plan:
     def reads_teacher_taps(self):
         refs = [t["a"] for t in self.terms] + [s for t in self.terms for s in t.get("src", [])]
         refs += [src for _, src, _, _ in self.connectors if src is not None]
+        refs += [r for rs in self.extra_inputs.values() for r in rs]
         return any(r[0] >= 1 and r[0] < len(self.models) and r[1] >= 0 for r in refs)
 
     def reads_student(self):
         refs = [t["a"] for t in self.terms] + [s for t in self.terms for s in t.get("src", [])]
         refs += [t["a2"] for t in self.terms if "a2" in t]
         refs += [src for _, src, _, _ in self.connectors if src is not None]
+        refs += [r for rs in self.extra_inputs.values() for r in rs]
         return any(r[0] == 0 for r in refs)
 
 

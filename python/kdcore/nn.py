@@ -23,10 +23,15 @@ from . import _kdcore
 
 __all__ = ["Module", "Sequential", "Linear", "Conv2d", "BatchNorm1d", "BatchNorm2d", "ReLU",
            "MaxPool2d", "AvgPool2d", "AdaptiveAvgPool2d", "Dropout", "Flatten", "Residual", "Identity",
-           "MultiExit", "Block"]
+           "MultiExit", "Block", "Sigmoid", "Upsample"]
 
-# Must match enum kd_layer_type / enum kd_init in kdcore.h.
-_LINEAR, _CONV2D, _BATCHNORM, _RELU, _MAXPOOL, _AVGPOOL, _GAP, _DROPOUT, _FLATTEN, _ADD = range(10)
+# enum kd_layer_type, by the names C gives them
+_LT = _kdcore.LAYER_TYPES
+_LINEAR, _CONV2D, _BATCHNORM, _RELU, _MAXPOOL, _AVGPOOL, _GAP, _DROPOUT, _FLATTEN, _ADD = (
+    _LT[k] for k in ("linear", "conv2d", "batchnorm", "relu", "maxpool2d", "avgpool2d", "global_avgpool", "dropout",
+                     "flatten", "add"))
+_INPUT_NODE, _UPSAMPLE, _SIGMOID, _MUL, _CONCAT = (_LT[k] for k in ("input", "upsample", "sigmoid", "mul", "concat"))
+# Must match enum kd_init in kdcore.h.
 _INITS = {"default": 0, "kaiming_normal_fan_out": 1, "kaiming_normal_fan_in": 2}
 _INPUT = -1
 _ROOT = "_root"   # C needs a non-empty node name; a bare layer used as a model gets this one
@@ -89,13 +94,13 @@ class _Graph:
         self.output = None             # the network output when it is not the last node
 
     def add(self, kind, name, inputs, in_ch=0, out_ch=0, kernel=0, stride=1, padding=0, groups=1,
-            bias=True, eps=1e-5, momentum=0.1, p=0.0, init="default"):
+            bias=True, eps=1e-5, momentum=0.1, p=0.0, init="default", size=(0, 0)):
         name = name or _ROOT
         if name in self.names:
             raise ValueError(f"two layers are both named {name!r}")
         inp = list(inputs) + [_INPUT] * (2 - len(inputs))
         self.nodes.append((kind, name, inp[0], inp[1], in_ch, out_ch, kernel, stride, padding, groups,
-                           bool(bias), eps, momentum, p, _INITS[init]))
+                           bool(bias), eps, momentum, p, _INITS[init], size[0], size[1]))
         self.names.append(name)
         self.kinds.append(kind)
         return len(self.nodes) - 1
@@ -172,6 +177,10 @@ class Module:
             self._tensors = self._net.tensors()
             self._bn_nodes = [i for i, k in enumerate(g.kinds) if k == _BATCHNORM]
         return self._net
+
+    def _graph_kinds(self):
+        self._build()
+        return list(self._graph.kinds)
 
     @property
     def net(self):
@@ -552,6 +561,39 @@ class AdaptiveAvgPool2d(Module):
 
     def _emit(self, g, x, prefix):
         return g.add(_GAP, prefix, [x])
+
+
+class Sigmoid(Module):
+    def _emit(self, g, x, prefix):
+        return g.add(_SIGMOID, prefix, [x])
+
+
+class Upsample(Module):
+    """Nearest-neighbour resize, PyTorch's ``nn.Upsample(mode='nearest')``: to ``size`` (an
+    int or (h, w)), or by an integer ``scale_factor``."""
+
+    def __init__(self, size=None, scale_factor=None, mode="nearest"):
+        super().__init__()
+        if mode != "nearest":
+            raise ValueError(f"Upsample supports mode='nearest' only, got {mode!r}")
+        if (size is None) == (scale_factor is None):
+            raise ValueError("give exactly one of size and scale_factor")
+        if size is not None:
+            size = (size, size) if isinstance(size, int) and not isinstance(size, bool) else tuple(size)
+            if len(size) != 2:
+                raise ValueError(f"size must be an int or (h, w), got {size!r}")
+            self.size = tuple(_check_int("size", v, 1) for v in size)
+            self.scale_factor = None
+        else:
+            self.size, self.scale_factor = None, _check_int("scale_factor", scale_factor, 1)
+
+    def _emit(self, g, x, prefix):
+        if self.size:
+            return g.add(_UPSAMPLE, prefix, [x], size=self.size)
+        return g.add(_UPSAMPLE, prefix, [x], stride=self.scale_factor)
+
+    def _describe(self):
+        return f"size={self.size}" if self.size else f"scale_factor={self.scale_factor}"
 
 
 class Dropout(Module):

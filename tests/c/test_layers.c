@@ -956,6 +956,108 @@ static void test_dropout(void) {
     free(x); free(out); free(mask); free(c.inp); free(c.out); free(c.work); free(R); free(dx); free(dx2);
 }
 
+// ----------------------------------------------------------------------------------------
+// layers_combine.c: sigmoid, mul (with channel broadcast), concat, nearest resize. Each
+// against a direct reference, its backward against finite differences, and accumulation.
+
+static void fwd_sigmoid(struct ctx * c) { kd_sigmoid_forward(c->out, c->inp, c->n); }
+static void fwd_mul(struct ctx * c) { kd_mul_forward(c->out, c->inp, c->inp2, c->N, c->C, c->OC, c->HW); }
+static void fwd_concat(struct ctx * c) { kd_concat_forward(c->out, c->inp, c->inp2, c->N, c->C, c->OC, c->HW); }
+static void fwd_nearest(struct ctx * c) { kd_nearest_forward(c->out, c->inp, c->N, c->C, c->H, c->W, c->OH, c->OW); }
+
+static void test_sigmoid(void) {
+    size_t n = 300;
+    struct ctx c = {0};
+    c.n = n; c.nout = n; c.fwd = fwd_sigmoid;
+    c.inp = frand(n, 61); c.out = fzeros(n);
+    for (size_t i = 0; i < n; i++) c.inp[i] *= 6.0f;
+    fwd_sigmoid(&c);
+    int ok = 1;
+    for (size_t i = 0; i < n; i++) ok &= fabs(c.out[i] - 1.0 / (1.0 + exp(-(double)c.inp[i]))) < 1e-6;
+    CHECK(ok, "sigmoid forward");
+    float * R = frand(n, 62), * dx = fzeros(n);
+    kd_sigmoid_backward(dx, R, c.out, n);
+    gradcheck("sigmoid gradcheck", &c, R, c.inp, n, dx, 1e-2f);
+    float * dx2 = fcopy(dx, n);
+    kd_sigmoid_backward(dx2, R, c.out, n);
+    for (size_t i = 0; i < n; i++) dx[i] *= 2;
+    check_close("sigmoid accumulate", dx2, dx, n, 0, 0);
+    float big[4] = { -200.0f, 200.0f, NAN, 0.0f }, o[4];
+    kd_sigmoid_forward(o, big, 4);
+    CHECK(o[0] == 0.0f && o[1] == 1.0f && isnan(o[2]) && o[3] == 0.5f, "sigmoid saturates to 0 and 1, propagates NaN");
+    free(c.inp); free(c.out); free(R); free(dx); free(dx2);
+}
+
+// b with Cb = C (elementwise) or 1 (broadcast over channels)
+static void test_mul(int N, int C, int Cb, int HW) {
+    struct ctx c = {0};
+    const size_t na = (size_t)N * C * HW, nb = (size_t)N * Cb * HW;
+    c.N = N; c.C = C; c.OC = Cb; c.HW = HW; c.nout = na; c.fwd = fwd_mul;
+    c.inp = frand(na, 71); c.inp2 = frand(nb, 72); c.out = fzeros(na);
+    fwd_mul(&c);
+    int ok = 1;
+    for (int n = 0; n < N; n++)
+        for (int ch = 0; ch < C; ch++)
+            for (int i = 0; i < HW; i++) {
+                size_t k = ((size_t)n * C + ch) * HW + i, kb = ((size_t)n * Cb + (Cb == 1 ? 0 : ch)) * HW + i;
+                ok &= c.out[k] == c.inp[k] * c.inp2[kb];
+            }
+    CHECK(ok, "mul forward (C %d, Cb %d)", C, Cb);
+    float * R = frand(na, 73), * da = fzeros(na), * db = fzeros(nb);
+    kd_mul_backward(da, db, R, c.inp, c.inp2, N, C, Cb, HW);
+    gradcheck("mul gradcheck a", &c, R, c.inp, na, da, 1e-2f);
+    gradcheck("mul gradcheck b", &c, R, c.inp2, nb, db, 1e-2f);
+    float * db2 = fcopy(db, nb);
+    kd_mul_backward(NULL, db2, R, c.inp, c.inp2, N, C, Cb, HW);
+    for (size_t i = 0; i < nb; i++) db[i] *= 2;
+    check_close("mul accumulate", db2, db, nb, 1e-6, 1e-6);
+    free(c.inp); free(c.inp2); free(c.out); free(R); free(da); free(db); free(db2);
+}
+
+static void test_concat(int N, int Ca, int Cb, int HW) {
+    struct ctx c = {0};
+    const size_t na = (size_t)N * Ca * HW, nb = (size_t)N * Cb * HW, no = na + nb;
+    c.N = N; c.C = Ca; c.OC = Cb; c.HW = HW; c.nout = no; c.fwd = fwd_concat;
+    c.inp = frand(na, 81); c.inp2 = frand(nb, 82); c.out = fzeros(no);
+    fwd_concat(&c);
+    int ok = 1;
+    for (int n = 0; n < N; n++)
+        for (int ch = 0; ch < Ca + Cb; ch++)
+            for (int i = 0; i < HW; i++) {
+                float want = ch < Ca ? c.inp[((size_t)n * Ca + ch) * HW + i] : c.inp2[((size_t)n * Cb + ch - Ca) * HW + i];
+                ok &= c.out[((size_t)n * (Ca + Cb) + ch) * HW + i] == want;
+            }
+    CHECK(ok, "concat forward");
+    float * R = frand(no, 83), * da = fzeros(na), * db = fzeros(nb);
+    kd_concat_backward(da, db, R, N, Ca, Cb, HW);
+    gradcheck("concat gradcheck a", &c, R, c.inp, na, da, 1e-2f);
+    gradcheck("concat gradcheck b", &c, R, c.inp2, nb, db, 1e-2f);
+    free(c.inp); free(c.inp2); free(c.out); free(R); free(da); free(db);
+}
+
+// Reference: PyTorch's rule, source index floor(o * (float)in / out) clamped to in - 1.
+static void test_nearest(int N, int C, int H, int W, int OH, int OW) {
+    struct ctx c = {0};
+    const size_t ni = (size_t)N * C * H * W, no = (size_t)N * C * OH * OW;
+    c.N = N; c.C = C; c.H = H; c.W = W; c.OH = OH; c.OW = OW; c.nout = no; c.fwd = fwd_nearest;
+    c.inp = frand(ni, 91); c.out = fzeros(no);
+    fwd_nearest(&c);
+    int ok = 1;
+    for (int p = 0; p < N * C; p++)
+        for (int oh = 0; oh < OH; oh++)
+            for (int ow = 0; ow < OW; ow++) {
+                int sh = (int)floorf((float)oh * ((float)H / (float)OH)), sw = (int)floorf((float)ow * ((float)W / (float)OW));
+                sh = sh < H - 1 ? sh : H - 1;
+                sw = sw < W - 1 ? sw : W - 1;
+                ok &= c.out[((size_t)p * OH + oh) * OW + ow] == c.inp[((size_t)p * H + sh) * W + sw];
+            }
+    CHECK(ok, "nearest forward %dx%d -> %dx%d", H, W, OH, OW);
+    float * R = frand(no, 92), * dx = fzeros(ni);
+    kd_nearest_backward(dx, R, N, C, H, W, OH, OW);
+    gradcheck("nearest gradcheck", &c, R, c.inp, ni, dx, 1e-2f);
+    free(c.inp); free(c.out); free(R); free(dx);
+}
+
 static void test_add(void) {
     size_t n = 50000;    // above the parallel threshold
     struct ctx c = {0};
@@ -1372,6 +1474,14 @@ int main(void) {
     test_gap();
     test_dropout();
     test_add();
+    test_sigmoid();
+    test_mul(2, 3, 3, 10);
+    test_mul(3, 5, 1, 7);        // one-channel attention map broadcast over channels
+    test_concat(2, 3, 4, 9);
+    test_nearest(2, 3, 1, 1, 7, 7);     // a pooled feature spread over a map
+    test_nearest(1, 2, 7, 7, 14, 14);   // x2
+    test_nearest(2, 2, 4, 4, 7, 7);     // non-integer ratio up
+    test_nearest(1, 3, 7, 5, 4, 3);     // down, unequal sides
 
 #ifdef _OPENMP
     test_linear_threads(1);

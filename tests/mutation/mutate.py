@@ -55,6 +55,7 @@ FEATURE = "tests/test_feature_methods_torch.py"
 CONN = "tests/test_connector_methods_torch.py"
 LOSSES_API = "tests/test_losses_api.py"
 NONFINITE = "tests/test_nonfinite.py"
+REVIEWKD = "tests/test_reviewkd_torch.py"
 
 
 def t(path, *names):
@@ -437,6 +438,16 @@ MUTATIONS = [
     dict(name="skip_bn_not_restored", file=TRAIN, what="a dropped step leaves the BN statistics its forwards updated",
          old="for (int i = 0; i < L->n_saved; i++) bn_restore(&L->saved[i]);", new="",
          tests=t(NONFINITE, "test_fit_raise_and_skip", "test_mutual_skip_drops_the_step_for_every_peer")),
+    # ---- connectors with extra inputs (ReviewKD's fusion reads four student maps)
+    dict(name="extra_input_grad_dropped", file=TRAIN,
+         what="a connector's extra-input gradients never reach the net they read",
+         old="if ((st = kd_net_grad_add(s->nets[in.net].net, ref_node(&E, in), sn->ext_grad[k], 1.0f)) != KD_OK) goto done;",
+         new="(void)in;", tests=t(REVIEWKD, "test_reviewkd_step_matches_torch")),
+    dict(name="extra_inputs_shifted", file=TRAIN,
+         what="a connector's extra inputs fed to its input nodes in the wrong order",
+         old="ref_shape(&E, c->inputs[k], &ec, &eh, &ew);\n                    st = kd_net_set_input(c->net, sn->ext_node[k],",
+         new="ref_shape(&E, c->inputs[k], &ec, &eh, &ew);\n                    st = kd_net_set_input(c->net, sn->ext_node[c->n_inputs - 1 - k],",
+         tests=t(REVIEWKD, "test_reviewkd_step_matches_torch")),
 ]
 
 NAMES = [m["name"] for m in MUTATIONS]

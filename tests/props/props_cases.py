@@ -463,11 +463,11 @@ def test_load_state_dict(data):
 @st.composite
 def node_tuple(draw, i):
     small = st.integers(-2, 5)
-    return (draw(st.integers(-1, 11)), draw(st.sampled_from([f"n{i}", "", "n0", "a.b"])),
+    return (draw(st.integers(-1, len(K.LAYER_TYPES))), draw(st.sampled_from([f"n{i}", "", "n0", "a.b"])),
             draw(st.integers(-2, i)), draw(st.integers(-2, i)), draw(small), draw(small), draw(small),
             draw(small), draw(small), draw(small), draw(st.booleans()),
             draw(st.sampled_from([1e-5, 0.0, -1.0, float("nan")])), draw(st.sampled_from([0.1, 0.0, 1.0, 2.0])),
-            draw(st.sampled_from([0.0, 0.5, 1.0, -0.1])), draw(st.integers(-1, 4)))
+            draw(st.sampled_from([0.0, 0.5, 1.0, -0.1])), draw(st.integers(-1, 4)), draw(small), draw(small))
 
 
 @settings(max_examples=150)
@@ -483,6 +483,11 @@ def test_net_constructor_fuzz(data):
         shape = data.draw(st.sampled_from([(2, 3), (2, 4), (1, 2, 5, 5), (2, 4, 3, 3), (1, 3, 1, 1), (2, 1)]))
         x = RNG.normal(size=shape).astype(np.float32)
         mode = data.draw(st.integers(0, 3))
+        for i, nd in enumerate(nodes):   # extra inputs (KD_LAYER_INPUT): data of the batch's size
+            if nd[0] == K.LAYER_TYPES["input"]:
+                hw = data.draw(st.sampled_from([(1, 1), (3, 3), (5, 5), (2, 4)]))
+                attempt(net.set_input, (i, RNG.normal(size=(shape[0], max(1, nd[4])) + hw).astype(np.float32)), {},
+                        (), what="Net.set_input")
         ok, out = attempt(net.forward, (x,), {"mode": mode}, (), what="Net.forward")
         if ok:
             assert out.shape[0] == shape[0] and np.all(np.isfinite(out))

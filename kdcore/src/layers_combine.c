@@ -1,0 +1,142 @@
+// Layers that combine or resample tensors: sigmoid, product (with channel broadcast),
+// channel concatenation, nearest resizing. They are what multi-input nets need -- ReviewKD's
+// attention-based fusion (two maps, an upsampled residual, a sigmoid gate per map) and
+// generator heads -- and are memory-bound, so they are plain loops threaded over images and
+// channels. Conventions as layers.h: NCHW, backward accumulates (+=), NULL gradients skipped.
+#include "layers.h"
+#include "kd_internal.h"
+
+#include <math.h>
+#include <string.h>
+
+#ifndef _OPENMP
+#pragma GCC diagnostic ignored "-Wunknown-pragmas"
+#endif
+
+#define PAR_MIN 32768   // elements below which a loop is not worth waking the thread team
+
+// ----------------------------------------------------------------------------------------
+// sigmoid (https://pytorch.org/docs/stable/generated/torch.nn.Sigmoid.html)
+
+// out, inp (n). 1 / (1 + exp(-x)) saturates to exactly 0 and 1 at the ends, as PyTorch's
+// float kernel; NaN propagates.
+void kd_sigmoid_forward(float * out, const float * inp, size_t n) {
+    #pragma omp parallel for schedule(static) if(n > PAR_MIN)
+    for (size_t i = 0; i < n; i++) out[i] = 1.0f / (1.0f + expf(-inp[i]));
+}
+
+void kd_sigmoid_backward(float * dinp, const float * dout, const float * out, size_t n) {
+    #pragma omp parallel for schedule(static) if(n > PAR_MIN)
+    for (size_t i = 0; i < n; i++) dinp[i] += dout[i] * (out[i] * (1.0f - out[i]));
+}
+
+// ----------------------------------------------------------------------------------------
+// mul: elementwise, or a one-channel map broadcast over the channels of a
+
+void kd_mul_forward(float * out, const float * a, const float * b, int N, int C, int Cb, int HW) {
+    const size_t hw = (size_t)HW;
+    #pragma omp parallel for schedule(static) if((size_t)N * C * hw > PAR_MIN)
+    for (int nc = 0; nc < N * C; nc++) {
+        const int n = nc / C, c = nc % C;
+        const float * x = a + (size_t)nc * hw, * y = b + ((size_t)n * Cb + (Cb == 1 ? 0 : c)) * hw;
+        float * o = out + (size_t)nc * hw;
+        for (size_t i = 0; i < hw; i++) o[i] = x[i] * y[i];
+    }
+}
+
+// db of a broadcast b sums over the channels of a in channel order (one thread per image),
+// so the result does not depend on the thread count.
+void kd_mul_backward(float * da, float * db, const float * dout, const float * a, const float * b,
+                     int N, int C, int Cb, int HW) {
+    const size_t hw = (size_t)HW;
+    if (da) {
+        #pragma omp parallel for schedule(static) if((size_t)N * C * hw > PAR_MIN)
+        for (int nc = 0; nc < N * C; nc++) {
+            const int n = nc / C, c = nc % C;
+            const float * y = b + ((size_t)n * Cb + (Cb == 1 ? 0 : c)) * hw, * d = dout + (size_t)nc * hw;
+            float * g = da + (size_t)nc * hw;
+            for (size_t i = 0; i < hw; i++) g[i] += d[i] * y[i];
+        }
+    }
+    if (!db) return;
+    if (Cb == C) {
+        #pragma omp parallel for schedule(static) if((size_t)N * C * hw > PAR_MIN)
+        for (int nc = 0; nc < N * C; nc++) {
+            const float * x = a + (size_t)nc * hw, * d = dout + (size_t)nc * hw;
+            float * g = db + (size_t)nc * hw;
+            for (size_t i = 0; i < hw; i++) g[i] += d[i] * x[i];
+        }
+        return;
+    }
+    #pragma omp parallel for schedule(static) if((size_t)N * C * hw > PAR_MIN)
+    for (int n = 0; n < N; n++) {
+        float * g = db + (size_t)n * hw;
+        for (int c = 0; c < C; c++) {
+            const float * x = a + ((size_t)n * C + c) * hw, * d = dout + ((size_t)n * C + c) * hw;
+            for (size_t i = 0; i < hw; i++) g[i] += d[i] * x[i];
+        }
+    }
+}
+
+// ----------------------------------------------------------------------------------------
+// concat along channels (torch.cat(dim=1))
+
+void kd_concat_forward(float * out, const float * a, const float * b, int N, int Ca, int Cb, int HW) {
+    const size_t na = (size_t)Ca * HW, nb = (size_t)Cb * HW;
+    #pragma omp parallel for schedule(static) if((size_t)N * (na + nb) > PAR_MIN)
+    for (int n = 0; n < N; n++) {
+        float * o = out + (size_t)n * (na + nb);
+        memcpy(o, a + (size_t)n * na, na * sizeof(float));
+        memcpy(o + na, b + (size_t)n * nb, nb * sizeof(float));
+    }
+}
+
+void kd_concat_backward(float * da, float * db, const float * dout, int N, int Ca, int Cb, int HW) {
+    const size_t na = (size_t)Ca * HW, nb = (size_t)Cb * HW;
+    #pragma omp parallel for schedule(static) if((size_t)N * (na + nb) > PAR_MIN)
+    for (int n = 0; n < N; n++) {
+        const float * d = dout + (size_t)n * (na + nb);
+        if (da) { float * g = da + (size_t)n * na; for (size_t i = 0; i < na; i++) g[i] += d[i]; }
+        if (db) { float * g = db + (size_t)n * nb; for (size_t i = 0; i < nb; i++) g[i] += d[na + i]; }
+    }
+}
+
+// ----------------------------------------------------------------------------------------
+// nearest resize (https://pytorch.org/docs/stable/generated/torch.nn.functional.interpolate.html)
+// PyTorch computes the source index as floor(dst * scale) in float with scale = in / out
+// (or 1 / scale_factor, the same float for an integer factor), clamped to in - 1.
+
+static inline int nearest_src(int o, int in, int out) {
+    if (in == out) return o;
+    const float scale = (float)in / (float)out;
+    const int s = (int)floorf((float)o * scale);
+    return s < in - 1 ? s : in - 1;
+}
+
+void kd_nearest_forward(float * out, const float * inp, int N, int C, int H, int W, int OH, int OW) {
+    const size_t hw = (size_t)H * W, ohw = (size_t)OH * OW;
+    #pragma omp parallel for schedule(static) if((size_t)N * C * ohw > PAR_MIN)
+    for (int nc = 0; nc < N * C; nc++) {
+        const float * x = inp + (size_t)nc * hw;
+        float * o = out + (size_t)nc * ohw;
+        for (int oh = 0; oh < OH; oh++) {
+            const float * row = x + (size_t)nearest_src(oh, H, OH) * W;
+            for (int ow = 0; ow < OW; ow++) o[(size_t)oh * OW + ow] = row[nearest_src(ow, W, OW)];
+        }
+    }
+}
+
+// Each input cell sums the output cells that copied it, in output scan order (one thread
+// per plane): deterministic.
+void kd_nearest_backward(float * dinp, const float * dout, int N, int C, int H, int W, int OH, int OW) {
+    const size_t hw = (size_t)H * W, ohw = (size_t)OH * OW;
+    #pragma omp parallel for schedule(static) if((size_t)N * C * ohw > PAR_MIN)
+    for (int nc = 0; nc < N * C; nc++) {
+        float * g = dinp + (size_t)nc * hw;
+        const float * d = dout + (size_t)nc * ohw;
+        for (int oh = 0; oh < OH; oh++) {
+            float * row = g + (size_t)nearest_src(oh, H, OH) * W;
+            for (int ow = 0; ow < OW; ow++) row[nearest_src(ow, W, OW)] += d[(size_t)oh * OW + ow];
+        }
+    }
+}
