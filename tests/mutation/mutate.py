@@ -114,11 +114,11 @@ MUTATIONS = [
          old="kd_uniform(kd_hash(sseed ^ 0xD509ull, (uint64_t)t))", new="kd_uniform(kd_hash(sseed ^ 0xD509ull, 0))",
          tests=t(LOOP, "test_teacher_drop_rate")),
     dict(name="teacher_drop_keep_one_removed", file=TRAIN, what="a step may drop every teacher",
-         old="if (n > 0 && kept == 0) {", new="if (0) {",
+         old="if (weighted > 0 && kept == 0) {", new="if (0) {",
          tests=t(LOOP, "test_teacher_drop_keeps_one", "test_teacher_drop_rate")),
     dict(name="teacher_drop_keep_one_always_first", file=TRAIN,
          what="when all are dropped, always the first teacher is kept",
-         old="int t = (int)(kd_hash(sseed, 0xD50ull) % (uint64_t)n);", new="int t = 0;",
+         old="int pick = (int)(kd_hash(sseed, 0xD50ull) % (uint64_t)weighted);", new="int pick = 0;",
          tests=t(LOOP, "test_teacher_drop_keeps_one")),
 
     # ---- tolerant term (term_run), student noise (loop_noisy_input; the distill configuration)
