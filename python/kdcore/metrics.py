@@ -212,8 +212,8 @@ def calibration(model, data, bins=15, batch_size=512):
     reliability bins, the negative log-likelihood and the accuracy.
 
     The confidence of a sample is its max softmax probability, its prediction the argmax.
-    (0, 1] is split into ``bins`` equal-width bins (lo, hi] (a confidence on an edge goes to
-    the bin below); ECE = sum_b (n_b / N) |acc_b - conf_b| with acc_b and conf_b the mean
+    (0, 1] is split into ``bins`` (1 to 1,000,000) equal-width bins (lo, hi] (a confidence
+    on an edge goes to the bin below); ECE = sum_b (n_b / N) |acc_b - conf_b| with acc_b and conf_b the mean
     correctness and confidence of the n_b samples in bin b.
 
     Returns a dict: ``ece``, ``nll`` (mean -log p(label), natural log), ``accuracy`` (floats);
@@ -384,7 +384,7 @@ def _figure(ax, what, size):
         raise ImportError(f"{what} needs matplotlib: pip install matplotlib") from None
     if ax is not None:
         return ax.figure, ax
-    fig = Figure(figsize=size)
+    fig = Figure(figsize=size, layout="constrained")
     return fig, fig.add_subplot()
 
 
