@@ -66,7 +66,8 @@ deps-test: deps
 	@$(call apt_install,$(APT_TEST_PKGS))
 	@$(PYTHON) -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2.13.0')" 2>/dev/null \
 	  || $(PYTHON) -m pip install -q torch==2.13.0
-	@$(PYTHON) -c "import pytest, hypothesis, safetensors" 2>/dev/null || $(PYTHON) -m pip install -q pytest hypothesis safetensors
+	@$(PYTHON) -c "import pytest, hypothesis, safetensors, sklearn, matplotlib" 2>/dev/null \
+	  || $(PYTHON) -m pip install -q pytest hypothesis safetensors scikit-learn matplotlib
 
 check-env:
 	@test -n "$(BLAS_LIBDIR)" && echo "✓ OpenBLAS (OpenMP build) at $(BLAS_LIBDIR)" || (echo "✗ OpenBLAS OpenMP build not found: run make deps"; exit 1)
@@ -215,11 +216,12 @@ fuzz: deps-test check-env $(patsubst %,build/fuzz/fuzz_%,$(FUZZERS))
 	  grep -E "^(Done|stat::number_of_executed_units|stat::new_units_added)" build/fuzz/fuzz_$$f.log; \
 	done; exit $$fail
 
-# Mutation check of the training schemes' options and the step engine (not part of `make
-# test`): each mutation in tests/mutation/mutate.py breaks one behaviour in a copy of the
-# repository (rebuilt when a C file changes) and must make one of its tests fail; prints which
-# tests caught which mutation. 86 mutations: 31 minutes measured on the shared, loaded 2-core
-# machine (a C mutation is a ~10-30 s rebuild plus its tests). One mutation: python3 tests/mutation/mutate.py --only NAME; list: --list.
+# Mutation check of the training schemes' options, the step engine and kdcore.metrics (not
+# part of `make test`): each mutation in tests/mutation/mutate.py breaks one behaviour in a copy
+# of the repository (rebuilt when a C file changes) and must make one of its tests fail; prints
+# which tests caught which mutation. 86 mutations of the schemes and the engine: 31 minutes
+# measured on the shared, loaded 2-core machine (a C mutation is a ~10-30 s rebuild plus its
+# tests); the 18 of kdcore.metrics (Python only): 2 minutes. One mutation: python3 tests/mutation/mutate.py --only NAME; list: --list.
 mutate: deps-test
 	$(PYTHON) tests/mutation/mutate.py
 

@@ -17,6 +17,7 @@ import numpy as np
 
 from . import _kdcore
 from . import losses as _losses
+from .metrics import _kl_to_probs
 from .nn import Module, _check_bool, _check_float, _check_int, _is_choice
 from .optim import _make_optimizer, make_optimizer
 from .training import History, _check_model, _Common, predict
@@ -374,15 +375,6 @@ def _val_teacher_probs(teacher, val, weights):
         pi = _kdcore.softmax(predict(t, val, batch_size=512), 1.0)
         p = wi * pi if p is None else p + wi * pi
     return p.astype(np.float32)
-
-
-def _kl_to_probs(zs, q):
-    """mean_i KL(softmax(zs_i) || q_i) at T=1, in float64 (an epoch-level metric)."""
-    ps = _kdcore.softmax(zs, 1.0).astype(np.float64)
-    q = np.asarray(q, np.float64)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        terms = np.where(ps > 0, ps * (np.log(ps) - np.log(np.maximum(q, 1e-300))), 0.0)
-    return float(terms.sum(1).mean())
 
 
 def mutual(models, train, epochs=10, batch_size=128, optimizer="sgd", lr=None, schedule=None, augment=None,

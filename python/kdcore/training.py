@@ -85,9 +85,9 @@ def _as_dataset(data, name):
     raise TypeError(f"{name} must be a kdcore Dataset or a tuple (X, y), got {type(data).__name__}")
 
 
-def _check_model(model):
+def _check_model(model, name="model"):
     if not isinstance(model, Module):
-        raise TypeError(f"model must be a kdcore.nn.Module, got {type(model).__name__}")
+        raise TypeError(f"{name} must be a kdcore.nn.Module, got {type(model).__name__}")
 
 
 class _Progress:

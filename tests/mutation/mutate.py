@@ -9,6 +9,7 @@ scheme's configuration; where one shared engine line implements an option for ev
 (the CE term's label smoothing), per-scheme mutations restrict the bug to that scheme (L->fn)
 so that each scheme's test is shown to check it. The last group breaks the engine itself
 (connectors, source gradients, gradient slots, parameter holders, CRD state, skip mode).
+The metrics group breaks kdcore.metrics (Python only, no rebuild).
 
 For every mutation in MUTATIONS below: copy the repository (the files `git ls-files` lists,
 untracked ones not ignored included) into a temporary directory, replace the mutation's `old`
@@ -56,6 +57,8 @@ CONN = "tests/test_connector_methods_torch.py"
 LOSSES_API = "tests/test_losses_api.py"
 NONFINITE = "tests/test_nonfinite.py"
 REVIEWKD = "tests/test_reviewkd_torch.py"
+METRICS = "python/kdcore/metrics.py"
+METRICS_T = "tests/test_metrics.py"
 
 
 def t(path, *names):
@@ -448,6 +451,65 @@ MUTATIONS = [
          old="ref_shape(&E, c->inputs[k], &ec, &eh, &ew);\n                    st = kd_net_set_input(c->net, sn->ext_node[k],",
          new="ref_shape(&E, c->inputs[k], &ec, &eh, &ew);\n                    st = kd_net_set_input(c->net, sn->ext_node[c->n_inputs - 1 - k],",
          tests=t(REVIEWKD, "test_reviewkd_step_matches_torch")),
+
+    # ---- kdcore.metrics (Python only: no rebuild)
+    dict(name="metrics_ece_edge_to_upper_bin", file=METRICS, what="a confidence on a bin edge goes to the bin above",
+         old='np.searchsorted(edges, conf, side="left")', new='np.searchsorted(edges, conf, side="right")',
+         tests=t(METRICS_T, "test_calibration_confidence_on_bin_edges")),
+    dict(name="metrics_ece_linspace_edges", file=METRICS, what="bin edges an ulp off k / bins (linspace)",
+         old="edges = np.arange(bins + 1) / bins", new="edges = np.linspace(0, 1, bins + 1)",
+         tests=t(METRICS_T, "test_calibration_confidence_on_bin_edges")),
+    dict(name="metrics_ece_unweighted", file=METRICS, what="ECE as the plain mean over non-empty bins",
+         old="float(np.abs(sum_acc - sum_conf).sum() / n)", new="float(np.nanmean(np.abs(bin_acc - bin_conf)))",
+         tests=t(METRICS_T, "test_calibration_matches_loop_and_torch")),
+    dict(name="metrics_nll_of_prediction", file=METRICS, what="NLL of the predicted class, not the label",
+         old="-lp[rows, y].mean()", new="-lp[rows, pred].mean()",
+         tests=t(METRICS_T, "test_calibration_matches_loop_and_torch")),
+    dict(name="metrics_kl_reversed", file=METRICS, what="kl_divergence computes KL(p_t || p_s)",
+         old="return _mean_kl(_log_softmax(zs, T), _log_softmax(zt, T))",
+         new="return _mean_kl(_log_softmax(zt, T), _log_softmax(zs, T))",
+         tests=t(METRICS_T, "test_kl_divergence_matches_torch")),
+    dict(name="metrics_kl_temperature_ignored", file=METRICS, what="kl_divergence at T=1 whatever T",
+         old="return _mean_kl(_log_softmax(zs, T), _log_softmax(zt, T))",
+         new="return _mean_kl(_log_softmax(zs), _log_softmax(zt))",
+         tests=t(METRICS_T, "test_kl_divergence_matches_torch")),
+    dict(name="metrics_confusion_transposed", file=METRICS, what="confusion matrix rows = predicted class",
+         old="np.bincount(y * k + z.argmax(1),", new="np.bincount(z.argmax(1) * k + y,",
+         tests=t(METRICS_T, "test_confusion_matrix_matches_sklearn")),
+    dict(name="metrics_normalize_true_pred_swapped", file=METRICS, what='normalize="true" divides by column sums',
+         old='"true": cm.sum(1, keepdims=True), "pred": cm.sum(0, keepdims=True)',
+         new='"true": cm.sum(0, keepdims=True), "pred": cm.sum(1, keepdims=True)',
+         tests=t(METRICS_T, "test_confusion_matrix_matches_sklearn")),
+    dict(name="metrics_per_class_is_precision", file=METRICS, what="per-class accuracy divides by predictions",
+         old="    n = cm.sum(1)\n", new="    n = cm.sum(0)\n",
+         tests=t(METRICS_T, "test_per_class_accuracy_matches_sklearn")),
+    dict(name="metrics_cka_not_centred", file=METRICS, what="feature-form CKA without centring",
+         old="mx, my = x_sum / n, y_sum / n", new="mx, my = 0 * x_sum, 0 * y_sum",
+         tests=t(METRICS_T, "test_linear_cka_feature_form_matches_hsic")),
+    dict(name="metrics_cka_gram_not_centred", file=METRICS, what="Gram-form CKA without centring",
+         old=".astype(np.float64) - mean[j:j + chunk]", new=".astype(np.float64)",
+         tests=t(METRICS_T, "test_linear_cka_gram_form_matches_hsic")),
+    dict(name="metrics_cka_gram_never", file=METRICS, what="wide taps (d > n) kept in the d x d form",
+         old="gram = max(fx.shape[1], fy.shape[1]) > n", new="gram = False",
+         tests=t(METRICS_T, "test_linear_cka_gram_form_matches_hsic")),
+    dict(name="metrics_tap_check_removed", file=METRICS, what="an unknown tap reported without the argument's name",
+         old="    if tap not in model.taps():", new="    if False:",
+         tests=t(METRICS_T, "test_bad_arguments_name_the_argument")),
+    dict(name="metrics_label_check_removed", file=METRICS, what="unlabelled data reaches the label metrics",
+         old="if labels and data.y is None:", new="if False:",
+         tests=t(METRICS_T, "test_bad_arguments_name_the_argument")),
+    dict(name="metrics_output_count_check_removed", file=METRICS,
+         what="student and teacher with different output counts not reported as such",
+         old="if vs != vt:", new="if False:", tests=t(METRICS_T, "test_bad_arguments_name_the_argument")),
+    dict(name="metrics_no_eval_mode", file=METRICS, what="metrics run the models in their own (training) mode",
+         old="            m.eval()\n", new="            pass\n",
+         tests=t(METRICS_T, "test_cka_runs_eval_mode_and_leaves_the_dropout_stream")),
+    dict(name="metrics_training_flag_lost", file=METRICS, what="a metric leaves models in training mode",
+         old="m.train(training)", new="m.train(True)", tests=t(METRICS_T, "test_training_flag_is_restored")),
+    dict(name="metrics_forward_counter_advanced", file=METRICS,
+         what="linear_cka's forwards shift the model's later dropout draws",
+         old="            m._step = step\n", new="            pass\n",
+         tests=t(METRICS_T, "test_cka_runs_eval_mode_and_leaves_the_dropout_stream")),
 ]
 
 NAMES = [m["name"] for m in MUTATIONS]

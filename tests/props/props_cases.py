@@ -1208,6 +1208,98 @@ def test_fashion_mnist_arguments(split, path):
     attempt(K.idx_read, (path,), {}, (), what="_kdcore.idx_read", ok=(TypeError, ValueError, OSError))
 
 
+# ---- kdcore.metrics -------------------------------------------------------------------------
+
+def metrics_models():
+    return kdcore.models.mlp([8, 6, 3], seed=1), kdcore.models.mlp([8, 5, 3], seed=2)
+
+
+MODELS_POOL = st.one_of(SCALARS, st.builds(lambda: kdcore.models.mlp([8, 4, 4], seed=3)),
+                        st.builds(lambda: kdcore.nn.Linear(8, 3)))
+DATA_POOL = st.one_of(SCALARS, st.tuples(variants_of(XT), labels_variants(YT, 3)), st.just((XT, None)),
+                      st.tuples(any_array(), any_array()))
+TAPS_POOL = st.one_of(SCALARS, st.sampled_from(["0", "1", "2", "3", "nope", "1.weight"]))
+
+
+def metrics_cases(s, t):
+    """name: (valid kwargs, pools)."""
+    pair = dict(student=s, teacher=t, data=(XT, YT), batch_size=5)
+    one = dict(model=s, data=(XT, YT), batch_size=5)
+    p_pair = dict(student=MODELS_POOL, teacher=MODELS_POOL, data=DATA_POOL, batch_size=SCALARS)
+    p_one = dict(model=MODELS_POOL, data=DATA_POOL, batch_size=SCALARS)
+    return {
+        "agreement": (pair, p_pair),
+        "kl_divergence": (dict(pair, T=2.0), dict(p_pair, T=SCALARS)),
+        "calibration": (dict(one, bins=4), dict(p_one, bins=SIZES)),
+        "per_class_accuracy": (one, p_one),
+        "confusion_matrix": (dict(one, normalize="true"),
+                             dict(p_one, normalize=st.one_of(SCALARS, st.sampled_from(["pred", "all", "rows"])))),
+        "linear_cka": (dict(pair, student_tap="2", teacher_tap="1"),
+                       dict(p_pair, student_tap=TAPS_POOL, teacher_tap=TAPS_POOL)),
+        "report": (dict(pair, T=1.0, bins=15, student_tap=None, teacher_tap=None),
+                   dict(p_pair, T=SCALARS, bins=SIZES, student_tap=TAPS_POOL, teacher_tap=TAPS_POOL)),
+    }
+
+
+def check_metric(name, r):
+    if name in ("agreement",):
+        assert 0 <= r <= 1
+    elif name == "kl_divergence":   # +inf at a temperature so small that p_t underflows to 0 where p_s > 0
+        assert r >= -1e-12 and not np.isnan(r)
+    elif name == "calibration":
+        assert all(np.isfinite(r[k]) for k in ("ece", "nll", "accuracy"))
+        assert r["bin_count"].sum() == len(YT)
+    elif name == "per_class_accuracy":
+        assert r.shape == (3,)
+    elif name == "confusion_matrix":
+        assert r.shape == (3, 3) and np.all(np.isfinite(r))
+    elif name == "linear_cka":   # NaN when a tap is constant over the samples (a broadcast X)
+        assert np.isnan(r) or -1e-9 <= r <= 1 + 1e-9
+    else:
+        assert all(np.isfinite(v) for k, v in r.items() if k not in ("linear_cka", "kl_student_teacher"))
+        assert r["kl_student_teacher"] >= -1e-12 and not np.isnan(r["kl_student_teacher"])
+
+
+@settings(max_examples=80)
+@given(st.data())
+def test_metrics_arguments(data):
+    """Every metric with one argument replaced: a clean result or an error naming it."""
+    s, t = metrics_models()
+    cases = metrics_cases(s, t)
+    name = data.draw(st.sampled_from(sorted(cases)), label="metric")
+    valid, pools = cases[name]
+    arg, kw = mutate(valid, pools, data)
+    names = {"data": ("data", "X", "y"), "student_tap": ("student_tap", "teacher_tap"),
+             "teacher_tap": ("student_tap", "teacher_tap")}.get(arg, (arg,))
+    ok, r = attempt(getattr(kdcore.metrics, name), (), kw, names, what=f"metrics.{name}")
+    if ok:
+        check_metric(name, r)
+    assert s.training and t.training, "a metric left a model in eval mode"
+
+
+@settings(max_examples=30)
+@given(st.data())
+def test_metrics_plots(data):
+    import matplotlib
+    matplotlib.use("Agg")
+    s, _ = metrics_models()
+    if data.draw(st.booleans(), label="reliability"):
+        cal = kdcore.metrics.calibration(s, (XT, YT), bins=4)
+        key = data.draw(st.sampled_from(sorted(cal)), label="key")
+        bad = dict(cal)
+        if data.draw(st.booleans(), label="drop key"):
+            del bad[key]
+        else:
+            bad[key] = data.draw(st.one_of(SCALARS, any_array(max_dims=2)), label=key)
+        bad = data.draw(st.one_of(st.just(bad), SCALARS), label="cal")
+        attempt(kdcore.metrics.plot_reliability, (bad,), {}, ("cal",), what="metrics.plot_reliability")
+    else:
+        kw = dict(cm=kdcore.metrics.confusion_matrix(s, (XT, YT)), class_names=["a", "b", "c"])
+        arg, kw = mutate(kw, dict(cm=st.one_of(SCALARS, any_array(max_dims=3)),
+                                  class_names=st.one_of(SCALARS, st.lists(st.text(max_size=2), max_size=4))), data)
+        attempt(kdcore.metrics.plot_confusion, (), kw, (arg,), what="metrics.plot_confusion")
+
+
 def test_all_public_names_are_covered():
     """Every name in kdcore.__all__ and the submodules' __all__ is exercised above (or listed
     here as needing no input check), so a new public function needs a property here too."""
@@ -1216,9 +1308,10 @@ def test_all_public_names_are_covered():
     no_input = {"History", "CheckpointMismatch", "get_num_threads", "get_deterministic", "show_config", "nn", "models", "datasets",
                 "functional", "optim", "names", "Module", "ReLU", "Flatten", "Identity", "Block", "Residual",
                 "BatchNorm1d", "ResNet", "BasicBlock", "WideResNet", "WideBasicBlock", "NetworkBlock", "VGG",
-                "Dataset", "FASHION_MNIST_DIR", "teacher_logits", "exit_accuracies", "get_isa", "supported_isas"}
+                "Dataset", "FASHION_MNIST_DIR", "teacher_logits", "exit_accuracies", "get_isa", "supported_isas",
+                "metrics"}
     for name in list(kdcore.__all__) + [n for mod in (kdcore.nn, kdcore.models, kdcore.datasets, kdcore.functional,
-                                                      kdcore.optim) for n in mod.__all__]:
+                                                      kdcore.optim, kdcore.metrics) for n in mod.__all__]:
         if name in no_input:
             continue
         if inspect.isfunction(getattr(kdcore.models, name, None)) and name.startswith(("resnet", "wrn", "vgg")):
