@@ -1073,6 +1073,43 @@ KD_API enum kd_status kd_evaluate(struct kd_net * net, const struct kd_dataset *
                                   float * logits, double * loss, double * accuracy);
 
 // ---------------------------------------------------------------------------------------
+// Explaining distillation: how much of each input value a node discards (Cheng et al. 2020,
+// "Explaining knowledge distillation by quantifying the knowledge", after Guan et al. 2019).
+// For an image x and a node f, Gaussian noise of per-value scale sigma_i = exp(s_i) is fitted
+// so that f moves little while the noise is as large as possible:
+//   J(s) = E_eps ||f(x + sigma * eps) - f(x)||^2 / delta2  -  lambda * mean_i s_i
+// (a Monte-Carlo mean over `samples` draws of eps ~ N(0, I)). The fitted s gives the
+// entropy of the noisy value i, H_i = s_i + 0.5 log(2 pi e): large where the node ignores
+// pixel i. The mean over i (not the paper's sum) keeps lambda independent of the image size.
+// The net runs in eval mode (BN running statistics, no dropout); its parameter gradients
+// are left zeroed.
+
+// J and dJ/ds for N images at the current s (N x C*H*W values): f* = f(x) from a clean
+// forward, then `samples` noisy copies per image. eps (N x samples x C*H*W) gives the noise;
+// NULL draws it from seed (kd_explain_sigma's draws). value (N) and grad (N x C*H*W) may be
+// NULL.
+KD_API enum kd_status kd_sigma_objective(struct kd_net * net, int node, const float * x, int N, int C, int H, int W,
+                                         const float * s, const float * eps, int samples, uint64_t seed,
+                                         float lambda, float delta2, double * value, float * grad);
+
+struct kd_sigma_cfg {
+    int steps;                 // Adam steps (300)
+    int samples;               // noise draws per image and step (16)
+    float lr;                  // Adam's learning rate on s (0.05; betas 0.9, 0.999, eps 1e-8)
+    float lambda;              // weight of the entropy term (1)
+    float delta2;              // normaliser of the squared feature distance (> 0; the caller's
+                               // choice: kdcore.explain uses the feature spread over images)
+    float init_sigma;          // sigma before the first step (0.01)
+    uint64_t seed;             // the noise of step t is drawn from kd_hash(seed, t)
+};
+KD_API struct kd_sigma_cfg kd_sigma_cfg_default(void);
+// Fits s for N images (each independently: the images share nothing but the net). s (N x
+// C*H*W) receives the fit; objective (steps values, or NULL) the mean over images of J at
+// each step, before its update. Deterministic for a given seed and thread count.
+KD_API enum kd_status kd_explain_sigma(struct kd_net * net, int node, const float * x, int N, int C, int H, int W,
+                                       const struct kd_sigma_cfg * cfg, float * s, double * objective);
+
+// ---------------------------------------------------------------------------------------
 // Checkpoints: safetensors files (https://github.com/huggingface/safetensors), so the
 // `safetensors` package and PyTorch tooling read what kdcore writes and the reverse.
 // Layout: 8-byte little-endian header length N, N bytes of JSON {"name": {"dtype": "F32",

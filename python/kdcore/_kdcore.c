@@ -2584,6 +2584,94 @@ static PyObject * py_evaluate(PyObject * Py_UNUSED(m), PyObject * args, PyObject
     return Py_BuildValue("(Ndd)", logits, loss, acc);
 }
 
+// x for the sigma fit: float32 (N, C, H, W) or (N, D), finite; dims filled as input_dims.
+static PyArrayObject * sigma_input(PyObject * xo, int d[4]) {
+    PyArrayObject * x = get_array(xo, NPY_FLOAT32, "x");
+    if (!x) return NULL;
+    if (input_dims(x, "x", d) < 0 || check_finite(x, "x") < 0) { Py_DECREF(x); return NULL; }
+    return x;
+}
+
+// sigma_objective(net, node, x, s, eps=None, samples=16, seed=0, lam=1, delta2=1) -> (value (N,), grad like x)
+static PyObject * py_sigma_objective(PyObject * Py_UNUSED(m), PyObject * args, PyObject * kwds) {
+    static char * kwlist[] = { "net", "node", "x", "s", "eps", "samples", "seed", "lam", "delta2", NULL };
+    NetObject * net;
+    int node, samples = 16;
+    unsigned long long seed = 0;
+    float lam = 1.0f, delta2 = 1.0f;
+    PyObject * xo, * so, * eo = Py_None;
+    if (!PARSE_KW(args, kwds, "O!iOO|OiKff", kwlist, &NetType, &net, &node, &xo, &so, &eo, &samples, &seed, &lam, &delta2))
+        return NULL;
+    int d[4];
+    PyArrayObject * x = sigma_input(xo, d), * sa = NULL, * ea = NULL;
+    PyObject * val = NULL, * grad = NULL, * ret = NULL;
+    if (!x) return NULL;
+    const npy_intp n = PyArray_SIZE(x);
+    if (!(sa = get_array(so, NPY_FLOAT32, "s"))) goto done;
+    if (PyArray_SIZE(sa) != n) { PyErr_Format(PyExc_ValueError, "s must have x's %zd values, got %zd", (Py_ssize_t)n, (Py_ssize_t)PyArray_SIZE(sa)); goto done; }
+    if (check_finite(sa, "s") < 0) goto done;
+    if (eo != Py_None) {
+        if (!(ea = get_array(eo, NPY_FLOAT32, "eps"))) goto done;
+        if (samples < 1 || PyArray_SIZE(ea) != n * samples) {
+            PyErr_Format(PyExc_ValueError, "eps must hold samples x x.size = %zd values (N, samples, ...), got %zd",
+                         (Py_ssize_t)(n * (samples > 0 ? samples : 0)), (Py_ssize_t)PyArray_SIZE(ea));
+            goto done;
+        }
+        if (check_finite(ea, "eps") < 0) goto done;
+    }
+    npy_intp vd[1] = { d[0] };
+    if (!(val = PyArray_SimpleNew(1, vd, NPY_FLOAT64)) ||
+        !(grad = PyArray_SimpleNew(PyArray_NDIM(x), PyArray_DIMS(x), NPY_FLOAT32)))
+        goto done;
+    if (net_acquire(net) < 0) goto done;
+    enum kd_status st;
+    Py_BEGIN_ALLOW_THREADS
+    st = kd_sigma_objective(net->net, node, PyArray_DATA(x), d[0], d[1], d[2], d[3], PyArray_DATA(sa),
+                            ea ? PyArray_DATA(ea) : NULL, samples, seed, lam, delta2,
+                            PyArray_DATA((PyArrayObject *)val), PyArray_DATA((PyArrayObject *)grad));
+    Py_END_ALLOW_THREADS
+    net_release(net);
+    if (st != KD_OK) { kd_raise(st); goto done; }
+    ret = Py_BuildValue("(OO)", val, grad);
+done:
+    Py_XDECREF(x); Py_XDECREF(sa); Py_XDECREF(ea); Py_XDECREF(val); Py_XDECREF(grad);
+    return ret;
+}
+
+// explain_sigma(net, node, x, steps=300, samples=16, lr=0.05, lam=1, delta2=1, init_sigma=0.01, seed=0)
+//   -> (s like x, objective (steps,))
+static PyObject * py_explain_sigma(PyObject * Py_UNUSED(m), PyObject * args, PyObject * kwds) {
+    static char * kwlist[] = { "net", "node", "x", "steps", "samples", "lr", "lam", "delta2", "init_sigma", "seed", NULL };
+    NetObject * net;
+    int node;
+    PyObject * xo;
+    struct kd_sigma_cfg cfg = kd_sigma_cfg_default();
+    unsigned long long seed = 0;
+    if (!PARSE_KW(args, kwds, "O!iO|iiffffK", kwlist, &NetType, &net, &node, &xo, &cfg.steps, &cfg.samples, &cfg.lr,
+                  &cfg.lambda, &cfg.delta2, &cfg.init_sigma, &seed))
+        return NULL;
+    cfg.seed = seed;
+    int d[4];
+    PyArrayObject * x = sigma_input(xo, d);
+    if (!x) return NULL;
+    PyObject * s = NULL, * obj = NULL, * ret = NULL;
+    npy_intp od[1] = { cfg.steps > 0 ? cfg.steps : 0 };
+    if (!(s = PyArray_SimpleNew(PyArray_NDIM(x), PyArray_DIMS(x), NPY_FLOAT32)) || !(obj = PyArray_SimpleNew(1, od, NPY_FLOAT64)))
+        goto done;
+    if (net_acquire(net) < 0) goto done;
+    enum kd_status st;
+    Py_BEGIN_ALLOW_THREADS
+    st = kd_explain_sigma(net->net, node, PyArray_DATA(x), d[0], d[1], d[2], d[3], &cfg, PyArray_DATA((PyArrayObject *)s),
+                          PyArray_DATA((PyArrayObject *)obj));
+    Py_END_ALLOW_THREADS
+    net_release(net);
+    if (st != KD_OK) { kd_raise(st); goto done; }
+    ret = Py_BuildValue("(OO)", s, obj);
+done:
+    Py_XDECREF(x); Py_XDECREF(s); Py_XDECREF(obj);
+    return ret;
+}
+
 // cross_entropy(logits (N, V) float32, target (N,) int64, label_smoothing=0) -> (loss, dlogits)
 static PyObject * py_cross_entropy(PyObject * Py_UNUSED(m), PyObject * args, PyObject * kwds) {
     static char * kwlist[] = { "logits", "target", "label_smoothing", NULL };
@@ -3319,6 +3407,10 @@ static PyMethodDef module_methods[] = {
     { "cc_loss", (PyCFunction)py_cc_loss, METH_VARARGS, "(loss, dstudent, dteacher)" },
     { "hcl_loss", (PyCFunction)py_hcl_loss, METH_VARARGS, "(loss, dstudent)" },
     { "evaluate", (PyCFunction)(void (*)(void))py_evaluate, METH_VARARGS | METH_KEYWORDS, "batched eval-mode forward" },
+    { "sigma_objective", (PyCFunction)(void (*)(void))py_sigma_objective, METH_VARARGS | METH_KEYWORDS,
+      "information-discarding objective and its gradient w.r.t. log sigma (kd_sigma_objective)" },
+    { "explain_sigma", (PyCFunction)(void (*)(void))py_explain_sigma, METH_VARARGS | METH_KEYWORDS,
+      "fit of log sigma per input value (kd_explain_sigma)" },
     { "cross_entropy", (PyCFunction)(void (*)(void))py_cross_entropy, METH_VARARGS | METH_KEYWORDS, "(loss, dlogits)" },
     { "idx_read", (PyCFunction)py_idx_read, METH_O, "read an IDX (optionally gzipped) file" },
     { "schedule_lr", (PyCFunction)py_schedule_lr, METH_VARARGS, "lr of a schedule at (epoch, step)" },

@@ -60,7 +60,8 @@ def distill(student, teacher, train, method="kd", epochs=10, batch_size=128, opt
             multi="avg_prob", learn_gates=False, gate_lr=0.1, teacher_drop=0.0, fickle=False, student_noise=0.0,
             tolerant=None, cache="auto",
             label_smoothing=0.0, drop_last=False, max_steps=None, callback=None, callback_every=20,
-            checkpoint=None, checkpoint_every=1, checkpoint_best=False, resume=False, nonfinite="raise", losses=None, hint_epochs=0, init_epochs=None):
+            checkpoint=None, checkpoint_every=1, checkpoint_best=False, resume=False, nonfinite="raise", losses=None,
+            hint_epochs=0, init_epochs=None, track_weights=False):
     """Offline distillation of ``student`` from ``teacher``; returns the student's History.
 
     teacher: a trained model, a list of models (multi-teacher), or precomputed logits
@@ -91,9 +92,10 @@ def distill(student, teacher, train, method="kd", epochs=10, batch_size=128, opt
     state, the learned gates, the history and the epoch; resuming continues after the saved
     epoch, bitwise as the uninterrupted run (same settings, teachers and thread count).
     nonfinite: 'raise' or 'skip', as in ``kdcore.fit`` (a dropped step leaves the learned gates
-    as they were too).
+    as they were too). track_weights: the student's per-epoch weight changes, as in ``kdcore.fit``.
     """
     _check_model(student)
+    track_weights = _check_bool("track_weights", track_weights)
     if losses is not None or (isinstance(method, str) and method in _losses.METHODS and method not in _KINDS):
         given = {k: v for k, v in dict(T=T, warmup_epochs=warmup_epochs, kd_stop_epoch=kd_stop_epoch,
                                        teacher_weights=teacher_weights).items() if v is not None}
@@ -115,8 +117,10 @@ def distill(student, teacher, train, method="kd", epochs=10, batch_size=128, opt
         elif ce_weight is not None or kd_weight is not None:
             raise ValueError("with losses=, give each term its weight (ce_weight/kd_weight are for method=)")
         def common(n_epochs):
-            return _Common(train, n_epochs, batch_size, optimizer, lr, schedule, augment, val, seed, progress,
-                           label_smoothing, drop_last, max_steps, callback, callback_every, nonfinite)
+            c = _Common(train, n_epochs, batch_size, optimizer, lr, schedule, augment, val, seed, progress,
+                        label_smoothing, drop_last, max_steps, callback, callback_every, nonfinite)
+            c.track_weights = track_weights
+            return c
         hint_epochs = _check_int("hint_epochs", hint_epochs, 0)
         if hint_epochs:
             return _two_stage_fitnet(student, teacher, terms, hint_epochs, epochs, common, method, losses, checkpoint,
@@ -147,6 +151,7 @@ def distill(student, teacher, train, method="kd", epochs=10, batch_size=128, opt
                          f"kdcore.schemes.*; got {method!r}")
     c = _Common(train, epochs, batch_size, optimizer, lr, schedule, augment, val, seed, progress,
                 label_smoothing, drop_last, max_steps, callback, callback_every, nonfinite)
+    c.track_weights = track_weights
     learn_gates, fickle = _check_bool("learn_gates", learn_gates), _check_bool("fickle", fickle)
     d_ce, d_kd, d_T, d_warm = _DEFAULTS[method]
     opts = dict(kind=_KINDS[method],

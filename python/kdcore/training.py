@@ -172,6 +172,7 @@ class _Common:
         self.augmented = self.augment["crop_padding"] > 0 or self.augment["hflip"] or self.augment["noise_std"] > 0
         self.checkpoint, self.checkpoint_every, self.checkpoint_best, self.resume = None, 1, False, False
         self.run_config = {}
+        self.track_weights = False
 
     def set_checkpointing(self, checkpoint, checkpoint_every, checkpoint_best, resume, config=None):
         """Checkpoint options of fit/distill/...; config: the scheme's settings (JSON-able), kept in
@@ -225,6 +226,12 @@ class _Common:
         start = ck.resume(hist) if ck is not None else 0
         for m in models:
             m.train()
+        # track_weights: the parameter distance each epoch travels (Cheng et al.'s learning
+        # speed, kdcore.explain.learning_dynamics); ||w_0|| is repeated in every row so that a
+        # resumed run still knows it.
+        w_prev = primary.net.params().astype(np.float64) if self.track_weights else None
+        w0 = (hist["weight_norm0"][0] if hist.get("weight_norm0") else float(np.linalg.norm(w_prev))) \
+            if self.track_weights else None
         for epoch in range(start, self.epochs):
             t0 = time.perf_counter()
             bar = _Progress(self.progress, epoch, self.epochs, self.steps())
@@ -233,6 +240,11 @@ class _Common:
             finally:
                 bar.close()
             row["time"] = time.perf_counter() - t0
+            if w_prev is not None:
+                w = primary.net.params().astype(np.float64)
+                row.update(weight_change=float(np.linalg.norm(w - w_prev)), weight_norm=float(np.linalg.norm(w)),
+                           weight_norm0=w0)
+                w_prev = w
             if self.val is not None:
                 m = evaluate(primary, self.val, batch_size=max(self.batch_size, 256))
                 row.update(val_loss=m["loss"], val_acc=m["accuracy"])
@@ -257,7 +269,7 @@ class _Common:
 def fit(model, train, epochs=10, batch_size=128, optimizer="sgd", lr=None, schedule=None, augment=None,
         val=None, seed=0, progress=True, label_smoothing=0.0, drop_last=False, max_steps=None,
         callback=None, callback_every=20, keep_snapshots=(), checkpoint=None, checkpoint_every=1,
-        checkpoint_best=False, resume=False, nonfinite="raise"):
+        checkpoint_best=False, resume=False, nonfinite="raise", track_weights=False):
     """Train ``model`` with softmax cross-entropy; returns a History.
 
     train / val: Dataset or (X, y). optimizer: 'sgd' | 'adam' | 'adamw' or a kdcore.optim
@@ -282,10 +294,14 @@ def fit(model, train, epochs=10, batch_size=128, optimizer="sgd", lr=None, sched
     the step -- parameters, optimizer state, BN running statistics (and learned gates in
     distill) stay bitwise as before it -- and go on; the history's ``skipped_steps`` counts
     the dropped steps of each epoch, whose samples are left out of train_loss/train_acc.
+    track_weights: log per epoch ``weight_change`` = ||w_e - w_(e-1)|| over all parameters,
+    ``weight_norm`` = ||w_e|| and ``weight_norm0`` = ||w_0|| (the weights before training),
+    for kdcore.explain.learning_dynamics.
     """
     _check_model(model)
     c = _Common(train, epochs, batch_size, optimizer, lr, schedule, augment, val, seed, progress,
                 label_smoothing, drop_last, max_steps, callback, callback_every, nonfinite)
+    c.track_weights = _check_bool("track_weights", track_weights)
     if not isinstance(keep_snapshots, (list, tuple, set, range)):
         raise TypeError(f"keep_snapshots must be a list of epochs, got {type(keep_snapshots).__name__}")
     snaps = {_check_int("keep_snapshots[]", e, 0) for e in keep_snapshots}
