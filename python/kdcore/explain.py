@@ -59,6 +59,17 @@ def _images(images):
     return np.ascontiguousarray(x)
 
 
+def _real_array(name, v):
+    """v as a float64 array of finite numbers, or TypeError / ValueError naming `name`."""
+    try:
+        a = np.asarray(v, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be an array of real numbers, got {type(v).__name__}") from None
+    if not np.isfinite(a).all():
+        raise ValueError(f"{name} contains NaN or Inf")
+    return a
+
+
 def _tap_node(model, tap):
     if tap is None:
         taps = model.feature_taps() or {}
@@ -167,8 +178,15 @@ def foreground_mask(data, indices, threshold=0.05):
     return data.X[idx].astype(np.float32) * np.float32(data.scale) > threshold
 
 
+def _bool_array(name, v):
+    try:
+        return np.asarray(v)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a boolean array, got {type(v).__name__}") from None
+
+
 def _mask(foreground, shape):
-    fg = np.asarray(foreground)
+    fg = _bool_array("foreground", foreground)
     if fg.dtype != bool:
         raise TypeError(f"foreground must be a boolean mask, got dtype {fg.dtype}")
     if fg.shape != shape:
@@ -183,7 +201,7 @@ def visual_concepts(H, foreground, b=0.5):
     ``h_bg``, ``ratio`` = n_fg / (n_fg + n_bg) (NaN without concepts), the boolean concept
     masks ``fg_concepts`` and ``bg_concepts``, and the scalar ``lam`` = the mean ratio over
     images that have concepts (Cheng et al.'s lambda; higher is better)."""
-    H = np.asarray(getattr(H, "H", H), dtype=np.float64)
+    H = _real_array("H", getattr(H, "H", H))
     if H.ndim < 2:
         raise ValueError(f"H must be (N, ...) entropies, got shape {H.shape}")
     fg = _mask(foreground, H.shape)
@@ -221,11 +239,11 @@ def learning_dynamics(fg_concepts, weight_change, weight_norm0):
     Returns a dict: ``m`` (1-based epochs), ``D``, ``D_mean`` (lower: learns faster),
     ``D_var`` (lower: learns concepts more simultaneously), ``rho`` (per image, NaN without
     concepts), ``rho_mean`` (higher: fewer detours)."""
-    S = np.asarray(fg_concepts)
+    S = _bool_array("fg_concepts", fg_concepts)
     if S.dtype != bool or S.ndim < 2:
         raise TypeError("fg_concepts must be boolean masks per epoch: (epochs, N, ...)")
     M, N = S.shape[0], S.shape[1]
-    dw = np.asarray(weight_change, dtype=np.float64).reshape(-1)
+    dw = _real_array("weight_change", weight_change).reshape(-1)
     if dw.shape != (M,):
         raise ValueError(f"weight_change must have one value per epoch ({M}), got {dw.shape[0]}")
     w0 = _check_float("weight_norm0", weight_norm0, 0, lo_open=True)
@@ -252,7 +270,7 @@ def plot_discarding(H, images=None, foreground=None, n=6):
     """Heatmaps of the entropies H (N, C, H, W; channel 0) of the first ``n`` images, under
     the images themselves when given, with the foreground's outline when a mask is given.
     Returns the matplotlib Figure (numeric twin: ``information_discarding(...).H``)."""
-    H = np.asarray(getattr(H, "H", H), dtype=np.float64)
+    H = _real_array("H", getattr(H, "H", H))
     if H.ndim != 4:
         raise ValueError(f"H must be (N, C, H, W) entropies of images, got shape {H.shape}")
     n = min(_check_int("n", n, 1), H.shape[0])
@@ -275,8 +293,8 @@ def plot_concepts(n_fg, n_bg, labels=None):
     """N_fg and N_bg (mean over images) against epochs, one line pair per run: n_fg and n_bg
     are (runs, epochs) or (epochs,) arrays (numeric twin: ``visual_concepts`` per epoch).
     Returns the matplotlib Figure."""
-    fg = np.atleast_2d(np.asarray(n_fg, dtype=np.float64))
-    bg = np.atleast_2d(np.asarray(n_bg, dtype=np.float64))
+    fg = np.atleast_2d(_real_array("n_fg", n_fg))
+    bg = np.atleast_2d(_real_array("n_bg", n_bg))
     if fg.shape != bg.shape:
         raise ValueError(f"n_fg {fg.shape} and n_bg {bg.shape} must have the same shape")
     labels = labels or [f"run {i}" for i in range(fg.shape[0])]

@@ -579,9 +579,10 @@ class Upsample(Module):
         if (size is None) == (scale_factor is None):
             raise ValueError("give exactly one of size and scale_factor")
         if size is not None:
-            size = (size, size) if isinstance(size, int) and not isinstance(size, bool) else tuple(size)
-            if len(size) != 2:
-                raise ValueError(f"size must be an int or (h, w), got {size!r}")
+            if isinstance(size, (int, np.integer)) and not isinstance(size, bool):
+                size = (size, size)
+            elif not isinstance(size, (tuple, list)) or len(size) != 2:
+                raise TypeError(f"size must be an int or (h, w), got {size!r}")
             self.size = tuple(_check_int("size", v, 1) for v in size)
             self.scale_factor = None
         else:

@@ -1300,6 +1300,62 @@ def test_metrics_plots(data):
         attempt(kdcore.metrics.plot_confusion, (), kw, (arg,), what="metrics.plot_confusion")
 
 
+# ---- kdcore.explain and the layers of multi-input nets -------------------------------------
+
+def explain_cases(m):
+    H = RNG.normal(size=(3, 1, 8, 8))
+    fg = H > 0.5
+    S = RNG.normal(size=(2, 3, 1, 8, 8)) > 0
+    ds = kdcore.datasets.from_arrays((RNG.random((5, 1, 8, 8)) * 255).astype(np.uint8), np.arange(5) % 3,
+                                     num_classes=3)
+    taps = st.one_of(SCALARS, st.sampled_from(["2", "5", "nope", None]))
+    return {
+        "information_discarding": (dict(model=m, images=X4, tap="5", steps=2, samples=2, lr=0.05, lam=1.0, delta2=None,
+                                        init_sigma=0.01, seed=0),
+                                   dict(model=st.one_of(SCALARS, st.just(m)), images=st.one_of(variants_of(X4), any_array()),
+                                        tap=taps, steps=st.one_of(SCALARS, st.integers(-2, 3)), samples=SIZES,
+                                        lr=SCALARS, lam=SCALARS, delta2=SCALARS, init_sigma=SCALARS, seed=SCALARS)),
+        "feature_spread": (dict(model=m, images=X4, tap="5"),
+                           dict(model=SCALARS, images=st.one_of(variants_of(X4), any_array()), tap=taps)),
+        "visual_concepts": (dict(H=H, foreground=fg, b=0.25),
+                            dict(H=st.one_of(SCALARS, variants_of(H), any_array()),
+                                 foreground=st.one_of(SCALARS, variants_of(fg), any_array()), b=SCALARS)),
+        "learning_dynamics": (dict(fg_concepts=S, weight_change=[1.0, 2.0], weight_norm0=3.0),
+                              dict(fg_concepts=st.one_of(SCALARS, variants_of(S), any_array()),
+                                   weight_change=st.one_of(SCALARS, any_array(max_dims=2)), weight_norm0=SCALARS)),
+        "foreground_mask": (dict(data=ds, indices=np.array([0, 2]), threshold=0.05),
+                            dict(data=st.just(ds), indices=st.one_of(SCALARS, any_array(max_dims=2)), threshold=SCALARS)),
+    }
+
+
+@settings(max_examples=80)
+@given(st.data())
+def test_explain_arguments(data):
+    """kdcore.explain with one argument replaced: a result or an error naming it."""
+    m = tiny_cnn()
+    cases = explain_cases(m)
+    name = data.draw(st.sampled_from(sorted(cases)), label="function")
+    valid, pools = cases[name]
+    arg, kw = mutate(valid, pools, data)
+    names = {"images": ("images", "x", "delta2", "input"), "tap": ("tap", "delta2"), "H": ("H", "foreground"),
+             "fg_concepts": ("fg_concepts", "weight_change")}.get(arg, (arg,))
+    ok, r = attempt(getattr(kdcore.explain, name), (), kw, names, what=f"explain.{name}",
+                    ok=(TypeError, ValueError, KeyError, IndexError))
+    if ok and name == "information_discarding":
+        assert np.all(np.isfinite(r.H)) and r.H.shape == np.shape(kw["images"])
+
+
+@settings(max_examples=40)
+@given(size=st.one_of(st.none(), SIZES, st.tuples(SIZES, SIZES), SCALARS), scale=st.one_of(st.none(), SIZES, SCALARS))
+def test_upsample_arguments(size, scale):
+    ok, up = attempt(nn.Upsample, (), dict(size=size, scale_factor=scale), ("size", "scale_factor"),
+                     what="nn.Upsample")
+    if ok:
+        out = up(X4)
+        assert out.shape[:2] == X4.shape[:2] and np.all(np.isfinite(out))
+        assert np.all(np.isfinite(up.backward(np.ones_like(out))))
+
+
 def test_all_public_names_are_covered():
     """Every name in kdcore.__all__ and the submodules' __all__ is exercised above (or listed
     here as needing no input check), so a new public function needs a property here too."""
@@ -1309,9 +1365,10 @@ def test_all_public_names_are_covered():
                 "functional", "optim", "names", "Module", "ReLU", "Flatten", "Identity", "Block", "Residual",
                 "BatchNorm1d", "ResNet", "BasicBlock", "WideResNet", "WideBasicBlock", "NetworkBlock", "VGG",
                 "Dataset", "FASHION_MNIST_DIR", "teacher_logits", "exit_accuracies", "get_isa", "supported_isas",
-                "metrics"}
+                "metrics", "explain", "Sigmoid", "Discarding", "plot_discarding", "plot_concepts"}
     for name in list(kdcore.__all__) + [n for mod in (kdcore.nn, kdcore.models, kdcore.datasets, kdcore.functional,
-                                                      kdcore.optim, kdcore.metrics) for n in mod.__all__]:
+                                                      kdcore.optim, kdcore.metrics, kdcore.explain)
+                 for n in mod.__all__]:
         if name in no_input:
             continue
         if inspect.isfunction(getattr(kdcore.models, name, None)) and name.startswith(("resnet", "wrn", "vgg")):
