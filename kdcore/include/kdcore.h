@@ -163,6 +163,9 @@ enum kd_layer_type {
     KD_LAYER_MUL,             // out = inp[0] * inp[1]; inp[1] has inp[0]'s shape, or one channel
                               //   (broadcast over channels: attention maps)
     KD_LAYER_CONCAT,          // channels of inp[0] then inp[1] (same H, W)
+    KD_LAYER_UPSAMPLE_BILINEAR, // bilinear resize, PyTorch's align_corners=False; size/stride as UPSAMPLE
+    KD_LAYER_LEAKY_RELU,      // x > 0 ? x : slope * x
+    KD_LAYER_TANH,
     KD_LAYER_COUNT
 };
 
@@ -182,11 +185,12 @@ struct kd_layer_spec {
     int  size[2];             // UPSAMPLE: output (H, W); 0 = input size x stride
     bool bias;                // LINEAR, CONV2D
     float eps, momentum;      // BATCHNORM (PyTorch semantics: momentum 0.1, eps 1e-5)
+    float slope;              // LEAKY_RELU: PyTorch's negative_slope (0.01)
     float p;                  // DROPOUT probability
     enum kd_init init;        // LINEAR, CONV2D
 };
 
-// Defaults (bias true, groups 1, stride 1, eps 1e-5, momentum 0.1, inp = {KD_INPUT, KD_INPUT}).
+// Defaults (bias true, groups 1, stride 1, eps 1e-5, momentum 0.1, slope 0.01, inp = {KD_INPUT, KD_INPUT}).
 KD_API struct kd_layer_spec kd_layer_default(enum kd_layer_type type);
 KD_API const char * kd_layer_type_name(enum kd_layer_type type);
 

@@ -105,4 +105,18 @@ void kd_concat_backward(float * da, float * db, const float * dout, int N, int C
 void kd_nearest_forward(float * out, const float * inp, int N, int C, int H, int W, int OH, int OW);
 void kd_nearest_backward(float * dinp, const float * dout, int N, int C, int H, int W, int OH, int OW);
 
+// bilinear resize, PyTorch's mode='bilinear', align_corners=False: output row oh samples the
+// input at max(0, (oh + 0.5) * H / OH - 0.5) between rows floor and floor + 1 (clamped),
+// columns alike. inp (N,C,H,W) -> out (N,C,OH,OW).
+void kd_bilinear_forward(float * out, const float * inp, int N, int C, int H, int W, int OH, int OW);
+void kd_bilinear_backward(float * dinp, const float * dout, int N, int C, int H, int W, int OH, int OW);
+
+// leaky relu: out = inp > 0 ? inp : slope * inp; backward reads the input (any slope)
+void kd_leaky_relu_forward(float * out, const float * inp, size_t n, float slope);
+void kd_leaky_relu_backward(float * dinp, const float * dout, const float * inp, size_t n, float slope);
+
+// tanh; backward reads the output: dinp += dout * (1 - out^2)
+void kd_tanh_forward(float * out, const float * inp, size_t n);
+void kd_tanh_backward(float * dinp, const float * dout, const float * out, size_t n);
+
 #endif // KD_LAYERS_H

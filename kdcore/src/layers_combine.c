@@ -140,3 +140,84 @@ void kd_nearest_backward(float * dinp, const float * dout, int N, int C, int H, 
         }
     }
 }
+
+// ----------------------------------------------------------------------------------------
+// bilinear resize, align_corners=False (PyTorch's default for F.interpolate / nn.Upsample):
+// source coordinate (o + 0.5) * in / out - 0.5 in float, clamped below at 0; the upper
+// neighbour is clamped to in - 1, so edges repeat.
+
+struct lerp { int i0, i1; float w0, w1; };
+
+static inline struct lerp bilinear_src(int o, int in, int out) {
+    const float scale = (float)in / (float)out;
+    float src = scale * ((float)o + 0.5f) - 0.5f;
+    if (src < 0.0f) src = 0.0f;
+    const int i0 = (int)src;   // floor: src >= 0
+    const int i1 = i0 < in - 1 ? i0 + 1 : i0;
+    const float l1 = src - (float)i0;
+    return (struct lerp){ i0, i1, 1.0f - l1, l1 };
+}
+
+void kd_bilinear_forward(float * out, const float * inp, int N, int C, int H, int W, int OH, int OW) {
+    const size_t hw = (size_t)H * W, ohw = (size_t)OH * OW;
+    #pragma omp parallel for schedule(static) if((size_t)N * C * ohw > PAR_MIN)
+    for (int nc = 0; nc < N * C; nc++) {
+        const float * x = inp + (size_t)nc * hw;
+        float * o = out + (size_t)nc * ohw;
+        for (int oh = 0; oh < OH; oh++) {
+            const struct lerp h = bilinear_src(oh, H, OH);
+            const float * r0 = x + (size_t)h.i0 * W, * r1 = x + (size_t)h.i1 * W;
+            for (int ow = 0; ow < OW; ow++) {
+                const struct lerp w = bilinear_src(ow, W, OW);
+                o[(size_t)oh * OW + ow] = h.w0 * (w.w0 * r0[w.i0] + w.w1 * r0[w.i1]) +
+                                          h.w1 * (w.w0 * r1[w.i0] + w.w1 * r1[w.i1]);
+            }
+        }
+    }
+}
+
+// Each plane by one thread, outputs in scan order: deterministic.
+void kd_bilinear_backward(float * dinp, const float * dout, int N, int C, int H, int W, int OH, int OW) {
+    const size_t hw = (size_t)H * W, ohw = (size_t)OH * OW;
+    #pragma omp parallel for schedule(static) if((size_t)N * C * ohw > PAR_MIN)
+    for (int nc = 0; nc < N * C; nc++) {
+        float * g = dinp + (size_t)nc * hw;
+        const float * d = dout + (size_t)nc * ohw;
+        for (int oh = 0; oh < OH; oh++) {
+            const struct lerp h = bilinear_src(oh, H, OH);
+            float * r0 = g + (size_t)h.i0 * W, * r1 = g + (size_t)h.i1 * W;
+            for (int ow = 0; ow < OW; ow++) {
+                const struct lerp w = bilinear_src(ow, W, OW);
+                const float v = d[(size_t)oh * OW + ow];
+                r0[w.i0] += h.w0 * w.w0 * v;
+                r0[w.i1] += h.w0 * w.w1 * v;
+                r1[w.i0] += h.w1 * w.w0 * v;
+                r1[w.i1] += h.w1 * w.w1 * v;
+            }
+        }
+    }
+}
+
+// ----------------------------------------------------------------------------------------
+// leaky relu and tanh (generators: DAFL's, DFAD's)
+
+void kd_leaky_relu_forward(float * out, const float * inp, size_t n, float slope) {
+    #pragma omp parallel for schedule(static) if(n > PAR_MIN)
+    for (size_t i = 0; i < n; i++) out[i] = inp[i] > 0.0f ? inp[i] : inp[i] * slope;
+}
+
+// The gradient at 0 is the slope, as PyTorch's (it tests inp > 0).
+void kd_leaky_relu_backward(float * dinp, const float * dout, const float * inp, size_t n, float slope) {
+    #pragma omp parallel for schedule(static) if(n > PAR_MIN)
+    for (size_t i = 0; i < n; i++) dinp[i] += inp[i] > 0.0f ? dout[i] : dout[i] * slope;
+}
+
+void kd_tanh_forward(float * out, const float * inp, size_t n) {
+    #pragma omp parallel for schedule(static) if(n > PAR_MIN)
+    for (size_t i = 0; i < n; i++) out[i] = tanhf(inp[i]);
+}
+
+void kd_tanh_backward(float * dinp, const float * dout, const float * out, size_t n) {
+    #pragma omp parallel for schedule(static) if(n > PAR_MIN)
+    for (size_t i = 0; i < n; i++) dinp[i] += dout[i] * (1.0f - out[i] * out[i]);
+}

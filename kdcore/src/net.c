@@ -110,6 +110,9 @@ static const struct layer_info {
     [KD_LAYER_SIGMOID]        = { "sigmoid",        1, true  },
     [KD_LAYER_MUL]            = { "mul",            2, false },
     [KD_LAYER_CONCAT]         = { "concat",         2, false },
+    [KD_LAYER_UPSAMPLE_BILINEAR] = { "upsample_bilinear", 1, false },
+    [KD_LAYER_LEAKY_RELU]     = { "leaky_relu",     1, false },
+    [KD_LAYER_TANH]           = { "tanh",           1, true  },
 };
 
 static int n_inputs(const struct kd_layer_spec * s) { return layer_info[s->type].n_inputs; }
@@ -129,6 +132,7 @@ struct kd_layer_spec kd_layer_default(enum kd_layer_type type) {
     s.bias = true;
     s.eps = 1e-5f;
     s.momentum = 0.1f;
+    s.slope = 0.01f;
     s.init = KD_INIT_DEFAULT;
     if (type == KD_LAYER_MAXPOOL2D || type == KD_LAYER_AVGPOOL2D) s.stride = 0;   // = kernel
     return s;
@@ -207,16 +211,21 @@ static enum kd_status check_spec(const struct kd_net * net, const struct kd_laye
         if (s->in_ch < 1) KD_FAIL(KD_ERR_VALUE, "'%s': an input's channels (%d) must be >= 1", nm, s->in_ch);
         break;
     case KD_LAYER_UPSAMPLE:
+    case KD_LAYER_UPSAMPLE_BILINEAR:
         if (s->size[0] < 0 || s->size[1] < 0 || (s->size[0] > 0) != (s->size[1] > 0))
             KD_FAIL(KD_ERR_VALUE, "'%s': size (%d, %d) must be two positive values, or 0 for a scale factor", nm,
                     s->size[0], s->size[1]);
         if (s->size[0] == 0 && s->stride < 1)
             KD_FAIL(KD_ERR_VALUE, "'%s': the scale factor (stride, %d) must be >= 1", nm, s->stride);
         break;
+    case KD_LAYER_LEAKY_RELU:
+        if (!isfinite(s->slope)) KD_FAIL(KD_ERR_VALUE, "'%s': negative_slope (%g) must be finite", nm, s->slope);
+        break;
     case KD_LAYER_RELU:
     case KD_LAYER_GLOBAL_AVGPOOL:
     case KD_LAYER_FLATTEN:
     case KD_LAYER_ADD:
+    case KD_LAYER_TANH:
     case KD_LAYER_SIGMOID:
     case KD_LAYER_MUL:
     case KD_LAYER_CONCAT:
@@ -264,7 +273,8 @@ static int node_weight_shape(const struct kd_layer_spec * s, int shape[4]) {
         return 1;
     case KD_LAYER_RELU: case KD_LAYER_MAXPOOL2D: case KD_LAYER_AVGPOOL2D: case KD_LAYER_GLOBAL_AVGPOOL:
     case KD_LAYER_DROPOUT: case KD_LAYER_FLATTEN: case KD_LAYER_ADD: case KD_LAYER_INPUT: case KD_LAYER_UPSAMPLE:
-    case KD_LAYER_SIGMOID: case KD_LAYER_MUL: case KD_LAYER_CONCAT: case KD_LAYER_COUNT:
+    case KD_LAYER_SIGMOID: case KD_LAYER_MUL: case KD_LAYER_CONCAT: case KD_LAYER_UPSAMPLE_BILINEAR:
+    case KD_LAYER_LEAKY_RELU: case KD_LAYER_TANH: case KD_LAYER_COUNT:
         break;
     }
     return 0;
@@ -603,6 +613,7 @@ enum kd_status kd_net_plan(struct kd_net * net, int N, int C, int H, int W) {
             oc = nd->ext_c; oh = nd->ext_h; ow = nd->ext_w;
             break;
         case KD_LAYER_UPSAMPLE:
+        case KD_LAYER_UPSAMPLE_BILINEAR:
             if (s->size[0] > 0) { oh = s->size[0]; ow = s->size[1]; }
             else if (h > INT32_MAX / s->stride || w > INT32_MAX / s->stride) goto too_big;
             else { oh = h * s->stride; ow = w * s->stride; }
@@ -610,6 +621,8 @@ enum kd_status kd_net_plan(struct kd_net * net, int N, int C, int H, int W) {
         case KD_LAYER_RELU:
         case KD_LAYER_DROPOUT:
         case KD_LAYER_SIGMOID:
+        case KD_LAYER_LEAKY_RELU:
+        case KD_LAYER_TANH:
         case KD_LAYER_COUNT:
             break;
         }
@@ -741,6 +754,15 @@ static void node_forward(struct kd_net * net, int i, int N, float * out, const f
         break;
     case KD_LAYER_SIGMOID:
         kd_sigmoid_forward(out, in, numel);
+        break;
+    case KD_LAYER_UPSAMPLE_BILINEAR:
+        kd_bilinear_forward(out, in, N, c, h, w, nd->h, nd->w);
+        break;
+    case KD_LAYER_LEAKY_RELU:
+        kd_leaky_relu_forward(out, in, numel, s->slope);
+        break;
+    case KD_LAYER_TANH:
+        kd_tanh_forward(out, in, numel);
         break;
     case KD_LAYER_MUL: {
         int c2, h2, w2;
@@ -1139,6 +1161,15 @@ enum kd_status kd_net_backward(struct kd_net * net, const float * dout, float * 
             break;
         case KD_LAYER_SIGMOID:
             if (din) kd_sigmoid_backward(din, d, out, nd->numel);
+            break;
+        case KD_LAYER_UPSAMPLE_BILINEAR:
+            if (din) kd_bilinear_backward(din, d, N, c, h, w, nd->h, nd->w);
+            break;
+        case KD_LAYER_LEAKY_RELU:
+            if (din) kd_leaky_relu_backward(din, d, in, nd->numel, s->slope);
+            break;
+        case KD_LAYER_TANH:
+            if (din) kd_tanh_backward(din, d, out, nd->numel);
             break;
         case KD_LAYER_MUL:
         case KD_LAYER_CONCAT: {

@@ -232,16 +232,18 @@ static int Net_init(NetObject * self, PyObject * args, PyObject * kwds) {
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject * t = PySequence_Fast_GET_ITEM(seq, i);
         int type, inp0, inp1, in_ch, out_ch, kernel, stride, padding, groups, bias, init, size_h = 0, size_w = 0;
+        float slope = 0.01f;
         const char * name;
         float eps, momentum, p;
         static char * node_fields[] = { "type", "name", "inp0", "inp1", "in_ch", "out_ch", "kernel", "stride", "padding",
-                                        "groups", "bias", "eps", "momentum", "p", "init", "size_h", "size_w", NULL };
+                                        "groups", "bias", "eps", "momentum", "p", "init", "size_h", "size_w", "slope", NULL };
         char prefix[48];
         snprintf(prefix, sizeof prefix, "node %zd: ", i);
         if (!PyTuple_Check(t)) { PyErr_Format(PyExc_TypeError, "node %zd must be a tuple, got %s", i, Py_TYPE(t)->tp_name); goto fail; }
-        if (!PyArg_ParseTuple(t, "isiiiiiiiipfffi|ii;node", &type, &name, &inp0, &inp1, &in_ch, &out_ch,
-                              &kernel, &stride, &padding, &groups, &bias, &eps, &momentum, &p, &init, &size_h, &size_w)) {
-            name_parse_error(t, NULL, "isiiiiiiiipfffi|ii", node_fields, prefix);
+        if (!PyArg_ParseTuple(t, "isiiiiiiiipfffi|iif;node", &type, &name, &inp0, &inp1, &in_ch, &out_ch,
+                              &kernel, &stride, &padding, &groups, &bias, &eps, &momentum, &p, &init, &size_h, &size_w,
+                              &slope)) {
+            name_parse_error(t, NULL, "isiiiiiiiipfffi|iif", node_fields, prefix);
             goto fail;
         }
         if (init < 0 || init > KD_INIT_KAIMING_IN) {
@@ -256,7 +258,7 @@ static int Net_init(NetObject * self, PyObject * args, PyObject * kwds) {
         s.name = name; s.inp[0] = inp0; s.inp[1] = inp1; s.in_ch = in_ch; s.out_ch = out_ch;
         s.kernel = kernel; s.stride = stride; s.padding = padding; s.groups = groups; s.bias = bias;
         s.eps = eps; s.momentum = momentum; s.p = p; s.init = (enum kd_init)init;
-        s.size[0] = size_h; s.size[1] = size_w;
+        s.size[0] = size_h; s.size[1] = size_w; s.slope = slope;
         if (kd_net_add(net, &s) < 0) { PyErr_SetString(PyExc_ValueError, kd_last_error()); goto fail; }
     }
     Py_DECREF(seq);

@@ -23,7 +23,7 @@ from . import _kdcore
 
 __all__ = ["Module", "Sequential", "Linear", "Conv2d", "BatchNorm1d", "BatchNorm2d", "ReLU",
            "MaxPool2d", "AvgPool2d", "AdaptiveAvgPool2d", "Dropout", "Flatten", "Residual", "Identity",
-           "MultiExit", "Block", "Sigmoid", "Upsample"]
+           "MultiExit", "Block", "Sigmoid", "Upsample", "LeakyReLU", "Tanh"]
 
 # enum kd_layer_type, by the names C gives them
 _LT = _kdcore.LAYER_TYPES
@@ -31,6 +31,7 @@ _LINEAR, _CONV2D, _BATCHNORM, _RELU, _MAXPOOL, _AVGPOOL, _GAP, _DROPOUT, _FLATTE
     _LT[k] for k in ("linear", "conv2d", "batchnorm", "relu", "maxpool2d", "avgpool2d", "global_avgpool", "dropout",
                      "flatten", "add"))
 _INPUT_NODE, _UPSAMPLE, _SIGMOID, _MUL, _CONCAT = (_LT[k] for k in ("input", "upsample", "sigmoid", "mul", "concat"))
+_BILINEAR, _LEAKY_RELU, _TANH = (_LT[k] for k in ("upsample_bilinear", "leaky_relu", "tanh"))
 # Must match enum kd_init in kdcore.h.
 _INITS = {"default": 0, "kaiming_normal_fan_out": 1, "kaiming_normal_fan_in": 2}
 _INPUT = -1
@@ -94,13 +95,13 @@ class _Graph:
         self.output = None             # the network output when it is not the last node
 
     def add(self, kind, name, inputs, in_ch=0, out_ch=0, kernel=0, stride=1, padding=0, groups=1,
-            bias=True, eps=1e-5, momentum=0.1, p=0.0, init="default", size=(0, 0)):
+            bias=True, eps=1e-5, momentum=0.1, p=0.0, init="default", size=(0, 0), slope=0.01):
         name = name or _ROOT
         if name in self.names:
             raise ValueError(f"two layers are both named {name!r}")
         inp = list(inputs) + [_INPUT] * (2 - len(inputs))
         self.nodes.append((kind, name, inp[0], inp[1], in_ch, out_ch, kernel, stride, padding, groups,
-                           bool(bias), eps, momentum, p, _INITS[init], size[0], size[1]))
+                           bool(bias), eps, momentum, p, _INITS[init], size[0], size[1], slope))
         self.names.append(name)
         self.kinds.append(kind)
         return len(self.nodes) - 1
@@ -568,14 +569,36 @@ class Sigmoid(Module):
         return g.add(_SIGMOID, prefix, [x])
 
 
-class Upsample(Module):
-    """Nearest-neighbour resize, PyTorch's ``nn.Upsample(mode='nearest')``: to ``size`` (an
-    int or (h, w)), or by an integer ``scale_factor``."""
+class LeakyReLU(Module):
+    """x if x > 0 else negative_slope * x (PyTorch's nn.LeakyReLU)."""
 
-    def __init__(self, size=None, scale_factor=None, mode="nearest"):
+    def __init__(self, negative_slope=0.01):
         super().__init__()
-        if mode != "nearest":
-            raise ValueError(f"Upsample supports mode='nearest' only, got {mode!r}")
+        self.negative_slope = _check_float("negative_slope", negative_slope)
+
+    def _emit(self, g, x, prefix):
+        return g.add(_LEAKY_RELU, prefix, [x], slope=self.negative_slope)
+
+    def _describe(self):
+        return f"negative_slope={self.negative_slope}"
+
+
+class Tanh(Module):
+    def _emit(self, g, x, prefix):
+        return g.add(_TANH, prefix, [x])
+
+
+class Upsample(Module):
+    """Resize, PyTorch's ``nn.Upsample``: to ``size`` (an int or (h, w)), or by an integer
+    ``scale_factor``; mode 'nearest' or 'bilinear' (align_corners=False, PyTorch's default)."""
+
+    def __init__(self, size=None, scale_factor=None, mode="nearest", align_corners=None):
+        super().__init__()
+        if not _is_choice(mode, ("nearest", "bilinear")):
+            raise ValueError(f"Upsample supports mode='nearest' and 'bilinear', got {mode!r}")
+        if align_corners not in (None, False):
+            raise ValueError("Upsample supports align_corners=False (PyTorch's default) only")
+        self.mode = mode
         if (size is None) == (scale_factor is None):
             raise ValueError("give exactly one of size and scale_factor")
         if size is not None:
@@ -589,12 +612,14 @@ class Upsample(Module):
             self.size, self.scale_factor = None, _check_int("scale_factor", scale_factor, 1)
 
     def _emit(self, g, x, prefix):
+        kind = _UPSAMPLE if self.mode == "nearest" else _BILINEAR
         if self.size:
-            return g.add(_UPSAMPLE, prefix, [x], size=self.size)
-        return g.add(_UPSAMPLE, prefix, [x], stride=self.scale_factor)
+            return g.add(kind, prefix, [x], size=self.size)
+        return g.add(kind, prefix, [x], stride=self.scale_factor)
 
     def _describe(self):
-        return f"size={self.size}" if self.size else f"scale_factor={self.scale_factor}"
+        what = f"size={self.size}" if self.size else f"scale_factor={self.scale_factor}"
+        return f"{what}, mode={self.mode!r}"
 
 
 class Dropout(Module):

@@ -1058,6 +1058,65 @@ static void test_nearest(int N, int C, int H, int W, int OH, int OW) {
     free(c.inp); free(c.out); free(R); free(dx);
 }
 
+static void fwd_bilinear(struct ctx * c) { kd_bilinear_forward(c->out, c->inp, c->N, c->C, c->H, c->W, c->OH, c->OW); }
+static void fwd_leaky(struct ctx * c) { kd_leaky_relu_forward(c->out, c->inp, c->n, c->p); }
+static void fwd_tanh(struct ctx * c) { kd_tanh_forward(c->out, c->inp, c->n); }
+
+// Reference in double from PyTorch's align_corners=False rule.
+static void test_bilinear(int N, int C, int H, int W, int OH, int OW) {
+    struct ctx c = {0};
+    const size_t ni = (size_t)N * C * H * W, no = (size_t)N * C * OH * OW;
+    c.N = N; c.C = C; c.H = H; c.W = W; c.OH = OH; c.OW = OW; c.nout = no; c.fwd = fwd_bilinear;
+    c.inp = frand(ni, 101); c.out = fzeros(no);
+    fwd_bilinear(&c);
+    double maxerr = 0;
+    for (int p = 0; p < N * C; p++)
+        for (int oh = 0; oh < OH; oh++)
+            for (int ow = 0; ow < OW; ow++) {
+                double sh = fmax(0.0, (oh + 0.5) * H / OH - 0.5), sw = fmax(0.0, (ow + 0.5) * W / OW - 0.5);
+                int h0 = (int)sh, w0 = (int)sw, h1 = h0 < H - 1 ? h0 + 1 : h0, w1 = w0 < W - 1 ? w0 + 1 : w0;
+                double lh = sh - h0, lw = sw - w0;
+                const float * x = c.inp + (size_t)p * H * W;
+                double want = (1 - lh) * ((1 - lw) * x[h0 * W + w0] + lw * x[h0 * W + w1]) +
+                              lh * ((1 - lw) * x[h1 * W + w0] + lw * x[h1 * W + w1]);
+                maxerr = fmax(maxerr, fabs(want - c.out[((size_t)p * OH + oh) * OW + ow]));
+            }
+    CHECK(maxerr < 1e-5, "bilinear forward %dx%d -> %dx%d: max error %g", H, W, OH, OW, maxerr);
+    float * R = frand(no, 102), * dx = fzeros(ni);
+    kd_bilinear_backward(dx, R, N, C, H, W, OH, OW);
+    gradcheck("bilinear gradcheck", &c, R, c.inp, ni, dx, 1e-2f);
+    free(c.inp); free(c.out); free(R); free(dx);
+}
+
+static void test_leaky_tanh(void) {
+    size_t n = 300;
+    struct ctx c = {0};
+    c.n = n; c.nout = n;
+    c.inp = frand(n, 111); c.out = fzeros(n);
+    for (size_t i = 0; i < n; i++) c.inp[i] = c.inp[i] < 0 ? c.inp[i] * 3 - 0.05f : c.inp[i] * 3 + 0.05f;
+    float * R = frand(n, 112), * dx = fzeros(n);
+    const float slopes[3] = { 0.01f, 0.2f, -0.5f };
+    for (int k = 0; k < 3; k++) {
+        c.p = slopes[k]; c.fwd = fwd_leaky;
+        fwd_leaky(&c);
+        int ok = 1;
+        for (size_t i = 0; i < n; i++) ok &= c.out[i] == (c.inp[i] > 0 ? c.inp[i] : c.inp[i] * slopes[k]);
+        CHECK(ok, "leaky relu forward (slope %g)", slopes[k]);
+        memset(dx, 0, n * sizeof(float));
+        kd_leaky_relu_backward(dx, R, c.inp, n, slopes[k]);
+        gradcheck("leaky relu gradcheck", &c, R, c.inp, n, dx, 1e-2f);
+    }
+    c.fwd = fwd_tanh;
+    fwd_tanh(&c);
+    int ok = 1;
+    for (size_t i = 0; i < n; i++) ok &= fabs(c.out[i] - tanh((double)c.inp[i])) < 1e-6;
+    CHECK(ok, "tanh forward");
+    memset(dx, 0, n * sizeof(float));
+    kd_tanh_backward(dx, R, c.out, n);
+    gradcheck("tanh gradcheck", &c, R, c.inp, n, dx, 1e-2f);
+    free(c.inp); free(c.out); free(R); free(dx);
+}
+
 static void test_add(void) {
     size_t n = 50000;    // above the parallel threshold
     struct ctx c = {0};
@@ -1482,6 +1541,11 @@ int main(void) {
     test_nearest(1, 2, 7, 7, 14, 14);   // x2
     test_nearest(2, 2, 4, 4, 7, 7);     // non-integer ratio up
     test_nearest(1, 3, 7, 5, 4, 3);     // down, unequal sides
+    test_bilinear(2, 3, 4, 4, 8, 8);
+    test_bilinear(1, 2, 4, 4, 7, 7);    // non-integer ratio
+    test_bilinear(1, 3, 7, 5, 4, 3);    // down
+    test_bilinear(2, 1, 1, 1, 3, 2);    // a single pixel spread
+    test_leaky_tanh();
 
 #ifdef _OPENMP
     test_linear_threads(1);

@@ -1346,14 +1346,24 @@ def test_explain_arguments(data):
 
 
 @settings(max_examples=40)
-@given(size=st.one_of(st.none(), SIZES, st.tuples(SIZES, SIZES), SCALARS), scale=st.one_of(st.none(), SIZES, SCALARS))
-def test_upsample_arguments(size, scale):
-    ok, up = attempt(nn.Upsample, (), dict(size=size, scale_factor=scale), ("size", "scale_factor"),
+@given(size=st.one_of(st.none(), SIZES, st.tuples(SIZES, SIZES), SCALARS), scale=st.one_of(st.none(), SIZES, SCALARS),
+       mode=st.one_of(st.sampled_from(["nearest", "bilinear", "bicubic"]), SCALARS))
+def test_upsample_arguments(size, scale, mode):
+    ok, up = attempt(nn.Upsample, (), dict(size=size, scale_factor=scale, mode=mode), ("size", "scale_factor", "mode"),
                      what="nn.Upsample")
     if ok:
         out = up(X4)
         assert out.shape[:2] == X4.shape[:2] and np.all(np.isfinite(out))
         assert np.all(np.isfinite(up.backward(np.ones_like(out))))
+
+
+@settings(max_examples=30)
+@given(slope=SCALARS)
+def test_leaky_relu_arguments(slope):
+    ok, m = attempt(nn.LeakyReLU, (slope,), {}, ("negative_slope",), what="nn.LeakyReLU")
+    if ok:
+        out = m(X4)
+        assert np.all(np.isfinite(out)) and np.all(np.isfinite(m.backward(np.ones_like(out))))
 
 
 def test_all_public_names_are_covered():
@@ -1365,7 +1375,7 @@ def test_all_public_names_are_covered():
                 "functional", "optim", "names", "Module", "ReLU", "Flatten", "Identity", "Block", "Residual",
                 "BatchNorm1d", "ResNet", "BasicBlock", "WideResNet", "WideBasicBlock", "NetworkBlock", "VGG",
                 "Dataset", "FASHION_MNIST_DIR", "teacher_logits", "exit_accuracies", "get_isa", "supported_isas",
-                "metrics", "explain", "Sigmoid", "Discarding", "plot_discarding", "plot_concepts"}
+                "metrics", "explain", "Sigmoid", "Tanh", "Discarding", "plot_discarding", "plot_concepts"}
     for name in list(kdcore.__all__) + [n for mod in (kdcore.nn, kdcore.models, kdcore.datasets, kdcore.functional,
                                                       kdcore.optim, kdcore.metrics, kdcore.explain)
                  for n in mod.__all__]:
