@@ -204,9 +204,12 @@ def test_from_torch_every_supported_layer():
     (tnn.Sequential(tnn.BatchNorm2d(2, affine=False)), "0", "BatchNorm2d"),
     (tnn.Sequential(tnn.AdaptiveAvgPool2d(2)), "0", "AdaptiveAvgPool2d"),
     (tnn.Sequential(tnn.Upsample(scale_factor=1.5)), "0", "Upsample"),
+    (tnn.Sequential(tnn.Upsample(scale_factor=(2.0, 3.0))), "0", "Upsample"),
+    (tnn.Sequential(tnn.Upsample(scale_factor=2, mode="bilinear")), "0", "Upsample"),
     (tnn.Sequential(tnn.Flatten(0)), "0", "Flatten"),
     (torch_ref.build("resnet8"), "(root)", "TorchResNet"),
     (tnn.Sequential(torch_ref.RoutedReLU()), "0", "RoutedReLU"),
+    (tnn.Sequential(tnn.ReLU(), torch_ref.RoutedMaxPool2d(2)), "1", "RoutedMaxPool2d"),   # a subclass
 ])
 def test_from_torch_names_the_first_unsupported_submodule(module, path, typename):
     with pytest.raises(TypeError, match=re.escape(f"submodule '{path}' ({typename})")):
@@ -236,6 +239,13 @@ def test_to_torch_refuses_what_it_cannot_mirror():
 
     with pytest.raises(TypeError, match="Custom"):
         knn.Sequential(Custom()).to_torch()
+
+    class Doubled(knn.ReLU):      # a subclass may emit other nodes: not taken for its base
+        def _emit(self, g, x, prefix):
+            return g.add(knn._ADD, prefix, [super()._emit(g, x, prefix + ".relu")] * 2)
+
+    with pytest.raises(TypeError, match="Doubled"):
+        knn.Sequential(knn.Linear(2, 2), Doubled()).to_torch()
     with pytest.raises(TypeError, match="kdcore.nn.Module"):
         bridge.to_torch(tnn.Linear(2, 2))
 

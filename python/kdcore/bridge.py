@@ -78,40 +78,44 @@ class WideBasicBlock(tnn.Module):
         return (x if self.convShortcut is None else self.convShortcut(act)) + out
 
 
+# Layers without options, kdcore -> torch (from_torch reads the inverse).
+_SIMPLE = {knn.ReLU: tnn.ReLU, knn.Sigmoid: tnn.Sigmoid, knn.Flatten: tnn.Flatten, knn.Identity: tnn.Identity,
+           knn.AdaptiveAvgPool2d: lambda: tnn.AdaptiveAvgPool2d(1)}
+
+
 def _convert(m):
-    """The PyTorch module of kdcore module ``m`` (fresh parameters; see to_torch)."""
+    """The PyTorch module of kdcore module ``m`` (fresh parameters; see to_torch). Layer types
+    match exactly, a subclass may emit other nodes; the zoo's chains say what they run."""
     def child(name):
         c = getattr(m, name)
         return None if c is None else _convert(c)
 
-    if isinstance(m, knn.Linear):
+    if type(m) is knn.Linear:
         return tnn.Linear(m.in_features, m.out_features, bias=m.bias)
-    if isinstance(m, knn.Conv2d):
+    if type(m) is knn.Conv2d:
         return tnn.Conv2d(m.in_channels, m.out_channels, m.kernel_size, stride=m.stride, padding=m.padding,
                           groups=m.groups, bias=m.bias)
-    if isinstance(m, knn.BatchNorm1d):
+    if type(m) is knn.BatchNorm1d:
         return tnn.BatchNorm1d(m.num_features, eps=m.eps, momentum=m.momentum)
-    if isinstance(m, knn.BatchNorm2d):
+    if type(m) is knn.BatchNorm2d:
         return tnn.BatchNorm2d(m.num_features, eps=m.eps, momentum=m.momentum)
-    if isinstance(m, knn.MaxPool2d):
+    if type(m) is knn.MaxPool2d:
         return tnn.MaxPool2d(m.kernel_size, m.stride, m.padding)
-    if isinstance(m, knn.AvgPool2d):
+    if type(m) is knn.AvgPool2d:
         return tnn.AvgPool2d(m.kernel_size, m.stride, m.padding, count_include_pad=True)
-    if isinstance(m, knn.Upsample):
+    if type(m) is knn.Upsample:
         return tnn.Upsample(size=m.size, scale_factor=m.scale_factor, mode="nearest")
-    if isinstance(m, knn.Dropout):
+    if type(m) is knn.Dropout:
         return tnn.Dropout(m.p)
-    simple = {knn.ReLU: tnn.ReLU, knn.Sigmoid: tnn.Sigmoid, knn.Flatten: tnn.Flatten, knn.Identity: tnn.Identity,
-              knn.AdaptiveAvgPool2d: lambda: tnn.AdaptiveAvgPool2d(1)}
-    if type(m) in simple:
-        return simple[type(m)]()
-    if isinstance(m, knn.Sequential):
+    if type(m) in _SIMPLE:
+        return _SIMPLE[type(m)]()
+    if type(m) is knn.Sequential:
         return tnn.Sequential(*[_convert(c) for c in m.layers])
-    if isinstance(m, knn.Residual):
+    if type(m) is knn.Residual:
         return Residual(_convert(m.body), None if m.shortcut is None else _convert(m.shortcut), m.activation)
-    if isinstance(m, models.BasicBlock):
+    if type(m) is models.BasicBlock:
         return BasicBlock(*[child(n) for n in ("conv1", "bn1", "conv2", "bn2", "downsample")])
-    if isinstance(m, models.WideBasicBlock):
+    if type(m) is models.WideBasicBlock:
         return WideBasicBlock(*[child(n) for n in ("bn1", "conv1", "bn2", "conv2", "convShortcut", "dropout")])
     if isinstance(m, models._ChainBlock):
         return tnn.Sequential(OrderedDict((n, child(n)) for n in m._chain()))
@@ -150,46 +154,46 @@ def _refuse(path, mod, why):
     raise TypeError(f"from_torch: submodule {path or '(root)'!r} ({type(mod).__name__}) is not supported: {why}")
 
 
-def _from(mod, path):
-    """The kdcore module of torch module ``mod`` at ``path`` (fresh parameters)."""
-    def pair_ok(*vals):
-        return all(not isinstance(v, tuple) or v[0] == v[1] for v in vals)
+def _square(*options):
+    """Every option is a scalar or an (a, a) pair: kdcore's kernels, strides and paddings are square."""
+    return all(not isinstance(v, tuple) or len(set(v)) == 1 for v in options)
 
-    if isinstance(mod, tnn.Linear):
+
+def _from(mod, path):
+    """The kdcore module of torch module ``mod`` at ``path`` (fresh parameters). Types match
+    exactly: a subclass may have its own forward."""
+    if type(mod) is tnn.Linear:
         return knn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None)
-    if isinstance(mod, tnn.Conv2d):
-        if isinstance(mod.padding, str) or mod.padding_mode != "zeros" or mod.dilation != (1, 1) or not pair_ok(
+    if type(mod) is tnn.Conv2d:
+        if isinstance(mod.padding, str) or mod.padding_mode != "zeros" or mod.dilation != (1, 1) or not _square(
                 mod.kernel_size, mod.stride, mod.padding):
             _refuse(path, mod, "kdcore's Conv2d has square kernel, stride and padding, zero padding and dilation 1")
         return knn.Conv2d(mod.in_channels, mod.out_channels, mod.kernel_size, mod.stride, mod.padding,
                           mod.groups, bias=mod.bias is not None)
-    if isinstance(mod, (tnn.BatchNorm1d, tnn.BatchNorm2d)):
+    if type(mod) in (tnn.BatchNorm1d, tnn.BatchNorm2d):
         if not (mod.affine and mod.track_running_stats) or mod.momentum is None:
             _refuse(path, mod, "kdcore's BatchNorm is affine, tracks running statistics and has a momentum")
-        cls = knn.BatchNorm1d if isinstance(mod, tnn.BatchNorm1d) else knn.BatchNorm2d
+        cls = knn.BatchNorm1d if type(mod) is tnn.BatchNorm1d else knn.BatchNorm2d
         return cls(mod.num_features, eps=mod.eps, momentum=mod.momentum)
-    if isinstance(mod, (tnn.MaxPool2d, tnn.AvgPool2d)):
-        max_pool = isinstance(mod, tnn.MaxPool2d)
+    if type(mod) in (tnn.MaxPool2d, tnn.AvgPool2d):
+        max_pool = type(mod) is tnn.MaxPool2d
         if mod.ceil_mode or (max_pool and (mod.dilation not in (1, (1, 1)) or mod.return_indices)) or (
-                not max_pool and (not mod.count_include_pad or mod.divisor_override is not None)) or not pair_ok(
+                not max_pool and (not mod.count_include_pad or mod.divisor_override is not None)) or not _square(
                 mod.kernel_size, mod.stride, mod.padding):
             _refuse(path, mod, "kdcore pools square windows, floor mode, dilation 1, padding counted in averages")
         return (knn.MaxPool2d if max_pool else knn.AvgPool2d)(mod.kernel_size, mod.stride, mod.padding)
-    if isinstance(mod, tnn.AdaptiveAvgPool2d):
+    if type(mod) is tnn.AdaptiveAvgPool2d:
         if mod.output_size not in (1, (1, 1)):
             _refuse(path, mod, "kdcore's AdaptiveAvgPool2d has output_size 1 only")
         return knn.AdaptiveAvgPool2d(1)
-    if isinstance(mod, tnn.Upsample):
-        scale = mod.scale_factor
-        if mod.mode != "nearest" or (scale is not None and (not pair_ok(scale) or float(
-                scale[0] if isinstance(scale, tuple) else scale) % 1)):
+    if type(mod) is tnn.Upsample:
+        scale = mod.scale_factor[0] if isinstance(mod.scale_factor, tuple) else mod.scale_factor
+        if mod.mode != "nearest" or (scale is not None and (not _square(mod.scale_factor) or float(scale) % 1)):
             _refuse(path, mod, "kdcore's Upsample is nearest, to a size or by an integer scale factor")
-        if scale is not None:
-            return knn.Upsample(scale_factor=int(scale[0] if isinstance(scale, tuple) else scale))
-        return knn.Upsample(size=mod.size)
-    if isinstance(mod, tnn.Dropout):
+        return knn.Upsample(size=mod.size) if scale is None else knn.Upsample(scale_factor=int(scale))
+    if type(mod) is tnn.Dropout:
         return knn.Dropout(mod.p)
-    if isinstance(mod, tnn.Flatten):
+    if type(mod) is tnn.Flatten:
         if mod.start_dim != 1 or mod.end_dim != -1:
             _refuse(path, mod, "kdcore's Flatten flattens every dimension after the batch")
         return knn.Flatten()
@@ -218,8 +222,9 @@ def from_torch(module):
     ``module``: a ``torch.nn.Sequential`` tree (children named 0, 1, ...) of the layers
     kdcore has, with kdcore's options (square kernels, zero padding, ceil_mode off, ...):
     Linear, Conv2d, BatchNorm1d/2d, ReLU, Sigmoid, MaxPool2d, AvgPool2d, AdaptiveAvgPool2d(1),
-    Dropout, Flatten, Identity, Upsample(nearest), and :class:`Residual`. Anything else raises
-    TypeError naming the first unsupported submodule (its path and type) and why.
+    Dropout, Flatten, Identity, Upsample(nearest), and :class:`Residual`, by exact type (a
+    subclass may have its own forward). Anything else raises TypeError naming the first
+    unsupported submodule (its path and type) and why.
 
     Zoo layouts (RepDistiller's ResNet / WRN / VGG, and what ``to_torch`` makes of the zoo)
     are not parsed: build the kdcore model and load the weights, e.g.
