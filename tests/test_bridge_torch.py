@@ -50,7 +50,7 @@ def assert_same_state(a, b, what):
     b = {k: np.asarray(v.detach().numpy() if hasattr(v, "detach") else v) for k, v in b.items()}
     assert list(a) == list(b), f"{what}: keys differ: {sorted(set(a) ^ set(b))[:8]}"
     for k in a:
-        assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, f"{what} {k}: {a[k].dtype}{a[k].shape} vs {b[k].dtype}{b[k].shape}"
+        assert (a[k].dtype, a[k].shape) == (b[k].dtype, b[k].shape), f"{what} {k}"
         np.testing.assert_array_equal(a[k], b[k], err_msg=f"{what} {k}")
 
 
