@@ -14,7 +14,7 @@ __all__ = ["mlp", "cnn",
            "resnet8x4", "resnet32x4",
            "wrn_16_1", "wrn_16_2", "wrn_40_1", "wrn_40_2", "vgg8", "vgg11", "vgg13",
            "ResNet", "BasicBlock", "WideResNet", "WideBasicBlock", "NetworkBlock", "VGG", "get", "names",
-           "with_exits"]
+           "with_exits", "from_torch"]
 
 
 def _seeded(model, seed):
@@ -96,8 +96,21 @@ def _conv3x3(cin, cout, stride=1, bias=False):
     return Conv2d(cin, cout, 3, stride=stride, padding=1, bias=bias, init=_KAIMING_OUT)
 
 
-class _ZooModel(Block):
-    """A zoo network: a Block emitting its children in PyTorch's order, plus an optional
+class _ChainBlock(Block):
+    """A Block whose children run one after another, in the order ``_chain()`` names them
+    (kdcore.bridge builds the same chain in PyTorch)."""
+
+    def _chain(self):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _emit(self, g, x, prefix):
+        for name in self._chain():
+            x = self._emit_child(g, name, x, prefix)
+        return x
+
+
+class _ZooModel(_ChainBlock):
+    """A zoo network: a chain of its children in PyTorch's order, plus an optional
     Python-side initialisation step (``_post_init``) for the few tensors whose RepDistiller
     initialisation the C initialisers do not cover. It runs after the C initialisation, at
     build time and on ``reset_parameters``, and is deterministic in the model's seed."""
@@ -207,10 +220,8 @@ class ResNet(_ZooModel):
         layers += [BasicBlock(self.inplanes, planes) for _ in range(1, blocks)]
         return Sequential(*layers)
 
-    def _emit(self, g, x, prefix):
-        for name in ("conv1", "bn1", "relu", "layer1", "layer2", "layer3", "avgpool", "flatten", "fc"):
-            x = self._emit_child(g, name, x, prefix)
-        return x
+    def _chain(self):
+        return ("conv1", "bn1", "relu", "layer1", "layer2", "layer3", "avgpool", "flatten", "fc")
 
     def feature_taps(self):
         n = (self.depth - 2) // 6
@@ -300,7 +311,7 @@ class WideBasicBlock(Block):
         return f"{self.in_planes}, {self.out_planes}, stride={self.stride}, drop_rate={self.drop_rate}"
 
 
-class NetworkBlock(Block):
+class NetworkBlock(_ChainBlock):
     """A WRN stage: ``layer`` = Sequential of WideBasicBlocks (keys "blockK.layer.i.*")."""
 
     def __init__(self, nb_layers, in_planes, out_planes, stride, drop_rate=0.0):
@@ -310,8 +321,8 @@ class NetworkBlock(Block):
             WideBasicBlock(in_planes if i == 0 else out_planes, out_planes, stride if i == 0 else 1, drop_rate)
             for i in range(nb_layers)])
 
-    def _emit(self, g, x, prefix):
-        return self._emit_child(g, "layer", x, prefix)
+    def _chain(self):
+        return ("layer",)
 
 
 class WideResNet(_ZooModel):
@@ -349,10 +360,8 @@ class WideResNet(_ZooModel):
         self.flatten = Flatten()
         self.fc = Linear(ch[3], num_classes)
 
-    def _emit(self, g, x, prefix):
-        for name in ("conv1", "block1", "block2", "block3", "bn1", "relu", "avgpool", "flatten", "fc"):
-            x = self._emit_child(g, name, x, prefix)
-        return x
+    def _chain(self):
+        return ("conv1", "block1", "block2", "block3", "bn1", "relu", "avgpool", "flatten", "fc")
 
     def _post_init(self):
         self.parameters()["fc.bias"][...] = 0.0
@@ -447,15 +456,13 @@ class VGG(_ZooModel):
         self.flatten = Flatten()
         self.classifier = Linear(cin, num_classes)
 
-    def _emit(self, g, x, prefix):
+    def _chain(self):
+        names = []
         for i in range(5):
-            x = self._emit_child(g, f"block{i}", x, prefix)
-            x = self._emit_child(g, f"relu{i}", x, prefix)
+            names += [f"block{i}", f"relu{i}"]
             if i < 3 or (i == 3 and self.use_pool3):
-                x = self._emit_child(g, f"pool{i}", x, prefix)
-        for name in ("pool4", "flatten", "classifier"):
-            x = self._emit_child(g, name, x, prefix)
-        return x
+                names.append(f"pool{i}")
+        return names + ["pool4", "flatten", "classifier"]
 
     def _post_init(self):
         p = self.parameters()
@@ -536,3 +543,14 @@ def with_exits(model, taps, num_classes=None):
         ch = shapes[model._tap_index(tap)][0]
         heads[tap] = Sequential(AdaptiveAvgPool2d(1), Flatten(), Linear(ch, num_classes))
     return MultiExit(model, heads)
+
+
+def from_torch(module):
+    """The kdcore twin of a PyTorch ``torch.nn.Sequential`` tree of layers kdcore has, weights
+    loaded: see :func:`kdcore.bridge.from_torch` (conventions, limits, the zoo's path).
+    Needs torch installed."""
+    try:
+        from .bridge import from_torch as convert
+    except ImportError as e:
+        raise ImportError("kdcore.models.from_torch needs PyTorch (pip install torch)") from e
+    return convert(module)

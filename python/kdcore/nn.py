@@ -335,14 +335,16 @@ class Module:
         """Copy arrays into the model. Values may be numpy arrays or CPU torch tensors.
 
         With ``strict`` (default), missing and unexpected keys raise KeyError; shapes must match
-        exactly (ValueError names the key). Values must be finite real numbers.
+        exactly (ValueError names the key). Values must be finite real numbers. BatchNorm's
+        ``num_batches_tracked`` may be missing even when strict, as in PyTorch (older
+        checkpoints and many published teachers lack it): those counts keep their values.
         """
         if not hasattr(state_dict, "items"):
             raise TypeError(f"state_dict must be a mapping, got {type(state_dict).__name__}")
         items = self._state_items()
         keys = {k for k, _, _ in items}
         given = set(state_dict.keys())
-        missing = sorted(keys - given)
+        missing = sorted(k for k, _, kind in items if kind != "count" and k not in given)
         unexpected = sorted(str(k) for k in given - keys)
         if strict and (missing or unexpected):
             msg = []
@@ -374,6 +376,19 @@ class Module:
             else:
                 dst[...] = v
         return self
+
+    # ---- PyTorch and ONNX (kdcore.bridge) ---------------------------------------------------
+    def to_torch(self):
+        """A ``torch.nn.Module`` computing this model's function, with copies of its parameters
+        and BatchNorm buffers under the same keys: see :func:`kdcore.bridge.to_torch`. Needs
+        torch installed."""
+        return _bridge("to_torch").to_torch(self)
+
+    def to_onnx(self, path, opset=17, input_shape=None):
+        """Write this model as an ONNX file (opset 17 by default, dynamic batch dimension, eval
+        mode; written atomically and checked): see :func:`kdcore.bridge.to_onnx`. Needs torch
+        and onnx installed."""
+        return _bridge("to_onnx").to_onnx(self, path, opset=opset, input_shape=input_shape)
 
     # ---- display ----------------------------------------------------------------------
     def summary(self, input_shape=None):
@@ -433,6 +448,14 @@ class Module:
 _KIND_NAMES = {_LINEAR: "Linear", _CONV2D: "Conv2d", _BATCHNORM: "BatchNorm", _RELU: "ReLU",
                _MAXPOOL: "MaxPool2d", _AVGPOOL: "AvgPool2d", _GAP: "AdaptiveAvgPool2d",
                _DROPOUT: "Dropout", _FLATTEN: "Flatten", _ADD: "Add"}
+
+
+def _bridge(what):
+    try:
+        from . import bridge
+    except ImportError as e:
+        raise ImportError(f"{what} needs PyTorch (pip install torch)") from e
+    return bridge
 
 
 def _to_numpy(v, key):
