@@ -7,7 +7,8 @@ without torch installed raises ImportError.
 
 Correspondence. Each kdcore layer becomes the PyTorch layer of the same name and options
 (``Linear`` -> ``torch.nn.Linear``, ``AvgPool2d`` -> ``torch.nn.AvgPool2d`` with
-``count_include_pad=True``, ``Upsample`` -> ``torch.nn.Upsample(mode="nearest")``, ...),
+``count_include_pad=True``, ``Upsample`` -> ``torch.nn.Upsample`` (nearest, or bilinear with
+``align_corners=False``), ...),
 ``Sequential`` becomes ``torch.nn.Sequential`` and ``Residual`` this module's
 :class:`Residual`, so parameter names, and so state-dict keys, are kdcore's. The zoo models
 become RepDistiller's layout: :class:`BasicBlock` and :class:`WideBasicBlock` with the
@@ -79,8 +80,8 @@ class WideBasicBlock(tnn.Module):
 
 
 # Layers without options, kdcore -> torch (from_torch reads the inverse).
-_SIMPLE = {knn.ReLU: tnn.ReLU, knn.Sigmoid: tnn.Sigmoid, knn.Flatten: tnn.Flatten, knn.Identity: tnn.Identity,
-           knn.AdaptiveAvgPool2d: lambda: tnn.AdaptiveAvgPool2d(1)}
+_SIMPLE = {knn.ReLU: tnn.ReLU, knn.Sigmoid: tnn.Sigmoid, knn.Tanh: tnn.Tanh, knn.Flatten: tnn.Flatten,
+           knn.Identity: tnn.Identity, knn.AdaptiveAvgPool2d: lambda: tnn.AdaptiveAvgPool2d(1)}
 
 
 def _convert(m):
@@ -104,7 +105,10 @@ def _convert(m):
     if type(m) is knn.AvgPool2d:
         return tnn.AvgPool2d(m.kernel_size, m.stride, m.padding, count_include_pad=True)
     if type(m) is knn.Upsample:
-        return tnn.Upsample(size=m.size, scale_factor=m.scale_factor, mode="nearest")
+        return tnn.Upsample(size=m.size, scale_factor=m.scale_factor, mode=m.mode,
+                            align_corners=False if m.mode == "bilinear" else None)
+    if type(m) is knn.LeakyReLU:
+        return tnn.LeakyReLU(m.negative_slope)
     if type(m) is knn.Dropout:
         return tnn.Dropout(m.p)
     if type(m) in _SIMPLE:
@@ -147,7 +151,7 @@ def to_torch(model):
     return tm.train(model.training)
 
 
-_SIMPLE_FROM = {tnn.ReLU: knn.ReLU, tnn.Sigmoid: knn.Sigmoid, tnn.Identity: knn.Identity}
+_SIMPLE_FROM = {tnn.ReLU: knn.ReLU, tnn.Sigmoid: knn.Sigmoid, tnn.Tanh: knn.Tanh, tnn.Identity: knn.Identity}
 
 
 def _refuse(path, mod, why):
@@ -188,9 +192,14 @@ def _from(mod, path):
         return knn.AdaptiveAvgPool2d(1)
     if type(mod) is tnn.Upsample:
         scale = mod.scale_factor[0] if isinstance(mod.scale_factor, tuple) else mod.scale_factor
-        if mod.mode != "nearest" or (scale is not None and (not _square(mod.scale_factor) or float(scale) % 1)):
-            _refuse(path, mod, "kdcore's Upsample is nearest, to a size or by an integer scale factor")
-        return knn.Upsample(size=mod.size) if scale is None else knn.Upsample(scale_factor=int(scale))
+        if mod.mode not in ("nearest", "bilinear") or (mod.mode == "bilinear" and mod.align_corners) or (
+                scale is not None and (not _square(mod.scale_factor) or float(scale) % 1)):
+            _refuse(path, mod, "kdcore's Upsample is nearest or bilinear (align_corners=False), to a size or by an "
+                    "integer scale factor")
+        return knn.Upsample(size=mod.size, mode=mod.mode) if scale is None else \
+            knn.Upsample(scale_factor=int(scale), mode=mod.mode)
+    if type(mod) is tnn.LeakyReLU:
+        return knn.LeakyReLU(mod.negative_slope)
     if type(mod) is tnn.Dropout:
         return knn.Dropout(mod.p)
     if type(mod) is tnn.Flatten:
@@ -210,7 +219,8 @@ def _from(mod, path):
             return _from(getattr(mod, n), f"{path}.{n}" if path else n)
         return knn.Residual(sub("body"), None if mod.shortcut is None else sub("shortcut"), mod.activation)
     _refuse(path, mod, "from_torch converts torch.nn.Sequential trees of Linear, Conv2d, BatchNorm1d/2d, ReLU, "
-            "Sigmoid, MaxPool2d, AvgPool2d, AdaptiveAvgPool2d(1), Dropout, Flatten, Identity, Upsample(nearest) "
+            "LeakyReLU, Sigmoid, Tanh, MaxPool2d, AvgPool2d, AdaptiveAvgPool2d(1), Dropout, Flatten, Identity, "
+            "Upsample (nearest, bilinear) "
             "and kdcore.bridge.Residual; for a zoo layout build kdcore.models.<name>(...) and "
             "load_state_dict(module.state_dict())")
 
@@ -222,7 +232,8 @@ def from_torch(module):
     ``module``: a ``torch.nn.Sequential`` tree (children named 0, 1, ...) of the layers
     kdcore has, with kdcore's options (square kernels, zero padding, ceil_mode off, ...):
     Linear, Conv2d, BatchNorm1d/2d, ReLU, Sigmoid, MaxPool2d, AvgPool2d, AdaptiveAvgPool2d(1),
-    Dropout, Flatten, Identity, Upsample(nearest), and :class:`Residual`, by exact type (a
+    Dropout, Flatten, Identity, LeakyReLU, Tanh, Upsample (nearest; bilinear with align_corners=False), and
+    :class:`Residual`, by exact type (a
     subclass may have its own forward). Anything else raises TypeError naming the first
     unsupported submodule (its path and type) and why.
 
