@@ -74,6 +74,11 @@ def test_user_sequential_and_residual_to_onnx(tmp_path):
     # a map output (N, C, H, W)
     check_export(knn.Sequential(knn.Conv2d(1, 3, 3), knn.Upsample(scale_factor=2)), tmp_path / "map.onnx",
                  shape=(1, 5, 5))
+    # a generator-like head: bilinear upsampling, LeakyReLU, Tanh
+    gen = knn.Sequential(knn.Conv2d(2, 4, 3, padding=1), knn.BatchNorm2d(4), knn.LeakyReLU(0.2),
+                         knn.Upsample(scale_factor=2, mode="bilinear"), knn.Conv2d(4, 1, 3, padding=1),
+                         knn.Upsample(size=(9, 7), mode="bilinear"), knn.Tanh())
+    check_export(randomize_bn(gen, 3), tmp_path / "gen.onnx", shape=(2, 4, 4))
 
 
 def test_to_onnx_is_atomic(tmp_path, monkeypatch):
