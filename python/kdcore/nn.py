@@ -83,6 +83,22 @@ def _square(name, v):
     return _check_int(name, v)
 
 
+def _expected_input(model, got, what="x"):
+    """'; the model's input is (N, 1, 28, 28), x is (N, 784): ...' for a model whose input
+    shape is known (zoo models; ``model.input_shape``), else ''."""
+    want = tuple(getattr(model, "input_shape", None) or ())
+    if not want:
+        return ""
+    got = tuple(got)
+    fmt = lambda s: f"(N, {', '.join(map(str, s))})"  # noqa: E731
+    hint = f"; the model's input is {fmt(want)}, {what} is {fmt(got)}"
+    if len(want) == 3 and len(got) == 3 and got == want[1:] + want[:1]:
+        hint += ": channels-last images; transpose them with X.transpose(0, 3, 1, 2)"
+    elif len(want) == 3 and int(np.prod(got)) == int(np.prod(want)):
+        hint += f": reshape it with X.reshape(-1, {', '.join(map(str, want))})"
+    return hint
+
+
 class _Graph:
     """Node list under construction: what a module tree compiles to."""
 
@@ -150,6 +166,7 @@ class Module:
         m._seed = self._seed + 1 if seed is None else _check_int("seed", seed, 0)
         m._step = 0
         m.training = True
+        m.__dict__.pop("train_normalization", None)   # describes trained weights, which a fresh model lacks
         return m
 
     def copy(self):
@@ -157,6 +174,8 @@ class Module:
         m = self.fresh(self._seed)
         m.load_state_dict(self.state_dict())
         m.training = self.training
+        if hasattr(self, "train_normalization"):
+            m.train_normalization = self.train_normalization
         return m
 
     # ---- structure ------------------------------------------------------------------
@@ -221,7 +240,12 @@ class Module:
         net = self.net
         self._step += 1
         mode = (3 if self.training else 0) | (0 if _check_bool("grad", grad) else 4)
-        out = net.forward(x, mode=mode, seed=self._seed * 1000003 + self._step)
+        try:
+            out = net.forward(x, mode=mode, seed=self._seed * 1000003 + self._step)
+        except ValueError as e:
+            if str(e).startswith("kd_net_plan") and isinstance(x, np.ndarray):
+                raise ValueError(f"{e}{_expected_input(self, x.shape[1:], 'x')}") from None
+            raise
         self._x_shape = x.shape
         return out
 
@@ -241,7 +265,10 @@ class Module:
 
     # ---- taps -------------------------------------------------------------------------
     def taps(self):
-        """Names of every readable intermediate output: node names, then module aliases."""
+        """Names of every readable intermediate output: node names, then module aliases.
+        ``summary()`` shows each with its layer type and output shape. A ResNet's stages are
+        "layer1".."layer3"; ``Sequential`` models (``models.cnn``, ``models.mlp``) name their
+        layers by index, "0", "1", ...; ``feature_taps()`` gives a zoo model's stage ends."""
         self._build()
         return list(self._graph.names) + list(self._graph.aliases)
 
@@ -376,12 +403,23 @@ class Module:
 
     # ---- display ----------------------------------------------------------------------
     def summary(self, input_shape=None):
-        """Rows (name, type, output shape per sample, parameter count)."""
+        """Rows (name, type, output shape per sample, parameter count).
+
+        input_shape: one sample's shape, (C, H, W) or (features,); by default the last
+        forward's, else the model's ``input_shape`` (zoo models); without any, the output
+        shapes are None."""
         net = self.net
         shapes = None
+        n, last = 1, getattr(self, "_x_shape", None)
+        if input_shape is None and last is not None:
+            # The last forward's batch size too: planning for the same shape is a no-op, so the
+            # taps of that forward stay readable.
+            n, input_shape = last[0], last[1:]
+        elif input_shape is None:
+            input_shape = getattr(self, "input_shape", None)
         if input_shape is not None:
             c, h, w = (tuple(input_shape) + (1, 1))[:3] if len(input_shape) < 3 else tuple(input_shape)
-            shapes = net.shapes(1, c, h, w)
+            shapes = net.shapes(n, c, h, w)
         counts = {}
         for name, shape, is_buf, off in self._tensors:
             if not is_buf:
@@ -396,13 +434,10 @@ class Module:
             rows.append((self._key(name) if name != _ROOT else "", kind, shp, counts.get(name, 0)))
         return rows
 
-    def _input_hint(self):
-        return getattr(self, "input_shape", None)
-
     def __repr__(self):
         head = f"{type(self).__name__}({self._describe()})"
         try:
-            rows = self.summary(self._input_hint())
+            rows = self.summary()
         except Exception:  # noqa: BLE001 - repr must never raise
             return head
         lines = [head]
@@ -415,7 +450,7 @@ class Module:
 
     def _repr_html_(self):
         try:
-            rows = self.summary(self._input_hint())
+            rows = self.summary()
         except Exception:  # noqa: BLE001
             return "<pre>" + html.escape(repr(self)) + "</pre>"
         body = "".join(

@@ -189,7 +189,8 @@ def _model_list(name, v):
 
 
 def _datasets(train, val):
-    return _as_dataset(train, "train"), None if val is None else _as_dataset(val, "val")
+    train = _as_dataset(train, "train")
+    return train, None if val is None else _as_dataset(val, "val", like=train)
 
 
 def _accuracy(logits, y):
