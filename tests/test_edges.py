@@ -269,3 +269,51 @@ def test_progress_line_numbers_epochs_from_1(capsys):
     err = _fit_with_progress(capsys, epochs=2)
     summary = [line.split("\r")[-1] for line in err.splitlines() if "train_loss" in line]
     assert [line.split(" train_loss")[0] for line in summary] == ["epoch 1/2", "epoch 2/2"], err
+
+
+# ---- 7. early stopping and the learning-rate range test --------------------------------------
+
+def _signal(n, seed):
+    return toy(n, seed=seed)
+
+
+def test_early_stopping_stops_and_restores_the_best_epoch_bitwise():
+    m = small_cnn()
+    stop = kdcore.callbacks.EarlyStopping(monitor="val_loss", patience=2, restore_best=True)
+    hist = kdcore.fit(m, _signal(192, 0), epochs=15, val=_signal(64, 1), callback=stop,
+                      keep_snapshots=range(15), **dict(KW, optimizer=kdcore.optim.SGD(lr=0.5)))
+    best = int(np.argmin(hist["val_loss"]))
+    assert stop.best_epoch == best and stop.stopped_epoch == hist.epochs - 1 == best + 2
+    assert best < hist.epochs - 1                        # the last epoch is not the best one
+    got = m.state_dict()
+    for k, v in hist.snapshots[best].items():
+        np.testing.assert_array_equal(got[k], v, err_msg=k)
+    assert any(not np.array_equal(got[k], v) for k, v in hist.snapshots[hist.epochs - 1].items())
+
+
+def test_early_stopping_without_restore_keeps_the_last_weights_and_in_distill():
+    X, y = _signal(192, 0)
+    t = small_cnn(seed=7)
+    kdcore.fit(t, (X, y), epochs=2, **KW)
+    s = small_cnn()
+    stop = kdcore.callbacks.EarlyStopping(monitor="val_acc", patience=0, restore_best=False)
+    hist = kdcore.distill(s, t, (X, y), epochs=10, val=_signal(64, 1), callback=stop, **KW)
+    assert hist.epochs == stop.stopped_epoch + 1 < 10
+    with pytest.raises(ValueError, match="monitor='val_acc' is not logged.*need val="):
+        kdcore.fit(small_cnn(), (X, y), epochs=1, callback=kdcore.callbacks.EarlyStopping(), **KW)
+
+
+def test_lr_find_sweeps_exponentially_and_leaves_the_model_as_it_was():
+    m = small_cnn()
+    kdcore.fit(m, _signal(96, 0), epochs=1, **KW)
+    m.eval()
+    before, steps_before = m.state_dict(), m._step
+    lrs, losses, suggested = kdcore.lr_find(m, _signal(256, 2), min_lr=1e-5, max_lr=10.0, steps=120, batch_size=16)
+    assert len(lrs) == len(losses) >= 10
+    np.testing.assert_allclose(lrs[1:] / lrs[:-1], (10.0 / 1e-5) ** (1 / 119), rtol=1e-9)
+    assert np.all(np.isfinite(losses)) and losses.min() < losses[0]      # the sweep did train
+    assert suggested == lrs[int(np.argmin(losses))] / 10
+    after = m.state_dict()
+    for k, v in before.items():
+        np.testing.assert_array_equal(after[k], v, err_msg=k)
+    assert not m.training and m._step == steps_before

@@ -14,7 +14,7 @@ from .datasets import Dataset, _augment_kwargs, from_arrays
 from .nn import Module, _check_bool, _check_float, _check_int, _expected_input
 from .optim import make_optimizer, make_schedule
 
-__all__ = ["fit", "evaluate", "predict", "History"]
+__all__ = ["fit", "evaluate", "predict", "History", "lr_find", "LRFind"]
 
 
 class History(dict):
@@ -348,6 +348,8 @@ class _Common:
         w_prev = primary.net.params().astype(np.float64) if self.track_weights else None
         w0 = (hist["weight_norm0"][0] if hist.get("weight_norm0") else float(np.linalg.norm(w_prev))) \
             if self.track_weights else None
+        if hasattr(self.callback, "on_train_begin"):   # kdcore.callbacks' protocol (EarlyStopping)
+            self.callback.on_train_begin(list(models))
         for epoch in range(start, self.epochs):
             t0 = time.perf_counter()
             bar = _Progress(self.progress, epoch, self.epochs, self.steps())
@@ -376,6 +378,8 @@ class _Common:
                 if ck is not None and not saved:   # stopping early: keep the last epoch
                     ck.save(epoch, hist, ck.path)
                 break
+        if hasattr(self.callback, "on_train_end"):
+            self.callback.on_train_end(list(models))
         for m in models:
             m.eval()
         return hist
@@ -392,7 +396,8 @@ def fit(model, train, epochs=10, batch_size=128, optimizer="sgd", lr=None, sched
     kdcore.optim schedule (MultiStep, Cosine; warmup_epochs on either). augment: None, True
     (random crop with 2-pixel zero padding + horizontal flip) or a dict (crop_padding, hflip,
     noise_std). max_steps: stop each epoch after this many steps (quick experiments).
-    callback(epoch, metrics) runs after each epoch; returning True stops training.
+    callback(epoch, metrics) runs after each epoch; returning True stops training (see
+    kdcore.callbacks: ``EarlyStopping(monitor="val_acc", patience=3, restore_best=True)``).
     keep_snapshots: epochs (0-based) after which a copy of the state dict is kept in
     ``history.snapshots[epoch]`` (early-stopped teachers, ESKD).
     checkpoint: a path; after every ``checkpoint_every`` epochs (and the last) the model, the
@@ -469,3 +474,85 @@ def predict(model, X, batch_size=256):
     _check_fits(model, data, "model")
     logits, _, _ = _kdcore.evaluate(model.net, data._c, batch_size, logits=True)
     return logits
+
+
+class LRFind(tuple):
+    """lr_find's result: ``lrs, losses, suggested_lr = kdcore.lr_find(...)``, also as
+    attributes; ``.plot()`` draws the loss against the learning rate (log scale)."""
+
+    def __new__(cls, lrs, losses, suggested_lr):
+        return super().__new__(cls, (lrs, losses, suggested_lr))
+
+    lrs = property(lambda self: self[0], doc="The learning rates tried, one per step (increasing).")
+    losses = property(lambda self: self[1], doc="The smoothed training loss at each of them.")
+    suggested_lr = property(lambda self: self[2], doc="A tenth of the lr with the lowest smoothed loss.")
+
+    def plot(self, ax=None):
+        """The smoothed loss against the learning rate (log x axis), the suggestion marked;
+        returns the Axes."""
+        import matplotlib.pyplot as plt
+        if ax is None:
+            _, ax = plt.subplots(constrained_layout=True)
+        ax.plot(self.lrs, self.losses)
+        ax.axvline(self.suggested_lr, color="gray", linestyle="--", label=f"suggested lr {self.suggested_lr:.3g}")
+        ax.set_xscale("log")
+        ax.set_xlabel("learning rate")
+        ax.set_ylabel("training loss (smoothed)")
+        ax.legend()
+        return ax
+
+
+def lr_find(model, data, min_lr=1e-6, max_lr=1.0, steps=200, batch_size=128, optimizer="sgd", seed=0,
+            augment=None, smoothing=0.98, diverge=4.0):
+    """Learning-rate range test (Smith 2017; fastai's lr_find): ``steps`` training steps of
+    cross-entropy with the learning rate rising exponentially from ``min_lr`` to ``max_lr``,
+    each step in C (``kdcore.fit``'s epoch loop, one step per lr). Returns
+    ``(lrs, losses, suggested_lr)`` (an LRFind, with ``.plot()``): the losses are an
+    exponential moving average (``smoothing``, bias-corrected) of the step losses; the test
+    stops early once the smoothed loss exceeds ``diverge`` times its minimum or a step is not
+    finite. suggested_lr is a tenth of the lr at the lowest smoothed loss, a usual starting
+    point. The model's weights, BN statistics and train/eval mode are put back exactly as
+    they were (the optimizer is a fresh one of the given recipe, its lr overridden)."""
+    _check_model(model)
+    data = _as_dataset(data, "data")
+    if data.y is None:
+        raise ValueError("data has no labels (y is None); lr_find trains on labelled data")
+    _check_fits(model, data, "model")
+    min_lr = _check_float("min_lr", min_lr, 0, lo_open=True)
+    max_lr = _check_float("max_lr", max_lr, min_lr, lo_open=True)
+    steps = _check_int("steps", steps, 2)
+    batch_size = _check_int("batch_size", batch_size, 1)
+    seed = _check_int("seed", seed, 0)
+    smoothing = _check_float("smoothing", smoothing, 0, 1, hi_open=True)
+    diverge = _check_float("diverge", diverge, 1, lo_open=True)
+    opt = make_optimizer(optimizer)
+    aug = _augment_kwargs(augment)
+    sched = make_schedule(None)
+    before, training, fwd = model.state_dict(), model.training, model._step
+    lrs, losses = [], []
+    avg, best = 0.0, float("inf")
+    try:
+        model.train()
+        copt = opt.bind(model)
+        for i, lr in enumerate(np.geomspace(min_lr, max_lr, steps)):
+            # One step per call: the epoch index varies the batch; the lr is the schedule's base.
+            topts = _train_options(batch_size, sched, float(lr), 1, seed, aug, 0.0, False, 1, 1, None, "skip")
+            st = _kdcore.train_epoch(model.net, copt, data._c, i, topts)
+            loss = st["loss"]
+            if st["skipped_steps"] or not np.isfinite(loss):
+                break
+            avg = smoothing * avg + (1 - smoothing) * loss
+            smooth = avg / (1 - smoothing ** (i + 1))
+            lrs.append(float(lr))
+            losses.append(float(smooth))
+            best = min(best, smooth)
+            if smooth > diverge * best:
+                break
+    finally:
+        model.load_state_dict(before)
+        model.train(training)
+        model._step = fwd
+    if not losses:
+        raise RuntimeError(f"lr_find: the first step (lr {min_lr:g}) was not finite; lower min_lr")
+    suggested = lrs[int(np.argmin(losses))] / 10
+    return LRFind(np.array(lrs), np.array(losses), suggested)
