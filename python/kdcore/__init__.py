@@ -41,6 +41,7 @@ def set_num_threads(n):
 
 
 def get_num_threads():
+    """Threads kdcore's OpenMP loops (and OpenBLAS) use; see ``set_num_threads``."""
     return _kdcore.get_num_threads()
 
 
@@ -57,6 +58,7 @@ def set_deterministic(on=True):
 
 
 def get_deterministic():
+    """Whether deterministic mode is on; see ``set_deterministic``."""
     return _kdcore.get_deterministic()
 
 

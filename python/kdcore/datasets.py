@@ -23,6 +23,14 @@ FASHION_MNIST_MEAN, FASHION_MNIST_STD = (0.2860,), (0.3530,)
 class Dataset:
     """Samples ``X`` with labels ``y`` (or None), plus how to normalise them.
 
+    X: (N, C, H, W) images or (N, features), uint8 (scaled by 1/255 in C) or float32
+    (float64 is converted once; (N, H, W) is read as one channel). y: int labels 0..classes-1.
+    mean, std: per-channel normalisation applied in C when a batch is assembled (both or
+    neither; values on the [0, 1] scale for uint8). num_classes: default max(y) + 1. The
+    arrays are used in place (no copy per epoch). ``kdcore.datasets.from_arrays`` computes
+    mean/std for you; to normalise a test set like its training set, pass the training
+    set's: ``Dataset(X_test, y_test, train.mean, train.std)``.
+
     Attributes: ``X``, ``y``, ``mean``, ``std``, ``num_classes``, ``shape`` (per sample).
     """
 
@@ -48,6 +56,7 @@ class Dataset:
 
     @property
     def shape(self):
+        """One sample's shape: (C, H, W) for images, (features,) for flat data."""
         return self.X.shape[1:]
 
     def __len__(self):

@@ -88,7 +88,13 @@ def distill(student, teacher, train, method="kd", epochs=10, batch_size=128, opt
     teacher: a trained model, a list of models (multi-teacher), or precomputed logits
     ((N, classes) arrays aligned with ``train``). method: 'kd' (Hinton), 'dkd', 'mse' (logit
     regression) or 'ce' (no distillation term: the same loop trains a baseline). Weights and
-    their defaults: see the module docstring; ``alpha``/``beta`` are DKD's.
+    their defaults: see the module docstring; ``alpha``/``beta`` are DKD's; ce_weight and
+    kd_weight override the method's weights of its cross-entropy and distillation terms.
+    losses: a list of kdcore.losses terms, trained together instead of a method's recipe.
+    hint_epochs: FitNet's two stages (method='fitnet'): that many hint-only epochs first.
+    init_epochs: length of the initialisation phase of methods that have one (FSP, AB, FT;
+    default epochs // 8). Training options (epochs, batch_size, optimizer, lr, schedule, augment, val, seed, progress, label_smoothing,
+    drop_last, max_steps, callback, callback_every): as in ``kdcore.fit``.
 
     Options: warmup_epochs (linear ramp of the distillation weight; DKD default 20),
     kd_stop_epoch (switch the distillation term off from that epoch: ESKD),
@@ -425,6 +431,9 @@ def mutual(models, train, epochs=10, batch_size=128, optimizer="sgd", lr=None, s
 
     Returns the History of the first peer, with every peer's metrics (``peer{k}_*``) and, with
     ``val``, the validation accuracy of each peer and of the peers' logit average.
+    models: the peers, a list of at least 2 models, trained in place. Training options
+    (epochs, batch_size, optimizer, lr, schedule, augment, val, seed, progress, label_smoothing,
+    drop_last, max_steps, callback, callback_every): as in ``kdcore.fit``; a callback sees the first peer's row.
     checkpoint / checkpoint_every / checkpoint_best / resume: as in ``kdcore.fit``. The
     checkpoint holds every peer (roles "peer0", "peer1", ...), their optimizer states, the
     history and the epoch; resuming continues after the saved epoch, bitwise as the
@@ -502,7 +511,11 @@ def slkd(student, teacher, train, sl_teachers=None, n_sl=2, epochs=10, batch_siz
       A7 same optimizer recipe and schedule, separate optimizer states; ``sl_optimizer`` gives
          the SL-Ts a recipe of their own (e.g. the teacher's learning rate when the student's is
          scaled down to offset its 4x loss weight).
-    sl_teachers: models to use as SL-Ts (default: ``teacher.fresh(seed)`` with distinct seeds).
+    sl_teachers: models to use as SL-Ts (default: ``teacher.fresh(seed)`` with distinct seeds);
+    n_sl: how many SL-Ts (1 or 2). cache: as in ``kdcore.distill`` (the frozen teacher's
+    logits computed once unless augmentation changes its input). train: Dataset or (X, y).
+    Training options (epochs, batch_size, optimizer, lr, schedule, augment, val, seed, progress, label_smoothing,
+    drop_last, max_steps, callback, callback_every): as in ``kdcore.fit``.
     Returns the student's History, with loss_ts, loss_slts, the SL-Ts' losses and accuracies,
     and with ``val`` KL(student || teacher) and KL(student || fused SL-T) on it (T=1).
     checkpoint / checkpoint_every / checkpoint_best / resume: as in ``kdcore.fit``. The
@@ -669,7 +682,10 @@ def multi_exit(model, train, teacher=None, epochs=10, batch_size=128, optimizer=
     checkpoint holds the model (role "model"; not the teacher), its optimizer state, the
     history and the epoch; resuming continues after the saved epoch, bitwise as the
     uninterrupted run (same settings, teacher and thread count).
-    nonfinite: 'raise' or 'skip', as in ``kdcore.fit``.
+    nonfinite: 'raise' or 'skip', as in ``kdcore.fit``. train: Dataset or (X, y). cache: as in
+    ``kdcore.distill`` (the teacher's logits computed once unless augmentation is on).
+    Training options (epochs, batch_size, optimizer, lr, schedule, augment, val, seed, progress, label_smoothing,
+    drop_last, max_steps, callback, callback_every): as in ``kdcore.fit``.
     """
     from .nn import MultiExit
     if not isinstance(model, MultiExit):

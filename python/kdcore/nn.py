@@ -216,12 +216,17 @@ class Module:
 
     # ---- modes ----------------------------------------------------------------------
     def train(self, mode=True):
+        """Training mode (``mode=True``, the default; False is ``eval()``): BatchNorm uses batch
+        statistics and updates its running ones, Dropout is active. Returns the model."""
         if not isinstance(mode, bool):
             raise TypeError(f"mode must be a bool, got {type(mode).__name__}")
         self.training = mode
         return self
 
     def eval(self):
+        """Evaluation mode: BatchNorm uses its running statistics, Dropout is off (as
+        ``torch.nn.Module.eval``). The training entry points leave models in eval mode; fit
+        and distill switch to training mode themselves. Returns the model."""
         return self.train(False)
 
     # ---- compute ----------------------------------------------------------------------
@@ -261,6 +266,8 @@ class Module:
         return d
 
     def zero_grad(self):
+        """Set every parameter gradient to zero: ``backward`` accumulates into them (as in
+        PyTorch), so call this before each manual backward pass."""
         self.net.zero_grad()
 
     # ---- taps -------------------------------------------------------------------------
@@ -317,6 +324,8 @@ class Module:
                 yield self._key(name), block[off:off + n].reshape(shape)
 
     def parameters(self):
+        """OrderedDict name -> parameter view (live: writing to a view changes the model);
+        BN running statistics are buffers, in ``state_dict()`` only."""
         return OrderedDict(self.named_parameters())
 
     def grads(self):
@@ -329,6 +338,7 @@ class Module:
         return out
 
     def num_parameters(self):
+        """Number of trainable parameters (scalars; BN running statistics not included)."""
         return int(self.net.params().size)
 
     def _state_items(self):
@@ -483,6 +493,9 @@ def _to_numpy(v, key):
 
 
 class Linear(Module):
+    """Fully connected layer, y = x W^T + b, as ``torch.nn.Linear`` (keys ``weight`` of shape
+    (out_features, in_features), ``bias``). init: "default" (PyTorch's) or a Kaiming normal."""
+
     def __init__(self, in_features, out_features, bias=True, init="default"):
         super().__init__()
         self.in_features = _check_int("in_features", in_features, 1)
@@ -501,6 +514,9 @@ class Linear(Module):
 
 
 class Conv2d(Module):
+    """2-D convolution over (N, C, H, W), as ``torch.nn.Conv2d`` with square kernels, stride
+    and padding, and groups (keys ``weight`` (out, in/groups, k, k), ``bias``)."""
+
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, groups=1, bias=True,
                  init="default"):
         super().__init__()
@@ -552,6 +568,8 @@ class BatchNorm2d(_BatchNorm):
 
 
 class ReLU(Module):
+    """max(x, 0), elementwise."""
+
     def _emit(self, g, x, prefix):
         return g.add(_RELU, prefix, [x])
 
@@ -577,6 +595,7 @@ class _Pool(Module):
 
 
 class MaxPool2d(_Pool):
+    """Max pooling over square windows (stride defaults to kernel_size), as ``torch.nn.MaxPool2d``."""
     _kind = _MAXPOOL
 
 
@@ -599,6 +618,8 @@ class AdaptiveAvgPool2d(Module):
 
 
 class Sigmoid(Module):
+    """1 / (1 + exp(-x)), elementwise."""
+
     def _emit(self, g, x, prefix):
         return g.add(_SIGMOID, prefix, [x])
 
@@ -633,6 +654,9 @@ class Upsample(Module):
 
 
 class Dropout(Module):
+    """Zeroes each element with probability ``p`` in training mode and scales the rest by
+    1/(1-p) (inverted dropout, as PyTorch); the identity in eval mode."""
+
     def __init__(self, p=0.5):
         super().__init__()
         self.p = _check_float("p", p, 0, 1, hi_open=True)
@@ -645,11 +669,15 @@ class Dropout(Module):
 
 
 class Flatten(Module):
+    """(N, C, H, W) -> (N, C*H*W), as ``torch.nn.Flatten``."""
+
     def _emit(self, g, x, prefix):
         return g.add(_FLATTEN, prefix, [x])
 
 
 class Identity(Module):
+    """Returns its input (no node of its own: its tap is the input's)."""
+
     def _emit(self, g, x, prefix):
         return x
 
@@ -751,6 +779,7 @@ class MultiExit(Module):
         return out
 
     def exit_names(self):
+        """The exits' names, shallow to deep: the exit taps, then "output"."""
         return list(self.exits) + ["output"]
 
     def exit_outputs(self):

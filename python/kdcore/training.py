@@ -391,8 +391,15 @@ def fit(model, train, epochs=10, batch_size=128, optimizer="sgd", lr=None, sched
         checkpoint_best=False, resume=False, nonfinite="raise", track_weights=False):
     """Train ``model`` with softmax cross-entropy; returns a History.
 
-    train / val: Dataset or (X, y). optimizer: 'sgd' | 'adam' | 'adamw' or a kdcore.optim
-    object (lr overrides its learning rate). schedule: None (constant), 'cosine', or a
+    train / val: Dataset or (X, y); val is evaluated after each epoch (val_loss, val_acc), a
+    val tuple normalised with the training set's mean/std. epochs: number of passes over
+    train; batch_size: samples per step. optimizer: 'sgd' | 'adam' | 'adamw' or a kdcore.optim
+    object (lr overrides its learning rate). seed: the shuffling, augmentation and dropout
+    draws derive from it (and the epoch and step). progress: a per-step bar (tqdm if
+    installed; none in a notebook without ipywidgets) and one line per epoch on stderr, epochs
+    numbered from 1. label_smoothing: of the cross-entropy targets, as PyTorch's.
+    drop_last: skip each epoch's last incomplete batch. callback_every: steps between the C
+    loop's calls back into Python (progress updates and Ctrl-C checks). schedule: None (constant), 'cosine', or a
     kdcore.optim schedule (MultiStep, Cosine; warmup_epochs on either). augment: None, True
     (random crop with 2-pixel zero padding + horizontal flip) or a dict (crop_padding, hflip,
     noise_std). max_steps: stop each epoch after this many steps (quick experiments).
@@ -506,7 +513,8 @@ def lr_find(model, data, min_lr=1e-6, max_lr=1.0, steps=200, batch_size=128, opt
             augment=None, smoothing=0.98, diverge=4.0):
     """Learning-rate range test (Smith 2017; fastai's lr_find): ``steps`` training steps of
     cross-entropy with the learning rate rising exponentially from ``min_lr`` to ``max_lr``,
-    each step in C (``kdcore.fit``'s epoch loop, one step per lr). Returns
+    each step in C (``kdcore.fit``'s epoch loop, one step per lr), on ``data`` (a Dataset or
+    (X, y)) in batches of ``batch_size``, with ``augment`` and ``seed`` as in fit. Returns
     ``(lrs, losses, suggested_lr)`` (an LRFind, with ``.plot()``): the losses are an
     exponential moving average (``smoothing``, bias-corrected) of the step losses; the test
     stops early once the smoothed loss exceeds ``diverge`` times its minimum or a step is not
