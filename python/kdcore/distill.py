@@ -173,8 +173,8 @@ def distill(student, teacher, train, method="kd", epochs=10, batch_size=128, opt
         c.set_checkpointing(checkpoint, checkpoint_every, checkpoint_best, resume, None)
         return _distill_terms(student, teacher, c, main, name, cache)
     if isinstance(method, str) and method.lower() in _SCHEMES:
-        raise ValueError(f"method={method!r} is a training scheme, not a loss of kdcore.distill: call "
-                         f"{_SCHEMES[method.lower()]} (distill's methods: {', '.join(sorted(_losses.METHODS))})")
+        raise ValueError(f"method must be one of {sorted(_losses.METHODS)} (kdcore.distill); {method!r} is a "
+                         f"training scheme of its own: call {_SCHEMES[method.lower()]}")
     if not _is_choice(method, _KINDS):
         raise ValueError(f"method must be one of {sorted(_losses.METHODS)} (kdcore.distill); mutual learning, SLKD, "
                          f"multi-exit, BAN, TAKD, DGKD, ... are kdcore.mutual, kdcore.slkd, kdcore.multi_exit and "
