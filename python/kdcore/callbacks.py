@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .nn import _check_bool, _check_float, _check_int
+from .nn import _check_bool, _check_float, _check_int, _is_choice
 
 __all__ = ["EarlyStopping"]
 
@@ -36,7 +36,7 @@ class EarlyStopping:
     def __init__(self, monitor="val_acc", patience=3, mode="auto", min_delta=0.0, restore_best=True):
         if not isinstance(monitor, str) or not monitor:
             raise TypeError(f"monitor must be a History column name (str), got {monitor!r}")
-        if mode not in ("auto", "min", "max"):
+        if not _is_choice(mode, ("auto", "min", "max")):
             raise ValueError(f"mode must be 'auto', 'min' or 'max', got {mode!r}")
         self.monitor = monitor
         self.patience = _check_int("patience", patience, 0)

@@ -160,11 +160,11 @@ def _check_fits(model, data, role, what="data"):
     try:
         shapes = model.net.shapes(1, c, h, w)
     except ValueError as e:
-        raise ValueError(f"the {role} cannot read the {what}: {e}{_expected_input(model, data.shape, 'the ' + what)}") from None
+        raise ValueError(f"the {role} cannot read {what}: {e}{_expected_input(model, data.shape, what)}") from None
     v = int(np.prod(shapes[model._output_index()]))
     if data.y is None or data.num_classes == v:
         return
-    msg = f"the {role} outputs {v} values but the {what} has {data.num_classes} classes"
+    msg = f"the {role} outputs {v} values but {what} has {data.num_classes} classes (largest label in y: {int(data.y.max())})"
     if data.y.min() == 1 and data.num_classes == v + 1:
         msg += (f": its labels run from 1 to {v}, and kdcore counts classes from 0 (labels 0..{v - 1}); "
                 "pass y - 1")
@@ -284,9 +284,9 @@ class _Common:
 
     def check(self, model, role):
         """model fits the training data (and the validation data): _check_fits."""
-        _check_fits(model, self.train, role, "training data")
+        _check_fits(model, self.train, role, "the training data (train)")
         if self.val is not None:
-            _check_fits(model, self.val, role, "validation data")
+            _check_fits(model, self.val, role, "the validation data (val)")
 
     def set_checkpointing(self, checkpoint, checkpoint_every, checkpoint_best, resume, config=None):
         """Checkpoint options of fit/distill/...; config: the scheme's settings (JSON-able), kept in
@@ -478,7 +478,7 @@ def predict(model, X, batch_size=256):
     else:
         raise TypeError(f"X must be a numpy array or a kdcore Dataset, got {type(X).__name__}")
     batch_size = _check_int("batch_size", batch_size, 1)
-    _check_fits(model, data, "model")
+    _check_fits(model, data, "model", "X")
     logits, _, _ = _kdcore.evaluate(model.net, data._c, batch_size, logits=True)
     return logits
 
