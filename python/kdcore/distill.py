@@ -93,8 +93,9 @@ def distill(student, teacher, train, method="kd", epochs=10, batch_size=128, opt
     losses: a list of kdcore.losses terms, trained together instead of a method's recipe.
     hint_epochs: FitNet's two stages (method='fitnet'): that many hint-only epochs first.
     init_epochs: length of the initialisation phase of methods that have one (FSP, AB, FT;
-    default epochs // 8). Training options (epochs, batch_size, optimizer, lr, schedule, augment, val, seed, progress, label_smoothing,
-    drop_last, max_steps, callback, callback_every): as in ``kdcore.fit``.
+    default epochs // 8). Training options (epochs, batch_size, optimizer, lr, schedule, augment,
+    val, seed, progress, label_smoothing, drop_last, max_steps, callback, callback_every): as in
+    ``kdcore.fit``.
 
     Options: warmup_epochs (linear ramp of the distillation weight; DKD default 20),
     kd_stop_epoch (switch the distillation term off from that epoch: ESKD),

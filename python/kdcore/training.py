@@ -164,7 +164,8 @@ def _check_fits(model, data, role, what="data"):
     v = int(np.prod(shapes[model._output_index()]))
     if data.y is None or data.num_classes == v:
         return
-    msg = f"the {role} outputs {v} values but {what} has {data.num_classes} classes (largest label in y: {int(data.y.max())})"
+    msg = (f"the {role} outputs {v} values but {what} has {data.num_classes} classes "
+           f"(largest label in y: {int(data.y.max())})")
     if data.y.min() == 1 and data.num_classes == v + 1:
         msg += (f": its labels run from 1 to {v}, and kdcore counts classes from 0 (labels 0..{v - 1}); "
                 "pass y - 1")
