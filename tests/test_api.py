@@ -324,7 +324,7 @@ def test_fit_option_validation():
     with pytest.raises(ValueError, match="lr"):
         kdcore.fit(m, (X, y), lr=-1.0, progress=False)
     # the dataset has 3 classes, a net with 5 outputs is a shape error naming both
-    with pytest.raises(ValueError, match="3 classes but the model outputs 5"):
+    with pytest.raises(ValueError, match=r"the model outputs 5 values but the training data \(train\) has 3 classes"):
         kdcore.fit(kdcore.models.mlp([64, 5]), (X, y), progress=False)
 
 

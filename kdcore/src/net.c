@@ -563,6 +563,12 @@ enum kd_status kd_net_plan(struct kd_net * net, int N, int C, int H, int W) {
         case KD_LAYER_AVGPOOL2D:
             if (s->type == KD_LAYER_CONV2D && c != s->in_ch) {
                 net->C = sC; net->H = sH; net->W = sW;
+                // At the network input, name the layout: flat (N, features) data reaches a conv as
+                // (N, features, 1, 1), and "got 784 channels" alone does not say why.
+                if (s->inp[0] == KD_INPUT)
+                    KD_FAIL(KD_ERR_SHAPE, "conv2d '%s' expects %d input channels, got %d: the network input must be "
+                            "images (N, %d, H, W), got (N, %d, %d, %d)%s", nd->name, s->in_ch, c, s->in_ch, c, h, w,
+                            h == 1 && w == 1 ? " (flat features? reshape them to images)" : "");
                 KD_FAIL(KD_ERR_SHAPE, "conv2d '%s' expects %d input channels, got %d", nd->name, s->in_ch, c);
             }
             if (h + 2 * s->padding < s->kernel || w + 2 * s->padding < s->kernel) {

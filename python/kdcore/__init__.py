@@ -13,11 +13,11 @@ import sys
 
 import numpy as np
 
-from . import _kdcore, datasets, explain, functional, losses, metrics, models, nn, optim
+from . import _kdcore, callbacks, datasets, explain, functional, losses, metrics, models, nn, optim
 from .checkpoint import CheckpointMismatch, load, load_torch, save
 from .distill import distill, exit_accuracies, kl_divergence, multi_exit, mutual, slkd
 from .schemes import born_again, dgkd, eskd, snapshot_distill, takd, tf_kd
-from .training import History, evaluate, fit, predict
+from .training import History, LRFind, evaluate, fit, lr_find, predict
 
 __version__ = _kdcore.version
 # KDCORE_ISA is read here, at import (the kernels' first use): an unknown value, or an
@@ -25,8 +25,8 @@ __version__ = _kdcore.version
 # another instruction set than the one asked for (the C library falls back to the automatic
 # choice, and says so in show_config()).
 _kdcore.isa_init()
-__all__ = ["nn", "models", "datasets", "functional", "losses", "metrics", "explain", "optim", "fit", "evaluate",
-           "predict", "History",
+__all__ = ["nn", "models", "datasets", "functional", "losses", "metrics", "explain", "optim", "callbacks", "fit",
+           "evaluate", "predict", "History", "lr_find", "LRFind",
            "distill", "mutual", "slkd", "multi_exit", "exit_accuracies", "kl_divergence",
            "born_again", "takd", "dgkd", "snapshot_distill", "eskd", "tf_kd",
            "save", "load", "load_torch", "CheckpointMismatch", "set_num_threads", "get_num_threads", "set_deterministic",
@@ -41,6 +41,7 @@ def set_num_threads(n):
 
 
 def get_num_threads():
+    """Threads kdcore's OpenMP loops (and OpenBLAS) use; see ``set_num_threads``."""
     return _kdcore.get_num_threads()
 
 
@@ -57,6 +58,7 @@ def set_deterministic(on=True):
 
 
 def get_deterministic():
+    """Whether deterministic mode is on; see ``set_deterministic``."""
     return _kdcore.get_deterministic()
 
 

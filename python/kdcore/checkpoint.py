@@ -24,6 +24,7 @@ OSError naming the file and the rule it breaks; nothing is unpickled or executed
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import warnings
@@ -187,8 +188,9 @@ def _names(prefix, keys, limit=12):
     return s + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
 
 
-def _compare(prefix, expected, given, mismatched):
-    """Missing and unexpected names; shape/dtype/finiteness problems appended to mismatched."""
+def _compare(label, expected, given, mismatched):
+    """Missing and unexpected names; shape/dtype/finiteness problems appended to mismatched
+    (label(key): how messages name the tensor)."""
     missing = [k for k in expected if k not in given]
     unexpected = [k for k in given if k not in expected]
     for k, (shape, dtype) in expected.items():
@@ -196,16 +198,30 @@ def _compare(prefix, expected, given, mismatched):
             continue
         v = given[k]
         if v.shape != tuple(shape) or v.dtype != dtype:
-            mismatched.append(f"{prefix}{k} is {v.dtype}{list(v.shape)} in the file, expected {dtype}{list(shape)}")
+            mismatched.append(f"{label(k)} is {v.dtype}{list(v.shape)} in the file, expected {dtype}{list(shape)}")
         elif v.dtype.kind == "f" and not np.all(np.isfinite(v)):
-            mismatched.append(f"{prefix}{k} contains NaN or Inf")
+            mismatched.append(f"{label(k)} contains NaN or Inf")
     return missing, unexpected
+
+
+_OPTIM_STATE = {"state0": "momentum / first moment", "state1": "second moment", "steps": "step count"}
+
+
+def _model_label(role):
+    """How a mismatch names a model's tensor: the role and the state-dict key, in the user's
+    terms, then the tensor's name in the file (model/<role>/<key>)."""
+    return lambda k: f"the {role}'s {k!r} (model/{role}/{k})"
+
+
+def _optim_label(role):
+    return lambda k: f"the {role}'s optimizer {_OPTIM_STATE.get(k, k)} (optim/{role}/{k})"
 
 
 def load(path, models=None, optimizers=None):
     """Read a checkpoint; with ``models`` (and ``optimizers``), restore them from it.
 
-    Returns a dict: the keyword values given to ``save`` (epoch, history, ... and arrays),
+    Returns a dict: the keyword values given to ``save`` (epoch, history -- a
+    ``kdcore.History`` -- ... and arrays),
     plus ``metadata`` (the raw string metadata), ``architecture`` (per role: class, repr)
     and ``kdcore_version``. Without models it also holds ``models`` (role -> state dict),
     ``optimizers`` (role -> {'state0', 'state1', 'steps'}) and ``tensors`` (anything else,
@@ -226,6 +242,8 @@ def _load(path, models, optimizers, exact_roles=False, arrays=None):
     """load, plus for the training loop: exact_roles refuses files holding models this run
     does not train; arrays (name -> ndarray) are restored in place from state/<name>."""
     path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(errno.ENOENT, "no such checkpoint file", path)
     tensors, meta = _kdcore.ckpt_read(path)
     ours = meta.get("format") == _FORMAT
     try:
@@ -248,6 +266,9 @@ def _load(path, models, optimizers, exact_roles=False, arrays=None):
         else:
             other[name] = arr
     out = dict(state)
+    if isinstance(out.get("history"), dict):
+        from .training import History
+        out["history"] = History(out["history"])   # .plot(), .best, ... as the training call returned it
     out.update(metadata=meta, architecture=arch, kdcore_version=meta.get("kdcore_version"))
     if models is None:
         if optimizers is not None:
@@ -276,19 +297,21 @@ def _load(path, models, optimizers, exact_roles=False, arrays=None):
     if exact_roles:
         extra_roles = sorted(set(by_role) - set(roles))
         if extra_roles:
-            unexpected += [f"model/{r}/*" for r in extra_roles]
+            unexpected += [f"a model this run does not train, the {r} (model/{r}/*)" for r in extra_roles]
     for role, m in roles.items():
         if role not in by_role:
-            missing.append(f"model/{role}/* (the file has models: {', '.join(sorted(by_role)) or 'none'})")
+            missing.append(f"the {role} (model/{role}/*; the file has models: {', '.join(sorted(by_role)) or 'none'})")
             continue
-        mi, un = _compare(f"model/{role}/", _model_expected(m), by_role[role], mismatched)
-        missing += [f"model/{role}/{k}" for k in mi]
-        unexpected += [f"model/{role}/{k}" for k in un]
+        label = _model_label(role)
+        mi, un = _compare(label, _model_expected(m), by_role[role], mismatched)
+        missing += [label(k) for k in mi]
+        unexpected += [label(k) for k in un]
     for role, o in opts.items():
         got = optim.get(role, {})
-        mi, un = _compare(f"optim/{role}/", _optim_expected(o, roles[role].num_parameters()), got, mismatched)
-        missing += [f"optim/{role}/{k}" for k in mi]
-        unexpected += [f"optim/{role}/{k}" for k in un]
+        label = _optim_label(role)
+        mi, un = _compare(label, _optim_expected(o, roles[role].num_parameters()), got, mismatched)
+        missing += [label(k) for k in mi]
+        unexpected += [label(k) for k in un]
     for name, dst in (arrays or {}).items():
         v = state.get(name)
         if not isinstance(v, np.ndarray):

@@ -23,6 +23,14 @@ FASHION_MNIST_MEAN, FASHION_MNIST_STD = (0.2860,), (0.3530,)
 class Dataset:
     """Samples ``X`` with labels ``y`` (or None), plus how to normalise them.
 
+    X: (N, C, H, W) images or (N, features), uint8 (scaled by 1/255 in C) or float32
+    (float64 is converted once; (N, H, W) is read as one channel). y: int labels 0..classes-1.
+    mean, std: per-channel normalisation applied in C when a batch is assembled (both or
+    neither; values on the [0, 1] scale for uint8). num_classes: default max(y) + 1. The
+    arrays are used in place (no copy per epoch). ``kdcore.datasets.from_arrays`` computes
+    mean/std for you; to normalise a test set like its training set, pass the training
+    set's: ``Dataset(X_test, y_test, train.mean, train.std)``.
+
     Attributes: ``X``, ``y``, ``mean``, ``std``, ``num_classes``, ``shape`` (per sample).
     """
 
@@ -48,6 +56,7 @@ class Dataset:
 
     @property
     def shape(self):
+        """One sample's shape: (C, H, W) for images, (features,) for flat data."""
         return self.X.shape[1:]
 
     def __len__(self):
@@ -125,12 +134,25 @@ def _check_xy(X, y):
     return X, y
 
 
-def from_arrays(X, y=None, normalize="auto", num_classes=None, name=None):
+def from_arrays(X, y=None, normalize="auto", num_classes=None, name=None, layout="auto"):
     """A Dataset over numpy arrays.
 
     normalize: "auto" (per-channel mean/std computed from X), None (no normalisation), or a
     pair (mean, std) with one value per channel (values on the [0, 1] scale for uint8 X).
+    layout of 4-D images: "auto" (default) takes (N, C, H, W) but raises ValueError for a shape
+    that looks channels-last, (N, H, W, C) with C 1 or 3 and the second dimension not 1 or 3,
+    such as (N, 28, 28, 1); "NCHW" takes any 4-D shape as (N, C, H, W) (for data that only
+    looks channels-last); "NHWC" transposes channels-last images to (N, C, H, W) (a copy).
     """
+    if not isinstance(layout, str) or layout not in ("auto", "NCHW", "NHWC"):
+        raise ValueError(f"layout must be 'auto', 'NCHW' or 'NHWC', got {layout!r}")
+    if isinstance(X, np.ndarray) and X.ndim == 4:
+        if layout == "NHWC":
+            X = X.transpose(0, 3, 1, 2)
+        elif layout == "auto" and X.shape[3] in (1, 3) and X.shape[1] not in (1, 3):
+            raise ValueError(f"X has shape {X.shape}, which looks like channels-last (N, H, W, C) images; kdcore "
+                             f"expects (N, C, H, W): pass X.transpose(0, 3, 1, 2) (or layout='NHWC'). If "
+                             f"{X.shape[1]} really is the channel count, pass layout='NCHW'")
     X, y = _check_xy(X, y)
     mean = std = None
     if isinstance(normalize, str):

@@ -91,7 +91,7 @@ def main(argv=None):
         h = kdcore.distill(s, teacher, small, method=method, **common, **kw)
         report(name, s, h, time.perf_counter() - t0)
 
-    # SLKD's student loss weighs CE and KD by lambda + eta = 4 (methods.md A5): at the same
+    # SLKD's student loss weighs CE and KD by lambda + eta = 4 (kdcore.slkd's choice A5): at the same
     # learning rate as KD that is a 4x larger step (measured: it diverges), so the student's
     # lr is divided by 4; its SL-teachers keep the teacher's lr.
     s = student()

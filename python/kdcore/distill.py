@@ -13,6 +13,8 @@ Weights, as the reference libraries (RepDistiller, mdistiller) use them:
 """
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
 from . import _kdcore
@@ -28,6 +30,13 @@ _KINDS = {"ce": 0, "kd": 1, "dkd": 2, "mse": 3}
 # method -> defaults (ce_weight, kd_weight, T, warmup_epochs)
 _DEFAULTS = {"ce": (1.0, 0.0, 4.0, 0), "kd": (0.1, 0.9, 4.0, 0), "dkd": (1.0, 1.0, 4.0, 20), "mse": (1.0, 1.0, 4.0, 0)}
 _MULTI = {"avg_prob": 0, "avg_loss": 1}
+# Scheme names users pass as distill's method, and the entry point that runs each.
+_SCHEMES = {"mutual": "kdcore.mutual(models, train, ...)", "dml": "kdcore.mutual(models, train, ...)",
+            "slkd": "kdcore.slkd(student, teacher, train, ...)",
+            "multi_exit": "kdcore.multi_exit(model, train, ...)", "byot": "kdcore.multi_exit(model, train, ...)",
+            **{k: f"kdcore.{k}(...) (kdcore.schemes.{k})"
+               for k in ("born_again", "takd", "dgkd", "snapshot_distill", "eskd", "tf_kd")},
+            "ban": "kdcore.born_again(...) (kdcore.schemes.born_again)"}
 
 
 def kl_divergence(p_logits, q_logits, T=1.0):
@@ -35,6 +44,18 @@ def kl_divergence(p_logits, q_logits, T=1.0):
     T = _check_float("T", T, 0, lo_open=True)
     loss, _ = _kdcore.kd_loss(np.ascontiguousarray(q_logits, np.float32), np.ascontiguousarray(p_logits, np.float32), T)
     return float(loss) / (T * T)
+
+
+def _warn_warmup(what, warmup, weight, epochs, stacklevel):
+    """A warm-up longer than the run leaves the term below its weight in every epoch: say so,
+    with the weights it does get (the C loops' ramp, w(e) = weight * min((e+1)/warmup, 1))."""
+    if warmup <= epochs:
+        return
+    ws = [weight * min((e + 1) / warmup, 1.0) for e in range(epochs)]
+    shown = ", ".join(f"{w:.3g}" for w in ws[:6]) + (", ..." if epochs > 6 else "")
+    warnings.warn(f"{what}: warmup_epochs={warmup} is longer than the run (epochs={epochs}), so the weight "
+                  f"{weight:g} is never reached: the effective weights per epoch are {shown} (last {ws[-1]:.3g}). "
+                  f"Pass warmup_epochs <= epochs (0: no warm-up) or train longer", UserWarning, stacklevel=stacklevel)
 
 
 def teacher_logits(teacher, data, batch_size=512):
@@ -67,7 +88,14 @@ def distill(student, teacher, train, method="kd", epochs=10, batch_size=128, opt
     teacher: a trained model, a list of models (multi-teacher), or precomputed logits
     ((N, classes) arrays aligned with ``train``). method: 'kd' (Hinton), 'dkd', 'mse' (logit
     regression) or 'ce' (no distillation term: the same loop trains a baseline). Weights and
-    their defaults: see the module docstring; ``alpha``/``beta`` are DKD's.
+    their defaults: see the module docstring; ``alpha``/``beta`` are DKD's; ce_weight and
+    kd_weight override the method's weights of its cross-entropy and distillation terms.
+    losses: a list of kdcore.losses terms, trained together instead of a method's recipe.
+    hint_epochs: FitNet's two stages (method='fitnet'): that many hint-only epochs first.
+    init_epochs: length of the initialisation phase of methods that have one (FSP, AB, FT;
+    default epochs // 8). Training options (epochs, batch_size, optimizer, lr, schedule, augment,
+    val, seed, progress, label_smoothing, drop_last, max_steps, callback, callback_every): as in
+    ``kdcore.fit``.
 
     Options: warmup_epochs (linear ramp of the distillation weight; DKD default 20),
     kd_stop_epoch (switch the distillation term off from that epoch: ESKD),
@@ -145,6 +173,9 @@ def distill(student, teacher, train, method="kd", epochs=10, batch_size=128, opt
         c = common(epochs)
         c.set_checkpointing(checkpoint, checkpoint_every, checkpoint_best, resume, None)
         return _distill_terms(student, teacher, c, main, name, cache)
+    if isinstance(method, str) and method.lower() in _SCHEMES:
+        raise ValueError(f"method must be one of {sorted(_losses.METHODS)} (kdcore.distill); {method!r} is a "
+                         f"training scheme of its own: call {_SCHEMES[method.lower()]}")
     if not _is_choice(method, _KINDS):
         raise ValueError(f"method must be one of {sorted(_losses.METHODS)} (kdcore.distill); mutual learning, SLKD, "
                          f"multi-exit, BAN, TAKD, DGKD, ... are kdcore.mutual, kdcore.slkd, kdcore.multi_exit and "
@@ -163,6 +194,8 @@ def distill(student, teacher, train, method="kd", epochs=10, batch_size=128, opt
                 kd_stop_epoch=0 if kd_stop_epoch is None else _check_int("kd_stop_epoch", kd_stop_epoch, 1),
                 conditional=_check_bool("conditional", conditional), teacher_drop=_check_float("teacher_drop", teacher_drop, 0, 1, hi_open=True),
                 teacher_mode=2 if fickle else 0, student_noise=_check_float("student_noise", student_noise, 0))
+    if method != "ce":
+        _warn_warmup(f"distill(method={method!r})", opts["warmup_epochs"], opts["kd_weight"], c.epochs, 3)
     if not _is_choice(multi, _MULTI):
         raise ValueError(f"multi must be one of {sorted(_MULTI)}, got {multi!r}")
     opts["multi"] = _MULTI[multi]
@@ -188,10 +221,12 @@ def distill(student, teacher, train, method="kd", epochs=10, batch_size=128, opt
         weights = weights / weights.sum()
     if not _is_choice(cache, ("auto", True, False)):
         raise ValueError(f"cache must be 'auto', True or False, got {cache!r}")
+    c.check(student, "student")
     if nets is not None:
-        for t in nets:
+        for i, t in enumerate(nets):
             if t is student:
                 raise ValueError("the student cannot be its own teacher; use student.copy()")
+            c.check(t, "teacher" if len(nets) == 1 else f"teacher {i}")
         cacheable = not c.augmented and not fickle
         if cache is True and not cacheable:
             raise ValueError("teacher outputs cannot be cached with augmentation or a fickle teacher")
@@ -311,6 +346,10 @@ def _distill_terms(student, teacher, c, terms, method, cache, phase="all"):
     _check_model(teacher)
     if teacher is student:
         raise ValueError("the student cannot be its own teacher; use student.copy()")
+    c.check(student, "student")
+    c.check(teacher, "teacher")
+    for t in terms:
+        _warn_warmup(f"{type(t).__name__} term", t.warmup_epochs, t.weight, c.epochs, 4)
     plan = _losses.build_plan(student, [teacher], c.train, terms, phase)
     if not _is_choice(cache, ("auto", True, False)):
         raise ValueError(f"cache must be 'auto', True or False, got {cache!r}")
@@ -393,6 +432,9 @@ def mutual(models, train, epochs=10, batch_size=128, optimizer="sgd", lr=None, s
 
     Returns the History of the first peer, with every peer's metrics (``peer{k}_*``) and, with
     ``val``, the validation accuracy of each peer and of the peers' logit average.
+    models: the peers, a list of at least 2 models, trained in place. Training options
+    (epochs, batch_size, optimizer, lr, schedule, augment, val, seed, progress, label_smoothing,
+    drop_last, max_steps, callback, callback_every): as in ``kdcore.fit``; a callback sees the first peer's row.
     checkpoint / checkpoint_every / checkpoint_best / resume: as in ``kdcore.fit``. The
     checkpoint holds every peer (roles "peer0", "peer1", ...), their optimizer states, the
     history and the epoch; resuming continues after the saved epoch, bitwise as the
@@ -408,6 +450,8 @@ def mutual(models, train, epochs=10, batch_size=128, optimizer="sgd", lr=None, s
         raise ValueError("the same model appears twice in models")
     c = _Common(train, epochs, batch_size, optimizer, lr, schedule, augment, val, seed, progress,
                 label_smoothing, drop_last, max_steps, callback, callback_every, nonfinite)
+    for k, m in enumerate(models):
+        c.check(m, f"peer {k} (models[{k}])")
     T = _check_float("T", T, 0, lo_open=True)
     ce_weight = _check_float("ce_weight", ce_weight, 0)
     kd_weight = _check_float("kd_weight", kd_weight, 0)
@@ -468,7 +512,11 @@ def slkd(student, teacher, train, sl_teachers=None, n_sl=2, epochs=10, batch_siz
       A7 same optimizer recipe and schedule, separate optimizer states; ``sl_optimizer`` gives
          the SL-Ts a recipe of their own (e.g. the teacher's learning rate when the student's is
          scaled down to offset its 4x loss weight).
-    sl_teachers: models to use as SL-Ts (default: ``teacher.fresh(seed)`` with distinct seeds).
+    sl_teachers: models to use as SL-Ts (default: ``teacher.fresh(seed)`` with distinct seeds);
+    n_sl: how many SL-Ts (1 or 2). cache: as in ``kdcore.distill`` (the frozen teacher's
+    logits computed once unless augmentation changes its input). train: Dataset or (X, y).
+    Training options (epochs, batch_size, optimizer, lr, schedule, augment, val, seed, progress, label_smoothing,
+    drop_last, max_steps, callback, callback_every): as in ``kdcore.fit``.
     Returns the student's History, with loss_ts, loss_slts, the SL-Ts' losses and accuracies,
     and with ``val`` KL(student || teacher) and KL(student || fused SL-T) on it (T=1).
     checkpoint / checkpoint_every / checkpoint_best / resume: as in ``kdcore.fit``. The
@@ -509,6 +557,10 @@ def slkd(student, teacher, train, sl_teachers=None, n_sl=2, epochs=10, batch_siz
         _check_model(s)
         if s is student or s is teacher:
             raise ValueError("SL-teachers must be distinct from the student and the teacher")
+    c.check(student, "student")
+    c.check(teacher, "teacher")
+    for j, s in enumerate(sl_teachers):
+        c.check(s, f"SL-teacher {j}")
     if not _is_choice(cache, ("auto", True, False)):
         raise ValueError(f"cache must be 'auto', True or False, got {cache!r}")
     if cache is True and c.augmented:
@@ -631,13 +683,17 @@ def multi_exit(model, train, teacher=None, epochs=10, batch_size=128, optimizer=
     checkpoint holds the model (role "model"; not the teacher), its optimizer state, the
     history and the epoch; resuming continues after the saved epoch, bitwise as the
     uninterrupted run (same settings, teacher and thread count).
-    nonfinite: 'raise' or 'skip', as in ``kdcore.fit``.
+    nonfinite: 'raise' or 'skip', as in ``kdcore.fit``. train: Dataset or (X, y). cache: as in
+    ``kdcore.distill`` (the teacher's logits computed once unless augmentation is on).
+    Training options (epochs, batch_size, optimizer, lr, schedule, augment, val, seed, progress, label_smoothing,
+    drop_last, max_steps, callback, callback_every): as in ``kdcore.fit``.
     """
     from .nn import MultiExit
     if not isinstance(model, MultiExit):
         raise TypeError("model must be a kdcore.nn.MultiExit (see kdcore.models.with_exits)")
     c = _Common(train, epochs, batch_size, optimizer, lr, schedule, augment, val, seed, progress,
                 label_smoothing, drop_last, max_steps, callback, callback_every, nonfinite)
+    c.check(model, "model")
     self_kd = teacher is None
     ce_weight = _check_float("ce_weight", (0.7 if self_kd else 0.1) if ce_weight is None else ce_weight, 0)
     kd_weight = _check_float("kd_weight", (0.3 if self_kd else 0.9) if kd_weight is None else kd_weight, 0)
@@ -651,6 +707,7 @@ def multi_exit(model, train, teacher=None, epochs=10, batch_size=128, optimizer=
         if len(nets or logits) != 1:
             raise ValueError("multi_exit takes one teacher")
         if nets is not None:
+            c.check(nets[0], "teacher")
             if cache is True or (cache == "auto" and not c.augmented):
                 t_kw["teacher_logits"] = predict(nets[0], c.train, batch_size=512)
             else:

@@ -364,10 +364,12 @@ class CRDBank:
 
     @property
     def student_bank(self):
+        """The memory bank of student embeddings (n_data, feat_dim), a writable view."""
         return self._c.bank(0)
 
     @property
     def teacher_bank(self):
+        """The memory bank of teacher embeddings (n_data, feat_dim), a writable view."""
         return self._c.bank(1)
 
     @property

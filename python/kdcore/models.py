@@ -26,7 +26,11 @@ def mlp(sizes, dropout=0.0, batchnorm=False, seed=0):
     """Multi-layer perceptron: ``mlp([784, 1200, 1200, 10])`` = Flatten, then Linear+ReLU
     (+ Dropout) between consecutive sizes, the last Linear without activation.
 
-    Keys follow ``nn.Sequential``: "1.weight" is the first Linear (index 0 is Flatten)."""
+    Keys follow ``nn.Sequential``: "1.weight" is the first Linear (index 0 is Flatten). Taps
+    (``model.taps()``) are the layer indices as strings, "0" (Flatten), "1" (Linear), "2"
+    (ReLU), ...; ``model.feature_taps()`` names the hidden ReLUs the feature methods read
+    ("stages"), e.g. ``model.tap(model.feature_taps()["pooled"])`` is the last hidden layer.
+    ``model.summary()`` lists every name with its type."""
     if not isinstance(sizes, (list, tuple)) or len(sizes) < 2:
         raise ValueError(f"sizes must list at least input and output sizes, got {sizes!r}")
     sizes = [_check_int(f"sizes[{i}]", s, 1) for i, s in enumerate(sizes)]
@@ -53,7 +57,13 @@ def mlp(sizes, dropout=0.0, batchnorm=False, seed=0):
 
 def cnn(num_classes=10, in_channels=1, input_size=28, width=32, seed=0):
     """A small plain CNN: [conv3x3-BN-ReLU] x2 + maxpool, [conv3x3-BN-ReLU] x2 + maxpool,
-    global average pool, linear. Channels width, width, 2*width, 2*width."""
+    global average pool, linear. Channels width, width, 2*width, 2*width.
+
+    Taps (``model.taps()``) are the layer indices as strings, as in ``nn.Sequential``: "0"-"2"
+    conv-BN-ReLU, "3"-"5", "6" maxpool, "7"-"9", "10"-"12", "13" maxpool, "14" global pool,
+    "15" flatten, "16" linear. The ResNets' "layer1".."layer3" correspond to the stage ends
+    ``model.feature_taps()["stages"]`` = ["5", "12"] (no third stage); "hint" is "12" and
+    "pooled" "15"."""
     num_classes = _check_int("num_classes", num_classes, 1)
     in_channels = _check_int("in_channels", in_channels, 1)
     input_size = _check_int("input_size", input_size, 4)

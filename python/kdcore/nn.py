@@ -84,6 +84,22 @@ def _square(name, v):
     return _check_int(name, v)
 
 
+def _expected_input(model, got, what="x"):
+    """'; the model's input is (N, 1, 28, 28), x is (N, 784): ...' for a model whose input
+    shape is known (zoo models; ``model.input_shape``), else ''."""
+    want = tuple(getattr(model, "input_shape", None) or ())
+    if not want:
+        return ""
+    got = tuple(got)
+    fmt = lambda s: f"(N, {', '.join(map(str, s))})"  # noqa: E731
+    hint = f"; the model's input is {fmt(want)}, {what} is {fmt(got)}"
+    if len(want) == 3 and len(got) == 3 and got == want[1:] + want[:1]:
+        hint += ": channels-last images; transpose them with X.transpose(0, 3, 1, 2)"
+    elif len(want) == 3 and int(np.prod(got)) == int(np.prod(want)):
+        hint += f": reshape it with X.reshape(-1, {', '.join(map(str, want))})"
+    return hint
+
+
 class _Graph:
     """Node list under construction: what a module tree compiles to."""
 
@@ -151,6 +167,7 @@ class Module:
         m._seed = self._seed + 1 if seed is None else _check_int("seed", seed, 0)
         m._step = 0
         m.training = True
+        m.__dict__.pop("train_normalization", None)   # describes trained weights, which a fresh model lacks
         return m
 
     def copy(self):
@@ -158,6 +175,8 @@ class Module:
         m = self.fresh(self._seed)
         m.load_state_dict(self.state_dict())
         m.training = self.training
+        if hasattr(self, "train_normalization"):
+            m.train_normalization = self.train_normalization
         return m
 
     # ---- structure ------------------------------------------------------------------
@@ -198,12 +217,17 @@ class Module:
 
     # ---- modes ----------------------------------------------------------------------
     def train(self, mode=True):
+        """Training mode (``mode=True``, the default; False is ``eval()``): BatchNorm uses batch
+        statistics and updates its running ones, Dropout is active. Returns the model."""
         if not isinstance(mode, bool):
             raise TypeError(f"mode must be a bool, got {type(mode).__name__}")
         self.training = mode
         return self
 
     def eval(self):
+        """Evaluation mode: BatchNorm uses its running statistics, Dropout is off (as
+        ``torch.nn.Module.eval``). The training entry points leave models in eval mode; fit
+        and distill switch to training mode themselves. Returns the model."""
         return self.train(False)
 
     # ---- compute ----------------------------------------------------------------------
@@ -222,7 +246,12 @@ class Module:
         net = self.net
         self._step += 1
         mode = (3 if self.training else 0) | (0 if _check_bool("grad", grad) else 4)
-        out = net.forward(x, mode=mode, seed=self._seed * 1000003 + self._step)
+        try:
+            out = net.forward(x, mode=mode, seed=self._seed * 1000003 + self._step)
+        except ValueError as e:
+            if str(e).startswith("kd_net_plan") and isinstance(x, np.ndarray):
+                raise ValueError(f"{e}{_expected_input(self, x.shape[1:], 'x')}") from None
+            raise
         self._x_shape = x.shape
         return out
 
@@ -238,11 +267,16 @@ class Module:
         return d
 
     def zero_grad(self):
+        """Set every parameter gradient to zero: ``backward`` accumulates into them (as in
+        PyTorch), so call this before each manual backward pass."""
         self.net.zero_grad()
 
     # ---- taps -------------------------------------------------------------------------
     def taps(self):
-        """Names of every readable intermediate output: node names, then module aliases."""
+        """Names of every readable intermediate output: node names, then module aliases.
+        ``summary()`` shows each with its layer type and output shape. A ResNet's stages are
+        "layer1".."layer3"; ``Sequential`` models (``models.cnn``, ``models.mlp``) name their
+        layers by index, "0", "1", ...; ``feature_taps()`` gives a zoo model's stage ends."""
         self._build()
         return list(self._graph.names) + list(self._graph.aliases)
 
@@ -291,6 +325,8 @@ class Module:
                 yield self._key(name), block[off:off + n].reshape(shape)
 
     def parameters(self):
+        """OrderedDict name -> parameter view (live: writing to a view changes the model);
+        BN running statistics are buffers, in ``state_dict()`` only."""
         return OrderedDict(self.named_parameters())
 
     def grads(self):
@@ -303,6 +339,7 @@ class Module:
         return out
 
     def num_parameters(self):
+        """Number of trainable parameters (scalars; BN running statistics not included)."""
         return int(self.net.params().size)
 
     def _state_items(self):
@@ -392,12 +429,23 @@ class Module:
 
     # ---- display ----------------------------------------------------------------------
     def summary(self, input_shape=None):
-        """Rows (name, type, output shape per sample, parameter count)."""
+        """Rows (name, type, output shape per sample, parameter count).
+
+        input_shape: one sample's shape, (C, H, W) or (features,); by default the last
+        forward's, else the model's ``input_shape`` (zoo models); without any, the output
+        shapes are None."""
         net = self.net
         shapes = None
+        n, last = 1, getattr(self, "_x_shape", None)
+        if input_shape is None and last is not None:
+            # The last forward's batch size too: planning for the same shape is a no-op, so the
+            # taps of that forward stay readable.
+            n, input_shape = last[0], last[1:]
+        elif input_shape is None:
+            input_shape = getattr(self, "input_shape", None)
         if input_shape is not None:
             c, h, w = (tuple(input_shape) + (1, 1))[:3] if len(input_shape) < 3 else tuple(input_shape)
-            shapes = net.shapes(1, c, h, w)
+            shapes = net.shapes(n, c, h, w)
         counts = {}
         for name, shape, is_buf, off in self._tensors:
             if not is_buf:
@@ -412,13 +460,10 @@ class Module:
             rows.append((self._key(name) if name != _ROOT else "", kind, shp, counts.get(name, 0)))
         return rows
 
-    def _input_hint(self):
-        return getattr(self, "input_shape", None)
-
     def __repr__(self):
         head = f"{type(self).__name__}({self._describe()})"
         try:
-            rows = self.summary(self._input_hint())
+            rows = self.summary()
         except Exception:  # noqa: BLE001 - repr must never raise
             return head
         lines = [head]
@@ -431,7 +476,7 @@ class Module:
 
     def _repr_html_(self):
         try:
-            rows = self.summary(self._input_hint())
+            rows = self.summary()
         except Exception:  # noqa: BLE001
             return "<pre>" + html.escape(repr(self)) + "</pre>"
         body = "".join(
@@ -472,6 +517,9 @@ def _to_numpy(v, key):
 
 
 class Linear(Module):
+    """Fully connected layer, y = x W^T + b, as ``torch.nn.Linear`` (keys ``weight`` of shape
+    (out_features, in_features), ``bias``). init: "default" (PyTorch's) or a Kaiming normal."""
+
     def __init__(self, in_features, out_features, bias=True, init="default"):
         super().__init__()
         self.in_features = _check_int("in_features", in_features, 1)
@@ -490,6 +538,9 @@ class Linear(Module):
 
 
 class Conv2d(Module):
+    """2-D convolution over (N, C, H, W), as ``torch.nn.Conv2d`` with square kernels, stride
+    and padding, and groups (keys ``weight`` (out, in/groups, k, k), ``bias``)."""
+
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, groups=1, bias=True,
                  init="default"):
         super().__init__()
@@ -541,6 +592,8 @@ class BatchNorm2d(_BatchNorm):
 
 
 class ReLU(Module):
+    """max(x, 0), elementwise."""
+
     def _emit(self, g, x, prefix):
         return g.add(_RELU, prefix, [x])
 
@@ -566,6 +619,7 @@ class _Pool(Module):
 
 
 class MaxPool2d(_Pool):
+    """Max pooling over square windows (stride defaults to kernel_size), as ``torch.nn.MaxPool2d``."""
     _kind = _MAXPOOL
 
 
@@ -588,6 +642,8 @@ class AdaptiveAvgPool2d(Module):
 
 
 class Sigmoid(Module):
+    """1 / (1 + exp(-x)), elementwise."""
+
     def _emit(self, g, x, prefix):
         return g.add(_SIGMOID, prefix, [x])
 
@@ -646,6 +702,9 @@ class Upsample(Module):
 
 
 class Dropout(Module):
+    """Zeroes each element with probability ``p`` in training mode and scales the rest by
+    1/(1-p) (inverted dropout, as PyTorch); the identity in eval mode."""
+
     def __init__(self, p=0.5):
         super().__init__()
         self.p = _check_float("p", p, 0, 1, hi_open=True)
@@ -658,11 +717,15 @@ class Dropout(Module):
 
 
 class Flatten(Module):
+    """(N, C, H, W) -> (N, C*H*W), as ``torch.nn.Flatten``."""
+
     def _emit(self, g, x, prefix):
         return g.add(_FLATTEN, prefix, [x])
 
 
 class Identity(Module):
+    """Returns its input (no node of its own: its tap is the input's)."""
+
     def _emit(self, g, x, prefix):
         return x
 
@@ -764,6 +827,7 @@ class MultiExit(Module):
         return out
 
     def exit_names(self):
+        """The exits' names, shallow to deep: the exit taps, then "output"."""
         return list(self.exits) + ["output"]
 
     def exit_outputs(self):

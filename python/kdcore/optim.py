@@ -178,6 +178,8 @@ class Cyclic(_Schedule):
 
 
 def make_schedule(spec):
+    """A schedule from the ``schedule=`` argument: None or "constant" (Constant), "cosine"
+    (Cosine over the run), or a kdcore.optim schedule object (returned as is)."""
     if spec is None:
         return Constant()
     if isinstance(spec, _Schedule):

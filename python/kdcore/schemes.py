@@ -189,7 +189,8 @@ def _model_list(name, v):
 
 
 def _datasets(train, val):
-    return _as_dataset(train, "train"), None if val is None else _as_dataset(val, "val")
+    train = _as_dataset(train, "train")
+    return train, None if val is None else _as_dataset(val, "val", like=train)
 
 
 def _accuracy(logits, y):
@@ -216,7 +217,7 @@ def _concat_histories(histories, tag):
 
 def born_again(model, train, generations=3, epochs=10, T=1.0, ce_weight=1.0, kd_weight=1.0, val=None,
                tolerant=None, seed=0, distill_kw=None, **fit_kw):
-    """Born-again networks (BAN, methods.md G1), optionally with a tolerant first teacher (A6).
+    """Born-again networks (BAN, Furlanello et al. 2018), optionally with a tolerant first teacher (Yang et al. 2019).
 
     ``model`` is a template and is not trained: generation k is ``model.fresh(seed + k)``,
     trained with the training seed ``seed + k``.
@@ -275,7 +276,7 @@ def born_again(model, train, generations=3, epochs=10, T=1.0, ce_weight=1.0, kd_
 
 def takd(teacher, assistant, student, train, epochs=10, assistant_epochs=None, method="kd", T=None,
          ce_weight=None, kd_weight=None, val=None, seed=0, distill_kw=None, **fit_kw):
-    """Teacher-assistant KD (TAKD, methods.md A4): the trained ``teacher`` teaches the
+    """Teacher-assistant KD (TAKD, Mirzadeh et al. 2020): the trained ``teacher`` teaches the
     ``assistant`` (distill, ``assistant_epochs`` epochs, default ``epochs``), then the
     assistant teaches the ``student`` (``epochs`` epochs). ``assistant`` may be a list,
     ordered large to small: a longer chain T -> A1 -> A2 -> ... -> S.
@@ -308,7 +309,7 @@ def takd(teacher, assistant, student, train, epochs=10, assistant_epochs=None, m
 
 def dgkd(teacher, assistants, student, train, teacher_drop=0.5, epochs=10, assistant_epochs=None, method="kd",
          T=None, ce_weight=None, kd_weight=None, val=None, seed=0, distill_kw=None, **fit_kw):
-    """Densely guided KD (DGKD, methods.md S4): ``assistants`` ordered from large to small;
+    """Densely guided KD (DGKD, Son et al. 2021): ``assistants`` ordered from large to small;
     assistant i distils from the teacher and assistants 0..i-1, the student from the teacher
     and all assistants. Each stage is ``distill(..., multi='avg_loss',
     teacher_drop=teacher_drop)``: loss = ce_weight * CE + kd_weight * mean over the kept
@@ -352,7 +353,7 @@ def dgkd(teacher, assistants, student, train, teacher_drop=0.5, epochs=10, assis
 
 def snapshot_distill(model, train, cycles=3, epochs_per_cycle=10, T=None, ce_weight=None, kd_weight=None,
                      min_lr=0.0, val=None, seed=0, distill_kw=None, **fit_kw):
-    """Snapshot distillation (methods.md A5, seed 002 eq. 6 with the student/teacher typo
+    """Snapshot distillation (Yang et al. 2019; seed 002 eq. 6 with the student/teacher typo
     fixed): one model, trained in place over ``cycles`` cosine learning-rate cycles of
     ``epochs_per_cycle`` epochs each (SGDR: the lr restarts at its base value, anneals to
     ``min_lr``). Cycle 0 trains with cross-entropy only; in cycle l >= 1 the teacher is a
@@ -405,7 +406,7 @@ def snapshot_distill(model, train, cycles=3, epochs_per_cycle=10, T=None, ce_wei
 
 def eskd(teacher, student, train, teacher_epochs=None, stop_epoch=None, checkpoint=None, epochs=10, method="kd",
          T=None, ce_weight=None, kd_weight=None, kd_stop_epoch=None, val=None, seed=0, distill_kw=None, **fit_kw):
-    """Early-stopped teacher KD (ESKD, methods.md A3).
+    """Early-stopped teacher KD (ESKD, Cho and Hariharan 2019).
 
     The teacher's weights after ``stop_epoch`` epochs (1-based count: the state after epoch
     index stop_epoch - 1) come from one of:
@@ -474,7 +475,7 @@ def eskd(teacher, student, train, teacher_epochs=None, stop_epoch=None, checkpoi
 
 def tf_kd(student, train, mode="self", epochs=10, teacher_epochs=None, teacher=None, alpha=None, T=None, a=0.99,
           multiplier=None, form=None, num_classes=None, val=None, seed=0, distill_kw=None, **fit_kw):
-    """Teacher-free KD (Yuan et al. 2020; methods.md N2, N3). The student is trained in place.
+    """Teacher-free KD (Yuan et al. 2020). The student is trained in place.
 
     Loss, both modes: (1 - alpha) * CE(y, z_s) + alpha * (multiplier / K) * (KD term), so
     ``distill``'s ce_weight = 1 - alpha, kd_weight = alpha * multiplier / K. The authors'

@@ -811,6 +811,38 @@ def test_fit_evaluate_predict(data):
 
 @settings(max_examples=60)
 @given(st.data())
+def test_callbacks_and_lr_find(data):
+    m = kdcore.models.mlp([8, 6, 3], seed=0)
+    if data.draw(st.booleans(), label="early stopping"):
+        valid = dict(monitor="train_loss", patience=1, mode="auto", min_delta=0.0, restore_best=True)
+        pools = dict(monitor=st.one_of(SCALARS, st.sampled_from(["val_acc", "bogus"])), patience=SCALARS,
+                     mode=st.one_of(SCALARS, st.sampled_from(["min", "max", "MAX"])), min_delta=SCALARS,
+                     restore_best=SCALARS)
+        arg, kw = mutate(valid, pools, data)
+        ok, stop = attempt(kdcore.callbacks.EarlyStopping, (), kw, (arg,), what="callbacks.EarlyStopping")
+        if ok:
+            ok, h = attempt(kdcore.fit, (m, (XT, YT)), dict(fit_valid(), epochs=3, callback=stop), ("monitor",),
+                            what="fit(callback=EarlyStopping)", trains=True)
+            if ok:
+                model_ok(m)
+        return
+    valid = dict(min_lr=1e-4, max_lr=1.0, steps=5, batch_size=8, optimizer="sgd", seed=0, augment=None,
+                 smoothing=0.9, diverge=4.0)
+    pools = dict(min_lr=SCALARS, max_lr=SCALARS, steps=st.one_of(SCALARS, st.integers(-2, 12)), batch_size=SCALARS,
+                 optimizer=st.one_of(SCALARS, st.sampled_from(["adam", "rmsprop"])), seed=SCALARS, augment=SCALARS,
+                 smoothing=SCALARS, diverge=SCALARS)
+    arg, kw = mutate(valid, pools, data)
+    before = m.state_dict()
+    ok, r = attempt(kdcore.lr_find, (m, (XT, YT)), kw, (arg,), what="lr_find", trains=True)
+    for k, v in before.items():
+        assert np.array_equal(m.state_dict()[k], v), f"lr_find changed {k}"
+    if ok:
+        lrs, losses, lr = r
+        assert len(lrs) == len(losses) >= 1 and np.all(np.isfinite(losses)) and lr > 0
+
+
+@settings(max_examples=60)
+@given(st.data())
 def test_distill_options(data):
     s = kdcore.models.mlp([8, 6, 3], seed=1)
     t = kdcore.models.mlp([8, 6, 3], seed=2)
@@ -1375,9 +1407,9 @@ def test_all_public_names_are_covered():
                 "functional", "optim", "names", "Module", "ReLU", "Flatten", "Identity", "Block", "Residual",
                 "BatchNorm1d", "ResNet", "BasicBlock", "WideResNet", "WideBasicBlock", "NetworkBlock", "VGG",
                 "Dataset", "FASHION_MNIST_DIR", "teacher_logits", "exit_accuracies", "get_isa", "supported_isas",
-                "metrics", "explain", "Sigmoid", "Tanh", "Discarding", "plot_discarding", "plot_concepts"}
+                "metrics", "explain", "Sigmoid", "Tanh", "Discarding", "plot_discarding", "plot_concepts", "LRFind"}
     for name in list(kdcore.__all__) + [n for mod in (kdcore.nn, kdcore.models, kdcore.datasets, kdcore.functional,
-                                                      kdcore.optim, kdcore.metrics, kdcore.explain)
+                                                      kdcore.optim, kdcore.metrics, kdcore.explain, kdcore.callbacks)
                  for n in mod.__all__]:
         if name in no_input:
             continue
