@@ -663,6 +663,8 @@ class LeakyReLU(Module):
 
 
 class Tanh(Module):
+    """tanh(x), elementwise (PyTorch's nn.Tanh): generator outputs in [-1, 1]."""
+
     def _emit(self, g, x, prefix):
         return g.add(_TANH, prefix, [x])
 
