@@ -371,6 +371,15 @@ KD_API void kd_softmax_t(float * p, const float * z, int N, int V, float T);
 KD_API enum kd_status kd_loss_dkd(float * tckd, float * nckd, float * dlogits, const float * s,
                                   const float * t, const int64_t * labels, int N, int V, float T,
                                   float alpha, float beta, float weight, bool accumulate);
+// DIST (Huang et al. 2022, "Knowledge distillation from a stronger teacher"; the authors'
+// dist_kd.py): with p = softmax(z / T) for student and teacher,
+//   inter = 1 - mean over samples i of pearson(p_s[i, :], p_t[i, :])
+//   intra = 1 - mean over classes c of pearson(p_s[:, c], p_t[:, c])
+//   loss  = T^2 (beta * inter + gamma * intra)
+// pearson(a, b) = <a - mean a, b - mean b> / (|a - mean a| |b - mean b| + 1e-8). inter and
+// intra (unweighted, without T^2) may be NULL; dlogits is the gradient w.r.t. s.
+KD_API enum kd_status kd_loss_dist(float * inter, float * intra, float * dlogits, const float * s, const float * t,
+                                   int N, int V, float T, float beta, float gamma, float weight, bool accumulate);
 // Logit regression: mean over N*V of (s - t)^2 (F.mse_loss; the paper's 1/2||s-t||^2 per
 // sample is V/2 times this).
 KD_API enum kd_status kd_loss_mse(float * loss, float * dlogits, const float * s, const float * t,
@@ -895,6 +904,8 @@ enum kd_term_kind {
                          // step the banks take the step's embeddings (kd_crd_update)
     KD_TERM_HCL,         // kd_loss_hcl: a is one level of ReviewKD's fusion connector, src the
                          // teacher map of the same shape
+    KD_TERM_DIST,        // kd_loss_dist(a, src) with beta (inter) and dist.gamma (intra); parts: inter,
+                         // intra (each without T^2 and weight)
     KD_TERM_COUNT
 };
 KD_API const char * kd_term_kind_name(enum kd_term_kind kind);   // "ce", "kd", ... (NULL if unknown)
@@ -919,12 +930,13 @@ struct kd_term {
         struct { float margin; } ab;
         struct { int p1; float p2; } ft;
         struct { int params; float eps; } vid;
+        struct { float gamma; } dist;
         struct { struct kd_crd * bank; bool class_negatives; } crd;   // negatives from other
                                                                      // classes (kd_crd_set_labels)
     };
 };
 // Defaults: weight 1, T 4, DKD alpha 1 and beta 8, top-k 5, AT p 2 in the code form, RKD
-// weights 25 and 50 (RepDistiller / mdistiller).
+// weights 25 and 50 (RepDistiller / mdistiller), DIST beta 2 and gamma 2 (its CIFAR recipe).
 KD_API struct kd_term kd_term_default(enum kd_term_kind kind);
 
 struct kd_step_cfg {

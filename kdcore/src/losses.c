@@ -261,3 +261,75 @@ enum kd_status kd_loss_tolerant(float * loss, float * dlogits, const float * z, 
     if (!isfinite(total)) KD_FAIL(KD_ERR_NONFINITE, "tolerant-teacher term is not finite");
     return KD_OK;
 }
+
+// ---------------------------------------------------------------------------------------
+// DIST: Pearson relations between the softened distributions, per sample (inter-class) and
+// per class over the batch (intra-class). Computed in double: a correlation of nearly
+// constant vectors cancels badly in float.
+
+// Pearson correlation of a and b (n values each, strides sa, sb) and, when ga is given, its
+// gradient w.r.t. a scaled by g, added to ga (stride sa).
+static double pearson(const double * a, const double * b, int n, size_t sa, size_t sb, double g, double * ga) {
+    double ma = 0, mb = 0;
+    for (int k = 0; k < n; k++) { ma += a[k * sa]; mb += b[k * sb]; }
+    ma /= n; mb /= n;
+    double num = 0, na = 0, nbb = 0;
+    for (int k = 0; k < n; k++) {
+        const double x = a[k * sa] - ma, y = b[k * sb] - mb;
+        num += x * y; na += x * x; nbb += y * y;
+    }
+    na = sqrt(na); nbb = sqrt(nbb);
+    const double den = na * nbb + 1e-8, r = num / den;
+    if (ga) {
+        // d r / d a = (b - mean b) / den - num |b - mean b| (a - mean a) / (|a - mean a| den^2);
+        // the centring's own derivative drops out (both vectors are centred).
+        const double c = na > 0 ? num * nbb / (na * den * den) : 0.0;
+        for (int k = 0; k < n; k++) ga[k * sa] += g * ((b[k * sb] - mb) / den - c * (a[k * sa] - ma));
+    }
+    return r;
+}
+
+static void softmax_rows_d(double * p, const float * z, int N, int V, double T) {
+    for (int i = 0; i < N; i++) {
+        double m = -INFINITY, sum = 0;
+        for (int c = 0; c < V; c++) m = fmax(m, z[(size_t)i * V + c] / T);
+        for (int c = 0; c < V; c++) sum += (p[(size_t)i * V + c] = exp(z[(size_t)i * V + c] / T - m));
+        for (int c = 0; c < V; c++) p[(size_t)i * V + c] /= sum;
+    }
+}
+
+enum kd_status kd_loss_dist(float * inter, float * intra, float * dlogits, const float * s, const float * t, int N,
+                            int V, float T, float beta, float gamma, float weight, bool accumulate) {
+    if (!s || !t || N < 1 || V < 2) KD_FAIL(KD_ERR_VALUE, "logits must be non-empty with at least 2 classes");
+    KD_TRY(check_T(T));
+    if (!(beta >= 0) || !(gamma >= 0) || !isfinite(beta) || !isfinite(gamma))
+        KD_FAIL(KD_ERR_VALUE, "beta (%g) and gamma (%g) must be finite and >= 0", beta, gamma);
+    const size_t nv = (size_t)N * V;
+    double * ps = malloc(nv * sizeof *ps), * pt = malloc(nv * sizeof *pt), * gp = calloc(nv, sizeof *gp);
+    if (!ps || !pt || !gp) { free(ps); free(pt); free(gp); KD_FAIL(KD_ERR_NOMEM, "cannot allocate %zu values", nv); }
+    softmax_rows_d(ps, s, N, V, T);
+    softmax_rows_d(pt, t, N, V, T);
+    const double T2 = (double)T * T, w = weight;
+    double r_inter = 0, r_intra = 0;
+    // d loss / d p_s: inter weighs each row's correlation by beta T^2 / N, intra each column's
+    // by gamma T^2 / V (a loss of 1 - mean r).
+    for (int i = 0; i < N; i++)
+        r_inter += pearson(ps + (size_t)i * V, pt + (size_t)i * V, V, 1, 1, -w * beta * T2 / N, gp + (size_t)i * V);
+    if (N > 1)
+        for (int c = 0; c < V; c++) r_intra += pearson(ps + c, pt + c, N, (size_t)V, (size_t)V, -w * gamma * T2 / V, gp + c);
+    const double l_inter = 1.0 - r_inter / N, l_intra = N > 1 ? 1.0 - r_intra / V : 1.0;
+    if (dlogits) {
+        // through the softmax at temperature T: dz = p (g - <g, p>) / T
+        for (int i = 0; i < N; i++) {
+            const double * p = ps + (size_t)i * V, * g = gp + (size_t)i * V;
+            double dot = 0;
+            for (int c = 0; c < V; c++) dot += g[c] * p[c];
+            for (int c = 0; c < V; c++) put(&dlogits[(size_t)i * V + c], p[c] * (g[c] - dot) / T, accumulate);
+        }
+    }
+    free(ps); free(pt); free(gp);
+    if (inter) *inter = (float)l_inter;
+    if (intra) *intra = (float)l_intra;
+    if (!isfinite(l_inter) || !isfinite(l_intra)) KD_FAIL(KD_ERR_NONFINITE, "DIST loss is not finite");
+    return KD_OK;
+}

@@ -307,6 +307,12 @@ static enum kd_status pair_vid(const struct kd_term * t, struct pair_io * p) {
 static enum kd_status pair_hcl(const struct kd_term * t, struct pair_io * p) {
     return kd_loss_hcl(&p->value, p->da, FM_A(p), FM_B(p), p->w, true);
 }
+static enum kd_status pair_dist(const struct kd_term * t, struct pair_io * p) {
+    enum kd_status st = kd_loss_dist(&p->part[0], &p->part[1], p->da, p->a, p->b, p->nb, p->ac, t->T, t->beta,
+                                     t->dist.gamma, p->w, true);
+    p->value = t->T * t->T * (t->beta * p->part[0] + t->dist.gamma * p->part[1]);
+    return st;
+}
 static enum kd_status pair_cc(const struct kd_term * t, struct pair_io * p) {
     return kd_loss_cc(&p->value, p->da, p->db, p->a, p->b, p->nb, p->ac * p->ah * p->aw, p->w, true);
 }
@@ -380,6 +386,7 @@ static const struct term_kind_info {
     [KD_TERM_CC]       = { "cc",       "CC loss",           false, true,  true,  true,  pair_cc },
     [KD_TERM_CRD]      = { "crd",      "CRD loss",          false, true,  true,  true,  pair_crd },
     [KD_TERM_HCL]      = { "hcl",      "ReviewKD loss",     false, true,  false, true,  pair_hcl },
+    [KD_TERM_DIST]     = { "dist",     "DIST loss",         true,  true,  false, true,  pair_dist },
 };
 
 const char * kd_term_kind_name(enum kd_term_kind kind) {
@@ -400,6 +407,7 @@ struct kd_term kd_term_default(enum kd_term_kind kind) {
     if (kind == KD_TERM_RKD) { t.rkd.w_dist = 25.0f; t.rkd.w_angle = 50.0f; }
     if (kind == KD_TERM_FSP) t.fsp.a2.node = -1;
     if (kind == KD_TERM_AB) t.ab.margin = 1.0f;
+    if (kind == KD_TERM_DIST) { t.beta = 2.0f; t.dist.gamma = 2.0f; }
     if (kind == KD_TERM_FT) { t.ft.p1 = 2; t.ft.p2 = 1.0f; }
     if (kind == KD_TERM_VID) { t.vid.params = -1; t.vid.eps = 1e-5f; }
     return t;

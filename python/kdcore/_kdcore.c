@@ -1735,6 +1735,28 @@ fail:
     return ret;
 }
 
+// dist_loss(student, teacher, beta=2, gamma=2, T=4) -> (loss, dstudent, inter, intra)
+static PyObject * py_dist_loss(PyObject * Py_UNUSED(m), PyObject * args, PyObject * kwds) {
+    static char * kwlist[] = { "student", "teacher", "beta", "gamma", "T", NULL };
+    PyObject * so, * to;
+    float beta = 2.0f, gamma = 2.0f, T = 4.0f;
+    if (!PARSE_KW(args, kwds, "OO|fff", kwlist, &so, &to, &beta, &gamma, &T)) return NULL;
+    if (check_T(T) < 0) return NULL;
+    PyArrayObject * s, * t;
+    if (get_logit_pair(so, to, "student_logits", "teacher_logits", &s, &t) < 0) return NULL;
+    int N = (int)PyArray_DIM(s, 0), V = (int)PyArray_DIM(s, 1);
+    PyObject * ret = NULL, * ds = PyArray_SimpleNew(2, PyArray_DIMS(s), NPY_FLOAT32);
+    float inter, intra;
+    if (ds) {
+        enum kd_status st = kd_loss_dist(&inter, &intra, PyArray_DATA((PyArrayObject *)ds), PyArray_DATA(s),
+                                         PyArray_DATA(t), N, V, T, beta, gamma, 1.0f, false);
+        if (st != KD_OK) kd_raise(st);
+        else ret = Py_BuildValue("(dOff)", (double)T * T * ((double)beta * inter + (double)gamma * intra), ds, inter, intra);
+    }
+    Py_XDECREF(ds); Py_DECREF(s); Py_DECREF(t);
+    return ret;
+}
+
 // mse_loss(student, teacher) -> (loss, dstudent)
 static PyObject * py_mse_loss(PyObject * Py_UNUSED(m), PyObject * args) {
     PyObject * so, * to;
@@ -3259,6 +3281,7 @@ static PyObject * py_step_epoch(PyObject * Py_UNUSED(m), PyObject * args, PyObje
             if (form != KD_AT_CODE && form != KD_AT_PAPER) { PyErr_Format(PyExc_ValueError, "terms[%zd]: unknown AT form %d", t, form); goto done; }
             tm->at.form = (enum kd_at_form)form;
         }
+        if (tm->kind == KD_TERM_DIST && opt_float(&r, "gamma", &tm->dist.gamma) < 0) goto done;
         if (tm->kind == KD_TERM_RKD && (opt_float(&r, "w_dist", &tm->rkd.w_dist) < 0 || opt_float(&r, "w_angle", &tm->rkd.w_angle) < 0))
             goto done;
         if (tm->kind == KD_TERM_OFD) {
@@ -3344,6 +3367,11 @@ static int add_enums(PyObject * m) {
             if (!x || PyDict_Update(d, x) < 0) Py_CLEAR(d);
             Py_XDECREF(x);
         }
+        if (d && k == KD_TERM_DIST) {
+            PyObject * x = Py_BuildValue("{s:f}", "gamma", (double)t.dist.gamma);
+            if (!x || PyDict_Update(d, x) < 0) Py_CLEAR(d);
+            Py_XDECREF(x);
+        }
         if (d && k == KD_TERM_RKD) {
             PyObject * x = Py_BuildValue("{s:f,s:f}", "w_dist", (double)t.rkd.w_dist, "w_angle", (double)t.rkd.w_angle);
             if (!x || PyDict_Update(d, x) < 0) Py_CLEAR(d);
@@ -3409,6 +3437,7 @@ static PyMethodDef module_methods[] = {
     { "cc_loss", (PyCFunction)py_cc_loss, METH_VARARGS, "(loss, dstudent, dteacher)" },
     { "hcl_loss", (PyCFunction)py_hcl_loss, METH_VARARGS, "(loss, dstudent)" },
     { "evaluate", (PyCFunction)(void (*)(void))py_evaluate, METH_VARARGS | METH_KEYWORDS, "batched eval-mode forward" },
+    { "dist_loss", (PyCFunction)(void (*)(void))py_dist_loss, METH_VARARGS | METH_KEYWORDS, "DIST loss (kd_loss_dist)" },
     { "sigma_objective", (PyCFunction)(void (*)(void))py_sigma_objective, METH_VARARGS | METH_KEYWORDS,
       "information-discarding objective and its gradient w.r.t. log sigma (kd_sigma_objective)" },
     { "explain_sigma", (PyCFunction)(void (*)(void))py_explain_sigma, METH_VARARGS | METH_KEYWORDS,

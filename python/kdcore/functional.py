@@ -27,7 +27,9 @@ import numpy as np
 from . import _kdcore
 from .nn import _check_bool, _check_float, _check_int
 
-__all__ = ["cross_entropy", "kd_loss", "dkd_loss", "soft_target_loss", "logit_mse_loss", "tolerant_loss",
+_DIST = _kdcore.TERM_DEFAULTS["dist"]
+
+__all__ = ["cross_entropy", "kd_loss", "dkd_loss", "dist_loss", "soft_target_loss", "logit_mse_loss", "tolerant_loss",
            "softmax", "virtual_teacher", "at_loss", "sp_loss", "nst_loss", "rkd_loss", "pkt_loss", "fsp_loss",
            "ofd_margin", "ofd_loss", "ab_loss", "ft_loss", "vid_loss", "vid_log_scale", "cc_loss", "hcl_loss",
            "CRDBank"]
@@ -74,6 +76,21 @@ def dkd_loss(student_logits, teacher_logits, target, alpha=1.0, beta=8.0, T=4.0,
     beta = _check_float("beta", beta)
     loss, d, tc, nc = _kdcore.dkd_loss(student_logits, teacher_logits, _labels(target), alpha, beta, T)
     return (loss, d, (tc, nc)) if return_parts else (loss, d)
+
+
+def dist_loss(student_logits, teacher_logits, beta=_DIST["beta"], gamma=_DIST["gamma"], T=_DIST["T"],
+              return_parts=False):
+    """DIST (Huang et al. 2022; the authors' dist_kd.py): with p = softmax(z / T),
+    T^2 * (beta * (1 - mean_i pearson(p_s[i], p_t[i])) + gamma * (1 - mean_c pearson(p_s[:, c],
+    p_t[:, c]))): the inter-class relation per sample and the intra-class relation per class
+    over the batch. Defaults: the paper's CIFAR recipe (beta 2, gamma 2, T 4); its ImageNet
+    recipe is beta = gamma = T = 1. Returns (loss, dstudent), or (loss, dstudent, (inter,
+    intra)) with return_parts=True (each without T^2 and its weight)."""
+    T = _check_float("T", T, 0, lo_open=True)
+    beta = _check_float("beta", beta, 0)
+    gamma = _check_float("gamma", gamma, 0)
+    loss, d, inter, intra = _kdcore.dist_loss(student_logits, teacher_logits, beta, gamma, T)
+    return (loss, d, (inter, intra)) if return_parts else (loss, d)
 
 
 def logit_mse_loss(student_logits, teacher_logits):

@@ -21,7 +21,7 @@ from . import _kdcore
 from .nn import (_ADD, _BATCHNORM, _CONCAT, _CONV2D, _INPUT_NODE, _MUL, _SIGMOID, _UPSAMPLE, BatchNorm2d, Conv2d,
                  Linear, Module, ReLU, Sequential, _check_bool, _check_float, _check_int, _is_choice, _join)
 
-__all__ = ["Loss", "CE", "KD", "DKD", "LogitMSE", "Hint", "FitNet", "AT", "SP", "NST", "RKD", "PKT", "FSP", "OFD",
+__all__ = ["Loss", "CE", "KD", "DKD", "DIST", "LogitMSE", "Hint", "FitNet", "AT", "SP", "NST", "RKD", "PKT", "FSP", "OFD",
            "AB", "VID", "CC", "CRD", "FT", "ReviewKD", "ReviewFusion", "METHODS", "method_terms", "connector"]
 
 _KINDS = _kdcore.TERM_KINDS
@@ -122,6 +122,29 @@ class DKD(Loss):
 
     def _options(self):
         return dict(super()._options(), alpha=self.alpha, beta=self.beta, T=self.T)
+
+
+class DIST(Loss):
+    """DIST (Huang et al. 2022, "Knowledge distillation from a stronger teacher"): Pearson
+    relations between the softened distributions, T^2 (beta * inter + gamma * intra), inter
+    per sample over classes, intra per class over the batch (kdcore.functional.dist_loss).
+    Defaults: the paper's CIFAR recipe, beta 2, gamma 2, T 4, with CE weight 1; the History
+    logs both parts (``dist_inter``, ``dist_intra``, without T^2 and weights)."""
+    kind, label = "dist", "dist"
+
+    def __init__(self, weight=1.0, beta=_DEFAULTS["dist"]["beta"], gamma=_DEFAULTS["dist"]["gamma"],
+                 T=_DEFAULTS["dist"]["T"], **kw):
+        super().__init__(weight, **kw)
+        self.beta = _check_float("beta", beta, 0)
+        self.gamma = _check_float("gamma", gamma, 0)
+        self.T = _check_float("T", T, 0, lo_open=True)
+
+    def _add(self, plan):
+        plan.add_term(self, self._base(a=plan.ref(0), src=[plan.ref(1)], T=self.T, beta=self.beta, gamma=self.gamma),
+                      parts=("dist_inter", "dist_intra"))
+
+    def _options(self):
+        return dict(super()._options(), beta=self.beta, gamma=self.gamma, T=self.T)
 
 
 class LogitMSE(Loss):
@@ -706,6 +729,7 @@ METHODS = {
     "kd": lambda: [CE(0.1), KD(0.9, T=4.0)],
     "dkd": lambda: [CE(1.0), DKD(1.0)],
     "mse": lambda: [CE(1.0), LogitMSE(1.0)],
+    "dist": lambda: [CE(1.0), DIST(1.0)],
     "fitnet": lambda: [CE(1.0), FitNet(100.0)],
     "at": lambda: [CE(1.0), AT(1000.0)],
     "sp": lambda: [CE(1.0), SP(3000.0)],
