@@ -108,3 +108,81 @@ def test_dist_method_recipe():
     terms = L.method_terms("dist")
     assert [type(t).__name__ for t in terms] == ["CE", "DIST"]
     assert (terms[1].weight, terms[1].beta, terms[1].gamma, terms[1].T) == (1.0, 2.0, 2.0, 4.0)
+
+
+# ---------------------------------------------------------------------------------------
+# logit standardisation (Sun et al. 2024) as a pre-processing of KD, DKD, DIST, MSE
+
+def t_standardize(z):
+    return (z - z.mean(1, keepdim=True)) / (1e-7 + z.std(1, keepdim=True))
+
+
+def t_dkd(zs, zt, y, alpha, beta, T):
+    """DKD with exact masks (mdistiller's form up to its epsilon and -1000 mask)."""
+    gt = TF.one_hot(y, zs.shape[1]).bool()
+
+    def binary_logs(z):
+        lp = TF.log_softmax(z / T, 1)
+        return torch.cat([lp.gather(1, y[:, None]), torch.logsumexp(lp.masked_fill(gt, -np.inf), 1, keepdim=True)], 1)
+
+    def kl(lp_t, lp_s):
+        return (lp_t.exp() * (lp_t - lp_s)).masked_fill(lp_t.isinf(), 0.0).sum(1).mean()
+    tckd = T * T * kl(binary_logs(zt), binary_logs(zs))
+    nckd = T * T * kl(TF.log_softmax((zt / T).masked_fill(gt, -np.inf), 1), TF.log_softmax((zs / T).masked_fill(gt, -np.inf), 1))
+    return alpha * tckd + beta * nckd
+
+
+def t_kd(zs, zt, T):
+    return T * T * TF.kl_div(TF.log_softmax(zs / T, 1), TF.softmax(zt / T, 1), reduction="batchmean")
+
+
+@pytest.mark.parametrize("kind", ["kd", "dkd", "dist", "mse"])
+def test_standardized_step(kind, data):
+    X, y, ds = data
+    student, teacher = kdcore.models.cnn(num_classes=V, input_size=8, width=4, seed=2), teacher_of(6)
+    p = Pair(student, teacher)
+    term = {"kd": L.KD(9.0, T=2.0, standardize=True), "dkd": L.DKD(1.0, T=2.0, warmup_epochs=0, standardize=True),
+            "dist": L.DIST(1.0, standardize=True), "mse": L.LogitMSE(0.5, standardize=True)}[kind]
+    h = run(student, teacher, ds, [L.CE(0.1), term])
+    z = p.forward(X)
+    zt = p.tt(torch.tensor(X, dtype=torch.float64)).detach()
+    zs_, zt_ = t_standardize(z), t_standardize(zt)
+    yt = torch.tensor(y)
+    if kind == "kd":
+        d = t_kd(zs_, zt_, 2.0)
+    elif kind == "dkd":
+        d = t_dkd(zs_, zt_, yt, 1.0, 8.0, 2.0)
+    elif kind == "dist":
+        d = t_dist(zs_, zt_, 2.0, 2.0, 4.0)[0]
+    else:
+        d = TF.mse_loss(zs_, zt_)
+    opt = torch.optim.SGD(p.ts.parameters(), **SGD)
+    (0.1 * TF.cross_entropy(z, yt) + term.weight * d).backward()
+    opt.step()
+    check_models("student", student, p.ts, p.s0)
+    check_close(term.label, h[term.label][0], d.item(), rtol=1e-4)
+
+
+def test_standardize_is_refused_where_undefined(data):
+    X, y, ds = data
+    student, teacher = kdcore.models.cnn(num_classes=V, input_size=8, width=4, seed=2), teacher_of(6)
+    with pytest.raises(TypeError, match="standardize must be a bool"):
+        L.KD(1.0, standardize="yes")
+    terms = [dict(kind=kdcore._kdcore.TERM_KINDS["at"], a=(0, student._tap_index("5")),
+                  src=[(1, teacher._tap_index("5"))], standardize=True)]
+    nets = [dict(net=student.net, opt=kdcore.optim.SGD(lr=0.1).bind(student), mode=3, role="student"),
+            dict(net=teacher.net, mode=0, role="teacher")]
+    from test_schemes_torch import train_opts
+    opts = train_opts(1)
+    with pytest.raises(ValueError, match=r"term 0 \(at\): standardize is defined for KD, DKD, DIST and MSE"):
+        kdcore._kdcore.step_epoch(nets, terms, ds._c, 0, opts)
+    kd = dict(kind=kdcore._kdcore.TERM_KINDS["kd"], a=(0, -1), src=[(1, -1), (2, -1)], standardize=True)
+    with pytest.raises(ValueError, match=r"term 0 \(kd\): standardize needs one detached source"):
+        kdcore._kdcore.step_epoch(nets + [dict(net=teacher_of(6, seed=4).net, mode=0, role="teacher")], [kd], ds._c, 0,
+                                  opts)
+
+
+def test_kd_ls_recipe():
+    terms = L.method_terms("kd+ls")
+    assert [type(t).__name__ for t in terms] == ["CE", "KD"]
+    assert (terms[0].weight, terms[1].weight, terms[1].T, terms[1].standardize) == (0.1, 9.0, 2.0, True)

@@ -922,6 +922,10 @@ struct kd_term {
     int k;                     // TOLERANT: top-k
     bool conditional;          // KD: per sample, the term where the source predicts the label,
                                // else cross-entropy with the label at the term's weight
+    bool standardize;          // KD, DKD, DIST, MSE: z-score each row of logits of `a` and of the
+                               // source before the loss, (z - mean) / (std + 1e-7) with the
+                               // unbiased std (logit standardisation, Sun et al. 2024); one
+                               // detached source reference
     union {                    // the options of the feature kinds (kd_term_default sets them)
         struct { float p; enum kd_at_form form; } at;
         struct { float w_dist, w_angle; } rkd;

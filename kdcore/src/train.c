@@ -577,6 +577,35 @@ static void update_gates(struct engine * E, const struct kd_term * t, const floa
         if (g[s] > 0) t->src.gates[s] -= (float)(t->src.gate_lr * g[s] * (G[s] - gsum));
 }
 
+// Logit standardisation: y = (z - mean) / (std + 1e-7) per row, std unbiased (torch.std).
+#define LS_EPS 1e-7
+static void standardize_rows(float * y, const float * z, int n, int V) {
+    for (int i = 0; i < n; i++) {
+        const float * zi = z + (size_t)i * V;
+        double m = 0, ss = 0;
+        for (int c = 0; c < V; c++) m += zi[c];
+        m /= V;
+        for (int c = 0; c < V; c++) ss += (zi[c] - m) * (zi[c] - m);
+        const double sd = sqrt(ss / (V - 1)) + LS_EPS;
+        for (int c = 0; c < V; c++) y[(size_t)i * V + c] = (float)((zi[c] - m) / sd);
+    }
+}
+
+// dz += the gradient through standardize_rows given g = dL/dy:
+// (g - mean g) / (s + e) - (z - mean) * sum_j g_j (z_j - mean) / ((V - 1) s (s + e)^2).
+static void standardize_rows_backward(float * dz, const float * g, const float * z, int n, int V) {
+    for (int i = 0; i < n; i++) {
+        const float * zi = z + (size_t)i * V, * gi = g + (size_t)i * V;
+        double m = 0, gm = 0, ss = 0, gc = 0;
+        for (int c = 0; c < V; c++) { m += zi[c]; gm += gi[c]; }
+        m /= V; gm /= V;
+        for (int c = 0; c < V; c++) { ss += (zi[c] - m) * (zi[c] - m); gc += gi[c] * (zi[c] - m); }
+        const double s = sqrt(ss / (V - 1)), se = s + LS_EPS;
+        const double k = s > 0 ? gc / ((V - 1) * s * se * se) : 0.0;
+        for (int c = 0; c < V; c++) dz[(size_t)i * V + c] += (float)((gi[c] - gm) / se - (zi[c] - m) * k);
+    }
+}
+
 // One term of one step: its value, and the gradient of w * term added at its inputs' slots.
 // scratch: 4 BV + 2 B floats of its own (the learned gates read them after the checks).
 static enum kd_status term_run(struct engine * E, const struct kd_term * t, float w, float * scratch,
@@ -662,6 +691,21 @@ static enum kd_status term_run(struct engine * E, const struct kd_term * t, floa
             o->part[0] += gw[j] * p.part[0];
             o->part[1] += gw[j] * p.part[1];
         }
+    } else if (t->standardize) {
+        // Logit standardisation (checked at setup: one detached reference): the loss on the
+        // z-scored logits, its gradient taken back through the z-score.
+        float * ys = scratch + 2 * E->BV, * yt = scratch + 3 * E->BV, * gy = q;
+        standardize_rows(ys, a, nb, V);
+        standardize_rows(yt, ref_data(E, s->ref[0]), nb, V);
+        if (da) memset(gy, 0, nbv * sizeof(float));
+        p.a = ys;
+        p.da = da ? gy : NULL;
+        p.b = yt;
+        st = term_kinds[t->kind].pair(t, &p);
+        o->value = p.value;
+        o->part[0] = p.part[0];
+        o->part[1] = p.part[1];
+        if (da && st == KD_OK) standardize_rows_backward(da, gy, a, nb, V);
     } else {
         // One target: a reference, or the weighted sum of several references (same shapes).
         p.b = s->n == 1 ? ref_data(E, s->ref[0]) : source_pred(E, s, gw, E->mix);
@@ -815,6 +859,12 @@ static enum kd_status engine_setup(struct engine * E) {
         if (t->src.grad && !k->src_grad) E_FAIL(KD_ERR_VALUE, "term %d (%s) gives no gradient to its source", i, kn);
         if (t->conditional && t->kind != KD_TERM_KD)
             E_FAIL(KD_ERR_VALUE, "term %d (%s): conditional is defined for KD terms", i, kn);
+        if (t->standardize && !(t->kind == KD_TERM_KD || t->kind == KD_TERM_DKD || t->kind == KD_TERM_DIST ||
+                                t->kind == KD_TERM_MSE))
+            E_FAIL(KD_ERR_VALUE, "term %d (%s): standardize is defined for KD, DKD, DIST and MSE terms", i, kn);
+        if (t->standardize && (ns != 1 || t->src.grad))
+            E_FAIL(KD_ERR_VALUE, "term %d (%s): standardize needs one detached source (several or trained "
+                   "references are not supported)", i, kn);
         if (t->kind == KD_TERM_TOLERANT && t->k < 2) E_FAIL(KD_ERR_VALUE, "tolerant_k (%d) must be >= 2", t->k);
         for (int j = 0; j < ns; j++) {
             if (!(t->src.w[j] >= 0) || !isfinite(t->src.w[j]))

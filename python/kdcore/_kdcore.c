@@ -3317,6 +3317,7 @@ static PyObject * py_step_epoch(PyObject * Py_UNUSED(m), PyObject * args, PyObje
             opt_i32(&r, "stop_epoch", &tm->stop_epoch) < 0 || opt_float(&r, "T", &tm->T) < 0 ||
             opt_float(&r, "alpha", &tm->alpha) < 0 || opt_float(&r, "beta", &tm->beta) < 0 ||
             opt_i32(&r, "k", &tm->k) < 0 || opt_bool(&r, "conditional", &tm->conditional) < 0 ||
+            opt_bool(&r, "standardize", &tm->standardize) < 0 ||
             parse_source(&r, (int)nn, &tm->src, "term") < 0 || opt_done(&r) < 0)
             goto done;
         if (a && parse_ref(a, (int)nn, &tm->a, "a") < 0) goto done;

@@ -84,11 +84,33 @@ class CE(Loss):
         plan.add_term(self, self._base(a=plan.ref(0)))
 
 
-class KD(Loss):
+class _LogitLoss(Loss):
+    """A term between the student's and the teacher's logits. standardize=True z-scores each
+    row of logits of both first, (z - mean) / (std + 1e-7) with the unbiased std: logit
+    standardisation (Sun et al., CVPR 2024), a pre-processing of KD, DKD, DIST and logit MSE;
+    the temperature then divides the z-scores. One teacher (the engine refuses several)."""
+
+    def __init__(self, weight=1.0, standardize=False, **kw):
+        super().__init__(weight, **kw)
+        self.standardize = _check_bool("standardize", standardize)
+
+    def _base(self, **kw):
+        d = super()._base(**kw)
+        if self.standardize:
+            d["standardize"] = True
+        return d
+
+    def _options(self):
+        return dict(super()._options(), **({"standardize": True} if self.standardize else {}))
+
+
+class KD(_LogitLoss):
     """Hinton KD: T^2 * mean_i KL(softmax(t_i/T) || softmax(s_i/T)) (RepDistiller, mdistiller).
 
     conditional=True: per sample, the term where the teacher predicts the label, else
-    cross-entropy with the label at this weight (Meng et al. 2019)."""
+    cross-entropy with the label at this weight (Meng et al. 2019). standardize=True: logit
+    standardisation (see _LogitLoss; its paper's CIFAR recipe is KD(9, T=2) with CE 0.1:
+    method='kd+ls')."""
     kind, label = "kd", "kd"
 
     def __init__(self, weight=0.9, T=_DEFAULTS["kd"]["T"], conditional=False, **kw):
@@ -103,7 +125,7 @@ class KD(Loss):
         return dict(super()._options(), T=self.T, **({"conditional": True} if self.conditional else {}))
 
 
-class DKD(Loss):
+class DKD(_LogitLoss):
     """Decoupled KD (mdistiller): alpha TCKD + beta NCKD, each T^2-scaled; the History logs
     both parts (``tckd``, ``nckd``). mdistiller's defaults: weight 1 after a 20-epoch linear
     warm-up, alpha 1, beta 8, T 4."""
@@ -124,7 +146,7 @@ class DKD(Loss):
         return dict(super()._options(), alpha=self.alpha, beta=self.beta, T=self.T)
 
 
-class DIST(Loss):
+class DIST(_LogitLoss):
     """DIST (Huang et al. 2022, "Knowledge distillation from a stronger teacher"): Pearson
     relations between the softened distributions, T^2 (beta * inter + gamma * intra), inter
     per sample over classes, intra per class over the batch (kdcore.functional.dist_loss).
@@ -147,7 +169,7 @@ class DIST(Loss):
         return dict(super()._options(), beta=self.beta, gamma=self.gamma, T=self.T)
 
 
-class LogitMSE(Loss):
+class LogitMSE(_LogitLoss):
     """Logit regression (Ba & Caruana): mean over N*V of (z_s - z_t)^2 (F.mse_loss)."""
     kind, label = "mse", "logit_mse"
 
@@ -727,6 +749,7 @@ def connector(kind, s_shape, t_shape, relu=True):
 METHODS = {
     "ce": lambda: [CE(1.0)],
     "kd": lambda: [CE(0.1), KD(0.9, T=4.0)],
+    "kd+ls": lambda: [CE(0.1), KD(9.0, T=2.0, standardize=True)],
     "dkd": lambda: [CE(1.0), DKD(1.0)],
     "mse": lambda: [CE(1.0), LogitMSE(1.0)],
     "dist": lambda: [CE(1.0), DIST(1.0)],
