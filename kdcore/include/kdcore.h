@@ -166,6 +166,7 @@ enum kd_layer_type {
     KD_LAYER_UPSAMPLE_BILINEAR, // bilinear resize, PyTorch's align_corners=False; size/stride as UPSAMPLE
     KD_LAYER_LEAKY_RELU,      // x > 0 ? x : slope * x
     KD_LAYER_TANH,
+    KD_LAYER_RESHAPE,         // (C*H*W,...) -> (out_ch, size[0], size[1]), same values in order
     KD_LAYER_COUNT
 };
 
@@ -380,6 +381,15 @@ KD_API enum kd_status kd_loss_dkd(float * tckd, float * nckd, float * dlogits, c
 // intra (unweighted, without T^2) may be NULL; dlogits is the gradient w.r.t. s.
 KD_API enum kd_status kd_loss_dist(float * inter, float * intra, float * dlogits, const float * s, const float * t,
                                    int N, int V, float T, float beta, float gamma, float weight, bool accumulate);
+// DAFL's generator losses (Chen et al. 2019, "Data-free learning of student networks"; the
+// authors' code): activation = -mean |x| over all n values of a feature tap; entropy = sum_c
+// pbar_c log10 pbar_c with pbar the batch mean of softmax(z) (minus the entropy of the mean
+// prediction, in decimal digits as the code's log10). Minimising them makes a generator's
+// samples excite the teacher's features and cover the classes evenly.
+KD_API enum kd_status kd_loss_activation(float * loss, float * dx, const float * x, size_t n, float weight,
+                                         bool accumulate);
+KD_API enum kd_status kd_loss_entropy(float * loss, float * dlogits, const float * z, int N, int V, float weight,
+                                      bool accumulate);
 // Logit regression: mean over N*V of (s - t)^2 (F.mse_loss; the paper's 1/2||s-t||^2 per
 // sample is V/2 times this).
 KD_API enum kd_status kd_loss_mse(float * loss, float * dlogits, const float * s, const float * t,
@@ -857,6 +867,12 @@ struct kd_step_net {
     struct kd_ref inputs[KD_STEP_MAX_INPUTS];   // a connector's extra inputs (earlier nets'
     int n_inputs;              //   nodes), fed to its KD_LAYER_INPUT nodes in node order; the
                                //   input gradients go back to those nets like input_node's
+    bool grad_input;           // frozen connector whose input needs the gradient of the terms
+                               // that read it (a teacher between a generator and its losses):
+                               // a forward that backward can follow, a backward that only
+                               // passes the gradient on; its parameters are left unchanged
+    bool detach_input;         // connector: no gradient goes back to the net it reads (a
+                               // student learning from generated samples)
 };
 
 
@@ -906,6 +922,12 @@ enum kd_term_kind {
                          // teacher map of the same shape
     KD_TERM_DIST,        // kd_loss_dist(a, src) with beta (inter) and dist.gamma (intra); parts: inter,
                          // intra (each without T^2 and weight)
+    // Data-free distillation (DAFL, Chen et al. 2019): terms on a teacher's outputs for
+    // generated images, whose gradient reaches the generator through a grad_input teacher.
+    KD_TERM_ONEHOT,      // cross-entropy of a (logits) against the argmax of its source's logits
+    KD_TERM_ACTIVATION,  // -mean |a| over samples and values (a feature tap)
+    KD_TERM_ENTROPY,     // sum_c pbar_c log10 pbar_c, pbar = batch mean of softmax(a): minus the
+                         // entropy (in decimal digits, DAFL's code) of the mean prediction
     KD_TERM_COUNT
 };
 KD_API const char * kd_term_kind_name(enum kd_term_kind kind);   // "ce", "kd", ... (NULL if unknown)
@@ -949,6 +971,8 @@ struct kd_step_cfg {
     const struct kd_term * terms;
     int n_terms;               // 0 .. KD_STEP_MAX_TERMS
     struct kd_source monitor;  // a source whose training accuracy is reported (n = 0: none)
+    int logits_net;            // the net whose output width is the number of classes (0: net 0,
+                               // the student; a generator-first step names the student)
 };
 
 struct kd_step_stats {

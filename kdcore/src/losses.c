@@ -333,3 +333,47 @@ enum kd_status kd_loss_dist(float * inter, float * intra, float * dlogits, const
     if (!isfinite(l_inter) || !isfinite(l_intra)) KD_FAIL(KD_ERR_NONFINITE, "DIST loss is not finite");
     return KD_OK;
 }
+
+// ---------------------------------------------------------------------------------------
+// DAFL's activation and information-entropy losses
+
+enum kd_status kd_loss_activation(float * loss, float * dx, const float * x, size_t n, float weight, bool accumulate) {
+    if (!x || n == 0) KD_FAIL(KD_ERR_VALUE, "the features must be non-empty");
+    double total = 0;
+    const double g = -(double)weight / (double)n;
+    for (size_t i = 0; i < n; i++) {
+        total += fabs((double)x[i]);
+        // d|x|/dx at 0 is 0, as torch.abs
+        if (dx) put(&dx[i], x[i] > 0 ? g : x[i] < 0 ? -g : 0.0, accumulate);
+    }
+    if (loss) *loss = (float)(-total / (double)n);
+    if (!isfinite(total)) KD_FAIL(KD_ERR_NONFINITE, "the activation loss is not finite");
+    return KD_OK;
+}
+
+enum kd_status kd_loss_entropy(float * loss, float * dlogits, const float * z, int N, int V, float weight,
+                               bool accumulate) {
+    if (!z || N < 1 || V < 1) KD_FAIL(KD_ERR_VALUE, "logits must be non-empty");
+    const size_t nv = (size_t)N * V;
+    double * p = malloc(nv * sizeof *p), * pbar = calloc((size_t)V, sizeof *pbar);
+    if (!p || !pbar) { free(p); free(pbar); KD_FAIL(KD_ERR_NOMEM, "cannot allocate"); }
+    softmax_rows_d(p, z, N, V, 1.0);
+    for (size_t i = 0; i < nv; i++) pbar[i % V] += p[i] / N;
+    double L = 0;
+    for (int c = 0; c < V; c++) L += pbar[c] > 0 ? pbar[c] * log10(pbar[c]) : 0.0;
+    if (dlogits) {
+        // dL/dpbar_c = log10 pbar_c + 1 / ln 10; through the mean and each row's softmax
+        const double inv_ln10 = 1.0 / log(10.0);
+        for (int c = 0; c < V; c++) pbar[c] = weight * (log10(fmax(pbar[c], 1e-300)) + inv_ln10) / N;
+        for (int i = 0; i < N; i++) {
+            const double * pi = p + (size_t)i * V;
+            double dot = 0;
+            for (int c = 0; c < V; c++) dot += pbar[c] * pi[c];
+            for (int c = 0; c < V; c++) put(&dlogits[(size_t)i * V + c], pi[c] * (pbar[c] - dot), accumulate);
+        }
+    }
+    free(p); free(pbar);
+    if (loss) *loss = (float)L;
+    if (!isfinite(L)) KD_FAIL(KD_ERR_NONFINITE, "the entropy loss is not finite");
+    return KD_OK;
+}

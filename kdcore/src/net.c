@@ -113,6 +113,7 @@ static const struct layer_info {
     [KD_LAYER_UPSAMPLE_BILINEAR] = { "upsample_bilinear", 1, false },
     [KD_LAYER_LEAKY_RELU]     = { "leaky_relu",     1, false },
     [KD_LAYER_TANH]           = { "tanh",           1, true  },
+    [KD_LAYER_RESHAPE]        = { "reshape",        1, false },
 };
 
 static int n_inputs(const struct kd_layer_spec * s) { return layer_info[s->type].n_inputs; }
@@ -218,6 +219,10 @@ static enum kd_status check_spec(const struct kd_net * net, const struct kd_laye
         if (s->size[0] == 0 && s->stride < 1)
             KD_FAIL(KD_ERR_VALUE, "'%s': the scale factor (stride, %d) must be >= 1", nm, s->stride);
         break;
+    case KD_LAYER_RESHAPE:
+        if (s->out_ch < 1 || s->size[0] < 1 || s->size[1] < 1)
+            KD_FAIL(KD_ERR_VALUE, "'%s': the shape (%d, %d, %d) must be positive", nm, s->out_ch, s->size[0], s->size[1]);
+        break;
     case KD_LAYER_LEAKY_RELU:
         if (!isfinite(s->slope)) KD_FAIL(KD_ERR_VALUE, "'%s': negative_slope (%g) must be finite", nm, s->slope);
         break;
@@ -274,7 +279,7 @@ static int node_weight_shape(const struct kd_layer_spec * s, int shape[4]) {
     case KD_LAYER_RELU: case KD_LAYER_MAXPOOL2D: case KD_LAYER_AVGPOOL2D: case KD_LAYER_GLOBAL_AVGPOOL:
     case KD_LAYER_DROPOUT: case KD_LAYER_FLATTEN: case KD_LAYER_ADD: case KD_LAYER_INPUT: case KD_LAYER_UPSAMPLE:
     case KD_LAYER_SIGMOID: case KD_LAYER_MUL: case KD_LAYER_CONCAT: case KD_LAYER_UPSAMPLE_BILINEAR:
-    case KD_LAYER_LEAKY_RELU: case KD_LAYER_TANH: case KD_LAYER_COUNT:
+    case KD_LAYER_LEAKY_RELU: case KD_LAYER_TANH: case KD_LAYER_RESHAPE: case KD_LAYER_COUNT:
         break;
     }
     return 0;
@@ -610,6 +615,14 @@ enum kd_status kd_net_plan(struct kd_net * net, int N, int C, int H, int W) {
             if (s->type == KD_LAYER_CONCAT) oc = c + c2;
             break;
         }
+        case KD_LAYER_RESHAPE:
+            if ((size_t)c * h * w != (size_t)s->out_ch * s->size[0] * s->size[1]) {
+                net->C = sC; net->H = sH; net->W = sW;
+                KD_FAIL(KD_ERR_SHAPE, "reshape '%s': %d values per sample cannot become (%d, %d, %d)", nd->name,
+                        c * h * w, s->out_ch, s->size[0], s->size[1]);
+            }
+            oc = s->out_ch; oh = s->size[0]; ow = s->size[1];
+            break;
         case KD_LAYER_INPUT:
             if (!nd->ext_set || nd->ext_c != s->in_ch) {
                 net->C = sC; net->H = sH; net->W = sW;
@@ -747,6 +760,7 @@ static void node_forward(struct kd_net * net, int i, int N, float * out, const f
         else memcpy(out, in, numel * sizeof(float));
         break;
     case KD_LAYER_FLATTEN:
+    case KD_LAYER_RESHAPE:
         memcpy(out, in, numel * sizeof(float));
         break;
     case KD_LAYER_ADD:
@@ -1152,6 +1166,7 @@ enum kd_status kd_net_backward(struct kd_net * net, const float * dout, float * 
             else kd_add_backward(din, NULL, d, nd->numel);
             break;
         case KD_LAYER_FLATTEN:
+        case KD_LAYER_RESHAPE:
             if (din) kd_add_backward(din, NULL, d, nd->numel);
             break;
         case KD_LAYER_ADD: {

@@ -313,6 +313,15 @@ static enum kd_status pair_dist(const struct kd_term * t, struct pair_io * p) {
     p->value = t->T * t->T * (t->beta * p->part[0] + t->dist.gamma * p->part[1]);
     return st;
 }
+// DAFL's one-hot loss: cross-entropy against the source's own argmax (pseudo-labels).
+static enum kd_status pair_onehot(const struct kd_term * t, struct pair_io * p) {
+    int64_t * lab = malloc((size_t)p->nb * sizeof *lab);
+    if (!lab) return kd_set_error_(KD_ERR_NOMEM, "kd_step_epoch", "cannot allocate pseudo-labels");
+    for (int i = 0; i < p->nb; i++) lab[i] = argmax_row(p->b + (size_t)i * p->bc, p->bc);
+    enum kd_status st = kd_cross_entropy(&p->value, p->da, p->a, lab, NULL, p->nb, p->ac, 0.0f, p->w, true);
+    free(lab);
+    return st;
+}
 static enum kd_status pair_cc(const struct kd_term * t, struct pair_io * p) {
     return kd_loss_cc(&p->value, p->da, p->db, p->a, p->b, p->nb, p->ac * p->ah * p->aw, p->w, true);
 }
@@ -387,6 +396,9 @@ static const struct term_kind_info {
     [KD_TERM_CRD]      = { "crd",      "CRD loss",          false, true,  true,  true,  pair_crd },
     [KD_TERM_HCL]      = { "hcl",      "ReviewKD loss",     false, true,  false, true,  pair_hcl },
     [KD_TERM_DIST]     = { "dist",     "DIST loss",         true,  true,  false, true,  pair_dist },
+    [KD_TERM_ONEHOT]   = { "onehot",   "one-hot loss",      true,  true,  false, true,  pair_onehot },
+    [KD_TERM_ACTIVATION] = { "activation", "activation loss", false, false, false, false, NULL },
+    [KD_TERM_ENTROPY]  = { "entropy",  "entropy loss",      true,  false, false, false, NULL },
 };
 
 const char * kd_term_kind_name(enum kd_term_kind kind) {
@@ -417,6 +429,7 @@ struct kd_term kd_term_default(enum kd_term_kind kind) {
 struct snet {
     const struct kd_step_net * c;
     bool trained, connector;
+    bool backprop;            // a backward runs: trained, or a grad_input connector
     int V;                    // values per sample of its output (0 when it has no output shape yet)
     float * cached;           // this batch's rows of c->logits
     float * noisy;            // its noisy copy of the batch
@@ -468,9 +481,9 @@ static const float * ref_data(const struct engine * E, struct kd_ref r) {
     return sn->cached ? sn->cached : kd_net_output(sn->c->net, ref_node(E, r));
 }
 
-// The slot of a reference, NULL when its net is not trained (no gradient goes there).
+// The slot of a reference, NULL when no backward runs through its net.
 static float * ref_grad(struct engine * E, struct kd_ref r) {
-    if (!E->n[r.net].trained) return NULL;
+    if (!E->n[r.net].backprop) return NULL;
     const int node = ref_node(E, r);
     for (int i = 0; i < E->n_slots; i++) {
         struct gslot * g = &E->slots[i];
@@ -626,6 +639,16 @@ static enum kd_status term_run(struct engine * E, const struct kd_term * t, floa
     }
     if (t->kind == KD_TERM_TOLERANT) {
         st = kd_loss_tolerant(&o->value, da, a, nb, V, t->k, w, true);
+        o->contrib = (double)w * o->value;
+        return st;
+    }
+    if (t->kind == KD_TERM_ACTIVATION) {
+        st = kd_loss_activation(&o->value, da, a, (size_t)nb * ref_per(E, t->a), w, true);
+        o->contrib = (double)w * o->value;
+        return st;
+    }
+    if (t->kind == KD_TERM_ENTROPY) {
+        st = kd_loss_entropy(&o->value, da, a, nb, V, w, true);
         o->contrib = (double)w * o->value;
         return st;
     }
@@ -787,6 +810,11 @@ static enum kd_status engine_setup(struct engine * E) {
             if (s->nets[j].net == c->net) E_FAIL(KD_ERR_VALUE, "net %d (%s) is also net %d of the step", i, role, j);
         sn->trained = c->opt != NULL;
         sn->connector = c->input_net >= 0;
+        sn->backprop = sn->trained || c->grad_input;
+        if (c->grad_input && (!c->net || c->opt || !sn->connector))
+            E_FAIL(KD_ERR_VALUE, "net %d (%s): grad_input is for a frozen connector (a net, no optimizer, an input net)",
+                   i, role);
+        if (c->detach_input && !sn->connector) E_FAIL(KD_ERR_VALUE, "net %d (%s): detach_input needs an input net", i, role);
         if (c->params_only) {
             if (!c->net || !c->opt || sn->connector)
                 E_FAIL(KD_ERR_VALUE, "net %d (%s): a parameter holder needs a net and an optimizer, and no input", i, role);
@@ -827,13 +855,16 @@ static enum kd_status engine_setup(struct engine * E) {
         kd_net_node_shape(c->net, -1, &oc, &oh, &ow);
         sn->V = oc * oh * ow;
     }
-    // The logits width: the first net's output (the student, the model, peer 0).
-    E->V = E->n[0].V;
+    // The logits width: the output of logits_net (net 0 by default: the student, the model,
+    // peer 0).
+    if (s->logits_net < 0 || s->logits_net >= s->n_nets || !s->nets[s->logits_net].net)
+        E_FAIL(KD_ERR_VALUE, "logits_net (%d) must be a net of the step", s->logits_net);
+    E->V = E->n[s->logits_net].V;
     for (int i = 0; i < s->n_nets; i++) if (s->nets[i].logits) E->n[i].V = E->V;
     E->BV = (size_t)L->B * E->V;
     if (ds->num_classes > 0 && ds->num_classes != E->V)
         E_FAIL(KD_ERR_SHAPE, "the dataset has %d classes but the %s outputs %d values", ds->num_classes,
-                s->nets[0].role ? s->nets[0].role : "net", E->V);
+                s->nets[s->logits_net].role ? s->nets[s->logits_net].role : "net", E->V);
     for (int i = 0; i < s->n_terms; i++) {
         const struct kd_term * t = &s->terms[i];
         if ((unsigned)t->kind >= KD_TERM_COUNT) E_FAIL(KD_ERR_VALUE, "term %d: unknown kind %d", i, (int)t->kind);
@@ -913,13 +944,13 @@ static enum kd_status engine_setup(struct engine * E) {
         if (t->kind == KD_TERM_FSP) {
             if (ns != 2) E_FAIL(KD_ERR_VALUE, "term %d (fsp): the source lists the teacher's two maps, got %d", i, ns);
             KD_TRY(check_ref(E, t->fsp.a2, "fsp.a2", i, kn));
-            if (E->n[t->fsp.a2.net].trained)
+            if (E->n[t->fsp.a2.net].backprop)
                 KD_TRY(add_slot(E, t->fsp.a2.net, ref_node(E, t->fsp.a2), ref_per(E, t->fsp.a2)));
         }
         // Gradient slots for every trained input the term writes to.
-        if (E->n[t->a.net].trained) KD_TRY(add_slot(E, t->a.net, ref_node(E, t->a), per));
+        if (E->n[t->a.net].backprop) KD_TRY(add_slot(E, t->a.net, ref_node(E, t->a), per));
         for (int j = 0; j < ns && t->src.grad; j++)
-            if (E->n[t->src.ref[j].net].trained)
+            if (E->n[t->src.ref[j].net].backprop)
                 KD_TRY(add_slot(E, t->src.ref[j].net, ref_node(E, t->src.ref[j]), ref_per(E, t->src.ref[j])));
     }
     if (s->monitor.n < 0 || s->monitor.n > KD_SOURCE_MAX) E_FAIL(KD_ERR_VALUE, "monitor.n must be in [0, %d]", KD_SOURCE_MAX);
@@ -1009,12 +1040,12 @@ static enum kd_status engine_alloc(struct engine * E) {
         if (c->logits && !(sn->cached = malloc(E->BV * sizeof(float)))) E_FAIL(KD_ERR_NOMEM, "cannot allocate");
         if (c->input_noise > 0 && c->input_net < 0 && !(sn->noisy = malloc(px * B * sizeof(float))))
             E_FAIL(KD_ERR_NOMEM, "cannot allocate");
-        if (sn->connector && E->n[c->input_net].trained) {
+        if (sn->connector && E->n[c->input_net].backprop && !c->detach_input) {
             size_t p = ref_per(E, (struct kd_ref){ c->input_net, c->input_node });
             if (!(sn->dinp = malloc(p * B * sizeof(float)))) E_FAIL(KD_ERR_NOMEM, "cannot allocate");
         }
         for (int k = 0; k < c->n_inputs; k++)
-            if (E->n[c->inputs[k].net].trained && !(sn->ext_grad[k] = malloc(ref_per(E, c->inputs[k]) * B * sizeof(float))))
+            if (E->n[c->inputs[k].net].backprop && !c->detach_input && !(sn->ext_grad[k] = malloc(ref_per(E, c->inputs[k]) * B * sizeof(float))))
                 E_FAIL(KD_ERR_NOMEM, "cannot allocate");
     }
     return KD_OK;
@@ -1082,7 +1113,7 @@ enum kd_status kd_step_run_(const struct kd_step_cfg * s, const struct kd_datase
             }
             // Frozen nets run inference forwards; trained ones lean forwards (every node a
             // term reads is kept, so the lean layout leaves it readable).
-            unsigned mode = c->mode | (sn->trained ? KD_MODE_LEAN : KD_MODE_NO_GRAD);
+            unsigned mode = c->mode | (sn->backprop ? KD_MODE_LEAN : KD_MODE_NO_GRAD);
             if ((st = kd_net_forward(c->net, x, nb, C, H, W, mode, L.sseed ^ c->salt)) != KD_OK) goto done;
         }
         // Terms: values and gradients at the slots. A CRD bank's draw counter and Z (set by
@@ -1108,7 +1139,7 @@ enum kd_status kd_step_run_(const struct kd_step_cfg * s, const struct kd_datase
         // dropped step leaves every net as it was.
         for (int i = s->n_nets - 1; i >= 0; i--) {
             struct snet * sn = &E.n[i];
-            if (!sn->trained) continue;
+            if (!sn->backprop) continue;
             struct kd_net * net = sn->c->net;
             if (sn->c->params_only) {
                 if (!all_finite(kd_net_grads(net), kd_net_num_params(net)))
@@ -1138,6 +1169,7 @@ enum kd_status kd_step_run_(const struct kd_step_cfg * s, const struct kd_datase
                 if (!all_finite(sn->ext_grad[k], (size_t)nb * ref_per(&E, in))) NONFINITE_STEP("input gradient", role);
                 if ((st = kd_net_grad_add(s->nets[in.net].net, ref_node(&E, in), sn->ext_grad[k], 1.0f)) != KD_OK) goto done;
             }
+            if (!sn->trained) kd_net_zero_grad(net);   // grad_input: only the input gradient was wanted
         }
         // State moves once every check has passed: CRD's banks take the step's embeddings,
         // learned gates their SGD step (the next step reads them again).
@@ -1189,7 +1221,7 @@ skip:
             memcpy(kd_crd_z(s->terms[t].crd.bank), crd_saved[t].z, sizeof crd_saved[t].z);
         }
 stepped:
-        if ((st = loop_after_step(&L, s_net[0], net_correct[0], seen)) != KD_OK) goto done;
+        if ((st = loop_after_step(&L, s_net[s->logits_net], net_correct[s->logits_net], seen)) != KD_OK) goto done;
     }
 done:
     if (out) {

@@ -13,7 +13,7 @@ import sys
 
 import numpy as np
 
-from . import _kdcore, callbacks, datasets, explain, functional, losses, metrics, models, nn, optim
+from . import _kdcore, callbacks, datafree, datasets, explain, functional, losses, metrics, models, nn, optim
 from .checkpoint import CheckpointMismatch, load, load_torch, save
 from .distill import distill, exit_accuracies, kl_divergence, multi_exit, mutual, slkd
 from .schemes import born_again, dgkd, eskd, snapshot_distill, takd, tf_kd
@@ -25,7 +25,7 @@ __version__ = _kdcore.version
 # another instruction set than the one asked for (the C library falls back to the automatic
 # choice, and says so in show_config()).
 _kdcore.isa_init()
-__all__ = ["nn", "models", "datasets", "functional", "losses", "metrics", "explain", "optim", "callbacks", "fit",
+__all__ = ["nn", "models", "datasets", "functional", "losses", "metrics", "explain", "datafree", "optim", "callbacks", "fit",
            "evaluate", "predict", "History", "lr_find", "LRFind",
            "distill", "mutual", "slkd", "multi_exit", "exit_accuracies", "kl_divergence",
            "born_again", "takd", "dgkd", "snapshot_distill", "eskd", "tf_kd",

@@ -1635,7 +1635,7 @@ static int get_labels(PyObject * o, int N, int V, PyArrayObject ** out) {
     *out = get_array(o, NPY_INT64, "target");
     if (!*out) return -1;
     if (PyArray_NDIM(*out) != 1 || PyArray_DIM(*out, 0) != N) {
-        PyErr_Format(PyExc_ValueError, "target must be 1-D with %d labels, got %zd values", N, (Py_ssize_t)PyArray_SIZE(*out));
+        PyErr_Format(PyExc_ValueError, "target must be 1-D with %d labels (one per row of the logits), got %zd values", N, (Py_ssize_t)PyArray_SIZE(*out));
         Py_CLEAR(*out);
         return -1;
     }
@@ -2715,7 +2715,7 @@ static PyObject * py_cross_entropy(PyObject * Py_UNUSED(m), PyObject * args, PyO
     t = get_array(to, NPY_INT64, "target");
     if (!t) goto fail;
     if (PyArray_NDIM(t) != 1 || PyArray_DIM(t, 0) != PyArray_DIM(z, 0)) {
-        PyErr_Format(PyExc_ValueError, "target must be 1-D with %zd labels, got %zd values",
+        PyErr_Format(PyExc_ValueError, "target must be 1-D with %zd labels (one per row of the logits), got %zd values",
                      (Py_ssize_t)PyArray_DIM(z, 0), (Py_ssize_t)PyArray_SIZE(t));
         goto fail;
     }
@@ -3167,11 +3167,12 @@ done:
 // grad, drop, gates, gate_lr, weight, warmup_epochs, stop_epoch, T, alpha, beta, k,
 // conditional}; monitor: a dict {src, w, mix} or None. Returns the kd_step_stats as a dict.
 static PyObject * py_step_epoch(PyObject * Py_UNUSED(m), PyObject * args, PyObject * kwds) {
-    static char * kwlist[] = { "nets", "terms", "data", "epoch", "train", "monitor", NULL };
+    static char * kwlist[] = { "nets", "terms", "data", "epoch", "train", "monitor", "logits_net", NULL };
     PyObject * nets_o, * terms_o, * topts, * mon_o = Py_None;
     DatasetObject * data;
-    int epoch;
-    if (!PARSE_KW(args, kwds, "OOO!iO|O", kwlist, &nets_o, &terms_o, &DatasetType, &data, &epoch, &topts, &mon_o))
+    int epoch, logits_net = 0;
+    if (!PARSE_KW(args, kwds, "OOO!iO|Oi", kwlist, &nets_o, &terms_o, &DatasetType, &data, &epoch, &topts, &mon_o,
+                  &logits_net))
         return NULL;
     struct kd_train_cfg cfg;
     struct callback_ctx ctx = { NULL };
@@ -3207,6 +3208,7 @@ static PyObject * py_step_epoch(PyObject * Py_UNUSED(m), PyObject * args, PyObje
         int mode = 0;
         long long salt = 0;
         if (opt_i32(&r, "mode", &mode) < 0 || opt_bool(&r, "params_only", &c->params_only) < 0 ||
+            opt_bool(&r, "grad_input", &c->grad_input) < 0 || opt_bool(&r, "detach_input", &c->detach_input) < 0 ||
             opt_float(&r, "noise", &c->input_noise) < 0 ||
             opt_float(&r, "lr_scale", &c->lr_scale) < 0 || opt_int(&r, "salt", &salt) < 0 || opt_done(&r) < 0)
             goto done;
@@ -3326,7 +3328,8 @@ static PyObject * py_step_epoch(PyObject * Py_UNUSED(m), PyObject * args, PyObje
             goto done;
         }
     }
-    struct kd_step_cfg step = { .nets = sn, .n_nets = (int)nn, .terms = terms, .n_terms = (int)nt };
+    struct kd_step_cfg step = { .nets = sn, .n_nets = (int)nn, .terms = terms, .n_terms = (int)nt,
+                                .logits_net = logits_net };
     if (mon_o != Py_None) {
         if (!PyDict_Check(mon_o)) { PyErr_SetString(PyExc_TypeError, "monitor must be a dict or None"); goto done; }
         struct opt_reader r = { mon_o, "monitor", 0 };

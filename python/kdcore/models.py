@@ -6,10 +6,11 @@ from collections import OrderedDict
 
 import numpy as np
 
-from .nn import (_ADD, _RELU, AdaptiveAvgPool2d, BatchNorm1d, BatchNorm2d, Block, Conv2d, Dropout, Flatten, Linear,
-                 MaxPool2d, Module, ReLU, Sequential, _check_bool, _check_float, _check_int, _join)
+from .nn import (_ADD, _RELU, AdaptiveAvgPool2d, BatchNorm1d, BatchNorm2d, Block, Conv2d, Dropout, Flatten, LeakyReLU,
+                 Linear, MaxPool2d, Module, ReLU, Sequential, Tanh, Unflatten, Upsample, _check_bool, _check_float,
+                 _check_int, _join)
 
-__all__ = ["mlp", "cnn",
+__all__ = ["mlp", "cnn", "dafl_generator",
            "resnet8", "resnet14", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110",
            "resnet8x4", "resnet32x4",
            "wrn_16_1", "wrn_16_2", "wrn_40_1", "wrn_40_2", "vgg8", "vgg11", "vgg13",
@@ -513,6 +514,29 @@ vgg13 = _make_vgg_builder("vgg13", "B")
 _BUILDERS = OrderedDict((f.__name__, f) for f in (
     mlp, cnn, resnet8, resnet14, resnet20, resnet32, resnet44, resnet56, resnet110, resnet8x4, resnet32x4,
     wrn_16_1, wrn_16_2, wrn_40_1, wrn_40_2, vgg8, vgg11, vgg13))
+
+
+def dafl_generator(latent_dim=100, img_size=28, channels=1, width=128, seed=0):
+    """DAFL's generator (Chen et al. 2019): z (latent_dim) -> Linear -> (width, s, s) with
+    s = img_size / 4 -> BN -> x2 nearest -> conv3x3 -> BN -> LeakyReLU(0.2) -> x2 nearest ->
+    conv3x3 (width/2) -> BN -> LeakyReLU(0.2) -> conv3x3 (channels) -> Tanh -> BN. The
+    authors' last BN has no affine parameters; here it is affine, starting at the identity
+    (weight 1, bias 0), so it computes the same function until it trains. img_size must be
+    a multiple of 4 (28 for Fashion-MNIST, 32 for CIFAR). z is fed as (N, latent_dim)."""
+    latent_dim = _check_int("latent_dim", latent_dim, 1)
+    img_size = _check_int("img_size", img_size, 4)
+    channels = _check_int("channels", channels, 1)
+    width = _check_int("width", width, 2)
+    if img_size % 4:
+        raise ValueError(f"img_size ({img_size}) must be a multiple of 4")
+    s0, w = img_size // 4, width
+    m = Sequential(Linear(latent_dim, w * s0 * s0), Unflatten(1, (w, s0, s0)), BatchNorm2d(w),
+                   Upsample(scale_factor=2), Conv2d(w, w, 3, padding=1), BatchNorm2d(w, eps=0.8), LeakyReLU(0.2),
+                   Upsample(scale_factor=2), Conv2d(w, w // 2, 3, padding=1), BatchNorm2d(w // 2, eps=0.8),
+                   LeakyReLU(0.2), Conv2d(w // 2, channels, 3, padding=1), Tanh(), BatchNorm2d(channels))
+    m.reset_parameters(seed)
+    m.input_shape = (latent_dim,)
+    return m
 
 
 def names():

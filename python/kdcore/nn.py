@@ -23,7 +23,7 @@ from . import _kdcore
 
 __all__ = ["Module", "Sequential", "Linear", "Conv2d", "BatchNorm1d", "BatchNorm2d", "ReLU",
            "MaxPool2d", "AvgPool2d", "AdaptiveAvgPool2d", "Dropout", "Flatten", "Residual", "Identity",
-           "MultiExit", "Block", "Sigmoid", "Upsample", "LeakyReLU", "Tanh"]
+           "MultiExit", "Block", "Sigmoid", "Upsample", "LeakyReLU", "Tanh", "Unflatten"]
 
 # enum kd_layer_type, by the names C gives them
 _LT = _kdcore.LAYER_TYPES
@@ -31,7 +31,7 @@ _LINEAR, _CONV2D, _BATCHNORM, _RELU, _MAXPOOL, _AVGPOOL, _GAP, _DROPOUT, _FLATTE
     _LT[k] for k in ("linear", "conv2d", "batchnorm", "relu", "maxpool2d", "avgpool2d", "global_avgpool", "dropout",
                      "flatten", "add"))
 _INPUT_NODE, _UPSAMPLE, _SIGMOID, _MUL, _CONCAT = (_LT[k] for k in ("input", "upsample", "sigmoid", "mul", "concat"))
-_BILINEAR, _LEAKY_RELU, _TANH = (_LT[k] for k in ("upsample_bilinear", "leaky_relu", "tanh"))
+_BILINEAR, _LEAKY_RELU, _TANH, _RESHAPE = (_LT[k] for k in ("upsample_bilinear", "leaky_relu", "tanh", "reshape"))
 # Must match enum kd_init in kdcore.h.
 _INITS = {"default": 0, "kaiming_normal_fan_out": 1, "kaiming_normal_fan_in": 2}
 _INPUT = -1
@@ -660,6 +660,27 @@ class LeakyReLU(Module):
 
     def _describe(self):
         return f"negative_slope={self.negative_slope}"
+
+
+class Unflatten(Module):
+    """Flat features (N, C*H*W) -> maps (N, C, H, W), PyTorch's ``nn.Unflatten(1, (C, H, W))``
+    (dim 1 only): a generator's linear layer to its first feature map."""
+
+    def __init__(self, dim, unflattened_size):
+        super().__init__()
+        if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim != 1:
+            raise ValueError(f"Unflatten supports dim=1 only, got {dim!r}")
+        if not isinstance(unflattened_size, (tuple, list)) or len(unflattened_size) != 3:
+            raise TypeError(f"unflattened_size must be (C, H, W), got {unflattened_size!r}")
+        self.dim = 1
+        self.unflattened_size = tuple(_check_int("unflattened_size", v, 1) for v in unflattened_size)
+
+    def _emit(self, g, x, prefix):
+        c, h, w = self.unflattened_size
+        return g.add(_RESHAPE, prefix, [x], out_ch=c, size=(h, w))
+
+    def _describe(self):
+        return f"dim=1, unflattened_size={self.unflattened_size}"
 
 
 class Tanh(Module):

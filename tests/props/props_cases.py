@@ -58,6 +58,9 @@ FUNCTIONAL = {
     "dkd_loss": (F.dkd_loss, dict(student_logits=LOGITS, teacher_logits=TEACHER, target=Y, alpha=1.0, beta=8.0, T=4.0),
                  dict(student_logits=logits_pool(), teacher_logits=logits_pool(TEACHER), target=labels_variants(Y, V),
                       alpha=SCALARS, beta=SCALARS, T=SCALARS)),
+    "dist_loss": (F.dist_loss, dict(student_logits=LOGITS, teacher_logits=TEACHER, beta=2.0, gamma=2.0, T=4.0),
+                  dict(student_logits=logits_pool(), teacher_logits=logits_pool(TEACHER), beta=SCALARS, gamma=SCALARS,
+                       T=SCALARS)),
     "logit_mse_loss": (F.logit_mse_loss, dict(student_logits=LOGITS, teacher_logits=TEACHER),
                        dict(student_logits=logits_pool(), teacher_logits=logits_pool(TEACHER))),
     "tolerant_loss": (F.tolerant_loss, dict(logits=LOGITS, K=3), dict(logits=logits_pool(), K=SCALARS)),
@@ -1398,6 +1401,51 @@ def test_leaky_relu_arguments(slope):
         assert np.all(np.isfinite(out)) and np.all(np.isfinite(m.backward(np.ones_like(out))))
 
 
+@settings(max_examples=30)
+@given(dim=st.one_of(SCALARS, st.just(1)), size=st.one_of(SCALARS, st.tuples(SIZES, SIZES, SIZES), st.just((2, 2, 2))))
+def test_unflatten_arguments(dim, size):
+    ok, m = attempt(nn.Unflatten, (dim, size), {}, ("dim", "unflattened_size"), what="nn.Unflatten")
+    if ok:
+        x = RNG.normal(size=(2, int(np.prod(m.unflattened_size)))).astype(np.float32)
+        assert m(x).shape == (2,) + m.unflattened_size
+
+
+@settings(max_examples=20)
+@given(module=st.one_of(SCALARS, st.just(None)))
+def test_from_torch_arguments(module):
+    """kdcore.models.from_torch refuses anything that is not a torch module, naming it."""
+    attempt(kdcore.models.from_torch, (module,), {}, ("module",), what="models.from_torch")
+
+
+@settings(max_examples=30)
+@given(st.data())
+def test_dafl_generator_arguments(data):
+    valid = dict(latent_dim=4, img_size=8, channels=1, width=4, seed=0)
+    pools = dict(latent_dim=COUNTS, img_size=st.one_of(COUNTS, st.sampled_from([6, 8, 12])), channels=COUNTS,
+                 width=COUNTS, seed=SCALARS)
+    arg, kw = mutate(valid, pools, data)
+    ok, g = attempt(kdcore.models.dafl_generator, (), kw, (arg,), what="models.dafl_generator")
+    if ok:
+        out = g.forward(RNG.normal(size=(2, kw["latent_dim"])).astype(np.float32), grad=False)
+        assert out.shape == (2, kw["channels"], kw["img_size"], kw["img_size"]) and np.all(np.isfinite(out))
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.data())
+def test_dafl_arguments(data):
+    """kdcore.datafree.dafl with one argument replaced: a run or an error naming it."""
+    teacher = kdcore.models.cnn(num_classes=3, in_channels=1, input_size=8, width=2, seed=0)
+    student = kdcore.models.cnn(num_classes=3, in_channels=1, input_size=8, width=2, seed=1)
+    valid = dict(student=student, teacher=teacher, epochs=1, steps_per_epoch=1, batch_size=4, latent_dim=3, lr_g=0.01,
+                 lr_s=0.01, oh=1.0, ie=5.0, a=0.1, T=1.0, progress=False, seed=0)
+    pools = dict(student=SCALARS, teacher=SCALARS, epochs=COUNTS, steps_per_epoch=COUNTS, batch_size=COUNTS,
+                 latent_dim=COUNTS, lr_g=SCALARS, lr_s=SCALARS, oh=SCALARS, ie=SCALARS, a=SCALARS, T=SCALARS,
+                 activation_tap=st.one_of(SCALARS, st.sampled_from(["15", "nope"])))
+    arg, kw = mutate(valid, pools, data)
+    names = {"activation_tap": ("activation_tap", "tap")}.get(arg, (arg,))
+    attempt(kdcore.datafree.dafl, (), kw, names, what="datafree.dafl", ok=(TypeError, ValueError, KeyError), trains=True)
+
+
 def test_all_public_names_are_covered():
     """Every name in kdcore.__all__ and the submodules' __all__ is exercised above (or listed
     here as needing no input check), so a new public function needs a property here too."""
@@ -1407,7 +1455,7 @@ def test_all_public_names_are_covered():
                 "functional", "optim", "names", "Module", "ReLU", "Flatten", "Identity", "Block", "Residual",
                 "BatchNorm1d", "ResNet", "BasicBlock", "WideResNet", "WideBasicBlock", "NetworkBlock", "VGG",
                 "Dataset", "FASHION_MNIST_DIR", "teacher_logits", "exit_accuracies", "get_isa", "supported_isas",
-                "metrics", "explain", "Sigmoid", "Tanh", "Discarding", "plot_discarding", "plot_concepts", "LRFind"}
+                "metrics", "explain", "Sigmoid", "Tanh", "Discarding", "plot_discarding", "plot_concepts", "LRFind", "datafree", "samples"}
     for name in list(kdcore.__all__) + [n for mod in (kdcore.nn, kdcore.models, kdcore.datasets, kdcore.functional,
                                                       kdcore.optim, kdcore.metrics, kdcore.explain, kdcore.callbacks)
                  for n in mod.__all__]:
