@@ -1,0 +1,130 @@
+"""The command line: recipes in, run folders and reports out.
+
+    python -m kdcore run recipes/kd.yaml [more.yaml ...] [--out runs] [--seeds 0,1]
+                         [--set key.path=value ...] [--cache DIR] [--threads N] [--check]
+    python -m kdcore report runs [--md report.md] [--json report.json]
+
+``run`` writes one folder per (recipe, seed), <out>/<name>/seed-<seed> (see kdcore.recipes),
+and skips the runs an earlier invocation finished. ``--check`` only validates the recipes,
+loads the data and builds the models (an untrained teacher): nothing is trained or written.
+``report`` prints mean ± std over seeds of the last- and best-epoch test accuracy per
+(recipe, method). Exit status: 0, 1 if a run failed (the others still run), 2 for a recipe
+or command-line error.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+
+
+def _seeds(text):
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated ints, e.g. 0,1,2, got {text!r}") from None
+    if not seeds or any(s < 0 for s in seeds):
+        raise argparse.ArgumentTypeError(f"expected seeds >= 0, got {text!r}")
+    return seeds
+
+
+def _parser():
+    ap = argparse.ArgumentParser(prog="python -m kdcore", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="run recipes, one folder per (recipe, seed)")
+    r.add_argument("recipes", nargs="+", help="recipe files (YAML)")
+    r.add_argument("--out", default="runs", help="where the run folders go (default: runs)")
+    r.add_argument("--seeds", type=_seeds, default=None, help="comma-separated seeds, replacing the recipes'")
+    r.add_argument("--set", dest="sets", action="append", nargs="+", default=[], metavar="KEY.PATH=VALUE",
+                   help="override a recipe key, the value read as YAML (e.g. --set epochs=2 student.width=8)")
+    r.add_argument("--cache", default=None, help="trained teachers' cache (default: <out>/_teachers)")
+    r.add_argument("--threads", type=int, default=None, help="kdcore.set_num_threads")
+    r.add_argument("--check", action="store_true",
+                   help="validate, load the data and build the models; train nothing, write nothing")
+    r.add_argument("--quiet", action="store_true", help="no per-epoch lines")
+    p = sub.add_parser("report", help="table of finished runs: mean ± std over seeds per (recipe, method)")
+    p.add_argument("out", nargs="?", default="runs", help="the runs folder (default: runs)")
+    p.add_argument("--md", default=None, help="also write the table as Markdown to this file")
+    p.add_argument("--json", default=None, help="also write the rows (unrounded) as JSON to this file")
+    return ap
+
+
+def _log(msg):
+    print(msg, flush=True)
+
+
+def _run(args, recipes):
+    import kdcore
+    if args.threads is not None:
+        kdcore.set_num_threads(args.threads)
+    sets = [s for group in args.sets for s in group]
+    cfgs = [(path, recipes.load(path, sets=sets, seeds=args.seeds)) for path in args.recipes]
+    names = {}
+    for path, cfg in cfgs:
+        if cfg["name"] in names:
+            raise recipes.RecipeError(f"{path}: name {cfg['name']!r} is also {names[cfg['name']]}'s; "
+                                      "give one of them another name (name: ...)")
+        names[cfg["name"]] = path
+    if args.check:
+        for path, cfg in cfgs:
+            p = recipes.prepare(cfg, cfg["seeds"][0], args.cache, train_teacher=False)
+            t = p["teacher"]
+            _log(f"{path}: ok ({cfg['name']}: method {cfg['method']}, student {cfg['student']['model']} "
+                 f"{p['student'].num_parameters():,} parameters"
+                 + (f", teacher {cfg['teacher']['model']} {t.num_parameters():,}" if t is not None else "")
+                 + f", {len(p['train'])} training images, seeds {cfg['seeds']})")
+        return 0
+    failed, skipped = [], 0
+    t0 = time.perf_counter()
+    for path, cfg in cfgs:
+        for seed in cfg["seeds"]:
+            try:
+                m = recipes.run_one(cfg, seed, args.out, cache=args.cache, log=None if args.quiet else _log,
+                                    argv=[sys.executable, "-m", "kdcore"] + sys.argv[1:])
+                skipped += m["skipped"]
+            except recipes.RecipeError:
+                raise
+            except Exception:   # one failed run (e.g. a non-finite loss) must not stop the others
+                traceback.print_exc()
+                failed.append(f"{cfg['name']} seed {seed}")
+                _log(f"{cfg['name']} seed {seed}: FAILED (no done.json; a rerun retries it)")
+    total = sum(len(c["seeds"]) for _, c in cfgs)
+    _log(f"{total - len(failed) - skipped} runs finished, {skipped} skipped (finished earlier), {len(failed)} failed "
+         f"({time.perf_counter() - t0:.0f} s); python -m kdcore report {args.out}")
+    return 1 if failed else 0
+
+
+def _report(args, recipes):
+    if not os.path.isdir(args.out):
+        raise recipes.RecipeError(f"{args.out}: no such folder")
+    rows = recipes.report(args.out)
+    if not rows:
+        raise recipes.RecipeError(f"{args.out}: no finished runs (folders with done.json)")
+    print(recipes.format_report(rows), end="")
+    if args.md:
+        with open(args.md, "w", encoding="utf-8") as f:
+            f.write(f"Test accuracy (%) in {args.out}, mean ± std over seeds (ddof 0); best epoch: highest "
+                    "validation accuracy, or test accuracy without a validation split.\n\n")
+            f.write(recipes.format_report(rows, markdown=True))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(rows, f, indent=1)
+    return 0
+
+
+def main(argv=None):
+    args = _parser().parse_args(argv)
+    from . import recipes
+    try:
+        return _run(args, recipes) if args.command == "run" else _report(args, recipes)
+    except recipes.RecipeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1011 @@
+"""Recipes: one distillation experiment described in YAML, run once per seed into a folder.
+
+    recipe = kdcore.recipes.load("recipes/kd.yaml", sets=["epochs=2"])   # validated, defaults filled
+    kdcore.recipes.run_one(recipe, seed=0, out="runs")                   # -> runs/kd/seed-0/
+    kdcore.recipes.report("runs")                                        # rows: mean/std per (recipe, method)
+
+The command line (``python -m kdcore run|report``, kdcore/__main__.py) is a thin layer over
+these functions. A recipe (every key but ``method`` optional; defaults are kdcore's):
+
+    name: kd                       # the run folder's name (default: the file's stem)
+    teacher:                       # a zoo model trained here and cached by its configuration,
+      model: resnet8x4             #   or loaded: checkpoint: path (a kdcore checkpoint, or a
+      epochs: 8                    #   PyTorch .pt/.pth state dict, torch_key: nested key)
+      optimizer: sgd               # training keys of the teacher: epochs, optimizer, lr,
+      lr: 0.1                      #   schedule, batch_size, augment, train_size, seed
+      schedule: cosine
+      augment: true
+    student: {model: resnet8}      # zoo name; width (cnn), hidden/dropout/batchnorm (mlp)
+    data:
+      source: fashion_mnist        # or an .npz file with X_train, y_train, X_test, y_test
+      train_size: 6000             # the student's labelled images, drawn with the seed
+      val_split: 5000              # carved from the training set with the seed (int or fraction)
+      test_size: null              # the first N test images (all by default)
+    method: kd                     # scratch, any kdcore.losses.METHODS name, mutual, slkd
+    options: {T: 4}                # keyword arguments of the training function, checked
+    losses:                        # instead of a method's reference terms: kdcore.losses terms
+      - {kind: CE, weight: 1}
+      - {kind: AT, weight: 1000, p: 2}
+    optimizer: {name: sgd, momentum: 0.9, weight_decay: 5.0e-4}
+    lr: 0.1
+    schedule: cosine               # constant, cosine, or {name: multistep, milestones: [4, 6]}
+    epochs: 8
+    batch_size: 128
+    augment: false                 # true (crop 2 + flip) or {crop_padding, hflip, noise_std}
+    seeds: [0, 1, 2]
+
+The whole schema is ``SCHEMA`` below; ``load`` refuses unknown keys and wrong types with the
+key's path (``kd.yaml: student.width: expected an int >= 1, got 'wide'``).
+
+Per seed, the run trains the student from initial weights drawn with that seed on the
+training subset drawn with that seed, evaluates it on the test set after every epoch, and
+writes (``run_one``) the resolved recipe (``config.yaml``, rerunnable as it stands), the
+History (``history.csv``, ``history.json``, with ``test_acc`` per epoch), the student
+(``student.safetensors``, kdcore.save), the final numbers (``metrics.json``) and the
+environment (``env.txt``); ``done.json`` is written last, atomically, and marks the run
+finished: a rerun of the same configuration skips it.
+
+Best epoch: the epoch of highest validation accuracy when the recipe has ``val_split``, else
+of highest test accuracy (as RepDistiller and mdistiller report it: an optimistic number);
+``metrics.json`` says which (``best_selected_on``). Epochs count from 0, as in the History.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import datetime
+import functools
+import hashlib
+import inspect
+import io
+import json
+import math
+import os
+import platform
+import re
+import sys
+import time
+
+import numpy as np
+
+__all__ = ["RecipeError", "SCHEMA", "METHODS", "load", "validate", "prepare", "run_one", "run_dir", "report",
+           "format_report"]
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot run: the message names the file and the key's path."""
+
+
+def _yaml():
+    try:
+        import yaml
+    except ImportError:
+        raise RecipeError("kdcore recipes need PyYAML: pip install pyyaml (or the 'recipes' extra of "
+                          "kdcore's pyproject.toml)") from None
+    return yaml
+
+
+# ---- the schema -------------------------------------------------------------------------
+
+def _show(v):
+    if isinstance(v, dict):
+        return "a mapping"
+    if isinstance(v, list):
+        return "a list"
+    if v is None:
+        return "null"
+    return repr(v)
+
+
+class _Spec:
+    """One value of the schema: ``check(value, path)`` returns the value (converted where
+    YAML needs help) or raises RecipeError naming the path."""
+    what = "a value"
+
+    def accepts(self, v):
+        return True
+
+    def check(self, v, path):
+        return v
+
+    def fail(self, v, path):
+        raise RecipeError(f"{path}: expected {self.what}, got {_show(v)}")
+
+
+class Any_(_Spec):
+    pass
+
+
+class Int(_Spec):
+    def __init__(self, lo=None):
+        self.lo = lo
+        self.what = "an int" + (f" >= {lo}" if lo is not None else "")
+
+    def accepts(self, v):
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    def check(self, v, path):
+        if not self.accepts(v) or (self.lo is not None and v < self.lo):
+            self.fail(v, path)
+        return v
+
+
+_FLOAT_RE = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+
+
+class Float(_Spec):
+    def __init__(self, lo=None, hi=None, lo_open=False, hi_open=False):
+        self.lo, self.hi, self.lo_open, self.hi_open = lo, hi, lo_open, hi_open
+        rng = []
+        if lo is not None:
+            rng.append(f"{'>' if lo_open else '>='} {lo:g}")
+        if hi is not None:
+            rng.append(f"{'<' if hi_open else '<='} {hi:g}")
+        self.what = "a number" + (" " + " and ".join(rng) if rng else "")
+
+    def accepts(self, v):
+        return (isinstance(v, (int, float)) and not isinstance(v, bool)) or \
+            (isinstance(v, str) and bool(_FLOAT_RE.match(v.strip())))
+
+    def check(self, v, path):
+        if not self.accepts(v):
+            self.fail(v, path)
+        # PyYAML follows YAML 1.1, where 5e-4 (no dot) is a string: read it as the number meant.
+        f = float(v)
+        if not math.isfinite(f) or (self.lo is not None and (f < self.lo or (self.lo_open and f == self.lo))) or \
+                (self.hi is not None and (f > self.hi or (self.hi_open and f == self.hi))):
+            self.fail(v, path)
+        return f
+
+
+class Bool(_Spec):
+    what = "true or false"
+
+    def accepts(self, v):
+        return isinstance(v, bool)
+
+    def check(self, v, path):
+        if not self.accepts(v):
+            self.fail(v, path)
+        return v
+
+
+class Str(_Spec):
+    def __init__(self, choices=None, pattern=None, what=None):
+        self.choices = None if choices is None else list(choices)
+        self.pattern = pattern
+        self.what = what or ("a string" if choices is None else "one of " + ", ".join(self.choices))
+
+    def accepts(self, v):
+        return isinstance(v, str)
+
+    def check(self, v, path):
+        if not self.accepts(v):
+            self.fail(v, path)
+        if self.choices is not None and v not in self.choices:
+            self.fail(v, path)
+        if self.pattern is not None and not re.match(self.pattern, v):
+            self.fail(v, path)
+        return v
+
+
+class List(_Spec):
+    def __init__(self, item, min_len=0, max_len=None):
+        self.item, self.min_len, self.max_len = item, min_len, max_len
+        n = f"{min_len}" if max_len == min_len else f"at least {min_len}" if min_len else ""
+        self.what = f"a list of {n + ' ' if n else ''}{item.what.replace('an ', '').replace('a ', '')}s".replace(
+            "ss", "s")
+
+    def accepts(self, v):
+        return isinstance(v, list)
+
+    def check(self, v, path):
+        if not self.accepts(v) or len(v) < self.min_len or (self.max_len is not None and len(v) > self.max_len):
+            self.fail(v, path)
+        return [self.item.check(x, f"{path}[{i}]") for i, x in enumerate(v)]
+
+
+REQUIRED = object()
+
+
+class Map(_Spec):
+    """A mapping with known keys: ``fields`` maps each key to (spec, default); REQUIRED marks
+    a key that must be given. ``extra``: the spec of any other key (None: unknown keys are
+    refused)."""
+
+    def __init__(self, fields, extra=None, what="a mapping", drop_none=False):
+        self.fields, self.extra, self.what, self.drop_none = fields, extra, what, drop_none
+
+    def accepts(self, v):
+        return isinstance(v, dict)
+
+    def check(self, v, path):
+        if not self.accepts(v):
+            self.fail(v, path)
+        out = {}
+        for k, x in v.items():
+            p = f"{path}.{k}" if path else str(k)
+            if k in self.fields:
+                out[k] = None if x is None and self.fields[k][1] is None else self.fields[k][0].check(x, p)
+            elif self.extra is not None:
+                out[k] = self.extra.check(x, p)
+            else:
+                raise RecipeError(f"{p}: unknown key; {'known' if path else 'recipe'} keys: "
+                                  f"{', '.join(self.fields)}")
+        for k, (spec, default) in self.fields.items():
+            if k not in out:
+                if default is REQUIRED:
+                    raise RecipeError(f"{path + '.' if path else ''}{k}: required")
+                out[k] = copy.deepcopy(default)   # the schema's defaults are shared
+        # schema order, so that resolved recipes read alike; unset options of a model or an
+        # optimizer are left out rather than written as nulls
+        order = [k for k in self.fields if k in out] + [k for k in out if k not in self.fields]
+        return {k: out[k] for k in order if not (self.drop_none and out[k] is None)}
+
+
+class OneOf(_Spec):
+    """The first alternative whose Python type matches decides (so that a mapping's error
+    names the key inside it, not the whole alternative)."""
+
+    def __init__(self, *alts):
+        self.alts = alts
+        self.what = " or ".join(a.what for a in alts)
+
+    def accepts(self, v):
+        return any(a.accepts(v) for a in self.alts)
+
+    def check(self, v, path):
+        for a in self.alts:
+            if a.accepts(v):
+                try:
+                    return a.check(v, path)
+                except RecipeError as e:
+                    if str(e).startswith(f"{path}: expected"):   # a scalar out of range: name every alternative
+                        self.fail(v, path)
+                    raise
+        self.fail(v, path)
+
+
+def _zoo_names():
+    from . import models
+    return models.names()
+
+
+_OPTIMIZERS = ("sgd", "adam", "adamw")
+_OPTIMIZER = OneOf(Str(_OPTIMIZERS), Map({
+    "name": (Str(_OPTIMIZERS), REQUIRED), "momentum": (Float(0, 1, hi_open=True), None),
+    "weight_decay": (Float(0), None), "nesterov": (Bool(), None), "dampening": (Float(0, 1), None),
+    "betas": (List(Float(0, 1, hi_open=True), 2, 2), None), "eps": (Float(0, lo_open=True), None),
+    "decay_bn_and_bias": (Bool(), None)}, what="an optimizer mapping", drop_none=True))
+_SCHEDULES = ("constant", "cosine", "multistep")
+_SCHEDULE = OneOf(Str(_SCHEDULES[:2]), Map({
+    "name": (Str(_SCHEDULES), REQUIRED), "milestones": (List(Int(1), 1), None), "gamma": (Float(0), None),
+    "min_lr": (Float(0), None), "warmup_epochs": (Int(0), None)}, what="a schedule mapping", drop_none=True))
+_AUGMENT = OneOf(Bool(), Map({"crop_padding": (Int(0), 0), "hflip": (Bool(), False), "noise_std": (Float(0), 0.0)},
+                             what="an augment mapping"))
+_MODEL_FIELDS = {
+    "model": (Str(what="a zoo model name (kdcore.models.names())"), REQUIRED),
+    "width": (Int(1), None),                   # cnn
+    "hidden": (List(Int(1), 1), None),         # mlp: hidden sizes (input and output come from the data)
+    "dropout": (Float(0, 1, hi_open=True), None),   # mlp
+    "batchnorm": (Bool(), None),               # mlp
+}
+# Which zoo models take which extra keys (kdcore.models' builders).
+_MODEL_KEYS = {"width": ("cnn",), "hidden": ("mlp",), "dropout": ("mlp",), "batchnorm": ("mlp",)}
+_TEACHER = Map(dict(_MODEL_FIELDS, **{
+    "checkpoint": (Str(), None), "torch_key": (Str(), None),
+    "epochs": (Int(1), 10), "optimizer": (_OPTIMIZER, "sgd"), "lr": (Float(0), None), "schedule": (_SCHEDULE, None),
+    "batch_size": (Int(1), 128), "augment": (_AUGMENT, None), "train_size": (Int(1), None), "seed": (Int(0), 0)}),
+    drop_none=True)
+_TEACHER_TRAINING = ("epochs", "optimizer", "lr", "schedule", "batch_size", "augment", "train_size", "seed")
+_DATA = Map({"source": (Str(), "fashion_mnist"), "train_size": (Int(1), None),
+             "val_split": (OneOf(Int(1), Float(0, 1, lo_open=True, hi_open=True)), None),
+             "test_size": (Int(1), None)})
+_LOSS = Map({"kind": (Str(what="a kdcore.losses term name (CE, KD, AT, ...)"), REQUIRED)}, extra=Any_())
+
+SCHEMA = Map({
+    "name": (Str(pattern=r"^[A-Za-z0-9_.+-]+$", what="a name of letters, digits and _.+-"), None),
+    "teacher": (_TEACHER, None),
+    "student": (Map(dict(_MODEL_FIELDS), drop_none=True), REQUIRED),
+    "data": (_DATA, {"source": "fashion_mnist", "train_size": None, "val_split": None, "test_size": None}),
+    "method": (Str(what="a method name"), REQUIRED),
+    "options": (Map({}, extra=Any_()), {}),
+    "losses": (List(_LOSS, 1), None),
+    "optimizer": (_OPTIMIZER, "sgd"),
+    "lr": (Float(0), None),
+    "schedule": (_SCHEDULE, None),
+    "epochs": (Int(1), 10),
+    "batch_size": (Int(1), 128),
+    "augment": (_AUGMENT, None),
+    "seeds": (List(Int(0), 1), [0]),
+})
+
+# Methods besides kdcore.losses.METHODS (all run by kdcore.distill).
+_EXTRA_METHODS = {"scratch": "kdcore.fit: the student alone, no teacher",
+                  "mutual": "kdcore.mutual: deep mutual learning among the student and options.peers - 1 peers",
+                  "slkd": "kdcore.slkd: self-learning teachers trained with the student"}
+
+
+def _methods():
+    from . import losses
+    return list(losses.METHODS) + list(_EXTRA_METHODS)
+
+
+class _MethodsView:
+    """``METHODS``: every name ``method:`` accepts (computed from kdcore.losses at use)."""
+
+    def __iter__(self):
+        return iter(_methods())
+
+    def __contains__(self, name):
+        return name in _methods()
+
+    def __repr__(self):
+        return repr(_methods())
+
+
+METHODS = _MethodsView()
+
+# Keyword arguments the recipe sets itself, or that hold Python objects a YAML file cannot.
+_RECIPE_SETS = {"epochs": "epochs", "batch_size": "batch_size", "optimizer": "optimizer", "lr": "lr",
+                "schedule": "schedule", "augment": "augment", "seed": "seeds", "method": "method",
+                "losses": "losses", "val": "data.val_split"}
+_NOT_OPTIONS = {"student", "teacher", "train", "models", "model", "val", "progress", "callback", "callback_every",
+                "checkpoint", "checkpoint_every", "checkpoint_best", "resume", "sl_teachers", "sl_optimizer",
+                "keep_snapshots"}
+# Options whose default (None) says nothing of their type.
+_OPTION_SPECS = {"T": Float(0, lo_open=True), "ce_weight": Float(0), "kd_weight": Float(0), "max_steps": Int(1),
+                 "warmup_epochs": Int(0), "kd_stop_epoch": Int(1), "init_epochs": Int(1), "hint_epochs": Int(0),
+                 "teacher_weights": List(Float(0), 1), "tolerant": List(Float(0), 2, 2),
+                 "cache": OneOf(Bool(), Str(["auto"])), "peers": Int(2)}
+# distill's options for the logit methods only (it refuses them with feature methods and losses=).
+_LOGIT_ONLY = {"T", "alpha", "beta", "warmup_epochs", "kd_stop_epoch", "conditional", "teacher_weights", "multi",
+               "learn_gates", "gate_lr", "teacher_drop", "fickle", "student_noise", "tolerant"}
+
+
+def _train_fn(method):
+    import kdcore
+    return {"scratch": kdcore.fit, "mutual": kdcore.mutual, "slkd": kdcore.slkd}.get(method, kdcore.distill)
+
+
+def _check_options(method, options, uses_losses):
+    params = inspect.signature(_train_fn(method)).parameters
+    out = {}
+    for k, v in options.items():
+        p = f"options.{k}"
+        if k in _RECIPE_SETS:
+            raise RecipeError(f"{p}: set by the recipe's {_RECIPE_SETS[k]}, not options")
+        if k == "peers" and method == "mutual":
+            out[k] = _OPTION_SPECS["peers"].check(v, p)
+            continue
+        if k not in params or k in _NOT_OPTIONS:
+            known = sorted(n for n in params if n not in _NOT_OPTIONS and n not in _RECIPE_SETS)
+            raise RecipeError(f"{p}: not an option of method {method!r}; options: {', '.join(known)}"
+                              + (", peers" if method == "mutual" else ""))
+        from .distill import _KINDS as logit_methods
+        feature = uses_losses or method not in logit_methods
+        if _train_fn(method).__name__ == "distill" and k in _LOGIT_ONLY and feature:
+            raise RecipeError(f"{p}: applies to methods kd, dkd and mse only; set it on the loss terms (losses:)")
+        if k in ("ce_weight", "kd_weight") and uses_losses:
+            raise RecipeError(f"{p}: with losses:, give each term its weight")
+        default = params[k].default
+        spec = _OPTION_SPECS.get(k) or (Bool() if isinstance(default, bool) else Int() if isinstance(default, int)
+                                        else Float() if isinstance(default, float) else
+                                        Str() if isinstance(default, str) else Any_())
+        out[k] = None if v is None else spec.check(v, p)
+    return out
+
+
+def _loss_classes():
+    from . import losses
+    return {n.lower(): getattr(losses, n) for n in losses.__all__
+            if isinstance(getattr(losses, n), type) and issubclass(getattr(losses, n), losses.Loss)
+            and getattr(losses, n) is not losses.Loss}
+
+
+def _loss_params(cls):
+    names = []
+    for c in cls.__mro__:
+        if "__init__" in vars(c):
+            names += [n for n, p in inspect.signature(c.__init__).parameters.items()
+                      if n != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and n not in names]
+    return names
+
+
+def _build_losses(specs):
+    """kdcore.losses terms from the recipe's ``losses`` list (checked: term kinds, keys, and
+    the values through the terms' own constructors)."""
+    classes = _loss_classes()
+    out = []
+    for i, spec in enumerate(specs):
+        p = f"losses[{i}]"
+        cls = classes.get(spec["kind"].lower())
+        if cls is None:
+            raise RecipeError(f"{p}.kind: expected one of {', '.join(c.__name__ for c in classes.values())}, "
+                              f"got {spec['kind']!r}")
+        kw = {k: v for k, v in spec.items() if k != "kind"}
+        allowed = _loss_params(cls)
+        for k in kw:
+            if k not in allowed:
+                raise RecipeError(f"{p}.{k}: not an option of {cls.__name__}; options: {', '.join(allowed)}")
+        for k in ("weight",):
+            if k in kw:
+                kw[k] = Float(0).check(kw[k], f"{p}.{k}")
+        try:
+            out.append(cls(**kw))
+        except (TypeError, ValueError) as e:
+            raise RecipeError(f"{p}: {e}") from None
+    return out
+
+
+def _method_label(cfg):
+    if cfg["losses"]:
+        return "+".join(t["kind"].lower() for t in cfg["losses"])
+    return cfg["method"]
+
+
+def validate(raw, source="recipe"):
+    """The resolved recipe (a plain dict, defaults filled in) of a parsed YAML document, or
+    RecipeError naming ``source`` and the offending key's path."""
+    try:
+        return _validate(raw)
+    except RecipeError as e:
+        raise RecipeError(f"{source}: {e}") from None
+
+
+def _validate(raw):
+    if not isinstance(raw, dict):
+        raise RecipeError(f"expected a mapping of recipe keys, got {_show(raw)}")
+    cfg = SCHEMA.check(raw, "")
+    zoo = _zoo_names()
+    for role in ("teacher", "student"):
+        m = cfg[role]
+        if m is None:
+            continue
+        if m["model"].lower() not in zoo:
+            raise RecipeError(f"{role}.model: expected one of {', '.join(zoo)}, got {m['model']!r}")
+        m["model"] = m["model"].lower()
+        for k, models in _MODEL_KEYS.items():
+            if m.get(k) is not None and m["model"] not in models:
+                raise RecipeError(f"{role}.{k}: only for model {' or '.join(models)}, not {m['model']}")
+        if m["model"] == "mlp" and m.get("hidden") is None:
+            m["hidden"] = [256]
+    t = cfg["teacher"]
+    if t is not None and t.get("checkpoint") is not None:
+        given = [k for k in _TEACHER_TRAINING if k in (raw.get("teacher") or {})]
+        if given:
+            raise RecipeError(f"teacher.{given[0]}: a teacher loaded from teacher.checkpoint is not trained")
+    if t is not None and t.get("torch_key") is not None and t.get("checkpoint") is None:
+        raise RecipeError("teacher.torch_key: needs teacher.checkpoint")
+    method = cfg["method"]
+    if method not in _methods():
+        raise RecipeError(f"method: expected one of {', '.join(_methods())}, got {method!r}")
+    if cfg["losses"] is not None:
+        if _train_fn(method).__name__ != "distill":
+            raise RecipeError(f"losses: only for kdcore.distill's methods, not {method!r}")
+        _build_losses(cfg["losses"])
+    if t is None and method != "scratch":
+        raise RecipeError(f"teacher: required by method {method!r}")
+    cfg["options"] = _check_options(method, cfg["options"], cfg["losses"] is not None)
+    for where in ("", "teacher."):
+        c = cfg if not where else t
+        if c is None:
+            continue
+        s = c.get("schedule")
+        if isinstance(s, dict) and (s["name"] == "multistep") != (s.get("milestones") is not None):
+            raise RecipeError(f"{where}schedule.milestones: " + ("required by multistep" if s.get("milestones") is None
+                                                                  else "only for multistep"))
+        o = c.get("optimizer")
+        if isinstance(o, dict):
+            sgd_only, adam_only = ("momentum", "nesterov", "dampening"), ("betas", "eps")
+            for k in sgd_only if o["name"] != "sgd" else adam_only:
+                if o.get(k) is not None:
+                    raise RecipeError(f"{where}optimizer.{k}: not an option of {o['name']}")
+    if len(set(cfg["seeds"])) != len(cfg["seeds"]):
+        raise RecipeError(f"seeds: a seed appears twice in {cfg['seeds']}")
+    return cfg
+
+
+# ---- loading ----------------------------------------------------------------------------
+
+_PATH_KEYS = (("data", "source"), ("teacher", "checkpoint"))
+
+
+def _absolutise(raw, base, only=None):
+    """Relative data/teacher files: relative to the recipe's folder (to the working directory
+    for --set values), so that the resolved recipe runs from anywhere."""
+    for a, b in _PATH_KEYS:
+        if only is not None and (a, b) != only:
+            continue
+        sec = raw.get(a) if isinstance(raw, dict) else None
+        if isinstance(sec, dict) and isinstance(sec.get(b), str) and sec[b] != "fashion_mnist" \
+                and not os.path.isabs(sec[b]):
+            sec[b] = os.path.normpath(os.path.join(base, os.path.expanduser(sec[b])))
+
+
+def _apply_set(raw, item, source):
+    """One ``key.path=value`` override; the value is read as YAML (numbers, lists, true...)."""
+    if not isinstance(item, str) or "=" not in item:
+        raise RecipeError(f"{source}: --set {item!r}: expected key.path=value")
+    key, _, text = item.partition("=")
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise RecipeError(f"{source}: --set {item!r}: expected key.path=value")
+    try:
+        value = _yaml().safe_load(text) if text.strip() else None
+    except _yaml().YAMLError as e:
+        raise RecipeError(f"{source}: --set {key}: the value is not YAML: {e}") from None
+    node = raw
+    for i, p in enumerate(parts[:-1]):
+        nxt = node.get(p)
+        if nxt is None:
+            nxt = node[p] = {}
+        elif not isinstance(nxt, dict):
+            raise RecipeError(f"{source}: --set {key}: {'.'.join(parts[:i + 1])} is not a mapping")
+        node = nxt
+    node[parts[-1]] = value
+    if tuple(parts) in _PATH_KEYS:
+        _absolutise(raw, os.getcwd(), only=tuple(parts))
+
+
+def load(path, sets=(), seeds=None):
+    """Read, override and validate a recipe file: the resolved recipe (a dict; ``name``
+    defaults to the file's stem). sets: ``"key.path=value"`` overrides (values read as YAML);
+    seeds: a list replacing the recipe's. RecipeError names the file and the key's path."""
+    yaml = _yaml()
+    path = os.fspath(path)
+    source = os.path.basename(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = yaml.safe_load(f)
+    except OSError as e:
+        raise RecipeError(f"{path}: cannot read: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{source}: not valid YAML: {e}") from None
+    if raw is None:
+        raw = {}
+    if isinstance(raw, dict):
+        _absolutise(raw, os.path.dirname(os.path.abspath(path)))
+        for item in sets:
+            _apply_set(raw, item, source)
+        if seeds is not None:
+            raw["seeds"] = list(seeds)
+        raw.setdefault("name", os.path.splitext(source)[0])
+    return validate(raw, source)
+
+
+# ---- data and models --------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=4)
+def _source(source, stamp):
+    """(train, test) Datasets of a data source; stamp (the file's mtime and size) keys the
+    cache so an edited .npz is read again."""
+    from . import datasets
+    if source == "fashion_mnist":
+        return datasets.fashion_mnist("train"), datasets.fashion_mnist("test")
+    try:
+        with np.load(source, allow_pickle=False) as z:
+            missing = [k for k in ("X_train", "y_train", "X_test", "y_test") if k not in z.files]
+            if missing:
+                raise RecipeError(f"data.source: {source} lacks {', '.join(missing)} (has {', '.join(z.files)})")
+            arrays = {k: z[k] for k in ("X_train", "y_train", "X_test", "y_test")}
+    except (OSError, ValueError) as e:
+        if isinstance(e, RecipeError):
+            raise
+        raise RecipeError(f"data.source: cannot read {source} as .npz: {e}") from None
+    try:
+        k = int(max(arrays["y_train"].max(), arrays["y_test"].max())) + 1
+        train = datasets.from_arrays(arrays["X_train"], arrays["y_train"], num_classes=k, name="train")
+        # the test images get the training set's normalisation, as any held-out data would
+        norm = None if train.mean is None else (train.mean, train.std)
+        test = datasets.from_arrays(arrays["X_test"], arrays["y_test"], normalize=norm, num_classes=k, name="test")
+    except (TypeError, ValueError) as e:
+        raise RecipeError(f"data.source: {source}: {e}") from None
+    if train.shape != test.shape:
+        raise RecipeError(f"data.source: {source}: X_train samples are {train.shape}, X_test {test.shape}")
+    return train, test
+
+
+def _load_source(source):
+    if source == "fashion_mnist":
+        return _source(source, None)
+    try:
+        st = os.stat(source)
+    except OSError as e:
+        raise RecipeError(f"data.source: {source}: {e.strerror}") from None
+    return _source(source, (st.st_mtime_ns, st.st_size))
+
+
+def _splits(cfg, seed):
+    """(train, val or None, test) for one seed: val carved from the training set and the
+    training subset drawn with the seed; the test set is the same for every seed (paired)."""
+    d = cfg["data"]
+    full, test = _load_source(d["source"])
+    n = len(full)
+    perm = np.random.default_rng(seed).permutation(n)
+    vs = d["val_split"]
+    n_val = 0 if vs is None else vs if isinstance(vs, int) else int(round(vs * n))
+    if n_val >= n:
+        raise RecipeError(f"data.val_split: {vs} leaves no training images of {n}")
+    val = full.subset(perm[:n_val]) if n_val else None
+    rest = perm[n_val:]
+    if d["train_size"] is not None:
+        if d["train_size"] > len(rest):
+            raise RecipeError(f"data.train_size: {d['train_size']} > the {len(rest)} training images"
+                              + (" left after val_split" if n_val else ""))
+        rest = rest[:d["train_size"]]
+    train = full.subset(np.sort(rest))
+    if d["test_size"] is not None and d["test_size"] < len(test):
+        test = test.subset(np.arange(d["test_size"]))
+    return full, train, val, test
+
+
+def _build_model(spec, data, seed, role):
+    from . import models
+    shape = tuple(data.shape)
+    k = data.num_classes
+    try:
+        if spec["model"] == "mlp":
+            kw = {key: spec[key] for key in ("dropout", "batchnorm") if spec.get(key) is not None}
+            return models.mlp([int(np.prod(shape))] + list(spec.get("hidden")) + [k], seed=seed, **kw)
+        if len(shape) != 3 or shape[1] != shape[2]:
+            raise RecipeError(f"{role}.model: {spec['model']} needs square images (C, H, H); the data's samples "
+                              f"are {shape} (use mlp)")
+        kw = {"width": spec["width"]} if spec.get("width") is not None else {}
+        return models.get(spec["model"], num_classes=k, in_channels=shape[0], input_size=shape[1], seed=seed, **kw)
+    except (TypeError, ValueError) as e:
+        if isinstance(e, RecipeError):
+            raise
+        raise RecipeError(f"{role}: {e}") from None
+
+
+def _optimizer(spec, lr, where):
+    from . import optim
+    if isinstance(spec, str):
+        return optim.make_optimizer(spec, lr)
+    cls = {"sgd": optim.SGD, "adam": optim.Adam, "adamw": optim.AdamW}[spec["name"]]
+    kw = {k: (tuple(v) if k == "betas" else v) for k, v in spec.items() if k != "name"}
+    if lr is not None:
+        kw["lr"] = lr
+    try:
+        return cls(**kw)
+    except (TypeError, ValueError) as e:
+        raise RecipeError(f"{where}optimizer: {e}") from None
+
+
+def _schedule(spec, where):
+    from . import optim
+    if spec is None or isinstance(spec, str):
+        return optim.make_schedule(spec)
+    kw = {k: v for k, v in spec.items() if k != "name" and v is not None}
+    cls = {"constant": optim.Constant, "cosine": optim.Cosine, "multistep": optim.MultiStep}[spec["name"]]
+    try:
+        return cls(**kw)
+    except (TypeError, ValueError) as e:
+        raise RecipeError(f"{where}schedule: {e}") from None
+
+
+def _digest(obj, n=12):
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:n]
+
+
+def _file_digest(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _teacher_key(cfg):
+    """What a trained teacher depends on: its own section and the data it saw (an .npz by
+    content, so that a replaced file is not mistaken for the old one)."""
+    src = cfg["data"]["source"]
+    data_id = src if src == "fashion_mnist" else _file_digest(src)
+    return dict(teacher={k: v for k, v in cfg["teacher"].items() if k not in ("checkpoint", "torch_key")},
+                data=data_id)
+
+
+@contextlib.contextmanager
+def _locked(path):
+    """An exclusive lock on path (a file next to the teacher), so that parallel runs of one
+    configuration train its teacher once."""
+    import fcntl
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _teacher(cfg, full, cache, log, train=True):
+    """The teacher model and where it came from: loaded from teacher.checkpoint, from the
+    cache, or trained now on the training set (teacher.train_size images drawn with
+    teacher.seed) and cached under a hash of its configuration."""
+    import kdcore
+    t = cfg["teacher"]
+    model = _build_model(t, full, t["seed"], "teacher")
+    if t.get("checkpoint") is not None:
+        path = t.get("checkpoint")
+        if not os.path.exists(path):
+            raise RecipeError(f"teacher.checkpoint: {path}: no such file")
+        try:
+            if path.endswith((".pt", ".pth", ".bin")):
+                kdcore.load_torch(path, model, key=t.get("torch_key"))
+            else:
+                kdcore.load(path, model)
+        except (OSError, KeyError, ValueError, ImportError) as e:
+            raise RecipeError(f"teacher.checkpoint: {path}: {e}") from None
+        model.eval()
+        return model, dict(source="checkpoint", path=path)
+    key = _teacher_key(cfg)
+    path = os.path.join(cache, f"teacher-{t['model']}-{_digest(key)}.safetensors")
+    if not train:
+        return model, dict(source="untrained", path=path)
+    with _locked(path + ".lock"):
+        if os.path.exists(path):
+            kdcore.load(path, model)
+            log(f"teacher {t['model']}: cached {path}")
+            model.eval()
+            return model, dict(source="cache", path=path)
+        data = full
+        if t.get("train_size") is not None and t.get("train_size") < len(full):
+            data = full.subset(np.sort(np.random.default_rng(t["seed"]).permutation(len(full))[:t.get("train_size")]))
+        log(f"teacher {t['model']}: training {t['epochs']} epochs on {len(data)} images; cache {path}")
+        t0 = time.perf_counter()
+        hist = kdcore.fit(model, data, epochs=t["epochs"], batch_size=t["batch_size"],
+                          optimizer=_optimizer(t["optimizer"], t.get("lr"), "teacher."),
+                          schedule=_schedule(t.get("schedule"), "teacher."), augment=t.get("augment"), seed=t["seed"],
+                          progress=False)
+        kdcore.save(path, model, config=key, history=dict(hist), train_time=time.perf_counter() - t0)
+    model.eval()
+    return model, dict(source="trained", path=path)
+
+
+def prepare(cfg, seed, cache=None, train_teacher=True, log=None):
+    """Everything a run needs, nothing trained but (when not cached) the teacher: a dict with
+    ``train``, ``val``, ``test`` (Datasets), ``student``, ``teacher`` (None for scratch
+    without one), ``teacher_info``, ``losses`` (the terms or None), ``optimizer``,
+    ``schedule``. train_teacher=False builds an untrained teacher (checking a recipe)."""
+    log = log or (lambda msg: None)
+    cache = cache or os.path.join("runs", "_teachers")
+    full, train, val, test = _splits(cfg, seed)
+    student = _build_model(cfg["student"], full, seed, "student")
+    teacher, tinfo = (None, None) if cfg["teacher"] is None else _teacher(cfg, full, cache, log, train_teacher)
+    if teacher is not None:
+        teacher.eval()
+    return dict(train=train, val=val, test=test, student=student, teacher=teacher, teacher_info=tinfo,
+                losses=None if cfg["losses"] is None else _build_losses(cfg["losses"]),
+                optimizer=_optimizer(cfg["optimizer"], cfg["lr"], ""), schedule=_schedule(cfg["schedule"], ""))
+
+
+# ---- one run ----------------------------------------------------------------------------
+
+def run_dir(out, cfg, seed):
+    """The folder of one (recipe, seed) run: <out>/<name>/seed-<seed>."""
+    return os.path.join(os.fspath(out), cfg["name"], f"seed-{seed}")
+
+
+def _config_hash(cfg, seed):
+    return _digest(dict(cfg, seeds=[seed]), 64)
+
+
+def _write_atomic(path, text):
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _jsonable(v):
+    if isinstance(v, float) and not math.isfinite(v):
+        return None   # strict JSON has no NaN; null reads back everywhere
+    if isinstance(v, dict):
+        return {k: _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, np.generic):
+        return _jsonable(v.item())
+    return v
+
+
+def _dump_json(obj):
+    return json.dumps(_jsonable(obj), indent=1, allow_nan=False) + "\n"
+
+
+def _history_csv(hist):
+    import csv
+    n = len(hist.get("epoch", []))
+    cols = ["epoch"] + [k for k, v in hist.items() if k != "epoch" and isinstance(v, list) and len(v) == n]
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(cols)
+    for i in range(n):
+        w.writerow(["" if isinstance(hist[c][i], float) and not math.isfinite(hist[c][i]) else
+                    repr(hist[c][i]) if isinstance(hist[c][i], float) else hist[c][i] for c in cols])
+    return buf.getvalue()
+
+
+def _environment(argv):
+    import kdcore
+    buf = io.StringIO()
+    kdcore.show_config(file=buf)
+    lines = [buf.getvalue().rstrip()]
+    try:
+        import yaml
+        lines.append(f"pyyaml {yaml.__version__}")
+    except ImportError:
+        pass
+    if "torch" in sys.modules:   # not imported for this: torch is slow to import
+        lines.append(f"torch {sys.modules['torch'].__version__}")
+    lines += [f"platform {platform.platform()}", f"host {platform.node()}",
+              f"cpus {os.cpu_count()}", f"OMP_NUM_THREADS {os.environ.get('OMP_NUM_THREADS', '')}",
+              f"KDCORE_ISA {os.environ.get('KDCORE_ISA', '')}",
+              f"command {' '.join(argv)}", f"finished {datetime.datetime.now().isoformat(timespec='seconds')}"]
+    return "\n".join(lines) + "\n"
+
+
+def _train(cfg, p, seed, callback):
+    """Calls the method's training function; returns the student's History."""
+    import kdcore
+    method, opts = cfg["method"], dict(cfg["options"])
+    common = dict(epochs=cfg["epochs"], batch_size=cfg["batch_size"], optimizer=p["optimizer"], lr=cfg["lr"],
+                  schedule=p["schedule"], augment=cfg["augment"], val=p["val"], seed=seed, progress=False,
+                  callback=callback)
+    student, teacher, train = p["student"], p["teacher"], p["train"]
+    if method == "scratch":
+        return kdcore.fit(student, train, **common, **opts)
+    if method == "mutual":
+        peers = [student] + [student.fresh(seed=seed + 7919 * k) for k in range(1, opts.pop("peers", 2))]
+        return kdcore.mutual(peers, train, **common, **opts)
+    if method == "slkd":
+        return kdcore.slkd(student, teacher, train, **common, **opts)
+    if p["losses"] is not None:
+        return kdcore.distill(student, teacher, train, losses=p["losses"], **common, **opts)
+    return kdcore.distill(student, teacher, train, method=method, **common, **opts)
+
+
+def _read_json(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def run_one(cfg, seed, out, cache=None, log=None, argv=None):
+    """Run one (recipe, seed) into ``run_dir(out, cfg, seed)`` and return its metrics (the
+    contents of metrics.json). A folder already marked finished (done.json) for the same
+    configuration is not rerun: its metrics are returned, with ``skipped=True``; one finished
+    with another configuration raises RecipeError (remove it or choose another ``out``). A
+    folder without the marker (an interrupted run) is run again from the start.
+
+    cfg: a resolved recipe (``load``/``validate``). cache: the teacher cache folder (default
+    <out>/_teachers). log: a function of one string (progress lines; default silent). The
+    function holds no global state besides kdcore's thread settings, so a pool of processes
+    can run many (recipe, seed) pairs at once; parallel runs needing the same teacher train
+    it once (a file lock)."""
+    log = log or (lambda msg: None)
+    seed = Int(0).check(seed, "seed")
+    folder = run_dir(out, cfg, seed)
+    h = _config_hash(cfg, seed)
+    done = _read_json(os.path.join(folder, "done.json"))
+    if done is not None:
+        if done.get("config_sha256") != h:
+            raise RecipeError(f"{folder} holds a finished run of another configuration of {cfg['name']!r} "
+                              f"(config.yaml there); remove the folder or use another --out")
+        m = _read_json(os.path.join(folder, "metrics.json")) or {}
+        log(f"{cfg['name']} seed {seed}: finished earlier, skipped ({folder})")
+        return dict(m, skipped=True)
+    os.makedirs(folder, exist_ok=True)
+    cache = cache or os.path.join(os.fspath(out), "_teachers")
+    import kdcore
+    yaml = _yaml()
+    resolved = dict(cfg, seeds=[seed])
+    _write_atomic(os.path.join(folder, "config.yaml"),
+                  "# resolved recipe of this run (kdcore " + kdcore.__version__ + "); rerunnable as it stands\n"
+                  + yaml.safe_dump(resolved, sort_keys=False))
+    t0 = time.perf_counter()
+    p = prepare(cfg, seed, cache, log=log)
+    student, teacher, test = p["student"], p["teacher"], p["test"]
+    test_acc = []
+
+    def callback(epoch, row):
+        test_acc.append(kdcore.evaluate(student, test, batch_size=500)["accuracy"])
+        val = f" val {row['val_acc']:.4f}" if "val_acc" in row else ""
+        log(f"{cfg['name']} seed {seed} epoch {epoch}: loss {row.get('train_loss', float('nan')):.4f}{val} "
+            f"test {test_acc[-1]:.4f} ({row.get('time', 0):.1f} s)")
+        return False
+
+    hist = _train(cfg, p, seed, callback)
+    hist["test_acc"] = list(test_acc)
+    train_time = time.perf_counter() - t0
+    selected = "val" if p["val"] is not None and hist.get("val_acc") else "test"
+    best = int(np.argmax(hist["val_acc"] if selected == "val" else test_acc))
+    final = kdcore.evaluate(student, test, batch_size=500)["accuracy"]
+    metrics = dict(recipe=cfg["name"], method=_method_label(cfg), seed=seed, epochs=len(test_acc),
+                   test_acc=final, last_test_acc=test_acc[-1], best_test_acc=test_acc[best], best_epoch=best,
+                   best_selected_on=selected, train_size=len(p["train"]),
+                   val_size=0 if p["val"] is None else len(p["val"]), test_size=len(test),
+                   time=train_time, teacher=p["teacher_info"])
+    if teacher is not None:
+        metrics["report"] = kdcore.metrics.report(student, teacher, test)
+    _write_atomic(os.path.join(folder, "history.json"), _dump_json(dict(hist)))
+    _write_atomic(os.path.join(folder, "history.csv"), _history_csv(hist))
+    kdcore.save(os.path.join(folder, "student.safetensors"), student, config=_jsonable(resolved), seed=seed,
+                history=_jsonable(dict(hist)), metrics=_jsonable(metrics))
+    _write_atomic(os.path.join(folder, "metrics.json"), _dump_json(metrics))
+    _write_atomic(os.path.join(folder, "env.txt"), _environment(argv or sys.argv))
+    # last: the marker says every file above is complete
+    _write_atomic(os.path.join(folder, "done.json"),
+                  _dump_json(dict(config_sha256=h, finished=datetime.datetime.now().isoformat(timespec="seconds"))))
+    log(f"{cfg['name']} seed {seed}: test accuracy {final:.4f} (best {test_acc[best]:.4f} at epoch {best}, on "
+        f"{selected}); {train_time:.0f} s -> {folder}")
+    return dict(metrics, skipped=False)
+
+
+# ---- the report -------------------------------------------------------------------------
+
+def report(out):
+    """Finished runs under ``out`` (folders with done.json), grouped by (recipe, method):
+    a list of dicts with ``recipe``, ``method``, ``seeds`` (sorted), ``n``, ``last_mean``,
+    ``last_std``, ``best_mean``, ``best_std`` (test accuracy in %, std over seeds with
+    ddof=0 as benchmarks/ reports it), ``teacher_mean`` and ``agreement_mean`` (NaN without
+    a teacher) and ``runs`` (the folders)."""
+    groups = {}
+    for root, dirs, files in os.walk(os.fspath(out)):
+        dirs.sort()
+        if "done.json" not in files:
+            continue
+        m = _read_json(os.path.join(root, "metrics.json"))
+        if m is None:
+            continue
+        groups.setdefault((m["recipe"], m["method"]), []).append((root, m))
+    rows = []
+    for (recipe, method), runs in sorted(groups.items()):
+        runs.sort(key=lambda r: r[1]["seed"])
+        last = np.array([m["last_test_acc"] for _, m in runs], float) * 100
+        best = np.array([m["best_test_acc"] for _, m in runs], float) * 100
+        rep = [m.get("report") or {} for _, m in runs]
+        teacher = np.array([r.get("teacher_accuracy", np.nan) for r in rep], float) * 100
+        agree = np.array([r.get("agreement", np.nan) for r in rep], float) * 100
+        rows.append(dict(recipe=recipe, method=method, seeds=[m["seed"] for _, m in runs], n=len(runs),
+                         last_mean=float(last.mean()), last_std=float(last.std()),
+                         best_mean=float(best.mean()), best_std=float(best.std()),
+                         teacher_mean=float(teacher.mean()), agreement_mean=float(agree.mean()),
+                         runs=[r for r, _ in runs]))
+    return rows
+
+
+_COLUMNS = ("recipe", "method", "seeds", "last epoch", "best epoch", "teacher", "agreement")
+
+
+def _cells(r):
+    nan = lambda v: "" if math.isnan(v) else f"{v:.2f}"  # noqa: E731
+    return [r["recipe"], r["method"], ",".join(map(str, r["seeds"])),
+            f"{r['last_mean']:.2f} ± {r['last_std']:.2f}", f"{r['best_mean']:.2f} ± {r['best_std']:.2f}",
+            nan(r["teacher_mean"]), nan(r["agreement_mean"])]
+
+
+def format_report(rows, markdown=False):
+    """The report as text: an aligned table, or a Markdown table (markdown=True). Test
+    accuracy in %, mean ± std over seeds; teacher: its test accuracy; agreement: how often
+    the student predicts the teacher's class on the test set."""
+    cells = [_cells(r) for r in rows]
+    if markdown:
+        lines = ["| " + " | ".join(_COLUMNS) + " |", "|---|---|---|---:|---:|---:|---:|"]
+        lines += ["| " + " | ".join(c) + " |" for c in cells]
+        return "\n".join(lines) + "\n"
+    widths = [max(len(x) for x in col) for col in zip(_COLUMNS, *cells)]
+    def fmt(c):
+        return "  ".join(x.ljust(w) if i < 3 else x.rjust(w) for i, (x, w) in enumerate(zip(c, widths)))
+    return "\n".join([fmt(_COLUMNS), fmt(["-" * w for w in widths])] + [fmt(c) for c in cells]) + "\n"
