@@ -194,7 +194,7 @@ def test_foreground_mask():
         E.foreground_mask(ds, np.array([5]))
 
 
-@pytest.mark.parametrize("entry", ["fit", "distill"])
+@pytest.mark.parametrize("entry", ["fit", "distill", "mutual", "slkd"])
 def test_track_weights_logs_the_epoch_distances(entry):
     r = np.random.default_rng(5)
     ds = kdcore.datasets.from_arrays(r.standard_normal((64, 6)).astype(np.float32), r.integers(0, 3, 64),
@@ -205,9 +205,15 @@ def test_track_weights_logs_the_epoch_distances(entry):
     cb = lambda e, row: snaps.append(m.net.params().astype(np.float64).copy()) and False  # noqa: E731
     if entry == "fit":
         h = kdcore.fit(m, ds, epochs=3, batch_size=16, progress=False, track_weights=True, callback=cb)
-    else:
+    elif entry == "distill":
         t = kdcore.models.mlp([6, 16, 3], seed=2)
         h = kdcore.distill(m, t, ds, epochs=3, batch_size=16, progress=False, track_weights=True, callback=cb)
+    elif entry == "mutual":   # the first peer's weights
+        h = kdcore.mutual([m, kdcore.models.mlp([6, 8, 3], seed=5)], ds, epochs=3, batch_size=16, progress=False,
+                          track_weights=True, callback=cb)
+    else:
+        t = kdcore.models.mlp([6, 16, 3], seed=2)
+        h = kdcore.slkd(m, t, ds, epochs=3, batch_size=16, progress=False, track_weights=True, callback=cb)
     ws = [w0] + snaps
     np.testing.assert_allclose(h["weight_change"], [np.linalg.norm(ws[k + 1] - ws[k]) for k in range(3)], rtol=1e-9)
     np.testing.assert_allclose(h["weight_norm"], [np.linalg.norm(w) for w in ws[1:]], rtol=1e-9)

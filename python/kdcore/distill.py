@@ -424,7 +424,8 @@ def _val_teacher_probs(teacher, val, weights):
 def mutual(models, train, epochs=10, batch_size=128, optimizer="sgd", lr=None, schedule=None, augment=None,
            val=None, seed=0, progress=True, T=1.0, ce_weight=1.0, kd_weight=1.0, ensemble=False,
            label_smoothing=0.0, drop_last=False, max_steps=None, callback=None, callback_every=20,
-           checkpoint=None, checkpoint_every=1, checkpoint_best=False, resume=False, nonfinite="raise"):
+           checkpoint=None, checkpoint_every=1, checkpoint_best=False, resume=False, nonfinite="raise",
+           track_weights=False):
     """Deep mutual learning (eq. 27): the peers train together on the same batches, each
     minimising ce_weight * CE + kd_weight * mean over the other peers of T^2 KL(sg(p_j^T) ||
     p_k^T). ensemble=True: each peer learns instead from the detached average of all peers'
@@ -441,6 +442,7 @@ def mutual(models, train, epochs=10, batch_size=128, optimizer="sgd", lr=None, s
     uninterrupted run (same settings and thread count).
     nonfinite: 'raise' or 'skip', as in ``kdcore.fit``; a non-finite term of any peer drops
     the step for all of them.
+    track_weights: log the per-epoch weight changes of the first peer (as in ``kdcore.fit``).
     """
     if not isinstance(models, (list, tuple)) or len(models) < 2:
         raise ValueError("mutual needs a list of at least 2 models")
@@ -450,6 +452,7 @@ def mutual(models, train, epochs=10, batch_size=128, optimizer="sgd", lr=None, s
         raise ValueError("the same model appears twice in models")
     c = _Common(train, epochs, batch_size, optimizer, lr, schedule, augment, val, seed, progress,
                 label_smoothing, drop_last, max_steps, callback, callback_every, nonfinite)
+    c.track_weights = _check_bool("track_weights", track_weights)
     for k, m in enumerate(models):
         c.check(m, f"peer {k} (models[{k}])")
     T = _check_float("T", T, 0, lo_open=True)
@@ -490,7 +493,8 @@ def slkd(student, teacher, train, sl_teachers=None, n_sl=2, epochs=10, batch_siz
          schedule=None, augment=None, val=None, seed=0, progress=True, T=4.0, alpha=0.1, lam=1.0, eta=3.0,
          rho=0.5, fuse="logits", sl_grad=False, sequential=False, replay="trajectory", sl_optimizer=None, cache="auto",
          label_smoothing=0.0, drop_last=False, max_steps=None, callback=None, callback_every=20,
-         checkpoint=None, checkpoint_every=1, checkpoint_best=False, resume=False, nonfinite="raise"):
+         checkpoint=None, checkpoint_every=1, checkpoint_best=False, resume=False, nonfinite="raise",
+         track_weights=False):
     """SLKD (seed 001): the student learns from the frozen teacher and from self-learning
     teachers (SL-Ts) with the teacher's architecture, trained from scratch alongside it.
 
@@ -529,6 +533,7 @@ def slkd(student, teacher, train, sl_teachers=None, n_sl=2, epochs=10, batch_siz
     changed settings) and then continues phase 2 after the saved epoch.
     nonfinite: 'raise' or 'skip', as in ``kdcore.fit``; a non-finite term or gradient of the
     student or an SL-teacher drops the whole step (all of them stay as they were).
+    track_weights: log the per-epoch weight changes of the student (as in ``kdcore.fit``).
     """
     _check_model(student)
     _check_model(teacher)
@@ -536,6 +541,7 @@ def slkd(student, teacher, train, sl_teachers=None, n_sl=2, epochs=10, batch_siz
         raise ValueError("the student cannot be its own teacher")
     c = _Common(train, epochs, batch_size, optimizer, lr, schedule, augment, val, seed, progress,
                 label_smoothing, drop_last, max_steps, callback, callback_every, nonfinite)
+    c.track_weights = _check_bool("track_weights", track_weights)
     n_sl = _check_int("n_sl", n_sl, 1)
     sl_grad, sequential = _check_bool("sl_grad", sl_grad), _check_bool("sequential", sequential)
     if n_sl > 2:
@@ -667,7 +673,8 @@ def _states_digest(trajectory):
 def multi_exit(model, train, teacher=None, epochs=10, batch_size=128, optimizer="sgd", lr=None, schedule=None,
                augment=None, val=None, seed=0, progress=True, T=3.0, ce_weight=None, kd_weight=None, cache="auto",
                label_smoothing=0.0, drop_last=False, max_steps=None, callback=None, callback_every=20,
-               checkpoint=None, checkpoint_every=1, checkpoint_best=False, resume=False, nonfinite="raise"):
+               checkpoint=None, checkpoint_every=1, checkpoint_best=False, resume=False, nonfinite="raise",
+               track_weights=False):
     """Train a multi-exit network (``kdcore.nn.MultiExit``, e.g. ``models.with_exits(resnet8(),
     ["layer1", "layer2"])``).
 
@@ -687,12 +694,14 @@ def multi_exit(model, train, teacher=None, epochs=10, batch_size=128, optimizer=
     ``kdcore.distill`` (the teacher's logits computed once unless augmentation is on).
     Training options (epochs, batch_size, optimizer, lr, schedule, augment, val, seed, progress, label_smoothing,
     drop_last, max_steps, callback, callback_every): as in ``kdcore.fit``.
+    track_weights: log the per-epoch weight changes of the model (as in ``kdcore.fit``).
     """
     from .nn import MultiExit
     if not isinstance(model, MultiExit):
         raise TypeError("model must be a kdcore.nn.MultiExit (see kdcore.models.with_exits)")
     c = _Common(train, epochs, batch_size, optimizer, lr, schedule, augment, val, seed, progress,
                 label_smoothing, drop_last, max_steps, callback, callback_every, nonfinite)
+    c.track_weights = _check_bool("track_weights", track_weights)
     c.check(model, "model")
     self_kd = teacher is None
     ce_weight = _check_float("ce_weight", (0.7 if self_kd else 0.1) if ce_weight is None else ce_weight, 0)
