@@ -250,9 +250,24 @@ struct pair_io {
     const float * params;     // a parameter holder's block and gradient (VID's log_scale)
     float * dparams;
     float * scratch;          // the term's own scratch (CRD: normalised rows and their gradients)
+    float smooth;             // the train cfg's label smoothing (CE)
     float w;
     float value, part[2];     // out: the unweighted term, its parts (DKD: TCKD, NCKD)
 };
+
+// Kinds without a source read `a` (and the labels) only.
+static enum kd_status pair_ce(const struct kd_term * t, struct pair_io * p) {
+    return kd_cross_entropy(&p->value, p->da, p->a, p->y, NULL, p->nb, p->ac, p->smooth, p->w, true);
+}
+static enum kd_status pair_tolerant(const struct kd_term * t, struct pair_io * p) {
+    return kd_loss_tolerant(&p->value, p->da, p->a, p->nb, p->ac, t->k, p->w, true);
+}
+static enum kd_status pair_activation(const struct kd_term * t, struct pair_io * p) {
+    return kd_loss_activation(&p->value, p->da, p->a, (size_t)p->nb * p->ac * p->ah * p->aw, p->w, true);
+}
+static enum kd_status pair_entropy(const struct kd_term * t, struct pair_io * p) {
+    return kd_loss_entropy(&p->value, p->da, p->a, p->nb, p->ac, p->w, true);
+}
 
 static enum kd_status pair_kd(const struct kd_term * t, struct pair_io * p) {
     return kd_loss_kd(&p->value, p->da, p->db, p->a, p->b, p->mask, p->nb, p->ac, t->T, p->w, true);
@@ -377,11 +392,11 @@ static const struct term_kind_info {
     bool same_shape;          // a and the target must have the same shape
     enum kd_status (*pair)(const struct kd_term *, struct pair_io *);
 } term_kinds[KD_TERM_COUNT] = {
-    [KD_TERM_CE]       = { "ce",       "cross-entropy",     true,  false, false, true,  NULL },
+    [KD_TERM_CE]       = { "ce",       "cross-entropy",     true,  false, false, true,  pair_ce },
     [KD_TERM_KD]       = { "kd",       "distillation loss", true,  true,  true,  true,  pair_kd },
     [KD_TERM_DKD]      = { "dkd",      "distillation loss", true,  true,  false, true,  pair_dkd },
     [KD_TERM_MSE]      = { "mse",      "distillation loss", false, true,  false, true,  pair_mse },
-    [KD_TERM_TOLERANT] = { "tolerant", "tolerant loss",     true,  false, false, true,  NULL },
+    [KD_TERM_TOLERANT] = { "tolerant", "tolerant loss",     true,  false, false, true,  pair_tolerant },
     [KD_TERM_AT]       = { "at",       "AT loss",           false, true,  true,  false, pair_at },
     [KD_TERM_SP]       = { "sp",       "SP loss",           false, true,  true,  false, pair_sp },
     [KD_TERM_NST]      = { "nst",      "NST loss",          false, true,  true,  false, pair_nst },
@@ -397,8 +412,8 @@ static const struct term_kind_info {
     [KD_TERM_HCL]      = { "hcl",      "ReviewKD loss",     false, true,  false, true,  pair_hcl },
     [KD_TERM_DIST]     = { "dist",     "DIST loss",         true,  true,  false, true,  pair_dist },
     [KD_TERM_ONEHOT]   = { "onehot",   "one-hot loss",      true,  true,  false, true,  pair_onehot },
-    [KD_TERM_ACTIVATION] = { "activation", "activation loss", false, false, false, false, NULL },
-    [KD_TERM_ENTROPY]  = { "entropy",  "entropy loss",      true,  false, false, false, NULL },
+    [KD_TERM_ACTIVATION] = { "activation", "activation loss", false, false, false, false, pair_activation },
+    [KD_TERM_ENTROPY]  = { "entropy",  "entropy loss",      true,  false, false, false, pair_entropy },
 };
 
 const char * kd_term_kind_name(enum kd_term_kind kind) {
@@ -632,36 +647,23 @@ static enum kd_status term_run(struct engine * E, const struct kd_term * t, floa
     float * q = scratch, * pred = scratch + E->BV, * mask = scratch + 4 * E->BV, * wrong = mask + L->B;
     const float smooth = L->cfg->label_smoothing;
     enum kd_status st = KD_OK;
-    if (t->kind == KD_TERM_CE) {
-        st = kd_cross_entropy(&o->value, da, a, L->y, NULL, nb, V, smooth, w, true);
-        o->contrib = (double)w * o->value;
-        return st;
-    }
-    if (t->kind == KD_TERM_TOLERANT) {
-        st = kd_loss_tolerant(&o->value, da, a, nb, V, t->k, w, true);
-        o->contrib = (double)w * o->value;
-        return st;
-    }
-    if (t->kind == KD_TERM_ACTIVATION) {
-        st = kd_loss_activation(&o->value, da, a, (size_t)nb * ref_per(E, t->a), w, true);
-        o->contrib = (double)w * o->value;
-        return st;
-    }
-    if (t->kind == KD_TERM_ENTROPY) {
-        st = kd_loss_entropy(&o->value, da, a, nb, V, w, true);
+    struct pair_io p = { .a = a, .da = da, .nb = nb, .y = L->y, .idx = L->idx, .w = w, .smooth = smooth,
+                         .scratch = E->term_scratch[t - E->s->terms] };
+    ref_shape(E, t->a, &p.ac, &p.ah, &p.aw);
+    if (!term_kinds[t->kind].src) {   // CE, tolerant, activation, entropy: `a` alone
+        st = term_kinds[t->kind].pair(t, &p);
+        o->value = p.value;
         o->contrib = (double)w * o->value;
         return st;
     }
     const struct kd_source * s = &t->src;
     float gw[KD_SOURCE_MAX];
     source_weights(s, L->sseed, gw);
-    struct pair_io p = { .a = a, .da = da, .nb = nb, .y = L->y, .idx = L->idx, .w = w, .scratch = E->term_scratch[t - E->s->terms] };
     if (t->kind == KD_TERM_VID) {
         struct kd_net * h = E->s->nets[t->vid.params].net;
         p.params = kd_net_params(h);
         p.dparams = kd_net_grads(h);
     }
-    ref_shape(E, t->a, &p.ac, &p.ah, &p.aw);
     ref_shape(E, s->ref[0], &p.bc, &p.bh, &p.bw);
     // Conditional learning: where the source's prediction is wrong, the label replaces it.
     double extra = 0;

@@ -70,12 +70,12 @@ def t(path, *names):
 # breaks), tests (pytest node ids or paths, run in the mutated copy; any failure = caught).
 MUTATIONS = [
     # ---- label smoothing inside every scheme. Every scheme's CE is the engine's CE term
-    # (term_run reads the train cfg's label_smoothing once): ls_off_distill breaks it for all;
+    # (pair_ce reads the train cfg's label smoothing): ls_off_distill breaks it for all;
     # the per-scheme mutations break it only where the engine runs that scheme (L->fn names
     # the public epoch function), so each scheme's own test is shown to check it.
     dict(name="ls_off_distill", file=TRAIN, what="the engine's CE term without label smoothing (every scheme)",
-         old="st = kd_cross_entropy(&o->value, da, a, L->y, NULL, nb, V, smooth, w, true);",
-         new="st = kd_cross_entropy(&o->value, da, a, L->y, NULL, nb, V, 0.0f, w, true);",
+         old="return kd_cross_entropy(&p->value, p->da, p->a, p->y, NULL, p->nb, p->ac, p->smooth, p->w, true);",
+         new="return kd_cross_entropy(&p->value, p->da, p->a, p->y, NULL, p->nb, p->ac, 0.0f, p->w, true);",
          tests=t(LOOP, "test_distill_label_smoothing") + t(STAGES, "test_fit_and_distill_pass_label_smoothing")),
     # The old loop computed a separate plain CE to report under conditional learning; the
     # engine reports the CE term's own value, so that path is gone. The closest real bug:
@@ -126,8 +126,8 @@ MUTATIONS = [
 
     # ---- tolerant term (term_run), student noise (loop_noisy_input; the distill configuration)
     dict(name="tolerant_gradient_doubled", file=TRAIN, what="the tolerant term's gradient doubled",
-         old="kd_loss_tolerant(&o->value, da, a, nb, V, t->k, w, true)",
-         new="kd_loss_tolerant(&o->value, da, a, nb, V, t->k, 2 * w, true)",
+         old="kd_loss_tolerant(&p->value, p->da, p->a, p->nb, p->ac, t->k, p->w, true)",
+         new="kd_loss_tolerant(&p->value, p->da, p->a, p->nb, p->ac, t->k, 2 * p->w, true)",
          tests=t(LOOP, "test_distill_tolerant") + t(STAGES, "test_born_again_stages")),
     dict(name="student_noise_doubled", file=TRAIN, what="student input noise with twice the std",
          old="buf[i] = L->x[i] + noise * kd_normal(seed, i);",
@@ -402,8 +402,8 @@ MUTATIONS = [
          tests=t(LOOP, "test_distill_avg_loss_teacher_weights", "test_slkd_options")),
     dict(name="frozen_net_mode_ignored", file=TRAIN,
          what="frozen nets always forwarded in eval mode (their mode ignored)",
-         old="unsigned mode = c->mode | (sn->trained ? KD_MODE_LEAN : KD_MODE_NO_GRAD);",
-         new="unsigned mode = sn->trained ? c->mode | KD_MODE_LEAN : KD_MODE_EVAL | KD_MODE_NO_GRAD;",
+         old="unsigned mode = c->mode | (sn->backprop ? KD_MODE_LEAN : KD_MODE_NO_GRAD);",
+         new="unsigned mode = sn->backprop ? c->mode | KD_MODE_LEAN : KD_MODE_EVAL | KD_MODE_NO_GRAD;",
          tests=t(API, "test_fickle_teacher_runs_dropout_with_frozen_bn")),
     dict(name="source_tap_not_kept", file=TRAIN,
          what="a source's tap is not kept: a frozen net's inference forward does not leave it readable",
