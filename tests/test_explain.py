@@ -231,3 +231,44 @@ def test_plots_return_figures():
     assert isinstance(E.plot_concepts([[1, 2, 3], [2, 3, 4]], [[5, 4, 3], [4, 3, 2]], labels=["a", "b"]), Figure)
     with pytest.raises(ValueError, match="same shape"):
         E.plot_concepts([1, 2], [1, 2, 3])
+
+
+def test_concepts_over_epochs_from_checkpoints(tmp_path):
+    """Per-epoch checkpoints (state dicts or kdcore.save files) -> concepts -> dynamics; the
+    model is left as it was; the same numbers as fitting each epoch by hand."""
+    r = np.random.default_rng(6)
+    X = r.standard_normal((48, 1, 8, 8)).astype(np.float32)
+    ds = kdcore.datasets.from_arrays(X, r.integers(0, 3, 48), num_classes=3, normalize=None)
+    m = kdcore.models.cnn(num_classes=3, input_size=8, width=2, seed=1)
+    states = []
+    h = kdcore.fit(m, ds, epochs=2, batch_size=16, progress=False, track_weights=True,
+                   callback=lambda e, row: states.append(m.state_dict()) and False)
+    paths = []
+    for k, sd in enumerate(states):
+        m2 = kdcore.models.cnn(num_classes=3, input_size=8, width=2)
+        m2.load_state_dict(sd)
+        paths.append(str(tmp_path / f"e{k}.safetensors"))
+        kdcore.save(paths[-1], m2)
+    x, fg = X[:3], X[:3] > 0.5
+    final = m.state_dict()
+    a = E.concepts_over_epochs(m, states, x, fg, tap="12", b=0.1, steps=5, samples=2)
+    b = E.concepts_over_epochs(m, paths, x, fg, tap="12", b=0.1, steps=5, samples=2)
+    for k, sd in enumerate(states):
+        m.load_state_dict(sd)
+        want = E.visual_concepts(E.information_discarding(m, x, tap="12", steps=5, samples=2, seed=k), fg, b=0.1)
+        np.testing.assert_array_equal(a[k]["fg_concepts"], want["fg_concepts"])
+        np.testing.assert_array_equal(b[k]["fg_concepts"], want["fg_concepts"])
+    m.load_state_dict(final)
+    for k, v in m.state_dict().items():
+        np.testing.assert_array_equal(v, final[k])
+    d = E.learning_dynamics([c["fg_concepts"] for c in a], h["weight_change"], h["weight_norm0"][0])
+    assert d["D"].shape == (3,) and np.isfinite(d["D_mean"])
+    with pytest.raises(TypeError, match="checkpoints"):
+        E.concepts_over_epochs(m, [], x, fg)
+
+
+def test_a_diverging_fit_raises_instead_of_returning_nan():
+    m = small_cnn()
+    x = np.random.default_rng(7).standard_normal((2, 1, 8, 8)).astype(np.float32)
+    with pytest.raises(RuntimeError, match="not finite"):
+        E.information_discarding(m, x, steps=50, samples=2, lr=50.0, lam=1e6, delta2=1.0)

@@ -196,6 +196,12 @@ enum kd_status kd_explain_sigma(struct kd_net * net, int node, const float * x, 
                                  &wk, val, grad);
         }
         if (st != KD_OK) goto done;
+        for (size_t i = 0; i < tot; i++)
+            if (!isfinite(grad[i])) {
+                st = kd_set_error_(KD_ERR_NONFINITE, __func__, "the fit's gradient is not finite at step %d "
+                                   "(sigma grew too large: lower lr or lam)", t);
+                goto done;
+            }
         if (objective) {
             double a = 0;
             for (int i = 0; i < N; i++) a += val[i];
@@ -209,6 +215,13 @@ enum kd_status kd_explain_sigma(struct kd_net * net, int node, const float * x, 
             m2[i] = b2 * m2[i] + (1.0f - b2) * grad[i] * grad[i];
             s[i] -= cfg->lr * (m1[i] / c1) / (sqrtf(m2[i] / c2) + ae);
         }
+        // exp(s) must stay a float: past ~88 the noise, and every later step, is infinite
+        for (size_t i = 0; i < tot; i++)
+            if (!(s[i] < 80.0f)) {
+                st = kd_set_error_(KD_ERR_NONFINITE, __func__, "the fit diverged at step %d: log sigma reached %g, "
+                                   "where the noise is not finite (lower lr or lam)", t, (double)s[i]);
+                goto done;
+            }
     }
 done:
     wk.fstar = NULL;

@@ -36,7 +36,7 @@ from . import _kdcore
 from .nn import Module, _check_float, _check_int
 
 __all__ = ["information_discarding", "Discarding", "feature_spread", "foreground_mask", "visual_concepts",
-           "learning_dynamics", "plot_discarding", "plot_concepts"]
+           "concepts_over_epochs", "learning_dynamics", "plot_discarding", "plot_concepts"]
 
 _HALF_LOG_2PIE = 0.5 * np.log(2 * np.pi * np.e)
 
@@ -256,6 +256,34 @@ def learning_dynamics(fg_concepts, weight_change, weight_norm0):
         rho = np.where(union > 0, S[-1].reshape(N, -1).sum(1) / np.maximum(union, 1), np.nan)
     return dict(m=m + 1, D=D, D_mean=float(D.mean()), D_var=float(D.var()), rho=rho,
                 rho_mean=float(np.nanmean(rho)) if np.isfinite(rho).any() else float("nan"))
+
+
+def concepts_over_epochs(model, checkpoints, images, foreground, tap=None, b=0.5, **fit):
+    """The visual concepts of ``model`` at each saved epoch: ``checkpoints`` is a list of
+    state dicts or of checkpoint paths (kdcore.save files, e.g. a run's per-epoch
+    checkpoints), in epoch order; each is loaded into ``model`` (restored afterwards), the
+    discarding fit runs on ``images`` (``fit`` options: steps, samples, lr, lam, delta2, seed)
+    and ``visual_concepts(..., b)`` is taken. Returns the list of concept dicts; their
+    ``fg_concepts`` feed ``learning_dynamics`` with the run's ``weight_change``."""
+    model = _model(model)
+    if not isinstance(checkpoints, (list, tuple)) or not checkpoints:
+        raise TypeError("checkpoints must be a non-empty list of state dicts or checkpoint paths")
+    from .checkpoint import load
+    before = model.state_dict()
+    out = []
+    try:
+        for k, ck in enumerate(checkpoints):
+            if isinstance(ck, dict):
+                model.load_state_dict(ck)
+            elif isinstance(ck, (str, bytes)) or hasattr(ck, "__fspath__"):
+                load(ck, model)
+            else:
+                raise TypeError(f"checkpoints[{k}] must be a state dict or a path, got {type(ck).__name__}")
+            d = information_discarding(model, images, tap=tap, **dict(dict(seed=k), **fit))
+            out.append(visual_concepts(d, foreground, b=b))
+    finally:
+        model.load_state_dict(before)
+    return out
 
 
 def _plt():

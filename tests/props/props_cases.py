@@ -1358,6 +1358,11 @@ def explain_cases(m):
         "learning_dynamics": (dict(fg_concepts=S, weight_change=[1.0, 2.0], weight_norm0=3.0),
                               dict(fg_concepts=st.one_of(SCALARS, variants_of(S), any_array()),
                                    weight_change=st.one_of(SCALARS, any_array(max_dims=2)), weight_norm0=SCALARS)),
+        "concepts_over_epochs": (dict(model=m, checkpoints=[m.state_dict()], images=X4, foreground=X4 > 0, tap="5",
+                                      b=0.25, steps=2, samples=2),
+                                 dict(checkpoints=st.one_of(SCALARS, st.just([]), st.just([{}]), st.just(["/nonexistent"])),
+                                      images=st.one_of(variants_of(X4), any_array()), foreground=st.one_of(SCALARS, any_array()),
+                                      b=SCALARS, steps=st.one_of(SCALARS, st.integers(-2, 3)))),
         "foreground_mask": (dict(data=ds, indices=np.array([0, 2]), threshold=0.05),
                             dict(data=st.just(ds), indices=st.one_of(SCALARS, any_array(max_dims=2)), threshold=SCALARS)),
     }
@@ -1372,10 +1377,14 @@ def test_explain_arguments(data):
     name = data.draw(st.sampled_from(sorted(cases)), label="function")
     valid, pools = cases[name]
     arg, kw = mutate(valid, pools, data)
-    names = {"images": ("images", "x", "delta2", "input"), "tap": ("tap", "delta2"), "H": ("H", "foreground"),
-             "fg_concepts": ("fg_concepts", "weight_change")}.get(arg, (arg,))
+    names = {"images": ("images", "x", "delta2", "input", "foreground"), "tap": ("tap", "delta2"),
+             "H": ("H", "foreground"), "fg_concepts": ("fg_concepts", "weight_change"),
+             "checkpoints": ("checkpoints", "path", "state", "key", "missing", "No such file")}.get(arg, (arg,))
+    # the fit is an optimisation: a huge lr or lam may diverge, which must say so (RuntimeError
+    # "... not finite ..." / "diverged"), never return NaN
     ok, r = attempt(getattr(kdcore.explain, name), (), kw, names, what=f"explain.{name}",
-                    ok=(TypeError, ValueError, KeyError, IndexError))
+                    ok=(TypeError, ValueError, KeyError, IndexError, OSError),
+                    trains=name in ("information_discarding", "concepts_over_epochs"))
     if ok and name == "information_discarding":
         assert np.all(np.isfinite(r.H)) and r.H.shape == np.shape(kw["images"])
 
