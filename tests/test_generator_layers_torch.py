@@ -5,6 +5,7 @@ import pytest
 import torch.nn as tnn
 
 from kdcore import nn as knn
+from checks import check_close
 from test_layers_torch import compare, fd_check, run_both
 
 
@@ -51,7 +52,11 @@ def test_leaky_relu_gradient_at_zero_is_the_slope(rng):
 @pytest.mark.parametrize("shape", [(3, 7), (2, 3, 5, 4), (1, 1, 1, 1)], ids=str)
 def test_tanh(shape, rng):
     x = (rng.standard_normal(shape) * 3).astype(np.float32)
-    compare(*run_both(knn.Tanh(), tnn.Tanh(), x, rng=rng), what=("out", "dx"))
+    k, t = run_both(knn.Tanh(), tnn.Tanh(), x, rng=rng)
+    compare(k, t, what=("out",))
+    # The backward reads the float32 output (as PyTorch's): near saturation 1 - out^2 carries
+    # the output's rounding, |d out| <= 6e-8, so up to ~1.2e-7 absolute in the gradient.
+    check_close("input grad", k["dx"], t["dx"], rtol=1e-5, atol=2.4e-7 * np.abs(k["dout"]).max())
     fd_check(knn.Tanh(), x, rng, params=False)
 
 
