@@ -1348,7 +1348,7 @@ def explain_cases(m):
         "information_discarding": (dict(model=m, images=X4, tap="5", steps=2, samples=2, lr=0.05, lam=1.0, delta2=None,
                                         init_sigma=0.01, seed=0),
                                    dict(model=st.one_of(SCALARS, st.just(m)), images=st.one_of(variants_of(X4), any_array()),
-                                        tap=taps, steps=st.one_of(SCALARS, st.integers(-2, 3)), samples=SIZES,
+                                        tap=taps, steps=st.one_of(COUNTS, st.integers(-2, 3)), samples=SIZES,
                                         lr=SCALARS, lam=SCALARS, delta2=SCALARS, init_sigma=SCALARS, seed=SCALARS)),
         "feature_spread": (dict(model=m, images=X4, tap="5"),
                            dict(model=SCALARS, images=st.one_of(variants_of(X4), any_array()), tap=taps)),
@@ -1362,7 +1362,7 @@ def explain_cases(m):
                                       b=0.25, steps=2, samples=2),
                                  dict(checkpoints=st.one_of(SCALARS, st.just([]), st.just([{}]), st.just(["/nonexistent"])),
                                       images=st.one_of(variants_of(X4), any_array()), foreground=st.one_of(SCALARS, any_array()),
-                                      b=SCALARS, steps=st.one_of(SCALARS, st.integers(-2, 3)))),
+                                      b=SCALARS, steps=st.one_of(COUNTS, st.integers(-2, 3)))),
         "foreground_mask": (dict(data=ds, indices=np.array([0, 2]), threshold=0.05),
                             dict(data=st.just(ds), indices=st.one_of(SCALARS, any_array(max_dims=2)), threshold=SCALARS)),
     }
