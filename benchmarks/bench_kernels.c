@@ -51,7 +51,7 @@ static double median(double * t, int n) {
     return t[n / 2];
 }
 
-// Test hook in layers.c: force the conv path (0 automatic, 1 shift, 2 col); env KD_CONV_PATH.
+// Test hook in conv.c: force the conv path (0 automatic, 1 shift, 2 col); env KD_CONV_PATH.
 void kd_conv_force_path(int path);
 
 // ---- FMA peak: independent accumulator chains in registers (inline asm, so the compiler

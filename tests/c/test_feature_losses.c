@@ -16,7 +16,7 @@
 #include <omp.h>
 #endif
 
-void kd_linear_force_engine(int engine);   // layers.c test hook: 0 automatic, 1 own, 2 OpenBLAS
+void kd_linear_force_engine(int engine);   // linear.c test hook: 0 automatic, 1 own, 2 OpenBLAS
 
 enum method { AT, SP, NST, RKD, PKT, FSP };
 static const char * const method_name[] = { "AT", "SP", "NST", "RKD", "PKT", "FSP" };
