@@ -381,6 +381,25 @@ KD_API enum kd_status kd_loss_dkd(float * tckd, float * nckd, float * dlogits, c
 // intra (unweighted, without T^2) may be NULL; dlogits is the gradient w.r.t. s.
 KD_API enum kd_status kd_loss_dist(float * inter, float * intra, float * dlogits, const float * s, const float * t,
                                    int N, int V, float T, float beta, float gamma, float weight, bool accumulate);
+// NormKD (Chi et al. 2023, "NormKD: Normalized logits for knowledge distillation"; the authors'
+// mdistiller-based code): a temperature per sample and per side from the unbiased std over
+// the classes, T_t,i = t_norm std(t_i), T_s,i = t_norm std(s_i), and
+//   loss = mean over samples i of T_t,i^2 KL(softmax(t_i / T_t,i) || softmax(s_i / T_s,i)).
+// The gradient goes through the student's std too (the code's form: only the teacher is under
+// no_grad); detach_std treats T_s,i as a constant. A teacher row with std 0 (all logits equal)
+// contributes nothing (the limit of its T^2 factor); a student row with std 0, where s / std
+// is undefined, is softened at the teacher's temperature and its std gets no gradient.
+KD_API enum kd_status kd_loss_normkd(float * loss, float * dlogits, const float * s, const float * t, int N, int V,
+                                     float t_norm, bool detach_std, float weight, bool accumulate);
+// WTTM (Zheng & Yang, ICLR 2024, "Knowledge distillation based on transformed teacher
+// matching"; the authors' wttm.py): the teacher's distribution p = softmax(t) transformed by
+// the power gamma (= 1/T) and renormalised, p~ = p^gamma / U = softmax(gamma t), with
+// U_i = sum_k p_ik^gamma (the power sum behind the Renyi entropy of order gamma); the
+// student at T = 1:
+//   loss = mean over samples i of U_i KL(p~_i || softmax(s_i))   (no T^2 factor).
+// U is the teacher's and carries no gradient (frozen teacher); dlogits is w.r.t. s.
+KD_API enum kd_status kd_loss_wttm(float * loss, float * dlogits, const float * s, const float * t, int N, int V,
+                                   float gamma, float weight, bool accumulate);
 // DAFL's generator losses (Chen et al. 2019, "Data-free learning of student networks"; the
 // authors' code): activation = -mean |x| over all n values of a feature tap; entropy = sum_c
 // pbar_c log10 pbar_c with pbar the batch mean of softmax(z) (minus the entropy of the mean
@@ -928,6 +947,8 @@ enum kd_term_kind {
     KD_TERM_ACTIVATION,  // -mean |a| over samples and values (a feature tap)
     KD_TERM_ENTROPY,     // sum_c pbar_c log10 pbar_c, pbar = batch mean of softmax(a): minus the
                          // entropy (in decimal digits, DAFL's code) of the mean prediction
+    KD_TERM_NORMKD,      // kd_loss_normkd(a, src) with normkd.t_norm and normkd.detach_std
+    KD_TERM_WTTM,        // kd_loss_wttm(a, src) with wttm.gamma
     KD_TERM_COUNT
 };
 KD_API const char * kd_term_kind_name(enum kd_term_kind kind);   // "ce", "kd", ... (NULL if unknown)
@@ -957,12 +978,16 @@ struct kd_term {
         struct { int p1; float p2; } ft;
         struct { int params; float eps; } vid;
         struct { float gamma; } dist;
+        struct { float t_norm; bool detach_std; } normkd;
+        struct { float gamma; } wttm;
         struct { struct kd_crd * bank; bool class_negatives; } crd;   // negatives from other
                                                                      // classes (kd_crd_set_labels)
     };
 };
 // Defaults: weight 1, T 4, DKD alpha 1 and beta 8, top-k 5, AT p 2 in the code form, RKD
-// weights 25 and 50 (RepDistiller / mdistiller), DIST beta 2 and gamma 2 (its CIFAR recipe).
+// weights 25 and 50 (RepDistiller / mdistiller), DIST beta 2 and gamma 2 (its CIFAR recipe),
+// NormKD t_norm 2 (the authors' CIFAR-100 setting; ImageNet 1), WTTM gamma 0.2 (the
+// authors' CIFAR-100 command).
 KD_API struct kd_term kd_term_default(enum kd_term_kind kind);
 
 struct kd_step_cfg {

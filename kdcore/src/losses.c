@@ -335,6 +335,109 @@ enum kd_status kd_loss_dist(float * inter, float * intra, float * dlogits, const
 }
 
 // ---------------------------------------------------------------------------------------
+// NormKD: KD at a temperature per sample and per side, t_norm times the row's std.
+
+// Mean and unbiased std over the V values of a row, in double.
+static double row_std(const float * z, int V, double * mean) {
+    double m = 0, ss = 0;
+    for (int k = 0; k < V; k++) m += z[k];
+    m /= V;
+    for (int k = 0; k < V; k++) ss += ((double)z[k] - m) * ((double)z[k] - m);
+    *mean = m;
+    return sqrt(ss / (V - 1));
+}
+
+enum kd_status kd_loss_normkd(float * loss, float * dlogits, const float * s, const float * t, int N, int V,
+                              float t_norm, bool detach_std, float weight, bool accumulate) {
+    if (!s || !t || N < 1 || V < 2) KD_FAIL(KD_ERR_VALUE, "logits must be non-empty with at least 2 classes");
+    if (!(t_norm > 0) || !isfinite(t_norm)) KD_FAIL(KD_ERR_VALUE, "t_norm (%g) must be > 0 and finite", t_norm);
+    const double tn = t_norm;
+    double total = 0;
+    for (int i = 0; i < N; i++) {
+        const float * si = s + (size_t)i * V, * ti = t + (size_t)i * V;
+        double ms, mt;
+        const double sd_s = row_std(si, V, &ms), sd_t = row_std(ti, V, &mt);
+        if (sd_t == 0) {   // the T_t^2 factor is 0: no value, no gradient
+            if (dlogits) for (int k = 0; k < V; k++) put(&dlogits[(size_t)i * V + k], 0.0, accumulate);
+            continue;
+        }
+        // A constant student row: s / std has no limit (it depends on the direction the row
+        // leaves the constant), so the row is softened at the teacher's temperature instead.
+        const bool through_std = sd_s > 0 && !detach_std;
+        const double Tt = tn * sd_t, Ts = sd_s > 0 ? tn * sd_s : Tt;
+        double xs, ls, xt, lt;
+        row_lse(si, V, Ts, -1, &xs, &ls);
+        row_lse(ti, V, Tt, -1, &xt, &lt);
+        double kl = 0, gc = 0;
+        for (int k = 0; k < V; k++) {
+            const double lpt = (ti[k] - xt) / Tt - lt, lps = (si[k] - xs) / Ts - ls, pt = exp(lpt);
+            if (pt > 0) kl += pt * (lpt - lps);
+            // sum_k g_k c_k with g = d(Tt^2 KL)/d(s / Ts) = Tt^2 (p_s - p_t), c the row's z-scores
+            if (through_std) gc += Tt * Tt * (exp(lps) - pt) * (((double)si[k] - ms) / sd_s);
+        }
+        total += Tt * Tt * kl;
+        if (dlogits) {
+            // d/ds_j = (g_j - c_j sum_k g_k c_k / (V - 1)) / Ts: the first term at a fixed
+            // temperature, the second through Ts = t_norm std(s) (d std / ds_j = c_j / (V - 1);
+            // sum_k g_k s_k = std(s) sum_k g_k c_k as sum_k g_k = 0)
+            const double sc = (double)weight / N, k2 = through_std ? gc / (V - 1) : 0.0;
+            for (int k = 0; k < V; k++) {
+                const double lpt = (ti[k] - xt) / Tt - lt, lps = (si[k] - xs) / Ts - ls;
+                const double g = Tt * Tt * (exp(lps) - exp(lpt));
+                const double c = through_std ? ((double)si[k] - ms) / sd_s : 0.0;
+                put(&dlogits[(size_t)i * V + k], sc * (g - c * k2) / Ts, accumulate);
+            }
+        }
+    }
+    if (loss) *loss = (float)(total / N);
+    if (!isfinite(total)) KD_FAIL(KD_ERR_NONFINITE, "NormKD loss is not finite");
+    return KD_OK;
+}
+
+// ---------------------------------------------------------------------------------------
+// WTTM: the student at T = 1 against the power-transformed teacher, each sample weighted by
+// the teacher's power sum. In logs: with l1 = lse(t - max) and lg = lse(gamma (t - max)),
+// log p~_k = gamma (t_k - max) - lg and log U = lg - gamma l1, so neither p^gamma nor U is
+// formed from underflowing probabilities.
+
+enum kd_status kd_loss_wttm(float * loss, float * dlogits, const float * s, const float * t, int N, int V,
+                            float gamma, float weight, bool accumulate) {
+    if (!s || !t || N < 1 || V < 1) KD_FAIL(KD_ERR_VALUE, "student and teacher logits must be non-empty");
+    if (!(gamma > 0) || !isfinite(gamma)) KD_FAIL(KD_ERR_VALUE, "gamma (%g) must be > 0 and finite", gamma);
+    const double g = gamma;
+    double total = 0;
+    for (int i = 0; i < N; i++) {
+        const float * si = s + (size_t)i * V, * ti = t + (size_t)i * V;
+        double xt = -INFINITY, l1 = 0, lg = 0, xs, ls;
+        for (int k = 0; k < V; k++) xt = fmax(xt, ti[k]);
+        for (int k = 0; k < V; k++) {
+            l1 += exp((double)ti[k] - xt);
+            lg += exp(g * ((double)ti[k] - xt));
+        }
+        l1 = log(l1);
+        lg = log(lg);
+        const double U = exp(lg - g * l1);
+        row_lse(si, V, 1.0, -1, &xs, &ls);
+        double kl = 0;
+        for (int k = 0; k < V; k++) {
+            const double lq = g * ((double)ti[k] - xt) - lg, q = exp(lq);
+            if (q > 0) kl += q * (lq - ((si[k] - xs) - ls));
+        }
+        total += U * kl;
+        if (dlogits) {
+            const double sc = (double)weight * U / N;
+            for (int k = 0; k < V; k++) {
+                const double q = exp(g * ((double)ti[k] - xt) - lg), ps = exp((si[k] - xs) - ls);
+                put(&dlogits[(size_t)i * V + k], sc * (ps - q), accumulate);
+            }
+        }
+    }
+    if (loss) *loss = (float)(total / N);
+    if (!isfinite(total)) KD_FAIL(KD_ERR_NONFINITE, "WTTM loss is not finite");
+    return KD_OK;
+}
+
+// ---------------------------------------------------------------------------------------
 // DAFL's activation and information-entropy losses
 
 enum kd_status kd_loss_activation(float * loss, float * dx, const float * x, size_t n, float weight, bool accumulate) {

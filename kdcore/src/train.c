@@ -328,6 +328,13 @@ static enum kd_status pair_dist(const struct kd_term * t, struct pair_io * p) {
     p->value = t->T * t->T * (t->beta * p->part[0] + t->dist.gamma * p->part[1]);
     return st;
 }
+static enum kd_status pair_normkd(const struct kd_term * t, struct pair_io * p) {
+    return kd_loss_normkd(&p->value, p->da, p->a, p->b, p->nb, p->ac, t->normkd.t_norm, t->normkd.detach_std, p->w,
+                          true);
+}
+static enum kd_status pair_wttm(const struct kd_term * t, struct pair_io * p) {
+    return kd_loss_wttm(&p->value, p->da, p->a, p->b, p->nb, p->ac, t->wttm.gamma, p->w, true);
+}
 // DAFL's one-hot loss: cross-entropy against the source's own argmax (pseudo-labels).
 static enum kd_status pair_onehot(const struct kd_term * t, struct pair_io * p) {
     int64_t * lab = malloc((size_t)p->nb * sizeof *lab);
@@ -414,6 +421,8 @@ static const struct term_kind_info {
     [KD_TERM_ONEHOT]   = { "onehot",   "one-hot loss",      true,  true,  false, true,  pair_onehot },
     [KD_TERM_ACTIVATION] = { "activation", "activation loss", false, false, false, false, pair_activation },
     [KD_TERM_ENTROPY]  = { "entropy",  "entropy loss",      true,  false, false, false, pair_entropy },
+    [KD_TERM_NORMKD]   = { "normkd",   "NormKD loss",       true,  true,  false, true,  pair_normkd },
+    [KD_TERM_WTTM]     = { "wttm",     "WTTM loss",         true,  true,  false, true,  pair_wttm },
 };
 
 const char * kd_term_kind_name(enum kd_term_kind kind) {
@@ -435,6 +444,8 @@ struct kd_term kd_term_default(enum kd_term_kind kind) {
     if (kind == KD_TERM_FSP) t.fsp.a2.node = -1;
     if (kind == KD_TERM_AB) t.ab.margin = 1.0f;
     if (kind == KD_TERM_DIST) { t.beta = 2.0f; t.dist.gamma = 2.0f; }
+    if (kind == KD_TERM_NORMKD) t.normkd.t_norm = 2.0f;
+    if (kind == KD_TERM_WTTM) t.wttm.gamma = 0.2f;
     if (kind == KD_TERM_FT) { t.ft.p1 = 2; t.ft.p2 = 1.0f; }
     if (kind == KD_TERM_VID) { t.vid.params = -1; t.vid.eps = 1e-5f; }
     return t;
@@ -933,6 +944,10 @@ static enum kd_status engine_setup(struct engine * E) {
                        kd_net_num_params(s->nets[h].net), c);
             if (!(t->vid.eps > 0)) E_FAIL(KD_ERR_VALUE, "term %d (vid): eps (%g) must be > 0", i, t->vid.eps);
         }
+        if (t->kind == KD_TERM_NORMKD && (!(t->normkd.t_norm > 0) || !isfinite(t->normkd.t_norm)))
+            E_FAIL(KD_ERR_VALUE, "term %d (normkd): t_norm (%g) must be > 0 and finite", i, t->normkd.t_norm);
+        if (t->kind == KD_TERM_WTTM && (!(t->wttm.gamma > 0) || !isfinite(t->wttm.gamma)))
+            E_FAIL(KD_ERR_VALUE, "term %d (wttm): gamma (%g) must be > 0 and finite", i, t->wttm.gamma);
         if (t->kind == KD_TERM_OFD && !t->ofd.margin) E_FAIL(KD_ERR_VALUE, "term %d (ofd): ofd.margin is NULL", i);
         if (t->kind == KD_TERM_CRD) {
             if (!t->crd.bank) E_FAIL(KD_ERR_VALUE, "term %d (crd): crd.bank is NULL", i);

@@ -1757,6 +1757,53 @@ static PyObject * py_dist_loss(PyObject * Py_UNUSED(m), PyObject * args, PyObjec
     return ret;
 }
 
+// normkd_loss(student, teacher, t_norm=2, detach_std=False) -> (loss, dstudent)
+static PyObject * py_normkd_loss(PyObject * Py_UNUSED(m), PyObject * args, PyObject * kwds) {
+    static char * kwlist[] = { "student", "teacher", "t_norm", "detach_std", NULL };
+    PyObject * so, * to;
+    float t_norm = 2.0f;
+    int detach = 0;
+    if (!PARSE_KW(args, kwds, "OO|fp", kwlist, &so, &to, &t_norm, &detach)) return NULL;
+    if (!(t_norm > 0) || !isfinite(t_norm)) return PyErr_Format(PyExc_ValueError, "t_norm must be > 0 and finite");
+    PyArrayObject * s, * t;
+    if (get_logit_pair(so, to, "student_logits", "teacher_logits", &s, &t) < 0) return NULL;
+    int N = (int)PyArray_DIM(s, 0), V = (int)PyArray_DIM(s, 1);
+    PyObject * ret = NULL, * ds = NULL;
+    if (V < 2) { PyErr_Format(PyExc_ValueError, "student_logits must have at least 2 classes, got %d", V); goto fail; }
+    ds = PyArray_SimpleNew(2, PyArray_DIMS(s), NPY_FLOAT32);
+    if (!ds) goto fail;
+    float loss;
+    enum kd_status st = kd_loss_normkd(&loss, PyArray_DATA((PyArrayObject *)ds), PyArray_DATA(s), PyArray_DATA(t), N, V,
+                                       t_norm, detach != 0, 1.0f, false);
+    if (st != KD_OK) { kd_raise(st); goto fail; }
+    ret = Py_BuildValue("(fO)", loss, ds);
+fail:
+    Py_XDECREF(ds); Py_DECREF(s); Py_XDECREF(t);
+    return ret;
+}
+
+// wttm_loss(student, teacher, gamma=0.2) -> (loss, dstudent)
+static PyObject * py_wttm_loss(PyObject * Py_UNUSED(m), PyObject * args, PyObject * kwds) {
+    static char * kwlist[] = { "student", "teacher", "gamma", NULL };
+    PyObject * so, * to;
+    float gamma = 0.2f;
+    if (!PARSE_KW(args, kwds, "OO|f", kwlist, &so, &to, &gamma)) return NULL;
+    if (!(gamma > 0) || !isfinite(gamma)) return PyErr_Format(PyExc_ValueError, "gamma must be > 0 and finite");
+    PyArrayObject * s, * t;
+    if (get_logit_pair(so, to, "student_logits", "teacher_logits", &s, &t) < 0) return NULL;
+    int N = (int)PyArray_DIM(s, 0), V = (int)PyArray_DIM(s, 1);
+    PyObject * ret = NULL, * ds = PyArray_SimpleNew(2, PyArray_DIMS(s), NPY_FLOAT32);
+    if (ds) {
+        float loss;
+        enum kd_status st = kd_loss_wttm(&loss, PyArray_DATA((PyArrayObject *)ds), PyArray_DATA(s), PyArray_DATA(t), N, V,
+                                         gamma, 1.0f, false);
+        if (st != KD_OK) kd_raise(st);
+        else ret = Py_BuildValue("(fO)", loss, ds);
+    }
+    Py_XDECREF(ds); Py_DECREF(s); Py_DECREF(t);
+    return ret;
+}
+
 // mse_loss(student, teacher) -> (loss, dstudent)
 static PyObject * py_mse_loss(PyObject * Py_UNUSED(m), PyObject * args) {
     PyObject * so, * to;
@@ -3284,6 +3331,10 @@ static PyObject * py_step_epoch(PyObject * Py_UNUSED(m), PyObject * args, PyObje
             tm->at.form = (enum kd_at_form)form;
         }
         if (tm->kind == KD_TERM_DIST && opt_float(&r, "gamma", &tm->dist.gamma) < 0) goto done;
+        if (tm->kind == KD_TERM_NORMKD &&
+            (opt_float(&r, "t_norm", &tm->normkd.t_norm) < 0 || opt_bool(&r, "detach_std", &tm->normkd.detach_std) < 0))
+            goto done;
+        if (tm->kind == KD_TERM_WTTM && opt_float(&r, "gamma", &tm->wttm.gamma) < 0) goto done;
         if (tm->kind == KD_TERM_RKD && (opt_float(&r, "w_dist", &tm->rkd.w_dist) < 0 || opt_float(&r, "w_angle", &tm->rkd.w_angle) < 0))
             goto done;
         if (tm->kind == KD_TERM_OFD) {
@@ -3376,6 +3427,17 @@ static int add_enums(PyObject * m) {
             if (!x || PyDict_Update(d, x) < 0) Py_CLEAR(d);
             Py_XDECREF(x);
         }
+        if (d && k == KD_TERM_NORMKD) {
+            PyObject * x = Py_BuildValue("{s:f,s:O}", "t_norm", (double)t.normkd.t_norm, "detach_std",
+                                         t.normkd.detach_std ? Py_True : Py_False);
+            if (!x || PyDict_Update(d, x) < 0) Py_CLEAR(d);
+            Py_XDECREF(x);
+        }
+        if (d && k == KD_TERM_WTTM) {
+            PyObject * x = Py_BuildValue("{s:f}", "gamma", (double)t.wttm.gamma);
+            if (!x || PyDict_Update(d, x) < 0) Py_CLEAR(d);
+            Py_XDECREF(x);
+        }
         if (d && k == KD_TERM_RKD) {
             PyObject * x = Py_BuildValue("{s:f,s:f}", "w_dist", (double)t.rkd.w_dist, "w_angle", (double)t.rkd.w_angle);
             if (!x || PyDict_Update(d, x) < 0) Py_CLEAR(d);
@@ -3442,6 +3504,8 @@ static PyMethodDef module_methods[] = {
     { "hcl_loss", (PyCFunction)py_hcl_loss, METH_VARARGS, "(loss, dstudent)" },
     { "evaluate", (PyCFunction)(void (*)(void))py_evaluate, METH_VARARGS | METH_KEYWORDS, "batched eval-mode forward" },
     { "dist_loss", (PyCFunction)(void (*)(void))py_dist_loss, METH_VARARGS | METH_KEYWORDS, "DIST loss (kd_loss_dist)" },
+    { "normkd_loss", (PyCFunction)(void (*)(void))py_normkd_loss, METH_VARARGS | METH_KEYWORDS, "NormKD loss (kd_loss_normkd)" },
+    { "wttm_loss", (PyCFunction)(void (*)(void))py_wttm_loss, METH_VARARGS | METH_KEYWORDS, "WTTM loss (kd_loss_wttm)" },
     { "sigma_objective", (PyCFunction)(void (*)(void))py_sigma_objective, METH_VARARGS | METH_KEYWORDS,
       "information-discarding objective and its gradient w.r.t. log sigma (kd_sigma_objective)" },
     { "explain_sigma", (PyCFunction)(void (*)(void))py_explain_sigma, METH_VARARGS | METH_KEYWORDS,

@@ -28,8 +28,10 @@ from . import _kdcore
 from .nn import _check_bool, _check_float, _check_int
 
 _DIST = _kdcore.TERM_DEFAULTS["dist"]
+_NORMKD = _kdcore.TERM_DEFAULTS["normkd"]
+_WTTM = _kdcore.TERM_DEFAULTS["wttm"]
 
-__all__ = ["cross_entropy", "kd_loss", "dkd_loss", "dist_loss", "soft_target_loss", "logit_mse_loss", "tolerant_loss",
+__all__ = ["cross_entropy", "kd_loss", "dkd_loss", "dist_loss", "normkd_loss", "wttm_loss", "soft_target_loss", "logit_mse_loss", "tolerant_loss",
            "softmax", "virtual_teacher", "at_loss", "sp_loss", "nst_loss", "rkd_loss", "pkt_loss", "fsp_loss",
            "ofd_margin", "ofd_loss", "ab_loss", "ft_loss", "vid_loss", "vid_log_scale", "cc_loss", "hcl_loss",
            "CRDBank"]
@@ -91,6 +93,28 @@ def dist_loss(student_logits, teacher_logits, beta=_DIST["beta"], gamma=_DIST["g
     gamma = _check_float("gamma", gamma, 0)
     loss, d, inter, intra = _kdcore.dist_loss(student_logits, teacher_logits, beta, gamma, T)
     return (loss, d, (inter, intra)) if return_parts else (loss, d)
+
+
+def normkd_loss(student_logits, teacher_logits, t_norm=_NORMKD["t_norm"], detach_std=False):
+    """NormKD (Chi et al. 2023; the authors' code): a temperature per sample and per side,
+    T_t,i = t_norm * std(t_i) and T_s,i = t_norm * std(s_i) (unbiased std over the classes),
+    mean_i T_t,i^2 KL(softmax(t_i / T_t,i) || softmax(s_i / T_s,i)). The gradient goes through
+    the student's std as in the authors' code; detach_std=True holds it constant. A teacher row
+    whose logits are all equal contributes 0; a student row whose logits are all equal (s / std
+    undefined) is softened at the teacher's temperature. Default t_norm 2 (the authors'
+    CIFAR-100 setting; their ImageNet one is 1). Returns (loss, dstudent)."""
+    t_norm = _check_float("t_norm", t_norm, 0, lo_open=True)
+    return _kdcore.normkd_loss(student_logits, teacher_logits, t_norm, _check_bool("detach_std", detach_std))
+
+
+def wttm_loss(student_logits, teacher_logits, gamma=_WTTM["gamma"]):
+    """WTTM (Zheng & Yang, ICLR 2024; the authors' wttm.py): the teacher's p = softmax(t)
+    power-transformed, p~ = p^gamma / U with U_i = sum_k p_ik^gamma (gamma = 1/T), matched by
+    the student at temperature 1 with a per-sample weight U_i: mean_i U_i KL(p~_i ||
+    softmax(s_i)); no T^2 factor. gamma = 1 is KD at T = 1 (U = 1). Default gamma 0.2 (the
+    authors' CIFAR-100 command). Returns (loss, dstudent)."""
+    gamma = _check_float("gamma", gamma, 0, lo_open=True)
+    return _kdcore.wttm_loss(student_logits, teacher_logits, gamma)
 
 
 def logit_mse_loss(student_logits, teacher_logits):

@@ -21,7 +21,7 @@ from . import _kdcore
 from .nn import (_ADD, _BATCHNORM, _CONCAT, _CONV2D, _INPUT_NODE, _MUL, _SIGMOID, _UPSAMPLE, BatchNorm2d, Conv2d,
                  Linear, Module, ReLU, Sequential, _check_bool, _check_float, _check_int, _is_choice, _join)
 
-__all__ = ["Loss", "CE", "KD", "DKD", "DIST", "LogitMSE", "Hint", "FitNet", "AT", "SP", "NST", "RKD", "PKT", "FSP", "OFD",
+__all__ = ["Loss", "CE", "KD", "DKD", "DIST", "NormKD", "WTTM", "LogitMSE", "Hint", "FitNet", "AT", "SP", "NST", "RKD", "PKT", "FSP", "OFD",
            "AB", "VID", "CC", "CRD", "FT", "ReviewKD", "ReviewFusion", "METHODS", "method_terms", "connector"]
 
 _KINDS = _kdcore.TERM_KINDS
@@ -167,6 +167,48 @@ class DIST(_LogitLoss):
 
     def _options(self):
         return dict(super()._options(), beta=self.beta, gamma=self.gamma, T=self.T)
+
+
+class NormKD(Loss):
+    """NormKD (Chi et al. 2023, "NormKD: Normalized logits for knowledge distillation"): KD at
+    a temperature per sample and per side, t_norm times the std of that sample's logits
+    (kdcore.functional.normkd_loss). The gradient reaches the student through its std too, as
+    in the authors' code; detach_std=True holds the student's std constant. Defaults: the
+    authors' CIFAR-100 setting, t_norm 2 with KD's weights (CE 0.1, NormKD 0.9); their
+    ImageNet one is t_norm 1 with CE 0.5, NormKD 0.5."""
+    kind, label = "normkd", "normkd"
+
+    def __init__(self, weight=0.9, t_norm=_DEFAULTS["normkd"]["t_norm"], detach_std=False, **kw):
+        super().__init__(weight, **kw)
+        self.t_norm = _check_float("t_norm", t_norm, 0, lo_open=True)
+        self.detach_std = _check_bool("detach_std", detach_std)
+
+    def _add(self, plan):
+        plan.add_term(self, self._base(a=plan.ref(0), src=[plan.ref(1)], t_norm=self.t_norm,
+                                       detach_std=self.detach_std))
+
+    def _options(self):
+        return dict(super()._options(), t_norm=self.t_norm, **({"detach_std": True} if self.detach_std else {}))
+
+
+class WTTM(Loss):
+    """WTTM (Zheng & Yang, ICLR 2024, "Knowledge distillation based on transformed teacher
+    matching"): the student at temperature 1 matches the teacher's distribution raised to
+    the power gamma (= 1/T) and renormalised, each sample weighted by the teacher's power sum
+    U = sum_k p_k^gamma (kdcore.functional.wttm_loss). Defaults: the authors' CIFAR-100
+    command, gamma 0.2 at weight 4 with CE 1 (their paper tunes gamma and the weight per
+    teacher-student pair)."""
+    kind, label = "wttm", "wttm"
+
+    def __init__(self, weight=4.0, gamma=_DEFAULTS["wttm"]["gamma"], **kw):
+        super().__init__(weight, **kw)
+        self.gamma = _check_float("gamma", gamma, 0, lo_open=True)
+
+    def _add(self, plan):
+        plan.add_term(self, self._base(a=plan.ref(0), src=[plan.ref(1)], gamma=self.gamma))
+
+    def _options(self):
+        return dict(super()._options(), gamma=self.gamma)
 
 
 class LogitMSE(_LogitLoss):
@@ -753,6 +795,8 @@ METHODS = {
     "dkd": lambda: [CE(1.0), DKD(1.0)],
     "mse": lambda: [CE(1.0), LogitMSE(1.0)],
     "dist": lambda: [CE(1.0), DIST(1.0)],
+    "normkd": lambda: [CE(0.1), NormKD(0.9, t_norm=2.0)],
+    "wttm": lambda: [CE(1.0), WTTM(4.0, gamma=0.2)],
     "fitnet": lambda: [CE(1.0), FitNet(100.0)],
     "at": lambda: [CE(1.0), AT(1000.0)],
     "sp": lambda: [CE(1.0), SP(3000.0)],

@@ -9,7 +9,8 @@ scheme's configuration; where one shared engine line implements an option for ev
 (the CE term's label smoothing), per-scheme mutations restrict the bug to that scheme (L->fn)
 so that each scheme's test is shown to check it. The last group breaks the engine itself
 (connectors, source gradients, gradient slots, parameter holders, CRD state, skip mode).
-The metrics group breaks kdcore.metrics (Python only, no rebuild).
+The logit-methods group breaks the mechanism of NormKD's and WTTM's losses (losses.c). The
+metrics group breaks kdcore.metrics (Python only, no rebuild).
 
 For every mutation in MUTATIONS below: copy the repository (the files `git ls-files` lists,
 untracked ones not ignored included) into a temporary directory, replace the mutation's `old`
@@ -59,6 +60,8 @@ NONFINITE = "tests/test_nonfinite.py"
 REVIEWKD = "tests/test_reviewkd_torch.py"
 METRICS = "python/kdcore/metrics.py"
 METRICS_T = "tests/test_metrics.py"
+LOSSES_C = "kdcore/src/losses.c"
+LOGIT = "tests/test_logit_methods_torch.py"
 
 
 def t(path, *names):
@@ -451,6 +454,16 @@ MUTATIONS = [
          old="ref_shape(&E, c->inputs[k], &ec, &eh, &ew);\n                    st = kd_net_set_input(c->net, sn->ext_node[k],",
          new="ref_shape(&E, c->inputs[k], &ec, &eh, &ew);\n                    st = kd_net_set_input(c->net, sn->ext_node[c->n_inputs - 1 - k],",
          tests=t(REVIEWKD, "test_reviewkd_step_matches_torch")),
+
+    # ---- logit methods since DKD (kdcore/src/losses.c): each method's own mechanism
+    dict(name="normkd_student_std_detached", file=LOSSES_C,
+         what="NormKD: the student's std not differentiated in the default form (detach_std's gradient always)",
+         old="const bool through_std = sd_s > 0 && !detach_std;", new="const bool through_std = false;",
+         tests=t(LOGIT, "test_normkd_loss", "test_normkd_step")),
+    dict(name="wttm_weight_dropped", file=LOSSES_C,
+         what="WTTM without its per-sample power-sum weight U (plain transformed-teacher matching)",
+         old="const double U = exp(lg - g * l1);", new="const double U = 1.0;",
+         tests=t(LOGIT, "test_wttm_loss", "test_wttm_step")),
 
     # ---- kdcore.metrics (Python only: no rebuild)
     dict(name="metrics_ece_edge_to_upper_bin", file=METRICS, what="a confidence on a bin edge goes to the bin above",
