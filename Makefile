@@ -158,7 +158,7 @@ ASAN_PY    := build/asan/py
 # interceptor finds no real __cxa_throw and aborts on the first C++ exception (torch.load of a
 # truncated file raises one).
 ASAN_PRELOAD = $(shell $(CC) -print-file-name=libasan.so) $(shell $(CC) -print-file-name=libstdc++.so)
-PY_SRCS    := $(wildcard python/kdcore/*.py) python/kdcore/_kdcore.c $(SRCS) $(wildcard kdcore/src/*.h) \
+PY_SRCS    := $(wildcard python/kdcore/*.py) $(wildcard python/binding/*.c python/binding/*.h) $(SRCS) $(wildcard kdcore/src/*.h) \
               kdcore/include/kdcore.h setup.py
 $(ASAN_PY)/.stamp: $(PY_SRCS)
 	rm -rf $(ASAN_PY) && mkdir -p $(ASAN_PY)

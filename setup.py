@@ -49,8 +49,8 @@ if sanitize:
 
 ext = Extension(
     "kdcore._kdcore",
-    sources=["python/kdcore/_kdcore.c"] + sorted(glob.glob("kdcore/src/*.c")),
-    include_dirs=["kdcore/include", "kdcore/src", numpy.get_include()] + blas_inc,
+    sources=sorted(glob.glob("python/binding/*.c")) + sorted(glob.glob("kdcore/src/*.c")),
+    include_dirs=["kdcore/include", "kdcore/src", "python/binding", numpy.get_include()] + blas_inc,
     library_dirs=[blas_libdir],
     libraries=["openblas", "z", "m"],
     extra_compile_args=cflags,

@@ -238,7 +238,7 @@ def _epoch_line(row, epochs):
 
 def _train_options(batch_size, schedule, base_lr, epochs, seed, augment, label_smoothing, drop_last, max_steps,
                    callback_every, bar, nonfinite="raise"):
-    """The dict the C loops read (see parse_train_cfg in _kdcore.c)."""
+    """The dict the C loops read (see parse_train_cfg in python/binding/loops.c)."""
     return dict(batch_size=batch_size, schedule=schedule._tuple(base_lr, epochs), gamma=schedule._gamma(),
                 seed=seed, shuffle=True, drop_last=drop_last, max_steps=max_steps,
                 label_smoothing=label_smoothing, callback=bar, callback_every=callback_every, nonfinite=nonfinite,
