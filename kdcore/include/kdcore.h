@@ -962,7 +962,9 @@ struct kd_term {
     };
 };
 // Defaults: weight 1, T 4, DKD alpha 1 and beta 8, top-k 5, AT p 2 in the code form, RKD
-// weights 25 and 50 (RepDistiller / mdistiller), DIST beta 2 and gamma 2 (its CIFAR recipe).
+// weights 25 and 50, AB margin 1, FT p1 2 and p2 1, VID eps 1e-5 (RepDistiller / mdistiller),
+// DIST beta 2 and gamma 2 (its CIFAR recipe). The Python binding exports them per kind name
+// as kdcore._kdcore.TERM_DEFAULTS.
 KD_API struct kd_term kd_term_default(enum kd_term_kind kind);
 
 struct kd_step_cfg {

@@ -3376,6 +3376,21 @@ static int add_enums(PyObject * m) {
             if (!x || PyDict_Update(d, x) < 0) Py_CLEAR(d);
             Py_XDECREF(x);
         }
+        if (d && k == KD_TERM_AB) {
+            PyObject * x = Py_BuildValue("{s:f}", "margin", (double)t.ab.margin);
+            if (!x || PyDict_Update(d, x) < 0) Py_CLEAR(d);
+            Py_XDECREF(x);
+        }
+        if (d && k == KD_TERM_FT) {
+            PyObject * x = Py_BuildValue("{s:i,s:f}", "p1", t.ft.p1, "p2", (double)t.ft.p2);
+            if (!x || PyDict_Update(d, x) < 0) Py_CLEAR(d);
+            Py_XDECREF(x);
+        }
+        if (d && k == KD_TERM_VID) {
+            PyObject * x = Py_BuildValue("{s:f}", "eps", (double)t.vid.eps);
+            if (!x || PyDict_Update(d, x) < 0) Py_CLEAR(d);
+            Py_XDECREF(x);
+        }
         if (d && k == KD_TERM_RKD) {
             PyObject * x = Py_BuildValue("{s:f,s:f}", "w_dist", (double)t.rkd.w_dist, "w_angle", (double)t.rkd.w_angle);
             if (!x || PyDict_Update(d, x) < 0) Py_CLEAR(d);

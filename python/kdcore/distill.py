@@ -30,6 +30,9 @@ _KINDS = {"ce": 0, "kd": 1, "dkd": 2, "mse": 3}
 # method -> defaults (ce_weight, kd_weight, T, warmup_epochs)
 _DEFAULTS = {"ce": (1.0, 0.0, 4.0, 0), "kd": (0.1, 0.9, 4.0, 0), "dkd": (1.0, 1.0, 4.0, 20), "mse": (1.0, 1.0, 4.0, 0)}
 _MULTI = {"avg_prob": 0, "avg_loss": 1}
+# multi_exit's weights when not given: BYOT's (1 - alpha, alpha) with alpha 0.3 without a
+# teacher; KD's with one.
+_EXIT_DEFAULTS = {"self": dict(ce_weight=0.7, kd_weight=0.3), "teacher": dict(ce_weight=0.1, kd_weight=0.9)}
 # Scheme names users pass as distill's method, and the entry point that runs each.
 _SCHEMES = {"mutual": "kdcore.mutual(models, train, ...)", "dml": "kdcore.mutual(models, train, ...)",
             "slkd": "kdcore.slkd(student, teacher, train, ...)",
@@ -704,8 +707,9 @@ def multi_exit(model, train, teacher=None, epochs=10, batch_size=128, optimizer=
     c.track_weights = _check_bool("track_weights", track_weights)
     c.check(model, "model")
     self_kd = teacher is None
-    ce_weight = _check_float("ce_weight", (0.7 if self_kd else 0.1) if ce_weight is None else ce_weight, 0)
-    kd_weight = _check_float("kd_weight", (0.3 if self_kd else 0.9) if kd_weight is None else kd_weight, 0)
+    d = _EXIT_DEFAULTS["self" if self_kd else "teacher"]
+    ce_weight = _check_float("ce_weight", d["ce_weight"] if ce_weight is None else ce_weight, 0)
+    kd_weight = _check_float("kd_weight", d["kd_weight"] if kd_weight is None else kd_weight, 0)
     T = _check_float("T", T, 0, lo_open=True)
     model._build()
     exits = list(model.exit_nodes) + [model.output_node]

@@ -77,7 +77,8 @@ class Loss:
 
 
 class CE(Loss):
-    """Cross-entropy with the labels (the training options' label smoothing applies)."""
+    """Cross-entropy with the labels (the training options' label smoothing applies); default
+    weight 1."""
     kind, label = "ce", "ce"
 
     def _add(self, plan):
@@ -106,6 +107,7 @@ class _LogitLoss(Loss):
 
 class KD(_LogitLoss):
     """Hinton KD: T^2 * mean_i KL(softmax(t_i/T) || softmax(s_i/T)) (RepDistiller, mdistiller).
+    Defaults: weight 0.9, T 4, their recipe (method='kd' adds CE 0.1).
 
     conditional=True: per sample, the term where the teacher predicts the label, else
     cross-entropy with the label at this weight (Meng et al. 2019). standardize=True: logit
@@ -150,8 +152,8 @@ class DIST(_LogitLoss):
     """DIST (Huang et al. 2022, "Knowledge distillation from a stronger teacher"): Pearson
     relations between the softened distributions, T^2 (beta * inter + gamma * intra), inter
     per sample over classes, intra per class over the batch (kdcore.functional.dist_loss).
-    Defaults: the paper's CIFAR recipe, beta 2, gamma 2, T 4, with CE weight 1; the History
-    logs both parts (``dist_inter``, ``dist_intra``, without T^2 and weights)."""
+    Defaults: the paper's CIFAR recipe, weight 1, beta 2, gamma 2, T 4, with CE weight 1; the
+    History logs both parts (``dist_inter``, ``dist_intra``, without T^2 and weights)."""
     kind, label = "dist", "dist"
 
     def __init__(self, weight=1.0, beta=_DEFAULTS["dist"]["beta"], gamma=_DEFAULTS["dist"]["gamma"],
@@ -170,7 +172,8 @@ class DIST(_LogitLoss):
 
 
 class LogitMSE(_LogitLoss):
-    """Logit regression (Ba & Caruana): mean over N*V of (z_s - z_t)^2 (F.mse_loss)."""
+    """Logit regression (Ba & Caruana): mean over N*V of (z_s - z_t)^2 (F.mse_loss); default
+    weight 1 (method='mse' adds CE 1)."""
     kind, label = "mse", "logit_mse"
 
     def _add(self, plan):
@@ -184,7 +187,8 @@ class Hint(Loss):
     student_tap / teacher_tap: tap names (default: the models' hint layer, f2).
     connector: a kdcore Module mapping the student map to the teacher map's shape, or
     'convreg' (RepDistiller's ConvReg: conv + BN + ReLU chosen by the spatial ratio),
-    'conv1x1' (1x1 conv + BN) or None (the maps already match)."""
+    'conv1x1' (1x1 conv + BN) or None (the maps already match). Default weight 100, FitNet's
+    (RepDistiller)."""
     kind, label = "mse", "hint"
 
     def __init__(self, weight=100.0, student_tap=None, teacher_tap=None, connector="convreg", seed=0, **kw):

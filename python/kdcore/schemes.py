@@ -31,6 +31,9 @@ from .training import History, _as_dataset, _check_model, fit, predict
 __all__ = ["born_again", "takd", "dgkd", "snapshot_distill", "eskd", "tf_kd",
            "BornAgainResult", "TAKDResult", "DGKDResult", "SnapshotResult", "ESKDResult", "TfKDResult"]
 
+# tf_kd's alpha and T when not given, per mode (the authors' code).
+_TF_KD_DEFAULTS = {"self": dict(alpha=0.95, T=6.0), "virtual": dict(alpha=0.1, T=20.0)}
+
 _FIT_KEYS = ("batch_size", "optimizer", "lr", "schedule", "augment", "progress", "label_smoothing", "drop_last",
              "max_steps", "callback", "callback_every", "nonfinite")
 
@@ -505,8 +508,9 @@ def tf_kd(student, train, mode="self", epochs=10, teacher_epochs=None, teacher=N
     epochs = _check_int("epochs", epochs, 1)
     seed = _check_int("seed", seed, 0)
     virtual = mode == "virtual"
-    alpha = _check_float("alpha", (0.1 if virtual else 0.95) if alpha is None else alpha, 0, 1)
-    T = _check_float("T", (20.0 if virtual else 6.0) if T is None else T, 0, lo_open=True)
+    d = _TF_KD_DEFAULTS[mode]
+    alpha = _check_float("alpha", d["alpha"] if alpha is None else alpha, 0, 1)
+    T = _check_float("T", d["T"] if T is None else T, 0, lo_open=True)
     fit_kw = _check_fit_kw(fit_kw)
     dkw = _check_distill_kw(distill_kw, {"method", "T", "ce_weight", "kd_weight"})
     train, val = _datasets(train, val)
