@@ -11,7 +11,7 @@ distillation pays. Methods on that subset: the student alone; KD (T=4, CE 0.1, K
 reported); BAN (two born-again generations after the student alone; the last generation, and
 the ensemble of the three); TAKD (teacher -> assistant mlp 784-512-10 -> student); SLKD (two
 SL-teachers with the teacher's architecture, lambda 1, eta 3, alpha 0.1, rho 0.5, T=4); and
-the control seed 001 lacks: KD with SLKD's total weights (CE 0.4, KD 3.6). Two more rows
+the control the SLKD paper lacks: KD with SLKD's total weights (CE 0.4, KD 3.6). Two more rows
 give the student alone and with KD on all 60,000 labels (same teacher), where KD does not help.
 
 Learning rates: SGD lr 0.05, momentum 0.9, weight decay 5e-4, cosine schedule, batch 128,

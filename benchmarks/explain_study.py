@@ -208,7 +208,7 @@ def main():
     keys = [("acc", "test accuracy", True), ("lam", "lambda = E[N_fg/(N_fg+N_bg)] (H1)", True),
             ("n_fg", "N_fg (H1)", True), ("n_bg", "N_bg", None), ("D_mean", "D_mean (H2)", False),
             ("D_var", "D_var (H2)", False), ("rho", "rho (H3)", True)]
-    lines = [f"\n## Why distillation helps: seed 000's hypotheses on Fashion-MNIST "
+    lines = [f"\n## Why distillation helps: Dao's survey's hypotheses on Fashion-MNIST "
              f"({datetime.date.today().isoformat()})\n",
              f"`python benchmarks/explain_study.py {' '.join(sys.argv[1:])}` on {machine()}; "
              f"{(time.perf_counter() - T0) / 60:.0f} min.\n",

@@ -336,7 +336,7 @@ def multi_exit_data():
 
 def multi_exit_loss(outs, yb, zt, T, cw, kw, ls):
     """Self-distillation (zt None): CE_eps at the output + sum over the shallow exits of
-    cw CE_eps + kw T^2 KL(sg(p_out^T) || p_k^T). With a teacher (seed 002 eq. 9): the mean over
+    cw CE_eps + kw T^2 KL(sg(p_out^T) || p_k^T). With a teacher (Wang & Yoon's review, eq. 9): the mean over
     all exits, output included, of cw CE_eps + kw T^2 KL(p_t^T || p_k^T). Returns the total
     and the output exit's (ce, kd)."""
     if zt is None:
@@ -390,7 +390,7 @@ def test_multi_exit(teacher, ls):
 @pytest.mark.parametrize("kind", ["ce", "kd"])
 def test_distill_tolerant(kind, K):
     """tolerant=(w, K) adds w * mean_i [z_(1) - mean(z_(2..K))] over the student's K largest
-    logits (seed 002 eq. 8), on its own (BAN's generation 0) or with KD; the loss and the
+    logits (Wang & Yoon's review, eq. 8), on its own (BAN's generation 0) or with KD; the loss and the
     reported tolerant term."""
     T, cw, kw, w = 4.0, 0.3, 0.7, 0.5
     dopts = dict(kind=0 if kind == "ce" else 1, T=T, ce_weight=cw, kd_weight=kw, tolerant_weight=w, tolerant_k=K)

@@ -196,7 +196,7 @@ def test_soft_target_loss_matches_torch(classes, batch, T, kind, rng):
 @pytest.mark.parametrize("T", [1.0, 4.0, 20.0])
 @pytest.mark.parametrize("classes", [2, 10, 100])
 def test_soft_target_loss_multi_teacher_average(classes, T, rng):
-    """q = mean of three teachers' softened outputs (seed 002 eq. 23)."""
+    """q = mean of three teachers' softened outputs (Wang & Yoon's review, eq. 23)."""
     batch = 16
     s = make_logits(rng, "normal", batch, classes)
     ts = [make_logits(rng, "normal", batch, classes) for _ in range(3)]

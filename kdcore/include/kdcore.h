@@ -413,7 +413,7 @@ KD_API enum kd_status kd_loss_entropy(float * loss, float * dlogits, const float
 // sample is V/2 times this).
 KD_API enum kd_status kd_loss_mse(float * loss, float * dlogits, const float * s, const float * t,
                                   int N, int V, float weight, bool accumulate);
-// Tolerant-teacher term (seed 002 eq. 8): mean_i [z_(1) - mean(z_(2..K))] over the K
+// Tolerant-teacher term (Wang & Yoon's review, eq. 8): mean_i [z_(1) - mean(z_(2..K))] over the K
 // largest logits of each sample.
 KD_API enum kd_status kd_loss_tolerant(float * loss, float * dlogits, const float * z, int N, int V,
                                        int K, float weight, bool accumulate);
@@ -985,9 +985,10 @@ struct kd_term {
     };
 };
 // Defaults: weight 1, T 4, DKD alpha 1 and beta 8, top-k 5, AT p 2 in the code form, RKD
-// weights 25 and 50 (RepDistiller / mdistiller), DIST beta 2 and gamma 2 (its CIFAR recipe),
-// NormKD t_norm 2 (the authors' CIFAR-100 setting; ImageNet 1), WTTM gamma 0.2 (the
-// authors' CIFAR-100 command).
+// weights 25 and 50, AB margin 1, FT p1 2 and p2 1, VID eps 1e-5 (RepDistiller / mdistiller),
+// DIST beta 2 and gamma 2 (its CIFAR recipe), NormKD t_norm 2 (the authors' CIFAR-100
+// setting; ImageNet 1), WTTM gamma 0.2 (the authors' CIFAR-100 command). The Python binding
+// exports them per kind name as kdcore._kdcore.TERM_DEFAULTS.
 KD_API struct kd_term kd_term_default(enum kd_term_kind kind);
 
 struct kd_step_cfg {
@@ -1091,7 +1092,7 @@ KD_API enum kd_status kd_mutual_epoch(struct kd_net * const * nets, struct kd_op
                                       const struct kd_mutual_cfg * mcfg, int epoch,
                                       struct kd_distill_stats * out);
 
-// SLKD (seed 001, eqs. 1-7). Each step, with a frozen teacher T and self-learning teachers
+// SLKD (Liu, Li, Cheng 2023, eqs. 1-7). Each step, with a frozen teacher T and self-learning teachers
 // SL_j (the teacher's architecture, trained from scratch):
 //   L_SLj  = alpha CE(y, z_j) + (1-alpha) KD(z_T -> z_j)                       (eqs. 4-5)
 //   z_SL   = rho z_1 + (1-rho) z_2   (fuse_probs: p_SL = rho p_1^T + (1-rho) p_2^T)  (eq. 6)
@@ -1125,7 +1126,7 @@ KD_API enum kd_status kd_slkd_epoch(struct kd_net * student, struct kd_optim * o
 //  - self-distillation (teacher NULL and no logits; BYOT-style deep supervision): each
 //    shallow exit k minimises ce_weight * CE(y, z_k) + kd_weight * T^2 KL(sg(p_out) || p_k),
 //    the output exit minimises CE; the terms are summed.
-//  - with a teacher (seed 002 eq. 9): every exit, output included, minimises
+//  - with a teacher (Wang & Yoon's review, eq. 9): every exit, output included, minimises
 //    ce_weight * CE(y, z_k) + kd_weight * T^2 KL(p_t || p_k), averaged over the K exits.
 // Gradients are injected at the exit nodes and one backward pass runs. out: stats of the
 // output exit; exit_accuracy (n_exits) the training accuracy of each listed exit.

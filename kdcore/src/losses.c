@@ -225,7 +225,7 @@ enum kd_status kd_loss_mse(float * loss, float * dlogits, const float * s, const
     return KD_OK;
 }
 
-// Tolerant teacher (Yang et al. 2019, seed 002 eq. 8): per sample, the gap between the
+// Tolerant teacher (Yang et al. 2019, Wang & Yoon's review, eq. 8): per sample, the gap between the
 // largest logit and the mean of the next K-1, averaged over the batch. Minimising it keeps
 // secondary classes alive in a teacher trained for later generations.
 enum kd_status kd_loss_tolerant(float * loss, float * dlogits, const float * z, int N, int V, int K,

@@ -299,32 +299,27 @@ static int add_enums(PyObject * m) {
         PyObject * v = PyLong_FromLong(k);
         PyObject * d = Py_BuildValue("{s:f,s:f,s:f,s:f,s:i}", "weight", (double)t.weight, "T", (double)t.T,
                                      "alpha", (double)t.alpha, "beta", (double)t.beta, "k", t.k);
-        if (d && k == KD_TERM_AT) {
-            PyObject * x = Py_BuildValue("{s:f,s:i}", "p", (double)t.at.p, "form", (int)t.at.form);
-            if (!x || PyDict_Update(d, x) < 0) Py_CLEAR(d);
-            Py_XDECREF(x);
+        // The kind-specific options, one line per kind.
+        PyObject * x = NULL;
+        switch (k) {
+        case KD_TERM_AT: x = Py_BuildValue("{s:f,s:i}", "p", (double)t.at.p, "form", (int)t.at.form); break;
+        case KD_TERM_DIST: x = Py_BuildValue("{s:f}", "gamma", (double)t.dist.gamma); break;
+        case KD_TERM_NORMKD:
+            x = Py_BuildValue("{s:f,s:O}", "t_norm", (double)t.normkd.t_norm, "detach_std",
+                              t.normkd.detach_std ? Py_True : Py_False);
+            break;
+        case KD_TERM_WTTM: x = Py_BuildValue("{s:f}", "gamma", (double)t.wttm.gamma); break;
+        case KD_TERM_AB: x = Py_BuildValue("{s:f}", "margin", (double)t.ab.margin); break;
+        case KD_TERM_FT: x = Py_BuildValue("{s:i,s:f}", "p1", t.ft.p1, "p2", (double)t.ft.p2); break;
+        case KD_TERM_VID: x = Py_BuildValue("{s:f}", "eps", (double)t.vid.eps); break;
+        case KD_TERM_RKD:
+            x = Py_BuildValue("{s:f,s:f}", "w_dist", (double)t.rkd.w_dist, "w_angle", (double)t.rkd.w_angle);
+            break;
+        default: break;
         }
-        if (d && k == KD_TERM_DIST) {
-            PyObject * x = Py_BuildValue("{s:f}", "gamma", (double)t.dist.gamma);
-            if (!x || PyDict_Update(d, x) < 0) Py_CLEAR(d);
-            Py_XDECREF(x);
-        }
-        if (d && k == KD_TERM_NORMKD) {
-            PyObject * x = Py_BuildValue("{s:f,s:O}", "t_norm", (double)t.normkd.t_norm, "detach_std",
-                                         t.normkd.detach_std ? Py_True : Py_False);
-            if (!x || PyDict_Update(d, x) < 0) Py_CLEAR(d);
-            Py_XDECREF(x);
-        }
-        if (d && k == KD_TERM_WTTM) {
-            PyObject * x = Py_BuildValue("{s:f}", "gamma", (double)t.wttm.gamma);
-            if (!x || PyDict_Update(d, x) < 0) Py_CLEAR(d);
-            Py_XDECREF(x);
-        }
-        if (d && k == KD_TERM_RKD) {
-            PyObject * x = Py_BuildValue("{s:f,s:f}", "w_dist", (double)t.rkd.w_dist, "w_angle", (double)t.rkd.w_angle);
-            if (!x || PyDict_Update(d, x) < 0) Py_CLEAR(d);
-            Py_XDECREF(x);
-        }
+        if (d && x && PyDict_Update(d, x) < 0) Py_CLEAR(d);
+        if (d && !x && PyErr_Occurred()) Py_CLEAR(d);
+        Py_XDECREF(x);
         int bad = !v || !d || PyDict_SetItemString(kinds, kd_term_kind_name((enum kd_term_kind)k), v) < 0 ||
                   PyDict_SetItemString(defaults, kd_term_kind_name((enum kd_term_kind)k), d) < 0;
         Py_XDECREF(v);

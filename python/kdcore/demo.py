@@ -8,7 +8,7 @@ epoch runs in the C core; Python only describes the runs.
 Why a subset: with all 60,000 labels this student (mlp 784-256-10) already reaches ~88.5%
 and KD with T=4 does not improve it (measured, and reproduced with a plain PyTorch loop: KD
 86-87% against 88.5% alone; see benchmarks/RESULTS.md). Distillation pays where labels are
-scarce and the teacher knows more than the labels say -- the few-sample setting of seed 002's
+scarce and the teacher knows more than the labels say -- the few-sample setting of Wang & Yoon's review's
 taxonomy. `--student-data 60000` runs the full-data comparison.
 
     python -m kdcore.demo [--teacher mlp|cnn] [--teacher-epochs N] [--epochs N]

@@ -4,7 +4,7 @@ ensembles) and SLKD. Every epoch runs in C; Python picks the scheme and logs the
 Weights, as the reference libraries (RepDistiller, mdistiller) use them:
 
 * ``kd``: loss = ce_weight * CE(y, z_s) + kd_weight * T^2 KL(p_t^T || p_s^T), defaults
-  ce_weight=0.1, kd_weight=0.9, T=4. In seed 000/002's eq. 2, L = alpha H(y, p_s) +
+  ce_weight=0.1, kd_weight=0.9, T=4. In the surveys' eq. 2 (Dao; Wang & Yoon), L = alpha H(y, p_s) +
   beta H(p_t^T, p_s^T): alpha = ce_weight and beta = kd_weight (our KD term is the KL, which
   differs from H by the teacher entropy, a constant, and carries the T^2 factor).
 * ``dkd``: loss = ce_weight * CE + kd_weight * w(e) * (alpha TCKD + beta NCKD), defaults
@@ -30,6 +30,9 @@ _KINDS = {"ce": 0, "kd": 1, "dkd": 2, "mse": 3}
 # method -> defaults (ce_weight, kd_weight, T, warmup_epochs)
 _DEFAULTS = {"ce": (1.0, 0.0, 4.0, 0), "kd": (0.1, 0.9, 4.0, 0), "dkd": (1.0, 1.0, 4.0, 20), "mse": (1.0, 1.0, 4.0, 0)}
 _MULTI = {"avg_prob": 0, "avg_loss": 1}
+# multi_exit's weights when not given: BYOT's (1 - alpha, alpha) with alpha 0.3 without a
+# teacher; KD's with one.
+_EXIT_DEFAULTS = {"self": dict(ce_weight=0.7, kd_weight=0.3), "teacher": dict(ce_weight=0.1, kd_weight=0.9)}
 # Scheme names users pass as distill's method, and the entry point that runs each.
 _SCHEMES = {"mutual": "kdcore.mutual(models, train, ...)", "dml": "kdcore.mutual(models, train, ...)",
             "slkd": "kdcore.slkd(student, teacher, train, ...)",
@@ -495,7 +498,7 @@ def slkd(student, teacher, train, sl_teachers=None, n_sl=2, epochs=10, batch_siz
          label_smoothing=0.0, drop_last=False, max_steps=None, callback=None, callback_every=20,
          checkpoint=None, checkpoint_every=1, checkpoint_best=False, resume=False, nonfinite="raise",
          track_weights=False):
-    """SLKD (seed 001): the student learns from the frozen teacher and from self-learning
+    """SLKD (Liu, Li, Cheng 2023): the student learns from the frozen teacher and from self-learning
     teachers (SL-Ts) with the teacher's architecture, trained from scratch alongside it.
 
     Losses (eqs. 1-7): SL-T j: alpha CE + (1-alpha) KD(T -> SL_j); student:
@@ -682,7 +685,7 @@ def multi_exit(model, train, teacher=None, epochs=10, batch_size=128, optimizer=
     minimises ce_weight * CE(y, z_k) + kd_weight * T^2 KL(sg(p_out^T) || p_k^T) and the
     output exit CE; the terms are summed (defaults ce_weight 0.7, kd_weight 0.3, i.e. BYOT's
     (1-alpha) and alpha with alpha = 0.3; BYOT's feature hint term is not included).
-    With a teacher (model or logits): seed 002 eq. 9, every exit including the output
+    With a teacher (model or logits): Wang & Yoon's review, eq. 9, every exit including the output
     minimises ce_weight * CE + kd_weight * T^2 KL(p_t^T || p_k^T), averaged over the exits
     (defaults 0.1 / 0.9 as KD). History: loss terms of the output exit, the training and (with
     val) validation accuracy of every exit (``exit_<tap>_val_acc``).
@@ -704,8 +707,9 @@ def multi_exit(model, train, teacher=None, epochs=10, batch_size=128, optimizer=
     c.track_weights = _check_bool("track_weights", track_weights)
     c.check(model, "model")
     self_kd = teacher is None
-    ce_weight = _check_float("ce_weight", (0.7 if self_kd else 0.1) if ce_weight is None else ce_weight, 0)
-    kd_weight = _check_float("kd_weight", (0.3 if self_kd else 0.9) if kd_weight is None else kd_weight, 0)
+    d = _EXIT_DEFAULTS["self" if self_kd else "teacher"]
+    ce_weight = _check_float("ce_weight", d["ce_weight"] if ce_weight is None else ce_weight, 0)
+    kd_weight = _check_float("kd_weight", d["kd_weight"] if kd_weight is None else kd_weight, 0)
     T = _check_float("T", T, 0, lo_open=True)
     model._build()
     exits = list(model.exit_nodes) + [model.output_node]

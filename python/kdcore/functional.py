@@ -62,7 +62,7 @@ def kd_loss(student_logits, teacher_logits, T=4.0, teacher_grad=False):
 
 def soft_target_loss(student_logits, q, T=4.0):
     """T^2 * mean_i KL(q_i || softmax(s_i/T)) for target probabilities q (rows sum to 1),
-    e.g. the average of several teachers' softened outputs (seed 002 eq. 23)."""
+    e.g. the average of several teachers' softened outputs (Wang & Yoon's review, eq. 23)."""
     T = _check_float("T", T, 0, lo_open=True)
     return _kdcore.soft_loss(student_logits, q, T)
 
@@ -124,7 +124,7 @@ def logit_mse_loss(student_logits, teacher_logits):
 
 
 def tolerant_loss(logits, K=5):
-    """Tolerant-teacher term (seed 002 eq. 8): mean_i [z_(1) - mean(z_(2..K))], the gap between
+    """Tolerant-teacher term (Wang & Yoon's review, eq. 8): mean_i [z_(1) - mean(z_(2..K))], the gap between
     each sample's largest logit and the next K-1; returns (loss, dlogits)."""
     return _kdcore.tolerant_loss(logits, _check_int("K", K, 2))
 

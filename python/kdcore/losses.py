@@ -77,7 +77,8 @@ class Loss:
 
 
 class CE(Loss):
-    """Cross-entropy with the labels (the training options' label smoothing applies)."""
+    """Cross-entropy with the labels (the training options' label smoothing applies); default
+    weight 1."""
     kind, label = "ce", "ce"
 
     def _add(self, plan):
@@ -106,6 +107,7 @@ class _LogitLoss(Loss):
 
 class KD(_LogitLoss):
     """Hinton KD: T^2 * mean_i KL(softmax(t_i/T) || softmax(s_i/T)) (RepDistiller, mdistiller).
+    Defaults: weight 0.9, T 4, their recipe (method='kd' adds CE 0.1).
 
     conditional=True: per sample, the term where the teacher predicts the label, else
     cross-entropy with the label at this weight (Meng et al. 2019). standardize=True: logit
@@ -150,8 +152,8 @@ class DIST(_LogitLoss):
     """DIST (Huang et al. 2022, "Knowledge distillation from a stronger teacher"): Pearson
     relations between the softened distributions, T^2 (beta * inter + gamma * intra), inter
     per sample over classes, intra per class over the batch (kdcore.functional.dist_loss).
-    Defaults: the paper's CIFAR recipe, beta 2, gamma 2, T 4, with CE weight 1; the History
-    logs both parts (``dist_inter``, ``dist_intra``, without T^2 and weights)."""
+    Defaults: the paper's CIFAR recipe, weight 1, beta 2, gamma 2, T 4, with CE weight 1; the
+    History logs both parts (``dist_inter``, ``dist_intra``, without T^2 and weights)."""
     kind, label = "dist", "dist"
 
     def __init__(self, weight=1.0, beta=_DEFAULTS["dist"]["beta"], gamma=_DEFAULTS["dist"]["gamma"],
@@ -174,8 +176,8 @@ class NormKD(Loss):
     a temperature per sample and per side, t_norm times the std of that sample's logits
     (kdcore.functional.normkd_loss). The gradient reaches the student through its std too, as
     in the authors' code; detach_std=True holds the student's std constant. Defaults: the
-    authors' CIFAR-100 setting, t_norm 2 with KD's weights (CE 0.1, NormKD 0.9); their
-    ImageNet one is t_norm 1 with CE 0.5, NormKD 0.5."""
+    authors' CIFAR-100 setting, weight 0.9 and t_norm 2 (with CE 0.1); their ImageNet
+    setting puts CE and NormKD at 0.5 each with a t_norm of 1."""
     kind, label = "normkd", "normkd"
 
     def __init__(self, weight=0.9, t_norm=_DEFAULTS["normkd"]["t_norm"], detach_std=False, **kw):
@@ -212,7 +214,8 @@ class WTTM(Loss):
 
 
 class LogitMSE(_LogitLoss):
-    """Logit regression (Ba & Caruana): mean over N*V of (z_s - z_t)^2 (F.mse_loss)."""
+    """Logit regression (Ba & Caruana): mean over N*V of (z_s - z_t)^2 (F.mse_loss); default
+    weight 1 (method='mse' adds CE 1)."""
     kind, label = "mse", "logit_mse"
 
     def _add(self, plan):
@@ -226,7 +229,8 @@ class Hint(Loss):
     student_tap / teacher_tap: tap names (default: the models' hint layer, f2).
     connector: a kdcore Module mapping the student map to the teacher map's shape, or
     'convreg' (RepDistiller's ConvReg: conv + BN + ReLU chosen by the spatial ratio),
-    'conv1x1' (1x1 conv + BN) or None (the maps already match)."""
+    'conv1x1' (1x1 conv + BN) or None (the maps already match). Default weight 100, FitNet's
+    (RepDistiller)."""
     kind, label = "mse", "hint"
 
     def __init__(self, weight=100.0, student_tap=None, teacher_tap=None, connector="convreg", seed=0, **kw):

@@ -31,6 +31,9 @@ from .training import History, _as_dataset, _check_model, fit, predict
 __all__ = ["born_again", "takd", "dgkd", "snapshot_distill", "eskd", "tf_kd",
            "BornAgainResult", "TAKDResult", "DGKDResult", "SnapshotResult", "ESKDResult", "TfKDResult"]
 
+# tf_kd's alpha and T when not given, per mode (the authors' code).
+_TF_KD_DEFAULTS = {"self": dict(alpha=0.95, T=6.0), "virtual": dict(alpha=0.1, T=20.0)}
+
 _FIT_KEYS = ("batch_size", "optimizer", "lr", "schedule", "augment", "progress", "label_smoothing", "drop_last",
              "max_steps", "callback", "callback_every", "nonfinite")
 
@@ -223,7 +226,7 @@ def born_again(model, train, generations=3, epochs=10, T=1.0, ce_weight=1.0, kd_
     trained with the training seed ``seed + k``.
     * Generation 0 learns from the labels: plain ``fit`` (cross-entropy, weight 1), or with
       ``tolerant=(w, K)`` ``distill(method='ce', tolerant=(w, K))``: CE + w * [z_(1) - mean of
-      z_(2..K)] (seed 002 eq. 8 with alpha = 1, beta = w). Only generation 0 gets the
+      z_(2..K)] (Wang & Yoon's review, eq. 8 with alpha = 1, beta = w). Only generation 0 gets the
       tolerant term (eq. 8 is the teacher's loss); later generations use plain KD.
     * Generation k >= 1 distils from generation k-1 (its logits): loss = ce_weight *
       CE(y, p_k) + kd_weight * T^2 KL(p_{k-1}^T || p_k^T). Defaults ce_weight = kd_weight = 1,
@@ -353,7 +356,7 @@ def dgkd(teacher, assistants, student, train, teacher_drop=0.5, epochs=10, assis
 
 def snapshot_distill(model, train, cycles=3, epochs_per_cycle=10, T=None, ce_weight=None, kd_weight=None,
                      min_lr=0.0, val=None, seed=0, distill_kw=None, **fit_kw):
-    """Snapshot distillation (Yang et al. 2019; seed 002 eq. 6 with the student/teacher typo
+    """Snapshot distillation (Yang et al. 2019; Wang & Yoon's review, eq. 6 with the student/teacher typo
     fixed): one model, trained in place over ``cycles`` cosine learning-rate cycles of
     ``epochs_per_cycle`` epochs each (SGDR: the lr restarts at its base value, anneals to
     ``min_lr``). Cycle 0 trains with cross-entropy only; in cycle l >= 1 the teacher is a
@@ -505,8 +508,9 @@ def tf_kd(student, train, mode="self", epochs=10, teacher_epochs=None, teacher=N
     epochs = _check_int("epochs", epochs, 1)
     seed = _check_int("seed", seed, 0)
     virtual = mode == "virtual"
-    alpha = _check_float("alpha", (0.1 if virtual else 0.95) if alpha is None else alpha, 0, 1)
-    T = _check_float("T", (20.0 if virtual else 6.0) if T is None else T, 0, lo_open=True)
+    d = _TF_KD_DEFAULTS[mode]
+    alpha = _check_float("alpha", d["alpha"] if alpha is None else alpha, 0, 1)
+    T = _check_float("T", d["T"] if T is None else T, 0, lo_open=True)
     fit_kw = _check_fit_kw(fit_kw)
     dkw = _check_distill_kw(distill_kw, {"method", "T", "ce_weight", "kd_weight"})
     train, val = _datasets(train, val)

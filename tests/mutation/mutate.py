@@ -325,7 +325,7 @@ MUTATIONS = [
          old="if (self && is_out) continue;", new="if (is_out) continue;",
          tests=t(LOOP, "test_multi_exit")),
     dict(name="multi_exit_self_defaults", file=DISTILL, what="Python: multi_exit's self-distillation default weights",
-         old="(0.7 if self_kd else 0.1) if ce_weight is None", new="(0.3 if self_kd else 0.1) if ce_weight is None",
+         old='"self": dict(ce_weight=0.7, kd_weight=0.3)', new='"self": dict(ce_weight=0.3, kd_weight=0.3)',
          tests=t(STAGES, "test_multi_exit_defaults")),
 
     # ---- schemes
