@@ -1186,7 +1186,7 @@ def _plan_threads(workers, threads, local):
 
 
 def _error_text(e):
-    return f"{type(e).__name__}: {e}".rstrip(": ") if str(e) else type(e).__name__
+    return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
 
 
 def sweep(recipe, grid=None, seeds=None, out="runs", workers=None, threads=None, scheduler=None, sets=(),
