@@ -66,8 +66,9 @@ deps-test: deps
 	@$(call apt_install,$(APT_TEST_PKGS))
 	@$(PYTHON) -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2.13.0')" 2>/dev/null \
 	  || $(PYTHON) -m pip install -q torch==2.13.0
-	@$(PYTHON) -c "import pytest, hypothesis, safetensors, sklearn, matplotlib, onnx, onnxruntime, yaml" 2>/dev/null \
-	  || $(PYTHON) -m pip install -q pytest hypothesis safetensors scikit-learn matplotlib onnx onnxruntime pyyaml
+	@$(PYTHON) -c "import pytest, hypothesis, safetensors, sklearn, matplotlib, onnx, onnxruntime, yaml, dask.distributed" \
+	  2>/dev/null || $(PYTHON) -m pip install -q pytest hypothesis safetensors scikit-learn matplotlib onnx onnxruntime \
+	  pyyaml "dask[distributed]"
 
 check-env:
 	@test -n "$(BLAS_LIBDIR)" && echo "✓ OpenBLAS (OpenMP build) at $(BLAS_LIBDIR)" || (echo "✗ OpenBLAS OpenMP build not found: run make deps"; exit 1)

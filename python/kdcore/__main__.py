@@ -2,14 +2,20 @@
 
     python -m kdcore run recipes/kd.yaml [more.yaml ...] [--out runs] [--seeds 0,1]
                          [--set key.path=value ...] [--cache DIR] [--threads N] [--check]
+    python -m kdcore sweep recipes/kd.yaml --grid method=kd,dkd [--grid options.T=2,4 ...] [--seeds 0,1,2]
+                           [--out runs] [--workers N] [--threads T] [--scheduler tcp://host:port]
+                           [--set key.path=value ...] [--cache DIR]
     python -m kdcore report runs [--md report.md] [--json report.json]
 
 ``run`` writes one folder per (recipe, seed), <out>/<name>/seed-<seed> (see kdcore.recipes),
 and skips the runs an earlier invocation finished. ``--check`` only validates the recipes,
 loads the data and builds the models (an untrained teacher): nothing is trained or written.
-``report`` prints mean ± std over seeds of the last- and best-epoch test accuracy per
-(recipe, method). Exit status: 0, 1 if a run failed (the others still run), 2 for a recipe
-or command-line error.
+``sweep`` runs one recipe over the product of the ``--grid`` overrides (values read as YAML
+scalars) and the seeds, a Dask task per trial, into <out>/<name>-<key>=<value>-.../seed-<seed>
+(kdcore.recipes.sweep), then prints the report of its trials. ``report`` prints mean ± std
+over seeds of the last- and best-epoch test accuracy per (recipe, method). Exit status: 0, 1
+if a run or trial failed (the others still run), 2 for a recipe or command-line error (or,
+for sweep, dask missing).
 """
 from __future__ import annotations
 
@@ -46,6 +52,22 @@ def _parser():
     r.add_argument("--check", action="store_true",
                    help="validate, load the data and build the models; train nothing, write nothing")
     r.add_argument("--quiet", action="store_true", help="no per-epoch lines")
+    w = sub.add_parser("sweep", help="one recipe over a grid of overrides x seeds, a Dask task per trial")
+    w.add_argument("recipe", help="a recipe file (YAML)")
+    w.add_argument("--grid", action="append", default=[], metavar="KEY.PATH=V1,V2,...",
+                   help="values of a recipe key to sweep (repeat for a product), e.g. --grid options.T=2,4")
+    w.add_argument("--seeds", type=_seeds, default=None, help="comma-separated seeds, replacing the recipe's")
+    w.add_argument("--out", default="runs", help="where the run folders go (default: runs)")
+    w.add_argument("--workers", type=int, default=None,
+                   help="local cluster: worker processes, a trial each (default: cores // threads, or the cores)")
+    w.add_argument("--threads", type=int, default=None,
+                   help="kdcore threads per trial (default: cores // workers locally, 1 with --scheduler)")
+    w.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                   help="a running Dask scheduler (tcp://host:port) instead of a local cluster on 127.0.0.1")
+    w.add_argument("--set", dest="sets", action="append", nargs="+", default=[], metavar="KEY.PATH=VALUE",
+                   help="override a recipe key for every trial, the value read as YAML")
+    w.add_argument("--cache", default=None, help="trained teachers' cache (default: <out>/_teachers)")
+    w.add_argument("--quiet", action="store_true", help="no line per finished trial")
     p = sub.add_parser("report", help="table of finished runs: mean ± std over seeds per (recipe, method)")
     p.add_argument("out", nargs="?", default="runs", help="the runs folder (default: runs)")
     p.add_argument("--md", default=None, help="also write the table as Markdown to this file")
@@ -98,6 +120,53 @@ def _run(args, recipes):
     return 1 if failed else 0
 
 
+def _grid(items, recipes):
+    """--grid arguments -> {key path: [values]}, each value read as a YAML scalar."""
+    yaml = recipes._yaml()
+    grid = {}
+    for item in items:
+        key, eq, text = item.partition("=")
+        key = key.strip()
+        if not eq or not recipes._GRID_KEY.match(key):
+            raise recipes.RecipeError(f"--grid {item!r}: expected key.path=value1,value2,...")
+        if key in grid:
+            raise recipes.RecipeError(f"--grid {key}: given twice; list all its values in one --grid")
+        values = []
+        for v in text.split(","):
+            if not v.strip():
+                raise recipes.RecipeError(f"--grid {key}: an empty value in {text!r}")
+            try:
+                x = yaml.safe_load(v)
+            except yaml.YAMLError as e:
+                raise recipes.RecipeError(f"--grid {key}: {v!r} is not YAML: {e}") from None
+            if isinstance(x, (dict, list)):
+                raise recipes.RecipeError(f"--grid {key}: {v!r} is not a scalar (values are split at commas)")
+            values.append(x)
+        grid[key] = values
+    return grid
+
+
+def _sweep(args, recipes):
+    t0 = time.perf_counter()
+    ts = recipes.sweep(args.recipe, grid=_grid(args.grid, recipes), seeds=args.seeds,
+                       sets=[s for group in args.sets for s in group], out=args.out, workers=args.workers,
+                       threads=args.threads, scheduler=args.scheduler, cache=args.cache,
+                       log=None if args.quiet else _log, argv=[sys.executable, "-m", "kdcore"] + sys.argv[1:])
+    failed = [t for t in ts if t.status == "failed"]
+    for t in failed:
+        print(f"{t.name} seed {t.seed} failed:\n{t.traceback}", file=sys.stderr)
+    n = {s: sum(t.status == s for t in ts) for s in ("finished", "skipped")}
+    _log(f"{n['finished']} trials finished, {n['skipped']} skipped (finished earlier), {len(failed)} failed "
+         f"({time.perf_counter() - t0:.0f} s)")
+    names = {t.name for t in ts}
+    rows = [r for r in recipes.report(args.out) if r["recipe"] in names]
+    if rows:
+        print(recipes.format_report(rows), end="")
+    for t in failed:
+        _log(f"FAILED {t.name} seed {t.seed}: {t.error} (no done.json; a rerun retries it)")
+    return 1 if failed else 0
+
+
 def _report(args, recipes):
     if not os.path.isdir(args.out):
         raise recipes.RecipeError(f"{args.out}: no such folder")
@@ -120,8 +189,13 @@ def main(argv=None):
     args = _parser().parse_args(argv)
     from . import recipes
     try:
-        return _run(args, recipes) if args.command == "run" else _report(args, recipes)
+        return {"run": _run, "sweep": _sweep, "report": _report}[args.command](args, recipes)
     except recipes.RecipeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ImportError as e:
+        if str(e) != recipes._DASK_MISSING:
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -58,18 +58,21 @@ import functools
 import hashlib
 import inspect
 import io
+import itertools
 import json
+import logging
 import math
 import os
 import platform
 import re
 import sys
 import time
+import traceback
 
 import numpy as np
 
 __all__ = ["RecipeError", "SCHEMA", "METHODS", "load", "validate", "prepare", "run_one", "run_dir", "report",
-           "format_report"]
+           "format_report", "Trial", "trials", "sweep"]
 
 
 class RecipeError(ValueError):
@@ -304,7 +307,7 @@ _DATA = Map({"source": (Str(), "fashion_mnist"), "train_size": (Int(1), None),
 _LOSS = Map({"kind": (Str(what="a kdcore.losses term name (CE, KD, AT, ...)"), REQUIRED)}, extra=Any_())
 
 SCHEMA = Map({
-    "name": (Str(pattern=r"^[A-Za-z0-9_.+-]+$", what="a name of letters, digits and _.+-"), None),
+    "name": (Str(pattern=r"^[A-Za-z0-9_.+=-]+$", what="a name of letters, digits and _.+=-"), None),
     "teacher": (_TEACHER, None),
     "student": (Map(dict(_MODEL_FIELDS), drop_none=True), REQUIRED),
     "data": (_DATA, {"source": "fashion_mnist", "train_size": None, "val_split": None, "test_size": None}),
@@ -535,23 +538,27 @@ def _apply_set(raw, item, source):
         value = _yaml().safe_load(text) if text.strip() else None
     except _yaml().YAMLError as e:
         raise RecipeError(f"{source}: --set {key}: the value is not YAML: {e}") from None
+    _set_path(raw, parts, value, f"{source}: --set {key}")
+
+
+def _set_path(raw, parts, value, where):
+    """raw[parts[0]][parts[1]]... = value, making the mappings on the way; where: the start of
+    the error message (the source and the option that set it)."""
     node = raw
     for i, p in enumerate(parts[:-1]):
         nxt = node.get(p)
         if nxt is None:
             nxt = node[p] = {}
         elif not isinstance(nxt, dict):
-            raise RecipeError(f"{source}: --set {key}: {'.'.join(parts[:i + 1])} is not a mapping")
+            raise RecipeError(f"{where}: {'.'.join(parts[:i + 1])} is not a mapping")
         node = nxt
     node[parts[-1]] = value
     if tuple(parts) in _PATH_KEYS:
         _absolutise(raw, os.getcwd(), only=tuple(parts))
 
 
-def load(path, sets=(), seeds=None):
-    """Read, override and validate a recipe file: the resolved recipe (a dict; ``name``
-    defaults to the file's stem). sets: ``"key.path=value"`` overrides (values read as YAML);
-    seeds: a list replacing the recipe's. RecipeError names the file and the key's path."""
+def _read(path):
+    """(raw document, source name) of a recipe file, its relative paths made absolute."""
     yaml = _yaml()
     path = os.fspath(path)
     source = os.path.basename(path)
@@ -566,11 +573,20 @@ def load(path, sets=(), seeds=None):
         raw = {}
     if isinstance(raw, dict):
         _absolutise(raw, os.path.dirname(os.path.abspath(path)))
+        raw.setdefault("name", os.path.splitext(source)[0])
+    return raw, source
+
+
+def load(path, sets=(), seeds=None):
+    """Read, override and validate a recipe file: the resolved recipe (a dict; ``name``
+    defaults to the file's stem). sets: ``"key.path=value"`` overrides (values read as YAML);
+    seeds: a list replacing the recipe's. RecipeError names the file and the key's path."""
+    raw, source = _read(path)
+    if isinstance(raw, dict):
         for item in sets:
             _apply_set(raw, item, source)
         if seeds is not None:
             raw["seeds"] = list(seeds)
-        raw.setdefault("name", os.path.splitext(source)[0])
     return validate(raw, source)
 
 
@@ -882,6 +898,19 @@ def _read_json(path):
         return None
 
 
+def _finished(cfg, seed, out):
+    """Whether run_dir(out, cfg, seed) holds a finished run of this configuration (done.json);
+    RecipeError if it holds one of another configuration."""
+    folder = run_dir(out, cfg, seed)
+    done = _read_json(os.path.join(folder, "done.json"))
+    if done is None:
+        return False
+    if done.get("config_sha256") != _config_hash(cfg, seed):
+        raise RecipeError(f"{folder} holds a finished run of another configuration of {cfg['name']!r} "
+                          f"(config.yaml there); remove the folder or use another --out")
+    return True
+
+
 def run_one(cfg, seed, out, cache=None, log=None, argv=None):
     """Run one (recipe, seed) into ``run_dir(out, cfg, seed)`` and return its metrics (the
     contents of metrics.json). A folder already marked finished (done.json) for the same
@@ -898,11 +927,7 @@ def run_one(cfg, seed, out, cache=None, log=None, argv=None):
     seed = Int(0).check(seed, "seed")
     folder = run_dir(out, cfg, seed)
     h = _config_hash(cfg, seed)
-    done = _read_json(os.path.join(folder, "done.json"))
-    if done is not None:
-        if done.get("config_sha256") != h:
-            raise RecipeError(f"{folder} holds a finished run of another configuration of {cfg['name']!r} "
-                              f"(config.yaml there); remove the folder or use another --out")
+    if _finished(cfg, seed, out):
         m = _read_json(os.path.join(folder, "metrics.json")) or {}
         log(f"{cfg['name']} seed {seed}: finished earlier, skipped ({folder})")
         return dict(m, skipped=True)
@@ -1009,3 +1034,273 @@ def format_report(rows, markdown=False):
     def fmt(c):
         return "  ".join(x.ljust(w) if i < 3 else x.rjust(w) for i, (x, w) in enumerate(zip(c, widths)))
     return "\n".join([fmt(_COLUMNS), fmt(["-" * w for w in widths])] + [fmt(c) for c in cells]) + "\n"
+
+
+# ---- sweeps -----------------------------------------------------------------------------
+
+_GRID_KEY = re.compile(r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*$")
+_DASK_MISSING = 'kdcore sweeps run on Dask, which is not installed: pip install "dask[distributed]"'
+_THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def _dask():
+    """(dask, distributed), or ImportError naming the package to install."""
+    try:
+        import dask
+        import distributed
+    except ImportError:
+        raise ImportError(_DASK_MISSING) from None
+    return dask, distributed
+
+
+def _cores():
+    """The cores this process may run on (its CPU affinity where the OS tells it)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def _slug(v):
+    """A grid value as a part of a folder name: the value's text (JSON but for strings) when it
+    is made of letters, digits and _.+- and short, else its first such characters, each run of
+    others made one _, and a digest of the value (so that two values never share a folder)."""
+    text = v if isinstance(v, str) else json.dumps(_jsonable(v), separators=(",", ":"))
+    safe = re.sub(r"[^A-Za-z0-9_.+-]+", "_", text)
+    if safe != text or not text or len(safe) > 40:
+        safe = (safe.strip("_")[:32] + "_" if safe.strip("_") else "") + _digest([type(v).__name__, _jsonable(v)], 6)
+    return safe
+
+
+def _grid_keys(grid):
+    """The grid's keys, checked: key paths, non-empty lists without repeated values."""
+    if not isinstance(grid, dict):
+        raise RecipeError(f"grid: expected a mapping of key paths to lists of values, got {_show(grid)}")
+    keys = list(grid)
+    for k in keys:
+        if not isinstance(k, str) or not _GRID_KEY.match(k):
+            raise RecipeError(f"grid: {k!r}: expected a key path such as method or options.T")
+        if k.split(".")[0] in ("name", "seeds"):
+            raise RecipeError(f"grid: {k}: set by the sweep (the trials' names; seeds= or --seeds), not a grid key")
+        vals = grid[k]
+        if not isinstance(vals, (list, tuple)) or not vals:
+            raise RecipeError(f"grid: {k}: expected a non-empty list of values, got {_show(vals)}")
+        for i, v in enumerate(vals):
+            if any(type(v) is type(w) and v == w for w in vals[:i]):
+                raise RecipeError(f"grid: {k}: the value {v!r} appears twice")
+    for a in keys:
+        for b in keys:
+            if b.startswith(a + "."):
+                raise RecipeError(f"grid: {b} lies inside {a}, also a grid key")
+    return keys
+
+
+class Trial(dict):
+    """One trial of a sweep (a grid point and a seed) and its outcome: ``name`` (the run
+    folder's name, from the recipe's name and the grid values), ``grid`` (key path -> value),
+    ``seed``, ``folder``, ``status`` ("finished", "skipped": finished by an earlier
+    invocation, "failed" or "pending"), ``metrics`` (metrics.json's contents, with
+    ``threads``: kdcore's thread count in the trial), ``error`` and ``traceback`` (text, for
+    a failed trial). A dict, so that it prints and serialises as one."""
+
+    def __getattr__(self, k):
+        try:
+            return self[k]
+        except KeyError:
+            raise AttributeError(k) from None
+
+
+def trials(recipe, grid=None, seeds=None, sets=(), out="runs"):
+    """The trials of a sweep, validated, in order (grid keys as given, each key's values as
+    given, the last key varying fastest, seeds innermost): a list of ``Trial`` with
+    ``cfg`` (the resolved recipe of the grid point) and status "pending", or RecipeError
+    naming the grid point and the key. recipe: a recipe file or a resolved recipe (a dict);
+    grid: {key path: [values]} (a value replaces the recipe's, as ``--set`` does, and may
+    be any YAML-able value); seeds: replacing the recipe's; sets: ``"key.path=value"``
+    overrides applied before the grid."""
+    grid = {} if grid is None else grid
+    keys = _grid_keys(grid)
+    if isinstance(recipe, dict):
+        raw0, source = copy.deepcopy(recipe), str(recipe.get("name") or "recipe")
+    else:
+        raw0, source = _read(recipe)
+    if not isinstance(raw0, dict):
+        validate(raw0, source)   # raises: not a mapping
+    for item in sets:
+        _apply_set(raw0, item, source)
+    if seeds is not None:
+        raw0["seeds"] = list(seeds) if isinstance(seeds, (list, tuple)) else seeds
+    base = raw0.get("name")
+    out_list, names = [], {}
+    for point in itertools.product(*(grid[k] for k in keys)):
+        values = dict(zip(keys, point))
+        raw = copy.deepcopy(raw0)
+        for k, v in values.items():
+            _set_path(raw, k.split("."), copy.deepcopy(v), f"{source}: grid {k}")
+        name = base
+        if keys and isinstance(base, str):
+            name = base + "-" + "-".join(f"{k}={_slug(v)}" for k, v in values.items())
+            raw["name"] = name
+        where = source + (" [" + ", ".join(f"{k}={v!r}" for k, v in values.items()) + "]" if keys else "")
+        cfg = validate(raw, where)
+        if cfg["name"] in names:
+            raise RecipeError(f"grid: the points {names[cfg['name']]} and {values} would share the folder "
+                              f"{cfg['name']}")
+        names[cfg["name"]] = values
+        for seed in cfg["seeds"]:
+            out_list.append(Trial(name=cfg["name"], grid=values, seed=seed, folder=run_dir(out, cfg, seed),
+                                  cfg=cfg, status="pending", metrics=None, error=None, traceback=None))
+    return out_list
+
+
+def _trial(cfg, seed, out, cache, threads, deterministic, argv):
+    """One trial, in a Dask worker: kdcore's thread count (and deterministic mode) set before
+    any kdcore work, then ``run_one``; its metrics with ``threads`` added."""
+    import kdcore
+    kdcore.set_num_threads(threads)
+    kdcore.set_deterministic(deterministic)
+    m = run_one(cfg, seed, out, cache=cache, argv=argv)
+    return dict(m, threads=kdcore.get_num_threads(), pid=os.getpid(), host=platform.node())
+
+
+def _plan_threads(workers, threads, local):
+    """(workers, threads per trial) of a sweep, or RecipeError naming the argument."""
+    if workers is not None:
+        workers = Int(1).check(workers, "workers")
+    if threads is not None:
+        threads = Int(1).check(threads, "threads")
+    if not local:
+        if workers is not None:
+            raise RecipeError("workers: only for the local cluster; a scheduler's workers are its own")
+        return None, threads or 1
+    cores = _cores()
+    if workers is None:
+        workers = max(1, cores // threads) if threads else cores
+    if threads is None:
+        threads = max(1, cores // workers)
+    if workers * threads > cores:
+        raise RecipeError(f"workers x threads: {workers} workers x {threads} kdcore threads = {workers * threads} "
+                          f"> the {cores} cores here; trials would compete for the cores (and, for a given "
+                          f"thread count, be no faster): lower workers or threads")
+    return workers, threads
+
+
+def _error_text(e):
+    return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+
+
+def sweep(recipe, grid=None, seeds=None, out="runs", workers=None, threads=None, scheduler=None, sets=(),
+          cache=None, log=None, argv=None):
+    """Run a recipe over a grid of overrides and seeds, one Dask task per trial (a grid point
+    and a seed), each into its own run folder; return the trials (``Trial``, in the order of
+    ``trials``) with their outcome.
+
+        kdcore.recipes.sweep("recipes/kd.yaml", grid={"options.T": [2, 4]}, seeds=[0, 1], out="runs")
+        # -> runs/kd-options.T=2/seed-0, ..., runs/kd-options.T=4/seed-1
+
+    Each trial is ``run_one`` of the grid point's resolved recipe, named
+    ``<name>-<key>=<value>-...`` (its config.yaml reruns with ``python -m kdcore run``). Every
+    point is validated before anything runs (RecipeError naming the point and the key).
+    Trials finished by an earlier sweep are skipped without a worker; failed or interrupted
+    ones run again; a folder holding a finished run of another configuration is refused
+    (RecipeError), as by ``run_one``.
+
+    scheduler None: a LocalCluster on 127.0.0.1 of ``workers`` processes (default: as many
+    as fit the cores at ``threads`` each) of one thread each, a trial per process, with
+    OMP_NUM_THREADS (and OpenBLAS's, MKL's) set to ``threads`` (default: cores // workers);
+    workers x threads above the cores is refused. A worker that dies fails its trial at once
+    (no retry). scheduler "tcp://host:port": that Dask cluster's workers, as many trials at
+    once as they have threads; ``threads`` (default 1) is set in each trial; ``out`` (and
+    ``cache``) must be a folder every worker sees. Either way the task sets kdcore's thread
+    count (``kdcore.set_num_threads``) and the caller's deterministic mode before any kdcore
+    work, so a trial gives the bits ``run_one`` gives in-process at that thread count.
+
+    A trial that raises, or whose worker dies, is marked failed (``error``, ``traceback``)
+    and the others go on. cache: the teachers' cache (default <out>/_teachers; trials needing
+    one teacher train it once). log: a function of one string (a line per finished trial).
+    Needs dask and distributed (``pip install "dask[distributed]"``), imported here."""
+    log = log or (lambda msg: None)
+    out = os.path.abspath(os.fspath(out))
+    ts = trials(recipe, grid, seeds, sets, out)
+    local = scheduler is None
+    if not local and not isinstance(scheduler, str):
+        raise RecipeError(f"scheduler: expected an address such as tcp://host:8786, got {_show(scheduler)}")
+    workers, threads = _plan_threads(workers, threads, local)
+    dask, distributed = _dask()
+    cache = os.path.abspath(os.fspath(cache)) if cache is not None else os.path.join(out, "_teachers")
+    import kdcore
+    deterministic = kdcore.get_deterministic()
+    argv = list(argv or [sys.executable, "-m", "kdcore.recipes.sweep"])
+    todo = []
+    for t in ts:
+        if _finished(t.cfg, t.seed, out):
+            t.update(status="skipped", metrics=_read_json(os.path.join(t.folder, "metrics.json")))
+        else:
+            todo.append(t)
+    points = len({t.name for t in ts})
+    log(f"sweep: {len(ts)} trials ({points} grid points x {len(ts) // max(points, 1)} seeds), "
+        f"{len(ts) - len(todo)} finished earlier (skipped), {len(todo)} to run")
+    if not todo:
+        return ts
+    with contextlib.ExitStack() as stack:
+        if local:
+            env = {v: str(threads) for v in _THREAD_VARS}   # Dask's workers default them to 1
+            # allowed-failures 0: a worker that dies fails its trial instead of retrying it (and
+            # dying again) on the other workers; saturation 1: no second trial queued on a worker.
+            with dask.config.set({"distributed.scheduler.allowed-failures": 0,
+                                  "distributed.scheduler.worker-saturation": 1.0}):
+                cluster = stack.enter_context(distributed.LocalCluster(
+                    n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
+                    dashboard_address=None, env=env, silence_logs=logging.CRITICAL))   # failures: reported below
+            client = stack.enter_context(distributed.Client(cluster, set_as_default=False))
+            where = f"local cluster {cluster.scheduler_address}: {workers} workers x {threads} kdcore threads"
+        else:
+            try:
+                client = stack.enter_context(distributed.Client(scheduler, set_as_default=False, timeout=30))
+            except OSError as e:
+                raise RecipeError(f"scheduler: cannot reach {scheduler}: {e}") from None
+            where = f"scheduler {scheduler}: {threads} kdcore threads per trial"
+        log(f"sweep: {where}")
+        _run_trials(client, todo, out, cache, threads, deterministic, argv, log)
+    return ts
+
+
+def _run_trials(client, todo, out, cache, threads, deterministic, argv, log):
+    """Submits the trials, as many at a time as the workers have threads (a trial waiting in a
+    worker's queue would fail with it if it died), and records each outcome."""
+    pending, running, n_done = list(todo), {}, 0
+    token = os.urandom(4).hex()   # keys unique on a shared scheduler
+    looked = -math.inf
+    while pending or running:
+        if pending and time.monotonic() - looked > 2:   # workers may come and go
+            looked = time.monotonic()
+            slots = max(1, sum(client.nthreads().values()))
+            while pending and len(running) < slots:
+                t = pending.pop(0)
+                key = f"kdcore-trial-{t.name}-seed-{t.seed}-{token}"
+                running[client.submit(_trial, t.cfg, t.seed, out, cache, threads, deterministic, argv,
+                                      key=key, pure=False)] = t
+        finished = [f for f in running if f.done()]
+        if not finished:
+            time.sleep(0.1)
+            continue
+        looked = -math.inf
+        for f in finished:
+            t = running.pop(f)
+            n_done += 1
+            head = f"[{n_done}/{len(todo)}] {t.name} seed {t.seed}"
+            if f.status == "finished":
+                m = f.result()   # skipped=True: run twice (a worker holding the result died), finished here
+                t.update(status="finished", metrics=m)
+                log(f"{head}: test accuracy {m.get('test_acc', float('nan')):.4f} ({m.get('time', 0):.0f} s, "
+                    f"{m.get('threads')} threads)")
+            else:
+                try:
+                    e = f.exception()
+                    tb = f.traceback()
+                except BaseException as exc:   # cancelled: the scheduler lost the task
+                    e, tb = exc, None
+                text = "".join(traceback.format_exception(type(e), e, tb)) if tb is not None else _error_text(e)
+                t.update(status="failed", error=_error_text(e), traceback=text)
+                log(f"{head}: FAILED: {t.error}")
+            f.release()
