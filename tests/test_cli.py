@@ -15,6 +15,8 @@ import kdcore
 from kdcore import recipes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Subprocesses import the kdcore this process imported (under `make sanitize-py`, the ASan build).
+KDCORE_PATH = os.path.dirname(os.path.dirname(os.path.abspath(kdcore.__file__)))
 RECIPES = sorted(glob.glob(os.path.join(ROOT, "recipes", "*.yaml")))
 # The shortened form: every recipe's teacher and student become tiny CNNs of equal widths
 # (FSP needs equal channel counts), the data a few hundred images.
@@ -25,7 +27,7 @@ RUN_FILES = {"config.yaml", "history.csv", "history.json", "student.safetensors"
 
 
 def cli(*args, cwd=None, check=True):
-    env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "python"), OMP_NUM_THREADS="1")
+    env = dict(os.environ, PYTHONPATH=KDCORE_PATH, OMP_NUM_THREADS="1")
     p = subprocess.run([sys.executable, "-m", "kdcore", *args], cwd=cwd, env=env, capture_output=True, text=True,
                        timeout=600)
     if check and p.returncode != 0:
@@ -234,7 +236,7 @@ def test_without_pyyaml_kdcore_imports_and_the_cli_names_the_package(tmp_path):
             "import kdcore; print('imported', kdcore.__version__)\n"
             "from kdcore.__main__ import main; sys.exit(main(['run', 'r.yaml']))\n")
     (tmp_path / "r.yaml").write_text(BASE)
-    env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "python"), OMP_NUM_THREADS="1")
+    env = dict(os.environ, PYTHONPATH=KDCORE_PATH, OMP_NUM_THREADS="1")
     p = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert p.returncode == 2 and "imported" in p.stdout
     assert "PyYAML" in p.stderr and "pip install pyyaml" in p.stderr and "Traceback" not in p.stderr

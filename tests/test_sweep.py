@@ -16,6 +16,8 @@ from kdcore import recipes
 from kdcore.__main__ import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Subprocesses import the kdcore this process imported (under `make sanitize-py`, the ASan build).
+KDCORE_PATH = os.path.dirname(os.path.dirname(os.path.abspath(kdcore.__file__)))
 # tests/test_cli.py's shortened form: tiny CNNs, a few hundred images, one epoch
 RECIPE = ("teacher: {model: cnn, width: 4, epochs: 1, train_size: 300, batch_size: 32}\n"
           "student: {model: cnn, width: 4}\n"
@@ -26,7 +28,7 @@ BAD = ["r-options.T=2-data.train_size=100000", "r-options.T=4-data.train_size=10
 
 
 def cli(*args, cwd):
-    env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "python"), OMP_NUM_THREADS="1")
+    env = dict(os.environ, PYTHONPATH=KDCORE_PATH, OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, "-m", "kdcore", *args], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=300)
 
