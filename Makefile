@@ -62,13 +62,16 @@ deps:
 	@$(PYTHON) -c "import numpy" 2>/dev/null || $(PYTHON) -m pip install -q "numpy>=1.24"
 	@$(PYTHON) -c "import tqdm" 2>/dev/null || $(PYTHON) -m pip install -q tqdm
 
+# nbclient, nbformat and ipykernel run examples/*.ipynb (tests/test_notebooks.py). No kernelspec
+# needs installing: jupyter_client falls back to ipykernel's own "python3" spec and runs it with
+# the interpreter that runs pytest.
 deps-test: deps
 	@$(call apt_install,$(APT_TEST_PKGS))
 	@$(PYTHON) -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2.13.0')" 2>/dev/null \
 	  || $(PYTHON) -m pip install -q torch==2.13.0
-	@$(PYTHON) -c "import pytest, hypothesis, safetensors, sklearn, matplotlib, onnx, onnxruntime, yaml, dask.distributed" \
-	  2>/dev/null || $(PYTHON) -m pip install -q pytest hypothesis safetensors scikit-learn matplotlib onnx onnxruntime \
-	  pyyaml "dask[distributed]"
+	@$(PYTHON) -c "import pytest, hypothesis, safetensors, sklearn, matplotlib, onnx, onnxruntime, yaml, dask.distributed, \
+	  nbclient, nbformat, ipykernel" 2>/dev/null || $(PYTHON) -m pip install -q pytest hypothesis safetensors scikit-learn \
+	  matplotlib onnx onnxruntime pyyaml "dask[distributed]" nbclient nbformat ipykernel
 
 check-env:
 	@test -n "$(BLAS_LIBDIR)" && echo "✓ OpenBLAS (OpenMP build) at $(BLAS_LIBDIR)" || (echo "✗ OpenBLAS OpenMP build not found: run make deps"; exit 1)

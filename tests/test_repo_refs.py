@@ -5,7 +5,7 @@ import re
 import subprocess
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TEXT = (".py", ".c", ".h", ".md", ".toml", ".txt", ".cfg", ".sh")
+TEXT = (".py", ".c", ".h", ".md", ".toml", ".txt", ".cfg", ".sh", ".ipynb")
 OUTSIDE = "../" + "shared"   # split, so that this file does not name it
 EXT = r"(?:md|py|c|h|txt|toml|json|cfg|sh)"
 # `path.ext`, ](path.ext), and bare name.md
