@@ -223,7 +223,7 @@ class CTKD(Loss):
     decay_epochs)) / 2 with e = min(epoch + 1, decay_epochs) (kdcore.functional.ctkd_lambda).
     The History logs the temperature after each epoch (``ctkd_T``) and the epoch's lambda
     (``ctkd_lambda``); p is a parameter holder, saved in checkpoints. Defaults: the authors'
-    CIFAR-100 script, CE 0.1 and KD 0.9, t_start 1, t_range 20 (their ``--t_end``, used as the
+    CIFAR-100 script, CTKD weight 0.9 with CE 0.1, t_start 1, t_range 20 (their ``--t_end``, used as the
     range), p 1 (so T starts at 15.6), lambda 0 -> 1 over 10 epochs."""
     kind, label = "ctkd", "ctkd"
 
