@@ -289,6 +289,9 @@ def test_term_class_defaults_equal_the_c_defaults(cls):
     (functional.ab_loss, "ab", {"margin": "margin"}),
     (functional.ft_loss, "ft", {"p1": "p1", "p2": "p2"}),
     (functional.vid_loss, "vid", {"eps": "eps"}),
+    (functional.ctkd_temperature, "ctkd", {"t_start": "t_start", "t_range": "t_range"}),
+    (functional.ctkd_lambda, "ctkd", {"lambda_min": "lambda_min", "lambda_max": "lambda_max",
+                                      "decay_epochs": "decay_epochs"}),
 ], ids=lambda v: getattr(v, "__name__", None) if callable(v) else None)
 def test_functional_defaults_equal_the_c_defaults(fn, kind, pairs):
     for py_name, c_name in pairs.items():

@@ -400,6 +400,20 @@ KD_API enum kd_status kd_loss_normkd(float * loss, float * dlogits, const float 
 // U is the teacher's and carries no gradient (frozen teacher); dlogits is w.r.t. s.
 KD_API enum kd_status kd_loss_wttm(float * loss, float * dlogits, const float * s, const float * t, int N, int V,
                                    float gamma, float weight, bool accumulate);
+// CTKD (Li et al., AAAI 2023, "Curriculum temperature for knowledge distillation"; the
+// authors' code, global temperature): KD at a learned temperature T, mdistiller/RepDistiller form
+//   loss = T^2 mean over samples i of KL(softmax(t_i / T) || softmax(s_i / T)).
+// dlogits is w.r.t. s; dT (may be NULL) receives d(weight * loss)/dT (the plain gradient: the
+// step engine reverses it, see KD_TERM_CTKD). accumulate applies to both.
+KD_API enum kd_status kd_loss_ctkd(float * loss, float * dlogits, float * dT, const float * s, const float * t, int N,
+                                   int V, float T, float weight, bool accumulate);
+// CTKD's temperature from its parameter p (the authors' global temperature):
+// T = t_start + t_range sigmoid(p); *dT_dp (may be NULL) receives dT/dp.
+KD_API double kd_ctkd_temperature(float p, float t_start, float t_range, double * dT_dp);
+// CTKD's curriculum: the gradient-reversal factor at a 0-based epoch, cosine from lambda_min to
+// lambda_max over decay_epochs, evaluated at the 1-based epoch e = min(epoch + 1, decay_epochs)
+// as the authors' loop does: lambda_min + (lambda_max - lambda_min) (1 - cos(pi e / decay_epochs)) / 2.
+KD_API double kd_ctkd_lambda(int epoch, float lambda_min, float lambda_max, int decay_epochs);
 // DAFL's generator losses (Chen et al. 2019, "Data-free learning of student networks"; the
 // authors' code): activation = -mean |x| over all n values of a feature tap; entropy = sum_c
 // pbar_c log10 pbar_c with pbar the batch mean of softmax(z) (minus the entropy of the mean
@@ -949,6 +963,9 @@ enum kd_term_kind {
                          // entropy (in decimal digits, DAFL's code) of the mean prediction
     KD_TERM_NORMKD,      // kd_loss_normkd(a, src) with normkd.t_norm and normkd.detach_std
     KD_TERM_WTTM,        // kd_loss_wttm(a, src) with wttm.gamma
+    KD_TERM_CTKD,        // kd_loss_ctkd(a, src) at T = kd_ctkd_temperature(p) with p the one value
+                         // of net ctkd.params (a parameter holder); p's gradient is reversed and
+                         // scaled: -kd_ctkd_lambda(epoch) dL/dp (the temperature ascends the loss)
     KD_TERM_COUNT
 };
 KD_API const char * kd_term_kind_name(enum kd_term_kind kind);   // "ce", "kd", ... (NULL if unknown)
@@ -980,6 +997,7 @@ struct kd_term {
         struct { float gamma; } dist;
         struct { float t_norm; bool detach_std; } normkd;
         struct { float gamma; } wttm;
+        struct { int params; float t_start, t_range, lambda_min, lambda_max; int decay_epochs; } ctkd;
         struct { struct kd_crd * bank; bool class_negatives; } crd;   // negatives from other
                                                                      // classes (kd_crd_set_labels)
     };
@@ -987,7 +1005,8 @@ struct kd_term {
 // Defaults: weight 1, T 4, DKD alpha 1 and beta 8, top-k 5, AT p 2 in the code form, RKD
 // weights 25 and 50, AB margin 1, FT p1 2 and p2 1, VID eps 1e-5 (RepDistiller / mdistiller),
 // DIST beta 2 and gamma 2 (its CIFAR recipe), NormKD t_norm 2 (the authors' CIFAR-100
-// setting; ImageNet 1), WTTM gamma 0.2 (the authors' CIFAR-100 command). The Python binding
+// setting; ImageNet 1), WTTM gamma 0.2 (the authors' CIFAR-100 command), CTKD t_start 1,
+// t_range 20, lambda 0 -> 1 over 10 epochs (the authors' CIFAR-100 script). The Python binding
 // exports them per kind name as kdcore._kdcore.TERM_DEFAULTS.
 KD_API struct kd_term kd_term_default(enum kd_term_kind kind);
 

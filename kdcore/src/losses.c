@@ -438,6 +438,66 @@ enum kd_status kd_loss_wttm(float * loss, float * dlogits, const float * s, cons
 }
 
 // ---------------------------------------------------------------------------------------
+// CTKD: KD at a learned temperature. With u = 1/T, d = log p - log q (p the teacher's, q the
+// student's softened distribution) and KL = E_p d:
+//   dKL/du = Cov_p(t, d) + E_q s - E_p s   (shifts of t or s cancel),
+//   d(T^2 KL)/dT = 2 T KL - T^2 dKL/du / T^2 = 2 T KL - (Cov_p(t, d) + E_q s - E_p s).
+
+enum kd_status kd_loss_ctkd(float * loss, float * dlogits, float * dT, const float * s, const float * t, int N,
+                            int V, float T, float weight, bool accumulate) {
+    if (!s || !t || N < 1 || V < 1) KD_FAIL(KD_ERR_VALUE, "student and teacher logits must be non-empty");
+    KD_TRY(check_T(T));
+    const double TT = T;
+    double total = 0, gT = 0;
+    for (int i = 0; i < N; i++) {
+        const float * si = s + (size_t)i * V, * ti = t + (size_t)i * V;
+        double ms, ls, mt, lt;
+        row_lse(si, V, TT, -1, &ms, &ls);
+        row_lse(ti, V, TT, -1, &mt, &lt);
+        double kl = 0, et = 0, eps = 0, eqs = 0;
+        for (int k = 0; k < V; k++) {
+            const double lpt = ((double)ti[k] - mt) / TT - lt, lps = ((double)si[k] - ms) / TT - ls, pt = exp(lpt);
+            if (pt > 0) kl += pt * (lpt - lps);
+            et += pt * ((double)ti[k] - mt);
+            eps += pt * ((double)si[k] - ms);
+            eqs += exp(lps) * ((double)si[k] - ms);
+        }
+        double cov = 0;
+        for (int k = 0; k < V; k++) {
+            const double lpt = ((double)ti[k] - mt) / TT - lt, pt = exp(lpt);
+            if (pt > 0) cov += pt * ((double)ti[k] - mt - et) * (lpt - (((double)si[k] - ms) / TT - ls) - kl);
+        }
+        total += kl;
+        gT += 2.0 * TT * kl - (cov + eqs - eps);
+        if (dlogits) {
+            const double sc = (double)weight * TT / N;
+            for (int k = 0; k < V; k++) {
+                const double q = exp(((double)si[k] - ms) / TT - ls), pt = exp(((double)ti[k] - mt) / TT - lt);
+                put(&dlogits[(size_t)i * V + k], sc * (q - pt), accumulate);
+            }
+        }
+    }
+    const double value = TT * TT * total / N;
+    if (dT) put(dT, (double)weight * gT / N, accumulate);
+    if (loss) *loss = (float)value;
+    if (!isfinite(value) || !isfinite(gT)) KD_FAIL(KD_ERR_NONFINITE, "CTKD loss is not finite");
+    return KD_OK;
+}
+
+double kd_ctkd_temperature(float p, float t_start, float t_range, double * dT_dp) {
+    const double sg = 1.0 / (1.0 + exp(-(double)p));
+    if (dT_dp) *dT_dp = (double)t_range * sg * (1.0 - sg);
+    return (double)t_start + (double)t_range * sg;
+}
+
+double kd_ctkd_lambda(int epoch, float lambda_min, float lambda_max, int decay_epochs) {
+    if (decay_epochs < 1) return lambda_max;
+    const int e = epoch + 1 < 0 ? 0 : epoch + 1 > decay_epochs ? decay_epochs : epoch + 1;
+    const double pi = 3.14159265358979323846;
+    return (double)lambda_min + ((double)lambda_max - lambda_min) * (1.0 - cos(pi * e / decay_epochs)) / 2.0;
+}
+
+// ---------------------------------------------------------------------------------------
 // DAFL's activation and information-entropy losses
 
 enum kd_status kd_loss_activation(float * loss, float * dx, const float * x, size_t n, float weight, bool accumulate) {

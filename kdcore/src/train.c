@@ -247,8 +247,9 @@ struct pair_io {
     int nb, ac, ah, aw, bc, bh, bw, a2c, a2h, a2w, b2c, b2h, b2w;
     const int64_t * y, * idx; // labels; data-set indices of the batch (CRD)
     const float * mask;       // per-sample weights of the term (conditional learning) or NULL
-    const float * params;     // a parameter holder's block and gradient (VID's log_scale)
-    float * dparams;
+    const float * params;     // a parameter holder's block and gradient (VID's log_scale,
+    float * dparams;          // CTKD's temperature)
+    int epoch;                // CTKD's curriculum
     float * scratch;          // the term's own scratch (CRD: normalised rows and their gradients)
     float smooth;             // the train cfg's label smoothing (CE)
     float w;
@@ -334,6 +335,17 @@ static enum kd_status pair_normkd(const struct kd_term * t, struct pair_io * p) 
 }
 static enum kd_status pair_wttm(const struct kd_term * t, struct pair_io * p) {
     return kd_loss_wttm(&p->value, p->da, p->a, p->b, p->nb, p->ac, t->wttm.gamma, p->w, true);
+}
+// CTKD: the temperature's gradient passes a gradient-reversal layer scaled by the curriculum,
+// so the temperature ascends the loss the student descends.
+static enum kd_status pair_ctkd(const struct kd_term * t, struct pair_io * p) {
+    double dT_dp;
+    const double T = kd_ctkd_temperature(p->params[0], t->ctkd.t_start, t->ctkd.t_range, &dT_dp);
+    float dT = 0;
+    enum kd_status st = kd_loss_ctkd(&p->value, p->da, &dT, p->a, p->b, p->nb, p->ac, (float)T, p->w, true);
+    const double lam = kd_ctkd_lambda(p->epoch, t->ctkd.lambda_min, t->ctkd.lambda_max, t->ctkd.decay_epochs);
+    p->dparams[0] += (float)(-lam * (double)dT * dT_dp);
+    return st;
 }
 // DAFL's one-hot loss: cross-entropy against the source's own argmax (pseudo-labels).
 static enum kd_status pair_onehot(const struct kd_term * t, struct pair_io * p) {
@@ -423,6 +435,7 @@ static const struct term_kind_info {
     [KD_TERM_ENTROPY]  = { "entropy",  "entropy loss",      true,  false, false, false, pair_entropy },
     [KD_TERM_NORMKD]   = { "normkd",   "NormKD loss",       true,  true,  false, true,  pair_normkd },
     [KD_TERM_WTTM]     = { "wttm",     "WTTM loss",         true,  true,  false, true,  pair_wttm },
+    [KD_TERM_CTKD]     = { "ctkd",     "CTKD loss",         true,  true,  false, true,  pair_ctkd },
 };
 
 const char * kd_term_kind_name(enum kd_term_kind kind) {
@@ -446,6 +459,13 @@ struct kd_term kd_term_default(enum kd_term_kind kind) {
     if (kind == KD_TERM_DIST) { t.beta = 2.0f; t.dist.gamma = 2.0f; }
     if (kind == KD_TERM_NORMKD) t.normkd.t_norm = 2.0f;
     if (kind == KD_TERM_WTTM) t.wttm.gamma = 0.2f;
+    if (kind == KD_TERM_CTKD) {
+        t.ctkd.params = -1;
+        t.ctkd.t_start = 1.0f;
+        t.ctkd.t_range = 20.0f;
+        t.ctkd.lambda_max = 1.0f;
+        t.ctkd.decay_epochs = 10;
+    }
     if (kind == KD_TERM_FT) { t.ft.p1 = 2; t.ft.p2 = 1.0f; }
     if (kind == KD_TERM_VID) { t.vid.params = -1; t.vid.eps = 1e-5f; }
     return t;
@@ -658,7 +678,7 @@ static enum kd_status term_run(struct engine * E, const struct kd_term * t, floa
     float * q = scratch, * pred = scratch + E->BV, * mask = scratch + 4 * E->BV, * wrong = mask + L->B;
     const float smooth = L->cfg->label_smoothing;
     enum kd_status st = KD_OK;
-    struct pair_io p = { .a = a, .da = da, .nb = nb, .y = L->y, .idx = L->idx, .w = w, .smooth = smooth,
+    struct pair_io p = { .a = a, .da = da, .nb = nb, .y = L->y, .idx = L->idx, .w = w, .smooth = smooth, .epoch = L->epoch,
                          .scratch = E->term_scratch[t - E->s->terms] };
     ref_shape(E, t->a, &p.ac, &p.ah, &p.aw);
     if (!term_kinds[t->kind].src) {   // CE, tolerant, activation, entropy: `a` alone
@@ -670,8 +690,8 @@ static enum kd_status term_run(struct engine * E, const struct kd_term * t, floa
     const struct kd_source * s = &t->src;
     float gw[KD_SOURCE_MAX];
     source_weights(s, L->sseed, gw);
-    if (t->kind == KD_TERM_VID) {
-        struct kd_net * h = E->s->nets[t->vid.params].net;
+    if (t->kind == KD_TERM_VID || t->kind == KD_TERM_CTKD) {
+        struct kd_net * h = E->s->nets[t->kind == KD_TERM_VID ? t->vid.params : t->ctkd.params].net;
         p.params = kd_net_params(h);
         p.dparams = kd_net_grads(h);
     }
@@ -943,6 +963,24 @@ static enum kd_status engine_setup(struct engine * E) {
                 E_FAIL(KD_ERR_SHAPE, "term %d (vid): the parameter holder has %zu values, the map %d channels", i,
                        kd_net_num_params(s->nets[h].net), c);
             if (!(t->vid.eps > 0)) E_FAIL(KD_ERR_VALUE, "term %d (vid): eps (%g) must be > 0", i, t->vid.eps);
+        }
+        if (t->kind == KD_TERM_CTKD) {
+            const int h = t->ctkd.params;
+            if (h < 0 || h >= s->n_nets || !s->nets[h].params_only)
+                E_FAIL(KD_ERR_VALUE, "term %d (ctkd): ctkd.params (%d) must be a parameter-holder net of the step", i, h);
+            if (kd_net_num_params(s->nets[h].net) != 1)
+                E_FAIL(KD_ERR_SHAPE, "term %d (ctkd): the parameter holder has %zu values, the temperature needs 1", i,
+                       kd_net_num_params(s->nets[h].net));
+            const struct kd_term * c = t;
+            if (!(c->ctkd.t_start > 0) || !isfinite(c->ctkd.t_start))
+                E_FAIL(KD_ERR_VALUE, "term %d (ctkd): t_start (%g) must be > 0 and finite", i, c->ctkd.t_start);
+            if (!(c->ctkd.t_range >= 0) || !isfinite(c->ctkd.t_range))
+                E_FAIL(KD_ERR_VALUE, "term %d (ctkd): t_range (%g) must be >= 0 and finite", i, c->ctkd.t_range);
+            if (!isfinite(c->ctkd.lambda_min) || !isfinite(c->ctkd.lambda_max))
+                E_FAIL(KD_ERR_VALUE, "term %d (ctkd): lambda_min (%g) and lambda_max (%g) must be finite", i,
+                       c->ctkd.lambda_min, c->ctkd.lambda_max);
+            if (c->ctkd.decay_epochs < 1)
+                E_FAIL(KD_ERR_VALUE, "term %d (ctkd): decay_epochs (%d) must be >= 1", i, c->ctkd.decay_epochs);
         }
         if (t->kind == KD_TERM_NORMKD && (!(t->normkd.t_norm > 0) || !isfinite(t->normkd.t_norm)))
             E_FAIL(KD_ERR_VALUE, "term %d (normkd): t_norm (%g) must be > 0 and finite", i, t->normkd.t_norm);

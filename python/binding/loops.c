@@ -856,6 +856,12 @@ PyObject * py_step_epoch(PyObject * Py_UNUSED(m), PyObject * args, PyObject * kw
             (opt_float(&r, "t_norm", &tm->normkd.t_norm) < 0 || opt_bool(&r, "detach_std", &tm->normkd.detach_std) < 0))
             goto done;
         if (tm->kind == KD_TERM_WTTM && opt_float(&r, "gamma", &tm->wttm.gamma) < 0) goto done;
+        if (tm->kind == KD_TERM_CTKD &&
+            (opt_i32(&r, "params", &tm->ctkd.params) < 0 || opt_float(&r, "t_start", &tm->ctkd.t_start) < 0 ||
+             opt_float(&r, "t_range", &tm->ctkd.t_range) < 0 || opt_float(&r, "lambda_min", &tm->ctkd.lambda_min) < 0 ||
+             opt_float(&r, "lambda_max", &tm->ctkd.lambda_max) < 0 ||
+             opt_i32(&r, "decay_epochs", &tm->ctkd.decay_epochs) < 0))
+            goto done;
         if (tm->kind == KD_TERM_RKD && (opt_float(&r, "w_dist", &tm->rkd.w_dist) < 0 || opt_float(&r, "w_angle", &tm->rkd.w_angle) < 0))
             goto done;
         if (tm->kind == KD_TERM_OFD) {

@@ -181,6 +181,48 @@ fail:
     return ret;
 }
 
+// ctkd_loss(student, teacher, T) -> (loss, dstudent, dT)
+PyObject * py_ctkd_loss(PyObject * Py_UNUSED(m), PyObject * args, PyObject * kwds) {
+    static char * kwlist[] = { "student", "teacher", "T", NULL };
+    PyObject * so, * to;
+    float T;
+    if (!PARSE_KW(args, kwds, "OOf", kwlist, &so, &to, &T)) return NULL;
+    if (!(T > 0) || !isfinite(T)) return PyErr_Format(PyExc_ValueError, "T must be > 0 and finite, got %g", (double)T);
+    PyArrayObject * s, * t;
+    if (get_logit_pair(so, to, "student_logits", "teacher_logits", &s, &t) < 0) return NULL;
+    int N = (int)PyArray_DIM(s, 0), V = (int)PyArray_DIM(s, 1);
+    PyObject * ret = NULL, * ds = PyArray_SimpleNew(2, PyArray_DIMS(s), NPY_FLOAT32);
+    if (ds) {
+        float loss, dT;
+        enum kd_status st = kd_loss_ctkd(&loss, PyArray_DATA((PyArrayObject *)ds), &dT, PyArray_DATA(s), PyArray_DATA(t),
+                                         N, V, T, 1.0f, false);
+        if (st != KD_OK) kd_raise(st);
+        else ret = Py_BuildValue("(fOf)", loss, ds, dT);
+    }
+    Py_XDECREF(ds); Py_DECREF(s); Py_DECREF(t);
+    return ret;
+}
+
+// ctkd_temperature(p, t_start, t_range) -> (T, dT/dp)
+PyObject * py_ctkd_temperature(PyObject * Py_UNUSED(m), PyObject * args, PyObject * kwds) {
+    static char * kwlist[] = { "p", "t_start", "t_range", NULL };
+    float p, t0, tr;
+    if (!PARSE_KW(args, kwds, "fff", kwlist, &p, &t0, &tr)) return NULL;
+    double d;
+    const double T = kd_ctkd_temperature(p, t0, tr, &d);
+    return Py_BuildValue("(dd)", T, d);
+}
+
+// ctkd_lambda(epoch, lambda_min, lambda_max, decay_epochs) -> float
+PyObject * py_ctkd_lambda(PyObject * Py_UNUSED(m), PyObject * args, PyObject * kwds) {
+    static char * kwlist[] = { "epoch", "lambda_min", "lambda_max", "decay_epochs", NULL };
+    int epoch, n;
+    float lo, hi;
+    if (!PARSE_KW(args, kwds, "iffi", kwlist, &epoch, &lo, &hi, &n)) return NULL;
+    if (n < 1) return PyErr_Format(PyExc_ValueError, "decay_epochs must be >= 1, got %d", n);
+    return PyFloat_FromDouble(kd_ctkd_lambda(epoch, lo, hi, n));
+}
+
 // wttm_loss(student, teacher, gamma=0.2) -> (loss, dstudent)
 PyObject * py_wttm_loss(PyObject * Py_UNUSED(m), PyObject * args, PyObject * kwds) {
     static char * kwlist[] = { "student", "teacher", "gamma", NULL };

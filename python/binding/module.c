@@ -309,6 +309,11 @@ static int add_enums(PyObject * m) {
                               t.normkd.detach_std ? Py_True : Py_False);
             break;
         case KD_TERM_WTTM: x = Py_BuildValue("{s:f}", "gamma", (double)t.wttm.gamma); break;
+        case KD_TERM_CTKD:
+            x = Py_BuildValue("{s:f,s:f,s:f,s:f,s:i}", "t_start", (double)t.ctkd.t_start, "t_range",
+                              (double)t.ctkd.t_range, "lambda_min", (double)t.ctkd.lambda_min, "lambda_max",
+                              (double)t.ctkd.lambda_max, "decay_epochs", t.ctkd.decay_epochs);
+            break;
         case KD_TERM_AB: x = Py_BuildValue("{s:f}", "margin", (double)t.ab.margin); break;
         case KD_TERM_FT: x = Py_BuildValue("{s:i,s:f}", "p1", t.ft.p1, "p2", (double)t.ft.p2); break;
         case KD_TERM_VID: x = Py_BuildValue("{s:f}", "eps", (double)t.vid.eps); break;
@@ -383,6 +388,11 @@ static PyMethodDef module_methods[] = {
     { "dist_loss", (PyCFunction)(void (*)(void))py_dist_loss, METH_VARARGS | METH_KEYWORDS, "DIST loss (kd_loss_dist)" },
     { "normkd_loss", (PyCFunction)(void (*)(void))py_normkd_loss, METH_VARARGS | METH_KEYWORDS, "NormKD loss (kd_loss_normkd)" },
     { "wttm_loss", (PyCFunction)(void (*)(void))py_wttm_loss, METH_VARARGS | METH_KEYWORDS, "WTTM loss (kd_loss_wttm)" },
+    { "ctkd_loss", (PyCFunction)(void (*)(void))py_ctkd_loss, METH_VARARGS | METH_KEYWORDS, "CTKD loss (kd_loss_ctkd)" },
+    { "ctkd_temperature", (PyCFunction)(void (*)(void))py_ctkd_temperature, METH_VARARGS | METH_KEYWORDS,
+      "CTKD's temperature from its parameter (kd_ctkd_temperature)" },
+    { "ctkd_lambda", (PyCFunction)(void (*)(void))py_ctkd_lambda, METH_VARARGS | METH_KEYWORDS,
+      "CTKD's curriculum (kd_ctkd_lambda)" },
     { "sigma_objective", (PyCFunction)(void (*)(void))py_sigma_objective, METH_VARARGS | METH_KEYWORDS,
       "information-discarding objective and its gradient w.r.t. log sigma (kd_sigma_objective)" },
     { "explain_sigma", (PyCFunction)(void (*)(void))py_explain_sigma, METH_VARARGS | METH_KEYWORDS,

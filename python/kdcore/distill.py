@@ -398,6 +398,8 @@ def _distill_terms(student, teacher, c, terms, method, cache, phase="all"):
                 row[f"{label}_weight"] = w
         row.update(train_acc=st["net_accuracy"][0], teacher_train_acc=st["monitor_accuracy"], lr=st["lr"],
                    skipped_steps=st["skipped_steps"])
+        for log in plan.logs:
+            row.update(log(epoch))
         return row
 
     def extra():

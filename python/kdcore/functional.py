@@ -30,8 +30,9 @@ from .nn import _check_bool, _check_float, _check_int
 _DIST = _kdcore.TERM_DEFAULTS["dist"]
 _NORMKD = _kdcore.TERM_DEFAULTS["normkd"]
 _WTTM = _kdcore.TERM_DEFAULTS["wttm"]
+_CTKD = _kdcore.TERM_DEFAULTS["ctkd"]
 
-__all__ = ["cross_entropy", "kd_loss", "dkd_loss", "dist_loss", "normkd_loss", "wttm_loss", "soft_target_loss", "logit_mse_loss", "tolerant_loss",
+__all__ = ["cross_entropy", "kd_loss", "dkd_loss", "dist_loss", "normkd_loss", "wttm_loss", "ctkd_loss", "ctkd_temperature", "ctkd_lambda", "soft_target_loss", "logit_mse_loss", "tolerant_loss",
            "softmax", "virtual_teacher", "at_loss", "sp_loss", "nst_loss", "rkd_loss", "pkt_loss", "fsp_loss",
            "ofd_margin", "ofd_loss", "ab_loss", "ft_loss", "vid_loss", "vid_log_scale", "cc_loss", "hcl_loss",
            "CRDBank"]
@@ -115,6 +116,31 @@ def wttm_loss(student_logits, teacher_logits, gamma=_WTTM["gamma"]):
     authors' CIFAR-100 command). Returns (loss, dstudent)."""
     gamma = _check_float("gamma", gamma, 0, lo_open=True)
     return _kdcore.wttm_loss(student_logits, teacher_logits, gamma)
+
+
+def ctkd_loss(student_logits, teacher_logits, T):
+    """CTKD's loss (Li et al., AAAI 2023) at temperature T: T^2 mean_i KL(softmax(t_i/T) ||
+    softmax(s_i/T)) (mdistiller's KD form). Returns (loss, dstudent, dT) with dT the plain
+    derivative of the loss w.r.t. T (the gradient reversal and the curriculum's lambda are the
+    step engine's: kdcore.losses.CTKD)."""
+    T = _check_float("T", T, 0, lo_open=True)
+    return _kdcore.ctkd_loss(student_logits, teacher_logits, T)
+
+
+def ctkd_temperature(p, t_start=_CTKD["t_start"], t_range=_CTKD["t_range"]):
+    """CTKD's temperature from its parameter p: t_start + t_range * sigmoid(p) (the authors'
+    global temperature; defaults from their CIFAR-100 script). Returns (T, dT/dp)."""
+    return _kdcore.ctkd_temperature(_check_float("p", p), _check_float("t_start", t_start, 0, lo_open=True),
+                                    _check_float("t_range", t_range, 0))
+
+
+def ctkd_lambda(epoch, lambda_min=_CTKD["lambda_min"], lambda_max=_CTKD["lambda_max"],
+                decay_epochs=_CTKD["decay_epochs"]):
+    """CTKD's curriculum at a 0-based epoch: the gradient-reversal factor, lambda_min +
+    (lambda_max - lambda_min) * (1 - cos(pi e / decay_epochs)) / 2 with e = min(epoch + 1,
+    decay_epochs) (the authors' cosine schedule, evaluated at the 1-based epoch)."""
+    return _kdcore.ctkd_lambda(_check_int("epoch", epoch, 0), _check_float("lambda_min", lambda_min),
+                               _check_float("lambda_max", lambda_max), _check_int("decay_epochs", decay_epochs, 1))
 
 
 def logit_mse_loss(student_logits, teacher_logits):

@@ -21,7 +21,7 @@ from . import _kdcore
 from .nn import (_ADD, _BATCHNORM, _CONCAT, _CONV2D, _INPUT_NODE, _MUL, _SIGMOID, _UPSAMPLE, BatchNorm2d, Conv2d,
                  Linear, Module, ReLU, Sequential, _check_bool, _check_float, _check_int, _is_choice, _join)
 
-__all__ = ["Loss", "CE", "KD", "DKD", "DIST", "NormKD", "WTTM", "LogitMSE", "Hint", "FitNet", "AT", "SP", "NST", "RKD", "PKT", "FSP", "OFD",
+__all__ = ["Loss", "CE", "KD", "DKD", "DIST", "NormKD", "WTTM", "CTKD", "LogitMSE", "Hint", "FitNet", "AT", "SP", "NST", "RKD", "PKT", "FSP", "OFD",
            "AB", "VID", "CC", "CRD", "FT", "ReviewKD", "ReviewFusion", "METHODS", "method_terms", "connector"]
 
 _KINDS = _kdcore.TERM_KINDS
@@ -211,6 +211,52 @@ class WTTM(Loss):
 
     def _options(self):
         return dict(super()._options(), gamma=self.gamma)
+
+
+class CTKD(Loss):
+    """CTKD (Li et al., AAAI 2023, "Curriculum temperature for knowledge distillation"; the
+    authors' global temperature): KD, T^2 mean_i KL(softmax(t_i/T) || softmax(s_i/T)), at a
+    learned temperature T = t_start + t_range * sigmoid(p) whose parameter p (initially
+    ``init``) the student's optimizer updates through a gradient-reversal layer: p receives
+    -lambda * dL/dp, so the temperature ascends the loss the student descends. lambda follows
+    a cosine curriculum over epochs, lambda_min + (lambda_max - lambda_min) * (1 - cos(pi e /
+    decay_epochs)) / 2 with e = min(epoch + 1, decay_epochs) (kdcore.functional.ctkd_lambda).
+    The History logs the temperature after each epoch (``ctkd_T``) and the epoch's lambda
+    (``ctkd_lambda``); p is a parameter holder, saved in checkpoints. Defaults: the authors'
+    CIFAR-100 script, CTKD weight 0.9 with CE 0.1, t_start 1, t_range 20 (their ``--t_end``, used as the
+    range), p 1 (so T starts at 15.6), lambda 0 -> 1 over 10 epochs."""
+    kind, label = "ctkd", "ctkd"
+
+    def __init__(self, weight=0.9, t_start=_DEFAULTS["ctkd"]["t_start"], t_range=_DEFAULTS["ctkd"]["t_range"],
+                 init=1.0, lambda_min=_DEFAULTS["ctkd"]["lambda_min"], lambda_max=_DEFAULTS["ctkd"]["lambda_max"],
+                 decay_epochs=_DEFAULTS["ctkd"]["decay_epochs"], **kw):
+        super().__init__(weight, **kw)
+        self.t_start = _check_float("t_start", t_start, 0, lo_open=True)
+        self.t_range = _check_float("t_range", t_range, 0)
+        self.init = _check_float("init", init)
+        self.lambda_min = _check_float("lambda_min", lambda_min)
+        self.lambda_max = _check_float("lambda_max", lambda_max)
+        self.decay_epochs = _check_int("decay_epochs", decay_epochs, 1)
+
+    def _add(self, plan):
+        holder = Sequential(Linear(1, 1, bias=False))   # the temperature's parameter p
+        holder.parameters()["0.weight"][...] = self.init
+        h = plan.add_params(holder, "ctkd temperature")
+        plan.add_term(self, self._base(a=plan.ref(0), src=[plan.ref(1)], params=h, t_start=self.t_start,
+                                       t_range=self.t_range, lambda_min=self.lambda_min, lambda_max=self.lambda_max,
+                                       decay_epochs=self.decay_epochs))
+        label = plan.labels[-1][0]
+        p = holder.parameters()["0.weight"]
+
+        def log(epoch):
+            T, _ = _kdcore.ctkd_temperature(float(p.reshape(-1)[0]), self.t_start, self.t_range)
+            lam = _kdcore.ctkd_lambda(epoch, self.lambda_min, self.lambda_max, self.decay_epochs)
+            return {f"{label}_T": T, f"{label}_lambda": lam}
+        plan.add_log(log)
+
+    def _options(self):
+        return dict(super()._options(), t_start=self.t_start, t_range=self.t_range, init=self.init,
+                    lambda_min=self.lambda_min, lambda_max=self.lambda_max, decay_epochs=self.decay_epochs)
 
 
 class LogitMSE(_LogitLoss):
@@ -801,6 +847,7 @@ METHODS = {
     "dist": lambda: [CE(1.0), DIST(1.0)],
     "normkd": lambda: [CE(0.1), NormKD(0.9, t_norm=2.0)],
     "wttm": lambda: [CE(1.0), WTTM(4.0, gamma=0.2)],
+    "ctkd": lambda: [CE(0.1), CTKD(0.9)],
     "fitnet": lambda: [CE(1.0), FitNet(100.0)],
     "at": lambda: [CE(1.0), AT(1000.0)],
     "sp": lambda: [CE(1.0), SP(3000.0)],
@@ -851,6 +898,7 @@ class _Plan:
         self.terms = []            # C term dicts
         self.labels = []           # (History key, parts keys)
         self.states = {}           # name -> C state with a views() method (CRD banks), checkpointed
+        self.logs = []             # callables epoch -> dict of History values (CTKD's temperature)
         self._shapes = {}
 
     def ref(self, who, tap=None):
@@ -904,6 +952,10 @@ class _Plan:
         """A parameter holder (no forward): a term's own trained parameters; returns its index."""
         self.connectors.append((module, None, what, True))
         return len(self.models) + len(self.connectors) - 1
+
+    def add_log(self, fn):
+        """A callable epoch -> dict of values the History logs after each epoch."""
+        self.logs.append(fn)
 
     def add_state(self, name, obj):
         self.states[name] = obj

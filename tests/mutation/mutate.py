@@ -9,8 +9,9 @@ scheme's configuration; where one shared engine line implements an option for ev
 (the CE term's label smoothing), per-scheme mutations restrict the bug to that scheme (L->fn)
 so that each scheme's test is shown to check it. The last group breaks the engine itself
 (connectors, source gradients, gradient slots, parameter holders, CRD state, skip mode).
-The logit-methods group breaks the mechanism of NormKD's and WTTM's losses (losses.c). The
-metrics group breaks kdcore.metrics (Python only, no rebuild).
+The logit-methods group breaks the mechanism of NormKD's and WTTM's losses (losses.c) and
+CTKD's gradient reversal and curriculum (train.c). The metrics group breaks kdcore.metrics
+(Python only, no rebuild).
 
 For every mutation in MUTATIONS below: copy the repository (the files `git ls-files` lists,
 untracked ones not ignored included) into a temporary directory, replace the mutation's `old`
@@ -62,6 +63,7 @@ METRICS = "python/kdcore/metrics.py"
 METRICS_T = "tests/test_metrics.py"
 LOSSES_C = "kdcore/src/losses.c"
 LOGIT = "tests/test_logit_methods_torch.py"
+CTKD = "tests/test_ctkd_torch.py"
 
 
 def t(path, *names):
@@ -464,6 +466,14 @@ MUTATIONS = [
          what="WTTM without its per-sample power-sum weight U (plain transformed-teacher matching)",
          old="const double U = exp(lg - g * l1);", new="const double U = 1.0;",
          tests=t(LOGIT, "test_wttm_loss", "test_wttm_step")),
+    dict(name="ctkd_reversal_sign", file=TRAIN,
+         what="CTKD: the temperature's gradient not reversed (it descends the loss with the student)",
+         old="p->dparams[0] += (float)(-lam * (double)dT * dT_dp);", new="p->dparams[0] += (float)(lam * (double)dT * dT_dp);",
+         tests=t(CTKD, "test_ctkd_steps_at_two_curriculum_epochs")),
+    dict(name="ctkd_curriculum_frozen", file=TRAIN,
+         what="CTKD: the curriculum's lambda of the first epoch kept for every epoch",
+         old="kd_ctkd_lambda(p->epoch, t->ctkd.lambda_min,", new="kd_ctkd_lambda(0, t->ctkd.lambda_min,",
+         tests=t(CTKD, "test_ctkd_steps_at_two_curriculum_epochs")),
 
     # ---- kdcore.metrics (Python only: no rebuild)
     dict(name="metrics_ece_edge_to_upper_bin", file=METRICS, what="a confidence on a bin edge goes to the bin above",
