@@ -208,6 +208,10 @@ PyObject * py_ctkd_temperature(PyObject * Py_UNUSED(m), PyObject * args, PyObjec
     static char * kwlist[] = { "p", "t_start", "t_range", NULL };
     float p, t0, tr;
     if (!PARSE_KW(args, kwds, "fff", kwlist, &p, &t0, &tr)) return NULL;
+    // finite as float32: a double beyond FLT_MAX arrives here as inf
+    if (!isfinite(p) || !isfinite(t0) || !isfinite(tr))
+        return err_printf(PyExc_ValueError, "p, t_start and t_range must be finite float32 values, got %g, %g, %g",
+                          (double)p, (double)t0, (double)tr);
     double d;
     const double T = kd_ctkd_temperature(p, t0, tr, &d);
     return Py_BuildValue("(dd)", T, d);
@@ -220,6 +224,9 @@ PyObject * py_ctkd_lambda(PyObject * Py_UNUSED(m), PyObject * args, PyObject * k
     float lo, hi;
     if (!PARSE_KW(args, kwds, "iffi", kwlist, &epoch, &lo, &hi, &n)) return NULL;
     if (n < 1) return PyErr_Format(PyExc_ValueError, "decay_epochs must be >= 1, got %d", n);
+    if (!isfinite(lo) || !isfinite(hi))
+        return err_printf(PyExc_ValueError, "lambda_min and lambda_max must be finite float32 values, got %g, %g",
+                          (double)lo, (double)hi);
     return PyFloat_FromDouble(kd_ctkd_lambda(epoch, lo, hi, n));
 }
 

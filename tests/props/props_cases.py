@@ -11,6 +11,7 @@ values of the wrong type or range. The call must succeed (finite, well-shaped ou
 TypeError/ValueError/KeyError naming that argument (harness.attempt).
 """
 import functools
+import math
 import os
 
 import numpy as np
@@ -61,6 +62,17 @@ FUNCTIONAL = {
     "dist_loss": (F.dist_loss, dict(student_logits=LOGITS, teacher_logits=TEACHER, beta=2.0, gamma=2.0, T=4.0),
                   dict(student_logits=logits_pool(), teacher_logits=logits_pool(TEACHER), beta=SCALARS, gamma=SCALARS,
                        T=SCALARS)),
+    "normkd_loss": (F.normkd_loss, dict(student_logits=LOGITS, teacher_logits=TEACHER, t_norm=2.0, detach_std=False),
+                    dict(student_logits=logits_pool(), teacher_logits=logits_pool(TEACHER), t_norm=SCALARS,
+                         detach_std=FLAGS)),
+    "wttm_loss": (F.wttm_loss, dict(student_logits=LOGITS, teacher_logits=TEACHER, gamma=0.2),
+                  dict(student_logits=logits_pool(), teacher_logits=logits_pool(TEACHER), gamma=SCALARS)),
+    "ctkd_loss": (F.ctkd_loss, dict(student_logits=LOGITS, teacher_logits=TEACHER, T=4.0),
+                  dict(student_logits=logits_pool(), teacher_logits=logits_pool(TEACHER), T=SCALARS)),
+    "ctkd_temperature": (F.ctkd_temperature, dict(p=1.0, t_start=1.0, t_range=20.0),
+                         dict(p=SCALARS, t_start=SCALARS, t_range=SCALARS)),
+    "ctkd_lambda": (F.ctkd_lambda, dict(epoch=3, lambda_min=0.0, lambda_max=1.0, decay_epochs=10),
+                    dict(epoch=COUNTS, lambda_min=SCALARS, lambda_max=SCALARS, decay_epochs=COUNTS)),
     "logit_mse_loss": (F.logit_mse_loss, dict(student_logits=LOGITS, teacher_logits=TEACHER),
                        dict(student_logits=logits_pool(), teacher_logits=logits_pool(TEACHER))),
     "tolerant_loss": (F.tolerant_loss, dict(logits=LOGITS, K=3), dict(logits=logits_pool(), K=SCALARS)),
@@ -87,6 +99,10 @@ def test_functional_losses(data):
         np.testing.assert_allclose(out.sum(1), 1, rtol=1e-5)
     elif fname == "kl_divergence":
         assert np.isfinite(out) and out >= -1e-6
+    elif fname == "ctkd_lambda":
+        assert isinstance(out, float) and math.isfinite(out), f"{fname}: {out!r}"
+    elif fname == "ctkd_temperature":
+        assert len(out) == 2 and all(isinstance(v, float) and math.isfinite(v) for v in out), f"{fname}: {out!r}"
     else:
         loss, grad = out[0], out[1]
         assert np.isfinite(loss), f"{fname}: loss {loss}"
