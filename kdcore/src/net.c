@@ -449,6 +449,14 @@ int64_t * kd_net_bn_batches(struct kd_net * net, int node) {
 }
 int kd_net_batch(const struct kd_net * net) { return net ? net->N : 0; }
 
+bool kd_net_bn_running_(struct kd_net * net, int node, const float ** rmean, const float ** rvar) {
+    if (!net || !net->finalized || node < 0 || node >= net->n_nodes || net->nodes[node].spec.type != KD_LAYER_BATCHNORM)
+        return false;
+    *rmean = net->buffers + net->nodes[node].rm_off;
+    *rvar = net->buffers + net->nodes[node].rv_off;
+    return true;
+}
+
 void kd_net_input_shape(const struct kd_net * net, int * C, int * H, int * W) {
     bool ok = net && net->N > 0;
     *C = ok ? net->C : 0; *H = ok ? net->H : 0; *W = ok ? net->W : 0;
