@@ -24,6 +24,7 @@ from . import _kdcore
 from . import models as _models
 from .datasets import Dataset
 from . import nn as _nn
+from . import optim as _optim
 from .nn import Module, _check_float, _check_int
 from .optim import Adam
 from .training import History, _Common, _check_model
@@ -128,14 +129,15 @@ def _bn_terms(teacher, weight):
 
 
 def deepinversion(teacher, n_images, iterations=2000, batch_size=256, labels=None, student=None, adi=None, bn=10.0,
-                  tv=2.5e-5, l2=0.0, tv_l1=False, lr=0.05, betas=(0.9, 0.999), T=3.0, chunk=100, seed=0):
+                  tv=2.5e-5, l2=0.0, tv_l1=False, lr=0.05, betas=(0.9, 0.999), T=3.0, chunk=100, seed=0,
+                  optimizer=None):
     """Synthesises ``n_images`` images from a frozen ``teacher`` by DeepInversion (Yin et al.,
     CVPR 2020, "Dreaming to distill"); returns ``(images, labels, history)``: float32 NCHW
     images of the teacher's input shape, their int64 target labels, and a History with one row
     per chunk of ``chunk`` iterations of each batch (columns ``batch``, ``iteration``, the
     unweighted terms ``ce``, ``bn`` (summed over the BN layers), ``tv``, ``l2``, ``adi``, the
     weighted ``loss`` and ``teacher_acc``, the teacher's accuracy on the images against their
-    labels).
+    labels; a term of weight 0 is not computed and logs 0).
 
     Each batch of ``batch_size`` images starts from N(0, 1) noise (seeded by ``seed`` and the
     batch index) and takes ``iterations`` Adam steps (``lr``, ``betas``; fresh state per batch)
@@ -148,6 +150,7 @@ def deepinversion(teacher, n_images, iterations=2000, batch_size=256, labels=Non
     ``student`` (Adaptive DeepInversion, ``adi`` default 0.2 then, else 0) the student runs in eval
     mode too and neither net changes. labels: one per image in [0, classes) (default
     ``i % classes``, the authors' CIFAR targets). Defaults: the authors' CIFAR-10 settings.
+    optimizer: a ``kdcore.optim`` optimizer to use instead of ``Adam(lr, betas)`` (its own lr).
     Same seed, same bits.
 
     The two-stage recipe: synthesise, then distil the student on the images with the existing
@@ -173,7 +176,11 @@ def deepinversion(teacher, n_images, iterations=2000, batch_size=256, labels=Non
         raise TypeError(f"tv_l1 must be a bool, got {type(tv_l1).__name__}")
     lr = _check_float("lr", lr, 0, lo_open=True)
     T = _check_float("T", T, 0, lo_open=True)
-    opt_proto = Adam(lr=lr, betas=betas)
+    if optimizer is None:
+        optimizer = Adam(lr=lr, betas=betas)
+    elif not isinstance(optimizer, _optim._Optimizer):
+        raise TypeError(f"optimizer must be a kdcore.optim optimizer, got {type(optimizer).__name__}")
+    lr = optimizer.lr
     shape = getattr(teacher, "input_shape", None)
     if not shape or len(shape) != 3:
         raise ValueError("the teacher has no known (C, H, W) input shape (a zoo model, or set teacher.input_shape)")
@@ -208,7 +215,7 @@ def deepinversion(teacher, n_images, iterations=2000, batch_size=256, labels=Non
         holder = _nn.Sequential(_nn.Linear(B, chw, bias=False), _nn.Unflatten(1, shape))
         x0 = np.random.default_rng([seed, b]).standard_normal((B, chw)).astype(np.float32)
         holder.load_state_dict({"0.weight": np.ascontiguousarray(x0.T)})
-        opt = Adam(lr=lr, betas=opt_proto.betas).bind(holder)
+        opt = optimizer.bind(holder)
         nets = [dict(net=holder.net, opt=opt, mode=modes["train"], role="images"),
                 dict(net=teacher.net, mode=modes["eval"], input=(0, -1), grad_input=True, role="teacher")]
         terms = [dict(kind=_K["ce"], a=(1, -1), weight=1.0)] + bn_terms + [
