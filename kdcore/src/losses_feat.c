@@ -1,5 +1,6 @@
 // Parameter-free feature- and relation-based distillation losses over feature maps: AT, SP,
-// NST, RKD, PKT, FSP. Each computes the loss as RepDistiller / mdistiller define it (the
+// NST, RKD, PKT, FSP (and, at the end, DeepInversion's BN-statistics loss and image priors).
+// Each computes the loss as RepDistiller / mdistiller define it (the
 // header's "Feature and relation losses" section says where a paper's form differs and which
 // option gives it) and the gradient of weight * loss w.r.t. the student map and, when asked,
 // the teacher map.
