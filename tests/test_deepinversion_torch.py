@@ -147,14 +147,18 @@ def test_adi_competition_matches_autograd(rng, T, scale):
 
 # ---- one synthesis step against PyTorch ---------------------------------------------------
 
-def torch_step(teacher, x0, y, w, student=None, opt="sgd", lr=0.1, T=3.0, tv_l1=False):
-    """The authors' loss on x (their hooks and formulas), one optimizer step; returns (x1, terms)."""
+def torch_step(teacher, x0, y, w, student=None, opt="sgd", lr=0.1, T=3.0, tv_l1=False, jit=(0, 0, False)):
+    """The authors' loss on x rolled by jit[:2] and flipped if jit[2] (their hooks and
+    formulas), one optimizer step; returns (x1, terms)."""
     tt = torch_ref.load_into_torch(torch_ref.torch_cnn(V, 1, 6), teacher.state_dict()).double().eval()
     bns = [m for m in tt.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     stats = []
     hooks = [m.register_forward_hook(lambda mod, inp, out: stats.append(ref_bnstat(inp[0], mod.running_mean,
                                                                                   mod.running_var))) for m in bns]
-    x = t64(x0)
+    xv = t64(x0)
+    x = torch.roll(xv, shifts=jit[:2], dims=(2, 3))
+    if jit[2]:
+        x = torch.flip(x, dims=(3,))
     out = tt(x)
     for h in hooks:
         h.remove()
@@ -169,10 +173,10 @@ def torch_step(teacher, x0, y, w, student=None, opt="sgd", lr=0.1, T=3.0, tv_l1=
         adi = ref_adi(out, ts(x), T)
         loss = loss + w["adi"] * adi
         terms["adi"] = adi.item()
-    o = torch.optim.SGD([x], lr=lr) if opt == "sgd" else torch.optim.Adam([x], lr=lr)
+    o = torch.optim.SGD([xv], lr=lr) if opt == "sgd" else torch.optim.Adam([xv], lr=lr)
     loss.backward()
     o.step()
-    return x.detach().numpy(), terms
+    return xv.detach().numpy(), terms
 
 
 @pytest.mark.parametrize("adi", [False, True])
@@ -185,7 +189,7 @@ def test_one_sgd_step_matches_torch(adi):
     w = dict(bn=0.5, tv=0.01, l2=0.02, adi=0.7 if adi else 0.0)
     n, lr = 6, 0.1
     imgs, y, h = kdcore.datafree.deepinversion(teacher, n, iterations=1, batch_size=n, student=student,
-                                               adi=w["adi"] or None, bn=w["bn"], tv=w["tv"], l2=w["l2"], seed=5,
+                                               adi=w["adi"] or None, bn=w["bn"], tv=w["tv"], l2=w["l2"], seed=5, jitter=0,
                                                optimizer=kdcore.optim.SGD(lr=lr, momentum=0.0, weight_decay=0.0))
     x0 = np.random.default_rng([5, 0]).standard_normal((n, 64)).astype(np.float32).reshape(n, 1, 8, 8)
     x1, terms = torch_step(teacher, x0, y, w, student=student, lr=lr)
@@ -200,13 +204,80 @@ def test_one_adam_step_matches_torch():
     teacher = teacher_of(6)
     w = dict(bn=10.0, tv=2.5e-3, l2=0.0)
     imgs, y, h = kdcore.datafree.deepinversion(teacher, 5, iterations=1, batch_size=5, bn=w["bn"], tv=w["tv"],
-                                               l2=0.0, tv_l1=True, labels=[3, 0, 1, 1, 2], seed=0)
+                                               l2=0.0, tv_l1=True, labels=[3, 0, 1, 1, 2], seed=0, jitter=0)
     x0 = np.random.default_rng([0, 0]).standard_normal((5, 64)).astype(np.float32).reshape(5, 1, 8, 8)
     x1, terms = torch_step(teacher, x0, y, w, opt="adam", lr=0.05, tv_l1=True)
     np.testing.assert_allclose(imgs, x1, rtol=1e-5, atol=1e-6)
     assert y.tolist() == [3, 0, 1, 1, 2]
     for k in ("ce", "bn", "tv"):
         np.testing.assert_allclose(h[k][0], terms[k], rtol=1e-4, err_msg=k)
+
+
+def test_jittered_step_matches_torch_for_its_draw():
+    """With jitter 2 and flips, the step equals the PyTorch step for exactly one of the 50
+    possible draws of (dy, dx, flip); over many forwards every draw occurs."""
+    teacher = teacher_of(6)
+    w = dict(bn=0.5, tv=0.01, l2=0.02)
+    n, lr = 6, 0.1
+    sgd = kdcore.optim.SGD(lr=lr, momentum=0.0, weight_decay=0.0)
+    x0 = np.random.default_rng([4, 0]).standard_normal((n, 64)).astype(np.float32).reshape(n, 1, 8, 8)
+    imgs, y, h = kdcore.datafree.deepinversion(teacher, n, iterations=1, batch_size=n, bn=w["bn"], tv=w["tv"],
+                                               l2=w["l2"], jitter=2, flip=True, seed=4, optimizer=sgd)
+    hits = []
+    for dy in range(-2, 3):
+        for dx in range(-2, 3):
+            for f in (False, True):
+                x1, terms = torch_step(teacher, x0, y, w, lr=lr, jit=(dy, dx, f))
+                if np.allclose(imgs, x1, rtol=1e-4, atol=2e-6):
+                    hits.append((dy, dx, f))
+                    np.testing.assert_allclose(h["tv"][0], terms["tv"], rtol=1e-4)
+    assert len(hits) == 1, hits
+    # over many steps every shift and both flips occur
+    holder = kdcore.nn.Sequential(kdcore.nn.Jitter(2, 0.5))
+    holder.train()
+    x = np.arange(2 * 25, dtype=np.float32).reshape(2, 1, 5, 5)
+    seen = set()
+    for _ in range(400):
+        out = holder.forward(x)
+        for dy in range(-2, 3):
+            for dx in range(-2, 3):
+                for f in (False, True):
+                    r = np.roll(x, (dy, dx), axis=(2, 3))
+                    if np.array_equal(r[..., ::-1] if f else r, out):
+                        seen.add((dy, dx, f))
+    assert len(seen) == 50
+
+
+@pytest.mark.parametrize("shape,shift,flip_p", [((2, 3, 5, 7), 3, 1.0), ((1, 2, 4, 4), 6, 0.0), ((3, 4), 2, 1.0)])
+def test_jitter_layer_matches_torch(rng, shape, shift, flip_p):
+    """Forward and input gradient of nn.Jitter in training mode equal torch.roll (+ flip) for
+    its draw (shifts past the size wrap, flat features are left alone); eval mode is the
+    identity."""
+    m = kdcore.nn.Sequential(kdcore.nn.Jitter(shift, flip_p))
+    x = rng.standard_normal(shape).astype(np.float32)
+    m.train()
+    out = m.forward(x)
+    g = rng.standard_normal(out.shape).astype(np.float32)
+    dx = m.backward(g)
+    x4 = x.reshape(x.shape + (1, 1)) if x.ndim == 2 else x
+    found = []
+    for dy in range(-shift, shift + 1):
+        for dw in range(-shift, shift + 1):
+            xt = t64(x4)
+            r = torch.roll(xt, shifts=(dy, dw), dims=(2, 3))
+            if flip_p == 1.0:
+                r = torch.flip(r, dims=(3,))
+            if np.array_equal(r.detach().numpy().reshape(out.shape), out):
+                r.backward(torch.as_tensor(g.reshape(r.shape), dtype=torch.float64))
+                np.testing.assert_array_equal(dx, xt.grad.numpy().reshape(x.shape).astype(np.float32))
+                found.append((dy, dw))
+    assert found
+    m.eval()
+    np.testing.assert_array_equal(m.forward(x), x)
+    with pytest.raises(ValueError, match="max_shift"):
+        kdcore.nn.Jitter(-1)
+    with pytest.raises(ValueError, match="flip_p"):
+        kdcore.nn.Jitter(1, 1.5)
 
 
 def test_teacher_and_student_unchanged_and_reproducible():

@@ -167,6 +167,11 @@ enum kd_layer_type {
     KD_LAYER_LEAKY_RELU,      // x > 0 ? x : slope * x
     KD_LAYER_TANH,
     KD_LAYER_RESHAPE,         // (C*H*W,...) -> (out_ch, size[0], size[1]), same values in order
+    KD_LAYER_JITTER,          // random augmentation of a whole batch, in KD_MODE_DROPOUT forwards only
+                              //   (identity otherwise): a circular shift by dy, dx drawn uniformly
+                              //   from [-padding, padding] (torch.roll over H, W), then a horizontal
+                              //   flip with probability p; one draw per forward from its dropout seed
+                              //   (DeepInversion's jitter of the optimised images)
     KD_LAYER_COUNT
 };
 

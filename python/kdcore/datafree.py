@@ -129,8 +129,8 @@ def _bn_terms(teacher, weight):
 
 
 def deepinversion(teacher, n_images, iterations=2000, batch_size=256, labels=None, student=None, adi=None, bn=10.0,
-                  tv=2.5e-5, l2=0.0, tv_l1=False, lr=0.05, betas=(0.9, 0.999), T=3.0, chunk=100, seed=0,
-                  optimizer=None):
+                  tv=2.5e-5, l2=0.0, tv_l1=False, lr=0.05, betas=(0.9, 0.999), T=3.0, jitter=2, flip=False,
+                  chunk=100, seed=0, optimizer=None):
     """Synthesises ``n_images`` images from a frozen ``teacher`` by DeepInversion (Yin et al.,
     CVPR 2020, "Dreaming to distill"); returns ``(images, labels, history)``: float32 NCHW
     images of the teacher's input shape, their int64 target labels, and a History with one row
@@ -141,10 +141,11 @@ def deepinversion(teacher, n_images, iterations=2000, batch_size=256, labels=Non
 
     Each batch of ``batch_size`` images starts from N(0, 1) noise (seeded by ``seed`` and the
     batch index) and takes ``iterations`` Adam steps (``lr``, ``betas``; fresh state per batch)
-    on
-    ``CE(teacher(x), y) + bn * sum_l (||var_l - running_var_l|| + ||mu_l - running_mean_l||)
-    + tv * TV(x) + l2 * ||x|| [+ adi * (1 - JS(teacher(x), student(x)))]``,
-    with mu_l, var_l the batch statistics of the input of the teacher's BN layer l (biased
+    on the images x' = jitter(x)
+    ``CE(teacher(x'), y) + bn * sum_l (||var_l - running_var_l|| + ||mu_l - running_mean_l||)
+    + tv * TV(x') + l2 * ||x'|| [+ adi * (1 - JS(teacher(x'), student(x')))]``,
+    where each step's jitter rolls the batch circularly by up to ``jitter`` pixels in H and W
+    (and, with ``flip``, flips it horizontally with probability 1/2), with mu_l, var_l the batch statistics of the input of the teacher's BN layer l (biased
     variance), TV the l2 form (``tv_l1=True``: the l1 form) and JS the authors' clamped
     Jensen-Shannon divergence at temperature ``T``. The teacher runs in eval mode; with a
     ``student`` (Adaptive DeepInversion, ``adi`` default 0.2 then, else 0) the student runs in eval
@@ -176,6 +177,9 @@ def deepinversion(teacher, n_images, iterations=2000, batch_size=256, labels=Non
         raise TypeError(f"tv_l1 must be a bool, got {type(tv_l1).__name__}")
     lr = _check_float("lr", lr, 0, lo_open=True)
     T = _check_float("T", T, 0, lo_open=True)
+    jitter = _check_int("jitter", jitter, 0)
+    if not isinstance(flip, bool):
+        raise TypeError(f"flip must be a bool, got {type(flip).__name__}")
     if optimizer is None:
         optimizer = Adam(lr=lr, betas=betas)
     elif not isinstance(optimizer, _optim._Optimizer):
@@ -212,11 +216,13 @@ def deepinversion(teacher, n_images, iterations=2000, batch_size=256, labels=Non
         y = labels[start:start + B]
         # The images are the weight of a bias-free linear layer fed the rows of an identity
         # matrix: row i selects image i exactly, and the weight's gradient is the images'.
-        holder = _nn.Sequential(_nn.Linear(B, chw, bias=False), _nn.Unflatten(1, shape))
+        # Its output is the step's jittered batch, which every term reads.
+        holder = _nn.Sequential(_nn.Linear(B, chw, bias=False), _nn.Unflatten(1, shape),
+                                _nn.Jitter(jitter, 0.5 if flip else 0.0))
         x0 = np.random.default_rng([seed, b]).standard_normal((B, chw)).astype(np.float32)
         holder.load_state_dict({"0.weight": np.ascontiguousarray(x0.T)})
         opt = optimizer.bind(holder)
-        nets = [dict(net=holder.net, opt=opt, mode=modes["train"], role="images"),
+        nets = [dict(net=holder.net, opt=opt, mode=modes["train"], salt=0x7177E5, role="images"),
                 dict(net=teacher.net, mode=modes["eval"], input=(0, -1), grad_input=True, role="teacher")]
         terms = [dict(kind=_K["ce"], a=(1, -1), weight=1.0)] + bn_terms + [
             dict(kind=_K["tv"], a=(0, -1), l1=tv_l1, weight=tv),

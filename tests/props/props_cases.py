@@ -1429,6 +1429,22 @@ def test_leaky_relu_arguments(slope):
 
 
 @settings(max_examples=30)
+@given(max_shift=st.one_of(SCALARS, COUNTS), flip_p=st.one_of(SCALARS, st.just(0.5)), which=st.integers(0, 1))
+def test_jitter_arguments(max_shift, flip_p, which):
+    """nn.Jitter with one argument replaced: a layer whose training forward and backward are
+    finite permutations of X4, or an error naming the argument."""
+    kw = dict(max_shift=2, flip_p=0.5)
+    name = ["max_shift", "flip_p"][which]
+    kw[name] = [max_shift, flip_p][which]
+    ok, m = attempt(nn.Jitter, (), kw, (name,), what="nn.Jitter")
+    if ok:
+        m.train()
+        out = m(X4)
+        assert out.shape == X4.shape and np.array_equal(np.sort(out, axis=None), np.sort(X4, axis=None))
+        assert np.all(np.isfinite(m.backward(np.ones_like(out))))
+
+
+@settings(max_examples=30)
 @given(dim=st.one_of(SCALARS, st.just(1)), size=st.one_of(SCALARS, st.tuples(SIZES, SIZES, SIZES), st.just((2, 2, 2))))
 def test_unflatten_arguments(dim, size):
     ok, m = attempt(nn.Unflatten, (dim, size), {}, ("dim", "unflattened_size"), what="nn.Unflatten")
