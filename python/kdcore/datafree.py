@@ -236,7 +236,9 @@ def deepinversion(teacher, n_images, iterations=2000, batch_size=256, labels=Non
         done, e = 0, 0
         while done < iterations:
             k = min(steps, iterations - done)
-            topts = dict(batch_size=B, schedule=(0, lr, [], 0, 0.0, 0), shuffle=False, max_steps=k, seed=seed)
+            # each batch its own jitter draws: the step seed mixes the batch index in
+            topts = dict(batch_size=B, schedule=(0, lr, [], 0, 0.0, 0), shuffle=False, max_steps=k,
+                         seed=(int(seed) * 1000003 + b) % 2**63)
             st = _kdcore.step_epoch(nets, terms, ds._c, e, topts, logits_net=1)
             v = st["term_value"]
             nb = len(bn_terms)
