@@ -1,0 +1,269 @@
+// Logit losses (kdcore.h, "Losses"): every gradient against finite differences, in C, next to
+// the PyTorch comparisons of the Python suite -- CE (label smoothing, sample weights), KD (both
+// sides, sample weights), soft targets, DKD, DIST, NormKD, WTTM, CTKD (logits and temperature),
+// MSE, the tolerant term, DAFL's entropy and activation, ADI (both sides). Hard cases: one
+// sample, two classes, large logits, small and large temperatures. Then weight and accumulate
+// semantics for each loss. Sizes are tiny: this runs under valgrind (`make valgrind`).
+//
+// Finite differences as in test_feature_losses.c: the loss is a float, so each derivative is a
+// Richardson extrapolation of two central differences (steps h and h/2, the exact float steps),
+// in double.
+#include "kdtest.h"
+#include "kdcore.h"
+
+enum kind { CE, KD, SOFT, DKD, DIST, NORMKD, WTTM, CTKD, MSE, TOLERANT, ENTROPY, ACTIVATION, ADI };
+static const char * const kind_name[] = { "CE", "KD", "soft", "DKD", "DIST", "NormKD", "WTTM", "CTKD", "MSE",
+                                          "tolerant", "entropy", "activation", "ADI" };
+
+struct lcase {
+    enum kind k;
+    int N, V;
+    float * s, * t;            // student logits (the input every loss differentiates), teacher logits
+    float * q;                 // SOFT: target probabilities (rows sum to 1)
+    int64_t * y;               // CE, DKD labels
+    float * w;                 // CE, KD sample weights (or NULL)
+    float T, a, b;             // temperature; per kind: CE eps; DKD alpha, beta; DIST beta, gamma; NormKD t_norm;
+                               // WTTM gamma; tolerant K (a)
+    const char * what;
+};
+
+// Calls the loss; ds gets d(weight * loss)/ds, dt (when the kind has one: KD's teacher side,
+// ADI's teacher side) d/dt, dT (CTKD) d/dT. Any of them may be NULL.
+static enum kd_status run(const struct lcase * c, float * loss, float * ds, float * dt, float * dT, float weight,
+                          bool acc) {
+    const int N = c->N, V = c->V;
+    switch (c->k) {
+    case CE:       return kd_cross_entropy(loss, ds, c->s, c->y, c->w, N, V, c->a, weight, acc);
+    case KD:       return kd_loss_kd(loss, ds, dt, c->s, c->t, c->w, N, V, c->T, weight, acc);
+    case SOFT:     return kd_loss_soft(loss, ds, c->s, c->q, NULL, N, V, c->T, weight, acc);
+    case DKD: {
+        float tckd, nckd;
+        enum kd_status st = kd_loss_dkd(&tckd, &nckd, ds, c->s, c->t, c->y, N, V, c->T, c->a, c->b, weight, acc);
+        *loss = c->a * tckd + c->b * nckd;
+        return st;
+    }
+    case DIST: {
+        float inter, intra;
+        enum kd_status st = kd_loss_dist(&inter, &intra, ds, c->s, c->t, N, V, c->T, c->a, c->b, weight, acc);
+        *loss = c->T * c->T * (c->a * inter + c->b * intra);
+        return st;
+    }
+    case NORMKD:   return kd_loss_normkd(loss, ds, c->s, c->t, N, V, c->a, false, weight, acc);
+    case WTTM:     return kd_loss_wttm(loss, ds, c->s, c->t, N, V, c->a, weight, acc);
+    case CTKD:     return kd_loss_ctkd(loss, ds, dT, c->s, c->t, N, V, c->T, weight, acc);
+    case MSE:      return kd_loss_mse(loss, ds, c->s, c->t, N, V, weight, acc);
+    case TOLERANT: return kd_loss_tolerant(loss, ds, c->s, N, V, (int)c->a, weight, acc);
+    case ENTROPY:  return kd_loss_entropy(loss, ds, c->s, N, V, weight, acc);
+    case ACTIVATION: return kd_loss_activation(loss, ds, c->s, (size_t)N * V, weight, acc);
+    case ADI:      return kd_loss_adi(loss, dt, ds, c->t, c->s, N, V, c->T, weight, acc);
+    }
+    return KD_ERR_VALUE;
+}
+
+static int has_dt(enum kind k) { return k == KD || k == ADI; }
+
+static double loss_of(const struct lcase * c) {
+    float l = NAN;
+    if (run(c, &l, NULL, NULL, NULL, 1.0f, false) != KD_OK) printf("  %s %s: %s\n", kind_name[c->k], c->what, kd_last_error());
+    return l;
+}
+
+// Central difference of the loss in x[e] (x is c->s, c->t or &c->T), exact float steps.
+static double central(struct lcase * c, float * x, size_t e, float h) {
+    float x0 = x[e], xp = x0 + h, xm = x0 - h;
+    x[e] = xp;
+    double lp = loss_of(c);
+    x[e] = xm;
+    double lm = loss_of(c);
+    x[e] = x0;
+    return (lp - lm) / ((double)xp - (double)xm);
+}
+
+static void fd_check(struct lcase * c, const char * side, float * x, const float * g, size_t n, float h, double rtol) {
+    float * fd = calloc(n, sizeof(float));
+    double scale = 0;
+    for (size_t e = 0; e < n; e++) {
+        double d1 = central(c, x, e, h), d2 = central(c, x, e, h / 2);
+        fd[e] = (float)((4 * d2 - d1) / 3);
+        scale = fmax(scale, fabs(fd[e]));
+    }
+    char name[160];
+    snprintf(name, sizeof name, "%s %s: d/d%s", kind_name[c->k], c->what, side);
+    check_close(name, g, fd, n, rtol * fmax(scale, 1e-6), rtol);
+    free(fd);
+}
+
+static void gradcheck(struct lcase * c, float h, double rtol) {
+    size_t n = (size_t)c->N * c->V;
+    float * ds = calloc(n, sizeof(float)), * dt = calloc(n, sizeof(float)), dT = 0, loss;
+    enum kd_status st = run(c, &loss, ds, has_dt(c->k) ? dt : NULL, c->k == CTKD ? &dT : NULL, 1.0f, false);
+    CHECK(st == KD_OK && isfinite(loss), "%s %s: %s (loss %g)", kind_name[c->k], c->what,
+          st == KD_OK ? "ok" : kd_last_error(), loss);
+    fd_check(c, "s", c->s, ds, n, h, rtol);
+    if (has_dt(c->k)) fd_check(c, "t", c->t, dt, n, h, rtol);
+    if (c->k == CTKD) fd_check(c, "T", &c->T, &dT, 1, h, rtol);
+    free(ds);
+    free(dt);
+}
+
+// weight scales every gradient, accumulate adds it, the loss does not depend on either or on
+// which gradients are asked for.
+static void semantics(const struct lcase * c) {
+    size_t n = (size_t)c->N * c->V;
+    float * g = calloc(n, sizeof(float)), * gt = calloc(n, sizeof(float));
+    float * h = malloc(n * sizeof(float)), * ht = malloc(n * sizeof(float)), * want = calloc(n, sizeof(float));
+    kdt_fill(h, n, 91);
+    kdt_fill(ht, n, 92);
+    float * h0 = malloc(n * sizeof(float)), * ht0 = malloc(n * sizeof(float));
+    memcpy(h0, h, n * sizeof(float));
+    memcpy(ht0, ht, n * sizeof(float));
+    float gT = 0, hT = 0.25f, l1, l2, l3;
+    run(c, &l1, g, has_dt(c->k) ? gt : NULL, c->k == CTKD ? &gT : NULL, 1.0f, false);
+    run(c, &l2, h, has_dt(c->k) ? ht : NULL, c->k == CTKD ? &hT : NULL, 2.5f, true);
+    double sc = 0;
+    for (size_t e = 0; e < n; e++) { want[e] = h0[e] + 2.5f * g[e]; sc = fmax(sc, fabs(want[e])); }
+    char name[160];
+    snprintf(name, sizeof name, "%s %s: accumulate, weight 2.5 (s)", kind_name[c->k], c->what);
+    check_close(name, h, want, n, 1e-5 * sc, 1e-5);
+    if (has_dt(c->k)) {
+        sc = 0;
+        for (size_t e = 0; e < n; e++) { want[e] = ht0[e] + 2.5f * gt[e]; sc = fmax(sc, fabs(want[e])); }
+        snprintf(name, sizeof name, "%s %s: accumulate, weight 2.5 (t)", kind_name[c->k], c->what);
+        check_close(name, ht, want, n, 1e-5 * sc, 1e-5);
+    }
+    if (c->k == CTKD) {
+        CHECK(fabsf(hT - (0.25f + 2.5f * gT)) <= 1e-5f * fmaxf(1.0f, fabsf(hT)), "CTKD %s: dT accumulate %g vs %g",
+              c->what, hT, 0.25f + 2.5f * gT);
+    }
+    CHECK(l1 == l2, "%s %s: the loss depends on weight/accumulate (%g vs %g)", kind_name[c->k], c->what, l1, l2);
+    memset(h, 0, n * sizeof(float));
+    run(c, &l3, h, NULL, NULL, 1.0f, false);
+    CHECK(l3 == l1 && memcmp(h, g, n * sizeof(float)) == 0, "%s %s: ds alone differs from ds with the others",
+          kind_name[c->k], c->what);
+    free(g); free(gt); free(h); free(ht); free(want); free(h0); free(ht0);
+}
+
+// Logits in [-amp, amp], deterministic.
+static float * logits(int N, int V, uint64_t seed, float amp) {
+    float * x = malloc((size_t)N * V * sizeof(float));
+    kdt_fill(x, (size_t)N * V, seed);
+    for (size_t i = 0; i < (size_t)N * V; i++) x[i] *= amp;
+    return x;
+}
+
+static struct lcase mk(enum kind k, const char * what, int N, int V, float amp, float T, uint64_t seed) {
+    struct lcase c = { .k = k, .N = N, .V = V, .T = T, .what = what };
+    c.s = logits(N, V, seed, amp);
+    c.t = logits(N, V, seed + 1, amp);
+    c.y = malloc((size_t)N * sizeof(int64_t));
+    for (int i = 0; i < N; i++) c.y[i] = (int64_t)((seed + 7 * (uint64_t)i) % (uint64_t)V);
+    return c;
+}
+
+static void release(struct lcase * c) {
+    free(c->s); free(c->t); free(c->q); free(c->y); free(c->w);
+}
+
+static void check_case(struct lcase c, float h, double rtol) {
+    gradcheck(&c, h, rtol);
+    semantics(&c);
+    release(&c);
+}
+
+static float * sample_weights(int N) {
+    float * w = malloc((size_t)N * sizeof(float));
+    for (int i = 0; i < N; i++) w[i] = 0.25f + 0.5f * (float)i;
+    return w;
+}
+
+static void test_gradcheck_all(void) {
+    const int q = kdt_quick();
+    struct lcase c;
+    // CE: plain, label smoothing with sample weights, one sample of two classes, large logits
+    check_case(mk(CE, "plain", 3, 5, 2, 1, 1), 1e-2f, 3e-4);
+    c = mk(CE, "smoothing 0.1, sample weights", 4, 6, 2, 1, 2);
+    c.a = 0.1f;
+    c.w = sample_weights(4);
+    check_case(c, 1e-2f, 3e-4);
+    check_case(mk(CE, "N=1 V=2", 1, 2, 1, 1, 3), 1e-2f, 3e-4);
+    check_case(mk(CE, "logits +-30", 2, 4, 30, 1, 4), 1e-2f, 1e-3);
+    // KD: T = 4 with sample weights; T = 1; small T on large logits; T = 20; N=1 V=2
+    c = mk(KD, "T=4, sample weights", 3, 5, 3, 4, 10);
+    c.w = sample_weights(3);
+    check_case(c, 1e-2f, 3e-4);
+    check_case(mk(KD, "T=1", 2, 7, 2, 1, 11), 1e-2f, 3e-4);
+    check_case(mk(KD, "T=0.5, logits +-20", 2, 4, 20, 0.5f, 12), 1e-2f, 1e-3);
+    if (!q) check_case(mk(KD, "T=20", 3, 5, 5, 20, 13), 1e-1f, 1e-3);
+    check_case(mk(KD, "N=1 V=2", 1, 2, 2, 4, 14), 1e-2f, 3e-4);
+    // soft targets: rows of q from a softmax
+    c = mk(SOFT, "T=4", 3, 5, 3, 4, 20);
+    c.q = malloc(15 * sizeof(float));
+    kd_softmax_t(c.q, c.t, 3, 5, 2.0f);
+    check_case(c, 1e-2f, 3e-4);
+    // DKD: alpha 1, beta 8 (mdistiller); a second with large logits
+    c = mk(DKD, "T=4 a=1 b=8", 4, 6, 3, 4, 30);
+    c.a = 1; c.b = 8;
+    check_case(c, 1e-2f, 3e-4);
+    c = mk(DKD, "T=1 a=0.5 b=2, logits +-15", 3, 5, 15, 1, 31);
+    c.a = 0.5f; c.b = 2;
+    check_case(c, 1e-2f, 1e-3);
+    // DIST: beta = gamma = 1 at T = 1 (the authors' CIFAR setting); T = 4 with unequal weights
+    c = mk(DIST, "T=1 b=1 g=1", 4, 5, 2, 1, 40);
+    c.a = 1; c.b = 1;
+    check_case(c, 1e-2f, 1e-3);
+    c = mk(DIST, "T=4 b=2 g=0.5", 5, 3, 3, 4, 41);
+    c.a = 2; c.b = 0.5f;
+    check_case(c, 1e-2f, 1e-3);
+    // NormKD: the gradient through the student's std; t_norm 2 (the authors') and 1
+    c = mk(NORMKD, "t_norm 2", 3, 6, 3, 1, 50);
+    c.a = 2;
+    check_case(c, 1e-2f, 1e-3);
+    c = mk(NORMKD, "t_norm 1, N=1 V=2", 1, 2, 2, 1, 51);
+    c.a = 1;
+    check_case(c, 1e-2f, 1e-3);
+    // WTTM: gamma 0.2 (the authors' CIFAR value) and 1 (plain KD at T = 1 times U = 1)
+    c = mk(WTTM, "gamma 0.2", 3, 6, 3, 1, 60);
+    c.a = 0.2f;
+    check_case(c, 1e-2f, 3e-4);
+    c = mk(WTTM, "gamma 1, logits +-10", 2, 4, 10, 1, 61);
+    c.a = 1;
+    check_case(c, 1e-2f, 1e-3);
+    // CTKD: gradients w.r.t. the logits and the temperature, at T = 1 and T = 9
+    check_case(mk(CTKD, "T=1", 3, 5, 2, 1, 70), 1e-2f, 1e-3);
+    check_case(mk(CTKD, "T=9", 2, 6, 4, 9, 71), 1e-2f, 1e-3);
+    // MSE, tolerant (top-3 of 6; the logits are distinct, away from ties), entropy, activation
+    check_case(mk(MSE, "3x5", 3, 5, 2, 1, 80), 1e-2f, 3e-4);
+    c = mk(TOLERANT, "K=3", 2, 6, 2, 1, 82);
+    c.a = 3;
+    check_case(c, 1e-2f, 3e-4);
+    check_case(mk(ENTROPY, "4x5", 4, 5, 2, 1, 82), 1e-2f, 3e-4);
+    check_case(mk(ACTIVATION, "4x5 away from 0", 4, 5, 2, 1, 83), 1e-2f, 3e-4);
+    // ADI: probabilities inside the clamps [0.01, 0.99] (small logits), T = 3 (the authors')
+    check_case(mk(ADI, "T=3", 3, 4, 2, 3, 90), 1e-2f, 1e-3);
+}
+
+// The activation loss has a kink at 0 and the tolerant term one at ties: the test inputs must
+// stay further from them than the finite-difference step (1e-2), or the differences above
+// straddle the kink.
+static void test_inputs_away_from_kinks(void) {
+    struct lcase c = mk(ACTIVATION, "", 4, 5, 2, 1, 83);
+    float m = INFINITY;
+    for (int i = 0; i < 20; i++) m = fminf(m, fabsf(c.s[i]));
+    CHECK(m > 2e-2f, "activation input within the finite-difference step of 0 (%g)", m);
+    release(&c);
+    c = mk(TOLERANT, "", 2, 6, 2, 1, 82);
+    for (int i = 0; i < 2; i++) {
+        for (int a = 0; a < 6; a++) {
+            for (int b = a + 1; b < 6; b++) {
+                CHECK(fabsf(c.s[i * 6 + a] - c.s[i * 6 + b]) > 2e-2f, "tolerant: logits %d and %d of row %d tie", a, b, i);
+            }
+        }
+    }
+    release(&c);
+}
+
+int main(void) {
+    KDT_RUN(test_gradcheck_all);
+    KDT_RUN(test_inputs_away_from_kinks);
+    return kdt_finish();
+}
