@@ -149,6 +149,9 @@ def parse_args(argv=None):
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--cost-steps", type=int, default=20, help="steps per epoch of the per-step cost runs")
     ap.add_argument("--no-cost", action="store_true", help="skip the per-step cost table")
+    ap.add_argument("--clock", default="wall", choices=["wall", "cpu"],
+                    help="time the cost table's epochs by the wall clock or by the process's CPU time (with "
+                    "--threads 1: the time other jobs take on a shared machine is not counted)")
     ap.add_argument("--fresh", action="store_true", help="ignore the runs recorded in --cache (rerun every method)")
     ap.add_argument("--_cost", default=None, help=argparse.SUPPRESS)   # internal: the cost child
     args = ap.parse_args(argv)
@@ -364,12 +367,23 @@ def cost_child(args):
         kw = dict(cache=False) if name == "kd-nocache" else {}
         if has_init_phase(name):
             kw["init_epochs"] = 3
+        cpu = [time.process_time()]
+
+        def cpu_clock(e, row):
+            cpu.append(time.process_time())
+            return False
+        if args.clock == "cpu":
+            kw["callback"] = cpu_clock
         try:
             hist = train_method(method, student, teacher, data, args, 0, epochs=3, max_steps=args.cost_steps, **kw)
         except (ValueError, RuntimeError) as e:
             out.update(status="n/a" if isinstance(e, ValueError) else "failed", reason=str(e))
         else:
             times = np.asarray(hist["time"], float)
+            if args.clock == "cpu":
+                if len(cpu) != len(times) + 1:
+                    raise SystemExit(f"--clock cpu: {len(cpu) - 1} epoch callbacks for {len(times)} History rows")
+                times = np.diff(np.asarray(cpu))
             stages = np.asarray(hist["stage"], int) if "stage" in hist else np.zeros(len(times), int)
             steps = min(math.ceil(len(data) / BATCH), args.cost_steps)
             images = min(len(data), steps * BATCH)
@@ -498,8 +512,10 @@ def report(args, names, results, tinfo, costs, wall, load):
     if costs:
         kd, kdn = costs.get("kd", {}), costs.get("kd-nocache", {})
         base = costs.get("-", {})
+        clock = ("per CPU-second (`--clock cpu`: each epoch timed by the process's CPU time, so the time other "
+                 "jobs took is not counted)" if args.clock == "cpu" else "by the wall clock")
         lines += [f"Per-step cost: a fresh process per method, 3 epochs of {args.cost_steps} steps of {BATCH} images "
-                  f"({args.student} student); img/s of the fastest epoch after the first (the slowest phase for "
+                  f"({args.student} student), timed {clock}; img/s of the fastest epoch after the first (the slowest phase for "
                   f"a method with an initialisation phase), peak RSS of the whole process (process baseline: "
                   f"data, teacher, no training: {base.get('maxrss_mb', float('nan')):.0f} MB). Ratios to KD with "
                   "cached teacher logits (distill's default without augmentation) and to KD running the teacher "
@@ -547,6 +563,8 @@ def extrapolate(args, names, results, tinfo, cost_time):
 
 def main():
     args = parse_args()
+    if args.clock == "cpu" and args.threads != 1:
+        raise SystemExit("--clock cpu needs --threads 1: with more threads CPU time adds up the threads' time")
     if args._cost is not None:
         return cost_child(args)
     if args.threads:
