@@ -564,9 +564,10 @@ class Worker:
             if args.coretype != "auto":
                 env["OPENBLAS_CORETYPE"] = args.coretype
         if fw == "torch" and args.torch_isa != "auto":
-            # ATen's vector kernels and oneDNN's convolutions read these when torch loads
+            # ATen's vector kernels, oneDNN's convolutions and MKL's sgemm read these when torch loads
             env["ATEN_CPU_CAPABILITY"] = args.torch_isa
             env["ONEDNN_MAX_CPU_ISA"] = {"avx2": "AVX2", "avx512": "AVX512_CORE"}[args.torch_isa]
+            env["MKL_ENABLE_INSTRUCTIONS"] = {"avx2": "AVX2", "avx512": "AVX512"}[args.torch_isa]
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", fw, "--kind", kind, "--model", model,
                "--batch", str(batch), "--threads", str(threads), "--run-seconds", str(args.run_seconds),
                "--clock", args.clock]
@@ -745,7 +746,7 @@ def write_report(path, results, peaks, peaks_text, verify, args, elapsed, loads)
          f"{next((r['kdcore_linear'] for r in results if 'kdcore_linear' in r), '?')} (the convolutions always "
          "use kdcore's own kernels); PyTorch's CPU capability: "
          f"{next((r['torch_isa'] for r in results if 'torch_isa' in r), '?')}"
-         + (f" (--torch-isa {args.torch_isa}: ATEN_CPU_CAPABILITY and ONEDNN_MAX_CPU_ISA set in its workers)"
+         + (f" (--torch-isa {args.torch_isa}: ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA and MKL_ENABLE_INSTRUCTIONS set in its workers)"
             if args.torch_isa != "auto" else ""),
          "- The machine may be shared: kdcore and PyTorch are measured alternately (same conditions); compare "
          "ratios rather than absolute numbers. Load average (1 min) at start / end of this run: "
@@ -826,7 +827,7 @@ def main():
     ap.add_argument("--coretype", default=None,
                     help="OPENBLAS_CORETYPE for the kdcore workers (e.g. SkylakeX; 'auto' = unset, OpenBLAS detects)")
     ap.add_argument("--torch-isa", default=None, choices=["auto", "avx512", "avx2"],
-                    help="cap PyTorch's kernels (ATen and oneDNN) at this instruction set in its workers; default: "
+                    help="cap PyTorch's kernels (ATen, oneDNN, MKL) at this instruction set in its workers; default: "
                     "avx2 with --isa avx2 (both frameworks as on an AVX2-only CPU), else auto")
     ap.add_argument("--clock", default="wall", choices=["wall", "cpu"],
                     help="time a run by the wall clock (default) or by the worker's CPU time (1 thread only: a "
