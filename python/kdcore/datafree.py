@@ -114,6 +114,35 @@ def samples(generator, n, latent_dim=None, seed=0):
 # discrepancy reaches the generator through both networks, with student phases, in which the
 # student descends the discrepancy (and ZSKT's attention terms) on images from the generator.
 
+def _phase_masks(n_g, n_s, generator_first):
+    """(generator's, student's) phases of a cycle of n_g + n_s steps, the generator's first
+    (ZSKT) or last (DFAD)."""
+    gen = ((1 << n_g) - 1) << (0 if generator_first else n_s)
+    return gen, ((1 << (n_g + n_s)) - 1) & ~gen
+
+
+def _adversarial_step(generator, student, teacher, bg, bs, lr_ratio, kind, disc_weight, at_pairs, beta, gen_mask,
+                      stu_mask):
+    """The engine configuration (nets, terms, History labels of the terms but the last): the
+    student's discrepancy and attention terms in its phases, the reversed discrepancy in the
+    generator's. bg, bs: bound optimizers; lr_ratio: the generator's lr over the student's."""
+    modes = _kdcore.MODES
+    nets = [dict(net=generator.net, opt=bg, mode=modes["train"], noise=1.0, lr_scale=lr_ratio, salt=0xADF6,
+                 phases=gen_mask, role="generator"),
+            dict(net=student.net, opt=bs, mode=modes["train"], input=(0, -1), phases=stu_mask, salt=0xADF5,
+                 role="student"),
+            dict(net=teacher.net, mode=modes["eval"], input=(0, -1), grad_input=True, role="teacher")]
+    disc = dict(kind=_K[kind], a=(1, -1), src=[(2, -1)], weight=disc_weight, T=1.0)
+    terms = [dict(disc, phases=stu_mask)]
+    labels = [kind]
+    for j, (s_tap, t_tap) in enumerate(at_pairs):
+        terms.append(dict(kind=_K["at"], a=(1, student._tap_index(s_tap)), src=[(2, teacher._tap_index(t_tap))],
+                          weight=beta, phases=stu_mask))
+        labels.append("at" if j == 0 else f"at_{j + 1}")
+    terms.append(dict(disc, phases=gen_mask, grad=True, reverse=True))
+    return nets, terms, labels
+
+
 def _adversarial(student, teacher, *, scheme, kind, epochs, iters, batch_size, generator, latent_dim, opt_s, opt_g,
                  schedule, n_g, n_s, generator_first, cycle_batch, disc_weight, at_pairs, beta, val, seed, progress,
                  callback, nonfinite):
@@ -151,8 +180,7 @@ def _adversarial(student, teacher, *, scheme, kind, epochs, iters, batch_size, g
     if s_out[student._output_index()][0] != n_cls:
         raise ValueError(f"the student outputs {s_out[student._output_index()][0]} values, the teacher {n_cls}")
     cycle = n_g + n_s
-    gen_mask = ((1 << n_g) - 1) << (0 if generator_first else n_s)
-    stu_mask = ((1 << cycle) - 1) & ~gen_mask
+    gen_mask, stu_mask = _phase_masks(n_g, n_s, generator_first)
     rows = iters * batch_size * (1 if cycle_batch else cycle)
     noise = Dataset(np.zeros((rows, latent_dim), np.float32), np.zeros(rows, np.int64), num_classes=n_cls)
     c = _Common(noise, epochs, batch_size, opt_s, None, schedule, None, val, seed, progress, 0.0, True, None,
@@ -160,20 +188,8 @@ def _adversarial(student, teacher, *, scheme, kind, epochs, iters, batch_size, g
     n_steps = iters * cycle
     c.steps = lambda: n_steps   # engine steps of an epoch (with cycle_batch, cycle per batch)
     bs, bg = opt_s.bind(student), opt_g.bind(generator)
-    modes = _kdcore.MODES
-    nets = [dict(net=generator.net, opt=bg, mode=modes["train"], noise=1.0, lr_scale=opt_g.lr / opt_s.lr, salt=0xADF6,
-                 phases=gen_mask, role="generator"),
-            dict(net=student.net, opt=bs, mode=modes["train"], input=(0, -1), phases=stu_mask, salt=0xADF5,
-                 role="student"),
-            dict(net=teacher.net, mode=modes["eval"], input=(0, -1), grad_input=True, role="teacher")]
-    disc = dict(kind=_K[kind], a=(1, -1), src=[(2, -1)], weight=disc_weight, T=1.0)
-    terms = [dict(disc, phases=stu_mask)]
-    labels = [kind]
-    for j, (s_tap, t_tap) in enumerate(at_pairs):
-        terms.append(dict(kind=_K["at"], a=(1, student._tap_index(s_tap)), src=[(2, teacher._tap_index(t_tap))],
-                          weight=beta, phases=stu_mask))
-        labels.append("at" if j == 0 else f"at_{j + 1}")
-    terms.append(dict(disc, phases=gen_mask, grad=True, reverse=True))
+    nets, terms, labels = _adversarial_step(generator, student, teacher, bg, bs, opt_g.lr / opt_s.lr, kind, disc_weight,
+                                            at_pairs, beta, gen_mask, stu_mask)
     c.run_config.update(scheme=scheme, n_g=n_g, n_s=n_s, iters_per_epoch=iters, disc_weight=disc_weight, beta=beta,
                         at_taps=[list(p) for p in at_pairs], generator_optimizer=repr(opt_g))
     teacher.eval()
