@@ -48,7 +48,7 @@ def trio(tanh):
 
 
 def engine_config(gen, student, teacher, kind, n_g, n_s, generator_first, lr_s, lr_g, disc_weight=1.0, at_pairs=(),
-                  beta=0.0):
+                  beta=0.0, clip_norm=0.0):
     """datafree's own configuration, SGD for both nets (Adam would turn the exactly-zero
     gradients of the biases before BN layers into full-size steps of rounding noise), the
     generator fed the data set's z instead of its own noise."""
@@ -56,7 +56,7 @@ def engine_config(gen, student, teacher, kind, n_g, n_s, generator_first, lr_s, 
     opt_g = kdcore.optim.SGD(lr=lr_g, momentum=0.9, weight_decay=5e-4).bind(gen)
     gm, sm = D._phase_masks(n_g, n_s, generator_first)
     nets, terms, _ = D._adversarial_step(gen, student, teacher, opt_g, opt_s, lr_g / lr_s, kind, disc_weight,
-                                         list(at_pairs), beta, gm, sm)
+                                         list(at_pairs), beta, gm, sm, clip_norm)
     nets[0]["noise"] = 0.0
     return nets, terms
 
@@ -69,6 +69,13 @@ def run_engine(nets, terms, z, steps, cycle, cycle_batch, lr_s):
 
 def sgd(model, lr):
     return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
+
+
+def clip_grads(model, clip):
+    """torch.nn.utils.clip_grad_norm_ when clip > 0; the gradient's norm before it."""
+    if clip:
+        return float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
+    return float(torch.sqrt(sum((p.grad ** 2).sum() for p in model.parameters() if p.grad is not None)))
 
 
 def kl_mean(s, t):
@@ -182,10 +189,12 @@ def test_dfad_iteration_matches_torch():
     check_close("generator L1", st["term_value"][-1], -g_loss.item(), rtol=1e-5)
 
 
-def test_zskt_iteration_matches_torch():
+@pytest.mark.parametrize("clip", [0.0, 0.02])
+def test_zskt_iteration_matches_torch(clip):
     """One batch of z for the whole iteration: the generator step (-KL), then n_s = 3 student
     steps of KL + beta * AT on two stage pairs, with F.kl_div's reduction 'mean' (kl_weight
-    1/V on kdcore's batch-mean KL)."""
+    1/V on kdcore's batch-mean KL); with clip > 0 each update follows clip_grad_norm_ (the
+    norms here exceed 0.02, so every step is clipped)."""
     n_s, beta = 3, 250.0
     gen, student, teacher, tg, ts, tt = trio(tanh=False)
     g0, s0 = gen.state_dict(), student.state_dict()
@@ -193,7 +202,7 @@ def test_zskt_iteration_matches_torch():
     lr_s, lr_g = 0.05, 0.1
     pairs = [("5", "5"), ("12", "12")]
     nets, terms = engine_config(gen, student, teacher, "kd", 1, n_s, True, lr_s, lr_g, disc_weight=1.0 / V,
-                                at_pairs=pairs, beta=beta)
+                                at_pairs=pairs, beta=beta, clip_norm=clip)
     st = run_engine(nets, terms, z, n_s + 1, n_s + 1, True, lr_s)
 
     feats = {}
@@ -207,6 +216,7 @@ def test_zskt_iteration_matches_torch():
     fake = tg(zt)
     g_kl = kl_mean(ts(fake), tt(fake))
     (-g_kl).backward()
+    norms = [clip_grads(tg, clip)]
     og.step()
     kls, ats = [], []
     for _ in range(n_s):
@@ -218,6 +228,7 @@ def test_zskt_iteration_matches_torch():
         loss = kl_mean(out_s, out_t) + beta * sum(at)
         os_.zero_grad()
         loss.backward()
+        norms.append(clip_grads(ts, clip))
         os_.step()
         kls.append(kl_mean(out_s, out_t).item())
         ats.append([a.item() for a in at])
@@ -226,6 +237,8 @@ def test_zskt_iteration_matches_torch():
     check_close("student KL", st["term_value"][0], V * np.mean(kls), rtol=1e-5)
     check_close("AT", st["term_value"][1:3], np.mean(ats, 0), rtol=1e-5)
     check_close("generator KL", st["term_value"][-1], V * g_kl.item(), rtol=1e-5)
+    if clip:
+        assert min(norms) > 2 * clip, norms   # the clipping acted on every step
 
 
 # ---- the step cycle's errors ---------------------------------------------------------------
@@ -247,6 +260,10 @@ def test_engine_refuses_bad_cycles():
     bad = dict(kind=K["kd"], a=(1, -1), src=[(2, -1)], reverse=True, conditional=True)
     with pytest.raises(ValueError, match="reverse is not defined with learned gates or conditional"):
         run_engine([dict(n, phases=0) for n in nets], [bad], z, 1, 0, False, 0.1)
+    with pytest.raises(ValueError, match=r"net 2 \(teacher\): clip_norm is for a trained net"):
+        run_engine(nets[:2] + [dict(nets[2], clip_norm=1.0)], terms, z, 1, 3, False, 0.1)
+    with pytest.raises(ValueError, match=r"net 1 \(student\): clip_norm \(-1\) must be >= 0 and finite"):
+        run_engine([nets[0], dict(nets[1], clip_norm=-1.0), nets[2]], terms, z, 1, 3, False, 0.1)
     with pytest.raises(ValueError, match="phases must be a 32-bit mask"):
         run_engine([dict(nets[0], phases=-1)] + nets[1:], terms, z, 1, 3, False, 0.1)
 
@@ -332,6 +349,8 @@ def test_api_errors_name_the_argument():
         D.zskt(small(), teacher, n_g=3, n_s=30, beta=0, **kw)
     with pytest.raises(ValueError, match="beta"):
         D.zskt(small(), teacher, beta=-1.0, **kw)
+    with pytest.raises(ValueError, match="clip_norm"):
+        D.zskt(small(), teacher, clip_norm=-1.0, **kw)
     with pytest.raises(ValueError, match="kl_weight"):
         D.zskt(small(), teacher, kl_weight=0.0, **kw)
     with pytest.raises(TypeError, match="student_optimizer"):

@@ -913,6 +913,9 @@ struct kd_step_net {
                                // student learning from generated samples)
     unsigned phases;           // trained net: bit p, its optimizer steps in phase p of the step
                                // cycle; 0: every step (see kd_step_cfg.cycle)
+    float clip_norm;           // trained net: before its update, its gradient scaled by
+                               // min(1, clip_norm / (||g||_2 + 1e-6)) over all its parameters
+                               // (torch.nn.utils.clip_grad_norm_); 0: no clipping
 };
 
 

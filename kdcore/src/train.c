@@ -89,6 +89,18 @@ static bool grads_and_stats_finite(struct kd_net * net) {
            all_finite(kd_net_buffers(net), kd_net_num_buffers(net));
 }
 
+// torch.nn.utils.clip_grad_norm_ over a net's whole gradient block: the L2 norm in double, in
+// index order (the same bits at any thread count), then g *= max_norm / (norm + 1e-6) when
+// that is below 1. The gradient is finite here: the checks ran before any update.
+static void clip_grad_norm(struct kd_net * net, float max_norm) {
+    float * g = kd_net_grads(net);
+    const size_t n = kd_net_num_params(net);
+    double ss = 0;
+    for (size_t i = 0; i < n; i++) ss += (double)g[i] * g[i];
+    const double coef = (double)max_norm / (sqrt(ss) + 1e-6);
+    if (coef < 1.0) for (size_t i = 0; i < n; i++) g[i] = (float)(g[i] * coef);
+}
+
 // ---------------------------------------------------------------------------------------
 // The shared batch pipeline.
 
@@ -849,6 +861,11 @@ static enum kd_status engine_setup(struct engine * E) {
         if (c->mode > (KD_MODE_TRAIN | KD_MODE_NO_GRAD)) E_FAIL(KD_ERR_VALUE, "net %d: mode must be a kd_mode", i);
         if (!(c->input_noise >= 0) || !isfinite(c->input_noise)) E_FAIL(KD_ERR_VALUE, "net %d: input_noise must be >= 0", i);
         if (!(c->lr_scale >= 0) || !isfinite(c->lr_scale)) E_FAIL(KD_ERR_VALUE, "net %d: lr_scale must be >= 0", i);
+        if (!(c->clip_norm >= 0) || !isfinite(c->clip_norm))
+            E_FAIL(KD_ERR_VALUE, "net %d (%s): clip_norm (%g) must be >= 0 and finite", i, c->role ? c->role : "net",
+                   c->clip_norm);
+        if (c->clip_norm > 0 && !c->opt)
+            E_FAIL(KD_ERR_VALUE, "net %d (%s): clip_norm is for a trained net", i, c->role ? c->role : "net");
         for (int j = 0; j < i && c->net; j++)
             if (s->nets[j].net == c->net) E_FAIL(KD_ERR_VALUE, "net %d (%s) is also net %d of the step", i, role, j);
         sn->trained = c->opt != NULL;
@@ -1158,6 +1175,8 @@ enum kd_status kd_step_run_(const struct kd_step_cfg * s, const struct kd_datase
     enum kd_status st = KD_OK;
     double s_net[KD_STEP_MAX_NETS] = {0}, s_term[KD_STEP_MAX_TERMS] = {0}, s_part[KD_STEP_MAX_TERMS][2] = {{0}};
     int64_t net_correct[KD_STEP_MAX_NETS] = {0}, term_correct[KD_STEP_MAX_TERMS] = {0}, mon_correct = 0, seen = 0;
+    int64_t term_seen[KD_STEP_MAX_TERMS] = {0};   // samples of the steps in which each term ran
+    bool on[KD_STEP_MAX_TERMS] = {0};             // the terms of this step's phase
     float tw[KD_STEP_MAX_TERMS] = {0};
     struct term_out to[KD_STEP_MAX_TERMS];
     struct { int64_t steps; float z[2]; } crd_saved[KD_STEP_MAX_TERMS];
@@ -1171,8 +1190,6 @@ enum kd_status kd_step_run_(const struct kd_step_cfg * s, const struct kd_datase
         L.steps = cfg->max_steps > 0 && cfg->max_steps < L.steps_per_epoch ? cfg->max_steps : L.steps_per_epoch;
         L.pr.steps_total = (int)L.steps;
     }
-    int64_t term_seen[KD_STEP_MAX_TERMS] = {0};
-    bool on[KD_STEP_MAX_TERMS];
     {
         // Skip mode: nets whose forwards update BN statistics are saved before every step.
         struct kd_net * bn_nets[KD_STEP_MAX_NETS];
@@ -1303,9 +1320,9 @@ enum kd_status kd_step_run_(const struct kd_step_cfg * s, const struct kd_datase
         }
         for (int i = 0; i < s->n_nets; i++) {
             const struct kd_step_net * c = &s->nets[i];
-            if (c->opt && E.n[i].upd &&
-                (st = kd_optim_step(c->opt, L.lr * (c->lr_scale > 0 ? c->lr_scale : 1.0f))) != KD_OK)
-                goto done;
+            if (!c->opt || !E.n[i].upd) continue;
+            if (c->clip_norm > 0) clip_grad_norm(c->net, c->clip_norm);
+            if ((st = kd_optim_step(c->opt, L.lr * (c->lr_scale > 0 ? c->lr_scale : 1.0f))) != KD_OK) goto done;
         }
         // Statistics of the completed step.
         for (int t = 0; t < s->n_terms; t++) {

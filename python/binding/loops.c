@@ -731,7 +731,7 @@ done:
 }
 
 // nets: list of dicts {net, opt, logits, mode, input: (net, node) or None, noise, lr_scale,
-// salt, role, phases}; terms: list of dicts {kind, name, a: (net, node), src: [(net, node)], w, mix,
+// salt, role, phases, clip_norm}; terms: list of dicts {kind, name, a: (net, node), src: [(net, node)], w, mix,
 // grad, drop, gates, gate_lr, weight, warmup_epochs, stop_epoch, T, alpha, beta, k,
 // conditional, reverse, phases}; monitor: a dict {src, w, mix} or None; cycle, cycle_batch:
 // the step cycle (kd_step_cfg). Returns the kd_step_stats as a dict.
@@ -781,7 +781,8 @@ PyObject * py_step_epoch(PyObject * Py_UNUSED(m), PyObject * args, PyObject * kw
             opt_int(&r, "phases", &nphases) < 0 ||
             opt_bool(&r, "grad_input", &c->grad_input) < 0 || opt_bool(&r, "detach_input", &c->detach_input) < 0 ||
             opt_float(&r, "noise", &c->input_noise) < 0 ||
-            opt_float(&r, "lr_scale", &c->lr_scale) < 0 || opt_int(&r, "salt", &salt) < 0 || opt_done(&r) < 0)
+            opt_float(&r, "lr_scale", &c->lr_scale) < 0 || opt_float(&r, "clip_norm", &c->clip_norm) < 0 ||
+            opt_int(&r, "salt", &salt) < 0 || opt_done(&r) < 0)
             goto done;
         if (mode < 0 || mode > (KD_MODE_TRAIN | KD_MODE_NO_GRAD)) { PyErr_Format(PyExc_ValueError, "nets[%zd]: mode %d is not a kd_mode", i, mode); goto done; }
         c->mode = (unsigned)mode;

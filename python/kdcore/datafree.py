@@ -122,15 +122,16 @@ def _phase_masks(n_g, n_s, generator_first):
 
 
 def _adversarial_step(generator, student, teacher, bg, bs, lr_ratio, kind, disc_weight, at_pairs, beta, gen_mask,
-                      stu_mask):
+                      stu_mask, clip_norm=0.0):
     """The engine configuration (nets, terms, History labels of the terms but the last): the
     student's discrepancy and attention terms in its phases, the reversed discrepancy in the
-    generator's. bg, bs: bound optimizers; lr_ratio: the generator's lr over the student's."""
+    generator's. bg, bs: bound optimizers; lr_ratio: the generator's lr over the student's;
+    clip_norm: both nets' gradient-norm clipping (0: none)."""
     modes = _kdcore.MODES
     nets = [dict(net=generator.net, opt=bg, mode=modes["train"], noise=1.0, lr_scale=lr_ratio, salt=0xADF6,
-                 phases=gen_mask, role="generator"),
+                 phases=gen_mask, clip_norm=clip_norm, role="generator"),
             dict(net=student.net, opt=bs, mode=modes["train"], input=(0, -1), phases=stu_mask, salt=0xADF5,
-                 role="student"),
+                 clip_norm=clip_norm, role="student"),
             dict(net=teacher.net, mode=modes["eval"], input=(0, -1), grad_input=True, role="teacher")]
     disc = dict(kind=_K[kind], a=(1, -1), src=[(2, -1)], weight=disc_weight, T=1.0)
     terms = [dict(disc, phases=stu_mask)]
@@ -145,7 +146,7 @@ def _adversarial_step(generator, student, teacher, bg, bs, lr_ratio, kind, disc_
 
 def _adversarial(student, teacher, *, scheme, kind, epochs, iters, batch_size, generator, latent_dim, opt_s, opt_g,
                  schedule, n_g, n_s, generator_first, cycle_batch, disc_weight, at_pairs, beta, val, seed, progress,
-                 callback, nonfinite):
+                 callback, nonfinite, clip_norm=0.0):
     _check_model(student, "student")
     _check_model(teacher, "teacher")
     if teacher is student:
@@ -189,8 +190,9 @@ def _adversarial(student, teacher, *, scheme, kind, epochs, iters, batch_size, g
     c.steps = lambda: n_steps   # engine steps of an epoch (with cycle_batch, cycle per batch)
     bs, bg = opt_s.bind(student), opt_g.bind(generator)
     nets, terms, labels = _adversarial_step(generator, student, teacher, bg, bs, opt_g.lr / opt_s.lr, kind, disc_weight,
-                                            at_pairs, beta, gen_mask, stu_mask)
+                                            at_pairs, beta, gen_mask, stu_mask, clip_norm)
     c.run_config.update(scheme=scheme, n_g=n_g, n_s=n_s, iters_per_epoch=iters, disc_weight=disc_weight, beta=beta,
+                        clip_norm=clip_norm,
                         at_taps=[list(p) for p in at_pairs], generator_optimizer=repr(opt_g))
     teacher.eval()
 
@@ -264,7 +266,8 @@ def _zskt_at_pairs(student, teacher, at_taps, beta, img):
 
 def zskt(student, teacher, epochs=10, iters_per_epoch=50, batch_size=128, generator=None, latent_dim=100,
          student_optimizer=None, generator_optimizer=None, schedule="cosine", n_g=1, n_s=10, beta=250.0,
-         at_taps=None, kl_weight=None, val=None, seed=0, progress=True, callback=None, nonfinite="raise"):
+         at_taps=None, kl_weight=None, clip_norm=5.0, val=None, seed=0, progress=True, callback=None,
+         nonfinite="raise"):
     """Distils ``student`` from ``teacher`` without data by ZSKT (Micaelli & Storkey 2019,
     "Zero-shot Knowledge Transfer via Adversarial Belief Matching"); returns the student's
     History (``kd``: KL(p_t || p_s) at T 1 on the student's steps; ``at``, ``at_2``, ...: the
@@ -283,10 +286,12 @@ def zskt(student, teacher, epochs=10, iters_per_epoch=50, batch_size=128, genera
     form (RepDistiller's, the authors' attention_diff) on at_taps, pairs of (student tap,
     teacher tap) whose maps have the same spatial size (default: the zoo models' stage taps,
     as between WRN-16-1 and WRN-16-2); beta=0 turns AT off, for models whose stages do not
-    match. generator default: ``dafl_generator(..., bn_eps=1e-5, tanh=False)``, the authors'
-    layout. Not reproduced: their gradient-norm clipping at 5 (kdcore has no clipping) and
-    their cosine schedule per iteration (here per epoch)."""
+    match. clip_norm: each net's gradient is scaled to an L2 norm of at most clip_norm before
+    its update, as the authors' clip_grad_norm_ (0: no clipping). generator default:
+    ``dafl_generator(..., bn_eps=1e-5, tanh=False)``, the authors' layout. Not reproduced:
+    their cosine schedule moves per iteration, here per epoch."""
     beta = _check_float("beta", beta, 0)
+    clip_norm = _check_float("clip_norm", clip_norm, 0)
     opt_s = Adam(lr=2e-3) if student_optimizer is None else student_optimizer
     opt_g = Adam(lr=1e-3) if generator_optimizer is None else generator_optimizer
     _check_model(student, "student")
@@ -307,4 +312,4 @@ def zskt(student, teacher, epochs=10, iters_per_epoch=50, batch_size=128, genera
                         batch_size=batch_size, generator=generator, latent_dim=latent_dim, opt_s=opt_s, opt_g=opt_g,
                         schedule=schedule, n_g=n_g, n_s=n_s, generator_first=True, cycle_batch=True,
                         disc_weight=kl_weight, at_pairs=pairs, beta=beta, val=val, seed=seed, progress=progress,
-                        callback=callback, nonfinite=nonfinite)
+                        callback=callback, nonfinite=nonfinite, clip_norm=clip_norm)

@@ -1501,7 +1501,7 @@ def test_dfad_arguments(data):
 @given(st.data())
 def test_zskt_arguments(data):
     """kdcore.datafree.zskt with one argument replaced: a run or an error naming it."""
-    pools = dict(_ADV_POOLS, n_g=COUNTS, beta=SCALARS, kl_weight=SCALARS,
+    pools = dict(_ADV_POOLS, n_g=COUNTS, beta=SCALARS, kl_weight=SCALARS, clip_norm=SCALARS,
                  at_taps=st.one_of(SCALARS, st.sampled_from([[("5", "5")], [("5", "12")], [("x", "5")], [("5",)]])))
     arg, kw = mutate(_adversarial_valid(), pools, data)
     names = {"n_s": ("n_s", "n_g + n_s"), "n_g": ("n_g", "n_g + n_s"), "at_taps": ("at_taps", "tap")}.get(arg, (arg,))
