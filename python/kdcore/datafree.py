@@ -12,6 +12,10 @@ authors' loop does (one backward of the summed losses, then both optimizers).
 Every step runs in C on the step engine: the generator is net 0 (fed pure noise: a data set
 of zero vectors with Gaussian input noise of std 1, one vector per sample of an epoch), the
 student reads its output detached, and the teacher reads it with gradient pass-through.
+
+DFAD and ZSKT (dfad, zskt below) are adversarial: the generator ascends the student's
+discrepancy from the teacher while the student descends it, in alternating steps that run
+inside the C epoch as a step cycle (kd_step_cfg.cycle).
 """
 from __future__ import annotations
 
