@@ -10,7 +10,9 @@ scheme's configuration; where one shared engine line implements an option for ev
 so that each scheme's test is shown to check it. The last group breaks the engine itself
 (connectors, source gradients, gradient slots, parameter holders, CRD state, skip mode).
 The logit-methods group breaks the mechanism of NormKD's and WTTM's losses (losses.c) and
-CTKD's gradient reversal and curriculum (train.c). The metrics group breaks kdcore.metrics
+CTKD's gradient reversal and curriculum (train.c). The adversarial data-free group breaks the
+step cycle (phases, cycle_batch, per-phase term means), reversed terms, gradient clipping and
+the L1 loss that DFAD and ZSKT run on. The metrics group breaks kdcore.metrics
 (Python only, no rebuild).
 
 For every mutation in MUTATIONS below: copy the repository (the files `git ls-files` lists,
@@ -495,6 +497,10 @@ MUTATIONS = [
     dict(name="cycle_batch_ignored", file=TRAIN, what="cycle_batch: each step of a cycle reads its own batch",
          old="L.per_batch = n_phases;", new="L.per_batch = 1;",
          tests=t(ADV, "test_zskt_iteration_matches_torch", "test_cycle_batch_repeats_the_batch_and_its_noise")),
+    dict(name="cycle_term_mean_over_all_steps", file=TRAIN,
+         what="a term's logged value averaged over every step of the epoch, not the steps of its phases",
+         old="const double nt = term_seen[t] ? (double)term_seen[t] : 1.0;", new="const double nt = n;",
+         tests=t(ADV, "test_dfad_iteration_matches_torch")),
     dict(name="clip_norm_ignored", file=TRAIN, what="a net's clip_norm ignored (its gradient not clipped)",
          old="if (c->clip_norm > 0) clip_grad_norm(c->net, c->clip_norm);", new="",
          tests=t(ADV, "test_zskt_iteration_matches_torch")),
