@@ -339,6 +339,21 @@ def test_api_val_and_default_generator():
     assert set(h) >= {"kd", "student_loss", "generator_loss"} and "at" not in h
 
 
+def test_zskt_default_beta_follows_the_stage_taps():
+    """beta=None: AT at 250 on the matching stage pairs; without a match, KL only and a
+    warning naming the mismatch."""
+    teacher = teacher_of(6)
+    kw = dict(epochs=1, iters_per_epoch=1, batch_size=8, latent_dim=LATENT, n_s=2, progress=False,
+              generator=kdcore.models.dafl_generator(LATENT, img_size=8, width=4, seed=1))
+    h = D.zskt(small(), teacher, **kw)
+    assert h["student_loss"][0] == pytest.approx(h["kd"][0] / V + 250 * (h["at"][0] + h["at_2"][0]))
+    one_stage = small()
+    one_stage.default_taps = dict(one_stage.feature_taps(), stages=["5"])
+    with pytest.warns(UserWarning, match=r"no attention transfer \(beta=0, KL only\).*matching stage taps"):
+        h = D.zskt(one_stage, teacher, **kw)
+    assert "at" not in h and h["student_loss"][0] == pytest.approx(h["kd"][0] / V)
+
+
 def test_api_errors_name_the_argument():
     teacher = teacher_of(6)
     g = kdcore.models.dafl_generator(LATENT, img_size=8, width=4, seed=1)
@@ -349,6 +364,10 @@ def test_api_errors_name_the_argument():
         D.zskt(small(), teacher, n_g=3, n_s=30, beta=0, **kw)
     with pytest.raises(ValueError, match="beta"):
         D.zskt(small(), teacher, beta=-1.0, **kw)
+    one_stage = small()
+    one_stage.default_taps = dict(one_stage.feature_taps(), stages=["5"])
+    with pytest.raises(ValueError, match="matching stage taps"):
+        D.zskt(one_stage, teacher, beta=250.0, **kw)
     with pytest.raises(ValueError, match="clip_norm"):
         D.zskt(small(), teacher, clip_norm=-1.0, **kw)
     with pytest.raises(ValueError, match="kl_weight"):

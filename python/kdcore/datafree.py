@@ -19,6 +19,8 @@ inside the C epoch as a step cycle (kd_step_cfg.cycle).
 """
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
 from . import _kdcore
@@ -244,11 +246,11 @@ def dfad(student, teacher, epochs=40, iters_per_epoch=50, batch_size=512, genera
                         callback=callback, nonfinite=nonfinite)
 
 
-def _zskt_at_pairs(student, teacher, at_taps, beta, img):
+def _zskt_at_pairs(student, teacher, at_taps, img):
     """The (student tap, teacher tap) pairs of ZSKT's attention terms: given, or the models'
     stage taps paired in order; their maps must have the same spatial size."""
-    if beta == 0:
-        return []
+    if img is None:
+        raise ValueError("the teacher has no known (C, H, W) input shape for the attention maps; pass a generator")
     if at_taps is None:
         fs, ft = (student.feature_taps() or {}).get("stages"), (teacher.feature_taps() or {}).get("stages")
         if not fs or not ft or len(fs) != len(ft):
@@ -269,7 +271,7 @@ def _zskt_at_pairs(student, teacher, at_taps, beta, img):
 
 
 def zskt(student, teacher, epochs=10, iters_per_epoch=50, batch_size=128, generator=None, latent_dim=100,
-         student_optimizer=None, generator_optimizer=None, schedule="cosine", n_g=1, n_s=10, beta=250.0,
+         student_optimizer=None, generator_optimizer=None, schedule="cosine", n_g=1, n_s=10, beta=None,
          at_taps=None, kl_weight=None, clip_norm=5.0, val=None, seed=0, progress=True, callback=None,
          nonfinite="raise"):
     """Distils ``student`` from ``teacher`` without data by ZSKT (Micaelli & Storkey 2019,
@@ -289,12 +291,12 @@ def zskt(student, teacher, epochs=10, iters_per_epoch=50, batch_size=128, genera
     1 / classes) reproduces it on kdcore's batch-mean KL. AT is the attention-transfer code
     form (RepDistiller's, the authors' attention_diff) on at_taps, pairs of (student tap,
     teacher tap) whose maps have the same spatial size (default: the zoo models' stage taps,
-    as between WRN-16-1 and WRN-16-2); beta=0 turns AT off, for models whose stages do not
-    match. clip_norm: each net's gradient is scaled to an L2 norm of at most clip_norm before
+    as between WRN-16-1 and WRN-16-2); beta=0 turns AT off. beta=None (default): 250 when
+    at_taps are given or the default stage taps pair up with maps of the same spatial size;
+    otherwise 0, with a warning that says why. clip_norm: each net's gradient is scaled to an L2 norm of at most clip_norm before
     its update, as the authors' clip_grad_norm_ (0: no clipping). generator default:
     ``dafl_generator(..., bn_eps=1e-5, tanh=False)``, the authors' layout. Not reproduced:
     their cosine schedule moves per iteration, here per epoch."""
-    beta = _check_float("beta", beta, 0)
     clip_norm = _check_float("clip_norm", clip_norm, 0)
     opt_s = Adam(lr=2e-3) if student_optimizer is None else student_optimizer
     opt_g = Adam(lr=1e-3) if generator_optimizer is None else generator_optimizer
@@ -309,9 +311,15 @@ def zskt(student, teacher, epochs=10, iters_per_epoch=50, batch_size=128, genera
     img = tuple(shape) if shape and len(shape) == 3 else None
     if generator is not None and isinstance(generator, Module):
         img = tuple(generator.net.shapes(1, _check_int("latent_dim", latent_dim, 1), 1, 1)[generator._output_index()])
-    if img is None and beta > 0:
-        raise ValueError("the teacher has no known (C, H, W) input shape; pass a generator")
-    pairs = _zskt_at_pairs(student, teacher, at_taps, beta, img)
+    if beta is None and at_taps is None:
+        try:
+            pairs, beta = _zskt_at_pairs(student, teacher, None, img), 250.0
+        except ValueError as e:
+            warnings.warn(f"zskt: no attention transfer (beta=0, KL only): {e}", stacklevel=2)
+            pairs, beta = [], 0.0
+    else:
+        beta = 250.0 if beta is None else _check_float("beta", beta, 0)
+        pairs = _zskt_at_pairs(student, teacher, at_taps, img) if beta > 0 else []
     return _adversarial(student, teacher, scheme="zskt", kind="kd", epochs=epochs, iters=iters_per_epoch,
                         batch_size=batch_size, generator=generator, latent_dim=latent_dim, opt_s=opt_s, opt_g=opt_g,
                         schedule=schedule, n_g=n_g, n_s=n_s, generator_first=True, cycle_batch=True,
