@@ -298,6 +298,9 @@ def worker(args):
     info = {"framework": fw, "python": platform.python_version(), "numpy": np.__version__}
     if fw == "kdcore":
         info["isa"] = getattr(kdcore._kdcore, "isa_config", lambda: "? (a kdcore without KDCORE_ISA)")()
+    else:
+        import torch
+        info["isa"] = torch.backends.cpu.get_cpu_capability()
     if kind in ("distill", "distill-aug", "slkd", "dml"):
         call, steps_per_epoch, extra = composite_worker(fw, kind, name, batch, threads, train, info)
         info.update(extra)
@@ -559,6 +562,10 @@ class Worker:
             env.pop("OPENBLAS_CORETYPE", None)
             if args.coretype != "auto":
                 env["OPENBLAS_CORETYPE"] = args.coretype
+        if fw == "torch" and args.torch_isa != "auto":
+            # ATen's vector kernels and oneDNN's convolutions read these when torch loads
+            env["ATEN_CPU_CAPABILITY"] = args.torch_isa
+            env["ONEDNN_MAX_CPU_ISA"] = {"avx2": "AVX2", "avx512": "AVX512_CORE"}[args.torch_isa]
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", fw, "--kind", kind, "--model", model,
                "--batch", str(batch), "--threads", str(threads), "--run-seconds", str(args.run_seconds)]
         if fw == "kdcore" and args.kdcore_path:
@@ -607,6 +614,8 @@ def run_case(kind, model, batch, threads, args):
         res["kdcore_linear"] = kinfo["linear"]
     if "isa" in kinfo:
         res["kdcore_isa"] = kinfo["isa"]
+    if "isa" in tinfo:
+        res["torch_isa"] = tinfo["isa"]
     for fw, w in (("kdcore", kd), ("torch", th)):
         sec = statistics.median(times[fw])
         res[fw] = {"sec_per_step": sec, "runs": times[fw], "img_s": batch / sec, "rss_mb": w.close()["rss_mb"]}
@@ -732,7 +741,10 @@ def write_report(path, results, peaks, peaks_text, verify, args, elapsed, loads)
          f"{blas_core(args)}; kdcore's kernels: "
          f"{next((r['kdcore_isa'] for r in results if 'kdcore_isa' in r), '?')}; kdcore's linear layers ran on "
          f"{next((r['kdcore_linear'] for r in results if 'kdcore_linear' in r), '?')} (the convolutions always "
-         "use kdcore's own kernels)",
+         "use kdcore's own kernels); PyTorch's CPU capability: "
+         f"{next((r['torch_isa'] for r in results if 'torch_isa' in r), '?')}"
+         + (f" (--torch-isa {args.torch_isa}: ATEN_CPU_CAPABILITY and ONEDNN_MAX_CPU_ISA set in its workers)"
+            if args.torch_isa != "auto" else ""),
          "- The machine may be shared: kdcore and PyTorch are measured alternately (same conditions); compare "
          "ratios rather than absolute numbers. Load average (1 min) at start / end of this run: "
          f"{loads[0]:.1f} / {loads[1]:.1f} on {os.cpu_count()} CPUs" + (" -- **other jobs were running: the "
@@ -808,6 +820,9 @@ def main():
                     "with --coretype Haswell and avx2, what an AVX2-only CPU runs")
     ap.add_argument("--coretype", default=None,
                     help="OPENBLAS_CORETYPE for the kdcore workers (e.g. SkylakeX; 'auto' = unset, OpenBLAS detects)")
+    ap.add_argument("--torch-isa", default=None, choices=["auto", "avx512", "avx2"],
+                    help="cap PyTorch's kernels (ATen and oneDNN) at this instruction set in its workers; default: "
+                    "avx2 with --isa avx2 (both frameworks as on an AVX2-only CPU), else auto")
     # worker mode
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--kind", default="train", help=argparse.SUPPRESS)
@@ -826,6 +841,8 @@ def main():
             worker(args)
         return
     args.reps = args.reps or (2 if args.quick else 3)
+    if args.torch_isa is None:
+        args.torch_isa = "avx2" if args.isa == "avx2" else "auto"
     if args.isa:
         os.environ["KDCORE_ISA"] = args.isa    # every child: kdcore workers and bench_kernels
     # What kdcore's kernels will be (and a refused KDCORE_ISA stops here, not in a worker).

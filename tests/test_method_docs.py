@@ -41,13 +41,13 @@ def page_of_method(name):
 def scheme_functions():
     """The training entry points users call besides distill(method=...): the functions of
     kdcore.schemes, kdcore.distill and kdcore.datafree that take a number of epochs
-    (``epochs``, ``epochs_per_cycle``)."""
+    (``epochs``, ``epochs_per_cycle``) or of iterations (DeepInversion's image synthesis)."""
     out = {}
     for mod in (schemes, distill_mod, datafree):
         for name in mod.__all__:
             f = getattr(mod, name)
             if inspect.isfunction(f) and f is not kdcore.distill and \
-                    any(p.startswith("epochs") for p in inspect.signature(f).parameters):
+                    any(p.startswith(("epochs", "iterations")) for p in inspect.signature(f).parameters):
                 out[name] = f
     return out
 

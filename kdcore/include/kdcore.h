@@ -167,6 +167,11 @@ enum kd_layer_type {
     KD_LAYER_LEAKY_RELU,      // x > 0 ? x : slope * x
     KD_LAYER_TANH,
     KD_LAYER_RESHAPE,         // (C*H*W,...) -> (out_ch, size[0], size[1]), same values in order
+    KD_LAYER_JITTER,          // random augmentation of a whole batch, in KD_MODE_DROPOUT forwards only
+                              //   (identity otherwise): a circular shift by dy, dx drawn uniformly
+                              //   from [-padding, padding] (torch.roll over H, W), then a horizontal
+                              //   flip with probability p; one draw per forward from its dropout seed
+                              //   (DeepInversion's jitter of the optimised images)
     KD_LAYER_COUNT
 };
 
@@ -423,6 +428,15 @@ KD_API enum kd_status kd_loss_activation(float * loss, float * dx, const float *
                                          bool accumulate);
 KD_API enum kd_status kd_loss_entropy(float * loss, float * dlogits, const float * z, int N, int V, float weight,
                                       bool accumulate);
+// Adaptive DeepInversion's competition term (Yin et al. 2020, "Dreaming to distill"; the
+// authors' code): with P = softmax(s / T), Q = softmax(t / T), M = (P + Q) / 2, each clamped
+// to [0.01, 0.99] (Pc, Qc, Mc: the clamp passes no gradient outside),
+//   J = 1/2 KL(Mc || Pc) + 1/2 KL(Mc || Qc)   (KL summed over classes, mean over samples)
+//   loss = 1 - clamp(J, 0, 1).
+// Minimising it moves the inputs to where teacher and student disagree. dt and ds (each may
+// be NULL) receive the gradients of weight * loss w.r.t. t and s.
+KD_API enum kd_status kd_loss_adi(float * loss, float * dt, float * ds, const float * t, const float * s, int N, int V,
+                                  float T, float weight, bool accumulate);
 // Logit regression: mean over N*V of (s - t)^2 (F.mse_loss; the paper's 1/2||s-t||^2 per
 // sample is V/2 times this).
 KD_API enum kd_status kd_loss_mse(float * loss, float * dlogits, const float * s, const float * t,
@@ -573,6 +587,29 @@ KD_API enum kd_status kd_loss_pkt(float * loss, float * ds, float * dt, struct k
 KD_API enum kd_status kd_loss_fsp(float * loss, float * ds1, float * ds2, float * dt1, float * dt2,
                                   struct kd_fmap s1, struct kd_fmap s2, struct kd_fmap t1, struct kd_fmap t2,
                                   float weight, bool accumulate);
+
+// DeepInversion (Yin et al. 2020, "Dreaming to distill"; the authors' code) optimises images
+// so that a frozen teacher's BN layers see the statistics they were trained on, under image
+// priors. Sums in double; OpenMP over channels or image planes, partial sums added in a
+// fixed order (results independent of the thread count).
+//
+// BN-statistics loss on the map x (n, c, h, w) entering a BN layer with running statistics
+// rmean, rvar (c each): mu_c, var_c = mean and biased variance of channel c over n, h, w;
+//   loss = ||var - rvar||_2 + ||mu - rmean||_2   (norms over the channels, not squared).
+// A zero norm gets gradient 0 (torch.norm's). n * h * w must be >= 2: with one value per
+// channel the batch variance is identically 0 (PyTorch's BatchNorm refuses such a batch).
+KD_API enum kd_status kd_loss_bnstat(float * loss, float * dx, struct kd_fmap x, const float * rmean,
+                                     const float * rvar, float weight, bool accumulate);
+// Total-variation prior on images x (n, c, h, w), h, w >= 2, over the four neighbour
+// differences of each pixel: right x[i][j] - x[i][j+1], down x[i][j] - x[i+1][j], and the
+// diagonals x[i+1][j] - x[i][j+1], x[i][j] - x[i+1][j+1], each over the whole batch:
+//   l2 form (l1 = false; the authors' CIFAR script): sum of the four Frobenius norms;
+//   l1 form (l1 = true; their ImageNet variant): sum of the four mean absolute differences.
+// d|d|/dd at 0 and the gradient of a zero norm are 0.
+KD_API enum kd_status kd_loss_tv(float * loss, float * dx, struct kd_fmap x, bool l1, float weight, bool accumulate);
+// l2 prior: ||x||_2 over all n values of the batch (the authors' CIFAR script; not squared).
+KD_API enum kd_status kd_loss_l2prior(float * loss, float * dx, const float * x, size_t n, float weight,
+                                      bool accumulate);
 // Losses with connectors or state: OFD, AB, FT, VID, CC, ReviewKD's HCL and CRD.
 //
 // The connectors (1x1 conv + BN, linear, RepDistiller's ConvReg, VID's 1x1-conv regressor,
@@ -976,6 +1013,14 @@ enum kd_term_kind {
     KD_TERM_CTKD,        // kd_loss_ctkd(a, src) at T = kd_ctkd_temperature(p) with p the one value
                          // of net ctkd.params (a parameter holder); p's gradient is reversed and
                          // scaled: -kd_ctkd_lambda(epoch) dL/dp (the temperature ascends the loss)
+    // DeepInversion (Yin et al. 2020): terms on optimised images (a net's output) and on a
+    // grad_input teacher's taps, whose gradient reaches the images.
+    KD_TERM_BNSTAT,      // kd_loss_bnstat(a) against the running statistics of BN node bnstat.node of
+                         // a's net; a is that node's input
+    KD_TERM_TV,          // kd_loss_tv(a) (tv.l1)
+    KD_TERM_L2PRIOR,     // kd_loss_l2prior(a)
+    KD_TERM_ADI,         // kd_loss_adi(a, src) at temperature T: a the teacher's logits, src the
+                         // student's (src.grad: the gradient reaches both)
     // Adversarial data-free distillation (DFAD, ZSKT): the discrepancy a generator ascends
     // (a term with `reverse`) and the student descends, in alternating phases (cycle below).
     KD_TERM_L1,          // kd_loss_l1(a, src): mean |a - src| over samples and logits
@@ -1014,6 +1059,8 @@ struct kd_term {
         struct { float gamma; } dist;
         struct { float t_norm; bool detach_std; } normkd;
         struct { float gamma; } wttm;
+        struct { int node; } bnstat;
+        struct { bool l1; } tv;
         struct { int params; float t_start, t_range, lambda_min, lambda_max; int decay_epochs; } ctkd;
         struct { struct kd_crd * bank; bool class_negatives; } crd;   // negatives from other
                                                                      // classes (kd_crd_set_labels)
@@ -1023,7 +1070,8 @@ struct kd_term {
 // weights 25 and 50, AB margin 1, FT p1 2 and p2 1, VID eps 1e-5 (RepDistiller / mdistiller),
 // DIST beta 2 and gamma 2 (its CIFAR recipe), NormKD t_norm 2 (the authors' CIFAR-100
 // setting; ImageNet 1), WTTM gamma 0.2 (the authors' CIFAR-100 command), CTKD t_start 1,
-// t_range 20, lambda 0 -> 1 over 10 epochs (the authors' CIFAR-100 script). The Python binding
+// t_range 20, lambda 0 -> 1 over 10 epochs (the authors' CIFAR-100 script), ADI T 3 and TV in
+// the l2 form (DeepInversion's code). The Python binding
 // exports them per kind name as kdcore._kdcore.TERM_DEFAULTS.
 KD_API struct kd_term kd_term_default(enum kd_term_kind kind);
 

@@ -94,5 +94,8 @@ enum kd_status kd_step_run_(const struct kd_step_cfg * s, const struct kd_datase
                             int epoch, struct kd_step_stats * out, const char * fn);
 // A term's weight at an epoch: its warm-up ramp and stop epoch applied.
 float kd_term_weight_(const struct kd_term * t, int epoch);
+// A BN node's running mean and variance (in_ch floats each, in the net's buffer block);
+// false when the node is not a BatchNorm node of a finalized net.
+bool kd_net_bn_running_(struct kd_net * net, int node, const float ** rmean, const float ** rvar);
 
 #endif // KD_INTERNAL_H

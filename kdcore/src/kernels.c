@@ -350,12 +350,23 @@ static inline void fwd_rows2_avx2(int K, const float * restrict A, const float *
 #undef KD_LD
 #undef KD_ST
 
+// K in chunks of CV_KB_AVX2: the three row passes of a chunk read the same B rows, which stay
+// in L1 between passes (a whole K of B rows does not fit). A chunk continues the chains of
+// the previous one through C (a float store and reload is exact), so the order of the fmas
+// per element is unchanged.
+#define CV_KB_AVX2 96
 __attribute__((target("avx2,fma")))
 static void fwd_ukr_avx2(int K, const float * restrict A, const float * restrict B,
                          const ptrdiff_t * restrict off, float * restrict C, size_t ldc, int acc_in) {
-    fwd_rows3_avx2(K, A, B, off, C, ldc, acc_in, 0);
-    fwd_rows3_avx2(K, A, B, off, C, ldc, acc_in, 3);
-    fwd_rows2_avx2(K, A, B, off, C, ldc, acc_in, 6);
+    int k0 = 0;
+    do {
+        int kn = imin(CV_KB_AVX2, K - k0), in = acc_in || k0 > 0;
+        const float * a = A + (size_t)k0 * CV_MR;
+        fwd_rows3_avx2(kn, a, B, off + k0, C, ldc, in, 0);
+        fwd_rows3_avx2(kn, a, B, off + k0, C, ldc, in, 3);
+        fwd_rows2_avx2(kn, a, B, off + k0, C, ldc, in, 6);
+        k0 += kn;
+    } while (k0 < K);
 }
 
 // The hsum16 tree on lanes 0-7 (lo) and 8-15 (hi).
@@ -368,7 +379,8 @@ static inline float hsum16_avx2(__m256 lo, __m256 hi) {
 }
 
 // The 4 x 6 tile as 2 x 6 sub-tiles, one half of the 16 lanes at a time (12 ymm
-// accumulators, 8 loads per 12 fmas); the halves meet in the hsum16 tree.
+// accumulators, 8 loads per 12 fmas); the halves meet in the hsum16 tree. The empty asm keeps
+// each B vector in a register: otherwise GCC folds its load into both fmas (14 loads per 12).
 __attribute__((target("avx2,fma")))
 static void dw_ukr_avx2(int nimg, size_t nblk, const float * const * d, size_t ds, const float * const * b,
                         size_t bs, float * r) {
@@ -387,6 +399,7 @@ static void dw_ukr_avx2(int nimg, size_t nblk, const float * const * d, size_t d
                     __m256 u0 = _mm256_loadu_ps(x0 + q), u1 = _mm256_loadu_ps(x1 + q);
                     for (int j = 0; j < DW_NR; j++) {
                         __m256 v = _mm256_loadu_ps(y[j] + q);
+                        __asm__("" : "+x"(v));
                         acc[0][j] = _mm256_fmadd_ps(u0, v, acc[0][j]);
                         acc[1][j] = _mm256_fmadd_ps(u1, v, acc[1][j]);
                     }

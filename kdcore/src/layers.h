@@ -14,6 +14,7 @@
 #ifndef KD_LAYERS_H
 #define KD_LAYERS_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -118,5 +119,11 @@ void kd_leaky_relu_backward(float * dinp, const float * dout, const float * inp,
 // tanh; backward reads the output: dinp += dout * (1 - out^2)
 void kd_tanh_forward(float * out, const float * inp, size_t n);
 void kd_tanh_backward(float * dinp, const float * dout, const float * out, size_t n);
+
+// jitter (KD_LAYER_JITTER): out[n][c][i][j] = inp[n][c][(i - dy) mod H][(j' - dx) mod W] with
+// j' = flip ? W-1-j : j (torch.roll by (dy, dx), then torch.flip over W); backward adds dout
+// back through the same permutation
+void kd_jitter_forward(float * out, const float * inp, int N, int C, int H, int W, int dy, int dx, bool flip);
+void kd_jitter_backward(float * dinp, const float * dout, int N, int C, int H, int W, int dy, int dx, bool flip);
 
 #endif // KD_LAYERS_H

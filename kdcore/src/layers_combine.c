@@ -1,5 +1,6 @@
 // Layers that combine or resample tensors: sigmoid, product (with channel broadcast),
-// channel concatenation, nearest resizing. They are what multi-input nets need -- ReviewKD's
+// channel concatenation, nearest resizing (and DeepInversion's jitter: a shift and flip of each
+// plane). They are what multi-input nets need -- ReviewKD's
 // attention-based fusion (two maps, an upsampled residual, a sigmoid gate per map) and
 // generator heads -- and are memory-bound, so they are plain loops threaded over images and
 // channels. Conventions as layers.h: NCHW, backward accumulates (+=), NULL gradients skipped.
@@ -220,4 +221,29 @@ void kd_tanh_forward(float * out, const float * inp, size_t n) {
 void kd_tanh_backward(float * dinp, const float * dout, const float * out, size_t n) {
     #pragma omp parallel for schedule(static) if(n > PAR_MIN)
     for (size_t i = 0; i < n; i++) dinp[i] += dout[i] * (1.0f - out[i] * out[i]);
+}
+
+// Source column/row of output index j (k) of a jitter: a permutation of each plane.
+static inline int jitter_src(int j, int shift, int n) { int r = (j - shift) % n; return r < 0 ? r + n : r; }
+
+void kd_jitter_forward(float * out, const float * inp, int N, int C, int H, int W, int dy, int dx, bool flip) {
+    const size_t planes = (size_t)N * C, hw = (size_t)H * W;
+    #pragma omp parallel for schedule(static) if(planes * hw > PAR_MIN)
+    for (size_t p = 0; p < planes; p++)
+        for (int i = 0; i < H; i++) {
+            const float * src = inp + p * hw + (size_t)jitter_src(i, dy, H) * W;
+            float * dst = out + p * hw + (size_t)i * W;
+            for (int j = 0; j < W; j++) dst[j] = src[jitter_src(flip ? W - 1 - j : j, dx, W)];
+        }
+}
+
+void kd_jitter_backward(float * dinp, const float * dout, int N, int C, int H, int W, int dy, int dx, bool flip) {
+    const size_t planes = (size_t)N * C, hw = (size_t)H * W;
+    #pragma omp parallel for schedule(static) if(planes * hw > PAR_MIN)
+    for (size_t p = 0; p < planes; p++)
+        for (int i = 0; i < H; i++) {
+            float * dst = dinp + p * hw + (size_t)jitter_src(i, dy, H) * W;
+            const float * src = dout + p * hw + (size_t)i * W;
+            for (int j = 0; j < W; j++) dst[jitter_src(flip ? W - 1 - j : j, dx, W)] += src[j];
+        }
 }

@@ -555,3 +555,54 @@ enum kd_status kd_loss_entropy(float * loss, float * dlogits, const float * z, i
     if (!isfinite(L)) KD_FAIL(KD_ERR_NONFINITE, "the entropy loss is not finite");
     return KD_OK;
 }
+
+// ---------------------------------------------------------------------------------------
+// Adaptive DeepInversion's competition term: 1 - clamp(JS, 0, 1) with the authors' clamped
+// distributions (kdcore.h). J is a batch mean, so its value is known before any gradient:
+// the outer clamp passes dL/dJ = -1 inside [0, 1], 0 outside (torch.clamp's rule at the
+// bounds: inside).
+static inline bool adi_in(double v) { return v >= 0.01 && v <= 0.99; }
+static inline double adi_clamp(double v) { return v < 0.01 ? 0.01 : v > 0.99 ? 0.99 : v; }
+
+enum kd_status kd_loss_adi(float * loss, float * dt, float * ds, const float * t, const float * s, int N, int V,
+                           float T, float weight, bool accumulate) {
+    if (!s || !t || N < 1 || V < 1) KD_FAIL(KD_ERR_VALUE, "teacher and student logits must be non-empty");
+    KD_TRY(check_T(T));
+    const size_t nv = (size_t)N * V;
+    double * P = malloc(2 * nv * sizeof *P);
+    if (!P) KD_FAIL(KD_ERR_NOMEM, "cannot allocate %zu probabilities", 2 * nv);
+    double * Q = P + nv;
+    softmax_rows_d(P, s, N, V, T);
+    softmax_rows_d(Q, t, N, V, T);
+    double J = 0;
+    for (size_t j = 0; j < nv; j++) {
+        const double mc = adi_clamp(0.5 * (P[j] + Q[j]));
+        J += 0.5 * mc * (log(mc) - log(adi_clamp(P[j]))) + 0.5 * mc * (log(mc) - log(adi_clamp(Q[j])));
+    }
+    J /= N;
+    const double L = 1.0 - (J < 0 ? 0.0 : J > 1 ? 1.0 : J);
+    if (loss) *loss = (float)L;
+    if (!isfinite(J)) { free(P); KD_FAIL(KD_ERR_NONFINITE, "the ADI competition loss is not finite"); }
+    const double g = (J >= 0 && J <= 1) ? -(double)weight / N : 0.0;
+    for (int i = 0; i < N && (dt || ds); i++) {
+        const double * p = P + (size_t)i * V, * q = Q + (size_t)i * V;
+        double dotp = 0, dotq = 0;
+        // dJ/dP and dJ/dQ through the clamps, then through each softmax: (1/T) p (g - <g, p>)
+        for (int k = 0; k < V; k++) {
+            const double m = 0.5 * (p[k] + q[k]), mc = adi_clamp(m), pc = adi_clamp(p[k]), qc = adi_clamp(q[k]);
+            const double gm = adi_in(m) ? 0.5 * (log(mc) + 1.0 - 0.5 * log(pc) - 0.5 * log(qc)) : 0.0;
+            const double a = (adi_in(p[k]) ? -0.5 * mc / pc : 0.0) + gm, b = (adi_in(q[k]) ? -0.5 * mc / qc : 0.0) + gm;
+            dotp += a * p[k];
+            dotq += b * q[k];
+        }
+        for (int k = 0; k < V; k++) {
+            const double m = 0.5 * (p[k] + q[k]), mc = adi_clamp(m), pc = adi_clamp(p[k]), qc = adi_clamp(q[k]);
+            const double gm = adi_in(m) ? 0.5 * (log(mc) + 1.0 - 0.5 * log(pc) - 0.5 * log(qc)) : 0.0;
+            const double a = (adi_in(p[k]) ? -0.5 * mc / pc : 0.0) + gm, b = (adi_in(q[k]) ? -0.5 * mc / qc : 0.0) + gm;
+            if (ds) put(&ds[(size_t)i * V + k], g * p[k] * (a - dotp) / T, accumulate);
+            if (dt) put(&dt[(size_t)i * V + k], g * q[k] * (b - dotq) / T, accumulate);
+        }
+    }
+    free(P);
+    return KD_OK;
+}

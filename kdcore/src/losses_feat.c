@@ -1,5 +1,6 @@
 // Parameter-free feature- and relation-based distillation losses over feature maps: AT, SP,
-// NST, RKD, PKT, FSP. Each computes the loss as RepDistiller / mdistiller define it (the
+// NST, RKD, PKT, FSP (and, at the end, DeepInversion's BN-statistics loss and image priors).
+// Each computes the loss as RepDistiller / mdistiller define it (the
 // header's "Feature and relation losses" section says where a paper's form differs and which
 // option gives it) and the gradient of weight * loss w.r.t. the student map and, when asked,
 // the teacher map.
@@ -935,5 +936,143 @@ enum kd_status kd_loss_fsp(float * loss, float * ds1, float * ds2, float * dt1, 
     free(sc.base);
     if (loss) *loss = (float)total;
     if (!isfinite(total)) KD_FAIL(KD_ERR_NONFINITE, "FSP loss is not finite");
+    return KD_OK;
+}
+
+// ---------------------------------------------------------------------------------------
+// DeepInversion: BN statistics and image priors.
+
+enum kd_status kd_loss_bnstat(float * loss, float * dx, struct kd_fmap x, const float * rmean, const float * rvar,
+                              float weight, bool accumulate) {
+    KD_TRY(check_map(__func__, x, "x"));
+    if (!rmean || !rvar) KD_FAIL(KD_ERR_VALUE, "rmean and rvar must not be NULL");
+    const size_t hw = (size_t)x.h * x.w, m = (size_t)x.n * hw;
+    if (m < 2)
+        KD_FAIL(KD_ERR_SHAPE, "x has one value per channel (n*h*w = 1): its batch variance is 0 and says nothing "
+                "(use a batch of at least 2)");
+    double * mu = malloc(2 * (size_t)x.c * sizeof *mu);
+    if (!mu) KD_FAIL(KD_ERR_NOMEM, "cannot allocate %d channel statistics", x.c);
+    double * var = mu + x.c;
+    const size_t chw = (size_t)x.c * hw;
+    #pragma omp parallel for schedule(static) if (m * x.c > 65536)
+    for (int c = 0; c < x.c; c++) {
+        double s = 0, q = 0;
+        for (int i = 0; i < x.n; i++) {
+            const float * p = x.x + (size_t)i * chw + (size_t)c * hw;
+            for (size_t k = 0; k < hw; k++) s += p[k];
+        }
+        const double mc = s / (double)m;
+        for (int i = 0; i < x.n; i++) {
+            const float * p = x.x + (size_t)i * chw + (size_t)c * hw;
+            for (size_t k = 0; k < hw; k++) q += (p[k] - mc) * (p[k] - mc);
+        }
+        mu[c] = mc;
+        var[c] = q / (double)m;
+    }
+    double nm = 0, nv = 0;
+    for (int c = 0; c < x.c; c++) {
+        nm += (mu[c] - rmean[c]) * (mu[c] - rmean[c]);
+        nv += (var[c] - rvar[c]) * (var[c] - rvar[c]);
+    }
+    nm = sqrt(nm);
+    nv = sqrt(nv);
+    const double L = nv + nm;
+    if (loss) *loss = (float)L;
+    if (!isfinite(L)) { free(mu); KD_FAIL(KD_ERR_NONFINITE, "the BN-statistics loss is not finite"); }
+    if (dx) {
+        #pragma omp parallel for schedule(static) if (m * x.c > 65536)
+        for (int c = 0; c < x.c; c++) {
+            // d/dx = (dL/dmu + dL/dvar 2 (x - mu)) / m, a zero norm passing no gradient
+            const double gm = nm > 0 ? (double)weight * (mu[c] - rmean[c]) / nm / (double)m : 0.0;
+            const double gv = nv > 0 ? 2.0 * (double)weight * (var[c] - rvar[c]) / nv / (double)m : 0.0;
+            for (int i = 0; i < x.n; i++) {
+                const size_t o = (size_t)i * chw + (size_t)c * hw;
+                for (size_t k = 0; k < hw; k++) put(&dx[o + k], gm + gv * (x.x[o + k] - mu[c]), accumulate);
+            }
+        }
+    }
+    free(mu);
+    return KD_OK;
+}
+
+// The four neighbour differences of pixel (i, j) of a plane (h x w), each defined where both
+// pixels exist: 0 right, 1 down, 2 the anti-diagonal x[i+1][j] - x[i][j+1], 3 the diagonal.
+static inline bool tv_diff(const float * p, int h, int w, int k, int i, int j, double * d) {
+    if (i < 0 || j < 0) return false;
+    switch (k) {
+    case 0: if (j >= w - 1) return false; *d = (double)p[i * w + j] - p[i * w + j + 1]; return true;
+    case 1: if (i >= h - 1) return false; *d = (double)p[i * w + j] - p[(i + 1) * w + j]; return true;
+    case 2: if (i >= h - 1 || j >= w - 1) return false; *d = (double)p[(i + 1) * w + j] - p[i * w + j + 1]; return true;
+    default: if (i >= h - 1 || j >= w - 1) return false; *d = (double)p[i * w + j] - p[(i + 1) * w + j + 1]; return true;
+    }
+}
+
+enum kd_status kd_loss_tv(float * loss, float * dx, struct kd_fmap x, bool l1, float weight, bool accumulate) {
+    KD_TRY(check_map(__func__, x, "x"));
+    if (x.h < 2 || x.w < 2) KD_FAIL(KD_ERR_SHAPE, "x has %d x %d pixels; total variation needs h and w >= 2", x.h, x.w);
+    const int h = x.h, w = x.w;
+    const size_t planes = (size_t)x.n * x.c, hw = (size_t)h * w;
+    double * part = calloc(planes * 4, sizeof *part);
+    if (!part) KD_FAIL(KD_ERR_NOMEM, "cannot allocate %zu partial sums", planes * 4);
+    // Per plane and direction: sum of |d| (l1) or d^2 (l2); summed over planes in order.
+    #pragma omp parallel for schedule(static) if (planes * hw > 65536)
+    for (size_t pl = 0; pl < planes; pl++) {
+        const float * p = x.x + pl * hw;
+        for (int i = 0; i < h; i++)
+            for (int j = 0; j < w; j++)
+                for (int k = 0; k < 4; k++) {
+                    double d;
+                    if (tv_diff(p, h, w, k, i, j, &d)) part[pl * 4 + k] += l1 ? fabs(d) : d * d;
+                }
+    }
+    const double cnt[4] = { (double)planes * h * (w - 1), (double)planes * (h - 1) * w,
+                            (double)planes * (h - 1) * (w - 1), (double)planes * (h - 1) * (w - 1) };
+    double tot[4] = { 0, 0, 0, 0 }, L = 0, g[4];
+    for (size_t pl = 0; pl < planes; pl++)
+        for (int k = 0; k < 4; k++) tot[k] += part[pl * 4 + k];
+    free(part);
+    for (int k = 0; k < 4; k++) {
+        const double v = l1 ? tot[k] / cnt[k] : sqrt(tot[k]);
+        L += v;
+        // the factor of each difference's gradient: sign(d) / count (l1), d / norm (l2)
+        g[k] = (double)weight * (l1 ? 1.0 / cnt[k] : v > 0 ? 1.0 / v : 0.0);
+    }
+    if (loss) *loss = (float)L;
+    if (!isfinite(L)) KD_FAIL(KD_ERR_NONFINITE, "the total-variation loss is not finite");
+    if (!dx) return KD_OK;
+    #pragma omp parallel for schedule(static) if (planes * hw > 65536)
+    for (size_t pl = 0; pl < planes; pl++) {
+        const float * p = x.x + pl * hw;
+        float * dp = dx + pl * hw;
+        // Pixel (i, j) is the first pixel of differences 0, 1, 3 at (i, j) and of 2 at (i-1, j);
+        // the second of 0 at (i, j-1), 1 at (i-1, j), 2 at (i, j-1), 3 at (i-1, j-1).
+        static const int first[4][2] = { { 0, 0 }, { 0, 0 }, { -1, 0 }, { 0, 0 } };
+        static const int second[4][2] = { { 0, -1 }, { -1, 0 }, { 0, -1 }, { -1, -1 } };
+        for (int i = 0; i < h; i++)
+            for (int j = 0; j < w; j++) {
+                double s = 0, d;
+                for (int k = 0; k < 4; k++) {
+                    if (tv_diff(p, h, w, k, i + first[k][0], j + first[k][1], &d))
+                        s += g[k] * (l1 ? (d > 0) - (d < 0) : d);
+                    if (tv_diff(p, h, w, k, i + second[k][0], j + second[k][1], &d))
+                        s -= g[k] * (l1 ? (d > 0) - (d < 0) : d);
+                }
+                put(&dp[(size_t)i * w + j], s, accumulate);
+            }
+    }
+    return KD_OK;
+}
+
+enum kd_status kd_loss_l2prior(float * loss, float * dx, const float * x, size_t n, float weight, bool accumulate) {
+    if (!x || n == 0) KD_FAIL(KD_ERR_VALUE, "x must be non-empty");
+    double q = 0;
+    for (size_t i = 0; i < n; i++) q += (double)x[i] * x[i];
+    const double L = sqrt(q);
+    if (loss) *loss = (float)L;
+    if (!isfinite(L)) KD_FAIL(KD_ERR_NONFINITE, "the l2 prior is not finite");
+    if (dx) {
+        const double g = L > 0 ? (double)weight / L : 0.0;
+        for (size_t i = 0; i < n; i++) put(&dx[i], g * x[i], accumulate);
+    }
     return KD_OK;
 }

@@ -34,6 +34,7 @@ struct kd_node {
     size_t w_off, b_off;      // into params/grads; SIZE_MAX when absent
     size_t rm_off, rv_off;    // into buffers (BN)
     int64_t bn_batches;
+    int jit[3];               // JITTER: the last forward's shifts (dy, dx) and flip
     // plan
     int c, h, w;              // per-sample output shape
     size_t numel;             // N*c*h*w
@@ -114,6 +115,7 @@ static const struct layer_info {
     [KD_LAYER_LEAKY_RELU]     = { "leaky_relu",     1, false },
     [KD_LAYER_TANH]           = { "tanh",           1, true  },
     [KD_LAYER_RESHAPE]        = { "reshape",        1, false },
+    [KD_LAYER_JITTER]         = { "jitter",         1, false },
 };
 
 static int n_inputs(const struct kd_layer_spec * s) { return layer_info[s->type].n_inputs; }
@@ -226,6 +228,10 @@ static enum kd_status check_spec(const struct kd_net * net, const struct kd_laye
     case KD_LAYER_LEAKY_RELU:
         if (!isfinite(s->slope)) KD_FAIL(KD_ERR_VALUE, "'%s': negative_slope (%g) must be finite", nm, s->slope);
         break;
+    case KD_LAYER_JITTER:
+        if (s->padding < 0) KD_FAIL(KD_ERR_VALUE, "'%s': the largest shift (padding, %d) must be >= 0", nm, s->padding);
+        if (!(s->p >= 0 && s->p <= 1)) KD_FAIL(KD_ERR_VALUE, "'%s': the flip probability p (%g) must be in [0, 1]", nm, s->p);
+        break;
     case KD_LAYER_RELU:
     case KD_LAYER_GLOBAL_AVGPOOL:
     case KD_LAYER_FLATTEN:
@@ -279,7 +285,7 @@ static int node_weight_shape(const struct kd_layer_spec * s, int shape[4]) {
     case KD_LAYER_RELU: case KD_LAYER_MAXPOOL2D: case KD_LAYER_AVGPOOL2D: case KD_LAYER_GLOBAL_AVGPOOL:
     case KD_LAYER_DROPOUT: case KD_LAYER_FLATTEN: case KD_LAYER_ADD: case KD_LAYER_INPUT: case KD_LAYER_UPSAMPLE:
     case KD_LAYER_SIGMOID: case KD_LAYER_MUL: case KD_LAYER_CONCAT: case KD_LAYER_UPSAMPLE_BILINEAR:
-    case KD_LAYER_LEAKY_RELU: case KD_LAYER_TANH: case KD_LAYER_RESHAPE: case KD_LAYER_COUNT:
+    case KD_LAYER_LEAKY_RELU: case KD_LAYER_TANH: case KD_LAYER_RESHAPE: case KD_LAYER_JITTER: case KD_LAYER_COUNT:
         break;
     }
     return 0;
@@ -448,6 +454,14 @@ int64_t * kd_net_bn_batches(struct kd_net * net, int node) {
     return &net->nodes[node].bn_batches;
 }
 int kd_net_batch(const struct kd_net * net) { return net ? net->N : 0; }
+
+bool kd_net_bn_running_(struct kd_net * net, int node, const float ** rmean, const float ** rvar) {
+    if (!net || !net->finalized || node < 0 || node >= net->n_nodes || net->nodes[node].spec.type != KD_LAYER_BATCHNORM)
+        return false;
+    *rmean = net->buffers + net->nodes[node].rm_off;
+    *rvar = net->buffers + net->nodes[node].rv_off;
+    return true;
+}
 
 void kd_net_input_shape(const struct kd_net * net, int * C, int * H, int * W) {
     bool ok = net && net->N > 0;
@@ -642,6 +656,7 @@ enum kd_status kd_net_plan(struct kd_net * net, int N, int C, int H, int W) {
         case KD_LAYER_SIGMOID:
         case KD_LAYER_LEAKY_RELU:
         case KD_LAYER_TANH:
+        case KD_LAYER_JITTER:
         case KD_LAYER_COUNT:
             break;
         }
@@ -784,6 +799,19 @@ static void node_forward(struct kd_net * net, int i, int N, float * out, const f
     case KD_LAYER_TANH:
         kd_tanh_forward(out, in, numel);
         break;
+    case KD_LAYER_JITTER: {
+        // One draw for the batch, kept for the backward; eval forwards are the identity.
+        struct kd_node * jn = &net->nodes[i];
+        jn->jit[0] = jn->jit[1] = jn->jit[2] = 0;
+        if (mode & KD_MODE_DROPOUT) {
+            const uint64_t r = kd_hash(dropout_seed, (uint64_t)i), span = 2 * (uint64_t)s->padding + 1;
+            jn->jit[0] = (int)(kd_hash(r, 0) % span) - s->padding;
+            jn->jit[1] = (int)(kd_hash(r, 1) % span) - s->padding;
+            jn->jit[2] = s->p > 0 && kd_uniform(kd_hash(r, 2)) < s->p;
+        }
+        kd_jitter_forward(out, in, N, c, h, w, jn->jit[0], jn->jit[1], jn->jit[2] != 0);
+        break;
+    }
     case KD_LAYER_MUL: {
         int c2, h2, w2;
         in_shape(net, s->inp[1], &c2, &h2, &w2);
@@ -1191,6 +1219,9 @@ enum kd_status kd_net_backward(struct kd_net * net, const float * dout, float * 
             break;
         case KD_LAYER_TANH:
             if (din) kd_tanh_backward(din, d, out, nd->numel);
+            break;
+        case KD_LAYER_JITTER:
+            if (din) kd_jitter_backward(din, d, N, c, h, w, nd->jit[0], nd->jit[1], nd->jit[2] != 0);
             break;
         case KD_LAYER_MUL:
         case KD_LAYER_CONCAT: {

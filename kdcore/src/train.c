@@ -261,6 +261,7 @@ struct pair_io {
     int nb, ac, ah, aw, bc, bh, bw, a2c, a2h, a2w, b2c, b2h, b2w;
     const int64_t * y, * idx; // labels; data-set indices of the batch (CRD)
     const float * mask;       // per-sample weights of the term (conditional learning) or NULL
+    const float * rmean, * rvar;   // a BN node's running statistics (BN-statistics term)
     const float * params;     // a parameter holder's block and gradient (VID's log_scale,
     float * dparams;          // CTKD's temperature)
     int epoch;                // CTKD's curriculum
@@ -282,6 +283,9 @@ static enum kd_status pair_activation(const struct kd_term * t, struct pair_io *
 }
 static enum kd_status pair_entropy(const struct kd_term * t, struct pair_io * p) {
     return kd_loss_entropy(&p->value, p->da, p->a, p->nb, p->ac, p->w, true);
+}
+static enum kd_status pair_l2prior(const struct kd_term * t, struct pair_io * p) {
+    return kd_loss_l2prior(&p->value, p->da, p->a, (size_t)p->nb * p->ac * p->ah * p->aw, p->w, true);
 }
 
 static enum kd_status pair_kd(const struct kd_term * t, struct pair_io * p) {
@@ -370,6 +374,15 @@ static enum kd_status pair_onehot(const struct kd_term * t, struct pair_io * p) 
     free(lab);
     return st;
 }
+static enum kd_status pair_bnstat(const struct kd_term * t, struct pair_io * p) {
+    return kd_loss_bnstat(&p->value, p->da, FM_A(p), p->rmean, p->rvar, p->w, true);
+}
+static enum kd_status pair_tv(const struct kd_term * t, struct pair_io * p) {
+    return kd_loss_tv(&p->value, p->da, FM_A(p), t->tv.l1, p->w, true);
+}
+static enum kd_status pair_adi(const struct kd_term * t, struct pair_io * p) {
+    return kd_loss_adi(&p->value, p->da, p->db, p->a, p->b, p->nb, p->ac, t->T, p->w, true);
+}
 static enum kd_status pair_l1(const struct kd_term * t, struct pair_io * p) {
     return kd_loss_l1(&p->value, p->da, p->db, p->a, p->b, p->nb, p->ac, p->w, true);
 }
@@ -453,6 +466,10 @@ static const struct term_kind_info {
     [KD_TERM_NORMKD]   = { "normkd",   "NormKD loss",       true,  true,  false, true,  pair_normkd },
     [KD_TERM_WTTM]     = { "wttm",     "WTTM loss",         true,  true,  false, true,  pair_wttm },
     [KD_TERM_CTKD]     = { "ctkd",     "CTKD loss",         true,  true,  false, true,  pair_ctkd },
+    [KD_TERM_BNSTAT]   = { "bnstat",   "BN-statistics loss", false, false, false, false, pair_bnstat },
+    [KD_TERM_TV]       = { "tv",       "TV prior",          false, false, false, false, pair_tv },
+    [KD_TERM_L2PRIOR]  = { "l2prior",  "l2 prior",          false, false, false, false, pair_l2prior },
+    [KD_TERM_ADI]      = { "adi",      "competition loss",  true,  true,  true,  true,  pair_adi },
     [KD_TERM_L1]       = { "l1",       "L1 loss",           true,  true,  true,  true,  pair_l1 },
 };
 
@@ -484,6 +501,8 @@ struct kd_term kd_term_default(enum kd_term_kind kind) {
         t.ctkd.lambda_max = 1.0f;
         t.ctkd.decay_epochs = 10;
     }
+    if (kind == KD_TERM_ADI) t.T = 3.0f;
+    if (kind == KD_TERM_BNSTAT) t.bnstat.node = -1;
     if (kind == KD_TERM_FT) { t.ft.p1 = 2; t.ft.p2 = 1.0f; }
     if (kind == KD_TERM_VID) { t.vid.params = -1; t.vid.eps = 1e-5f; }
     return t;
@@ -703,7 +722,8 @@ static enum kd_status term_run(struct engine * E, const struct kd_term * t, floa
     struct pair_io p = { .a = a, .da = da, .nb = nb, .y = L->y, .idx = L->idx, .w = w, .smooth = smooth, .epoch = L->epoch,
                          .scratch = E->term_scratch[t - E->s->terms] };
     ref_shape(E, t->a, &p.ac, &p.ah, &p.aw);
-    if (!term_kinds[t->kind].src) {   // CE, tolerant, activation, entropy: `a` alone
+    if (!term_kinds[t->kind].src) {   // CE, tolerant, activation, entropy, the DeepInversion priors: `a` alone
+        if (t->kind == KD_TERM_BNSTAT) kd_net_bn_running_(E->s->nets[t->a.net].net, t->bnstat.node, &p.rmean, &p.rvar);
         st = term_kinds[t->kind].pair(t, &p);
         o->value = p.value;
         o->contrib = (double)w * o->value;
@@ -1038,6 +1058,29 @@ static enum kd_status engine_setup(struct engine * E) {
                        c->ctkd.lambda_min, c->ctkd.lambda_max);
             if (c->ctkd.decay_epochs < 1)
                 E_FAIL(KD_ERR_VALUE, "term %d (ctkd): decay_epochs (%d) must be >= 1", i, c->ctkd.decay_epochs);
+        }
+        if (t->kind == KD_TERM_BNSTAT) {
+            // a is the input of a BN node of the same net, whose running statistics it is held to
+            struct kd_net * net = s->nets[t->a.net].net;
+            const int bn = t->bnstat.node;
+            const float * rm, * rv;
+            if (!net || !kd_net_bn_running_(net, bn, &rm, &rv))
+                E_FAIL(KD_ERR_VALUE, "term %d (bnstat): bnstat.node (%d) must be a BatchNorm node of net %d", i, bn,
+                       t->a.net);
+            const int in = kd_net_node_spec(net, bn)->inp[0];
+            if (in != ref_node(E, t->a))
+                E_FAIL(KD_ERR_VALUE, "term %d (bnstat): a reads node %d of net %d, but BN node %d reads %s %d", i,
+                       ref_node(E, t->a), t->a.net, bn, in < 0 ? "the net input" : "node", in);
+            int c, hh, ww;
+            ref_shape(E, t->a, &c, &hh, &ww);
+            if ((size_t)L->B * hh * ww < 2)
+                E_FAIL(KD_ERR_VALUE, "term %d (bnstat): a batch of %d with %dx%d maps has one value per channel; "
+                       "the batch variance needs at least 2", i, L->B, hh, ww);
+        }
+        if (t->kind == KD_TERM_TV) {
+            int c, hh, ww;
+            ref_shape(E, t->a, &c, &hh, &ww);
+            if (hh < 2 || ww < 2) E_FAIL(KD_ERR_SHAPE, "term %d (tv): a has %dx%d pixels; TV needs at least 2x2", i, hh, ww);
         }
         if (t->kind == KD_TERM_NORMKD && (!(t->normkd.t_norm > 0) || !isfinite(t->normkd.t_norm)))
             E_FAIL(KD_ERR_VALUE, "term %d (normkd): t_norm (%g) must be > 0 and finite", i, t->normkd.t_norm);

@@ -866,6 +866,8 @@ PyObject * py_step_epoch(PyObject * Py_UNUSED(m), PyObject * args, PyObject * kw
             (opt_float(&r, "t_norm", &tm->normkd.t_norm) < 0 || opt_bool(&r, "detach_std", &tm->normkd.detach_std) < 0))
             goto done;
         if (tm->kind == KD_TERM_WTTM && opt_float(&r, "gamma", &tm->wttm.gamma) < 0) goto done;
+        if (tm->kind == KD_TERM_BNSTAT && opt_i32(&r, "node", &tm->bnstat.node) < 0) goto done;
+        if (tm->kind == KD_TERM_TV && opt_bool(&r, "l1", &tm->tv.l1) < 0) goto done;
         if (tm->kind == KD_TERM_CTKD &&
             (opt_i32(&r, "params", &tm->ctkd.params) < 0 || opt_float(&r, "t_start", &tm->ctkd.t_start) < 0 ||
              opt_float(&r, "t_range", &tm->ctkd.t_range) < 0 || opt_float(&r, "lambda_min", &tm->ctkd.lambda_min) < 0 ||

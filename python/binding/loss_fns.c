@@ -713,3 +713,93 @@ fail:
     return ret;
 }
 
+
+// ---- DeepInversion (kdcore.h: kd_loss_bnstat, kd_loss_tv, kd_loss_l2prior, kd_loss_adi)
+
+// bnstat_loss(x, running_mean, running_var) -> (loss, dx)
+PyObject * py_bnstat_loss(PyObject * Py_UNUSED(m), PyObject * args) {
+    PyObject * xo, * mo, * vo;
+    static char * names[] = { "x", "running_mean", "running_var", NULL };
+    if (!PARSE_POS(args, "OOO", names, &xo, &mo, &vo)) return NULL;
+    PyArrayObject * x = NULL, * rm = NULL, * rv = NULL;
+    PyObject * dx = NULL, * ret = NULL;
+    struct kd_fmap fx;
+    if (get_fmap(xo, "x", &x, &fx) < 0) return NULL;
+    if (!(rm = get_vector(mo, "running_mean", fx.c, "one per channel of x")) ||
+        !(rv = get_vector(vo, "running_var", fx.c, "one per channel of x")) || !(dx = like(x)))
+        goto fail;
+    float loss;
+    enum kd_status st;
+    Py_BEGIN_ALLOW_THREADS
+    st = kd_loss_bnstat(&loss, FDATA(dx), fx, PyArray_DATA(rm), PyArray_DATA(rv), 1.0f, false);
+    Py_END_ALLOW_THREADS
+    if (st != KD_OK) { kd_raise(st); goto fail; }
+    ret = Py_BuildValue("(fO)", loss, dx);
+fail:
+    Py_XDECREF(x); Py_XDECREF(rm); Py_XDECREF(rv); Py_XDECREF(dx);
+    return ret;
+}
+
+// tv_loss(x, l1) -> (loss, dx); x (n, c, h, w)
+PyObject * py_tv_loss(PyObject * Py_UNUSED(m), PyObject * args) {
+    PyObject * xo;
+    int l1;
+    static char * names[] = { "x", "l1", NULL };
+    if (!PARSE_POS(args, "Op", names, &xo, &l1)) return NULL;
+    PyArrayObject * x = NULL;
+    PyObject * dx = NULL, * ret = NULL;
+    struct kd_fmap fx;
+    if (get_fmap(xo, "x", &x, &fx) < 0) return NULL;
+    if (!(dx = like(x))) goto fail;
+    float loss;
+    enum kd_status st;
+    Py_BEGIN_ALLOW_THREADS
+    st = kd_loss_tv(&loss, FDATA(dx), fx, l1 != 0, 1.0f, false);
+    Py_END_ALLOW_THREADS
+    if (st != KD_OK) { kd_raise(st); goto fail; }
+    ret = Py_BuildValue("(fO)", loss, dx);
+fail:
+    Py_XDECREF(x); Py_XDECREF(dx);
+    return ret;
+}
+
+// l2prior_loss(x) -> (loss, dx)
+PyObject * py_l2prior_loss(PyObject * Py_UNUSED(m), PyObject * args) {
+    PyObject * xo;
+    static char * names[] = { "x", NULL };
+    if (!PARSE_POS(args, "O", names, &xo)) return NULL;
+    PyArrayObject * x = NULL;
+    PyObject * dx = NULL, * ret = NULL;
+    struct kd_fmap fx;
+    if (get_fmap(xo, "x", &x, &fx) < 0) return NULL;
+    if (!(dx = like(x))) goto fail;
+    float loss;
+    enum kd_status st = kd_loss_l2prior(&loss, FDATA(dx), fx.x, (size_t)PyArray_SIZE(x), 1.0f, false);
+    if (st != KD_OK) { kd_raise(st); goto fail; }
+    ret = Py_BuildValue("(fO)", loss, dx);
+fail:
+    Py_XDECREF(x); Py_XDECREF(dx);
+    return ret;
+}
+
+// adi_loss(teacher, student, T=3) -> (loss, dteacher, dstudent)
+PyObject * py_adi_loss(PyObject * Py_UNUSED(m), PyObject * args, PyObject * kwds) {
+    static char * kwlist[] = { "teacher", "student", "T", NULL };
+    PyObject * to, * so;
+    float T = 3.0f;
+    if (!PARSE_KW(args, kwds, "OO|f", kwlist, &to, &so, &T)) return NULL;
+    if (!(T > 0) || !isfinite(T)) return PyErr_Format(PyExc_ValueError, "T must be > 0 and finite, got %g", (double)T);
+    PyArrayObject * t, * s;
+    if (get_logit_pair(to, so, "teacher_logits", "student_logits", &t, &s) < 0) return NULL;
+    int N = (int)PyArray_DIM(t, 0), V = (int)PyArray_DIM(t, 1);
+    PyObject * ret = NULL, * dt = like(t), * ds = like(s);
+    if (dt && ds) {
+        float loss;
+        enum kd_status st = kd_loss_adi(&loss, FDATA(dt), FDATA(ds), PyArray_DATA(t), PyArray_DATA(s), N, V, T, 1.0f,
+                                        false);
+        if (st != KD_OK) kd_raise(st);
+        else ret = Py_BuildValue("(fOO)", loss, dt, ds);
+    }
+    Py_XDECREF(dt); Py_XDECREF(ds); Py_DECREF(t); Py_DECREF(s);
+    return ret;
+}

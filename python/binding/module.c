@@ -309,6 +309,7 @@ static int add_enums(PyObject * m) {
                               t.normkd.detach_std ? Py_True : Py_False);
             break;
         case KD_TERM_WTTM: x = Py_BuildValue("{s:f}", "gamma", (double)t.wttm.gamma); break;
+        case KD_TERM_TV: x = Py_BuildValue("{s:O}", "l1", t.tv.l1 ? Py_True : Py_False); break;
         case KD_TERM_CTKD:
             x = Py_BuildValue("{s:f,s:f,s:f,s:f,s:i}", "t_start", (double)t.ctkd.t_start, "t_range",
                               (double)t.ctkd.t_range, "lambda_min", (double)t.ctkd.lambda_min, "lambda_max",
@@ -383,6 +384,10 @@ static PyMethodDef module_methods[] = {
     { "ab_loss", (PyCFunction)py_ab_loss, METH_VARARGS, "(loss, dstudent)" },
     { "ft_loss", (PyCFunction)py_ft_loss, METH_VARARGS, "(loss, dstudent, dteacher)" },
     { "vid_loss", (PyCFunction)py_vid_loss, METH_VARARGS, "(loss, dmu, dlog_scale)" },
+    { "bnstat_loss", (PyCFunction)py_bnstat_loss, METH_VARARGS, "DeepInversion BN-statistics loss (kd_loss_bnstat): (loss, dx)" },
+    { "tv_loss", (PyCFunction)py_tv_loss, METH_VARARGS, "total-variation prior (kd_loss_tv): (loss, dx)" },
+    { "l2prior_loss", (PyCFunction)py_l2prior_loss, METH_VARARGS, "l2 image prior (kd_loss_l2prior): (loss, dx)" },
+    { "adi_loss", (PyCFunction)(void (*)(void))py_adi_loss, METH_VARARGS | METH_KEYWORDS, "ADI competition loss (kd_loss_adi): (loss, dteacher, dstudent)" },
     { "vid_log_scale_init", (PyCFunction)py_vid_log_scale_init, METH_VARARGS, "log(exp(init_var - eps) - 1)" },
     { "cc_loss", (PyCFunction)py_cc_loss, METH_VARARGS, "(loss, dstudent, dteacher)" },
     { "hcl_loss", (PyCFunction)py_hcl_loss, METH_VARARGS, "(loss, dstudent)" },

@@ -1,5 +1,9 @@
 """Data-free distillation: the student never sees a training image.
 
+Four methods: DAFL (``dafl``, a generator trained with the student), DeepInversion
+(``deepinversion``, images optimised directly; the student is then distilled on them), and
+the adversarial DFAD and ZSKT (``dfad``, ``zskt``: the generator plays against the student).
+
 DAFL (Chen et al. 2019, "Data-free learning of student networks"): a generator G turns
 Gaussian noise into images; the frozen teacher classifies them, and G is trained so that
 the teacher is confident on them (one-hot loss: cross-entropy against the teacher's own
@@ -13,7 +17,7 @@ Every step runs in C on the step engine: the generator is net 0 (fed pure noise:
 of zero vectors with Gaussian input noise of std 1, one vector per sample of an epoch), the
 student reads its output detached, and the teacher reads it with gradient pass-through.
 
-DFAD and ZSKT (dfad, zskt below) are adversarial: the generator ascends the student's
+DFAD and ZSKT (dfad, zskt below): the generator ascends the student's
 discrepancy from the teacher while the student descends it, in alternating steps that run
 inside the C epoch as a step cycle (kd_step_cfg.cycle).
 """
@@ -26,11 +30,13 @@ import numpy as np
 from . import _kdcore
 from . import models as _models
 from .datasets import Dataset
+from . import nn as _nn
+from . import optim as _optim
 from .nn import Module, _check_float, _check_int
-from .optim import SGD, Adam, Cosine, _Optimizer
-from .training import _Common, _check_model
+from .optim import SGD, Adam, _Optimizer
+from .training import History, _Common, _check_model
 
-__all__ = ["dafl", "samples", "dfad", "zskt"]
+__all__ = ["dafl", "samples", "deepinversion", "dfad", "zskt"]
 
 _K = _kdcore.TERM_KINDS
 
@@ -111,6 +117,147 @@ def samples(generator, n, latent_dim=None, seed=0):
     z = np.random.default_rng(seed).standard_normal((n, d)).astype(np.float32)
     generator.eval()
     return generator.forward(z, grad=False)
+
+
+def _bn_terms(teacher, weight):
+    """One BN-statistics term per BatchNorm node of the teacher (net 1 of the step): it reads
+    the node's input and is held to the node's running statistics."""
+    teacher._build()
+    g = teacher._graph
+    terms = []
+    for i, (kind, name, inp) in enumerate(zip(g.kinds, g.names, (nd[2] for nd in g.nodes))):
+        if kind != _nn._BATCHNORM:
+            continue
+        if inp < 0:
+            raise ValueError(f"the teacher's BatchNorm layer {name!r} reads the network input; DeepInversion's "
+                             "feature term needs a layer before it")
+        terms.append(dict(kind=_K["bnstat"], a=(1, inp), node=i, weight=weight))
+    return terms
+
+
+def deepinversion(teacher, n_images, iterations=2000, batch_size=256, labels=None, student=None, adi=None, bn=10.0,
+                  tv=2.5e-5, l2=0.0, tv_l1=False, lr=0.05, betas=(0.9, 0.999), T=3.0, jitter=2, flip=False,
+                  chunk=100, seed=0, optimizer=None):
+    """Synthesises ``n_images`` images from a frozen ``teacher`` by DeepInversion (Yin et al.,
+    CVPR 2020, "Dreaming to distill"); returns ``(images, labels, history)``: float32 NCHW
+    images of the teacher's input shape, their int64 target labels, and a History with one row
+    per chunk of ``chunk`` iterations of each batch (columns ``batch``, ``iteration``, the
+    unweighted terms ``ce``, ``bn`` (summed over the BN layers), ``tv``, ``l2``, ``adi``, the
+    weighted ``loss`` and ``teacher_acc``, the teacher's accuracy on the images against their
+    labels; a term of weight 0 is not computed and logs 0).
+
+    Each batch of ``batch_size`` images starts from N(0, 1) noise (seeded by ``seed`` and the
+    batch index) and takes ``iterations`` Adam steps (``lr``, ``betas``; fresh state per batch)
+    on the images x' = jitter(x)
+    ``CE(teacher(x'), y) + bn * sum_l (||var_l - running_var_l|| + ||mu_l - running_mean_l||)
+    + tv * TV(x') + l2 * ||x'|| [+ adi * (1 - JS(teacher(x'), student(x')))]``,
+    where each step's jitter rolls the batch circularly by up to ``jitter`` pixels in H and W
+    (and, with ``flip``, flips it horizontally with probability 1/2), with mu_l, var_l the batch statistics of the input of the teacher's BN layer l (biased
+    variance), TV the l2 form (``tv_l1=True``: the l1 form) and JS the authors' clamped
+    Jensen-Shannon divergence at temperature ``T``. The teacher runs in eval mode; with a
+    ``student`` (Adaptive DeepInversion, ``adi`` default 0.2 then, else 0) the student runs in eval
+    mode too and neither net changes. labels: one per image in [0, classes) (default
+    ``i % classes``, the authors' CIFAR targets). Defaults: the authors' CIFAR-10 settings.
+    optimizer: a ``kdcore.optim`` optimizer to use instead of ``Adam(lr, betas)`` (its own lr).
+    Same seed, same bits.
+
+    The two-stage recipe: synthesise, then distil the student on the images with the existing
+    loops, e.g. ``kdcore.distill(student, teacher, kdcore.datasets.from_arrays(images, labels,
+    normalize=None), ...)``."""
+    _check_model(teacher, "teacher")
+    if student is not None:
+        _check_model(student, "student")
+        if student is teacher:
+            raise ValueError("the student cannot be its own teacher")
+    n_images = _check_int("n_images", n_images, 1)
+    iterations = _check_int("iterations", iterations, 1)
+    batch_size = _check_int("batch_size", batch_size, 2)
+    chunk = _check_int("chunk", chunk, 1)
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+    if adi is None:
+        adi = 0.2 if student is not None else 0.0
+    bn, tv, l2, adi = (_check_float(n, v, 0) for n, v in (("bn", bn), ("tv", tv), ("l2", l2), ("adi", adi)))
+    if adi > 0 and student is None:
+        raise ValueError("adi > 0 needs a student (the competition term compares teacher and student)")
+    if not isinstance(tv_l1, bool):
+        raise TypeError(f"tv_l1 must be a bool, got {type(tv_l1).__name__}")
+    lr = _check_float("lr", lr, 0, lo_open=True)
+    T = _check_float("T", T, 0, lo_open=True)
+    jitter = _check_int("jitter", jitter, 0)
+    if not isinstance(flip, bool):
+        raise TypeError(f"flip must be a bool, got {type(flip).__name__}")
+    if optimizer is None:
+        optimizer = Adam(lr=lr, betas=betas)
+    elif not isinstance(optimizer, _optim._Optimizer):
+        raise TypeError(f"optimizer must be a kdcore.optim optimizer, got {type(optimizer).__name__}")
+    lr = optimizer.lr
+    shape = getattr(teacher, "input_shape", None)
+    if not shape or len(shape) != 3:
+        raise ValueError("the teacher has no known (C, H, W) input shape (a zoo model, or set teacher.input_shape)")
+    shape = tuple(int(v) for v in shape)
+    n_cls = teacher.net.shapes(1, *shape)[teacher._output_index()][0]
+    if labels is None:
+        labels = np.arange(n_images, dtype=np.int64) % n_cls
+    else:
+        lab = np.asarray(labels)
+        if lab.shape != (n_images,) or not (np.issubdtype(lab.dtype, np.integer) or lab.dtype == bool):
+            raise ValueError(f"labels must be {n_images} integers (one per image), got shape {lab.shape} of {lab.dtype}")
+        if lab.size and (lab.min() < 0 or lab.max() >= n_cls):
+            raise ValueError(f"labels must be in [0, {n_cls}) (the teacher's classes), got {lab.min()}..{lab.max()}")
+        labels = lab.astype(np.int64)
+    bn_terms = _bn_terms(teacher, bn) if bn > 0 else []
+    if bn > 0 and not bn_terms:
+        raise ValueError("the teacher has no BatchNorm layers for the feature term; pass bn=0 to run without it")
+    if any(b * shape[1] * shape[2] < 2 for b in {min(batch_size, n_images), n_images % batch_size or batch_size}):
+        raise ValueError("batch_size: a batch of one 1x1 image has no batch variance")
+    teacher.eval()
+    if student is not None:
+        student.eval()
+    modes = _kdcore.MODES
+    chw = shape[0] * shape[1] * shape[2]
+    images = np.empty((n_images,) + shape, np.float32)
+    hist = History()
+    for b, start in enumerate(range(0, n_images, batch_size)):
+        B = min(batch_size, n_images - start)
+        y = labels[start:start + B]
+        # The images are the weight of a bias-free linear layer fed the rows of an identity
+        # matrix: row i selects image i exactly, and the weight's gradient is the images'.
+        # Its output is the step's jittered batch, which every term reads.
+        holder = _nn.Sequential(_nn.Linear(B, chw, bias=False), _nn.Unflatten(1, shape),
+                                _nn.Jitter(jitter, 0.5 if flip else 0.0))
+        x0 = np.random.default_rng([seed, b]).standard_normal((B, chw)).astype(np.float32)
+        holder.load_state_dict({"0.weight": np.ascontiguousarray(x0.T)})
+        opt = optimizer.bind(holder)
+        nets = [dict(net=holder.net, opt=opt, mode=modes["train"], salt=0x7177E5, role="images"),
+                dict(net=teacher.net, mode=modes["eval"], input=(0, -1), grad_input=True, role="teacher")]
+        terms = [dict(kind=_K["ce"], a=(1, -1), weight=1.0)] + bn_terms + [
+            dict(kind=_K["tv"], a=(0, -1), l1=tv_l1, weight=tv),
+            dict(kind=_K["l2prior"], a=(0, -1), weight=l2)]
+        if adi > 0:
+            nets.append(dict(net=student.net, mode=modes["eval"], input=(0, -1), grad_input=True, role="student"))
+            terms.append(dict(kind=_K["adi"], a=(1, -1), src=[(2, -1)], grad=True, T=T, weight=adi))
+        steps = min(chunk, iterations)
+        sel = np.tile(np.eye(B, dtype=np.float32), (steps, 1))
+        ds = Dataset(sel, np.tile(y, steps), num_classes=n_cls)
+        done, e = 0, 0
+        while done < iterations:
+            k = min(steps, iterations - done)
+            # each batch its own jitter draws: the step seed mixes the batch index in
+            topts = dict(batch_size=B, schedule=(0, lr, [], 0, 0.0, 0), shuffle=False, max_steps=k,
+                         seed=(int(seed) * 1000003 + b) % 2**63)
+            st = _kdcore.step_epoch(nets, terms, ds._c, e, topts, logits_net=1)
+            v = st["term_value"]
+            nb = len(bn_terms)
+            row = dict(batch=b, iteration=done + k, ce=v[0], bn=float(sum(v[1:1 + nb])), tv=v[1 + nb],
+                       l2=v[2 + nb], loss=float(sum(st["net_loss"][:len(nets)])), teacher_acc=st["term_accuracy"][0])
+            if adi > 0:
+                row["adi"] = v[3 + nb]
+            hist.append(**row)
+            done += k
+            e += 1
+        images[start:start + B] = holder.state_dict()["0.weight"].T.reshape((B,) + shape)
+    return images, labels, hist
 
 
 # ---- Adversarial data-free distillation (DFAD, ZSKT) --------------------------------------

@@ -23,7 +23,7 @@ from . import _kdcore
 
 __all__ = ["Module", "Sequential", "Linear", "Conv2d", "BatchNorm1d", "BatchNorm2d", "ReLU",
            "MaxPool2d", "AvgPool2d", "AdaptiveAvgPool2d", "Dropout", "Flatten", "Residual", "Identity",
-           "MultiExit", "Block", "Sigmoid", "Upsample", "LeakyReLU", "Tanh", "Unflatten"]
+           "MultiExit", "Block", "Sigmoid", "Upsample", "LeakyReLU", "Tanh", "Unflatten", "Jitter"]
 
 # enum kd_layer_type, by the names C gives them
 _LT = _kdcore.LAYER_TYPES
@@ -32,6 +32,7 @@ _LINEAR, _CONV2D, _BATCHNORM, _RELU, _MAXPOOL, _AVGPOOL, _GAP, _DROPOUT, _FLATTE
                      "flatten", "add"))
 _INPUT_NODE, _UPSAMPLE, _SIGMOID, _MUL, _CONCAT = (_LT[k] for k in ("input", "upsample", "sigmoid", "mul", "concat"))
 _BILINEAR, _LEAKY_RELU, _TANH, _RESHAPE = (_LT[k] for k in ("upsample_bilinear", "leaky_relu", "tanh", "reshape"))
+_JITTER = _LT["jitter"]
 # Must match enum kd_init in kdcore.h.
 _INITS = {"default": 0, "kaiming_normal_fan_out": 1, "kaiming_normal_fan_in": 2}
 _INPUT = -1
@@ -737,6 +738,25 @@ class Dropout(Module):
 
     def _describe(self):
         return f"p={self.p}"
+
+
+class Jitter(Module):
+    """Random augmentation of a whole batch in training mode, the identity in eval mode: a
+    circular shift of the maps by (dy, dx), each drawn uniformly from [-max_shift, max_shift]
+    (``torch.roll`` over H and W), then a horizontal flip with probability ``flip_p``; one
+    draw per forward (DeepInversion's jitter of the images it optimises). The gradient goes
+    back through the same shift and flip."""
+
+    def __init__(self, max_shift, flip_p=0.0):
+        super().__init__()
+        self.max_shift = _check_int("max_shift", max_shift, 0)
+        self.flip_p = _check_float("flip_p", flip_p, 0, 1)
+
+    def _emit(self, g, x, prefix):
+        return g.add(_JITTER, prefix, [x], padding=self.max_shift, p=self.flip_p)
+
+    def _describe(self):
+        return f"max_shift={self.max_shift}, flip_p={self.flip_p}"
 
 
 class Flatten(Module):

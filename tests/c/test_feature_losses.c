@@ -2,7 +2,8 @@
 // checks of every gradient (student and teacher maps; all four FSP maps), on both linear
 // product engines; weight and accumulate semantics; NULL gradients; bitwise equality across
 // thread counts in deterministic mode; the scratch size against the documented formula;
-// argument errors naming the argument; a non-finite loss. Sizes are tiny: this runs under
+// argument errors naming the argument; a non-finite loss; DeepInversion's losses (BN
+// statistics, TV, l2 prior, ADI). Sizes are tiny: this runs under
 // valgrind (`make valgrind`).
 //
 // Finite differences: the loss comes back as a float, so each derivative is a Richardson
@@ -357,7 +358,92 @@ static void test_degenerate(void) {
     for (int i = 0; i < 5; i++) CHECK(st[i] == KD_OK, "zero maps, method %d: %s", i, kd_last_error());
 }
 
+// DeepInversion's losses (BN statistics, TV in both forms, the l2 prior, ADI's competition
+// term): every gradient against Richardson-extrapolated central differences, weight and
+// accumulate, and the refusals of maps too small for them.
+enum di_kind { DI_BNSTAT, DI_TV_L2, DI_TV_L1, DI_L2PRIOR, DI_ADI_T, DI_ADI_S };
+struct di_case { enum di_kind k; struct kd_fmap x; float * other; const float * rm, * rv; };
+
+static enum kd_status di_run(const struct di_case * c, float * loss, float * g, float weight, bool acc) {
+    const size_t n = fsize(c->x);
+    switch (c->k) {
+    case DI_BNSTAT: return kd_loss_bnstat(loss, g, c->x, c->rm, c->rv, weight, acc);
+    case DI_TV_L2: return kd_loss_tv(loss, g, c->x, false, weight, acc);
+    case DI_TV_L1: return kd_loss_tv(loss, g, c->x, true, weight, acc);
+    case DI_L2PRIOR: return kd_loss_l2prior(loss, g, c->x.x, n, weight, acc);
+    case DI_ADI_T: return kd_loss_adi(loss, g, NULL, c->x.x, c->other, c->x.n, c->x.c, 1.5f, weight, acc);
+    case DI_ADI_S: return kd_loss_adi(loss, NULL, g, c->other, c->x.x, c->x.n, c->x.c, 1.5f, weight, acc);
+    }
+    return KD_ERR_VALUE;
+}
+
+static double di_loss(const struct di_case * c) {
+    float l = NAN;
+    enum kd_status st = di_run(c, &l, NULL, 1.0f, false);
+    if (st != KD_OK) printf("  deepinversion %d: %s\n", (int)c->k, kd_last_error());
+    return l;
+}
+
+static void di_gradcheck(struct di_case * c, float h, double rtol) {
+    const size_t n = fsize(c->x);
+    float * x = (float *)(uintptr_t)c->x.x, * g = calloc(n, sizeof(float)), * fd = calloc(n, sizeof(float));
+    float * acc = malloc(n * sizeof(float));
+    float loss, loss2;
+    CHECK(di_run(c, &loss, g, 1.0f, false) == KD_OK, "deepinversion %d: %s", (int)c->k, kd_last_error());
+    double scale = 0;
+    for (size_t e = 0; e < n; e++) {
+        double d[2];
+        for (int r = 0; r < 2; r++) {
+            const float hr = r ? h / 2 : h, x0 = x[e], xp = x0 + hr, xm = x0 - hr;
+            x[e] = xp;
+            const double lp = di_loss(c);
+            x[e] = xm;
+            const double lm = di_loss(c);
+            x[e] = x0;
+            d[r] = (lp - lm) / ((double)xp - (double)xm);
+        }
+        fd[e] = (float)((4 * d[1] - d[0]) / 3);
+        scale = fmax(scale, fabs(fd[e]));
+    }
+    char name[96];
+    snprintf(name, sizeof name, "deepinversion loss %d: gradient", (int)c->k);
+    check_close(name, g, fd, n, rtol * fmax(scale, 1e-6), rtol);
+    for (size_t e = 0; e < n; e++) acc[e] = 1.0f;
+    CHECK(di_run(c, &loss2, acc, 2.5f, true) == KD_OK && loss2 == loss, "deepinversion %d: weight changed the loss",
+          (int)c->k);
+    for (size_t e = 0; e < n; e++) fd[e] = 1.0f + 2.5f * g[e];
+    snprintf(name, sizeof name, "deepinversion loss %d: accumulate weight 2.5", (int)c->k);
+    check_close(name, acc, fd, n, 1e-5 * fmax(scale, 1.0), 1e-5);
+    free(g); free(fd); free(acc);
+}
+
+static void test_deepinversion_losses(void) {
+    const int n = 3, ch = 2, hh = 4, ww = 5;
+    float * x = rnd((size_t)n * ch * hh * ww, 91, -1.5f, 1.5f);
+    // on a grid of 0.1: every nonzero neighbour difference is >= 0.1, so no central difference
+    // of step <= 0.01 crosses the l1 form's kink (a zero difference gives 0 on both sides)
+    for (int e = 0; e < n * ch * hh * ww; e++) x[e] = roundf(x[e] * 10) / 10;
+    const float rm[2] = { 0.2f, -0.4f }, rv[2] = { 0.0f, 1.3f };   // a channel with zero running variance
+    struct kd_fmap f = fmap(x, n, ch, hh, ww);
+    const enum di_kind maps[4] = { DI_BNSTAT, DI_TV_L2, DI_TV_L1, DI_L2PRIOR };
+    for (int k = 0; k < 4; k++) {
+        struct di_case c = { .k = maps[k], .x = f, .rm = rm, .rv = rv };
+        di_gradcheck(&c, 1e-2f, 2e-3);
+    }
+    float * t = rnd(6 * 4, 92, -1.5f, 1.5f), * s = rnd(6 * 4, 93, -1.5f, 1.5f);
+    struct di_case ct = { .k = DI_ADI_T, .x = fmap(t, 6, 4, 1, 1), .other = s };
+    struct di_case cs = { .k = DI_ADI_S, .x = fmap(s, 6, 4, 1, 1), .other = t };
+    di_gradcheck(&ct, 1e-2f, 2e-3);
+    di_gradcheck(&cs, 1e-2f, 2e-3);
+    float loss, one[3] = { 1, 2, 3 }, g[3];
+    CHECK(kd_loss_bnstat(&loss, g, fmap(one, 1, 2, 1, 1), rm, rv, 1, false) == KD_ERR_SHAPE,
+          "bnstat: one value per channel must be refused");
+    CHECK(kd_loss_tv(&loss, g, fmap(one, 1, 1, 1, 3), false, 1, false) == KD_ERR_SHAPE, "tv: h = 1 must be refused");
+    free(x); free(t); free(s);
+}
+
 int main(void) {
+    KDT_RUN(test_deepinversion_losses);
     KDT_RUN(test_gradcheck_all);
     kd_linear_force_engine(2);   // the same checks with OpenBLAS running the products
     KDT_RUN(test_gradcheck_all);

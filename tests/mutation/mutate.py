@@ -10,9 +10,10 @@ scheme's configuration; where one shared engine line implements an option for ev
 so that each scheme's test is shown to check it. The last group breaks the engine itself
 (connectors, source gradients, gradient slots, parameter holders, CRD state, skip mode).
 The logit-methods group breaks the mechanism of NormKD's and WTTM's losses (losses.c) and
-CTKD's gradient reversal and curriculum (train.c). The adversarial data-free group breaks the
-step cycle (phases, cycle_batch, per-phase term means), reversed terms, gradient clipping and
-the L1 loss that DFAD and ZSKT run on. The metrics group breaks kdcore.metrics
+CTKD's gradient reversal and curriculum (train.c), and DeepInversion's BN-statistics term
+(train.c, losses_feat.c). The adversarial data-free group breaks the step cycle (phases,
+cycle_batch, per-phase term means), reversed terms, gradient clipping and the L1 loss that
+DFAD and ZSKT run on. The metrics group breaks kdcore.metrics
 (Python only, no rebuild).
 
 For every mutation in MUTATIONS below: copy the repository (the files `git ls-files` lists,
@@ -60,6 +61,7 @@ FEATURE = "tests/test_feature_methods_torch.py"
 CONN = "tests/test_connector_methods_torch.py"
 LOSSES_API = "tests/test_losses_api.py"
 NONFINITE = "tests/test_nonfinite.py"
+DEEPINV = "tests/test_deepinversion_torch.py"
 REVIEWKD = "tests/test_reviewkd_torch.py"
 METRICS = "python/kdcore/metrics.py"
 METRICS_T = "tests/test_metrics.py"
@@ -479,6 +481,19 @@ MUTATIONS = [
          what="CTKD: the curriculum's lambda of the first epoch kept for every epoch",
          old="kd_ctkd_lambda(p->epoch, t->ctkd.lambda_min,", new="kd_ctkd_lambda(0, t->ctkd.lambda_min,",
          tests=t(CTKD, "test_ctkd_steps_at_two_curriculum_epochs")),
+    dict(name="deepinv_bn_stats_swapped", file=TRAIN,
+         what="DeepInversion: the BN-statistics term compares with the running variance as the mean and back",
+         old="t->bnstat.node, &p.rmean, &p.rvar);", new="t->bnstat.node, &p.rvar, &p.rmean);",
+         tests=t(DEEPINV, "test_one_sgd_step_matches_torch", "test_one_adam_step_matches_torch")),
+    dict(name="deepinv_jitter_backward_unflipped", file="kdcore/src/net.c",
+         what="Jitter: the backward undoes the shift but not the flip",
+         old="kd_jitter_backward(din, d, N, c, h, w, nd->jit[0], nd->jit[1], nd->jit[2] != 0);",
+         new="kd_jitter_backward(din, d, N, c, h, w, nd->jit[0], nd->jit[1], false);",
+         tests=t(DEEPINV, "test_jitter_layer_matches_torch")),
+    dict(name="deepinv_unbiased_variance", file="kdcore/src/losses_feat.c",
+         what="DeepInversion: the BN input's batch variance unbiased (the authors' hook takes the biased one)",
+         old="var[c] = q / (double)m;", new="var[c] = q / (double)(m - 1);",
+         tests=t(DEEPINV, "test_bnstat_loss_matches_autograd", "test_one_sgd_step_matches_torch")),
 
     # ---- adversarial data-free distillation (DFAD, ZSKT): the reversed term, the step cycle
     dict(name="adv_reversal_off", file=TRAIN,

@@ -120,6 +120,8 @@ BINDING_LOSSES = {
                  dict(student=logits_pool(), teacher=logits_pool(TEACHER), target=labels_variants(Y, V),
                       alpha=SCALARS, beta=SCALARS, T=SCALARS)),
     "softmax": (K.softmax, dict(logits=LOGITS, T=1.0), dict(logits=logits_pool(), T=SCALARS)),
+    "adi_loss": (K.adi_loss, dict(teacher=TEACHER, student=LOGITS, T=3.0),
+                 dict(teacher=logits_pool(TEACHER), student=logits_pool(), T=SCALARS)),
     "cross_entropy": (K.cross_entropy, dict(logits=LOGITS, target=Y, label_smoothing=0.0),
                       dict(logits=logits_pool(), target=labels_variants(Y, V), label_smoothing=SCALARS)),
 }
@@ -1430,6 +1432,22 @@ def test_leaky_relu_arguments(slope):
 
 
 @settings(max_examples=30)
+@given(max_shift=st.one_of(SCALARS, COUNTS), flip_p=st.one_of(SCALARS, st.just(0.5)), which=st.integers(0, 1))
+def test_jitter_arguments(max_shift, flip_p, which):
+    """nn.Jitter with one argument replaced: a layer whose training forward and backward are
+    finite permutations of X4, or an error naming the argument."""
+    kw = dict(max_shift=2, flip_p=0.5)
+    name = ["max_shift", "flip_p"][which]
+    kw[name] = [max_shift, flip_p][which]
+    ok, m = attempt(nn.Jitter, (), kw, (name,), what="nn.Jitter")
+    if ok:
+        m.train()
+        out = m(X4)
+        assert out.shape == X4.shape and np.array_equal(np.sort(out, axis=None), np.sort(X4, axis=None))
+        assert np.all(np.isfinite(m.backward(np.ones_like(out))))
+
+
+@settings(max_examples=30)
 @given(dim=st.one_of(SCALARS, st.just(1)), size=st.one_of(SCALARS, st.tuples(SIZES, SIZES, SIZES), st.just((2, 2, 2))))
 def test_unflatten_arguments(dim, size):
     ok, m = attempt(nn.Unflatten, (dim, size), {}, ("dim", "unflattened_size"), what="nn.Unflatten")
@@ -1472,6 +1490,52 @@ def test_dafl_arguments(data):
     arg, kw = mutate(valid, pools, data)
     names = {"activation_tap": ("activation_tap", "tap")}.get(arg, (arg,))
     attempt(kdcore.datafree.dafl, (), kw, names, what="datafree.dafl", ok=(TypeError, ValueError, KeyError), trains=True)
+
+
+MAPS = RNG.normal(0, 1, (3, 2, 4, 4)).astype(np.float32)
+
+
+@settings(max_examples=60)
+@given(st.data())
+def test_deepinversion_map_losses(data):
+    """_kdcore.bnstat_loss, tv_loss, l2prior_loss with one argument replaced."""
+    fname = data.draw(st.sampled_from(["bnstat_loss", "tv_loss", "l2prior_loss"]), label="function")
+    valid = {"bnstat_loss": dict(x=MAPS, running_mean=np.zeros(2, np.float32), running_var=np.ones(2, np.float32)),
+             "tv_loss": dict(x=MAPS, l1=False), "l2prior_loss": dict(x=MAPS)}[fname]
+    pools = dict(x=st.one_of(variants_of(MAPS), any_array(max_dims=4)), running_mean=any_array(max_dims=2),
+                 running_var=any_array(max_dims=2), l1=FLAGS)
+    arg, kw = mutate(valid, {k: pools[k] for k in valid}, data)
+    fn = getattr(K, fname)
+    ok, out = attempt(lambda **k: fn(*k.values()), (), kw, (arg,), what=f"_kdcore.{fname}")
+    if ok:
+        assert np.isfinite(out[0]) and np.isfinite(out[1]).all() and out[1].shape == np.shape(kw["x"])
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.data())
+def test_deepinversion_arguments(data):
+    """kdcore.datafree.deepinversion with one argument replaced: images or an error naming it."""
+    teacher = kdcore.models.cnn(num_classes=3, in_channels=1, input_size=8, width=2, seed=0)
+    student = kdcore.models.cnn(num_classes=3, in_channels=1, input_size=8, width=2, seed=1)
+    valid = dict(teacher=teacher, n_images=5, iterations=2, batch_size=4, labels=None, student=student, adi=0.1,
+                 bn=1.0, tv=1e-3, l2=1e-3, tv_l1=False, lr=0.05, T=3.0, chunk=1, seed=0)
+    pools = dict(teacher=SCALARS, n_images=COUNTS, iterations=COUNTS, batch_size=COUNTS,
+                 labels=st.one_of(labels_variants(np.array([0, 1, 2, 0, 1], np.int64), 3), any_array(max_dims=2)),
+                 student=SCALARS, adi=SCALARS, bn=SCALARS, tv=SCALARS, l2=SCALARS, tv_l1=FLAGS, lr=SCALARS,
+                 T=SCALARS, chunk=COUNTS, seed=SCALARS)
+    arg, kw = mutate(valid, pools, data)
+    if kw["student"] is None and kw["adi"]:
+        kw["adi"] = 0.0
+    if kw["n_images"] != 5 and arg != "labels":
+        kw["labels"] = None
+    if isinstance(kw["iterations"], int) and kw["iterations"] > 4:
+        kw["iterations"] = 4
+    if isinstance(kw["n_images"], int) and kw["n_images"] > 16:
+        kw["n_images"] = 16
+    ok, out = attempt(kdcore.datafree.deepinversion, (), kw, (arg,), what="datafree.deepinversion",
+                      ok=(TypeError, ValueError, KeyError), trains=True)
+    if ok:
+        assert out[0].shape == (kw["n_images"], 1, 8, 8) and np.isfinite(out[0]).all()
 
 
 def _adversarial_valid():
