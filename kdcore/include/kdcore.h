@@ -441,6 +441,11 @@ KD_API enum kd_status kd_loss_adi(float * loss, float * dt, float * ds, const fl
 // sample is V/2 times this).
 KD_API enum kd_status kd_loss_mse(float * loss, float * dlogits, const float * s, const float * t,
                                   int N, int V, float weight, bool accumulate);
+// Mean absolute error between logits: mean over N*V of |s - t| (F.l1_loss; DFAD's
+// discrepancy). Its subgradient sign(s - t) / (N V) is 0 where s == t, as torch.sign;
+// dteacher (may be NULL) receives the opposite of ds, for a source that passes gradient on.
+KD_API enum kd_status kd_loss_l1(float * loss, float * ds, float * dteacher, const float * s, const float * t,
+                                 int N, int V, float weight, bool accumulate);
 // Tolerant-teacher term (Wang & Yoon's review, eq. 8): mean_i [z_(1) - mean(z_(2..K))] over the K
 // largest logits of each sample.
 KD_API enum kd_status kd_loss_tolerant(float * loss, float * dlogits, const float * z, int N, int V,
@@ -943,6 +948,11 @@ struct kd_step_net {
                                // passes the gradient on; its parameters are left unchanged
     bool detach_input;         // connector: no gradient goes back to the net it reads (a
                                // student learning from generated samples)
+    unsigned phases;           // trained net: bit p, its optimizer steps in phase p of the step
+                               // cycle; 0: every step (see kd_step_cfg.cycle)
+    float clip_norm;           // trained net: before its update, its gradient scaled by
+                               // min(1, clip_norm / (||g||_2 + 1e-6)) over all its parameters
+                               // (torch.nn.utils.clip_grad_norm_); 0: no clipping
 };
 
 
@@ -1011,6 +1021,9 @@ enum kd_term_kind {
     KD_TERM_L2PRIOR,     // kd_loss_l2prior(a)
     KD_TERM_ADI,         // kd_loss_adi(a, src) at temperature T: a the teacher's logits, src the
                          // student's (src.grad: the gradient reaches both)
+    // Adversarial data-free distillation (DFAD, ZSKT): the discrepancy a generator ascends
+    // (a term with `reverse`) and the student descends, in alternating phases (cycle below).
+    KD_TERM_L1,          // kd_loss_l1(a, src): mean |a - src| over samples and logits
     KD_TERM_COUNT
 };
 KD_API const char * kd_term_kind_name(enum kd_term_kind kind);   // "ce", "kd", ... (NULL if unknown)
@@ -1027,6 +1040,10 @@ struct kd_term {
     int k;                     // TOLERANT: top-k
     bool conditional;          // KD: per sample, the term where the source predicts the label,
                                // else cross-entropy with the label at the term's weight
+    bool reverse;              // the gradient of -weight * term reaches its inputs (gradient
+                               // reversal: a generator ascends what the student descends); the
+                               // value is reported unweighted, its net loss contribution negated
+    unsigned phases;           // bit p: the term runs in phase p of the step cycle; 0: every step
     bool standardize;          // KD, DKD, DIST, MSE: z-score each row of logits of `a` and of the
                                // source before the loss, (z - mean) / (std + 1e-7) with the
                                // unbiased std (logit standardisation, Sun et al. 2024); one
@@ -1066,13 +1083,25 @@ struct kd_step_cfg {
     struct kd_source monitor;  // a source whose training accuracy is reported (n = 0: none)
     int logits_net;            // the net whose output width is the number of classes (0: net 0,
                                // the student; a generator-first step names the student)
+    // Alternating steps (adversarial games): step s of an epoch runs phase s % cycle (cycle
+    // 0 or 1: every step is phase 0). In a phase, the terms whose `phases` have its bit run;
+    // a trained net is updated when its `phases` have the bit (0: always); a net runs its
+    // backward when it is updated, or when it is a connector (trained or grad_input, not
+    // detach_input) whose input net runs its backward in that phase: it then only passes the
+    // gradient on, its parameters left unchanged. Every other net runs an inference forward.
+    int cycle;                 // 0 .. KD_STEP_MAX_PHASES
+    bool cycle_batch;          // every step of a cycle reads the cycle's batch (same samples,
+                               // augmentation and input noise; ZSKT's repeated z): an epoch has
+                               // cycle x as many steps as batches
 };
+#define KD_STEP_MAX_PHASES 32
 
 struct kd_step_stats {
     double net_loss[KD_STEP_MAX_NETS];       // per net: sum of its terms' weighted values (the
                                              // terms whose `a` it is), per-sample mean
     double net_accuracy[KD_STEP_MAX_NETS];   // per net whose output has V values: training accuracy
     double term_value[KD_STEP_MAX_TERMS];    // per term: the unweighted loss, per-sample mean
+                                             // over the steps of its phases
     double term_part[KD_STEP_MAX_TERMS][2];  // DKD: TCKD, NCKD
     double term_accuracy[KD_STEP_MAX_TERMS]; // accuracy of the term's input `a` (logit terms)
     float term_weight[KD_STEP_MAX_TERMS];    // effective weight this epoch

@@ -225,6 +225,21 @@ enum kd_status kd_loss_mse(float * loss, float * dlogits, const float * s, const
     return KD_OK;
 }
 
+enum kd_status kd_loss_l1(float * loss, float * ds, float * dteacher, const float * s, const float * t, int N, int V,
+                          float weight, bool accumulate) {
+    if (!s || !t || N < 1 || V < 1) KD_FAIL(KD_ERR_VALUE, "logits must be non-empty");
+    double total = 0, g = (double)weight / ((double)N * V);
+    for (size_t i = 0; i < (size_t)N * V; i++) {
+        double d = (double)s[i] - t[i], sg = d > 0 ? 1.0 : d < 0 ? -1.0 : 0.0;
+        total += fabs(d);
+        if (ds) put(&ds[i], g * sg, accumulate);
+        if (dteacher) put(&dteacher[i], -g * sg, accumulate);
+    }
+    if (loss) *loss = (float)(total / ((double)N * V));
+    if (!isfinite(total)) KD_FAIL(KD_ERR_NONFINITE, "logit L1 loss is not finite");
+    return KD_OK;
+}
+
 // Tolerant teacher (Yang et al. 2019, Wang & Yoon's review, eq. 8): per sample, the gap between the
 // largest logit and the mean of the next K-1, averaged over the batch. Minimising it keeps
 // secondary classes alive in a teacher trained for later generations.

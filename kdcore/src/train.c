@@ -89,6 +89,18 @@ static bool grads_and_stats_finite(struct kd_net * net) {
            all_finite(kd_net_buffers(net), kd_net_num_buffers(net));
 }
 
+// torch.nn.utils.clip_grad_norm_ over a net's whole gradient block: the L2 norm in double, in
+// index order (the same bits at any thread count), then g *= max_norm / (norm + 1e-6) when
+// that is below 1. The gradient is finite here: the checks ran before any update.
+static void clip_grad_norm(struct kd_net * net, float max_norm) {
+    float * g = kd_net_grads(net);
+    const size_t n = kd_net_num_params(net);
+    double ss = 0;
+    for (size_t i = 0; i < n; i++) ss += (double)g[i] * g[i];
+    const double coef = (double)max_norm / (sqrt(ss) + 1e-6);
+    if (coef < 1.0) for (size_t i = 0; i < n; i++) g[i] = (float)(g[i] * coef);
+}
+
 // ---------------------------------------------------------------------------------------
 // The shared batch pipeline.
 
@@ -98,6 +110,7 @@ struct loop {
     const struct kd_train_cfg * cfg;
     int epoch, B;
     int64_t steps, steps_per_epoch, step;
+    int per_batch;            // steps that read one batch (a step cycle's cycle_batch; else 1)
     uint64_t eseed, sseed;
     int64_t * perm;
     float * x;                // the batch, (B, c, h, w)
@@ -151,6 +164,7 @@ static enum kd_status loop_init(struct loop * L, const char * fn, const struct k
     L->eseed = kd_hash(cfg->seed, (uint64_t)epoch);
     if (cfg->shuffle) kd_data_shuffle(L->perm, ds->n, L->eseed);
     else for (int64_t i = 0; i < ds->n; i++) L->perm[i] = i;
+    L->per_batch = 1;
     L->pr.epoch = epoch;
     L->pr.steps_total = (int)L->steps;
     return KD_OK;
@@ -158,10 +172,10 @@ static enum kd_status loop_init(struct loop * L, const char * fn, const struct k
 
 // Assembles batch L->step: x (augmented), y, idx, nb, lr.
 static void loop_batch(struct loop * L) {
-    const int64_t start = L->step * L->cfg->batch_size;
+    const int64_t batch = L->step / L->per_batch, start = batch * L->cfg->batch_size;
     L->nb = (int)(L->ds->n - start < L->cfg->batch_size ? L->ds->n - start : L->cfg->batch_size);
     L->idx = L->perm + start;
-    L->sseed = kd_hash(L->eseed, (uint64_t)L->step);
+    L->sseed = kd_hash(L->eseed, (uint64_t)batch);
     kd_data_batch(L->x, L->ds, L->idx, L->nb, &L->cfg->aug, L->sseed);
     for (int i = 0; i < L->nb; i++) L->y[i] = L->ds->y[L->idx[i]];
     L->lr = kd_schedule_lr(&L->cfg->sched, L->epoch, (int)L->step, (int)L->steps_per_epoch);
@@ -369,6 +383,9 @@ static enum kd_status pair_tv(const struct kd_term * t, struct pair_io * p) {
 static enum kd_status pair_adi(const struct kd_term * t, struct pair_io * p) {
     return kd_loss_adi(&p->value, p->da, p->db, p->a, p->b, p->nb, p->ac, t->T, p->w, true);
 }
+static enum kd_status pair_l1(const struct kd_term * t, struct pair_io * p) {
+    return kd_loss_l1(&p->value, p->da, p->db, p->a, p->b, p->nb, p->ac, p->w, true);
+}
 static enum kd_status pair_cc(const struct kd_term * t, struct pair_io * p) {
     return kd_loss_cc(&p->value, p->da, p->db, p->a, p->b, p->nb, p->ac * p->ah * p->aw, p->w, true);
 }
@@ -453,6 +470,7 @@ static const struct term_kind_info {
     [KD_TERM_TV]       = { "tv",       "TV prior",          false, false, false, false, pair_tv },
     [KD_TERM_L2PRIOR]  = { "l2prior",  "l2 prior",          false, false, false, false, pair_l2prior },
     [KD_TERM_ADI]      = { "adi",      "competition loss",  true,  true,  true,  true,  pair_adi },
+    [KD_TERM_L1]       = { "l1",       "L1 loss",           true,  true,  true,  true,  pair_l1 },
 };
 
 const char * kd_term_kind_name(enum kd_term_kind kind) {
@@ -494,7 +512,10 @@ struct kd_term kd_term_default(enum kd_term_kind kind) {
 struct snet {
     const struct kd_step_net * c;
     bool trained, connector;
-    bool backprop;            // a backward runs: trained, or a grad_input connector
+    bool backprop;            // a backward runs in some phase of the cycle
+    unsigned bp_phases;       // the phases in which its backward runs (see kd_step_cfg.cycle)
+    unsigned upd_phases;      //   and in which it is updated (trained nets)
+    bool bp, upd;             // this step's
     int V;                    // values per sample of its output (0 when it has no output shape yet)
     float * cached;           // this batch's rows of c->logits
     float * noisy;            // its noisy copy of the batch
@@ -548,7 +569,7 @@ static const float * ref_data(const struct engine * E, struct kd_ref r) {
 
 // The slot of a reference, NULL when no backward runs through its net.
 static float * ref_grad(struct engine * E, struct kd_ref r) {
-    if (!E->n[r.net].backprop) return NULL;
+    if (!E->n[r.net].bp) return NULL;
     const int node = ref_node(E, r);
     for (int i = 0; i < E->n_slots; i++) {
         struct gslot * g = &E->slots[i];
@@ -692,6 +713,7 @@ static enum kd_status term_run(struct engine * E, const struct kd_term * t, floa
     const int nb = L->nb, V = E->V;
     const size_t nbv = (size_t)nb * V;
     memset(o, 0, sizeof *o);
+    if (t->reverse) w = -w;   // gradient reversal: the inputs receive -w dL
     const float * a = ref_data(E, t->a);
     float * da = ref_grad(E, t->a);
     float * q = scratch, * pred = scratch + E->BV, * mask = scratch + 4 * E->BV, * wrong = mask + L->B;
@@ -859,6 +881,11 @@ static enum kd_status engine_setup(struct engine * E) {
         if (c->mode > (KD_MODE_TRAIN | KD_MODE_NO_GRAD)) E_FAIL(KD_ERR_VALUE, "net %d: mode must be a kd_mode", i);
         if (!(c->input_noise >= 0) || !isfinite(c->input_noise)) E_FAIL(KD_ERR_VALUE, "net %d: input_noise must be >= 0", i);
         if (!(c->lr_scale >= 0) || !isfinite(c->lr_scale)) E_FAIL(KD_ERR_VALUE, "net %d: lr_scale must be >= 0", i);
+        if (!(c->clip_norm >= 0) || !isfinite(c->clip_norm))
+            E_FAIL(KD_ERR_VALUE, "net %d (%s): clip_norm (%g) must be >= 0 and finite", i, c->role ? c->role : "net",
+                   c->clip_norm);
+        if (c->clip_norm > 0 && !c->opt)
+            E_FAIL(KD_ERR_VALUE, "net %d (%s): clip_norm is for a trained net", i, c->role ? c->role : "net");
         for (int j = 0; j < i && c->net; j++)
             if (s->nets[j].net == c->net) E_FAIL(KD_ERR_VALUE, "net %d (%s) is also net %d of the step", i, role, j);
         sn->trained = c->opt != NULL;
@@ -908,6 +935,32 @@ static enum kd_status engine_setup(struct engine * E) {
         kd_net_node_shape(c->net, -1, &oc, &oh, &ow);
         sn->V = oc * oh * ow;
     }
+    // The step cycle: per phase, which nets are updated and which run a backward (an updated
+    // net, or a connector passing the gradient on to a net that runs one).
+    if (s->cycle < 0 || s->cycle > KD_STEP_MAX_PHASES)
+        E_FAIL(KD_ERR_VALUE, "cycle (%d) must be in [0, %d]", s->cycle, KD_STEP_MAX_PHASES);
+    const int np = s->cycle > 1 ? s->cycle : 1;
+    const unsigned all = np == 32 ? ~0u : (1u << np) - 1;
+    for (int i = 0; i < s->n_nets; i++) {
+        const struct kd_step_net * c = &s->nets[i];
+        struct snet * sn = &E->n[i];
+        const char * role = c->role ? c->role : "net";
+        if (c->phases && !c->opt) E_FAIL(KD_ERR_VALUE, "net %d (%s): phases are for a trained net", i, role);
+        if (c->phases & ~all)
+            E_FAIL(KD_ERR_VALUE, "net %d (%s): phases (0x%x) name a phase past the cycle of %d", i, role, c->phases, np);
+        sn->upd_phases = sn->trained ? (c->phases ? c->phases : all) : 0;
+        sn->bp_phases = 0;
+        for (int p = 0; p < np; p++) {
+            bool on = sn->upd_phases >> p & 1;
+            if (sn->connector && !c->detach_input && (sn->trained || c->grad_input)) {
+                on |= E->n[c->input_net].bp_phases >> p & 1;
+                for (int k = 0; k < c->n_inputs; k++) on |= E->n[c->inputs[k].net].bp_phases >> p & 1;
+            }
+            if (on) sn->bp_phases |= 1u << p;
+        }
+        sn->backprop = sn->bp_phases != 0;
+    }
+    if (s->cycle_batch && np < 2) E_FAIL(KD_ERR_VALUE, "cycle_batch needs a cycle of 2 or more phases");
     // The logits width: the output of logits_net (net 0 by default: the student, the model,
     // peer 0).
     if (s->logits_net < 0 || s->logits_net >= s->n_nets || !s->nets[s->logits_net].net)
@@ -941,6 +994,10 @@ static enum kd_status engine_setup(struct engine * E) {
         if (t->src.grad && ns > 1 && t->src.mix == KD_MIX_PROBS)
             E_FAIL(KD_ERR_VALUE, "term %d (%s): a gradient to the source needs logit mixing", i, kn);
         if (t->src.grad && !k->src_grad) E_FAIL(KD_ERR_VALUE, "term %d (%s) gives no gradient to its source", i, kn);
+        if (t->phases & ~all)
+            E_FAIL(KD_ERR_VALUE, "term %d (%s): phases (0x%x) name a phase past the cycle of %d", i, kn, t->phases, np);
+        if (t->reverse && (t->src.gates || t->conditional))
+            E_FAIL(KD_ERR_VALUE, "term %d (%s): reverse is not defined with learned gates or conditional", i, kn);
         if (t->conditional && t->kind != KD_TERM_KD)
             E_FAIL(KD_ERR_VALUE, "term %d (%s): conditional is defined for KD terms", i, kn);
         if (t->standardize && !(t->kind == KD_TERM_KD || t->kind == KD_TERM_DKD || t->kind == KD_TERM_DIST ||
@@ -1161,11 +1218,20 @@ enum kd_status kd_step_run_(const struct kd_step_cfg * s, const struct kd_datase
     enum kd_status st = KD_OK;
     double s_net[KD_STEP_MAX_NETS] = {0}, s_term[KD_STEP_MAX_TERMS] = {0}, s_part[KD_STEP_MAX_TERMS][2] = {{0}};
     int64_t net_correct[KD_STEP_MAX_NETS] = {0}, term_correct[KD_STEP_MAX_TERMS] = {0}, mon_correct = 0, seen = 0;
+    int64_t term_seen[KD_STEP_MAX_TERMS] = {0};   // samples of the steps in which each term ran
+    bool on[KD_STEP_MAX_TERMS] = {0};             // the terms of this step's phase
     float tw[KD_STEP_MAX_TERMS] = {0};
     struct term_out to[KD_STEP_MAX_TERMS];
     struct { int64_t steps; float z[2]; } crd_saved[KD_STEP_MAX_TERMS];
     if ((st = engine_setup(&E)) != KD_OK || (st = keep_read_nodes(&E)) != KD_OK || (st = engine_alloc(&E)) != KD_OK) {
         goto done;
+    }
+    const int n_phases = s->cycle > 1 ? s->cycle : 1;
+    if (s->cycle_batch) {
+        L.per_batch = n_phases;
+        L.steps_per_epoch *= n_phases;
+        L.steps = cfg->max_steps > 0 && cfg->max_steps < L.steps_per_epoch ? cfg->max_steps : L.steps_per_epoch;
+        L.pr.steps_total = (int)L.steps;
     }
     {
         // Skip mode: nets whose forwards update BN statistics are saved before every step.
@@ -1180,7 +1246,12 @@ enum kd_status kd_step_run_(const struct kd_step_cfg * s, const struct kd_datase
     while (L.step < L.steps) {
         loop_batch(&L);
         loop_save_bn(&L);
-        const int nb = L.nb;
+        const int nb = L.nb, phase = (int)(L.step % n_phases);
+        for (int i = 0; i < s->n_nets; i++) {
+            E.n[i].bp = E.n[i].bp_phases >> phase & 1;
+            E.n[i].upd = E.n[i].upd_phases >> phase & 1;
+        }
+        for (int t = 0; t < s->n_terms; t++) on[t] = !s->terms[t].phases || (s->terms[t].phases >> phase & 1);
         // Forwards, in the step's order (a connector after the net it reads).
         for (int i = 0; i < s->n_nets; i++) {
             struct snet * sn = &E.n[i];
@@ -1211,7 +1282,7 @@ enum kd_status kd_step_run_(const struct kd_step_cfg * s, const struct kd_datase
             }
             // Frozen nets run inference forwards; trained ones lean forwards (every node a
             // term reads is kept, so the lean layout leaves it readable).
-            unsigned mode = c->mode | (sn->backprop ? KD_MODE_LEAN : KD_MODE_NO_GRAD);
+            unsigned mode = c->mode | (sn->bp ? KD_MODE_LEAN : KD_MODE_NO_GRAD);
             if ((st = kd_net_forward(c->net, x, nb, C, H, W, mode, L.sseed ^ c->salt)) != KD_OK) goto done;
         }
         // Terms: values and gradients at the slots. A CRD bank's draw counter and Z (set by
@@ -1224,7 +1295,7 @@ enum kd_status kd_step_run_(const struct kd_step_cfg * s, const struct kd_datase
         for (int g = 0; g < E.n_slots; g++) E.slots[g].touched = false;
         for (int t = 0; t < s->n_terms; t++) {
             const struct kd_term * term = &s->terms[t];
-            if (tw[t] == 0) { memset(&to[t], 0, sizeof to[t]); continue; }
+            if (tw[t] == 0 || !on[t]) { memset(&to[t], 0, sizeof to[t]); continue; }
             st = term_run(&E, term, tw[t], E.scratch + (size_t)t * (4 * E.BV + 2 * (size_t)L.B), &to[t]);
             if (st == KD_ERR_NONFINITE || !isfinite(to[t].value) || !isfinite(to[t].contrib)) {
                 const char * role = s->nets[term->a.net].role;
@@ -1237,7 +1308,7 @@ enum kd_status kd_step_run_(const struct kd_step_cfg * s, const struct kd_datase
         // dropped step leaves every net as it was.
         for (int i = s->n_nets - 1; i >= 0; i--) {
             struct snet * sn = &E.n[i];
-            if (!sn->backprop) continue;
+            if (!sn->bp) continue;
             struct kd_net * net = sn->c->net;
             if (sn->c->params_only) {
                 if (!all_finite(kd_net_grads(net), kd_net_num_params(net)))
@@ -1253,27 +1324,29 @@ enum kd_status kd_step_run_(const struct kd_step_cfg * s, const struct kd_datase
                 else if ((st = kd_net_grad_add(net, gs->node, gs->g, 1.0f)) != KD_OK) goto done;
             }
             kd_net_zero_grad(net);
-            if ((st = kd_net_backward(net, dout, sn->dinp)) != KD_OK) goto done;
+            // The input gradient only when the net it reads runs its backward in this phase.
+            float * dinp = sn->dinp && E.n[sn->c->input_net].bp ? sn->dinp : NULL;
+            if ((st = kd_net_backward(net, dout, dinp)) != KD_OK) goto done;
             const char * role = sn->c->role ? sn->c->role : "net";
             if (!grads_and_stats_finite(net)) NONFINITE_STEP("gradient or BN statistics", role);
-            if (sn->dinp) {
+            if (dinp) {
                 struct kd_ref in = { sn->c->input_net, sn->c->input_node };
                 if (!all_finite(sn->dinp, (size_t)nb * ref_per(&E, in))) NONFINITE_STEP("input gradient", role);
                 if ((st = kd_net_grad_add(s->nets[in.net].net, ref_node(&E, in), sn->dinp, 1.0f)) != KD_OK) goto done;
             }
             for (int k = 0; k < sn->c->n_inputs; k++) {
                 const struct kd_ref in = sn->c->inputs[k];
-                if (!sn->ext_grad[k]) continue;
+                if (!sn->ext_grad[k] || !E.n[in.net].bp) continue;
                 if (!all_finite(sn->ext_grad[k], (size_t)nb * ref_per(&E, in))) NONFINITE_STEP("input gradient", role);
                 if ((st = kd_net_grad_add(s->nets[in.net].net, ref_node(&E, in), sn->ext_grad[k], 1.0f)) != KD_OK) goto done;
             }
-            if (!sn->trained) kd_net_zero_grad(net);   // grad_input: only the input gradient was wanted
+            if (!sn->upd) kd_net_zero_grad(net);   // passing on: only the input gradient was wanted
         }
         // State moves once every check has passed: CRD's banks take the step's embeddings,
         // learned gates their SGD step (the next step reads them again).
         for (int t = 0; t < s->n_terms; t++) {
             const struct kd_term * term = &s->terms[t];
-            if (term->kind == KD_TERM_CRD && tw[t] != 0) {
+            if (term->kind == KD_TERM_CRD && tw[t] != 0 && on[t]) {
                 const size_t nd = (size_t)nb * ref_per(&E, term->a);
                 const float * es = E.term_scratch[t];
                 if ((st = kd_crd_update(term->crd.bank, es, es + nd, L.idx, nb)) != KD_OK) goto done;
@@ -1281,7 +1354,7 @@ enum kd_status kd_step_run_(const struct kd_step_cfg * s, const struct kd_datase
         }
         for (int t = 0; t < s->n_terms; t++) {
             const struct kd_term * term = &s->terms[t];
-            if (!term->src.gates || !(term->src.gate_lr > 0) || tw[t] == 0) continue;
+            if (!term->src.gates || !(term->src.gate_lr > 0) || tw[t] == 0 || !on[t]) continue;
             float gw[KD_SOURCE_MAX];
             source_weights(&term->src, L.sseed, gw);
             float * sc = E.scratch + (size_t)t * (4 * E.BV + 2 * (size_t)L.B);
@@ -1290,11 +1363,15 @@ enum kd_status kd_step_run_(const struct kd_step_cfg * s, const struct kd_datase
         }
         for (int i = 0; i < s->n_nets; i++) {
             const struct kd_step_net * c = &s->nets[i];
-            if (c->opt && (st = kd_optim_step(c->opt, L.lr * (c->lr_scale > 0 ? c->lr_scale : 1.0f))) != KD_OK) goto done;
+            if (!c->opt || !E.n[i].upd) continue;
+            if (c->clip_norm > 0) clip_grad_norm(c->net, c->clip_norm);
+            if ((st = kd_optim_step(c->opt, L.lr * (c->lr_scale > 0 ? c->lr_scale : 1.0f))) != KD_OK) goto done;
         }
         // Statistics of the completed step.
         for (int t = 0; t < s->n_terms; t++) {
             const struct kd_term * term = &s->terms[t];
+            if (!on[t]) continue;
+            term_seen[t] += nb;
             s_term[t] += (double)to[t].value * nb;
             s_part[t][0] += (double)to[t].part[0] * nb;
             s_part[t][1] += (double)to[t].part[1] * nb;
@@ -1330,10 +1407,11 @@ done:
             out->net_accuracy[i] = net_correct[i] / n;
         }
         for (int t = 0; t < s->n_terms && t < KD_STEP_MAX_TERMS; t++) {
-            out->term_value[t] = s_term[t] / n;
-            out->term_part[t][0] = s_part[t][0] / n;
-            out->term_part[t][1] = s_part[t][1] / n;
-            out->term_accuracy[t] = term_correct[t] / n;
+            const double nt = term_seen[t] ? (double)term_seen[t] : 1.0;
+            out->term_value[t] = s_term[t] / nt;
+            out->term_part[t][0] = s_part[t][0] / nt;
+            out->term_part[t][1] = s_part[t][1] / nt;
+            out->term_accuracy[t] = term_correct[t] / nt;
             out->term_weight[t] = tw[t];
         }
         out->monitor_accuracy = mon_correct / n;

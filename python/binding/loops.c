@@ -731,16 +731,18 @@ done:
 }
 
 // nets: list of dicts {net, opt, logits, mode, input: (net, node) or None, noise, lr_scale,
-// salt, role}; terms: list of dicts {kind, name, a: (net, node), src: [(net, node)], w, mix,
+// salt, role, phases, clip_norm}; terms: list of dicts {kind, name, a: (net, node), src: [(net, node)], w, mix,
 // grad, drop, gates, gate_lr, weight, warmup_epochs, stop_epoch, T, alpha, beta, k,
-// conditional}; monitor: a dict {src, w, mix} or None. Returns the kd_step_stats as a dict.
+// conditional, reverse, phases}; monitor: a dict {src, w, mix} or None; cycle, cycle_batch:
+// the step cycle (kd_step_cfg). Returns the kd_step_stats as a dict.
 PyObject * py_step_epoch(PyObject * Py_UNUSED(m), PyObject * args, PyObject * kwds) {
-    static char * kwlist[] = { "nets", "terms", "data", "epoch", "train", "monitor", "logits_net", NULL };
+    static char * kwlist[] = { "nets", "terms", "data", "epoch", "train", "monitor", "logits_net", "cycle",
+                               "cycle_batch", NULL };
     PyObject * nets_o, * terms_o, * topts, * mon_o = Py_None;
     DatasetObject * data;
-    int epoch, logits_net = 0;
-    if (!PARSE_KW(args, kwds, "OOO!iO|Oi", kwlist, &nets_o, &terms_o, &DatasetType, &data, &epoch, &topts, &mon_o,
-                  &logits_net))
+    int epoch, logits_net = 0, cycle = 0, cycle_batch = 0;
+    if (!PARSE_KW(args, kwds, "OOO!iO|Oiip", kwlist, &nets_o, &terms_o, &DatasetType, &data, &epoch, &topts, &mon_o,
+                  &logits_net, &cycle, &cycle_batch))
         return NULL;
     struct kd_train_cfg cfg;
     struct callback_ctx ctx = { NULL };
@@ -774,15 +776,19 @@ PyObject * py_step_epoch(PyObject * Py_UNUSED(m), PyObject * args, PyObject * kw
         PyObject * net = opt_get(&r, "net"), * opt = opt_get(&r, "opt"), * lg = opt_get(&r, "logits"),
                  * input = opt_get(&r, "input"), * role = opt_get(&r, "role"), * inputs = opt_get(&r, "inputs");
         int mode = 0;
-        long long salt = 0;
+        long long salt = 0, nphases = 0;
         if (opt_i32(&r, "mode", &mode) < 0 || opt_bool(&r, "params_only", &c->params_only) < 0 ||
+            opt_int(&r, "phases", &nphases) < 0 ||
             opt_bool(&r, "grad_input", &c->grad_input) < 0 || opt_bool(&r, "detach_input", &c->detach_input) < 0 ||
             opt_float(&r, "noise", &c->input_noise) < 0 ||
-            opt_float(&r, "lr_scale", &c->lr_scale) < 0 || opt_int(&r, "salt", &salt) < 0 || opt_done(&r) < 0)
+            opt_float(&r, "lr_scale", &c->lr_scale) < 0 || opt_float(&r, "clip_norm", &c->clip_norm) < 0 ||
+            opt_int(&r, "salt", &salt) < 0 || opt_done(&r) < 0)
             goto done;
         if (mode < 0 || mode > (KD_MODE_TRAIN | KD_MODE_NO_GRAD)) { PyErr_Format(PyExc_ValueError, "nets[%zd]: mode %d is not a kd_mode", i, mode); goto done; }
         c->mode = (unsigned)mode;
         c->salt = (uint64_t)salt;
+        if (nphases < 0 || nphases > 0xFFFFFFFFll) { PyErr_Format(PyExc_ValueError, "nets[%zd]: phases must be a 32-bit mask", i); goto done; }
+        c->phases = (unsigned)nphases;
         if (role && role != Py_None) {
             if (!PyUnicode_Check(role) || !(c->role = PyUnicode_AsUTF8(role))) {
                 if (!PyErr_Occurred()) PyErr_Format(PyExc_TypeError, "nets[%zd]: role must be a str", i);
@@ -846,6 +852,10 @@ PyObject * py_step_epoch(PyObject * Py_UNUSED(m), PyObject * args, PyObject * kw
         *tm = kd_term_default((enum kd_term_kind)kind);
         PyObject * a = opt_get(&r, "a"), * name = opt_get(&r, "name"), * a2 = opt_get(&r, "a2");
         int form = 0;
+        long long tphases = 0;
+        if (opt_int(&r, "phases", &tphases) < 0 || opt_bool(&r, "reverse", &tm->reverse) < 0) goto done;
+        if (tphases < 0 || tphases > 0xFFFFFFFFll) { PyErr_Format(PyExc_ValueError, "terms[%zd]: phases must be a 32-bit mask", t); goto done; }
+        tm->phases = (unsigned)tphases;
         if (tm->kind == KD_TERM_AT && (opt_float(&r, "p", &tm->at.p) < 0 || opt_i32(&r, "form", &form) < 0)) goto done;
         if (tm->kind == KD_TERM_AT) {
             if (form != KD_AT_CODE && form != KD_AT_PAPER) { PyErr_Format(PyExc_ValueError, "terms[%zd]: unknown AT form %d", t, form); goto done; }
@@ -909,7 +919,7 @@ PyObject * py_step_epoch(PyObject * Py_UNUSED(m), PyObject * args, PyObject * kw
         }
     }
     struct kd_step_cfg step = { .nets = sn, .n_nets = (int)nn, .terms = terms, .n_terms = (int)nt,
-                                .logits_net = logits_net };
+                                .logits_net = logits_net, .cycle = cycle, .cycle_batch = cycle_batch != 0 };
     if (mon_o != Py_None) {
         if (!PyDict_Check(mon_o)) { PyErr_SetString(PyExc_TypeError, "monitor must be a dict or None"); goto done; }
         struct opt_reader r = { mon_o, "monitor", 0 };

@@ -271,6 +271,26 @@ PyObject * py_mse_loss(PyObject * Py_UNUSED(m), PyObject * args) {
     return ret;
 }
 
+// l1_loss(student, teacher) -> (loss, dstudent); the teacher's gradient is -dstudent
+PyObject * py_l1_loss(PyObject * Py_UNUSED(m), PyObject * args) {
+    PyObject * so, * to;
+    static char * names[] = { "student", "teacher", NULL };
+    if (!PARSE_POS(args, "OO", names, &so, &to)) return NULL;
+    PyArrayObject * s, * t;
+    if (get_logit_pair(so, to, "student_logits", "teacher_logits", &s, &t) < 0) return NULL;
+    int N = (int)PyArray_DIM(s, 0), V = (int)PyArray_DIM(s, 1);
+    PyObject * ret = NULL, * ds = PyArray_SimpleNew(2, PyArray_DIMS(s), NPY_FLOAT32);
+    float loss;
+    if (ds) {
+        enum kd_status st = kd_loss_l1(&loss, PyArray_DATA((PyArrayObject *)ds), NULL, PyArray_DATA(s), PyArray_DATA(t),
+                                       N, V, 1.0f, false);
+        if (st != KD_OK) kd_raise(st);
+        else ret = Py_BuildValue("(fO)", loss, ds);
+    }
+    Py_XDECREF(ds); Py_DECREF(s); Py_DECREF(t);
+    return ret;
+}
+
 // tolerant_loss(logits, K) -> (loss, dlogits)
 PyObject * py_tolerant_loss(PyObject * Py_UNUSED(m), PyObject * args) {
     PyObject * zo;

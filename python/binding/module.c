@@ -339,6 +339,7 @@ static int add_enums(PyObject * m) {
         Py_XDECREF(v);
     }
     if (!layers || PyModule_AddObject(m, "LAYER_TYPES", layers) < 0) { Py_XDECREF(layers); goto fail; }
+    if (PyModule_AddIntConstant(m, "STEP_MAX_PHASES", KD_STEP_MAX_PHASES) < 0) goto fail;
     PyObject * forms = Py_BuildValue("{s:i,s:i}", "code", KD_AT_CODE, "paper", KD_AT_PAPER);
     if (!forms || PyModule_AddObject(m, "AT_FORMS", forms) < 0) { Py_XDECREF(forms); goto fail; }
     PyObject * mixes = Py_BuildValue("{s:i,s:i,s:i}", "losses", KD_MIX_LOSSES, "probs", KD_MIX_PROBS, "logits", KD_MIX_LOGITS);
@@ -368,6 +369,7 @@ static PyMethodDef module_methods[] = {
     { "soft_loss", (PyCFunction)(void (*)(void))py_soft_loss, METH_VARARGS | METH_KEYWORDS, "(loss, dstudent)" },
     { "dkd_loss", (PyCFunction)(void (*)(void))py_dkd_loss, METH_VARARGS | METH_KEYWORDS, "(loss, dstudent, tckd, nckd)" },
     { "mse_loss", (PyCFunction)py_mse_loss, METH_VARARGS, "(loss, dstudent)" },
+    { "l1_loss", (PyCFunction)py_l1_loss, METH_VARARGS, "(loss, dstudent)" },
     { "tolerant_loss", (PyCFunction)py_tolerant_loss, METH_VARARGS, "(loss, dlogits)" },
     { "softmax", (PyCFunction)(void (*)(void))py_softmax, METH_VARARGS | METH_KEYWORDS, "softmax(logits, T)" },
     { "at_loss", (PyCFunction)(void (*)(void))py_at_loss, METH_VARARGS | METH_KEYWORDS, "(loss, ds[, dt])" },

@@ -1,7 +1,8 @@
 """Data-free distillation: the student never sees a training image.
 
-Two methods: DAFL (``dafl``, a generator trained with the student) and DeepInversion
-(``deepinversion``, images optimised directly; the student is then distilled on them).
+Four methods: DAFL (``dafl``, a generator trained with the student), DeepInversion
+(``deepinversion``, images optimised directly; the student is then distilled on them), and
+the adversarial DFAD and ZSKT (``dfad``, ``zskt``: the generator plays against the student).
 
 DAFL (Chen et al. 2019, "Data-free learning of student networks"): a generator G turns
 Gaussian noise into images; the frozen teacher classifies them, and G is trained so that
@@ -15,8 +16,14 @@ authors' loop does (one backward of the summed losses, then both optimizers).
 Every step runs in C on the step engine: the generator is net 0 (fed pure noise: a data set
 of zero vectors with Gaussian input noise of std 1, one vector per sample of an epoch), the
 student reads its output detached, and the teacher reads it with gradient pass-through.
+
+DFAD and ZSKT (dfad, zskt below): the generator ascends the student's
+discrepancy from the teacher while the student descends it, in alternating steps that run
+inside the C epoch as a step cycle (kd_step_cfg.cycle).
 """
 from __future__ import annotations
+
+import warnings
 
 import numpy as np
 
@@ -26,10 +33,10 @@ from .datasets import Dataset
 from . import nn as _nn
 from . import optim as _optim
 from .nn import Module, _check_float, _check_int
-from .optim import Adam
+from .optim import SGD, Adam, _Optimizer
 from .training import History, _Common, _check_model
 
-__all__ = ["dafl", "samples", "deepinversion"]
+__all__ = ["dafl", "samples", "deepinversion", "dfad", "zskt"]
 
 _K = _kdcore.TERM_KINDS
 
@@ -251,3 +258,217 @@ def deepinversion(teacher, n_images, iterations=2000, batch_size=256, labels=Non
             e += 1
         images[start:start + B] = holder.state_dict()["0.weight"].T.reshape((B,) + shape)
     return images, labels, hist
+
+
+# ---- Adversarial data-free distillation (DFAD, ZSKT) --------------------------------------
+# One engine configuration for both: the generator (net 0, fed noise), the student (net 1,
+# reading the generator's images with the gradient passed back) and the frozen teacher (net 2,
+# grad_input). A step cycle alternates a generator phase, in which a reversed copy of the
+# discrepancy reaches the generator through both networks, with student phases, in which the
+# student descends the discrepancy (and ZSKT's attention terms) on images from the generator.
+
+def _phase_masks(n_g, n_s, generator_first):
+    """(generator's, student's) phases of a cycle of n_g + n_s steps, the generator's first
+    (ZSKT) or last (DFAD)."""
+    gen = ((1 << n_g) - 1) << (0 if generator_first else n_s)
+    return gen, ((1 << (n_g + n_s)) - 1) & ~gen
+
+
+def _adversarial_step(generator, student, teacher, bg, bs, lr_ratio, kind, disc_weight, at_pairs, beta, gen_mask,
+                      stu_mask, clip_norm=0.0):
+    """The engine configuration (nets, terms, History labels of the terms but the last): the
+    student's discrepancy and attention terms in its phases, the reversed discrepancy in the
+    generator's. bg, bs: bound optimizers; lr_ratio: the generator's lr over the student's;
+    clip_norm: both nets' gradient-norm clipping (0: none)."""
+    modes = _kdcore.MODES
+    nets = [dict(net=generator.net, opt=bg, mode=modes["train"], noise=1.0, lr_scale=lr_ratio, salt=0xADF6,
+                 phases=gen_mask, clip_norm=clip_norm, role="generator"),
+            dict(net=student.net, opt=bs, mode=modes["train"], input=(0, -1), phases=stu_mask, salt=0xADF5,
+                 clip_norm=clip_norm, role="student"),
+            dict(net=teacher.net, mode=modes["eval"], input=(0, -1), grad_input=True, role="teacher")]
+    disc = dict(kind=_K[kind], a=(1, -1), src=[(2, -1)], weight=disc_weight, T=1.0)
+    terms = [dict(disc, phases=stu_mask)]
+    labels = [kind]
+    for j, (s_tap, t_tap) in enumerate(at_pairs):
+        terms.append(dict(kind=_K["at"], a=(1, student._tap_index(s_tap)), src=[(2, teacher._tap_index(t_tap))],
+                          weight=beta, phases=stu_mask))
+        labels.append("at" if j == 0 else f"at_{j + 1}")
+    terms.append(dict(disc, phases=gen_mask, grad=True, reverse=True))
+    return nets, terms, labels
+
+
+def _adversarial(student, teacher, *, scheme, kind, epochs, iters, batch_size, generator, latent_dim, opt_s, opt_g,
+                 schedule, n_g, n_s, generator_first, cycle_batch, disc_weight, at_pairs, beta, val, seed, progress,
+                 callback, nonfinite, clip_norm=0.0):
+    _check_model(student, "student")
+    _check_model(teacher, "teacher")
+    if teacher is student:
+        raise ValueError("the student cannot be its own teacher")
+    iters = _check_int("iters_per_epoch", iters, 1)
+    batch_size = _check_int("batch_size", batch_size, 2)
+    latent_dim = _check_int("latent_dim", latent_dim, 1)
+    n_g = _check_int("n_g", n_g, 1)
+    n_s = _check_int("n_s", n_s, 1)
+    if n_g + n_s > _kdcore.STEP_MAX_PHASES:
+        raise ValueError(f"n_g + n_s ({n_g + n_s}) must be at most {_kdcore.STEP_MAX_PHASES} (steps of one iteration)")
+    for name, o in (("student_optimizer", opt_s), ("generator_optimizer", opt_g)):
+        if not isinstance(o, _Optimizer):
+            raise TypeError(f"{name} must be a kdcore.optim optimizer (SGD, Adam, AdamW), got {type(o).__name__}")
+    if not opt_s.lr > 0 or not opt_g.lr > 0:
+        raise ValueError("student_optimizer and generator_optimizer need a learning rate > 0")
+    shape = getattr(teacher, "input_shape", None) or getattr(student, "input_shape", None)
+    if generator is None:
+        if not shape or len(shape) != 3:
+            raise ValueError("the teacher has no known (C, H, W) input shape; pass a generator")
+        tanh = scheme == "dfad"   # DFAD's GeneratorA ends Tanh -> BN, ZSKT's conv -> BN
+        generator = _models.dafl_generator(latent_dim, img_size=shape[1], channels=shape[0], seed=seed, bn_eps=1e-5,
+                                           tanh=tanh)
+    elif not isinstance(generator, Module):
+        raise TypeError(f"generator must be a kdcore model, got {type(generator).__name__}")
+    if generator is student or generator is teacher:
+        raise ValueError("generator must be a model of its own, not the student or the teacher")
+    img = generator.net.shapes(1, latent_dim, 1, 1)[generator._output_index()]
+    t_out = teacher.net.shapes(1, *img)
+    n_cls = t_out[teacher._output_index()][0]
+    s_out = student.net.shapes(1, *img)
+    if s_out[student._output_index()][0] != n_cls:
+        raise ValueError(f"the student outputs {s_out[student._output_index()][0]} values, the teacher {n_cls}")
+    cycle = n_g + n_s
+    gen_mask, stu_mask = _phase_masks(n_g, n_s, generator_first)
+    rows = iters * batch_size * (1 if cycle_batch else cycle)
+    noise = Dataset(np.zeros((rows, latent_dim), np.float32), np.zeros(rows, np.int64), num_classes=n_cls)
+    c = _Common(noise, epochs, batch_size, opt_s, None, schedule, None, val, seed, progress, 0.0, True, None,
+                callback, 20, nonfinite)
+    n_steps = iters * cycle
+    c.steps = lambda: n_steps   # engine steps of an epoch (with cycle_batch, cycle per batch)
+    bs, bg = opt_s.bind(student), opt_g.bind(generator)
+    nets, terms, labels = _adversarial_step(generator, student, teacher, bg, bs, opt_g.lr / opt_s.lr, kind, disc_weight,
+                                            at_pairs, beta, gen_mask, stu_mask, clip_norm)
+    c.run_config.update(scheme=scheme, n_g=n_g, n_s=n_s, iters_per_epoch=iters, disc_weight=disc_weight, beta=beta,
+                        clip_norm=clip_norm,
+                        at_taps=[list(p) for p in at_pairs], generator_optimizer=repr(opt_g))
+    teacher.eval()
+
+    def run(epoch, topts):
+        st = _kdcore.step_epoch(nets, terms, c.train._c, epoch, topts, logits_net=1, cycle=cycle,
+                                cycle_batch=cycle_batch)
+        v = st["term_value"]
+        row = {lab: v[j] for j, lab in enumerate(labels)}
+        s_loss = disc_weight * v[0] + beta * sum(v[1:len(labels)])
+        row.update(student_loss=s_loss, generator_loss=-disc_weight * v[-1], train_loss=s_loss, lr=st["lr"],
+                   skipped_steps=st["skipped_steps"])
+        return row
+
+    hist = c.loop([student, generator], run, optimizers=[bs, bg], roles=["student", "generator"])
+    student.generator = generator
+    return hist
+
+
+def dfad(student, teacher, epochs=40, iters_per_epoch=50, batch_size=512, generator=None, latent_dim=100,
+         student_optimizer=None, generator_optimizer=None, schedule=None, n_s=5, val=None, seed=0, progress=True,
+         callback=None, nonfinite="raise"):
+    """Distils ``student`` from ``teacher`` without data by DFAD (Fang et al. 2019, "Data-Free
+    Adversarial Distillation"); returns the student's History (``l1``: the student's mean
+    absolute logit difference on its steps; ``student_loss`` (the same), ``generator_loss``
+    (-L1 on the generator's steps) per epoch; ``val_acc`` on ``val``, a real data set, when
+    given). The trained generator is ``student.generator`` afterwards.
+
+    One iteration: n_s student steps, each on a fresh batch of generated images (detached),
+    minimising mean |z_s - z_t| (F.l1_loss); then one generator step on a fresh batch with loss
+    -mean |z_s - z_t|, the gradient flowing through the frozen teacher and through the student
+    (not updated in that step). An epoch is iters_per_epoch iterations, all inside one C call.
+    Defaults are the authors' MNIST script: batch 512, 40 epochs of 50 iterations, the student
+    SGD(lr 0.01, momentum 0.9, weight decay 1e-4), the generator Adam(lr 1e-3), no schedule
+    (their CIFAR script: batch 256, SGD lr 0.1 with weight decay 5e-4, latent 256, 500 epochs,
+    MultiStep([100, 200])). The generator's learning rate follows the student's schedule at the
+    ratio of the two optimizers' lr. generator: a kdcore model from (N, latent_dim) noise to
+    the teacher's input (default: ``dafl_generator(..., bn_eps=1e-5)``, DFAD's GeneratorA with
+    an affine last BN)."""
+    opt_s = SGD(lr=0.01, momentum=0.9, weight_decay=1e-4) if student_optimizer is None else student_optimizer
+    opt_g = Adam(lr=1e-3) if generator_optimizer is None else generator_optimizer
+    return _adversarial(student, teacher, scheme="dfad", kind="l1", epochs=epochs, iters=iters_per_epoch,
+                        batch_size=batch_size, generator=generator, latent_dim=latent_dim, opt_s=opt_s, opt_g=opt_g,
+                        schedule=schedule, n_g=1, n_s=n_s, generator_first=False, cycle_batch=False,
+                        disc_weight=1.0, at_pairs=[], beta=0.0, val=val, seed=seed, progress=progress,
+                        callback=callback, nonfinite=nonfinite)
+
+
+def _zskt_at_pairs(student, teacher, at_taps, img):
+    """The (student tap, teacher tap) pairs of ZSKT's attention terms: given, or the models'
+    stage taps paired in order; their maps must have the same spatial size."""
+    if img is None:
+        raise ValueError("the teacher has no known (C, H, W) input shape for the attention maps; pass a generator")
+    if at_taps is None:
+        fs, ft = (student.feature_taps() or {}).get("stages"), (teacher.feature_taps() or {}).get("stages")
+        if not fs or not ft or len(fs) != len(ft):
+            raise ValueError("beta > 0 needs matching stage taps: the student and the teacher have no default stages "
+                             "of the same count; give at_taps=[(student_tap, teacher_tap), ...] or beta=0")
+        at_taps = list(zip(fs, ft))
+    if not isinstance(at_taps, (list, tuple)) or not all(isinstance(p, (list, tuple)) and len(p) == 2 for p in at_taps):
+        raise TypeError("at_taps must be a list of (student_tap, teacher_tap) pairs")
+    ss, ts = student.net.shapes(1, *img), teacher.net.shapes(1, *img)
+    pairs = []
+    for s_tap, t_tap in at_taps:
+        a, b = ss[student._tap_index(s_tap)], ts[teacher._tap_index(t_tap)]
+        if len(a) != 3 or len(b) != 3 or a[1:] != b[1:]:
+            raise ValueError(f"at_taps: the student's {s_tap!r} is {tuple(a)} and the teacher's {t_tap!r} is "
+                             f"{tuple(b)}; ZSKT's attention maps need the same spatial size (or beta=0)")
+        pairs.append((s_tap, t_tap))
+    return pairs
+
+
+def zskt(student, teacher, epochs=10, iters_per_epoch=50, batch_size=128, generator=None, latent_dim=100,
+         student_optimizer=None, generator_optimizer=None, schedule="cosine", n_g=1, n_s=10, beta=None,
+         at_taps=None, kl_weight=None, clip_norm=5.0, val=None, seed=0, progress=True, callback=None,
+         nonfinite="raise"):
+    """Distils ``student`` from ``teacher`` without data by ZSKT (Micaelli & Storkey 2019,
+    "Zero-shot Knowledge Transfer via Adversarial Belief Matching"); returns the student's
+    History (``kd``: KL(p_t || p_s) at T 1 on the student's steps; ``at``, ``at_2``, ...: the
+    attention terms; ``student_loss`` = kl_weight kd + beta sum(at), ``generator_loss`` =
+    -kl_weight KL on the generator's steps, per epoch; ``val_acc`` on ``val`` when given). The
+    trained generator is ``student.generator`` afterwards.
+
+    One iteration draws one batch of noise z and uses it for n_g generator steps (loss -KL,
+    the gradient through the frozen teacher and the student, which is not updated) and then
+    n_s student steps (KL + beta sum_l AT_l on the generator's images, detached), as the
+    authors' repeated pseudo-batch. Defaults are the authors' CIFAR-10 script: n_g 1, n_s 10,
+    batch 128, latent 100, Adam with lr 2e-3 (student) and 1e-3 (generator), cosine annealing,
+    beta 250 per stage pair; they run 80,000 iterations (epochs x iters_per_epoch here). Their
+    F.kl_div uses reduction 'mean', an average over samples and classes: kl_weight (default
+    1 / classes) reproduces it on kdcore's batch-mean KL. AT is the attention-transfer code
+    form (RepDistiller's, the authors' attention_diff) on at_taps, pairs of (student tap,
+    teacher tap) whose maps have the same spatial size (default: the zoo models' stage taps,
+    as between WRN-16-1 and WRN-16-2); beta=0 turns AT off. beta=None (default): 250 when
+    at_taps are given or the default stage taps pair up with maps of the same spatial size;
+    otherwise 0, with a warning that says why. clip_norm: each net's gradient is scaled to an L2 norm of at most clip_norm before
+    its update, as the authors' clip_grad_norm_ (0: no clipping). generator default:
+    ``dafl_generator(..., bn_eps=1e-5, tanh=False)``, the authors' layout. Not reproduced:
+    their cosine schedule moves per iteration, here per epoch."""
+    clip_norm = _check_float("clip_norm", clip_norm, 0)
+    opt_s = Adam(lr=2e-3) if student_optimizer is None else student_optimizer
+    opt_g = Adam(lr=1e-3) if generator_optimizer is None else generator_optimizer
+    _check_model(student, "student")
+    _check_model(teacher, "teacher")
+    shape = getattr(teacher, "input_shape", None) or getattr(student, "input_shape", None)
+    if kl_weight is None:
+        if not shape or len(shape) != 3:
+            raise ValueError("the teacher has no known (C, H, W) input shape; pass kl_weight and a generator")
+        kl_weight = 1.0 / teacher.net.shapes(1, *shape)[teacher._output_index()][0]
+    kl_weight = _check_float("kl_weight", kl_weight, 0, lo_open=True)
+    img = tuple(shape) if shape and len(shape) == 3 else None
+    if generator is not None and isinstance(generator, Module):
+        img = tuple(generator.net.shapes(1, _check_int("latent_dim", latent_dim, 1), 1, 1)[generator._output_index()])
+    if beta is None and at_taps is None:
+        try:
+            pairs, beta = _zskt_at_pairs(student, teacher, None, img), 250.0
+        except ValueError as e:
+            warnings.warn(f"zskt: no attention transfer (beta=0, KL only): {e}", stacklevel=2)
+            pairs, beta = [], 0.0
+    else:
+        beta = 250.0 if beta is None else _check_float("beta", beta, 0)
+        pairs = _zskt_at_pairs(student, teacher, at_taps, img) if beta > 0 else []
+    return _adversarial(student, teacher, scheme="zskt", kind="kd", epochs=epochs, iters=iters_per_epoch,
+                        batch_size=batch_size, generator=generator, latent_dim=latent_dim, opt_s=opt_s, opt_g=opt_g,
+                        schedule=schedule, n_g=n_g, n_s=n_s, generator_first=True, cycle_batch=True,
+                        disc_weight=kl_weight, at_pairs=pairs, beta=beta, val=val, seed=seed, progress=progress,
+                        callback=callback, nonfinite=nonfinite, clip_norm=clip_norm)

@@ -32,7 +32,7 @@ _NORMKD = _kdcore.TERM_DEFAULTS["normkd"]
 _WTTM = _kdcore.TERM_DEFAULTS["wttm"]
 _CTKD = _kdcore.TERM_DEFAULTS["ctkd"]
 
-__all__ = ["cross_entropy", "kd_loss", "dkd_loss", "dist_loss", "normkd_loss", "wttm_loss", "ctkd_loss", "ctkd_temperature", "ctkd_lambda", "soft_target_loss", "logit_mse_loss", "tolerant_loss",
+__all__ = ["cross_entropy", "kd_loss", "dkd_loss", "dist_loss", "normkd_loss", "wttm_loss", "ctkd_loss", "ctkd_temperature", "ctkd_lambda", "soft_target_loss", "logit_mse_loss", "logit_l1_loss", "tolerant_loss",
            "softmax", "virtual_teacher", "at_loss", "sp_loss", "nst_loss", "rkd_loss", "pkt_loss", "fsp_loss",
            "ofd_margin", "ofd_loss", "ab_loss", "ft_loss", "vid_loss", "vid_log_scale", "cc_loss", "hcl_loss",
            "CRDBank"]
@@ -141,6 +141,13 @@ def ctkd_lambda(epoch, lambda_min=_CTKD["lambda_min"], lambda_max=_CTKD["lambda_
     decay_epochs) (the authors' cosine schedule, evaluated at the 1-based epoch)."""
     return _kdcore.ctkd_lambda(_check_int("epoch", epoch, 0), _check_float("lambda_min", lambda_min),
                                _check_float("lambda_max", lambda_max), _check_int("decay_epochs", decay_epochs, 1))
+
+
+def logit_l1_loss(student_logits, teacher_logits):
+    """Mean absolute error between logits, mean over all entries of |s - t| (F.l1_loss; DFAD's
+    discrepancy): (loss, dstudent). The gradient is sign(s - t) / entries (0 where s == t,
+    as torch.sign); the teacher's is its opposite."""
+    return _kdcore.l1_loss(student_logits, teacher_logits)
 
 
 def logit_mse_loss(student_logits, teacher_logits):

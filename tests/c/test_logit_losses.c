@@ -1,9 +1,11 @@
 // Logit losses (kdcore.h, "Losses"): every gradient against finite differences, in C, next to
 // the PyTorch comparisons of the Python suite -- CE (label smoothing, sample weights), KD (both
 // sides, sample weights), soft targets, DKD, DIST, NormKD, WTTM, CTKD (logits and temperature),
-// MSE, the tolerant term, DAFL's entropy and activation, ADI (both sides). Hard cases: one
-// sample, two classes, large logits, small and large temperatures. Then weight and accumulate
-// semantics for each loss. Sizes are tiny: this runs under valgrind (`make valgrind`).
+// MSE, the tolerant term, DAFL's entropy and activation, ADI (both sides), the L1 logit loss
+// (DFAD's discrepancy; both sides). Hard cases: one sample, two classes, large logits, small
+// and large temperatures. Then weight and accumulate semantics for each loss, and the L1
+// loss's subgradient at a tie, its errors and a non-finite input. Sizes are tiny: this runs
+// under valgrind (`make valgrind`).
 //
 // Finite differences as in test_feature_losses.c: the loss is a float, so each derivative is a
 // Richardson extrapolation of two central differences (steps h and h/2, the exact float steps),
@@ -11,9 +13,9 @@
 #include "kdtest.h"
 #include "kdcore.h"
 
-enum kind { CE, KD, SOFT, DKD, DIST, NORMKD, WTTM, CTKD, MSE, TOLERANT, ENTROPY, ACTIVATION, ADI };
+enum kind { CE, KD, SOFT, DKD, DIST, NORMKD, WTTM, CTKD, MSE, TOLERANT, ENTROPY, ACTIVATION, ADI, L1 };
 static const char * const kind_name[] = { "CE", "KD", "soft", "DKD", "DIST", "NormKD", "WTTM", "CTKD", "MSE",
-                                          "tolerant", "entropy", "activation", "ADI" };
+                                          "tolerant", "entropy", "activation", "ADI", "L1" };
 
 struct lcase {
     enum kind k;
@@ -56,11 +58,12 @@ static enum kd_status run(const struct lcase * c, float * loss, float * ds, floa
     case ENTROPY:  return kd_loss_entropy(loss, ds, c->s, N, V, weight, acc);
     case ACTIVATION: return kd_loss_activation(loss, ds, c->s, (size_t)N * V, weight, acc);
     case ADI:      return kd_loss_adi(loss, dt, ds, c->t, c->s, N, V, c->T, weight, acc);
+    case L1:       return kd_loss_l1(loss, ds, dt, c->s, c->t, N, V, weight, acc);
     }
     return KD_ERR_VALUE;
 }
 
-static int has_dt(enum kind k) { return k == KD || k == ADI; }
+static int has_dt(enum kind k) { return k == KD || k == ADI || k == L1; }
 
 static double loss_of(const struct lcase * c) {
     float l = NAN;
@@ -240,6 +243,8 @@ static void test_gradcheck_all(void) {
     check_case(mk(ACTIVATION, "4x5 away from 0", 4, 5, 2, 1, 83), 1e-2f, 3e-4);
     // ADI: probabilities inside the clamps [0.01, 0.99] (small logits), T = 3 (the authors')
     check_case(mk(ADI, "T=3", 3, 4, 2, 3, 90), 1e-2f, 1e-3);
+    // L1: |s - t| is piecewise linear; the inputs keep every |s - t| above the step (checked below)
+    check_case(mk(L1, "3x5", 3, 5, 2, 1, 100), 1e-2f, 3e-4);
 }
 
 // The activation loss has a kink at 0 and the tolerant term one at ties: the test inputs must
@@ -260,10 +265,57 @@ static void test_inputs_away_from_kinks(void) {
         }
     }
     release(&c);
+    c = mk(L1, "", 3, 5, 2, 1, 100);
+    float m = INFINITY;
+    for (int i = 0; i < 15; i++) m = fminf(m, fabsf(c.s[i] - c.t[i]));
+    CHECK(m > 2e-2f, "L1: |s - t| within the finite-difference step of its kink (%g)", m);
+    release(&c);
+}
+
+// The L1 loss at a tie (subgradient 0, as torch.sign), a reversed term's negative weight, errors.
+enum { L1N = 3, L1V = 5 };
+
+static void l1_fill(float * s, float * t) {
+    kdt_fill(s, L1N * L1V, 11);
+    kdt_fill(t, L1N * L1V, 12);
+    for (int i = 0; i < L1N * L1V; i++)   // keep every difference away from 0 (a kink of |.|)
+        if (fabsf(s[i] - t[i]) < 0.05f) s[i] = t[i] + (i % 2 ? 0.3f : -0.3f);
+}
+static void test_l1_semantics(void) {
+    float s[L1N * L1V], t[L1N * L1V], g[L1N * L1V], acc[L1N * L1V], want[L1N * L1V], l1, l2, l3;
+    l1_fill(s, t);
+    s[4] = t[4];   // a tie: subgradient 0, as torch.sign
+    kd_loss_l1(&l1, g, NULL, s, t, L1N, L1V, 1.0f, false);
+    CHECK(g[4] == 0.0f, "l1: the gradient at a tie is %g, not 0", g[4]);
+    for (int i = 0; i < L1N * L1V; i++) CHECK(fabsf(fabsf(g[i]) - (i == 4 ? 0.0f : 1.0f / (L1N * L1V))) < 1e-9f,
+                                          "l1: |d/ds[%d]| = %g", i, g[i]);
+    kdt_fill(acc, L1N * L1V, 5);
+    for (int i = 0; i < L1N * L1V; i++) want[i] = acc[i] - 2.5f * g[i];
+    kd_loss_l1(&l2, NULL, acc, s, t, L1N, L1V, 2.5f, true);   // teacher side, accumulated, weight 2.5
+    check_close("l1 accumulate weight 2.5 (teacher)", acc, want, L1N * L1V, 1e-7, 1e-6);
+    CHECK(l1 == l2, "l1: the loss depends on weight/accumulate (%g vs %g)", l1, l2);
+    kd_loss_l1(&l3, NULL, NULL, s, t, L1N, L1V, -1.0f, false);
+    CHECK(l3 == l1, "l1: the value is unweighted (%g vs %g)", l3, l1);
+    // a negative weight (a reversed term) negates the gradient
+    float gneg[L1N * L1V];
+    kd_loss_l1(&l3, gneg, NULL, s, t, L1N, L1V, -1.0f, false);
+    for (int i = 0; i < L1N * L1V; i++) CHECK(gneg[i] == -g[i], "l1: weight -1 gives %g, not %g", gneg[i], -g[i]);
+}
+
+static void test_l1_errors(void) {
+    float s[L1N * L1V], t[L1N * L1V], l;
+    l1_fill(s, t);
+    CHECK(kd_loss_l1(&l, NULL, NULL, NULL, t, L1N, L1V, 1.0f, false) == KD_ERR_VALUE, "l1: NULL student accepted");
+    CHECK(kd_loss_l1(&l, NULL, NULL, s, t, 0, L1V, 1.0f, false) == KD_ERR_VALUE, "l1: N = 0 accepted");
+    CHECK(strstr(kd_last_error(), "non-empty") != NULL, "l1: message %s", kd_last_error());
+    s[3] = INFINITY;
+    CHECK(kd_loss_l1(&l, NULL, NULL, s, t, L1N, L1V, 1.0f, false) == KD_ERR_NONFINITE, "l1: an Inf logit gave a finite loss");
 }
 
 int main(void) {
     KDT_RUN(test_gradcheck_all);
     KDT_RUN(test_inputs_away_from_kinks);
+    KDT_RUN(test_l1_semantics);
+    KDT_RUN(test_l1_errors);
     return kdt_finish();
 }

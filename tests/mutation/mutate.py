@@ -11,7 +11,9 @@ so that each scheme's test is shown to check it. The last group breaks the engin
 (connectors, source gradients, gradient slots, parameter holders, CRD state, skip mode).
 The logit-methods group breaks the mechanism of NormKD's and WTTM's losses (losses.c) and
 CTKD's gradient reversal and curriculum (train.c), and DeepInversion's BN-statistics term
-(train.c, losses_feat.c). The metrics group breaks kdcore.metrics
+(train.c, losses_feat.c). The adversarial data-free group breaks the step cycle (phases,
+cycle_batch, per-phase term means), reversed terms, gradient clipping and the L1 loss that
+DFAD and ZSKT run on. The metrics group breaks kdcore.metrics
 (Python only, no rebuild).
 
 For every mutation in MUTATIONS below: copy the repository (the files `git ls-files` lists,
@@ -66,6 +68,8 @@ METRICS_T = "tests/test_metrics.py"
 LOSSES_C = "kdcore/src/losses.c"
 LOGIT = "tests/test_logit_methods_torch.py"
 CTKD = "tests/test_ctkd_torch.py"
+ADV = "tests/test_adversarial_datafree_torch.py"
+DATAFREE = "python/kdcore/datafree.py"
 
 
 def t(path, *names):
@@ -409,8 +413,8 @@ MUTATIONS = [
          tests=t(LOOP, "test_distill_avg_loss_teacher_weights", "test_slkd_options")),
     dict(name="frozen_net_mode_ignored", file=TRAIN,
          what="frozen nets always forwarded in eval mode (their mode ignored)",
-         old="unsigned mode = c->mode | (sn->backprop ? KD_MODE_LEAN : KD_MODE_NO_GRAD);",
-         new="unsigned mode = sn->backprop ? c->mode | KD_MODE_LEAN : KD_MODE_EVAL | KD_MODE_NO_GRAD;",
+         old="unsigned mode = c->mode | (sn->bp ? KD_MODE_LEAN : KD_MODE_NO_GRAD);",
+         new="unsigned mode = sn->bp ? c->mode | KD_MODE_LEAN : KD_MODE_EVAL | KD_MODE_NO_GRAD;",
          tests=t(API, "test_fickle_teacher_runs_dropout_with_frozen_bn")),
     dict(name="source_tap_not_kept", file=TRAIN,
          what="a source's tap is not kept: a frozen net's inference forward does not leave it readable",
@@ -421,7 +425,8 @@ MUTATIONS = [
          tests=t(LOSSES_API, "test_history_labels_and_schedules") + t(LOOP, "test_distill_weight_by_epoch")
          + t(STAGES, "test_eskd_stages")),
     dict(name="stopped_term_still_runs", file=TRAIN, what="a term of weight 0 (stopped) is still computed and reported",
-         old="if (tw[t] == 0) { memset(&to[t], 0, sizeof to[t]); continue; }", new="",
+         old="if (tw[t] == 0 || !on[t]) { memset(&to[t], 0, sizeof to[t]); continue; }",
+         new="if (!on[t]) { memset(&to[t], 0, sizeof to[t]); continue; }",
          tests=t(LOSSES_API, "test_history_labels_and_schedules")),
     dict(name="grad_slot_not_cleared", file=TRAIN,
          what="a gradient slot is not cleared at a step's first term: gradients pile up over the steps",
@@ -430,7 +435,7 @@ MUTATIONS = [
          tests=t(ENGINE, "test_connector_hint_step_vs_torch")),
     dict(name="net_grad_not_zeroed", file=TRAIN,
          what="a trained net's parameter gradient not zeroed before its backward",
-         old="kd_net_zero_grad(net);\n            if ((st = kd_net_backward(", new="if ((st = kd_net_backward(",
+         old="kd_net_zero_grad(net);\n            // The input gradient only", new="// The input gradient only",
          tests=t(ENGINE, "test_connector_hint_step_vs_torch")),
     dict(name="params_holder_grad_not_zeroed", file=TRAIN,
          what="a parameter holder's gradient not zeroed per step (VID's variances: gradients pile up)",
@@ -489,6 +494,34 @@ MUTATIONS = [
          what="DeepInversion: the BN input's batch variance unbiased (the authors' hook takes the biased one)",
          old="var[c] = q / (double)m;", new="var[c] = q / (double)(m - 1);",
          tests=t(DEEPINV, "test_bnstat_loss_matches_autograd", "test_one_sgd_step_matches_torch")),
+
+    # ---- adversarial data-free distillation (DFAD, ZSKT): the reversed term, the step cycle
+    dict(name="adv_reversal_off", file=TRAIN,
+         what="a reversed term's gradient not negated (the generator descends the discrepancy)",
+         old="if (t->reverse) w = -w;", new="if (0) w = -w;",
+         tests=t(ADV, "test_generator_step_receives_the_reversed_gradient")),
+    dict(name="adv_reversal_dropped_dfad", file=DATAFREE,
+         what="datafree's generator term configured without reverse",
+         old="terms.append(dict(disc, phases=gen_mask, grad=True, reverse=True))",
+         new="terms.append(dict(disc, phases=gen_mask, grad=True, reverse=False))",
+         tests=t(ADV, "test_dfad_iteration_matches_torch", "test_zskt_iteration_matches_torch")),
+    dict(name="cycle_update_every_phase", file=TRAIN,
+         what="a net with phases updated in every phase of the cycle (the student steps with the generator)",
+         old="E.n[i].upd = E.n[i].upd_phases >> phase & 1;", new="E.n[i].upd = E.n[i].upd_phases != 0;",
+         tests=t(ADV, "test_generator_step_receives_the_reversed_gradient", "test_dfad_iteration_matches_torch")),
+    dict(name="cycle_batch_ignored", file=TRAIN, what="cycle_batch: each step of a cycle reads its own batch",
+         old="L.per_batch = n_phases;", new="L.per_batch = 1;",
+         tests=t(ADV, "test_zskt_iteration_matches_torch", "test_cycle_batch_repeats_the_batch_and_its_noise")),
+    dict(name="cycle_term_mean_over_all_steps", file=TRAIN,
+         what="a term's logged value averaged over every step of the epoch, not the steps of its phases",
+         old="const double nt = term_seen[t] ? (double)term_seen[t] : 1.0;", new="const double nt = n;",
+         tests=t(ADV, "test_dfad_iteration_matches_torch")),
+    dict(name="clip_norm_ignored", file=TRAIN, what="a net's clip_norm ignored (its gradient not clipped)",
+         old="if (c->clip_norm > 0) clip_grad_norm(c->net, c->clip_norm);", new="",
+         tests=t(ADV, "test_zskt_iteration_matches_torch")),
+    dict(name="l1_tie_sign", file=LOSSES_C, what="the L1 loss's subgradient at a tie is 1, not torch's 0",
+         old="sg = d > 0 ? 1.0 : d < 0 ? -1.0 : 0.0;", new="sg = d >= 0 ? 1.0 : -1.0;",
+         tests=t(ADV, "test_l1_loss_matches_autograd")),
 
     # ---- kdcore.metrics (Python only: no rebuild)
     dict(name="metrics_ece_edge_to_upper_bin", file=METRICS, what="a confidence on a bin edge goes to the bin above",

@@ -75,6 +75,8 @@ FUNCTIONAL = {
                     dict(epoch=COUNTS, lambda_min=SCALARS, lambda_max=SCALARS, decay_epochs=COUNTS)),
     "logit_mse_loss": (F.logit_mse_loss, dict(student_logits=LOGITS, teacher_logits=TEACHER),
                        dict(student_logits=logits_pool(), teacher_logits=logits_pool(TEACHER))),
+    "logit_l1_loss": (F.logit_l1_loss, dict(student_logits=LOGITS, teacher_logits=TEACHER),
+                      dict(student_logits=logits_pool(), teacher_logits=logits_pool(TEACHER))),
     "tolerant_loss": (F.tolerant_loss, dict(logits=LOGITS, K=3), dict(logits=logits_pool(), K=SCALARS)),
     "softmax": (F.softmax, dict(logits=LOGITS, T=2.0), dict(logits=logits_pool(), T=SCALARS)),
     "kl_divergence": (kdcore.kl_divergence, dict(p_logits=LOGITS, q_logits=TEACHER, T=1.0),
@@ -128,12 +130,13 @@ BINDING_LOSSES = {
 @settings(max_examples=120)
 @given(st.data())
 def test_binding_losses(data):
-    fname = data.draw(st.sampled_from(sorted(BINDING_LOSSES) + ["mse_loss", "tolerant_loss"]), label="function")
-    if fname == "mse_loss":
+    fname = data.draw(st.sampled_from(sorted(BINDING_LOSSES) + ["mse_loss", "l1_loss", "tolerant_loss"]),
+                      label="function")
+    if fname in ("mse_loss", "l1_loss"):
         i = data.draw(st.integers(0, 1))
         args = [LOGITS, TEACHER]
         args[i] = data.draw(logits_pool())
-        ok, out = attempt(K.mse_loss, args, {}, (["student", "teacher"][i],), what="_kdcore.mse_loss")
+        ok, out = attempt(getattr(K, fname), args, {}, (["student", "teacher"][i],), what=f"_kdcore.{fname}")
     elif fname == "tolerant_loss":
         i = data.draw(st.integers(0, 1))
         args = [LOGITS, 3]
@@ -1463,9 +1466,9 @@ def test_from_torch_arguments(module):
 @settings(max_examples=30)
 @given(st.data())
 def test_dafl_generator_arguments(data):
-    valid = dict(latent_dim=4, img_size=8, channels=1, width=4, seed=0)
+    valid = dict(latent_dim=4, img_size=8, channels=1, width=4, seed=0, bn_eps=0.8, tanh=True)
     pools = dict(latent_dim=COUNTS, img_size=st.one_of(COUNTS, st.sampled_from([6, 8, 12])), channels=COUNTS,
-                 width=COUNTS, seed=SCALARS)
+                 width=COUNTS, seed=SCALARS, bn_eps=SCALARS, tanh=st.one_of(FLAGS, SCALARS))
     arg, kw = mutate(valid, pools, data)
     ok, g = attempt(kdcore.models.dafl_generator, (), kw, (arg,), what="models.dafl_generator")
     if ok:
@@ -1533,6 +1536,40 @@ def test_deepinversion_arguments(data):
                       ok=(TypeError, ValueError, KeyError), trains=True)
     if ok:
         assert out[0].shape == (kw["n_images"], 1, 8, 8) and np.isfinite(out[0]).all()
+
+
+def _adversarial_valid():
+    teacher = kdcore.models.cnn(num_classes=3, in_channels=1, input_size=8, width=2, seed=0)
+    student = kdcore.models.cnn(num_classes=3, in_channels=1, input_size=8, width=2, seed=1)
+    return dict(student=student, teacher=teacher, epochs=1, iters_per_epoch=1, batch_size=4, latent_dim=3, n_s=2,
+                progress=False, seed=0)
+
+
+_ADV_POOLS = dict(student=SCALARS, teacher=SCALARS, epochs=COUNTS, iters_per_epoch=COUNTS, batch_size=COUNTS,
+                  latent_dim=COUNTS, n_s=COUNTS, seed=SCALARS,
+                  student_optimizer=st.one_of(SCALARS, st.just(kdcore.optim.Adam(lr=1e-3))),
+                  generator_optimizer=st.one_of(SCALARS, st.just(kdcore.optim.SGD(lr=0.01))),
+                  schedule=SCALARS, generator=SCALARS)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.data())
+def test_dfad_arguments(data):
+    """kdcore.datafree.dfad with one argument replaced: a run or an error naming it."""
+    arg, kw = mutate(_adversarial_valid(), _ADV_POOLS, data)
+    names = {"n_s": ("n_s", "n_g + n_s")}.get(arg, (arg,))
+    attempt(kdcore.datafree.dfad, (), kw, names, what="datafree.dfad", ok=(TypeError, ValueError, KeyError), trains=True)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.data())
+def test_zskt_arguments(data):
+    """kdcore.datafree.zskt with one argument replaced: a run or an error naming it."""
+    pools = dict(_ADV_POOLS, n_g=COUNTS, beta=SCALARS, kl_weight=SCALARS, clip_norm=SCALARS,
+                 at_taps=st.one_of(SCALARS, st.sampled_from([[("5", "5")], [("5", "12")], [("x", "5")], [("5",)]])))
+    arg, kw = mutate(_adversarial_valid(), pools, data)
+    names = {"n_s": ("n_s", "n_g + n_s"), "n_g": ("n_g", "n_g + n_s"), "at_taps": ("at_taps", "tap")}.get(arg, (arg,))
+    attempt(kdcore.datafree.zskt, (), kw, names, what="datafree.zskt", ok=(TypeError, ValueError, KeyError), trains=True)
 
 
 def test_all_public_names_are_covered():
