@@ -266,9 +266,9 @@ static void test_inputs_away_from_kinks(void) {
     }
     release(&c);
     c = mk(L1, "", 3, 5, 2, 1, 100);
-    float m = INFINITY;
-    for (int i = 0; i < 15; i++) m = fminf(m, fabsf(c.s[i] - c.t[i]));
-    CHECK(m > 2e-2f, "L1: |s - t| within the finite-difference step of its kink (%g)", m);
+    float gap = INFINITY;
+    for (int i = 0; i < 15; i++) gap = fminf(gap, fabsf(c.s[i] - c.t[i]));
+    CHECK(gap > 2e-2f, "L1: |s - t| within the finite-difference step of its kink (%g)", gap);
     release(&c);
 }
 
