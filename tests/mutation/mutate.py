@@ -10,8 +10,8 @@ scheme's configuration; where one shared engine line implements an option for ev
 so that each scheme's test is shown to check it. The last group breaks the engine itself
 (connectors, source gradients, gradient slots, parameter holders, CRD state, skip mode).
 The logit-methods group breaks the mechanism of NormKD's and WTTM's losses (losses.c) and
-CTKD's gradient reversal and curriculum (train.c), and DeepInversion's BN-statistics term
-(train.c, losses_feat.c). The metrics group breaks kdcore.metrics
+CTKD's gradient reversal and curriculum (train.c), DeepInversion's BN-statistics term
+(train.c, losses_feat.c), and MLKD's masks and batch-level gradient (losses.c). The metrics group breaks kdcore.metrics
 (Python only, no rebuild).
 
 For every mutation in MUTATIONS below: copy the repository (the files `git ls-files` lists,
@@ -66,6 +66,7 @@ METRICS_T = "tests/test_metrics.py"
 LOSSES_C = "kdcore/src/losses.c"
 LOGIT = "tests/test_logit_methods_torch.py"
 CTKD = "tests/test_ctkd_torch.py"
+MLKD_T = "tests/test_mlkd_torch.py"
 
 
 def t(path, *names):
@@ -489,6 +490,16 @@ MUTATIONS = [
          what="DeepInversion: the BN input's batch variance unbiased (the authors' hook takes the biased one)",
          old="var[c] = q / (double)m;", new="var[c] = q / (double)(m - 1);",
          tests=t(DEEPINV, "test_bnstat_loss_matches_autograd", "test_one_sgd_step_matches_torch")),
+
+    # ---- MLKD (losses.c): its confidence masks and its batch-level gradient
+    dict(name="mlkd_class_mask_ignored", file=LOSSES_C,
+         what="MLKD: the class-level term not scaled by the fraction of classes its mask keeps",
+         old="const double f_c = kept_fraction(conf, work, V, percentile);", new="const double f_c = 1.0;",
+         tests=t(MLKD_T, "test_mlkd_loss", "test_mlkd_step")),
+    dict(name="mlkd_batch_gradient_dropped", file=LOSSES_C,
+         what="MLKD: the batch-level (B x B correlation) term's gradient left out (its value still reported)",
+         old="const double er = -4.0 * f_s / N * E[(size_t)i * N + r];", new="const double er = 0.0;",
+         tests=t(MLKD_T, "test_mlkd_loss", "test_mlkd_step")),
 
     # ---- kdcore.metrics (Python only: no rebuild)
     dict(name="metrics_ece_edge_to_upper_bin", file=METRICS, what="a confidence on a bin edge goes to the bin above",
