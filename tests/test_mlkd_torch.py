@@ -83,13 +83,16 @@ def test_mlkd_loss_cifar_shape(rng):
 def test_mlkd_masks_scale_the_terms(rng):
     """The masks keep f_s of the samples and f_c of the classes; the terms scale by them. With
     percentile 100 they keep everything; at 50 (16 distinct confidences) exactly half, so the
-    instance part halves."""
+    instance part halves; at 0 only the least confident sample (a mask is never empty: the
+    minimum is <= every percentile)."""
     zs, zt = logits(rng, 16, 10), logits(rng, 16, 10, 4.0)
     _, _, (i100, r100) = F.mlkd_loss(zs, zt, percentile=100.0, return_parts=True)
     _, _, (i50, _) = F.mlkd_loss(zs, zt, percentile=50.0, return_parts=True)
+    _, _, (i0, _) = F.mlkd_loss(zs, zt, percentile=0.0, return_parts=True)
     kd = sum(F.kd_loss(zs, zt, T=T)[0] for T in TEMPS)
     check_close("instance at 100", i100, kd, rtol=1e-5)
     check_close("instance at 50", i50, kd / 2, rtol=1e-5)
+    check_close("instance at 0", i0, kd / 16, rtol=1e-5)
     assert r100 > 0
 
 
