@@ -18,6 +18,7 @@ reference libraries use); ``kdcore.losses.method_terms(name)`` returns fresh cop
 from __future__ import annotations
 
 from . import _kdcore
+from .functional import _mlkd_temperatures
 from .nn import (_ADD, _BATCHNORM, _CONCAT, _CONV2D, _INPUT_NODE, _MUL, _SIGMOID, _UPSAMPLE, BatchNorm2d, Conv2d,
                  Linear, Module, ReLU, Sequential, _check_bool, _check_float, _check_int, _is_choice, _join)
 
@@ -273,7 +274,6 @@ class MLKD(Loss):
 
     def __init__(self, weight=0.9, temperatures=_DEFAULTS["mlkd"]["temperatures"],
                  percentile=_DEFAULTS["mlkd"]["percentile"], **kw):
-        from .functional import _mlkd_temperatures
         super().__init__(weight, **kw)
         self.temperatures = _mlkd_temperatures(temperatures)
         self.percentile = _check_float("percentile", percentile, 0, 100)
