@@ -183,6 +183,9 @@ def resolve(spec, page):
 def same(doc, lib):
     if isinstance(lib, (bool, str)) or lib is None or isinstance(doc, (bool, str)) or doc is None:
         return type(doc) is type(lib) and doc == lib
+    if isinstance(lib, tuple) or isinstance(doc, tuple):   # MLKD's temperatures
+        return isinstance(lib, tuple) and isinstance(doc, tuple) and len(doc) == len(lib) and \
+            all(same(a, b) for a, b in zip(doc, lib))
     # C defaults arrive as float32 values: compare at float32 precision
     return np.float32(doc) == np.float32(lib)
 
@@ -273,7 +276,7 @@ def test_term_class_defaults_equal_the_c_defaults(cls):
             continue
         if key == "form":
             py = _kdcore.AT_FORMS[py]
-        assert np.float32(py) == np.float32(c[key]), f"{cls.__name__}({key}={py!r}) vs C default {c[key]!r}"
+        assert same(py, c[key]), f"{cls.__name__}({key}={py!r}) vs C default {c[key]!r}"
         checked += 1
     assert checked >= len(READS.get(cls.kind, ())), f"{cls.__name__}: {checked} defaults compared of {sorted(keys)}"
 
@@ -292,6 +295,7 @@ def test_term_class_defaults_equal_the_c_defaults(cls):
     (functional.ctkd_temperature, "ctkd", {"t_start": "t_start", "t_range": "t_range"}),
     (functional.ctkd_lambda, "ctkd", {"lambda_min": "lambda_min", "lambda_max": "lambda_max",
                                       "decay_epochs": "decay_epochs"}),
+    (functional.mlkd_loss, "mlkd", {"temperatures": "temperatures", "percentile": "percentile"}),
 ], ids=lambda v: getattr(v, "__name__", None) if callable(v) else None)
 def test_functional_defaults_equal_the_c_defaults(fn, kind, pairs):
     for py_name, c_name in pairs.items():
@@ -299,7 +303,7 @@ def test_functional_defaults_equal_the_c_defaults(fn, kind, pairs):
         if py_name == "form":
             py = _kdcore.AT_FORMS[py]
         c = _kdcore.TERM_DEFAULTS[kind][c_name]
-        assert np.float32(py) == np.float32(c), f"{fn.__name__}({py_name}={py!r}) vs C default {c!r}"
+        assert same(py, c), f"{fn.__name__}({py_name}={py!r}) vs C default {c!r}"
 
 
 # ---- docstrings state the defaults as they are ------------------------------------------------

@@ -437,6 +437,24 @@ KD_API enum kd_status kd_loss_entropy(float * loss, float * dlogits, const float
 // be NULL) receive the gradients of weight * loss w.r.t. t and s.
 KD_API enum kd_status kd_loss_adi(float * loss, float * dt, float * ds, const float * t, const float * s, int N, int V,
                                   float T, float weight, bool accumulate);
+// MLKD (Jin, Wang & Lin, CVPR 2023, "Multi-level logit distillation"; the authors'
+// mdistiller-based code, its weak-view losses): for each temperature T of temps, with
+// P = softmax(s / T), Q = softmax(t / T) (N x V),
+//   instance T = T^2 mean over samples of KL(Q_i || P_i)
+//   class    T = sum_ab ((Q'Q)_ab - (P'P)_ab)^2 / V      (V x V class correlations)
+//   batch    T = sum_ij ((QQ')_ij - (PP')_ij)^2 / N      (N x N sample correlations)
+//   loss = f_s sum_T instance_T + f_c sum_T class_T + f_s sum_T batch_T.
+// The confidence masks come from the teacher at T = 1: f_s is the fraction of samples whose
+// top probability is <= its percentile over the batch, f_c the fraction of classes whose
+// summed probability is <= its percentile over the classes (np.percentile, linear; the
+// authors' 50). The code multiplies each batch-mean term by its boolean mask and averages, so
+// a mask scales the whole term by the fraction it keeps; kdcore computes that. parts (may be
+// NULL) receives, unweighted with the fractions applied, [0] the instance sum and [1] the class
+// plus batch sums; dlogits is w.r.t. s.
+#define KD_MLKD_MAX_TEMPS 8
+KD_API enum kd_status kd_loss_mlkd(float * loss, float * parts, float * dlogits, const float * s, const float * t, int N,
+                                   int V, const float * temps, int n_temps, float percentile, float weight,
+                                   bool accumulate);
 // Logit regression: mean over N*V of (s - t)^2 (F.mse_loss; the paper's 1/2||s-t||^2 per
 // sample is V/2 times this).
 KD_API enum kd_status kd_loss_mse(float * loss, float * dlogits, const float * s, const float * t,
@@ -1024,6 +1042,9 @@ enum kd_term_kind {
     // Adversarial data-free distillation (DFAD, ZSKT): the discrepancy a generator ascends
     // (a term with `reverse`) and the student descends, in alternating phases (cycle below).
     KD_TERM_L1,          // kd_loss_l1(a, src): mean |a - src| over samples and logits
+    // MLKD (Jin, Wang & Lin 2023), single view.
+    KD_TERM_MLKD,        // kd_loss_mlkd(a, src) at mlkd.temps[0..mlkd.n_temps) with mlkd.percentile;
+                         // parts: instance, class + batch
     KD_TERM_COUNT
 };
 KD_API const char * kd_term_kind_name(enum kd_term_kind kind);   // "ce", "kd", ... (NULL if unknown)
@@ -1062,6 +1083,7 @@ struct kd_term {
         struct { int node; } bnstat;
         struct { bool l1; } tv;
         struct { int params; float t_start, t_range, lambda_min, lambda_max; int decay_epochs; } ctkd;
+        struct { float temps[KD_MLKD_MAX_TEMPS]; int n_temps; float percentile; } mlkd;
         struct { struct kd_crd * bank; bool class_negatives; } crd;   // negatives from other
                                                                      // classes (kd_crd_set_labels)
     };
@@ -1071,7 +1093,8 @@ struct kd_term {
 // DIST beta 2 and gamma 2 (its CIFAR recipe), NormKD t_norm 2 (the authors' CIFAR-100
 // setting; ImageNet 1), WTTM gamma 0.2 (the authors' CIFAR-100 command), CTKD t_start 1,
 // t_range 20, lambda 0 -> 1 over 10 epochs (the authors' CIFAR-100 script), ADI T 3 and TV in
-// the l2 form (DeepInversion's code). The Python binding
+// the l2 form (DeepInversion's code), MLKD temperatures 4, 3, 5, 2, 6 and percentile 50 (the
+// authors' code). The Python binding
 // exports them per kind name as kdcore._kdcore.TERM_DEFAULTS.
 KD_API struct kd_term kd_term_default(enum kd_term_kind kind);
 

@@ -606,3 +606,153 @@ enum kd_status kd_loss_adi(float * loss, float * dt, float * ds, const float * t
     free(P);
     return KD_OK;
 }
+
+// ---------------------------------------------------------------------------------------
+// MLKD: KD, class-correlation and sample-correlation alignment at several temperatures,
+// scaled by the fractions the teacher-confidence masks keep.
+
+static int cmp_double(const void * a, const void * b) {
+    const double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+// np.percentile(x, q) with its default linear interpolation (x is sorted in place); numpy
+// interpolates from the upper neighbour when the fraction is >= 0.5, so the same is done here
+// to land on the same double.
+static double percentile_linear(double * x, int n, double q) {
+    qsort(x, (size_t)n, sizeof *x, cmp_double);
+    const double pos = q / 100.0 * (n - 1);
+    int lo = (int)floor(pos);
+    if (lo > n - 1) lo = n - 1;
+    const int hi = lo + 1 < n ? lo + 1 : lo;
+    const double f = pos - lo, d = x[hi] - x[lo];
+    return f >= 0.5 ? x[hi] - d * (1.0 - f) : x[lo] + d * f;
+}
+
+// Fraction of the n values (a copy goes to work) that are <= their q-th percentile.
+static double kept_fraction(const double * v, double * work, int n, double q) {
+    memcpy(work, v, (size_t)n * sizeof *work);
+    const double thr = percentile_linear(work, n, q);
+    int kept = 0;
+    for (int k = 0; k < n; k++) kept += v[k] <= thr;
+    return (double)kept / n;
+}
+
+static void softmax_rows_T(double * P, const float * z, int N, int V, double T) {
+    for (int i = 0; i < N; i++) {
+        double m, l;
+        row_lse(z + (size_t)i * V, V, T, -1, &m, &l);
+        for (int k = 0; k < V; k++) P[(size_t)i * V + k] = exp(((double)z[(size_t)i * V + k] - m) / T - l);
+    }
+}
+
+enum kd_status kd_loss_mlkd(float * loss, float * parts, float * dlogits, const float * s, const float * t, int N,
+                            int V, const float * temps, int n_temps, float percentile, float weight,
+                            bool accumulate) {
+    if (!s || !t || N < 1 || V < 1) KD_FAIL(KD_ERR_VALUE, "student and teacher logits must be non-empty");
+    if (!temps || n_temps < 1 || n_temps > KD_MLKD_MAX_TEMPS)
+        KD_FAIL(KD_ERR_VALUE, "temperatures: between 1 and %d needed, got %d", KD_MLKD_MAX_TEMPS, n_temps);
+    for (int j = 0; j < n_temps; j++)
+        if (!(temps[j] > 0) || !isfinite(temps[j]))
+            KD_FAIL(KD_ERR_VALUE, "temperatures[%d] (%g) must be > 0 and finite", j, temps[j]);
+    if (!(percentile >= 0 && percentile <= 100))
+        KD_FAIL(KD_ERR_VALUE, "percentile (%g) must be in [0, 100]", percentile);
+    const size_t nv = (size_t)N * V, w = (size_t)(N > V ? N : V);
+    double * buf = malloc((4 * nv + (size_t)V * V + (size_t)N * N + 2 * w) * sizeof *buf);
+    if (!buf) KD_FAIL(KD_ERR_NOMEM, "MLKD: %zu bytes of scratch", (4 * nv + (size_t)V * V + (size_t)N * N + 2 * w) * 8);
+    double * P = buf, * Q = P + nv, * gP = Q + nv, * ds = gP + nv, * D = ds + nv, * E = D + (size_t)V * V;
+    double * conf = E + (size_t)N * N, * work = conf + w;
+
+    // The masks: the teacher's probabilities at T = 1, per sample (top probability) and per
+    // class (summed over the batch).
+    softmax_rows_T(Q, t, N, V, 1.0);
+    for (int i = 0; i < N; i++) {
+        double c = 0;
+        for (int k = 0; k < V; k++) c = fmax(c, Q[(size_t)i * V + k]);
+        conf[i] = c;
+    }
+    const double f_s = kept_fraction(conf, work, N, percentile);
+    for (int k = 0; k < V; k++) conf[k] = 0;
+    for (int i = 0; i < N; i++)
+        for (int k = 0; k < V; k++) conf[k] += Q[(size_t)i * V + k];
+    const double f_c = kept_fraction(conf, work, V, percentile);
+
+    double inst = 0, cls = 0, bat = 0;
+    if (dlogits) memset(ds, 0, nv * sizeof *ds);
+    for (int j = 0; j < n_temps; j++) {
+        const double T = temps[j];
+        softmax_rows_T(P, s, N, V, T);
+        softmax_rows_T(Q, t, N, V, T);
+        // instance level: T^2 KL, from the logs (a probability that underflows adds nothing)
+        double kl = 0;
+        for (int i = 0; i < N; i++) {
+            const float * si = s + (size_t)i * V, * ti = t + (size_t)i * V;
+            double ms, ls, mt, lt;
+            row_lse(si, V, T, -1, &ms, &ls);
+            row_lse(ti, V, T, -1, &mt, &lt);
+            for (int k = 0; k < V; k++) {
+                const double lq = ((double)ti[k] - mt) / T - lt, lp = ((double)si[k] - ms) / T - ls, q = exp(lq);
+                if (q > 0) kl += q * (lq - lp);
+            }
+        }
+        inst += f_s * T * T * kl / N;
+        // class level: D = Q'Q - P'P (V x V, symmetric)
+        memset(D, 0, (size_t)V * V * sizeof *D);
+        for (int i = 0; i < N; i++) {
+            const double * p = P + (size_t)i * V, * q = Q + (size_t)i * V;
+            for (int a = 0; a < V; a++) {
+                double * Da = D + (size_t)a * V;
+                const double qa = q[a], pa = p[a];
+                for (int b = 0; b < V; b++) Da[b] += qa * q[b] - pa * p[b];
+            }
+        }
+        double c2 = 0;
+        for (size_t k = 0; k < (size_t)V * V; k++) c2 += D[k] * D[k];
+        cls += f_c * c2 / V;
+        // batch level: E = QQ' - PP' (N x N, symmetric)
+        for (int i = 0; i < N; i++)
+            for (int r = 0; r < N; r++) {
+                const double * pi = P + (size_t)i * V, * pr = P + (size_t)r * V;
+                const double * qi = Q + (size_t)i * V, * qr = Q + (size_t)r * V;
+                double e = 0;
+                for (int k = 0; k < V; k++) e += qi[k] * qr[k] - pi[k] * pr[k];
+                E[(size_t)i * N + r] = e;
+            }
+        double b2 = 0;
+        for (size_t k = 0; k < (size_t)N * N; k++) b2 += E[k] * E[k];
+        bat += f_s * b2 / N;
+        if (!dlogits) continue;
+        // d/dP of the class and batch terms: -4 f_c P D / V and -4 f_s E P / N (D, E symmetric)
+        for (int i = 0; i < N; i++) {
+            double * g = gP + (size_t)i * V;
+            const double * p = P + (size_t)i * V;
+            for (int b = 0; b < V; b++) g[b] = 0;
+            for (int a = 0; a < V; a++) {
+                const double ca = -4.0 * f_c / V * p[a];
+                const double * Da = D + (size_t)a * V;
+                for (int b = 0; b < V; b++) g[b] += ca * Da[b];
+            }
+            for (int r = 0; r < N; r++) {
+                const double er = -4.0 * f_s / N * E[(size_t)i * N + r];
+                const double * pr = P + (size_t)r * V;
+                for (int b = 0; b < V; b++) g[b] += er * pr[b];
+            }
+        }
+        // through the softmax at T: dz_k = P_k (g_k - sum_m g_m P_m) / T; plus KD's T (P - Q) / N
+        for (int i = 0; i < N; i++) {
+            const double * g = gP + (size_t)i * V, * p = P + (size_t)i * V, * q = Q + (size_t)i * V;
+            double gp = 0;
+            for (int k = 0; k < V; k++) gp += g[k] * p[k];
+            for (int k = 0; k < V; k++)
+                ds[(size_t)i * V + k] += p[k] * (g[k] - gp) / T + f_s * T * (p[k] - q[k]) / N;
+        }
+    }
+    if (dlogits)
+        for (size_t k = 0; k < nv; k++) put(&dlogits[k], (double)weight * ds[k], accumulate);
+    free(buf);
+    const double total = inst + cls + bat;
+    if (loss) *loss = (float)total;
+    if (parts) { parts[0] = (float)inst; parts[1] = (float)(cls + bat); }
+    if (!isfinite(total)) KD_FAIL(KD_ERR_NONFINITE, "MLKD loss is not finite");
+    return KD_OK;
+}

@@ -365,6 +365,11 @@ static enum kd_status pair_ctkd(const struct kd_term * t, struct pair_io * p) {
     p->dparams[0] += (float)(-lam * (double)dT * dT_dp);
     return st;
 }
+static enum kd_status pair_mlkd(const struct kd_term * t, struct pair_io * p) {
+    enum kd_status st = kd_loss_mlkd(&p->value, p->part, p->da, p->a, p->b, p->nb, p->ac, t->mlkd.temps, t->mlkd.n_temps,
+                                     t->mlkd.percentile, p->w, true);
+    return st;
+}
 // DAFL's one-hot loss: cross-entropy against the source's own argmax (pseudo-labels).
 static enum kd_status pair_onehot(const struct kd_term * t, struct pair_io * p) {
     int64_t * lab = malloc((size_t)p->nb * sizeof *lab);
@@ -471,6 +476,7 @@ static const struct term_kind_info {
     [KD_TERM_L2PRIOR]  = { "l2prior",  "l2 prior",          false, false, false, false, pair_l2prior },
     [KD_TERM_ADI]      = { "adi",      "competition loss",  true,  true,  true,  true,  pair_adi },
     [KD_TERM_L1]       = { "l1",       "L1 loss",           true,  true,  true,  true,  pair_l1 },
+    [KD_TERM_MLKD]     = { "mlkd",     "MLKD loss",         true,  true,  false, true,  pair_mlkd },
 };
 
 const char * kd_term_kind_name(enum kd_term_kind kind) {
@@ -494,6 +500,12 @@ struct kd_term kd_term_default(enum kd_term_kind kind) {
     if (kind == KD_TERM_DIST) { t.beta = 2.0f; t.dist.gamma = 2.0f; }
     if (kind == KD_TERM_NORMKD) t.normkd.t_norm = 2.0f;
     if (kind == KD_TERM_WTTM) t.wttm.gamma = 0.2f;
+    if (kind == KD_TERM_MLKD) {
+        static const float mlkd_temps[] = { 4.0f, 3.0f, 5.0f, 2.0f, 6.0f };
+        t.mlkd.n_temps = 5;
+        memcpy(t.mlkd.temps, mlkd_temps, sizeof mlkd_temps);
+        t.mlkd.percentile = 50.0f;
+    }
     if (kind == KD_TERM_CTKD) {
         t.ctkd.params = -1;
         t.ctkd.t_start = 1.0f;
@@ -1086,6 +1098,17 @@ static enum kd_status engine_setup(struct engine * E) {
             E_FAIL(KD_ERR_VALUE, "term %d (normkd): t_norm (%g) must be > 0 and finite", i, t->normkd.t_norm);
         if (t->kind == KD_TERM_WTTM && (!(t->wttm.gamma > 0) || !isfinite(t->wttm.gamma)))
             E_FAIL(KD_ERR_VALUE, "term %d (wttm): gamma (%g) must be > 0 and finite", i, t->wttm.gamma);
+        if (t->kind == KD_TERM_MLKD) {
+            if (t->mlkd.n_temps < 1 || t->mlkd.n_temps > KD_MLKD_MAX_TEMPS)
+                E_FAIL(KD_ERR_VALUE, "term %d (mlkd): between 1 and %d temperatures needed, got %d", i, KD_MLKD_MAX_TEMPS,
+                       t->mlkd.n_temps);
+            for (int j = 0; j < t->mlkd.n_temps; j++)
+                if (!(t->mlkd.temps[j] > 0) || !isfinite(t->mlkd.temps[j]))
+                    E_FAIL(KD_ERR_VALUE, "term %d (mlkd): temperatures[%d] (%g) must be > 0 and finite", i, j,
+                           t->mlkd.temps[j]);
+            if (!(t->mlkd.percentile >= 0 && t->mlkd.percentile <= 100))
+                E_FAIL(KD_ERR_VALUE, "term %d (mlkd): percentile (%g) must be in [0, 100]", i, t->mlkd.percentile);
+        }
         if (t->kind == KD_TERM_OFD && !t->ofd.margin) E_FAIL(KD_ERR_VALUE, "term %d (ofd): ofd.margin is NULL", i);
         if (t->kind == KD_TERM_CRD) {
             if (!t->crd.bank) E_FAIL(KD_ERR_VALUE, "term %d (crd): crd.bank is NULL", i);

@@ -92,6 +92,7 @@ PyObject * py_dkd_loss(PyObject * Py_UNUSED(m), PyObject * args, PyObject * kwds
 PyObject * py_dist_loss(PyObject * Py_UNUSED(m), PyObject * args, PyObject * kwds);
 PyObject * py_normkd_loss(PyObject * Py_UNUSED(m), PyObject * args, PyObject * kwds);
 PyObject * py_wttm_loss(PyObject * Py_UNUSED(m), PyObject * args, PyObject * kwds);
+PyObject * py_mlkd_loss(PyObject * Py_UNUSED(m), PyObject * args, PyObject * kwds);
 PyObject * py_ctkd_loss(PyObject * Py_UNUSED(m), PyObject * args, PyObject * kwds);
 PyObject * py_ctkd_temperature(PyObject * Py_UNUSED(m), PyObject * args, PyObject * kwds);
 PyObject * py_ctkd_lambda(PyObject * Py_UNUSED(m), PyObject * args, PyObject * kwds);

@@ -137,6 +137,29 @@ static int opt_bool(struct opt_reader * r, const char * key, bool * out) {
     *out = t;
     return 0;
 }
+// MLKD's temperatures: a sequence of 1..KD_MLKD_MAX_TEMPS numbers (values checked by the engine).
+static int parse_mlkd_temps(PyObject * v, float * temps, int * n) {
+    PyObject * seq = PySequence_Fast(v, "term option 'temperatures' must be a sequence of numbers");
+    if (!seq) return -1;
+    const Py_ssize_t k = PySequence_Fast_GET_SIZE(seq);
+    if (k < 1 || k > KD_MLKD_MAX_TEMPS) {
+        PyErr_Format(PyExc_ValueError, "term option 'temperatures': between 1 and %d values, got %zd", KD_MLKD_MAX_TEMPS, k);
+        Py_DECREF(seq);
+        return -1;
+    }
+    for (Py_ssize_t j = 0; j < k; j++) {
+        const double d = PyFloat_AsDouble(PySequence_Fast_GET_ITEM(seq, j));
+        if (d == -1.0 && PyErr_Occurred()) {
+            PyErr_Format(PyExc_TypeError, "term option 'temperatures'[%zd] must be a number", j);
+            Py_DECREF(seq);
+            return -1;
+        }
+        temps[j] = (float)d;
+    }
+    *n = (int)k;
+    Py_DECREF(seq);
+    return 0;
+}
 static int opt_done(struct opt_reader * r) {
     if (!r->dict || PyDict_Size(r->dict) == r->used) return 0;
     Py_ssize_t pos = 0;
@@ -866,6 +889,11 @@ PyObject * py_step_epoch(PyObject * Py_UNUSED(m), PyObject * args, PyObject * kw
             (opt_float(&r, "t_norm", &tm->normkd.t_norm) < 0 || opt_bool(&r, "detach_std", &tm->normkd.detach_std) < 0))
             goto done;
         if (tm->kind == KD_TERM_WTTM && opt_float(&r, "gamma", &tm->wttm.gamma) < 0) goto done;
+        if (tm->kind == KD_TERM_MLKD) {
+            PyObject * tv = opt_get(&r, "temperatures");
+            if (tv && parse_mlkd_temps(tv, tm->mlkd.temps, &tm->mlkd.n_temps) < 0) goto done;
+            if (opt_float(&r, "percentile", &tm->mlkd.percentile) < 0) goto done;
+        }
         if (tm->kind == KD_TERM_BNSTAT && opt_i32(&r, "node", &tm->bnstat.node) < 0) goto done;
         if (tm->kind == KD_TERM_TV && opt_bool(&r, "l1", &tm->tv.l1) < 0) goto done;
         if (tm->kind == KD_TERM_CTKD &&

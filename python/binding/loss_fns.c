@@ -181,6 +181,45 @@ fail:
     return ret;
 }
 
+// mlkd_loss(student, teacher, temperatures, percentile) -> (loss, dstudent, instance, class_batch);
+// the temperatures and the percentile are checked by kdcore.functional.mlkd_loss and again in C.
+PyObject * py_mlkd_loss(PyObject * Py_UNUSED(m), PyObject * args, PyObject * kwds) {
+    static char * kwlist[] = { "student", "teacher", "temperatures", "percentile", NULL };
+    PyObject * so, * to, * tv;
+    float percentile;
+    if (!PARSE_KW(args, kwds, "OOOf", kwlist, &so, &to, &tv, &percentile)) return NULL;
+    float temps[KD_MLKD_MAX_TEMPS];
+    PyObject * seq = PySequence_Fast(tv, "temperatures must be a sequence of numbers");
+    if (!seq) return NULL;
+    const Py_ssize_t nt = PySequence_Fast_GET_SIZE(seq);
+    if (nt < 1 || nt > KD_MLKD_MAX_TEMPS) {
+        Py_DECREF(seq);
+        return PyErr_Format(PyExc_ValueError, "temperatures: between 1 and %d values, got %zd", KD_MLKD_MAX_TEMPS, nt);
+    }
+    for (Py_ssize_t j = 0; j < nt; j++) {
+        const double d = PyFloat_AsDouble(PySequence_Fast_GET_ITEM(seq, j));
+        if (d == -1.0 && PyErr_Occurred()) { Py_DECREF(seq); return NULL; }
+        temps[j] = (float)d;
+    }
+    Py_DECREF(seq);
+    PyArrayObject * s, * t;
+    if (get_logit_pair(so, to, "student_logits", "teacher_logits", &s, &t) < 0) return NULL;
+    int N = (int)PyArray_DIM(s, 0), V = (int)PyArray_DIM(s, 1);
+    PyObject * ret = NULL, * ds = PyArray_SimpleNew(2, PyArray_DIMS(s), NPY_FLOAT32);
+    if (ds) {
+        float loss, parts[2];
+        enum kd_status st;
+        Py_BEGIN_ALLOW_THREADS
+        st = kd_loss_mlkd(&loss, parts, PyArray_DATA((PyArrayObject *)ds), PyArray_DATA(s), PyArray_DATA(t), N, V, temps,
+                          (int)nt, percentile, 1.0f, false);
+        Py_END_ALLOW_THREADS
+        if (st != KD_OK) kd_raise(st);
+        else ret = Py_BuildValue("(fOff)", loss, ds, parts[0], parts[1]);
+    }
+    Py_XDECREF(ds); Py_DECREF(s); Py_DECREF(t);
+    return ret;
+}
+
 // ctkd_loss(student, teacher, T) -> (loss, dstudent, dT)
 PyObject * py_ctkd_loss(PyObject * Py_UNUSED(m), PyObject * args, PyObject * kwds) {
     static char * kwlist[] = { "student", "teacher", "T", NULL };

@@ -309,6 +309,16 @@ static int add_enums(PyObject * m) {
                               t.normkd.detach_std ? Py_True : Py_False);
             break;
         case KD_TERM_WTTM: x = Py_BuildValue("{s:f}", "gamma", (double)t.wttm.gamma); break;
+        case KD_TERM_MLKD: {
+            PyObject * tt = PyTuple_New(t.mlkd.n_temps);
+            for (int j = 0; tt && j < t.mlkd.n_temps; j++) {
+                PyObject * f = PyFloat_FromDouble((double)t.mlkd.temps[j]);
+                if (!f) { Py_CLEAR(tt); break; }
+                PyTuple_SET_ITEM(tt, j, f);
+            }
+            if (tt) x = Py_BuildValue("{s:N,s:f}", "temperatures", tt, "percentile", (double)t.mlkd.percentile);
+            break;
+        }
         case KD_TERM_TV: x = Py_BuildValue("{s:O}", "l1", t.tv.l1 ? Py_True : Py_False); break;
         case KD_TERM_CTKD:
             x = Py_BuildValue("{s:f,s:f,s:f,s:f,s:i}", "t_start", (double)t.ctkd.t_start, "t_range",
@@ -395,6 +405,7 @@ static PyMethodDef module_methods[] = {
     { "dist_loss", (PyCFunction)(void (*)(void))py_dist_loss, METH_VARARGS | METH_KEYWORDS, "DIST loss (kd_loss_dist)" },
     { "normkd_loss", (PyCFunction)(void (*)(void))py_normkd_loss, METH_VARARGS | METH_KEYWORDS, "NormKD loss (kd_loss_normkd)" },
     { "wttm_loss", (PyCFunction)(void (*)(void))py_wttm_loss, METH_VARARGS | METH_KEYWORDS, "WTTM loss (kd_loss_wttm)" },
+    { "mlkd_loss", (PyCFunction)(void (*)(void))py_mlkd_loss, METH_VARARGS | METH_KEYWORDS, "MLKD loss (kd_loss_mlkd)" },
     { "ctkd_loss", (PyCFunction)(void (*)(void))py_ctkd_loss, METH_VARARGS | METH_KEYWORDS, "CTKD loss (kd_loss_ctkd)" },
     { "ctkd_temperature", (PyCFunction)(void (*)(void))py_ctkd_temperature, METH_VARARGS | METH_KEYWORDS,
       "CTKD's temperature from its parameter (kd_ctkd_temperature)" },
@@ -439,7 +450,8 @@ PyMODINIT_FUNC PyInit__kdcore(void) {
         PyModule_AddObjectRef(m, "Optimizer", (PyObject *)&OptimType) < 0 ||
         PyModule_AddObjectRef(m, "Dataset", (PyObject *)&DatasetType) < 0 ||
         PyModule_AddObjectRef(m, "CRD", (PyObject *)&CRDType) < 0 ||
-        PyModule_AddStringConstant(m, "version", KDCORE_VERSION) < 0 || add_enums(m) < 0) {
+        PyModule_AddStringConstant(m, "version", KDCORE_VERSION) < 0 || add_enums(m) < 0 ||
+        PyModule_AddIntConstant(m, "MLKD_MAX_TEMPS", KD_MLKD_MAX_TEMPS) < 0) {
         Py_DECREF(m);
         return NULL;
     }

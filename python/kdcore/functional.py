@@ -31,8 +31,9 @@ _DIST = _kdcore.TERM_DEFAULTS["dist"]
 _NORMKD = _kdcore.TERM_DEFAULTS["normkd"]
 _WTTM = _kdcore.TERM_DEFAULTS["wttm"]
 _CTKD = _kdcore.TERM_DEFAULTS["ctkd"]
+_MLKD = _kdcore.TERM_DEFAULTS["mlkd"]
 
-__all__ = ["cross_entropy", "kd_loss", "dkd_loss", "dist_loss", "normkd_loss", "wttm_loss", "ctkd_loss", "ctkd_temperature", "ctkd_lambda", "soft_target_loss", "logit_mse_loss", "logit_l1_loss", "tolerant_loss",
+__all__ = ["cross_entropy", "kd_loss", "dkd_loss", "dist_loss", "normkd_loss", "wttm_loss", "ctkd_loss", "ctkd_temperature", "ctkd_lambda", "mlkd_loss", "soft_target_loss", "logit_mse_loss", "logit_l1_loss", "tolerant_loss",
            "softmax", "virtual_teacher", "at_loss", "sp_loss", "nst_loss", "rkd_loss", "pkt_loss", "fsp_loss",
            "ofd_margin", "ofd_loss", "ab_loss", "ft_loss", "vid_loss", "vid_log_scale", "cc_loss", "hcl_loss",
            "CRDBank"]
@@ -116,6 +117,40 @@ def wttm_loss(student_logits, teacher_logits, gamma=_WTTM["gamma"]):
     authors' CIFAR-100 command). Returns (loss, dstudent)."""
     gamma = _check_float("gamma", gamma, 0, lo_open=True)
     return _kdcore.wttm_loss(student_logits, teacher_logits, gamma)
+
+
+def _mlkd_temperatures(temperatures):
+    """MLKD's temperatures as a tuple of floats: a list, tuple or 1-d array of 1 to
+    MLKD_MAX_TEMPS positive numbers, finite as float32 (the C term stores them so)."""
+    if not (isinstance(temperatures, (list, tuple)) or (isinstance(temperatures, np.ndarray) and temperatures.ndim == 1)):
+        raise TypeError(f"temperatures must be a list or tuple of numbers, got {type(temperatures).__name__}")
+    temps = tuple(temperatures)
+    if not 1 <= len(temps) <= _kdcore.MLKD_MAX_TEMPS:
+        raise ValueError(f"temperatures must hold 1 to {_kdcore.MLKD_MAX_TEMPS} values, got {len(temps)}")
+    out = tuple(_check_float(f"temperatures[{j}]", v, 0, lo_open=True) for j, v in enumerate(temps))
+    for j, v in enumerate(out):
+        if v > float(np.finfo(np.float32).max):
+            raise ValueError(f"temperatures[{j}] must be finite as float32, got {v}")
+    return out
+
+
+def mlkd_loss(student_logits, teacher_logits, temperatures=_MLKD["temperatures"], percentile=_MLKD["percentile"],
+              return_parts=False):
+    """MLKD (Jin, Wang & Lin, CVPR 2023; the authors' code, its weak-view losses). For each
+    temperature T, with P = softmax(s / T) and Q = softmax(t / T) (N x classes): the instance
+    term T^2 mean_i KL(Q_i || P_i), the class term sum((Q'Q - P'P)^2) / classes (class
+    correlations) and the batch term sum((QQ' - PP')^2) / N (sample correlations). The
+    confidence masks come from the teacher at T = 1: f_s is the fraction of samples whose top
+    probability is <= the batch's ``percentile`` (np.percentile, linear), f_c the fraction of
+    classes whose summed probability is <= the classes' percentile; as in the authors' code a
+    mask scales its whole term by that fraction. loss = f_s sum_T instance + f_c sum_T class +
+    f_s sum_T batch. Defaults: temperatures (4, 3, 5, 2, 6), percentile 50 (the authors' code).
+    Returns (loss, dstudent), or (loss, dstudent, (instance, class + batch)) with
+    return_parts=True."""
+    temps = _mlkd_temperatures(temperatures)
+    percentile = _check_float("percentile", percentile, 0, 100)
+    loss, d, inst, rel = _kdcore.mlkd_loss(student_logits, teacher_logits, temps, percentile)
+    return (loss, d, (inst, rel)) if _check_bool("return_parts", return_parts) else (loss, d)
 
 
 def ctkd_loss(student_logits, teacher_logits, T):

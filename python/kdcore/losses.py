@@ -18,10 +18,11 @@ reference libraries use); ``kdcore.losses.method_terms(name)`` returns fresh cop
 from __future__ import annotations
 
 from . import _kdcore
+from .functional import _mlkd_temperatures
 from .nn import (_ADD, _BATCHNORM, _CONCAT, _CONV2D, _INPUT_NODE, _MUL, _SIGMOID, _UPSAMPLE, BatchNorm2d, Conv2d,
                  Linear, Module, ReLU, Sequential, _check_bool, _check_float, _check_int, _is_choice, _join)
 
-__all__ = ["Loss", "CE", "KD", "DKD", "DIST", "NormKD", "WTTM", "CTKD", "LogitMSE", "Hint", "FitNet", "AT", "SP", "NST", "RKD", "PKT", "FSP", "OFD",
+__all__ = ["Loss", "CE", "KD", "DKD", "DIST", "NormKD", "WTTM", "CTKD", "MLKD", "LogitMSE", "Hint", "FitNet", "AT", "SP", "NST", "RKD", "PKT", "FSP", "OFD",
            "AB", "VID", "CC", "CRD", "FT", "ReviewKD", "ReviewFusion", "METHODS", "method_terms", "connector"]
 
 _KINDS = _kdcore.TERM_KINDS
@@ -257,6 +258,33 @@ class CTKD(Loss):
     def _options(self):
         return dict(super()._options(), t_start=self.t_start, t_range=self.t_range, init=self.init,
                     lambda_min=self.lambda_min, lambda_max=self.lambda_max, decay_epochs=self.decay_epochs)
+
+
+class MLKD(Loss):
+    """MLKD (Jin, Wang & Lin, CVPR 2023, "Multi-level logit distillation"), on one view of each
+    batch: KD (instance level), the class-correlation (C x C) and sample-correlation (B x B)
+    alignments of the softened predictions, each at every temperature of ``temperatures`` and
+    scaled by the fraction of samples (instance, batch) or classes (class) that the teacher's
+    confidence masks keep at ``percentile`` (kdcore.functional.mlkd_loss). The authors also
+    train on a strongly augmented second view of each batch; kdcore's engine feeds every net
+    the same augmented batch, so that half of the method is not here. Defaults: the authors'
+    code, weight 0.9 (with CE 0.1), temperatures (4, 3, 5, 2, 6), percentile 50. The History
+    logs the parts ``mlkd_instance`` and ``mlkd_class_batch`` (unweighted)."""
+    kind, label = "mlkd", "mlkd"
+
+    def __init__(self, weight=0.9, temperatures=_DEFAULTS["mlkd"]["temperatures"],
+                 percentile=_DEFAULTS["mlkd"]["percentile"], **kw):
+        super().__init__(weight, **kw)
+        self.temperatures = _mlkd_temperatures(temperatures)
+        self.percentile = _check_float("percentile", percentile, 0, 100)
+
+    def _add(self, plan):
+        plan.add_term(self, self._base(a=plan.ref(0), src=[plan.ref(1)], temperatures=list(self.temperatures),
+                                       percentile=self.percentile),
+                      parts=("mlkd_instance", "mlkd_class_batch"))
+
+    def _options(self):
+        return dict(super()._options(), temperatures=self.temperatures, percentile=self.percentile)
 
 
 class LogitMSE(_LogitLoss):
@@ -848,6 +876,7 @@ METHODS = {
     "normkd": lambda: [CE(0.1), NormKD(0.9, t_norm=2.0)],
     "wttm": lambda: [CE(1.0), WTTM(4.0, gamma=0.2)],
     "ctkd": lambda: [CE(0.1), CTKD(0.9)],
+    "mlkd": lambda: [CE(0.1), MLKD(0.9)],
     "fitnet": lambda: [CE(1.0), FitNet(100.0)],
     "at": lambda: [CE(1.0), AT(1000.0)],
     "sp": lambda: [CE(1.0), SP(3000.0)],

@@ -2,7 +2,7 @@
 // the PyTorch comparisons of the Python suite -- CE (label smoothing, sample weights), KD (both
 // sides, sample weights), soft targets, DKD, DIST, NormKD, WTTM, CTKD (logits and temperature),
 // MSE, the tolerant term, DAFL's entropy and activation, ADI (both sides), the L1 logit loss
-// (DFAD's discrepancy; both sides). Hard cases: one sample, two classes, large logits, small
+// (DFAD's discrepancy; both sides), MLKD (its masks come from the teacher). Hard cases: one sample, two classes, large logits, small
 // and large temperatures. Then weight and accumulate semantics for each loss, and the L1
 // loss's subgradient at a tie, its errors and a non-finite input. Sizes are tiny: this runs
 // under valgrind (`make valgrind`).
@@ -13,9 +13,9 @@
 #include "kdtest.h"
 #include "kdcore.h"
 
-enum kind { CE, KD, SOFT, DKD, DIST, NORMKD, WTTM, CTKD, MSE, TOLERANT, ENTROPY, ACTIVATION, ADI, L1 };
+enum kind { CE, KD, SOFT, DKD, DIST, NORMKD, WTTM, CTKD, MSE, TOLERANT, ENTROPY, ACTIVATION, ADI, L1, MLKD };
 static const char * const kind_name[] = { "CE", "KD", "soft", "DKD", "DIST", "NormKD", "WTTM", "CTKD", "MSE",
-                                          "tolerant", "entropy", "activation", "ADI", "L1" };
+                                          "tolerant", "entropy", "activation", "ADI", "L1", "MLKD" };
 
 struct lcase {
     enum kind k;
@@ -59,6 +59,10 @@ static enum kd_status run(const struct lcase * c, float * loss, float * ds, floa
     case ACTIVATION: return kd_loss_activation(loss, ds, c->s, (size_t)N * V, weight, acc);
     case ADI:      return kd_loss_adi(loss, dt, ds, c->t, c->s, N, V, c->T, weight, acc);
     case L1:       return kd_loss_l1(loss, ds, dt, c->s, c->t, N, V, weight, acc);
+    case MLKD: {
+        static const float temps[] = { 4, 3, 5, 2, 6 };   // the authors' temperatures
+        return kd_loss_mlkd(loss, NULL, ds, c->s, c->t, N, V, temps, 5, c->a, weight, acc);
+    }
     }
     return KD_ERR_VALUE;
 }
@@ -245,6 +249,13 @@ static void test_gradcheck_all(void) {
     check_case(mk(ADI, "T=3", 3, 4, 2, 3, 90), 1e-2f, 1e-3);
     // L1: |s - t| is piecewise linear; the inputs keep every |s - t| above the step (checked below)
     check_case(mk(L1, "3x5", 3, 5, 2, 1, 100), 1e-2f, 3e-4);
+    // MLKD: percentile 50 (the authors') and 100 (every sample and class kept)
+    c = mk(MLKD, "percentile 50", 6, 5, 3, 1, 110);
+    c.a = 50;
+    check_case(c, 1e-2f, 1e-3);
+    c = mk(MLKD, "percentile 100, N=2 V=3", 2, 3, 2, 1, 111);
+    c.a = 100;
+    check_case(c, 1e-2f, 1e-3);
 }
 
 // The activation loss has a kink at 0 and the tolerant term one at ties: the test inputs must

@@ -10,10 +10,10 @@ scheme's configuration; where one shared engine line implements an option for ev
 so that each scheme's test is shown to check it. The last group breaks the engine itself
 (connectors, source gradients, gradient slots, parameter holders, CRD state, skip mode).
 The logit-methods group breaks the mechanism of NormKD's and WTTM's losses (losses.c) and
-CTKD's gradient reversal and curriculum (train.c), and DeepInversion's BN-statistics term
-(train.c, losses_feat.c). The adversarial data-free group breaks the step cycle (phases,
-cycle_batch, per-phase term means), reversed terms, gradient clipping and the L1 loss that
-DFAD and ZSKT run on. The metrics group breaks kdcore.metrics
+CTKD's gradient reversal and curriculum (train.c), DeepInversion's BN-statistics term
+(train.c, losses_feat.c), and MLKD's masks and batch-level gradient (losses.c). The adversarial
+data-free group breaks the step cycle (phases, cycle_batch, per-phase term means), reversed
+terms, gradient clipping and the L1 loss that DFAD and ZSKT run on. The metrics group breaks kdcore.metrics
 (Python only, no rebuild).
 
 For every mutation in MUTATIONS below: copy the repository (the files `git ls-files` lists,
@@ -70,6 +70,7 @@ LOGIT = "tests/test_logit_methods_torch.py"
 CTKD = "tests/test_ctkd_torch.py"
 ADV = "tests/test_adversarial_datafree_torch.py"
 DATAFREE = "python/kdcore/datafree.py"
+MLKD_T = "tests/test_mlkd_torch.py"
 
 
 def t(path, *names):
@@ -522,6 +523,15 @@ MUTATIONS = [
     dict(name="l1_tie_sign", file=LOSSES_C, what="the L1 loss's subgradient at a tie is 1, not torch's 0",
          old="sg = d > 0 ? 1.0 : d < 0 ? -1.0 : 0.0;", new="sg = d >= 0 ? 1.0 : -1.0;",
          tests=t(ADV, "test_l1_loss_matches_autograd")),
+    # ---- MLKD (losses.c): its confidence masks and its batch-level gradient
+    dict(name="mlkd_class_mask_ignored", file=LOSSES_C,
+         what="MLKD: the class-level term not scaled by the fraction of classes its mask keeps",
+         old="const double f_c = kept_fraction(conf, work, V, percentile);", new="const double f_c = 1.0;",
+         tests=t(MLKD_T, "test_mlkd_loss", "test_mlkd_step")),
+    dict(name="mlkd_batch_gradient_dropped", file=LOSSES_C,
+         what="MLKD: the batch-level (B x B correlation) term's gradient left out (its value still reported)",
+         old="const double er = -4.0 * f_s / N * E[(size_t)i * N + r];", new="const double er = 0.0;",
+         tests=t(MLKD_T, "test_mlkd_loss", "test_mlkd_step")),
 
     # ---- kdcore.metrics (Python only: no rebuild)
     dict(name="metrics_ece_edge_to_upper_bin", file=METRICS, what="a confidence on a bin edge goes to the bin above",

@@ -33,6 +33,10 @@ Y = np.array([0, 1, 2, 3, 1, 0], np.int64)
 Q = F.softmax(TEACHER, 2.0)
 
 
+# MLKD's temperatures: a sequence of numbers (wrong types, lengths and values among them).
+TEMPERATURES = st.one_of(SCALARS, st.lists(SCALARS, max_size=10), st.lists(st.floats(-1, 30), max_size=10).map(tuple))
+
+
 def mutate(valid, pools, data, required=()):
     """(argument name, kwargs with that one argument replaced by a drawn value)."""
     name = data.draw(st.sampled_from(sorted(pools)), label="argument")
@@ -73,6 +77,10 @@ FUNCTIONAL = {
                          dict(p=SCALARS, t_start=SCALARS, t_range=SCALARS)),
     "ctkd_lambda": (F.ctkd_lambda, dict(epoch=3, lambda_min=0.0, lambda_max=1.0, decay_epochs=10),
                     dict(epoch=COUNTS, lambda_min=SCALARS, lambda_max=SCALARS, decay_epochs=COUNTS)),
+    "mlkd_loss": (F.mlkd_loss, dict(student_logits=LOGITS, teacher_logits=TEACHER, temperatures=(4.0, 2.0),
+                                    percentile=50.0, return_parts=False),
+                  dict(student_logits=logits_pool(), teacher_logits=logits_pool(TEACHER), temperatures=TEMPERATURES,
+                       percentile=SCALARS, return_parts=FLAGS)),
     "logit_mse_loss": (F.logit_mse_loss, dict(student_logits=LOGITS, teacher_logits=TEACHER),
                        dict(student_logits=logits_pool(), teacher_logits=logits_pool(TEACHER))),
     "logit_l1_loss": (F.logit_l1_loss, dict(student_logits=LOGITS, teacher_logits=TEACHER),
@@ -307,6 +315,7 @@ LOSS_TERMS = {
     "CRD": (dict(), dict(weight=SCALARS, dim=COUNTS, n_neg=COUNTS, T=SCALARS, momentum=SCALARS, class_negatives=FLAGS,
                          in_batch=FLAGS)),
     "FT": (dict(), dict(weight=SCALARS, rate=SCALARS, p1=COUNTS, p2=SCALARS, seed=COUNTS)),
+    "MLKD": (dict(), dict(weight=SCALARS, temperatures=TEMPERATURES, percentile=SCALARS, warmup_epochs=COUNTS)),
 }
 
 
