@@ -98,4 +98,44 @@ float kd_term_weight_(const struct kd_term * t, int epoch);
 // false when the node is not a BatchNorm node of a finalized net.
 bool kd_net_bn_running_(struct kd_net * net, int node, const float ** rmean, const float ** rvar);
 
+// ---- loss terms of the step engine (terms.c) -----------------------------------------
+// The index of a row's largest value (the first of equal ones).
+static inline int kd_argmax_row(const float * z, int V) {
+    int best = 0;
+    for (int k = 1; k < V; k++) if (z[k] > z[best]) best = k;
+    return best;
+}
+
+// A term's computation on one target. `a` is the learning input, `b` one target (a source
+// reference, or a mixture of several); da/db (NULL: no gradient there) receive the gradient
+// of w * term, added. Shapes are per sample.
+struct pair_io {
+    const float * a, * b, * a2, * b2;
+    float * da, * db, * da2, * db2;
+    int nb, ac, ah, aw, bc, bh, bw, a2c, a2h, a2w, b2c, b2h, b2w;
+    const int64_t * y, * idx; // labels; data-set indices of the batch (CRD)
+    const float * mask;       // per-sample weights of the term (conditional learning) or NULL
+    const float * rmean, * rvar;   // a BN node's running statistics (BN-statistics term)
+    const float * params;     // a parameter holder's block and gradient (VID's log_scale,
+    float * dparams;          // CTKD's temperature)
+    int epoch;                // CTKD's curriculum
+    float * scratch;          // the term's own scratch (CRD: normalised rows and their gradients)
+    float smooth;             // the train cfg's label smoothing (CE)
+    float w;
+    float value, part[2];     // out: the unweighted term, its parts (DKD: TCKD, NCKD)
+};
+
+// Per kind: its name, what it reads, and how it computes. A kind reads logits (V values per
+// sample, checked against the labels' classes) or maps of any shape.
+struct term_kind_info {
+    const char * name;        // kd_term_kind_name
+    const char * what;        // default name in messages
+    bool logits;              // its inputs are logits
+    bool src;                 // it has a target (a source); else it reads `a` and the labels
+    bool src_grad;            // it can give the gradient w.r.t. its target (src.grad)
+    bool same_shape;          // a and the target must have the same shape
+    enum kd_status (*pair)(const struct kd_term *, struct pair_io *);
+};
+extern const struct term_kind_info kd_term_kinds[KD_TERM_COUNT];
+
 #endif // KD_INTERNAL_H

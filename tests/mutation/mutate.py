@@ -47,6 +47,7 @@ import time
 from pathlib import Path
 
 TRAIN = "kdcore/src/train.c"
+TERMS = "kdcore/src/terms.c"
 SCHEMES_C = "kdcore/src/schemes.c"
 DISTILL = "python/kdcore/distill.py"
 SCHEMES = "python/kdcore/schemes.py"
@@ -85,7 +86,7 @@ MUTATIONS = [
     # (pair_ce reads the train cfg's label smoothing): ls_off_distill breaks it for all;
     # the per-scheme mutations break it only where the engine runs that scheme (L->fn names
     # the public epoch function), so each scheme's own test is shown to check it.
-    dict(name="ls_off_distill", file=TRAIN, what="the engine's CE term without label smoothing (every scheme)",
+    dict(name="ls_off_distill", file=TERMS, what="the engine's CE term without label smoothing (every scheme)",
          old="return kd_cross_entropy(&p->value, p->da, p->a, p->y, NULL, p->nb, p->ac, p->smooth, p->w, true);",
          new="return kd_cross_entropy(&p->value, p->da, p->a, p->y, NULL, p->nb, p->ac, 0.0f, p->w, true);",
          tests=t(LOOP, "test_distill_label_smoothing") + t(STAGES, "test_fit_and_distill_pass_label_smoothing")),
@@ -137,7 +138,7 @@ MUTATIONS = [
          tests=t(LOOP, "test_teacher_drop_keeps_one")),
 
     # ---- tolerant term (term_run), student noise (loop_noisy_input; the distill configuration)
-    dict(name="tolerant_gradient_doubled", file=TRAIN, what="the tolerant term's gradient doubled",
+    dict(name="tolerant_gradient_doubled", file=TERMS, what="the tolerant term's gradient doubled",
          old="kd_loss_tolerant(&p->value, p->da, p->a, p->nb, p->ac, t->k, p->w, true)",
          new="kd_loss_tolerant(&p->value, p->da, p->a, p->nb, p->ac, t->k, 2 * p->w, true)",
          tests=t(LOOP, "test_distill_tolerant") + t(STAGES, "test_born_again_stages")),
@@ -474,11 +475,11 @@ MUTATIONS = [
          what="WTTM without its per-sample power-sum weight U (plain transformed-teacher matching)",
          old="const double U = exp(lg - g * l1);", new="const double U = 1.0;",
          tests=t(LOGIT, "test_wttm_loss", "test_wttm_step")),
-    dict(name="ctkd_reversal_sign", file=TRAIN,
+    dict(name="ctkd_reversal_sign", file=TERMS,
          what="CTKD: the temperature's gradient not reversed (it descends the loss with the student)",
          old="p->dparams[0] += (float)(-lam * (double)dT * dT_dp);", new="p->dparams[0] += (float)(lam * (double)dT * dT_dp);",
          tests=t(CTKD, "test_ctkd_steps_at_two_curriculum_epochs")),
-    dict(name="ctkd_curriculum_frozen", file=TRAIN,
+    dict(name="ctkd_curriculum_frozen", file=TERMS,
          what="CTKD: the curriculum's lambda of the first epoch kept for every epoch",
          old="kd_ctkd_lambda(p->epoch, t->ctkd.lambda_min,", new="kd_ctkd_lambda(0, t->ctkd.lambda_min,",
          tests=t(CTKD, "test_ctkd_steps_at_two_curriculum_epochs")),
