@@ -82,6 +82,14 @@ def test_without_a_teacher_no_teacher_columns(real_runs):
     assert "last_test_kl" not in m and "best_test_agreement" not in m and "report" not in m
 
 
+def test_compare_reads_real_run_folders(real_runs):
+    out, kd, scratch = real_runs
+    mk, ms = (read(recipes.run_dir(out, c, 0), "metrics.json") for c in (kd, scratch))
+    (row,) = recipes.compare(out, baseline="scratch", metric="best_test_nll")
+    assert (row["recipe"], row["n"], row["seeds"]) == ("kd", 1, [0])
+    assert row["diff_mean"] == mk["best_test_nll"] - ms["best_test_nll"] and math.isnan(row["ci_low"])
+
+
 # The chosen epoch, made unambiguous: the validation accuracies and the per-epoch test numbers
 # are replaced by values whose best epochs all differ (validation: epoch 1; test accuracy:
 # epoch 0 with a split, epoch 2 without; the last epoch: 3).

@@ -3,6 +3,7 @@
     recipe = kdcore.recipes.load("recipes/kd.yaml", sets=["epochs=2"])   # validated, defaults filled
     kdcore.recipes.run_one(recipe, seed=0, out="runs")                   # -> runs/kd/seed-0/
     kdcore.recipes.report("runs")                                        # rows: mean/std per (recipe, method)
+    kdcore.recipes.compare("runs", baseline="scratch")                   # paired differences to a baseline
 
 The command line (``python -m kdcore run|report``, kdcore/__main__.py) is a thin layer over
 these functions. A recipe (every key but ``method`` optional; defaults are kdcore's):
@@ -38,16 +39,36 @@ The whole schema is ``SCHEMA`` below; ``load`` refuses unknown keys and wrong ty
 key's path (``kd.yaml: student.width: expected an int >= 1, got 'wide'``).
 
 Per seed, the run trains the student from initial weights drawn with that seed on the
-training subset drawn with that seed, evaluates it on the test set after every epoch, and
+training subset drawn with that seed, measures it on the test set after every epoch, and
 writes (``run_one``) the resolved recipe (``config.yaml``, rerunnable as it stands), the
-History (``history.csv``, ``history.json``, with ``test_acc`` per epoch), the student
-(``student.safetensors``, kdcore.save), the final numbers (``metrics.json``) and the
+History (``history.csv``, ``history.json``), the student (``student.safetensors``,
+kdcore.save, as after the last epoch), the final numbers (``metrics.json``) and the
 environment (``env.txt``); ``done.json`` is written last, atomically, and marks the run
 finished: a rerun of the same configuration skips it.
 
+Measured per epoch (History columns, from the training function's per-epoch callback): the
+training function's own columns (``train_loss``, ..., and ``val_acc``/``val_loss`` when the
+recipe has ``val_split``), and from one eval-mode forward of the student over the test set
+``test_acc``, ``test_nll`` (mean -log p(label)) and ``test_ece`` (15 equal-width bins), as
+kdcore.metrics.calibration computes them; with a teacher also ``test_agreement`` (top-1
+agreement) and ``test_kl`` (KL(p_s || p_t) at T=1, as kdcore.metrics.kl_divergence), against
+the teacher's test logits computed once before training.
+
 Best epoch: the epoch of highest validation accuracy when the recipe has ``val_split``, else
 of highest test accuracy (as RepDistiller and mdistiller report it: an optimistic number);
-``metrics.json`` says which (``best_selected_on``). Epochs count from 0, as in the History.
+``metrics.json`` says which (``best_selected_on``; ``best_val_acc``). Epochs count from 0, as
+in the History. ``metrics.json`` holds each per-epoch test number at that epoch and at the
+last one: ``best_test_acc``, ``best_test_nll``, ``best_test_ece``, ``best_test_agreement``,
+``best_test_kl`` and their ``last_`` forms (agreement and KL only with a teacher);
+``test_acc`` is the final student's (the last epoch's), ``report`` kdcore.metrics.report of
+the final student against the teacher.
+
+A study is a set of recipes (or a sweep's grid points) run over the same seeds. ``report``
+gives mean ± std per (recipe, method); ``compare(out, baseline, metric)`` pairs each group's
+runs with the baseline's by seed (a seed fixes the training subset, the validation split and
+the initial student, so a pair differs by the method alone) and gives the mean paired
+difference, its std (ddof=1) and a Student-t confidence interval with n-1 degrees of freedom
+(NaN for a single pair); ``python -m kdcore report runs --baseline scratch`` prints both.
 """
 from __future__ import annotations
 
