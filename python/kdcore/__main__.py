@@ -6,6 +6,7 @@
                            [--out runs] [--workers N] [--threads T] [--scheduler tcp://host:port]
                            [--set key.path=value ...] [--cache DIR]
     python -m kdcore report runs [--md report.md] [--json report.json]
+                                 [--baseline NAME [--metric best_test_acc] [--level 0.95]]
 
 ``run`` writes one folder per (recipe, seed), <out>/<name>/seed-<seed> (see kdcore.recipes),
 and skips the runs an earlier invocation finished. ``--check`` only validates the recipes,
@@ -13,7 +14,10 @@ loads the data and builds the models (an untrained teacher): nothing is trained 
 ``sweep`` runs one recipe over the product of the ``--grid`` overrides (values read as YAML
 scalars) and the seeds, a Dask task per trial, into <out>/<name>-<key>=<value>-.../seed-<seed>
 (kdcore.recipes.sweep), then prints the report of its trials. ``report`` prints mean ± std
-over seeds of the last- and best-epoch test accuracy per (recipe, method). Exit status: 0, 1
+over seeds of the last- and best-epoch test accuracy per (recipe, method); with
+``--baseline NAME`` (a recipe, or a method label) also every other group's paired-seed
+difference to it in ``--metric`` (default best_test_acc): mean, std and a Student-t interval
+(kdcore.recipes.compare). Exit status: 0, 1
 if a run or trial failed (the others still run), 2 for a recipe or command-line error (or,
 for sweep, dask missing).
 """
@@ -71,7 +75,16 @@ def _parser():
     p = sub.add_parser("report", help="table of finished runs: mean ± std over seeds per (recipe, method)")
     p.add_argument("out", nargs="?", default="runs", help="the runs folder (default: runs)")
     p.add_argument("--md", default=None, help="also write the table as Markdown to this file")
-    p.add_argument("--json", default=None, help="also write the rows (unrounded) as JSON to this file")
+    p.add_argument("--json", default=None, help="also write the rows (unrounded) as JSON to this file (with "
+                   "--baseline: an object {\"report\": rows, \"compare\": rows})")
+    p.add_argument("--baseline", default=None, metavar="NAME",
+                   help="also compare every group with this recipe (or method label), paired by seed: mean "
+                        "difference, its std and a Student-t confidence interval (kdcore.recipes.compare)")
+    p.add_argument("--metric", default=None,
+                   help="the metrics.json number --baseline compares (default: best_test_acc; e.g. "
+                        "last_test_acc, best_test_nll, best_test_ece, best_test_kl)")
+    p.add_argument("--level", type=float, default=None, help="confidence level of --baseline's interval "
+                   "(default: 0.95)")
     return ap
 
 
@@ -170,19 +183,36 @@ def _sweep(args, recipes):
 def _report(args, recipes):
     if not os.path.isdir(args.out):
         raise recipes.RecipeError(f"{args.out}: no such folder")
+    if args.baseline is None and (args.metric is not None or args.level is not None):
+        raise recipes.RecipeError("--metric and --level: only with --baseline")
+    args.level = 0.95 if args.level is None else args.level
     rows = recipes.report(args.out)
     if not rows:
         raise recipes.RecipeError(f"{args.out}: no finished runs (folders with done.json)")
+    comp = None
+    if args.baseline is not None:
+        comp = recipes.compare(args.out, args.baseline, metric=args.metric or "best_test_acc", level=args.level)
     print(recipes.format_report(rows), end="")
+    if comp is not None:
+        print(f"\n{_compare_title(comp, args)}\n" + recipes.format_compare(comp), end="")
     if args.md:
         with open(args.md, "w", encoding="utf-8") as f:
             f.write(f"Test accuracy (%) in {args.out}, mean ± std over seeds (ddof 0); best epoch: highest "
                     "validation accuracy, or test accuracy without a validation split.\n\n")
             f.write(recipes.format_report(rows, markdown=True))
+            if comp is not None:
+                f.write(f"\n{_compare_title(comp, args)}\n\n" + recipes.format_compare(comp, markdown=True))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(rows, f, indent=1)
+            json.dump(rows if comp is None else {"report": rows, "compare": comp}, f, indent=1, allow_nan=True)
     return 0
+
+
+def _compare_title(comp, args):
+    base = comp[0]["baseline"] if comp else args.baseline
+    metric = args.metric or "best_test_acc"
+    return (f"{metric}: each group minus {base}, paired by seed; mean and std (ddof 1) of the differences, "
+            f"{100 * args.level:g}% Student-t interval with n-1 degrees of freedom (n/a with one pair).")
 
 
 def main(argv=None):

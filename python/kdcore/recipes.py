@@ -3,6 +3,7 @@
     recipe = kdcore.recipes.load("recipes/kd.yaml", sets=["epochs=2"])   # validated, defaults filled
     kdcore.recipes.run_one(recipe, seed=0, out="runs")                   # -> runs/kd/seed-0/
     kdcore.recipes.report("runs")                                        # rows: mean/std per (recipe, method)
+    kdcore.recipes.compare("runs", baseline="scratch")                   # paired differences to a baseline
 
 The command line (``python -m kdcore run|report``, kdcore/__main__.py) is a thin layer over
 these functions. A recipe (every key but ``method`` optional; defaults are kdcore's):
@@ -38,16 +39,36 @@ The whole schema is ``SCHEMA`` below; ``load`` refuses unknown keys and wrong ty
 key's path (``kd.yaml: student.width: expected an int >= 1, got 'wide'``).
 
 Per seed, the run trains the student from initial weights drawn with that seed on the
-training subset drawn with that seed, evaluates it on the test set after every epoch, and
+training subset drawn with that seed, measures it on the test set after every epoch, and
 writes (``run_one``) the resolved recipe (``config.yaml``, rerunnable as it stands), the
-History (``history.csv``, ``history.json``, with ``test_acc`` per epoch), the student
-(``student.safetensors``, kdcore.save), the final numbers (``metrics.json``) and the
+History (``history.csv``, ``history.json``), the student (``student.safetensors``,
+kdcore.save, as after the last epoch), the final numbers (``metrics.json``) and the
 environment (``env.txt``); ``done.json`` is written last, atomically, and marks the run
 finished: a rerun of the same configuration skips it.
 
+Measured per epoch (History columns, from the training function's per-epoch callback): the
+training function's own columns (``train_loss``, ..., and ``val_acc``/``val_loss`` when the
+recipe has ``val_split``), and from one eval-mode forward of the student over the test set
+``test_acc``, ``test_nll`` (mean -log p(label)) and ``test_ece`` (15 equal-width bins), as
+kdcore.metrics.calibration computes them; with a teacher also ``test_agreement`` (top-1
+agreement) and ``test_kl`` (KL(p_s || p_t) at T=1, as kdcore.metrics.kl_divergence), against
+the teacher's test logits computed once before training.
+
 Best epoch: the epoch of highest validation accuracy when the recipe has ``val_split``, else
 of highest test accuracy (as RepDistiller and mdistiller report it: an optimistic number);
-``metrics.json`` says which (``best_selected_on``). Epochs count from 0, as in the History.
+``metrics.json`` says which (``best_selected_on``; ``best_val_acc``). Epochs count from 0, as
+in the History. ``metrics.json`` holds each per-epoch test number at that epoch and at the
+last one: ``best_test_acc``, ``best_test_nll``, ``best_test_ece``, ``best_test_agreement``,
+``best_test_kl`` and their ``last_`` forms (agreement and KL only with a teacher);
+``test_acc`` is the final student's (the last epoch's), ``report`` kdcore.metrics.report of
+the final student against the teacher.
+
+A study is a set of recipes (or a sweep's grid points) run over the same seeds. ``report``
+gives mean ± std per (recipe, method); ``compare(out, baseline, metric)`` pairs each group's
+runs with the baseline's by seed (a seed fixes the training subset, the validation split and
+the initial student, so a pair differs by the method alone) and gives the mean paired
+difference, its std (ddof=1) and a Student-t confidence interval with n-1 degrees of freedom
+(NaN for a single pair); ``python -m kdcore report runs --baseline scratch`` prints both.
 """
 from __future__ import annotations
 
@@ -72,7 +93,7 @@ import traceback
 import numpy as np
 
 __all__ = ["RecipeError", "SCHEMA", "METHODS", "load", "validate", "prepare", "run_one", "run_dir", "report",
-           "format_report", "Trial", "trials", "sweep"]
+           "format_report", "compare", "format_compare", "Trial", "trials", "sweep"]
 
 
 class RecipeError(ValueError):
@@ -911,6 +932,27 @@ def _finished(cfg, seed, out):
     return True
 
 
+_EVAL_BATCH = 512    # kdcore.metrics' default, so that its functions reproduce the per-epoch numbers
+_ECE_BINS = 15
+
+
+def _epoch_measures(student, test, teacher_logits):
+    """The per-epoch test measurements of ``run_one``: one eval-mode forward of the student
+    over the test set; ``test_acc``, ``test_nll`` (mean -log p(label)) and ``test_ece``
+    (``_ECE_BINS`` bins) as kdcore.metrics.calibration computes them, and with the teacher's
+    test logits ``test_agreement`` (top-1 agreement) and ``test_kl`` (KL(p_s || p_t) at T=1,
+    as kdcore.metrics.kl_divergence)."""
+    import kdcore
+    from . import metrics as M
+    zs = kdcore.predict(student, test, batch_size=_EVAL_BATCH)
+    cal = M._calibration(zs, test.y, _ECE_BINS)
+    out = dict(test_acc=cal["accuracy"], test_nll=cal["nll"], test_ece=cal["ece"])
+    if teacher_logits is not None:
+        out["test_agreement"] = float(np.mean(zs.argmax(1) == teacher_logits.argmax(1)))
+        out["test_kl"] = M._mean_kl(M._log_softmax(zs), M._log_softmax(teacher_logits))
+    return out
+
+
 def run_one(cfg, seed, out, cache=None, log=None, argv=None):
     """Run one (recipe, seed) into ``run_dir(out, cfg, seed)`` and return its metrics (the
     contents of metrics.json). A folder already marked finished (done.json) for the same
@@ -942,26 +984,34 @@ def run_one(cfg, seed, out, cache=None, log=None, argv=None):
     t0 = time.perf_counter()
     p = prepare(cfg, seed, cache, log=log)
     student, teacher, test = p["student"], p["teacher"], p["test"]
-    test_acc = []
+    # the teacher is frozen: its test logits are computed once, not per epoch
+    zt = None if teacher is None else kdcore.predict(teacher, test, batch_size=_EVAL_BATCH)
+    per_epoch = {}
 
     def callback(epoch, row):
-        test_acc.append(kdcore.evaluate(student, test, batch_size=500)["accuracy"])
+        for k, v in _epoch_measures(student, test, zt).items():
+            per_epoch.setdefault(k, []).append(v)
         val = f" val {row['val_acc']:.4f}" if "val_acc" in row else ""
         log(f"{cfg['name']} seed {seed} epoch {epoch}: loss {row.get('train_loss', float('nan')):.4f}{val} "
-            f"test {test_acc[-1]:.4f} ({row.get('time', 0):.1f} s)")
+            f"test {per_epoch['test_acc'][-1]:.4f} ({row.get('time', 0):.1f} s)")
         return False
 
     hist = _train(cfg, p, seed, callback)
-    hist["test_acc"] = list(test_acc)
+    for k, v in per_epoch.items():
+        hist[k] = list(v)
+    test_acc = per_epoch["test_acc"]
     train_time = time.perf_counter() - t0
     selected = "val" if p["val"] is not None and hist.get("val_acc") else "test"
     best = int(np.argmax(hist["val_acc"] if selected == "val" else test_acc))
     final = kdcore.evaluate(student, test, batch_size=500)["accuracy"]
     metrics = dict(recipe=cfg["name"], method=_method_label(cfg), seed=seed, epochs=len(test_acc),
-                   test_acc=final, last_test_acc=test_acc[-1], best_test_acc=test_acc[best], best_epoch=best,
-                   best_selected_on=selected, train_size=len(p["train"]),
-                   val_size=0 if p["val"] is None else len(p["val"]), test_size=len(test),
-                   time=train_time, teacher=p["teacher_info"])
+                   test_acc=final, best_epoch=best, best_selected_on=selected)
+    if selected == "val":
+        metrics["best_val_acc"] = hist["val_acc"][best]
+    for k, v in per_epoch.items():   # test_acc -> last_test_acc, best_test_acc; test_nll -> ...
+        metrics["last_" + k], metrics["best_" + k] = v[-1], v[best]
+    metrics.update(train_size=len(p["train"]), val_size=0 if p["val"] is None else len(p["val"]),
+                   test_size=len(test), time=train_time, teacher=p["teacher_info"])
     if teacher is not None:
         metrics["report"] = kdcore.metrics.report(student, teacher, test)
     _write_atomic(os.path.join(folder, "history.json"), _dump_json(dict(hist)))
@@ -980,12 +1030,9 @@ def run_one(cfg, seed, out, cache=None, log=None, argv=None):
 
 # ---- the report -------------------------------------------------------------------------
 
-def report(out):
-    """Finished runs under ``out`` (folders with done.json), grouped by (recipe, method):
-    a list of dicts with ``recipe``, ``method``, ``seeds`` (sorted), ``n``, ``last_mean``,
-    ``last_std``, ``best_mean``, ``best_std`` (test accuracy in %, std over seeds with
-    ddof=0 as benchmarks/ reports it), ``teacher_mean`` and ``agreement_mean`` (NaN without
-    a teacher) and ``runs`` (the folders)."""
+def _groups(out):
+    """{(recipe, method): [(folder, metrics), ...] sorted by seed} of the finished runs under
+    ``out`` (folders with done.json and a readable metrics.json)."""
     groups = {}
     for root, dirs, files in os.walk(os.fspath(out)):
         dirs.sort()
@@ -995,9 +1042,19 @@ def report(out):
         if m is None:
             continue
         groups.setdefault((m["recipe"], m["method"]), []).append((root, m))
-    rows = []
-    for (recipe, method), runs in sorted(groups.items()):
+    for runs in groups.values():
         runs.sort(key=lambda r: r[1]["seed"])
+    return dict(sorted(groups.items()))
+
+
+def report(out):
+    """Finished runs under ``out`` (folders with done.json), grouped by (recipe, method):
+    a list of dicts with ``recipe``, ``method``, ``seeds`` (sorted), ``n``, ``last_mean``,
+    ``last_std``, ``best_mean``, ``best_std`` (test accuracy in %, std over seeds with
+    ddof=0 as benchmarks/ reports it), ``teacher_mean`` and ``agreement_mean`` (NaN without
+    a teacher) and ``runs`` (the folders). ``compare`` gives paired differences to a baseline."""
+    rows = []
+    for (recipe, method), runs in _groups(out).items():
         last = np.array([m["last_test_acc"] for _, m in runs], float) * 100
         best = np.array([m["best_test_acc"] for _, m in runs], float) * 100
         rep = [m.get("report") or {} for _, m in runs]
@@ -1021,19 +1078,180 @@ def _cells(r):
             nan(r["teacher_mean"]), nan(r["agreement_mean"])]
 
 
+def _table(columns, cells, n_left, markdown):
+    """An aligned text table (the first n_left columns left-aligned, the others right) or a
+    Markdown one."""
+    if markdown:
+        lines = ["| " + " | ".join(columns) + " |",
+                 "|" + "|".join("---" if i < n_left else "---:" for i in range(len(columns))) + "|"]
+        lines += ["| " + " | ".join(c) + " |" for c in cells]
+        return "\n".join(lines) + "\n"
+    widths = [max(len(x) for x in col) for col in zip(columns, *cells)]
+    def fmt(c):
+        return "  ".join(x.ljust(w) if i < n_left else x.rjust(w) for i, (x, w) in enumerate(zip(c, widths)))
+    return "\n".join([fmt(columns), fmt(["-" * w for w in widths])] + [fmt(c) for c in cells]) + "\n"
+
+
 def format_report(rows, markdown=False):
     """The report as text: an aligned table, or a Markdown table (markdown=True). Test
     accuracy in %, mean ± std over seeds; teacher: its test accuracy; agreement: how often
     the student predicts the teacher's class on the test set."""
-    cells = [_cells(r) for r in rows]
-    if markdown:
-        lines = ["| " + " | ".join(_COLUMNS) + " |", "|---|---|---|---:|---:|---:|---:|"]
-        lines += ["| " + " | ".join(c) + " |" for c in cells]
-        return "\n".join(lines) + "\n"
-    widths = [max(len(x) for x in col) for col in zip(_COLUMNS, *cells)]
-    def fmt(c):
-        return "  ".join(x.ljust(w) if i < 3 else x.rjust(w) for i, (x, w) in enumerate(zip(c, widths)))
-    return "\n".join([fmt(_COLUMNS), fmt(["-" * w for w in widths])] + [fmt(c) for c in cells]) + "\n"
+    return _table(_COLUMNS, [_cells(r) for r in rows], 3, markdown)
+
+
+# ---- paired comparisons -------------------------------------------------------------------
+
+def _betainc(a, b, x):
+    """The regularised incomplete beta function I_x(a, b), from its continued fraction
+    (evaluated by the modified Lentz method); where that converges slowly,
+    x > (a + 1) / (a + b + 2), from the symmetry I_x(a, b) = 1 - I_{1-x}(b, a)."""
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    if x > (a + 1.0) / (a + b + 2.0):
+        return 1.0 - _betainc(b, a, 1.0 - x)
+    log_front = a * math.log(x) + b * math.log1p(-x) - math.log(a) \
+        - (math.lgamma(a) + math.lgamma(b) - math.lgamma(a + b))
+    # I_x = front / (1 + d1 / (1 + d2 / (1 + ...))), d_2m = m (b - m) x / ((a + 2m - 1)(a + 2m)),
+    # d_2m+1 = -(a + m)(a + b + m) x / ((a + 2m)(a + 2m + 1))
+    tiny = 1e-300
+    f, c, d = tiny, tiny, 0.0
+    for j in range(1, 10000):
+        if j == 1:
+            num = 1.0
+        else:
+            k = j - 1
+            m = k // 2
+            num = m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)) if k % 2 == 0 else \
+                -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))
+        d = 1.0 + num * d
+        d = tiny if abs(d) < tiny else d
+        c = 1.0 + num / c
+        c = tiny if abs(c) < tiny else c
+        d = 1.0 / d
+        f *= c * d
+        if abs(c * d - 1.0) < 1e-16:
+            break
+    return math.exp(log_front) * f
+
+
+def _t_quantile(p, df):
+    """The p quantile of Student's t distribution with df degrees of freedom (no scipy): the
+    t > 0 whose upper tail, (1/2) I_{df/(df+t^2)}(df/2, 1/2), is 1 - p, found by bisection
+    on x = df / (df + t^2) to float precision; t_{0.975, 1} = 12.7062..."""
+    if not 0.0 < p < 1.0:
+        raise ValueError(f"p must be in (0, 1), got {p!r}")
+    if not df > 0:
+        raise ValueError(f"df must be > 0, got {df!r}")
+    if p == 0.5:
+        return 0.0
+    if p < 0.5:
+        return -_t_quantile(1.0 - p, df)
+    target = 2.0 * (1.0 - p)          # I_x(df/2, 1/2) grows with x
+    lo, hi = 0.0, 1.0
+    for _ in range(2000):
+        mid = 0.5 * (lo + hi)
+        if mid in (lo, hi):
+            break
+        if _betainc(0.5 * df, 0.5, mid) < target:
+            lo = mid
+        else:
+            hi = mid
+    x = 0.5 * (lo + hi)
+    return math.sqrt(df * (1.0 - x) / x)
+
+
+def _is_number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def compare(out, baseline, metric="best_test_acc", level=0.95):
+    """Paired-seed comparison of every group of finished runs under ``out`` (a group is a
+    (recipe, method) pair, as in ``report``) with a baseline group: per group, the differences
+    ``metric(group, seed) - metric(baseline, seed)`` over the seeds both have (a seed fixes the
+    training subset, the validation split and the student's initial weights, so a pair differs
+    only by the method), their mean, standard deviation and a ``level`` confidence interval.
+
+    baseline: a recipe name (matched first), or a method label (``metrics.json``'s ``method``)
+    that exactly one group has; an unknown or ambiguous one is refused (RecipeError naming it). metric: a number
+    in every run's metrics.json, in its units there (fractions for accuracies):
+    ``best_test_acc`` (default: the test accuracy at the epoch chosen on validation, or on test
+    without val_split), ``last_test_acc``, ``best_test_nll``, ``best_test_ece``,
+    ``best_test_agreement``, ``best_test_kl``, their ``last_`` forms, ``test_acc``, ...; a run
+    without it (a scratch run has no agreement) is left out of the pairs.
+
+    The interval is Student's t: mean ± t_{(1 + level)/2, n-1} · s / sqrt(n), with s the
+    standard deviation of the n paired differences with ddof=1 (n - 1 degrees of freedom);
+    the t quantile is computed here, without scipy. With n = 1, s and the interval are NaN
+    (undefined), with n = 0 every number is.
+
+    Returns a list of dicts, one per other group in ``report``'s order: ``recipe``,
+    ``method``, ``baseline`` (the baseline's recipe), ``baseline_method``, ``metric``,
+    ``level``, ``n`` (pairs), ``seeds`` (the paired seeds), ``unpaired`` (seeds only one side
+    has), ``mean`` and ``baseline_mean`` (the metric's mean over the paired seeds),
+    ``diff_mean``, ``diff_std``, ``ci_low``, ``ci_high``. ``format_compare`` prints it."""
+    if not isinstance(baseline, str) or not baseline:
+        raise RecipeError(f"baseline: expected a recipe name or method label, got {_show(baseline)}")
+    if not isinstance(metric, str) or not metric:
+        raise RecipeError(f"metric: expected a metrics.json key such as best_test_acc, got {_show(metric)}")
+    level = Float(0, 1, lo_open=True, hi_open=True).check(level, "level")
+    groups = _groups(out)
+    if not groups:
+        raise RecipeError(f"{os.fspath(out)}: no finished runs (folders with done.json)")
+    base = [g for g in groups if g[0] == baseline] or [g for g in groups if g[1] == baseline]
+    if not base:
+        raise RecipeError(f"baseline: {baseline!r} is neither a recipe nor a method of the finished runs in "
+                          f"{os.fspath(out)}; recipes: {', '.join(r for r, _ in groups)}")
+    if len(base) > 1:
+        raise RecipeError(f"baseline: method {baseline!r} is run by several recipes "
+                          f"({', '.join(r for r, _ in base)}); name one of them")
+    if not any(_is_number(m.get(metric)) for runs in groups.values() for _, m in runs):
+        numbers = sorted({k for runs in groups.values() for _, m in runs for k, v in m.items() if _is_number(v)})
+        raise RecipeError(f"metric: {metric!r} is not a number in the runs' metrics.json; numbers there: "
+                          f"{', '.join(numbers)}")
+    values = {g: {m["seed"]: float(m[metric]) for _, m in runs if _is_number(m.get(metric))}
+              for g, runs in groups.items()}
+    b = values[base[0]]
+    nan = float("nan")
+    rows = []
+    for g in groups:
+        if g == base[0]:
+            continue
+        v = values[g]
+        seeds = sorted(set(v) & set(b))
+        d = np.array([v[s] - b[s] for s in seeds], float)
+        n = len(seeds)
+        mean = float(d.mean()) if n else nan
+        std = float(d.std(ddof=1)) if n > 1 else nan
+        half = _t_quantile((1 + level) / 2, n - 1) * std / math.sqrt(n) if n > 1 else nan
+        rows.append(dict(recipe=g[0], method=g[1], baseline=base[0][0], baseline_method=base[0][1],
+                         metric=metric, level=level, n=n, seeds=seeds,
+                         unpaired=sorted(set(v) ^ set(b)),
+                         mean=float(np.mean([v[s] for s in seeds])) if n else nan,
+                         baseline_mean=float(np.mean([b[s] for s in seeds])) if n else nan,
+                         diff_mean=mean, diff_std=std, ci_low=mean - half, ci_high=mean + half))
+    return rows
+
+
+def _compare_cells(r):
+    num = lambda v, sign="": "n/a" if math.isnan(v) else f"{v:{sign}.4f}"  # noqa: E731
+    ci = "n/a" if math.isnan(r["ci_low"]) else f"[{r['ci_low']:+.4f}, {r['ci_high']:+.4f}]"
+    return [r["recipe"], r["method"], str(r["n"]), num(r["mean"]), num(r["baseline_mean"]),
+            num(r["diff_mean"], "+"), num(r["diff_std"]), ci]
+
+
+def format_compare(rows, markdown=False):
+    """``compare``'s rows as text (an aligned table) or Markdown (markdown=True): per group,
+    the number of paired seeds, the metric's mean for the group and for the baseline over
+    those seeds, the mean paired difference (group - baseline), its standard deviation
+    (ddof=1) and the Student-t confidence interval of the mean difference (n/a with one pair)."""
+    if not rows:
+        return "(no other group to compare with the baseline)\n"
+    r0 = rows[0]
+    level = f"{100 * r0['level']:g}% CI"
+    columns = ("recipe", "method", "pairs", r0["metric"], r0["baseline"], "difference", "std", level)
+    return _table(columns, [_compare_cells(r) for r in rows], 2, markdown)
 
 
 # ---- sweeps -----------------------------------------------------------------------------
