@@ -203,7 +203,7 @@ def test_ctkd_refusals(rng, data):
     X, y, ds = data
     student, teacher = kdcore.models.cnn(num_classes=V, input_size=8, width=4, seed=2), teacher_of(6)
     for opt, value, msg in [("t_start", -1.0, "t_start"), ("t_range", float("nan"), "t_range"),
-                            ("decay_epochs", 0, "decay_epochs"), ("params", 0, "ctkd.params")]:
+                            ("decay_epochs", 0, "decay_epochs"), ("params", 0, "params")]:
         term = L.CTKD(0.9)
         base = term._base
 

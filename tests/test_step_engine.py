@@ -165,6 +165,10 @@ def test_bad_configurations_are_named():
         _kdcore.step_epoch(nets, [dict(kind=K["ce"], a=(0, -1), temperature=3)], data._c, 0, train_opts(1))
     with pytest.raises(ValueError, match=r"term 0 \(dkd\) gives no gradient to its source"):
         _kdcore.step_epoch(nets, [dict(kind=K["dkd"], a=(0, -1), src=[(1, -1)], grad=True)], data._c, 0, train_opts(1))
+    with pytest.raises(ValueError, match=r"term 0 \(kd\): params is 1, but a kd term has no parameters of its own"):
+        _kdcore.step_epoch(nets, [dict(kind=K["kd"], a=(0, -1), src=[(1, -1)], params=1)], data._c, 0, train_opts(1))
+    with pytest.raises(ValueError, match=r"term 0 \(ctkd\): params \(-1\) must be a parameter-holder net"):
+        _kdcore.step_epoch(nets, [dict(kind=K["ctkd"], a=(0, -1), src=[(1, -1)])], data._c, 0, train_opts(1))
     with pytest.raises(ValueError, match=r"term 0 \(mse\): a reads node 99"):
         _kdcore.step_epoch(nets, [dict(kind=K["mse"], a=(0, 99), src=[(1, -1)])], data._c, 0, train_opts(1))
     with pytest.raises(ValueError, match="the same model appears twice"):

@@ -1010,7 +1010,7 @@ enum kd_term_kind {
     KD_TERM_OFD,         // kd_loss_ofd (ofd.margin: one per channel of src, kd_ofd_margin)
     KD_TERM_AB,          // kd_loss_ab (ab.margin)
     KD_TERM_FT,          // kd_loss_ft (ft.p1, ft.p2)
-    KD_TERM_VID,         // kd_loss_vid; log_scale is the parameter block of net vid.params (a
+    KD_TERM_VID,         // kd_loss_vid; log_scale is the parameter block of net `params` (a
                          // parameter holder), eps vid.eps
     KD_TERM_CC,          // kd_loss_cc on flat embeddings
     KD_TERM_CRD,         // kd_crd_loss on the rows of a and src, L2-normalised here (the
@@ -1029,7 +1029,7 @@ enum kd_term_kind {
     KD_TERM_NORMKD,      // kd_loss_normkd(a, src) with normkd.t_norm and normkd.detach_std
     KD_TERM_WTTM,        // kd_loss_wttm(a, src) with wttm.gamma
     KD_TERM_CTKD,        // kd_loss_ctkd(a, src) at T = kd_ctkd_temperature(p) with p the one value
-                         // of net ctkd.params (a parameter holder); p's gradient is reversed and
+                         // of net `params` (a parameter holder); p's gradient is reversed and
                          // scaled: -kd_ctkd_lambda(epoch) dL/dp (the temperature ascends the loss)
     // DeepInversion (Yin et al. 2020): terms on optimised images (a net's output) and on a
     // grad_input teacher's taps, whose gradient reaches the images.
@@ -1059,6 +1059,9 @@ struct kd_term {
     int stop_epoch;            // from this epoch on the term is off (ESKD); 0 = never
     float T, alpha, beta;      // KD, DKD: temperature; DKD: alpha, beta
     int k;                     // TOLERANT: top-k
+    int params;                // the step net holding the term's own parameters (a parameter
+                               // holder: VID's log_scale, CTKD's temperature); -1: none. Only
+                               // the kinds with parameters take one (and need it)
     bool conditional;          // KD: per sample, the term where the source predicts the label,
                                // else cross-entropy with the label at the term's weight
     bool reverse;              // the gradient of -weight * term reaches its inputs (gradient
@@ -1076,13 +1079,13 @@ struct kd_term {
         struct { const float * margin; } ofd;
         struct { float margin; } ab;
         struct { int p1; float p2; } ft;
-        struct { int params; float eps; } vid;
+        struct { float eps; } vid;
         struct { float gamma; } dist;
         struct { float t_norm; bool detach_std; } normkd;
         struct { float gamma; } wttm;
         struct { int node; } bnstat;
         struct { bool l1; } tv;
-        struct { int params; float t_start, t_range, lambda_min, lambda_max; int decay_epochs; } ctkd;
+        struct { float t_start, t_range, lambda_min, lambda_max; int decay_epochs; } ctkd;
         struct { float temps[KD_MLKD_MAX_TEMPS]; int n_temps; float percentile; } mlkd;
         struct { struct kd_crd * bank; bool class_negatives; } crd;   // negatives from other
                                                                      // classes (kd_crd_set_labels)

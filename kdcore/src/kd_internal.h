@@ -134,6 +134,7 @@ struct term_kind_info {
     bool src;                 // it has a target (a source); else it reads `a` and the labels
     bool src_grad;            // it can give the gradient w.r.t. its target (src.grad)
     bool same_shape;          // a and the target must have the same shape
+    bool params;              // it has parameters of its own, in a parameter-holder net (kd_term.params)
     enum kd_status (*pair)(const struct kd_term *, struct pair_io *);
 };
 extern const struct term_kind_info kd_term_kinds[KD_TERM_COUNT];

@@ -167,38 +167,40 @@ static enum kd_status pair_crd(const struct kd_term * t, struct pair_io * p) {
     return KD_OK;
 }
 
+// Columns (struct term_kind_info, kd_internal.h): name, what, logits, src, src_grad, same_shape,
+// params, adapter.
 const struct term_kind_info kd_term_kinds[KD_TERM_COUNT] = {
-    [KD_TERM_CE]       = { "ce",       "cross-entropy",     true,  false, false, true,  pair_ce },
-    [KD_TERM_KD]       = { "kd",       "distillation loss", true,  true,  true,  true,  pair_kd },
-    [KD_TERM_DKD]      = { "dkd",      "distillation loss", true,  true,  false, true,  pair_dkd },
-    [KD_TERM_MSE]      = { "mse",      "distillation loss", false, true,  false, true,  pair_mse },
-    [KD_TERM_TOLERANT] = { "tolerant", "tolerant loss",     true,  false, false, true,  pair_tolerant },
-    [KD_TERM_AT]       = { "at",       "AT loss",           false, true,  true,  false, pair_at },
-    [KD_TERM_SP]       = { "sp",       "SP loss",           false, true,  true,  false, pair_sp },
-    [KD_TERM_NST]      = { "nst",      "NST loss",          false, true,  true,  false, pair_nst },
-    [KD_TERM_RKD]      = { "rkd",      "RKD loss",          false, true,  true,  false, pair_rkd },
-    [KD_TERM_PKT]      = { "pkt",      "PKT loss",          false, true,  true,  false, pair_pkt },
-    [KD_TERM_FSP]      = { "fsp",      "FSP loss",          false, true,  true,  false, pair_fsp },
-    [KD_TERM_OFD]      = { "ofd",      "OFD loss",          false, true,  false, false, pair_ofd },
-    [KD_TERM_AB]       = { "ab",       "AB loss",           false, true,  false, true,  pair_ab },
-    [KD_TERM_FT]       = { "ft",       "FT loss",           false, true,  true,  false, pair_ft },
-    [KD_TERM_VID]      = { "vid",      "VID loss",          false, true,  false, true,  pair_vid },
-    [KD_TERM_CC]       = { "cc",       "CC loss",           false, true,  true,  true,  pair_cc },
-    [KD_TERM_CRD]      = { "crd",      "CRD loss",          false, true,  true,  true,  pair_crd },
-    [KD_TERM_HCL]      = { "hcl",      "ReviewKD loss",     false, true,  false, true,  pair_hcl },
-    [KD_TERM_DIST]     = { "dist",     "DIST loss",         true,  true,  false, true,  pair_dist },
-    [KD_TERM_ONEHOT]   = { "onehot",   "one-hot loss",      true,  true,  false, true,  pair_onehot },
-    [KD_TERM_ACTIVATION] = { "activation", "activation loss", false, false, false, false, pair_activation },
-    [KD_TERM_ENTROPY]  = { "entropy",  "entropy loss",      true,  false, false, false, pair_entropy },
-    [KD_TERM_NORMKD]   = { "normkd",   "NormKD loss",       true,  true,  false, true,  pair_normkd },
-    [KD_TERM_WTTM]     = { "wttm",     "WTTM loss",         true,  true,  false, true,  pair_wttm },
-    [KD_TERM_CTKD]     = { "ctkd",     "CTKD loss",         true,  true,  false, true,  pair_ctkd },
-    [KD_TERM_BNSTAT]   = { "bnstat",   "BN-statistics loss", false, false, false, false, pair_bnstat },
-    [KD_TERM_TV]       = { "tv",       "TV prior",          false, false, false, false, pair_tv },
-    [KD_TERM_L2PRIOR]  = { "l2prior",  "l2 prior",          false, false, false, false, pair_l2prior },
-    [KD_TERM_ADI]      = { "adi",      "competition loss",  true,  true,  true,  true,  pair_adi },
-    [KD_TERM_L1]       = { "l1",       "L1 loss",           true,  true,  true,  true,  pair_l1 },
-    [KD_TERM_MLKD]     = { "mlkd",     "MLKD loss",         true,  true,  false, true,  pair_mlkd },
+    [KD_TERM_CE]         = { "ce",         "cross-entropy",      true,  false, false, true,  false, pair_ce },
+    [KD_TERM_KD]         = { "kd",         "distillation loss",  true,  true,  true,  true,  false, pair_kd },
+    [KD_TERM_DKD]        = { "dkd",        "distillation loss",  true,  true,  false, true,  false, pair_dkd },
+    [KD_TERM_MSE]        = { "mse",        "distillation loss",  false, true,  false, true,  false, pair_mse },
+    [KD_TERM_TOLERANT]   = { "tolerant",   "tolerant loss",      true,  false, false, true,  false, pair_tolerant },
+    [KD_TERM_AT]         = { "at",         "AT loss",            false, true,  true,  false, false, pair_at },
+    [KD_TERM_SP]         = { "sp",         "SP loss",            false, true,  true,  false, false, pair_sp },
+    [KD_TERM_NST]        = { "nst",        "NST loss",           false, true,  true,  false, false, pair_nst },
+    [KD_TERM_RKD]        = { "rkd",        "RKD loss",           false, true,  true,  false, false, pair_rkd },
+    [KD_TERM_PKT]        = { "pkt",        "PKT loss",           false, true,  true,  false, false, pair_pkt },
+    [KD_TERM_FSP]        = { "fsp",        "FSP loss",           false, true,  true,  false, false, pair_fsp },
+    [KD_TERM_OFD]        = { "ofd",        "OFD loss",           false, true,  false, false, false, pair_ofd },
+    [KD_TERM_AB]         = { "ab",         "AB loss",            false, true,  false, true,  false, pair_ab },
+    [KD_TERM_FT]         = { "ft",         "FT loss",            false, true,  true,  false, false, pair_ft },
+    [KD_TERM_VID]        = { "vid",        "VID loss",           false, true,  false, true,  true,  pair_vid },
+    [KD_TERM_CC]         = { "cc",         "CC loss",            false, true,  true,  true,  false, pair_cc },
+    [KD_TERM_CRD]        = { "crd",        "CRD loss",           false, true,  true,  true,  false, pair_crd },
+    [KD_TERM_HCL]        = { "hcl",        "ReviewKD loss",      false, true,  false, true,  false, pair_hcl },
+    [KD_TERM_DIST]       = { "dist",       "DIST loss",          true,  true,  false, true,  false, pair_dist },
+    [KD_TERM_ONEHOT]     = { "onehot",     "one-hot loss",       true,  true,  false, true,  false, pair_onehot },
+    [KD_TERM_ACTIVATION] = { "activation", "activation loss",    false, false, false, false, false, pair_activation },
+    [KD_TERM_ENTROPY]    = { "entropy",    "entropy loss",       true,  false, false, false, false, pair_entropy },
+    [KD_TERM_NORMKD]     = { "normkd",     "NormKD loss",        true,  true,  false, true,  false, pair_normkd },
+    [KD_TERM_WTTM]       = { "wttm",       "WTTM loss",          true,  true,  false, true,  false, pair_wttm },
+    [KD_TERM_CTKD]       = { "ctkd",       "CTKD loss",          true,  true,  false, true,  true,  pair_ctkd },
+    [KD_TERM_BNSTAT]     = { "bnstat",     "BN-statistics loss", false, false, false, false, false, pair_bnstat },
+    [KD_TERM_TV]         = { "tv",         "TV prior",           false, false, false, false, false, pair_tv },
+    [KD_TERM_L2PRIOR]    = { "l2prior",    "l2 prior",           false, false, false, false, false, pair_l2prior },
+    [KD_TERM_ADI]        = { "adi",        "competition loss",   true,  true,  true,  true,  false, pair_adi },
+    [KD_TERM_L1]         = { "l1",         "L1 loss",            true,  true,  true,  true,  false, pair_l1 },
+    [KD_TERM_MLKD]       = { "mlkd",       "MLKD loss",          true,  true,  false, true,  false, pair_mlkd },
 };
 
 const char * kd_term_kind_name(enum kd_term_kind kind) {
@@ -215,6 +217,7 @@ struct kd_term kd_term_default(enum kd_term_kind kind) {
     t.beta = 8.0f;
     t.k = 5;
     t.a.node = -1;
+    t.params = -1;
     if (kind == KD_TERM_AT) { t.at.p = 2.0f; t.at.form = KD_AT_CODE; }
     if (kind == KD_TERM_RKD) { t.rkd.w_dist = 25.0f; t.rkd.w_angle = 50.0f; }
     if (kind == KD_TERM_FSP) t.fsp.a2.node = -1;
@@ -229,7 +232,6 @@ struct kd_term kd_term_default(enum kd_term_kind kind) {
         t.mlkd.percentile = 50.0f;
     }
     if (kind == KD_TERM_CTKD) {
-        t.ctkd.params = -1;
         t.ctkd.t_start = 1.0f;
         t.ctkd.t_range = 20.0f;
         t.ctkd.lambda_max = 1.0f;
@@ -238,7 +240,7 @@ struct kd_term kd_term_default(enum kd_term_kind kind) {
     if (kind == KD_TERM_ADI) t.T = 3.0f;
     if (kind == KD_TERM_BNSTAT) t.bnstat.node = -1;
     if (kind == KD_TERM_FT) { t.ft.p1 = 2; t.ft.p2 = 1.0f; }
-    if (kind == KD_TERM_VID) { t.vid.params = -1; t.vid.eps = 1e-5f; }
+    if (kind == KD_TERM_VID) t.vid.eps = 1e-5f;
     return t;
 }
 

@@ -470,8 +470,8 @@ static enum kd_status term_run(struct engine * E, const struct kd_term * t, floa
     const struct kd_source * s = &t->src;
     float gw[KD_SOURCE_MAX];
     source_weights(s, L->sseed, gw);
-    if (t->kind == KD_TERM_VID || t->kind == KD_TERM_CTKD) {
-        struct kd_net * h = E->s->nets[t->kind == KD_TERM_VID ? t->vid.params : t->ctkd.params].net;
+    if (kd_term_kinds[t->kind].params) {
+        struct kd_net * h = E->s->nets[t->params].net;
         p.params = kd_net_params(h);
         p.dparams = kd_net_grads(h);
     }
@@ -768,10 +768,16 @@ static enum kd_status engine_setup(struct engine * E) {
                 E_FAIL(KD_ERR_SHAPE, "term %d (%s): mixed sources differ in size (%zu and %zu values per sample)", i, kn,
                        ref_per(E, t->src.ref[0]), pj);
         }
+        if (k->params) {
+            if (t->params < 0 || t->params >= s->n_nets || !s->nets[t->params].params_only)
+                E_FAIL(KD_ERR_VALUE, "term %d (%s): params (%d) must be a parameter-holder net of the step", i, kn,
+                       t->params);
+        } else if (t->params != -1) {
+            E_FAIL(KD_ERR_VALUE, "term %d (%s): params is %d, but a %s term has no parameters of its own (-1)", i, kn,
+                   t->params, k->name);
+        }
         if (t->kind == KD_TERM_VID) {
-            const int h = t->vid.params;
-            if (h < 0 || h >= s->n_nets || !s->nets[h].params_only)
-                E_FAIL(KD_ERR_VALUE, "term %d (vid): vid.params (%d) must be a parameter-holder net of the step", i, h);
+            const int h = t->params;
             int c, hh, ww;
             ref_shape(E, t->a, &c, &hh, &ww);
             if (kd_net_num_params(s->nets[h].net) != (size_t)c)
@@ -780,9 +786,7 @@ static enum kd_status engine_setup(struct engine * E) {
             if (!(t->vid.eps > 0)) E_FAIL(KD_ERR_VALUE, "term %d (vid): eps (%g) must be > 0", i, t->vid.eps);
         }
         if (t->kind == KD_TERM_CTKD) {
-            const int h = t->ctkd.params;
-            if (h < 0 || h >= s->n_nets || !s->nets[h].params_only)
-                E_FAIL(KD_ERR_VALUE, "term %d (ctkd): ctkd.params (%d) must be a parameter-holder net of the step", i, h);
+            const int h = t->params;
             if (kd_net_num_params(s->nets[h].net) != 1)
                 E_FAIL(KD_ERR_SHAPE, "term %d (ctkd): the parameter holder has %zu values, the temperature needs 1", i,
                        kd_net_num_params(s->nets[h].net));

@@ -879,6 +879,7 @@ PyObject * py_step_epoch(PyObject * Py_UNUSED(m), PyObject * args, PyObject * kw
         if (opt_int(&r, "phases", &tphases) < 0 || opt_bool(&r, "reverse", &tm->reverse) < 0) goto done;
         if (tphases < 0 || tphases > 0xFFFFFFFFll) { PyErr_Format(PyExc_ValueError, "terms[%zd]: phases must be a 32-bit mask", t); goto done; }
         tm->phases = (unsigned)tphases;
+        if (opt_i32(&r, "params", &tm->params) < 0) goto done;
         if (tm->kind == KD_TERM_AT && (opt_float(&r, "p", &tm->at.p) < 0 || opt_i32(&r, "form", &form) < 0)) goto done;
         if (tm->kind == KD_TERM_AT) {
             if (form != KD_AT_CODE && form != KD_AT_PAPER) { PyErr_Format(PyExc_ValueError, "terms[%zd]: unknown AT form %d", t, form); goto done; }
@@ -897,7 +898,7 @@ PyObject * py_step_epoch(PyObject * Py_UNUSED(m), PyObject * args, PyObject * kw
         if (tm->kind == KD_TERM_BNSTAT && opt_i32(&r, "node", &tm->bnstat.node) < 0) goto done;
         if (tm->kind == KD_TERM_TV && opt_bool(&r, "l1", &tm->tv.l1) < 0) goto done;
         if (tm->kind == KD_TERM_CTKD &&
-            (opt_i32(&r, "params", &tm->ctkd.params) < 0 || opt_float(&r, "t_start", &tm->ctkd.t_start) < 0 ||
+            (opt_float(&r, "t_start", &tm->ctkd.t_start) < 0 ||
              opt_float(&r, "t_range", &tm->ctkd.t_range) < 0 || opt_float(&r, "lambda_min", &tm->ctkd.lambda_min) < 0 ||
              opt_float(&r, "lambda_max", &tm->ctkd.lambda_max) < 0 ||
              opt_i32(&r, "decay_epochs", &tm->ctkd.decay_epochs) < 0))
@@ -915,8 +916,7 @@ PyObject * py_step_epoch(PyObject * Py_UNUSED(m), PyObject * args, PyObject * kw
         }
         if (tm->kind == KD_TERM_AB && opt_float(&r, "margin", &tm->ab.margin) < 0) goto done;
         if (tm->kind == KD_TERM_FT && (opt_i32(&r, "p1", &tm->ft.p1) < 0 || opt_float(&r, "p2", &tm->ft.p2) < 0)) goto done;
-        if (tm->kind == KD_TERM_VID && (opt_i32(&r, "params", &tm->vid.params) < 0 || opt_float(&r, "eps", &tm->vid.eps) < 0))
-            goto done;
+        if (tm->kind == KD_TERM_VID && opt_float(&r, "eps", &tm->vid.eps) < 0) goto done;
         if (tm->kind == KD_TERM_CRD) {
             PyObject * bo = opt_get(&r, "bank");
             if (!bo || !PyObject_TypeCheck(bo, &CRDType) || !((CRDObject *)bo)->crd) {
