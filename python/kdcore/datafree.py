@@ -20,6 +20,9 @@ student reads its output detached, and the teacher reads it with gradient pass-t
 DFAD and ZSKT (dfad, zskt below): the generator ascends the student's
 discrepancy from the teacher while the student descends it, in alternating steps that run
 inside the C epoch as a step cycle (kd_step_cfg.cycle).
+
+Viewing what a generator or DeepInversion made: ``image_grid`` tiles a batch into one array,
+``plot_samples`` draws it (matplotlib), with the teacher's (or any) labels as titles.
 """
 from __future__ import annotations
 
@@ -36,7 +39,7 @@ from .nn import Module, _check_float, _check_int
 from .optim import SGD, Adam, _Optimizer
 from .training import History, _Common, _check_model
 
-__all__ = ["dafl", "samples", "deepinversion", "dfad", "zskt"]
+__all__ = ["dafl", "samples", "deepinversion", "dfad", "zskt", "image_grid", "plot_samples"]
 
 _K = _kdcore.TERM_KINDS
 
@@ -472,3 +475,62 @@ def zskt(student, teacher, epochs=10, iters_per_epoch=50, batch_size=128, genera
                         schedule=schedule, n_g=n_g, n_s=n_s, generator_first=True, cycle_batch=True,
                         disc_weight=kl_weight, at_pairs=pairs, beta=beta, val=val, seed=seed, progress=progress,
                         callback=callback, nonfinite=nonfinite, clip_norm=clip_norm)
+
+
+def image_grid(images, ncols=8, pad=1, normalize=True):
+    """The images (N, C, H, W) or (N, H, W), C = 1 or 3, tiled row-major into one array: (rows*(H+pad)-pad,
+    ncols*(W+pad)-pad) for one channel, with a trailing axis of 3 for three. normalize: each image
+    scaled to [0, 1] by its own minimum and maximum (a constant image becomes 0), as generated images
+    have no fixed range; else the values are kept. The gaps between tiles and the unused cells of the
+    last row are 0."""
+    x = np.asarray(images)
+    if x.dtype.kind != "f":
+        raise TypeError(f"images must be floating point, got dtype {x.dtype}")
+    if x.ndim == 3:
+        x = x[:, None]
+    if x.ndim != 4 or x.shape[1] not in (1, 3) or x.shape[0] < 1:
+        raise ValueError(f"images must be (N, C, H, W) with C = 1 or 3, or (N, H, W), N >= 1; got shape {np.shape(images)}")
+    if not np.all(np.isfinite(x)):
+        raise ValueError("images contain NaN or infinite values")
+    ncols = _check_int("ncols", ncols, 1)
+    pad = _check_int("pad", pad, 0)
+    n, c, h, w = x.shape
+    x = x.astype(np.float64)
+    if normalize:
+        lo = x.min(axis=(1, 2, 3), keepdims=True)
+        span = x.max(axis=(1, 2, 3), keepdims=True) - lo
+        x = np.where(span > 0, (x - lo) / np.where(span > 0, span, 1.0), 0.0)
+    cols = min(ncols, n)
+    rows = -(-n // cols)
+    grid = np.zeros((c, rows * (h + pad) - pad, cols * (w + pad) - pad))
+    for i in range(n):
+        r, q = divmod(i, cols)
+        grid[:, r * (h + pad):r * (h + pad) + h, q * (w + pad):q * (w + pad) + w] = x[i]
+    return grid[0] if c == 1 else np.moveaxis(grid, 0, -1)
+
+
+def plot_samples(images, labels=None, ncols=8, class_names=None, ax=None):
+    """Draws ``image_grid(images, ncols)`` (each image scaled to its own range; grey for one
+    channel) with one title per tile when labels (N integers) are given -- e.g. the teacher's
+    predictions, ``teacher.predict(images).argmax(1)``. class_names maps a label to its text.
+    Returns the matplotlib Figure (a new one, or ax's)."""
+    from .metrics import _figure
+    x = np.asarray(images)
+    grid = image_grid(x, ncols=ncols, pad=1, normalize=True)
+    n = x.shape[0]
+    if labels is not None:
+        labels = np.asarray(labels)
+        if labels.shape != (n,) or labels.dtype.kind not in "iu":
+            raise ValueError(f"labels must be {n} integers (one per image), got shape {labels.shape} dtype {labels.dtype}")
+    cols = min(_check_int("ncols", ncols, 1), n)
+    rows = -(-n // cols)
+    fig, ax = _figure(ax, "plot_samples", (1.1 * cols, 1.25 * rows))
+    ax.imshow(grid, cmap="gray" if grid.ndim == 2 else None, vmin=0.0, vmax=1.0, interpolation="nearest")
+    ax.set_axis_off()
+    if labels is not None:
+        h, w = x.shape[-2], x.shape[-1]
+        for i, lab in enumerate(labels.tolist()):
+            r, q = divmod(i, cols)
+            text = class_names[lab] if class_names is not None else str(lab)
+            ax.text(q * (w + 1) + w / 2, r * (h + 1) - 0.5, text, ha="center", va="bottom", fontsize=7)
+    return fig
