@@ -769,6 +769,28 @@ def exit_accuracies(model, data, batch_size=500):
 _ADV_HIDDEN = 64
 
 
+def _adversarial_step(student, teacher, discriminator, twin, bs, bd, lr_ratio, ce_weight, kd_weight, T, w_adv, d_mask,
+                      s_mask):
+    """adversarial's engine configuration (nets, terms): the student (net 0), the frozen
+    teacher (1), the discriminator on the teacher's logits (2) and its twin on the student's
+    (3, sharing 2's parameters); the discriminator's BCE terms in the phases of d_mask, the
+    student's CE, KD and generator terms in those of s_mask. bs, bd: bound optimizers; lr_ratio:
+    the discriminator's lr over the student's."""
+    modes, K = _kdcore.MODES, _kdcore.TERM_KINDS
+    nets = [dict(net=student.net, opt=bs, mode=modes["train"], phases=s_mask, role="student"),
+            dict(net=teacher.net, mode=modes["eval"], role="teacher"),
+            dict(net=discriminator.net, opt=bd, mode=modes["train"], input=(1, -1), phases=d_mask, lr_scale=lr_ratio,
+                 salt=0xD15C, role="discriminator"),
+            dict(net=twin.net, mode=modes["train"], input=(0, -1), shares=3, salt=0xD15C,
+                 role="discriminator (student side)")]
+    terms = [dict(kind=K["bce"], a=(2, -1), target=1.0, phases=d_mask),
+             dict(kind=K["bce"], a=(3, -1), target=0.0, phases=d_mask),
+             dict(kind=K["ce"], a=(0, -1), weight=ce_weight, phases=s_mask),
+             dict(kind=K["kd"], a=(0, -1), src=[(1, -1)], T=T, weight=kd_weight, phases=s_mask),
+             dict(kind=K["bce"], a=(3, -1), target=1.0, weight=w_adv, phases=s_mask)]
+    return nets, terms
+
+
 def adversarial(student, teacher, train, epochs=10, batch_size=128, optimizer="sgd", lr=None, schedule=None,
                 discriminator=None, d_optimizer=None, ce_weight=0.1, kd_weight=0.9, T=4.0, w_adv=0.1, augment=None,
                 val=None, seed=0, progress=True, callback=None, nonfinite="raise"):
@@ -828,19 +850,8 @@ def adversarial(student, teacher, train, epochs=10, batch_size=128, optimizer="s
         raise ValueError("optimizer and d_optimizer need a learning rate > 0")
     twin = discriminator.copy()
     bs, bd = c.opt.bind(student), d_optimizer.bind(discriminator)
-    modes, K = _kdcore.MODES, _kdcore.TERM_KINDS
-    D_PHASE, S_PHASE = 1, 2   # bit masks of phase 0 (the discriminator) and phase 1 (the student)
-    nets = [dict(net=student.net, opt=bs, mode=modes["train"], phases=S_PHASE, role="student"),
-            dict(net=teacher.net, mode=modes["eval"], role="teacher"),
-            dict(net=discriminator.net, opt=bd, mode=modes["train"], input=(1, -1), phases=D_PHASE,
-                 lr_scale=d_optimizer.lr / c.opt.lr, salt=0xD15C, role="discriminator"),
-            dict(net=twin.net, mode=modes["train"], input=(0, -1), shares=3, salt=0xD15C,
-                 role="discriminator (student side)")]
-    terms = [dict(kind=K["bce"], a=(2, -1), target=1.0, phases=D_PHASE),
-             dict(kind=K["bce"], a=(3, -1), target=0.0, phases=D_PHASE),
-             dict(kind=K["ce"], a=(0, -1), weight=ce_weight, phases=S_PHASE),
-             dict(kind=K["kd"], a=(0, -1), src=[(1, -1)], T=T, weight=kd_weight, phases=S_PHASE),
-             dict(kind=K["bce"], a=(3, -1), target=1.0, weight=w_adv, phases=S_PHASE)]
+    nets, terms = _adversarial_step(student, teacher, discriminator, twin, bs, bd, d_optimizer.lr / c.opt.lr,
+                                    ce_weight, kd_weight, T, w_adv, 1, 2)
     n_steps = 2 * c.steps()
     c.steps = lambda: n_steps   # engine steps of an epoch: two per batch
     c.run_config.update(scheme="adversarial", ce_weight=ce_weight, kd_weight=kd_weight, T=T, w_adv=w_adv,
