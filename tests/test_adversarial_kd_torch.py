@@ -62,9 +62,23 @@ def test_bce_loss_errors():
 
 # ---- one cycle against PyTorch ----------------------------------------------------------------
 
-def models(student_arch):
-    """student (mlp or cnn), teacher (cnn with moved BN statistics), discriminator mlp and
-    their float64 PyTorch twins."""
+class TorchConditionalD(torch.nn.Module):
+    """models.discriminator(V, 8, conditional=True): the logits and the label one-hot
+    concatenated, Linear -> ReLU -> Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = torch.nn.Linear(2 * V, 8)
+        self.fc2 = torch.nn.Linear(8, 1)
+        self.onehot = None   # the batch's labels, one-hot, set before each use
+
+    def forward(self, z):
+        return self.fc2(torch.relu(self.fc1(torch.cat([z, self.onehot], 1))))
+
+
+def models(student_arch, conditional=False):
+    """student (mlp or cnn), teacher (cnn with moved BN statistics), discriminator (an mlp,
+    or the conditional one) and their float64 PyTorch twins."""
     if student_arch == "mlp":
         student = kdcore.models.mlp([64, 16, V], seed=2)
         ts = torch_ref.torch_mlp([64, 16, V])
@@ -72,10 +86,11 @@ def models(student_arch):
         student = kdcore.models.cnn(num_classes=V, input_size=8, width=4, seed=2)
         ts = torch_ref.torch_cnn(V, 1, 4)
     teacher = teacher_of(6)
-    disc = kdcore.models.mlp([V, 8, 1], seed=5)
+    disc = kdcore.models.discriminator(V, 8, conditional=conditional, seed=5)
     ts = torch_ref.load_into_torch(ts, student.state_dict()).double().train()
     tt = torch_ref.load_into_torch(torch_ref.torch_cnn(V, 1, 6), teacher.state_dict()).double().eval()
-    td = torch_ref.load_into_torch(torch_ref.torch_mlp([V, 8, 1]), disc.state_dict()).double().train()
+    td = TorchConditionalD() if conditional else torch_ref.torch_mlp([V, 8, 1])
+    td = torch_ref.load_into_torch(td, disc.state_dict()).double().train()
     return student, teacher, disc, ts, tt, td
 
 
@@ -90,12 +105,12 @@ def bce(z, target):
     return TF.binary_cross_entropy_with_logits(z, torch.full_like(z, target))
 
 
-@pytest.mark.parametrize("arch", ["mlp", "cnn"])
-def test_cycle_matches_torch(arch):
+@pytest.mark.parametrize("arch, conditional", [("mlp", False), ("cnn", False), ("cnn", True)])
+def test_cycle_matches_torch(arch, conditional):
     """One batch, one epoch: the discriminator's step, then the student's, on the same
     samples, through kdcore.adversarial; both nets' updates, the student's BN statistics and
-    the History's terms equal the PyTorch loop."""
-    student, teacher, disc, ts, tt, td = models(arch)
+    the History's terms equal the PyTorch loop. Conditional: D also reads the labels."""
+    student, teacher, disc, ts, tt, td = models(arch, conditional)
     s0, d0, t0 = student.state_dict(), disc.state_dict(), teacher.state_dict()
     x, y = batch()
     train = kdcore.datasets.from_arrays(x, y, num_classes=V, normalize=None)
@@ -103,10 +118,13 @@ def test_cycle_matches_torch(arch):
     opt_s = kdcore.optim.SGD(lr=lr_s, momentum=0.9, weight_decay=5e-4)
     opt_d = kdcore.optim.SGD(lr=lr_d, momentum=0.9, weight_decay=0.0)
     hist = kdcore.adversarial(student, teacher, train, epochs=1, batch_size=N, optimizer=opt_s, discriminator=disc,
-                              d_optimizer=opt_d, ce_weight=ce_w, kd_weight=kd_w, T=T, w_adv=w_adv, progress=False)
+                              d_optimizer=opt_d, ce_weight=ce_w, kd_weight=kd_w, T=T, w_adv=w_adv,
+                              conditional=conditional, progress=False)
     assert student.discriminator is disc
 
     xt, yt = torch.tensor(x, dtype=torch.float64), torch.tensor(y)
+    if conditional:
+        td.onehot = TF.one_hot(yt, V).double()
     od = torch.optim.SGD(td.parameters(), lr=lr_d, momentum=0.9)
     os_ = torch.optim.SGD(ts.parameters(), lr=lr_s, momentum=0.9, weight_decay=5e-4)
     # phase 0: the discriminator, the student detached (its train-mode forward moves BN)
@@ -239,6 +257,14 @@ def test_api_errors():
         kdcore.adversarial(student, student, train, **kw)
     with pytest.raises(ValueError, match="adversarial"):
         kdcore.distill(student, teacher, train, method="adversarial", **kw)
+    with pytest.raises(ValueError, match="conditional"):
+        kdcore.adversarial(student, teacher, train, conditional=True, discriminator=kdcore.models.mlp([V, 8, 1]), **kw)
+    with pytest.raises(ValueError, match="conditional"):
+        kdcore.adversarial(student, teacher, train, discriminator=kdcore.models.discriminator(V, conditional=True), **kw)
+    with pytest.raises(ValueError, match="augment"):
+        kdcore.adversarial(student, teacher, train, conditional=True, augment=dict(hflip=True), **kw)
+    with pytest.raises(TypeError, match="conditional"):
+        kdcore.adversarial(student, teacher, train, conditional="yes", **kw)
 
 
 def test_default_run_learns(rng):

@@ -963,7 +963,8 @@ struct kd_step_net {
                                // its gradient is cleared each step, the term adds to it, its
                                // optimizer updates it
     struct kd_ref inputs[KD_STEP_MAX_INPUTS];   // a connector's extra inputs (earlier nets'
-    int n_inputs;              //   nodes), fed to its KD_LAYER_INPUT nodes in node order; the
+    int n_inputs;              //   nodes, or node -1 of cached rows: `logits` as wide as the
+                               //   logits), fed to its KD_LAYER_INPUT nodes in node order; the
                                //   input gradients go back to those nets like input_node's
     bool grad_input;           // frozen connector whose input needs the gradient of the terms
                                // that read it (a teacher between a generator and its losses):

@@ -676,10 +676,24 @@ static enum kd_status engine_setup(struct engine * E) {
                    n_ext && !sn->connector ? " (only a connector can have extra inputs)" : "");
         for (int k = 0; k < n_ext; k++) {
             const struct kd_ref r = c->inputs[k];
-            if (r.net < 0 || r.net >= i || !s->nets[r.net].net || r.node >= kd_net_num_nodes(s->nets[r.net].net))
-                E_FAIL(KD_ERR_VALUE, "net %d (%s): extra input %d must be a node of an earlier net of the step", i, role, k);
+            const bool cached = r.net >= 0 && r.net < i && s->nets[r.net].logits;
+            if (r.net < 0 || r.net >= i || (cached && r.node != -1) ||
+                (!cached && (!s->nets[r.net].net || r.node >= kd_net_num_nodes(s->nets[r.net].net))))
+                E_FAIL(KD_ERR_VALUE, "net %d (%s): extra input %d must be a node of an earlier net of the step (the "
+                       "output of cached rows)", i, role, k);
             int ec, eh, ew;
-            ref_shape(E, r, &ec, &eh, &ew);
+            if (cached) {
+                // cached rows (a conditional discriminator's one-hot labels) are as wide as the
+                // logits, known here once logits_net is planned
+                const int ln = s->logits_net;
+                if (ln < 0 || ln >= i || !s->nets[ln].net)
+                    E_FAIL(KD_ERR_VALUE, "net %d (%s): extra input %d reads cached rows, which need logits_net (%d) "
+                           "to be an earlier net", i, role, k, ln);
+                ec = E->n[ln].V;
+                eh = ew = 1;
+            } else {
+                ref_shape(E, r, &ec, &eh, &ew);
+            }
             KD_TRY(kd_net_set_input(c->net, sn->ext_node[k], NULL, ec, eh, ew, NULL));
         }
         if (c->logits) {

@@ -1481,6 +1481,18 @@ def test_from_torch_arguments(module):
 
 @settings(max_examples=30)
 @given(st.data())
+def test_discriminator_arguments(data):
+    valid = dict(num_classes=4, hidden=8, conditional=False, seed=0)
+    pools = dict(num_classes=COUNTS, hidden=COUNTS, conditional=st.one_of(FLAGS, SCALARS), seed=SCALARS)
+    arg, kw = mutate(valid, pools, data)
+    ok, d = attempt(kdcore.models.discriminator, (), kw, (arg,), what="models.discriminator")
+    if ok:
+        v, h = kw["num_classes"], kw["hidden"]
+        assert d.net.params().size == (2 * v if kw["conditional"] else v) * h + 2 * h + 1
+
+
+@settings(max_examples=30)
+@given(st.data())
 def test_dafl_generator_arguments(data):
     valid = dict(latent_dim=4, img_size=8, channels=1, width=4, seed=0, bn_eps=0.8, tanh=True)
     pools = dict(latent_dim=COUNTS, img_size=st.one_of(COUNTS, st.sampled_from([6, 8, 12])), channels=COUNTS,
@@ -1595,7 +1607,7 @@ def test_adversarial_arguments(data):
     teacher = kdcore.models.mlp([8, 6, 3], seed=1)
     student = kdcore.models.mlp([8, 4, 3], seed=2)
     valid = dict(fit_valid(), student=student, teacher=teacher, train=(XT, YT), discriminator=None, d_optimizer=None,
-                 ce_weight=0.1, kd_weight=0.9, T=4.0, w_adv=0.1)
+                 ce_weight=0.1, kd_weight=0.9, T=4.0, w_adv=0.1, conditional=False)
     for k in ("label_smoothing", "drop_last", "max_steps", "callback_every"):
         del valid[k]
     pools = dict({k: v for k, v in FIT_POOLS.items() if k in valid}, student=SCALARS,
@@ -1603,7 +1615,7 @@ def test_adversarial_arguments(data):
                  discriminator=st.one_of(SCALARS, st.just(kdcore.models.mlp([3, 2, 2])),
                                          st.just(kdcore.models.mlp([3, 2, 1], batchnorm=True))),
                  d_optimizer=st.one_of(SCALARS, st.just(kdcore.optim.SGD(lr=0.0))), ce_weight=SCALARS,
-                 kd_weight=SCALARS, T=SCALARS, w_adv=SCALARS)
+                 kd_weight=SCALARS, T=SCALARS, w_adv=SCALARS, conditional=st.one_of(FLAGS, SCALARS))
     arg, kw = mutate(valid, pools, data)
     names = {"teacher": ("teacher",), "d_optimizer": ("d_optimizer",)}.get(arg, (arg,))
     ok, h = attempt(kdcore.adversarial, (), kw, names, what="adversarial", ok=(TypeError, ValueError, KeyError),
