@@ -464,6 +464,11 @@ KD_API enum kd_status kd_loss_mse(float * loss, float * dlogits, const float * s
 // dteacher (may be NULL) receives the opposite of ds, for a source that passes gradient on.
 KD_API enum kd_status kd_loss_l1(float * loss, float * ds, float * dteacher, const float * s, const float * t,
                                  int N, int V, float weight, bool accumulate);
+// Binary cross-entropy with logits against one target y in [0, 1] for every entry (a
+// discriminator's loss): mean over N*V of max(x, 0) - x y + log(1 + exp(-|x|))
+// (F.binary_cross_entropy_with_logits, mean reduction); the gradient (sigmoid(x) - y) / (N V).
+KD_API enum kd_status kd_loss_bce(float * loss, float * dlogits, const float * x, float target, int N, int V,
+                                  float weight, bool accumulate);
 // Tolerant-teacher term (Wang & Yoon's review, eq. 8): mean_i [z_(1) - mean(z_(2..K))] over the K
 // largest logits of each sample.
 KD_API enum kd_status kd_loss_tolerant(float * loss, float * dlogits, const float * z, int N, int V,
@@ -958,7 +963,8 @@ struct kd_step_net {
                                // its gradient is cleared each step, the term adds to it, its
                                // optimizer updates it
     struct kd_ref inputs[KD_STEP_MAX_INPUTS];   // a connector's extra inputs (earlier nets'
-    int n_inputs;              //   nodes), fed to its KD_LAYER_INPUT nodes in node order; the
+    int n_inputs;              //   nodes, or node -1 of cached rows: `logits` as wide as the
+                               //   logits), fed to its KD_LAYER_INPUT nodes in node order; the
                                //   input gradients go back to those nets like input_node's
     bool grad_input;           // frozen connector whose input needs the gradient of the terms
                                // that read it (a teacher between a generator and its losses):
@@ -971,6 +977,13 @@ struct kd_step_net {
     float clip_norm;           // trained net: before its update, its gradient scaled by
                                // min(1, clip_norm / (||g||_2 + 1e-6)) over all its parameters
                                // (torch.nn.utils.clip_grad_norm_); 0: no clipping
+    int shares;                // k > 0: a twin of net k - 1 (an earlier trained net built alike,
+                               // without BN buffers): one model applied to a second input (a
+                               // discriminator reading the teacher's and the student's outputs).
+                               // No optimizer of its own: it takes net k - 1's parameters before
+                               // each forward, runs its backward in that net's update phases (and
+                               // as a connector passing a gradient on), and its parameter
+                               // gradient is added to net k - 1's before the update. 0: none
 };
 
 
@@ -1045,6 +1058,10 @@ enum kd_term_kind {
     // MLKD (Jin, Wang & Lin 2023), single view.
     KD_TERM_MLKD,        // kd_loss_mlkd(a, src) at mlkd.temps[0..mlkd.n_temps) with mlkd.percentile;
                          // parts: instance, class + batch
+    // Adversarial KD: a discriminator's single logit against a constant label (bce.target:
+    // 1 for the teacher's outputs, 0 for the student's; the student's generator loss is the
+    // student side with target 1).
+    KD_TERM_BCE,         // kd_loss_bce(a, bce.target); its accuracy: sign of a vs the target
     KD_TERM_COUNT
 };
 KD_API const char * kd_term_kind_name(enum kd_term_kind kind);   // "ce", "kd", ... (NULL if unknown)
@@ -1085,6 +1102,7 @@ struct kd_term {
         struct { float gamma; } wttm;
         struct { int node; } bnstat;
         struct { bool l1; } tv;
+        struct { float target; } bce;
         struct { float t_start, t_range, lambda_min, lambda_max; int decay_epochs; } ctkd;
         struct { float temps[KD_MLKD_MAX_TEMPS]; int n_temps; float percentile; } mlkd;
         struct { struct kd_crd * bank; bool class_negatives; } crd;   // negatives from other
@@ -1097,7 +1115,7 @@ struct kd_term {
 // setting; ImageNet 1), WTTM gamma 0.2 (the authors' CIFAR-100 command), CTKD t_start 1,
 // t_range 20, lambda 0 -> 1 over 10 epochs (the authors' CIFAR-100 script), ADI T 3 and TV in
 // the l2 form (DeepInversion's code), MLKD temperatures 4, 3, 5, 2, 6 and percentile 50 (the
-// authors' code). The Python binding
+// authors' code), BCE target 1 (a generator's non-saturating loss). The Python binding
 // exports them per kind name as kdcore._kdcore.TERM_DEFAULTS.
 KD_API struct kd_term kd_term_default(enum kd_term_kind kind);
 

@@ -240,6 +240,23 @@ enum kd_status kd_loss_l1(float * loss, float * ds, float * dteacher, const floa
     return KD_OK;
 }
 
+enum kd_status kd_loss_bce(float * loss, float * dlogits, const float * x, float target, int N, int V, float weight,
+                           bool accumulate) {
+    if (!x || N < 1 || V < 1) KD_FAIL(KD_ERR_VALUE, "logits must be non-empty");
+    if (!(target >= 0 && target <= 1)) KD_FAIL(KD_ERR_VALUE, "target (%g) must be in [0, 1]", target);
+    double total = 0, g = (double)weight / ((double)N * V), y = target;
+    for (size_t i = 0; i < (size_t)N * V; i++) {
+        const double v = x[i], e = exp(-fabs(v));
+        // log1p and the sigmoid from exp(-|x|) stay finite and exact for any |x|
+        total += fmax(v, 0.0) - v * y + log1p(e);
+        const double sig = v >= 0 ? 1.0 / (1.0 + e) : e / (1.0 + e);
+        if (dlogits) put(&dlogits[i], g * (sig - y), accumulate);
+    }
+    if (loss) *loss = (float)(total / ((double)N * V));
+    if (!isfinite(total)) KD_FAIL(KD_ERR_NONFINITE, "binary cross-entropy is not finite");
+    return KD_OK;
+}
+
 // Tolerant teacher (Yang et al. 2019, Wang & Yoon's review, eq. 8): per sample, the gap between the
 // largest logit and the mean of the next K-1, averaged over the batch. Minimising it keeps
 // secondary classes alive in a teacher trained for later generations.

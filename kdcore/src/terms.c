@@ -123,6 +123,9 @@ static enum kd_status pair_adi(const struct kd_term * t, struct pair_io * p) {
 static enum kd_status pair_l1(const struct kd_term * t, struct pair_io * p) {
     return kd_loss_l1(&p->value, p->da, p->db, p->a, p->b, p->nb, p->ac, p->w, true);
 }
+static enum kd_status pair_bce(const struct kd_term * t, struct pair_io * p) {
+    return kd_loss_bce(&p->value, p->da, p->a, t->bce.target, p->nb, p->ac * p->ah * p->aw, p->w, true);
+}
 static enum kd_status pair_cc(const struct kd_term * t, struct pair_io * p) {
     return kd_loss_cc(&p->value, p->da, p->db, p->a, p->b, p->nb, p->ac * p->ah * p->aw, p->w, true);
 }
@@ -201,6 +204,7 @@ const struct term_kind_info kd_term_kinds[KD_TERM_COUNT] = {
     [KD_TERM_ADI]        = { "adi",        "competition loss",   true,  true,  true,  true,  false, pair_adi },
     [KD_TERM_L1]         = { "l1",         "L1 loss",            true,  true,  true,  true,  false, pair_l1 },
     [KD_TERM_MLKD]       = { "mlkd",       "MLKD loss",          true,  true,  false, true,  false, pair_mlkd },
+    [KD_TERM_BCE]        = { "bce",        "BCE loss",           false, false, false, false, false, pair_bce },
 };
 
 const char * kd_term_kind_name(enum kd_term_kind kind) {
@@ -238,6 +242,7 @@ struct kd_term kd_term_default(enum kd_term_kind kind) {
         t.ctkd.decay_epochs = 10;
     }
     if (kind == KD_TERM_ADI) t.T = 3.0f;
+    if (kind == KD_TERM_BCE) t.bce.target = 1.0f;
     if (kind == KD_TERM_BNSTAT) t.bnstat.node = -1;
     if (kind == KD_TERM_FT) { t.ft.p1 = 2; t.ft.p2 = 1.0f; }
     if (kind == KD_TERM_VID) t.vid.eps = 1e-5f;

@@ -23,6 +23,13 @@ static int64_t count_correct(const float * z, const int64_t * y, int nb, int V) 
     return c;
 }
 
+// A discriminator's accuracy: samples whose first logit is on the target's side of 0.
+static int64_t count_sign(const float * z, size_t per, float target, int nb) {
+    int64_t c = 0;
+    for (int i = 0; i < nb; i++) c += (z[(size_t)i * per] > 0) == (target > 0.5f);
+    return c;
+}
+
 static int num_outputs(const struct kd_net * net) {
     int c, h, w;
     kd_net_node_shape(net, -1, &c, &h, &w);
@@ -628,6 +635,19 @@ static enum kd_status engine_setup(struct engine * E) {
             if (s->nets[j].net == c->net) E_FAIL(KD_ERR_VALUE, "net %d (%s) is also net %d of the step", i, role, j);
         sn->trained = c->opt != NULL;
         sn->connector = c->input_net >= 0;
+        if (c->shares) {
+            const int o = c->shares - 1;
+            if (o < 0 || o >= i || !s->nets[o].net || !s->nets[o].opt || s->nets[o].params_only || s->nets[o].shares)
+                E_FAIL(KD_ERR_VALUE, "net %d (%s): shares (%d) must name an earlier trained net (its index + 1)", i, role,
+                       c->shares);
+            if (!c->net || c->opt || c->params_only || c->grad_input)
+                E_FAIL(KD_ERR_VALUE, "net %d (%s): a twin needs a net and no optimizer, grad_input or parameter holding",
+                       i, role);
+            if (kd_net_num_params(c->net) != kd_net_num_params(s->nets[o].net) || kd_net_num_buffers(c->net) ||
+                kd_net_num_buffers(s->nets[o].net))
+                E_FAIL(KD_ERR_SHAPE, "net %d (%s): a twin must be built as net %d (%zu and %zu parameters) and have no "
+                       "BN buffers", i, role, o, kd_net_num_params(c->net), kd_net_num_params(s->nets[o].net));
+        }
         sn->backprop = sn->trained || c->grad_input;
         if (c->grad_input && (!c->net || c->opt || !sn->connector))
             E_FAIL(KD_ERR_VALUE, "net %d (%s): grad_input is for a frozen connector (a net, no optimizer, an input net)",
@@ -656,10 +676,24 @@ static enum kd_status engine_setup(struct engine * E) {
                    n_ext && !sn->connector ? " (only a connector can have extra inputs)" : "");
         for (int k = 0; k < n_ext; k++) {
             const struct kd_ref r = c->inputs[k];
-            if (r.net < 0 || r.net >= i || !s->nets[r.net].net || r.node >= kd_net_num_nodes(s->nets[r.net].net))
-                E_FAIL(KD_ERR_VALUE, "net %d (%s): extra input %d must be a node of an earlier net of the step", i, role, k);
+            const bool cached = r.net >= 0 && r.net < i && s->nets[r.net].logits;
+            if (r.net < 0 || r.net >= i || (cached && r.node != -1) ||
+                (!cached && (!s->nets[r.net].net || r.node >= kd_net_num_nodes(s->nets[r.net].net))))
+                E_FAIL(KD_ERR_VALUE, "net %d (%s): extra input %d must be a node of an earlier net of the step (the "
+                       "output of cached rows)", i, role, k);
             int ec, eh, ew;
-            ref_shape(E, r, &ec, &eh, &ew);
+            if (cached) {
+                // cached rows (a conditional discriminator's one-hot labels) are as wide as the
+                // logits, known here once logits_net is planned
+                const int ln = s->logits_net;
+                if (ln < 0 || ln >= i || !s->nets[ln].net)
+                    E_FAIL(KD_ERR_VALUE, "net %d (%s): extra input %d reads cached rows, which need logits_net (%d) "
+                           "to be an earlier net", i, role, k, ln);
+                ec = E->n[ln].V;
+                eh = ew = 1;
+            } else {
+                ref_shape(E, r, &ec, &eh, &ew);
+            }
             KD_TRY(kd_net_set_input(c->net, sn->ext_node[k], NULL, ec, eh, ew, NULL));
         }
         if (c->logits) {
@@ -690,7 +724,8 @@ static enum kd_status engine_setup(struct engine * E) {
         sn->bp_phases = 0;
         for (int p = 0; p < np; p++) {
             bool on = sn->upd_phases >> p & 1;
-            if (sn->connector && !c->detach_input && (sn->trained || c->grad_input)) {
+            if (c->shares) on |= E->n[c->shares - 1].upd_phases >> p & 1;
+            if (sn->connector && !c->detach_input && (sn->trained || c->grad_input || c->shares)) {
                 on |= E->n[c->input_net].bp_phases >> p & 1;
                 for (int k = 0; k < c->n_inputs; k++) on |= E->n[c->inputs[k].net].bp_phases >> p & 1;
             }
@@ -826,6 +861,8 @@ static enum kd_status engine_setup(struct engine * E) {
         }
         if (t->kind == KD_TERM_NORMKD && (!(t->normkd.t_norm > 0) || !isfinite(t->normkd.t_norm)))
             E_FAIL(KD_ERR_VALUE, "term %d (normkd): t_norm (%g) must be > 0 and finite", i, t->normkd.t_norm);
+        if (t->kind == KD_TERM_BCE && !(t->bce.target >= 0 && t->bce.target <= 1))
+            E_FAIL(KD_ERR_VALUE, "term %d (bce): target (%g) must be in [0, 1]", i, t->bce.target);
         if (t->kind == KD_TERM_WTTM && (!(t->wttm.gamma > 0) || !isfinite(t->wttm.gamma)))
             E_FAIL(KD_ERR_VALUE, "term %d (wttm): gamma (%g) must be > 0 and finite", i, t->wttm.gamma);
         if (t->kind == KD_TERM_MLKD) {
@@ -1033,6 +1070,10 @@ enum kd_status kd_step_run_(const struct kd_step_cfg * s, const struct kd_datase
             } else if (c->input_noise > 0) {
                 x = loop_noisy_input(&L, c->input_noise, sn->noisy);
             }
+            if (c->shares) {
+                struct kd_net * o = s->nets[c->shares - 1].net;
+                memcpy(kd_net_params(c->net), kd_net_params(o), kd_net_num_params(o) * sizeof(float));
+            }
             // Frozen nets run inference forwards; trained ones lean forwards (every node a
             // term reads is kept, so the lean layout leaves it readable).
             unsigned mode = c->mode | (sn->bp ? KD_MODE_LEAN : KD_MODE_NO_GRAD);
@@ -1093,7 +1134,18 @@ enum kd_status kd_step_run_(const struct kd_step_cfg * s, const struct kd_datase
                 if (!all_finite(sn->ext_grad[k], (size_t)nb * ref_per(&E, in))) NONFINITE_STEP("input gradient", role);
                 if ((st = kd_net_grad_add(s->nets[in.net].net, ref_node(&E, in), sn->ext_grad[k], 1.0f)) != KD_OK) goto done;
             }
-            if (!sn->upd) kd_net_zero_grad(net);   // passing on: only the input gradient was wanted
+            // passing on: only the input gradient was wanted (a twin's gradient waits for the
+            // backward of the net it shares, which clears that net's gradient first)
+            if (!sn->upd && !(sn->c->shares && E.n[sn->c->shares - 1].upd)) kd_net_zero_grad(net);
+        }
+        for (int i = 0; i < s->n_nets; i++) {
+            const struct kd_step_net * c = &s->nets[i];
+            if (!c->shares || !E.n[i].bp || !E.n[c->shares - 1].upd) continue;
+            struct kd_net * o = s->nets[c->shares - 1].net;
+            float * go = kd_net_grads(o);
+            const float * gt = kd_net_grads(c->net);
+            for (size_t k = 0; k < kd_net_num_params(o); k++) go[k] += gt[k];
+            kd_net_zero_grad(c->net);
         }
         // State moves once every check has passed: CRD's banks take the step's embeddings,
         // learned gates their SGD step (the next step reads them again).
@@ -1130,6 +1182,8 @@ enum kd_status kd_step_run_(const struct kd_step_cfg * s, const struct kd_datase
             s_part[t][1] += (double)to[t].part[1] * nb;
             s_net[term->a.net] += to[t].contrib * nb;
             if (kd_term_kinds[term->kind].logits) term_correct[t] += count_correct(ref_data(&E, term->a), L.y, nb, V);
+            if (term->kind == KD_TERM_BCE)
+                term_correct[t] += count_sign(ref_data(&E, term->a), ref_per(&E, term->a), term->bce.target, nb);
         }
         for (int i = 0; i < s->n_nets; i++)
             if (!E.n[i].connector && !s->nets[i].params_only && E.n[i].V == V)

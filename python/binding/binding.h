@@ -98,6 +98,7 @@ PyObject * py_ctkd_temperature(PyObject * Py_UNUSED(m), PyObject * args, PyObjec
 PyObject * py_ctkd_lambda(PyObject * Py_UNUSED(m), PyObject * args, PyObject * kwds);
 PyObject * py_mse_loss(PyObject * Py_UNUSED(m), PyObject * args);
 PyObject * py_l1_loss(PyObject * Py_UNUSED(m), PyObject * args);
+PyObject * py_bce_loss(PyObject * Py_UNUSED(m), PyObject * args);
 PyObject * py_tolerant_loss(PyObject * Py_UNUSED(m), PyObject * args);
 PyObject * py_softmax(PyObject * Py_UNUSED(m), PyObject * args, PyObject * kwds);
 PyObject * like(PyArrayObject * a);

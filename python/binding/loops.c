@@ -754,7 +754,7 @@ done:
 }
 
 // nets: list of dicts {net, opt, logits, mode, input: (net, node) or None, noise, lr_scale,
-// salt, role, phases, clip_norm}; terms: list of dicts {kind, name, a: (net, node), src: [(net, node)], w, mix,
+// salt, role, phases, clip_norm, shares}; terms: list of dicts {kind, name, a: (net, node), src: [(net, node)], w, mix,
 // grad, drop, gates, gate_lr, weight, warmup_epochs, stop_epoch, T, alpha, beta, k,
 // conditional, reverse, phases}; monitor: a dict {src, w, mix} or None; cycle, cycle_batch:
 // the step cycle (kd_step_cfg). Returns the kd_step_stats as a dict.
@@ -805,7 +805,7 @@ PyObject * py_step_epoch(PyObject * Py_UNUSED(m), PyObject * args, PyObject * kw
             opt_bool(&r, "grad_input", &c->grad_input) < 0 || opt_bool(&r, "detach_input", &c->detach_input) < 0 ||
             opt_float(&r, "noise", &c->input_noise) < 0 ||
             opt_float(&r, "lr_scale", &c->lr_scale) < 0 || opt_float(&r, "clip_norm", &c->clip_norm) < 0 ||
-            opt_int(&r, "salt", &salt) < 0 || opt_done(&r) < 0)
+            opt_int(&r, "salt", &salt) < 0 || opt_i32(&r, "shares", &c->shares) < 0 || opt_done(&r) < 0)
             goto done;
         if (mode < 0 || mode > (KD_MODE_TRAIN | KD_MODE_NO_GRAD)) { PyErr_Format(PyExc_ValueError, "nets[%zd]: mode %d is not a kd_mode", i, mode); goto done; }
         c->mode = (unsigned)mode;
@@ -897,6 +897,7 @@ PyObject * py_step_epoch(PyObject * Py_UNUSED(m), PyObject * args, PyObject * kw
         }
         if (tm->kind == KD_TERM_BNSTAT && opt_i32(&r, "node", &tm->bnstat.node) < 0) goto done;
         if (tm->kind == KD_TERM_TV && opt_bool(&r, "l1", &tm->tv.l1) < 0) goto done;
+        if (tm->kind == KD_TERM_BCE && opt_float(&r, "target", &tm->bce.target) < 0) goto done;
         if (tm->kind == KD_TERM_CTKD &&
             (opt_float(&r, "t_start", &tm->ctkd.t_start) < 0 ||
              opt_float(&r, "t_range", &tm->ctkd.t_range) < 0 || opt_float(&r, "lambda_min", &tm->ctkd.lambda_min) < 0 ||

@@ -330,6 +330,30 @@ PyObject * py_l1_loss(PyObject * Py_UNUSED(m), PyObject * args) {
     return ret;
 }
 
+// bce_loss(logits, target) -> (loss, dlogits)
+PyObject * py_bce_loss(PyObject * Py_UNUSED(m), PyObject * args) {
+    PyObject * zo;
+    float target;
+    static char * names[] = { "logits", "target", NULL };
+    if (!PARSE_POS(args, "Of", names, &zo, &target)) return NULL;
+    if (!(target >= 0 && target <= 1)) {
+        PyErr_Format(PyExc_ValueError, "target must be in [0, 1], got %g", (double)target);
+        return NULL;
+    }
+    PyArrayObject * z, * unused;
+    if (get_logit_pair(zo, NULL, "logits", NULL, &z, &unused) < 0) return NULL;
+    int N = (int)PyArray_DIM(z, 0), V = (int)PyArray_DIM(z, 1);
+    PyObject * ret = NULL, * d = PyArray_SimpleNew(2, PyArray_DIMS(z), NPY_FLOAT32);
+    float loss;
+    if (d) {
+        enum kd_status st = kd_loss_bce(&loss, PyArray_DATA((PyArrayObject *)d), PyArray_DATA(z), target, N, V, 1.0f, false);
+        if (st != KD_OK) kd_raise(st);
+        else ret = Py_BuildValue("(fO)", loss, d);
+    }
+    Py_XDECREF(d); Py_DECREF(z);
+    return ret;
+}
+
 // tolerant_loss(logits, K) -> (loss, dlogits)
 PyObject * py_tolerant_loss(PyObject * Py_UNUSED(m), PyObject * args) {
     PyObject * zo;

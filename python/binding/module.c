@@ -320,6 +320,7 @@ static int add_enums(PyObject * m) {
             break;
         }
         case KD_TERM_TV: x = Py_BuildValue("{s:O}", "l1", t.tv.l1 ? Py_True : Py_False); break;
+        case KD_TERM_BCE: x = Py_BuildValue("{s:f}", "target", (double)t.bce.target); break;
         case KD_TERM_CTKD:
             x = Py_BuildValue("{s:f,s:f,s:f,s:f,s:i}", "t_start", (double)t.ctkd.t_start, "t_range",
                               (double)t.ctkd.t_range, "lambda_min", (double)t.ctkd.lambda_min, "lambda_max",
@@ -380,6 +381,7 @@ static PyMethodDef module_methods[] = {
     { "dkd_loss", (PyCFunction)(void (*)(void))py_dkd_loss, METH_VARARGS | METH_KEYWORDS, "(loss, dstudent, tckd, nckd)" },
     { "mse_loss", (PyCFunction)py_mse_loss, METH_VARARGS, "(loss, dstudent)" },
     { "l1_loss", (PyCFunction)py_l1_loss, METH_VARARGS, "(loss, dstudent)" },
+    { "bce_loss", (PyCFunction)py_bce_loss, METH_VARARGS, "(loss, dlogits)" },
     { "tolerant_loss", (PyCFunction)py_tolerant_loss, METH_VARARGS, "(loss, dlogits)" },
     { "softmax", (PyCFunction)(void (*)(void))py_softmax, METH_VARARGS | METH_KEYWORDS, "softmax(logits, T)" },
     { "at_loss", (PyCFunction)(void (*)(void))py_at_loss, METH_VARARGS | METH_KEYWORDS, "(loss, ds[, dt])" },

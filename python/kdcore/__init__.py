@@ -15,7 +15,7 @@ import numpy as np
 
 from . import _kdcore, callbacks, datafree, datasets, explain, functional, losses, metrics, models, nn, optim
 from .checkpoint import CheckpointMismatch, load, load_torch, save
-from .distill import distill, exit_accuracies, kl_divergence, multi_exit, mutual, slkd
+from .distill import adversarial, distill, exit_accuracies, kl_divergence, multi_exit, mutual, slkd
 from .schemes import born_again, dgkd, eskd, snapshot_distill, takd, tf_kd
 from .training import History, LRFind, evaluate, fit, lr_find, predict
 
@@ -27,7 +27,7 @@ __version__ = _kdcore.version
 _kdcore.isa_init()
 __all__ = ["nn", "models", "datasets", "functional", "losses", "metrics", "explain", "datafree", "optim", "callbacks", "fit",
            "evaluate", "predict", "History", "lr_find", "LRFind",
-           "distill", "mutual", "slkd", "multi_exit", "exit_accuracies", "kl_divergence",
+           "distill", "mutual", "slkd", "adversarial", "multi_exit", "exit_accuracies", "kl_divergence",
            "born_again", "takd", "dgkd", "snapshot_distill", "eskd", "tf_kd",
            "save", "load", "load_torch", "CheckpointMismatch", "set_num_threads", "get_num_threads", "set_deterministic",
            "get_deterministic", "set_isa", "get_isa", "supported_isas", "show_config"]

@@ -24,7 +24,7 @@ from .nn import Module, _check_bool, _check_float, _check_int, _is_choice
 from .optim import _make_optimizer, make_optimizer
 from .training import History, _check_model, _Common, predict
 
-__all__ = ["distill", "mutual", "slkd", "multi_exit", "exit_accuracies", "kl_divergence", "teacher_logits"]
+__all__ = ["distill", "mutual", "slkd", "adversarial", "multi_exit", "exit_accuracies", "kl_divergence", "teacher_logits"]
 
 _KINDS = {"ce": 0, "kd": 1, "dkd": 2, "mse": 3}
 # method -> defaults (ce_weight, kd_weight, T, warmup_epochs)
@@ -36,6 +36,7 @@ _EXIT_DEFAULTS = {"self": dict(ce_weight=0.7, kd_weight=0.3), "teacher": dict(ce
 # Scheme names users pass as distill's method, and the entry point that runs each.
 _SCHEMES = {"mutual": "kdcore.mutual(models, train, ...)", "dml": "kdcore.mutual(models, train, ...)",
             "slkd": "kdcore.slkd(student, teacher, train, ...)",
+            "adversarial": "kdcore.adversarial(student, teacher, train, ...)",
             "multi_exit": "kdcore.multi_exit(model, train, ...)", "byot": "kdcore.multi_exit(model, train, ...)",
             **{k: f"kdcore.{k}(...) (kdcore.schemes.{k})"
                for k in ("born_again", "takd", "dgkd", "snapshot_distill", "eskd", "tf_kd")},
@@ -761,3 +762,132 @@ def exit_accuracies(model, data, batch_size=500):
         hits = [int(np.sum(z.argmax(1) == data.y[idx])) for z in outs]
         correct = hits if correct is None else [a + b for a, b in zip(correct, hits)]
     return [c_ / n for c_ in correct]
+
+
+# Adversarial KD's defaults that are kdcore's choices (the papers give no value that carries
+# over to kdcore's losses): the discriminator's hidden width and the generator-loss weight.
+_ADV_HIDDEN = 64
+
+
+def _adversarial_step(student, teacher, discriminator, twin, bs, bd, lr_ratio, ce_weight, kd_weight, T, w_adv, d_mask,
+                      s_mask, labels=None):
+    """adversarial's engine configuration (nets, terms): the student (net 0), the frozen
+    teacher (1), with ``labels`` (the training set's one-hot rows, float32 (n, classes)) the
+    cached rows a conditional discriminator reads as its second input (2), the discriminator
+    on the teacher's logits (d) and its twin on the student's (d + 1, sharing d's parameters);
+    the discriminator's BCE terms in the phases of d_mask, the student's CE, KD and generator
+    terms in those of s_mask. bs, bd: bound optimizers; lr_ratio: the discriminator's lr over
+    the student's."""
+    modes, K = _kdcore.MODES, _kdcore.TERM_KINDS
+    nets = [dict(net=student.net, opt=bs, mode=modes["train"], phases=s_mask, role="student"),
+            dict(net=teacher.net, mode=modes["eval"], role="teacher")]
+    extra = {}
+    if labels is not None:
+        nets.append(dict(logits=labels, role="labels"))
+        extra = dict(inputs=[(2, -1)])
+    d = len(nets)
+    nets += [dict(net=discriminator.net, opt=bd, mode=modes["train"], input=(1, -1), phases=d_mask, lr_scale=lr_ratio,
+                  salt=0xD15C, role="discriminator", **extra),
+             dict(net=twin.net, mode=modes["train"], input=(0, -1), shares=d + 1, salt=0xD15C,
+                  role="discriminator (student side)", **extra)]
+    terms = [dict(kind=K["bce"], a=(d, -1), target=1.0, phases=d_mask),
+             dict(kind=K["bce"], a=(d + 1, -1), target=0.0, phases=d_mask),
+             dict(kind=K["ce"], a=(0, -1), weight=ce_weight, phases=s_mask),
+             dict(kind=K["kd"], a=(0, -1), src=[(1, -1)], T=T, weight=kd_weight, phases=s_mask),
+             dict(kind=K["bce"], a=(d + 1, -1), target=1.0, weight=w_adv, phases=s_mask)]
+    return nets, terms
+
+
+def adversarial(student, teacher, train, epochs=10, batch_size=128, optimizer="sgd", lr=None, schedule=None,
+                discriminator=None, d_optimizer=None, ce_weight=0.1, kd_weight=0.9, T=4.0, w_adv=0.1, conditional=False,
+                augment=None, val=None, seed=0, progress=True, callback=None, nonfinite="raise"):
+    """Adversarial distillation with a discriminator (Gou et al.'s survey, section 5; Wang et
+    al. 2018 "KDGAN", Xu et al. 2018): returns the student's History. A discriminator D (an
+    MLP on logits, one output logit) learns to tell the teacher's logits (label 1) from the
+    student's (label 0); the student minimises ce_weight * CE + kd_weight * KD(T) + w_adv *
+    BCE(D(z_s), 1) (the non-saturating generator loss), the gradient passing through D, which
+    is not updated then.
+
+    Each batch runs a cycle of two engine steps on the same samples: phase 0 updates D on
+    BCE(D(z_t), 1) + BCE(D(z_s), 0) (the student detached), phase 1 the student. D is applied
+    to the student's logits by a twin net that shares its parameters. The History logs per
+    epoch ``d_loss`` (the two BCE terms summed), ``d_acc`` (the fraction of teacher and
+    student samples D puts on the right side of 0, over both), ``d_teacher``, ``d_student``,
+    and the student's ``ce``, ``kd``, ``adv`` (unweighted) and ``train_loss`` (weighted sum).
+    The trained discriminator is ``student.discriminator`` afterwards.
+
+    discriminator: a kdcore model from the student's logits to one value, without BatchNorm
+    (default ``kdcore.models.discriminator(classes, 64, conditional)``, ``mlp([classes, 64,
+    1])`` unconditional). conditional: D also reads the label one-hot, concatenated to the
+    logits (Xu et al.'s conditional form): its second input (one KD_LAYER_INPUT node, as
+    ``models.discriminator(..., conditional=True)`` has), fed the rows of the training labels;
+    not with ``augment`` (the engine's cached rows refuse augmented batches). d_optimizer: its optimizer (default
+    Adam(lr 2e-4, betas (0.5, 0.999)), DCGAN's setting); its learning rate follows the
+    student's schedule at the ratio of the two optimizers' lr. ce_weight, kd_weight, T:
+    kdcore's KD defaults (``distill(method="kd")``). w_adv: kdcore's choice. Both players'
+    forwards run in train mode; the student's BN statistics move in both steps of a cycle."""
+    from .models import discriminator as _discriminator
+    from .nn import _INPUT_NODE
+    from .optim import Adam, _Optimizer
+    _check_model(student, "student")
+    _check_model(teacher, "teacher")
+    if teacher is student:
+        raise ValueError("the student cannot be its own teacher")
+    ce_weight, kd_weight, w_adv = (_check_float(n, v, 0) for n, v in
+                                   (("ce_weight", ce_weight), ("kd_weight", kd_weight), ("w_adv", w_adv)))
+    T = _check_float("T", T, 0, lo_open=True)
+    conditional = _check_bool("conditional", conditional)
+    c = _Common(train, epochs, batch_size, optimizer, lr, schedule, augment, val, seed, progress, 0.0, False, None,
+                callback, 20, nonfinite)
+    if conditional and c.augmented:
+        raise ValueError("conditional=True cannot run with augment: the labels' rows are cached per sample, and the "
+                         "engine refuses cached rows next to augmented batches")
+    c.check(student, "student")
+    c.check(teacher, "teacher")
+    n_cls = c.train.num_classes
+    if discriminator is None:
+        discriminator = _discriminator(n_cls, _ADV_HIDDEN, conditional, seed=seed + 0xD15C)
+    elif not isinstance(discriminator, Module):
+        raise TypeError(f"discriminator must be a kdcore model, got {type(discriminator).__name__}")
+    if discriminator is student or discriminator is teacher:
+        raise ValueError("discriminator must be a model of its own, not the student or the teacher")
+    label_nodes = [i for i, k in enumerate(discriminator._graph_kinds()) if k == _INPUT_NODE]
+    if len(label_nodes) != int(conditional):
+        raise ValueError(f"discriminator has {len(label_nodes)} extra input nodes; conditional={conditional} needs "
+                         f"{int(conditional)} (models.discriminator(..., conditional=True) builds one)")
+    for node in label_nodes:
+        discriminator.net.set_input(node, (n_cls, 1, 1))
+    d_out = discriminator.net.shapes(1, n_cls, 1, 1)[discriminator._output_index()]
+    if int(np.prod(d_out)) != 1:
+        raise ValueError(f"discriminator must output one value per sample (a logit), got shape {tuple(d_out)}")
+    if discriminator.net.buffers().size:
+        raise ValueError("discriminator must have no BatchNorm layers (its twin on the student's logits shares "
+                         "parameters only)")
+    if d_optimizer is None:
+        d_optimizer = Adam(lr=2e-4, betas=(0.5, 0.999))
+    elif not isinstance(d_optimizer, _Optimizer):
+        raise TypeError(f"d_optimizer must be a kdcore.optim optimizer (SGD, Adam, AdamW), got "
+                        f"{type(d_optimizer).__name__}")
+    if not c.opt.lr > 0 or not d_optimizer.lr > 0:
+        raise ValueError("optimizer and d_optimizer need a learning rate > 0")
+    twin = discriminator.copy()
+    bs, bd = c.opt.bind(student), d_optimizer.bind(discriminator)
+    labels = np.eye(n_cls, dtype=np.float32)[c.train.y] if conditional else None
+    nets, terms = _adversarial_step(student, teacher, discriminator, twin, bs, bd, d_optimizer.lr / c.opt.lr,
+                                    ce_weight, kd_weight, T, w_adv, 1, 2, labels)
+    n_steps = 2 * c.steps()
+    c.steps = lambda: n_steps   # engine steps of an epoch: two per batch
+    c.run_config.update(scheme="adversarial", ce_weight=ce_weight, kd_weight=kd_weight, T=T, w_adv=w_adv,
+                        conditional=conditional, d_optimizer=repr(d_optimizer))
+    teacher.eval()
+
+    def run(epoch, topts):
+        st = _kdcore.step_epoch(nets, terms, c.train._c, epoch, topts, logits_net=0, cycle=2, cycle_batch=True)
+        v, acc = st["term_value"], st["term_accuracy"]
+        return dict(d_loss=v[0] + v[1], d_acc=(acc[0] + acc[1]) / 2, d_teacher=v[0], d_student=v[1], ce=v[2],
+                    kd=v[3], adv=v[4], train_loss=ce_weight * v[2] + kd_weight * v[3] + w_adv * v[4], lr=st["lr"],
+                    skipped_steps=st["skipped_steps"])
+
+    hist = c.loop([student, discriminator], run, optimizers=[bs, bd], roles=["student", "discriminator"])
+    student.discriminator = discriminator
+    return hist

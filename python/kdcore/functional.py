@@ -33,7 +33,7 @@ _WTTM = _kdcore.TERM_DEFAULTS["wttm"]
 _CTKD = _kdcore.TERM_DEFAULTS["ctkd"]
 _MLKD = _kdcore.TERM_DEFAULTS["mlkd"]
 
-__all__ = ["cross_entropy", "kd_loss", "dkd_loss", "dist_loss", "normkd_loss", "wttm_loss", "ctkd_loss", "ctkd_temperature", "ctkd_lambda", "mlkd_loss", "soft_target_loss", "logit_mse_loss", "logit_l1_loss", "tolerant_loss",
+__all__ = ["cross_entropy", "kd_loss", "dkd_loss", "dist_loss", "normkd_loss", "wttm_loss", "ctkd_loss", "ctkd_temperature", "ctkd_lambda", "mlkd_loss", "soft_target_loss", "logit_mse_loss", "logit_l1_loss", "bce_with_logits_loss", "tolerant_loss",
            "softmax", "virtual_teacher", "at_loss", "sp_loss", "nst_loss", "rkd_loss", "pkt_loss", "fsp_loss",
            "ofd_margin", "ofd_loss", "ab_loss", "ft_loss", "vid_loss", "vid_log_scale", "cc_loss", "hcl_loss",
            "CRDBank"]
@@ -183,6 +183,14 @@ def logit_l1_loss(student_logits, teacher_logits):
     discrepancy): (loss, dstudent). The gradient is sign(s - t) / entries (0 where s == t,
     as torch.sign); the teacher's is its opposite."""
     return _kdcore.l1_loss(student_logits, teacher_logits)
+
+
+def bce_with_logits_loss(logits, target):
+    """Binary cross-entropy with logits against one target in [0, 1] for every entry (a
+    discriminator's loss; adversarial KD): (loss, dlogits), the loss the mean over all entries
+    of max(x, 0) - x y + log(1 + exp(-|x|)) (F.binary_cross_entropy_with_logits), its gradient
+    (sigmoid(x) - y) / entries. logits: float32 (N, V) (V = 1 for a discriminator)."""
+    return _kdcore.bce_loss(logits, _check_float("target", target, 0, 1))
 
 
 def logit_mse_loss(student_logits, teacher_logits):

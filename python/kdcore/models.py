@@ -6,11 +6,11 @@ from collections import OrderedDict
 
 import numpy as np
 
-from .nn import (_ADD, _RELU, AdaptiveAvgPool2d, BatchNorm1d, BatchNorm2d, Block, Conv2d, Dropout, Flatten, LeakyReLU,
+from .nn import (_ADD, _CONCAT, _INPUT_NODE, _RELU, AdaptiveAvgPool2d, BatchNorm1d, BatchNorm2d, Block, Conv2d, Dropout, Flatten, LeakyReLU,
                  Linear, MaxPool2d, Module, ReLU, Sequential, Tanh, Unflatten, Upsample, _check_bool, _check_float,
                  _check_int, _join)
 
-__all__ = ["mlp", "cnn", "dafl_generator",
+__all__ = ["mlp", "cnn", "dafl_generator", "discriminator",
            "resnet8", "resnet14", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110",
            "resnet8x4", "resnet32x4",
            "wrn_16_1", "wrn_16_2", "wrn_40_1", "wrn_40_2", "vgg8", "vgg11", "vgg13",
@@ -544,6 +544,43 @@ def dafl_generator(latent_dim=100, img_size=28, channels=1, width=128, seed=0, b
                    LeakyReLU(0.2), Conv2d(w // 2, channels, 3, padding=1), *tail)
     m.reset_parameters(seed)
     m.input_shape = (latent_dim,)
+    return m
+
+
+class _ConditionalDiscriminator(Block):
+    """Logits (V) and a second input, the label one-hot (V, node ``label``), concatenated,
+    then Linear(2V, hidden) -> ReLU -> Linear(hidden, 1)."""
+
+    def __init__(self, num_classes, hidden):
+        super().__init__()
+        self.num_classes = num_classes
+        self.fc1 = Linear(2 * num_classes, hidden)
+        self.relu = ReLU()
+        self.fc2 = Linear(hidden, 1)
+
+    def _emit(self, g, x, prefix):
+        y = g.add(_INPUT_NODE, _join(prefix, "label"), [], in_ch=self.num_classes)
+        z = g.add(_CONCAT, _join(prefix, "cat"), [x, y])
+        for name in ("fc1", "relu", "fc2"):
+            z = self._emit_child(g, name, z, prefix)
+        return z
+
+    def _describe(self):
+        return f"num_classes={self.num_classes}, hidden={self.fc1.out_features}"
+
+
+def discriminator(num_classes, hidden=64, conditional=False, seed=0):
+    """Adversarial KD's discriminator (``kdcore.adversarial``): logits (num_classes) ->
+    Linear -> ReLU -> Linear -> one logit, ``mlp([num_classes, hidden, 1])``. conditional=True
+    (Xu et al. 2018's conditional discriminator): it also reads the label one-hot, concatenated
+    to the logits (a second input, node ``label``; keys ``fc1.*``, ``fc2.*``)."""
+    num_classes = _check_int("num_classes", num_classes, 1)
+    hidden = _check_int("hidden", hidden, 1)
+    if not _check_bool("conditional", conditional):
+        return mlp([num_classes, hidden, 1], seed=seed)
+    m = _ConditionalDiscriminator(num_classes, hidden)
+    m.reset_parameters(_check_int("seed", seed, 0))
+    m.input_shape = (num_classes,)
     return m
 
 

@@ -2,7 +2,8 @@
 // the PyTorch comparisons of the Python suite -- CE (label smoothing, sample weights), KD (both
 // sides, sample weights), soft targets, DKD, DIST, NormKD, WTTM, CTKD (logits and temperature),
 // MSE, the tolerant term, DAFL's entropy and activation, ADI (both sides), the L1 logit loss
-// (DFAD's discrepancy; both sides), MLKD (its masks come from the teacher). Hard cases: one sample, two classes, large logits, small
+// (DFAD's discrepancy; both sides), MLKD (its masks come from the teacher), BCE with logits
+// (adversarial KD's discriminator loss). Hard cases: one sample, two classes, large logits, small
 // and large temperatures. Then weight and accumulate semantics for each loss, and the L1
 // loss's subgradient at a tie, its errors and a non-finite input. Sizes are tiny: this runs
 // under valgrind (`make valgrind`).
@@ -13,9 +14,9 @@
 #include "kdtest.h"
 #include "kdcore.h"
 
-enum kind { CE, KD, SOFT, DKD, DIST, NORMKD, WTTM, CTKD, MSE, TOLERANT, ENTROPY, ACTIVATION, ADI, L1, MLKD };
+enum kind { CE, KD, SOFT, DKD, DIST, NORMKD, WTTM, CTKD, MSE, TOLERANT, ENTROPY, ACTIVATION, ADI, L1, MLKD, BCE };
 static const char * const kind_name[] = { "CE", "KD", "soft", "DKD", "DIST", "NormKD", "WTTM", "CTKD", "MSE",
-                                          "tolerant", "entropy", "activation", "ADI", "L1", "MLKD" };
+                                          "tolerant", "entropy", "activation", "ADI", "L1", "MLKD", "BCE" };
 
 struct lcase {
     enum kind k;
@@ -25,7 +26,7 @@ struct lcase {
     int64_t * y;               // CE, DKD labels
     float * w;                 // CE, KD sample weights (or NULL)
     float T, a, b;             // temperature; per kind: CE eps; DKD alpha, beta; DIST beta, gamma; NormKD t_norm;
-                               // WTTM gamma; tolerant K (a)
+                               // WTTM gamma; tolerant K (a); BCE target (a)
     const char * what;
 };
 
@@ -63,6 +64,7 @@ static enum kd_status run(const struct lcase * c, float * loss, float * ds, floa
         static const float temps[] = { 4, 3, 5, 2, 6 };   // the authors' temperatures
         return kd_loss_mlkd(loss, NULL, ds, c->s, c->t, N, V, temps, 5, c->a, weight, acc);
     }
+    case BCE:      return kd_loss_bce(loss, ds, c->s, c->a, N, V, weight, acc);
     }
     return KD_ERR_VALUE;
 }
@@ -255,6 +257,20 @@ static void test_gradcheck_all(void) {
     check_case(c, 1e-2f, 1e-3);
     c = mk(MLKD, "percentile 100, N=2 V=3", 2, 3, 2, 1, 111);
     c.a = 100;
+    check_case(c, 1e-2f, 1e-3);
+    // BCE with logits: a discriminator's single logit against 1 and 0, a soft target, and
+    // logits of +-12 (the stable form's far tails)
+    c = mk(BCE, "target 1, 6x1", 6, 1, 3, 1, 120);
+    c.a = 1;
+    check_case(c, 1e-2f, 3e-4);
+    c = mk(BCE, "target 0, 6x1", 6, 1, 3, 1, 121);
+    c.a = 0;
+    check_case(c, 1e-2f, 3e-4);
+    c = mk(BCE, "target 0.3, 3x4", 3, 4, 2, 1, 122);
+    c.a = 0.3f;
+    check_case(c, 1e-2f, 3e-4);
+    c = mk(BCE, "target 1, logits +-12", 4, 1, 12, 1, 123);
+    c.a = 1;
     check_case(c, 1e-2f, 1e-3);
 }
 

@@ -13,7 +13,8 @@ The logit-methods group breaks the mechanism of NormKD's and WTTM's losses (loss
 CTKD's gradient reversal and curriculum (train.c), DeepInversion's BN-statistics term
 (train.c, losses_feat.c), and MLKD's masks and batch-level gradient (losses.c). The adversarial
 data-free group breaks the step cycle (phases, cycle_batch, per-phase term means), reversed
-terms, gradient clipping and the L1 loss that DFAD and ZSKT run on. The metrics group breaks kdcore.metrics
+terms, gradient clipping and the L1 loss that DFAD and ZSKT run on. The adversarial KD group
+breaks the twin net (its shared parameters and gradient) and the BCE loss. The metrics group breaks kdcore.metrics
 (Python only, no rebuild).
 
 For every mutation in MUTATIONS below: copy the repository (the files `git ls-files` lists,
@@ -72,6 +73,7 @@ CTKD = "tests/test_ctkd_torch.py"
 ADV = "tests/test_adversarial_datafree_torch.py"
 DATAFREE = "python/kdcore/datafree.py"
 MLKD_T = "tests/test_mlkd_torch.py"
+ADV_KD = "tests/test_adversarial_kd_torch.py"
 
 
 def t(path, *names):
@@ -524,6 +526,26 @@ MUTATIONS = [
     dict(name="l1_tie_sign", file=LOSSES_C, what="the L1 loss's subgradient at a tie is 1, not torch's 0",
          old="sg = d > 0 ? 1.0 : d < 0 ? -1.0 : 0.0;", new="sg = d >= 0 ? 1.0 : -1.0;",
          tests=t(ADV, "test_l1_loss_matches_autograd")),
+    # ---- adversarial KD: the twin net that applies the discriminator to the student's logits,
+    # and the BCE loss its terms run
+    dict(name="twin_gradient_dropped", file=TRAIN,
+         what="a twin's parameter gradient not added to the net it shares (the discriminator learns from the "
+              "teacher's logits only)",
+         old="for (size_t k = 0; k < kd_net_num_params(o); k++) go[k] += gt[k];", new="(void)go; (void)gt;",
+         tests=t(ADV_KD, "test_discriminator_learns_both_sides", "test_cycle_matches_torch")),
+    dict(name="twin_params_not_copied", file=TRAIN,
+         what="a twin keeps its own parameters instead of taking the shared net's before each forward",
+         old="memcpy(kd_net_params(c->net), kd_net_params(o), kd_net_num_params(o) * sizeof(float));",
+         new="(void)o;", tests=t(ADV_KD, "test_cycle_matches_torch")),
+    dict(name="conditional_labels_zero", file=DISTILL,
+         what="the conditional discriminator fed zero rows instead of the labels' one-hot rows",
+         old="labels = np.eye(n_cls, dtype=np.float32)[c.train.y] if conditional else None",
+         new="labels = np.zeros((len(c.train), n_cls), np.float32) if conditional else None",
+         tests=t(ADV_KD, "test_cycle_matches_torch")),
+    dict(name="bce_target_ignored", file=LOSSES_C, what="BCE's gradient against target 1 whatever the target",
+         old="if (dlogits) put(&dlogits[i], g * (sig - y), accumulate);",
+         new="if (dlogits) put(&dlogits[i], g * (sig - 1.0), accumulate);",
+         tests=t(ADV_KD, "test_bce_loss_matches_autograd")),
     # ---- MLKD (losses.c): its confidence masks and its batch-level gradient
     dict(name="mlkd_class_mask_ignored", file=LOSSES_C,
          what="MLKD: the class-level term not scaled by the fraction of classes its mask keeps",

@@ -86,6 +86,8 @@ FUNCTIONAL = {
     "logit_l1_loss": (F.logit_l1_loss, dict(student_logits=LOGITS, teacher_logits=TEACHER),
                       dict(student_logits=logits_pool(), teacher_logits=logits_pool(TEACHER))),
     "tolerant_loss": (F.tolerant_loss, dict(logits=LOGITS, K=3), dict(logits=logits_pool(), K=SCALARS)),
+    "bce_with_logits_loss": (F.bce_with_logits_loss, dict(logits=LOGITS, target=1.0),
+                             dict(logits=logits_pool(), target=SCALARS)),
     "softmax": (F.softmax, dict(logits=LOGITS, T=2.0), dict(logits=logits_pool(), T=SCALARS)),
     "kl_divergence": (kdcore.kl_divergence, dict(p_logits=LOGITS, q_logits=TEACHER, T=1.0),
                       dict(p_logits=logits_pool(), q_logits=logits_pool(TEACHER), T=SCALARS)),
@@ -138,7 +140,7 @@ BINDING_LOSSES = {
 @settings(max_examples=120)
 @given(st.data())
 def test_binding_losses(data):
-    fname = data.draw(st.sampled_from(sorted(BINDING_LOSSES) + ["mse_loss", "l1_loss", "tolerant_loss"]),
+    fname = data.draw(st.sampled_from(sorted(BINDING_LOSSES) + ["mse_loss", "l1_loss", "tolerant_loss", "bce_loss"]),
                       label="function")
     if fname in ("mse_loss", "l1_loss"):
         i = data.draw(st.integers(0, 1))
@@ -150,6 +152,11 @@ def test_binding_losses(data):
         args = [LOGITS, 3]
         args[i] = data.draw([logits_pool(), SCALARS][i])
         ok, out = attempt(K.tolerant_loss, args, {}, (["logits", "K"][i],), what="_kdcore.tolerant_loss")
+    elif fname == "bce_loss":
+        i = data.draw(st.integers(0, 1))
+        args = [LOGITS, 1.0]
+        args[i] = data.draw([logits_pool(), SCALARS][i])
+        ok, out = attempt(K.bce_loss, args, {}, (["logits", "target"][i],), what="_kdcore.bce_loss")
     else:
         fn, valid, pools = BINDING_LOSSES[fname]
         arg, kw = mutate(valid, pools, data)
@@ -1474,6 +1481,18 @@ def test_from_torch_arguments(module):
 
 @settings(max_examples=30)
 @given(st.data())
+def test_discriminator_arguments(data):
+    valid = dict(num_classes=4, hidden=8, conditional=False, seed=0)
+    pools = dict(num_classes=COUNTS, hidden=COUNTS, conditional=st.one_of(FLAGS, SCALARS), seed=SCALARS)
+    arg, kw = mutate(valid, pools, data)
+    ok, d = attempt(kdcore.models.discriminator, (), kw, (arg,), what="models.discriminator")
+    if ok:
+        v, h = kw["num_classes"], kw["hidden"]
+        assert d.net.params().size == (2 * v if kw["conditional"] else v) * h + 2 * h + 1
+
+
+@settings(max_examples=30)
+@given(st.data())
 def test_dafl_generator_arguments(data):
     valid = dict(latent_dim=4, img_size=8, channels=1, width=4, seed=0, bn_eps=0.8, tanh=True)
     pools = dict(latent_dim=COUNTS, img_size=st.one_of(COUNTS, st.sampled_from([6, 8, 12])), channels=COUNTS,
@@ -1579,6 +1598,30 @@ def test_zskt_arguments(data):
     arg, kw = mutate(_adversarial_valid(), pools, data)
     names = {"n_s": ("n_s", "n_g + n_s"), "n_g": ("n_g", "n_g + n_s"), "at_taps": ("at_taps", "tap")}.get(arg, (arg,))
     attempt(kdcore.datafree.zskt, (), kw, names, what="datafree.zskt", ok=(TypeError, ValueError, KeyError), trains=True)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.data())
+def test_adversarial_arguments(data):
+    """kdcore.adversarial with one argument replaced: a run or an error naming it."""
+    teacher = kdcore.models.mlp([8, 6, 3], seed=1)
+    student = kdcore.models.mlp([8, 4, 3], seed=2)
+    valid = dict(fit_valid(), student=student, teacher=teacher, train=(XT, YT), discriminator=None, d_optimizer=None,
+                 ce_weight=0.1, kd_weight=0.9, T=4.0, w_adv=0.1, conditional=False)
+    for k in ("label_smoothing", "drop_last", "max_steps", "callback_every"):
+        del valid[k]
+    pools = dict({k: v for k, v in FIT_POOLS.items() if k in valid}, student=SCALARS,
+                 teacher=st.one_of(SCALARS, st.just(student)), train=SCALARS,
+                 discriminator=st.one_of(SCALARS, st.just(kdcore.models.mlp([3, 2, 2])),
+                                         st.just(kdcore.models.mlp([3, 2, 1], batchnorm=True))),
+                 d_optimizer=st.one_of(SCALARS, st.just(kdcore.optim.SGD(lr=0.0))), ce_weight=SCALARS,
+                 kd_weight=SCALARS, T=SCALARS, w_adv=SCALARS, conditional=st.one_of(FLAGS, SCALARS))
+    arg, kw = mutate(valid, pools, data)
+    names = {"teacher": ("teacher",), "d_optimizer": ("d_optimizer",)}.get(arg, (arg,))
+    ok, h = attempt(kdcore.adversarial, (), kw, names, what="adversarial", ok=(TypeError, ValueError, KeyError),
+                    trains=True)
+    if ok:
+        model_ok(student)
 
 
 def test_all_public_names_are_covered():
