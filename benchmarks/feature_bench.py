@@ -388,7 +388,9 @@ def cost_child(args):
             steps = min(math.ceil(len(data) / BATCH), args.cost_steps)
             images = min(len(data), steps * BATCH)
             # per phase, the fastest epoch after the phase's first; the slowest phase is reported
-            per_stage = [images / times[stages == s][1:].min() for s in sorted(set(stages.tolist()))]
+            # (a phase of a single epoch, as one of FT's, has no later epoch: that epoch counts)
+            per_stage = [images / (t[1:] if len(t) > 1 else t).min()
+                         for t in (times[stages == s] for s in sorted(set(stages.tolist())))]
             out.update(status="ok", img_s=min(per_stage), stage_img_s=per_stage, steps=steps)
     out["maxrss_mb"] = peak_rss_mb()
     print("COST " + json.dumps(out), flush=True)
