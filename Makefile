@@ -128,10 +128,10 @@ test-py: build
 # their own processes) and sanitize-py ~19 min (the same suite under ASan, notebook kernels and
 # sweep workers included). The run before, with the other jobs at nice 15, took 29 minutes
 # (test-py ~5 min for 3179 tests, sanitize-py ~15 min); the files added since take 2-7 s each
-# alone, so most of the difference is the load (not re-measured on an idle machine). The other steps, measured earlier on the idle machine:
-# test-c ~10 s, test-c-isa ~20 s (the instruction sets test-c did not run: on an AVX-512 CPU
-# avx2 and portable), sanitize-c ~20 s, valgrind ~3.5 min (test_layers ~1.5, test_net ~1.5),
-# fuzz ~65 s (2 x 30 s).
+# alone, so most of the difference is the load (not re-measured on an idle machine). The other
+# steps, measured earlier on the idle machine: test-c ~10 s, test-c-isa ~20 s (the instruction
+# sets test-c did not run: on an AVX-512 CPU avx2 and portable), sanitize-c ~20 s, valgrind
+# ~3.5 min (test_layers ~1.5, test_net ~1.5), fuzz ~65 s (2 x 30 s).
 test: deps-test check-env
 	$(MAKE) test-c
 	$(MAKE) test-c-isa ISAS="$(wordlist 2,9,$(ISAS))"
