@@ -122,16 +122,14 @@ test-py: build
 	$(PYTHON) -m pytest -q tests
 
 # The whole default suite (CI: .ci/run; DEVELOPERS.md says what each step checks). Measured
-# on a clean clone (2 cores, dependencies installed) while other jobs shared the cores at equal
-# priority: 46 minutes in all, of which test-py ~19 min (3310 tests; the layer and model parity
-# tests run once per instruction set; the example notebooks and the Dask sweep tests start
-# their own processes) and sanitize-py ~19 min (the same suite under ASan, notebook kernels and
-# sweep workers included). The run before, with the other jobs at nice 15, took 29 minutes
-# (test-py ~5 min for 3179 tests, sanitize-py ~15 min); the files added since take 2-7 s each
-# alone, so most of the difference is the load (not re-measured on an idle machine). The other
-# steps, measured earlier on the idle machine: test-c ~10 s, test-c-isa ~20 s (the instruction
-# sets test-c did not run: on an AVX-512 CPU avx2 and portable), sanitize-c ~20 s, valgrind
-# ~3.5 min (test_layers ~1.5, test_net ~1.5), fuzz ~65 s (2 x 30 s).
+# on a clean clone of the idle 2-core machine (dependencies installed): 25 minutes in all, of
+# which test-py ~5 min (3310 tests; the layer and model parity tests run once per instruction
+# set; the example notebooks and the Dask sweep tests start their own processes) and
+# sanitize-py ~12 min (the same suite under ASan, notebook kernels and sweep workers included).
+# With other jobs sharing the cores at equal priority the same run took 46 minutes. The other
+# steps: test-c ~10 s, test-c-isa ~20 s (the instruction sets test-c did not run: on an AVX-512
+# CPU avx2 and portable), sanitize-c ~20 s, valgrind ~3.5 min (test_layers ~1.5, test_net
+# ~1.5), fuzz ~65 s (2 x 30 s).
 test: deps-test check-env
 	$(MAKE) test-c
 	$(MAKE) test-c-isa ISAS="$(wordlist 2,9,$(ISAS))"
