@@ -295,8 +295,8 @@ def test_slkd_star_snapshot_per_epoch(replay):
     same initial weights; the state each student epoch ran with (read in the callback, after
     the epoch: the frozen SL-teachers do not change during it) is matched to the nearest
     snapshot. replay='trajectory': 0-based student epoch e uses snapshot e + 1, the state at
-    the end of SL epoch e (the paper's "student at epoch e learns from the SL-teachers of epoch
-    e", epochs counted from 1), never the untrained one; 'final': snapshot E at every epoch.
+    the end of SL epoch e (the paper's student at epoch e learning from the snapshot of epoch e,
+    epochs counted from 1), never the untrained one; 'final': snapshot E at every epoch.
     Digests: E distinct states (trajectory) or one (final), the last one bitwise the SL-teachers'
     state after the run."""
     X, y = make_data("mlp")
