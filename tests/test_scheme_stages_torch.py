@@ -10,6 +10,7 @@ twin starts from the weights kdcore's stage started from and learns from the kdc
 that the previous comparison checked, so errors do not accumulate across stages.
 test_schemes.py checks the same schemes bitwise against stages run by hand with distill.
 """
+import hashlib
 import os
 import sys
 
@@ -268,6 +269,64 @@ def test_slkd_sequential_replay(replay):
         (lam * (a * c + (1 - a) * kl_T(zt, zs, T)) + eta * (a * c + (1 - a) * kl_T(zsl, zs, T))).backward()
         opt.step()
         check_state(f"student after epoch {epoch}", snaps[epoch], torch_ref.to_numpy_state(m), s0)
+
+
+def state_digest(state):
+    """SHA-256 of a state dict (names and bytes, in key order)."""
+    h = hashlib.sha256()
+    for k in sorted(state):
+        h.update(k.encode())
+        h.update(np.ascontiguousarray(state[k]).tobytes())
+    return h.hexdigest()
+
+
+def nearest_snapshot(state, snapshots):
+    """(index of the snapshot nearest to `state`, distances to all): the distance is the largest
+    weight difference over the floating-point tensors (num_batches_tracked left out)."""
+    d = [max(float(np.abs(v.astype(np.float64) - snap[k].reshape(v.shape)).max())
+             for k, v in state.items() if v.dtype.kind == "f") for snap in snapshots]
+    return int(np.argmin(d)), d
+
+
+@pytest.mark.parametrize("replay", ["trajectory", "final"])
+def test_slkd_star_snapshot_per_epoch(replay):
+    """Which SL-teacher snapshot SLKD* replays at each student epoch. Snapshot k is the
+    SL-teacher after k phase-1 epochs (0: untrained, E: final), computed here in torch from the
+    same initial weights; the state each student epoch ran with (read in the callback, after
+    the epoch: the frozen SL-teachers do not change during it) is matched to the nearest
+    snapshot. replay='trajectory': 0-based student epoch e uses snapshot e + 1, the state at
+    the end of SL epoch e (the paper's student at epoch e learning from the snapshot of epoch e,
+    epochs counted from 1), never the untrained one; 'final': snapshot E at every epoch.
+    Digests: E distinct states (trajectory) or one (final), the last one bitwise the SL-teachers'
+    state after the run."""
+    X, y = make_data("mlp")
+    E, T, a, lam, eta, rho = 4, 4.0, 0.2, 1.0, 2.0, 0.7
+    teacher, s, sls = slkd_models()
+    sl0 = [m.state_dict() for m in sls]
+    used = []   # per student epoch: the SL-teachers' states
+
+    def record(epoch, row):
+        used.append([m.state_dict() for m in sls])
+        return False
+
+    kdcore.slkd(s, teacher, dataset(X, y), sl_teachers=sls, epochs=E, sequential=True, replay=replay, T=T, alpha=a,
+                lam=lam, eta=eta, rho=rho, seed=0, callback=record, **fit_kw())
+    assert len(used) == E
+    zt = logits_of(teacher, X)
+    snapshots = [[sl0[j]] + torch_train(sl0[j], X, y, kd_loss(zt, T, a, 1 - a), lrs=(LR,) * E) for j in range(2)]
+    mapping = {}
+    for e in range(E):
+        for j in range(2):
+            k, d = nearest_snapshot(used[e][j], snapshots[j])
+            # an unambiguous match: float rounding away from one snapshot, a step away from the others
+            assert d[k] < 1e-5 and min(d[:k] + d[k + 1:]) > 100 * d[k], f"epoch {e}, sl{j}: distances {d}"
+            mapping[(e, j)] = k
+    want = {(e, j): (e + 1 if replay == "trajectory" else E) for e in range(E) for j in range(2)}
+    assert mapping == want
+    digests = [[state_digest(u[j]) for u in used] for j in range(2)]
+    for j in range(2):
+        assert len(set(digests[j])) == (E if replay == "trajectory" else 1), f"sl{j}: {digests[j]}"
+        assert digests[j][-1] == state_digest(sls[j].state_dict())
 
 
 def test_slkd_parallel_sl_optimizer():

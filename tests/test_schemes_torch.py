@@ -414,17 +414,22 @@ def run_slkd(arch, sopts, steps=1, cached=False, n_sl=2):
     return X, y, (student, before, ts), list(zip(sls, sl_before, tsl)), tt, st
 
 
-@pytest.mark.parametrize("variant", ["detached", "sl_grad", "fuse_probs", "cached", "one_sl", "one_sl_grad"])
+@pytest.mark.parametrize("variant", ["detached", "sl_grad", "fuse_probs", "cached", "one_sl", "one_sl_grad",
+                                     "rho0.7", "rho0.7_sl_grad", "rho0.7_fuse_probs"])
 @pytest.mark.parametrize("steps", [1, 2])
 @pytest.mark.parametrize("arch", ARCHS)
 def test_slkd(arch, steps, variant):
     """Student: lam [a CE + (1-a) KD(T -> S)] + eta [a CE + (1-a) KD(sg(rho z1 + (1-rho) z2) -> S)];
     SL-T j: a CE + (1-a) KD(T -> SL_j); all forwards before the updates. sl_grad: the fused
-    term's gradient also reaches the SL-Ts (through rho and 1 - rho). One SL-T: z_SL = z1."""
-    T, a, lam, eta, rho = 4.0, 0.1, 1.0, 3.0, 0.5
+    term's gradient also reaches the SL-Ts (through rho and 1 - rho). One SL-T: z_SL = z1.
+    rho is 0.5 except in the rho0.7 variants, where z_1 and z_2 weigh differently, so that a
+    swap of rho and 1 - rho in the C configuration changes the student's and the SL-Ts' steps."""
+    T, a, lam, eta = 4.0, 0.1, 1.0, 3.0
+    rho = 0.7 if variant.startswith("rho0.7") else 0.5
     n_sl = 1 if variant.startswith("one_sl") else 2
-    sl_grad = variant in ("sl_grad", "one_sl_grad")
-    sopts = dict(T=T, alpha=a, eta=eta, rho=rho, fuse_probs=variant == "fuse_probs",
+    sl_grad = variant in ("sl_grad", "one_sl_grad", "rho0.7_sl_grad")
+    fuse_probs = variant in ("fuse_probs", "rho0.7_fuse_probs")
+    sopts = dict(T=T, alpha=a, eta=eta, rho=rho, fuse_probs=fuse_probs,
                  sl_grad=sl_grad, **{"lambda": lam})
     X, y, (student, before, ts), sls, tt, st = run_slkd(arch, sopts, steps, cached=variant == "cached", n_sl=n_sl)
     tsl = [t for _, _, t in sls]
@@ -436,7 +441,7 @@ def test_slkd(arch, steps, variant):
         zs = ts(x)
         ce = TF.cross_entropy(zs, yb)
         l_ts = a * ce + (1 - a) * kl_T(zt, zs, T)
-        if variant == "fuse_probs":
+        if fuse_probs:
             q = (rho * TF.softmax(z[0] / T, 1) + (1 - rho) * TF.softmax(z[1] / T, 1)).detach()
             kd_sl = kl_q(q, zs, T)
         else:

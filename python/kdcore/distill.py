@@ -513,8 +513,11 @@ def slkd(student, teacher, train, sl_teachers=None, n_sl=2, epochs=10, batch_siz
       A2 fuse='logits' (eq. 3 divides the fused output by tau, so it is a logit); 'probs'
          fuses softened probabilities.
       A3 sequential=True is SLKD*: phase 1 trains the SL-Ts against the teacher for `epochs`
-         epochs, keeping a copy per epoch; phase 2 trains the student with z_SL from the epoch-i
-         copies at student epoch i (replay='trajectory') or from the final SL-Ts ('final').
+         epochs, keeping a copy at the end of each epoch; phase 2 trains the student with z_SL
+         from the epoch-i copies at student epoch i (replay='trajectory'; both counted from 1:
+         the 0-based student epoch e of the History and callback uses the SL-Ts as they were
+         after e + 1 epochs, never untrained) or from the final SL-Ts ('final'); the frozen
+         SL-Ts run in eval mode. docs/methods/slkd.md says why.
       A4 alpha=0.1 (CE 0.1, KD 0.9 as mdistiller's KD); A5 the student's effective CE weight
          is (lam+eta) alpha and KD weight (lam+eta)(1-alpha): compare with `distill(...,
          ce_weight=(lam+eta)*alpha, kd_weight=(lam+eta)*(1-alpha))` as the control.
