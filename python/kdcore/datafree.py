@@ -26,6 +26,8 @@ Viewing what a generator or DeepInversion made: ``image_grid`` tiles a batch int
 """
 from __future__ import annotations
 
+import json
+import os
 import warnings
 
 import numpy as np
@@ -35,7 +37,7 @@ from . import models as _models
 from .datasets import Dataset
 from . import nn as _nn
 from . import optim as _optim
-from .nn import Module, _check_float, _check_int
+from .nn import Module, _check_bool, _check_float, _check_int
 from .optim import SGD, Adam, _Optimizer
 from .training import History, _Common, _check_model
 
@@ -44,9 +46,19 @@ __all__ = ["dafl", "samples", "deepinversion", "dfad", "zskt", "image_grid", "pl
 _K = _kdcore.TERM_KINDS
 
 
+def _set_checkpointing(c, checkpoint, checkpoint_every, checkpoint_best, resume, config):
+    """``_Common.set_checkpointing`` for the generator games. Without a real validation set
+    the History's best epoch would be the lowest training loss, and that loss is measured on
+    the generator's images, which change every epoch: it does not rank students."""
+    c.set_checkpointing(checkpoint, checkpoint_every, checkpoint_best, resume, config)
+    if c.checkpoint_best and c.val is None:
+        raise ValueError("checkpoint_best needs val=<a labelled data set>: the losses on generated images do not "
+                         "rank students")
+
+
 def dafl(student, teacher, epochs=10, steps_per_epoch=120, batch_size=256, generator=None, latent_dim=100,
          lr_g=0.2, lr_s=2e-3, oh=1.0, ie=5.0, a=0.1, T=1.0, activation_tap=None, val=None, seed=0, progress=True,
-         callback=None, nonfinite="raise"):
+         callback=None, nonfinite="raise", checkpoint=None, checkpoint_every=1, checkpoint_best=False, resume=False):
     """Distils ``student`` from ``teacher`` without data (DAFL); returns the student's History
     (the generator's terms ``onehot``, ``activation``, ``entropy`` and the student's ``kd``
     per epoch; ``val_acc`` on ``val``, a real data set, when given). The trained generator is
@@ -58,7 +70,16 @@ def dafl(student, teacher, epochs=10, steps_per_epoch=120, batch_size=256, gener
     one-hot, information-entropy and activation losses (the authors' defaults). T: the KD
     temperature (1: the authors' loss; T^2 scaling as kdcore's KD). activation_tap: the
     teacher's feature tap for the activation loss (default: its ``feature_taps()['pooled']``).
-    steps_per_epoch x batch_size noise vectors make one epoch."""
+    steps_per_epoch x batch_size noise vectors make one epoch.
+    checkpoint / checkpoint_every / checkpoint_best / resume: as in ``kdcore.fit``. The
+    checkpoint holds the student and the generator (roles "student", "generator"; not the
+    frozen teacher), both optimizers' states and step counts, the history, the epoch and the
+    settings. The noise is drawn from (seed, epoch, step), so resuming continues after the
+    saved epoch bitwise as the uninterrupted run (same settings, teacher and thread count);
+    other settings are reported by a RuntimeWarning naming them, as in fit, and a generator
+    or student of another shape raises ``kdcore.CheckpointMismatch``. checkpoint_best needs
+    ``val``: the best epoch is the one of the highest val_acc (the losses on generated
+    images do not rank students)."""
     _check_model(student, "student")
     _check_model(teacher, "teacher")
     if teacher is student:
@@ -86,6 +107,9 @@ def dafl(student, teacher, epochs=10, steps_per_epoch=120, batch_size=256, gener
                     np.zeros(steps_per_epoch * batch_size, np.int64), num_classes=n_cls)
     c = _Common(noise, epochs, batch_size, Adam(lr=lr_s), None, None, None, val, seed, progress, 0.0, True, None,
                 callback, 20, nonfinite)
+    _set_checkpointing(c, checkpoint, checkpoint_every, checkpoint_best, resume,
+                       dict(scheme="dafl", oh=oh, ie=ie, a=a, T=T, lr_g=lr_g, lr_s=lr_s, tap=tap, latent_dim=latent_dim,
+                            steps_per_epoch=steps_per_epoch))
     opt_s, opt_g = c.opt.bind(student), Adam(lr=lr_g).bind(generator)
     modes = _kdcore.MODES
     nets = [dict(net=generator.net, opt=opt_g, mode=modes["train"], noise=1.0, lr_scale=lr_g / lr_s, salt=0x6E4,
@@ -99,7 +123,6 @@ def dafl(student, teacher, epochs=10, steps_per_epoch=120, batch_size=256, gener
              dict(kind=_K["entropy"], a=(2, -1), weight=ie),
              dict(kind=_K["kd"], a=(1, -1), src=[(2, -1)], T=T, weight=1.0)]
     labels = ["onehot", "activation", "entropy", "kd"]
-    c.run_config.update(scheme="dafl", oh=oh, ie=ie, a=a, T=T, lr_g=lr_g, lr_s=lr_s, tap=tap)
     teacher.eval()
 
     def run(epoch, topts):
@@ -140,7 +163,7 @@ def _bn_terms(teacher, weight):
 
 def deepinversion(teacher, n_images, iterations=2000, batch_size=256, labels=None, student=None, adi=None, bn=10.0,
                   tv=2.5e-5, l2=0.0, tv_l1=False, lr=0.05, betas=(0.9, 0.999), T=3.0, jitter=2, flip=False,
-                  chunk=100, seed=0, optimizer=None):
+                  chunk=100, seed=0, optimizer=None, checkpoint=None, checkpoint_every=1, resume=False, callback=None):
     """Synthesises ``n_images`` images from a frozen ``teacher`` by DeepInversion (Yin et al.,
     CVPR 2020, "Dreaming to distill"); returns ``(images, labels, history)``: float32 NCHW
     images of the teacher's input shape, their int64 target labels, and a History with one row
@@ -163,6 +186,20 @@ def deepinversion(teacher, n_images, iterations=2000, batch_size=256, labels=Non
     ``i % classes``, the authors' CIFAR targets). Defaults: the authors' CIFAR-10 settings.
     optimizer: a ``kdcore.optim`` optimizer to use instead of ``Adam(lr, betas)`` (its own lr).
     Same seed, same bits.
+
+    checkpoint: a path; after every ``checkpoint_every`` chunks of a batch and after its last
+    chunk, the run is saved there atomically (``kdcore.save``; a safetensors file): the images
+    of the finished batches (``images``), the current batch's images and its optimizer state
+    (role "batch_images"), the batch and the iteration reached, the history, the labels and
+    the settings (with SHA-256 digests of the teacher's and the student's state dicts).
+    resume: if the checkpoint exists, restore it and continue with the next chunk; the result
+    is bitwise the uninterrupted run's (same thread count). Different settings, labels,
+    teacher or student raise ValueError naming them; a checkpoint written by another entry
+    point raises ValueError; a malformed file raises OSError (the strict reader's). A resume
+    of a finished run returns its result without a step. callback(i, metrics) runs after
+    each chunk (and its checkpoint): i is the History row's index, metrics a copy of the row;
+    returning True stops the run, which then returns the images and labels of the finished
+    batches only (the checkpoint holds the rest of the state).
 
     The two-stage recipe: synthesise, then distil the student on the images with the existing
     loops, e.g. ``kdcore.distill(student, teacher, kdcore.datasets.from_arrays(images, labels,
@@ -214,14 +251,34 @@ def deepinversion(teacher, n_images, iterations=2000, batch_size=256, labels=Non
         raise ValueError("the teacher has no BatchNorm layers for the feature term; pass bn=0 to run without it")
     if any(b * shape[1] * shape[2] < 2 for b in {min(batch_size, n_images), n_images % batch_size or batch_size}):
         raise ValueError("batch_size: a batch of one 1x1 image has no batch variance")
+    if callback is not None and not callable(callback):
+        raise TypeError("callback must be callable")
+    if checkpoint is not None and not isinstance(checkpoint, (str, os.PathLike)):
+        raise TypeError(f"checkpoint must be a path (str or os.PathLike), got {type(checkpoint).__name__}")
+    checkpoint_every = _check_int("checkpoint_every", checkpoint_every, 1)
+    resume = _check_bool("resume", resume)
+    if resume and checkpoint is None:
+        raise ValueError("resume needs checkpoint=<path>")
+    ck = None
+    if checkpoint is not None:
+        settings = dict(scheme="deepinversion", n_images=n_images, image_shape=list(shape), iterations=iterations,
+                        batch_size=batch_size, chunk=chunk, seed=int(seed), optimizer=repr(optimizer), bn=bn, tv=tv,
+                        l2=l2, tv_l1=tv_l1, adi=adi, T=T, jitter=jitter, flip=flip,
+                        teacher=_state_digest(teacher), student=None if adi == 0 else _state_digest(student))
+        ck = _InversionCheckpoint(os.fspath(checkpoint), checkpoint_every, resume, settings, labels)
     teacher.eval()
     if student is not None:
         student.eval()
     modes = _kdcore.MODES
     chw = shape[0] * shape[1] * shape[2]
-    images = np.empty((n_images,) + shape, np.float32)
-    hist = History()
+    images = np.zeros((n_images,) + shape, np.float32)
+    steps = min(chunk, iterations)
+    n_batches = -(-n_images // batch_size)
+    saved = ck.read(n_batches, steps) if ck is not None else None
+    hist = History() if saved is None else saved["history"]
     for b, start in enumerate(range(0, n_images, batch_size)):
+        if saved is not None and b < saved["batch"]:
+            continue
         B = min(batch_size, n_images - start)
         y = labels[start:start + B]
         # The images are the weight of a bias-free linear layer fed the rows of an identity
@@ -232,6 +289,10 @@ def deepinversion(teacher, n_images, iterations=2000, batch_size=256, labels=Non
         x0 = np.random.default_rng([seed, b]).standard_normal((B, chw)).astype(np.float32)
         holder.load_state_dict({"0.weight": np.ascontiguousarray(x0.T)})
         opt = optimizer.bind(holder)
+        done = 0
+        if saved is not None and b == saved["batch"]:
+            ck.restore(holder, opt, images)
+            done = saved["iteration"]
         nets = [dict(net=holder.net, opt=opt, mode=modes["train"], salt=0x7177E5, role="images"),
                 dict(net=teacher.net, mode=modes["eval"], input=(0, -1), grad_input=True, role="teacher")]
         terms = [dict(kind=_K["ce"], a=(1, -1), weight=1.0)] + bn_terms + [
@@ -240,10 +301,9 @@ def deepinversion(teacher, n_images, iterations=2000, batch_size=256, labels=Non
         if adi > 0:
             nets.append(dict(net=student.net, mode=modes["eval"], input=(0, -1), grad_input=True, role="student"))
             terms.append(dict(kind=_K["adi"], a=(1, -1), src=[(2, -1)], grad=True, T=T, weight=adi))
-        steps = min(chunk, iterations)
         sel = np.tile(np.eye(B, dtype=np.float32), (steps, 1))
         ds = Dataset(sel, np.tile(y, steps), num_classes=n_cls)
-        done, e = 0, 0
+        e = -(-done // steps)   # chunks done: the chunk index is the engine's epoch, which the jitter draws read
         while done < iterations:
             k = min(steps, iterations - done)
             # each batch its own jitter draws: the step seed mixes the batch index in
@@ -259,8 +319,91 @@ def deepinversion(teacher, n_images, iterations=2000, batch_size=256, labels=Non
             hist.append(**row)
             done += k
             e += 1
-        images[start:start + B] = holder.state_dict()["0.weight"].T.reshape((B,) + shape)
+            finished = start
+            if done == iterations:
+                images[start:start + B] = holder.state_dict()["0.weight"].T.reshape((B,) + shape)
+                finished = start + B
+            wrote = ck is not None and (e % ck.every == 0 or done == iterations)
+            if wrote:
+                ck.save(holder, opt, images, b, done, hist)
+            if callback is not None and callback(len(hist["batch"]) - 1, dict(row)):
+                if ck is not None and not wrote:   # stopping: keep the state reached
+                    ck.save(holder, opt, images, b, done, hist)
+                return images[:finished], labels[:finished], hist
     return images, labels, hist
+
+
+def _state_digest(model):
+    """SHA-256 of a model's state dict (keys and bytes): what a resume compares to know the
+    teacher (and the student) are the ones the checkpoint was made with."""
+    import hashlib
+    h = hashlib.sha256()
+    for k, v in model.state_dict().items():
+        h.update(k.encode())
+        h.update(np.ascontiguousarray(v).tobytes())
+    return h.hexdigest()
+
+
+class _InversionCheckpoint:
+    """DeepInversion's checkpoint, a kdcore.save file: the current batch's image holder and
+    its optimizer (role "batch_images"), the arrays ``images`` (finished batches; zeros
+    elsewhere) and ``labels``, and in the metadata the batch, the iteration reached in it, the
+    history and the settings."""
+
+    ROLE = "batch_images"
+
+    def __init__(self, path, every, resume, settings, labels):
+        self.path, self.every, self.resume = path, every, resume
+        self.settings = json.loads(json.dumps(settings))
+        self.labels = labels
+
+    def save(self, holder, opt, images, batch, iteration, hist):
+        from .checkpoint import save
+        save(self.path, {self.ROLE: holder}, {self.ROLE: opt}, scheme="deepinversion", batch=batch,
+             iteration=iteration, config=self.settings, history=dict(hist), images=images, labels=self.labels)
+
+    def read(self, n_batches, steps):
+        """The saved state's metadata ({'batch', 'iteration', 'history'}), or None without a
+        resume or a file. Checks the settings, the labels and that the position fits them
+        (steps: iterations per chunk); restores nothing yet."""
+        if not self.resume or not os.path.exists(self.path):
+            return None
+        from .checkpoint import load
+        st = load(self.path)
+        cfg, b, it, hist = st.get("config"), st.get("batch"), st.get("iteration"), st.get("history")
+        if st.get("scheme") != "deepinversion" or not isinstance(cfg, dict) or not isinstance(hist, dict):
+            raise ValueError(f"{self.path} is not a DeepInversion checkpoint (no scheme 'deepinversion', settings "
+                             "and history); use kdcore.load to read it")
+        diff = [k for k in sorted(set(cfg) | set(self.settings)) if cfg.get(k) != self.settings.get(k)]
+        if diff:
+            what = {"teacher": "the teacher's weights", "student": "the student's weights"}
+            raise ValueError(f"cannot resume from {self.path}: the run's settings differ from the checkpoint's: "
+                             + "; ".join(f"{what.get(k, k)} ({_short(cfg.get(k))} in the checkpoint, "
+                                         f"{_short(self.settings.get(k))} now)" for k in diff)
+                             + ". Resume with the checkpoint's settings, or start a new checkpoint")
+        lab = st.get("labels")
+        if not isinstance(lab, np.ndarray) or lab.shape != self.labels.shape or not np.array_equal(lab, self.labels):
+            raise ValueError(f"cannot resume from {self.path}: the labels differ from the checkpoint's")
+        iterations = self.settings["iterations"]
+        rows = hist.get("batch")
+        ok = isinstance(b, int) and isinstance(it, int) and 0 <= b < n_batches and 0 < it <= iterations \
+            and isinstance(rows, list) and len(rows) == b * -(-iterations // steps) + -(-it // steps)
+        if not ok:
+            raise ValueError(f"{self.path}: corrupt DeepInversion checkpoint: batch {b!r}, iteration {it!r} and "
+                             f"{len(rows) if isinstance(rows, list) else 'no'} history rows do not fit "
+                             f"{n_batches} batches of {iterations} iterations")
+        return dict(batch=b, iteration=it, history=hist)
+
+    def restore(self, holder, opt, images):
+        """The current batch's images and optimizer state, and the finished images, from the
+        file (all checked before anything is written)."""
+        from .checkpoint import _load
+        _load(self.path, {self.ROLE: holder}, {self.ROLE: opt}, exact_roles=True, arrays={"images": images})
+
+
+def _short(v):
+    """A setting's value for an error message: digests cut to 12 hex digits."""
+    return repr(v[:12] + "...") if isinstance(v, str) and len(v) == 64 else repr(v)
 
 
 # ---- Adversarial data-free distillation (DFAD, ZSKT) --------------------------------------
@@ -302,7 +445,8 @@ def _adversarial_step(generator, student, teacher, bg, bs, lr_ratio, kind, disc_
 
 def _adversarial(student, teacher, *, scheme, kind, epochs, iters, batch_size, generator, latent_dim, opt_s, opt_g,
                  schedule, n_g, n_s, generator_first, cycle_batch, disc_weight, at_pairs, beta, val, seed, progress,
-                 callback, nonfinite, clip_norm=0.0):
+                 callback, nonfinite, clip_norm=0.0, checkpoint=None, checkpoint_every=1, checkpoint_best=False,
+                 resume=False):
     _check_model(student, "student")
     _check_model(teacher, "teacher")
     if teacher is student:
@@ -347,9 +491,10 @@ def _adversarial(student, teacher, *, scheme, kind, epochs, iters, batch_size, g
     bs, bg = opt_s.bind(student), opt_g.bind(generator)
     nets, terms, labels = _adversarial_step(generator, student, teacher, bg, bs, opt_g.lr / opt_s.lr, kind, disc_weight,
                                             at_pairs, beta, gen_mask, stu_mask, clip_norm)
-    c.run_config.update(scheme=scheme, n_g=n_g, n_s=n_s, iters_per_epoch=iters, disc_weight=disc_weight, beta=beta,
-                        clip_norm=clip_norm,
-                        at_taps=[list(p) for p in at_pairs], generator_optimizer=repr(opt_g))
+    _set_checkpointing(c, checkpoint, checkpoint_every, checkpoint_best, resume,
+                       dict(scheme=scheme, n_g=n_g, n_s=n_s, iters_per_epoch=iters, disc_weight=disc_weight, beta=beta,
+                            clip_norm=clip_norm, at_taps=[list(p) for p in at_pairs], latent_dim=latent_dim,
+                            generator_optimizer=repr(opt_g)))
     teacher.eval()
 
     def run(epoch, topts):
@@ -369,7 +514,7 @@ def _adversarial(student, teacher, *, scheme, kind, epochs, iters, batch_size, g
 
 def dfad(student, teacher, epochs=40, iters_per_epoch=50, batch_size=512, generator=None, latent_dim=100,
          student_optimizer=None, generator_optimizer=None, schedule=None, n_s=5, val=None, seed=0, progress=True,
-         callback=None, nonfinite="raise"):
+         callback=None, nonfinite="raise", checkpoint=None, checkpoint_every=1, checkpoint_best=False, resume=False):
     """Distils ``student`` from ``teacher`` without data by DFAD (Fang et al. 2019, "Data-Free
     Adversarial Distillation"); returns the student's History (``l1``: the student's mean
     absolute logit difference on its steps; ``student_loss`` (the same), ``generator_loss``
@@ -386,14 +531,24 @@ def dfad(student, teacher, epochs=40, iters_per_epoch=50, batch_size=512, genera
     MultiStep([100, 200])). The generator's learning rate follows the student's schedule at the
     ratio of the two optimizers' lr. generator: a kdcore model from (N, latent_dim) noise to
     the teacher's input (default: ``dafl_generator(..., bn_eps=1e-5)``, DFAD's GeneratorA with
-    an affine last BN)."""
+    an affine last BN).
+    checkpoint / checkpoint_every / checkpoint_best / resume: as in ``kdcore.fit``. The
+    checkpoint holds the student and the generator (roles "student", "generator"; not the
+    frozen teacher), both optimizers' states and step counts, the history, the epoch and the
+    settings. The noise is drawn from (seed, epoch, step), so resuming continues after the
+    saved epoch bitwise as the uninterrupted run (same settings, teacher and thread count);
+    other settings are reported by a RuntimeWarning naming them, as in fit, and a generator
+    or student of another shape raises ``kdcore.CheckpointMismatch``. checkpoint_best needs
+    ``val``: the best epoch is the one of the highest val_acc (the losses on generated
+    images do not rank students)."""
     opt_s = SGD(lr=0.01, momentum=0.9, weight_decay=1e-4) if student_optimizer is None else student_optimizer
     opt_g = Adam(lr=1e-3) if generator_optimizer is None else generator_optimizer
     return _adversarial(student, teacher, scheme="dfad", kind="l1", epochs=epochs, iters=iters_per_epoch,
                         batch_size=batch_size, generator=generator, latent_dim=latent_dim, opt_s=opt_s, opt_g=opt_g,
                         schedule=schedule, n_g=1, n_s=n_s, generator_first=False, cycle_batch=False,
                         disc_weight=1.0, at_pairs=[], beta=0.0, val=val, seed=seed, progress=progress,
-                        callback=callback, nonfinite=nonfinite)
+                        callback=callback, nonfinite=nonfinite, checkpoint=checkpoint,
+                        checkpoint_every=checkpoint_every, checkpoint_best=checkpoint_best, resume=resume)
 
 
 def _zskt_at_pairs(student, teacher, at_taps, img):
@@ -423,7 +578,7 @@ def _zskt_at_pairs(student, teacher, at_taps, img):
 def zskt(student, teacher, epochs=10, iters_per_epoch=50, batch_size=128, generator=None, latent_dim=100,
          student_optimizer=None, generator_optimizer=None, schedule="cosine", n_g=1, n_s=10, beta=None,
          at_taps=None, kl_weight=None, clip_norm=5.0, val=None, seed=0, progress=True, callback=None,
-         nonfinite="raise"):
+         nonfinite="raise", checkpoint=None, checkpoint_every=1, checkpoint_best=False, resume=False):
     """Distils ``student`` from ``teacher`` without data by ZSKT (Micaelli & Storkey 2019,
     "Zero-shot Knowledge Transfer via Adversarial Belief Matching"); returns the student's
     History (``kd``: KL(p_t || p_s) at T 1 on the student's steps; ``at``, ``at_2``, ...: the
@@ -446,7 +601,16 @@ def zskt(student, teacher, epochs=10, iters_per_epoch=50, batch_size=128, genera
     otherwise 0, with a warning that says why. clip_norm: each net's gradient is scaled to an L2 norm of at most clip_norm before
     its update, as the authors' clip_grad_norm_ (0: no clipping). generator default:
     ``dafl_generator(..., bn_eps=1e-5, tanh=False)``, the authors' layout. Not reproduced:
-    their cosine schedule moves per iteration, here per epoch."""
+    their cosine schedule moves per iteration, here per epoch.
+    checkpoint / checkpoint_every / checkpoint_best / resume: as in ``kdcore.fit``. The
+    checkpoint holds the student and the generator (roles "student", "generator"; not the
+    frozen teacher), both optimizers' states and step counts, the history, the epoch and the
+    settings. The noise is drawn from (seed, epoch, step), so resuming continues after the
+    saved epoch bitwise as the uninterrupted run (same settings, teacher and thread count);
+    other settings are reported by a RuntimeWarning naming them, as in fit, and a generator
+    or student of another shape raises ``kdcore.CheckpointMismatch``. checkpoint_best needs
+    ``val``: the best epoch is the one of the highest val_acc (the losses on generated
+    images do not rank students)."""
     clip_norm = _check_float("clip_norm", clip_norm, 0)
     opt_s = Adam(lr=2e-3) if student_optimizer is None else student_optimizer
     opt_g = Adam(lr=1e-3) if generator_optimizer is None else generator_optimizer
@@ -474,7 +638,8 @@ def zskt(student, teacher, epochs=10, iters_per_epoch=50, batch_size=128, genera
                         batch_size=batch_size, generator=generator, latent_dim=latent_dim, opt_s=opt_s, opt_g=opt_g,
                         schedule=schedule, n_g=n_g, n_s=n_s, generator_first=True, cycle_batch=True,
                         disc_weight=kl_weight, at_pairs=pairs, beta=beta, val=val, seed=seed, progress=progress,
-                        callback=callback, nonfinite=nonfinite, clip_norm=clip_norm)
+                        callback=callback, nonfinite=nonfinite, clip_norm=clip_norm, checkpoint=checkpoint,
+                        checkpoint_every=checkpoint_every, checkpoint_best=checkpoint_best, resume=resume)
 
 
 def image_grid(images, ncols=8, pad=1, normalize=True):

@@ -15,7 +15,8 @@ CTKD's gradient reversal and curriculum (train.c), DeepInversion's BN-statistics
 data-free group breaks the step cycle (phases, cycle_batch, per-phase term means), reversed
 terms, gradient clipping and the L1 loss that DFAD and ZSKT run on. The adversarial KD group
 breaks the twin net (its shared parameters and gradient) and the BCE loss. The metrics group breaks kdcore.metrics
-(Python only, no rebuild).
+(Python only, no rebuild), and the data-free checkpoints group what DAFL's, DFAD's, ZSKT's and
+DeepInversion's checkpoints save and restore (Python only).
 
 For every mutation in MUTATIONS below: copy the repository (the files `git ls-files` lists,
 untracked ones not ignored included) into a temporary directory, replace the mutation's `old`
@@ -74,6 +75,7 @@ ADV = "tests/test_adversarial_datafree_torch.py"
 DATAFREE = "python/kdcore/datafree.py"
 MLKD_T = "tests/test_mlkd_torch.py"
 ADV_KD = "tests/test_adversarial_kd_torch.py"
+RESUME = "tests/test_datafree_resume.py"
 
 
 def t(path, *names):
@@ -629,6 +631,39 @@ MUTATIONS = [
          what="linear_cka's forwards shift the model's later dropout draws",
          old="            m._step = step\n", new="            pass\n",
          tests=t(METRICS_T, "test_cka_runs_eval_mode_and_leaves_the_dropout_stream")),
+    # ---- data-free checkpoints (Python only: no rebuild)
+    dict(name="dafl_ckpt_generator_optimizer_dropped", file=DATAFREE,
+         what="DAFL's checkpoint without the generator's Adam state",
+         old="optimizers=[opt_s, opt_g], roles=", new="optimizers=[opt_s, None], roles=",
+         tests=t(RESUME, "test_generator_games_resume_is_bitwise")),
+    dict(name="adv_ckpt_generator_dropped", file=DATAFREE,
+         what="DFAD's and ZSKT's checkpoints hold the student only (the generator restarts from its init)",
+         old='hist = c.loop([student, generator], run, optimizers=[bs, bg], roles=["student", "generator"])',
+         new='hist = c.loop([student], run, optimizers=[bs], roles=["student"])',
+         tests=t(RESUME, "test_generator_games_resume_is_bitwise")),
+    dict(name="di_ckpt_optimizer_not_restored", file=DATAFREE,
+         what="a DeepInversion resume restarts the batch's optimizer state (Adam moments, step count)",
+         old="_load(self.path, {self.ROLE: holder}, {self.ROLE: opt}, exact_roles=True",
+         new="_load(self.path, {self.ROLE: holder}, None, exact_roles=True",
+         tests=t(RESUME, "test_deepinversion_resume_at_every_chunk_is_bitwise")),
+    dict(name="di_ckpt_images_not_restored", file=DATAFREE,
+         what="a DeepInversion resume loses the finished batches' images",
+         old='exact_roles=True, arrays={"images": images})', new="exact_roles=True)",
+         tests=t(RESUME, "test_deepinversion_resume_at_every_chunk_is_bitwise")),
+    dict(name="di_ckpt_chunk_index_restarts", file=DATAFREE,
+         what="a DeepInversion resume numbers its chunks from 0 (the jitter draws of the first chunks repeat)",
+         old="e = -(-done // steps)", new="e = 0",
+         tests=t(RESUME, "test_deepinversion_resume_at_every_chunk_is_bitwise")),
+    dict(name="di_ckpt_settings_unchecked", file=DATAFREE,
+         what="a DeepInversion resume with other settings goes on",
+         old="        if diff:\n            what = ", new="        if False:\n            what = ",
+         tests=t(RESUME, "test_deepinversion_resume_with_other_settings_raises")),
+    dict(name="di_ckpt_batch_end_not_saved", file=DATAFREE,
+         what="a batch's last chunk not checkpointed (only every checkpoint_every-th chunk is)",
+         old="            wrote = ck is not None and (e % ck.every == 0 or done == iterations)",
+         new="            wrote = ck is not None and e % ck.every == 0 and done < iterations",
+         tests=t(RESUME, "test_deepinversion_checkpoint_every_and_interrupt",
+                 "test_deepinversion_resume_at_every_chunk_is_bitwise")),
 ]
 
 NAMES = [m["name"] for m in MUTATIONS]
