@@ -42,7 +42,7 @@ OBJS    := $(patsubst kdcore/src/%.c,$(BUILD)/obj/%.o,$(SRCS))
 CTESTS  := $(patsubst tests/c/%.c,$(BUILD)/%,$(wildcard tests/c/test_*.c))
 STAMP   := build/.deps-stamp
 
-.PHONY: all deps deps-test build lib test test-c test-c-isa test-py demo bench bench-feature clean check-env \
+.PHONY: all deps deps-test build lib test test-c test-c-isa test-py demo bench bench-feature bench-datafree clean check-env \
         sanitize sanitize-c sanitize-py valgrind fuzz mutate FORCE
 
 all: lib
@@ -247,6 +247,15 @@ bench: deps-test build
 FEATURE_BENCH_ARGS ?=
 bench-feature: deps build
 	$(PYTHON) benchmarks/feature_bench.py $(FEATURE_BENCH_ARGS)
+
+# Data-free table (not part of `make test`): DAFL, DFAD, ZSKT and DeepInversion students next
+# to the student alone and KD with real data, cnn width 32 -> 16, 3 seeds, equal student-step
+# budgets; appends a section to benchmarks/RESULTS.md. ~20 min of CPU per seed at 1 thread,
+# plus ~6 min once for the teacher (cached in build/datafree_bench); runs resume.
+# DATAFREE_BENCH_ARGS passes options, e.g. "--quick --out /tmp/df.md" (about 2 minutes).
+DATAFREE_BENCH_ARGS ?=
+bench-datafree: deps build
+	$(PYTHON) benchmarks/datafree_bench.py $(DATAFREE_BENCH_ARGS)
 
 clean:
 	rm -rf build python/kdcore/*.so *.egg-info python/*.egg-info
