@@ -14,7 +14,7 @@ CTKD's gradient reversal and curriculum (train.c), DeepInversion's BN-statistics
 (train.c, losses_feat.c), and MLKD's masks and batch-level gradient (losses.c). The adversarial
 data-free group breaks the step cycle (phases, cycle_batch, per-phase term means), reversed
 terms, gradient clipping and the L1 loss that DFAD and ZSKT run on. The adversarial KD group
-breaks the twin net (its shared parameters and gradient) and the BCE loss. The metrics group breaks kdcore.metrics
+breaks the twin net (its shared parameters and gradient), the student's tap and the BCE loss. The metrics group breaks kdcore.metrics
 (Python only, no rebuild).
 
 For every mutation in MUTATIONS below: copy the repository (the files `git ls-files` lists,
@@ -542,6 +542,10 @@ MUTATIONS = [
          old="labels = np.eye(n_cls, dtype=np.float32)[c.train.y] if conditional else None",
          new="labels = np.zeros((len(c.train), n_cls), np.float32) if conditional else None",
          tests=t(ADV_KD, "test_cycle_matches_torch")),
+    dict(name="adv_student_tap_swapped", file=DISTILL,
+         what="tap=: the twin reads the student at the teacher's tap node (the pair's student name ignored)",
+         old="input=(0, taps[0])", new="input=(0, taps[1])",
+         tests=t(ADV_KD, "test_tap_cycle_matches_torch")),
     dict(name="bce_target_ignored", file=LOSSES_C, what="BCE's gradient against target 1 whatever the target",
          old="if (dlogits) put(&dlogits[i], g * (sig - y), accumulate);",
          new="if (dlogits) put(&dlogits[i], g * (sig - 1.0), accumulate);",
