@@ -382,7 +382,8 @@ def _distill_terms(student, teacher, c, terms, method, cache, phase="all"):
             nets.append(dict(net=m.net, opt=opts[id(m)], params_only=True, role=what))
         else:
             nets.append(dict(net=m.net, opt=opts[id(m)] if tr else None, mode=modes["train"] if tr else modes["eval"],
-                             input=src, inputs=plan.extra_inputs.get(k), salt=0xC0 + k, role="connector"))
+                             input=src, inputs=plan.extra_inputs.get(k), salt=0xC0 + k, role="connector",
+                             **(dict(detach_input=True) if k in plan.detached else {})))
     extra_state = {f"{name}.{k}": v for name, st in plan.states.items() for k, v in st.views().items()}
     monitor = dict(src=[(1, -1)])
     val_t = None
