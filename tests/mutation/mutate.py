@@ -14,7 +14,7 @@ CTKD's gradient reversal and curriculum (train.c), DeepInversion's BN-statistics
 (train.c, losses_feat.c), and MLKD's masks and batch-level gradient (losses.c). The adversarial
 data-free group breaks the step cycle (phases, cycle_batch, per-phase term means), reversed
 terms, gradient clipping and the L1 loss that DFAD and ZSKT run on. The adversarial KD group
-breaks the twin net (its shared parameters and gradient), the student's tap and the BCE loss. The metrics group breaks kdcore.metrics
+breaks the twin net (its shared parameters and gradient) and the BCE loss. The metrics group breaks kdcore.metrics
 (Python only, no rebuild).
 
 For every mutation in MUTATIONS below: copy the repository (the files `git ls-files` lists,
