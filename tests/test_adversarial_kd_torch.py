@@ -156,6 +156,107 @@ def test_cycle_matches_torch(arch, conditional):
     check_close("train_loss", hist.last["train_loss"], (ce_w * ce + kd_w * kd + w_adv * adv).item(), rtol=1e-5)
 
 
+@pytest.mark.parametrize("arch, width, tap", [("mlp", 8, "pooled"), ("cnn", 4, ("12", "12")), ("cnn", 4, ("11", "12"))])
+def test_tap_cycle_matches_torch(arch, width, tap):
+    """tap=: the discriminator reads a feature (flattened) of each model instead of the
+    logits -- the pooled features through feature_taps(), a map tap pair, and a student tap
+    before a ReLU (which a lean training forward would otherwise overwrite). One cycle equals
+    PyTorch's, the generator loss's gradient entering the student at its tap."""
+    student, _, _, ts, _, _ = models(arch)
+    teacher = teacher_of(width)
+    tt = torch_ref.load_into_torch(torch_ref.torch_cnn(V, 1, width), teacher.state_dict()).double().eval()
+    s_name, t_name = (student.feature_taps()[tap], teacher.feature_taps()[tap]) if isinstance(tap, str) else tap
+    x, y = batch()
+    feat = int(np.prod(student.net.shapes(1, 1, 8, 8)[student._tap_index(s_name)]))
+    disc = kdcore.models.discriminator(feat, 8, seed=5)
+    td = torch_ref.load_into_torch(torch_ref.torch_mlp([feat, 8, 1]), disc.state_dict()).double().train()
+    s0, d0 = student.state_dict(), disc.state_dict()
+    train = kdcore.datasets.from_arrays(x, y, num_classes=V, normalize=None)
+    lr_s, lr_d, ce_w, kd_w, T, w_adv = 0.05, 0.2, 0.3, 0.7, 3.0, 0.5
+    hist = kdcore.adversarial(student, teacher, train, epochs=1, batch_size=N, discriminator=disc, tap=tap,
+                              optimizer=kdcore.optim.SGD(lr=lr_s, momentum=0.9, weight_decay=5e-4),
+                              d_optimizer=kdcore.optim.SGD(lr=lr_d, momentum=0.9, weight_decay=0.0), ce_weight=ce_w, kd_weight=kd_w,
+                              T=T, w_adv=w_adv, progress=False)
+
+    torch_ref.capture(ts, [s_name])
+    torch_ref.capture(tt, [t_name])
+    xt, yt = torch.tensor(x, dtype=torch.float64), torch.tensor(y)
+    od = torch.optim.SGD(td.parameters(), lr=lr_d, momentum=0.9)
+    os_ = torch.optim.SGD(ts.parameters(), lr=lr_s, momentum=0.9, weight_decay=5e-4)
+    with torch.no_grad():
+        tt(xt), ts(xt)
+        ft, fs = tt.hooked[t_name].flatten(1).clone(), ts.hooked[s_name].flatten(1).clone()
+    dt, ds = td(ft), td(fs)
+    d_t, d_s = bce(dt, 1.0), bce(ds, 0.0)
+    d_acc = ((dt > 0).double().mean() + (ds <= 0).double().mean()).item() / 2
+    od.zero_grad()
+    (d_t + d_s).backward()
+    od.step()
+    zs = ts(xt)
+    fs = ts.hooked[s_name].flatten(1)
+    with torch.no_grad():
+        zt = tt(xt)
+    ce = TF.cross_entropy(zs, yt)
+    kd = TF.kl_div(TF.log_softmax(zs / T, 1), TF.softmax(zt / T, 1), reduction="batchmean") * T * T
+    adv = bce(td(fs), 1.0)
+    os_.zero_grad()
+    (ce_w * ce + kd_w * kd + w_adv * adv).backward()
+    os_.step()
+
+    check_models("student", student, ts, s0)
+    check_models("discriminator", disc, td, d0)
+    for name, want in (("d_teacher", d_t), ("d_student", d_s), ("ce", ce), ("kd", kd), ("adv", adv)):
+        check_close(name, hist.last[name], want.item(), rtol=1e-5)
+    assert hist.last["d_acc"] == pytest.approx(d_acc)
+
+
+def test_tap_errors():
+    student, teacher, *_ = models("mlp")
+    x, y = batch()
+    train = kdcore.datasets.from_arrays(x, y, num_classes=V, normalize=None)
+    kw = dict(epochs=1, batch_size=N, progress=False)
+    with pytest.raises(ValueError, match="tap: the student has no tap named 'nope'"):
+        kdcore.adversarial(student, teacher, train, tap="nope", **kw)
+    with pytest.raises(ValueError, match="tap: the teacher has no tap named 'fc9'"):
+        kdcore.adversarial(student, teacher, train, tap=("2", "fc9"), **kw)
+    with pytest.raises(ValueError, match="tap: the student has no tap named 'stages'"):
+        kdcore.adversarial(student, teacher, train, tap="stages", **kw)   # a list of taps, not one
+    with pytest.raises(ValueError, match=r"tap: .*same shape"):
+        kdcore.adversarial(student, teacher, train, tap="pooled", **kw)   # 16 features against the teacher's 12
+    with pytest.raises(TypeError, match="tap"):
+        kdcore.adversarial(student, teacher, train, tap=("2",), **kw)
+    with pytest.raises(TypeError, match="tap"):
+        kdcore.adversarial(student, teacher, train, tap=3, **kw)
+    wide = teacher_of(8)
+    with pytest.raises(ValueError, match="tap: conditional"):
+        kdcore.adversarial(student, wide, train, tap="pooled", conditional=True, **kw)
+    with pytest.raises(ValueError, match="discriminator cannot read the tapped feature"):
+        kdcore.adversarial(student, wide, train, tap="pooled", discriminator=kdcore.models.mlp([V, 8, 1]), **kw)
+
+
+def test_tap_default_run(rng):
+    """The pooled features with the default discriminator (sized for them): every column
+    finite, and the student's generator loss pulls D's accuracy on the features down from
+    where D alone drives it (w_adv large against w_adv 0)."""
+    r = np.random.default_rng(3)
+    X = r.standard_normal((256, 1, 8, 8)).astype(np.float32)
+    Y = r.integers(0, V, 256)
+    X[np.arange(256), 0, Y, :] += 2.0
+    train = kdcore.datasets.from_arrays(X, Y, num_classes=V)
+    teacher = kdcore.models.cnn(num_classes=V, input_size=8, width=8, seed=1)
+    kdcore.fit(teacher, train, epochs=2, batch_size=32, lr=0.05, progress=False)
+    accs = {}
+    for w_adv in (0.0, 2.0):
+        student = kdcore.models.mlp([64, 16, V], seed=2)
+        hist = kdcore.adversarial(student, teacher, train, epochs=4, batch_size=32, lr=0.05, w_adv=w_adv,
+                                  d_optimizer=kdcore.optim.Adam(lr=1e-3), tap="pooled", progress=False)
+        for k in ("d_loss", "d_acc", "adv", "train_loss"):
+            assert len(hist[k]) == 4 and all(np.isfinite(hist[k])), k
+        assert student.discriminator.net.shapes(1, 16, 1, 1)[student.discriminator._output_index()] == (1, 1, 1)
+        accs[w_adv] = hist["d_acc"][-1]
+    assert accs[2.0] < accs[0.0], accs
+
+
 def engine(student, teacher, disc, d_mask, s_mask, lr_d=0.2):
     opt_s = kdcore.optim.SGD(lr=0.05).bind(student)
     opt_d = kdcore.optim.SGD(lr=lr_d, momentum=0.0, weight_decay=0.0).bind(disc)

@@ -21,6 +21,7 @@ from kdcore import functional as F
 from kdcore import losses as L
 
 sys.path.insert(0, os.path.dirname(__file__))
+import torch_ref  # noqa: E402
 from test_connector_methods_torch import SGD, V, Pair, data  # noqa: E402,F401
 from test_feature_methods_torch import teacher_of  # noqa: E402
 from test_schemes_torch import check_close, check_models  # noqa: E402
@@ -213,3 +214,118 @@ def test_ctkd_refusals(rng, data):
         term._base = bad
         with pytest.raises(ValueError, match=msg):
             kdcore.distill(student, teacher, ds, losses=[term], epochs=1, batch_size=8, progress=False)
+
+
+# ---- the instance-wise temperature ---------------------------------------------------------
+
+class TorchTempNet(torch.nn.Module):
+    """models.ctkd_temperature(V, H): the student's and the teacher's logits concatenated,
+    Linear -> ReLU -> Linear -> one value m per sample."""
+
+    def __init__(self, hidden):
+        super().__init__()
+        self.fc1 = torch.nn.Linear(2 * V, hidden)
+        self.fc2 = torch.nn.Linear(hidden, 1)
+
+    def forward(self, zs, zt):
+        return self.fc2(torch.relu(self.fc1(torch.cat([zs, zt], 1))))
+
+
+def t_kd_rows(zs, zt, T):
+    """mean_i T_i^2 KL(softmax(t_i/T_i) || softmax(s_i/T_i)), T of shape (N, 1)."""
+    kl = TF.kl_div(TF.log_softmax(zs / T, 1), TF.log_softmax(zt / T, 1), reduction="none", log_target=True).sum(1)
+    return (T[:, 0] ** 2 * kl).mean()
+
+
+def test_ctkd_instance_steps_match_torch(data):
+    """temperature="instance": two epochs (lambda 1.75 then 3). The student and the
+    temperature net follow PyTorch's SGD on CE + CTKD with a temperature per sample,
+    T_i = t_start + t_range * sigmoid(m_i), m = net([z_s, z_t]) read detached, the net behind
+    the reversal layer; one full-batch step per epoch."""
+    X, y, ds = data
+    batch = len(X)
+    student, teacher = kdcore.models.cnn(num_classes=V, input_size=8, width=4, seed=2), teacher_of(6)
+    pair = Pair(student, teacher)
+    opts = {k: v for k, v in OPTS.items() if k != "init"}
+    term = L.CTKD(0.9, temperature="instance", hidden=8, seed=4, **opts)
+    h = kdcore.distill(student, teacher, ds, losses=[L.CE(0.1), term], epochs=2, batch_size=batch,
+                       progress=False, optimizer=kdcore.optim.SGD(**SGD), schedule="constant")
+    net = kdcore.models.ctkd_temperature(V, 8, seed=4)
+    n0 = net.state_dict()
+    tnet = torch_ref.load_into_torch(TorchTempNet(8), n0).double()
+    opt = torch.optim.SGD(list(pair.ts.parameters()) + list(tnet.parameters()), **SGD)
+    zt_all = pair.tt(torch.tensor(X, dtype=torch.float64)).detach()
+    vals, Ts, lams = [], [], []
+    for epoch in range(2):
+        lam = F.ctkd_lambda(epoch, OPTS["lambda_min"], OPTS["lambda_max"], OPTS["decay_epochs"])
+        lams.append(lam)
+        v = []
+        for b in range(0, len(X), batch):
+            opt.zero_grad()
+            z, zt = pair.forward(X[b:b + batch]), zt_all[b:b + batch]
+            m = tnet(z.detach(), zt)
+            T = OPTS["t_start"] + OPTS["t_range"] * torch.sigmoid(Reverse.apply(m, lam))
+            d = t_kd_rows(z, zt, T)
+            (0.1 * TF.cross_entropy(z, torch.tensor(y[b:b + batch])) + 0.9 * d).backward()
+            opt.step()
+            v.append(d.item())
+            Ts.append(T.detach().numpy().ravel())
+        vals.append(np.mean(v))
+    assert np.ptp(np.concatenate(Ts)) > 0.05   # the temperatures differ between samples
+    check_models("student", student, pair.ts, pair.s0)
+    check_models("temperature net", student.connectors[0], tnet, n0)
+    check_close("ctkd", np.array(h["ctkd"]), np.array(vals), rtol=1e-4)
+    check_close("lambda", np.array(lams), np.array([1.75, 3.0]), rtol=1e-12)
+    assert list(h["ctkd_lambda"]) == lams and "ctkd_T" not in h.last
+
+
+def test_ctkd_instance_refusals(data):
+    with pytest.raises(ValueError, match="temperature"):
+        L.CTKD(temperature="sample")
+    with pytest.raises(ValueError, match="temperature"):
+        L.CTKD(temperature=None)
+    with pytest.raises(ValueError, match="hidden"):
+        L.CTKD(temperature="instance", hidden=0)
+    # the engine's checks past the Python class: the temperature must be one value per sample,
+    # and `temp` belongs to CTKD terms only
+    X, y, ds = data
+    student, teacher = kdcore.models.cnn(num_classes=V, input_size=8, width=4, seed=2), teacher_of(6)
+    term = L.CTKD(0.9, temperature="instance")
+    base = term._base
+    term._base = lambda **kw: base(**dict(kw, temp=(0, -1)))   # the student's logits: V values
+    with pytest.raises(ValueError, match="ctkd.temp has 4 values"):
+        kdcore.distill(student, teacher, ds, losses=[term], epochs=1, batch_size=8, progress=False)
+    term._base = lambda **kw: base(**dict(kw, t_start=-1.0))   # the options are checked in this form too
+    with pytest.raises(ValueError, match="t_start"):
+        kdcore.distill(student, teacher, ds, losses=[term], epochs=1, batch_size=8, progress=False)
+    kd = L.KD(1.0)
+    kbase = kd._base
+    kd._base = lambda **kw: kbase(**dict(kw, temp=(0, -1)))
+    with pytest.raises(ValueError, match="temp is a CTKD option"):
+        kdcore.distill(student, teacher, ds, losses=[kd], epochs=1, batch_size=8, progress=False)
+
+
+@pytest.mark.parametrize("n", [1, 5])
+def test_ctkd_loss_rows_matches_autograd(n, rng):
+    """The loss with one temperature per row (kd_loss_ctkd_rows, through F.ctkd_loss with an
+    array T): value, the logits' gradient and each row's dT_i against autograd, small and
+    large temperatures mixed."""
+    zs, zt = logits(rng, n, 7), logits(rng, n, 7, 4.0)
+    T = np.array([0.5, 3.0, 15.6, 1.0, 40.0][:n], np.float32)
+    loss, ds, dT = F.ctkd_loss(zs, zt, T)
+    s = torch.tensor(zs, dtype=torch.float64, requires_grad=True)
+    tt = torch.tensor(T, dtype=torch.float64, requires_grad=True)
+    ref = t_kd_rows(s, torch.tensor(zt, dtype=torch.float64), tt[:, None])
+    ref.backward()
+    check_close("loss", loss, ref.item(), rtol=1e-5)
+    check_close("dstudent", ds, s.grad.numpy(), rtol=1e-4, atol=1e-6 * np.abs(s.grad.numpy()).max())
+    check_close("dT_i", dT, tt.grad.numpy(), rtol=1e-4, atol=1e-6 * np.abs(tt.grad.numpy()).max())
+    one = F.ctkd_loss(zs, zt, float(T[0]))
+    if n == 1:
+        check_close("one row = the global form", dT[0], one[2], rtol=1e-6)
+    with pytest.raises(ValueError, match=r"T\[0\]"):
+        F.ctkd_loss(zs, zt, np.zeros(n, np.float32))
+    with pytest.raises(ValueError, match="one temperature per row"):
+        F.ctkd_loss(zs, zt, np.ones(n + 1, np.float32))
+    with pytest.raises(TypeError, match="T"):
+        F.ctkd_loss(zs, zt, np.ones(n, np.float64))

@@ -412,6 +412,11 @@ KD_API enum kd_status kd_loss_wttm(float * loss, float * dlogits, const float * 
 // step engine reverses it, see KD_TERM_CTKD). accumulate applies to both.
 KD_API enum kd_status kd_loss_ctkd(float * loss, float * dlogits, float * dT, const float * s, const float * t, int N,
                                    int V, float T, float weight, bool accumulate);
+// CTKD's instance-wise form: row i at its own temperature T[i] (N values, each > 0),
+//   loss = mean over samples i of T_i^2 KL(softmax(t_i / T_i) || softmax(s_i / T_i));
+// dT (may be NULL) receives N values, d(weight * loss)/dT_i. accumulate applies to dlogits and dT.
+KD_API enum kd_status kd_loss_ctkd_rows(float * loss, float * dlogits, float * dT, const float * s, const float * t,
+                                        int N, int V, const float * T, float weight, bool accumulate);
 // CTKD's temperature from its parameter p (the authors' global temperature):
 // T = t_start + t_range sigmoid(p); *dT_dp (may be NULL) receives dT/dp.
 KD_API double kd_ctkd_temperature(float p, float t_start, float t_range, double * dT_dp);
@@ -1043,7 +1048,9 @@ enum kd_term_kind {
     KD_TERM_WTTM,        // kd_loss_wttm(a, src) with wttm.gamma
     KD_TERM_CTKD,        // kd_loss_ctkd(a, src) at T = kd_ctkd_temperature(p) with p the one value
                          // of net `params` (a parameter holder); p's gradient is reversed and
-                         // scaled: -kd_ctkd_lambda(epoch) dL/dp (the temperature ascends the loss)
+                         // scaled: -kd_ctkd_lambda(epoch) dL/dp (the temperature ascends the loss).
+                         // ctkd.instance: kd_loss_ctkd_rows, row i at kd_ctkd_temperature(m_i) with m
+                         // the values at ctkd.temp, whose gradient is reversed the same way
     // DeepInversion (Yin et al. 2020): terms on optimised images (a net's output) and on a
     // grad_input teacher's taps, whose gradient reaches the images.
     KD_TERM_BNSTAT,      // kd_loss_bnstat(a) against the running statistics of BN node bnstat.node of
@@ -1103,7 +1110,13 @@ struct kd_term {
         struct { int node; } bnstat;
         struct { bool l1; } tv;
         struct { float target; } bce;
-        struct { float t_start, t_range, lambda_min, lambda_max; int decay_epochs; } ctkd;
+        struct {
+            float t_start, t_range, lambda_min, lambda_max;
+            int decay_epochs;
+            bool instance;     // instance-wise: row i at T_i = t_start + t_range sigmoid(m_i), m_i the
+            struct kd_ref temp; //   one value per sample at `temp` (the temperature net's output; its
+                                //   gradient reversed as p's); `params` is then -1
+        } ctkd;
         struct { float temps[KD_MLKD_MAX_TEMPS]; int n_temps; float percentile; } mlkd;
         struct { struct kd_crd * bank; bool class_negatives; } crd;   // negatives from other
                                                                      // classes (kd_crd_set_labels)

@@ -475,13 +475,17 @@ enum kd_status kd_loss_wttm(float * loss, float * dlogits, const float * s, cons
 //   dKL/du = Cov_p(t, d) + E_q s - E_p s   (shifts of t or s cancel),
 //   d(T^2 KL)/dT = 2 T KL - T^2 dKL/du / T^2 = 2 T KL - (Cov_p(t, d) + E_q s - E_p s).
 
-enum kd_status kd_loss_ctkd(float * loss, float * dlogits, float * dT, const float * s, const float * t, int N,
-                            int V, float T, float weight, bool accumulate) {
+// One body for the global temperature (Tr NULL: every row at T, *dT the sum over rows) and the
+// instance-wise one (row i at Tr[i], dT[i] its own derivative).
+static enum kd_status ctkd_rows(float * loss, float * dlogits, float * dT, const float * s, const float * t, int N,
+                                int V, float T, const float * Tr, float weight, bool accumulate) {
     if (!s || !t || N < 1 || V < 1) KD_FAIL(KD_ERR_VALUE, "student and teacher logits must be non-empty");
-    KD_TRY(check_T(T));
-    const double TT = T;
+    if (!Tr) KD_TRY(check_T(T));
+    for (int i = 0; Tr && i < N; i++)
+        if (!(Tr[i] > 0) || !isfinite(Tr[i])) KD_FAIL(KD_ERR_VALUE, "temperature T[%d] (%g) must be > 0", i, Tr[i]);
     double total = 0, gT = 0;
     for (int i = 0; i < N; i++) {
+        const double TT = Tr ? Tr[i] : T;
         const float * si = s + (size_t)i * V, * ti = t + (size_t)i * V;
         double ms, ls, mt, lt;
         row_lse(si, V, TT, -1, &ms, &ls);
@@ -499,8 +503,10 @@ enum kd_status kd_loss_ctkd(float * loss, float * dlogits, float * dT, const flo
             const double lpt = ((double)ti[k] - mt) / TT - lt, pt = exp(lpt);
             if (pt > 0) cov += pt * ((double)ti[k] - mt - et) * (lpt - (((double)si[k] - ms) / TT - ls) - kl);
         }
-        total += kl;
-        gT += 2.0 * TT * kl - (cov + eqs - eps);
+        total += TT * TT * kl;
+        const double gi = 2.0 * TT * kl - (cov + eqs - eps);
+        gT += gi;
+        if (dT && Tr) put(&dT[i], (double)weight * gi / N, accumulate);
         if (dlogits) {
             const double sc = (double)weight * TT / N;
             for (int k = 0; k < V; k++) {
@@ -509,11 +515,22 @@ enum kd_status kd_loss_ctkd(float * loss, float * dlogits, float * dT, const flo
             }
         }
     }
-    const double value = TT * TT * total / N;
-    if (dT) put(dT, (double)weight * gT / N, accumulate);
+    const double value = total / N;
+    if (dT && !Tr) put(dT, (double)weight * gT / N, accumulate);
     if (loss) *loss = (float)value;
     if (!isfinite(value) || !isfinite(gT)) KD_FAIL(KD_ERR_NONFINITE, "CTKD loss is not finite");
     return KD_OK;
+}
+
+enum kd_status kd_loss_ctkd(float * loss, float * dlogits, float * dT, const float * s, const float * t, int N,
+                            int V, float T, float weight, bool accumulate) {
+    return ctkd_rows(loss, dlogits, dT, s, t, N, V, T, NULL, weight, accumulate);
+}
+
+enum kd_status kd_loss_ctkd_rows(float * loss, float * dlogits, float * dT, const float * s, const float * t, int N,
+                                 int V, const float * T, float weight, bool accumulate) {
+    if (!T) KD_FAIL(KD_ERR_VALUE, "T (one temperature per row) must not be NULL");
+    return ctkd_rows(loss, dlogits, dT, s, t, N, V, 0.0f, T, weight, accumulate);
 }
 
 double kd_ctkd_temperature(float p, float t_start, float t_range, double * dT_dp) {

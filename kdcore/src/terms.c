@@ -89,11 +89,32 @@ static enum kd_status pair_wttm(const struct kd_term * t, struct pair_io * p) {
 // CTKD: the temperature's gradient passes a gradient-reversal layer scaled by the curriculum,
 // so the temperature ascends the loss the student descends.
 static enum kd_status pair_ctkd(const struct kd_term * t, struct pair_io * p) {
+    const double lam = kd_ctkd_lambda(p->epoch, t->ctkd.lambda_min, t->ctkd.lambda_max, t->ctkd.decay_epochs);
+    if (t->ctkd.instance) {
+        // a2: the temperature net's output m (one value per row); da2 receives -lambda dL/dm.
+        float * T = calloc(2 * (size_t)p->nb, sizeof *T);   // dT starts at 0: the loss accumulates
+        if (!T) return kd_set_error_(KD_ERR_NOMEM, "kd_step_epoch", "cannot allocate CTKD's temperatures");
+        float * dT = T + p->nb;
+        for (int i = 0; i < p->nb; i++) {
+            if (!isfinite(p->a2[i])) {   // a diverged temperature net: the non-finite policy's case
+                free(T);
+                return kd_set_error_(KD_ERR_NONFINITE, "kd_step_epoch", "CTKD's temperature net output is not finite");
+            }
+            T[i] = (float)kd_ctkd_temperature(p->a2[i], t->ctkd.t_start, t->ctkd.t_range, NULL);
+        }
+        enum kd_status st = kd_loss_ctkd_rows(&p->value, p->da, dT, p->a, p->b, p->nb, p->ac, T, p->w, true);
+        for (int i = 0; p->da2 && st == KD_OK && i < p->nb; i++) {
+            double dT_dm;
+            kd_ctkd_temperature(p->a2[i], t->ctkd.t_start, t->ctkd.t_range, &dT_dm);
+            p->da2[i] += (float)(-lam * (double)dT[i] * dT_dm);
+        }
+        free(T);
+        return st;
+    }
     double dT_dp;
     const double T = kd_ctkd_temperature(p->params[0], t->ctkd.t_start, t->ctkd.t_range, &dT_dp);
     float dT = 0;
     enum kd_status st = kd_loss_ctkd(&p->value, p->da, &dT, p->a, p->b, p->nb, p->ac, (float)T, p->w, true);
-    const double lam = kd_ctkd_lambda(p->epoch, t->ctkd.lambda_min, t->ctkd.lambda_max, t->ctkd.decay_epochs);
     p->dparams[0] += (float)(-lam * (double)dT * dT_dp);
     return st;
 }
@@ -240,6 +261,7 @@ struct kd_term kd_term_default(enum kd_term_kind kind) {
         t.ctkd.t_range = 20.0f;
         t.ctkd.lambda_max = 1.0f;
         t.ctkd.decay_epochs = 10;
+        t.ctkd.temp.node = -1;
     }
     if (kind == KD_TERM_ADI) t.T = 3.0f;
     if (kind == KD_TERM_BCE) t.bce.target = 1.0f;

@@ -477,7 +477,10 @@ static enum kd_status term_run(struct engine * E, const struct kd_term * t, floa
     const struct kd_source * s = &t->src;
     float gw[KD_SOURCE_MAX];
     source_weights(s, L->sseed, gw);
-    if (kd_term_kinds[t->kind].params) {
+    if (t->kind == KD_TERM_CTKD && t->ctkd.instance) {
+        p.a2 = ref_data(E, t->ctkd.temp);
+        p.da2 = ref_grad(E, t->ctkd.temp);
+    } else if (kd_term_kinds[t->kind].params) {
         struct kd_net * h = E->s->nets[t->params].net;
         p.params = kd_net_params(h);
         p.dparams = kd_net_grads(h);
@@ -803,7 +806,7 @@ static enum kd_status engine_setup(struct engine * E) {
                 E_FAIL(KD_ERR_SHAPE, "term %d (%s): mixed sources differ in size (%zu and %zu values per sample)", i, kn,
                        ref_per(E, t->src.ref[0]), pj);
         }
-        if (k->params) {
+        if (k->params && !(t->kind == KD_TERM_CTKD && t->ctkd.instance)) {
             if (t->params < 0 || t->params >= s->n_nets || !s->nets[t->params].params_only)
                 E_FAIL(KD_ERR_VALUE, "term %d (%s): params (%d) must be a parameter-holder net of the step", i, kn,
                        t->params);
@@ -820,11 +823,21 @@ static enum kd_status engine_setup(struct engine * E) {
                        kd_net_num_params(s->nets[h].net), c);
             if (!(t->vid.eps > 0)) E_FAIL(KD_ERR_VALUE, "term %d (vid): eps (%g) must be > 0", i, t->vid.eps);
         }
-        if (t->kind == KD_TERM_CTKD) {
+        if (t->kind == KD_TERM_CTKD && t->ctkd.instance) {
+            // The temperature net's output: one value per sample, its gradient slot when it learns.
+            KD_TRY(check_ref(E, t->ctkd.temp, "ctkd.temp", i, kn));
+            if (ref_per(E, t->ctkd.temp) != 1)
+                E_FAIL(KD_ERR_SHAPE, "term %d (ctkd): ctkd.temp has %zu values per sample, the temperature needs 1", i,
+                       ref_per(E, t->ctkd.temp));
+            if (E->n[t->ctkd.temp.net].backprop)
+                KD_TRY(add_slot(E, t->ctkd.temp.net, ref_node(E, t->ctkd.temp), 1));
+        } else if (t->kind == KD_TERM_CTKD) {
             const int h = t->params;
             if (kd_net_num_params(s->nets[h].net) != 1)
                 E_FAIL(KD_ERR_SHAPE, "term %d (ctkd): the parameter holder has %zu values, the temperature needs 1", i,
                        kd_net_num_params(s->nets[h].net));
+        }
+        if (t->kind == KD_TERM_CTKD) {
             const struct kd_term * c = t;
             if (!(c->ctkd.t_start > 0) || !isfinite(c->ctkd.t_start))
                 E_FAIL(KD_ERR_VALUE, "term %d (ctkd): t_start (%g) must be > 0 and finite", i, c->ctkd.t_start);
@@ -945,6 +958,7 @@ static enum kd_status keep_read_nodes(struct engine * E) {
     for (int t = 0; t < s->n_terms; t++) {
         KEEP(s->terms[t].a);
         if (s->terms[t].kind == KD_TERM_FSP) KEEP(s->terms[t].fsp.a2);
+        if (s->terms[t].kind == KD_TERM_CTKD && s->terms[t].ctkd.instance) KEEP(s->terms[t].ctkd.temp);
         for (int j = 0; j < s->terms[t].src.n; j++) KEEP(s->terms[t].src.ref[j]);
     }
     for (int j = 0; j < s->monitor.n; j++) KEEP(s->monitor.ref[j]);

@@ -94,6 +94,7 @@ PyObject * py_normkd_loss(PyObject * Py_UNUSED(m), PyObject * args, PyObject * k
 PyObject * py_wttm_loss(PyObject * Py_UNUSED(m), PyObject * args, PyObject * kwds);
 PyObject * py_mlkd_loss(PyObject * Py_UNUSED(m), PyObject * args, PyObject * kwds);
 PyObject * py_ctkd_loss(PyObject * Py_UNUSED(m), PyObject * args, PyObject * kwds);
+PyObject * py_ctkd_loss_rows(PyObject * Py_UNUSED(m), PyObject * args, PyObject * kwds);
 PyObject * py_ctkd_temperature(PyObject * Py_UNUSED(m), PyObject * args, PyObject * kwds);
 PyObject * py_ctkd_lambda(PyObject * Py_UNUSED(m), PyObject * args, PyObject * kwds);
 PyObject * py_mse_loss(PyObject * Py_UNUSED(m), PyObject * args);

@@ -874,6 +874,7 @@ PyObject * py_step_epoch(PyObject * Py_UNUSED(m), PyObject * args, PyObject * kw
         struct kd_term * tm = &terms[t];
         *tm = kd_term_default((enum kd_term_kind)kind);
         PyObject * a = opt_get(&r, "a"), * name = opt_get(&r, "name"), * a2 = opt_get(&r, "a2");
+        PyObject * temp = opt_get(&r, "temp");
         int form = 0;
         long long tphases = 0;
         if (opt_int(&r, "phases", &tphases) < 0 || opt_bool(&r, "reverse", &tm->reverse) < 0) goto done;
@@ -930,6 +931,12 @@ PyObject * py_step_epoch(PyObject * Py_UNUSED(m), PyObject * args, PyObject * kw
             tm->crd.bank = ((CRDObject *)bo)->crd;
             banks[n_banks++] = (CRDObject *)bo;
         }
+        // CTKD's instance-wise temperature: the net output it reads (one value per sample)
+        if (temp && (tm->kind != KD_TERM_CTKD || parse_ref(temp, (int)nn, &tm->ctkd.temp, "temp") < 0)) {
+            if (!PyErr_Occurred()) PyErr_Format(PyExc_ValueError, "terms[%zd]: temp is a CTKD option", t);
+            goto done;
+        }
+        tm->ctkd.instance = tm->kind == KD_TERM_CTKD && temp;
         if (a2 && (tm->kind != KD_TERM_FSP || parse_ref(a2, (int)nn, &tm->fsp.a2, "a2") < 0)) {
             if (!PyErr_Occurred()) PyErr_Format(PyExc_ValueError, "terms[%zd]: a2 is an FSP option", t);
             goto done;

@@ -242,6 +242,34 @@ PyObject * py_ctkd_loss(PyObject * Py_UNUSED(m), PyObject * args, PyObject * kwd
     return ret;
 }
 
+// ctkd_loss_rows(student, teacher, T) -> (loss, dstudent, dT): T and dT one value per row
+PyObject * py_ctkd_loss_rows(PyObject * Py_UNUSED(m), PyObject * args, PyObject * kwds) {
+    static char * kwlist[] = { "student", "teacher", "T", NULL };
+    PyObject * so, * to, * To;
+    if (!PARSE_KW(args, kwds, "OOO", kwlist, &so, &to, &To)) return NULL;
+    PyArrayObject * s, * t, * Ta = get_array(To, NPY_FLOAT32, "T");
+    if (!Ta) return NULL;
+    if (get_logit_pair(so, to, "student_logits", "teacher_logits", &s, &t) < 0) { Py_DECREF(Ta); return NULL; }
+    int N = (int)PyArray_DIM(s, 0), V = (int)PyArray_DIM(s, 1);
+    PyObject * ret = NULL, * ds = NULL, * dT = NULL;
+    if (PyArray_NDIM(Ta) != 1 || PyArray_DIM(Ta, 0) != N) {
+        PyErr_Format(PyExc_ValueError, "T must be 1-D with one temperature per row of the logits (%d), got %d "
+                     "dimensions of %zd values", N, PyArray_NDIM(Ta), (Py_ssize_t)PyArray_SIZE(Ta));
+        goto done;
+    }
+    npy_intp nT = N;
+    if (!(ds = PyArray_SimpleNew(2, PyArray_DIMS(s), NPY_FLOAT32)) || !(dT = PyArray_SimpleNew(1, &nT, NPY_FLOAT32)))
+        goto done;
+    float loss;
+    enum kd_status st = kd_loss_ctkd_rows(&loss, PyArray_DATA((PyArrayObject *)ds), PyArray_DATA((PyArrayObject *)dT),
+                                          PyArray_DATA(s), PyArray_DATA(t), N, V, PyArray_DATA(Ta), 1.0f, false);
+    if (st != KD_OK) kd_raise(st);
+    else ret = Py_BuildValue("(fOO)", loss, ds, dT);
+done:
+    Py_XDECREF(ds); Py_XDECREF(dT); Py_DECREF(s); Py_DECREF(t); Py_DECREF(Ta);
+    return ret;
+}
+
 // ctkd_temperature(p, t_start, t_range) -> (T, dT/dp)
 PyObject * py_ctkd_temperature(PyObject * Py_UNUSED(m), PyObject * args, PyObject * kwds) {
     static char * kwlist[] = { "p", "t_start", "t_range", NULL };

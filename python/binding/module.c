@@ -409,6 +409,8 @@ static PyMethodDef module_methods[] = {
     { "wttm_loss", (PyCFunction)(void (*)(void))py_wttm_loss, METH_VARARGS | METH_KEYWORDS, "WTTM loss (kd_loss_wttm)" },
     { "mlkd_loss", (PyCFunction)(void (*)(void))py_mlkd_loss, METH_VARARGS | METH_KEYWORDS, "MLKD loss (kd_loss_mlkd)" },
     { "ctkd_loss", (PyCFunction)(void (*)(void))py_ctkd_loss, METH_VARARGS | METH_KEYWORDS, "CTKD loss (kd_loss_ctkd)" },
+    { "ctkd_loss_rows", (PyCFunction)(void (*)(void))py_ctkd_loss_rows, METH_VARARGS | METH_KEYWORDS,
+      "CTKD loss with one temperature per row (kd_loss_ctkd_rows)" },
     { "ctkd_temperature", (PyCFunction)(void (*)(void))py_ctkd_temperature, METH_VARARGS | METH_KEYWORDS,
       "CTKD's temperature from its parameter (kd_ctkd_temperature)" },
     { "ctkd_lambda", (PyCFunction)(void (*)(void))py_ctkd_lambda, METH_VARARGS | METH_KEYWORDS,

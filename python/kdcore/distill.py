@@ -382,7 +382,8 @@ def _distill_terms(student, teacher, c, terms, method, cache, phase="all"):
             nets.append(dict(net=m.net, opt=opts[id(m)], params_only=True, role=what))
         else:
             nets.append(dict(net=m.net, opt=opts[id(m)] if tr else None, mode=modes["train"] if tr else modes["eval"],
-                             input=src, inputs=plan.extra_inputs.get(k), salt=0xC0 + k, role="connector"))
+                             input=src, inputs=plan.extra_inputs.get(k), salt=0xC0 + k, role="connector",
+                             **(dict(detach_input=True) if k in plan.detached else {})))
     extra_state = {f"{name}.{k}": v for name, st in plan.states.items() for k, v in st.views().items()}
     monitor = dict(src=[(1, -1)])
     val_t = None
@@ -773,14 +774,15 @@ _ADV_HIDDEN = 64
 
 
 def _adversarial_step(student, teacher, discriminator, twin, bs, bd, lr_ratio, ce_weight, kd_weight, T, w_adv, d_mask,
-                      s_mask, labels=None):
+                      s_mask, labels=None, taps=(-1, -1)):
     """adversarial's engine configuration (nets, terms): the student (net 0), the frozen
     teacher (1), with ``labels`` (the training set's one-hot rows, float32 (n, classes)) the
     cached rows a conditional discriminator reads as its second input (2), the discriminator
     on the teacher's logits (d) and its twin on the student's (d + 1, sharing d's parameters);
     the discriminator's BCE terms in the phases of d_mask, the student's CE, KD and generator
     terms in those of s_mask. bs, bd: bound optimizers; lr_ratio: the discriminator's lr over
-    the student's."""
+    the student's; taps: the (student, teacher) node indices the discriminators read (-1: the
+    logits)."""
     modes, K = _kdcore.MODES, _kdcore.TERM_KINDS
     nets = [dict(net=student.net, opt=bs, mode=modes["train"], phases=s_mask, role="student"),
             dict(net=teacher.net, mode=modes["eval"], role="teacher")]
@@ -789,9 +791,9 @@ def _adversarial_step(student, teacher, discriminator, twin, bs, bd, lr_ratio, c
         nets.append(dict(logits=labels, role="labels"))
         extra = dict(inputs=[(2, -1)])
     d = len(nets)
-    nets += [dict(net=discriminator.net, opt=bd, mode=modes["train"], input=(1, -1), phases=d_mask, lr_scale=lr_ratio,
-                  salt=0xD15C, role="discriminator", **extra),
-             dict(net=twin.net, mode=modes["train"], input=(0, -1), shares=d + 1, salt=0xD15C,
+    nets += [dict(net=discriminator.net, opt=bd, mode=modes["train"], input=(1, taps[1]), phases=d_mask,
+                  lr_scale=lr_ratio, salt=0xD15C, role="discriminator", **extra),
+             dict(net=twin.net, mode=modes["train"], input=(0, taps[0]), shares=d + 1, salt=0xD15C,
                   role="discriminator (student side)", **extra)]
     terms = [dict(kind=K["bce"], a=(d, -1), target=1.0, phases=d_mask),
              dict(kind=K["bce"], a=(d + 1, -1), target=0.0, phases=d_mask),
@@ -801,9 +803,39 @@ def _adversarial_step(student, teacher, discriminator, twin, bs, bd, lr_ratio, c
     return nets, terms
 
 
+def _adversarial_taps(student, teacher, tap, data_shape):
+    """adversarial's ``tap``: the (student, teacher) node indices the discriminator reads and
+    the feature's shape (C, H, W); (-1, -1) and None for the logits (tap None)."""
+    if tap is None:
+        return (-1, -1), None
+    if isinstance(tap, str):
+        names = (tap, tap)
+    elif isinstance(tap, (tuple, list)) and len(tap) == 2 and all(isinstance(n, str) for n in tap):
+        names = tuple(tap)
+    else:
+        raise TypeError(f"tap must be a tap name, a feature_taps() key or a pair (student_tap, teacher_tap) of "
+                        f"them, got {tap!r}")
+    c, h, w = (tuple(data_shape) + (1, 1))[:3]
+    idx, shapes = [], []
+    for model, name, who in ((student, names[0], "student"), (teacher, names[1], "teacher")):
+        if name not in model.taps():
+            default = (model.feature_taps() or {}).get(name)
+            if not isinstance(default, str):
+                raise ValueError(f"tap: the {who} has no tap named {name!r} and no feature_taps() entry {name!r} "
+                                 f"naming one tap (model.taps() lists its taps)")
+            name = default
+        idx.append(model._tap_index(name))
+        shapes.append(tuple(model.net.shapes(1, c, h, w)[idx[-1]]))
+    if shapes[0] != shapes[1]:
+        raise ValueError(f"tap: the student's feature {names[0]!r} has shape {shapes[0]} and the teacher's "
+                         f"{names[1]!r} {shapes[1]}; the discriminator reads both, so they must have the same shape "
+                         f"(choose taps of equal shape; no connector is learned)")
+    return tuple(idx), shapes[0]
+
+
 def adversarial(student, teacher, train, epochs=10, batch_size=128, optimizer="sgd", lr=None, schedule=None,
                 discriminator=None, d_optimizer=None, ce_weight=0.1, kd_weight=0.9, T=4.0, w_adv=0.1, conditional=False,
-                augment=None, val=None, seed=0, progress=True, callback=None, nonfinite="raise"):
+                augment=None, val=None, seed=0, progress=True, callback=None, nonfinite="raise", tap=None):
     """Adversarial distillation with a discriminator (Gou et al.'s survey, section 5; Wang et
     al. 2018 "KDGAN", Xu et al. 2018): returns the student's History. A discriminator D (an
     MLP on logits, one output logit) learns to tell the teacher's logits (label 1) from the
@@ -828,7 +860,16 @@ def adversarial(student, teacher, train, epochs=10, batch_size=128, optimizer="s
     Adam(lr 2e-4, betas (0.5, 0.999)), DCGAN's setting); its learning rate follows the
     student's schedule at the ratio of the two optimizers' lr. ce_weight, kd_weight, T:
     kdcore's KD defaults (``distill(method="kd")``). w_adv: kdcore's choice. Both players'
-    forwards run in train mode; the student's BN statistics move in both steps of a cycle."""
+    forwards run in train mode; the student's BN statistics move in both steps of a cycle.
+
+    tap: D reads a feature instead of the logits -- a tap name both models have, a key of
+    their ``feature_taps()`` naming one tap (``"pooled"``: the pooled features), or a pair
+    (student_tap, teacher_tap) of either. The two features must have the same shape (no
+    connector is learned; a mismatch raises ValueError); D reads the feature flattened (C·H·W
+    values per sample: a pooled feature is its C channels, a map all its values), and the
+    default D is ``models.discriminator(C·H·W, 64)``. The student's CE and KD terms still read
+    its logits; the generator loss's gradient enters the student at the tap. Not with
+    conditional=True."""
     from .models import discriminator as _discriminator
     from .nn import _INPUT_NODE
     from .optim import Adam, _Optimizer
@@ -848,8 +889,12 @@ def adversarial(student, teacher, train, epochs=10, batch_size=128, optimizer="s
     c.check(student, "student")
     c.check(teacher, "teacher")
     n_cls = c.train.num_classes
+    taps, feat = _adversarial_taps(student, teacher, tap, c.train.shape)
+    if feat is not None and conditional:
+        raise ValueError("tap: conditional=True reads the label next to the logits; a feature tap runs unconditional")
+    d_in = n_cls if feat is None else int(np.prod(feat))
     if discriminator is None:
-        discriminator = _discriminator(n_cls, _ADV_HIDDEN, conditional, seed=seed + 0xD15C)
+        discriminator = _discriminator(d_in, _ADV_HIDDEN, conditional, seed=seed + 0xD15C)
     elif not isinstance(discriminator, Module):
         raise TypeError(f"discriminator must be a kdcore model, got {type(discriminator).__name__}")
     if discriminator is student or discriminator is teacher:
@@ -860,7 +905,11 @@ def adversarial(student, teacher, train, epochs=10, batch_size=128, optimizer="s
                          f"{int(conditional)} (models.discriminator(..., conditional=True) builds one)")
     for node in label_nodes:
         discriminator.net.set_input(node, (n_cls, 1, 1))
-    d_out = discriminator.net.shapes(1, n_cls, 1, 1)[discriminator._output_index()]
+    try:
+        d_out = discriminator.net.shapes(1, *(feat or (n_cls, 1, 1)))[discriminator._output_index()]
+    except ValueError as e:
+        what = "the logits" if feat is None else f"the tapped feature of shape {feat}"
+        raise ValueError(f"discriminator cannot read {what}: {e}") from None
     if int(np.prod(d_out)) != 1:
         raise ValueError(f"discriminator must output one value per sample (a logit), got shape {tuple(d_out)}")
     if discriminator.net.buffers().size:
@@ -877,11 +926,12 @@ def adversarial(student, teacher, train, epochs=10, batch_size=128, optimizer="s
     bs, bd = c.opt.bind(student), d_optimizer.bind(discriminator)
     labels = np.eye(n_cls, dtype=np.float32)[c.train.y] if conditional else None
     nets, terms = _adversarial_step(student, teacher, discriminator, twin, bs, bd, d_optimizer.lr / c.opt.lr,
-                                    ce_weight, kd_weight, T, w_adv, 1, 2, labels)
+                                    ce_weight, kd_weight, T, w_adv, 1, 2, labels, taps)
     n_steps = 2 * c.steps()
     c.steps = lambda: n_steps   # engine steps of an epoch: two per batch
     c.run_config.update(scheme="adversarial", ce_weight=ce_weight, kd_weight=kd_weight, T=T, w_adv=w_adv,
-                        conditional=conditional, d_optimizer=repr(d_optimizer))
+                        conditional=conditional, d_optimizer=repr(d_optimizer),
+                        tap=None if tap is None else list(tap) if not isinstance(tap, str) else tap)
     teacher.eval()
 
     def run(epoch, topts):

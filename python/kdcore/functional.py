@@ -157,7 +157,10 @@ def ctkd_loss(student_logits, teacher_logits, T):
     """CTKD's loss (Li et al., AAAI 2023) at temperature T: T^2 mean_i KL(softmax(t_i/T) ||
     softmax(s_i/T)) (mdistiller's KD form). Returns (loss, dstudent, dT) with dT the plain
     derivative of the loss w.r.t. T (the gradient reversal and the curriculum's lambda are the
-    step engine's: kdcore.losses.CTKD)."""
+    step engine's: kdcore.losses.CTKD). T a float32 array of one temperature per row (the
+    instance-wise form): mean_i T_i^2 KL_i, and dT the array of d loss / d T_i."""
+    if isinstance(T, np.ndarray):
+        return _kdcore.ctkd_loss_rows(student_logits, teacher_logits, T)
     T = _check_float("T", T, 0, lo_open=True)
     return _kdcore.ctkd_loss(student_logits, teacher_logits, T)
 

@@ -225,13 +225,28 @@ class CTKD(Loss):
     The History logs the temperature after each epoch (``ctkd_T``) and the epoch's lambda
     (``ctkd_lambda``); p is a parameter holder, saved in checkpoints. Defaults: the authors'
     CIFAR-100 script, CTKD weight 0.9 with CE 0.1, t_start 1, t_range 20 (their ``--t_end``, used as the
-    range), p 1 (so T starts at 15.6), lambda 0 -> 1 over 10 epochs."""
+    range), p 1 (so T starts at 15.6), lambda 0 -> 1 over 10 epochs.
+
+    temperature="instance" (the paper's instance-wise temperature): a small net,
+    ``kdcore.models.ctkd_temperature(classes, hidden, seed)`` (Linear(2 classes, hidden) ->
+    ReLU -> Linear(hidden, 1) on the student's and the teacher's logits concatenated), gives
+    each sample i a value m_i and the loss runs row i at T_i = t_start + t_range *
+    sigmoid(m_i): T_i^2 mean_i KL(softmax(t_i/T_i) || softmax(s_i/T_i)). The net trains with
+    the student's optimizer through the same reversal (it receives -lambda * dL/dm); it reads
+    the logits detached, so the student learns through its logits only. ``init`` is then
+    unused; the net is ``student.connectors[0]`` afterwards and the History logs
+    ``ctkd_lambda`` (no single temperature)."""
     kind, label = "ctkd", "ctkd"
 
     def __init__(self, weight=0.9, t_start=_DEFAULTS["ctkd"]["t_start"], t_range=_DEFAULTS["ctkd"]["t_range"],
                  init=1.0, lambda_min=_DEFAULTS["ctkd"]["lambda_min"], lambda_max=_DEFAULTS["ctkd"]["lambda_max"],
-                 decay_epochs=_DEFAULTS["ctkd"]["decay_epochs"], **kw):
+                 decay_epochs=_DEFAULTS["ctkd"]["decay_epochs"], temperature="global", hidden=64, seed=0, **kw):
         super().__init__(weight, **kw)
+        if not isinstance(temperature, str) or temperature not in ("global", "instance"):
+            raise ValueError(f"temperature must be 'global' or 'instance', got {temperature!r}")
+        self.temperature = temperature
+        self.hidden = _check_int("hidden", hidden, 1)
+        self.seed = _check_int("seed", seed, 0)
         self.t_start = _check_float("t_start", t_start, 0, lo_open=True)
         self.t_range = _check_float("t_range", t_range, 0)
         self.init = _check_float("init", init)
@@ -240,6 +255,21 @@ class CTKD(Loss):
         self.decay_epochs = _check_int("decay_epochs", decay_epochs, 1)
 
     def _add(self, plan):
+        opts = dict(t_start=self.t_start, t_range=self.t_range, lambda_min=self.lambda_min,
+                    lambda_max=self.lambda_max, decay_epochs=self.decay_epochs)
+        if self.temperature == "instance":
+            from .models import ctkd_temperature
+            classes = plan.shape(plan.ref(0))
+            net = ctkd_temperature(int(classes[0] * classes[1] * classes[2]), self.hidden, self.seed)
+            temp = plan.add_connector(net, plan.ref(0), "ctkd temperature net", inputs=[plan.ref(1)], detach=True)
+            plan.add_term(self, self._base(a=plan.ref(0), src=[plan.ref(1)], temp=temp, **opts))
+
+            def log_lambda(epoch):
+                lam = _kdcore.ctkd_lambda(epoch, self.lambda_min, self.lambda_max, self.decay_epochs)
+                return {f"{label}_lambda": lam}
+            label = plan.labels[-1][0]
+            plan.add_log(log_lambda)
+            return
         holder = Sequential(Linear(1, 1, bias=False))   # the temperature's parameter p
         holder.parameters()["0.weight"][...] = self.init
         h = plan.add_params(holder, "ctkd temperature")
@@ -256,8 +286,9 @@ class CTKD(Loss):
         plan.add_log(log)
 
     def _options(self):
+        extra = dict(temperature="instance", hidden=self.hidden, seed=self.seed) if self.temperature == "instance" else {}
         return dict(super()._options(), t_start=self.t_start, t_range=self.t_range, init=self.init,
-                    lambda_min=self.lambda_min, lambda_max=self.lambda_max, decay_epochs=self.decay_epochs)
+                    lambda_min=self.lambda_min, lambda_max=self.lambda_max, decay_epochs=self.decay_epochs, **extra)
 
 
 class MLKD(Loss):
@@ -924,6 +955,7 @@ class _Plan:
         self.phase = phase         # 'init' (an initialisation phase), 'main' (after one) or 'all'
         self.connectors = []       # (module, input ref or None for a parameter holder, description, trained)
         self.extra_inputs = {}     # connector index -> refs feeding its extra input nodes (ReviewKD)
+        self.detached = set()      # connector indices whose input gets no gradient back (CTKD's temperature net)
         self.terms = []            # C term dicts
         self.labels = []           # (History key, parts keys)
         self.states = {}           # name -> C state with a views() method (CRD banks), checkpointed
@@ -961,10 +993,11 @@ class _Plan:
             node = len(shapes) - 1 if ref[0] >= len(self.models) else self.models[ref[0]]._output_index()
         return tuple(shapes[node])
 
-    def add_connector(self, module, src, what, trained=True, inputs=()):
+    def add_connector(self, module, src, what, trained=True, inputs=(), detach=False):
         """A net reading `src` (a (net, node) reference), trained with the student unless
-        trained=False; `inputs` feed its extra input nodes, in node order. Returns the
-        reference of its output."""
+        trained=False; `inputs` feed its extra input nodes, in node order; detach=True: no
+        gradient goes back through it to the net it reads. Returns the reference of its
+        output."""
         if not isinstance(module, Module):
             raise TypeError(f"a connector must be a kdcore Module, got {type(module).__name__}")
         if inputs:
@@ -974,6 +1007,8 @@ class _Plan:
             for node, r in zip(nodes, inputs):
                 module.net.set_input(node, self.shape(r))
             self.extra_inputs[len(self.connectors)] = list(inputs)
+        if detach:
+            self.detached.add(len(self.connectors))
         self.connectors.append((module, src, what, trained))
         return (len(self.models) + len(self.connectors) - 1, -1)
 

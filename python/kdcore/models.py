@@ -10,7 +10,7 @@ from .nn import (_ADD, _CONCAT, _INPUT_NODE, _RELU, AdaptiveAvgPool2d, BatchNorm
                  Linear, MaxPool2d, Module, ReLU, Sequential, Tanh, Unflatten, Upsample, _check_bool, _check_float,
                  _check_int, _join)
 
-__all__ = ["mlp", "cnn", "dafl_generator", "discriminator",
+__all__ = ["mlp", "cnn", "dafl_generator", "discriminator", "ctkd_temperature",
            "resnet8", "resnet14", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110",
            "resnet8x4", "resnet32x4",
            "wrn_16_1", "wrn_16_2", "wrn_40_1", "wrn_40_2", "vgg8", "vgg11", "vgg13",
@@ -548,18 +548,20 @@ def dafl_generator(latent_dim=100, img_size=28, channels=1, width=128, seed=0, b
 
 
 class _ConditionalDiscriminator(Block):
-    """Logits (V) and a second input, the label one-hot (V, node ``label``), concatenated,
+    """Logits (V) and a second input of V values (node ``second``: the label one-hot of the
+    conditional discriminator, the teacher's logits of CTKD's temperature net), concatenated,
     then Linear(2V, hidden) -> ReLU -> Linear(hidden, 1)."""
 
-    def __init__(self, num_classes, hidden):
+    def __init__(self, num_classes, hidden, second="label"):
         super().__init__()
         self.num_classes = num_classes
+        self.second = second
         self.fc1 = Linear(2 * num_classes, hidden)
         self.relu = ReLU()
         self.fc2 = Linear(hidden, 1)
 
     def _emit(self, g, x, prefix):
-        y = g.add(_INPUT_NODE, _join(prefix, "label"), [], in_ch=self.num_classes)
+        y = g.add(_INPUT_NODE, _join(prefix, self.second), [], in_ch=self.num_classes)
         z = g.add(_CONCAT, _join(prefix, "cat"), [x, y])
         for name in ("fc1", "relu", "fc2"):
             z = self._emit_child(g, name, z, prefix)
@@ -579,6 +581,19 @@ def discriminator(num_classes, hidden=64, conditional=False, seed=0):
     if not _check_bool("conditional", conditional):
         return mlp([num_classes, hidden, 1], seed=seed)
     m = _ConditionalDiscriminator(num_classes, hidden)
+    m.reset_parameters(_check_int("seed", seed, 0))
+    m.input_shape = (num_classes,)
+    return m
+
+
+def ctkd_temperature(num_classes, hidden=64, seed=0):
+    """CTKD's instance-wise temperature net (``kdcore.losses.CTKD(temperature="instance")``):
+    the student's logits and the teacher's (a second input, node ``teacher``) concatenated,
+    Linear(2 num_classes, hidden) -> ReLU -> Linear(hidden, 1): one value m per sample, from
+    which the loss takes T = t_start + t_range * sigmoid(m) (keys ``fc1.*``, ``fc2.*``)."""
+    num_classes = _check_int("num_classes", num_classes, 1)
+    hidden = _check_int("hidden", hidden, 1)
+    m = _ConditionalDiscriminator(num_classes, hidden, second="teacher")
     m.reset_parameters(_check_int("seed", seed, 0))
     m.input_shape = (num_classes,)
     return m

@@ -1,6 +1,7 @@
 // Logit losses (kdcore.h, "Losses"): every gradient against finite differences, in C, next to
 // the PyTorch comparisons of the Python suite -- CE (label smoothing, sample weights), KD (both
-// sides, sample weights), soft targets, DKD, DIST, NormKD, WTTM, CTKD (logits and temperature),
+// sides, sample weights), soft targets, DKD, DIST, NormKD, WTTM, CTKD (logits and temperature; the
+// instance-wise form with a temperature per row, and its agreement with the global form),
 // MSE, the tolerant term, DAFL's entropy and activation, ADI (both sides), the L1 logit loss
 // (DFAD's discrepancy; both sides), MLKD (its masks come from the teacher), BCE with logits
 // (adversarial KD's discriminator loss). Hard cases: one sample, two classes, large logits, small
@@ -14,9 +15,11 @@
 #include "kdtest.h"
 #include "kdcore.h"
 
-enum kind { CE, KD, SOFT, DKD, DIST, NORMKD, WTTM, CTKD, MSE, TOLERANT, ENTROPY, ACTIVATION, ADI, L1, MLKD, BCE };
+enum kind { CE, KD, SOFT, DKD, DIST, NORMKD, WTTM, CTKD, MSE, TOLERANT, ENTROPY, ACTIVATION, ADI, L1, MLKD, BCE,
+            CTKD_ROWS };
 static const char * const kind_name[] = { "CE", "KD", "soft", "DKD", "DIST", "NormKD", "WTTM", "CTKD", "MSE",
-                                          "tolerant", "entropy", "activation", "ADI", "L1", "MLKD", "BCE" };
+                                          "tolerant", "entropy", "activation", "ADI", "L1", "MLKD", "BCE",
+                                          "CTKD rows" };
 
 struct lcase {
     enum kind k;
@@ -25,13 +28,14 @@ struct lcase {
     float * q;                 // SOFT: target probabilities (rows sum to 1)
     int64_t * y;               // CE, DKD labels
     float * w;                 // CE, KD sample weights (or NULL)
+    float * Tr;                // CTKD_ROWS: one temperature per row
     float T, a, b;             // temperature; per kind: CE eps; DKD alpha, beta; DIST beta, gamma; NormKD t_norm;
                                // WTTM gamma; tolerant K (a); BCE target (a)
     const char * what;
 };
 
 // Calls the loss; ds gets d(weight * loss)/ds, dt (when the kind has one: KD's teacher side,
-// ADI's teacher side) d/dt, dT (CTKD) d/dT. Any of them may be NULL.
+// ADI's teacher side) d/dt, dT (CTKD) d/dT (CTKD_ROWS: N values, d/dT_i). Any of them may be NULL.
 static enum kd_status run(const struct lcase * c, float * loss, float * ds, float * dt, float * dT, float weight,
                           bool acc) {
     const int N = c->N, V = c->V;
@@ -65,11 +69,15 @@ static enum kd_status run(const struct lcase * c, float * loss, float * ds, floa
         return kd_loss_mlkd(loss, NULL, ds, c->s, c->t, N, V, temps, 5, c->a, weight, acc);
     }
     case BCE:      return kd_loss_bce(loss, ds, c->s, c->a, N, V, weight, acc);
+    case CTKD_ROWS: return kd_loss_ctkd_rows(loss, ds, dT, c->s, c->t, N, V, c->Tr, weight, acc);
     }
     return KD_ERR_VALUE;
 }
 
 static int has_dt(enum kind k) { return k == KD || k == ADI || k == L1; }
+static int has_T(enum kind k) { return k == CTKD || k == CTKD_ROWS; }
+// How many temperature derivatives the kind gives (one, or one per row).
+static int n_T(const struct lcase * c) { return c->k == CTKD ? 1 : c->k == CTKD_ROWS ? c->N : 0; }
 
 static double loss_of(const struct lcase * c) {
     float l = NAN;
@@ -104,15 +112,18 @@ static void fd_check(struct lcase * c, const char * side, float * x, const float
 
 static void gradcheck(struct lcase * c, float h, double rtol) {
     size_t n = (size_t)c->N * c->V;
-    float * ds = calloc(n, sizeof(float)), * dt = calloc(n, sizeof(float)), dT = 0, loss;
-    enum kd_status st = run(c, &loss, ds, has_dt(c->k) ? dt : NULL, c->k == CTKD ? &dT : NULL, 1.0f, false);
+    float * ds = calloc(n, sizeof(float)), * dt = calloc(n, sizeof(float)), * dT = calloc((size_t)c->N, sizeof(float)),
+          loss;
+    enum kd_status st = run(c, &loss, ds, has_dt(c->k) ? dt : NULL, has_T(c->k) ? dT : NULL, 1.0f, false);
     CHECK(st == KD_OK && isfinite(loss), "%s %s: %s (loss %g)", kind_name[c->k], c->what,
           st == KD_OK ? "ok" : kd_last_error(), loss);
     fd_check(c, "s", c->s, ds, n, h, rtol);
     if (has_dt(c->k)) fd_check(c, "t", c->t, dt, n, h, rtol);
-    if (c->k == CTKD) fd_check(c, "T", &c->T, &dT, 1, h, rtol);
+    if (c->k == CTKD) fd_check(c, "T", &c->T, dT, 1, h, rtol);
+    if (c->k == CTKD_ROWS) fd_check(c, "T_i", c->Tr, dT, (size_t)c->N, h, rtol);
     free(ds);
     free(dt);
+    free(dT);
 }
 
 // weight scales every gradient, accumulate adds it, the loss does not depend on either or on
@@ -126,9 +137,10 @@ static void semantics(const struct lcase * c) {
     float * h0 = malloc(n * sizeof(float)), * ht0 = malloc(n * sizeof(float));
     memcpy(h0, h, n * sizeof(float));
     memcpy(ht0, ht, n * sizeof(float));
-    float gT = 0, hT = 0.25f, l1, l2, l3;
-    run(c, &l1, g, has_dt(c->k) ? gt : NULL, c->k == CTKD ? &gT : NULL, 1.0f, false);
-    run(c, &l2, h, has_dt(c->k) ? ht : NULL, c->k == CTKD ? &hT : NULL, 2.5f, true);
+    float * gT = calloc((size_t)c->N, sizeof(float)), * hT = malloc((size_t)c->N * sizeof(float)), l1, l2, l3;
+    for (int i = 0; i < c->N; i++) hT[i] = 0.25f + 0.5f * (float)i;
+    run(c, &l1, g, has_dt(c->k) ? gt : NULL, has_T(c->k) ? gT : NULL, 1.0f, false);
+    run(c, &l2, h, has_dt(c->k) ? ht : NULL, has_T(c->k) ? hT : NULL, 2.5f, true);
     double sc = 0;
     for (size_t e = 0; e < n; e++) { want[e] = h0[e] + 2.5f * g[e]; sc = fmax(sc, fabs(want[e])); }
     char name[160];
@@ -140,16 +152,17 @@ static void semantics(const struct lcase * c) {
         snprintf(name, sizeof name, "%s %s: accumulate, weight 2.5 (t)", kind_name[c->k], c->what);
         check_close(name, ht, want, n, 1e-5 * sc, 1e-5);
     }
-    if (c->k == CTKD) {
-        CHECK(fabsf(hT - (0.25f + 2.5f * gT)) <= 1e-5f * fmaxf(1.0f, fabsf(hT)), "CTKD %s: dT accumulate %g vs %g",
-              c->what, hT, 0.25f + 2.5f * gT);
+    for (int i = 0; i < n_T(c); i++) {
+        const float want_T = 0.25f + 0.5f * (float)i + 2.5f * gT[i];
+        CHECK(fabsf(hT[i] - want_T) <= 1e-5f * fmaxf(1.0f, fabsf(hT[i])), "%s %s: dT[%d] accumulate %g vs %g",
+              kind_name[c->k], c->what, i, hT[i], want_T);
     }
     CHECK(l1 == l2, "%s %s: the loss depends on weight/accumulate (%g vs %g)", kind_name[c->k], c->what, l1, l2);
     memset(h, 0, n * sizeof(float));
     run(c, &l3, h, NULL, NULL, 1.0f, false);
     CHECK(l3 == l1 && memcmp(h, g, n * sizeof(float)) == 0, "%s %s: ds alone differs from ds with the others",
           kind_name[c->k], c->what);
-    free(g); free(gt); free(h); free(ht); free(want); free(h0); free(ht0);
+    free(g); free(gt); free(h); free(ht); free(want); free(h0); free(ht0); free(gT); free(hT);
 }
 
 // Logits in [-amp, amp], deterministic.
@@ -170,7 +183,7 @@ static struct lcase mk(enum kind k, const char * what, int N, int V, float amp, 
 }
 
 static void release(struct lcase * c) {
-    free(c->s); free(c->t); free(c->q); free(c->y); free(c->w);
+    free(c->s); free(c->t); free(c->q); free(c->y); free(c->w); free(c->Tr);
 }
 
 static void check_case(struct lcase c, float h, double rtol) {
@@ -240,6 +253,15 @@ static void test_gradcheck_all(void) {
     // CTKD: gradients w.r.t. the logits and the temperature, at T = 1 and T = 9
     check_case(mk(CTKD, "T=1", 3, 5, 2, 1, 70), 1e-2f, 1e-3);
     check_case(mk(CTKD, "T=9", 2, 6, 4, 9, 71), 1e-2f, 1e-3);
+    // CTKD, instance-wise: a temperature per row, from 0.7 to 12 (each row's own dT_i)
+    c = mk(CTKD_ROWS, "T_i 0.7..12", 4, 5, 3, 1, 72);
+    c.Tr = malloc(4 * sizeof(float));
+    c.Tr[0] = 0.7f; c.Tr[1] = 2.5f; c.Tr[2] = 6.0f; c.Tr[3] = 12.0f;
+    check_case(c, 1e-2f, 1e-3);
+    c = mk(CTKD_ROWS, "N=1 V=2, T 3", 1, 2, 2, 1, 73);
+    c.Tr = malloc(sizeof(float));
+    c.Tr[0] = 3.0f;
+    check_case(c, 1e-2f, 1e-3);
     // MSE, tolerant (top-3 of 6; the logits are distinct, away from ties), entropy, activation
     check_case(mk(MSE, "3x5", 3, 5, 2, 1, 80), 1e-2f, 3e-4);
     c = mk(TOLERANT, "K=3", 2, 6, 2, 1, 82);
@@ -272,6 +294,29 @@ static void test_gradcheck_all(void) {
     c = mk(BCE, "target 1, logits +-12", 4, 1, 12, 1, 123);
     c.a = 1;
     check_case(c, 1e-2f, 1e-3);
+}
+
+// Every row at the same T: the instance-wise form is the global one (value, logits' gradient,
+// and the per-row dT summing to the global dT); a row's T <= 0 or a NULL T is refused.
+static void test_ctkd_rows_global(void) {
+    const int N = 3, V = 5;
+    struct lcase c = mk(CTKD, "", N, V, 3, 4.0f, 74);
+    float Tr[3] = { 4.0f, 4.0f, 4.0f }, dTr[3], dT, lg, lr;
+    float * dg = calloc((size_t)N * V, sizeof(float)), * dr = calloc((size_t)N * V, sizeof(float));
+    CHECK(kd_loss_ctkd(&lg, dg, &dT, c.s, c.t, N, V, 4.0f, 0.9f, false) == KD_OK, "ctkd: %s", kd_last_error());
+    CHECK(kd_loss_ctkd_rows(&lr, dr, dTr, c.s, c.t, N, V, Tr, 0.9f, false) == KD_OK, "ctkd rows: %s", kd_last_error());
+    CHECK(fabsf(lr - lg) <= 1e-6f * fabsf(lg), "ctkd rows at one T: loss %g vs %g", lr, lg);
+    check_close("ctkd rows at one T: d/ds", dr, dg, (size_t)N * V, 1e-7, 1e-6);
+    CHECK(fabsf(dTr[0] + dTr[1] + dTr[2] - dT) <= 1e-5f * fmaxf(1.0f, fabsf(dT)), "ctkd rows: sum dT_i %g vs dT %g",
+          dTr[0] + dTr[1] + dTr[2], dT);
+    Tr[1] = 0.0f;
+    CHECK(kd_loss_ctkd_rows(&lr, dr, dTr, c.s, c.t, N, V, Tr, 1.0f, false) == KD_ERR_VALUE &&
+              strstr(kd_last_error(), "T[1]"), "ctkd rows: T[1] = 0 accepted (%s)", kd_last_error());
+    Tr[1] = NAN;
+    CHECK(kd_loss_ctkd_rows(&lr, dr, dTr, c.s, c.t, N, V, Tr, 1.0f, false) == KD_ERR_VALUE, "ctkd rows: NaN T accepted");
+    CHECK(kd_loss_ctkd_rows(&lr, dr, dTr, c.s, c.t, N, V, NULL, 1.0f, false) == KD_ERR_VALUE, "ctkd rows: NULL T accepted");
+    free(dg); free(dr);
+    release(&c);
 }
 
 // The activation loss has a kink at 0 and the tolerant term one at ties: the test inputs must
@@ -341,6 +386,7 @@ static void test_l1_errors(void) {
 
 int main(void) {
     KDT_RUN(test_gradcheck_all);
+    KDT_RUN(test_ctkd_rows_global);
     KDT_RUN(test_inputs_away_from_kinks);
     KDT_RUN(test_l1_semantics);
     KDT_RUN(test_l1_errors);
