@@ -278,7 +278,8 @@ class _Common:
             self.opt.lr = _check_float("lr", lr, 0)
         self.sched = make_schedule(schedule)
         self.augment = _augment_kwargs(augment)
-        self.augmented = self.augment["crop_padding"] > 0 or self.augment["hflip"] or self.augment["noise_std"] > 0
+        self.augmented = (self.augment["crop_padding"] > 0 or self.augment["hflip"] or self.augment["noise_std"] > 0
+                          or self.augment.get("randaugment", 0) > 0)
         self.checkpoint, self.checkpoint_every, self.checkpoint_best, self.resume = None, 1, False, False
         self.run_config = {}
         self.track_weights = False

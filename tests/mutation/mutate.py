@@ -145,11 +145,11 @@ MUTATIONS = [
          new="kd_loss_tolerant(&p->value, p->da, p->a, p->nb, p->ac, t->k, 2 * p->w, true)",
          tests=t(LOOP, "test_distill_tolerant") + t(STAGES, "test_born_again_stages")),
     dict(name="student_noise_doubled", file=TRAIN, what="student input noise with twice the std",
-         old="buf[i] = L->x[i] + noise * kd_normal(seed, i);",
-         new="buf[i] = L->x[i] + 2 * noise * kd_normal(seed, i);",
+         old="buf[i] = x[i] + noise * kd_normal(seed, i);",
+         new="buf[i] = x[i] + 2 * noise * kd_normal(seed, i);",
          tests=t(LOOP, "test_student_noise_exact")),
     dict(name="student_noise_replaces_input", file=TRAIN, what="the student sees the noise instead of x + noise",
-         old="buf[i] = L->x[i] + noise * kd_normal(seed, i);", new="buf[i] = noise * kd_normal(seed, i);",
+         old="buf[i] = x[i] + noise * kd_normal(seed, i);", new="buf[i] = noise * kd_normal(seed, i);",
          tests=t(LOOP, "test_student_noise_exact")),
     # The noise is a per-net input option now: the distill configuration gives it to the
     # teachers too (the same step seed, so the teachers see the student's noisy input).
@@ -159,7 +159,7 @@ MUTATIONS = [
              "    for (int t = 0; t < nt; t++) nets[1 + t].input_noise = dcfg->student_noise;\n",
          tests=t(LOOP, "test_student_noise_exact")),
     dict(name="student_noise_same_every_step", file=TRAIN, what="the same noise at every step and epoch",
-         old="uint64_t seed = L->sseed ^ 0x4E015Eull;", new="uint64_t seed = 0x4E015Eull;",
+         old="uint64_t seed = vseed ^ 0x4E015Eull;", new="uint64_t seed = 0x4E015Eull;",
          tests=t(LOOP, "test_student_noise_exact")),
 
     # ---- warm-up ramp, kd_stop_epoch: a term's weight schedule (kd_term_weight_)
@@ -439,7 +439,7 @@ MUTATIONS = [
          tests=t(ENGINE, "test_connector_hint_step_vs_torch")),
     dict(name="net_grad_not_zeroed", file=TRAIN,
          what="a trained net's parameter gradient not zeroed before its backward",
-         old="kd_net_zero_grad(net);\n            // The input gradient only", new="// The input gradient only",
+         old="if (v == sn->first_view) kd_net_zero_grad(net);", new=";",
          tests=t(ENGINE, "test_connector_hint_step_vs_torch")),
     dict(name="params_holder_grad_not_zeroed", file=TRAIN,
          what="a parameter holder's gradient not zeroed per step (VID's variances: gradients pile up)",
@@ -464,8 +464,8 @@ MUTATIONS = [
          new="(void)in;", tests=t(REVIEWKD, "test_reviewkd_step_matches_torch")),
     dict(name="extra_inputs_shifted", file=TRAIN,
          what="a connector's extra inputs fed to its input nodes in the wrong order",
-         old="ref_shape(&E, c->inputs[k], &ec, &eh, &ew);\n                    st = kd_net_set_input(c->net, sn->ext_node[k],",
-         new="ref_shape(&E, c->inputs[k], &ec, &eh, &ew);\n                    st = kd_net_set_input(c->net, sn->ext_node[c->n_inputs - 1 - k],",
+         old="ref_shape(&E, c->inputs[k], &ec, &eh, &ew);\n                        st = kd_net_set_input(c->net, sn->ext_node[k],",
+         new="ref_shape(&E, c->inputs[k], &ec, &eh, &ew);\n                        st = kd_net_set_input(c->net, sn->ext_node[c->n_inputs - 1 - k],",
          tests=t(REVIEWKD, "test_reviewkd_step_matches_torch")),
 
     # ---- logit methods since DKD (kdcore/src/losses.c): each method's own mechanism
@@ -555,6 +555,33 @@ MUTATIONS = [
          what="MLKD: the batch-level (B x B correlation) term's gradient left out (its value still reported)",
          old="const double er = -4.0 * f_s / N * E[(size_t)i * N + r];", new="const double er = 0.0;",
          tests=t(MLKD_T, "test_mlkd_loss", "test_mlkd_step")),
+    # ---- views (train.c), RandAugment (data.c), MLKD's strong-view terms (losses.py)
+    dict(name="view_grad_cleared_every_view", file=TRAIN,
+         what="a net's gradient cleared before every view's backward (only the last view's gradient kept)",
+         old="if (v == sn->first_view) kd_net_zero_grad(net);", new="kd_net_zero_grad(net);",
+         tests=t(MLKD_T, "test_two_view_kd_step", "test_mlkd_step_two_views")),
+    dict(name="view1_reuses_view0_draws", file=TRAIN, what="view 1 draws its crop and flip with view 0's seed",
+         old="L->sseed2 = kd_hash(L->sseed, VIEW1_SALT_);", new="L->sseed2 = L->sseed;",
+         tests=t(MLKD_T, "test_step_batch_views")),
+    dict(name="view1_forward_reads_view0", file=TRAIN, what="the nets' view-1 forwards read view 0's batch",
+         old="const float * xv = v ? L.x2 : L.x;", new="const float * xv = L.x;",
+         tests=t(MLKD_T, "test_two_view_kd_step", "test_mlkd_step_two_views")),
+    dict(name="ra_cutout_centre_from_0", file="kdcore/src/data.c",
+         what="RandAugment's Cutout centre drawn in [0, w) instead of the loader's (1, w]",
+         old="const float cx = W + (1.0f - W) * kd_uniform(kd_hash(rs, k + 1));",
+         new="const float cx = W * kd_uniform(kd_hash(rs, k + 1));",
+         tests=t("tests/test_randaugment.py", "test_batch_applies_drawn_ops_before_normalisation")),
+    dict(name="ra_ops_skipped", file="kdcore/src/data.c",
+         what="RandAugment's operations and Cutout not applied (the batch only cropped, flipped, normalised)",
+         old="        ra_sample_(o, C, H, W, ra_n, kd_hash(seed, si + DRAW_RA_), tmp + (size_t)kd_omp_tid() * chw);\n"
+             "        if (norm)\n",
+         new="        if (norm)\n",
+         tests=t("tests/test_randaugment.py", "test_batch_applies_drawn_ops_before_normalisation")),
+    dict(name="mlkd_strong_kd_all_on_strong", file="python/kdcore/losses.py",
+         what="MLKD: the T 2 and 6 terms of the strong view's KD sum on the strong logits (the authors' read the weak)",
+         old="a, t = (plan.ref(0), plan.ref(1)) if T in self.kd_on_weak else strong",
+         new="a, t = strong",
+         tests=t(MLKD_T, "test_mlkd_step_two_views")),
 
     # ---- kdcore.metrics (Python only: no rebuild)
     dict(name="metrics_ece_edge_to_upper_bin", file=METRICS, what="a confidence on a bin edge goes to the bin above",
