@@ -375,3 +375,25 @@ def test_engine_refuses_bad_mlkd_options(opts, match, data):
     term = dict(kind=kdcore._kdcore.TERM_KINDS["mlkd"], a=(0, -1), src=[(1, -1)], **opts)
     with pytest.raises((ValueError, TypeError), match=match):
         kdcore._kdcore.step_epoch(nets, [term], ds._c, 0, train_opts(1))
+
+
+def test_loss_view_option_reads_the_strong_view(data):
+    """losses=[..., KD(view=1), CE(view=1)]: distill runs the student and the teacher on the
+    strong view too (the batch's augmentation plus RandAugment) -- the same step in PyTorch."""
+    X, y, ds = data
+    student, teacher = kdcore.models.cnn(num_classes=V, input_size=8, width=4, seed=2), teacher_of(6)
+    p = Pair(student, teacher)
+    h = run(student, teacher, ds, [L.CE(0.3), L.KD(0.5, T=3.0, view=1), L.CE(0.2, view=1)])
+    idx, x0, x1 = step_inputs(ds, dict(randaugment=2))
+    tx0, tx1 = torch.tensor(x0, dtype=torch.float64), torch.tensor(x1, dtype=torch.float64)
+    p.ts.train()
+    z0, z1 = p.ts(tx0), p.ts(tx1)
+    with torch.no_grad():
+        zt1 = p.tt(tx1)
+    yt = torch.tensor(y[idx])
+    loss = 0.3 * TF.cross_entropy(z0, yt) + 0.5 * torch_kd(z1, zt1, 3.0) + 0.2 * TF.cross_entropy(z1, yt)
+    opt = torch.optim.SGD(p.ts.parameters(), **SGD)
+    loss.backward()
+    opt.step()
+    check_models("student", student, p.ts, p.s0)
+    check_close("kd", h["kd"][0], torch_kd(z1, zt1, 3.0).item(), rtol=1e-5)

@@ -255,3 +255,55 @@ def test_batch_is_seeded_and_thread_independent():
     ops = [_sample_draws(9, i, 2, 12, 12) for i in range(16)]
     assert len({o[0][0][0] for o in ops}) > 3   # the drawn operations vary over samples
 
+
+
+def test_augment_option_checks():
+    ds = kdcore.datasets.from_arrays(np.zeros((4, 1, 6, 6), np.float32), np.zeros(4, np.int64), num_classes=2)
+    for bad in (-1, 65, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="randaugment"):
+            ds.batch([0], augment={"randaugment": bad})
+
+
+def test_loss_view_option():
+    L = kdcore.losses
+    assert L.KD(view=1).view == 1 and "view=1" in repr(L.KD(view=1)) and "view" not in repr(L.KD())
+    for bad in (2, -1, True, "1"):
+        with pytest.raises(ValueError, match="view"):
+            L.KD(view=bad)
+    with pytest.raises(ValueError, match="view"):
+        L.MLKD(view=1)
+
+
+def test_two_view_distill_is_thread_independent():
+    """method='mlkd' (both views, RandAugment) in deterministic mode: the same bits at 1 and 2
+    threads (the augmentation's draws and the views' order depend on the seed only)."""
+    rng = np.random.default_rng(5)
+    X = rng.integers(0, 256, (48, 3, 8, 8)).astype(np.uint8)
+    y = rng.integers(0, 3, 48)
+    ds = kdcore.datasets.from_arrays(X, y, num_classes=3)
+    threads, det = kdcore.get_num_threads(), kdcore.get_deterministic()
+    out = []
+    try:
+        kdcore.set_deterministic(True)
+        for n in (1, 2):
+            kdcore.set_num_threads(n)
+            teacher = kdcore.models.cnn(num_classes=3, input_size=8, width=6, seed=1, in_channels=3)
+            student = kdcore.models.cnn(num_classes=3, input_size=8, width=4, seed=2, in_channels=3)
+            h = kdcore.distill(student, teacher, ds, method="mlkd", epochs=1, batch_size=16, progress=False, seed=4,
+                               augment=dict(crop_padding=1, hflip=True))
+            out.append((student.state_dict(), h.last["mlkd_kd_T4"]))
+    finally:
+        kdcore.set_num_threads(threads)
+        kdcore.set_deterministic(det)
+    (a, ka), (b, kb) = out
+    assert ka == kb and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_extreme_magnitudes():
+    """Any finite magnitude or centre is defined (clamped before integer conversion)."""
+    x = _image(3)
+    np.testing.assert_array_equal(_kdcore.ra_apply(x, OPS["cutout"], 0.4, 1e30, 1e30), x)
+    np.testing.assert_array_equal(_kdcore.ra_apply(x, OPS["posterize"], 1e30), ref_op(x, "posterize", 8))
+    np.testing.assert_array_equal(_kdcore.ra_apply(x, OPS["posterize"], -1e30), ref_op(x, "posterize", 1))
+    assert not _kdcore.ra_apply(x, OPS["translate_x"], 1e30).any()
+    assert not _kdcore.ra_apply(x, OPS["shear_y"], -1e30)[:, :, 1:].any()

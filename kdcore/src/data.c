@@ -123,8 +123,7 @@ enum kd_status kd_ra_apply(float * img, int C, int H, int W, int op, float m, fl
     case KD_RA_IDENTITY:
         break;
     case KD_RA_POSTERIZE: {
-        int bits = (int)m;
-        bits = bits < 1 ? 1 : bits > 8 ? 8 : bits;
+        const int bits = m < 1.0f ? 1 : m >= 8.0f ? 8 : (int)m;   // int(m), kept in range before the cast
         const int mask = ~((1 << (8 - bits)) - 1) & 0xFF;
         for (size_t j = 0; j < n; j++) img[j] = (float)(level_(img[j]) & mask) / 255.0f;
         break;
@@ -185,7 +184,9 @@ enum kd_status kd_ra_apply(float * img, int C, int H, int W, int op, float m, fl
         if (!(m > 0)) break;   // the loader returns the image for a size of 0
         static const float fill[3] = { 125.0f / 255.0f, 123.0f / 255.0f, 114.0f / 255.0f };
         const float s = m * W;
-        const int x0 = (int)fmaxf(0.0f, cx - s / 2), y0 = (int)fmaxf(0.0f, cy - s / 2);
+        // (corners past the image are clamped before the cast: any finite centre is accepted)
+        const float fx0 = fmaxf(0.0f, cx - s / 2), fy0 = fmaxf(0.0f, cy - s / 2);
+        const int x0 = fx0 >= W ? W : (int)fx0, y0 = fy0 >= H ? H : (int)fy0;
         int x1 = (int)fminf((float)W, x0 + s), y1 = (int)fminf((float)H, y0 + s);
         if (x1 > W - 1) x1 = W - 1;
         if (y1 > H - 1) y1 = H - 1;
