@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from test_connector_methods_torch import SGD, V, Pair, data, run  # noqa: E402,F401
 from test_feature_methods_torch import teacher_of  # noqa: E402
 from test_schemes_torch import check_close, check_models  # noqa: E402
+import torch_ref  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -175,8 +176,182 @@ def test_mlkd_method_recipe():
     terms = L.method_terms("mlkd")
     assert [type(t).__name__ for t in terms] == ["CE", "MLKD"]
     assert (terms[0].weight, terms[1].weight, terms[1].temperatures, terms[1].percentile) == (0.1, 0.9, TEMPS, 50.0)
+    assert (terms[1].strong_view, terms[1].strong_ce, terms[1].kd_on_weak) == (True, 0.1, (2.0, 6.0))
     assert kdcore._kdcore.TERM_DEFAULTS["mlkd"]["temperatures"] == TEMPS
     assert repr(L.MLKD()) == "MLKD(weight=0.9, temperatures=(4.0, 3.0, 5.0, 2.0, 6.0), percentile=50.0)"
+    assert repr(L.MLKD(strong_view=True)).endswith("percentile=50.0, strong_view=True)")
+    assert repr(terms[1]) == repr(L.MLKD(strong_view=True))
+
+
+# ---------------------------------------------------------------------------------------
+# Two views of each batch: the engine's forwards per view against two PyTorch forwards.
+
+def step_inputs(ds, view_aug, batch_size=None, seed=0, shuffle=True, augment=None):
+    """The sample order and the two views the engine builds for batch 0 of epoch 0."""
+    topts = dict(batch_size=batch_size or len(ds), schedule=(0, 0.1, [], 0, 0.0, 0), seed=seed, shuffle=shuffle,
+                 **(augment or {}))
+    return kdcore._kdcore.step_batch(ds._c, 0, topts, 0, view_aug)
+
+
+def torch_kd(zs, zt, T):
+    return TF.kl_div(TF.log_softmax(zs / T, 1), TF.softmax(zt / T, 1), reduction="batchmean") * T * T
+
+
+def test_step_batch_views(data):
+    """The helper's views: view 0 is the batch the engine feeds (here unaugmented: the samples in
+    the shuffled order), view 1 the same samples under view_aug; both depend on the seed only."""
+    X, y, ds = data
+    idx, x0, x1 = step_inputs(ds, dict(randaugment=2, crop_padding=1, hflip=True))
+    assert sorted(idx) == list(range(len(X)))
+    np.testing.assert_array_equal(x0, X[idx])
+    assert x1.shape == x0.shape and not np.allclose(x1, x0)
+    _, _, again = step_inputs(ds, dict(randaugment=2, crop_padding=1, hflip=True))
+    np.testing.assert_array_equal(again, x1)
+    _, _, other = step_inputs(ds, dict(randaugment=2, crop_padding=1, hflip=True), seed=1)
+    assert not np.array_equal(other, x1)
+    # view 1 has draws of its own: the same crop and flip options give another crop and flip
+    _, a0, a1 = step_inputs(ds, dict(crop_padding=2, hflip=True), augment=dict(crop_padding=2, hflip=True))
+    assert not np.array_equal(a0, a1)
+    assert step_inputs(ds, None)[2] is None
+    with pytest.raises(ValueError, match="view_aug"):
+        step_inputs(ds, dict(randaugment=-1))
+    with pytest.raises(ValueError, match="unknown view_aug"):
+        step_inputs(ds, dict(rotate=3))
+
+
+def test_two_view_kd_step(data):
+    """A plain KD configuration on two views: the student and the teacher run on both, CE on view
+    0, KD and CE on view 1 (the teacher's view-1 logits). Equal to two PyTorch forwards per model
+    (BN batch statistics per view, running statistics updated twice) and one backward of the
+    summed loss."""
+    X, y, ds = data
+    student, teacher = kdcore.models.cnn(num_classes=V, input_size=8, width=4, seed=2), teacher_of(6)
+    p = Pair(student, teacher)
+    aug0, view_aug = dict(crop_padding=1, hflip=True), dict(crop_padding=1, hflip=True, randaugment=2)
+    idx, x0, x1 = step_inputs(ds, view_aug, shuffle=False, augment=aug0)
+    kinds = kdcore._kdcore.TERM_KINDS
+    nets = [dict(net=student.net, opt=kdcore.optim.SGD(**SGD).bind(student), mode=kdcore._kdcore.MODES["train"],
+                 role="student", views=3, salt=1),
+            dict(net=teacher.net, mode=kdcore._kdcore.MODES["eval"], role="teacher", views=3)]
+    terms = [dict(kind=kinds["ce"], weight=0.3, a=(0, -1)),
+             dict(kind=kinds["kd"], weight=0.7, a=(0, -1, 1), src=[(1, -1, 1)], T=2.0),
+             dict(kind=kinds["ce"], weight=0.2, a=(0, -1, 1))]
+    topts = dict(batch_size=len(ds), schedule=(0, SGD["lr"], [], 0, 0.0, 0), shuffle=False, **aug0)
+    st = kdcore._kdcore.step_epoch(nets, terms, ds._c, 0, topts, monitor=dict(src=[(1, -1, 1)]), view_aug=view_aug)
+    tx0, tx1 = torch.tensor(x0, dtype=torch.float64), torch.tensor(x1, dtype=torch.float64)
+    p.ts.train()
+    z0, z1 = p.ts(tx0), p.ts(tx1)
+    with torch.no_grad():
+        zt0, zt1 = p.tt(tx0), p.tt(tx1)
+    yt = torch.tensor(y[idx])
+    ce0, kd1, ce1 = TF.cross_entropy(z0, yt), torch_kd(z1, zt1, 2.0), TF.cross_entropy(z1, yt)
+    opt = torch.optim.SGD(p.ts.parameters(), **SGD)
+    (0.3 * ce0 + 0.7 * kd1 + 0.2 * ce1).backward()
+    opt.step()
+    check_models("student", student, p.ts, p.s0)
+    check_close("ce view 0", st["term_value"][0], ce0.item(), rtol=1e-5)
+    check_close("kd view 1", st["term_value"][1], kd1.item(), rtol=1e-5)
+    check_close("ce view 1", st["term_value"][2], ce1.item(), rtol=1e-5)
+    # accuracies: the student's on its first view (0), the monitor's and each term's on theirs
+    acc = lambda z: float((z.argmax(1).numpy() == y[idx]).mean())  # noqa: E731
+    assert st["net_accuracy"][0] == acc(z0)
+    assert st["monitor_accuracy"] == acc(zt1)
+    assert st["term_accuracy"][2] == acc(z1)
+
+
+def test_two_views_bn_per_view(data):
+    """The views are not concatenated: one forward of both views together (BN statistics over
+    both) gives another update, which the per-view reference above would not match."""
+    X, y, ds = data
+    student = kdcore.models.cnn(num_classes=V, input_size=8, width=4, seed=2)
+    s0 = student.state_dict()
+    view_aug = dict(randaugment=2)
+    idx, x0, x1 = step_inputs(ds, view_aug, shuffle=False)
+    nets = [dict(net=student.net, opt=kdcore.optim.SGD(**SGD).bind(student), mode=kdcore._kdcore.MODES["train"],
+                 role="student", views=3)]
+    ce = kdcore._kdcore.TERM_KINDS["ce"]
+    terms = [dict(kind=ce, weight=1.0, a=(0, -1)), dict(kind=ce, weight=1.0, a=(0, -1, 1))]
+    topts = dict(batch_size=len(ds), schedule=(0, SGD["lr"], [], 0, 0.0, 0), shuffle=False)
+    kdcore._kdcore.step_epoch(nets, terms, ds._c, 0, topts, view_aug=view_aug)
+    ts = torch_ref.torch_cnn(V, 1, 4).double()
+    torch_ref.load_into_torch(ts, s0)
+    ts.train()
+    z0, z1 = ts(torch.tensor(x0, dtype=torch.float64)), ts(torch.tensor(x1, dtype=torch.float64))
+    opt = torch.optim.SGD(ts.parameters(), **SGD)
+    yt = torch.tensor(y[idx])
+    (TF.cross_entropy(z0, yt) + TF.cross_entropy(z1, yt)).backward()
+    opt.step()
+    check_models("student", student, ts, s0)
+    tc = torch_ref.torch_cnn(V, 1, 4).double()
+    torch_ref.load_into_torch(tc, s0)
+    tc.train()
+    z = tc(torch.tensor(np.concatenate([x0, x1]), dtype=torch.float64))
+    opt = torch.optim.SGD(tc.parameters(), **SGD)
+    (2 * TF.cross_entropy(z, torch.cat([yt, yt]))).backward()
+    opt.step()
+    with pytest.raises(pytest.fail.Exception, match="mismatches"):
+        check_models("concatenated", student, tc, s0)
+
+
+@pytest.mark.parametrize("case,match", [
+    (dict(views=4), "views"),
+    (dict(a=(0, -1, 1)), r"reads view 1 of net 0, which runs on views 0x1"),
+    (dict(views=3, a=(0, -1, 1), src=[(1, -1)]), "a term reads one view"),
+    (dict(a=(0, -1, 2)), "view 2"),
+])
+def test_engine_refuses_bad_views(case, match, data):
+    X, y, ds = data
+    student, teacher = kdcore.models.cnn(num_classes=V, input_size=8, width=4, seed=2), teacher_of(6)
+    nets = [dict(net=student.net, opt=kdcore.optim.SGD(lr=0.1).bind(student), mode=3, role="student",
+                 views=case.get("views", 1)),
+            dict(net=teacher.net, mode=0, role="teacher", views=1)]
+    term = dict(kind=kdcore._kdcore.TERM_KINDS["kd"], a=case.get("a", (0, -1)), src=case.get("src", [(1, -1)]))
+    from test_schemes_torch import train_opts
+    with pytest.raises(ValueError, match=match):
+        kdcore._kdcore.step_epoch(nets, [term], ds._c, 0, train_opts(1), view_aug=dict(randaugment=2))
+
+
+def test_mlkd_step_two_views(data):
+    """method='mlkd' (the strong view on): one full step against PyTorch on the views the engine
+    built -- the weak-view MLKD loss and CE, CE on the strong view, KD at T 4, 3, 5 on the strong
+    logits and at T 2, 6 on the weak ones (the authors' KD_ours.py), student and teacher each run
+    on both views."""
+    X, y, ds = data
+    student, teacher = kdcore.models.cnn(num_classes=V, input_size=8, width=4, seed=2), teacher_of(6)
+    p = Pair(student, teacher)
+    h = run(student, teacher, ds, L.method_terms("mlkd"))
+    idx, x0, x1 = step_inputs(ds, dict(randaugment=2))
+    tx0, tx1 = torch.tensor(x0, dtype=torch.float64), torch.tensor(x1, dtype=torch.float64)
+    p.ts.train()
+    zw, zs = p.ts(tx0), p.ts(tx1)
+    with torch.no_grad():
+        tw, ts_ = p.tt(tx0), p.tt(tx1)
+    yt = torch.tensor(y[idx])
+    d, inst, rel = t_mlkd(zw, tw)
+    kd = {T: torch_kd(zs, ts_, T) if T in (4.0, 3.0, 5.0) else torch_kd(zw, tw, T) for T in TEMPS}
+    loss = 0.1 * TF.cross_entropy(zw, yt) + 0.9 * d + 0.1 * TF.cross_entropy(zs, yt) + 0.9 * sum(kd.values())
+    opt = torch.optim.SGD(p.ts.parameters(), **SGD)
+    loss.backward()
+    opt.step()
+    check_models("student", student, p.ts, p.s0)
+    check_close("mlkd", h["mlkd"][0], d.item(), rtol=1e-4)
+    check_close("mlkd_strong_ce", h["mlkd_strong_ce"][0], TF.cross_entropy(zs, yt).item(), rtol=1e-5)
+    for T in TEMPS:
+        check_close(f"kd T{T}", h[f"mlkd_kd_T{T:g}"][0], kd[T].item(), rtol=1e-5)
+    check_close("train_loss", h["train_loss"][0], loss.item(), rtol=1e-4)
+
+
+def test_mlkd_weak_only_is_the_one_view_step(data):
+    """strong_view=False (the class's default; test_mlkd_step checks it against PyTorch) is the
+    weak-view form: no second view, and another update than the recipe's."""
+    X, y, ds = data
+    student, teacher = kdcore.models.cnn(num_classes=V, input_size=8, width=4, seed=2), teacher_of(6)
+    h = run(student, teacher, ds, [L.CE(0.1), L.MLKD(0.9, strong_view=False)])
+    assert "mlkd_strong_ce" not in h.last and "mlkd_kd_T4" not in h.last
+    s2 = kdcore.models.cnn(num_classes=V, input_size=8, width=4, seed=2)
+    run(s2, teacher_of(6), ds, L.method_terms("mlkd"))
+    sd1, sd2 = student.state_dict(), s2.state_dict()
+    assert any(not np.array_equal(sd1[k], sd2[k]) for k in sd1)
 
 
 @pytest.mark.parametrize("opts,match", [
@@ -200,3 +375,25 @@ def test_engine_refuses_bad_mlkd_options(opts, match, data):
     term = dict(kind=kdcore._kdcore.TERM_KINDS["mlkd"], a=(0, -1), src=[(1, -1)], **opts)
     with pytest.raises((ValueError, TypeError), match=match):
         kdcore._kdcore.step_epoch(nets, [term], ds._c, 0, train_opts(1))
+
+
+def test_loss_view_option_reads_the_strong_view(data):
+    """losses=[..., KD(view=1), CE(view=1)]: distill runs the student and the teacher on the
+    strong view too (the batch's augmentation plus RandAugment) -- the same step in PyTorch."""
+    X, y, ds = data
+    student, teacher = kdcore.models.cnn(num_classes=V, input_size=8, width=4, seed=2), teacher_of(6)
+    p = Pair(student, teacher)
+    h = run(student, teacher, ds, [L.CE(0.3), L.KD(0.5, T=3.0, view=1), L.CE(0.2, view=1)])
+    idx, x0, x1 = step_inputs(ds, dict(randaugment=2))
+    tx0, tx1 = torch.tensor(x0, dtype=torch.float64), torch.tensor(x1, dtype=torch.float64)
+    p.ts.train()
+    z0, z1 = p.ts(tx0), p.ts(tx1)
+    with torch.no_grad():
+        zt1 = p.tt(tx1)
+    yt = torch.tensor(y[idx])
+    loss = 0.3 * TF.cross_entropy(z0, yt) + 0.5 * torch_kd(z1, zt1, 3.0) + 0.2 * TF.cross_entropy(z1, yt)
+    opt = torch.optim.SGD(p.ts.parameters(), **SGD)
+    loss.backward()
+    opt.step()
+    check_models("student", student, p.ts, p.s0)
+    check_close("kd", h["kd"][0], torch_kd(z1, zt1, 3.0).item(), rtol=1e-5)

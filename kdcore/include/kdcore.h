@@ -861,13 +861,55 @@ struct kd_augment {
     int  crop_padding;        // random crop of the original size after zero padding (0 = off)
     bool hflip;               // random horizontal flip with probability 1/2
     float noise_std;          // Gaussian input noise (after normalisation), 0 = off
+    int  randaugment;         // after crop and flip: this many operations drawn with replacement
+                              // from the first KD_RA_RANDOM of enum kd_ra_op, each at a uniform
+                              // magnitude of its range, then KD_RA_CUTOUT of a uniform size in
+                              // [0, 1/2) of the width (MLKD's strong view: 2); 0 = off
 };
 
-// Gathers samples idx[0..N) into out (N,c,h,w) float32: scale, normalise, augment.
-// Augmentation randomness comes from (seed, sample position in the epoch), so it does
-// not depend on the thread count.
-KD_API void kd_data_batch(float * out, const struct kd_dataset * ds, const int64_t * idx, int N,
-                          const struct kd_augment * aug, uint64_t seed);
+// RandAugment's operations as MLKD's loader applies them to PIL uint8 images, on kdcore's
+// float images: on the scaled pixel values (x * scale, [0, 1] for uint8 data) before
+// normalisation, without rounding to 256 levels except where the operation is a
+// quantisation (equalize, posterize). Magnitude ranges (kd_ra_range): the loader's.
+enum kd_ra_op {
+    KD_RA_AUTOCONTRAST,   // per channel (v - min) / (max - min); unchanged when max == min
+    KD_RA_BRIGHTNESS,     // clamp(m v, 0, 1), m in [0.05, 0.95]
+    KD_RA_COLOR,          // clamp(g + m (v - g), 0, 1), g the luma .299 R + .587 G + .114 B (3
+                          // channels; identity otherwise), m in [0.05, 0.95]
+    KD_RA_CONTRAST,       // clamp(mu + m (v - mu), 0, 1), mu the mean luma (3 channels) or the mean
+                          // of all values, m in [0.05, 0.95]
+    KD_RA_EQUALIZE,       // PIL's histogram equalisation per channel on round(255 v)
+    KD_RA_IDENTITY,
+    KD_RA_POSTERIZE,      // keep the top max(1, int(m)) bits of round(255 v), m in [4, 8]
+    KD_RA_ROTATE,         // m degrees counter-clockwise about the centre, m in [-30, 30]
+    KD_RA_SHARPNESS,      // clamp(s + m (v - s), 0, 1), s PIL's SMOOTH filter (3x3, centre 5,
+                          // border pixels unfiltered), m in [0.05, 0.95]
+    KD_RA_SHEAR_X,        // output (x, y) reads (x + m y, y), m in [-0.3, 0.3]
+    KD_RA_SHEAR_Y,        // output (x, y) reads (x, y + m x), m in [-0.3, 0.3]
+    KD_RA_SOLARIZE,       // 1 - v where 255 v >= m, m in [0, 256]
+    KD_RA_TRANSLATE_X,    // output (x, y) reads (x + m w, y), m in [-0.3, 0.3]
+    KD_RA_TRANSLATE_Y,    // output (x, y) reads (x, y + m h), m in [-0.3, 0.3]
+    KD_RA_RANDOM,         // (the operations RandAugment draws from end here)
+    KD_RA_CUTOUT = KD_RA_RANDOM,   // a square of side m w (m in [0, 1/2]) about (cx, cy), clipped to
+                          // the image, filled with (125, 123, 114) / 255 (channel c: entry c % 3)
+    KD_RA_COUNT
+};
+// The geometric operations (rotate, shear, translate) map pixel centres through PIL's affine
+// transform with nearest sampling: output (x, y) reads the input pixel floor of the mapped
+// (x + 1/2, y + 1/2), 0 outside the image. Cutout's corner is (int(max(0, cx - s/2)),
+// int(max(0, cy - s/2))) and it covers up to int(min(w, x0 + s)) inclusive (PIL's rectangle).
+// Applies one operation at magnitude m to one image (c, h, w) in place; cx, cy: Cutout's
+// centre (RandAugment draws it in (1, w] and (1, h], the loader's np.random.uniform(w)).
+// tmp: c*h*w floats of scratch. KD_ERR_VALUE names a bad op or shape.
+KD_API enum kd_status kd_ra_apply(float * img, int c, int h, int w, int op, float m, float cx, float cy, float * tmp);
+// The magnitude range [lo, hi] RandAugment draws op's magnitude from (KD_ERR_VALUE for a bad op).
+KD_API enum kd_status kd_ra_range(int op, float * lo, float * hi);
+
+// Gathers samples idx[0..N) into out (N,c,h,w) float32: scale, augment, normalise (noise
+// after). Augmentation randomness comes from (seed, sample position in the epoch), so it does
+// not depend on the thread count. KD_ERR_NOMEM when randaugment's scratch cannot be allocated.
+KD_API enum kd_status kd_data_batch(float * out, const struct kd_dataset * ds, const int64_t * idx, int N,
+                                    const struct kd_augment * aug, uint64_t seed);
 // A seeded permutation of 0..n-1 (Fisher-Yates on splitmix64).
 KD_API void kd_data_shuffle(int64_t * perm, int64_t n, uint64_t seed);
 // Validates a dataset (shape limits, labels in range, finite floats). Names the problem.
@@ -950,7 +992,9 @@ KD_API enum kd_status kd_train_epoch(struct kd_net * net, struct kd_optim * opt,
 #define KD_SOURCE_MAX     64
 #define KD_STEP_MAX_INPUTS 8   // extra inputs of one connector
 
-struct kd_ref { int net, node; };   // node -1: the net's output
+#define KD_STEP_MAX_VIEWS 2
+struct kd_ref { int net, node, view; };   // node -1: the net's output; view: which view of the
+                                          // batch the net ran on (0, or 1: kd_step_cfg.view_aug)
 
 struct kd_step_net {
     struct kd_net * net;       // NULL when `logits` is given
@@ -989,6 +1033,9 @@ struct kd_step_net {
                                // each forward, runs its backward in that net's update phases (and
                                // as a connector passing a gradient on), and its parameter
                                // gradient is added to net k - 1's before the update. 0: none
+    unsigned views;            // bit v: it runs on view v of the batch (kd_step_cfg.view_aug),
+                               // a forward (and backward) per view, its parameter gradients
+                               // summed before the one update; 0: view 0 only
 };
 
 
@@ -1062,7 +1109,7 @@ enum kd_term_kind {
     // Adversarial data-free distillation (DFAD, ZSKT): the discrepancy a generator ascends
     // (a term with `reverse`) and the student descends, in alternating phases (cycle below).
     KD_TERM_L1,          // kd_loss_l1(a, src): mean |a - src| over samples and logits
-    // MLKD (Jin, Wang & Lin 2023), single view.
+    // MLKD (Jin, Wang & Lin 2023), the multi-level loss of one view (its strong view adds KD and CE terms).
     KD_TERM_MLKD,        // kd_loss_mlkd(a, src) at mlkd.temps[0..mlkd.n_temps) with mlkd.percentile;
                          // parts: instance, class + batch
     // Adversarial KD: a discriminator's single logit against a constant label (bce.target:
@@ -1150,6 +1197,14 @@ struct kd_step_cfg {
     bool cycle_batch;          // every step of a cycle reads the cycle's batch (same samples,
                                // augmentation and input noise; ZSKT's repeated z): an epoch has
                                // cycle x as many steps as batches
+    // Views (MLKD's weak and strong augmentations): view 0 is the batch under the train cfg's
+    // aug, view 1 the same samples under view_aug, with draws of their own. The views run one
+    // after the other: view v's forwards (the nets whose `views` have bit v, each with its own
+    // BN batch statistics), its terms (every reference of a term names the same view) and its
+    // backwards, each net's gradient cleared only before its first backward of the step; then
+    // the checks and the updates. A net's and the monitor's accuracy are counted on the first
+    // view they run on.
+    struct kd_augment view_aug;
 };
 #define KD_STEP_MAX_PHASES 32
 
@@ -1169,6 +1224,13 @@ struct kd_step_stats {
 
 KD_API enum kd_status kd_step_epoch(const struct kd_step_cfg * step, const struct kd_dataset * ds,
                                     const struct kd_train_cfg * cfg, int epoch, struct kd_step_stats * out);
+// The inputs kd_step_epoch builds for batch `batch` of `epoch` (a step cycle's cycle_batch
+// aside): its sample indices (idx, cfg->batch_size entries of room), view 0 (x0) and, with
+// view_aug (the step's view_aug; NULL: none), view 1 (x1); *nb the batch's size. To check a
+// step against another implementation on the same inputs.
+KD_API enum kd_status kd_step_batch(const struct kd_dataset * ds, const struct kd_train_cfg * cfg,
+                                    const struct kd_augment * view_aug, int epoch, int64_t batch, int64_t * idx,
+                                    float * x0, float * x1, int * nb);
 
 // ---------------------------------------------------------------------------------------
 // Distillation loops. A step: batch (augmented) -> teacher logits (cached by sample index, or

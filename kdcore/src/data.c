@@ -5,6 +5,8 @@
 //   RandomCrop(size, padding=p) -> RandomHorizontalFlip() -> ToTensor/Normalize -> noise
 //   https://pytorch.org/vision/stable/generated/torchvision.transforms.RandomCrop.html
 //   https://pytorch.org/vision/stable/generated/torchvision.transforms.RandomHorizontalFlip.html
+// then, with randaugment, the RandAugment of MLKD's strong view (kd_ra_op in kdcore.h) on the
+// scaled pixel values, before normalisation.
 // Every random draw for the sample at batch position i is kd_hash(seed, 8*i + k), a pure
 // function, so batches are identical for any thread count. Callers mix the epoch and the
 // batch start into seed.
@@ -16,7 +18,8 @@
 #include <zlib.h>
 
 // Draw slots per sample (kd_hash(seed, 8*i + k)).
-enum { DRAW_DY_ = 0, DRAW_DX_ = 1, DRAW_FLIP_ = 2, DRAW_NOISE_ = 3, DRAWS_PER_SAMPLE_ = 8 };
+// RandAugment's draws come from the stream kd_hash(kd_hash(seed, 8*i + DRAW_RA_), k).
+enum { DRAW_DY_ = 0, DRAW_DX_ = 1, DRAW_FLIP_ = 2, DRAW_NOISE_ = 3, DRAW_RA_ = 4, DRAWS_PER_SAMPLE_ = 8 };
 
 // Uniform integer in [0, m) from the high 32 bits of h (multiply-shift; bias < m / 2^32).
 static inline int draw_int_(uint64_t h, int m) {
@@ -24,12 +27,253 @@ static inline int draw_int_(uint64_t h, int m) {
 }
 
 // ---------------------------------------------------------------------------------------
+// RandAugment (MLKD's loader, on float images; see enum kd_ra_op)
+
+static const float ra_lo_[KD_RA_COUNT] = { 0, 0.05f, 0.05f, 0.05f, 0, 0, 4, -30, 0.05f, -0.3f, -0.3f, 0, -0.3f, -0.3f, 0 };
+static const float ra_hi_[KD_RA_COUNT] = { 1, 0.95f, 0.95f, 0.95f, 1, 1, 8, 30, 0.95f, 0.3f, 0.3f, 256, 0.3f, 0.3f, 0.5f };
+
+enum kd_status kd_ra_range(int op, float * lo, float * hi) {
+    if (op < 0 || op >= KD_RA_COUNT) KD_FAIL(KD_ERR_VALUE, "op (%d) must be in [0, %d)", op, (int)KD_RA_COUNT);
+    if (lo) *lo = ra_lo_[op];
+    if (hi) *hi = ra_hi_[op];
+    return KD_OK;
+}
+
+static inline float clamp01_(float v) { return v < 0.0f ? 0.0f : v > 1.0f ? 1.0f : v; }
+
+// The 8-bit level of a scaled pixel value (PIL's images hold these).
+static inline int level_(float v) {
+    const float q = floorf(v * 255.0f + 0.5f);
+    return q < 0.0f ? 0 : q > 255.0f ? 255 : (int)q;
+}
+
+// PIL's nearest-neighbour affine transform: output (x, y) reads the input pixel at
+// floor(a (x + 1/2) + b (y + 1/2) + c, d (x + 1/2) + e (y + 1/2) + f), 0 outside.
+static void ra_affine_(float * img, const float * src, int C, int H, int W, const double t[6]) {
+    const size_t hw = (size_t)H * W;
+    for (int y = 0; y < H; y++)
+        for (int x = 0; x < W; x++) {
+            const double xs = t[0] * (x + 0.5) + t[1] * (y + 0.5) + t[2];
+            const double ys = t[3] * (x + 0.5) + t[4] * (y + 0.5) + t[5];
+            const int xi = xs < 0 ? -1 : xs >= W ? W : (int)xs, yi = ys < 0 ? -1 : ys >= H ? H : (int)ys;
+            const bool in = xi >= 0 && xi < W && yi >= 0 && yi < H;
+            for (int c = 0; c < C; c++)
+                img[c * hw + (size_t)y * W + x] = in ? src[c * hw + (size_t)yi * W + xi] : 0.0f;
+        }
+}
+
+// The luma of pixel j of a 3-channel image (PIL's convert("L") weights).
+static inline float luma_(const float * img, size_t hw, size_t j) {
+    return 0.299f * img[j] + 0.587f * img[hw + j] + 0.114f * img[2 * hw + j];
+}
+
+enum kd_status kd_ra_apply(float * img, int C, int H, int W, int op, float m, float cx, float cy, float * tmp) {
+    if (!img || !tmp) KD_FAIL(KD_ERR_VALUE, "img and tmp must not be NULL");
+    if (C < 1 || H < 1 || W < 1) KD_FAIL(KD_ERR_VALUE, "image shape (%d, %d, %d) must be positive", C, H, W);
+    if (op < 0 || op >= KD_RA_COUNT) KD_FAIL(KD_ERR_VALUE, "op (%d) must be in [0, %d)", op, (int)KD_RA_COUNT);
+    if (!isfinite(m) || !isfinite(cx) || !isfinite(cy)) KD_FAIL(KD_ERR_VALUE, "magnitude and centre must be finite");
+    const size_t hw = (size_t)H * W, n = (size_t)C * hw;
+    switch ((enum kd_ra_op)op) {
+    case KD_RA_AUTOCONTRAST:
+        for (int c = 0; c < C; c++) {
+            float * p = img + c * hw, lo = p[0], hi = p[0];
+            for (size_t j = 1; j < hw; j++) { lo = fminf(lo, p[j]); hi = fmaxf(hi, p[j]); }
+            if (hi <= lo) continue;
+            for (size_t j = 0; j < hw; j++) p[j] = (p[j] - lo) / (hi - lo);
+        }
+        break;
+    case KD_RA_BRIGHTNESS:
+        for (size_t j = 0; j < n; j++) img[j] = clamp01_(m * img[j]);
+        break;
+    case KD_RA_COLOR:
+        if (C != 3) break;   // the grey of a grey image is itself
+        for (size_t j = 0; j < hw; j++) {
+            const float g = luma_(img, hw, j);
+            for (int c = 0; c < 3; c++) img[c * hw + j] = clamp01_(g + m * (img[c * hw + j] - g));
+        }
+        break;
+    case KD_RA_CONTRAST: {
+        double mu = 0;
+        if (C == 3) for (size_t j = 0; j < hw; j++) mu += luma_(img, hw, j);
+        else for (size_t j = 0; j < n; j++) mu += img[j];
+        const float mf = (float)(mu / (double)(C == 3 ? hw : n));
+        for (size_t j = 0; j < n; j++) img[j] = clamp01_(mf + m * (img[j] - mf));
+        break;
+    }
+    case KD_RA_EQUALIZE:
+        for (int c = 0; c < C; c++) {
+            float * p = img + c * hw;
+            int64_t hist[256] = {0};
+            for (size_t j = 0; j < hw; j++) hist[level_(p[j])]++;
+            int last = 255, used = 0;
+            while (hist[last] == 0) last--;
+            for (int i = 0; i < 256; i++) used += hist[i] > 0;
+            const int64_t step = used <= 1 ? 0 : ((int64_t)hw - hist[last]) / 255;
+            if (step == 0) continue;   // PIL's identity table: the image unchanged
+            float lut[256];
+            int64_t acc = step / 2;
+            for (int i = 0; i < 256; i++) {
+                const int64_t l = acc / step;
+                lut[i] = (float)(l > 255 ? 255 : l) / 255.0f;
+                acc += hist[i];
+            }
+            for (size_t j = 0; j < hw; j++) p[j] = lut[level_(p[j])];
+        }
+        break;
+    case KD_RA_IDENTITY:
+        break;
+    case KD_RA_POSTERIZE: {
+        const int bits = m < 1.0f ? 1 : m >= 8.0f ? 8 : (int)m;   // int(m), kept in range before the cast
+        const int mask = ~((1 << (8 - bits)) - 1) & 0xFF;
+        for (size_t j = 0; j < n; j++) img[j] = (float)(level_(img[j]) & mask) / 255.0f;
+        break;
+    }
+    case KD_RA_ROTATE: {
+        // PIL's Image.rotate: the inverse rotation about the centre (w/2, h/2).
+        const double r = -(double)m * 3.14159265358979323846 / 180.0, a = cos(r), b = sin(r);
+        const double ox = W / 2.0, oy = H / 2.0;
+        const double t[6] = { a, b, a * -ox + b * -oy + ox, -b, a, -b * -ox + a * -oy + oy };
+        memcpy(tmp, img, n * sizeof(float));
+        ra_affine_(img, tmp, C, H, W, t);
+        break;
+    }
+    case KD_RA_SHARPNESS:
+        memcpy(tmp, img, n * sizeof(float));
+        for (int c = 0; c < C; c++) {
+            const float * s = tmp + c * hw;
+            float * p = img + c * hw;
+            for (int y = 1; y < H - 1; y++)
+                for (int x = 1; x < W - 1; x++) {
+                    const size_t j = (size_t)y * W + x;
+                    float sum = 0;
+                    for (int dy = -1; dy <= 1; dy++)
+                        for (int dx = -1; dx <= 1; dx++) sum += s[j + (ptrdiff_t)dy * W + dx] * (dy == 0 && dx == 0 ? 5.0f : 1.0f);
+                    const float sm = sum / 13.0f;
+                    p[j] = clamp01_(sm + m * (s[j] - sm));
+                }
+        }
+        break;
+    case KD_RA_SHEAR_X: {
+        const double t[6] = { 1, m, 0, 0, 1, 0 };
+        memcpy(tmp, img, n * sizeof(float));
+        ra_affine_(img, tmp, C, H, W, t);
+        break;
+    }
+    case KD_RA_SHEAR_Y: {
+        const double t[6] = { 1, 0, 0, m, 1, 0 };
+        memcpy(tmp, img, n * sizeof(float));
+        ra_affine_(img, tmp, C, H, W, t);
+        break;
+    }
+    case KD_RA_SOLARIZE:
+        for (size_t j = 0; j < n; j++) if (img[j] * 255.0f >= m) img[j] = 1.0f - img[j];
+        break;
+    case KD_RA_TRANSLATE_X: {
+        const double t[6] = { 1, 0, (double)m * W, 0, 1, 0 };
+        memcpy(tmp, img, n * sizeof(float));
+        ra_affine_(img, tmp, C, H, W, t);
+        break;
+    }
+    case KD_RA_TRANSLATE_Y: {
+        const double t[6] = { 1, 0, 0, 0, 1, (double)m * H };
+        memcpy(tmp, img, n * sizeof(float));
+        ra_affine_(img, tmp, C, H, W, t);
+        break;
+    }
+    case KD_RA_CUTOUT: {
+        if (!(m > 0)) break;   // the loader returns the image for a size of 0
+        static const float fill[3] = { 125.0f / 255.0f, 123.0f / 255.0f, 114.0f / 255.0f };
+        const float s = m * W;
+        // (corners past the image are clamped before the cast: any finite centre is accepted)
+        const float fx0 = fmaxf(0.0f, cx - s / 2), fy0 = fmaxf(0.0f, cy - s / 2);
+        const int x0 = fx0 >= W ? W : (int)fx0, y0 = fy0 >= H ? H : (int)fy0;
+        int x1 = (int)fminf((float)W, x0 + s), y1 = (int)fminf((float)H, y0 + s);
+        if (x1 > W - 1) x1 = W - 1;
+        if (y1 > H - 1) y1 = H - 1;
+        for (int c = 0; c < C; c++)
+            for (int y = y0; y <= y1; y++)
+                for (int x = x0; x <= x1; x++) img[c * hw + (size_t)y * W + x] = fill[c % 3];
+        break;
+    }
+    case KD_RA_COUNT:
+        break;
+    }
+    return KD_OK;
+}
+
+// One sample's RandAugment: n operations drawn with replacement, then Cutout (the loader's
+// RandAugment.__call__), from the stream rs.
+static void ra_sample_(float * img, int C, int H, int W, int n, uint64_t rs, float * tmp) {
+    for (int j = 0; j < n; j++) {
+        const int op = draw_int_(kd_hash(rs, 2 * (uint64_t)j), KD_RA_RANDOM);
+        const float m = ra_lo_[op] + (ra_hi_[op] - ra_lo_[op]) * kd_uniform(kd_hash(rs, 2 * (uint64_t)j + 1));
+        kd_ra_apply(img, C, H, W, op, m, 0, 0, tmp);
+    }
+    const uint64_t k = 2 * (uint64_t)n;
+    const float m = 0.5f * kd_uniform(kd_hash(rs, k));
+    // np.random.uniform(w) is uniform(low=w, high=1): a centre in (1, w].
+    const float cx = W + (1.0f - W) * kd_uniform(kd_hash(rs, k + 1));
+    const float cy = H + (1.0f - H) * kd_uniform(kd_hash(rs, k + 2));
+    kd_ra_apply(img, C, H, W, KD_RA_CUTOUT, m, cx, cy, tmp);
+}
+
+// ---------------------------------------------------------------------------------------
 // Batches
 
+// The batch with RandAugment: crop and flip into the scaled pixel values, the sample's
+// operations on them, then normalisation and noise (the loader's ToTensor/Normalize after
+// RandAugment). Same draws for crop, flip and noise as kd_data_batch.
+static enum kd_status batch_ra_(float * out, const struct kd_dataset * ds, const int64_t * idx, int N, int pad,
+                                bool hflip, float noise, int ra_n, const float * mean, const float * stdv, uint64_t seed) {
+    const int C = ds->c, H = ds->h, W = ds->w;
+    const size_t hw = (size_t)H * (size_t)W, chw = (size_t)C * hw;
+    const bool is_u8 = ds->x_dtype == KD_U8, norm = ds->normalize;
+    size_t nt;
+    if (!kd_mul_ok(chw, (size_t)kd_omp_threads(), &nt)) KD_FAIL(KD_ERR_NOMEM, "randaugment scratch too large");
+    float * tmp = malloc(nt * sizeof(float));
+    if (!tmp) KD_FAIL(KD_ERR_NOMEM, "cannot allocate randaugment's scratch of %zu floats", nt);
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static)
+#endif
+    for (int i = 0; i < N; i++) {
+        const size_t src0 = (size_t)idx[i] * chw;
+        const uint8_t * xu = is_u8 ? (const uint8_t *)ds->x + src0 : NULL;
+        const float * xf = is_u8 ? NULL : (const float *)ds->x + src0;
+        float * o = out + (size_t)i * chw;
+        const uint64_t si = (uint64_t)i * DRAWS_PER_SAMPLE_;
+        const int dy = pad ? draw_int_(kd_hash(seed, si + DRAW_DY_), 2 * pad + 1) : 0;
+        const int dx = pad ? draw_int_(kd_hash(seed, si + DRAW_DX_), 2 * pad + 1) : 0;
+        const bool flip = hflip && (kd_hash(seed, si + DRAW_FLIP_) >> 63);
+        for (int c = 0; c < C; c++)
+            for (int y = 0; y < H; y++) {
+                const int sy = y + dy - pad;
+                for (int x = 0; x < W; x++) {
+                    const int sx = (flip ? W - 1 - x : x) + dx - pad;
+                    float v = 0.0f;
+                    if (sy >= 0 && sy < H && sx >= 0 && sx < W) {
+                        const size_t s = (size_t)c * hw + (size_t)sy * W + (size_t)sx;
+                        v = (is_u8 ? (float)xu[s] : xf[s]) * ds->scale;
+                    }
+                    o[(size_t)c * hw + (size_t)y * W + x] = v;
+                }
+            }
+        ra_sample_(o, C, H, W, ra_n, kd_hash(seed, si + DRAW_RA_), tmp + (size_t)kd_omp_tid() * chw);
+        if (norm)
+            for (int c = 0; c < C; c++)
+                for (size_t j = 0; j < hw; j++) o[(size_t)c * hw + j] = (o[(size_t)c * hw + j] - mean[c]) / stdv[c];
+        if (noise > 0) {
+            const uint64_t nseed = kd_hash(seed, si + DRAW_NOISE_);
+            for (size_t j = 0; j < chw; j++) o[j] += noise * kd_normal(nseed, j);
+        }
+    }
+    free(tmp);
+    return KD_OK;
+}
+
 // Assumes kd_dataset_check(ds) passed and every idx[i] is in [0, ds->n).
-void kd_data_batch(float * out, const struct kd_dataset * ds, const int64_t * idx, int N,
-                   const struct kd_augment * aug, uint64_t seed) {
-    if (!out || !ds || !ds->x || !idx || N <= 0) return;
+enum kd_status kd_data_batch(float * out, const struct kd_dataset * ds, const int64_t * idx, int N,
+                             const struct kd_augment * aug, uint64_t seed) {
+    if (!out || !ds || !ds->x || !idx || N <= 0) return KD_OK;
     const int C = ds->c, H = ds->h, W = ds->w;
     const size_t hw = (size_t)H * (size_t)W, chw = (size_t)C * hw;
     const float scale = ds->scale;
@@ -49,6 +293,8 @@ void kd_data_batch(float * out, const struct kd_dataset * ds, const int64_t * id
         }
     }
     KD_ASSERT(!norm || C <= 4);
+    const int ra_n = aug && aug->randaugment > 0 ? aug->randaugment : 0;
+    if (ra_n > 0) return batch_ra_(out, ds, idx, N, pad, hflip, noise, ra_n, mean, stdv, seed);
 
 #ifdef _OPENMP
 #pragma omp parallel for schedule(static)
@@ -93,6 +339,7 @@ void kd_data_batch(float * out, const struct kd_dataset * ds, const int64_t * id
             for (size_t j = 0; j < chw; j++) o[j] += noise * kd_normal(nseed, j);
         }
     }
+    return KD_OK;
 }
 
 // ---------------------------------------------------------------------------------------

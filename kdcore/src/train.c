@@ -115,6 +115,9 @@ struct loop {
     uint64_t eseed, sseed;
     int64_t * perm;
     float * x;                // the batch, (B, c, h, w)
+    float * x2;               // its second view (kd_step_cfg.view_aug); NULL: one view
+    const struct kd_augment * aug2;
+    uint64_t sseed2;          // the second view's batch seed
     int64_t * y;
     const int64_t * idx;      // sample indices of the current batch
     int nb;
@@ -128,7 +131,7 @@ struct loop {
 static void loop_free(struct loop * L) {
     for (int i = 0; i < L->n_saved; i++) { free(L->saved[i].buf); free(L->saved[i].batches); }
     free(L->saved);
-    free(L->perm); free(L->x); free(L->y);
+    free(L->perm); free(L->x); free(L->x2); free(L->y);
 }
 
 static enum kd_status loop_init(struct loop * L, const char * fn, const struct kd_dataset * ds,
@@ -171,24 +174,32 @@ static enum kd_status loop_init(struct loop * L, const char * fn, const struct k
     return KD_OK;
 }
 
-// Assembles batch L->step: x (augmented), y, idx, nb, lr.
-static void loop_batch(struct loop * L) {
+// View 1's seed is drawn from view 0's, so its crop, flip and operations are its own.
+#define VIEW1_SALT_ 0x5EC0DDu
+
+// Assembles batch L->step: x (augmented), x2 (its second view), y, idx, nb, lr.
+static enum kd_status loop_batch(struct loop * L) {
     const int64_t batch = L->step / L->per_batch, start = batch * L->cfg->batch_size;
     L->nb = (int)(L->ds->n - start < L->cfg->batch_size ? L->ds->n - start : L->cfg->batch_size);
     L->idx = L->perm + start;
     L->sseed = kd_hash(L->eseed, (uint64_t)batch);
-    kd_data_batch(L->x, L->ds, L->idx, L->nb, &L->cfg->aug, L->sseed);
+    KD_TRY(kd_data_batch(L->x, L->ds, L->idx, L->nb, &L->cfg->aug, L->sseed));
+    if (L->x2) {
+        L->sseed2 = kd_hash(L->sseed, VIEW1_SALT_);
+        KD_TRY(kd_data_batch(L->x2, L->ds, L->idx, L->nb, L->aug2, L->sseed2));
+    }
     for (int i = 0; i < L->nb; i++) L->y[i] = L->ds->y[L->idx[i]];
     L->lr = kd_schedule_lr(&L->cfg->sched, L->epoch, (int)L->step, (int)L->steps_per_epoch);
+    return KD_OK;
 }
 
 // A net's input with Gaussian noise (eq. 7's student perturbation; the other nets keep the
 // clean batch), written to buf. The noise follows the step's seed only.
-static const float * loop_noisy_input(struct loop * L, float noise, float * buf) {
+static const float * loop_noisy_input(struct loop * L, const float * x, uint64_t vseed, float noise, float * buf) {
     size_t n = (size_t)L->nb * L->ds->c * L->ds->h * L->ds->w;
-    uint64_t seed = L->sseed ^ 0x4E015Eull;
+    uint64_t seed = vseed ^ 0x4E015Eull;
     #pragma omp parallel for schedule(static) if (n > 65536)
-    for (size_t i = 0; i < n; i++) buf[i] = L->x[i] + noise * kd_normal(seed, i);
+    for (size_t i = 0; i < n; i++) buf[i] = x[i] + noise * kd_normal(seed, i);
     return buf;
 }
 
@@ -261,6 +272,8 @@ struct snet {
     unsigned bp_phases;       // the phases in which its backward runs (see kd_step_cfg.cycle)
     unsigned upd_phases;      //   and in which it is updated (trained nets)
     bool bp, upd;             // this step's
+    unsigned views;           // the views it runs on (bit v; at least view 0)
+    int first_view;           // the lowest of them: its gradient is cleared before that backward
     int V;                    // values per sample of its output (0 when it has no output shape yet)
     float * cached;           // this batch's rows of c->logits
     float * noisy;            // its noisy copy of the batch
@@ -286,6 +299,8 @@ struct engine {
     float * mix;              // a mixed source (B x its values per sample)
     float * tmp;              // BV
     float * term_scratch[KD_STEP_MAX_TERMS];   // kinds that need their own (CRD)
+    unsigned views;           // the views some net runs on
+    int first_view, last_view;
 };
 
 static int ref_node(const struct engine * E, struct kd_ref r) {
@@ -576,14 +591,17 @@ static enum kd_status term_run(struct engine * E, const struct kd_term * t, floa
 }
 
 static bool same_ref(const struct engine * E, struct kd_ref a, struct kd_ref b) {
-    return a.net == b.net && ref_node(E, a) == ref_node(E, b);
+    return a.net == b.net && ref_node(E, a) == ref_node(E, b) && a.view == b.view;
 }
 
-// A reference is valid: an earlier-or-any net of the step, and a node of it.
+// A reference is valid: an earlier-or-any net of the step, and a node of it, on a view it runs on.
 static enum kd_status check_ref(const struct engine * E, struct kd_ref r, const char * what, int i, const char * kn) {
     const struct kd_step_cfg * s = E->s;
     if (r.net < 0 || r.net >= s->n_nets)
         E_FAIL(KD_ERR_VALUE, "term %d (%s): %s refers to net %d (the step has %d)", i, kn, what, r.net, s->n_nets);
+    if (r.view < 0 || r.view >= KD_STEP_MAX_VIEWS || !(E->n[r.net].views >> r.view & 1))
+        E_FAIL(KD_ERR_VALUE, "term %d (%s): %s reads view %d of net %d, which runs on views 0x%x", i, kn, what, r.view,
+               r.net, E->n[r.net].views);
     const struct kd_step_net * c = &s->nets[r.net];
     if (!c->net && r.node >= 0) E_FAIL(KD_ERR_VALUE, "term %d (%s): %s reads node %d of cached logits", i, kn, what, r.node);
     if (c->net && r.node >= kd_net_num_nodes(c->net))
@@ -616,12 +634,27 @@ static enum kd_status engine_setup(struct engine * E) {
     if (s->n_terms < 0 || s->n_terms > KD_STEP_MAX_TERMS)
         E_FAIL(KD_ERR_VALUE, "n_terms (%d) must be in [0, %d]", s->n_terms, KD_STEP_MAX_TERMS);
     if (!s->nets || (s->n_terms > 0 && !s->terms)) E_FAIL(KD_ERR_VALUE, "nets and terms must not be NULL");
-    const bool augmented = L->cfg->aug.crop_padding > 0 || L->cfg->aug.hflip || L->cfg->aug.noise_std > 0;
+    const struct kd_augment * va = &s->view_aug;
+    if (va->crop_padding < 0 || va->crop_padding > 65536 || !(va->noise_std >= 0) || !isfinite(va->noise_std) ||
+        va->randaugment < 0 || L->cfg->aug.randaugment < 0)
+        E_FAIL(KD_ERR_VALUE, "view_aug: crop_padding must be in [0, 65536], noise_std finite and >= 0 and randaugment >= 0");
+    const struct kd_augment * a0 = &L->cfg->aug;
+    const bool augmented0 = a0->crop_padding > 0 || a0->hflip || a0->noise_std > 0 || a0->randaugment > 0;
+    const bool augmented1 = va->crop_padding > 0 || va->hflip || va->noise_std > 0 || va->randaugment > 0;
     for (int i = 0; i < s->n_nets; i++) {
         const struct kd_step_net * c = &s->nets[i];
         struct snet * sn = &E->n[i];
         sn->c = c;
         const char * role = c->role ? c->role : "net";
+        if (c->views & ~((1u << KD_STEP_MAX_VIEWS) - 1))
+            E_FAIL(KD_ERR_VALUE, "net %d (%s): views (0x%x) name a view past the %d a step has", i, role, c->views,
+                   KD_STEP_MAX_VIEWS);
+        if (c->views & ~1u && c->params_only)
+            E_FAIL(KD_ERR_VALUE, "net %d (%s): a parameter holder runs no forward; its views must be 0", i, role);
+        sn->views = c->views ? c->views : 1u;
+        sn->first_view = __builtin_ctz(sn->views);
+        if (!c->params_only) E->views |= sn->views;
+        const bool augmented = ((sn->views & 1) && augmented0) || ((sn->views & 2) && augmented1);
         if (!c->net == !c->logits) E_FAIL(KD_ERR_VALUE, "net %d (%s): give a net or cached logits", i, role);
         if (c->logits && c->opt) E_FAIL(KD_ERR_VALUE, "net %d (%s): cached logits cannot be trained", i, role);
         if (c->logits && augmented)
@@ -666,6 +699,17 @@ static enum kd_status engine_setup(struct engine * E) {
                 E_FAIL(KD_ERR_VALUE, "net %d (%s): input_net %d must be an earlier net of the step", i, role, c->input_net);
             if (c->input_node >= kd_net_num_nodes(s->nets[c->input_net].net))
                 E_FAIL(KD_ERR_VALUE, "net %d (%s): input_node %d does not exist", i, role, c->input_node);
+            // A connector reads its inputs on the view it runs on.
+            unsigned in_views = E->n[c->input_net].views;
+            for (int k = 0; k < c->n_inputs && k < KD_STEP_MAX_INPUTS; k++) {
+                if (c->inputs[k].view != 0)
+                    E_FAIL(KD_ERR_VALUE, "net %d (%s): extra input %d names view %d; a connector reads the view it "
+                           "runs on (leave 0)", i, role, k, c->inputs[k].view);
+                if (c->inputs[k].net >= 0 && c->inputs[k].net < i) in_views &= E->n[c->inputs[k].net].views;
+            }
+            if (sn->views & ~in_views)
+                E_FAIL(KD_ERR_VALUE, "net %d (%s): it runs on views 0x%x, but its inputs only on 0x%x", i, role, sn->views,
+                       in_views);
         }
         // Extra inputs: one reference per KD_LAYER_INPUT node of the net, in node order.
         int n_ext = 0;
@@ -744,6 +788,9 @@ static enum kd_status engine_setup(struct engine * E) {
     E->V = E->n[s->logits_net].V;
     for (int i = 0; i < s->n_nets; i++) if (s->nets[i].logits) E->n[i].V = E->V;
     E->BV = (size_t)L->B * E->V;
+    if (!E->views) E->views = 1u;
+    E->first_view = __builtin_ctz(E->views);
+    E->last_view = 31 - __builtin_clz(E->views);
     if (ds->num_classes > 0 && ds->num_classes != E->V)
         E_FAIL(KD_ERR_SHAPE, "the dataset has %d classes but the %s outputs %d values", ds->num_classes,
                 s->nets[s->logits_net].role ? s->nets[s->logits_net].role : "net", E->V);
@@ -757,6 +804,17 @@ static enum kd_status engine_setup(struct engine * E) {
         if (t->warmup_epochs < 0 || t->stop_epoch < 0) E_FAIL(KD_ERR_VALUE, "term %d (%s): warmup_epochs and stop_epoch must be >= 0", i, kn);
         KD_TRY(check_ref(E, t->a, "a", i, kn));
         const int ns = t->src.n;
+        // A term runs within its view: every reference reads the view of `a`.
+        for (int j = 0; j < ns && j < KD_SOURCE_MAX; j++)
+            if (t->src.ref[j].view != t->a.view)
+                E_FAIL(KD_ERR_VALUE, "term %d (%s): src %d reads view %d, a view %d; a term reads one view", i, kn, j,
+                       t->src.ref[j].view, t->a.view);
+        if (t->kind == KD_TERM_FSP && t->fsp.a2.view != t->a.view)
+            E_FAIL(KD_ERR_VALUE, "term %d (%s): fsp.a2 reads view %d, a view %d; a term reads one view", i, kn,
+                   t->fsp.a2.view, t->a.view);
+        if (t->src.gates && t->a.view != E->last_view)
+            E_FAIL(KD_ERR_VALUE, "term %d (%s): learned gates are updated after the step from its last view's "
+                   "outputs; the term must read view %d", i, kn, E->last_view);
         if (k->src && (ns < 1 || ns > KD_SOURCE_MAX)) E_FAIL(KD_ERR_VALUE, "term %d (%s): src.n (%d) must be in [1, %d]", i, kn, ns, KD_SOURCE_MAX);
         if (!k->src && ns != 0) E_FAIL(KD_ERR_VALUE, "term %d (%s) takes no source", i, kn);
         if (!(t->src.drop >= 0 && t->src.drop < 1)) E_FAIL(KD_ERR_VALUE, "term %d (%s): drop (%g) must be in [0, 1)", i, kn, t->src.drop);
@@ -914,6 +972,7 @@ static enum kd_status engine_setup(struct engine * E) {
     if (s->monitor.n < 0 || s->monitor.n > KD_SOURCE_MAX) E_FAIL(KD_ERR_VALUE, "monitor.n must be in [0, %d]", KD_SOURCE_MAX);
     for (int j = 0; j < s->monitor.n; j++) {
         KD_TRY(check_ref(E, s->monitor.ref[j], "monitor", -1, "monitor"));
+        if (s->monitor.ref[j].view != s->monitor.ref[0].view) E_FAIL(KD_ERR_VALUE, "the monitor reads one view");
         if (ref_per(E, s->monitor.ref[j]) != (size_t)E->V) E_FAIL(KD_ERR_SHAPE, "the monitor reads %zu values per sample, not logits",
                                                                     ref_per(E, s->monitor.ref[j]));
     }
@@ -986,6 +1045,10 @@ static enum kd_status engine_alloc(struct engine * E) {
     E->mix = malloc(maxper * B * sizeof(float));
     E->tmp = malloc(E->BV * sizeof(float));
     if (!E->scratch || !E->dsrc || !E->mix || !E->tmp) E_FAIL(KD_ERR_NOMEM, "cannot allocate the step's buffers");
+    if (E->views & 2u) {
+        L->aug2 = &s->view_aug;
+        if (!(L->x2 = malloc(px * B * sizeof(float)))) E_FAIL(KD_ERR_NOMEM, "cannot allocate the second view");
+    }
     for (int t = 0; t < s->n_terms; t++) {
         if (s->terms[t].kind != KD_TERM_CRD) continue;
         // normalised rows of both sides and their gradients (4 B d floats), 2 B inverse norms
@@ -1048,7 +1111,7 @@ enum kd_status kd_step_run_(const struct kd_step_cfg * s, const struct kd_datase
     for (int t = 0; t < s->n_terms; t++) tw[t] = kd_term_weight_(&s->terms[t], epoch);
     const int V = E.V;
     while (L.step < L.steps) {
-        loop_batch(&L);
+        if ((st = loop_batch(&L)) != KD_OK) goto done;
         loop_save_bn(&L);
         const int nb = L.nb, phase = (int)(L.step % n_phases);
         for (int i = 0; i < s->n_nets; i++) {
@@ -1056,101 +1119,128 @@ enum kd_status kd_step_run_(const struct kd_step_cfg * s, const struct kd_datase
             E.n[i].upd = E.n[i].upd_phases >> phase & 1;
         }
         for (int t = 0; t < s->n_terms; t++) on[t] = !s->terms[t].phases || (s->terms[t].phases >> phase & 1);
-        // Forwards, in the step's order (a connector after the net it reads).
-        for (int i = 0; i < s->n_nets; i++) {
-            struct snet * sn = &E.n[i];
-            const struct kd_step_net * c = sn->c;
-            if (c->params_only) {
-                kd_net_zero_grad(c->net);   // the terms add their parameters' gradients
-                continue;
-            }
-            if (c->logits) {
-                for (int r = 0; r < nb; r++)
-                    memcpy(sn->cached + (size_t)r * V, c->logits + (size_t)L.idx[r] * V, (size_t)V * sizeof(float));
-                continue;
-            }
-            const float * x = L.x;
-            int C = ds->c, H = ds->h, W = ds->w;
-            if (sn->connector) {
-                struct kd_ref in = { c->input_net, c->input_node };
-                x = ref_data(&E, in);
-                ref_shape(&E, in, &C, &H, &W);
-                for (int k = 0; k < c->n_inputs; k++) {
-                    int ec, eh, ew;
-                    ref_shape(&E, c->inputs[k], &ec, &eh, &ew);
-                    st = kd_net_set_input(c->net, sn->ext_node[k], ref_data(&E, c->inputs[k]), ec, eh, ew, sn->ext_grad[k]);
-                    if (st != KD_OK) goto done;
-                }
-            } else if (c->input_noise > 0) {
-                x = loop_noisy_input(&L, c->input_noise, sn->noisy);
-            }
-            if (c->shares) {
-                struct kd_net * o = s->nets[c->shares - 1].net;
-                memcpy(kd_net_params(c->net), kd_net_params(o), kd_net_num_params(o) * sizeof(float));
-            }
-            // Frozen nets run inference forwards; trained ones lean forwards (every node a
-            // term reads is kept, so the lean layout leaves it readable).
-            unsigned mode = c->mode | (sn->bp ? KD_MODE_LEAN : KD_MODE_NO_GRAD);
-            if ((st = kd_net_forward(c->net, x, nb, C, H, W, mode, L.sseed ^ c->salt)) != KD_OK) goto done;
-        }
-        // Terms: values and gradients at the slots. A CRD bank's draw counter and Z (set by
-        // its first batch) are saved first: a dropped step puts them back.
+        // A CRD bank's draw counter and Z (set by its first batch) are saved first: a dropped
+        // step puts them back.
         for (int t = 0; t < s->n_terms; t++) {
             if (s->terms[t].kind != KD_TERM_CRD) continue;
             crd_saved[t].steps = *kd_crd_steps(s->terms[t].crd.bank);
             memcpy(crd_saved[t].z, kd_crd_z(s->terms[t].crd.bank), sizeof crd_saved[t].z);
         }
-        for (int g = 0; g < E.n_slots; g++) E.slots[g].touched = false;
-        for (int t = 0; t < s->n_terms; t++) {
-            const struct kd_term * term = &s->terms[t];
-            if (tw[t] == 0 || !on[t]) { memset(&to[t], 0, sizeof to[t]); continue; }
-            st = term_run(&E, term, tw[t], E.scratch + (size_t)t * (4 * E.BV + 2 * (size_t)L.B), &to[t]);
-            if (st == KD_ERR_NONFINITE || !isfinite(to[t].value) || !isfinite(to[t].contrib)) {
-                const char * role = s->nets[term->a.net].role;
-                NONFINITE_STEP(term->name ? term->name : kd_term_kinds[term->kind].what, role ? role : "net");
+        // This step's accuracy counts, committed when it completes: each on the view it reads.
+        int64_t step_net_correct[KD_STEP_MAX_NETS] = {0}, step_term_correct[KD_STEP_MAX_TERMS] = {0}, step_mon = 0;
+        for (int v = E.first_view; v <= E.last_view; v++) {
+            if (!(E.views >> v & 1)) continue;
+            const float * xv = v ? L.x2 : L.x;
+            const uint64_t vseed = v ? L.sseed2 : L.sseed;
+            // Forwards, in the step's order (a connector after the net it reads).
+            for (int i = 0; i < s->n_nets; i++) {
+                struct snet * sn = &E.n[i];
+                const struct kd_step_net * c = sn->c;
+                if (c->params_only) {
+                    if (v == E.first_view) kd_net_zero_grad(c->net);   // the terms add their parameters' gradients
+                    continue;
+                }
+                if (!(sn->views >> v & 1)) continue;
+                if (c->logits) {
+                    for (int r = 0; r < nb; r++)
+                        memcpy(sn->cached + (size_t)r * V, c->logits + (size_t)L.idx[r] * V, (size_t)V * sizeof(float));
+                    continue;
+                }
+                const float * x = xv;
+                int C = ds->c, H = ds->h, W = ds->w;
+                if (sn->connector) {
+                    struct kd_ref in = { c->input_net, c->input_node, v };
+                    x = ref_data(&E, in);
+                    ref_shape(&E, in, &C, &H, &W);
+                    for (int k = 0; k < c->n_inputs; k++) {
+                        int ec, eh, ew;
+                        ref_shape(&E, c->inputs[k], &ec, &eh, &ew);
+                        st = kd_net_set_input(c->net, sn->ext_node[k], ref_data(&E, c->inputs[k]), ec, eh, ew, sn->ext_grad[k]);
+                        if (st != KD_OK) goto done;
+                    }
+                } else if (c->input_noise > 0) {
+                    x = loop_noisy_input(&L, xv, vseed, c->input_noise, sn->noisy);
+                }
+                if (c->shares) {
+                    struct kd_net * o = s->nets[c->shares - 1].net;
+                    memcpy(kd_net_params(c->net), kd_net_params(o), kd_net_num_params(o) * sizeof(float));
+                }
+                // Frozen nets run inference forwards; trained ones lean forwards (every node a
+                // term reads is kept, so the lean layout leaves it readable).
+                unsigned mode = c->mode | (sn->bp ? KD_MODE_LEAN : KD_MODE_NO_GRAD);
+                if ((st = kd_net_forward(c->net, x, nb, C, H, W, mode, vseed ^ c->salt)) != KD_OK) goto done;
             }
-            if (st != KD_OK) goto done;
-        }
-        // Backwards, last net first: a connector's input gradient joins the net it reads
-        // before that net's own backward. Every check runs before any update, so that a
-        // dropped step leaves every net as it was.
-        for (int i = s->n_nets - 1; i >= 0; i--) {
-            struct snet * sn = &E.n[i];
-            if (!sn->bp) continue;
-            struct kd_net * net = sn->c->net;
-            if (sn->c->params_only) {
-                if (!all_finite(kd_net_grads(net), kd_net_num_params(net)))
-                    NONFINITE_STEP("gradient", sn->c->role ? sn->c->role : "parameters");
-                continue;
+            // Terms: values and gradients at the slots.
+            for (int g = 0; g < E.n_slots; g++) E.slots[g].touched = false;
+            for (int t = 0; t < s->n_terms; t++) {
+                const struct kd_term * term = &s->terms[t];
+                if (term->a.view != v) continue;
+                if (tw[t] == 0 || !on[t]) { memset(&to[t], 0, sizeof to[t]); continue; }
+                st = term_run(&E, term, tw[t], E.scratch + (size_t)t * (4 * E.BV + 2 * (size_t)L.B), &to[t]);
+                if (st == KD_ERR_NONFINITE || !isfinite(to[t].value) || !isfinite(to[t].contrib)) {
+                    const char * role = s->nets[term->a.net].role;
+                    NONFINITE_STEP(term->name ? term->name : kd_term_kinds[term->kind].what, role ? role : "net");
+                }
+                if (st != KD_OK) goto done;
             }
-            const int outn = kd_net_output_node(net);
-            const float * dout = NULL;
-            for (int g = 0; g < E.n_slots; g++) {
-                const struct gslot * gs = &E.slots[g];
-                if (gs->net != i || !gs->touched) continue;
-                if (gs->node == outn) dout = gs->g;
-                else if ((st = kd_net_grad_add(net, gs->node, gs->g, 1.0f)) != KD_OK) goto done;
+            // Backwards, last net first: a connector's input gradient joins the net it reads
+            // before that net's own backward. Every check runs before any update, so that a
+            // dropped step leaves every net as it was.
+            for (int i = s->n_nets - 1; i >= 0; i--) {
+                struct snet * sn = &E.n[i];
+                if (!sn->bp || (!sn->c->params_only && !(sn->views >> v & 1))) continue;
+                struct kd_net * net = sn->c->net;
+                if (sn->c->params_only) {
+                    if (!all_finite(kd_net_grads(net), kd_net_num_params(net)))
+                        NONFINITE_STEP("gradient", sn->c->role ? sn->c->role : "parameters");
+                    continue;
+                }
+                const int outn = kd_net_output_node(net);
+                const float * dout = NULL;
+                for (int g = 0; g < E.n_slots; g++) {
+                    const struct gslot * gs = &E.slots[g];
+                    if (gs->net != i || !gs->touched) continue;
+                    if (gs->node == outn) dout = gs->g;
+                    else if ((st = kd_net_grad_add(net, gs->node, gs->g, 1.0f)) != KD_OK) goto done;
+                }
+                if (v == sn->first_view) kd_net_zero_grad(net);   // later views add to the first's gradient
+                // The input gradient only when the net it reads runs its backward in this phase.
+                float * dinp = sn->dinp && E.n[sn->c->input_net].bp ? sn->dinp : NULL;
+                if ((st = kd_net_backward(net, dout, dinp)) != KD_OK) goto done;
+                const char * role = sn->c->role ? sn->c->role : "net";
+                if (!grads_and_stats_finite(net)) NONFINITE_STEP("gradient or BN statistics", role);
+                if (dinp) {
+                    struct kd_ref in = { sn->c->input_net, sn->c->input_node, v };
+                    if (!all_finite(sn->dinp, (size_t)nb * ref_per(&E, in))) NONFINITE_STEP("input gradient", role);
+                    if ((st = kd_net_grad_add(s->nets[in.net].net, ref_node(&E, in), sn->dinp, 1.0f)) != KD_OK) goto done;
+                }
+                for (int k = 0; k < sn->c->n_inputs; k++) {
+                    const struct kd_ref in = sn->c->inputs[k];
+                    if (!sn->ext_grad[k] || !E.n[in.net].bp) continue;
+                    if (!all_finite(sn->ext_grad[k], (size_t)nb * ref_per(&E, in))) NONFINITE_STEP("input gradient", role);
+                    if ((st = kd_net_grad_add(s->nets[in.net].net, ref_node(&E, in), sn->ext_grad[k], 1.0f)) != KD_OK) goto done;
+                }
+                // passing on: only the input gradient was wanted (a twin's gradient waits for the
+                // backward of the net it shares, which clears that net's gradient first)
+                if (!sn->upd && !(sn->c->shares && E.n[sn->c->shares - 1].upd)) kd_net_zero_grad(net);
             }
-            kd_net_zero_grad(net);
-            // The input gradient only when the net it reads runs its backward in this phase.
-            float * dinp = sn->dinp && E.n[sn->c->input_net].bp ? sn->dinp : NULL;
-            if ((st = kd_net_backward(net, dout, dinp)) != KD_OK) goto done;
-            const char * role = sn->c->role ? sn->c->role : "net";
-            if (!grads_and_stats_finite(net)) NONFINITE_STEP("gradient or BN statistics", role);
-            if (dinp) {
-                struct kd_ref in = { sn->c->input_net, sn->c->input_node };
-                if (!all_finite(sn->dinp, (size_t)nb * ref_per(&E, in))) NONFINITE_STEP("input gradient", role);
-                if ((st = kd_net_grad_add(s->nets[in.net].net, ref_node(&E, in), sn->dinp, 1.0f)) != KD_OK) goto done;
+            // Accuracies of this view (its outputs are overwritten by the next view's forwards).
+            for (int t = 0; t < s->n_terms; t++) {
+                const struct kd_term * term = &s->terms[t];
+                if (!on[t] || term->a.view != v) continue;
+                if (kd_term_kinds[term->kind].logits) step_term_correct[t] += count_correct(ref_data(&E, term->a), L.y, nb, V);
+                if (term->kind == KD_TERM_BCE)
+                    step_term_correct[t] += count_sign(ref_data(&E, term->a), ref_per(&E, term->a), term->bce.target, nb);
             }
-            for (int k = 0; k < sn->c->n_inputs; k++) {
-                const struct kd_ref in = sn->c->inputs[k];
-                if (!sn->ext_grad[k] || !E.n[in.net].bp) continue;
-                if (!all_finite(sn->ext_grad[k], (size_t)nb * ref_per(&E, in))) NONFINITE_STEP("input gradient", role);
-                if ((st = kd_net_grad_add(s->nets[in.net].net, ref_node(&E, in), sn->ext_grad[k], 1.0f)) != KD_OK) goto done;
+            for (int i = 0; i < s->n_nets; i++)
+                if (!E.n[i].connector && !s->nets[i].params_only && E.n[i].V == V && E.n[i].first_view == v)
+                    step_net_correct[i] += count_correct(ref_data(&E, (struct kd_ref){ i, -1, v }), L.y, nb, V);
+            // (into E.mix, not a term's scratch: the learned gates read theirs after the views)
+            if (s->monitor.n > 0 && s->monitor.ref[0].view == v) {
+                float gw[KD_SOURCE_MAX];
+                source_weights(&s->monitor, L.sseed, gw);
+                step_mon += count_correct(source_pred(&E, &s->monitor, gw, E.mix), L.y, nb, V);
             }
-            // passing on: only the input gradient was wanted (a twin's gradient waits for the
-            // backward of the net it shares, which clears that net's gradient first)
-            if (!sn->upd && !(sn->c->shares && E.n[sn->c->shares - 1].upd)) kd_net_zero_grad(net);
         }
         for (int i = 0; i < s->n_nets; i++) {
             const struct kd_step_net * c = &s->nets[i];
@@ -1195,18 +1285,10 @@ enum kd_status kd_step_run_(const struct kd_step_cfg * s, const struct kd_datase
             s_part[t][0] += (double)to[t].part[0] * nb;
             s_part[t][1] += (double)to[t].part[1] * nb;
             s_net[term->a.net] += to[t].contrib * nb;
-            if (kd_term_kinds[term->kind].logits) term_correct[t] += count_correct(ref_data(&E, term->a), L.y, nb, V);
-            if (term->kind == KD_TERM_BCE)
-                term_correct[t] += count_sign(ref_data(&E, term->a), ref_per(&E, term->a), term->bce.target, nb);
+            term_correct[t] += step_term_correct[t];
         }
-        for (int i = 0; i < s->n_nets; i++)
-            if (!E.n[i].connector && !s->nets[i].params_only && E.n[i].V == V)
-                net_correct[i] += count_correct(ref_data(&E, (struct kd_ref){ i, -1 }), L.y, nb, V);
-        if (s->monitor.n > 0) {
-            float gw[KD_SOURCE_MAX];
-            source_weights(&s->monitor, L.sseed, gw);
-            mon_correct += count_correct(source_pred(&E, &s->monitor, gw, E.scratch), L.y, nb, V);
-        }
+        for (int i = 0; i < s->n_nets; i++) net_correct[i] += step_net_correct[i];
+        mon_correct += step_mon;
         seen += nb;
         goto stepped;
 skip:
@@ -1249,6 +1331,37 @@ done:
 enum kd_status kd_step_epoch(const struct kd_step_cfg * step, const struct kd_dataset * ds,
                              const struct kd_train_cfg * cfg, int epoch, struct kd_step_stats * out) {
     return kd_step_run_(step, ds, cfg, epoch, out, __func__);
+}
+
+enum kd_status kd_step_batch(const struct kd_dataset * ds, const struct kd_train_cfg * cfg,
+                             const struct kd_augment * view_aug, int epoch, int64_t batch, int64_t * idx, float * x0,
+                             float * x1, int * nb) {
+    if (!idx || !x0 || (view_aug && !x1) || !nb) KD_FAIL(KD_ERR_VALUE, "idx, x0, nb (and x1 with view_aug) must not be NULL");
+    struct loop L;
+    KD_TRY(loop_init(&L, __func__, ds, cfg, epoch));
+    enum kd_status st = KD_OK;
+    if (batch < 0 || batch >= L.steps_per_epoch) {
+        st = kd_set_error_(KD_ERR_VALUE, __func__, "batch (%lld) must be in [0, %lld)", (long long)batch,
+                           (long long)L.steps_per_epoch);
+        goto done;
+    }
+    if (view_aug) {
+        L.aug2 = view_aug;
+        if (!(L.x2 = malloc((size_t)L.B * ds->c * ds->h * ds->w * sizeof(float)))) {
+            st = kd_set_error_(KD_ERR_NOMEM, __func__, "cannot allocate the second view");
+            goto done;
+        }
+    }
+    L.step = batch;
+    if ((st = loop_batch(&L)) != KD_OK) goto done;
+    const size_t n = (size_t)L.nb * ds->c * ds->h * ds->w;
+    memcpy(idx, L.idx, (size_t)L.nb * sizeof(int64_t));
+    memcpy(x0, L.x, n * sizeof(float));
+    if (view_aug) memcpy(x1, L.x2, n * sizeof(float));
+    *nb = L.nb;
+done:
+    loop_free(&L);
+    return st;
 }
 
 // ---------------------------------------------------------------------------------------

@@ -75,6 +75,10 @@ extern PyTypeObject NetType;
 extern PyTypeObject OptimType;
 extern PyTypeObject DatasetType;
 
+// objects.c: augmentation helpers
+PyObject * py_ra_apply(PyObject * Py_UNUSED(m), PyObject * args, PyObject * kwds);
+PyObject * py_ra_range(PyObject * Py_UNUSED(m), PyObject * args);
+
 // loops.c
 int parse_schedule(PyObject * o, struct kd_schedule * s);
 int check_gamma(float gamma);
@@ -84,6 +88,7 @@ PyObject * py_mutual_epoch(PyObject * Py_UNUSED(m), PyObject * args, PyObject * 
 PyObject * py_slkd_epoch(PyObject * Py_UNUSED(m), PyObject * args, PyObject * kwds);
 PyObject * py_exits_epoch(PyObject * Py_UNUSED(m), PyObject * args, PyObject * kwds);
 PyObject * py_step_epoch(PyObject * Py_UNUSED(m), PyObject * args, PyObject * kwds);
+PyObject * py_step_batch(PyObject * Py_UNUSED(m), PyObject * args, PyObject * kwds);
 
 // loss_fns.c
 PyObject * py_kd_loss(PyObject * Py_UNUSED(m), PyObject * args, PyObject * kwds);

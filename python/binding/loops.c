@@ -88,6 +88,7 @@ static int check_epoch(int epoch) {
 
 #define MAX_OPTS 32
 #define KD_MAX_CROP_PADDING 65536
+#define KD_MAX_RANDAUGMENT 64
 struct opt_reader { PyObject * dict; const char * what; Py_ssize_t used; const char * known[MAX_OPTS]; int n_known; };
 
 static PyObject * opt_get(struct opt_reader * r, const char * key) {
@@ -182,6 +183,22 @@ static int opt_done(struct opt_reader * r) {
     return -1;
 }
 
+// An augmentation (a dict {crop_padding, hflip, noise_std, randaugment}), validated.
+static int parse_augment(PyObject * d, struct kd_augment * a, const char * what) {
+    if (!PyDict_Check(d)) { PyErr_Format(PyExc_TypeError, "%s must be a dict", what); return -1; }
+    struct opt_reader r = { d, what, 0 };
+    memset(a, 0, sizeof *a);
+    if (opt_i32(&r, "crop_padding", &a->crop_padding) < 0 || opt_bool(&r, "hflip", &a->hflip) < 0 ||
+        opt_float(&r, "noise_std", &a->noise_std) < 0 || opt_i32(&r, "randaugment", &a->randaugment) < 0 ||
+        opt_done(&r) < 0)
+        return -1;
+    const char * bad = a->crop_padding < 0 || a->crop_padding > KD_MAX_CROP_PADDING ? "crop_padding must be in [0, 65536]"
+                     : !(a->noise_std >= 0) || !isfinite(a->noise_std) ? "noise_std must be finite and >= 0"
+                     : a->randaugment < 0 || a->randaugment > KD_MAX_RANDAUGMENT ? "randaugment must be in [0, 64]" : NULL;
+    if (bad) { PyErr_Format(PyExc_ValueError, "%s: %s", what, bad); return -1; }
+    return 0;
+}
+
 // Training options (a dict): batch_size, schedule (tuple), gamma, seed, shuffle, drop_last,
 // max_steps, label_smoothing, crop_padding, hflip, noise_std, callback, callback_every,
 // nonfinite ("raise" or "skip").
@@ -199,7 +216,8 @@ static int parse_train_cfg(PyObject * d, struct kd_train_cfg * cfg, struct callb
         opt_bool(&r, "drop_last", &cfg->drop_last) < 0 || opt_int(&r, "max_steps", &max_steps) < 0 ||
         opt_float(&r, "label_smoothing", &cfg->label_smoothing) < 0 ||
         opt_i32(&r, "crop_padding", &cfg->aug.crop_padding) < 0 || opt_bool(&r, "hflip", &cfg->aug.hflip) < 0 ||
-        opt_float(&r, "noise_std", &cfg->aug.noise_std) < 0 || opt_i32(&r, "callback_every", &cfg->callback_every) < 0 ||
+        opt_float(&r, "noise_std", &cfg->aug.noise_std) < 0 || opt_i32(&r, "randaugment", &cfg->aug.randaugment) < 0 ||
+        opt_i32(&r, "callback_every", &cfg->callback_every) < 0 ||
         opt_done(&r) < 0)
         return -1;
     if (!sched) { PyErr_SetString(PyExc_ValueError, "training options need a schedule"); return -1; }
@@ -221,6 +239,7 @@ static int parse_train_cfg(PyObject * d, struct kd_train_cfg * cfg, struct callb
                      : !(cfg->label_smoothing >= 0 && cfg->label_smoothing <= 1) ? "label_smoothing must be in [0, 1]"
                      : cfg->aug.crop_padding < 0 || cfg->aug.crop_padding > KD_MAX_CROP_PADDING ? "crop_padding must be in [0, 65536]"
                      : !(cfg->aug.noise_std >= 0) || !isfinite(cfg->aug.noise_std) ? "noise_std must be finite and >= 0"
+                     : cfg->aug.randaugment < 0 || cfg->aug.randaugment > KD_MAX_RANDAUGMENT ? "randaugment must be in [0, 64]"
                      : cfg->callback_every < 0 ? "callback_every must be >= 0" : NULL;
     if (bad) { PyErr_Format(PyExc_ValueError, "training option %s", bad); return -1; }
     if (ctx->fn && ctx->fn != Py_None && !PyCallable_Check(ctx->fn)) {
@@ -672,16 +691,23 @@ fail:
 // ---- the step engine: step_epoch(nets, terms, data, epoch, train_options, monitor=None)
 
 // (net, node) pair; node -1 is the output.
+// A reference: (net, node) on view 0, or (net, node, view).
 static int parse_ref(PyObject * o, int n_nets, struct kd_ref * r, const char * what) {
-    int net, node;
-    if (!PyTuple_Check(o) || PyTuple_GET_SIZE(o) != 2 || !PyArg_ParseTuple(o, "ii", &net, &node)) {
+    int net, node, view = 0;
+    const Py_ssize_t n = PyTuple_Check(o) ? PyTuple_GET_SIZE(o) : 0;
+    if ((n != 2 && n != 3) || !PyArg_ParseTuple(o, n == 2 ? "ii" : "iii", &net, &node, &view)) {
         PyErr_Clear();
-        PyErr_Format(PyExc_TypeError, "%s must be a pair (net index, node index), got %R", what, o);
+        PyErr_Format(PyExc_TypeError, "%s must be a tuple (net index, node index[, view]), got %R", what, o);
         return -1;
     }
     if (net < 0 || net >= n_nets) { PyErr_Format(PyExc_ValueError, "%s refers to net %d (the step has %d)", what, net, n_nets); return -1; }
+    if (view < 0 || view >= KD_STEP_MAX_VIEWS) {
+        PyErr_Format(PyExc_ValueError, "%s reads view %d; a step has views 0..%d", what, view, KD_STEP_MAX_VIEWS - 1);
+        return -1;
+    }
     r->net = net;
     r->node = node;
+    r->view = view;
     return 0;
 }
 
@@ -760,13 +786,15 @@ done:
 // the step cycle (kd_step_cfg). Returns the kd_step_stats as a dict.
 PyObject * py_step_epoch(PyObject * Py_UNUSED(m), PyObject * args, PyObject * kwds) {
     static char * kwlist[] = { "nets", "terms", "data", "epoch", "train", "monitor", "logits_net", "cycle",
-                               "cycle_batch", NULL };
-    PyObject * nets_o, * terms_o, * topts, * mon_o = Py_None;
+                               "cycle_batch", "view_aug", NULL };
+    PyObject * nets_o, * terms_o, * topts, * mon_o = Py_None, * vaug_o = Py_None;
     DatasetObject * data;
     int epoch, logits_net = 0, cycle = 0, cycle_batch = 0;
-    if (!PARSE_KW(args, kwds, "OOO!iO|Oiip", kwlist, &nets_o, &terms_o, &DatasetType, &data, &epoch, &topts, &mon_o,
-                  &logits_net, &cycle, &cycle_batch))
+    if (!PARSE_KW(args, kwds, "OOO!iO|OiipO", kwlist, &nets_o, &terms_o, &DatasetType, &data, &epoch, &topts, &mon_o,
+                  &logits_net, &cycle, &cycle_batch, &vaug_o))
         return NULL;
+    struct kd_augment view_aug = { 0 };
+    if (vaug_o != Py_None && parse_augment(vaug_o, &view_aug, "view_aug") < 0) return NULL;
     struct kd_train_cfg cfg;
     struct callback_ctx ctx = { NULL };
     if (parse_train_cfg(topts, &cfg, &ctx) < 0 || check_epoch(epoch) < 0 || check_data(data) < 0) return NULL;
@@ -799,14 +827,21 @@ PyObject * py_step_epoch(PyObject * Py_UNUSED(m), PyObject * args, PyObject * kw
         PyObject * net = opt_get(&r, "net"), * opt = opt_get(&r, "opt"), * lg = opt_get(&r, "logits"),
                  * input = opt_get(&r, "input"), * role = opt_get(&r, "role"), * inputs = opt_get(&r, "inputs");
         int mode = 0;
-        long long salt = 0, nphases = 0;
+        long long salt = 0, nphases = 0, nviews = 0;
         if (opt_i32(&r, "mode", &mode) < 0 || opt_bool(&r, "params_only", &c->params_only) < 0 ||
             opt_int(&r, "phases", &nphases) < 0 ||
             opt_bool(&r, "grad_input", &c->grad_input) < 0 || opt_bool(&r, "detach_input", &c->detach_input) < 0 ||
             opt_float(&r, "noise", &c->input_noise) < 0 ||
             opt_float(&r, "lr_scale", &c->lr_scale) < 0 || opt_float(&r, "clip_norm", &c->clip_norm) < 0 ||
-            opt_int(&r, "salt", &salt) < 0 || opt_i32(&r, "shares", &c->shares) < 0 || opt_done(&r) < 0)
+            opt_int(&r, "salt", &salt) < 0 || opt_i32(&r, "shares", &c->shares) < 0 || opt_int(&r, "views", &nviews) < 0 ||
+            opt_done(&r) < 0)
             goto done;
+        if (nviews < 0 || nviews >= (1ll << KD_STEP_MAX_VIEWS)) {
+            PyErr_Format(PyExc_ValueError, "nets[%zd]: views must be a bit mask of views 0..%d, got %lld", i,
+                         KD_STEP_MAX_VIEWS - 1, nviews);
+            goto done;
+        }
+        c->views = (unsigned)nviews;
         if (mode < 0 || mode > (KD_MODE_TRAIN | KD_MODE_NO_GRAD)) { PyErr_Format(PyExc_ValueError, "nets[%zd]: mode %d is not a kd_mode", i, mode); goto done; }
         c->mode = (unsigned)mode;
         c->salt = (uint64_t)salt;
@@ -955,7 +990,8 @@ PyObject * py_step_epoch(PyObject * Py_UNUSED(m), PyObject * args, PyObject * kw
         }
     }
     struct kd_step_cfg step = { .nets = sn, .n_nets = (int)nn, .terms = terms, .n_terms = (int)nt,
-                                .logits_net = logits_net, .cycle = cycle, .cycle_batch = cycle_batch != 0 };
+                                .logits_net = logits_net, .cycle = cycle, .cycle_batch = cycle_batch != 0,
+                                .view_aug = view_aug };
     if (mon_o != Py_None) {
         if (!PyDict_Check(mon_o)) { PyErr_SetString(PyExc_TypeError, "monitor must be a dict or None"); goto done; }
         struct opt_reader r = { mon_o, "monitor", 0 };
@@ -984,3 +1020,43 @@ done:
 
 // The term kinds and mixes of kdcore.h, by name (Python reads them; no integer is mirrored),
 // and each kind's defaults (kd_term_default).
+
+// step_batch(data, epoch, train, batch, view_aug=None) -> (indices, view 0, view 1 or None):
+// the inputs step_epoch builds for that batch (kd_step_batch).
+PyObject * py_step_batch(PyObject * Py_UNUSED(m), PyObject * args, PyObject * kwds) {
+    static char * kwlist[] = { "data", "epoch", "train", "batch", "view_aug", NULL };
+    DatasetObject * data;
+    PyObject * topts, * vaug_o = Py_None;
+    int epoch;
+    long long batch;
+    if (!PARSE_KW(args, kwds, "O!iOL|O", kwlist, &DatasetType, &data, &epoch, &topts, &batch, &vaug_o)) return NULL;
+    struct kd_train_cfg cfg;
+    struct callback_ctx ctx = { NULL };
+    struct kd_augment va;
+    if (parse_train_cfg(topts, &cfg, &ctx) < 0 || check_epoch(epoch) < 0 || check_data(data) < 0) return NULL;
+    if (vaug_o != Py_None && parse_augment(vaug_o, &va, "view_aug") < 0) return NULL;
+    cfg.callback = NULL;
+    const int B = cfg.batch_size < data->ds.n ? cfg.batch_size : data->ds.n;
+    npy_intp di[1] = { B }, dx[4] = { B, data->ds.c, data->ds.h, data->ds.w };
+    PyObject * idx = PyArray_SimpleNew(1, di, NPY_INT64), * x0 = PyArray_SimpleNew(4, dx, NPY_FLOAT32);
+    PyObject * x1 = vaug_o != Py_None ? PyArray_SimpleNew(4, dx, NPY_FLOAT32) : (Py_INCREF(Py_None), Py_None);
+    PyObject * ret = NULL;
+    if (!idx || !x0 || !x1) goto done;
+    int nb = 0;
+    enum kd_status st;
+    Py_BEGIN_ALLOW_THREADS
+    st = kd_step_batch(&data->ds, &cfg, vaug_o != Py_None ? &va : NULL, epoch, batch, PyArray_DATA((PyArrayObject *)idx),
+                       PyArray_DATA((PyArrayObject *)x0), vaug_o != Py_None ? PyArray_DATA((PyArrayObject *)x1) : NULL, &nb);
+    Py_END_ALLOW_THREADS
+    if (st != KD_OK) { kd_raise(st); goto done; }
+    if (nb < B) {   // a last batch shorter than batch_size: its nb samples
+        Py_SETREF(idx, PySequence_GetSlice(idx, 0, nb));
+        Py_SETREF(x0, PySequence_GetSlice(x0, 0, nb));
+        if (x1 != Py_None) Py_SETREF(x1, PySequence_GetSlice(x1, 0, nb));
+        if (!idx || !x0 || !x1) goto done;
+    }
+    ret = Py_BuildValue("(OOO)", idx, x0, x1);
+done:
+    Py_XDECREF(idx); Py_XDECREF(x0); Py_XDECREF(x1);
+    return ret;
+}

@@ -351,6 +351,20 @@ static int add_enums(PyObject * m) {
     }
     if (!layers || PyModule_AddObject(m, "LAYER_TYPES", layers) < 0) { Py_XDECREF(layers); goto fail; }
     if (PyModule_AddIntConstant(m, "STEP_MAX_PHASES", KD_STEP_MAX_PHASES) < 0) goto fail;
+    if (PyModule_AddIntConstant(m, "STEP_MAX_VIEWS", KD_STEP_MAX_VIEWS) < 0) goto fail;
+    {
+        static const char * ra_names[KD_RA_COUNT] = { "autocontrast", "brightness", "color", "contrast", "equalize",
+                                                      "identity", "posterize", "rotate", "sharpness", "shear_x",
+                                                      "shear_y", "solarize", "translate_x", "translate_y", "cutout" };
+        PyObject * ops = PyDict_New();
+        if (!ops) goto fail;
+        for (int k = 0; k < KD_RA_COUNT; k++) {
+            PyObject * v = PyLong_FromLong(k);
+            if (!v || PyDict_SetItemString(ops, ra_names[k], v) < 0) { Py_XDECREF(v); Py_DECREF(ops); goto fail; }
+            Py_DECREF(v);
+        }
+        if (PyModule_AddObject(m, "RA_OPS", ops) < 0) { Py_DECREF(ops); goto fail; }
+    }
     PyObject * forms = Py_BuildValue("{s:i,s:i}", "code", KD_AT_CODE, "paper", KD_AT_PAPER);
     if (!forms || PyModule_AddObject(m, "AT_FORMS", forms) < 0) { Py_XDECREF(forms); goto fail; }
     PyObject * mixes = Py_BuildValue("{s:i,s:i,s:i}", "losses", KD_MIX_LOSSES, "probs", KD_MIX_PROBS, "logits", KD_MIX_LOGITS);
@@ -371,6 +385,11 @@ fail:
 
 static PyMethodDef module_methods[] = {
     { "step_epoch", (PyCFunction)(void (*)(void))py_step_epoch, METH_VARARGS | METH_KEYWORDS, "one epoch of the step engine" },
+    { "ra_apply", (PyCFunction)(void (*)(void))py_ra_apply, METH_VARARGS | METH_KEYWORDS,
+      "ra_apply(image, op, magnitude, cx=0, cy=0) -> one RandAugment operation on a copy of a (C, H, W) image" },
+    { "ra_range", (PyCFunction)py_ra_range, METH_VARARGS, "ra_range(op) -> (lo, hi) of op's magnitude" },
+    { "step_batch", (PyCFunction)(void (*)(void))py_step_batch, METH_VARARGS | METH_KEYWORDS,
+      "step_batch(data, epoch, train, batch, view_aug=None) -> (indices, view 0, view 1 or None) as step_epoch builds them" },
     { "train_epoch", (PyCFunction)py_train_epoch, METH_VARARGS, "train_epoch(net, opt, data, epoch, train_options)" },
     { "distill_epoch", (PyCFunction)(void (*)(void))py_distill_epoch, METH_VARARGS | METH_KEYWORDS, "one distillation epoch in C" },
     { "mutual_epoch", (PyCFunction)(void (*)(void))py_mutual_epoch, METH_VARARGS | METH_KEYWORDS, "one deep-mutual-learning epoch in C" },

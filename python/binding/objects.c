@@ -694,14 +694,14 @@ fail:
 static Py_ssize_t Dataset_sq_len(DatasetObject * self) { return self->ds.n; }
 static PySequenceMethods Dataset_as_sequence = { .sq_length = (lenfunc)Dataset_sq_len };
 
-// batch(indices, crop_padding=0, hflip=False, noise_std=0, seed=0) -> float32 (N, C, H, W)
+// batch(indices, crop_padding=0, hflip=False, noise_std=0, seed=0, randaugment=0) -> float32 (N, C, H, W)
 static PyObject * Dataset_batch(DatasetObject * self, PyObject * args, PyObject * kwds) {
-    static char * kwlist[] = { "indices", "crop_padding", "hflip", "noise_std", "seed", NULL };
+    static char * kwlist[] = { "indices", "crop_padding", "hflip", "noise_std", "seed", "randaugment", NULL };
     PyObject * io;
-    struct kd_augment aug = { 0, false, 0.0f };
+    struct kd_augment aug = { 0, false, 0.0f, 0 };
     int hflip = 0;
     unsigned long long seed = 0;
-    if (!PARSE_KW(args, kwds, "O|ipfK", kwlist, &io, &aug.crop_padding, &hflip, &aug.noise_std, &seed))
+    if (!PARSE_KW(args, kwds, "O|ipfKi", kwlist, &io, &aug.crop_padding, &hflip, &aug.noise_std, &seed, &aug.randaugment))
         return NULL;
     aug.hflip = hflip;
     if (!self->x) return PyErr_Format(PyExc_RuntimeError, "dataset not initialised");
@@ -724,12 +724,18 @@ static PyObject * Dataset_batch(DatasetObject * self, PyObject * args, PyObject 
                      aug.crop_padding, (double)aug.noise_std);
         goto fail;
     }
+    if (aug.randaugment < 0 || aug.randaugment > 64) {
+        err_printf(PyExc_ValueError, "randaugment (%d) must be in [0, 64]", aug.randaugment);
+        goto fail;
+    }
     npy_intp dims[4] = { n, self->ds.c, self->ds.h, self->ds.w };
     out = PyArray_SimpleNew(4, dims, NPY_FLOAT32);
     if (!out) goto fail;
+    enum kd_status st;
     Py_BEGIN_ALLOW_THREADS
-    kd_data_batch(PyArray_DATA((PyArrayObject *)out), &self->ds, ip, (int)n, &aug, seed);
+    st = kd_data_batch(PyArray_DATA((PyArrayObject *)out), &self->ds, ip, (int)n, &aug, seed);
     Py_END_ALLOW_THREADS
+    if (st != KD_OK) { Py_CLEAR(out); kd_raise(st); }
 fail:
     Py_DECREF(idx);
     return out;
@@ -737,7 +743,7 @@ fail:
 
 static PyMethodDef Dataset_methods[] = {
     { "batch", (PyCFunction)(void (*)(void))Dataset_batch, METH_VARARGS | METH_KEYWORDS,
-      "batch(indices, crop_padding=0, hflip=False, noise_std=0.0, seed=0) -> normalised float32 batch" },
+      "batch(indices, crop_padding=0, hflip=False, noise_std=0.0, seed=0, randaugment=0) -> normalised float32 batch" },
     { NULL, NULL, 0, NULL },
 };
 
@@ -754,3 +760,45 @@ PyTypeObject DatasetType = {
     .tp_as_sequence = &Dataset_as_sequence,
 };
 
+
+// ra_apply(image, op, magnitude, cx=0, cy=0) -> a new float32 (C, H, W) image: one RandAugment
+// operation (kd_ra_apply) on a copy of image.
+PyObject * py_ra_apply(PyObject * Py_UNUSED(m), PyObject * args, PyObject * kwds) {
+    static char * kwlist[] = { "image", "op", "magnitude", "cx", "cy", NULL };
+    PyObject * io;
+    int op;
+    float mag, cx = 0.0f, cy = 0.0f;
+    if (!PARSE_KW(args, kwds, "Oif|ff", kwlist, &io, &op, &mag, &cx, &cy)) return NULL;
+    PyArrayObject * img = get_array(io, NPY_FLOAT32, "image");
+    if (!img) return NULL;
+    PyObject * out = NULL;
+    float * tmp = NULL;
+    if (PyArray_NDIM(img) != 3 || PyArray_SIZE(img) == 0) {
+        PyErr_SetString(PyExc_ValueError, "image must be a non-empty (C, H, W) float32 array");
+        goto fail;
+    }
+    if (check_finite(img, "image") < 0) goto fail;
+    if (op < 0 || op >= KD_RA_COUNT) { PyErr_Format(PyExc_ValueError, "op (%d) must be in [0, %d)", op, (int)KD_RA_COUNT); goto fail; }
+    if (!isfinite(mag) || !isfinite(cx) || !isfinite(cy)) { PyErr_SetString(PyExc_ValueError, "magnitude, cx and cy must be finite"); goto fail; }
+    const npy_intp * d = PyArray_DIMS(img);
+    if (check_int(d[0], "image channels") < 0 || check_int(d[1], "image height") < 0 || check_int(d[2], "image width") < 0)
+        goto fail;
+    out = PyArray_NewCopy(img, NPY_CORDER);
+    tmp = malloc((size_t)PyArray_SIZE(img) * sizeof(float));
+    if (!out || !tmp) { if (!PyErr_Occurred()) PyErr_NoMemory(); Py_CLEAR(out); goto fail; }
+    enum kd_status st = kd_ra_apply(PyArray_DATA((PyArrayObject *)out), (int)d[0], (int)d[1], (int)d[2], op, mag, cx, cy, tmp);
+    if (st != KD_OK) { Py_CLEAR(out); kd_raise(st); }
+fail:
+    free(tmp);
+    Py_DECREF(img);
+    return out;
+}
+
+// ra_range(op) -> (lo, hi): the magnitude range RandAugment draws op's magnitude from.
+PyObject * py_ra_range(PyObject * Py_UNUSED(m), PyObject * args) {
+    int op;
+    if (!PyArg_ParseTuple(args, "i", &op)) return NULL;
+    float lo, hi;
+    if (kd_ra_range(op, &lo, &hi) != KD_OK) return PyErr_Format(PyExc_ValueError, "op (%d) must be in [0, %d)", op, (int)KD_RA_COUNT);
+    return Py_BuildValue("(dd)", (double)lo, (double)hi);
+}

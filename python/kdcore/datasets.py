@@ -205,20 +205,27 @@ def fashion_mnist(split="train", path=None, normalize=True):
 
 
 def _augment_kwargs(augment):
-    """augment: None, True (crop padding 2 + flip), or a dict with crop_padding, hflip, noise_std."""
+    """augment: None, True (crop padding 2 + flip), or a dict with crop_padding, hflip, noise_std and
+    randaugment (operations per image of MLKD's RandAugment, 0 = off; docs/methods/mlkd.md)."""
     if augment is None or augment is False:
         return dict(crop_padding=0, hflip=False, noise_std=0.0)
     if augment is True:
         return dict(crop_padding=2, hflip=True, noise_std=0.0)
     if not isinstance(augment, dict):
         raise TypeError(f"augment must be None, True or a dict, got {type(augment).__name__}")
-    unknown = set(augment) - {"crop_padding", "hflip", "noise_std"}
+    unknown = set(augment) - {"crop_padding", "hflip", "noise_std", "randaugment"}
     if unknown:
-        raise ValueError(f"unknown augment options {sorted(unknown)}; use crop_padding, hflip, noise_std")
+        raise ValueError(f"unknown augment options {sorted(unknown)}; use crop_padding, hflip, noise_std, randaugment")
     cp = augment.get("crop_padding", 0)
     if isinstance(cp, bool) or not isinstance(cp, (int, np.integer)) or cp < 0:
         raise ValueError(f"augment['crop_padding'] must be an int >= 0, got {cp!r}")
     ns = augment.get("noise_std", 0.0)
     if isinstance(ns, bool) or not isinstance(ns, (int, float)) or not np.isfinite(ns) or ns < 0:
         raise ValueError(f"augment['noise_std'] must be a float >= 0, got {ns!r}")
-    return dict(crop_padding=int(cp), hflip=_check_bool("augment['hflip']", augment.get("hflip", False)), noise_std=float(ns))
+    out = dict(crop_padding=int(cp), hflip=_check_bool("augment['hflip']", augment.get("hflip", False)), noise_std=float(ns))
+    ra = augment.get("randaugment", 0)
+    if isinstance(ra, bool) or not isinstance(ra, (int, np.integer)) or not 0 <= ra <= 64:
+        raise ValueError(f"augment['randaugment'] must be an int in [0, 64], got {ra!r}")
+    if ra:
+        out["randaugment"] = int(ra)   # only when on: the training options of other loops stay as they were
+    return out

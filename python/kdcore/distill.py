@@ -27,6 +27,8 @@ from .training import History, _check_model, _Common, predict
 __all__ = ["distill", "mutual", "slkd", "adversarial", "multi_exit", "exit_accuracies", "kl_divergence", "teacher_logits"]
 
 _KINDS = {"ce": 0, "kd": 1, "dkd": 2, "mse": 3}
+# Operations per image of the strong view's RandAugment (MLKD's loader: RandAugment(2, ...)).
+_STRONG_RANDAUGMENT = 2
 # method -> defaults (ce_weight, kd_weight, T, warmup_epochs)
 _DEFAULTS = {"ce": (1.0, 0.0, 4.0, 0), "kd": (0.1, 0.9, 4.0, 0), "dkd": (1.0, 1.0, 4.0, 20), "mse": (1.0, 1.0, 4.0, 0)}
 _MULTI = {"avg_prob": 0, "avg_loss": 1}
@@ -357,7 +359,8 @@ def _distill_terms(student, teacher, c, terms, method, cache, phase="all"):
     plan = _losses.build_plan(student, [teacher], c.train, terms, phase)
     if not _is_choice(cache, ("auto", True, False)):
         raise ValueError(f"cache must be 'auto', True or False, got {cache!r}")
-    cacheable = not c.augmented and not plan.reads_teacher_taps()
+    views = plan.views()
+    cacheable = not c.augmented and not plan.reads_teacher_taps() and views == [1] * len(views)
     if cache is True and not cacheable:
         raise ValueError("teacher outputs cannot be cached with augmentation or when a term reads the teacher's taps")
     teacher.eval()
@@ -374,9 +377,9 @@ def _distill_terms(student, teacher, c, terms, method, cache, phase="all"):
     opt_s = c.opt.bind(student) if train_student else None
     opts = {id(m): c.opt.bind(m) for m, _ in trained}
     nets = [dict(net=student.net, opt=opt_s, mode=modes["train"] if train_student else modes["eval"], salt=0x57D0,
-                 role="student"),
+                 role="student", views=views[0]),
             dict(net=None if logits is not None else teacher.net, logits=logits, mode=modes["eval"], salt=0x7EAC0,
-                 role="teacher")]
+                 role="teacher", views=views[1])]
     for k, (m, src, what, tr) in enumerate(plan.connectors):
         if src is None:
             nets.append(dict(net=m.net, opt=opts[id(m)], params_only=True, role=what))
@@ -388,8 +391,11 @@ def _distill_terms(student, teacher, c, terms, method, cache, phase="all"):
     monitor = dict(src=[(1, -1)])
     val_t = None
 
+    # The strong view (terms with view=1): the batch's augmentation plus MLKD's RandAugment.
+    view_aug = dict(c.augment, randaugment=_STRONG_RANDAUGMENT) if any(v & 2 for v in views) else None
+
     def run(epoch, topts):
-        st = _kdcore.step_epoch(nets, plan.terms, c.train._c, epoch, topts, monitor=monitor)
+        st = _kdcore.step_epoch(nets, plan.terms, c.train._c, epoch, topts, monitor=monitor, view_aug=view_aug)
         # The student's objective: its own terms and those of its connectors.
         row = dict(train_loss=sum(st["net_loss"][i] for i in [0] + list(range(2, len(nets)))))
         for (label, parts), v, p, w, t in zip(plan.labels, st["term_value"], st["term_part"], st["term_weight"],

@@ -136,7 +136,7 @@ def _mlkd_temperatures(temperatures):
 
 def mlkd_loss(student_logits, teacher_logits, temperatures=_MLKD["temperatures"], percentile=_MLKD["percentile"],
               return_parts=False):
-    """MLKD (Jin, Wang & Lin, CVPR 2023; the authors' code, its weak-view losses). For each
+    """MLKD (Jin, Wang & Lin, CVPR 2023; the authors' code, its weak-view multi-level loss). For each
     temperature T, with P = softmax(s / T) and Q = softmax(t / T) (N x classes): the instance
     term T^2 mean_i KL(Q_i || P_i), the class term sum((Q'Q - P'P)^2) / classes (class
     correlations) and the batch term sum((QQ' - PP')^2) / N (sample correlations). The

@@ -40,13 +40,22 @@ def _tap_list(name, v):
 class Loss:
     """A loss term: ``weight`` times the kind's loss, with an optional schedule.
 
+    ``view``: the view of each batch the term reads, 0 (the batch under ``augment``) or 1 (the
+    strong view: the same samples under ``augment`` plus RandAugment of 2 operations and Cutout,
+    as MLKD's loader); the
+    student and the teacher run a forward on each view a term reads, with its own BN batch
+    statistics, and one update from the summed gradients (docs/methods/mlkd.md).
+
     Subclasses set ``kind`` (the C term kind) and ``label`` (the History key) and implement
     ``_add(plan)``, which appends the term's C configuration to the step plan."""
     kind = None
     label = None
     needs_init = False   # it has its own initialisation phase (FT trains its paraphraser there)
 
-    def __init__(self, weight=1.0, warmup_epochs=0, stop_epoch=None, phase="all"):
+    def __init__(self, weight=1.0, warmup_epochs=0, stop_epoch=None, phase="all", view=0):
+        if isinstance(view, bool) or view not in (0, 1):
+            raise ValueError(f"view must be 0 or 1, got {view!r}")
+        self.view = view
         self.weight = _check_float("weight", weight, 0)
         self.warmup_epochs = _check_int("warmup_epochs", warmup_epochs, 0)
         self.stop_epoch = 0 if stop_epoch is None else _check_int("stop_epoch", stop_epoch, 1)
@@ -56,6 +65,13 @@ class Loss:
         self.phase = phase
 
     def _base(self, **kw):
+        if self.view:
+            # the term's references read the strong view
+            for key in ("a", "a2"):
+                if key in kw:
+                    kw[key] = tuple(kw[key][:2]) + (self.view,)
+            if "src" in kw:
+                kw["src"] = [tuple(r[:2]) + (self.view,) for r in kw["src"]]
         return dict(kind=_KINDS[self.kind], weight=self.weight, warmup_epochs=self.warmup_epochs,
                     stop_epoch=self.stop_epoch, **kw)
 
@@ -74,6 +90,8 @@ class Loss:
             d["stop_epoch"] = self.stop_epoch
         if self.phase != "all":
             d["phase"] = self.phase
+        if self.view:
+            d["view"] = self.view
         return d
 
 
@@ -292,30 +310,60 @@ class CTKD(Loss):
 
 
 class MLKD(Loss):
-    """MLKD (Jin, Wang & Lin, CVPR 2023, "Multi-level logit distillation"), on one view of each
-    batch: KD (instance level), the class-correlation (C x C) and sample-correlation (B x B)
+    """MLKD (Jin, Wang & Lin, CVPR 2023, "Multi-level logit distillation"). On the weak view
+    (view 0): KD (instance level), the class-correlation (C x C) and sample-correlation (B x B)
     alignments of the softened predictions, each at every temperature of ``temperatures`` and
     scaled by the fraction of samples (instance, batch) or classes (class) that the teacher's
-    confidence masks keep at ``percentile`` (kdcore.functional.mlkd_loss). The authors also
-    train on a strongly augmented second view of each batch; kdcore's engine feeds every net
-    the same augmented batch, so that half of the method is not here. Defaults: the authors'
-    code, weight 0.9 (with CE 0.1), temperatures (4, 3, 5, 2, 6), percentile 50. The History
-    logs the parts ``mlkd_instance`` and ``mlkd_class_batch`` (unweighted)."""
+    confidence masks keep at ``percentile`` (kdcore.functional.mlkd_loss).
+
+    ``strong_view=True`` (``method='mlkd'``'s recipe) adds the authors' strong-view terms: CE with the labels on the
+    strong view (view 1: see Loss) at ``strong_ce``, and the unmasked KD sum at every
+    temperature, each KD term at this term's weight (and its warm-up and stop epoch), on the
+    strong view's logits except the temperatures in ``kd_on_weak``, which the authors' code
+    takes on the weak logits again (2 and 6). The History logs them, unweighted, as
+    ``mlkd_strong_ce`` and ``mlkd_kd_T<T>`` per temperature. ``strong_view=False`` (the
+    default of the class): the weak view alone. Defaults: the authors' code, weight 0.9 (with
+    CE 0.1), temperatures (4, 3, 5, 2, 6), percentile 50, strong_ce 0.1, kd_on_weak (2, 6).
+    The History logs the parts ``mlkd_instance`` and ``mlkd_class_batch`` (unweighted)."""
     kind, label = "mlkd", "mlkd"
 
     def __init__(self, weight=0.9, temperatures=_DEFAULTS["mlkd"]["temperatures"],
-                 percentile=_DEFAULTS["mlkd"]["percentile"], **kw):
+                 percentile=_DEFAULTS["mlkd"]["percentile"], strong_view=False, strong_ce=0.1, kd_on_weak=(2.0, 6.0),
+                 **kw):
         super().__init__(weight, **kw)
+        if self.view:
+            raise ValueError("MLKD reads both views itself (strong_view); leave view at 0")
         self.temperatures = _mlkd_temperatures(temperatures)
         self.percentile = _check_float("percentile", percentile, 0, 100)
+        self.strong_view = _check_bool("strong_view", strong_view)
+        self.strong_ce = _check_float("strong_ce", strong_ce, 0)
+        if not isinstance(kd_on_weak, (list, tuple)):
+            raise TypeError(f"kd_on_weak must be a tuple of temperatures, got {type(kd_on_weak).__name__}")
+        self.kd_on_weak = tuple(_check_float("kd_on_weak", t, 0, lo_open=True) for t in kd_on_weak)
 
     def _add(self, plan):
         plan.add_term(self, self._base(a=plan.ref(0), src=[plan.ref(1)], temperatures=list(self.temperatures),
                                        percentile=self.percentile),
                       parts=("mlkd_instance", "mlkd_class_batch"))
+        if not self.strong_view:
+            return
+        strong = plan.ref(0) + (1,), plan.ref(1) + (1,)
+        common = dict(warmup_epochs=self.warmup_epochs, stop_epoch=self.stop_epoch)
+        plan.add_term(self, dict(kind=_KINDS["ce"], weight=self.strong_ce, a=strong[0]), label="mlkd_strong_ce")
+        for T in self.temperatures:
+            a, t = (plan.ref(0), plan.ref(1)) if T in self.kd_on_weak else strong
+            plan.add_term(self, dict(kind=_KINDS["kd"], weight=self.weight, a=a, src=[t], T=T, **common),
+                          label=f"mlkd_kd_T{T:g}")
 
     def _options(self):
-        return dict(super()._options(), temperatures=self.temperatures, percentile=self.percentile)
+        d = dict(super()._options(), temperatures=self.temperatures, percentile=self.percentile)
+        if self.strong_view:
+            d["strong_view"] = True
+            if self.strong_ce != 0.1:
+                d["strong_ce"] = self.strong_ce
+            if self.kd_on_weak != (2.0, 6.0):
+                d["kd_on_weak"] = self.kd_on_weak
+        return d
 
 
 class LogitMSE(_LogitLoss):
@@ -907,7 +955,7 @@ METHODS = {
     "normkd": lambda: [CE(0.1), NormKD(0.9, t_norm=2.0)],
     "wttm": lambda: [CE(1.0), WTTM(4.0, gamma=0.2)],
     "ctkd": lambda: [CE(0.1), CTKD(0.9)],
-    "mlkd": lambda: [CE(0.1), MLKD(0.9)],
+    "mlkd": lambda: [CE(0.1), MLKD(0.9, strong_view=True)],
     "fitnet": lambda: [CE(1.0), FitNet(100.0)],
     "at": lambda: [CE(1.0), AT(1000.0)],
     "sp": lambda: [CE(1.0), SP(3000.0)],
@@ -1039,6 +1087,17 @@ class _Plan:
         refs += [src for _, src, _, _ in self.connectors if src is not None]
         refs += [r for rs in self.extra_inputs.values() for r in rs]
         return any(r[0] >= 1 and r[0] < len(self.models) and r[1] >= 0 for r in refs)
+
+    def views(self):
+        """Per model (student, teachers) the bit mask of the views its terms read (view 0 always,
+        the view of the monitor and of every term's default)."""
+        v = [1] * len(self.models)
+        refs = [t["a"] for t in self.terms] + [s for t in self.terms for s in t.get("src", [])]
+        refs += [t["a2"] for t in self.terms if "a2" in t]
+        for r in refs:
+            if len(r) > 2 and r[0] < len(self.models):
+                v[r[0]] |= 1 << r[2]
+        return v
 
     def reads_student(self):
         refs = [t["a"] for t in self.terms] + [s for t in self.terms for s in t.get("src", [])]

@@ -32,7 +32,7 @@ these functions. A recipe (every key but ``method`` optional; defaults are kdcor
     schedule: cosine               # constant, cosine, or {name: multistep, milestones: [4, 6]}
     epochs: 8
     batch_size: 128
-    augment: false                 # true (crop 2 + flip) or {crop_padding, hflip, noise_std}
+    augment: false                 # true (crop 2 + flip) or {crop_padding, hflip, noise_std, randaugment}
     seeds: [0, 1, 2]
 
 The whole schema is ``SCHEMA`` below; ``load`` refuses unknown keys and wrong types with the
@@ -305,8 +305,8 @@ _SCHEDULES = ("constant", "cosine", "multistep")
 _SCHEDULE = OneOf(Str(_SCHEDULES[:2]), Map({
     "name": (Str(_SCHEDULES), REQUIRED), "milestones": (List(Int(1), 1), None), "gamma": (Float(0), None),
     "min_lr": (Float(0), None), "warmup_epochs": (Int(0), None)}, what="a schedule mapping", drop_none=True))
-_AUGMENT = OneOf(Bool(), Map({"crop_padding": (Int(0), 0), "hflip": (Bool(), False), "noise_std": (Float(0), 0.0)},
-                             what="an augment mapping"))
+_AUGMENT = OneOf(Bool(), Map({"crop_padding": (Int(0), 0), "hflip": (Bool(), False), "noise_std": (Float(0), 0.0),
+                              "randaugment": (Int(0), 0)}, what="an augment mapping"))
 _MODEL_FIELDS = {
     "model": (Str(what="a zoo model name (kdcore.models.names())"), REQUIRED),
     "width": (Int(1), None),                   # cnn

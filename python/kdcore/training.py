@@ -278,7 +278,8 @@ class _Common:
             self.opt.lr = _check_float("lr", lr, 0)
         self.sched = make_schedule(schedule)
         self.augment = _augment_kwargs(augment)
-        self.augmented = self.augment["crop_padding"] > 0 or self.augment["hflip"] or self.augment["noise_std"] > 0
+        self.augmented = (self.augment["crop_padding"] > 0 or self.augment["hflip"] or self.augment["noise_std"] > 0
+                          or self.augment.get("randaugment", 0) > 0)
         self.checkpoint, self.checkpoint_every, self.checkpoint_best, self.resume = None, 1, False, False
         self.run_config = {}
         self.track_weights = False
@@ -403,7 +404,7 @@ def fit(model, train, epochs=10, batch_size=128, optimizer="sgd", lr=None, sched
     loop's calls back into Python (progress updates and Ctrl-C checks). schedule: None (constant), 'cosine', or a
     kdcore.optim schedule (MultiStep, Cosine; warmup_epochs on either). augment: None, True
     (random crop with 2-pixel zero padding + horizontal flip) or a dict (crop_padding, hflip,
-    noise_std). max_steps: stop each epoch after this many steps (quick experiments).
+    noise_std, randaugment: operations per image of MLKD's RandAugment, docs/methods/mlkd.md). max_steps: stop each epoch after this many steps (quick experiments).
     callback(epoch, metrics) runs after each epoch; returning True stops training (see
     kdcore.callbacks: ``EarlyStopping(monitor="val_acc", patience=3, restore_best=True)``).
     keep_snapshots: epochs (0-based) after which a copy of the state dict is kept in
