@@ -912,10 +912,8 @@ def _train(cfg, p, seed, callback):
         peers = [student] + [student.fresh(seed=seed + 7919 * k) for k in range(1, opts.pop("peers", 2))]
         return kdcore.mutual(peers, train, **common, **opts)
     if method == "slkd":
-        sl = opts.get("sl_optimizer")
-        if isinstance(sl, dict):
-            sl = dict(sl)
-            opts["sl_optimizer"] = _optimizer(sl, sl.pop("lr", None), "options.sl_")
+        if isinstance(opts.get("sl_optimizer"), dict):   # its lr is one of the mapping's keys
+            opts["sl_optimizer"] = _optimizer(opts["sl_optimizer"], None, "options.sl_")
         return kdcore.slkd(student, teacher, train, **common, **opts)
     if p["losses"] is not None:
         return kdcore.distill(student, teacher, train, losses=p["losses"], **common, **opts)
