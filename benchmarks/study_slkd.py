@@ -54,12 +54,22 @@ the runs go one after another in this process (kdcore's thread count).
 Budget. Seconds per run are printed; a --quick run (1 seed, 2 epochs, the teacher 1 epoch on
 5,000 images, student 1,000 images, validation 1,000, test 2,000; runs under --runs/quick)
 ends with an extrapolation of the full study from its own CPU times (time.process_time of
-this process, so run it with --threads 1 / OMP_NUM_THREADS=1 and without --workers: then
-the number is the time on one core, whatever else loads the machine). The quick run made for
-this script on the 2-core machine while benchmarks ran on it extrapolated the full study to
-~50 min on one core for the mlp pair and ~8.5 h for the conv pair (SLKD's two resnet8x4
-SL-teachers are 90% of it); two workers halve the wall time. The conv pair therefore exceeds
-the issue's two hours on 2 cores at its default budget: --conv-epochs and --seeds trade that.
+this process, so run it with --threads 1 and without --workers: the number is then the time
+on one core): per run, the training epochs scale with epochs x training images, the rest
+(evaluation, SLKD*'s phase 1, the teacher's logits) with epochs x the largest image ratio.
+The quick run made for this script (1 thread, on the 2-core machine while other benchmarks
+loaded it to a load average of 10) extrapolated the full study on one core to 37 min for the
+mlp pair (teacher 4 min; per seed 0.3-0.4 min for scratch and the KD rows, 0.9-1.7 for the
+SLKD rows) and to 836 min for the conv pair (teacher 84 min; per seed 7-10 min for scratch
+and the KD rows, 21.5 for slkd-1sl, 32-39 for the other SLKD rows: the two resnet8x4
+SL-teachers trained and evaluated every epoch). Its speeds were 3-5x below an idle core's
+(resnet8 training ~450 img/s against ~2,000: DEVELOPERS.md's one-thread resnet8 epoch of 1,024
+images in 0.51 s), so on an idle machine expect roughly 10 min
+(mlp) and 4 h (conv) on one core; --workers 2 halves the students' part: about 2.3 h for the
+conv pair. The conv pair thus exceeds the issue's two hours on 2 cores at its default budget
+by a little; --conv-epochs 6 or fewer seeds trade that. With --quick the conv teacher (1
+epoch on 5,000 images) is too weak for its students to learn anything in 16 steps: the quick
+run checks the plumbing and the cost, not the results.
 """
 import argparse
 import datetime
@@ -181,12 +191,12 @@ def extrapolate(grid, costs, out, pair, args):
     r_eval = (DATA["val_split"] + 10000) / (q["data"]["val_split"] + q["data"]["test_size"])
     per_row = {}
     for row in grid:
-        cpu, _, fresh = costs.get((row, 0), (math.nan, 0, False))
+        cpu = costs[(row, 0)][0]
         hist = json.load(open(os.path.join(recipes.run_dir(out, grid[row][1], 0), "history.json")))
         m = json.load(open(os.path.join(recipes.run_dir(out, grid[row][1], 0), "metrics.json")))
         frac = min(1.0, sum(hist["time"]) / m["time"]) if m["time"] > 0 else 1.0
         per_row[row] = cpu * r_epochs * (frac * r_train + (1 - frac) * max(r_train, r_eval))
-    teacher = costs.get(("teacher", None), (math.nan,))[0]
+    teacher = costs[("teacher", None)][0]
     tq, tf = q["teacher"], f["teacher"]
     teacher *= (tf["epochs"] / tq["epochs"]) * (60000 / tq["train_size"])
     total = teacher + sum(per_row.values()) * len(f["seeds"])
@@ -269,6 +279,8 @@ def figure(grid, out, pair, path):
     b.legend(fontsize=7)
     for ax in (a, b):
         ax.xaxis.get_major_locator().set_params(integer=True)
+        # a collapsed run (a student and SL-teachers predicting one class) gives KLs of 1e-100
+        ax.set_ylim(bottom=max(ax.get_ylim()[0], 1e-4))
     fig.suptitle(f"SLKD study (R9), {pair} pair: mean over seeds, band min-max")
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -345,6 +357,10 @@ def main(argv=None):
         if args.quick:
             if args.workers:
                 log("no estimate: with --workers the CPU times of the runs are not measured here")
+                continue
+            if not all(costs.get((row, 0), (0, 0, False))[2] for row in grid) or ("teacher", None) not in costs:
+                log("no estimate: some runs (or the teacher) were finished by an earlier invocation; "
+                    "measure with a fresh --runs")
                 continue
             total, teacher, per_row = extrapolate(grid, costs, out, pair, args)
             n = len(parse_seeds(args.seeds))
