@@ -23,7 +23,8 @@ these functions. A recipe (every key but ``method`` optional; defaults are kdcor
       val_split: 5000              # carved from the training set with the seed (int or fraction)
       test_size: null              # the first N test images (all by default)
     method: kd                     # scratch, any kdcore.losses.METHODS name, mutual, slkd
-    options: {T: 4}                # keyword arguments of the training function, checked
+    options: {T: 4}                # keyword arguments of the training function, checked; slkd's
+                                   #   sl_optimizer: a name or {name, lr, momentum, ...}
     losses:                        # instead of a method's reference terms: kdcore.losses terms
       - {kind: CE, weight: 1}
       - {kind: AT, weight: 1000, p: 2}
@@ -296,11 +297,15 @@ def _zoo_names():
 
 
 _OPTIMIZERS = ("sgd", "adam", "adamw")
-_OPTIMIZER = OneOf(Str(_OPTIMIZERS), Map({
+_OPTIMIZER_FIELDS = {
     "name": (Str(_OPTIMIZERS), REQUIRED), "momentum": (Float(0, 1, hi_open=True), None),
     "weight_decay": (Float(0), None), "nesterov": (Bool(), None), "dampening": (Float(0, 1), None),
     "betas": (List(Float(0, 1, hi_open=True), 2, 2), None), "eps": (Float(0, lo_open=True), None),
-    "decay_bn_and_bias": (Bool(), None)}, what="an optimizer mapping", drop_none=True))
+    "decay_bn_and_bias": (Bool(), None)}
+_OPTIMIZER = OneOf(Str(_OPTIMIZERS), Map(_OPTIMIZER_FIELDS, what="an optimizer mapping", drop_none=True))
+# slkd's sl_optimizer: an optimizer of its own, so its mapping carries its lr too
+_SL_OPTIMIZER = OneOf(Str(_OPTIMIZERS), Map(dict(_OPTIMIZER_FIELDS, lr=(Float(0), None)),
+                                            what="an optimizer mapping (with lr)", drop_none=True))
 _SCHEDULES = ("constant", "cosine", "multistep")
 _SCHEDULE = OneOf(Str(_SCHEDULES[:2]), Map({
     "name": (Str(_SCHEDULES), REQUIRED), "milestones": (List(Int(1), 1), None), "gamma": (Float(0), None),
@@ -375,13 +380,12 @@ _RECIPE_SETS = {"epochs": "epochs", "batch_size": "batch_size", "optimizer": "op
                 "schedule": "schedule", "augment": "augment", "seed": "seeds", "method": "method",
                 "losses": "losses", "val": "data.val_split"}
 _NOT_OPTIONS = {"student", "teacher", "train", "models", "model", "val", "progress", "callback", "callback_every",
-                "checkpoint", "checkpoint_every", "checkpoint_best", "resume", "sl_teachers", "sl_optimizer",
-                "keep_snapshots"}
+                "checkpoint", "checkpoint_every", "checkpoint_best", "resume", "sl_teachers", "keep_snapshots"}
 # Options whose default (None) says nothing of their type.
 _OPTION_SPECS = {"T": Float(0, lo_open=True), "ce_weight": Float(0), "kd_weight": Float(0), "max_steps": Int(1),
                  "warmup_epochs": Int(0), "kd_stop_epoch": Int(1), "init_epochs": Int(1), "hint_epochs": Int(0),
                  "teacher_weights": List(Float(0), 1), "tolerant": List(Float(0), 2, 2),
-                 "cache": OneOf(Bool(), Str(["auto"])), "peers": Int(2)}
+                 "cache": OneOf(Bool(), Str(["auto"])), "peers": Int(2), "sl_optimizer": _SL_OPTIMIZER}
 # distill's options for the logit methods only (it refuses them with feature methods and losses=).
 _LOGIT_ONLY = {"T", "alpha", "beta", "warmup_epochs", "kd_stop_epoch", "conditional", "teacher_weights", "multi",
                "learn_gates", "gate_lr", "teacher_drop", "fickle", "student_noise", "tolerant"}
@@ -519,12 +523,15 @@ def _validate(raw):
         if isinstance(s, dict) and (s["name"] == "multistep") != (s.get("milestones") is not None):
             raise RecipeError(f"{where}schedule.milestones: " + ("required by multistep" if s.get("milestones") is None
                                                                   else "only for multistep"))
-        o = c.get("optimizer")
-        if isinstance(o, dict):
-            sgd_only, adam_only = ("momentum", "nesterov", "dampening"), ("betas", "eps")
-            for k in sgd_only if o["name"] != "sgd" else adam_only:
-                if o.get(k) is not None:
-                    raise RecipeError(f"{where}optimizer.{k}: not an option of {o['name']}")
+        optimizers = [(f"{where}optimizer", c.get("optimizer"))]
+        if not where:
+            optimizers.append(("options.sl_optimizer", cfg["options"].get("sl_optimizer")))
+        for name, o in optimizers:
+            if isinstance(o, dict):
+                sgd_only, adam_only = ("momentum", "nesterov", "dampening"), ("betas", "eps")
+                for k in sgd_only if o["name"] != "sgd" else adam_only:
+                    if o.get(k) is not None:
+                        raise RecipeError(f"{name}.{k}: not an option of {o['name']}")
     if len(set(cfg["seeds"])) != len(cfg["seeds"]):
         raise RecipeError(f"seeds: a seed appears twice in {cfg['seeds']}")
     return cfg
@@ -905,6 +912,8 @@ def _train(cfg, p, seed, callback):
         peers = [student] + [student.fresh(seed=seed + 7919 * k) for k in range(1, opts.pop("peers", 2))]
         return kdcore.mutual(peers, train, **common, **opts)
     if method == "slkd":
+        if isinstance(opts.get("sl_optimizer"), dict):   # its lr is one of the mapping's keys
+            opts["sl_optimizer"] = _optimizer(opts["sl_optimizer"], None, "options.sl_")
         return kdcore.slkd(student, teacher, train, **common, **opts)
     if p["losses"] is not None:
         return kdcore.distill(student, teacher, train, losses=p["losses"], **common, **opts)
