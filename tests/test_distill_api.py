@@ -185,6 +185,25 @@ def test_multi_exit_api(data, teacher):
     np.testing.assert_allclose(m2.eval()(x), b.eval()(x), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("fuse", ["logits", "probs"])
+def test_slkd_kl_to_fused_sl_teacher_at_T1(data, teacher, fuse):
+    """kl_student_slt is KL(p_s || q) at T=1 on val, q the SL-teachers fused as the run fuses
+    them (rho-weighted logits, or rho-weighted probabilities), whatever the training T."""
+    tr, te = data
+    s = mlp(seed=8)
+    h = kdcore.slkd(s, teacher, tr, epochs=1, val=te, fuse=fuse, rho=0.7, T=4.0, **KW)
+
+    def softmax(z):
+        z = np.asarray(z, np.float64)
+        e = np.exp(z - z.max(1, keepdims=True))
+        return e / e.sum(1, keepdims=True)
+    z0, z1 = (kdcore.predict(m, te) for m in s.sl_teachers)
+    q = softmax(0.7 * z0 + 0.3 * z1) if fuse == "logits" else 0.7 * softmax(z0) + 0.3 * softmax(z1)
+    ps = softmax(kdcore.predict(s, te))
+    want = float(np.mean(np.sum(ps * (np.log(ps) - np.log(q)), 1)))
+    assert h.last["kl_student_slt"] == pytest.approx(want, rel=1e-4)
+
+
 def test_slkd_sequential_and_options(data, teacher):
     tr, te = data
     s = mlp(seed=8)

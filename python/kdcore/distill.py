@@ -610,7 +610,8 @@ def slkd(student, teacher, train, sl_teachers=None, n_sl=2, epochs=10, batch_siz
         if fuse == "logits":
             z = r * zs[0] + ((1 - r) * zs[1] if n_sl == 2 else 0)
             return _kdcore.softmax(z.astype(np.float32), 1.0), zs
-        p = r * _kdcore.softmax(zs[0], T) + ((1 - r) * _kdcore.softmax(zs[1], T) if n_sl == 2 else 0)
+        # the monitor is at T=1 as for the teacher (the training mixes the T-softened outputs)
+        p = r * _kdcore.softmax(zs[0], 1.0) + ((1 - r) * _kdcore.softmax(zs[1], 1.0) if n_sl == 2 else 0)
         return p.astype(np.float32), zs
 
     def extra():
