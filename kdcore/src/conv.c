@@ -63,7 +63,7 @@ struct conv_plan {
 // Where Winograd runs unless forced (KD_WINO_RULE_TEXT says it): measured on the zoo's shapes
 // (benchmarks/PERF_NOTES.md, "Winograd F(2x2,3x3)").
 static int wino_rule(const struct kd_conv_shape * s) {
-    return s->C >= 64 && s->OC >= 64;
+    return s->C >= 32 && s->OC >= 32;
 }
 
 // Everything is sized for both directions: one workspace serves forward and backward.

@@ -59,10 +59,10 @@ struct wino_plan {
     int nb;                                  // tiles per block (multiple of CV_NR)
     size_t u_off, o_off, shared;             // shared: packed U, row offsets of V
     size_t v_off, m_off, r_off, y_off, per;  // per thread: V, M, row buffers
-    size_t m_n;                              // floats of M
+    size_t m_n, p_off, p_n;                  // floats of M; the padded input image
 };
 // The shape rule (conv.c): Winograd where it measured faster, as kd_winograd_config says it.
-#define KD_WINO_RULE_TEXT "C, OC >= 64"
+#define KD_WINO_RULE_TEXT "C, OC >= 32"
 int kd_wino_eligible(const struct kd_conv_shape * s);
 int kd_wino_enabled(void);
 int kd_wino_plan(const struct kd_conv_shape * s, struct wino_plan * w);

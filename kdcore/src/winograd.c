@@ -72,7 +72,7 @@ int kd_wino_eligible(const struct kd_conv_shape * s) {
 }
 
 // Floats of a row buffer for n tiles: the vector loops below run in whole groups of 8 tiles
-// and read 2 columns past them.
+// and read 2 columns past them (2*round_up(n, 8) + 2 <= this, a multiple of 8).
 static inline size_t wino_rowlen(size_t n) { return 2 * round_up(n, 8) + 8; }
 
 // Tiles per block for a product of up to ci input and co output channels: the block's
@@ -97,7 +97,12 @@ int kd_wino_plan(const struct kd_conv_shape * s, struct wino_plan * w) {
     w->o_off = sreserve(&bad, &top, smul(&bad, cmax, sizeof(ptrdiff_t) / sizeof(float)));
     w->shared = top;
     top = 0;
-    w->v_off = sreserve(&bad, &top, smul(&bad, smul(&bad, 16, cmax), w->nb));
+    w->v_off = sreserve(&bad, &top, smul(&bad, smul(&bad, 16, cmax), w->nb + 8));   // row stride nb + 8
+    // the zero-padded input image: ci planes of (2*th + 2) rows of wino_rowlen(tw) floats
+    size_t pf = smul(&bad, C, smul(&bad, (size_t)(s->OH + 1) / 2 * 2 + 2, wino_rowlen(((size_t)s->OW + 1) / 2)));
+    size_t pb = smul(&bad, OC, smul(&bad, (size_t)(s->H + 1) / 2 * 2 + 2, wino_rowlen(((size_t)s->W + 1) / 2)));
+    w->p_n = sadd(&bad, zmax(pf, pb), 16);   // the last row's groups of 8 tiles read up to 14 floats past it
+    w->p_off = sreserve(&bad, &top, w->p_n);
     w->m_n = sadd(&bad, smul(&bad, smul(&bad, 16, cpmax), w->nb), 8);                 // + slack of output_tile8
     w->m_off = sreserve(&bad, &top, w->m_n);
     w->r_off = sreserve(&bad, &top, smul(&bad, 4, wino_rowlen(tw)));    // B^T d, 4 rows
@@ -192,48 +197,32 @@ static inline void interleave(v8f a, v8f b, v8f * lo, v8f * hi) {
 }
 #endif
 
-// 8 columns k .. k+7 of an input row: row[x0 + k + i] where 0 <= x0 + k + i < wi, else 0
-// (row NULL: the row is padding).
-static inline v8f row8(const float * row, int x0, int k, int wi) {
-    if (row != NULL && x0 + k >= 0 && x0 + k + 8 <= wi) { return v8_load(row + x0 + k); }
-    float t[8];
-    for (int i = 0; i < 8; i++) {
-        int x = x0 + k + i;
-        t[i] = row != NULL && x >= 0 && x < wi ? row[x] : 0.0f;
-    }
-    return v8_load(t);
-}
-
-// V_xi[c][col + j] (row stride nb, position xi at v + xi*ci*nb) for the n tiles (row th, columns
-// tw0 .. tw0+n-1) of the plane x (hi x wi) of every input channel c. rows: 4 row buffers.
-static void input_transform(float * v, size_t nb, size_t col, const float * x, const struct wino_dims * d,
+// V_xi[c][col + j] (row stride ldv, position xi at v + xi*ci*ldv) for the n tiles (row th,
+// columns tw0 .. tw0+n-1) of the zero-padded image xp (ci planes of plane floats, row stride
+// wp; tile (th, tw) at row 2*th, column 2*tw). Stores run in whole groups of 8 tiles: the
+// columns past the n tiles (at most 7, within the row's slack of 8) are overwritten by the
+// next segment or are past the block's last tile (read by the product and dropped).
+static void input_transform(float * v, size_t ldv, size_t col, const float * xp, size_t plane, size_t wp, int ci,
                             int th, int tw0, int n, float * rows) {
-    size_t HW = (size_t)d->hi * d->wi, vs = (size_t)d->ci * nb, rl = wino_rowlen((size_t)n);
-    int x0 = 2 * tw0 - d->pad, ne = 2 * n + 2, full = n / 8 * 8;
-    float * e[4];
-    for (int i = 0; i < 4; i++) { e[i] = rows + (size_t)i * rl; }
-    for (int c = 0; c < d->ci; c++) {
-        const float * plane = x + (size_t)c * HW, * r[4];
-        for (int i = 0; i < 4; i++) {
-            int ih = 2 * th - d->pad + i;
-            r[i] = ih >= 0 && ih < d->hi ? plane + (size_t)ih * d->wi : NULL;
-        }
+    size_t vs = (size_t)ci * ldv, rl = wino_rowlen((size_t)n);
+    float * e0 = rows, * e1 = rows + rl, * e2 = rows + 2 * rl, * e3 = rows + 3 * rl;
+    for (int c = 0; c < ci; c++) {
+        const float * r0 = xp + (size_t)c * plane + (size_t)(2 * th) * wp + 2 * (size_t)tw0;
+        const float * r1 = r0 + wp, * r2 = r1 + wp, * r3 = r2 + wp;
         // B^T d: the rows
-        for (int k = 0; k < ne; k += 8) {
-            v8f d0 = row8(r[0], x0, k, d->wi), d1 = row8(r[1], x0, k, d->wi);
-            v8f d2 = row8(r[2], x0, k, d->wi), d3 = row8(r[3], x0, k, d->wi);
-            v8_store(e[0] + k, v8_sub(d0, d2));
-            v8_store(e[1] + k, v8_add(d1, d2));
-            v8_store(e[2] + k, v8_sub(d2, d1));
-            v8_store(e[3] + k, v8_sub(d1, d3));
+        for (size_t k = 0; k < rl; k += 8) {
+            v8f d0 = v8_load(r0 + k), d1 = v8_load(r1 + k), d2 = v8_load(r2 + k), d3 = v8_load(r3 + k);
+            v8_store(e0 + k, v8_sub(d0, d2));
+            v8_store(e1 + k, v8_add(d1, d2));
+            v8_store(e2 + k, v8_sub(d2, d1));
+            v8_store(e3 + k, v8_sub(d1, d3));
         }
         // (B^T d) B: the columns of each tile
-        float * vc = v + (size_t)c * nb + col;
+        float * vc = v + (size_t)c * ldv + col;
         for (int a = 0; a < 4; a++) {
-            const float * q = e[a];
+            const float * q = rows + (size_t)a * rl;
             float * v0 = vc + (size_t)(4 * a) * vs, * v1 = v0 + vs, * v2 = v1 + vs, * v3 = v2 + vs;
-            int j = 0;
-            for (; j < full; j += 8) {
+            for (int j = 0; j < n; j += 8) {
                 v8f q0, q1, q2, q3;
                 deinterleave(q + 2 * j, &q0, &q1);
                 deinterleave(q + 2 * j + 2, &q2, &q3);
@@ -241,13 +230,6 @@ static void input_transform(float * v, size_t nb, size_t col, const float * x, c
                 v8_store(v1 + j, v8_add(q1, q2));
                 v8_store(v2 + j, v8_sub(q2, q1));
                 v8_store(v3 + j, v8_sub(q1, q3));
-            }
-            for (; j < n; j++) {
-                float q0 = q[2 * j], q1 = q[2 * j + 1], q2 = q[2 * j + 2], q3 = q[2 * j + 3];
-                v0[j] = q0 - q2;
-                v1[j] = q1 + q2;
-                v2[j] = q2 - q1;
-                v3[j] = q1 - q3;
             }
         }
     }
@@ -302,13 +284,18 @@ static void output_transform(float * y, const float * m, size_t nb, size_t cop, 
                     store16(dr, t[2 * r], t[2 * r + 1], acc, bias != NULL, bv);
                     continue;
                 }
-                // the last, partial group: through a buffer, the same operations per element
-                v8_store(rows, t[2 * r]);
-                v8_store(rows + 8, t[2 * r + 1]);
-                for (int k = 0; k < cnt; k++) {
-                    if (acc) { dr[k] = dr[k] + rows[k]; }
-                    else { dr[k] = bias != NULL ? rows[k] + bf : rows[k]; }
+                // the last, partial group: 8 columns at once if there are, the rest through a
+                // buffer, the same operation per element
+                v8f rest = t[2 * r];
+                if (cnt >= 8) {
+                    v8f u = acc ? v8_add(v8_load(dr), rest) : bias != NULL ? v8_add(rest, bv) : rest;
+                    v8_store(dr, u);
+                    dr += 8; cnt -= 8; rest = t[2 * r + 1];
                 }
+                v8_store(rows, rest);
+                if (acc) { for (int k = 0; k < cnt; k++) { dr[k] = dr[k] + rows[k]; } }
+                else if (bias != NULL) { for (int k = 0; k < cnt; k++) { dr[k] = rows[k] + bf; } }
+                else { for (int k = 0; k < cnt; k++) { dr[k] = rows[k]; } }
             }
         }
     }
@@ -328,10 +315,15 @@ static void wino_run(float * y, const float * x, int N, const struct wino_dims *
     batch_chunk(&n0, &n1, N, kd_omp_tid(), kd_omp_team());
     float * tw = ws + shared + (size_t)kd_omp_tid() * per;
     float * v = tw + w->v_off, * m = tw + w->m_off, * rows = tw + w->r_off, * yrow = tw + w->y_off;
+    float * xp = tw + w->p_off;
+    size_t ldv = nb + 8, wp = wino_rowlen((size_t)d->tw), hp = 2 * (size_t)d->th + 2, plane = hp * wp;
     if (n0 >= n1) { return; }
-    // Columns past a short last block are read by the micro-kernel and dropped: finite.
-    memset(v, 0, 16 * ci * nb * sizeof(float));
+    // Zeroed once: the padded image's border (never written afterwards), the columns of V past
+    // a short last block (read by the micro-kernel and dropped) and M's slack must be finite.
+    memset(v, 0, 16 * ci * ldv * sizeof(float));
     memset(m, 0, w->m_n * sizeof(float));
+    memset(xp, 0, w->p_n * sizeof(float));
+    size_t cur = SIZE_MAX;     // the image in xp
     size_t total = (size_t)(n1 - n0) * T;
     for (size_t b0 = 0; b0 < total; b0 += nb) {
         size_t b1 = zmin(total, b0 + nb), npix = round_up(b1 - b0, CV_NR);
@@ -339,11 +331,21 @@ static void wino_run(float * y, const float * x, int N, const struct wino_dims *
             size_t img = (size_t)n0 + g / T, t = g % T;
             int th = (int)(t / (size_t)d->tw), tw0 = (int)(t % (size_t)d->tw);
             int n = (int)zmin((size_t)(d->tw - tw0), b1 - g);
-            input_transform(v, nb, g - b0, x + img * ci * HWi, d, th, tw0, n, rows);
+            if (img != cur) {
+                for (size_t c = 0; c < ci; c++) {
+                    const float * src = x + (img * ci + c) * HWi;
+                    float * dst = xp + c * plane + (size_t)d->pad * wp + (size_t)d->pad;
+                    for (int h = 0; h < d->hi; h++) {
+                        memcpy(dst + (size_t)h * wp, src + (size_t)h * d->wi, (size_t)d->wi * sizeof(float));
+                    }
+                }
+                cur = img;
+            }
+            input_transform(v, ldv, g - b0, xp, plane, wp, d->ci, th, tw0, n, rows);
             g += (size_t)n;
         }
         for (int xi = 0; xi < 16; xi++) {
-            const float * A = Ap + (size_t)xi * cop * ci, * B = v + (size_t)xi * ci * nb;
+            const float * A = Ap + (size_t)xi * cop * ci, * B = v + (size_t)xi * ci * ldv;
             float * Cm = m + (size_t)xi * cop * nb;
             for (int k0 = 0; k0 < (int)ci; k0 += kc) {
                 int kn = imin(kc, (int)ci - k0);
@@ -378,7 +380,7 @@ static void wino_call(float * y, const float * x, const float * weight, const fl
     d.tw = (d.wo + 1) / 2;
     float * Ap = ws + w->u_off;
     ptrdiff_t * off = (ptrdiff_t *)(ws + w->o_off);
-    for (int k = 0; k < d.ci; k++) { off[k] = (ptrdiff_t)((size_t)k * (size_t)w->nb); }
+    for (int k = 0; k < d.ci; k++) { off[k] = (ptrdiff_t)((size_t)k * ((size_t)w->nb + 8)); }
     fwd_ukr_fn ukr = kd_conv_kernels().fwd;
     #pragma omp parallel
     {

@@ -586,11 +586,11 @@ static void test_wino(struct kd_conv_shape s, int has_bias, uint64_t seed, float
     conv_bufs_free(&q);
 }
 
-// The automatic choice follows the shape rule (C, OC >= 64): Winograd's bits there, the
-// direct path's below; the workspace does not depend on the forced path.
+// The automatic choice follows the shape rule (C, OC >= 32): Winograd's bits there, the
+// direct path's below (C 16 < 32 <= OC); the workspace does not depend on the forced path.
 static void test_wino_rule(void) {
     for (int big = 0; big <= 1; big++) {
-        struct kd_conv_shape s = conv_shape(2, big ? 64 : 32, 9, 8, big ? 64 : 48, 3, 1, 1, 1);
+        struct kd_conv_shape s = conv_shape(2, big ? 32 : 16, 9, 8, big ? 40 : 64, 3, 1, 1, 1);
         struct conv_bufs q = conv_bufs_new(&s, 1, 950 + big);
         kd_conv_force_path(0);
         size_t w0 = kd_conv2d_workspace(&s, 2);
@@ -605,7 +605,7 @@ static void test_wino_rule(void) {
         kd_conv_force_path(0);
         int same = bitwise_equal(auto_out, wino_out, q.no) && bitwise_equal(auto_dx, wino_dx, q.ni);
         CHECK(same == big, "automatic choice C%d OC%d: %s Winograd's result", s.C, s.OC, same ? "equals" : "differs from");
-        CHECK(strstr(kd_winograd_config(), "on (KDCORE_WINOGRAD unset); F(2x2,3x3) for stride-1 3x3 convs with C, OC >= 64")
+        CHECK(strstr(kd_winograd_config(), "on (KDCORE_WINOGRAD unset); F(2x2,3x3) for stride-1 3x3 convs with C, OC >= 32")
               != NULL || getenv("KDCORE_WINOGRAD") != NULL, "kd_winograd_config: %s", kd_winograd_config());
         free(work); free(auto_out); free(wino_out); free(auto_dx); free(wino_dx);
         conv_bufs_free(&q);
