@@ -25,6 +25,9 @@
 //   count only through rounding.
 // - Kernels: AVX-512 (runtime check) and portable C that performs exactly the same float
 //   operations in the same order (bitwise equal; the C tests compare them).
+// - Winograd F(2x2, 3x3) (winograd.c) runs the forward and input gradient of stride-1 3x3
+//   convs with padding 0 or 1 and no groups where wino_rule says (KDCORE_WINOGRAD=0: never);
+//   their weight gradient stays on the shift or col path.
 // Depthwise convs (one input and one output channel per group) use direct loops.
 
 #include "kernels.h"

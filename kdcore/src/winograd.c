@@ -15,7 +15,9 @@
 //
 // Work: each thread takes a contiguous share of the batch (as conv.c) and runs its tiles,
 // across image boundaries, in blocks of nb tiles (a multiple of the micro-kernel's 32), so
-// that the block's transformed input and products stay near L2.
+// that the block's transformed input and products stay near L2. Each image is first copied
+// into a zero-padded buffer, so that the input transform reads whole vectors without edge
+// cases; the transforms run 8 tiles per vector.
 //
 //   B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1]
 //   G   = [1 0 0; 1/2 1/2 1/2; 1/2 -1/2 1/2; 0 0 1]
@@ -25,27 +27,21 @@
 
 // KDCORE_WINOGRAD: unset, empty, "1" or "on" enable it (where the shape rule picks it), "0" or
 // "off" disable it. Read once.
-static int wino_state = -1;          // -1 not read yet; 0 off; 1 on (relaxed atomic)
+static pthread_once_t wino_once = PTHREAD_ONCE_INIT;
+static int wino_on = 1, wino_env_bad = 0;
 static char wino_env[40];
-static int wino_env_bad = 0;
+
+static void wino_read_env_once(void) {
+    const char * e = getenv("KDCORE_WINOGRAD");
+    if (e == NULL) { return; }
+    snprintf(wino_env, sizeof wino_env, "%s", e);
+    if (strcmp(e, "0") == 0 || strcasecmp(e, "off") == 0) { wino_on = 0; }
+    else if (!(e[0] == '\0' || strcmp(e, "1") == 0 || strcasecmp(e, "on") == 0)) { wino_env_bad = 1; }
+}
 
 static int wino_read_env(void) {
-    int st = __atomic_load_n(&wino_state, __ATOMIC_ACQUIRE);
-    if (st >= 0) { return st; }
-    const char * e = getenv("KDCORE_WINOGRAD");
-    int on = 1, bad = 0;
-    char buf[40] = "";
-    if (e != NULL) {
-        snprintf(buf, sizeof buf, "%s", e);
-        if (strcmp(e, "0") == 0 || strcasecmp(e, "off") == 0) { on = 0; }
-        else if (!(e[0] == '\0' || strcmp(e, "1") == 0 || strcasecmp(e, "on") == 0)) { bad = 1; }
-    }
-    // Every thread computes the same values from the same environment, so a race only
-    // repeats the work.
-    memcpy(wino_env, buf, sizeof wino_env);
-    wino_env_bad = bad;
-    __atomic_store_n(&wino_state, on, __ATOMIC_RELEASE);
-    return on;
+    pthread_once(&wino_once, wino_read_env_once);
+    return wino_on;
 }
 
 int kd_wino_enabled(void) { return wino_read_env(); }

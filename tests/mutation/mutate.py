@@ -74,6 +74,9 @@ ADV = "tests/test_adversarial_datafree_torch.py"
 DATAFREE = "python/kdcore/datafree.py"
 MLKD_T = "tests/test_mlkd_torch.py"
 ADV_KD = "tests/test_adversarial_kd_torch.py"
+WINO = "kdcore/src/winograd.c"
+WINO_T = "tests/test_winograd.py"
+LAYERS_TORCH = "tests/test_layers_torch.py"
 
 
 def t(path, *names):
@@ -614,6 +617,19 @@ MUTATIONS = [
          what="linear_cka's forwards shift the model's later dropout draws",
          old="            m._step = step\n", new="            pass\n",
          tests=t(METRICS_T, "test_cka_runs_eval_mode_and_leaves_the_dropout_stream")),
+    # ---- Winograd F(2x2,3x3) (winograd.c): the convs with C, OC >= 32 run it by default, so
+    # the PyTorch parity of conv layers and the switch's comparison with the direct path see it
+    dict(name="winograd_kernel_coefficient", file=WINO, what="Winograd's kernel transform: a G coefficient 1/4, not 1/2",
+         old="h[2][b] = ((k[0][b] - k[1][b]) + k[2][b]) * 0.5f;", new="h[2][b] = ((k[0][b] - k[1][b]) + k[2][b]) * 0.25f;",
+         tests=t(LAYERS_TORCH, "test_conv2d") + [WINO_T]),
+    dict(name="winograd_padding_shift", file=WINO,
+         what="Winograd's padded image without its left padding column (inputs shifted by one column)",
+         old="float * dst = xp + c * plane + (size_t)d->pad * wp + (size_t)d->pad;",
+         new="float * dst = xp + c * plane + (size_t)d->pad * wp;",
+         tests=t(LAYERS_TORCH, "test_conv2d") + [WINO_T]),
+    dict(name="winograd_output_sign", file=WINO, what="Winograd's output transform: a sign of A^T wrong (odd rows and columns)",
+         old="v8f b1 = v8_sub(v8_sub(u1[1], u1[2]), u1[3]);", new="v8f b1 = v8_sub(v8_add(u1[1], u1[2]), u1[3]);",
+         tests=t(LAYERS_TORCH, "test_conv2d") + [WINO_T]),
 ]
 
 NAMES = [m["name"] for m in MUTATIONS]
