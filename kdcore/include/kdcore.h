@@ -133,6 +133,9 @@ KD_API const char * kd_isa_name(enum kd_isa isa);
 // The instruction set in use and how it was chosen, e.g. "avx2 (KDCORE_ISA=avx2; CPU
 // supports avx512 avx2 portable)" or "avx2 (automatic; KDCORE_ISA=avx3 refused: ...)".
 KD_API const char * kd_isa_config(void);
+// Whether Winograd F(2x2,3x3) runs the stride-1 3x3 convs (KDCORE_WINOGRAD=0 turns it off;
+// read once) and for which shapes, e.g. "on (KDCORE_WINOGRAD unset); F(2x2,3x3) for ...".
+KD_API const char * kd_winograd_config(void);
 
 // ---------------------------------------------------------------------------------------
 // Networks: a list of nodes in topological order. Each node reads one input (two for

@@ -25,18 +25,22 @@
 //   count only through rounding.
 // - Kernels: AVX-512 (runtime check) and portable C that performs exactly the same float
 //   operations in the same order (bitwise equal; the C tests compare them).
+// - Winograd F(2x2, 3x3) (winograd.c) runs the forward and input gradient of stride-1 3x3
+//   convs with padding 0 or 1 and no groups where wino_rule says (KDCORE_WINOGRAD=0: never);
+//   their weight gradient stays on the shift or col path.
 // Depthwise convs (one input and one output channel per group) use direct loops.
 
 #include "kernels.h"
 
-// Conv path hook for the C tests and benchmarks: 0 automatic, 1 shift, 2 col.
+// Conv path hook for the C tests and benchmarks: 0 automatic, 1 shift, 2 col (both without
+// Winograd), 3 Winograd wherever the shape allows it (weight gradient on the automatic path).
 static int kd_path_forced = 0;
 void kd_conv_force_path(int path);
 void kd_conv_force_path(int path) { __atomic_store_n(&kd_path_forced, path, __ATOMIC_RELAXED); }
 
 // ---- plan: path, blocking and workspace layout ---------------------------------------------
 
-enum { CONV_SHIFT = 1, CONV_COL = 2 };
+enum { CONV_SHIFT = 1, CONV_COL = 2, CONV_WINO = 3 };
 
 struct conv_plan {
     int path;
@@ -55,7 +59,15 @@ struct conv_plan {
     size_t a_off, o_off, shared;                           // shared: packed weights, offsets
     size_t x_off, q_off, z_off, t_off, w_off, b_off, per;  // per thread
     size_t x_n, q_n, z_n;
+    int wino;                   // forward and input gradient by Winograd (winograd.c)
+    struct wino_plan wp;        // its layout, whenever the shape allows it (the workspace covers both)
 };
+
+// Where Winograd runs unless forced (KD_WINO_RULE_TEXT says it): measured on the zoo's shapes
+// (benchmarks/PERF_NOTES.md, "Winograd F(2x2,3x3)").
+static int wino_rule(const struct kd_conv_shape * s) {
+    return s->C >= 32 && s->OC >= 32;
+}
 
 // Everything is sized for both directions: one workspace serves forward and backward.
 static int conv_plan_make(const struct kd_conv_shape * s, struct conv_plan * p) {
@@ -170,6 +182,14 @@ static int conv_plan_make(const struct kd_conv_shape * s, struct conv_plan * p) 
     p->w_off = sreserve(&bad, &top, smul(&bad, (size_t)s->OC, ckk));
     p->b_off = sreserve(&bad, &top, (size_t)s->OC);
     p->per = top;
+    // Winograd's layout overlays this one: sized whenever the shape allows it, so that the
+    // workspace does not depend on the switch or the forced path.
+    if (kd_wino_eligible(s)) {
+        if (!kd_wino_plan(s, &p->wp)) { return 0; }
+        p->shared = zmax(p->shared, p->wp.shared);
+        p->per = zmax(p->per, p->wp.per);
+        p->wino = forced == CONV_WINO || (forced == 0 && kd_wino_enabled() && wino_rule(s));
+    }
     return !bad;
 }
 
@@ -450,6 +470,10 @@ void kd_conv2d_forward(float * out, const float * inp, const float * weight, con
     if (!conv_plan_make(s, &pl)) { KD_ASSERT(0); return; }
     struct conv_kernels kr = kd_conv_kernels();
     float * ws = align_floats(work);
+    if (pl.wino) {
+        kd_wino_forward(out, inp, weight, bias, s, &pl.wp, ws, pl.shared, pl.per);
+        return;
+    }
     float * Ap = ws + pl.a_off;
     ptrdiff_t * off = (ptrdiff_t *)(ws + pl.o_off);
     if (pl.path == CONV_SHIFT) { shift_offsets(off, pl.Cg, s->K, pl.plane, (size_t)pl.Wp); }
@@ -557,6 +581,13 @@ void kd_conv2d_backward(float * dinp, float * dweight, float * dbias, const floa
     }
     struct conv_plan pl;
     if (!conv_plan_make(s, &pl)) { KD_ASSERT(0); return; }
+    if (pl.wino && dinp != NULL) {
+        // Weight and bias gradients on the plan's path first (they finish with their
+        // reduction, so the workspace is free again), then the input gradient.
+        kd_conv2d_backward(NULL, dweight, dbias, dout, inp, weight, s, work);
+        kd_wino_dinp(dinp, dout, weight, s, &pl.wp, align_floats(work), pl.shared, pl.per);
+        return;
+    }
     struct conv_kernels kr = kd_conv_kernels();
     float * ws = align_floats(work);
     float * Ap = ws + pl.a_off;

@@ -52,6 +52,25 @@ struct conv_kernels kd_conv_kernels(void);
 void kd_pack_rows8(float * dst, size_t ldd, const float * src, size_t lds, int rows, int K);
 void kd_pack_cols(float * dst, size_t ldd, const float * src, size_t lds, int width, int valid, int K);
 
+// Winograd F(2x2, 3x3) (winograd.c): stride-1 ungrouped 3x3 convs, padding 0 or 1. Its
+// workspace is laid out like conv.c's (shared part, then one part per thread) and overlays
+// conv.c's regions: a call uses one layout or the other.
+struct wino_plan {
+    int nb;                                  // tiles per block (multiple of CV_NR)
+    size_t u_off, o_off, shared;             // shared: packed U, row offsets of V
+    size_t v_off, m_off, r_off, y_off, per;  // per thread: V, M, row buffers
+    size_t m_n, p_off, p_n;                  // floats of M; the padded input image
+};
+// The shape rule (conv.c): Winograd where it measured faster, as kd_winograd_config says it.
+#define KD_WINO_RULE_TEXT "C, OC >= 32"
+int kd_wino_eligible(const struct kd_conv_shape * s);
+int kd_wino_enabled(void);
+int kd_wino_plan(const struct kd_conv_shape * s, struct wino_plan * w);
+void kd_wino_forward(float * out, const float * inp, const float * weight, const float * bias,
+                     const struct kd_conv_shape * s, const struct wino_plan * w, float * ws, size_t shared, size_t per);
+void kd_wino_dinp(float * dinp, const float * dout, const float * weight, const struct kd_conv_shape * s,
+                  const struct wino_plan * w, float * ws, size_t shared, size_t per);
+
 static inline int imin(int a, int b) { return a < b ? a : b; }
 static inline int imax(int a, int b) { return a > b ? a : b; }
 

@@ -282,6 +282,10 @@ static PyObject * py_isa_config(PyObject * Py_UNUSED(m), PyObject * Py_UNUSED(a)
     return PyUnicode_FromString(kd_isa_config());
 }
 
+static PyObject * py_winograd_config(PyObject * Py_UNUSED(m), PyObject * Py_UNUSED(a)) {
+    return PyUnicode_FromString(kd_winograd_config());
+}
+
 // RuntimeError if KDCORE_ISA was refused (kdcore/__init__.py calls it at import).
 static PyObject * py_isa_init(PyObject * Py_UNUSED(m), PyObject * Py_UNUSED(a)) {
     if (kd_isa_init() != KD_OK) {
@@ -450,6 +454,8 @@ static PyMethodDef module_methods[] = {
     { "get_isa", (PyCFunction)py_get_isa, METH_NOARGS, "instruction set of the kernels now" },
     { "supported_isas", (PyCFunction)py_supported_isas, METH_NOARGS, "instruction sets this CPU supports, best first" },
     { "isa_config", (PyCFunction)py_isa_config, METH_NOARGS, "instruction set in use and how it was chosen" },
+    { "winograd_config", (PyCFunction)py_winograd_config, METH_NOARGS,
+      "whether Winograd F(2x2,3x3) runs the stride-1 3x3 convs (KDCORE_WINOGRAD), and for which shapes" },
     { "isa_init", (PyCFunction)py_isa_init, METH_NOARGS, "read KDCORE_ISA now; RuntimeError if refused" },
     { "ckpt_write", (PyCFunction)py_ckpt_write, METH_VARARGS,
       "ckpt_write(path, [(name, array)], metadata=None): atomic safetensors write" },

@@ -89,13 +89,15 @@ def supported_isas():
 
 def show_config(file=None):
     """Print the BLAS build and core, the kernels' instruction set (and how it was chosen),
-    what runs the linear layers, thread count and versions."""
+    what runs the linear layers, whether Winograd runs the 3x3 convs (``KDCORE_WINOGRAD=0``
+    turns it off), thread count and versions."""
     lines = [
         f"kdcore {__version__}",
         f"python {platform.python_version()} ({sys.executable})",
         f"numpy {np.__version__}",
         f"BLAS: {_kdcore.blas_config()}",
         f"kernels: {_kdcore.isa_config()}",
+        f"winograd: {_kdcore.winograd_config()}",
         f"threads: {get_num_threads()}",
         f"deterministic: {get_deterministic()}",
     ]

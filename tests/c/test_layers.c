@@ -455,7 +455,7 @@ static void test_conv_workspace(void) {
 // The conv kernels have AVX-512, AVX2 and portable C versions that perform the same float
 // operations in the same order: results must be bitwise equal, on every instruction set the
 // CPU supports.
-void kd_conv_force_path(int path);   // test hook: 0 automatic, 1 shift, 2 col
+void kd_conv_force_path(int path);   // test hook: 0 automatic, 1 shift, 2 col, 3 Winograd
 
 static void test_conv_isas(struct kd_conv_shape s, uint64_t seed) {
     char tag[128];
@@ -483,6 +483,133 @@ static void test_conv_isas(struct kd_conv_shape s, uint64_t seed) {
     for (int v = 0; v < n; v++) { free(out[v]); free(dinp[v]); free(dw[v]); free(db[v]); }
     free(work);
     conv_bufs_free(&q);
+}
+
+// ---- Winograd F(2x2, 3x3) (kd_conv_force_path(3) runs it wherever the shape allows) -----
+//
+// Error bound. Per output, Winograd computes sum_xi a_xi sum_c U_c,xi V_c,xi: V = B^T d B
+// (each entry a signed sum of at most 4 input values of the tile, |V| <= S_d, the sum of |d|
+// over the 4x4 tile), U = G g G^T (each entry a sum of at most 9 weights with factors 1/2^k,
+// |U| <= S_g, the sum of |g| over the kernel), one fma chain over the Ci channels per xi, and
+// the output transform adds at most 9 of the 16 products with 4 additions in sequence. With u
+// = 2^-24, each rounding step adds at most u times the magnitude of what it sums, and at most
+// Ci + 8 steps (transforms 2 + 2, chain Ci, output 4) stand between an exact term and the
+// result, so |winograd - exact| <= 9 (Ci + 8) u sum_c S_g(o, c) S_d(c, tile) (+ the half ulp
+// of the reference's own rounding to float). The direct path's error is below the same
+// bound (9 Ci terms |g||d| <= S_g S_d per channel), so the two differ by at most twice it.
+static void wino_bound(double * bound, const float * x, int N, int Ci, int Hi, int Wi, const float * w,
+                       int transposed, int Co, int Ho, int Wo, int pad) {
+    for (int n = 0; n < N; n++) {
+        for (int o = 0; o < Co; o++) {
+            for (int oh = 0; oh < Ho; oh++) {
+                for (int ow = 0; ow < Wo; ow++) {
+                    int r0 = 2 * (oh / 2) - pad, c0 = 2 * (ow / 2) - pad;
+                    double acc = 0;
+                    for (int c = 0; c < Ci; c++) {
+                        const float * g = transposed ? w + ((size_t)c * Co + o) * 9 : w + ((size_t)o * Ci + c) * 9;
+                        double sg = 0, sd = 0;
+                        for (int k = 0; k < 9; k++) { sg += fabs((double)g[k]); }
+                        for (int i = 0; i < 4; i++) {
+                            for (int j = 0; j < 4; j++) {
+                                int ih = r0 + i, iw = c0 + j;
+                                if (ih >= 0 && ih < Hi && iw >= 0 && iw < Wi) {
+                                    sd += fabs((double)x[(((size_t)n * Ci + c) * Hi + ih) * Wi + iw]);
+                                }
+                            }
+                        }
+                        acc += sg * sd;
+                    }
+                    bound[(((size_t)n * Co + o) * Ho + oh) * Wo + ow] = 9.0 * (Ci + 8) * 0x1p-24 * acc;
+                }
+            }
+        }
+    }
+}
+
+// |a - ref| <= k * bound + |ref| 2^-24 everywhere
+static int within_bound(const char * what, const float * a, const float * ref, const double * bound, double k, size_t n) {
+    size_t bad = 0;
+    double worst = 0;
+    for (size_t i = 0; i < n; i++) {
+        double d = fabs((double)a[i] - (double)ref[i]), lim = k * bound[i] + fabs((double)ref[i]) * 0x1p-24;
+        if (lim > 0 && d / lim > worst) { worst = d / lim; }
+        if (!(d <= lim)) {
+            if (bad < 5) { printf("  %s[%zu]: got %.9g want %.9g (bound %.3g)\n", what, i, a[i], ref[i], lim); }
+            bad++;
+        }
+    }
+    CHECK(bad == 0, "%s: %zu of %zu outside the bound (worst %.2f of it)", what, bad, n, worst);
+    return bad == 0;
+}
+
+// Forward and input gradient by Winograd against the double reference and against the direct
+// path (shift), within the bound above; xs, ws scale the inputs and weights (large values).
+static void test_wino(struct kd_conv_shape s, int has_bias, uint64_t seed, float xs, float ws) {
+    char tag[160], name[200];
+    snprintf(tag, sizeof tag, "N%d C%d %dx%d OC%d P%d b%d scale %g/%g", s.N, s.C, s.H, s.W, s.OC, s.P, has_bias,
+             (double)xs, (double)ws);
+    struct conv_bufs q = conv_bufs_new(&s, has_bias, seed);
+    for (size_t i = 0; i < q.ni; i++) { q.inp[i] *= xs; }
+    for (size_t i = 0; i < q.nw; i++) { q.w[i] *= ws; }
+    for (size_t i = 0; i < q.no; i++) { q.dout[i] *= xs; }
+    float * out[2], * dinp[2];
+    for (int v = 0; v < 2; v++) {      // 0: Winograd, 1: the direct (shift) path
+        kd_conv_force_path(v == 0 ? 3 : 1);
+        float * work = conv_work(&s);
+        out[v] = fzeros(q.no); dinp[v] = fzeros(q.ni);
+        kd_conv2d_forward(out[v], q.inp, q.w, q.b, &s, work);
+        kd_conv2d_backward(dinp[v], NULL, NULL, q.dout, q.inp, q.w, &s, work);
+        free(work);
+    }
+    kd_conv_force_path(3);
+    float * ref = fzeros(q.no), * rdinp = fzeros(q.ni), * rdw = fzeros(q.nw), * rdb = fzeros(s.OC);
+    ref_conv_fwd(ref, q.inp, q.w, q.b, &s);
+    ref_conv_bwd(rdinp, rdw, rdb, q.dout, q.inp, q.w, &s);
+    double * bo = malloc(q.no * sizeof(double)), * bi = malloc(q.ni * sizeof(double));
+    wino_bound(bo, q.inp, s.N, s.C, s.H, s.W, q.w, 0, s.OC, s.OH, s.OW, s.P);
+    wino_bound(bi, q.dout, s.N, s.OC, s.OH, s.OW, q.w, 1, s.C, s.H, s.W, 2 - s.P);
+    snprintf(name, sizeof name, "winograd fwd vs reference %s", tag);
+    within_bound(name, out[0], ref, bo, 1.0, q.no);
+    snprintf(name, sizeof name, "winograd fwd vs direct %s", tag);
+    within_bound(name, out[0], out[1], bo, 2.0, q.no);
+    snprintf(name, sizeof name, "winograd dinp vs reference %s", tag);
+    within_bound(name, dinp[0], rdinp, bi, 1.0, q.ni);
+    snprintf(name, sizeof name, "winograd dinp vs direct %s", tag);
+    within_bound(name, dinp[0], dinp[1], bi, 2.0, q.ni);
+    if (s.C >= 4 && s.OC >= 4 && s.N * s.OH * s.OW >= 16) {
+        // the forced path did run: its rounding differs from the direct path's somewhere
+        CHECK(!bitwise_equal(out[0], out[1], q.no) && !bitwise_equal(dinp[0], dinp[1], q.ni),
+              "winograd forced but the results equal the direct path's bitwise: %s", tag);
+    }
+    for (int v = 0; v < 2; v++) { free(out[v]); free(dinp[v]); }
+    free(ref); free(rdinp); free(rdw); free(rdb); free(bo); free(bi);
+    conv_bufs_free(&q);
+}
+
+// The automatic choice follows the shape rule (C, OC >= 32): Winograd's bits there, the
+// direct path's below (C 16 < 32 <= OC); the workspace does not depend on the forced path.
+static void test_wino_rule(void) {
+    for (int big = 0; big <= 1; big++) {
+        struct kd_conv_shape s = conv_shape(2, big ? 32 : 16, 9, 8, big ? 40 : 64, 3, 1, 1, 1);
+        struct conv_bufs q = conv_bufs_new(&s, 1, 950 + big);
+        kd_conv_force_path(0);
+        size_t w0 = kd_conv2d_workspace(&s, 2);
+        float * work = conv_work(&s), * auto_out = fzeros(q.no), * wino_out = fzeros(q.no);
+        float * auto_dx = fzeros(q.ni), * wino_dx = fzeros(q.ni);
+        kd_conv2d_forward(auto_out, q.inp, q.w, q.b, &s, work);
+        kd_conv2d_backward(auto_dx, NULL, NULL, q.dout, q.inp, q.w, &s, work);
+        kd_conv_force_path(3);
+        CHECK(kd_conv2d_workspace(&s, 2) == w0, "conv workspace differs with Winograd forced: C%d", s.C);
+        kd_conv2d_forward(wino_out, q.inp, q.w, q.b, &s, work);
+        kd_conv2d_backward(wino_dx, NULL, NULL, q.dout, q.inp, q.w, &s, work);
+        kd_conv_force_path(0);
+        int same = bitwise_equal(auto_out, wino_out, q.no) && bitwise_equal(auto_dx, wino_dx, q.ni);
+        CHECK(same == big, "automatic choice C%d OC%d: %s Winograd's result", s.C, s.OC, same ? "equals" : "differs from");
+        CHECK(strstr(kd_winograd_config(), "on (KDCORE_WINOGRAD unset); F(2x2,3x3) for stride-1 3x3 convs with C, OC >= 32")
+              != NULL || getenv("KDCORE_WINOGRAD") != NULL, "kd_winograd_config: %s", kd_winograd_config());
+        free(work); free(auto_out); free(wino_out); free(auto_dx); free(wino_dx);
+        conv_bufs_free(&q);
+    }
 }
 
 // Inf/NaN in the input must reach the outputs they feed and only those (the grid columns
@@ -1472,8 +1599,9 @@ int main(void) {
     test_linear_isa();
 
     // conv2d: the automatic path choice, then each path forced (shift: stride 1 with
-    // P <= K-1, else col; col: grouped im2col); the workspace follows the forced path.
-    for (int path = 0; path <= 2; path++) {
+    // P <= K-1, else col; col: grouped im2col; Winograd where the shape allows it, else the
+    // automatic path); the workspace follows the forced path.
+    for (int path = 0; path <= 3; path++) {
         kd_conv_force_path(path);
         test_conv_ref_all();
         test_conv_gradcheck(conv_shape(2, 4, 5, 5, 6, 3, 1, 1, 2), 310 + path);
@@ -1498,6 +1626,25 @@ int main(void) {
     kd_conv_force_path(2);
     test_conv_isas(conv_shape(5, 8, 7, 7, 16, 3, 1, 1, 1), 840);   // col path, image groups
     kd_conv_force_path(0);
+    // Winograd: N, C, H, W, OC, K, S, P, G
+    kd_conv_force_path(3);
+    test_wino(conv_shape(1, 3, 7, 5, 4, 3, 1, 1, 1), 1, 900, 1, 1);       // batch 1, odd H and W
+    test_wino(conv_shape(2, 5, 3, 2, 7, 3, 1, 1, 1), 0, 901, 1, 1);       // H, W < 4
+    test_wino(conv_shape(2, 5, 3, 3, 7, 3, 1, 0, 1), 1, 902, 1, 1);       // no padding, 1x1 output
+    test_wino(conv_shape(1, 1, 4, 4, 1, 3, 1, 0, 1), 0, 903, 1, 1);       // one channel, one tile
+    test_wino(conv_shape(3, 17, 9, 11, 19, 3, 1, 0, 1), 1, 904, 1, 1);    // odd everything, padding 0
+    test_wino(conv_shape(2, 20, 28, 27, 36, 3, 1, 1, 1), 0, 905, 1, 1);   // several blocks across images
+    test_wino(conv_shape(3, 64, 7, 7, 72, 3, 1, 1, 1), 1, 906, 1, 1);     // the rule's sizes, 7x7
+    test_wino(conv_shape(2, 9, 10, 13, 11, 3, 1, 1, 1), 1, 907, 1e3f, 1e2f);   // large values
+    test_wino(conv_shape(2, 9, 10, 13, 11, 3, 1, 0, 1), 0, 908, 1e-3f, 1e3f);
+    test_conv_gradcheck(conv_shape(2, 4, 5, 5, 6, 3, 1, 1, 1), 910);
+    test_conv_gradcheck(conv_shape(2, 3, 6, 7, 5, 3, 1, 0, 1), 911);
+    test_conv_nonfinite();
+    test_conv_isas(conv_shape(3, 8, 12, 11, 16, 3, 1, 1, 1), 920);
+    test_conv_isas(conv_shape(2, 17, 9, 7, 19, 3, 1, 0, 1), 921);
+    test_conv_isas(conv_shape(2, 64, 14, 14, 64, 3, 1, 1, 1), 922);
+    kd_conv_force_path(0);
+    test_wino_rule();
 
     // batchnorm: (N, C, HW)
     test_bn_ref(4, 3, 25, 400);
@@ -1556,9 +1703,14 @@ int main(void) {
     test_conv_threads(conv_shape(4, 8, 10, 10, 8, 3, 1, 1, 8), 730);   // depthwise
     test_conv_threads(conv_shape(7, 16, 14, 14, 32, 3, 1, 1, 1), 740);  // odd batch, real sizes
     test_conv_threads(conv_shape(5, 16, 14, 14, 32, 3, 2, 1, 1), 750);  // odd batch, stride 2
-    test_conv_threads(conv_shape(11, 64, 7, 7, 64, 3, 1, 1, 1), 760);  // col path, groups of images
+    test_conv_threads(conv_shape(11, 64, 7, 7, 64, 3, 1, 1, 1), 760);  // Winograd by the rule
     kd_conv_force_path(2);
     test_conv_threads(conv_shape(9, 8, 6, 6, 16, 3, 1, 1, 2), 770);    // col path forced, G 2
+    test_conv_threads(conv_shape(11, 64, 7, 7, 64, 3, 1, 1, 1), 761);  // 760's shape on the col path
+    kd_conv_force_path(3);                                              // Winograd
+    test_conv_threads(conv_shape(5, 8, 12, 11, 16, 3, 1, 1, 1), 780);
+    test_conv_threads(conv_shape(1, 16, 9, 9, 24, 3, 1, 0, 1), 781);   // N < threads
+    test_conv_threads(conv_shape(7, 20, 14, 13, 36, 3, 1, 1, 1), 782);  // odd batch, blocks across images
     kd_conv_force_path(0);
     test_bn_threads();
     test_blas_threading();

@@ -76,6 +76,9 @@ DATAFREE = "python/kdcore/datafree.py"
 MLKD_T = "tests/test_mlkd_torch.py"
 ADV_KD = "tests/test_adversarial_kd_torch.py"
 RESUME = "tests/test_datafree_resume.py"
+WINO = "kdcore/src/winograd.c"
+WINO_T = "tests/test_winograd.py"
+LAYERS_TORCH = "tests/test_layers_torch.py"
 
 
 def t(path, *names):
@@ -711,6 +714,19 @@ MUTATIONS = [
          new="            wrote = ck is not None and e % ck.every == 0 and done < iterations",
          tests=t(RESUME, "test_deepinversion_checkpoint_every_and_interrupt",
                  "test_deepinversion_resume_at_every_chunk_is_bitwise")),
+    # ---- Winograd F(2x2,3x3) (winograd.c): the convs with C, OC >= 32 run it by default, so
+    # the PyTorch parity of conv layers and the switch's comparison with the direct path see it
+    dict(name="winograd_kernel_coefficient", file=WINO, what="Winograd's kernel transform: a G coefficient 1/4, not 1/2",
+         old="h[2][b] = ((k[0][b] - k[1][b]) + k[2][b]) * 0.5f;", new="h[2][b] = ((k[0][b] - k[1][b]) + k[2][b]) * 0.25f;",
+         tests=t(LAYERS_TORCH, "test_conv2d") + [WINO_T]),
+    dict(name="winograd_padding_shift", file=WINO,
+         what="Winograd's padded image without its left padding column (inputs shifted by one column)",
+         old="float * dst = xp + c * plane + (size_t)d->pad * wp + (size_t)d->pad;",
+         new="float * dst = xp + c * plane + (size_t)d->pad * wp;",
+         tests=t(LAYERS_TORCH, "test_conv2d") + [WINO_T]),
+    dict(name="winograd_output_sign", file=WINO, what="Winograd's output transform: a sign of A^T wrong (odd rows and columns)",
+         old="v8f b1 = v8_sub(v8_sub(u1[1], u1[2]), u1[3]);", new="v8f b1 = v8_sub(v8_add(u1[1], u1[2]), u1[3]);",
+         tests=t(LAYERS_TORCH, "test_conv2d") + [WINO_T]),
 ]
 
 NAMES = [m["name"] for m in MUTATIONS]
