@@ -140,7 +140,8 @@ def record(args, k, method, seed, result):
 def get_teacher(args, train, test):
     path = os.path.join(args.cache, f"teacher-cnn32-{args.teacher_epochs}ep{'-quick' if args.quick else ''}.safetensors")
     if os.path.exists(path):
-        teacher = kdcore.load(path)
+        teacher = kdcore.models.cnn(width=32, seed=0)
+        kdcore.load(path, teacher)
         log(f"teacher: loaded {os.path.relpath(path, ROOT)}")
     else:
         teacher = kdcore.models.cnn(width=32, seed=0)
