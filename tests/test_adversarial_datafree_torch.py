@@ -30,7 +30,9 @@ K, M = _kdcore.TERM_KINDS, _kdcore.MODES
 
 
 def torch_generator(w, tanh):
-    tail = [tnn.Tanh(), tnn.BatchNorm2d(1)] if tanh else [tnn.BatchNorm2d(1)]
+    """DFAD's GeneratorA (Tanh, then a BN without affine parameters) or, without tanh, ZSKT's
+    generator (ending conv -> affine BN)."""
+    tail = [tnn.Tanh(), tnn.BatchNorm2d(1, affine=False)] if tanh else [tnn.BatchNorm2d(1)]
     return tnn.Sequential(tnn.Linear(LATENT, w * 4), tnn.Unflatten(1, (w, 2, 2)), tnn.BatchNorm2d(w),
                           tnn.Upsample(scale_factor=2), tnn.Conv2d(w, w, 3, padding=1), tnn.BatchNorm2d(w),
                           tnn.LeakyReLU(0.2), tnn.Upsample(scale_factor=2), tnn.Conv2d(w, w // 2, 3, padding=1),
@@ -389,3 +391,20 @@ def test_api_errors_name_the_argument():
         D.dfad(wide, teacher, **kw)
     with pytest.raises(ValueError, match="bn_eps"):
         kdcore.models.dafl_generator(bn_eps=0.0)
+
+
+@pytest.mark.parametrize("tanh", [True, False], ids=["dfad", "zskt"])
+def test_default_generator_last_bn_as_the_authors(tanh):
+    """The generator dfad / zskt build by default (dafl_generator(bn_eps=1e-5, tanh=...)) has
+    the authors' state: no affine parameters in the BN after the Tanh (DFAD's GeneratorA), an
+    affine last BN without it (ZSKT); affine_last overrides."""
+    kw = dict(img_size=8, width=4, bn_eps=1e-5, tanh=tanh)
+    gen = kdcore.models.dafl_generator(LATENT, **kw)
+    assert list(gen.state_dict()) == list(torch_generator(4, tanh).state_dict())
+    last = "13" if tanh else "12"
+    assert (f"{last}.weight" in gen.state_dict()) == (not tanh)
+    flipped = kdcore.models.dafl_generator(LATENT, affine_last=tanh, **kw)
+    assert (f"{last}.weight" in flipped.state_dict()) == tanh
+    assert flipped.num_parameters() - gen.num_parameters() == (2 if tanh else -2)
+    with pytest.raises(TypeError, match="affine_last"):
+        kdcore.models.dafl_generator(LATENT, affine_last="yes", **kw)

@@ -101,6 +101,8 @@ def layer_cases():
         ("conv-nobias", knn.Conv2d(3, 4, 1, bias=False), (3, 5, 5), tnn.Conv2d),
         ("bn1d", knn.BatchNorm1d(5, eps=1e-3, momentum=0.3), (5,), tnn.BatchNorm1d),
         ("bn2d", knn.BatchNorm2d(3, momentum=0.2), (3, 4, 4), tnn.BatchNorm2d),
+        ("bn1d-noaffine", knn.BatchNorm1d(5, momentum=0.3, affine=False), (5,), tnn.BatchNorm1d),
+        ("bn2d-noaffine", knn.BatchNorm2d(3, eps=1e-3, affine=False), (3, 4, 4), tnn.BatchNorm2d),
         ("relu", knn.ReLU(), (3, 4, 4), tnn.ReLU),
         ("sigmoid", knn.Sigmoid(), (5,), tnn.Sigmoid),
         ("maxpool", knn.MaxPool2d(3, stride=2, padding=1), (2, 7, 7), tnn.MaxPool2d),
@@ -132,6 +134,8 @@ def test_layer_both_ways(case):
         km.train(train)
         tm = km.to_torch()
         assert type(tm) is ttype and tm.training == train
+        if isinstance(km, knn._BatchNorm):
+            assert tm.affine == km.affine
         assert_same_state(tm.state_dict(), km.state_dict(), f"{name} to_torch")
         back = kdcore.models.from_torch(tm)
         assert type(back) is type(km) and back.training == train
@@ -205,7 +209,7 @@ def test_from_torch_every_supported_layer():
     (tnn.Sequential(tnn.Conv2d(1, 2, 3, padding="same")), "0", "Conv2d"),
     (tnn.Sequential(tnn.MaxPool2d(2, ceil_mode=True)), "0", "MaxPool2d"),
     (tnn.Sequential(tnn.AvgPool2d(2, padding=1, count_include_pad=False)), "0", "AvgPool2d"),
-    (tnn.Sequential(tnn.BatchNorm2d(2, affine=False)), "0", "BatchNorm2d"),
+    (tnn.Sequential(tnn.BatchNorm2d(2, track_running_stats=False)), "0", "BatchNorm2d"),
     (tnn.Sequential(tnn.AdaptiveAvgPool2d(2)), "0", "AdaptiveAvgPool2d"),
     (tnn.Sequential(tnn.Upsample(scale_factor=1.5)), "0", "Upsample"),
     (tnn.Sequential(tnn.Upsample(scale_factor=(2.0, 3.0))), "0", "Upsample"),

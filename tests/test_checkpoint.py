@@ -416,6 +416,33 @@ def test_mismatching_load_names_tensors_and_changes_nothing(tmp_path, data):
     np.testing.assert_array_equal(sgd3.state(0), sgd.state(0))
 
 
+def test_non_affine_batchnorm_round_trip(tmp_path):
+    """A generator whose last BN has no affine parameters (DAFL's layout): the file holds that
+    BN's running statistics and count but no weight or bias, the model and the Adam state come
+    back bitwise, and a generator with an affine last BN is refused naming what is missing."""
+    rng = np.random.default_rng(0)
+    src = kdcore.models.dafl_generator(latent_dim=8, img_size=8, channels=2, width=8, seed=1)
+    adam = kdcore.optim.Adam(lr=0.01).bind(src)
+    z = rng.standard_normal((6, 8)).astype(np.float32)
+    out = src.train()(z)
+    src.backward(rng.standard_normal(out.shape).astype(np.float32))
+    adam.step(0.01)
+    p = str(tmp_path / "g.safetensors")
+    kdcore.save(p, src, adam, epoch=1)
+    names = set(load_file(p))
+    assert {"model/model/13.running_mean", "model/model/13.running_var", "model/model/13.num_batches_tracked"} <= names
+    assert not {"model/model/13.weight", "model/model/13.bias"} & names
+    tgt = kdcore.models.dafl_generator(latent_dim=8, img_size=8, channels=2, width=8, seed=2)
+    adam2 = kdcore.optim.Adam(lr=0.01).bind(tgt)
+    assert kdcore.load(p, tgt, adam2)["epoch"] == 1
+    assert_same_state(src, tgt)
+    for which in (0, 1):
+        np.testing.assert_array_equal(adam2.state(which), adam.state(which))
+    affine = kdcore.models.dafl_generator(latent_dim=8, img_size=8, channels=2, width=8, affine_last=True)
+    with pytest.raises(KeyError, match=r"missing.*model/model/13\.weight"):
+        kdcore.load(p, affine)
+
+
 # ---------------------------------------------------------------------------------------
 # resume exactness
 

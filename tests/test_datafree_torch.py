@@ -26,11 +26,12 @@ K, M = _kdcore.TERM_KINDS, _kdcore.MODES
 
 
 def torch_generator(w):
+    """DAFL's Generator (eps 0.8 inside, the last BN after the Tanh without affine parameters)."""
     return tnn.Sequential(tnn.Linear(LATENT, w * 4), tnn.Unflatten(1, (w, 2, 2)), tnn.BatchNorm2d(w),
                           tnn.Upsample(scale_factor=2), tnn.Conv2d(w, w, 3, padding=1), tnn.BatchNorm2d(w, eps=0.8),
                           tnn.LeakyReLU(0.2), tnn.Upsample(scale_factor=2), tnn.Conv2d(w, w // 2, 3, padding=1),
                           tnn.BatchNorm2d(w // 2, eps=0.8), tnn.LeakyReLU(0.2), tnn.Conv2d(w // 2, 1, 3, padding=1),
-                          tnn.Tanh(), tnn.BatchNorm2d(1))
+                          tnn.Tanh(), tnn.BatchNorm2d(1, affine=False))
 
 
 def t_entropy(z):

@@ -303,6 +303,47 @@ def test_batchnorm_eval(shape, rng):
     fd_check(k, x, rng, train=False)
 
 
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("shape", [(8, 5), (64, 7), (4, 3, 5, 7), (16, 32, 16, 16)], ids=lambda s: "x".join(map(str, s)))
+def test_batchnorm_no_affine(shape, train, rng):
+    """affine=False (DAFL's and DFAD's last generator layer): no weight or bias in the state
+    or the gradients, forward, input gradient and running statistics as torch's."""
+    c = shape[1]
+    kcls, tcls = (knn.BatchNorm1d, tnn.BatchNorm1d) if len(shape) == 2 else (knn.BatchNorm2d, tnn.BatchNorm2d)
+    k, t = kcls(c, momentum=0.2, affine=False), tcls(c, momentum=0.2, affine=False)
+    state = {key: v for key, v in random_bn_state(rng, c).items() if key not in ("weight", "bias")}
+    set_state(k, t, state)
+    assert list(k.state_dict()) == list(t.state_dict()) == ["running_mean", "running_var", "num_batches_tracked"]
+    assert k.parameters() == {} and k.num_parameters() == 0
+    x = randn(rng, *shape, scale=2.0, offset=0.5)
+    kr, tr = run_both(k, t, x, rng=rng, train=train)
+    assert kr["grads"] == {} and tr["grads"] == {}
+    compare(kr, tr, rtol=2e-5, what=("out",))
+    axes = (0,) if len(shape) == 2 else (0, 2, 3)
+    std = x.std(axis=axes) if train else np.sqrt(state["running_var"])
+    check_close("input grad", kr["dx"], tr["dx"], rtol=2e-5, atol=2e-5 * np.abs(kr["dout"]).max() / std.min())
+    _check_bn_buffers(k, t, "after one forward")
+    if np.prod(shape) < 1000:
+        fd_check(k, x, rng, train=train, eps=1e-2)
+
+
+def test_batchnorm_no_affine_state_dict_torch_round_trip(rng):
+    """kdcore's affine=False state loads strictly into torch's BatchNorm2d(affine=False) and
+    back; an affine state (weight, bias) is refused by key."""
+    k = knn.BatchNorm2d(4, affine=False)
+    k.train()(randn(rng, 3, 4, 5, 5, scale=2.0, offset=1.0))
+    t = tnn.BatchNorm2d(4, affine=False)
+    t.load_state_dict({key: torch.tensor(v) for key, v in k.state_dict().items()}, strict=True)
+    for key, v in k.state_dict().items():
+        np.testing.assert_array_equal(t.state_dict()[key].numpy(), v)
+    t.train()(torch.tensor(randn(rng, 3, 4, 5, 5, scale=0.5, offset=-2.0)))
+    k.load_state_dict({key: v.numpy() for key, v in t.state_dict().items()})
+    for key, v in t.state_dict().items():
+        np.testing.assert_array_equal(k.state_dict()[key], v.numpy())
+    with pytest.raises(KeyError, match=r"unexpected keys: \['bias', 'weight'\]"):
+        k.load_state_dict({key: v.numpy() for key, v in tnn.BatchNorm2d(4).state_dict().items()})
+
+
 def test_batchnorm1d_single_sample_train_raises(rng):
     """torch refuses one value per channel in training (the unbiased variance divides by
     N-1 = 0); kdcore raises ValueError naming the layer, and leaves the statistics alone."""

@@ -194,12 +194,14 @@ struct kd_layer_spec {
     int  size[2];             // UPSAMPLE: output (H, W); 0 = input size x stride
     bool bias;                // LINEAR, CONV2D
     float eps, momentum;      // BATCHNORM (PyTorch semantics: momentum 0.1, eps 1e-5)
+    bool affine;              // BATCHNORM: learnable weight and bias; false = PyTorch's affine=False
+                              // (no such tensors; the layer normalises only)
     float slope;              // LEAKY_RELU: PyTorch's negative_slope (0.01)
     float p;                  // DROPOUT probability
     enum kd_init init;        // LINEAR, CONV2D
 };
 
-// Defaults (bias true, groups 1, stride 1, eps 1e-5, momentum 0.1, slope 0.01, inp = {KD_INPUT, KD_INPUT}).
+// Defaults (bias true, affine true, groups 1, stride 1, eps 1e-5, momentum 0.1, slope 0.01, inp = {KD_INPUT, KD_INPUT}).
 KD_API struct kd_layer_spec kd_layer_default(enum kd_layer_type type);
 KD_API const char * kd_layer_type_name(enum kd_layer_type type);
 

@@ -194,8 +194,8 @@ void kd_batchnorm_forward_train(float * out, float * mean, float * rstd, float *
                 double mom = (double)momentum;
                 if (run_mean != NULL) { run_mean[c] = (float)(mom * m + (1.0 - mom) * (double)run_mean[c]); }
                 if (run_var != NULL) { run_var[c] = (float)(mom * var_unbiased + (1.0 - mom) * (double)run_var[c]); }
-                alpha[j] = rstd[c] * weight[c];
-                beta[j] = bias[c] - mean[c] * alpha[j];
+                alpha[j] = weight != NULL ? rstd[c] * weight[c] : rstd[c];
+                beta[j] = bias != NULL ? bias[c] - mean[c] * alpha[j] : -(mean[c] * alpha[j]);
             }
             for (int n = 0; n < N; n++) {
                 size_t off = ((size_t)n * C + cb) * HW;
@@ -222,8 +222,8 @@ void kd_batchnorm_forward_eval(float * out, float * mean, float * rstd, const fl
                 int c = cb + j;
                 mean[c] = run_mean[c];
                 rstd[c] = 1.0f / sqrtf(run_var[c] + eps);
-                alpha[j] = rstd[c] * weight[c];
-                beta[j] = bias[c] - mean[c] * alpha[j];
+                alpha[j] = weight != NULL ? rstd[c] * weight[c] : rstd[c];
+                beta[j] = bias != NULL ? bias[c] - mean[c] * alpha[j] : -(mean[c] * alpha[j]);
             }
             for (int n = 0; n < N; n++) {
                 size_t off = ((size_t)n * C + cb) * HW;
@@ -270,7 +270,7 @@ void kd_batchnorm_backward(float * dinp, float * dweight, float * dbias, const f
                 // xhat * mean(dy*xhat) = (x - mean) * k, k = sum((x-mean)*dy) * rstd^2 / cnt.
                 // The means run through the batch statistics, hence the two extra terms.
                 // Eval: mean and rstd are constants, so BN is a per-channel affine map.
-                a[j] = r * weight[c];
+                a[j] = weight != NULL ? r * weight[c] : r;
                 mf[j] = mean[c];
                 mdy[j] = (float)(sdy[j] / (double)cnt);
                 k[j] = (float)(sdyx[j] * (double)r * (double)r / (double)cnt);

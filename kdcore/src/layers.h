@@ -40,6 +40,8 @@ void kd_conv2d_backward(float * dinp, float * dweight, float * dbias, const floa
                         float * work);
 
 // ---- batchnorm over (N, C, HW): per channel c, statistics over N*HW values.
+// weight and bias NULL: no affine map (PyTorch's affine=False), as weight 1 and bias 0;
+// dweight/dbias NULL: those gradients are not computed.
 // Train: biased batch variance normalises; running_var is updated with the unbiased one
 // (PyTorch): run = (1-momentum)*run + momentum*batch. mean/rstd (C) are saved for backward.
 void kd_batchnorm_forward_train(float * out, float * mean, float * rstd, float * run_mean,

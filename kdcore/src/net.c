@@ -133,6 +133,7 @@ struct kd_layer_spec kd_layer_default(enum kd_layer_type type) {
     s.stride = 1;
     s.groups = 1;
     s.bias = true;
+    s.affine = true;
     s.eps = 1e-5f;
     s.momentum = 0.1f;
     s.slope = 0.01f;
@@ -280,6 +281,7 @@ static int node_weight_shape(const struct kd_layer_spec * s, int shape[4]) {
         shape[0] = s->out_ch; shape[1] = s->in_ch / s->groups; shape[2] = s->kernel; shape[3] = s->kernel;
         return 4;
     case KD_LAYER_BATCHNORM:
+        if (!s->affine) break;
         shape[0] = s->in_ch;
         return 1;
     case KD_LAYER_RELU: case KD_LAYER_MAXPOOL2D: case KD_LAYER_AVGPOOL2D: case KD_LAYER_GLOBAL_AVGPOOL:
@@ -292,7 +294,7 @@ static int node_weight_shape(const struct kd_layer_spec * s, int shape[4]) {
 }
 
 static bool node_has_bias(const struct kd_layer_spec * s) {
-    return s->type == KD_LAYER_BATCHNORM ||
+    return (s->type == KD_LAYER_BATCHNORM && s->affine) ||
            ((s->type == KD_LAYER_LINEAR || s->type == KD_LAYER_CONV2D) && s->bias);
 }
 
@@ -318,6 +320,11 @@ enum kd_status kd_net_finalize(struct kd_net * net, uint64_t seed) {
     int nt = 0;
     for (int i = 0; i < net->n_nodes; i++) {
         struct kd_node * nd = &net->nodes[i];
+        if (nd->spec.type == KD_LAYER_BATCHNORM) {   // running statistics, affine or not
+            nd->rm_off = nb; nd->rv_off = nb + (size_t)nd->spec.in_ch;
+            nb += 2 * (size_t)nd->spec.in_ch;
+            nt += 2;
+        }
         int shape[4];
         int ndim = node_weight_shape(&nd->spec, shape);
         if (ndim == 0) continue;
@@ -328,11 +335,6 @@ enum kd_status kd_net_finalize(struct kd_net * net, uint64_t seed) {
         np += numel;
         nt++;
         if (node_has_bias(&nd->spec)) { nd->b_off = np; np += (size_t)shape[0]; nt++; }
-        if (nd->spec.type == KD_LAYER_BATCHNORM) {
-            nd->rm_off = nb; nd->rv_off = nb + (size_t)shape[0];
-            nb += 2 * (size_t)shape[0];
-            nt += 2;
-        }
     }
     net->tensors = calloc((size_t)nt + 1, sizeof *net->tensors);
     net->params = calloc(np + 1, sizeof(float));
@@ -373,20 +375,20 @@ void kd_net_init_params(struct kd_net * net, uint64_t seed) {
         const struct kd_layer_spec * s = &nd->spec;
         uint64_t ns = kd_hash(seed, (uint64_t)i);   // per-node stream: adding a node elsewhere
                                                      // does not reshuffle every other layer
-        int shape[4];
-        int ndim = node_weight_shape(s, shape);
-        if (ndim == 0) continue;
-        float * w = net->params + nd->w_off;
+        float * w = nd->w_off != NO_OFF ? net->params + nd->w_off : NULL;
         float * b = nd->b_off != NO_OFF ? net->params + nd->b_off : NULL;
         if (s->type == KD_LAYER_BATCHNORM) {
             for (int c = 0; c < s->in_ch; c++) {
-                w[c] = 1.0f; b[c] = 0.0f;
+                if (w) { w[c] = 1.0f; b[c] = 0.0f; }
                 net->buffers[nd->rm_off + c] = 0.0f;
                 net->buffers[nd->rv_off + c] = 1.0f;
             }
             nd->bn_batches = 0;
             continue;
         }
+        int shape[4];
+        int ndim = node_weight_shape(s, shape);
+        if (ndim == 0) continue;
         size_t numel = 1;
         for (int k = 0; k < ndim; k++) numel *= (size_t)shape[k];
         size_t receptive = s->type == KD_LAYER_CONV2D ? (size_t)s->kernel * s->kernel : 1;

@@ -25,7 +25,8 @@ static void Net_dealloc(NetObject * self) {
 }
 
 // Net(nodes, seed): nodes is a sequence of tuples
-// (type, name, inp0, inp1, in_ch, out_ch, kernel, stride, padding, groups, bias, eps, momentum, p, init)
+// (type, name, inp0, inp1, in_ch, out_ch, kernel, stride, padding, groups, bias, eps, momentum, p, init
+//  [, size_h, size_w, slope, affine])
 static int Net_init(NetObject * self, PyObject * args, PyObject * kwds) {
     static char * kwlist[] = { "nodes", "seed", NULL };
     PyObject * nodes;
@@ -39,19 +40,20 @@ static int Net_init(NetObject * self, PyObject * args, PyObject * kwds) {
     if (n == 0) { PyErr_SetString(PyExc_ValueError, "nodes must not be empty"); goto fail; }
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject * t = PySequence_Fast_GET_ITEM(seq, i);
-        int type, inp0, inp1, in_ch, out_ch, kernel, stride, padding, groups, bias, init, size_h = 0, size_w = 0;
+        int type, inp0, inp1, in_ch, out_ch, kernel, stride, padding, groups, bias, init, size_h = 0, size_w = 0, affine = 1;
         float slope = 0.01f;
         const char * name;
         float eps, momentum, p;
         static char * node_fields[] = { "type", "name", "inp0", "inp1", "in_ch", "out_ch", "kernel", "stride", "padding",
-                                        "groups", "bias", "eps", "momentum", "p", "init", "size_h", "size_w", "slope", NULL };
+                                        "groups", "bias", "eps", "momentum", "p", "init", "size_h", "size_w", "slope", "affine",
+                                        NULL };
         char prefix[48];
         snprintf(prefix, sizeof prefix, "node %zd: ", i);
         if (!PyTuple_Check(t)) { PyErr_Format(PyExc_TypeError, "node %zd must be a tuple, got %s", i, Py_TYPE(t)->tp_name); goto fail; }
-        if (!PyArg_ParseTuple(t, "isiiiiiiiipfffi|iif;node", &type, &name, &inp0, &inp1, &in_ch, &out_ch,
+        if (!PyArg_ParseTuple(t, "isiiiiiiiipfffi|iifp;node", &type, &name, &inp0, &inp1, &in_ch, &out_ch,
                               &kernel, &stride, &padding, &groups, &bias, &eps, &momentum, &p, &init, &size_h, &size_w,
-                              &slope)) {
-            name_parse_error(t, NULL, "isiiiiiiiipfffi|iif", node_fields, prefix);
+                              &slope, &affine)) {
+            name_parse_error(t, NULL, "isiiiiiiiipfffi|iifp", node_fields, prefix);
             goto fail;
         }
         if (init < 0 || init > KD_INIT_KAIMING_IN) {
@@ -66,7 +68,7 @@ static int Net_init(NetObject * self, PyObject * args, PyObject * kwds) {
         s.name = name; s.inp[0] = inp0; s.inp[1] = inp1; s.in_ch = in_ch; s.out_ch = out_ch;
         s.kernel = kernel; s.stride = stride; s.padding = padding; s.groups = groups; s.bias = bias;
         s.eps = eps; s.momentum = momentum; s.p = p; s.init = (enum kd_init)init;
-        s.size[0] = size_h; s.size[1] = size_w; s.slope = slope;
+        s.size[0] = size_h; s.size[1] = size_w; s.slope = slope; s.affine = affine;
         if (kd_net_add(net, &s) < 0) { PyErr_SetString(PyExc_ValueError, kd_last_error()); goto fail; }
     }
     Py_DECREF(seq);

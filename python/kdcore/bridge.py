@@ -97,9 +97,9 @@ def _convert(m):
         return tnn.Conv2d(m.in_channels, m.out_channels, m.kernel_size, stride=m.stride, padding=m.padding,
                           groups=m.groups, bias=m.bias)
     if type(m) is knn.BatchNorm1d:
-        return tnn.BatchNorm1d(m.num_features, eps=m.eps, momentum=m.momentum)
+        return tnn.BatchNorm1d(m.num_features, eps=m.eps, momentum=m.momentum, affine=m.affine)
     if type(m) is knn.BatchNorm2d:
-        return tnn.BatchNorm2d(m.num_features, eps=m.eps, momentum=m.momentum)
+        return tnn.BatchNorm2d(m.num_features, eps=m.eps, momentum=m.momentum, affine=m.affine)
     if type(m) is knn.MaxPool2d:
         return tnn.MaxPool2d(m.kernel_size, m.stride, m.padding)
     if type(m) is knn.AvgPool2d:
@@ -175,10 +175,10 @@ def _from(mod, path):
         return knn.Conv2d(mod.in_channels, mod.out_channels, mod.kernel_size, mod.stride, mod.padding,
                           mod.groups, bias=mod.bias is not None)
     if type(mod) in (tnn.BatchNorm1d, tnn.BatchNorm2d):
-        if not (mod.affine and mod.track_running_stats) or mod.momentum is None:
-            _refuse(path, mod, "kdcore's BatchNorm is affine, tracks running statistics and has a momentum")
+        if not mod.track_running_stats or mod.momentum is None:
+            _refuse(path, mod, "kdcore's BatchNorm tracks running statistics and has a momentum")
         cls = knn.BatchNorm1d if type(mod) is tnn.BatchNorm1d else knn.BatchNorm2d
-        return cls(mod.num_features, eps=mod.eps, momentum=mod.momentum)
+        return cls(mod.num_features, eps=mod.eps, momentum=mod.momentum, affine=mod.affine)
     if type(mod) in (tnn.MaxPool2d, tnn.AvgPool2d):
         max_pool = type(mod) is tnn.MaxPool2d
         if mod.ceil_mode or (max_pool and (mod.dilation not in (1, (1, 1)) or mod.return_indices)) or (

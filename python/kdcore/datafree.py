@@ -530,8 +530,8 @@ def dfad(student, teacher, epochs=40, iters_per_epoch=50, batch_size=512, genera
     (their CIFAR script: batch 256, SGD lr 0.1 with weight decay 5e-4, latent 256, 500 epochs,
     MultiStep([100, 200])). The generator's learning rate follows the student's schedule at the
     ratio of the two optimizers' lr. generator: a kdcore model from (N, latent_dim) noise to
-    the teacher's input (default: ``dafl_generator(..., bn_eps=1e-5)``, DFAD's GeneratorA with
-    an affine last BN).
+    the teacher's input (default: ``dafl_generator(..., bn_eps=1e-5)``, DFAD's GeneratorA: its
+    last BN, after the Tanh, has no affine parameters).
     checkpoint / checkpoint_every / checkpoint_best / resume: as in ``kdcore.fit``. The
     checkpoint holds the student and the generator (roles "student", "generator"; not the
     frozen teacher), both optimizers' states and step counts, the history, the epoch and the

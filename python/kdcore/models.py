@@ -516,28 +516,33 @@ _BUILDERS = OrderedDict((f.__name__, f) for f in (
     wrn_16_1, wrn_16_2, wrn_40_1, wrn_40_2, vgg8, vgg11, vgg13))
 
 
-def dafl_generator(latent_dim=100, img_size=28, channels=1, width=128, seed=0, bn_eps=0.8, tanh=True):
+def dafl_generator(latent_dim=100, img_size=28, channels=1, width=128, seed=0, bn_eps=0.8, tanh=True,
+                   affine_last=None):
     """DAFL's generator (Chen et al. 2019): z (latent_dim) -> Linear -> (width, s, s) with
     s = img_size / 4 -> BN -> x2 nearest -> conv3x3 -> BN -> LeakyReLU(0.2) -> x2 nearest ->
-    conv3x3 (width/2) -> BN -> LeakyReLU(0.2) -> conv3x3 (channels) -> Tanh -> BN. The
-    authors' last BN has no affine parameters; here it is affine, starting at the identity
-    (weight 1, bias 0), so it computes the same function until it trains. img_size must be
+    conv3x3 (width/2) -> BN -> LeakyReLU(0.2) -> conv3x3 (channels) -> Tanh -> BN. As in the
+    authors' code (DAFL's Generator, DFAD's GeneratorA) the last BN has no affine parameters
+    (``BatchNorm2d(channels, affine=False)``): it only normalises the images. img_size must be
     a multiple of 4 (28 for Fashion-MNIST, 32 for CIFAR). z is fed as (N, latent_dim).
 
     bn_eps: the eps of the two inner BN layers (DAFL's code has 0.8; DFAD's GeneratorA and
     ZSKT's generator the default 1e-5). tanh=False leaves out the Tanh: ZSKT's generator
     (width 128) ends conv3x3 -> BN (affine), so the same layout with bn_eps=1e-5, tanh=False
-    is that generator (its 8x8 start at img_size 32)."""
+    is that generator (its 8x8 start at img_size 32). affine_last: whether the last BN has a
+    learnable weight and bias; None (default) = not affine with the Tanh, affine without it,
+    the authors' layouts."""
     latent_dim = _check_int("latent_dim", latent_dim, 1)
     img_size = _check_int("img_size", img_size, 4)
     channels = _check_int("channels", channels, 1)
     width = _check_int("width", width, 2)
     bn_eps = _check_float("bn_eps", bn_eps, 0, lo_open=True)
     tanh = _check_bool("tanh", tanh)
+    affine_last = not tanh if affine_last is None else _check_bool("affine_last", affine_last)
     if img_size % 4:
         raise ValueError(f"img_size ({img_size}) must be a multiple of 4")
     s0, w = img_size // 4, width
-    tail = [Tanh(), BatchNorm2d(channels)] if tanh else [BatchNorm2d(channels)]
+    tail = [Tanh()] if tanh else []
+    tail.append(BatchNorm2d(channels, affine=affine_last))
     m = Sequential(Linear(latent_dim, w * s0 * s0), Unflatten(1, (w, s0, s0)), BatchNorm2d(w),
                    Upsample(scale_factor=2), Conv2d(w, w, 3, padding=1), BatchNorm2d(w, eps=bn_eps), LeakyReLU(0.2),
                    Upsample(scale_factor=2), Conv2d(w, w // 2, 3, padding=1), BatchNorm2d(w // 2, eps=bn_eps),

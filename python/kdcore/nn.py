@@ -112,13 +112,13 @@ class _Graph:
         self.output = None             # the network output when it is not the last node
 
     def add(self, kind, name, inputs, in_ch=0, out_ch=0, kernel=0, stride=1, padding=0, groups=1,
-            bias=True, eps=1e-5, momentum=0.1, p=0.0, init="default", size=(0, 0), slope=0.01):
+            bias=True, eps=1e-5, momentum=0.1, p=0.0, init="default", size=(0, 0), slope=0.01, affine=True):
         name = name or _ROOT
         if name in self.names:
             raise ValueError(f"two layers are both named {name!r}")
         inp = list(inputs) + [_INPUT] * (2 - len(inputs))
         self.nodes.append((kind, name, inp[0], inp[1], in_ch, out_ch, kernel, stride, padding, groups,
-                           bool(bias), eps, momentum, p, _INITS[init], size[0], size[1], slope))
+                           bool(bias), eps, momentum, p, _INITS[init], size[0], size[1], slope, bool(affine)))
         self.names.append(name)
         self.kinds.append(kind)
         return len(self.nodes) - 1
@@ -571,25 +571,31 @@ class Conv2d(Module):
 
 
 class _BatchNorm(Module):
-    def __init__(self, num_features, eps=1e-5, momentum=0.1):
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True):
         super().__init__()
         self.num_features = _check_int("num_features", num_features, 1)
         self.eps = _check_float("eps", eps, 0, lo_open=True)
         self.momentum = _check_float("momentum", momentum, 0, 1)
+        self.affine = _check_bool("affine", affine)
 
     def _emit(self, g, x, prefix):
-        return g.add(_BATCHNORM, prefix, [x], in_ch=self.num_features, eps=self.eps, momentum=self.momentum)
+        return g.add(_BATCHNORM, prefix, [x], in_ch=self.num_features, eps=self.eps, momentum=self.momentum,
+                     affine=self.affine)
 
     def _describe(self):
-        return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}"
+        return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}" + ("" if self.affine else ", affine=False")
 
 
 class BatchNorm1d(_BatchNorm):
-    """BatchNorm over (N, C) features."""
+    """BatchNorm over (N, C) features. ``affine=False`` (as PyTorch's): no learnable weight and
+    bias, the layer only normalises; its state holds the running statistics and
+    num_batches_tracked only."""
 
 
 class BatchNorm2d(_BatchNorm):
-    """BatchNorm over (N, C, H, W) maps, statistics per channel."""
+    """BatchNorm over (N, C, H, W) maps, statistics per channel. ``affine=False`` (as
+    PyTorch's): no learnable weight and bias, the layer only normalises; its state holds the
+    running statistics and num_batches_tracked only."""
 
 
 class ReLU(Module):

@@ -806,6 +806,45 @@ static void test_bn_single_value(void) {
     CHECK(fabsf(out[0]) < 1e-4f && fabsf(out[1]) < 1e-4f, "bn n=1 output %g %g", out[0], out[1]);
 }
 
+static int value_equal(const float * a, const float * b, size_t n) {
+    for (size_t i = 0; i < n; i++) { if (!(a[i] == b[i])) { return 0; } }
+    return 1;
+}
+
+// weight/bias NULL (affine=False) must be BN with weight 1, bias 0: same outputs, running
+// statistics and input gradients (train and eval); the gradients of the absent parameters
+// are not asked for (dweight, dbias NULL).
+static void test_bn_no_affine(int N, int C, int HW) {
+    char name[128];
+    size_t n = (size_t)N * C * HW;
+    float * x = frand(n, 61), * dy = frand(n, 62), * ones = fzeros(C), * zeros = fzeros(C);
+    for (int c = 0; c < C; c++) { ones[c] = 1.0f; }
+    for (size_t i = 0; i < n; i++) { x[i] = 2.0f * x[i] - 0.3f; }
+    for (int train = 1; train >= 0; train--) {
+        float * out[2], * mean[2], * rstd[2], * rm[2], * rv[2], * dx[2];
+        for (int v = 0; v < 2; v++) {
+            out[v] = fzeros(n); mean[v] = fzeros(C); rstd[v] = fzeros(C); dx[v] = frand(n, 63);
+            rm[v] = frand(C, 64); rv[v] = frand(C, 65);
+            for (int c = 0; c < C; c++) { rv[v][c] = 1.0f + 0.5f * rv[v][c]; }
+            const float * w = v ? NULL : ones, * b = v ? NULL : zeros;
+            if (train) {
+                kd_batchnorm_forward_train(out[v], mean[v], rstd[v], rm[v], rv[v], x, w, b, N, C, HW, 1e-5f, 0.1f);
+            } else {
+                kd_batchnorm_forward_eval(out[v], mean[v], rstd[v], x, w, b, rm[v], rv[v], N, C, HW, 1e-5f);
+            }
+            kd_batchnorm_backward(dx[v], NULL, NULL, dy, x, mean[v], rstd[v], w, N, C, HW, train);
+        }
+        snprintf(name, sizeof name, "bn affine=False %s N%d C%d HW%d", train ? "train" : "eval", N, C, HW);
+        CHECK(value_equal(out[0], out[1], n), "%s: output differs from weight 1, bias 0", name);
+        CHECK(value_equal(rm[0], rm[1], C) && value_equal(rv[0], rv[1], C), "%s: running statistics differ", name);
+        CHECK(value_equal(dx[0], dx[1], n), "%s: input gradient differs from weight 1", name);
+        for (int v = 0; v < 2; v++) {
+            free(out[v]); free(mean[v]); free(rstd[v]); free(rm[v]); free(rv[v]); free(dx[v]);
+        }
+    }
+    free(x); free(dy); free(ones); free(zeros);
+}
+
 // ----------------------------------------------------------------------------------------
 // relu, pools, gap, dropout, add
 
@@ -1655,6 +1694,8 @@ int main(void) {
     test_bn_gradcheck(3, 2, 5, 0);
     test_bn_gradcheck(5, 3, 1, 1);
     test_bn_single_value();
+    test_bn_no_affine(3, 5, 7);
+    test_bn_no_affine(4, 20, 1);
     test_bn_ref(3, 70, 49, 440);   // more channels than one accumulator block (64)
     test_bn_ref(2, 5, 4, 450);     // planes shorter than the 16 lanes
     test_bn_isas(5, 7, 196);
