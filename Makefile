@@ -250,8 +250,8 @@ bench-feature: deps build
 
 # Data-free table (not part of `make test`): DAFL, DFAD, ZSKT and DeepInversion students next
 # to the student alone and KD with real data, cnn width 32 -> 16, 3 seeds, equal student-step
-# budgets; appends a section to benchmarks/RESULTS.md. ~20 min of CPU per seed at 1 thread,
-# plus ~6 min once for the teacher (cached in build/datafree_bench); runs resume.
+# budgets; appends a section to benchmarks/RESULTS.md. Measured: ~18 min of CPU per seed at 1 thread,
+# plus ~7 min once for the teacher (cached in build/datafree_bench); runs resume.
 # DATAFREE_BENCH_ARGS passes options, e.g. "--quick --out /tmp/df.md" (about 2 minutes).
 DATAFREE_BENCH_ARGS ?=
 bench-datafree: deps build
