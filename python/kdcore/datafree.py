@@ -532,15 +532,8 @@ def dfad(student, teacher, epochs=40, iters_per_epoch=50, batch_size=512, genera
     ratio of the two optimizers' lr. generator: a kdcore model from (N, latent_dim) noise to
     the teacher's input (default: ``dafl_generator(..., bn_eps=1e-5)``, DFAD's GeneratorA: its
     last BN, after the Tanh, has no affine parameters).
-    checkpoint / checkpoint_every / checkpoint_best / resume: as in ``kdcore.fit``. The
-    checkpoint holds the student and the generator (roles "student", "generator"; not the
-    frozen teacher), both optimizers' states and step counts, the history, the epoch and the
-    settings. The noise is drawn from (seed, epoch, step), so resuming continues after the
-    saved epoch bitwise as the uninterrupted run (same settings, teacher and thread count);
-    other settings are reported by a RuntimeWarning naming them, as in fit, and a generator
-    or student of another shape raises ``kdcore.CheckpointMismatch``. checkpoint_best needs
-    ``val``: the best epoch is the one of the highest val_acc (the losses on generated
-    images do not rank students)."""
+    checkpoint / checkpoint_every / checkpoint_best / resume: as in ``dafl`` (the student,
+    the generator and both optimizers are saved; the noise is drawn from (seed, epoch, step))."""
     opt_s = SGD(lr=0.01, momentum=0.9, weight_decay=1e-4) if student_optimizer is None else student_optimizer
     opt_g = Adam(lr=1e-3) if generator_optimizer is None else generator_optimizer
     return _adversarial(student, teacher, scheme="dfad", kind="l1", epochs=epochs, iters=iters_per_epoch,
@@ -602,15 +595,8 @@ def zskt(student, teacher, epochs=10, iters_per_epoch=50, batch_size=128, genera
     its update, as the authors' clip_grad_norm_ (0: no clipping). generator default:
     ``dafl_generator(..., bn_eps=1e-5, tanh=False)``, the authors' layout. Not reproduced:
     their cosine schedule moves per iteration, here per epoch.
-    checkpoint / checkpoint_every / checkpoint_best / resume: as in ``kdcore.fit``. The
-    checkpoint holds the student and the generator (roles "student", "generator"; not the
-    frozen teacher), both optimizers' states and step counts, the history, the epoch and the
-    settings. The noise is drawn from (seed, epoch, step), so resuming continues after the
-    saved epoch bitwise as the uninterrupted run (same settings, teacher and thread count);
-    other settings are reported by a RuntimeWarning naming them, as in fit, and a generator
-    or student of another shape raises ``kdcore.CheckpointMismatch``. checkpoint_best needs
-    ``val``: the best epoch is the one of the highest val_acc (the losses on generated
-    images do not rank students)."""
+    checkpoint / checkpoint_every / checkpoint_best / resume: as in ``dafl`` (the student,
+    the generator and both optimizers are saved; the noise is drawn from (seed, epoch, step))."""
     clip_norm = _check_float("clip_norm", clip_norm, 0)
     opt_s = Adam(lr=2e-3) if student_optimizer is None else student_optimizer
     opt_g = Adam(lr=1e-3) if generator_optimizer is None else generator_optimizer
