@@ -25,9 +25,10 @@
 //   count only through rounding.
 // - Kernels: AVX-512 (runtime check) and portable C that performs exactly the same float
 //   operations in the same order (bitwise equal; the C tests compare them).
-// - Winograd F(2x2, 3x3) (winograd.c) runs the forward and input gradient of stride-1 3x3
+// - Winograd F(2x2, 3x3) (winograd.c) runs the forward and both gradients of stride-1 3x3
 //   convs with padding 0 or 1 and no groups where wino_rule says (KDCORE_WINOGRAD=0: never);
-//   their weight gradient stays on the shift or col path.
+//   the weight gradient runs inside the units below (same partials and reduction), the
+//   bias gradient stays here.
 // Depthwise convs (one input and one output channel per group) use direct loops.
 
 #include "kernels.h"
@@ -59,8 +60,9 @@ struct conv_plan {
     size_t a_off, o_off, shared;                           // shared: packed weights, offsets
     size_t x_off, q_off, z_off, t_off, w_off, b_off, per;  // per thread
     size_t x_n, q_n, z_n;
-    int wino;                   // forward and input gradient by Winograd (winograd.c)
+    int wino;                   // forward and both gradients by Winograd (winograd.c)
     struct wino_plan wp;        // its layout, whenever the shape allows it (the workspace covers both)
+    size_t wdw_off;             // per thread: Winograd's weight-gradient region
 };
 
 // Where Winograd runs unless forced (KD_WINO_RULE_TEXT says it): measured on the zoo's shapes
@@ -187,7 +189,10 @@ static int conv_plan_make(const struct kd_conv_shape * s, struct conv_plan * p) 
     if (kd_wino_eligible(s)) {
         if (!kd_wino_plan(s, &p->wp)) { return 0; }
         p->shared = zmax(p->shared, p->wp.shared);
-        p->per = zmax(p->per, p->wp.per);
+        // the weight gradient's region past both layouts: the slot's gradient partial (w_off)
+        // stays intact while it runs
+        p->wdw_off = round_up(zmax(p->per, p->wp.per), CV_ALIGN);
+        p->per = sadd(&bad, p->wdw_off, p->wp.dw_per);
         p->wino = forced == CONV_WINO || (forced == 0 && kd_wino_enabled() && wino_rule(s));
     }
     return !bad;
@@ -582,7 +587,7 @@ void kd_conv2d_backward(float * dinp, float * dweight, float * dbias, const floa
     struct conv_plan pl;
     if (!conv_plan_make(s, &pl)) { KD_ASSERT(0); return; }
     if (pl.wino && dinp != NULL) {
-        // Weight and bias gradients on the plan's path first (they finish with their
+        // Weight and bias gradients first (the units below; they finish with their
         // reduction, so the workspace is free again), then the input gradient.
         kd_conv2d_backward(NULL, dweight, dbias, dout, inp, weight, s, work);
         kd_wino_dinp(dinp, dout, weight, s, &pl.wp, align_floats(work), pl.shared, pl.per);
@@ -621,11 +626,11 @@ void kd_conv2d_backward(float * dinp, float * dweight, float * dbias, const floa
         const int nunits = det ? nchunks : nt;
         float * tw = ws + pl.shared + (size_t)tid * pl.per;
         float * xb = tw + pl.x_off, * qb = tw + pl.q_off, * zb = tw + pl.z_off, * stage = tw + pl.t_off;
-        const int need_z = dweight != NULL || (!shift && dinp != NULL);   // dout on the forward grid
+        const int need_z = (dweight != NULL && !pl.wino) || (!shift && dinp != NULL);   // dout on the forward grid
         if (tid < nunits) {
             // Zero the thread's scratch once, whatever its units: padding, grid columns
             // outside the output, row tails are never written afterwards.
-            if (dweight != NULL) { memset(xb, 0, pl.x_n * sizeof(float)); }
+            if (dweight != NULL && !pl.wino) { memset(xb, 0, pl.x_n * sizeof(float)); }
             if (dinp != NULL && shift) { memset(qb, 0, pl.q_n * sizeof(float)); }
             if (need_z) { memset(zb, 0, pl.z_n * sizeof(float)); }
         }
@@ -636,7 +641,13 @@ void kd_conv2d_backward(float * dinp, float * dweight, float * dbias, const floa
             float * dw = dweight != NULL ? part + pl.w_off : NULL;
             float * db = dbias != NULL ? part + pl.b_off : NULL;
             if (n0 < n1) {
-                if (dw != NULL) { memset(dw, 0, nw * sizeof(float)); }
+                if (dw != NULL && pl.wino) {
+                    // the whole unit at once; the direct path below then skips the weights
+                    kd_wino_dweight(dw, dout, inp, n0, n1, s, &pl.wp, tw + pl.wdw_off);
+                    dw = NULL;
+                } else if (dw != NULL) {
+                    memset(dw, 0, nw * sizeof(float));
+                }
                 if (db != NULL) { memset(db, 0, (size_t)s->OC * sizeof(float)); }
             }
             for (int n = n0; n < n1; n += pl.gi) {

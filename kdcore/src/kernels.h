@@ -60,6 +60,10 @@ struct wino_plan {
     size_t u_off, o_off, shared;             // shared: packed U, row offsets of V
     size_t v_off, m_off, r_off, y_off, per;  // per thread: V, M, row buffers
     size_t m_n, p_off, p_n;                  // floats of M; the padded input image
+    // weight gradient (its own region of dw_per floats per thread, placed by conv.c)
+    int nbw;                                 // tiles per block
+    size_t ldb, ocp;                         // row stride of V^T (C rounded to 32); OC rounded to 8
+    size_t du_off, dz_off, dv_off, xh_off, yh_off, dk_off, dw_per, xh_n, yh_n;
 };
 // The shape rule (conv.c): Winograd where it measured faster, as kd_winograd_config says it.
 #define KD_WINO_RULE_TEXT "C, OC >= 32"
@@ -70,6 +74,8 @@ void kd_wino_forward(float * out, const float * inp, const float * weight, const
                      const struct kd_conv_shape * s, const struct wino_plan * w, float * ws, size_t shared, size_t per);
 void kd_wino_dinp(float * dinp, const float * dout, const float * weight, const struct kd_conv_shape * s,
                   const struct wino_plan * w, float * ws, size_t shared, size_t per);
+void kd_wino_dweight(float * dw, const float * dout, const float * inp, int n0, int n1,
+                     const struct kd_conv_shape * s, const struct wino_plan * w, float * sc);
 
 static inline int imin(int a, int b) { return a < b ? a : b; }
 static inline int imax(int a, int b) { return a > b ? a : b; }

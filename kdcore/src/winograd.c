@@ -1,7 +1,7 @@
 // Winograd F(2x2, 3x3) for the stride-1, ungrouped 3x3 convolutions (padding 0 or 1): the
-// forward product and the input gradient (a 3x3 convolution of dout, padded by 2 - P, with
-// the flipped, transposed kernel). conv.c decides when it runs (conv_plan_make); the weight
-// gradient stays on conv.c's paths.
+// forward product, the input gradient (a 3x3 convolution of dout, padded by 2 - P, with
+// the flipped, transposed kernel) and the weight gradient (kd_wino_dweight, at the end).
+// conv.c decides when it runs (conv_plan_make).
 //
 // Per 4x4 input tile d (2x2 output tile, tile origin 2*t - pad; positions outside the input
 // read zero): V = B^T d B, U = G g G^T per (output, input) channel pair, then for each of the
@@ -104,6 +104,23 @@ int kd_wino_plan(const struct kd_conv_shape * s, struct wino_plan * w) {
     w->r_off = sreserve(&bad, &top, smul(&bad, 4, wino_rowlen(tw)));    // B^T d, 4 rows
     w->y_off = sreserve(&bad, &top, 16);                                // a partial output group
     w->per = top;
+    // The weight gradient's own region (conv.c places it past the slot's other regions: a
+    // unit's gradient partial lives there while the unit runs).
+    w->ldb = round_up(C, CV_NR);
+    w->ocp = round_up(OC, CV_MR);
+    size_t nbw = CV_L2_FLOATS / (16 * zmax(w->ldb + w->ocp, 1)) / 16 * 16;
+    w->nbw = (int)zmin(zmax(nbw, 16), 128);
+    size_t th = ((size_t)s->OH + 1) / 2, tw2 = ((size_t)s->OW + 1) / 2;
+    top = 0;
+    w->du_off = sreserve(&bad, &top, smul(&bad, 16, smul(&bad, w->ocp, w->ldb)));
+    w->dz_off = sreserve(&bad, &top, smul(&bad, 16, smul(&bad, w->ocp, (size_t)w->nbw)));
+    w->dv_off = sreserve(&bad, &top, smul(&bad, 16, smul(&bad, (size_t)w->nbw, w->ldb)));
+    w->xh_n = smul(&bad, smul(&bad, 2 * th + 2, 2 * tw2 + 2), w->ldb);
+    w->xh_off = sreserve(&bad, &top, w->xh_n);
+    w->yh_n = smul(&bad, smul(&bad, 2 * th, 2 * tw2), w->ocp);
+    w->yh_off = sreserve(&bad, &top, w->yh_n);
+    w->dk_off = sreserve(&bad, &top, smul(&bad, (size_t)w->nbw, sizeof(ptrdiff_t) / sizeof(float)));
+    w->dw_per = top;
     return !bad;
 }
 
@@ -393,4 +410,194 @@ void kd_wino_forward(float * out, const float * inp, const float * weight, const
 void kd_wino_dinp(float * dinp, const float * dout, const float * weight, const struct kd_conv_shape * s,
                   const struct wino_plan * w, float * ws, size_t shared, size_t per) {
     wino_call(dinp, dout, weight, NULL, 1, 1, s, w, ws, shared, per);
+}
+
+// ---- the weight gradient -------------------------------------------------------------------
+//
+// With U = G g G^T, V = B^T d B and y = A^T (U . V) A per tile, dL/dU = sum over tiles of
+// (A dy A^T) . V, and dL/dg = G^T (dL/dU) G. So per position xi: dU_xi (Co x Ci) = Z_xi V_xi^T
+// over all the tiles of the unit's images, with Z = A dy A^T (dy the tile's 2x2 output
+// gradient; zero outside the output) -- 16 products of inner dimension "tiles" in place of the
+// direct path's 9 of inner dimension "4 x tiles". They run on the forward micro-kernel: Z_xi in
+// panels of 8 output channels ([tile][8]), V_xi^T row per tile with the input channels
+// contiguous, so each element of dU is one fma chain over the tiles in order (continued across
+// blocks through dU: a float store and reload is exact), as in the forward product: the result
+// does not depend on the instruction set. The transforms work on 8 channels per vector, from
+// the current image copied channel-last (HWC) into zero-padded buffers.
+
+#ifdef __AVX2__
+// p[0 .. n-1] (n < 8), zero in the other lanes, reading nothing past p + n
+static inline v8f v8_load_first(const float * p, int n) {
+    const __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    return _mm256_maskload_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32(n), idx));
+}
+// r[j][i] = a[i][j] for the 8x8 block in r[0..7]
+static inline void transpose8(v8f r[8]) {
+    __m256 t[8], u[8];
+    for (int i = 0; i < 8; i += 2) {
+        t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+        t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 8; i += 4) {
+        u[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+        u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
+        u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+        u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+    }
+    for (int i = 0; i < 4; i++) {
+        r[i] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x20);
+        r[i + 4] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
+    }
+}
+#else
+static inline v8f v8_load_first(const float * p, int n) {
+    v8f r = v8_set1(0.0f);
+    memcpy(r.f, p, (size_t)n * sizeof(float));
+    return r;
+}
+static inline void transpose8(v8f r[8]) {
+    v8f t[8];
+    for (int i = 0; i < 8; i++) {
+        for (int j = 0; j < 8; j++) { t[j].f[i] = r[i].f[j]; }
+    }
+    memcpy(r, t, sizeof t);
+}
+#endif
+
+// Image (ch, rows, cols) -> channel-last dst[((r0 + h) * wd + c0 + w) * ld + c] (the rest of
+// dst, zeroed once, stays zero): 8 channels x 8 columns per transposed block, the edges one
+// float at a time.
+static void to_hwc(float * dst, size_t wd, size_t ld, int r0, int c0, const float * src, int ch, int rows, int cols) {
+    size_t plane = (size_t)rows * cols;
+    int ch8 = ch / 8 * 8, cols8 = cols / 8 * 8;
+    for (int h = 0; h < rows; h++) {
+        float * drow = dst + ((size_t)(r0 + h) * wd + (size_t)c0) * ld;
+        const float * srow = src + (size_t)h * cols;
+        for (int c = 0; c < ch8; c += 8) {
+            for (int w = 0; w < cols8; w += 8) {
+                v8f r[8];
+                for (int i = 0; i < 8; i++) { r[i] = v8_load(srow + (size_t)(c + i) * plane + w); }
+                transpose8(r);
+                for (int j = 0; j < 8; j++) { v8_store(drow + (size_t)(w + j) * ld + c, r[j]); }
+            }
+            if (cols8 < cols) {
+                // the last columns: a block read with a mask (it must not read past the plane)
+                int rem = cols - cols8;
+                v8f r[8];
+                for (int i = 0; i < 8; i++) { r[i] = v8_load_first(srow + (size_t)(c + i) * plane + cols8, rem); }
+                transpose8(r);
+                for (int j = 0; j < rem; j++) { v8_store(drow + (size_t)(cols8 + j) * ld + c, r[j]); }
+            }
+        }
+        for (int c = ch8; c < ch; c++) {
+            for (int w = 0; w < cols; w++) { drow[(size_t)w * ld + c] = srow[(size_t)c * plane + w]; }
+        }
+    }
+}
+
+// V^T for one tile: the 4x4 input patch at xt (pixel (i, j) at xt + (i*wd + j)*ld, channels
+// contiguous), channels 0 .. ld-1 in vectors of 8; position xi stored at v + xi*vs.
+static void tile_v(float * v, size_t vs, const float * xt, size_t wd, size_t ld) {
+    for (size_t c = 0; c < ld; c += 8) {
+        v8f d[4][4], e[4][4];
+        for (int i = 0; i < 4; i++) {
+            for (int j = 0; j < 4; j++) { d[i][j] = v8_load(xt + ((size_t)i * wd + (size_t)j) * ld + c); }
+        }
+        for (int j = 0; j < 4; j++) {
+            e[0][j] = v8_sub(d[0][j], d[2][j]);
+            e[1][j] = v8_add(d[1][j], d[2][j]);
+            e[2][j] = v8_sub(d[2][j], d[1][j]);
+            e[3][j] = v8_sub(d[1][j], d[3][j]);
+        }
+        for (int a = 0; a < 4; a++) {
+            float * p = v + (size_t)(4 * a) * vs + c;
+            v8_store(p, v8_sub(e[a][0], e[a][2]));
+            v8_store(p + vs, v8_add(e[a][1], e[a][2]));
+            v8_store(p + 2 * vs, v8_sub(e[a][2], e[a][1]));
+            v8_store(p + 3 * vs, v8_sub(e[a][1], e[a][3]));
+        }
+    }
+}
+
+// Z = A dy A^T for one tile: the 2x2 output gradient at yt (pixel (i, j) at yt + (i*wd + j)*ld),
+// output channels in vectors of 8; channels o .. o+7 of position xi stored at
+// z + xi*zs + (o/8)*pn, i.e. panel o/8 of the micro-kernel's layout [panel][tile][8] (pn = 8 x
+// tiles per block).
+static void tile_z(float * z, size_t zs, size_t pn, const float * yt, size_t wd, size_t ld) {
+    const v8f zero = v8_set1(0.0f);
+    for (size_t o = 0; o < ld; o += 8) {
+        v8f y00 = v8_load(yt + o), y01 = v8_load(yt + ld + o);
+        v8f y10 = v8_load(yt + wd * ld + o), y11 = v8_load(yt + (wd + 1) * ld + o);
+        v8f e[4][2] = { { y00, y01 }, { v8_add(y00, y10), v8_add(y01, y11) },
+                        { v8_sub(y00, y10), v8_sub(y01, y11) }, { v8_sub(zero, y10), v8_sub(zero, y11) } };
+        float * p = z + (o / 8) * pn;
+        for (int a = 0; a < 4; a++) {
+            float * q = p + (size_t)(4 * a) * zs;
+            v8_store(q, e[a][0]);
+            v8_store(q + zs, v8_add(e[a][0], e[a][1]));
+            v8_store(q + 2 * zs, v8_sub(e[a][0], e[a][1]));
+            v8_store(q + 3 * zs, v8_sub(zero, e[a][1]));
+        }
+    }
+}
+
+// dw (OC, C, 3, 3) = the weight gradient of images n0 .. n1-1 (n0 < n1), by one thread, with
+// its scratch (the plan's dW region) at sc.
+void kd_wino_dweight(float * dw, const float * dout, const float * inp, int n0, int n1,
+                     const struct kd_conv_shape * s, const struct wino_plan * w, float * sc) {
+    size_t C = (size_t)s->C, OC = (size_t)s->OC, ldb = w->ldb, ocp = w->ocp, nbw = (size_t)w->nbw;
+    size_t th = ((size_t)s->OH + 1) / 2, tw = ((size_t)s->OW + 1) / 2, T = th * tw;
+    size_t wx = 2 * tw + 2, wy = 2 * tw;
+    size_t HW = (size_t)s->H * s->W, OHW = (size_t)s->OH * s->OW;
+    float * du = sc + w->du_off, * zb = sc + w->dz_off, * vt = sc + w->dv_off;
+    float * xh = sc + w->xh_off, * yh = sc + w->yh_off;
+    ptrdiff_t * off = (ptrdiff_t *)(sc + w->dk_off);
+    size_t zs = ocp * nbw, vs = nbw * ldb, us = ocp * ldb;
+    for (size_t k = 0; k < nbw; k++) { off[k] = (ptrdiff_t)(k * ldb); }
+    memset(xh, 0, w->xh_n * sizeof(float));
+    memset(yh, 0, w->yh_n * sizeof(float));
+    fwd_ukr_fn ukr = kd_conv_kernels().fwd;
+    size_t total = (size_t)(n1 - n0) * T, cur = SIZE_MAX;
+    for (size_t b0 = 0; b0 < total; b0 += nbw) {
+        size_t nt = zmin(nbw, total - b0);
+        for (size_t k = 0; k < nt; k++) {
+            size_t img = (size_t)n0 + (b0 + k) / T, t = (b0 + k) % T, ti = t / tw, tj = t % tw;
+            if (img != cur) {
+                to_hwc(xh, wx, ldb, s->P, s->P, inp + img * C * HW, s->C, s->H, s->W);
+                to_hwc(yh, wy, ocp, 0, 0, dout + img * OC * OHW, s->OC, s->OH, s->OW);
+                cur = img;
+            }
+            tile_v(vt + k * ldb, vs, xh + (2 * ti * wx + 2 * tj) * ldb, wx, ldb);
+            tile_z(zb + k * CV_MR, zs, CV_MR * nbw, yh + (2 * ti * wy + 2 * tj) * ocp, wy, ocp);
+        }
+        for (int xi = 0; xi < 16; xi++) {
+            const float * A = zb + (size_t)xi * zs, * B = vt + (size_t)xi * vs;
+            float * U = du + (size_t)xi * us;
+            for (size_t j = 0; j < ldb; j += CV_NR) {
+                for (size_t p = 0; p < ocp; p += CV_MR) {
+                    ukr((int)nt, A + p * nbw, B + j, off, U + p * ldb + j, ldb, b0 > 0);
+                }
+            }
+        }
+    }
+    // dW = G^T dU G (additions and exact halvings only)
+    for (size_t o = 0; o < OC; o++) {
+        for (size_t c = 0; c < C; c++) {
+            float u[4][4], h[3][4];
+            for (int xi = 0; xi < 16; xi++) { u[xi / 4][xi % 4] = du[(size_t)xi * us + o * ldb + c]; }
+            for (int b = 0; b < 4; b++) {
+                float sp = (u[1][b] + u[2][b]) * 0.5f;
+                h[0][b] = u[0][b] + sp;
+                h[1][b] = (u[1][b] - u[2][b]) * 0.5f;
+                h[2][b] = sp + u[3][b];
+            }
+            float * g = dw + (o * C + c) * 9;
+            for (int i = 0; i < 3; i++) {
+                float sp = (h[i][1] + h[i][2]) * 0.5f;
+                g[3 * i + 0] = h[i][0] + sp;
+                g[3 * i + 1] = (h[i][1] - h[i][2]) * 0.5f;
+                g[3 * i + 2] = sp + h[i][3];
+            }
+        }
+    }
 }

@@ -526,6 +526,47 @@ static void wino_bound(double * bound, const float * x, int N, int Ci, int Hi, i
     }
 }
 
+// Weight gradient: dU = sum over tiles of Z V (Z = A dy A^T: each entry a signed sum of at
+// most 4 values of the 2x2 output-gradient tile, |Z| <= S_dy; |V| <= S_d as above), one fma
+// chain over at most T tiles, then dW = G^T dU G, whose weights sum to at most 4 in absolute
+// value. At most T + 8 rounding steps (transforms 2 + 2, chain T, G transform 4) stand between
+// an exact term and the result: |winograd - exact| <= 4 (T + 8) u sum_tiles S_dy S_d per
+// (o, c). The direct path's error is below it too (each of its terms |dy||d| is in the sum).
+static void wino_dw_bound(double * bound, const float * x, const float * dy, const struct kd_conv_shape * s) {
+    int th = (s->OH + 1) / 2, tw = (s->OW + 1) / 2;
+    double T = (double)s->N * th * tw;
+    for (int o = 0; o < s->OC; o++) {
+        for (int c = 0; c < s->C; c++) {
+            double acc = 0;
+            for (int n = 0; n < s->N; n++) {
+                for (int ti = 0; ti < th; ti++) {
+                    for (int tj = 0; tj < tw; tj++) {
+                        double sy = 0, sd = 0;
+                        for (int i = 0; i < 2; i++) {
+                            for (int j = 0; j < 2; j++) {
+                                int oh = 2 * ti + i, ow = 2 * tj + j;
+                                if (oh < s->OH && ow < s->OW) {
+                                    sy += fabs((double)dy[(((size_t)n * s->OC + o) * s->OH + oh) * s->OW + ow]);
+                                }
+                            }
+                        }
+                        for (int i = 0; i < 4; i++) {
+                            for (int j = 0; j < 4; j++) {
+                                int ih = 2 * ti - s->P + i, iw = 2 * tj - s->P + j;
+                                if (ih >= 0 && ih < s->H && iw >= 0 && iw < s->W) {
+                                    sd += fabs((double)x[(((size_t)n * s->C + c) * s->H + ih) * s->W + iw]);
+                                }
+                            }
+                        }
+                        acc += sy * sd;
+                    }
+                }
+            }
+            for (int k = 0; k < 9; k++) { bound[((size_t)o * s->C + c) * 9 + k] = 4.0 * (T + 8) * 0x1p-24 * acc; }
+        }
+    }
+}
+
 // |a - ref| <= k * bound + |ref| 2^-24 everywhere
 static int within_bound(const char * what, const float * a, const float * ref, const double * bound, double k, size_t n) {
     size_t bad = 0;
@@ -552,13 +593,23 @@ static void test_wino(struct kd_conv_shape s, int has_bias, uint64_t seed, float
     for (size_t i = 0; i < q.ni; i++) { q.inp[i] *= xs; }
     for (size_t i = 0; i < q.nw; i++) { q.w[i] *= ws; }
     for (size_t i = 0; i < q.no; i++) { q.dout[i] *= xs; }
-    float * out[2], * dinp[2];
+    float * out[2], * dinp[2], * dw[2], * dw2[2], * db[2];
     for (int v = 0; v < 2; v++) {      // 0: Winograd, 1: the direct (shift) path
         kd_conv_force_path(v == 0 ? 3 : 1);
         float * work = conv_work(&s);
-        out[v] = fzeros(q.no); dinp[v] = fzeros(q.ni);
+        out[v] = fzeros(q.no); dinp[v] = fzeros(q.ni); dw[v] = fzeros(q.nw); dw2[v] = fzeros(q.nw);
+        db[v] = fzeros(s.OC);
         kd_conv2d_forward(out[v], q.inp, q.w, q.b, &s, work);
         kd_conv2d_backward(dinp[v], NULL, NULL, q.dout, q.inp, q.w, &s, work);
+        kd_conv2d_backward(NULL, dw[v], has_bias ? db[v] : NULL, q.dout, q.inp, q.w, &s, work);
+        // all three at once, accumulating onto what is there (a second pass doubles it)
+        memcpy(dw2[v], dw[v], q.nw * sizeof(float));
+        float * dx2 = fzeros(q.ni);
+        kd_conv2d_backward(dx2, dw2[v], NULL, q.dout, q.inp, q.w, &s, work);
+        CHECK(bitwise_equal(dx2, dinp[v], q.ni), "dinp with dweight differs from dinp alone (path %d)", v);
+        for (size_t i = 0; i < q.nw; i++) { dw2[v][i] -= dw[v][i]; }
+        CHECK(bitwise_equal(dw2[v], dw[v], q.nw), "dweight does not accumulate exactly (path %d)", v);
+        free(dx2);
         free(work);
     }
     kd_conv_force_path(3);
@@ -576,13 +627,23 @@ static void test_wino(struct kd_conv_shape s, int has_bias, uint64_t seed, float
     within_bound(name, dinp[0], rdinp, bi, 1.0, q.ni);
     snprintf(name, sizeof name, "winograd dinp vs direct %s", tag);
     within_bound(name, dinp[0], dinp[1], bi, 2.0, q.ni);
+    double * bw = malloc(q.nw * sizeof(double));
+    wino_dw_bound(bw, q.inp, q.dout, &s);
+    snprintf(name, sizeof name, "winograd dweight vs reference %s", tag);
+    within_bound(name, dw[0], rdw, bw, 1.0, q.nw);
+    snprintf(name, sizeof name, "winograd dweight vs direct %s", tag);
+    within_bound(name, dw[0], dw[1], bw, 2.0, q.nw);
+    if (has_bias) {
+        CHECK(bitwise_equal(db[0], db[1], (size_t)s.OC), "winograd: dbias differs from the direct path's %s", tag);
+    }
     if (s.C >= 4 && s.OC >= 4 && s.N * s.OH * s.OW >= 16) {
         // the forced path did run: its rounding differs from the direct path's somewhere
-        CHECK(!bitwise_equal(out[0], out[1], q.no) && !bitwise_equal(dinp[0], dinp[1], q.ni),
+        CHECK(!bitwise_equal(out[0], out[1], q.no) && !bitwise_equal(dinp[0], dinp[1], q.ni) &&
+              !bitwise_equal(dw[0], dw[1], q.nw),
               "winograd forced but the results equal the direct path's bitwise: %s", tag);
     }
-    for (int v = 0; v < 2; v++) { free(out[v]); free(dinp[v]); }
-    free(ref); free(rdinp); free(rdw); free(rdb); free(bo); free(bi);
+    for (int v = 0; v < 2; v++) { free(out[v]); free(dinp[v]); free(dw[v]); free(dw2[v]); free(db[v]); }
+    free(ref); free(rdinp); free(rdw); free(rdb); free(bo); free(bi); free(bw);
     conv_bufs_free(&q);
 }
 

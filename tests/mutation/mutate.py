@@ -727,6 +727,14 @@ MUTATIONS = [
     dict(name="winograd_output_sign", file=WINO, what="Winograd's output transform: a sign of A^T wrong (odd rows and columns)",
          old="v8f b1 = v8_sub(v8_sub(u1[1], u1[2]), u1[3]);", new="v8f b1 = v8_sub(v8_add(u1[1], u1[2]), u1[3]);",
          tests=t(LAYERS_TORCH, "test_conv2d") + [WINO_T]),
+    dict(name="winograd_dweight_z_sign", file=WINO,
+         what="Winograd's weight gradient: the output-gradient transform's last row without its minus sign",
+         old="{ v8_sub(zero, y10), v8_sub(zero, y11) } };", new="{ y10, y11 } };",
+         tests=t(LAYERS_TORCH, "test_conv2d") + [WINO_T]),
+    dict(name="winograd_dweight_kernel_halving", file=WINO,
+         what="Winograd's weight gradient: G^T dU G's middle column without its halving",
+         old="g[3 * i + 1] = (h[i][1] - h[i][2]) * 0.5f;", new="g[3 * i + 1] = h[i][1] - h[i][2];",
+         tests=t(LAYERS_TORCH, "test_conv2d") + [WINO_T]),
 ]
 
 NAMES = [m["name"] for m in MUTATIONS]
