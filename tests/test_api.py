@@ -250,6 +250,33 @@ def test_from_arrays_validation():
     assert d.X.dtype == np.float32 and d.num_classes == 3
 
 
+@pytest.mark.parametrize("dtype", ["uint8", "float32"])
+def test_batch_values_are_exactly_the_documented_arithmetic(dtype):
+    # Without augmentation an element is (x * scale - mean) / std with x * scale - mean rounded
+    # once (a fused multiply-add), per channel; without normalisation x * scale. Odd plane sizes
+    # exercise the vector loops' tails. Computed here in float64, where x * scale - mean is
+    # exact for these inputs, then rounded to float32 once, as the library promises.
+    rng = np.random.default_rng(3)
+    if dtype == "uint8":
+        X = rng.integers(0, 256, (7, 3, 5, 7)).astype(np.uint8)
+    else:
+        X = (rng.integers(0, 2 ** 12, (7, 3, 5, 7)) / 2 ** 10).astype(np.float32)
+    y = rng.integers(0, 3, 7)
+    idx = np.array([6, 0, 3, 3, 1])
+    for normalize in (None, "auto"):
+        d = kdcore.datasets.from_arrays(X, y, normalize=normalize)
+        xs = X[idx].astype(np.float64) * np.float64(np.float32(d.scale))
+        if normalize is None:
+            want = xs.astype(np.float32)
+        else:
+            mu = np.asarray(d.mean, np.float32).astype(np.float64).reshape(1, -1, 1, 1)
+            sd = np.asarray(d.std, np.float32).reshape(1, -1, 1, 1)
+            want = (xs - mu).astype(np.float32) / sd
+        got = d.batch(idx)
+        assert got.dtype == np.float32
+        np.testing.assert_array_equal(got, want)
+
+
 def test_batch_normalisation_and_augment_options():
     X = np.full((2, 1, 4, 4), 255, np.uint8)
     d = kdcore.datasets.Dataset(X, np.array([0, 1]), mean=(0.5,), std=(0.25,))
