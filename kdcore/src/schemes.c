@@ -35,7 +35,7 @@ static struct kd_step_net frozen_net(struct kd_net * net, const float * logits, 
 
 static struct kd_term logit_term(enum kd_term_kind kind, int net, int node, float weight, float T, const char * name) {
     struct kd_term t = kd_term_default(kind);
-    t.a = (struct kd_ref){ net, node };
+    t.a = (struct kd_ref){ net, node, 0 };
     t.weight = weight;
     t.T = T;
     t.name = name;
@@ -48,7 +48,7 @@ static struct kd_source nets_source(int first, int n, enum kd_mix mix) {
     memset(&s, 0, sizeof s);
     s.n = n;
     s.mix = mix;
-    for (int j = 0; j < n; j++) s.ref[j] = (struct kd_ref){ first + j, -1 };
+    for (int j = 0; j < n; j++) s.ref[j] = (struct kd_ref){ first + j, -1, 0 };
     return s;
 }
 
@@ -216,7 +216,7 @@ enum kd_status kd_mutual_epoch(struct kd_net * const * nets, struct kd_optim * c
         } else {
             t.src.n = 0;
             t.src.mix = KD_MIX_LOSSES;
-            for (int b = 0; b < k; b++) if (b != a) t.src.ref[t.src.n++] = (struct kd_ref){ b, -1 };
+            for (int b = 0; b < k; b++) if (b != a) t.src.ref[t.src.n++] = (struct kd_ref){ b, -1, 0 };
         }
         terms[2 * a + 1] = t;
     }
@@ -360,7 +360,7 @@ enum kd_status kd_exits_epoch(struct kd_net * net, struct kd_optim * opt, const 
         if (self && is_out) continue;
         struct kd_term t = logit_term(KD_TERM_KD, 0, exits[k], e->kd_weight * scale, e->T, "loss");
         t.src.n = 1;
-        t.src.ref[0] = self ? (struct kd_ref){ 0, -1 } : (struct kd_ref){ 1, -1 };
+        t.src.ref[0] = self ? (struct kd_ref){ 0, -1, 0 } : (struct kd_ref){ 1, -1, 0 };
         if (is_out) kd_of_out = n;
         terms[n++] = t;
     }

@@ -748,7 +748,7 @@ static enum kd_status engine_setup(struct engine * E) {
             continue;
         }
         int C = ds->c, H = ds->h, W = ds->w;
-        if (sn->connector) ref_shape(E, (struct kd_ref){ c->input_net, c->input_node }, &C, &H, &W);
+        if (sn->connector) ref_shape(E, (struct kd_ref){ c->input_net, c->input_node, 0 }, &C, &H, &W);
         KD_TRY(kd_net_plan(c->net, L->B, C, H, W));
         int oc, oh, ow;
         kd_net_node_shape(c->net, -1, &oc, &oh, &ow);
@@ -1022,7 +1022,7 @@ static enum kd_status keep_read_nodes(struct engine * E) {
     }
     for (int j = 0; j < s->monitor.n; j++) KEEP(s->monitor.ref[j]);
     for (int i = 0; i < s->n_nets; i++) {
-        if (s->nets[i].input_net >= 0) KEEP(((struct kd_ref){ s->nets[i].input_net, s->nets[i].input_node }));
+        if (s->nets[i].input_net >= 0) KEEP(((struct kd_ref){ s->nets[i].input_net, s->nets[i].input_node, 0 }));
         for (int k = 0; k < s->nets[i].n_inputs; k++) KEEP(s->nets[i].inputs[k]);
     }
 #undef KEEP
@@ -1063,7 +1063,7 @@ static enum kd_status engine_alloc(struct engine * E) {
         if (c->input_noise > 0 && c->input_net < 0 && !(sn->noisy = malloc(px * B * sizeof(float))))
             E_FAIL(KD_ERR_NOMEM, "cannot allocate");
         if (sn->connector && E->n[c->input_net].backprop && !c->detach_input) {
-            size_t p = ref_per(E, (struct kd_ref){ c->input_net, c->input_node });
+            size_t p = ref_per(E, (struct kd_ref){ c->input_net, c->input_node, 0 });
             if (!(sn->dinp = malloc(p * B * sizeof(float)))) E_FAIL(KD_ERR_NOMEM, "cannot allocate");
         }
         for (int k = 0; k < c->n_inputs; k++)
