@@ -794,14 +794,20 @@ def write_report(path, results, peaks, peaks_text, verify, args, elapsed, loads)
     if peaks_text:
         L += ["", "## Raw kernel timings", "", "```", peaks_text.strip(), "```"]
     L.append("")
-    # benchmarks/distill_bench.py appends its accuracy section to this file: keep it.
+    # Other scripts append their sections to this file (distillation, feature and data-free
+    # tables, earlier speed comparisons): keep everything from the first "## " section that
+    # this report does not write itself.
     kept = ""
     if os.path.exists(path):
         with open(path) as f:
             old = f.read()
-        i = old.find("## Distillation on Fashion-MNIST")
-        if i >= 0:
-            kept = "\n" + old[i:].rstrip() + "\n"
+        own = {"## Machine and versions", "## Machine peaks (benchmarks/bench_kernels.c)", "## Results",
+               "## Architecture check", "## Raw kernel timings"}
+        starts = [i for i in range(len(old)) if old.startswith("## ", i) and (i == 0 or old[i - 1] == "\n")]
+        for i in starts:
+            if old[i:].split("\n", 1)[0].rstrip() not in own:
+                kept = "\n" + old[i:].rstrip() + "\n"
+                break
     with open(path, "w") as f:
         f.write("\n".join(L) + kept)
 
