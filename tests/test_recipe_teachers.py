@@ -52,6 +52,8 @@ def test_a_recipe_without_snapshot_keeps_its_cache_key():
     key = recipes._teacher_key(cfg)
     assert "snapshot" not in key["teacher"]
     assert recipes._teacher_key(recipe(teacher=dict(TEACHER, snapshot=2)))["teacher"]["snapshot"] == 2
+    # the last epoch is the end of the run: the same teacher, the same cache entry
+    assert recipes._teacher_key(recipe(teacher=dict(TEACHER, snapshot=4))) == key
 
 
 def test_several_teachers_one_per_seed(tmp_path):

@@ -519,6 +519,8 @@ def _validate(raw):
         raise RecipeError("teacher.torch_key: needs teacher.checkpoint")
     if t is not None and t.get("snapshot") is not None and t["snapshot"] > t["epochs"]:
         raise RecipeError(f"teacher.snapshot: {t['snapshot']} is past the teacher's {t['epochs']} epochs")
+    if t is not None and t.get("snapshot") == t["epochs"]:
+        del t["snapshot"]   # the end of the run: the same teacher, cached once
     method = cfg["method"]
     if method not in _methods():
         raise RecipeError(f"method: expected one of {', '.join(_methods())}, got {method!r}")
