@@ -232,7 +232,7 @@ def main(argv=None):
                     f"Figure: {lib.shown(fig)}.\n\n" + table(grid, out, pair), args.out)
         if args.quick:
             full = build_grid(pair, seeds=parse_seeds(args.seeds), slkd_lr_scale=args.slkd_lr_scale, epochs=epochs)
-            lib.estimate(grid, full, costs, out, args, f"{pair} study")
+            lib.estimate(grid, full, costs, out, args, f"SLKD study (R9), {pair} pair")
 
 
 if __name__ == "__main__":

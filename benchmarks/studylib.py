@@ -213,7 +213,8 @@ def estimate(grid, full, costs, out, args, label):
         return None
     total, teachers, per_row = extrapolate(grid, full, costs, out)
     n = len(next(iter(full.values()))[1]["seeds"])
-    print(f"Estimated full {label} on one core ({n} seeds), from this quick run's CPU times: {total / 60:.0f} min "
+    print(f"Estimated time of the full study \"{label}\" on one core ({n} seeds), from this quick run's CPU times: "
+          f"{total / 60:.0f} min "
           f"(teachers {teachers / 60:.0f} min; per seed: " + ", ".join(f"{r} {s / 60:.1f}" for r, s in per_row.items())
           + f" min); two workers: about {(teachers + (total - teachers) / 2) / 60:.0f} min.")
     return total

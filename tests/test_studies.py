@@ -74,7 +74,7 @@ def test_quick_run_end_to_end(key, tmp_path, capsys):
         assert "not run" not in line and " ± " in line, line
     assert "Verdict on" in text and "--quick" in text
     assert (tmp_path / "fig" / fig).stat().st_size > 0
-    assert "Estimated full" in capsys.readouterr().out
+    assert "Estimated time of the full study" in capsys.readouterr().out
 
 
 def test_teacher_size_grid():
