@@ -28,8 +28,8 @@ lib = _load("studylib")
 r1 = _load("study_teacher_size")
 r4 = _load("study_multi_teacher")
 r8 = _load("study_regularised_kd")
-STUDIES = {"r1": (r1, "teacher_size_study_quick.png"), "r4": (r4, "multi_teacher_study_quick.png"),
-           "r8": (r8, "regularised_kd_study_quick.png")}
+STUDIES = {"r1": (r1, "study_teacher_size_quick.png"), "r4": (r4, "study_multi_teacher_quick.png"),
+           "r8": (r8, "study_regularised_kd_quick.png")}
 NOISE = (0.0, 0.004, -0.003)   # per seed, so that the paired differences have a spread
 
 
