@@ -71,13 +71,8 @@ by a little; --conv-epochs 6 or fewer seeds trade that. With --quick the conv te
 epoch on 5,000 images) is too weak for its students to learn anything in 16 steps: the quick
 run checks the plumbing and the cost, not the results.
 """
-import argparse
-import datetime
 import json
-import math
 import os
-import platform
-import shlex
 import sys
 import time
 
@@ -86,17 +81,15 @@ import numpy as np
 import kdcore
 from kdcore import recipes
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SGD = dict(name="sgd", momentum=0.9, weight_decay=5e-4)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import studylib as lib  # noqa: E402  (the study scripts' shared part, next to this file)
+from studylib import DATA, QUICK, SGD, log, parse_seeds  # noqa: E402
+
 PAIRS = {
-    "mlp": dict(teacher=dict(model="mlp", hidden=[1200, 1200], dropout=0.2, epochs=20, lr=0.05),
-                student=dict(model="mlp", hidden=[256]), lr=0.05, epochs=20),
+    "mlp": dict(teacher=dict(lib.MLP_TEACHER), student=dict(lib.MLP_STUDENT), lr=lib.MLP_LR, epochs=lib.MLP_EPOCHS),
     "conv": dict(teacher=dict(model="resnet8x4", epochs=8, lr=0.1, augment=True),
                  student=dict(model="resnet8"), lr=0.1, epochs=8),
 }
-DATA = dict(train_size=6000, val_split=5000, test_size=None)
-QUICK = dict(teacher_epochs=1, teacher_train_size=5000, epochs=2, data=dict(train_size=1000, val_split=1000,
-                                                                           test_size=2000))
 SLKD_DEFAULTS = dict(T=4.0, alpha=0.1, lam=1.0, eta=3.0, rho=0.5, n_sl=2, fuse="logits", sequential=False)
 # (row, what it is, the change to SLKD's defaults)
 ABLATIONS = [("slkd", "SLKD, kdcore's defaults", {}),
@@ -108,12 +101,6 @@ ABLATIONS = [("slkd", "SLKD, kdcore's defaults", {}),
              ("slkd-probs", "fuse probabilities", dict(fuse="probs"))]
 NOT_AVAILABLE = {"slkd-no-tau2": "SLKD without the tau^2 factor on the SL terms: not run, kdcore.slkd has no "
                                  "option for it (every KD term it builds is T^2-scaled KL)"}
-T0 = time.perf_counter()
-
-
-def log(msg):
-    e = time.perf_counter() - T0
-    print(f"[{int(e // 3600)}:{int(e % 3600 // 60):02d}:{int(e % 60):02d}] {msg}", flush=True)
 
 
 def build_grid(pair, seeds=(0, 1, 2), quick=False, slkd_lr_scale=0.25, epochs=None):
@@ -146,101 +133,23 @@ def build_grid(pair, seeds=(0, 1, 2), quick=False, slkd_lr_scale=0.25, epochs=No
     return grid
 
 
-# ---- running -------------------------------------------------------------------------
-
-def run_grid(grid, out, cache, args):
-    """Runs every (recipe, seed); returns {(row, seed): (cpu seconds, wall seconds, fresh)}."""
-    costs = {}
-    first = next(iter(grid.values()))[1]
-    kd_cfg = grid["kd"][1]
-    # the teacher first, so that its training is timed apart from any student's run (and
-    # apart from reading the data: the untrained preparation reads it)
-    recipes.prepare(kd_cfg, first["seeds"][0], cache, train_teacher=False)
-    c0, w0 = time.process_time(), time.perf_counter()
-    p = recipes.prepare(kd_cfg, first["seeds"][0], cache, log=log)
-    if p["teacher_info"]["source"] == "trained":
-        costs[("teacher", None)] = (time.process_time() - c0, time.perf_counter() - w0, True)
-    for row, (what, cfg) in grid.items():
-        if args.workers:
-            for t in recipes.sweep(cfg, out=out, workers=args.workers, threads=args.threads, cache=cache, log=log):
-                if t.status == "failed":
-                    raise RuntimeError(f"{t.name} seed {t.seed} failed:\n{t.traceback}")
-                costs[(row, t.seed)] = (math.nan, t.metrics.get("time", math.nan), t.status == "finished")
-            continue
-        for seed in cfg["seeds"]:
-            c0, w0 = time.process_time(), time.perf_counter()
-            m = recipes.run_one(cfg, seed, out, cache=cache, log=log,
-                                argv=[sys.executable] + sys.argv)
-            costs[(row, seed)] = (time.process_time() - c0, time.perf_counter() - w0, not m.get("skipped"))
-            log(f"{cfg['name']} seed {seed}: best-on-val test accuracy {m['best_test_acc']:.4f} "
-                f"({costs[(row, seed)][1]:.0f} s)")
-    return costs
-
-
-def extrapolate(grid, costs, out, pair, args):
-    """The full study's time on one core from a quick run's CPU times: per run, its training
-    epochs scaled by epochs x training images, the rest (evaluation, SLKD*'s phase 1, the
-    teacher's logits) by epochs x the largest of the image ratios; the teacher by epochs x
-    images. Returns (total seconds, {row: seconds per seed})."""
-    full = build_grid(pair, seeds=parse_seeds(args.seeds), slkd_lr_scale=args.slkd_lr_scale,
-                      epochs=args.conv_epochs if pair == "conv" else None)
-    q = next(iter(grid.values()))[1]
-    f = next(iter(full.values()))[1]
-    r_epochs = f["epochs"] / q["epochs"]
-    r_train = DATA["train_size"] / q["data"]["train_size"]
-    r_eval = (DATA["val_split"] + 10000) / (q["data"]["val_split"] + q["data"]["test_size"])
-    per_row = {}
-    for row in grid:
-        cpu = costs[(row, 0)][0]
-        hist = json.load(open(os.path.join(recipes.run_dir(out, grid[row][1], 0), "history.json")))
-        m = json.load(open(os.path.join(recipes.run_dir(out, grid[row][1], 0), "metrics.json")))
-        frac = min(1.0, sum(hist["time"]) / m["time"]) if m["time"] > 0 else 1.0
-        per_row[row] = cpu * r_epochs * (frac * r_train + (1 - frac) * max(r_train, r_eval))
-    teacher = costs[("teacher", None)][0]
-    tq, tf = q["teacher"], f["teacher"]
-    teacher *= (tf["epochs"] / tq["epochs"]) * (60000 / tq["train_size"])
-    total = teacher + sum(per_row.values()) * len(f["seeds"])
-    return total, teacher, per_row
-
-
 # ---- the report ----------------------------------------------------------------------
 
 def read_history(out, cfg, seed):
+    """The History (history.json) of one finished run."""
     path = os.path.join(recipes.run_dir(out, cfg, seed), "history.json")
     with open(path) as f:
         return json.load(f)
 
 
 def table(grid, out, pair):
-    """The Markdown table of one pair's finished runs."""
-    base = grid["kd"][1]["name"]
-    groups = {r["recipe"]: r for r in recipes.report(out)}
-    diffs = {r["recipe"]: r for r in recipes.compare(out, baseline=base)}
-    lines = ["| row | what | seeds | test acc, best val epoch | test acc, last epoch | Δ vs KD (points) | "
-             "95% CI |", "|---|---|---|---:|---:|---:|---:|"]
-    for row, (what, cfg) in grid.items():
-        g = groups.get(cfg["name"])
-        if g is None:
-            lines.append(f"| {row} | {what} | | not run | | | |")
-            continue
-        d = diffs.get(cfg["name"])
-        if d is None or not d["n"]:
-            delta, ci = "", ""
-        else:
-            delta = f"{100 * d['diff_mean']:+.2f}"
-            ci = "n/a" if math.isnan(d["ci_low"]) else f"[{100 * d['ci_low']:+.2f}, {100 * d['ci_high']:+.2f}]"
-        lines.append(f"| {row} | {what} | {','.join(map(str, g['seeds']))} | {g['best_mean']:.2f} ± "
-                     f"{g['best_std']:.2f} | {g['last_mean']:.2f} ± {g['last_std']:.2f} | {delta} | {ci} |")
-    for row, why in NOT_AVAILABLE.items():
-        lines.append(f"| {row} | {why} | | | | | |")
-    return "\n".join(lines) + "\n"
+    """The Markdown table of one pair's finished runs (paired differences to kd)."""
+    return lib.table(grid, out, "kd", notes=NOT_AVAILABLE)
 
 
 def figure(grid, out, pair, path):
     """Figs. 2-3 of the paper as measured here (see the module docstring); returns the path."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = lib.pyplot()
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     colours = {row: cycle[i % len(cycle)] for i, row in enumerate(r for r in grid if r != "scratch")}
@@ -282,11 +191,7 @@ def figure(grid, out, pair, path):
         # a collapsed run (a student and SL-teachers predicting one class) gives KLs of 1e-100
         ax.set_ylim(bottom=max(ax.get_ylim()[0], 1e-4))
     fig.suptitle(f"SLKD study (R9), {pair} pair: mean over seeds, band min-max")
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return lib.save_figure(fig, path)
 
 
 def describe(grid, pair):
@@ -301,73 +206,33 @@ def describe(grid, pair):
             f"{slkd['options']['sl_optimizer']['lr']:g}); SGD momentum 0.9, weight decay 5e-4, cosine, batch 128.")
 
 
-def shown(path):
-    """A path as the report names it: relative to the repository when inside it."""
-    rel = os.path.relpath(os.path.abspath(path), ROOT)
-    return path if rel.startswith("..") else rel
-
-
-def parse_seeds(text):
-    return [int(s) for s in text.split(",") if s.strip()]
-
-
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """The study: runs the grid of each pair, appends its section to --out."""
+    ap = lib.parser(__doc__, "study_slkd")
     ap.add_argument("--pair", default="mlp", choices=["mlp", "conv", "both"])
-    ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--conv-epochs", type=int, default=None, help="the conv students' epochs (default 8)")
     ap.add_argument("--slkd-lr-scale", type=float, default=0.25,
                     help="SLKD's student lr (and the control's) as a fraction of the pair's lr")
-    ap.add_argument("--runs", default=os.path.join(ROOT, "build", "study_slkd"), help="run folders (resumable)")
-    ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "STUDIES.md"))
-    ap.add_argument("--figures", default=os.path.join(ROOT, "benchmarks", "figures"))
-    ap.add_argument("--workers", type=int, default=None, help="run each recipe's seeds on this many Dask workers")
-    ap.add_argument("--threads", type=int, default=None, help="kdcore threads (per worker with --workers)")
-    ap.add_argument("--quick", action="store_true", help="1 seed, 2 epochs, small data: checks the script end to end "
-                                                         "and prints the full study's estimated time")
     args = ap.parse_args(argv)
-    if args.threads and not args.workers:
-        kdcore.set_num_threads(args.threads)
+    seeds, runs, cache = lib.setup(args)
     pairs = ["mlp", "conv"] if args.pair == "both" else [args.pair]
-    seeds = [0] if args.quick else parse_seeds(args.seeds)
-    runs = os.path.join(args.runs, "quick") if args.quick else args.runs
-    cache = os.path.join(runs, "_teachers")
     for pair in pairs:
         t0 = time.perf_counter()
-        grid = build_grid(pair, seeds, quick=args.quick, slkd_lr_scale=args.slkd_lr_scale,
-                          epochs=args.conv_epochs if pair == "conv" else None)
+        epochs = args.conv_epochs if pair == "conv" else None
+        grid = build_grid(pair, seeds, quick=args.quick, slkd_lr_scale=args.slkd_lr_scale, epochs=epochs)
         out = os.path.join(runs, pair)
         log(f"{pair} pair: {len(grid)} recipes x {len(seeds)} seeds -> {out}")
-        costs = run_grid(grid, out, cache, args)
+        costs = lib.run_grid(grid, out, cache, args)
         elapsed = time.perf_counter() - t0
         fig = figure(grid, out, pair, os.path.join(args.figures, f"slkd_study_{pair}{'_quick' if args.quick else ''}"
                                                    f".png"))
-        cmd = "python benchmarks/study_slkd.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-        text = "\n".join([
-            f"\n## SLKD study (R9), {pair} pair — {datetime.date.today()}\n",
-            f"`{cmd.strip()}` ({platform.machine()}, kdcore {kdcore.__version__}, "
-            f"{args.workers or 1} process(es) x {args.threads or kdcore.get_num_threads()} thread(s), "
-            f"{elapsed / 60:.0f} min for the runs this invocation made). {describe(grid, pair)} Test accuracy in %, "
-            "mean ± std over seeds; Δ: mean paired difference to kd over the seeds (same images, split and initial "
-            f"student), with its 95% Student-t interval. Figure: {shown(fig)}.\n",
-            table(grid, out, pair)])
-        print(text)
-        with open(args.out, "a") as f:
-            f.write(text)
+        lib.section(f"SLKD study (R9), {pair} pair", "study_slkd.py", argv, args, elapsed,
+                    f"{describe(grid, pair)} Test accuracy in %, mean ± std over seeds; Δ: mean paired difference to "
+                    "kd over the seeds (same images, split and initial student), with its 95% Student-t interval. "
+                    f"Figure: {lib.shown(fig)}.\n\n" + table(grid, out, pair), args.out)
         if args.quick:
-            if args.workers:
-                log("no estimate: with --workers the CPU times of the runs are not measured here")
-                continue
-            if not all(costs.get((row, 0), (0, 0, False))[2] for row in grid) or ("teacher", None) not in costs:
-                log("no estimate: some runs (or the teacher) were finished by an earlier invocation; "
-                    "measure with a fresh --runs")
-                continue
-            total, teacher, per_row = extrapolate(grid, costs, out, pair, args)
-            n = len(parse_seeds(args.seeds))
-            print(f"Estimated full {pair} study on one core ({n} seeds), from this quick run's CPU times: "
-                  f"{total / 60:.0f} min (teacher {teacher / 60:.0f} min; per seed: "
-                  + ", ".join(f"{r} {s / 60:.1f}" for r, s in per_row.items()) + " min); two workers: about "
-                  f"{(teacher + (total - teacher) / 2) / 60:.0f} min.")
+            full = build_grid(pair, seeds=parse_seeds(args.seeds), slkd_lr_scale=args.slkd_lr_scale, epochs=epochs)
+            lib.estimate(grid, full, costs, out, args, f"SLKD study (R9), {pair} pair")
 
 
 if __name__ == "__main__":

@@ -15,14 +15,15 @@ these functions. A recipe (every key but ``method`` optional; defaults are kdcor
       optimizer: sgd               # training keys of the teacher: epochs, optimizer, lr,
       lr: 0.1                      #   schedule, batch_size, augment, train_size, seed
       schedule: cosine
-      augment: true
+      augment: true                #   snapshot: N, the teacher after N of its epochs (ESKD);
+                                   #   seed: [0, 1, 2], one teacher per seed (multi-teacher KD)
     student: {model: resnet8}      # zoo name; width (cnn), hidden/dropout/batchnorm (mlp)
     data:
       source: fashion_mnist        # or an .npz file with X_train, y_train, X_test, y_test
       train_size: 6000             # the student's labelled images, drawn with the seed
       val_split: 5000              # carved from the training set with the seed (int or fraction)
       test_size: null              # the first N test images (all by default)
-    method: kd                     # scratch, any kdcore.losses.METHODS name, mutual, slkd
+    method: kd                     # scratch, any kdcore.losses.METHODS name, mutual, slkd, tf_kd_reg
     options: {T: 4}                # keyword arguments of the training function, checked; slkd's
                                    #   sl_optimizer: a name or {name, lr, momentum, ...}
     losses:                        # instead of a method's reference terms: kdcore.losses terms
@@ -324,9 +325,11 @@ _MODEL_KEYS = {"width": ("cnn",), "hidden": ("mlp",), "dropout": ("mlp",), "batc
 _TEACHER = Map(dict(_MODEL_FIELDS, **{
     "checkpoint": (Str(), None), "torch_key": (Str(), None),
     "epochs": (Int(1), 10), "optimizer": (_OPTIMIZER, "sgd"), "lr": (Float(0), None), "schedule": (_SCHEDULE, None),
-    "batch_size": (Int(1), 128), "augment": (_AUGMENT, None), "train_size": (Int(1), None), "seed": (Int(0), 0)}),
+    "batch_size": (Int(1), 128), "augment": (_AUGMENT, None), "train_size": (Int(1), None),
+    "seed": (OneOf(Int(0), List(Int(0), 2)), 0), "snapshot": (Int(1), None)}),
     drop_none=True)
-_TEACHER_TRAINING = ("epochs", "optimizer", "lr", "schedule", "batch_size", "augment", "train_size", "seed")
+_TEACHER_TRAINING = ("epochs", "optimizer", "lr", "schedule", "batch_size", "augment", "train_size", "seed",
+                     "snapshot")
 _DATA = Map({"source": (Str(), "fashion_mnist"), "train_size": (Int(1), None),
              "val_split": (OneOf(Int(1), Float(0, 1, lo_open=True, hi_open=True)), None),
              "test_size": (Int(1), None)})
@@ -352,7 +355,11 @@ SCHEMA = Map({
 # Methods besides kdcore.losses.METHODS (all run by kdcore.distill).
 _EXTRA_METHODS = {"scratch": "kdcore.fit: the student alone, no teacher",
                   "mutual": "kdcore.mutual: deep mutual learning among the student and options.peers - 1 peers",
-                  "slkd": "kdcore.slkd: self-learning teachers trained with the student"}
+                  "slkd": "kdcore.slkd: self-learning teachers trained with the student",
+                  "tf_kd_reg": "kdcore.tf_kd(mode='virtual'): teacher-free KD from a hand-made virtual teacher "
+                               "(a teacher section, if any, is only measured against, as with scratch)"}
+# Methods that train without a teacher.
+_NO_TEACHER = ("scratch", "tf_kd_reg")
 
 
 def _methods():
@@ -380,12 +387,16 @@ _RECIPE_SETS = {"epochs": "epochs", "batch_size": "batch_size", "optimizer": "op
                 "schedule": "schedule", "augment": "augment", "seed": "seeds", "method": "method",
                 "losses": "losses", "val": "data.val_split"}
 _NOT_OPTIONS = {"student", "teacher", "train", "models", "model", "val", "progress", "callback", "callback_every",
-                "checkpoint", "checkpoint_every", "checkpoint_best", "resume", "sl_teachers", "keep_snapshots"}
+                "checkpoint", "checkpoint_every", "checkpoint_best", "resume", "sl_teachers", "keep_snapshots",
+                "mode", "teacher_epochs", "num_classes", "distill_kw", "fit_kw"}
 # Options whose default (None) says nothing of their type.
 _OPTION_SPECS = {"T": Float(0, lo_open=True), "ce_weight": Float(0), "kd_weight": Float(0), "max_steps": Int(1),
                  "warmup_epochs": Int(0), "kd_stop_epoch": Int(1), "init_epochs": Int(1), "hint_epochs": Int(0),
                  "teacher_weights": List(Float(0), 1), "tolerant": List(Float(0), 2, 2),
                  "cache": OneOf(Bool(), Str(["auto"])), "peers": Int(2), "sl_optimizer": _SL_OPTIMIZER}
+# tf_kd's options whose default (None) says nothing of their type; its alpha is not DKD's.
+_TF_KD_SPECS = {"alpha": Float(0, 1), "a": Float(0, 1, lo_open=True, hi_open=True), "multiplier": Float(0),
+                "form": Str(["code", "paper"])}
 # distill's options for the logit methods only (it refuses them with feature methods and losses=).
 _LOGIT_ONLY = {"T", "alpha", "beta", "warmup_epochs", "kd_stop_epoch", "conditional", "teacher_weights", "multi",
                "learn_gates", "gate_lr", "teacher_drop", "fickle", "student_noise", "tolerant"}
@@ -393,7 +404,8 @@ _LOGIT_ONLY = {"T", "alpha", "beta", "warmup_epochs", "kd_stop_epoch", "conditio
 
 def _train_fn(method):
     import kdcore
-    return {"scratch": kdcore.fit, "mutual": kdcore.mutual, "slkd": kdcore.slkd}.get(method, kdcore.distill)
+    return {"scratch": kdcore.fit, "mutual": kdcore.mutual, "slkd": kdcore.slkd,
+            "tf_kd_reg": kdcore.tf_kd}.get(method, kdcore.distill)
 
 
 def _check_options(method, options, uses_losses):
@@ -417,9 +429,9 @@ def _check_options(method, options, uses_losses):
         if k in ("ce_weight", "kd_weight") and uses_losses:
             raise RecipeError(f"{p}: with losses:, give each term its weight")
         default = params[k].default
-        spec = _OPTION_SPECS.get(k) or (Bool() if isinstance(default, bool) else Int() if isinstance(default, int)
-                                        else Float() if isinstance(default, float) else
-                                        Str() if isinstance(default, str) else Any_())
+        spec = (_TF_KD_SPECS.get(k) if method == "tf_kd_reg" else None) or _OPTION_SPECS.get(k) or \
+            (Bool() if isinstance(default, bool) else Int() if isinstance(default, int)
+             else Float() if isinstance(default, float) else Str() if isinstance(default, str) else Any_())
         out[k] = None if v is None else spec.check(v, p)
     return out
 
@@ -505,14 +517,24 @@ def _validate(raw):
             raise RecipeError(f"teacher.{given[0]}: a teacher loaded from teacher.checkpoint is not trained")
     if t is not None and t.get("torch_key") is not None and t.get("checkpoint") is None:
         raise RecipeError("teacher.torch_key: needs teacher.checkpoint")
+    if t is not None and t.get("snapshot") is not None and t["snapshot"] > t["epochs"]:
+        raise RecipeError(f"teacher.snapshot: {t['snapshot']} is past the teacher's {t['epochs']} epochs")
+    if t is not None and t.get("snapshot") == t["epochs"]:
+        del t["snapshot"]   # the end of the run: the same teacher, cached once
     method = cfg["method"]
     if method not in _methods():
         raise RecipeError(f"method: expected one of {', '.join(_methods())}, got {method!r}")
+    if t is not None and isinstance(t["seed"], list):
+        if len(set(t["seed"])) != len(t["seed"]):
+            raise RecipeError(f"teacher.seed: a seed appears twice in {t['seed']}")
+        if _train_fn(method).__name__ != "distill":
+            raise RecipeError(f"teacher.seed: a list of seeds (several teachers) is for kdcore.distill's methods, "
+                              f"not {method!r}")
     if cfg["losses"] is not None:
         if _train_fn(method).__name__ != "distill":
             raise RecipeError(f"losses: only for kdcore.distill's methods, not {method!r}")
         _build_losses(cfg["losses"])
-    if t is None and method != "scratch":
+    if t is None and method not in _NO_TEACHER:
         raise RecipeError(f"teacher: required by method {method!r}")
     cfg["options"] = _check_options(method, cfg["options"], cfg["losses"] is not None)
     for where in ("", "teacher."):
@@ -741,13 +763,15 @@ def _file_digest(path):
     return h.hexdigest()
 
 
-def _teacher_key(cfg):
-    """What a trained teacher depends on: its own section and the data it saw (an .npz by
-    content, so that a replaced file is not mistaken for the old one)."""
+def _teacher_key(cfg, t=None):
+    """What a trained teacher depends on: its own section (``t``, default the recipe's) and the
+    data it saw (an .npz by content, so that a replaced file is not mistaken for the old one).
+    A section without ``snapshot`` keys as before that key existed, so caches stay valid."""
     src = cfg["data"]["source"]
     data_id = src if src == "fashion_mnist" else _file_digest(src)
-    return dict(teacher={k: v for k, v in cfg["teacher"].items() if k not in ("checkpoint", "torch_key")},
-                data=data_id)
+    t = cfg["teacher"] if t is None else t
+    return dict(teacher={k: v for k, v in t.items() if k not in ("checkpoint", "torch_key")
+                         and not (k == "snapshot" and v is None)}, data=data_id)
 
 
 @contextlib.contextmanager
@@ -767,9 +791,19 @@ def _locked(path):
 def _teacher(cfg, full, cache, log, train=True):
     """The teacher model and where it came from: loaded from teacher.checkpoint, from the
     cache, or trained now on the training set (teacher.train_size images drawn with
-    teacher.seed) and cached under a hash of its configuration."""
-    import kdcore
+    teacher.seed) and cached under a hash of its configuration. With teacher.snapshot = N the
+    training stops after N of its ``epochs`` epochs (the schedule still spans ``epochs``), so
+    the model is the full run's after epoch N, bitwise. With a list of seeds: (a list of
+    models, a list of their origins), one teacher per seed."""
     t = cfg["teacher"]
+    if isinstance(t["seed"], list):
+        pairs = [_one_teacher(cfg, dict(t, seed=s), full, cache, log, train) for s in t["seed"]]
+        return [m for m, _ in pairs], [i for _, i in pairs]
+    return _one_teacher(cfg, t, full, cache, log, train)
+
+
+def _one_teacher(cfg, t, full, cache, log, train):
+    import kdcore
     model = _build_model(t, full, t["seed"], "teacher")
     if t.get("checkpoint") is not None:
         path = t.get("checkpoint")
@@ -784,7 +818,7 @@ def _teacher(cfg, full, cache, log, train=True):
             raise RecipeError(f"teacher.checkpoint: {path}: {e}") from None
         model.eval()
         return model, dict(source="checkpoint", path=path)
-    key = _teacher_key(cfg)
+    key = _teacher_key(cfg, t)
     path = os.path.join(cache, f"teacher-{t['model']}-{_digest(key)}.safetensors")
     if not train:
         return model, dict(source="untrained", path=path)
@@ -797,12 +831,14 @@ def _teacher(cfg, full, cache, log, train=True):
         data = full
         if t.get("train_size") is not None and t.get("train_size") < len(full):
             data = full.subset(np.sort(np.random.default_rng(t["seed"]).permutation(len(full))[:t.get("train_size")]))
-        log(f"teacher {t['model']}: training {t['epochs']} epochs on {len(data)} images; cache {path}")
+        stop = t.get("snapshot")
+        log(f"teacher {t['model']}: training {t['epochs']} epochs on {len(data)} images"
+            + (f", kept after epoch {stop}" if stop else "") + f"; cache {path}")
         t0 = time.perf_counter()
         hist = kdcore.fit(model, data, epochs=t["epochs"], batch_size=t["batch_size"],
                           optimizer=_optimizer(t["optimizer"], t.get("lr"), "teacher."),
                           schedule=_schedule(t.get("schedule"), "teacher."), augment=t.get("augment"), seed=t["seed"],
-                          progress=False)
+                          progress=False, callback=None if stop is None else lambda e, row: e + 1 >= stop)
         kdcore.save(path, model, config=key, history=dict(hist), train_time=time.perf_counter() - t0)
     model.eval()
     return model, dict(source="trained", path=path)
@@ -811,15 +847,16 @@ def _teacher(cfg, full, cache, log, train=True):
 def prepare(cfg, seed, cache=None, train_teacher=True, log=None):
     """Everything a run needs, nothing trained but (when not cached) the teacher: a dict with
     ``train``, ``val``, ``test`` (Datasets), ``student``, ``teacher`` (None for scratch
-    without one), ``teacher_info``, ``losses`` (the terms or None), ``optimizer``,
-    ``schedule``. train_teacher=False builds an untrained teacher (checking a recipe)."""
+    without one; a list with a list of teacher seeds), ``teacher_info`` (a list likewise),
+    ``losses`` (the terms or None), ``optimizer``, ``schedule``. train_teacher=False builds an
+    untrained teacher (checking a recipe)."""
     log = log or (lambda msg: None)
     cache = cache or os.path.join("runs", "_teachers")
     full, train, val, test = _splits(cfg, seed)
     student = _build_model(cfg["student"], full, seed, "student")
     teacher, tinfo = (None, None) if cfg["teacher"] is None else _teacher(cfg, full, cache, log, train_teacher)
-    if teacher is not None:
-        teacher.eval()
+    for m in teacher if isinstance(teacher, list) else [] if teacher is None else [teacher]:
+        m.eval()
     return dict(train=train, val=val, test=test, student=student, teacher=teacher, teacher_info=tinfo,
                 losses=None if cfg["losses"] is None else _build_losses(cfg["losses"]),
                 optimizer=_optimizer(cfg["optimizer"], cfg["lr"], ""), schedule=_schedule(cfg["schedule"], ""))
@@ -915,6 +952,9 @@ def _train(cfg, p, seed, callback):
         if isinstance(opts.get("sl_optimizer"), dict):   # its lr is one of the mapping's keys
             opts["sl_optimizer"] = _optimizer(opts["sl_optimizer"], None, "options.sl_")
         return kdcore.slkd(student, teacher, train, **common, **opts)
+    if method == "tf_kd_reg":
+        val, seed_ = common.pop("val"), common.pop("seed")
+        return kdcore.tf_kd(student, train, mode="virtual", val=val, seed=seed_, **common, **opts).student_history
     if p["losses"] is not None:
         return kdcore.distill(student, teacher, train, losses=p["losses"], **common, **opts)
     return kdcore.distill(student, teacher, train, method=method, **common, **opts)
@@ -962,6 +1002,33 @@ def _epoch_measures(student, test, teacher_logits):
     return out
 
 
+def _teacher_logits(teacher, test):
+    """The teacher's test logits; for several teachers, the log of their mean probabilities
+    (the mixture distill's default multi='avg_prob' learns from, at T=1): its argmax is the
+    ensemble's vote, its softmax the mixture."""
+    import kdcore
+    if not isinstance(teacher, list):
+        return kdcore.predict(teacher, test, batch_size=_EVAL_BATCH)
+    from . import metrics as M
+    logp = np.stack([M._log_softmax(kdcore.predict(t, test, batch_size=_EVAL_BATCH)) for t in teacher])
+    top = logp.max(0)
+    return (top + np.log(np.exp(logp - top).mean(0))).astype(np.float32)
+
+
+def _mixture_report(student, teachers, test, zt):
+    """kdcore.metrics.report's keys for several teachers, the teacher being their mixture
+    (``zt``, _teacher_logits); ``teacher_accuracies``: each teacher's own."""
+    import kdcore
+    from . import metrics as M
+    zs = kdcore.predict(student, test, batch_size=_EVAL_BATCH)
+    cs, ct = M._calibration(zs, test.y, _ECE_BINS), M._calibration(zt, test.y, _ECE_BINS)
+    return dict(student_accuracy=cs["accuracy"], teacher_accuracy=ct["accuracy"],
+                agreement=float(np.mean(zs.argmax(1) == zt.argmax(1))),
+                kl_student_teacher=M._mean_kl(M._log_softmax(zs), M._log_softmax(zt)),
+                student_ece=cs["ece"], teacher_ece=ct["ece"], student_nll=cs["nll"], teacher_nll=ct["nll"],
+                teacher_accuracies=[kdcore.evaluate(t, test, batch_size=_EVAL_BATCH)["accuracy"] for t in teachers])
+
+
 def run_one(cfg, seed, out, cache=None, log=None, argv=None):
     """Run one (recipe, seed) into ``run_dir(out, cfg, seed)`` and return its metrics (the
     contents of metrics.json). A folder already marked finished (done.json) for the same
@@ -994,7 +1061,7 @@ def run_one(cfg, seed, out, cache=None, log=None, argv=None):
     p = prepare(cfg, seed, cache, log=log)
     student, teacher, test = p["student"], p["teacher"], p["test"]
     # the teacher is frozen: its test logits are computed once, not per epoch
-    zt = None if teacher is None else kdcore.predict(teacher, test, batch_size=_EVAL_BATCH)
+    zt = None if teacher is None else _teacher_logits(teacher, test)
     per_epoch = {}
 
     def callback(epoch, row):
@@ -1021,7 +1088,9 @@ def run_one(cfg, seed, out, cache=None, log=None, argv=None):
         metrics["last_" + k], metrics["best_" + k] = v[-1], v[best]
     metrics.update(train_size=len(p["train"]), val_size=0 if p["val"] is None else len(p["val"]),
                    test_size=len(test), time=train_time, teacher=p["teacher_info"])
-    if teacher is not None:
+    if isinstance(teacher, list):
+        metrics["report"] = _mixture_report(student, teacher, test, zt)
+    elif teacher is not None:
         metrics["report"] = kdcore.metrics.report(student, teacher, test)
     _write_atomic(os.path.join(folder, "history.json"), _dump_json(dict(hist)))
     _write_atomic(os.path.join(folder, "history.csv"), _history_csv(hist))

@@ -1,0 +1,191 @@
+"""The study scripts on benchmarks/studylib.py: study_teacher_size.py (R1), study_multi_teacher.py
+(R4) and study_regularised_kd.py (R8). Each runs --quick end to end (every row of its grid
+finishes and lands in the Markdown section, with a figure and a time estimate); each grid holds
+the recipes its docstring describes; and the report's logic -- paired differences, the choice of
+the baseline, the verdicts -- is checked on fabricated run results, where the verdicts must flip
+with the numbers."""
+import importlib.util
+import json
+import math
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(ROOT, "benchmarks")
+
+
+def _load(name):
+    sys.path.insert(0, BENCH)
+    spec = importlib.util.spec_from_file_location(name, os.path.join(BENCH, f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+lib = _load("studylib")
+r1 = _load("study_teacher_size")
+r4 = _load("study_multi_teacher")
+r8 = _load("study_regularised_kd")
+STUDIES = {"r1": (r1, "study_teacher_size_quick.png"), "r4": (r4, "study_multi_teacher_quick.png"),
+           "r8": (r8, "study_regularised_kd_quick.png")}
+NOISE = (0.0, 0.004, -0.003)   # per seed, so that the paired differences have a spread
+
+
+def fake_runs(out, grid, best, teacher_acc=None, ece=None):
+    """Finished-run folders for a grid: best[row] is the mean best-epoch accuracy, shifted per
+    seed by NOISE[seed] (the same shift in every row, so the rows' paired differences are
+    exact); teacher_acc[row] and ece[row] likewise without noise."""
+    accs = {}
+    for i, (row, (_, cfg)) in enumerate(grid.items()):
+        if row not in best:
+            continue
+        for seed in cfg["seeds"]:
+            folder = os.path.join(out, cfg["name"], f"seed-{seed}")
+            os.makedirs(folder)
+            # a different shift per row too, small, so that a difference's interval is not zero-width
+            acc = best[row] + NOISE[seed] + 0.001 * seed * (i % 3)
+            accs.setdefault(row, []).append(acc)
+            m = dict(recipe=cfg["name"], method=cfg["method"], seed=seed, best_test_acc=acc, last_test_acc=acc,
+                     best_test_ece=(ece or {}).get(row, 0.05) + NOISE[seed] / 4, best_test_agreement=0.9,
+                     report=dict(teacher_accuracy=(teacher_acc or {}).get(row, math.nan)))
+            for name, obj in (("metrics.json", m), ("done.json", dict(config_sha256="x"))):
+                with open(os.path.join(folder, name), "w") as f:
+                    json.dump(obj, f)
+    return accs
+
+
+def mean_diff(accs, row, base):
+    """The mean paired difference in points, as the table prints it."""
+    return f"{100 * sum(a - b for a, b in zip(accs[row], accs[base])) / len(accs[row]):+.2f}"
+
+
+@pytest.mark.parametrize("key", sorted(STUDIES))
+def test_quick_run_end_to_end(key, tmp_path, capsys):
+    mod, fig = STUDIES[key]
+    out_md = tmp_path / "S.md"
+    mod.main(["--quick", "--threads", "1", "--runs", str(tmp_path / "runs"), "--out", str(out_md),
+              "--figures", str(tmp_path / "fig")])
+    text = out_md.read_text()
+    grid = mod.build_grid([0], quick=True)
+    for row in grid:
+        line = next(ln for ln in text.splitlines() if ln.startswith(f"| {row} |"))
+        assert "not run" not in line and " ± " in line, line
+    assert "Verdict on" in text and "--quick" in text
+    assert (tmp_path / "fig" / fig).stat().st_size > 0
+    assert "Estimated time of the full study" in capsys.readouterr().out
+
+
+def test_teacher_size_grid():
+    grid = r1.build_grid()
+    assert list(grid) == ["scratch", "kd-w64", "kd-w256", "kd-w1200", "kd-w1200-early"]
+    cfg = {row: c for row, (_, c) in grid.items()}
+    for w in (64, 256, 1200):
+        t = cfg[f"kd-w{w}"]["teacher"]
+        assert (t["hidden"], t["epochs"], t["dropout"], t.get("snapshot")) == ([w, w], 20, 0.2, None)
+        assert cfg[f"kd-w{w}"]["options"] == dict(T=4.0, ce_weight=0.1, kd_weight=0.9)
+    assert cfg["kd-w1200-early"]["teacher"] == dict(cfg["kd-w1200"]["teacher"], snapshot=5)
+    assert cfg["scratch"]["teacher"] is None
+    for c in cfg.values():
+        assert c["student"] == dict(model="mlp", hidden=[256]) and c["epochs"] == 20 and c["lr"] == 0.05
+        assert c["data"]["train_size"] == 6000 and c["data"]["val_split"] == 5000 and c["seeds"] == [0, 1, 2]
+    assert r1.teacher_params(1200) == 784 * 1200 + 1200 + 1200 * 1200 + 1200 + 1200 * 10 + 10
+
+
+@pytest.mark.parametrize("accs, verdict", [
+    (dict(w64=0.80, w256=0.85, w1200=0.82), "supported"),
+    (dict(w64=0.80, w256=0.82, w1200=0.85), "contradicted"),
+    (dict(w64=0.84, w256=0.82, w1200=0.83), "not shown"),      # falls, then rises
+    (dict(w64=0.86, w256=0.85, w1200=0.80), "not shown"),      # falls: the middle does not beat the narrowest
+])
+def test_teacher_size_verdict_follows_the_numbers(tmp_path, accs, verdict):
+    grid = r1.build_grid()
+    best = {f"kd-{k}": v for k, v in accs.items()}
+    best.update({"scratch": 0.78, "kd-w1200-early": accs["w1200"] + 0.01})
+    runs = fake_runs(tmp_path, grid, best, teacher_acc={f"kd-{k}": 0.9 for k in accs})
+    text = r1.report(grid, str(tmp_path))
+    assert f"grows\": **{verdict}**" in text
+    assert "teacher stopped early" in text and "**higher**" in text.split("Remedy")[1]
+    line = next(ln for ln in text.splitlines() if ln.startswith("| kd-w256 |"))
+    assert f"| {mean_diff(runs, 'kd-w256', 'kd-w1200')} | [" in line
+
+
+def test_multi_teacher_grid():
+    grid = r4.build_grid()
+    cfg = {row: c for row, (_, c) in grid.items()}
+    assert list(grid) == ["scratch", "kd-t0", "kd-t1", "kd-t2", "kd-t3", "kd-m2", "kd-m4"]
+    for s in range(4):
+        t = cfg[f"kd-t{s}"]["teacher"]
+        assert (t["seed"], t["hidden"], t["epochs"], t["dropout"]) == (s, [1200, 1200], 10, 0.2)
+    assert cfg["kd-m2"]["teacher"]["seed"] == [0, 1] and cfg["kd-m4"]["teacher"]["seed"] == [0, 1, 2, 3]
+    assert {k: v for k, v in cfg["kd-m4"]["teacher"].items() if k != "seed"} == \
+        {k: v for k, v in cfg["kd-t0"]["teacher"].items() if k != "seed"}
+    assert cfg["kd-m4"]["options"] == cfg["kd-t0"]["options"] == dict(T=4.0, ce_weight=0.1, kd_weight=0.9)
+
+
+@pytest.mark.parametrize("m4, verdict", [(0.86, "supported"), (0.80, "contradicted"), (0.83, "not shown")])
+def test_multi_teacher_baseline_and_verdict(tmp_path, m4, verdict):
+    grid = r4.build_grid()
+    # teacher 2 is the most accurate teacher, teacher 1's student the best single student: the
+    # baseline is chosen on the teachers' accuracy
+    best = {"scratch": 0.78, "kd-t0": 0.82, "kd-t1": 0.84, "kd-t2": 0.83, "kd-t3": 0.82, "kd-m2": 0.83, "kd-m4": m4}
+    teachers = {"kd-t0": 0.89, "kd-t1": 0.88, "kd-t2": 0.90, "kd-t3": 0.885, "kd-m2": 0.9, "kd-m4": 0.91}
+    runs = fake_runs(tmp_path, grid, best, teacher_acc=teachers)
+    text = r4.report(grid, str(tmp_path))
+    assert "Δ vs kd-t2 (points)" in text and "teacher): kd-t2" not in text and "of the four): kd-t2." in text
+    assert f"single one\": **{verdict}**" in text
+    line = next(ln for ln in text.splitlines() if ln.startswith("| kd-m4 |"))
+    assert "| 40 |" in line   # four teachers x 10 epochs over the 60,000 images
+    assert f"| {mean_diff(runs, 'kd-m4', 'kd-t2')} | [" in line
+
+
+def test_regularised_kd_grid():
+    grid = r8.build_grid()
+    cfg = {row: c for row, (_, c) in grid.items()}
+    assert list(grid) == ["scratch", "scratch-ls0.1", "scratch-ls0.2", "kd-e5", "kd-e10", "kd-e20", "kd-e20-ls0.1",
+                          "kd-e20-ls0.2", "tfkd-reg"]
+    assert cfg["kd-e5"]["teacher"] == dict(cfg["kd-e20"]["teacher"], snapshot=5)
+    assert cfg["kd-e10"]["teacher"] == dict(cfg["kd-e20"]["teacher"], snapshot=10)
+    assert cfg["kd-e20"]["teacher"]["epochs"] == 20 and "snapshot" not in cfg["kd-e20"]["teacher"]
+    assert cfg["scratch-ls0.2"]["options"] == dict(label_smoothing=0.2)
+    assert cfg["kd-e20-ls0.1"]["options"] == dict(T=4.0, ce_weight=0.1, kd_weight=0.9, label_smoothing=0.1)
+    assert cfg["tfkd-reg"]["method"] == "tf_kd_reg" and cfg["tfkd-reg"]["teacher"] is None
+    quick = {row: c for row, (_, c) in r8.build_grid([0], quick=True).items()}
+    assert [quick[r]["teacher"].get("snapshot") for r in ("kd-e5", "kd-e10", "kd-e20")] == [1, 2, None]
+
+
+def test_regularised_kd_verdicts_follow_the_numbers(tmp_path):
+    grid = r8.build_grid()
+    best = {"scratch": 0.80, "scratch-ls0.1": 0.81, "scratch-ls0.2": 0.81, "kd-e5": 0.85, "kd-e10": 0.83,
+            "kd-e20": 0.83, "kd-e20-ls0.1": 0.80, "kd-e20-ls0.2": 0.83, "tfkd-reg": 0.82}
+    fake_runs(tmp_path, grid, best, ece={"scratch": 0.10, "tfkd-reg": 0.03, "kd-e20": 0.05})
+    text = r8.report(grid, str(tmp_path))
+    assert "converged one\" (accuracy): **supported**" in text
+    assert "label smoothing 0.1 on the student helps KD\" (accuracy): **contradicted**" in text
+    assert "label smoothing 0.2 on the student helps KD\" (accuracy): **not shown**" in text
+    assert "student alone\" (accuracy): **supported**" in text
+    assert "alone's: **lower**" in text   # Tf-KD_reg's ECE below the student alone's
+    line = next(ln for ln in text.splitlines() if ln.startswith("| tfkd-reg |"))
+    assert "3.01 ± " in line and "-2.00 [" in line   # ECE in % (0.03 + the mean noise / 4), its difference to kd-e20
+    # the claims flip with the numbers
+    flip = dict(best, **{"kd-e5": 0.80, "kd-e10": 0.81, "tfkd-reg": 0.78})
+    other = tmp_path / "flip"
+    fake_runs(other, grid, flip)
+    text = r8.report(grid, str(other))
+    assert "converged one\" (accuracy): **contradicted**" in text
+    assert "student alone\" (accuracy): **contradicted**" in text
+
+
+def test_verdict_and_claim_wording():
+    d = dict(n=3, diff_mean=0.01, ci_low=0.002, ci_high=0.018)
+    assert lib.verdict(d) == "higher" and lib.claim([d]) == "supported"
+    low = dict(d, diff_mean=-0.01, ci_low=-0.018, ci_high=-0.002)
+    assert lib.verdict(low) == "lower" and lib.claim([low]) == "contradicted"
+    cover = dict(d, ci_low=-0.001)
+    assert lib.verdict(cover) == "no difference shown" and lib.claim([cover, low]) == "not shown"
+    assert lib.claim([low, d]) == "supported"
+    one = dict(n=1, diff_mean=0.01, ci_low=math.nan, ci_high=math.nan)
+    assert lib.verdict(one) == "no difference shown" and lib.ci_text(one) == ("+1.00", "n/a")
+    assert lib.claim([]) == "not shown" and lib.verdict(None) == "no difference shown"
+    assert lib.mean_std([0.5, 0.7]) == "60.00 ± 10.00" and lib.mean_std([None]) == ""
