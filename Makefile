@@ -127,8 +127,8 @@ test-py: build
 # set; the example notebooks and the Dask sweep tests start their own processes) and
 # sanitize-py ~12 min (the same suite under ASan, notebook kernels and sweep workers included).
 # With other jobs sharing the cores at equal priority the same run took 46 minutes. A later
-# tree (3461 tests: Winograd, two-view steps, RandAugment, data-free resume) took 34 minutes
-# with other tests running beside it: test-py 4:18, sanitize-py 21:40; not yet timed idle. The other
+# tree (3491 tests: Winograd, two-view steps, RandAugment, data-free resume, the studies) took
+# 26 minutes on a clean clone of the idle machine: test-py 4:56, sanitize-py 13:14. The other
 # steps: test-c ~10 s, test-c-isa ~20 s (the instruction sets test-c did not run: on an AVX-512
 # CPU avx2 and portable), sanitize-c ~20 s, valgrind ~3.5 min (test_layers ~1.5, test_net
 # ~1.5), fuzz ~65 s (2 x 30 s).
