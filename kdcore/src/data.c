@@ -270,7 +270,6 @@ static enum kd_status batch_ra_(float * out, const struct kd_dataset * ds, const
     return KD_OK;
 }
 
-// Assumes kd_dataset_check(ds) passed and every idx[i] is in [0, ds->n).
 // One channel plane of a batch image without augmentation: x * scale, normalised as
 // (x * scale - mean) / std with the product and the subtraction rounded once (fmaf). Each
 // case is its own plain loop so that the compiler vectorises it (a branch per element kept
@@ -293,6 +292,7 @@ static void copy_plane_f32_(float * restrict o, const float * restrict x, size_t
     }
 }
 
+// Assumes kd_dataset_check(ds) passed and every idx[i] is in [0, ds->n).
 enum kd_status kd_data_batch(float * out, const struct kd_dataset * ds, const int64_t * idx, int N,
                              const struct kd_augment * aug, uint64_t seed) {
     if (!out || !ds || !ds->x || !idx || N <= 0) return KD_OK;
