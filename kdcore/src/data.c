@@ -317,6 +317,7 @@ enum kd_status kd_data_batch(float * out, const struct kd_dataset * ds, const in
     KD_ASSERT(!norm || C <= 4);
     const int ra_n = aug && aug->randaugment > 0 ? aug->randaugment : 0;
     if (ra_n > 0) return batch_ra_(out, ds, idx, N, pad, hflip, noise, ra_n, mean, stdv, seed);
+    const size_t row_bytes = chw * (is_u8 ? 1 : sizeof(float));
 
 #ifdef _OPENMP
 #pragma omp parallel for schedule(static)
@@ -324,12 +325,11 @@ enum kd_status kd_data_batch(float * out, const struct kd_dataset * ds, const in
     for (int i = 0; i < N; i++) {
         KD_ASSERT(idx[i] >= 0 && idx[i] < ds->n);
         const size_t src0 = (size_t)idx[i] * chw;
-        if (i + 2 < N && idx[i + 2] >= 0 && idx[i + 2] < ds->n) {
+        if (i + 2 < N) {
             // Shuffled rows are far apart in a data set larger than the caches and too short
             // for the hardware prefetcher to catch on: ask for the one after next now.
-            const char * nx = (const char *)ds->x + (size_t)idx[i + 2] * chw * (is_u8 ? 1 : sizeof(float));
-            const size_t nbytes = chw * (is_u8 ? 1 : sizeof(float));
-            for (size_t b = 0; b < nbytes; b += 64) { __builtin_prefetch(nx + b); }
+            const char * nx = (const char *)ds->x + (size_t)idx[i + 2] * row_bytes;
+            for (size_t b = 0; b < row_bytes; b += 64) { __builtin_prefetch(nx + b); }
         }
         const uint8_t * xu = is_u8 ? (const uint8_t *)ds->x + src0 : NULL;
         const float * xf = is_u8 ? NULL : (const float *)ds->x + src0;
