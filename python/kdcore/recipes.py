@@ -23,7 +23,8 @@ these functions. A recipe (every key but ``method`` optional; defaults are kdcor
       train_size: 6000             # the student's labelled images, drawn with the seed
       val_split: 5000              # carved from the training set with the seed (int or fraction)
       test_size: null              # the first N test images (all by default)
-    method: kd                     # scratch, any kdcore.losses.METHODS name, mutual, slkd, tf_kd_reg
+    method: kd                     # scratch, any kdcore.losses.METHODS name, mutual, slkd, tf_kd_reg,
+                                   #   tf_kd_self, born_again
     options: {T: 4}                # keyword arguments of the training function, checked; slkd's
                                    #   sl_optimizer: a name or {name, lr, momentum, ...}
     losses:                        # instead of a method's reference terms: kdcore.losses terms
@@ -46,7 +47,10 @@ writes (``run_one``) the resolved recipe (``config.yaml``, rerunnable as it stan
 History (``history.csv``, ``history.json``), the student (``student.safetensors``,
 kdcore.save, as after the last epoch), the final numbers (``metrics.json``) and the
 environment (``env.txt``); ``done.json`` is written last, atomically, and marks the run
-finished: a rerun of the same configuration skips it.
+finished: a rerun of the same configuration skips it. Methods that train models before the
+student (tf_kd_self's pretrained copy, born_again's earlier generations) also write each of
+them (``stage-<k>.safetensors``, k from 0) and their test accuracies after their last epochs
+(``stage_last_test_acc`` in metrics.json, the student's last).
 
 Measured per epoch (History columns, from the training function's per-epoch callback): the
 training function's own columns (``train_loss``, ..., and ``val_acc``/``val_loss`` when the
@@ -63,7 +67,10 @@ in the History. ``metrics.json`` holds each per-epoch test number at that epoch 
 last one: ``best_test_acc``, ``best_test_nll``, ``best_test_ece``, ``best_test_agreement``,
 ``best_test_kl`` and their ``last_`` forms (agreement and KL only with a teacher);
 ``test_acc`` is the final student's (the last epoch's), ``report`` kdcore.metrics.report of
-the final student against the teacher.
+the final student against the teacher. ``time`` and ``cpu_time``: the run's wall-clock and
+CPU seconds (the process's, every thread), preparation and per-epoch measurements included;
+``teacher.cpu_time``: the CPU seconds its teacher's training took (stored with the cached
+teacher; None for a checkpoint or a cache written without it).
 
 A study is a set of recipes (or a sweep's grid points) run over the same seeds. ``report``
 gives mean ± std per (recipe, method); ``compare(out, baseline, metric)`` pairs each group's
@@ -322,6 +329,7 @@ _MODEL_FIELDS = {
 }
 # Which zoo models take which extra keys (kdcore.models' builders).
 _MODEL_KEYS = {"width": ("cnn",), "hidden": ("mlp",), "dropout": ("mlp",), "batchnorm": ("mlp",)}
+_MODEL = Map(dict(_MODEL_FIELDS), drop_none=True)
 _TEACHER = Map(dict(_MODEL_FIELDS, **{
     "checkpoint": (Str(), None), "torch_key": (Str(), None),
     "epochs": (Int(1), 10), "optimizer": (_OPTIMIZER, "sgd"), "lr": (Float(0), None), "schedule": (_SCHEDULE, None),
@@ -338,7 +346,7 @@ _LOSS = Map({"kind": (Str(what="a kdcore.losses term name (CE, KD, AT, ...)"), R
 SCHEMA = Map({
     "name": (Str(pattern=r"^[A-Za-z0-9_.+=-]+$", what="a name of letters, digits and _.+=-"), None),
     "teacher": (_TEACHER, None),
-    "student": (Map(dict(_MODEL_FIELDS), drop_none=True), REQUIRED),
+    "student": (_MODEL, REQUIRED),
     "data": (_DATA, {"source": "fashion_mnist", "train_size": None, "val_split": None, "test_size": None}),
     "method": (Str(what="a method name"), REQUIRED),
     "options": (Map({}, extra=Any_()), {}),
@@ -354,12 +362,18 @@ SCHEMA = Map({
 
 # Methods besides kdcore.losses.METHODS (all run by kdcore.distill).
 _EXTRA_METHODS = {"scratch": "kdcore.fit: the student alone, no teacher",
-                  "mutual": "kdcore.mutual: deep mutual learning among the student and options.peers - 1 peers",
+                  "mutual": "kdcore.mutual: deep mutual learning among the student and options.peers - 1 peers "
+                            "(of the student's architecture, or options.peer_model's: a model section)",
                   "slkd": "kdcore.slkd: self-learning teachers trained with the student",
-                  "tf_kd_reg": "kdcore.tf_kd(mode='virtual'): teacher-free KD from a hand-made virtual teacher "
-                               "(a teacher section, if any, is only measured against, as with scratch)"}
-# Methods that train without a teacher.
-_NO_TEACHER = ("scratch", "tf_kd_reg")
+                  "tf_kd_reg": "kdcore.tf_kd(mode='virtual'): teacher-free KD from a hand-made virtual teacher",
+                  "tf_kd_self": "kdcore.tf_kd(mode='self'): the student learns from a copy of itself pretrained for "
+                                "options.teacher_epochs (default: epochs)",
+                  "born_again": "kdcore.born_again: options.generations models of the student's architecture, each "
+                                "distilled from the one before (the first from labels); the student is the last"}
+# Methods that train without a teacher (a teacher section, if any, is only measured against).
+_NO_TEACHER = ("scratch", "mutual", "tf_kd_reg", "tf_kd_self", "born_again")
+# Methods whose stages train models besides the student: run_one saves them as stage-<k>.safetensors.
+_STAGED = ("tf_kd_self", "born_again")
 
 
 def _methods():
@@ -393,10 +407,15 @@ _NOT_OPTIONS = {"student", "teacher", "train", "models", "model", "val", "progre
 _OPTION_SPECS = {"T": Float(0, lo_open=True), "ce_weight": Float(0), "kd_weight": Float(0), "max_steps": Int(1),
                  "warmup_epochs": Int(0), "kd_stop_epoch": Int(1), "init_epochs": Int(1), "hint_epochs": Int(0),
                  "teacher_weights": List(Float(0), 1), "tolerant": List(Float(0), 2, 2),
-                 "cache": OneOf(Bool(), Str(["auto"])), "peers": Int(2), "sl_optimizer": _SL_OPTIMIZER}
+                 "cache": OneOf(Bool(), Str(["auto"])), "sl_optimizer": _SL_OPTIMIZER, "generations": Int(1),
+                 "teacher_epochs": Int(1)}
 # tf_kd's options whose default (None) says nothing of their type; its alpha is not DKD's.
 _TF_KD_SPECS = {"alpha": Float(0, 1), "a": Float(0, 1, lo_open=True, hi_open=True), "multiplier": Float(0),
                 "form": Str(["code", "paper"])}
+# Options of one method only: the recipe's own (peers, peer_model: not keyword arguments of the
+# training function), and the training function's that the other mode of tf_kd ignores or refuses.
+_METHOD_ONLY = {"peers": ("mutual", Int(2)), "peer_model": ("mutual", None), "teacher_epochs": ("tf_kd_self", None),
+                "a": ("tf_kd_reg", None), "form": ("tf_kd_reg", None)}
 # distill's options for the logit methods only (it refuses them with feature methods and losses=).
 _LOGIT_ONLY = {"T", "alpha", "beta", "warmup_epochs", "kd_stop_epoch", "conditional", "teacher_weights", "multi",
                "learn_gates", "gate_lr", "teacher_drop", "fickle", "student_noise", "tolerant"}
@@ -404,24 +423,28 @@ _LOGIT_ONLY = {"T", "alpha", "beta", "warmup_epochs", "kd_stop_epoch", "conditio
 
 def _train_fn(method):
     import kdcore
-    return {"scratch": kdcore.fit, "mutual": kdcore.mutual, "slkd": kdcore.slkd,
-            "tf_kd_reg": kdcore.tf_kd}.get(method, kdcore.distill)
+    return {"scratch": kdcore.fit, "mutual": kdcore.mutual, "slkd": kdcore.slkd, "tf_kd_reg": kdcore.tf_kd,
+            "tf_kd_self": kdcore.tf_kd, "born_again": kdcore.born_again}.get(method, kdcore.distill)
 
 
 def _check_options(method, options, uses_losses):
     params = inspect.signature(_train_fn(method)).parameters
+    own = [k for k, (m, _) in _METHOD_ONLY.items() if m == method]
     out = {}
     for k, v in options.items():
         p = f"options.{k}"
         if k in _RECIPE_SETS:
             raise RecipeError(f"{p}: set by the recipe's {_RECIPE_SETS[k]}, not options")
-        if k == "peers" and method == "mutual":
-            out[k] = _OPTION_SPECS["peers"].check(v, p)
+        if k == "peer_model" and method == "mutual":
+            out[k] = _check_model_section(_MODEL.check(v, p), p)
             continue
-        if k not in params or k in _NOT_OPTIONS:
-            known = sorted(n for n in params if n not in _NOT_OPTIONS and n not in _RECIPE_SETS)
-            raise RecipeError(f"{p}: not an option of method {method!r}; options: {', '.join(known)}"
-                              + (", peers" if method == "mutual" else ""))
+        if k in own and _METHOD_ONLY[k][1] is not None:
+            out[k] = _METHOD_ONLY[k][1].check(v, p)
+            continue
+        if k not in params or (k in _NOT_OPTIONS and k not in own) or (k in _METHOD_ONLY and k not in own):
+            known = sorted(n for n in set(params) | set(own) if (n not in _NOT_OPTIONS or n in own)
+                           and n not in _RECIPE_SETS and (n not in _METHOD_ONLY or n in own))
+            raise RecipeError(f"{p}: not an option of method {method!r}; options: {', '.join(known)}")
         from .distill import _KINDS as logit_methods
         feature = uses_losses or method not in logit_methods
         if _train_fn(method).__name__ == "distill" and k in _LOGIT_ONLY and feature:
@@ -429,7 +452,7 @@ def _check_options(method, options, uses_losses):
         if k in ("ce_weight", "kd_weight") and uses_losses:
             raise RecipeError(f"{p}: with losses:, give each term its weight")
         default = params[k].default
-        spec = (_TF_KD_SPECS.get(k) if method == "tf_kd_reg" else None) or _OPTION_SPECS.get(k) or \
+        spec = (_TF_KD_SPECS.get(k) if method.startswith("tf_kd") else None) or _OPTION_SPECS.get(k) or \
             (Bool() if isinstance(default, bool) else Int() if isinstance(default, int)
              else Float() if isinstance(default, float) else Str() if isinstance(default, str) else Any_())
         out[k] = None if v is None else spec.check(v, p)
@@ -493,23 +516,28 @@ def validate(raw, source="recipe"):
         raise RecipeError(f"{source}: {e}") from None
 
 
+def _check_model_section(m, role):
+    """A schema-checked model section (student, teacher, mutual's peer_model) with its zoo name
+    checked and lower-cased, its keys checked against the model, mlp's default hidden filled."""
+    zoo = _zoo_names()
+    if m["model"].lower() not in zoo:
+        raise RecipeError(f"{role}.model: expected one of {', '.join(zoo)}, got {m['model']!r}")
+    m["model"] = m["model"].lower()
+    for k, models in _MODEL_KEYS.items():
+        if m.get(k) is not None and m["model"] not in models:
+            raise RecipeError(f"{role}.{k}: only for model {' or '.join(models)}, not {m['model']}")
+    if m["model"] == "mlp" and m.get("hidden") is None:
+        m["hidden"] = [256]
+    return m
+
+
 def _validate(raw):
     if not isinstance(raw, dict):
         raise RecipeError(f"expected a mapping of recipe keys, got {_show(raw)}")
     cfg = SCHEMA.check(raw, "")
-    zoo = _zoo_names()
     for role in ("teacher", "student"):
-        m = cfg[role]
-        if m is None:
-            continue
-        if m["model"].lower() not in zoo:
-            raise RecipeError(f"{role}.model: expected one of {', '.join(zoo)}, got {m['model']!r}")
-        m["model"] = m["model"].lower()
-        for k, models in _MODEL_KEYS.items():
-            if m.get(k) is not None and m["model"] not in models:
-                raise RecipeError(f"{role}.{k}: only for model {' or '.join(models)}, not {m['model']}")
-        if m["model"] == "mlp" and m.get("hidden") is None:
-            m["hidden"] = [256]
+        if cfg[role] is not None:
+            _check_model_section(cfg[role], role)
     t = cfg["teacher"]
     if t is not None and t.get("checkpoint") is not None:
         given = [k for k in _TEACHER_TRAINING if k in (raw.get("teacher") or {})]
@@ -824,24 +852,25 @@ def _one_teacher(cfg, t, full, cache, log, train):
         return model, dict(source="untrained", path=path)
     with _locked(path + ".lock"):
         if os.path.exists(path):
-            kdcore.load(path, model)
+            saved = kdcore.load(path, model)
             log(f"teacher {t['model']}: cached {path}")
             model.eval()
-            return model, dict(source="cache", path=path)
+            return model, dict(source="cache", path=path, cpu_time=saved.get("cpu_time"))
         data = full
         if t.get("train_size") is not None and t.get("train_size") < len(full):
             data = full.subset(np.sort(np.random.default_rng(t["seed"]).permutation(len(full))[:t.get("train_size")]))
         stop = t.get("snapshot")
         log(f"teacher {t['model']}: training {t['epochs']} epochs on {len(data)} images"
             + (f", kept after epoch {stop}" if stop else "") + f"; cache {path}")
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         hist = kdcore.fit(model, data, epochs=t["epochs"], batch_size=t["batch_size"],
                           optimizer=_optimizer(t["optimizer"], t.get("lr"), "teacher."),
                           schedule=_schedule(t.get("schedule"), "teacher."), augment=t.get("augment"), seed=t["seed"],
                           progress=False, callback=None if stop is None else lambda e, row: e + 1 >= stop)
-        kdcore.save(path, model, config=key, history=dict(hist), train_time=time.perf_counter() - t0)
+        cpu = time.process_time() - c0
+        kdcore.save(path, model, config=key, history=dict(hist), train_time=time.perf_counter() - t0, cpu_time=cpu)
     model.eval()
-    return model, dict(source="trained", path=path)
+    return model, dict(source="trained", path=path, cpu_time=cpu)
 
 
 def prepare(cfg, seed, cache=None, train_teacher=True, log=None):
@@ -936,7 +965,9 @@ def _environment(argv):
 
 
 def _train(cfg, p, seed, callback):
-    """Calls the method's training function; returns the student's History."""
+    """Calls the method's training function; returns (the student's History, the trained
+    student, the earlier stages' models: [] but for the _STAGED methods). born_again's
+    student is its last generation, a model of its own: p["student"] is its template."""
     import kdcore
     method, opts = cfg["method"], dict(cfg["options"])
     common = dict(epochs=cfg["epochs"], batch_size=cfg["batch_size"], optimizer=p["optimizer"], lr=cfg["lr"],
@@ -944,20 +975,27 @@ def _train(cfg, p, seed, callback):
                   callback=callback)
     student, teacher, train = p["student"], p["teacher"], p["train"]
     if method == "scratch":
-        return kdcore.fit(student, train, **common, **opts)
+        return kdcore.fit(student, train, **common, **opts), student, []
     if method == "mutual":
-        peers = [student] + [student.fresh(seed=seed + 7919 * k) for k in range(1, opts.pop("peers", 2))]
-        return kdcore.mutual(peers, train, **common, **opts)
+        spec = opts.pop("peer_model", None)
+        peers = [student] + [student.fresh(seed=seed + 7919 * k) if spec is None else
+                             _build_model(spec, train, seed + 7919 * k, "options.peer_model")
+                             for k in range(1, opts.pop("peers", 2))]
+        return kdcore.mutual(peers, train, **common, **opts), student, []
     if method == "slkd":
         if isinstance(opts.get("sl_optimizer"), dict):   # its lr is one of the mapping's keys
             opts["sl_optimizer"] = _optimizer(opts["sl_optimizer"], None, "options.sl_")
-        return kdcore.slkd(student, teacher, train, **common, **opts)
-    if method == "tf_kd_reg":
-        val, seed_ = common.pop("val"), common.pop("seed")
-        return kdcore.tf_kd(student, train, mode="virtual", val=val, seed=seed_, **common, **opts).student_history
+        return kdcore.slkd(student, teacher, train, **common, **opts), student, []
+    if method in ("tf_kd_reg", "tf_kd_self"):
+        mode = {"tf_kd_reg": "virtual", "tf_kd_self": "self"}[method]
+        r = kdcore.tf_kd(student, train, mode=mode, **common, **opts)
+        return r.student_history, student, [] if r.teacher_history is None else [r.teacher]
+    if method == "born_again":
+        r = kdcore.born_again(student, train, **common, **opts)
+        return r.histories[-1], r.model, r.models[:-1]
     if p["losses"] is not None:
-        return kdcore.distill(student, teacher, train, losses=p["losses"], **common, **opts)
-    return kdcore.distill(student, teacher, train, method=method, **common, **opts)
+        return kdcore.distill(student, teacher, train, losses=p["losses"], **common, **opts), student, []
+    return kdcore.distill(student, teacher, train, method=method, **common, **opts), student, []
 
 
 def _read_json(path):
@@ -1000,6 +1038,31 @@ def _epoch_measures(student, test, teacher_logits):
         out["test_agreement"] = float(np.mean(zs.argmax(1) == teacher_logits.argmax(1)))
         out["test_kl"] = M._mean_kl(M._log_softmax(zs), M._log_softmax(teacher_logits))
     return out
+
+
+class _Measure:
+    """run_one's per-epoch callback: measures (``_epoch_measures``) the model being trained,
+    which the training loop names in ``on_train_begin`` (kdcore.callbacks' protocol) -- the
+    student, or a stage before it (born_again's earlier generations, tf_kd's pretrained copy).
+    ``rows``: one dict of measures per epoch, every stage in order; ``starts``: the index in
+    rows where each stage began."""
+
+    def __init__(self, model, test, teacher_logits, log):
+        self.model, self.test, self.zt, self.log = model, test, teacher_logits, log
+        self.rows, self.starts = [], []
+
+    def on_train_begin(self, models):
+        self.model = models[0]
+        self.starts.append(len(self.rows))
+
+    def __call__(self, epoch, row):
+        self.rows.append(_epoch_measures(self.model, self.test, self.zt))
+        self.log(epoch, row, self.rows[-1]["test_acc"])
+        return False
+
+    def stage_last(self):
+        """The test accuracy after each stage's last epoch."""
+        return [self.rows[e - 1]["test_acc"] for e in self.starts[1:] + [len(self.rows)] if e > 0]
 
 
 def _teacher_logits(teacher, test):
@@ -1057,22 +1120,18 @@ def run_one(cfg, seed, out, cache=None, log=None, argv=None):
     _write_atomic(os.path.join(folder, "config.yaml"),
                   "# resolved recipe of this run (kdcore " + kdcore.__version__ + "); rerunnable as it stands\n"
                   + yaml.safe_dump(resolved, sort_keys=False))
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     p = prepare(cfg, seed, cache, log=log)
-    student, teacher, test = p["student"], p["teacher"], p["test"]
+    teacher, test = p["teacher"], p["test"]
     # the teacher is frozen: its test logits are computed once, not per epoch
     zt = None if teacher is None else _teacher_logits(teacher, test)
-    per_epoch = {}
-
-    def callback(epoch, row):
-        for k, v in _epoch_measures(student, test, zt).items():
-            per_epoch.setdefault(k, []).append(v)
-        val = f" val {row['val_acc']:.4f}" if "val_acc" in row else ""
-        log(f"{cfg['name']} seed {seed} epoch {epoch}: loss {row.get('train_loss', float('nan')):.4f}{val} "
-            f"test {per_epoch['test_acc'][-1]:.4f} ({row.get('time', 0):.1f} s)")
-        return False
-
-    hist = _train(cfg, p, seed, callback)
+    measure = _Measure(p["student"], test, zt, lambda epoch, row, acc: log(
+        f"{cfg['name']} seed {seed} epoch {epoch}: loss {row.get('train_loss', float('nan')):.4f}"
+        + (f" val {row['val_acc']:.4f}" if "val_acc" in row else "") + f" test {acc:.4f} ({row.get('time', 0):.1f} s)"))
+    hist, student, stages = _train(cfg, p, seed, measure)
+    # the History describes the last stage(s): the measures of its epochs, the last ones taken
+    n = len(hist["epoch"])
+    per_epoch = {k: [v[k] for v in measure.rows[-n:]] for k in measure.rows[-1]}
     for k, v in per_epoch.items():
         hist[k] = list(v)
     test_acc = per_epoch["test_acc"]
@@ -1087,11 +1146,15 @@ def run_one(cfg, seed, out, cache=None, log=None, argv=None):
     for k, v in per_epoch.items():   # test_acc -> last_test_acc, best_test_acc; test_nll -> ...
         metrics["last_" + k], metrics["best_" + k] = v[-1], v[best]
     metrics.update(train_size=len(p["train"]), val_size=0 if p["val"] is None else len(p["val"]),
-                   test_size=len(test), time=train_time, teacher=p["teacher_info"])
+                   test_size=len(test), time=train_time, cpu_time=time.process_time() - c0, teacher=p["teacher_info"])
+    if stages:
+        metrics["stage_last_test_acc"] = [float(a) for a in measure.stage_last()]
     if isinstance(teacher, list):
         metrics["report"] = _mixture_report(student, teacher, test, zt)
     elif teacher is not None:
         metrics["report"] = kdcore.metrics.report(student, teacher, test)
+    for k, m in enumerate(stages):
+        kdcore.save(os.path.join(folder, f"stage-{k}.safetensors"), m, seed=seed)
     _write_atomic(os.path.join(folder, "history.json"), _dump_json(dict(hist)))
     _write_atomic(os.path.join(folder, "history.csv"), _history_csv(hist))
     kdcore.save(os.path.join(folder, "student.safetensors"), student, config=_jsonable(resolved), seed=seed,
