@@ -1,5 +1,5 @@
 """The study scripts on benchmarks/studylib.py: study_teacher_size.py (R1), study_multi_teacher.py
-(R4) and study_regularised_kd.py (R8). Each runs --quick end to end (every row of its grid
+(R4), study_regularised_kd.py (R8) and study_online.py (R2, R7). Each runs --quick end to end (every row of its grid
 finishes and lands in the Markdown section, with a figure and a time estimate); each grid holds
 the recipes its docstring describes; and the report's logic -- paired differences, the choice of
 the baseline, the verdicts -- is checked on fabricated run results, where the verdicts must flip
@@ -28,15 +28,17 @@ lib = _load("studylib")
 r1 = _load("study_teacher_size")
 r4 = _load("study_multi_teacher")
 r8 = _load("study_regularised_kd")
+r2 = _load("study_online")
 STUDIES = {"r1": (r1, "study_teacher_size_quick.png"), "r4": (r4, "study_multi_teacher_quick.png"),
-           "r8": (r8, "study_regularised_kd_quick.png")}
+           "r8": (r8, "study_regularised_kd_quick.png"), "r2": (r2, "study_online_quick.png")}
 NOISE = (0.0, 0.004, -0.003)   # per seed, so that the paired differences have a spread
 
 
-def fake_runs(out, grid, best, teacher_acc=None, ece=None):
+def fake_runs(out, grid, best, teacher_acc=None, ece=None, cpu=None):
     """Finished-run folders for a grid: best[row] is the mean best-epoch accuracy, shifted per
     seed by NOISE[seed] (the same shift in every row, so the rows' paired differences are
-    exact); teacher_acc[row] and ece[row] likewise without noise."""
+    exact); teacher_acc[row] and ece[row] likewise without noise; cpu[row] = (the run's CPU
+    seconds, its teacher's or None)."""
     accs = {}
     for i, (row, (_, cfg)) in enumerate(grid.items()):
         if row not in best:
@@ -50,6 +52,8 @@ def fake_runs(out, grid, best, teacher_acc=None, ece=None):
             m = dict(recipe=cfg["name"], method=cfg["method"], seed=seed, best_test_acc=acc, last_test_acc=acc,
                      best_test_ece=(ece or {}).get(row, 0.05) + NOISE[seed] / 4, best_test_agreement=0.9,
                      report=dict(teacher_accuracy=(teacher_acc or {}).get(row, math.nan)))
+            run_s, teacher_s = (cpu or {}).get(row, (60.0, None))
+            m.update(cpu_time=run_s, teacher=None if teacher_s is None else dict(source="cache", cpu_time=teacher_s))
             for name, obj in (("metrics.json", m), ("done.json", dict(config_sha256="x"))):
                 with open(os.path.join(folder, name), "w") as f:
                     json.dump(obj, f)
@@ -189,3 +193,43 @@ def test_verdict_and_claim_wording():
     assert lib.verdict(one) == "no difference shown" and lib.ci_text(one) == ("+1.00", "n/a")
     assert lib.claim([]) == "not shown" and lib.verdict(None) == "no difference shown"
     assert lib.mean_std([0.5, 0.7]) == "60.00 ± 10.00" and lib.mean_std([None]) == ""
+
+
+def test_online_grid():
+    grid = r2.build_grid()
+    cfg = {row: c for row, (_, c) in grid.items()}
+    assert list(grid) == ["scratch", "scratch-ls0.1", "kd", "kd-e5", "dml", "dml-big", "tfkd-self", "tfkd-reg",
+                          "born-again"]
+    assert cfg["kd-e5"]["teacher"] == dict(cfg["kd"]["teacher"], snapshot=5)
+    assert cfg["kd"]["teacher"]["hidden"] == [1200, 1200] and cfg["kd"]["options"] == lib.KD
+    assert cfg["dml"]["method"] == "mutual" and cfg["dml"]["options"] == {}
+    assert cfg["dml-big"]["options"]["peer_model"] == dict(model="mlp", hidden=[1200, 1200], dropout=0.2)
+    assert cfg["born-again"]["options"] == dict(generations=2)
+    for row in ("scratch", "dml", "dml-big", "tfkd-self", "tfkd-reg", "born-again"):
+        assert cfg[row]["teacher"] is None, row
+    assert {c["student"]["hidden"][0] for c in cfg.values()} == {256} and {c["epochs"] for c in cfg.values()} == {20}
+
+
+def test_online_report_follows_the_numbers(tmp_path):
+    grid = r2.build_grid()
+    best = {"scratch": 0.80, "scratch-ls0.1": 0.81, "kd": 0.84, "kd-e5": 0.82, "dml": 0.86, "dml-big": 0.83,
+            "tfkd-self": 0.82, "tfkd-reg": 0.78, "born-again": 0.80}
+    fake_runs(tmp_path, grid, best, cpu={"kd": (30.0, 120.0), "kd-e5": (30.0, 30.0)})
+    text = r2.report(grid, str(tmp_path))
+    assert "offline KD\" (DML rows against kd): **supported**" in text
+    assert "converged one\": **contradicted**" in text
+    assert "\"scratch-ls0.1 improves on the student alone\": **supported**" in text
+    assert "\"tfkd-reg improves on the student alone\": **contradicted**" in text
+    # tfkd-self: +2.0 points of KD's +4.2 (fake_runs shifts kd's seeds by 0.001 * seed * 2)
+    assert "recovers 48% of KD's gain" in text
+    assert "same architecture\" (against the student alone): **not shown**" in text
+    line = next(ln for ln in text.splitlines() if ln.startswith("| kd |"))
+    assert "| 0.50 + 2.00 = 2.50 |" in line   # the run's CPU minutes plus its teacher's
+    assert "| 1.00 |" in next(ln for ln in text.splitlines() if ln.startswith("| dml |"))
+    assert "| one (F3) | ONE" in text and "not in kdcore" in text
+    flip = dict(best, **{"dml": 0.80, "dml-big": 0.79, "kd-e5": 0.86})
+    other = tmp_path / "flip"
+    fake_runs(other, grid, flip)
+    text = r2.report(grid, str(other))
+    assert "offline KD\" (DML rows against kd): **contradicted**" in text
+    assert "converged one\": **supported**" in text
