@@ -459,3 +459,41 @@ def test_cka_runs_eval_mode_and_leaves_the_dropout_stream(data):
     assert s.training and twin.training
     np.testing.assert_array_equal(s(x), untouched(x))
     assert not np.array_equal(s(x), s.copy().eval()(x))   # dropout really is on in these forwards
+
+
+def test_weight_noise_sharpness_by_hand():
+    """No noise: no increase, the model untouched. A one-layer model: the perturbed loss is
+    recomputed in numpy from the documented draws (rng order, per-tensor rms scale)."""
+    rng = np.random.default_rng(3)
+    X = rng.standard_normal((40, 5)).astype(np.float32)
+    y = rng.integers(0, 3, 40)
+    ds = kdcore.datasets.from_arrays(X, y, num_classes=3, normalize=None)
+    m = kdcore.models.mlp([5, 3], seed=2)
+    before = {k: v.copy() for k, v in m.state_dict().items()}
+    zero = kdcore.metrics.weight_noise_sharpness(m, ds, sigmas=[0.0], draws=2)
+    assert zero["increase"] == [0.0] and zero["increase_std"] == [0.0]
+    r = kdcore.metrics.weight_noise_sharpness(m, ds, sigmas=(0.1, 0.3), draws=3, seed=7)
+    assert all(np.array_equal(v, m.state_dict()[k]) for k, v in before.items())
+    W, b = before["1.weight"].astype(np.float64), before["1.bias"].astype(np.float64)
+
+    def nll(W_, b_):
+        z = X.astype(np.float64) @ W_.T + b_
+        z = z - z.max(1, keepdims=True)
+        return float(-(z[np.arange(40), y] - np.log(np.exp(z).sum(1))).mean())
+
+    base = nll(W, b)
+    assert r["nll"] == pytest.approx(base, rel=1e-6)
+    g = np.random.default_rng(7)
+    rms = lambda a: np.sqrt(np.mean(a ** 2))   # noqa: E731
+    want = np.empty((3, 2))
+    for d in range(3):
+        eW, eb = g.standard_normal(W.shape), g.standard_normal(b.shape)
+        for j, s in enumerate((0.1, 0.3)):
+            want[d, j] = nll((W + s * rms(W) * eW).astype(np.float32), (b + s * rms(b) * eb).astype(np.float32))
+    assert np.allclose(r["nlls"], want, rtol=1e-5)
+    assert r["increase"] == pytest.approx(list((want - base).mean(0)), rel=1e-4)
+    assert r["increase_std"] == pytest.approx(list((want - base).std(0)), rel=1e-3, abs=1e-9)
+    with pytest.raises(ValueError, match="sigmas"):
+        kdcore.metrics.weight_noise_sharpness(m, ds, sigmas=[-0.1])
+    with pytest.raises(ValueError, match="draws"):
+        kdcore.metrics.weight_noise_sharpness(m, ds, draws=0)

@@ -34,7 +34,7 @@ from .nn import _check_float, _check_int, _is_choice
 from .training import _as_dataset, _check_model, predict
 
 __all__ = ["agreement", "kl_divergence", "calibration", "per_class_accuracy", "confusion_matrix", "linear_cka",
-           "report", "plot_reliability", "plot_confusion"]
+           "report", "weight_noise_sharpness", "plot_reliability", "plot_confusion"]
 
 _NORMALIZE = ("true", "pred", "all")
 # Far beyond any useful reliability diagram; the cap turns a typo (bins=2**31) into an error
@@ -374,6 +374,58 @@ def report(student, teacher, data, T=1.0, bins=15, batch_size=512, student_tap=N
 
 
 # ---- plots ------------------------------------------------------------------------------
+
+def weight_noise_sharpness(model, data, sigmas=(0.01, 0.02, 0.05), draws=5, seed=0, batch_size=512):
+    """A sharpness proxy (Keskar et al. 2017; Jiang et al. 2020's magnitude-aware noise): how
+    much the loss on labelled ``data`` rises when the weights are perturbed by Gaussian noise
+    scaled to each tensor. A flatter minimum rises less.
+
+    For each parameter tensor w (BN running statistics are not perturbed) the noise is
+    sigma * rms(w) * e, rms(w) = ||w|| / sqrt(w.size), e standard normal, so that its norm is
+    about sigma * ||w||. Draw d uses the same e for every sigma (common random numbers): e
+    comes from ``numpy.random.default_rng(seed)``, draw after draw, tensor after tensor in
+    ``model.named_parameters()`` order, ``standard_normal(w.shape)`` in float64, the perturbed
+    weights rounded to float32. The loss is the mean -log p(label) (natural log), as
+    ``calibration``'s nll. The model's weights are restored bitwise afterwards (also on error).
+
+    Returns a dict: ``nll`` (unperturbed), ``sigmas`` (list), ``increase`` (per sigma, the
+    mean over draws of the perturbed nll minus ``nll``), ``increase_std`` (their std over
+    draws, ddof 0) and ``nlls`` (draws x sigmas array of the perturbed nlls).
+    """
+    _check_model(model, "model")
+    data = _data(data, True)
+    sig = np.asarray([_check_float("sigmas", v, 0) for v in (sigmas if np.ndim(sigmas) else [sigmas])], np.float64)
+    if sig.size == 0:
+        raise ValueError("sigmas must hold at least one value")
+    draws = _check_int("draws", draws, 1)
+    seed = _check_int("seed", seed, 0)
+    batch_size = _check_int("batch_size", batch_size, 1)
+    params = list(model.named_parameters())
+    saved = [w.copy() for _, w in params]
+    rms = [float(np.sqrt(np.mean(np.square(w, dtype=np.float64)))) for w in saved]
+    rng = np.random.default_rng(seed)
+
+    def nll():
+        with _eval_mode(model):
+            z = _logits(model, data, batch_size, "model")
+        return float(-_log_softmax(z)[np.arange(len(data.y)), data.y].mean())
+
+    try:
+        base = nll()
+        nlls = np.empty((draws, sig.size))
+        for d in range(draws):
+            e = [rng.standard_normal(w.shape) for w in saved]
+            for j, s in enumerate(sig):
+                for (_, w), w0, r, ei in zip(params, saved, rms, e):
+                    w[...] = (w0 + s * r * ei).astype(np.float32)
+                nlls[d, j] = nll()
+    finally:
+        for (_, w), w0 in zip(params, saved):
+            w[...] = w0
+    inc = nlls - base
+    return dict(nll=base, sigmas=sig.tolist(), increase=inc.mean(0).tolist(), increase_std=inc.std(0).tolist(),
+                nlls=nlls)
+
 
 def _figure(ax, what, size):
     """(figure, axes): ax's, or a new Figure. The new one is not registered with pyplot, so a
