@@ -1,5 +1,5 @@
 """The recipe methods the online and self-distillation studies need (kdcore.recipes):
-born_again, tf_kd_self and mutual with a peer of another architecture (options.peer_model),
+born_again, tf_kd_self, snapshot_distill and mutual with a peer of another architecture (options.peer_model),
 each checked bitwise against a direct call of the library function with the same seed; the
 earlier stages' models a run keeps (stage-<k>.safetensors); the CPU times it records."""
 import os
@@ -127,5 +127,28 @@ def test_refusals(over, msg):
 def test_the_new_methods_need_no_teacher():
     for method in ("born_again", "tf_kd_self", "mutual"):
         assert recipe(method=method)["teacher"] is None
+    assert recipe(method="snapshot_distill", options=dict(cycles=2))["teacher"] is None
     with pytest.raises(recipes.RecipeError, match="teacher: required by method 'kd'"):
         recipe(method="kd")
+
+
+def test_snapshot_distill_is_kdcore_snapshot_distill(tmp_path):
+    cfg = recipe(method="snapshot_distill", epochs=4, schedule="cosine", options=dict(cycles=2, T=3.0))
+    m, folder, p, hist = run(cfg, 4, tmp_path)
+    r = kdcore.snapshot_distill(p["student"], p["train"], cycles=2, epochs_per_cycle=2, T=3.0,
+                                **{k: v for k, v in common(p, 4).items() if k not in ("epochs", "schedule")})
+    assert hist["train_loss"] == list(r.history["train_loss"]) and hist["cycle"] == [0, 0, 1, 1]
+    assert same_weights(load(os.path.join(folder, "student.safetensors"), p["student"]), r.model)
+    assert len(hist["test_acc"]) == 4 and m["test_acc"] == hist["test_acc"][-1]
+
+
+@pytest.mark.parametrize("over, msg", [
+    (dict(epochs=5, options=dict(cycles=2)), "epochs: 5 is not a multiple of options.cycles \\(2\\)"),
+    (dict(epochs=4), "epochs: 4 is not a multiple of options.cycles \\(3\\)"),
+    (dict(epochs=4, options=dict(cycles=2), schedule="constant"), "schedule: snapshot_distill restarts"),
+    (dict(epochs=4, options=dict(epochs_per_cycle=2)), "options.epochs_per_cycle: set by the recipe's epochs"),
+    (dict(epochs=4, options=dict(cycles=2, min_lr=-1.0)), "options.min_lr: expected a number >= 0"),
+])
+def test_snapshot_distill_refusals(over, msg):
+    with pytest.raises(recipes.RecipeError, match=msg):
+        recipe(method="snapshot_distill", **over)

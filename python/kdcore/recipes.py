@@ -24,7 +24,7 @@ these functions. A recipe (every key but ``method`` optional; defaults are kdcor
       val_split: 5000              # carved from the training set with the seed (int or fraction)
       test_size: null              # the first N test images (all by default)
     method: kd                     # scratch, any kdcore.losses.METHODS name, mutual, slkd, tf_kd_reg,
-                                   #   tf_kd_self, born_again
+                                   #   tf_kd_self, born_again, snapshot_distill
     options: {T: 4}                # keyword arguments of the training function, checked; slkd's
                                    #   sl_optimizer: a name or {name, lr, momentum, ...}
     losses:                        # instead of a method's reference terms: kdcore.losses terms
@@ -369,9 +369,12 @@ _EXTRA_METHODS = {"scratch": "kdcore.fit: the student alone, no teacher",
                   "tf_kd_self": "kdcore.tf_kd(mode='self'): the student learns from a copy of itself pretrained for "
                                 "options.teacher_epochs (default: epochs)",
                   "born_again": "kdcore.born_again: options.generations models of the student's architecture, each "
-                                "distilled from the one before (the first from labels); the student is the last"}
+                                "distilled from the one before (the first from labels); the student is the last",
+                  "snapshot_distill": "kdcore.snapshot_distill: options.cycles cosine cycles over the recipe's "
+                                      "epochs, each cycle after the first distilled from the model at the end of "
+                                      "the one before"}
 # Methods that train without a teacher (a teacher section, if any, is only measured against).
-_NO_TEACHER = ("scratch", "mutual", "tf_kd_reg", "tf_kd_self", "born_again")
+_NO_TEACHER = ("scratch", "mutual", "tf_kd_reg", "tf_kd_self", "born_again", "snapshot_distill")
 # Methods whose stages train models besides the student: run_one saves them as stage-<k>.safetensors.
 _STAGED = ("tf_kd_self", "born_again")
 
@@ -397,7 +400,7 @@ class _MethodsView:
 METHODS = _MethodsView()
 
 # Keyword arguments the recipe sets itself, or that hold Python objects a YAML file cannot.
-_RECIPE_SETS = {"epochs": "epochs", "batch_size": "batch_size", "optimizer": "optimizer", "lr": "lr",
+_RECIPE_SETS = {"epochs": "epochs", "epochs_per_cycle": "epochs (over options.cycles)", "batch_size": "batch_size", "optimizer": "optimizer", "lr": "lr",
                 "schedule": "schedule", "augment": "augment", "seed": "seeds", "method": "method",
                 "losses": "losses", "val": "data.val_split"}
 _NOT_OPTIONS = {"student", "teacher", "train", "models", "model", "val", "progress", "callback", "callback_every",
@@ -408,7 +411,7 @@ _OPTION_SPECS = {"T": Float(0, lo_open=True), "ce_weight": Float(0), "kd_weight"
                  "warmup_epochs": Int(0), "kd_stop_epoch": Int(1), "init_epochs": Int(1), "hint_epochs": Int(0),
                  "teacher_weights": List(Float(0), 1), "tolerant": List(Float(0), 2, 2),
                  "cache": OneOf(Bool(), Str(["auto"])), "sl_optimizer": _SL_OPTIMIZER, "generations": Int(1),
-                 "teacher_epochs": Int(1)}
+                 "teacher_epochs": Int(1), "cycles": Int(1), "min_lr": Float(0)}
 # tf_kd's options whose default (None) says nothing of their type; its alpha is not DKD's.
 _TF_KD_SPECS = {"alpha": Float(0, 1), "a": Float(0, 1, lo_open=True, hi_open=True), "multiplier": Float(0),
                 "form": Str(["code", "paper"])}
@@ -424,7 +427,8 @@ _LOGIT_ONLY = {"T", "alpha", "beta", "warmup_epochs", "kd_stop_epoch", "conditio
 def _train_fn(method):
     import kdcore
     return {"scratch": kdcore.fit, "mutual": kdcore.mutual, "slkd": kdcore.slkd, "tf_kd_reg": kdcore.tf_kd,
-            "tf_kd_self": kdcore.tf_kd, "born_again": kdcore.born_again}.get(method, kdcore.distill)
+            "tf_kd_self": kdcore.tf_kd, "born_again": kdcore.born_again,
+            "snapshot_distill": kdcore.snapshot_distill}.get(method, kdcore.distill)
 
 
 def _check_options(method, options, uses_losses):
@@ -584,7 +588,20 @@ def _validate(raw):
                         raise RecipeError(f"{name}.{k}: not an option of {o['name']}")
     if len(set(cfg["seeds"])) != len(cfg["seeds"]):
         raise RecipeError(f"seeds: a seed appears twice in {cfg['seeds']}")
+    if method == "snapshot_distill":
+        cycles = cfg["options"].get("cycles") or _snapshot_cycles()
+        if cfg["epochs"] % cycles:
+            raise RecipeError(f"epochs: {cfg['epochs']} is not a multiple of options.cycles ({cycles})")
+        if cfg["schedule"] not in (None, "cosine"):
+            raise RecipeError("schedule: snapshot_distill restarts a cosine schedule each cycle; give cosine or "
+                              "leave it out")
     return cfg
+
+
+def _snapshot_cycles():
+    """kdcore.snapshot_distill's default number of cycles."""
+    import kdcore
+    return inspect.signature(kdcore.snapshot_distill).parameters["cycles"].default
 
 
 # ---- loading ----------------------------------------------------------------------------
@@ -993,6 +1010,12 @@ def _train(cfg, p, seed, callback):
     if method == "born_again":
         r = kdcore.born_again(student, train, **common, **opts)
         return r.histories[-1], r.model, r.models[:-1]
+    if method == "snapshot_distill":
+        cycles = opts.pop("cycles", _snapshot_cycles())
+        del common["schedule"]   # its own cosine cycles (validate allows only cosine)
+        r = kdcore.snapshot_distill(student, train, cycles=cycles, epochs_per_cycle=common.pop("epochs") // cycles,
+                                    **common, **opts)
+        return r.history, student, []
     if p["losses"] is not None:
         return kdcore.distill(student, teacher, train, losses=p["losses"], **common, **opts), student, []
     return kdcore.distill(student, teacher, train, method=method, **common, **opts), student, []
