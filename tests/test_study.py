@@ -207,6 +207,17 @@ def test_compare_gives_the_paired_t_interval(synthetic):
     assert r["dkd"]["n"] == 0
 
 
+def test_paired_is_compare_on_lists():
+    # compare's numbers for the kd group, from the values alone
+    d = recipes.paired([KD[s] for s in (0, 1, 2)], [BASE[s] for s in (0, 1, 2)])
+    mean = sum(KD[s] - BASE[s] for s in (0, 1, 2)) / 3
+    assert d["n"] == 3 and d["diff_mean"] == pytest.approx(mean, rel=1e-12)
+    assert d["ci_high"] - d["diff_mean"] == pytest.approx(4.302652729749464 * d["diff_std"] / math.sqrt(3), rel=1e-9)
+    assert math.isnan(recipes.paired([0.5], [0.4])["ci_low"]) and recipes.paired([], [])["n"] == 0
+    with pytest.raises(ValueError, match="equally long"):
+        recipes.paired([0.1, 0.2], [0.1])
+
+
 def test_compare_baseline_by_method_label_and_refusals(synthetic):
     rows = recipes.compare(synthetic, baseline="at")   # the method label of recipe solo
     assert {r["baseline"] for r in rows} == {"solo"} and all(r["n"] == 0 for r in rows)

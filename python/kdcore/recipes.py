@@ -102,7 +102,7 @@ import traceback
 import numpy as np
 
 __all__ = ["RecipeError", "SCHEMA", "METHODS", "load", "validate", "prepare", "run_one", "run_dir", "report",
-           "format_report", "compare", "format_compare", "Trial", "trials", "sweep"]
+           "format_report", "compare", "paired", "format_compare", "Trial", "trials", "sweep"]
 
 
 class RecipeError(ValueError):
@@ -1384,18 +1384,26 @@ def compare(out, baseline, metric="best_test_acc", level=0.95):
             continue
         v = values[g]
         seeds = sorted(set(v) & set(b))
-        d = np.array([v[s] - b[s] for s in seeds], float)
-        n = len(seeds)
-        mean = float(d.mean()) if n else nan
-        std = float(d.std(ddof=1)) if n > 1 else nan
-        half = _t_quantile((1 + level) / 2, n - 1) * std / math.sqrt(n) if n > 1 else nan
         rows.append(dict(recipe=g[0], method=g[1], baseline=base[0][0], baseline_method=base[0][1],
-                         metric=metric, level=level, n=n, seeds=seeds,
-                         unpaired=sorted(set(v) ^ set(b)),
-                         mean=float(np.mean([v[s] for s in seeds])) if n else nan,
-                         baseline_mean=float(np.mean([b[s] for s in seeds])) if n else nan,
-                         diff_mean=mean, diff_std=std, ci_low=mean - half, ci_high=mean + half))
+                         metric=metric, level=level, seeds=seeds, unpaired=sorted(set(v) ^ set(b)),
+                         **paired([v[s] for s in seeds], [b[s] for s in seeds], level)))
     return rows
+
+
+def paired(values, baseline, level=0.95):
+    """The paired difference of two equally long lists of numbers (values[i] - baseline[i]),
+    as ``compare`` reports it: a dict with ``n``, ``mean``, ``baseline_mean``, ``diff_mean``,
+    ``diff_std`` (ddof=1) and the Student-t ``level`` interval ``ci_low``, ``ci_high`` (NaN
+    where undefined: with n = 1 the std and the interval, with n = 0 everything)."""
+    if len(values) != len(baseline):
+        raise ValueError(f"values and baseline must be equally long, got {len(values)} and {len(baseline)}")
+    d = np.array([float(a) - float(b) for a, b in zip(values, baseline)], float)
+    n, nan = len(d), float("nan")
+    mean = float(d.mean()) if n else nan
+    std = float(d.std(ddof=1)) if n > 1 else nan
+    half = _t_quantile((1 + level) / 2, n - 1) * std / math.sqrt(n) if n > 1 else nan
+    return dict(n=n, mean=float(np.mean(values)) if n else nan, baseline_mean=float(np.mean(baseline)) if n else nan,
+                diff_mean=mean, diff_std=std, ci_low=mean - half, ci_high=mean + half)
 
 
 def _compare_cells(r):
