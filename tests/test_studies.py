@@ -1,5 +1,5 @@
 """The study scripts on benchmarks/studylib.py: study_teacher_size.py (R1), study_multi_teacher.py
-(R4), study_regularised_kd.py (R8) and study_online.py (R2, R7). Each runs --quick end to end (every row of its grid
+(R4), study_regularised_kd.py (R8), study_online.py (R2, R7) and study_self_distill.py (R3). Each runs --quick end to end (every row of its grid
 finishes and lands in the Markdown section, with a figure and a time estimate); each grid holds
 the recipes its docstring describes; and the report's logic -- paired differences, the choice of
 the baseline, the verdicts -- is checked on fabricated run results, where the verdicts must flip
@@ -29,8 +29,10 @@ r1 = _load("study_teacher_size")
 r4 = _load("study_multi_teacher")
 r8 = _load("study_regularised_kd")
 r2 = _load("study_online")
+r3 = _load("study_self_distill")
 STUDIES = {"r1": (r1, "study_teacher_size_quick.png"), "r4": (r4, "study_multi_teacher_quick.png"),
-           "r8": (r8, "study_regularised_kd_quick.png"), "r2": (r2, "study_online_quick.png")}
+           "r8": (r8, "study_regularised_kd_quick.png"), "r2": (r2, "study_online_quick.png"),
+           "r3": (r3, "study_self_distill_quick.png")}
 NOISE = (0.0, 0.004, -0.003)   # per seed, so that the paired differences have a spread
 
 
@@ -233,3 +235,50 @@ def test_online_report_follows_the_numbers(tmp_path):
     text = r2.report(grid, str(other))
     assert "offline KD\" (DML rows against kd): **contradicted**" in text
     assert "converged one\": **supported**" in text
+
+
+def test_self_distill_grid():
+    grid = r3.build_grid()
+    cfg = {row: c for row, (_, c) in grid.items()}
+    assert list(grid) == ["scratch", "scratch-2x", "ls0.1-2x", "born-again", "independent", "snapshot", "tfkd-self"]
+    assert cfg["born-again"]["options"] == dict(generations=5)
+    assert cfg["independent"]["options"] == dict(generations=5, kd_weight=0.0)
+    assert cfg["snapshot"]["options"] == dict(cycles=2) and cfg["snapshot"]["epochs"] == 40
+    assert cfg["scratch-2x"]["epochs"] == cfg["ls0.1-2x"]["epochs"] == 40 and cfg["tfkd-self"]["epochs"] == 20
+    assert all(c["teacher"] is None for c in cfg.values())
+
+
+def test_self_distill_report_follows_the_numbers(tmp_path):
+    grid = r3.build_grid()
+    best = {row: 0.85 for row in grid}
+    out = tmp_path / "r3"
+    fake_runs(out, grid, best)
+    # generation k's accuracy 0.85 + 0.01 k; the ensembles: born-again's above the independent ones' by 0.02
+    # at k >= 2 (and a seed-dependent spread); sharpness: snapshot flatter than scratch
+    for row, (_, cfg) in grid.items():
+        for seed in cfg["seeds"]:
+            folder = out / cfg["name"] / f"seed-{seed}"
+            inc = {"snapshot": 0.05, "born-again": 0.2}.get(row, 0.1) + 0.001 * seed
+            m = dict(key=dict(sigmas=list(r3.SIGMAS), draws=r3.DRAWS),
+                     sharpness=dict(nll=0.4, increase=[inc / 2, inc, 2 * inc], increase_std=[0, 0, 0]))
+            if row in ("born-again", "independent"):
+                up = 0.02 if row == "born-again" else 0.0
+                m.update(generation_acc=[0.85 + 0.01 * k for k in range(5)],
+                         ensemble_acc=[0.86 + (up if k >= 2 else 0) + 0.002 * seed * (k % 2) for k in range(1, 5)])
+                with open(folder / "metrics.json") as f:
+                    met = json.load(f)
+                met["stage_last_test_acc"] = [0.85 + 0.01 * k + 0.001 * seed for k in range(5)]
+                with open(folder / "metrics.json", "w") as f:
+                    json.dump(met, f)
+            with open(folder / "measures.json", "w") as f:
+                json.dump(m, f)
+    text = r3.report(grid, str(out))
+    assert "independent models\" (k = 2..4): **contradicted**" in text
+    line = next(ln for ln in text.splitlines() if ln.startswith("| 3 |"))
+    assert line.startswith("| 3 | 88.00 ± 0.00 | 88.00 ± 0.00 |") and "| +2.00 | [" in line
+    assert "\"snapshot reaches a flatter minimum than scratch\" (loss increase at sigma 0.1): **supported**" in text
+    assert "\"tfkd-self reaches a flatter minimum than born-again\" (loss increase at sigma 0.1): **supported**" in text
+    assert "\"tfkd-self reaches a flatter minimum than scratch\" (loss increase at sigma 0.1): **not shown**" in text
+    # one-stage last-epoch accuracy (0.85 + noise) below born-again generation 1 (0.86) and 4 (0.89)
+    assert "snapshot against born-again generation 1 (equal compute), last-epoch accuracy: **lower**" in text
+    assert "| born-again | " in text and "| 100 | 1.00 |" in text   # 5 x 20 model-epochs, 60 CPU s
