@@ -102,7 +102,7 @@ def verdicts(kd, scratch):
         d = scratch.get(row)
         frac = ""
         if d and gain and d["n"] and gain["n"] and gain["diff_mean"] > 0:
-            frac = f"; by the means it recovers {100 * d['diff_mean'] / gain['diff_mean']:.0f}% of KD's gain"
+            frac = f"; by the means, {100 * d['diff_mean'] / gain['diff_mean']:.0f}% of KD's gain over the student alone"
         lines.append(f"Verdict on \"{row} improves on the student alone\": **{lib.claim([d])}** "
                      f"(Δ {lib.ci_text(d)[0]} points, 95% CI {lib.ci_text(d)[1]}{frac}).")
     d = scratch.get("born-again")
