@@ -276,9 +276,10 @@ def test_self_distill_report_follows_the_numbers(tmp_path):
     assert "independent models\" (k = 2..4): **contradicted**" in text
     line = next(ln for ln in text.splitlines() if ln.startswith("| 3 |"))
     assert line.startswith("| 3 | 88.00 ± 0.00 | 88.00 ± 0.00 |") and "| +2.00 | [" in line
-    assert "\"snapshot reaches a flatter minimum than scratch\" (loss increase at sigma 0.1): **supported**" in text
-    assert "\"tfkd-self reaches a flatter minimum than born-again\" (loss increase at sigma 0.1): **supported**" in text
-    assert "\"tfkd-self reaches a flatter minimum than scratch\" (loss increase at sigma 0.1): **not shown**" in text
+    at = f"(loss increase at sigma {r3.SIGMA_VERDICT:g})"
+    assert f"\"snapshot reaches a flatter minimum than scratch\" {at}: **supported**" in text
+    assert f"\"tfkd-self reaches a flatter minimum than born-again\" {at}: **supported**" in text
+    assert f"\"tfkd-self reaches a flatter minimum than scratch\" {at}: **not shown**" in text
     # one-stage last-epoch accuracy (0.85 + noise) below born-again generation 1 (0.86) and 4 (0.89)
     assert "snapshot against born-again generation 1 (equal compute), last-epoch accuracy: **lower**" in text
     assert "| born-again | " in text and "| 100 | 1.00 |" in text   # 5 x 20 model-epochs, 60 CPU s
