@@ -69,7 +69,8 @@ def build_grid(seeds=(0, 1, 2), quick=False):
     rows = [("scratch", "the student alone", dict(method="scratch")),
             (f"scratch-ls{LS:g}", f"the student alone, label smoothing {LS:g}",
              dict(method="scratch", options=dict(label_smoothing=LS))),
-            (BASELINE, f"KD from the pretrained teacher ({e} epochs)", dict(kd, teacher=lib.mlp_teacher(quick, **more))),
+            (BASELINE, f"KD from the pretrained teacher ({e} epochs)",
+             dict(kd, teacher=lib.mlp_teacher(quick, **more))),
             (f"kd-e{full_e // STOP}", f"KD from the teacher after {e // STOP} of its {e} epochs",
              dict(kd, teacher=lib.mlp_teacher(quick, snapshot=e // STOP, **more))),
             ("dml", "DML with a second student-sized peer", dict(method="mutual")),
@@ -102,12 +103,13 @@ def verdicts(kd, scratch):
         d = scratch.get(row)
         frac = ""
         if d and gain and d["n"] and gain["n"] and gain["diff_mean"] > 0:
-            frac = f"; by the means, {100 * d['diff_mean'] / gain['diff_mean']:.0f}% of KD's gain over the student alone"
+            share = 100 * d["diff_mean"] / gain["diff_mean"]
+            frac = f"; by the means, {share:.0f}% of KD's gain over the student alone"
         lines.append(f"Verdict on \"{row} improves on the student alone\": **{lib.claim([d])}** "
-                     f"(Δ {lib.ci_text(d)[0]} points, 95% CI {lib.ci_text(d)[1]}{frac}).")
+                     f"({lib.effect(d)}{frac}).")
     d = scratch.get("born-again")
     lines.append(f"Verdict on \"the born-again student beats its teacher of the same architecture\" (against the "
-                 f"student alone): **{lib.claim([d])}** (Δ {lib.ci_text(d)[0]} points, 95% CI {lib.ci_text(d)[1]}).")
+                 f"student alone): **{lib.claim([d])}** ({lib.effect(d)}).")
     return "\n".join(lines) + "\n"
 
 
@@ -142,14 +144,9 @@ def figure(grid, out, path):
     """Test accuracy against the CPU minutes per student, teacher included (mean over seeds,
     error bars: std over seeds). Returns the path."""
     plt = lib.pyplot()
-    from kdcore import recipes
-    groups = {r["recipe"]: r for r in recipes.report(out)}
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for i, (row, (_, cfg)) in enumerate(grid.items()):
-        g = groups.get(cfg["name"])
-        if g is None:
-            continue
-        run, teacher = cpu_minutes(lib.run_metrics(g))
+    for i, row, g, runs in lib.finished(grid, out):
+        run, teacher = cpu_minutes(runs)
         ax.errorbar([run + teacher], [g["best_mean"]], yerr=[g["best_std"]], fmt="o", color=f"C{i % 10}", label=row,
                     capsize=3)
     ax.set_xscale("log")

@@ -87,8 +87,7 @@ def verdicts(acc, ece=None):
                  f"**{lib.claim([acc.get('tfkd-reg')])}**.")
     if ece is not None:
         d = ece.get("tfkd-reg")
-        lines.append(f"Tf-KD_reg's ECE against the student alone's: **{lib.verdict(d)}** (Δ {lib.ci_text(d)[0]} "
-                     f"points, 95% CI {lib.ci_text(d)[1]}).")
+        lines.append(f"Tf-KD_reg's ECE against the student alone's: **{lib.verdict(d)}** ({lib.effect(d)}).")
     return "\n".join(lines) + "\n"
 
 
@@ -118,14 +117,8 @@ def report(grid, out):
 def figure(grid, out, path):
     """Test accuracy against ECE per row (mean over seeds). Returns the path."""
     plt = lib.pyplot()
-    from kdcore import recipes
-    groups = {r["recipe"]: r for r in recipes.report(out)}
     fig, ax = plt.subplots(figsize=(6, 4.5))
-    for i, (row, (_, cfg)) in enumerate(grid.items()):
-        g = groups.get(cfg["name"])
-        if g is None:
-            continue
-        runs = lib.run_metrics(g)
+    for i, row, g, runs in lib.finished(grid, out):
         e = sum(100 * m["best_test_ece"] for m in runs) / len(runs)
         ax.plot([e], [g["best_mean"]], "o", color=f"C{i % 10}", label=row)
     return lib.save_figure(fig, path, xlabel="test ECE (%), best validation epoch", ylabel="test accuracy (%)",

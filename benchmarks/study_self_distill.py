@@ -176,7 +176,8 @@ def report(grid, out):
 
 def nats(d):
     """A paired difference of loss increases with its 95% interval, in nats."""
-    return f"{d['diff_mean']:+.3f} " + ("n/a" if np.isnan(d["ci_low"]) else f"[{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]")
+    ci = "n/a" if np.isnan(d["ci_low"]) else f"[{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]"
+    return f"{d['diff_mean']:+.3f} {ci}"
 
 
 def generations_table(ms):
@@ -232,7 +233,7 @@ def verdicts(ms, grid, out):
                             (GENERATIONS - 1, f"born-again generation {GENERATIONS - 1} (2.5x its compute)")):
                 d = recipes.paired([mine[s] for s in seeds], [ban[s]["stage_last_test_acc"][k] for s in seeds])
                 lines.append(f"{row} against {what}, last-epoch accuracy: **{lib.verdict(d)}** "
-                             f"(Δ {lib.ci_text(d)[0]} points, 95% CI {lib.ci_text(d)[1]}).")
+                             f"({lib.effect(d)}).")
     j = SIGMAS.index(SIGMA_VERDICT)
     for row in ONE_STAGE:
         for ref in (BASELINE, "born-again"):

@@ -128,7 +128,7 @@ def report(grid, out):
     if early in diffs:
         d = diffs[early]
         text += (f"Remedy, the widest teacher stopped early, its student against the fully trained teacher's: "
-                 f"**{lib.verdict(d)}** (Δ {lib.ci_text(d)[0]} points, 95% CI {lib.ci_text(d)[1]}).\n")
+                 f"**{lib.verdict(d)}** ({lib.effect(d)}).\n")
     return text
 
 

@@ -230,6 +230,12 @@ def ci_text(d):
     return f"{100 * d['diff_mean']:+.2f}", ci
 
 
+def effect(d):
+    """'Δ +0.12 points, 95% CI [-0.10, +0.34]' for a compare() row, as a verdict line quotes it."""
+    delta, ci = ci_text(d)
+    return f"Δ {delta} points, 95% CI {ci}"
+
+
 def verdict(d):
     """'higher', 'lower' or 'no difference shown' for a compare() row: whether its 95% interval
     lies above 0, below 0, or covers it (or there is no interval: fewer than two pairs)."""
@@ -297,6 +303,16 @@ def run_metrics(group):
         with open(os.path.join(folder, "metrics.json")) as f:
             out.append(json.load(f))
     return out
+
+
+def finished(grid, out):
+    """(index, row, recipes.report() group, its runs' metrics) for each row of the grid whose
+    recipe has finished runs under ``out``, in the grid's order."""
+    groups = {r["recipe"]: r for r in recipes.report(out)}
+    for i, (row, (_, cfg)) in enumerate(grid.items()):
+        g = groups.get(cfg["name"])
+        if g is not None:
+            yield i, row, g, run_metrics(g)
 
 
 def pyplot():

@@ -1,9 +1,9 @@
 """The study scripts on benchmarks/studylib.py: study_teacher_size.py (R1), study_multi_teacher.py
-(R4), study_regularised_kd.py (R8), study_online.py (R2, R7) and study_self_distill.py (R3). Each runs --quick end to end (every row of its grid
-finishes and lands in the Markdown section, with a figure and a time estimate); each grid holds
-the recipes its docstring describes; and the report's logic -- paired differences, the choice of
-the baseline, the verdicts -- is checked on fabricated run results, where the verdicts must flip
-with the numbers."""
+(R4), study_regularised_kd.py (R8), study_online.py (R2, R7) and study_self_distill.py (R3).
+Each runs --quick end to end (every row of its grid finishes and lands in the Markdown section,
+with a figure and a time estimate); each grid holds the recipes its docstring describes; and the
+report's logic -- paired differences, the choice of the baseline, the verdicts -- is checked on
+fabricated run results, where the verdicts must flip with the numbers."""
 import importlib.util
 import json
 import math
@@ -60,6 +60,12 @@ def fake_runs(out, grid, best, teacher_acc=None, ece=None, cpu=None):
                 with open(os.path.join(folder, name), "w") as f:
                     json.dump(obj, f)
     return accs
+
+
+def fake_report(mod, out, grid, best, **kw):
+    """The report of ``mod`` (a study script) on fake_runs(out, grid, best, **kw)."""
+    fake_runs(out, grid, best, **kw)
+    return mod.report(grid, str(out))
 
 
 def mean_diff(accs, row, base):
@@ -175,10 +181,7 @@ def test_regularised_kd_verdicts_follow_the_numbers(tmp_path):
     line = next(ln for ln in text.splitlines() if ln.startswith("| tfkd-reg |"))
     assert "3.01 ± " in line and "-2.00 [" in line   # ECE in % (0.03 + the mean noise / 4), its difference to kd-e20
     # the claims flip with the numbers
-    flip = dict(best, **{"kd-e5": 0.80, "kd-e10": 0.81, "tfkd-reg": 0.78})
-    other = tmp_path / "flip"
-    fake_runs(other, grid, flip)
-    text = r8.report(grid, str(other))
+    text = fake_report(r8, tmp_path / "flip", grid, dict(best, **{"kd-e5": 0.80, "kd-e10": 0.81, "tfkd-reg": 0.78}))
     assert "converged one\" (accuracy): **contradicted**" in text
     assert "student alone\" (accuracy): **contradicted**" in text
 
@@ -216,8 +219,7 @@ def test_online_report_follows_the_numbers(tmp_path):
     grid = r2.build_grid()
     best = {"scratch": 0.80, "scratch-ls0.1": 0.81, "kd": 0.84, "kd-e5": 0.82, "dml": 0.86, "dml-big": 0.83,
             "tfkd-self": 0.82, "tfkd-reg": 0.78, "born-again": 0.80}
-    fake_runs(tmp_path, grid, best, cpu={"kd": (30.0, 120.0), "kd-e5": (30.0, 30.0)})
-    text = r2.report(grid, str(tmp_path))
+    text = fake_report(r2, tmp_path, grid, best, cpu={"kd": (30.0, 120.0), "kd-e5": (30.0, 30.0)})
     assert "offline KD\" (DML rows against kd): **supported**" in text
     assert "converged one\": **contradicted**" in text
     assert "\"scratch-ls0.1 improves on the student alone\": **supported**" in text
@@ -229,10 +231,7 @@ def test_online_report_follows_the_numbers(tmp_path):
     assert "| 0.50 + 2.00 = 2.50 |" in line   # the run's CPU minutes plus its teacher's
     assert "| 1.00 |" in next(ln for ln in text.splitlines() if ln.startswith("| dml |"))
     assert "| one (F3) | ONE" in text and "not in kdcore" in text
-    flip = dict(best, **{"dml": 0.80, "dml-big": 0.79, "kd-e5": 0.86})
-    other = tmp_path / "flip"
-    fake_runs(other, grid, flip)
-    text = r2.report(grid, str(other))
+    text = fake_report(r2, tmp_path / "flip", grid, dict(best, **{"dml": 0.80, "dml-big": 0.79, "kd-e5": 0.86}))
     assert "offline KD\" (DML rows against kd): **contradicted**" in text
     assert "converged one\": **supported**" in text
 

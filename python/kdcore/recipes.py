@@ -400,9 +400,9 @@ class _MethodsView:
 METHODS = _MethodsView()
 
 # Keyword arguments the recipe sets itself, or that hold Python objects a YAML file cannot.
-_RECIPE_SETS = {"epochs": "epochs", "epochs_per_cycle": "epochs (over options.cycles)", "batch_size": "batch_size", "optimizer": "optimizer", "lr": "lr",
-                "schedule": "schedule", "augment": "augment", "seed": "seeds", "method": "method",
-                "losses": "losses", "val": "data.val_split"}
+_RECIPE_SETS = {"epochs": "epochs", "epochs_per_cycle": "epochs (over options.cycles)", "batch_size": "batch_size",
+                "optimizer": "optimizer", "lr": "lr", "schedule": "schedule", "augment": "augment", "seed": "seeds",
+                "method": "method", "losses": "losses", "val": "data.val_split"}
 _NOT_OPTIONS = {"student", "teacher", "train", "models", "model", "val", "progress", "callback", "callback_every",
                 "checkpoint", "checkpoint_every", "checkpoint_best", "resume", "sl_teachers", "keep_snapshots",
                 "mode", "teacher_epochs", "num_classes", "distill_kw", "fit_kw"}
