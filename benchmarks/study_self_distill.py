@@ -154,7 +154,7 @@ def report(grid, out):
     def d_sharp(row, g, runs):
         if row == BASELINE or row not in ms or BASELINE not in ms:
             return ""
-        return nats(recipes.paired(sharp(row), sharp(BASELINE)))
+        return " ".join(nats(recipes.paired(sharp(row), sharp(BASELINE))))
 
     def cpu(row, g, runs):
         return f"{sum(m['cpu_time'] for m in runs) / len(runs) / 60:.2f}"
@@ -175,9 +175,9 @@ def report(grid, out):
 
 
 def nats(d):
-    """A paired difference of loss increases with its 95% interval, in nats."""
-    ci = "n/a" if np.isnan(d["ci_low"]) else f"[{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]"
-    return f"{d['diff_mean']:+.3f} {ci}"
+    """(a paired difference of loss increases, its 95% interval), in nats, as text."""
+    ci = "n/a" if np.isnan(d["ci_low"]) else f"[{d['ci_low']:+.4f}, {d['ci_high']:+.4f}]"
+    return f"{d['diff_mean']:+.4f}", ci
 
 
 def generations_table(ms):
@@ -242,7 +242,7 @@ def verdicts(ms, grid, out):
                                    [m["sharpness"]["increase"][j] for m in ms[ref]])
                 v = {"lower": "supported", "higher": "contradicted"}.get(lib.verdict(d), "not shown")
                 lines.append(f"Verdict on \"{row} reaches a flatter minimum than {ref}\" (loss increase at sigma "
-                             f"{SIGMA_VERDICT:g}): **{v}** (Δ {nats(d)} nats, 95% CI).")
+                             f"{SIGMA_VERDICT:g}): **{v}** (Δ {nats(d)[0]} nats, 95% CI {nats(d)[1]}).")
     return "\n".join(lines) + "\n"
 
 
@@ -260,7 +260,8 @@ def figure(grid, out, path):
         ks = np.arange(gen.shape[1])
         a.errorbar(ks, gen.mean(0), yerr=gen.std(0), fmt="o--", color=c, label=f"{row}: generation k", capsize=3)
         a.errorbar(ks[1:], ens.mean(0), yerr=ens.std(0), fmt="s-", color=c, label=f"{row}: ensemble 1..k", capsize=3)
-    a.set(xlabel="generation k", ylabel="test accuracy (%)", title="R3: generations and their ensembles")
+    a.set(xlabel="generation k", ylabel="test accuracy (%)", title="R3: generations and their ensembles",
+          xticks=range(GENERATIONS))
     for i, row in enumerate(grid):
         if row not in ms:
             continue
