@@ -12,7 +12,8 @@
  *      benchmarks/bench_kernels.c kdcore/src/[a-z]*.c -o build/bench_kernels \
  *      -L/usr/lib/x86_64-linux-gnu/openblas-openmp -Wl,-rpath,/usr/lib/x86_64-linux-gnu/openblas-openmp \
  *      -lopenblas -lz -lm
- *   OMP_NUM_THREADS=2 build/bench_kernels [fma|sgemm|kernels|all] [--quick] [--cpu-clock]
+ *   OMP_NUM_THREADS=2 build/bench_kernels [fma|sgemm|kernels|all] [--quick] [--cpu-clock] [--only TEXT]
+ * (--only TEXT: only the conv cases whose name contains TEXT, and no memory-bound kernels)
  * Output lines are "key value" pairs that bench_train.py parses; the header says which
  * kernels run ("kdcore_isa avx2", then comment lines with how it was chosen and OpenBLAS's
  * core). KDCORE_ISA=avx512|avx2|portable chooses kdcore's kernels (a refused value stops the
@@ -236,7 +237,7 @@ static void bench_memory_bound(int N, int C, int H, int reps) {
     free(dg); free(dbb); free(po); free(pdy); free(am);
 }
 
-static void bench_kernels(int quick) {
+static void bench_kernels(int quick, const char * only) {
     int reps = quick ? 3 : 7;
     const struct conv_case cases[] = {
         { "cnn32_c1_28", 128, 1, 28, 32, 3, 1, 1 },
@@ -248,13 +249,21 @@ static void bench_kernels(int quick) {
         { "r8x4_c128_14", 128, 128, 14, 128, 3, 1, 1 },
         { "r8x4_c256_7", 128, 256, 7, 256, 3, 1, 1 },
         { "r8x4_1x1s2_64to128", 128, 64, 28, 128, 1, 2, 0 },
+        { "r8x4_c128to256_s2", 128, 128, 14, 256, 3, 2, 1 },
         { "r8_c16_28", 128, 16, 28, 16, 3, 1, 1 },
         { "r8_c16to32_s2", 128, 16, 28, 32, 3, 2, 1 },
+        { "r8_1x1s2_16to32", 128, 16, 28, 32, 1, 2, 0 },
         { "r8_c32_14", 128, 32, 14, 32, 3, 1, 1 },
+        { "r8_c32to64_s2", 128, 32, 14, 64, 3, 2, 1 },
         { "r8_c64_7", 128, 64, 7, 64, 3, 1, 1 },
+        { "wrn2_c32to64_s2", 128, 32, 28, 64, 3, 2, 1 },
+        { "wrn2_c64to128_s2", 128, 64, 14, 128, 3, 2, 1 },
         { "wrn2_c128_7", 128, 128, 7, 128, 3, 1, 1 },
     };
-    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) { bench_conv(&cases[i], reps); }
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        if (only == NULL || strstr(cases[i].name, only) != NULL) { bench_conv(&cases[i], reps); }
+    }
+    if (only != NULL) { return; }
     bench_memory_bound(128, 32, 28, reps);
     bench_memory_bound(128, 64, 14, reps);
 }
@@ -262,8 +271,10 @@ static void bench_kernels(int quick) {
 int main(int argc, char ** argv) {
     const char * what = argc > 1 ? argv[1] : "all";
     int quick = 0;
+    const char * only = NULL;
     for (int i = 1; i < argc; i++) {
         if (strcmp(argv[i], "--quick") == 0) { quick = 1; }
+        if (strcmp(argv[i], "--only") == 0 && i + 1 < argc) { only = argv[++i]; }
         if (strcmp(argv[i], "--cpu-clock") == 0) { bench_clock = CLOCK_PROCESS_CPUTIME_ID; }
     }
     if (kd_isa_init() != KD_OK) {   // a measurement of other kernels than asked for is worse than none
@@ -281,6 +292,6 @@ int main(int argc, char ** argv) {
     int all = strcmp(what, "all") == 0;
     if (all || strcmp(what, "fma") == 0) { bench_fma(quick); }
     if (all || strcmp(what, "sgemm") == 0) { bench_sgemm(quick); }
-    if (all || strcmp(what, "kernels") == 0) { bench_kernels(quick); }
+    if (all || strcmp(what, "kernels") == 0) { bench_kernels(quick, only); }
     return 0;
 }

@@ -55,6 +55,25 @@ def test_forward_rejects_empty_nan_inf():
         m(x)
 
 
+def test_forward_names_the_first_nonfinite_index():
+    # A batch spanning several of the scan's blocks: the first offender in memory order is
+    # reported, whichever block (or thread) finds one first.
+    m = kdcore.models.mlp([784, 16, 10])
+    x = np.zeros((300, 784), np.float32)
+    x.flat[200_000] = np.inf
+    x.flat[131_071] = np.nan
+    x.flat[65_536] = -np.inf
+    with pytest.raises(ValueError, match=r"^x contains Inf at flat index 65536$"):
+        m(x, grad=False)
+    x.flat[65_536] = 0
+    with pytest.raises(ValueError, match=r"^x contains NaN at flat index 131071$"):
+        m(x)
+    x.flat[131_071] = np.finfo(np.float32).max       # large is not non-finite
+    x.flat[5] = np.finfo(np.float32).tiny / 4        # nor is a subnormal
+    with pytest.raises(ValueError, match=r"^x contains Inf at flat index 200000$"):
+        m(x)
+
+
 def test_forward_rejects_non_arrays():
     with pytest.raises(TypeError, match="numpy.ndarray"):
         small_cnn()([[1.0, 2.0]])

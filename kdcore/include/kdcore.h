@@ -92,6 +92,11 @@ KD_API bool kd_get_deterministic(void);
 // core=Haswell; ...; kernels: avx512 (automatic ...); linear layers: ...").
 KD_API const char * kd_blas_config(void);
 
+// Index of the first NaN or Inf among x[0..n), or SIZE_MAX if all are finite. Scans blocks
+// in parallel with a branch-free test, so checking a batch costs little next to a forward;
+// the answer does not depend on the thread count.
+KD_API size_t kd_first_nonfinite(const float * x, size_t n);
+
 // Instruction set of kdcore's own kernels: the convolution and linear-product micro-kernels,
 // BatchNorm statistics, 2x2 max pooling. Every one of them performs the same float
 // operations in the same order on each instruction set, so their results are bitwise equal

@@ -403,7 +403,7 @@ void kd_data_shuffle(int64_t * perm, int64_t n, uint64_t seed) {
 // minimum over blocks is the first offender overall, whatever the thread count.
 #define SCAN_BLOCK_ ((size_t)1 << 16)
 
-static size_t first_nonfinite_(const float * x, size_t n) {
+size_t kd_first_nonfinite(const float * x, size_t n) {
     const size_t nb = (n + SCAN_BLOCK_ - 1) / SCAN_BLOCK_;
     size_t first = SIZE_MAX;
 #ifdef _OPENMP
@@ -484,7 +484,7 @@ enum kd_status kd_dataset_check(const struct kd_dataset * ds) {
     if (ds->num_classes < 0) KD_FAIL(KD_ERR_VALUE, "num_classes = %d must be >= 0", ds->num_classes);
     if (ds->x_dtype == KD_F32) {
         const float * x = ds->x;
-        size_t i = first_nonfinite_(x, total);
+        size_t i = kd_first_nonfinite(x, total);
         if (i != SIZE_MAX)
             KD_FAIL(KD_ERR_VALUE, "x[%zu] is %s", i, isnan(x[i]) ? "nan" : x[i] > 0 ? "inf" : "-inf");
     }

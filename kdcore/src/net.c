@@ -45,6 +45,7 @@ struct kd_node {
     size_t grad_off;          // into dacts (liveness plan, kd_net_plan)
     size_t cache_off;         // into cache
     bool grad_live;           // dacts slot holds a gradient for the current backward
+    bool needs_grad;          // this backward needs the gradient of this output (kd_net_backward)
     bool inj_live;            // inj holds a gradient added since the last forward
     float * inj;              // kd_net_grad_add's gradient (numel floats when live)
     size_t inj_cap;
@@ -1118,6 +1119,13 @@ static float * grad_of(struct kd_net * net, int node) {
     return g;
 }
 
+// Where a node's backward writes the gradient of input k: dinp for the net's input, the
+// input node's slot if that gradient is needed, else NULL (the layer skips it).
+static float * input_grad(struct kd_net * net, int k, float * dinp) {
+    if (k == KD_INPUT) return dinp;
+    return net->nodes[k].needs_grad ? grad_of(net, k) : NULL;
+}
+
 enum kd_status kd_net_grad_add(struct kd_net * net, int node, const float * g, float scale) {
     if (!net || !g) KD_FAIL(KD_ERR_VALUE, "net and g must not be NULL");
     if (!net->forward_done) KD_FAIL(KD_ERR_STATE, "no forward pass to add a gradient to");
@@ -1151,15 +1159,26 @@ enum kd_status kd_net_backward(struct kd_net * net, const float * dout, float * 
     for (int i = 0; i < net->n_nodes; i++)
         if (net->nodes[i].spec.type == KD_LAYER_INPUT && net->nodes[i].dext)
             memset(net->nodes[i].dext, 0, net->nodes[i].numel * sizeof(float));
+    // The gradient of a node's output is needed only if the node or one of its ancestors has
+    // parameters or is an input whose gradient was asked for (as PyTorch's requires_grad):
+    // an MLP's Flatten on the input needs none, so its Linear skips the input-gradient product.
+    for (int i = 0; i < net->n_nodes; i++) {
+        struct kd_node * nd = &net->nodes[i];
+        const struct kd_layer_spec * s = &nd->spec;
+        bool need = nd->w_off != NO_OFF || nd->b_off != NO_OFF || (s->type == KD_LAYER_INPUT && nd->dext);
+        for (int k = 0; k < n_inputs(s); k++) need |= s->inp[k] == KD_INPUT ? dinp != NULL : net->nodes[s->inp[k]].needs_grad;
+        nd->needs_grad = need;
+    }
     for (int i = net->n_nodes - 1; i >= 0; i--) {
         struct kd_node * nd = &net->nodes[i];
         if (!nd->grad_live && !nd->inj_live) continue;   // no gradient reached this node
+        if (!nd->needs_grad) continue;                    // nothing upstream takes one
         const struct kd_layer_spec * s = &nd->spec;
         const float * d = grad_of(net, i);
         const float * out = net->acts + nd->cur_off;
         const float * cache = net->cache + nd->cache_off;
         const float * in = act_of(net, s->inp[0]);
-        float * din = s->inp[0] == KD_INPUT ? dinp : grad_of(net, s->inp[0]);
+        float * din = input_grad(net, s->inp[0], dinp);
         int c, h, w;
         in_shape(net, s->inp[0], &c, &h, &w);
         const float * wt = nd->w_off != NO_OFF ? net->params + nd->w_off : NULL;
@@ -1200,7 +1219,7 @@ enum kd_status kd_net_backward(struct kd_net * net, const float * dout, float * 
             if (din) kd_add_backward(din, NULL, d, nd->numel);
             break;
         case KD_LAYER_ADD: {
-            float * din2 = s->inp[1] == KD_INPUT ? dinp : grad_of(net, s->inp[1]);
+            float * din2 = input_grad(net, s->inp[1], dinp);
             kd_add_backward(din, din2, d, nd->numel);
             break;
         }
@@ -1227,7 +1246,7 @@ enum kd_status kd_net_backward(struct kd_net * net, const float * dout, float * 
             break;
         case KD_LAYER_MUL:
         case KD_LAYER_CONCAT: {
-            float * din2 = s->inp[1] == KD_INPUT ? dinp : grad_of(net, s->inp[1]);
+            float * din2 = input_grad(net, s->inp[1], dinp);
             int c2, h2, w2;
             in_shape(net, s->inp[1], &c2, &h2, &w2);
             if (s->type == KD_LAYER_MUL) kd_mul_backward(din, din2, d, in, act_of(net, s->inp[1]), N, c, c2, h * w);

@@ -70,15 +70,10 @@ PyArrayObject * get_array(PyObject * obj, int type, const char * name) {
 
 int check_finite(PyArrayObject * a, const char * name) {
     const float * p = PyArray_DATA(a);
-    npy_intp n = PyArray_SIZE(a);
-    for (npy_intp i = 0; i < n; i++) {
-        if (!isfinite(p[i])) {
-            PyErr_Format(PyExc_ValueError, "%s contains %s at flat index %zd", name,
-                         isnan(p[i]) ? "NaN" : "Inf", (Py_ssize_t)i);
-            return -1;
-        }
-    }
-    return 0;
+    size_t i = kd_first_nonfinite(p, (size_t)PyArray_SIZE(a));
+    if (i == SIZE_MAX) return 0;
+    PyErr_Format(PyExc_ValueError, "%s contains %s at flat index %zd", name, isnan(p[i]) ? "NaN" : "Inf", (Py_ssize_t)i);
+    return -1;
 }
 
 int check_int(npy_intp v, const char * name) {

@@ -12,6 +12,7 @@
 #include "kd_internal.h"
 #include "optim_internal.h"
 
+#include <float.h>
 #include <unistd.h>
 #include <zlib.h>
 
@@ -568,6 +569,25 @@ static void test_dataset_check(void) {
     expect_bad_ds_(d, KD_ERR_VALUE, "y[300000] = 7");
     set_threads_(2);
     free(xf); free(yl);
+
+    // kd_first_nonfinite directly: empty, the edges of a scan block, the last value, and
+    // values that are finite however extreme (largest float, subnormal, -0).
+    static float v[200000];
+    CHECK(kd_first_nonfinite(v, 0) == SIZE_MAX, "empty");
+    v[0] = FLT_MAX; v[1] = -FLT_MAX; v[2] = 1e-45f; v[3] = -0.0f;
+    CHECK(kd_first_nonfinite(v, 200000) == SIZE_MAX, "extreme finite values");
+    const size_t at[] = { 199999, 131072, 65536, 65535, 7 };
+    for (int th = 1; th <= 2; th++) {
+        set_threads_(th);
+        for (size_t i = 0; i < sizeof at / sizeof at[0]; i++) {
+            v[at[i]] = i % 2 ? NAN : -INFINITY;
+            size_t got = kd_first_nonfinite(v, 200000);
+            CHECK(got == at[i], "first non-finite at %zu, got %zu (%d threads)", at[i], got, th);
+        }
+        CHECK(kd_first_nonfinite(v, 7) == SIZE_MAX, "stops at n");
+        for (size_t i = 0; i < sizeof at / sizeof at[0]; i++) { v[at[i]] = 0; }
+    }
+    set_threads_(2);
 }
 
 // ---------------------------------------------------------------------------------------

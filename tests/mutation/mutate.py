@@ -735,6 +735,18 @@ MUTATIONS = [
          what="Winograd's weight gradient: G^T dU G's middle column without its halving",
          old="g[3 * i + 1] = (h[i][1] - h[i][2]) * 0.5f;", new="g[3 * i + 1] = h[i][1] - h[i][2];",
          tests=t(LAYERS_TORCH, "test_conv2d") + [WINO_T]),
+    # ---- which activation gradients a backward computes (net.c): only those that lead to a
+    # parameter or to an input gradient asked for
+    dict(name="needs_grad_ignores_ancestors", file="kdcore/src/net.c",
+         what="a node without parameters takes no gradient even when layers before it have parameters",
+         old="need |= s->inp[k] == KD_INPUT ? dinp != NULL : net->nodes[s->inp[k]].needs_grad;",
+         new="need |= s->inp[k] == KD_INPUT && dinp != NULL;",
+         tests=t("tests/test_models_torch.py", "test_train_parity")),
+    dict(name="needs_grad_ignores_input_request", file="kdcore/src/net.c",
+         what="the input gradient asked for does not make the layers after the input take gradients (an MLP's dx stays 0)",
+         old="need |= s->inp[k] == KD_INPUT ? dinp != NULL : net->nodes[s->inp[k]].needs_grad;",
+         new="need |= s->inp[k] == KD_INPUT ? false : net->nodes[s->inp[k]].needs_grad;",
+         tests=t("tests/test_models_torch.py", "test_eval_parity")),
 ]
 
 NAMES = [m["name"] for m in MUTATIONS]
