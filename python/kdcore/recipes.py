@@ -98,8 +98,8 @@ import traceback
 
 import numpy as np
 
-__all__ = ["RecipeError", "SCHEMA", "METHODS", "load", "validate", "prepare", "run_one", "run_dir", "report",
-           "format_report", "compare", "format_compare", "Trial", "trials", "sweep"]
+__all__ = ["RecipeError", "SCHEMA", "METHODS", "load", "validate", "prepare", "run_one", "run_dir", "teacher_path",
+           "report", "format_report", "compare", "format_compare", "Trial", "trials", "sweep"]
 
 
 class RecipeError(ValueError):
@@ -817,6 +817,21 @@ def _teacher(cfg, full, cache, log, train=True):
     return _one_teacher(cfg, t, full, cache, log, train)
 
 
+def _cache_path(cache, t, key):
+    return os.path.join(cache, f"teacher-{t['model']}-{_digest(key)}.safetensors")
+
+
+def teacher_path(cfg, cache):
+    """The file in the teacher cache that holds (or, once trained, will hold) the single
+    teacher a recipe trains: e.g. for other recipes to load as their teacher.checkpoint."""
+    t = cfg["teacher"]
+    if t is None or t.get("checkpoint") is not None or isinstance(t["seed"], list):
+        raise RecipeError("teacher: teacher_path is for a single teacher the recipe trains, not "
+                          + ("none" if t is None else "a checkpoint" if t.get("checkpoint") is not None
+                             else "a list of seeds"))
+    return _cache_path(os.fspath(cache), t, _teacher_key(cfg, t))
+
+
 def _one_teacher(cfg, t, full, cache, log, train):
     import kdcore
     model = _build_model(t, full, t["seed"], "teacher")
@@ -834,7 +849,7 @@ def _one_teacher(cfg, t, full, cache, log, train):
         model.eval()
         return model, dict(source="checkpoint", path=path)
     key = _teacher_key(cfg, t)
-    path = os.path.join(cache, f"teacher-{t['model']}-{_digest(key)}.safetensors")
+    path = _cache_path(cache, t, key)
     if not train:
         return model, dict(source="untrained", path=path)
     with _locked(path + ".lock"):
