@@ -116,9 +116,10 @@ def mlp_teacher(quick, **more):
 
 
 def teacher_sections(cfg):
-    """The single-teacher sections a recipe trains: one per seed of a list of seeds."""
+    """The single-teacher sections a recipe trains: one per seed of a list of seeds; none for a
+    teacher loaded from teacher.checkpoint."""
     t = cfg["teacher"]
-    if t is None:
+    if t is None or t.get("checkpoint") is not None:
         return []
     if isinstance(t["seed"], list):
         return [dict(t, seed=s) for s in t["seed"]]
@@ -165,20 +166,28 @@ def run_grid(grid, out, cache, args):
     return costs
 
 
+def epoch_images(cfg):
+    """The training images one epoch of a recipe goes over: its drawn images (all of
+    Fashion-MNIST's without train_size) times data.repeat, at most options.max_steps batches."""
+    n = (cfg["data"]["train_size"] or FULL_TRAIN) * cfg["data"].get("repeat", 1)
+    cap = cfg["options"].get("max_steps")
+    return n if cap is None else min(n, cap * cfg["batch_size"])
+
+
 def extrapolate(grid, full, costs, out):
     """The full study's time on one core from a quick run's CPU times (seed 0 of each row):
-    per run, its training epochs scaled by epochs x training images, the rest (evaluation,
-    SLKD*'s phase 1, the teacher's logits) by epochs x the largest of the image ratios; each
-    teacher by epochs x images (matched to the full grid's teacher of the same row and
-    position). ``full``: the full grid. Returns (total s, teachers s, {row: s per seed})."""
-    q = next(iter(grid.values()))[1]
-    f = next(iter(full.values()))[1]
-    r_epochs = f["epochs"] / q["epochs"]
-    r_train = (f["data"]["train_size"] or FULL_TRAIN) / q["data"]["train_size"]
-    r_eval = ((f["data"]["val_split"] or 0) + (f["data"]["test_size"] or FULL_TEST)) / \
-        ((q["data"]["val_split"] or 0) + (q["data"]["test_size"] or FULL_TEST))
+    per run, its training epochs scaled by epochs x the images of an epoch (epoch_images), the
+    rest (evaluation, SLKD*'s phase 1, the teacher's logits) by epochs x the largest of the
+    image ratios; each teacher by epochs x images (matched to the full grid's teacher of the
+    same row and position). ``full``: the full grid. Returns (total s, teachers s, {row: s per
+    seed})."""
     per_row = {}
     for row in grid:
+        q, f = grid[row][1], full[row][1]
+        r_epochs = f["epochs"] / q["epochs"]
+        r_train = epoch_images(f) / epoch_images(q)
+        r_eval = ((f["data"]["val_split"] or 0) + (f["data"]["test_size"] or FULL_TEST)) / \
+            ((q["data"]["val_split"] or 0) + (q["data"]["test_size"] or FULL_TEST))
         cpu = costs[(row, 0)][0]
         folder = recipes.run_dir(out, grid[row][1], 0)
         with open(os.path.join(folder, "history.json")) as fh:
@@ -197,7 +206,7 @@ def extrapolate(grid, full, costs, out):
             done_f = tf.get("snapshot") or tf["epochs"]
             teachers += costs[("teacher", _teacher_id(tq))][0] * (done_f / done_q) * \
                 ((tf.get("train_size") or FULL_TRAIN) / (tq.get("train_size") or FULL_TRAIN))
-    total = teachers + sum(per_row.values()) * len(f["seeds"])
+    total = teachers + sum(per_row.values()) * len(next(iter(full.values()))[1]["seeds"])
     return total, teachers, per_row
 
 
@@ -260,16 +269,20 @@ def claim(diffs):
     return "not shown"
 
 
-def table(grid, out, baseline, extra=(), notes=None):
+def table(grid, out, baseline, extra=(), notes=None, selected=True):
     """The Markdown table of a grid's finished runs: test accuracy in % at the best validation
     epoch and at the last, mean +- std over seeds, and the paired difference to the row
     ``baseline`` with its 95% interval. extra: [(header, function(row, report group, runs'
-    metrics) -> cell)]; notes: {row: why} appended as rows not run."""
+    metrics) -> cell)]; notes: {row: why} appended as rows not run. selected=False: runs
+    without a validation split (nothing to choose an epoch on): the last epoch only, and the
+    difference on it."""
     base = grid[baseline][1]["name"]
     groups = {r["recipe"]: r for r in recipes.report(out)}
-    diffs = {r["recipe"]: r for r in recipes.compare(out, baseline=base)}
-    heads = ["row", "what", "seeds", "test acc, best val epoch", "test acc, last epoch"] + [h for h, _ in extra] + \
-        [f"Δ vs {baseline} (points)", "95% CI"]
+    metric = "best_test_acc" if selected else "last_test_acc"
+    diffs = {r["recipe"]: r for r in recipes.compare(out, baseline=base, metric=metric)}
+    accs = ["test acc, best val epoch", "test acc, last epoch"] if selected else ["test acc, last epoch"]
+    heads = ["row", "what", "seeds"] + accs + [h for h, _ in extra] + \
+        [f"Δ vs {baseline} (points{'' if selected else ', last epoch'})", "95% CI"]
     lines = ["| " + " | ".join(heads) + " |", "|---|---|---|" + "---:|" * (len(heads) - 3)]
     for row, (what, cfg) in grid.items():
         g = groups.get(cfg["name"])
@@ -278,8 +291,9 @@ def table(grid, out, baseline, extra=(), notes=None):
             continue
         ms = run_metrics(g)
         delta, ci = ci_text(diffs.get(cfg["name"]))
-        cells = [row, what, ",".join(map(str, g["seeds"])), f"{g['best_mean']:.2f} ± {g['best_std']:.2f}",
-                 f"{g['last_mean']:.2f} ± {g['last_std']:.2f}"] + [fn(row, g, ms) for _, fn in extra] + [delta, ci]
+        cells = [row, what, ",".join(map(str, g["seeds"]))] + \
+            ([f"{g['best_mean']:.2f} ± {g['best_std']:.2f}"] if selected else []) + \
+            [f"{g['last_mean']:.2f} ± {g['last_std']:.2f}"] + [fn(row, g, ms) for _, fn in extra] + [delta, ci]
         lines.append("| " + " | ".join(cells) + " |")
     for row, why in (notes or {}).items():
         lines.append(f"| {row} | {why} |" + " |" * (len(heads) - 2))

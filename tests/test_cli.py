@@ -284,6 +284,36 @@ def test_npz_data(tmp_path):
     assert p.returncode == 2 and "student.model: cnn needs square images" in p.stderr
 
 
+def test_npz_normalisation_and_repeat(tmp_path):
+    rng = np.random.default_rng(1)
+    (Xtr, ytr), (Xte, yte) = _blobs(200, rng), _blobs(60, rng)
+    src = str(tmp_path / "fixed.npz")
+    np.savez(src, X_train=Xtr, y_train=ytr, X_test=Xte, y_test=yte, mean=np.array([0.5]), std=np.array([0.25]))
+    base = dict(name="rep", student=dict(model="mlp", hidden=[8]), method="scratch", epochs=1, batch_size=16,
+                data=dict(source=src, train_size=50))
+    plain = recipes.validate(base)
+    # repeat 1 resolves as a recipe without the key, so that existing run folders stay valid
+    assert recipes.validate(dict(base, data=dict(base["data"], repeat=1))) == plain
+    assert "repeat" not in plain["data"]
+    cfg = recipes.validate(dict(base, data=dict(base["data"], repeat=3)))
+    assert cfg["data"]["repeat"] == 3
+    p1, p3 = recipes.prepare(plain, 4), recipes.prepare(cfg, 4)
+    # the file's normalisation, for the training and the test set alike (not X_train's own statistics)
+    assert p1["train"].mean == p1["test"].mean == (0.5,) and p1["test"].std == (0.25,)
+    # the same 50 images drawn with the seed, each three times
+    assert len(p3["train"]) == 150 and np.array_equal(p3["train"].X, np.repeat(p1["train"].X, 3, axis=0))
+    m = recipes.run_one(cfg, 4, tmp_path / "runs")
+    assert m["train_size"] == 50
+    with pytest.raises(recipes.RecipeError, match="repeat: expected an int >= 1"):
+        recipes.validate(dict(base, data=dict(base["data"], repeat=0)))
+    np.savez(src, X_train=Xtr, y_train=ytr, X_test=Xte, y_test=yte, mean=np.array([0.5]))
+    with pytest.raises(recipes.RecipeError, match="data.source: .* has mean without std"):
+        recipes.prepare(plain, 0)
+    np.savez(src, X_train=Xtr, y_train=ytr, X_test=Xte, y_test=yte, mean=np.array([0.5, 0.5]), std=np.array([1, 1]))
+    with pytest.raises(recipes.RecipeError, match="data.source: "):
+        recipes.prepare(plain, 0)
+
+
 def _trained_teacher():
     train = kdcore.datasets.fashion_mnist("train").subset(np.arange(2000))
     teacher = kdcore.models.cnn(width=4, seed=5)

@@ -101,3 +101,23 @@ def test_tf_kd_reg_is_kdcore_tf_kd_virtual(tmp_path):
     assert m["test_acc"] == kdcore.evaluate(r.student, p["test"], batch_size=500)["accuracy"]
     hist = recipes._read_json(str(tmp_path / "runs" / "r" / "seed-3" / "history.json"))
     assert hist["train_loss"] == pytest.approx(list(r.student_history["train_loss"]), rel=0, abs=0)
+
+
+def test_teacher_path_is_where_the_cache_puts_the_teacher(tmp_path):
+    cache = tmp_path / "cache"
+    cfg = recipe()
+    path = recipes.teacher_path(cfg, cache)
+    assert not (tmp_path / "cache").exists()
+    p = recipes.prepare(cfg, 0, cache)
+    info = p["teacher_info"]
+    assert (info["source"], info["path"]) == ("trained", path) and info["cpu_time"] > 0
+    assert recipes.teacher_path(recipe(teacher=dict(TEACHER, snapshot=2)), cache) != path
+    # another recipe loads it as its checkpoint: the same weights
+    loaded = recipes.prepare(recipe(teacher=dict(model="mlp", hidden=[24], checkpoint=path)), 0, cache)
+    assert all(np.array_equal(v, params(p["teacher"])[k]) for k, v in params(loaded["teacher"]).items())
+    for teacher, what in ((dict(model="mlp", hidden=[24], checkpoint=path), "a checkpoint"),
+                          (dict(TEACHER, seed=[0, 1]), "a list of seeds")):
+        with pytest.raises(recipes.RecipeError, match=f"teacher: teacher_path is for .* not {what}"):
+            recipes.teacher_path(recipe(teacher=teacher), cache)
+    with pytest.raises(recipes.RecipeError, match="not none"):
+        recipes.teacher_path(recipe(teacher=None, method="scratch"), cache)

@@ -1,9 +1,10 @@
 """The study scripts on benchmarks/studylib.py: study_teacher_size.py (R1), study_multi_teacher.py
-(R4), study_regularised_kd.py (R8), study_online.py (R2, R7) and study_self_distill.py (R3).
-Each runs --quick end to end (every row of its grid finishes and lands in the Markdown section,
-with a figure and a time estimate); each grid holds the recipes its docstring describes; and the
-report's logic -- paired differences, the choice of the baseline, the verdicts -- is checked on
-fabricated run results, where the verdicts must flip with the numbers."""
+(R4), study_datafree.py (R5), study_regularised_kd.py (R8), study_online.py (R2, R7) and
+study_self_distill.py (R3). Each runs --quick end to end (every row of its grid finishes and
+lands in the Markdown section, with a figure and a time estimate); each grid holds the recipes
+its docstring describes; and the report's logic -- paired differences, the choice of the
+baseline, the verdicts -- is checked on fabricated run results, where the verdicts must flip
+with the numbers."""
 import importlib.util
 import json
 import math
@@ -27,12 +28,13 @@ def _load(name):
 lib = _load("studylib")
 r1 = _load("study_teacher_size")
 r4 = _load("study_multi_teacher")
+r5 = _load("study_datafree")
 r8 = _load("study_regularised_kd")
 r2 = _load("study_online")
 r3 = _load("study_self_distill")
 STUDIES = {"r1": (r1, "study_teacher_size_quick.png"), "r4": (r4, "study_multi_teacher_quick.png"),
-           "r8": (r8, "study_regularised_kd_quick.png"), "r2": (r2, "study_online_quick.png"),
-           "r3": (r3, "study_self_distill_quick.png")}
+           "r5": (r5, "study_datafree_quick.png"), "r8": (r8, "study_regularised_kd_quick.png"),
+           "r2": (r2, "study_online_quick.png"), "r3": (r3, "study_self_distill_quick.png")}
 NOISE = (0.0, 0.004, -0.003)   # per seed, so that the paired differences have a spread
 
 
@@ -282,3 +284,54 @@ def test_self_distill_report_follows_the_numbers(tmp_path):
     # one-stage last-epoch accuracy (0.85 + noise) below born-again generation 1 (0.86) and 4 (0.89)
     assert "snapshot against born-again generation 1 (equal compute), last-epoch accuracy: **lower**" in text
     assert "| born-again | " in text and "| 100 | 1.00 |" in text   # 5 x 20 model-epochs, 60 CPU s
+
+
+def test_datafree_grid(tmp_path):
+    from kdcore import recipes
+    grid = r5.build_grid(runs=str(tmp_path))
+    cfg = {row: c for row, (_, c) in grid.items()}
+    assert list(grid) == ["real-all", "real-256", "real-1024", "deepinversion-256", "deepinversion-1024", "noise-1024",
+                          "halfclass-1024"]
+    teacher = cfg["real-all"]["teacher"]
+    assert (teacher["model"], teacher["width"], teacher["epochs"], teacher.get("train_size")) == ("cnn", 32, 5, None)
+    path = recipes.teacher_path(cfg["real-all"], tmp_path / "_teachers")
+    sources = set()
+    for row, c in cfg.items():
+        # every row: the same student, loss and number of steps; no validation split
+        assert c["student"] == dict(model="cnn", width=16) and c["method"] == "kd"
+        assert {k: v for k, v in c["options"].items() if k not in ("max_steps", "cache")} == \
+            dict(T=4.0, ce_weight=0.0, kd_weight=1.0)
+        assert c["epochs"] * lib.epoch_images(c) // c["batch_size"] == 320 and c["data"]["val_split"] is None
+        assert c["seeds"] == [0, 1, 2] and c["data"]["test_size"] is None
+        if row.startswith("real"):
+            assert c["teacher"] == teacher and c["data"]["source"] == "fashion_mnist"
+        else:
+            # the transfer sets' rows load the real rows' teacher from the cache
+            assert {k: c["teacher"][k] for k in ("model", "width", "checkpoint")} == dict(model="cnn", width=32,
+                                                                                        checkpoint=path)
+            assert c["data"]["source"].startswith(str(tmp_path / "pools")) and lib.teacher_sections(c) == []
+            sources.add(c["data"]["source"])
+    assert len(sources) == 3
+    assert (cfg["real-256"]["data"]["train_size"], cfg["real-256"]["data"]["repeat"]) == (256, 20)
+    assert cfg["real-all"]["data"]["train_size"] is None and cfg["real-all"]["options"]["max_steps"] == 40
+    assert cfg["deepinversion-256"]["data"]["source"] == cfg["deepinversion-1024"]["data"]["source"]
+    # a quick grid: other sets, the same row names
+    quick = r5.build_grid([0], quick=True, runs=str(tmp_path))
+    assert list(quick) == list(grid) and quick["deepinversion-256"][1]["data"]["source"] not in sources
+
+
+@pytest.mark.parametrize("di, verdict", [(0.70, "supported"), (0.05, "contradicted"), (0.30, "not shown")])
+def test_datafree_verdicts_follow_the_numbers(tmp_path, di, verdict):
+    grid = r5.build_grid(runs=str(tmp_path / "runs"))
+    best = {"real-all": 0.88, "real-256": 0.80, "real-1024": 0.85, "deepinversion-256": di - 0.05,
+            "deepinversion-1024": di, "noise-1024": 0.30, "halfclass-1024": 0.60}
+    runs = fake_runs(str(tmp_path / "out"), grid, best)
+    text = r5.report(grid, str(tmp_path / "out"))
+    assert f"teach more than noise\" at 1024 images: **{verdict}** (Δ {mean_diff(runs, 'deepinversion-1024', 'noise-1024')}" \
+        in text
+    assert "as many real ones at 1024: **lower**" in text and "more synthetic images help\" (1024 against 256): " \
+        "**supported**" in text
+    assert f"against DeepInversion's **{'lower' if di > 0.6 else 'higher'}**" in text
+    line = next(ln for ln in text.splitlines() if ln.startswith("| halfclass-1024 |"))
+    assert f"| {mean_diff(runs, 'halfclass-1024', 'real-1024')} [" in line
+    assert f"| {mean_diff(runs, 'halfclass-1024', 'real-all')} | [" in line

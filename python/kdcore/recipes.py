@@ -19,8 +19,12 @@ these functions. A recipe (every key but ``method`` optional; defaults are kdcor
                                    #   seed: [0, 1, 2], one teacher per seed (multi-teacher KD)
     student: {model: resnet8}      # zoo name; width (cnn), hidden/dropout/batchnorm (mlp)
     data:
-      source: fashion_mnist        # or an .npz file with X_train, y_train, X_test, y_test
+      source: fashion_mnist        # or an .npz file with X_train, y_train, X_test, y_test (and
+                                   #   optionally mean, std: both sets' normalisation, per channel
+                                   #   on the [0, 1] pixel scale, instead of X_train's own)
       train_size: 6000             # the student's labelled images, drawn with the seed
+      repeat: 4                    # each drawn training image 4 times per epoch (default 1), so
+                                   #   that a small transfer set takes as many steps per epoch
       val_split: 5000              # carved from the training set with the seed (int or fraction)
       test_size: null              # the first N test images (all by default)
     method: kd                     # scratch, any kdcore.losses.METHODS name, mutual, slkd, tf_kd_reg,
@@ -101,8 +105,8 @@ import traceback
 
 import numpy as np
 
-__all__ = ["RecipeError", "SCHEMA", "METHODS", "load", "validate", "prepare", "run_one", "run_dir", "report",
-           "format_report", "compare", "paired", "format_compare", "Trial", "trials", "sweep"]
+__all__ = ["RecipeError", "SCHEMA", "METHODS", "load", "validate", "prepare", "run_one", "run_dir", "teacher_path",
+           "report", "format_report", "compare", "paired", "format_compare", "Trial", "trials", "sweep"]
 
 
 class RecipeError(ValueError):
@@ -338,7 +342,7 @@ _TEACHER = Map(dict(_MODEL_FIELDS, **{
     drop_none=True)
 _TEACHER_TRAINING = ("epochs", "optimizer", "lr", "schedule", "batch_size", "augment", "train_size", "seed",
                      "snapshot")
-_DATA = Map({"source": (Str(), "fashion_mnist"), "train_size": (Int(1), None),
+_DATA = Map({"source": (Str(), "fashion_mnist"), "train_size": (Int(1), None), "repeat": (Int(1), None),
              "val_split": (OneOf(Int(1), Float(0, 1, lo_open=True, hi_open=True)), None),
              "test_size": (Int(1), None)})
 _LOSS = Map({"kind": (Str(what="a kdcore.losses term name (CE, KD, AT, ...)"), REQUIRED)}, extra=Any_())
@@ -553,6 +557,8 @@ def _validate(raw):
         raise RecipeError(f"teacher.snapshot: {t['snapshot']} is past the teacher's {t['epochs']} epochs")
     if t is not None and t.get("snapshot") == t["epochs"]:
         del t["snapshot"]   # the end of the run: the same teacher, cached once
+    if cfg["data"].get("repeat") in (None, 1):
+        cfg["data"].pop("repeat", None)   # the plain epoch: recipes without the key resolve as before it existed
     method = cfg["method"]
     if method not in _methods():
         raise RecipeError(f"method: expected one of {', '.join(_methods())}, got {method!r}")
@@ -700,13 +706,21 @@ def _source(source, stamp):
             if missing:
                 raise RecipeError(f"data.source: {source} lacks {', '.join(missing)} (has {', '.join(z.files)})")
             arrays = {k: z[k] for k in ("X_train", "y_train", "X_test", "y_test")}
+            if ("mean" in z.files) != ("std" in z.files):
+                raise RecipeError(f"data.source: {source} has {'mean' if 'mean' in z.files else 'std'} without "
+                                  f"{'std' if 'mean' in z.files else 'mean'}; give both or neither")
+            fixed = (z["mean"], z["std"]) if "mean" in z.files else None
     except (OSError, ValueError) as e:
         if isinstance(e, RecipeError):
             raise
         raise RecipeError(f"data.source: cannot read {source} as .npz: {e}") from None
     try:
         k = int(max(arrays["y_train"].max(), arrays["y_test"].max())) + 1
-        train = datasets.from_arrays(arrays["X_train"], arrays["y_train"], num_classes=k, name="train")
+        if fixed is not None:
+            # the file's own normalisation: a transfer set (synthetic images, say) in a space it did not define
+            fixed = tuple(tuple(float(v) for v in np.atleast_1d(a).ravel()) for a in fixed)
+        train = datasets.from_arrays(arrays["X_train"], arrays["y_train"], num_classes=k, name="train",
+                                     normalize="auto" if fixed is None else fixed)
         # the test images get the training set's normalisation, as any held-out data would
         norm = None if train.mean is None else (train.mean, train.std)
         test = datasets.from_arrays(arrays["X_test"], arrays["y_test"], normalize=norm, num_classes=k, name="test")
@@ -729,7 +743,8 @@ def _load_source(source):
 
 def _splits(cfg, seed):
     """(train, val or None, test) for one seed: val carved from the training set and the
-    training subset drawn with the seed; the test set is the same for every seed (paired)."""
+    training subset drawn with the seed (each image data.repeat times); the test set is the
+    same for every seed (paired)."""
     d = cfg["data"]
     full, test = _load_source(d["source"])
     n = len(full)
@@ -745,7 +760,7 @@ def _splits(cfg, seed):
             raise RecipeError(f"data.train_size: {d['train_size']} > the {len(rest)} training images"
                               + (" left after val_split" if n_val else ""))
         rest = rest[:d["train_size"]]
-    train = full.subset(np.sort(rest))
+    train = full.subset(np.sort(np.tile(rest, d.get("repeat", 1))))
     if d["test_size"] is not None and d["test_size"] < len(test):
         test = test.subset(np.arange(d["test_size"]))
     return full, train, val, test
@@ -847,6 +862,21 @@ def _teacher(cfg, full, cache, log, train=True):
     return _one_teacher(cfg, t, full, cache, log, train)
 
 
+def _cache_path(cache, t, key):
+    return os.path.join(cache, f"teacher-{t['model']}-{_digest(key)}.safetensors")
+
+
+def teacher_path(cfg, cache):
+    """The file in the teacher cache that holds (or, once trained, will hold) the single
+    teacher a recipe trains: e.g. for other recipes to load as their teacher.checkpoint."""
+    t = cfg["teacher"]
+    if t is None or t.get("checkpoint") is not None or isinstance(t["seed"], list):
+        raise RecipeError("teacher: teacher_path is for a single teacher the recipe trains, not "
+                          + ("none" if t is None else "a checkpoint" if t.get("checkpoint") is not None
+                             else "a list of seeds"))
+    return _cache_path(os.fspath(cache), t, _teacher_key(cfg, t))
+
+
 def _one_teacher(cfg, t, full, cache, log, train):
     import kdcore
     model = _build_model(t, full, t["seed"], "teacher")
@@ -864,7 +894,7 @@ def _one_teacher(cfg, t, full, cache, log, train):
         model.eval()
         return model, dict(source="checkpoint", path=path)
     key = _teacher_key(cfg, t)
-    path = os.path.join(cache, f"teacher-{t['model']}-{_digest(key)}.safetensors")
+    path = _cache_path(cache, t, key)
     if not train:
         return model, dict(source="untrained", path=path)
     with _locked(path + ".lock"):
@@ -1168,8 +1198,9 @@ def run_one(cfg, seed, out, cache=None, log=None, argv=None):
         metrics["best_val_acc"] = hist["val_acc"][best]
     for k, v in per_epoch.items():   # test_acc -> last_test_acc, best_test_acc; test_nll -> ...
         metrics["last_" + k], metrics["best_" + k] = v[-1], v[best]
-    metrics.update(train_size=len(p["train"]), val_size=0 if p["val"] is None else len(p["val"]),
-                   test_size=len(test), time=train_time, cpu_time=time.process_time() - c0, teacher=p["teacher_info"])
+    metrics.update(train_size=len(p["train"]) // cfg["data"].get("repeat", 1),
+                   val_size=0 if p["val"] is None else len(p["val"]), test_size=len(test), time=train_time,
+                   cpu_time=time.process_time() - c0, teacher=p["teacher_info"])
     if stages:
         metrics["stage_last_test_acc"] = [float(a) for a in measure.stage_last()]
     if isinstance(teacher, list):
