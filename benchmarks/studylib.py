@@ -280,6 +280,31 @@ def table(grid, out, baseline, extra=(), notes=None):
     return "\n".join(lines) + "\n"
 
 
+def seed_values(out, recipe, metric="best_test_acc"):
+    """{seed: metrics.json's ``metric``} of a recipe's finished runs under ``out``."""
+    for g in recipes.report(out):
+        if g["recipe"] == recipe:
+            return {m["seed"]: m[metric] for m in run_metrics(g) if m.get(metric) is not None}
+    return {}
+
+
+def paired(values, base, level=0.95):
+    """A compare()-like row (n, diff_mean, ci_low, ci_high) of values - base, {seed: number}
+    each, over the seeds both have: for numbers no metrics.json holds (a probe's accuracy, a
+    difference of differences). The interval is recipes.compare's Student-t one."""
+    seeds = sorted(set(values) & set(base))
+    d = [values[s] - base[s] for s in seeds]
+    n, nan = len(d), math.nan
+    if not n:
+        return dict(n=0, diff_mean=nan, ci_low=nan, ci_high=nan)
+    mean = sum(d) / n
+    if n < 2:
+        return dict(n=n, diff_mean=mean, ci_low=nan, ci_high=nan)
+    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1))
+    half = recipes._t_quantile((1 + level) / 2, n - 1) * sd / math.sqrt(n)
+    return dict(n=n, diff_mean=mean, ci_low=mean - half, ci_high=mean + half)
+
+
 def mean_std(values, scale=100.0, digits=2):
     """'m ± s' of a list of numbers (std with ddof=0, as recipes.report), or '' when empty."""
     vals = [v * scale for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
