@@ -300,6 +300,21 @@ def table(grid, out, baseline, extra=(), notes=None, selected=True):
     return "\n".join(lines) + "\n"
 
 
+def seed_values(out, recipe, metric="best_test_acc"):
+    """{seed: metrics.json's ``metric``} of a recipe's finished runs under ``out``."""
+    for g in recipes.report(out):
+        if g["recipe"] == recipe:
+            return {m["seed"]: m[metric] for m in run_metrics(g) if m.get(metric) is not None}
+    return {}
+
+
+def paired(values, base, level=0.95):
+    """recipes.paired of values - base, {seed: number} each, over the seeds both have: for
+    numbers no metrics.json holds (a probe's accuracy, a difference of differences)."""
+    seeds = sorted(set(values) & set(base))
+    return recipes.paired([values[s] for s in seeds], [base[s] for s in seeds], level)
+
+
 def mean_std(values, scale=100.0, digits=2):
     """'m ± s' of a list of numbers (std with ddof=0, as recipes.report), or '' when empty."""
     vals = [v * scale for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]

@@ -1,10 +1,10 @@
 """The study scripts on benchmarks/studylib.py: study_teacher_size.py (R1), study_multi_teacher.py
-(R4), study_datafree.py (R5), study_regularised_kd.py (R8), study_online.py (R2, R7) and
-study_self_distill.py (R3). Each runs --quick end to end (every row of its grid finishes and
-lands in the Markdown section, with a figure and a time estimate); each grid holds the recipes
-its docstring describes; and the report's logic -- paired differences, the choice of the
-baseline, the verdicts -- is checked on fabricated run results, where the verdicts must flip
-with the numbers."""
+(R4), study_datafree.py (R5), study_features.py (R6), study_regularised_kd.py (R8),
+study_online.py (R2, R7) and study_self_distill.py (R3). Each runs --quick end to end (every
+row of its grid finishes and lands in the Markdown section, with a figure and a time estimate);
+each grid holds the recipes its docstring describes; and the report's logic -- paired
+differences, the choice of the baseline, the verdicts -- is checked on fabricated run results,
+where the verdicts must flip with the numbers."""
 import importlib.util
 import json
 import math
@@ -29,12 +29,14 @@ lib = _load("studylib")
 r1 = _load("study_teacher_size")
 r4 = _load("study_multi_teacher")
 r5 = _load("study_datafree")
+r6 = _load("study_features")
 r8 = _load("study_regularised_kd")
 r2 = _load("study_online")
 r3 = _load("study_self_distill")
 STUDIES = {"r1": (r1, "study_teacher_size_quick.png"), "r4": (r4, "study_multi_teacher_quick.png"),
-           "r5": (r5, "study_datafree_quick.png"), "r8": (r8, "study_regularised_kd_quick.png"),
-           "r2": (r2, "study_online_quick.png"), "r3": (r3, "study_self_distill_quick.png")}
+           "r5": (r5, "study_datafree_quick.png"), "r6": (r6, "study_features_quick.png"),
+           "r8": (r8, "study_regularised_kd_quick.png"), "r2": (r2, "study_online_quick.png"),
+           "r3": (r3, "study_self_distill_quick.png")}
 NOISE = (0.0, 0.004, -0.003)   # per seed, so that the paired differences have a spread
 
 
@@ -186,6 +188,89 @@ def test_regularised_kd_verdicts_follow_the_numbers(tmp_path):
     text = fake_report(r8, tmp_path / "flip", grid, dict(best, **{"kd-e5": 0.80, "kd-e10": 0.81, "tfkd-reg": 0.78}))
     assert "converged one\" (accuracy): **contradicted**" in text
     assert "student alone\" (accuracy): **contradicted**" in text
+
+
+def test_features_grid():
+    grid = r6.build_grid()
+    cfg = {row: c for row, (_, c) in grid.items()}
+    methods = ["kd"] + list(r6.FEATURES)
+    labelled = [f"{m}-w{w}-l{p}" for p in (100, 10, 1) for w in (256, 1200) for m in methods]
+    free = [f"free-{m}" for m in ["kd"] + list(r6.FREE)]
+    assert sorted(grid) == sorted(labelled + [f"scratch-l{p}" for p in (100, 10, 1)] + free)
+    for p, n in ((100, 6000), (10, 600), (1, 60)):
+        assert cfg[f"scratch-l{p}"]["data"]["train_size"] == n and cfg[f"scratch-l{p}"]["teacher"] is None
+        for w in (256, 1200):
+            for m in methods:
+                c = cfg[f"{m}-w{w}-l{p}"]
+                assert c["data"]["train_size"] == n and c["data"]["val_split"] == 5000
+                assert (c["teacher"]["hidden"], c["teacher"]["epochs"]) == ([w, w], 20)
+            assert cfg[f"kd-w{w}-l{p}"]["options"] == dict(T=4.0, ce_weight=0.1, kd_weight=0.9)
+            sp = cfg[f"sp-w{w}-l{p}"]["losses"]
+            assert sp == [dict(kind="CE", weight=1.0), dict(kind="SP", weight=3000.0, taps="2", teacher_taps="5")]
+    for row in free:   # no CE term: the loss reads no label
+        c = cfg[row]
+        assert len(c["losses"]) == 1 and c["losses"][0]["kind"] != "CE"
+        assert c["data"]["train_size"] == 6000 and c["teacher"]["hidden"] == [1200, 1200]
+    assert cfg["free-pkt"]["losses"] == [dict(kind="PKT", weight=30000.0, taps="2", teacher_taps="5")]
+    assert list(grid).index("free-kd") < list(grid).index("scratch-l10")   # the label-free arm runs second
+    quick = {row: c for row, (_, c) in r6.build_grid([0], quick=True).items()}
+    assert [quick[f"scratch-l{p}"]["data"]["train_size"] for p in (100, 10, 1)] == [1000, 100, 10]
+
+
+def test_features_verdicts_follow_the_numbers(tmp_path):
+    grid = r6.build_grid()
+    base = {f"{m}-w{w}-l{p}": 0.80 for p in (100, 10, 1) for w in (256, 1200) for m in ["kd"] + list(r6.FEATURES)}
+    # PKT beats KD by 3 points with the wide teacher, by 1 with the narrow one, at every fraction
+    for p in (100, 10, 1):
+        base[f"pkt-w1200-l{p}"], base[f"pkt-w256-l{p}"] = 0.83, 0.81
+    fake_runs(tmp_path, grid, base)
+    text = r6.verdicts(grid, str(tmp_path))
+    # (fake_runs shifts each row by up to 0.2 points per seed)
+    assert "teacher w1200, 100% labels: **supported** (best feature method pkt: Δ +3.10 points vs KD" in text
+    assert "teacher w256, 1% labels: **supported** (best feature method pkt: Δ +0.80" in text
+    assert text.count("with w1200 minus the same with w256): **supported**") == 3 and "pkt +2.00 [+2.00" in text
+    # every feature method below KD: contradicted; no gap effect: not shown
+    low = {k: (0.78 if not k.startswith("kd-") else 0.80) for k in base}
+    other = tmp_path / "low"
+    fake_runs(other, grid, low)
+    text = r6.verdicts(grid, str(other))
+    assert "teacher w1200, 10% labels: **contradicted**" in text and "**supported**" not in text
+    assert "capacity gap\" (100% labels" in text and "**not shown**" in text
+
+
+def test_features_probe_table_and_paired():
+    grid = r6.build_grid()
+    rnd = {0: 0.70, 1: 0.71, 2: 0.69}
+    got = {"random": rnd, "scratch-l100": {s: v + 0.15 for s, v in rnd.items()},
+           "free-kd": {s: v + 0.10 for s, v in rnd.items()},
+           "free-pkt": {0: 0.80, 1: 0.805, 2: 0.79}, "free-sp": {0: 0.69, 1: 0.705, 2: 0.689}}
+    text = r6.probe_table(grid, got)
+    assert "features teach without labels\" (a feature-only student's probe above the random student's): " \
+           "**supported** (higher: free-pkt)" in text
+    assert "Against the CE student's probe: higher: none; lower: free-sp, free-pkt." in text
+    assert "| free-rkd | not run |" in text
+    line = next(ln for ln in text.splitlines() if ln.startswith("| free-pkt |"))
+    assert "| +9.83 | [" in line   # (0.10 + 0.095 + 0.10) / 3 points over random
+    # paired() gives recipes.compare's interval on the same numbers
+    d = lib.paired({0: 0.80, 1: 0.83, 2: 0.81}, {0: 0.79, 1: 0.80, 2: 0.80})
+    diffs = [0.01, 0.03, 0.01]
+    m = sum(diffs) / 3
+    sd = math.sqrt(sum((x - m) ** 2 for x in diffs) / 2)
+    assert d["n"] == 3 and math.isclose(d["diff_mean"], m)
+    assert math.isclose(d["ci_high"] - m, 4.302652729911275 * sd / math.sqrt(3), rel_tol=1e-6)
+    assert lib.paired({0: 0.8}, {1: 0.7})["n"] == 0 and math.isnan(lib.paired({0: 0.8}, {0: 0.7})["ci_low"])
+
+
+def test_features_hidden_features_are_the_hidden_layer():
+    import numpy as np
+    from kdcore import datasets, models
+    data = datasets.from_arrays(np.random.default_rng(0).random((37, 784), dtype=np.float32),
+                                np.arange(37) % 10, normalize=None)
+    m = models.mlp([784, 256, 10], seed=3)
+    p = m.parameters()
+    want = np.maximum(data.X @ p["1.weight"].T + p["1.bias"], 0)
+    got = r6.hidden_features(m, data, chunk=16)   # chunks that do not divide the set
+    assert got.shape == (37, 256) and np.allclose(got, want, atol=1e-4)
 
 
 def test_verdict_and_claim_wording():
