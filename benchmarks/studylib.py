@@ -161,7 +161,8 @@ def run_grid(grid, out, cache, args):
             c0, w0 = time.process_time(), time.perf_counter()
             m = recipes.run_one(cfg, seed, out, cache=cache, log=log, argv=[sys.executable] + sys.argv)
             costs[(row, seed)] = (time.process_time() - c0, time.perf_counter() - w0, not m.get("skipped"))
-            log(f"{cfg['name']} seed {seed}: best-on-val test accuracy {m['best_test_acc']:.4f} "
+            chosen = f"best-on-{m.get('best_selected_on', 'val')}"
+            log(f"{cfg['name']} seed {seed}: {chosen} test accuracy {m['best_test_acc']:.4f} "
                 f"({costs[(row, seed)][1]:.0f} s)")
     return costs
 
