@@ -254,11 +254,11 @@ def claim(diffs):
     return "not shown"
 
 
-def table(grid, out, baseline, extra=(), notes=None):
+def table(grid, out, baseline, extra=()):
     """The Markdown table of a grid's finished runs: test accuracy in % at the best validation
     epoch and at the last, mean +- std over seeds, and the paired difference to the row
     ``baseline`` with its 95% interval. extra: [(header, function(row, report group, runs'
-    metrics) -> cell)]; notes: {row: why} appended as rows not run."""
+    metrics) -> cell)]."""
     base = grid[baseline][1]["name"]
     groups = {r["recipe"]: r for r in recipes.report(out)}
     diffs = {r["recipe"]: r for r in recipes.compare(out, baseline=base)}
@@ -275,8 +275,6 @@ def table(grid, out, baseline, extra=(), notes=None):
         cells = [row, what, ",".join(map(str, g["seeds"])), f"{g['best_mean']:.2f} ± {g['best_std']:.2f}",
                  f"{g['last_mean']:.2f} ± {g['last_std']:.2f}"] + [fn(row, g, ms) for _, fn in extra] + [delta, ci]
         lines.append("| " + " | ".join(cells) + " |")
-    for row, why in (notes or {}).items():
-        lines.append(f"| {row} | {why} |" + " |" * (len(heads) - 2))
     return "\n".join(lines) + "\n"
 
 
