@@ -1,9 +1,9 @@
 """The SLKD study (R9): does SLKD's gain over KD come from its self-learning teachers, and
 which of its parts matter? A grid of recipes run over seeds by kdcore.recipes, then a report.
 
-    python benchmarks/study_slkd.py [--pair mlp|conv|both] [--seeds 0,1,2] [--workers N]
-                                    [--runs build/study_slkd] [--out benchmarks/STUDIES.md]
-                                    [--figures benchmarks/figures] [--quick]
+    python benchmarks/study_slkd.py [--pair mlp|conv|both] [--seeds 0,1,2] [--rows kd,slkd,...]
+                                    [--workers N] [--runs build/study_slkd]
+                                    [--out benchmarks/STUDIES.md] [--figures benchmarks/figures] [--quick]
 
 This is a study, not a test: it trains, measures and appends a table to --out.
 
@@ -13,9 +13,12 @@ reported epoch; test numbers are on all 10,000 test images):
 - mlp (benchmarks/distill_bench.py's): teacher mlp 784-1200-1200-10 (dropout 0.2) trained on
   all 60,000 training images for 20 epochs (SGD lr 0.05, momentum 0.9, weight decay 5e-4,
   cosine, batch 128); student mlp 784-256-10, 20 epochs, lr 0.05;
-- conv (benchmarks/feature_bench.py's): teacher resnet8x4 trained on all 60,000 images for 8
-  epochs (lr 0.1, random 2-pixel crops and flips); student resnet8, 8 epochs, lr 0.1, no
-  augmentation.
+- conv (benchmarks/datafree_bench.py's): teacher kdcore.models.cnn width 32 (conv 32-32-64-64)
+  trained on all 60,000 images for 5 epochs (lr 0.05, no augmentation); student cnn width 16,
+  4 epochs, lr 0.05, no augmentation. Chosen for the budget: feature_bench.py's pair
+  (resnet8x4 -> resnet8, 8 epochs) extrapolated to about 4 hours of one core, as its two
+  resnet8x4 SL-teachers train alongside every SLKD student; this pair's full study
+  extrapolates to about 70 min (see Budget).
 One teacher per pair (seed 0), trained once and cached by kdcore.recipes; the seeds vary the
 student's images, validation split and initial weights (so rows pair by seed).
 
@@ -28,9 +31,13 @@ one of them from the "slkd" row):
   teacher's architecture, fused logits, parallel;
 - slkd-lam0 (lambda 0: the SL-teachers alone, the paper's Table 4), slkd-eta0 (eta 0: KD with
   SL-teachers trained for nothing), slkd-1sl (one SL-teacher), slkd-rho0.7, slkd-star
-  (sequential SLKD*, trajectory replay), slkd-probs (fused probabilities).
-Not run: SLKD without the tau^2 factor on its SL terms -- kdcore.slkd has no such option (its
-KD terms are all T^2-scaled KL); ``NOT_AVAILABLE`` says so and the report repeats it.
+  (sequential SLKD*, trajectory replay), slkd-probs (fused probabilities), slkd-no-tau2
+  (sl_tau2=False: the student's SL-teacher KL without the tau^2 factor that kdcore, as
+  mdistiller's KD, puts on every KL and the paper's eq. 3 does not write; the SL-teachers'
+  own KD terms keep it, so they train exactly as in the slkd row and the two rows differ in
+  the weight of that one term, 16 times smaller at T 4).
+--rows runs and reports only the named rows (kd, the baseline, among them), e.g. a paired
+rerun of kd, slkd and slkd-no-tau2.
 Learning rates: SLKD's student and the control run at --slkd-lr-scale (0.25 = 1 / (lambda +
 eta)) times the pair's lr, the SL-teachers at the pair's lr (options.sl_optimizer), as
 distill_bench.py (at the full lr the student's 4x loss diverged there); every SLKD ablation
@@ -57,19 +64,14 @@ ends with an extrapolation of the full study from its own CPU times (time.proces
 this process, so run it with --threads 1 and without --workers: the number is then the time
 on one core): per run, the training epochs scale with epochs x training images, the rest
 (evaluation, SLKD*'s phase 1, the teacher's logits) with epochs x the largest image ratio.
-The quick run made for this script (1 thread, on the 2-core machine while other benchmarks
-loaded it to a load average of 10) extrapolated the full study on one core to 37 min for the
-mlp pair (teacher 4 min; per seed 0.3-0.4 min for scratch and the KD rows, 0.9-1.7 for the
-SLKD rows) and to 836 min for the conv pair (teacher 84 min; per seed 7-10 min for scratch
-and the KD rows, 21.5 for slkd-1sl, 32-39 for the other SLKD rows: the two resnet8x4
-SL-teachers trained and evaluated every epoch). Its speeds were 3-5x below an idle core's
-(resnet8 training ~450 img/s against ~2,000: DEVELOPERS.md's one-thread resnet8 epoch of 1,024
-images in 0.51 s), so on an idle machine expect roughly 10 min
-(mlp) and 4 h (conv) on one core; --workers 2 halves the students' part: about 2.3 h for the
-conv pair. The conv pair thus exceeds the issue's two hours on 2 cores at its default budget
-by a little; --conv-epochs 6 or fewer seeds trade that. With --quick the conv teacher (1
-epoch on 5,000 images) is too weak for its students to learn anything in 16 steps: the quick
-run checks the plumbing and the cost, not the results.
+A quick run (1 thread, the 2-core machine shared with other jobs) extrapolated the full
+study on one core to 37 min for the mlp pair (teacher 4 min; per seed 0.3-0.4 min for scratch
+and the KD rows, 0.9-1.7 for the SLKD rows; before slkd-no-tau2 was a row, which costs as
+much as slkd) and, for the conv pair at 8 student epochs, to 130 min (teacher 6 min; per seed
+1.3-1.8 min for scratch and the KD rows, 3.4 for slkd-1sl, 4.2-5.3 for the other SLKD rows),
+hence its 4 epochs: about 68 min. --conv-epochs sets other budgets. With --quick the conv
+teacher (1 epoch on 5,000 images) is too weak for its students to learn much in 16 steps: the
+quick run checks the plumbing and the cost, not the results.
 """
 import json
 import os
@@ -87,8 +89,8 @@ from studylib import DATA, QUICK, SGD, log, parse_seeds  # noqa: E402
 
 PAIRS = {
     "mlp": dict(teacher=dict(lib.MLP_TEACHER), student=dict(lib.MLP_STUDENT), lr=lib.MLP_LR, epochs=lib.MLP_EPOCHS),
-    "conv": dict(teacher=dict(model="resnet8x4", epochs=8, lr=0.1, augment=True),
-                 student=dict(model="resnet8"), lr=0.1, epochs=8),
+    "conv": dict(teacher=dict(model="cnn", width=32, epochs=5, lr=0.05),
+                 student=dict(model="cnn", width=16), lr=0.05, epochs=4),
 }
 SLKD_DEFAULTS = dict(T=4.0, alpha=0.1, lam=1.0, eta=3.0, rho=0.5, n_sl=2, fuse="logits", sequential=False)
 # (row, what it is, the change to SLKD's defaults)
@@ -98,15 +100,14 @@ ABLATIONS = [("slkd", "SLKD, kdcore's defaults", {}),
              ("slkd-1sl", "one SL-teacher", dict(n_sl=1)),
              ("slkd-rho0.7", "rho 0.7", dict(rho=0.7)),
              ("slkd-star", "SLKD* (sequential, trajectory replay)", dict(sequential=True)),
-             ("slkd-probs", "fuse probabilities", dict(fuse="probs"))]
-NOT_AVAILABLE = {"slkd-no-tau2": "SLKD without the tau^2 factor on the SL terms: not run, kdcore.slkd has no "
-                                 "option for it (every KD term it builds is T^2-scaled KL)"}
+             ("slkd-probs", "fuse probabilities", dict(fuse="probs")),
+             ("slkd-no-tau2", "student's SL-teacher term without tau^2 (eq. 3 as written)", dict(sl_tau2=False))]
 
 
-def build_grid(pair, seeds=(0, 1, 2), quick=False, slkd_lr_scale=0.25, epochs=None):
+def build_grid(pair, seeds=(0, 1, 2), quick=False, slkd_lr_scale=0.25, epochs=None, rows=None):
     """The study's recipes for one pair, validated: {row: (what, resolved recipe)}, in table
     order. quick: the smoke-run sizes (QUICK); epochs: the students' epochs (default the
-    pair's)."""
+    pair's); rows: only these rows (they must include "kd", the table's baseline)."""
     p = PAIRS[pair]
     lr = p["lr"]
     teacher = dict(p["teacher"], optimizer=dict(SGD), schedule="cosine", batch_size=128, seed=0)
@@ -119,15 +120,20 @@ def build_grid(pair, seeds=(0, 1, 2), quick=False, slkd_lr_scale=0.25, epochs=No
     base = dict(teacher=teacher, student=dict(p["student"]), data=dict(data, source="fashion_mnist"),
                 optimizer=dict(SGD), lr=lr, schedule="cosine", epochs=n_epochs, batch_size=128, augment=False,
                 seeds=list(seeds))
-    rows = [("scratch", "the student alone", dict(method="scratch")),
+    table_rows = [("scratch", "the student alone", dict(method="scratch")),
             ("kd", "KD: CE 0.1 + KD 0.9, T 4", dict(method="kd", options=dict(T=4.0, ce_weight=0.1, kd_weight=0.9))),
             ("kd-slkd-weights", "KD at SLKD's total weights: CE 0.4 + KD 3.6, SLKD's lr",
              dict(method="kd", lr=lr * slkd_lr_scale, options=dict(T=4.0, ce_weight=0.4, kd_weight=3.6)))]
     for name, what, change in ABLATIONS:
         opts = dict(SLKD_DEFAULTS, **change, sl_optimizer=dict(SGD, lr=lr))
-        rows.append((name, what, dict(method="slkd", lr=lr * slkd_lr_scale, options=opts)))
+        table_rows.append((name, what, dict(method="slkd", lr=lr * slkd_lr_scale, options=opts)))
+    if rows is not None:
+        unknown = set(rows) - {r[0] for r in table_rows}
+        if unknown or "kd" not in rows:
+            raise ValueError(f"rows: unknown {sorted(unknown)}" if unknown else "rows: must include kd (the baseline)")
+        table_rows = [r for r in table_rows if r[0] in rows]
     grid = {}
-    for name, what, over in rows:
+    for name, what, over in table_rows:
         raw = dict(base, name=f"r9-{pair}-{name}", **over)
         grid[name] = (what, recipes.validate(raw, f"study_slkd {pair} {name}"))
     return grid
@@ -144,7 +150,7 @@ def read_history(out, cfg, seed):
 
 def table(grid, out, pair):
     """The Markdown table of one pair's finished runs (paired differences to kd)."""
-    return lib.table(grid, out, "kd", notes=NOT_AVAILABLE)
+    return lib.table(grid, out, "kd")
 
 
 def figure(grid, out, pair, path):
@@ -197,29 +203,34 @@ def figure(grid, out, pair, path):
 def describe(grid, pair):
     cfg = grid["kd"][1]
     t, d = cfg["teacher"], cfg["data"]
-    arch = lambda m: m["model"] + (f" {m['hidden']}" if m.get("hidden") else "")  # noqa: E731
-    slkd = grid["slkd"][1]
+    arch = lambda m: m["model"] + (f" {m['hidden']}" if m.get("hidden") else "") + \
+        (f" width {m['width']}" if m.get("width") else "")  # noqa: E731
+    slkd = next((c for _, c in grid.values() if c["method"] == "slkd"), None)
+    lrs = "" if slkd is None else (f", {slkd['lr']:g} (SLKD rows and the control; SL-teachers "
+                                   f"{slkd['options']['sl_optimizer']['lr']:g})")
     return (f"Teacher {arch(t)} ({t['epochs']} epochs on {t.get('train_size') or 60000} images, lr {t['lr']:g}); "
             f"student {arch(cfg['student'])}, {cfg['epochs']} epochs on {d['train_size']} images, validation "
             f"{d['val_split']} carved from the training set, test {d['test_size'] or 10000} images; lr "
-            f"{cfg['lr']:g} (KD, scratch), {slkd['lr']:g} (SLKD rows and the control; SL-teachers "
-            f"{slkd['options']['sl_optimizer']['lr']:g}); SGD momentum 0.9, weight decay 5e-4, cosine, batch 128.")
+            f"{cfg['lr']:g} (KD, scratch){lrs}; SGD momentum 0.9, weight decay 5e-4, cosine, batch 128.")
 
 
 def main(argv=None):
     """The study: runs the grid of each pair, appends its section to --out."""
     ap = lib.parser(__doc__, "study_slkd")
     ap.add_argument("--pair", default="mlp", choices=["mlp", "conv", "both"])
-    ap.add_argument("--conv-epochs", type=int, default=None, help="the conv students' epochs (default 8)")
+    ap.add_argument("--conv-epochs", type=int, default=None, help="the conv students' epochs (default the pair's)")
+    ap.add_argument("--rows", default=None, help="comma-separated rows of the grid to run and report (with kd; "
+                                                 "default all)")
     ap.add_argument("--slkd-lr-scale", type=float, default=0.25,
                     help="SLKD's student lr (and the control's) as a fraction of the pair's lr")
     args = ap.parse_args(argv)
     seeds, runs, cache = lib.setup(args)
     pairs = ["mlp", "conv"] if args.pair == "both" else [args.pair]
+    rows = None if args.rows is None else [r.strip() for r in args.rows.split(",") if r.strip()]
     for pair in pairs:
         t0 = time.perf_counter()
         epochs = args.conv_epochs if pair == "conv" else None
-        grid = build_grid(pair, seeds, quick=args.quick, slkd_lr_scale=args.slkd_lr_scale, epochs=epochs)
+        grid = build_grid(pair, seeds, quick=args.quick, slkd_lr_scale=args.slkd_lr_scale, epochs=epochs, rows=rows)
         out = os.path.join(runs, pair)
         log(f"{pair} pair: {len(grid)} recipes x {len(seeds)} seeds -> {out}")
         costs = lib.run_grid(grid, out, cache, args)
@@ -231,7 +242,8 @@ def main(argv=None):
                     "kd over the seeds (same images, split and initial student), with its 95% Student-t interval. "
                     f"Figure: {lib.shown(fig)}.\n\n" + table(grid, out, pair), args.out)
         if args.quick:
-            full = build_grid(pair, seeds=parse_seeds(args.seeds), slkd_lr_scale=args.slkd_lr_scale, epochs=epochs)
+            full = build_grid(pair, seeds=parse_seeds(args.seeds), slkd_lr_scale=args.slkd_lr_scale, epochs=epochs,
+                              rows=rows)
             lib.estimate(grid, full, costs, out, args, f"SLKD study (R9), {pair} pair")
 
 

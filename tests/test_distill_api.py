@@ -220,6 +220,27 @@ def test_slkd_sequential_and_options(data, teacher):
     assert "sl0_loss" in h and "sl1_loss" not in h
 
 
+@pytest.mark.parametrize("sequential", [False, True])
+def test_slkd_sl_tau2_changes_only_the_students_sl_term(data, teacher, sequential):
+    """sl_tau2=False reaches the engine and rescales the student's SL-teacher term alone: the
+    SL-teachers (parallel, or SLKD*'s phase 1) train bitwise as with the default, the student
+    does not (its SL term is T^2 = 16 times smaller). The step itself is checked against
+    PyTorch in test_schemes_torch.py."""
+    tr, _ = data
+    runs = {}
+    for tau2 in (True, False):
+        s = mlp(seed=8)
+        h = kdcore.slkd(s, teacher, tr, epochs=2, sl_tau2=tau2, sequential=sequential, T=4.0, **KW)
+        runs[tau2] = (s, h)
+    (s1, h1), (s0, h0) = runs[True], runs[False]
+    for j in range(2):
+        for k, v in s1.sl_teachers[j].state_dict().items():
+            np.testing.assert_array_equal(v, s0.sl_teachers[j].state_dict()[k], err_msg=f"sl{j} {k}")
+    assert any(not np.array_equal(v, s0.state_dict()[k]) for k, v in s1.state_dict().items())
+    # loss_slts reports the term as optimised: alpha CE + (1 - alpha) KL, the KL part without T^2
+    assert h0.last["loss_slts"] < h1.last["loss_slts"]
+
+
 def test_mutual_logs_every_peer(data):
     tr, te = data
     peers = [mlp(seed=1), mlp(seed=2), mlp(seed=3)]

@@ -235,8 +235,8 @@ def test_mutual_k_peers(k, ensemble, ls):
             check_close(f"peer{a} {key}", sts[a][key], ref[f"{key}{a}"], atol=1e-6)
 
 
-# SLKD variants: options of kd_slkd_cfg (rho, fuse_probs, sl_grad, sl_lr_scale, sl_frozen, n_sl)
-# and the training option label_smoothing.
+# SLKD variants: options of kd_slkd_cfg (rho, fuse_probs, sl_grad, sl_lr_scale, sl_frozen, n_sl,
+# slts_plain_kl, T) and the training option label_smoothing.
 SLKD_VARIANTS = {
     "rho": dict(rho=0.3),
     "rho_probs": dict(rho=0.3, fuse_probs=True),
@@ -245,6 +245,8 @@ SLKD_VARIANTS = {
     "one_sl_label_smoothing": dict(ls=0.2, n_sl=1),
     "sl_lr_scale": dict(sl_lr_scale=0.4),
     "frozen": dict(sl_frozen=True),
+    # SLKD*'s phase 2 without T^2 on the SL-teacher term, at a T whose 1/T^2 is not a power of 2
+    "frozen_no_tau2": dict(sl_frozen=True, slts_plain_kl=True, T=3.0),
 }
 
 
@@ -255,14 +257,15 @@ def test_slkd_options(arch, variant):
     eta [a CE_eps + (1-a) KD(sg(z_SL) -> S)], z_SL = rho z_1 + (1 - rho) z_2 (fuse_probs: the
     softened probabilities fused with rho); SL-T j: a CE_eps + (1-a) KD(T -> SL_j), stepping
     with lr * sl_lr_scale; sl_grad: the fused term's gradient reaches the SL-Ts (shares rho,
-    1 - rho); sl_frozen: the SL-Ts run in eval mode and do not change. A swap of rho and
-    1 - rho, a dropped eps or a dropped lr scale fails here."""
+    1 - rho); sl_frozen: the SL-Ts run in eval mode and do not change; slts_plain_kl: the
+    second KD is the plain KL (no T^2). A swap of rho and 1 - rho, a dropped eps or a dropped
+    lr scale fails here."""
     o = SLKD_VARIANTS[variant]
-    T, a, lam, eta = 4.0, 0.2, 1.0, 2.0
+    T, a, lam, eta = o.get("T", 4.0), 0.2, 1.0, 2.0
     rho, ls, n_sl = o.get("rho", 0.5), o.get("ls", 0.0), o.get("n_sl", 2)
     frozen, scale = o.get("sl_frozen", False), o.get("sl_lr_scale", 0.0)
     sopts = dict(T=T, alpha=a, eta=eta, rho=rho, fuse_probs=o.get("fuse_probs", False), sl_grad=o.get("sl_grad", False),
-                 sl_frozen=frozen, sl_lr_scale=scale, **{"lambda": lam})
+                 sl_frozen=frozen, sl_lr_scale=scale, slts_plain_kl=o.get("slts_plain_kl", False), **{"lambda": lam})
     X, y = make_data(arch)
     data = dataset(X, y)
     student = make_model(arch, 1)
@@ -293,6 +296,8 @@ def test_slkd_options(arch, variant):
         else:
             zsl = rho * z[0] + (1 - rho) * z[1] if n_sl == 2 else z[0]
             kd_sl = kl_T(zsl if o.get("sl_grad") else zsl.detach(), zs, T)
+        if o.get("slts_plain_kl"):
+            kd_sl = kd_sl / (T * T)
         l_slts = a * c + (1 - a) * kd_sl
         l_student = lam * l_ts + eta * l_slts
         l_sl = [a * ce(zj, yb, ls) + (1 - a) * kl_T(zt, zj, T) for zj in z]

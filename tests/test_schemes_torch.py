@@ -415,7 +415,8 @@ def run_slkd(arch, sopts, steps=1, cached=False, n_sl=2):
 
 
 @pytest.mark.parametrize("variant", ["detached", "sl_grad", "fuse_probs", "cached", "one_sl", "one_sl_grad",
-                                     "rho0.7", "rho0.7_sl_grad", "rho0.7_fuse_probs"])
+                                     "rho0.7", "rho0.7_sl_grad", "rho0.7_fuse_probs", "no_tau2", "no_tau2_sl_grad",
+                                     "no_tau2_fuse_probs"])
 @pytest.mark.parametrize("steps", [1, 2])
 @pytest.mark.parametrize("arch", ARCHS)
 def test_slkd(arch, steps, variant):
@@ -423,14 +424,18 @@ def test_slkd(arch, steps, variant):
     SL-T j: a CE + (1-a) KD(T -> SL_j); all forwards before the updates. sl_grad: the fused
     term's gradient also reaches the SL-Ts (through rho and 1 - rho). One SL-T: z_SL = z1.
     rho is 0.5 except in the rho0.7 variants, where z_1 and z_2 weigh differently, so that a
-    swap of rho and 1 - rho in the C configuration changes the student's and the SL-Ts' steps."""
+    swap of rho and 1 - rho in the C configuration changes the student's and the SL-Ts' steps.
+    no_tau2 (slts_plain_kl): the student's SL-T term is the plain KL, written here without any
+    T^2 (torch's kl_div), while L_TS and the SL-Ts' own terms keep T^2; with sl_grad the SL-Ts
+    also receive that unscaled gradient."""
     T, a, lam, eta = 4.0, 0.1, 1.0, 3.0
     rho = 0.7 if variant.startswith("rho0.7") else 0.5
     n_sl = 1 if variant.startswith("one_sl") else 2
-    sl_grad = variant in ("sl_grad", "one_sl_grad", "rho0.7_sl_grad")
-    fuse_probs = variant in ("fuse_probs", "rho0.7_fuse_probs")
+    sl_grad = variant in ("sl_grad", "one_sl_grad", "rho0.7_sl_grad", "no_tau2_sl_grad")
+    fuse_probs = variant in ("fuse_probs", "rho0.7_fuse_probs", "no_tau2_fuse_probs")
+    plain = variant.startswith("no_tau2")
     sopts = dict(T=T, alpha=a, eta=eta, rho=rho, fuse_probs=fuse_probs,
-                 sl_grad=sl_grad, **{"lambda": lam})
+                 sl_grad=sl_grad, **{"lambda": lam}, **(dict(slts_plain_kl=True) if plain else {}))
     X, y, (student, before, ts), sls, tt, st = run_slkd(arch, sopts, steps, cached=variant == "cached", n_sl=n_sl)
     tsl = [t for _, _, t in sls]
 
@@ -443,10 +448,10 @@ def test_slkd(arch, steps, variant):
         l_ts = a * ce + (1 - a) * kl_T(zt, zs, T)
         if fuse_probs:
             q = (rho * TF.softmax(z[0] / T, 1) + (1 - rho) * TF.softmax(z[1] / T, 1)).detach()
-            kd_sl = kl_q(q, zs, T)
         else:
             zsl = rho * z[0] + (1 - rho) * z[1] if n_sl == 2 else z[0]
-            kd_sl = kl_T(zsl if sl_grad else zsl.detach(), zs, T)
+            q = TF.softmax((zsl if sl_grad else zsl.detach()) / T, 1)
+        kd_sl = TF.kl_div(TF.log_softmax(zs / T, 1), q, reduction="batchmean") * (1.0 if plain else T * T)
         l_slts = a * ce + (1 - a) * kd_sl
         l_student = lam * l_ts + eta * l_slts
         l_sl = [a * TF.cross_entropy(zj, yb) + (1 - a) * kl_T(zt, zj, T) for zj in z]

@@ -1,7 +1,7 @@
 """The SLKD study's grid (benchmarks/study_slkd.py): every ablation of R9 is in it with the
 options it claims, each differing from the SLKD row by that option alone, on the pairs of
 distill_bench.py and feature_bench.py; and the recipes' ``options.sl_optimizer`` that the
-study's SLKD rows use."""
+study's SLKD rows use, and its ``sl_tau2`` that the slkd-no-tau2 row uses."""
 import functools
 import importlib.util
 import inspect
@@ -26,10 +26,11 @@ study = _study()
 SLKD = dict(T=4.0, alpha=0.1, lam=1.0, eta=3.0, rho=0.5, n_sl=2, fuse="logits", sequential=False)
 # row -> the options that differ from the "slkd" row
 ABLATIONS = {"slkd": {}, "slkd-lam0": {"lam": 0.0}, "slkd-eta0": {"eta": 0.0}, "slkd-1sl": {"n_sl": 1},
-             "slkd-rho0.7": {"rho": 0.7}, "slkd-star": {"sequential": True}, "slkd-probs": {"fuse": "probs"}}
+             "slkd-rho0.7": {"rho": 0.7}, "slkd-star": {"sequential": True}, "slkd-probs": {"fuse": "probs"},
+             "slkd-no-tau2": {"sl_tau2": False}}
 
 
-@pytest.mark.parametrize("pair, lr", [("mlp", 0.05), ("conv", 0.1)])
+@pytest.mark.parametrize("pair, lr", [("mlp", 0.05), ("conv", 0.05)])
 def test_grid_has_every_ablation_with_its_options(pair, lr):
     grid = study.build_grid(pair)
     assert list(grid) == ["scratch", "kd", "kd-slkd-weights"] + list(ABLATIONS)
@@ -46,13 +47,14 @@ def test_grid_has_every_ablation_with_its_options(pair, lr):
         c = cfg[row]
         assert c["method"] == "slkd" and c["lr"] == lr / 4, row
         assert c["options"] == dict(SLKD, **change, sl_optimizer=sl_opt), row
-        diff = {k for k in c["options"] if c["options"][k] != cfg["slkd"]["options"][k]}
+        diff = {k for k in set(c["options"]) | set(cfg["slkd"]["options"])
+                if c["options"].get(k) != cfg["slkd"]["options"].get(k)}
         assert diff == set(change), row
         assert {k: v for k, v in c.items() if k not in ("name", "options")} == \
             {k: v for k, v in cfg["slkd"].items() if k not in ("name", "options")}, row
     # every SLKD option of the grid is a parameter of kdcore.slkd with a default of its type
     params = inspect.signature(kdcore.slkd).parameters
-    for k, v in SLKD.items():
+    for k, v in list(SLKD.items()) + [kv for change in ABLATIONS.values() for kv in change.items()]:
         assert type(params[k].default) is type(v), k
     # the rows differ only by method, lr and options: same data, models, budget and seeds
     for row, c in cfg.items():
@@ -70,25 +72,32 @@ def test_pairs_are_the_benchmarks_pairs():
                                   schedule="cosine", batch_size=128, seed=0)
     assert mlp["student"] == dict(model="mlp", hidden=[256]) and mlp["epochs"] == 20
     conv = study.build_grid("conv")["kd"][1]
-    assert (conv["teacher"]["model"], conv["teacher"]["epochs"], conv["teacher"]["augment"]) == ("resnet8x4", 8, True)
-    assert conv["student"] == dict(model="resnet8") and conv["epochs"] == 8 and conv["augment"] is False
+    assert conv["teacher"] == dict(model="cnn", width=32, epochs=5, optimizer=dict(name="sgd", momentum=0.9,
+                                                                                  weight_decay=5e-4),
+                                   lr=0.05, schedule="cosine", batch_size=128, seed=0)
+    assert conv["student"] == dict(model="cnn", width=16) and conv["epochs"] == 4 and conv["augment"] is False
     quick = study.build_grid("conv", seeds=[0], quick=True)["slkd"][1]
     assert (quick["epochs"], quick["seeds"], quick["data"]["train_size"], quick["teacher"]["train_size"]) == \
         (2, [0], 1000, 5000)
 
 
-def test_the_missing_ablation_is_still_missing():
-    # The study says kdcore.slkd cannot drop the tau^2 factor on its SL terms; an option for
-    # it (a new parameter) must turn into a row of the grid instead of this note.
-    assert "slkd-no-tau2" in study.NOT_AVAILABLE
-    known = {"student", "teacher", "train", "sl_teachers", "n_sl", "epochs", "batch_size", "optimizer", "lr",
-             "schedule", "augment", "val", "seed", "progress", "T", "alpha", "lam", "eta", "rho", "fuse", "sl_grad",
-             "sequential", "replay", "sl_optimizer", "cache", "label_smoothing", "drop_last", "max_steps",
-             "callback", "callback_every", "checkpoint", "checkpoint_every", "checkpoint_best", "resume",
-             "nonfinite", "track_weights"}
-    new = set(inspect.signature(kdcore.slkd).parameters) ^ known
-    assert not new, (f"kdcore.slkd's parameters changed ({sorted(new)}): if one of them drops the T^2 factor "
-                     "on the SL terms, make it a row of benchmarks/study_slkd.py and remove its NOT_AVAILABLE note")
+def test_no_tau2_row_is_the_slkd_option():
+    # The row drops T^2 from the student's SL-teacher term through kdcore.slkd's own option
+    # (the study has no rows it cannot run), and --rows selects rows for a paired rerun.
+    assert not hasattr(study, "NOT_AVAILABLE")
+    params = inspect.signature(kdcore.slkd).parameters
+    assert params["sl_tau2"].default is True
+    assert "A8 sl_tau2" in kdcore.slkd.__doc__
+    grid = study.build_grid("mlp")
+    assert grid["slkd-no-tau2"][1]["options"]["sl_tau2"] is False
+    assert "sl_tau2" not in grid["slkd"][1]["options"]
+    sub = study.build_grid("mlp", rows=["slkd", "kd", "slkd-no-tau2"])
+    assert list(sub) == ["kd", "slkd", "slkd-no-tau2"]   # table order, not the argument's
+    assert {r: c for r, (_, c) in sub.items()} == {r: grid[r][1] for r in sub}
+    with pytest.raises(ValueError, match="rows: unknown"):
+        study.build_grid("mlp", rows=["kd", "slkd-typo"])
+    with pytest.raises(ValueError, match="must include kd"):
+        study.build_grid("mlp", rows=["slkd"])
 
 
 def _slkd_recipe(**options):
@@ -117,6 +126,17 @@ def test_recipe_sl_optimizer_reaches_slkd(tmp_path, monkeypatch):
     cfg = _slkd_recipe()
     recipes._train(cfg, recipes.prepare(cfg, 0, tmp_path / "cache", train_teacher=False), 0, callback=None)
     assert seen and "sl_optimizer" not in seen
+
+
+def test_recipe_sl_tau2_reaches_slkd(tmp_path, monkeypatch):
+    seen = {}
+    monkeypatch.setattr(kdcore, "slkd", functools.wraps(kdcore.slkd)(lambda *a, **kw: seen.update(kw)))
+    cfg = _slkd_recipe(sl_tau2=False)
+    recipes._train(cfg, recipes.prepare(cfg, 0, tmp_path / "cache", train_teacher=False), 0, callback=None)
+    assert seen["sl_tau2"] is False
+    for bad in ("no", 0, 1.0, [False]):
+        with pytest.raises(recipes.RecipeError, match="options.sl_tau2: expected true or false"):
+            _slkd_recipe(sl_tau2=bad)
 
 
 @pytest.mark.parametrize("spec, msg", [

@@ -158,6 +158,8 @@ def test_python_api_flags_choices_and_containers_name_the_argument():
         (lambda: kdcore.distill(_mlp(), _mlp(), (X, y), cache=np.ones(2), progress=False), ValueError, "cache"),
         (lambda: kdcore.distill(_mlp(), _mlp(), (X, y), teacher_weights="", progress=False), TypeError, "teacher_weights"),
         (lambda: kdcore.slkd(_mlp(), _mlp(), (X, y), n_sl=1, sl_optimizer="", progress=False), ValueError, "sl_optimizer"),
+        (lambda: kdcore.slkd(_mlp(), _mlp(), (X, y), n_sl=1, sl_tau2="no", progress=False), TypeError, "sl_tau2"),
+        (lambda: kdcore.slkd(_mlp(), _mlp(), (X, y), n_sl=1, sl_tau2=None, progress=False), TypeError, "sl_tau2"),
         (lambda: kdcore.fit(_mlp(), (X, y), keep_snapshots=None, progress=False), TypeError, "keep_snapshots"),
         (lambda: kdcore.fit(_mlp(), (X, y), drop_last="yes", progress=False), TypeError, "drop_last"),
         (lambda: kdcore.kl_divergence(X[:, :3], X[:, :3], T=None), TypeError, "T"),

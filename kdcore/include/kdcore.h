@@ -1326,11 +1326,12 @@ KD_API enum kd_status kd_mutual_epoch(struct kd_net * const * nets, struct kd_op
 //   student: lambda L_TS + eta L_SLTS                                          (eq. 7)
 // KD is T^2-scaled KL. sl_grad lets L_SLTS's gradient reach the SL-teachers too (not
 // detached). sl_frozen runs the SL-teachers in eval mode without updating them (phase 2
-// of the sequential SLKD*). n_sl is 1 or 2.
+// of the sequential SLKD*). slts_plain_kl makes L_SLTS's KD the plain KL of eq. 3 as the
+// paper writes it (no T^2); L_TS and the SL-teachers' eqs. 4-5 keep T^2. n_sl is 1 or 2.
 struct kd_slkd_cfg {
     float T, alpha, lambda, eta, rho;
     int n_sl;
-    bool fuse_probs, sl_grad, sl_frozen;
+    bool fuse_probs, sl_grad, sl_frozen, slts_plain_kl;
     float sl_lr_scale;        // SL-teachers step with lr * sl_lr_scale (0 means 1)
 };
 struct kd_slkd_stats {

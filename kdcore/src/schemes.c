@@ -275,7 +275,9 @@ enum kd_status kd_slkd_epoch(struct kd_net * student, struct kd_optim * opt,
     terms[n++] = logit_term(KD_TERM_CE, 0, -1, (c->lambda + c->eta) * a, c->T, "loss");
     terms[n] = logit_term(KD_TERM_KD, 0, -1, c->lambda * (1 - a), c->T, "loss");   // L_TS
     terms[n++].src = nets_source(1, 1, KD_MIX_LOGITS);
-    struct kd_term slts = logit_term(KD_TERM_KD, 0, -1, c->eta * (1 - a), c->T, "loss");   // L_SLTS, eq. 6 fusion
+    // The KD term is T^2 KL: its weight over T^2 makes L_SLTS's KD the plain KL of eq. 3.
+    const float slts_scale = c->slts_plain_kl ? 1.0f / (c->T * c->T) : 1.0f;
+    struct kd_term slts = logit_term(KD_TERM_KD, 0, -1, c->eta * (1 - a) * slts_scale, c->T, "loss");   // L_SLTS, eq. 6 fusion
     slts.src = nets_source(2, ns, c->fuse_probs ? KD_MIX_PROBS : KD_MIX_LOGITS);
     if (ns == 2) { slts.src.w[0] = c->rho; slts.src.w[1] = 1 - c->rho; }
     slts.src.grad = c->sl_grad && !c->sl_frozen;
@@ -294,7 +296,7 @@ enum kd_status kd_slkd_epoch(struct kd_net * student, struct kd_optim * opt,
         const double ce = s.term_value[0];
         out->loss = s.net_loss[0];
         out->loss_ts = a * ce + (1 - a) * s.term_value[1];
-        out->loss_slts = a * ce + (1 - a) * s.term_value[2];
+        out->loss_slts = a * ce + (1 - a) * slts_scale * s.term_value[2];   // term values are unweighted
         out->accuracy = s.net_accuracy[0];
         for (int j = 0; j < ns; j++) {
             out->loss_sl[j] = s.net_loss[2 + j];

@@ -542,11 +542,12 @@ PyObject * py_slkd_epoch(PyObject * Py_UNUSED(m), PyObject * args, PyObject * kw
     struct callback_ctx ctx = { NULL };
     if (parse_train_cfg(topts, &cfg, &ctx) < 0 || check_epoch(epoch) < 0 || check_data(data) < 0 || check_opt_for(opt, net, "opt") < 0) return NULL;
     if (!PyDict_Check(sopts)) return PyErr_Format(PyExc_TypeError, "slkd options must be a dict");
-    struct kd_slkd_cfg c = { 4.0f, 0.1f, 1.0f, 3.0f, 0.5f, 2, false, false, false, 1.0f };
+    struct kd_slkd_cfg c = { 4.0f, 0.1f, 1.0f, 3.0f, 0.5f, 2, false, false, false, false, 1.0f };
     struct opt_reader r = { sopts, "SLKD", 0 };
     if (opt_float(&r, "T", &c.T) < 0 || opt_float(&r, "alpha", &c.alpha) < 0 || opt_float(&r, "lambda", &c.lambda) < 0 ||
         opt_float(&r, "eta", &c.eta) < 0 || opt_float(&r, "rho", &c.rho) < 0 || opt_bool(&r, "fuse_probs", &c.fuse_probs) < 0 ||
         opt_bool(&r, "sl_grad", &c.sl_grad) < 0 || opt_bool(&r, "sl_frozen", &c.sl_frozen) < 0 ||
+        opt_bool(&r, "slts_plain_kl", &c.slts_plain_kl) < 0 ||
         opt_float(&r, "sl_lr_scale", &c.sl_lr_scale) < 0 || opt_done(&r) < 0)
         return NULL;
     NetObject * nets[4];

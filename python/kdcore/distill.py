@@ -504,7 +504,7 @@ def mutual(models, train, epochs=10, batch_size=128, optimizer="sgd", lr=None, s
 
 def slkd(student, teacher, train, sl_teachers=None, n_sl=2, epochs=10, batch_size=128, optimizer="sgd", lr=None,
          schedule=None, augment=None, val=None, seed=0, progress=True, T=4.0, alpha=0.1, lam=1.0, eta=3.0,
-         rho=0.5, fuse="logits", sl_grad=False, sequential=False, replay="trajectory", sl_optimizer=None, cache="auto",
+         rho=0.5, fuse="logits", sl_tau2=True, sl_grad=False, sequential=False, replay="trajectory", sl_optimizer=None, cache="auto",
          label_smoothing=0.0, drop_last=False, max_steps=None, callback=None, callback_every=20,
          checkpoint=None, checkpoint_every=1, checkpoint_best=False, resume=False, nonfinite="raise",
          track_weights=False):
@@ -529,6 +529,12 @@ def slkd(student, teacher, train, sl_teachers=None, n_sl=2, epochs=10, batch_siz
          is (lam+eta) alpha and KD weight (lam+eta)(1-alpha): compare with `distill(...,
          ce_weight=(lam+eta)*alpha, kd_weight=(lam+eta)*(1-alpha))` as the control.
       A6 rho=0.5; the SL-Ts' outputs of the current step are used (before their update).
+      A8 sl_tau2=True: the student's SL-T term is T^2-scaled like every KD term here;
+         False makes it the plain KL(p_SL^T || p_S^T) that eq. 3 writes (an ablation of the
+         factor). It applies to the student's term only: L_TS and the SL-Ts' own KD terms
+         (eqs. 4-5, and SLKD*'s phase 1) keep T^2, so the SL-Ts train exactly as with True
+         and a run differs from the default only in the weight of that one term (T^2 times
+         smaller). History's loss_slts is then alpha CE + (1-alpha) KL.
       A7 same optimizer recipe and schedule, separate optimizer states; ``sl_optimizer`` gives
          the SL-Ts a recipe of their own (e.g. the teacher's learning rate when the student's is
          scaled down to offset its 4x loss weight).
@@ -560,6 +566,9 @@ def slkd(student, teacher, train, sl_teachers=None, n_sl=2, epochs=10, batch_siz
     c.track_weights = _check_bool("track_weights", track_weights)
     n_sl = _check_int("n_sl", n_sl, 1)
     sl_grad, sequential = _check_bool("sl_grad", sl_grad), _check_bool("sequential", sequential)
+    if sl_tau2 is None:   # _check_bool reads None as False: here that would drop the factor silently
+        raise TypeError("sl_tau2 must be a bool, got None")
+    sl_tau2 = _check_bool("sl_tau2", sl_tau2)
     if n_sl > 2:
         raise ValueError(f"n_sl must be 1 or 2, got {n_sl}")
     if not _is_choice(fuse, ("logits", "probs")):
@@ -570,7 +579,8 @@ def slkd(student, teacher, train, sl_teachers=None, n_sl=2, epochs=10, batch_siz
         raise ValueError("sl_grad needs parallel SLKD with logit fusion")
     opts = dict(T=_check_float("T", T, 0, lo_open=True), alpha=_check_float("alpha", alpha, 0, 1),
                 **{"lambda": _check_float("lam", lam, 0)}, eta=_check_float("eta", eta, 0),
-                rho=_check_float("rho", rho, 0, 1), fuse_probs=fuse == "probs", sl_grad=_check_bool("sl_grad", sl_grad))
+                rho=_check_float("rho", rho, 0, 1), fuse_probs=fuse == "probs", sl_grad=_check_bool("sl_grad", sl_grad),
+                **({} if sl_tau2 else dict(slts_plain_kl=True)))   # absent by default: older checkpoints' settings
     if sl_teachers is None:
         sl_teachers = [teacher.fresh(seed=1000 + 17 * j + c.seed) for j in range(n_sl)]
     if not isinstance(sl_teachers, (list, tuple)) or len(sl_teachers) != n_sl:
