@@ -296,6 +296,8 @@ def table(grid, out, baseline, extra=(), notes=None, selected=True):
             ([f"{g['best_mean']:.2f} ± {g['best_std']:.2f}"] if selected else []) + \
             [f"{g['last_mean']:.2f} ± {g['last_std']:.2f}"] + [fn(row, g, ms) for _, fn in extra] + [delta, ci]
         lines.append("| " + " | ".join(cells) + " |")
+    for row, why in (notes or {}).items():
+        lines.append(f"| {row} | {why} |" + " |" * (len(heads) - 2))
     return "\n".join(lines) + "\n"
 
 
