@@ -497,3 +497,15 @@ def test_weight_noise_sharpness_by_hand():
         kdcore.metrics.weight_noise_sharpness(m, ds, sigmas=[-0.1])
     with pytest.raises(ValueError, match="draws"):
         kdcore.metrics.weight_noise_sharpness(m, ds, draws=0)
+
+
+def test_weight_noise_sharpness_refuses_overflowing_sigmas_and_restores_the_weights():
+    m = kdcore.models.mlp([8, 6, 3], seed=1)
+    X = np.random.default_rng(0).random((10, 8), dtype=np.float32)
+    y = np.arange(10) % 3
+    before = {k: v.copy() for k, v in m.state_dict().items()}
+    with pytest.raises(ValueError, match=r"^sigmas: under noise of sigma 1e\+30 the model's outputs are not finite"):
+        kdcore.metrics.weight_noise_sharpness(m, (X, y), sigmas=[0.1, 1e30], draws=1)
+    assert all(np.array_equal(v, m.state_dict()[k]) for k, v in before.items())
+    with pytest.raises(ValueError, match=r"^draws must be <= 10000, got 2147483648$"):
+        kdcore.metrics.weight_noise_sharpness(m, (X, y), draws=2**31)

@@ -40,6 +40,8 @@ _NORMALIZE = ("true", "pred", "all")
 # Far beyond any useful reliability diagram; the cap turns a typo (bins=2**31) into an error
 # instead of gigabytes of empty bins.
 _MAX_BINS = 1_000_000
+# Each draw is sigmas.size full evaluations; beyond this a typo (draws=2**31) would run for days.
+_MAX_DRAWS = 10_000
 
 
 # ---- shared numerics (also used by kdcore.distill for its History) ----------------------------
@@ -387,6 +389,7 @@ def weight_noise_sharpness(model, data, sigmas=(0.01, 0.02, 0.05), draws=5, seed
     ``model.named_parameters()`` order, ``standard_normal(w.shape)`` in float64, the perturbed
     weights rounded to float32. The loss is the mean -log p(label) (natural log), as
     ``calibration``'s nll. The model's weights are restored bitwise afterwards (also on error).
+    ``draws`` is at most 10,000; a sigma under which the outputs overflow is a ValueError.
 
     Returns a dict: ``nll`` (unperturbed), ``sigmas`` (list), ``increase`` (per sigma, the
     mean over draws of the perturbed nll minus ``nll``), ``increase_std`` (their std over
@@ -398,6 +401,8 @@ def weight_noise_sharpness(model, data, sigmas=(0.01, 0.02, 0.05), draws=5, seed
     if sig.size == 0:
         raise ValueError("sigmas must hold at least one value")
     draws = _check_int("draws", draws, 1)
+    if draws > _MAX_DRAWS:
+        raise ValueError(f"draws must be <= {_MAX_DRAWS}, got {draws}")
     seed = _check_int("seed", seed, 0)
     batch_size = _check_int("batch_size", batch_size, 1)
     params = list(model.named_parameters())
@@ -418,7 +423,11 @@ def weight_noise_sharpness(model, data, sigmas=(0.01, 0.02, 0.05), draws=5, seed
             for j, s in enumerate(sig):
                 for (_, w), w0, r, ei in zip(params, saved, rms, e):
                     w[...] = (w0 + s * r * ei).astype(np.float32)
-                nlls[d, j] = nll()
+                try:
+                    nlls[d, j] = nll()
+                except ValueError:
+                    raise ValueError(f"sigmas: under noise of sigma {s:g} the model's outputs are not finite "
+                                     "(the perturbed weights overflow); use smaller sigmas") from None
     finally:
         for (_, w), w0 in zip(params, saved):
             w[...] = w0

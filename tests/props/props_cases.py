@@ -1308,6 +1308,9 @@ def metrics_cases(s, t):
                              dict(p_one, normalize=st.one_of(SCALARS, st.sampled_from(["pred", "all", "rows"])))),
         "linear_cka": (dict(pair, student_tap="2", teacher_tap="1"),
                        dict(p_pair, student_tap=TAPS_POOL, teacher_tap=TAPS_POOL)),
+        "weight_noise_sharpness": (dict(one, sigmas=(0.01, 0.05), draws=2, seed=0),
+                                   dict(p_one, sigmas=st.one_of(SCALARS, st.lists(SCALARS, max_size=3)),
+                                        draws=SIZES, seed=SIZES)),
         "report": (dict(pair, T=1.0, bins=15, student_tap=None, teacher_tap=None),
                    dict(p_pair, T=SCALARS, bins=SIZES, student_tap=TAPS_POOL, teacher_tap=TAPS_POOL)),
     }
@@ -1325,6 +1328,9 @@ def check_metric(name, r):
         assert r.shape == (3,)
     elif name == "confusion_matrix":
         assert r.shape == (3, 3) and np.all(np.isfinite(r))
+    elif name == "weight_noise_sharpness":
+        assert np.isfinite(r["nll"]) and len(r["increase"]) == len(r["sigmas"]) == r["nlls"].shape[1]
+        assert not np.any(np.isnan(r["nlls"]))
     elif name == "linear_cka":   # NaN when a tap is constant over the samples (a broadcast X)
         assert np.isnan(r) or -1e-9 <= r <= 1 + 1e-9
     else:
@@ -1343,10 +1349,13 @@ def test_metrics_arguments(data):
     arg, kw = mutate(valid, pools, data)
     names = {"data": ("data", "X", "y"), "student_tap": ("student_tap", "teacher_tap"),
              "teacher_tap": ("student_tap", "teacher_tap")}.get(arg, (arg,))
+    before = {k: v.copy() for k, v in s.state_dict().items()}
     ok, r = attempt(getattr(kdcore.metrics, name), (), kw, names, what=f"metrics.{name}")
     if ok:
         check_metric(name, r)
     assert s.training and t.training, "a metric left a model in eval mode"
+    # weight_noise_sharpness perturbs the weights: restored bitwise, also after an error
+    assert all(np.array_equal(v, s.state_dict()[k]) for k, v in before.items()), "a metric changed the weights"
 
 
 @settings(max_examples=30)
